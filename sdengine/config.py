@@ -1,0 +1,439 @@
+"""Model configurations: frozen dataclasses with named presets.
+
+Field names follow the diffusers / transformers config.json keys, so that
+`ModelConfig.from_diffusers(folder)` is a plain key copy. Derived fields are
+filled in `__post_init__` (the pattern of gpt-fast's model.py).
+
+Presets describe the real architectures (used for timing with random weights
+and for detecting single-file checkpoints); `tiny` presets are for tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Optional
+
+
+def _per_level(value, levels: int, name: str) -> tuple:
+    """Broadcast an int to one entry per UNet level, or check a sequence's length."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != levels:
+            raise ValueError(f"{name} has {len(value)} entries but the UNet has {levels} levels")
+        return tuple(value)
+    return (value,) * levels
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """CLIP text transformer (transformers' CLIPTextConfig keys)."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"  # "quick_gelu" (OpenAI CLIP) or "gelu" (OpenCLIP)
+    layer_norm_eps: float = 1e-5
+    projection_dim: Optional[int] = None  # a text_projection layer exists (SDXL's second encoder)
+    # Which hidden state conditions the UNet: "last" = final layer + final LayerNorm
+    # (SD1, and SD2 whose diffusers folder already dropped the last layer);
+    # "penultimate" = hidden_states[-2] without the final LayerNorm (SDXL).
+    output_layer: str = "last"
+    # transformers' legacy rule: eos_token_id == 2 means "pool at argmax(input_ids)".
+    eos_token_id: int = 2
+    pad_token_id: int = 1
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("text encoder hidden_size must be divisible by num_attention_heads")
+        if self.hidden_act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"unsupported text encoder hidden_act {self.hidden_act!r}")
+        if self.output_layer not in ("last", "penultimate"):
+            raise ValueError(f"text encoder output_layer must be 'last' or 'penultimate', got {self.output_layer!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """UNet2DConditionModel (diffusers config.json keys)."""
+
+    sample_size: int = 64
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    down_block_types: tuple = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    up_block_types: tuple = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    layers_per_block: int = 2
+    # diffusers' historical naming: `attention_head_dim` in SD configs is really the
+    # number of heads, and is used as such when num_attention_heads is None.
+    attention_head_dim: Any = 8
+    num_attention_heads: Any = None
+    cross_attention_dim: int = 768
+    transformer_layers_per_block: Any = 1
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    # SDXL micro-conditioning: addition_embed_type="text_time".
+    addition_embed_type: Optional[str] = None
+    addition_time_embed_dim: Optional[int] = None
+    projection_class_embeddings_input_dim: Optional[int] = None
+
+    def __post_init__(self):
+        levels = len(self.block_out_channels)
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        set_("block_out_channels", tuple(self.block_out_channels))
+        set_("down_block_types", tuple(self.down_block_types))
+        set_("up_block_types", tuple(self.up_block_types))
+        if len(self.down_block_types) != levels or len(self.up_block_types) != levels:
+            raise ValueError("UNet down_block_types/up_block_types must have one entry per block_out_channels")
+        heads = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
+        set_("num_attention_heads", _per_level(heads, levels, "num_attention_heads"))
+        set_("attention_head_dim", _per_level(self.attention_head_dim, levels, "attention_head_dim"))
+        set_("transformer_layers_per_block",
+             _per_level(self.transformer_layers_per_block, levels, "transformer_layers_per_block"))
+        for c, h in zip(self.block_out_channels, self.num_attention_heads):
+            if c % h:
+                raise ValueError(f"UNet level with {c} channels is not divisible into {h} heads")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"unsupported UNet addition_embed_type {self.addition_embed_type!r}")
+
+    @property
+    def head_dims(self) -> tuple:
+        """Per-level attention head dimension: channels / heads."""
+        return tuple(c // h for c, h in zip(self.block_out_channels, self.num_attention_heads))
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """AutoencoderKL (diffusers config.json keys)."""
+
+    sample_size: int = 512
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215
+    shift_factor: Optional[float] = None
+    force_upcast: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+
+    @property
+    def downscale(self) -> int:
+        """Pixels per latent cell along one axis (8 for every SD VAE)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The noise schedule of training, plus the checkpoint's default sampler.
+
+    Keys follow diffusers' scheduler_config.json; `sampler` is the sdengine name of
+    the scheduler class that config names (e.g. PNDMScheduler -> "pndm").
+    """
+
+    sampler: str = "pndm"
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 1
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    set_alpha_to_one: bool = False
+    rescale_betas_zero_snr: bool = False
+    use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    final_sigmas_type: Optional[str] = None
+    skip_prk_steps: bool = True
+    # Everything else the scheduler_config.json held, kept so that a sampler can
+    # honour keys this dataclass does not name (e.g. solver_order, lower_order_final).
+    extra: tuple = ()
+
+    def __post_init__(self):
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+        if self.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+            raise ValueError(f"unsupported beta_schedule {self.beta_schedule!r}")
+        if self.timestep_spacing not in ("leading", "trailing", "linspace"):
+            raise ValueError(f"unsupported timestep_spacing {self.timestep_spacing!r}")
+
+    def get(self, key: str, default=None):
+        """A key of the original scheduler config, named field or extra."""
+        if key in {f.name for f in fields(self)}:
+            return getattr(self, key)
+        return dict(self.extra).get(key, default)
+
+
+# diffusers scheduler class -> sdengine sampler name (the default sampler of a checkpoint).
+SCHEDULER_CLASS_TO_SAMPLER = {
+    "DDIMScheduler": "ddim",
+    "DDPMScheduler": "ddpm",
+    "PNDMScheduler": "pndm",
+    "LMSDiscreteScheduler": "lms",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "HeunDiscreteScheduler": "heun",
+    "KDPM2DiscreteScheduler": "dpm_2",
+    "KDPM2AncestralDiscreteScheduler": "dpm_2_a",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "DPMSolverSDEScheduler": "dpmpp_sde",
+    "UniPCMultistepScheduler": "unipc",
+    "LCMScheduler": "lcm",
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A whole text-to-image model: text encoder(s), UNet, VAE and noise schedule."""
+
+    name: str
+    text_encoder: TextEncoderConfig
+    unet: UNetConfig
+    vae: VAEConfig
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    text_encoder_2: Optional[TextEncoderConfig] = None  # SDXL's OpenCLIP bigG encoder
+
+    def __post_init__(self):
+        context = self.text_encoder.hidden_size + (self.text_encoder_2.hidden_size if self.text_encoder_2 else 0)
+        if context != self.unet.cross_attention_dim:
+            raise ValueError(f"{self.name}: text encoder width {context} does not match "
+                             f"UNet cross_attention_dim {self.unet.cross_attention_dim}")
+        if self.vae.latent_channels != self.unet.out_channels:
+            raise ValueError(f"{self.name}: VAE latent_channels {self.vae.latent_channels} does not match "
+                             f"UNet out_channels {self.unet.out_channels}")
+
+    # Derived properties -------------------------------------------------------
+
+    @property
+    def is_inpaint(self) -> bool:
+        """9-channel inpainting UNet: latents + mask + masked-image latents."""
+        return self.unet.in_channels == 2 * self.vae.latent_channels + 1
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def default_size(self) -> int:
+        """Native image size in pixels (512 for SD1.5, 768 for SD2-v, 1024 for SDXL)."""
+        return self.unet.sample_size * self.vae.downscale
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.prediction_type
+
+    # Construction -------------------------------------------------------------
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelConfig":
+        """A named preset: one of PRESETS."""
+        try:
+            return PRESETS[name]
+        except KeyError:
+            raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}") from None
+
+    @classmethod
+    def from_diffusers(cls, folder) -> "ModelConfig":
+        """Read the component config.json files of a diffusers folder."""
+        folder = Path(folder)
+        index = _read_json(folder / "model_index.json")
+
+        def component(sub: str):
+            return _read_json(folder / sub / "config.json")
+
+        text = text_encoder_config_from_dict(component("text_encoder"))
+        text_2 = None
+        if index.get("text_encoder_2") and (folder / "text_encoder_2").is_dir():
+            text = replace(text, output_layer="penultimate")
+            text_2 = replace(text_encoder_config_from_dict(component("text_encoder_2")), output_layer="penultimate")
+        sched_path = folder / "scheduler" / "scheduler_config.json"
+        scheduler = scheduler_config_from_dict(_read_json(sched_path)) if sched_path.exists() else SchedulerConfig()
+        return cls(
+            name=folder.name,
+            text_encoder=text,
+            text_encoder_2=text_2,
+            unet=_from_dict(UNetConfig, component("unet"), "unet/config.json"),
+            vae=_from_dict(VAEConfig, component("vae"), "vae/config.json"),
+            scheduler=scheduler,
+        )
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"missing config file: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+# diffusers UNet/VAE keys that change the architecture and that we do not implement:
+# a value other than the default listed here is refused rather than silently ignored.
+_UNSUPPORTED_IF_SET = {
+    "class_embed_type": None,
+    "encoder_hid_dim_type": None,
+    "time_embedding_type": "positional",
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "resnet_time_scale_shift": "default",
+    "only_cross_attention": False,
+    "dual_cross_attention": False,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None,
+    "reverse_transformer_layers_per_block": None,
+}
+
+
+def _from_dict(cls, data: dict, source: str):
+    for key, default in _UNSUPPORTED_IF_SET.items():
+        value = data.get(key)
+        if isinstance(default, bool) and isinstance(value, list):
+            value = any(value)
+        if value is not None and value != default:
+            raise ValueError(f"{source}: unsupported architecture option {key}={value!r}")
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names})
+
+
+def text_encoder_config_from_dict(data: dict) -> TextEncoderConfig:
+    names = {f.name for f in fields(TextEncoderConfig)}
+    kwargs = {k: v for k, v in data.items() if k in names}
+    if "text_projection" not in data and "CLIPTextModelWithProjection" not in data.get("architectures", []):
+        kwargs["projection_dim"] = None
+    return TextEncoderConfig(**kwargs)
+
+
+def scheduler_config_from_dict(data: dict) -> SchedulerConfig:
+    cls_name = data.get("_class_name", "PNDMScheduler")
+    names = {f.name for f in fields(SchedulerConfig)} - {"sampler", "extra"}
+    kwargs = {k: v for k, v in data.items() if k in names and (v is not None or k == "final_sigmas_type")}
+    extra = tuple(sorted((k, v) for k, v in data.items()
+                         if k not in names and not k.startswith("_") and _hashable(v)))
+    sampler = SCHEDULER_CLASS_TO_SAMPLER.get(cls_name, "euler")
+    if cls_name == "DPMSolverMultistepScheduler" and data.get("algorithm_type", "dpmsolver++").startswith("sde"):
+        sampler = "dpmpp_2m_sde"
+    return SchedulerConfig(sampler=sampler, extra=extra, **kwargs)
+
+
+def _hashable(v) -> bool:
+    try:
+        hash(v)
+        return True
+    except TypeError:
+        return False
+
+
+def config_to_dict(config) -> dict:
+    """A JSON-friendly dict of any config dataclass (nested ones included)."""
+    return dataclasses.asdict(config)
+
+
+# ---------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------
+
+CLIP_L = TextEncoderConfig()  # OpenAI CLIP ViT-L/14 text tower (SD1.x)
+OPENCLIP_H = TextEncoderConfig(  # OpenCLIP ViT-H/14 text tower, last layer dropped (SD2.x)
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+    hidden_act="gelu", projection_dim=None,
+)
+OPENCLIP_BIGG = TextEncoderConfig(  # OpenCLIP ViT-bigG/14 text tower with projection (SDXL)
+    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    hidden_act="gelu", projection_dim=1280, output_layer="penultimate",
+)
+
+SD1_UNET = UNetConfig()
+SD1_VAE = VAEConfig()
+SD1_SCHEDULER = SchedulerConfig(sampler="pndm", skip_prk_steps=True)
+
+SD2_UNET = UNetConfig(
+    attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
+)
+
+SDXL_UNET = UNetConfig(
+    sample_size=128,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    "sd15": ModelConfig("sd15", CLIP_L, SD1_UNET, SD1_VAE, SD1_SCHEDULER),
+    "sd15-inpaint": ModelConfig("sd15-inpaint", CLIP_L, replace(SD1_UNET, in_channels=9), SD1_VAE,
+                                replace(SD1_SCHEDULER, sampler="ddim")),
+    "sd21": ModelConfig("sd21", OPENCLIP_H, SD2_UNET, SD1_VAE, SD1_SCHEDULER),
+    "sd21-v": ModelConfig(
+        "sd21-v", OPENCLIP_H, replace(SD2_UNET, sample_size=96, upcast_attention=True), replace(SD1_VAE, sample_size=768),
+        SchedulerConfig(sampler="ddim", prediction_type="v_prediction"),
+    ),
+    "sdxl": ModelConfig(
+        "sdxl", replace(CLIP_L, output_layer="penultimate"), SDXL_UNET,
+        VAEConfig(sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+        SchedulerConfig(sampler="euler"),
+        text_encoder_2=OPENCLIP_BIGG,
+    ),
+}
+
+
+def tiny_config(kind: str = "sd15") -> ModelConfig:
+    """Tiny random-weight configs of each architecture family, for tests and smoke runs.
+
+    kind: "sd15", "sd15-inpaint", "sd21-v" or "sdxl".
+    """
+    text = TextEncoderConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    vae = VAEConfig(sample_size=64, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
+    unet = UNetConfig(
+        sample_size=8, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1, attention_head_dim=2, cross_attention_dim=32, norm_num_groups=8,
+    )
+    scheduler = SchedulerConfig()
+    if kind == "sd15":
+        return ModelConfig("tiny-sd15", text, unet, vae, scheduler)
+    if kind == "sd15-inpaint":
+        return ModelConfig("tiny-sd15-inpaint", text, replace(unet, in_channels=9), vae, replace(scheduler, sampler="ddim"))
+    if kind == "sd21-v":
+        return ModelConfig(
+            "tiny-sd21-v", replace(text, hidden_act="gelu"),
+            replace(unet, attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True),
+            vae, replace(scheduler, sampler="ddim", prediction_type="v_prediction"),
+        )
+    if kind == "sdxl":
+        return ModelConfig(
+            "tiny-sdxl", replace(text, output_layer="penultimate"),
+            replace(unet, cross_attention_dim=64, transformer_layers_per_block=(1, 2), use_linear_projection=True,
+                    addition_embed_type="text_time", addition_time_embed_dim=8,
+                    projection_class_embeddings_input_dim=32 + 6 * 8),
+            replace(vae, scaling_factor=0.13025), replace(scheduler, sampler="euler"),
+            text_encoder_2=replace(text, projection_dim=32, hidden_act="gelu", output_layer="penultimate"),
+        )
+    raise ValueError(f"unknown tiny config {kind!r}; choose sd15, sd15-inpaint, sd21-v or sdxl")

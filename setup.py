@@ -1,0 +1,73 @@
+"""Thin setup: Python packages here, the native part (libsdengine + sdengine._C) built by CMake."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).parent.resolve()
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    """Configure and build CMakeLists.txt; its outputs land next to sdengine/_C."""
+
+    def build_extension(self, ext):
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DCMAKE_RUNTIME_OUTPUT_DIRECTORY={build_dir / 'bin'}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_BUILD_TYPE={os.environ.get('SDE_BUILD_TYPE', 'Release')}",
+            f"-DSDE_PYTHON_EXT_SUFFIX={Path(self.get_ext_filename('_C')).suffix}",
+        ]
+        try:  # build the libtorch-backed runtime against the torch that is installed
+            import torch.utils
+
+            args.append(f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}")
+        except ImportError:
+            pass
+        # /usr/local/bin/nvcc may be a wrapper: point CMake at the real toolkit.
+        cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+        if Path(cuda_home, "bin", "nvcc").exists():
+            args += [f"-DCUDAToolkit_ROOT={cuda_home}", f"-DCMAKE_CUDA_COMPILER={cuda_home}/bin/nvcc"]
+        args += os.environ.get("SDE_CMAKE_ARGS", "").split()
+        try:
+            import ninja  # noqa: F401
+
+            args.append("-GNinja")
+        except ImportError:
+            pass
+        subprocess.check_call(["cmake", str(ROOT), *args], cwd=build_dir)
+        jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+        subprocess.check_call(["cmake", "--build", ".", "-j", jobs], cwd=build_dir)
+        if self.inplace or getattr(self, "editable_mode", False):
+            # Editable installs copy only _C itself into the source tree: bring the
+            # shared libraries it links (libsdengine.so) along.
+            for lib in out_dir.glob("lib*.so*"):
+                shutil.copy2(lib, ROOT / "sdengine" / lib.name)
+
+
+setup(
+    packages=["sdengine", "sdengine.models", "sdengine.samplers", "sdengine.backends",
+              "sdengine.kernels", "sdengine.export"],
+    package_dir={"sdengine": "sdengine", "sdengine.kernels": "kernels", "sdengine.export": "export"},
+    package_data={"sdengine": ["data/*", "data/**/*"]},
+    include_package_data=True,
+    ext_modules=[CMakeExtension("sdengine._C")],
+    cmdclass={"build_ext": CMakeBuild},
+    zip_safe=False,
+)
