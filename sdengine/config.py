@@ -257,20 +257,33 @@ class ModelConfig:
         def component(sub: str):
             return _read_json(folder / sub / "config.json")
 
-        text = text_encoder_config_from_dict(component("text_encoder"))
-        text_2 = None
-        if index.get("text_encoder_2") and (folder / "text_encoder_2").is_dir():
-            text = replace(text, output_layer="penultimate")
-            text_2 = replace(text_encoder_config_from_dict(component("text_encoder_2")), output_layer="penultimate")
         sched_path = folder / "scheduler" / "scheduler_config.json"
-        scheduler = scheduler_config_from_dict(_read_json(sched_path)) if sched_path.exists() else SchedulerConfig()
-        return cls(
+        return cls.from_component_dicts(
             name=folder.name,
+            text_encoder=component("text_encoder"),
+            text_encoder_2=component("text_encoder_2") if index.get("text_encoder_2") else None,
+            unet=component("unet"),
+            vae=component("vae"),
+            scheduler=_read_json(sched_path) if sched_path.exists() else None,
+        )
+
+    @classmethod
+    def from_component_dicts(cls, name: str, text_encoder: dict, unet: dict, vae: dict,
+                             scheduler: Optional[dict] = None, text_encoder_2: Optional[dict] = None
+                             ) -> "ModelConfig":
+        """Build from the config dicts of diffusers / transformers components."""
+        text = text_encoder_config_from_dict(text_encoder)
+        text_2 = None
+        if text_encoder_2 is not None:  # SDXL conditions on the penultimate layers of both
+            text = replace(text, output_layer="penultimate")
+            text_2 = replace(text_encoder_config_from_dict(text_encoder_2), output_layer="penultimate")
+        return cls(
+            name=name,
             text_encoder=text,
             text_encoder_2=text_2,
-            unet=_from_dict(UNetConfig, component("unet"), "unet/config.json"),
-            vae=_from_dict(VAEConfig, component("vae"), "vae/config.json"),
-            scheduler=scheduler,
+            unet=component_config_from_dict(UNetConfig, unet, "unet/config.json"),
+            vae=component_config_from_dict(VAEConfig, vae, "vae/config.json"),
+            scheduler=scheduler_config_from_dict(scheduler) if scheduler else SchedulerConfig(),
         )
 
 
@@ -305,7 +318,8 @@ _UNSUPPORTED_IF_SET = {
 }
 
 
-def _from_dict(cls, data: dict, source: str):
+def component_config_from_dict(cls, data: dict, source: str):
+    """A UNetConfig / VAEConfig from a diffusers config dict; refuses options we do not implement."""
     for key, default in _UNSUPPORTED_IF_SET.items():
         value = data.get(key)
         if isinstance(default, bool) and isinstance(value, list):
