@@ -11,12 +11,13 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMAND_MODULES = ("sdengine.bench.cli", "sdengine.export.cli", "sdengine.train")
+SUBCOMMAND_MODULES = ("sdengine.info", "sdengine.bench.cli", "sdengine.export.cli", "sdengine.train")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdengine", description="Fast, dependable Stable Diffusion inference.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _register_generate(sub)
     for name in SUBCOMMAND_MODULES:
         try:
             module = importlib.import_module(name)
@@ -26,6 +27,73 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         module.register(sub)
     return parser
+
+
+def _register_generate(sub):
+    p = sub.add_parser("generate", help="generate images from a prompt",
+                       description="Generate images; PNGs carry the parameters in a 'parameters' text chunk "
+                                   "(A1111's convention).")
+    p.add_argument("prompt")
+    p.add_argument("--model", "-m", default=None,
+                   help="diffusers folder, .safetensors/.ckpt file or ONNX export; default: the bundled demo model")
+    p.add_argument("--output", "-o", default="out.png",
+                   help="output PNG; with several images, -1, -2, ... are added before the suffix")
+    p.add_argument("--negative-prompt", "-n", default=None)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 30)")
+    p.add_argument("--guidance-scale", "--cfg", type=float, default=7.5)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed of the first image; image i gets seed + i")
+    p.add_argument("--batch-size", "-b", type=int, default=1)
+    p.add_argument("--sampler", default=None, help="e.g. euler_a, dpmpp_2m, 'DPM++ 2M Karras'; default: the model's")
+    p.add_argument("--schedule", default=None, help="default, normal, karras, exponential, sgm_uniform, simple, ...")
+    p.add_argument("--init-image", default=None, help="img2img source image")
+    p.add_argument("--mask-image", default=None, help="inpainting mask (white = repaint)")
+    p.add_argument("--strength", type=float, default=None)
+    p.add_argument("--clip-skip", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--backend", default=None, choices=["eager", "triton", "native", "onnx"])
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_generate)
+
+
+def _generate(args) -> int:
+    from pathlib import Path
+
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    import sdengine
+
+    def open_image(path, name):
+        if path is None:
+            return None
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{name}: no such file: {path}")
+        return Image.open(path)
+
+    result = sdengine.generate(
+        args.prompt, model=args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+        negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
+        height=args.height, width=args.width, seed=args.seed, batch_size=args.batch_size, sampler=args.sampler,
+        schedule=args.schedule, init_image=open_image(args.init_image, "--init-image"),
+        mask_image=open_image(args.mask_image, "--mask-image"), strength=args.strength, clip_skip=args.clip_skip,
+        progress=not args.no_progress,
+    )
+    out = Path(args.output)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--output must be a .png file, got {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(result.images):
+        path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
+        info = PngInfo()
+        info.add_text("parameters", result.infotext(i))
+        tmp = path.with_name(path.name + ".part")
+        image.save(tmp, format="PNG", pnginfo=info)
+        tmp.replace(path)  # never leave a half-written PNG under the real name
+        print(f"wrote {path} (seed {result.seeds[i]})")
+    return 0
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,163 @@
+"""The public entry points: load(), from_diffusers() and generate()."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import ModelConfig
+from .pipeline import Pipeline
+
+log = logging.getLogger("sdengine")
+
+DEMO_MODEL = Path(__file__).parent / "data" / "demo-digits"
+BACKENDS = ("eager", "triton", "native", "onnx")
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    """Defaults: CUDA when available; fp16 on CUDA, fp32 on the CPU."""
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
+                                                                          else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but torch sees no CUDA device")
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(set(_DTYPES))}, got {dtype!r}")
+        dtype = _DTYPES[dtype]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    return device, dtype
+
+
+def _default_backend(device: torch.device) -> str:
+    return "eager"
+
+
+def load(path=None, device=None, dtype=None, backend: Optional[str] = None) -> Pipeline:
+    """Load a model and return a Pipeline.
+
+    path:    a diffusers folder, a single-file .safetensors (A1111/Civitai layout), a
+             .ckpt, or an ONNX export folder; None loads the bundled demo model.
+    device:  "cpu", "cuda", ...; default CUDA when available.
+    dtype:   torch dtype or "fp32" / "fp16" / "bf16"; default fp16 on CUDA, fp32 on CPU.
+    backend: "eager", "triton", "native" or "onnx"; default: "onnx" for an ONNX folder,
+             else the fastest available on the device.
+    """
+    path = Path(DEMO_MODEL if path is None else path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path does not exist: {path}")
+    device, dtype = resolve_device_dtype(device, dtype)
+    if backend is None:
+        backend = "onnx" if (path / "sdengine_onnx.json").exists() else _default_backend(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+
+    if backend == "onnx":
+        from .backends.onnx import load_pipeline
+
+        return load_pipeline(path, device=device, dtype=dtype)
+
+    from .loading import load_model
+
+    loaded = load_model(path, device=device, dtype=dtype)
+    return _pipeline_from_modules(
+        loaded.config, loaded.text_encoder, loaded.unet, loaded.vae, loaded.text_encoder_2,
+        loaded.tokenizer, loaded.tokenizer_2, backend=backend, name=path.stem if path.is_file() else path.name,
+    )
+
+
+def from_diffusers(pipe, backend: str = "eager") -> Pipeline:
+    """A Pipeline from a loaded diffusers pipeline object, sharing its weights (no copy).
+
+    Works for StableDiffusionPipeline, StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline and StableDiffusionXLPipeline. The networks keep
+    the device and dtype the diffusers pipeline has.
+    """
+    import tempfile
+
+    from .models.clip import CLIPTextModel
+    from .models.unet import UNet2DConditionModel
+    from .models.vae import AutoencoderKL
+    from .tokenizer import CLIPTokenizer
+
+    text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+    config = ModelConfig.from_component_dicts(
+        name=type(pipe).__name__,
+        text_encoder=pipe.text_encoder.config.to_dict(),
+        text_encoder_2=text_encoder_2.config.to_dict() if text_encoder_2 is not None else None,
+        unet=dict(pipe.unet.config),
+        vae=dict(pipe.vae.config),
+        scheduler=dict(pipe.scheduler.config, _class_name=type(pipe.scheduler).__name__),
+    )
+
+    def adopt(ours_cls, cfg, theirs):
+        with torch.device("meta"):
+            module = ours_cls(cfg)
+        module.load_state_dict(theirs.state_dict(), strict=True, assign=True)
+        return module.eval()
+
+    tokenizers = []
+    for tok in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)):
+        if tok is None:
+            tokenizers.append(None)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            tok.save_pretrained(tmp)
+            tokenizers.append(CLIPTokenizer.from_folder(tmp))
+    return _pipeline_from_modules(
+        config,
+        adopt(CLIPTextModel, config.text_encoder, pipe.text_encoder),
+        adopt(UNet2DConditionModel, config.unet, pipe.unet),
+        adopt(AutoencoderKL, config.vae, pipe.vae),
+        adopt(CLIPTextModel, config.text_encoder_2, text_encoder_2) if text_encoder_2 is not None else None,
+        tokenizers[0], tokenizers[1], backend=backend, name=config.name,
+    )
+
+
+def _pipeline_from_modules(config, text_encoder, unet, vae, text_encoder_2, tokenizer, tokenizer_2, *,
+                           backend: str, name: str) -> Pipeline:
+    if backend == "eager":
+        from .backends.eager import EagerBackend
+
+        impl = EagerBackend(config, text_encoder, unet, vae, text_encoder_2)
+    elif backend == "triton":
+        from .backends.triton import TritonBackend
+
+        impl = TritonBackend(config, text_encoder, unet, vae, text_encoder_2)
+    elif backend == "native":
+        from .backends.native import NativeBackend
+
+        impl = NativeBackend(config, text_encoder, unet, vae, text_encoder_2)
+    else:
+        raise ValueError(f"backend {backend!r} cannot be built from torch modules")
+    return Pipeline(impl, tokenizer, tokenizer_2, name=name)
+
+
+# generate() keeps the last pipeline it loaded, so repeated calls don't reload.
+_cache_lock = threading.Lock()
+_cache: dict = {}
+
+
+def generate(prompt, model=None, device=None, dtype=None, backend: Optional[str] = None, **kwargs):
+    """Generate images in one call; the loaded pipeline is cached for the next call.
+
+    model: a path (see load()); None is the bundled demo model. Other keyword
+    arguments are those of Pipeline.__call__. Returns a GenerationResult.
+    """
+    device, dtype = resolve_device_dtype(device, dtype)
+    key = (str(Path(model).resolve()) if model is not None else None, str(device), dtype, backend)
+    with _cache_lock:
+        pipe = _cache.get(key)
+        if pipe is None:
+            _cache.clear()  # keep one model in memory
+            pipe = _cache[key] = load(model, device=device, dtype=dtype, backend=backend)
+    return pipe(prompt, **kwargs)

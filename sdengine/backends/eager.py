@@ -1,0 +1,64 @@
+"""The eager backend: our plain-torch networks, run as they are.
+
+It is the reference every other backend is compared with, and the one that runs
+on any device torch supports.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+
+
+class EagerBackend:
+    """Holds the networks on one device and dtype; implements the backend interface
+    of docs/CONTRACTS.md (encode_text, denoise, encode_image, decode)."""
+
+    name = "eager"
+
+    def __init__(self, config: ModelConfig, text_encoder, unet, vae, text_encoder_2=None):
+        self.config = config
+        self.text_encoder = text_encoder.eval()
+        self.text_encoder_2 = text_encoder_2.eval() if text_encoder_2 is not None else None
+        self.unet = unet.eval()
+        self.vae = vae.eval()
+        first = next(unet.parameters())
+        self.device, self.dtype = first.device, first.dtype
+
+    @torch.inference_mode()
+    def encode_text(self, input_ids, input_ids_2=None, clip_skip=None):
+        """Token ids (B, 77) -> (context (B, 77, D), pooled (B, P) or None).
+
+        SDXL concatenates both encoders' hidden states on the feature axis and takes
+        the pooled output of the second.
+        """
+        context, pooled = self.text_encoder(input_ids.to(self.device), clip_skip=clip_skip)
+        if self.text_encoder_2 is not None:
+            context_2, pooled = self.text_encoder_2(input_ids_2.to(self.device), clip_skip=clip_skip)
+            context = torch.cat([context, context_2], dim=-1)  # (B, 77, D1 + D2)
+        return context, pooled
+
+    @torch.inference_mode()
+    def denoise(self, x_in, t, context, added_cond=None):
+        """One UNet forward; returns float32 whatever the backend's dtype."""
+        if added_cond is not None:
+            added_cond = {k: v.to(self.device, self.dtype) for k, v in added_cond.items()}
+        out = self.unet(x_in.to(self.device, self.dtype), t.to(self.device), context.to(self.device, self.dtype),
+                        added_cond=added_cond)
+        return out.float()
+
+    @torch.inference_mode()
+    def encode_image(self, images):
+        """Images (B, 3, H, W) in [-1, 1] -> latent distribution (mean, logvar), float32."""
+        mean, logvar = self.vae.encode(images.to(self.device, self._vae_dtype))
+        return mean.float(), logvar.float()
+
+    @torch.inference_mode()
+    def decode(self, latents):
+        """Unscaled latents -> images (B, 3, H, W) in about [-1, 1], float32."""
+        return self.vae.decode(latents.to(self.device, self._vae_dtype)).float()
+
+    @property
+    def _vae_dtype(self):
+        return next(self.vae.parameters()).dtype

@@ -1,0 +1,435 @@
+"""The text-to-image pipeline: txt2img, img2img and inpainting over any backend.
+
+Data flows one way:
+
+    prompt -> tokenize -> encode text -> initial latents
+           -> sampler loop (model_fn: UNet at batch 2 + classifier-free guidance)
+           -> decode -> image
+
+The pipeline never asks which backend it holds: a backend encodes text, runs one
+UNet forward and encodes / decodes images (docs/CONTRACTS.md). Every image has its
+own seed and generator, so an image depends only on its seed, not on the batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import samplers
+from .config import ModelConfig
+
+DEFAULT_STEPS = 30
+DEFAULT_GUIDANCE = 7.5
+
+
+class GenerationCancelled(RuntimeError):
+    """Raised when the callback asked to stop (returned False)."""
+
+
+@dataclass
+class GenerationResult:
+    """What one call produced.
+
+    images: a list of PIL images ("pil"), a float array (N, H, W, 3) in [0, 1] ("np"),
+            or the final latents (N, C, h, w) ("latent").
+    seeds:  the seed of each image.
+    params: the generation parameters, for reproducing and for PNG metadata.
+    """
+
+    images: Any
+    seeds: list
+    params: dict = field(default_factory=dict)
+
+    def infotext(self, index: int = 0) -> str:
+        """A1111's `parameters` text for image `index`."""
+        p = self.params
+        lines = [p["prompts"][index]]
+        if p.get("negative_prompts") and p["negative_prompts"][index]:
+            lines.append(f"Negative prompt: {p['negative_prompts'][index]}")
+        fields_ = [
+            ("Steps", p["steps"]), ("Sampler", p["sampler"]), ("Schedule type", p["schedule"]),
+            ("CFG scale", p["guidance_scale"]), ("Seed", self.seeds[index]),
+            ("Size", f"{p['width']}x{p['height']}"), ("Model", p.get("model")),
+            ("Denoising strength", p.get("strength") if p.get("mode") != "txt2img" else None),
+            ("Clip skip", p.get("clip_skip")),
+        ]
+        lines.append(", ".join(f"{k}: {v}" for k, v in fields_ if v is not None))
+        return "\n".join(lines)
+
+
+class Pipeline:
+    """A loaded model and its backend. Call it to generate images."""
+
+    def __init__(self, backend, tokenizer, tokenizer_2=None, name: Optional[str] = None):
+        self.backend = backend
+        self.config: ModelConfig = backend.config
+        self.tokenizer = tokenizer
+        self.tokenizer_2 = tokenizer_2
+        self.name = name or self.config.name
+
+    def __repr__(self):
+        return (f"Pipeline({self.name!r}, backend={getattr(self.backend, 'name', type(self.backend).__name__)}, "
+                f"device={self.backend.device}, dtype={self.backend.dtype})")
+
+    # ------------------------------------------------------------------
+    # The one public entry point
+    # ------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: Optional[int] = None,
+        guidance_scale: float = DEFAULT_GUIDANCE,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        seed: int | Sequence[int] | None = None,
+        batch_size: int = 1,
+        sampler: Optional[str] = None,
+        schedule: Optional[str] = None,
+        init_image=None,
+        strength: Optional[float] = None,
+        mask_image=None,
+        latents: Optional[torch.Tensor] = None,
+        output_type: str = "pil",
+        callback: Optional[Callable[[int, int, torch.Tensor], Optional[bool]]] = None,
+        progress: bool = True,
+        eta: float = 0.0,
+        clip_skip: Optional[int] = None,
+        steps: Optional[int] = None,
+    ) -> GenerationResult:
+        """Generate images.
+
+        prompt:              a prompt, or a list of prompts (each gets `batch_size` images).
+        negative_prompt:     what to steer away from; None is the empty prompt (SDXL: zeros).
+        num_inference_steps: denoising steps (alias `steps`); default 30.
+        guidance_scale:      classifier-free guidance scale; <= 1 disables guidance.
+        height, width:       image size in pixels, positive multiples of 8; default: the
+                             model's native size, or the init image's size.
+        seed:                an int (image i gets seed + i) or one seed per image; None picks one.
+        sampler, schedule:   A1111/ComfyUI names ("euler_a", "DPM++ 2M Karras", ...); None
+                             is the checkpoint's scheduler.
+        init_image:          img2img source (PIL image, or float array (H, W, 3) in [0, 1]).
+        strength:            how much of the schedule img2img / inpainting re-runs, in [0, 1];
+                             default 0.8 for img2img, 1.0 for inpainting.
+        mask_image:          inpainting mask, white = repaint; needs init_image and a
+                             9-channel inpainting model.
+        latents:             explicit initial noise (N, C, h, w), unit variance.
+        output_type:         "pil", "np" (float in [0, 1]) or "latent".
+        callback:            callback(step, total, latents) after each step; return False to cancel.
+        progress:            show a tqdm progress bar.
+        eta:                 DDIM's eta (0 is deterministic DDIM).
+        clip_skip:           skip this many final text-encoder layers (diffusers' meaning:
+                             1 here is A1111's "Clip skip: 2").
+        """
+        cfg = self.config
+        # -- arguments ------------------------------------------------------
+        if steps is not None:
+            if num_inference_steps is not None and num_inference_steps != steps:
+                raise ValueError("give either num_inference_steps or steps, not both")
+            num_inference_steps = steps
+        num_inference_steps = DEFAULT_STEPS if num_inference_steps is None else num_inference_steps
+        prompts = _as_list(prompt, "prompt")
+        _check_int(batch_size, "batch_size", minimum=1)
+        _check_int(num_inference_steps, "num_inference_steps", minimum=1)
+        if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if output_type not in ("pil", "np", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+        if clip_skip is not None:
+            _check_int(clip_skip, "clip_skip", minimum=0)
+        n_images = len(prompts) * batch_size
+        prompts = [p for p in prompts for _ in range(batch_size)]
+        negatives = _negative_prompts(negative_prompt, prompts, batch_size)
+        seeds = _seeds(seed, n_images)
+
+        mode = "inpaint" if mask_image is not None else "img2img" if init_image is not None else "txt2img"
+        if mode == "inpaint" and init_image is None:
+            raise ValueError("mask_image needs init_image: the image to inpaint")
+        if mode == "inpaint" and not cfg.is_inpaint:
+            raise ValueError(f"mask_image needs an inpainting model (9-channel UNet); {self.name} has "
+                             f"{cfg.unet.in_channels} input channels")
+        if mode == "txt2img" and cfg.is_inpaint:
+            raise ValueError(f"{self.name} is an inpainting model: give init_image and mask_image")
+        if mode == "txt2img":
+            if strength is not None:
+                raise ValueError("strength applies to img2img and inpainting: give init_image")
+            strength = 1.0
+        elif strength is None:
+            strength = 1.0 if mode == "inpaint" else 0.8
+        if not (isinstance(strength, (int, float)) and 0.0 <= strength <= 1.0):
+            raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+
+        image = mask = None
+        if init_image is not None:
+            image = _image_to_tensor(init_image, "init_image", n_images)  # (N, 3, H, W) in [-1, 1]
+            if height is None and width is None:
+                height, width = image.shape[-2] // 8 * 8, image.shape[-1] // 8 * 8
+        height = cfg.default_size if height is None else height
+        width = cfg.default_size if width is None else width
+        for name, value in (("height", height), ("width", width)):
+            if not (isinstance(value, int) and value > 0 and value % 8 == 0):
+                raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
+        if image is not None and tuple(image.shape[-2:]) != (height, width):
+            image = torch.nn.functional.interpolate(image, size=(height, width), mode="bicubic",
+                                                    align_corners=False).clamp(-1, 1)
+        if mask_image is not None:
+            if _size_of(mask_image) != _size_of(init_image):
+                raise ValueError(f"mask_image size {_size_of(mask_image)} does not match "
+                                 f"init_image size {_size_of(init_image)} (width, height)")
+            mask = _mask_to_tensor(mask_image, n_images)  # (N, 1, H, W) in {0, 1}
+            if tuple(mask.shape[-2:]) != (height, width):
+                mask = torch.nn.functional.interpolate(mask, size=(height, width), mode="nearest")
+
+        sampler_name, schedule_name = samplers.resolve(sampler, schedule, cfg.scheduler)
+        latent_shape = (n_images, cfg.vae.latent_channels, height // cfg.vae.downscale, width // cfg.vae.downscale)
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != latent_shape:
+                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+                raise ValueError(f"latents must have shape {latent_shape} for {n_images} image(s) at "
+                                 f"{width}x{height}, got {got}")
+            if not torch.isfinite(latents).all():
+                raise ValueError("latents contain non-finite values")
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        do_cfg = guidance_scale > 1.0
+
+        # -- text ------------------------------------------------------------
+        context, pooled = self._encode_prompts(prompts, clip_skip)
+        if do_cfg:
+            if cfg.is_sdxl and negative_prompt is None:  # SDXL: force_zeros_for_empty_prompt
+                neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
+            else:
+                neg_context, neg_pooled = self._encode_prompts(negatives, clip_skip)
+            context = torch.cat([neg_context, context])  # (2N, 77, D): [uncond, cond]
+            pooled = torch.cat([neg_pooled, pooled]) if pooled is not None else None
+        added_cond = None
+        if cfg.unet.addition_embed_type == "text_time":
+            # SDXL micro-conditioning: (original size, crop top-left, target size).
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
+            added_cond = {"text_embeds": pooled, "time_ids": time_ids.repeat(context.shape[0], 1)}
+
+        # -- initial latents (generator draws in diffusers' order) ---------------
+        device = self.backend.device
+        image_latents = masked_image_latents = None
+        if mode == "img2img" or (mode == "inpaint" and strength < 1.0):
+            image_latents = self._encode_images(image, generators)
+        noise = latents if latents is not None else samplers.randn(latent_shape, generators, torch.device("cpu"),
+                                                                   torch.float32)
+        noise = noise.to(device, torch.float32)
+        if mode == "inpaint":
+            masked_image = image * (mask < 0.5)
+            masked_image_latents = self._encode_images(masked_image, generators)
+            mask_latent = torch.nn.functional.interpolate(mask, size=latent_shape[-2:])  # nearest
+            extra_channels = torch.cat([mask_latent, masked_image_latents], dim=1).to(device)  # (N, 1 + C, h, w)
+            if do_cfg:
+                extra_channels = torch.cat([extra_channels, extra_channels])
+
+        def model_fn(x_in, t):
+            """Raw model output (the config's prediction type) with guidance applied."""
+            x_batch = torch.cat([x_in, x_in]) if do_cfg else x_in  # (2N, C, h, w)
+            if mode == "inpaint":
+                x_batch = torch.cat([x_batch, extra_channels.to(x_batch.dtype)], dim=1)
+            t_batch = t.expand(x_batch.shape[0]) if t.dim() <= 1 and t.numel() == 1 else \
+                (torch.cat([t, t]) if do_cfg else t)
+            out = self.backend.denoise(x_batch, t_batch, context, added_cond)
+            if not do_cfg:
+                return out
+            uncond, cond = out.chunk(2)
+            return uncond + guidance_scale * (cond - uncond)
+
+        # -- denoising loop ----------------------------------------------------------
+        bar = tqdm(total=num_inference_steps, desc=f"{sampler_name}", unit="step", disable=not progress,
+                   leave=False)
+
+        def on_step(step_index, x):
+            bar.update(1)
+            if callback is not None and callback(step_index, num_inference_steps, x) is False:
+                raise GenerationCancelled(f"cancelled by the callback at step {step_index + 1}")
+
+        try:
+            x = samplers.sample(
+                model_fn, noise, sampler=sampler_name, schedule=schedule_name, steps=num_inference_steps,
+                scheduler_config=cfg.scheduler,
+                init_latents=image_latents if mode == "img2img" or strength < 1.0 else None,
+                strength=strength, generators=generators, callback=on_step, eta=eta,
+            )
+        finally:
+            bar.close()
+
+        params = dict(
+            mode=mode, prompts=prompts, negative_prompts=negatives, steps=num_inference_steps,
+            sampler=sampler_name, schedule=schedule_name, guidance_scale=guidance_scale, height=height,
+            width=width, strength=strength, model=self.name, clip_skip=clip_skip, eta=eta,
+        )
+        if output_type == "latent":
+            return GenerationResult(x, seeds, params)
+
+        # -- decode --------------------------------------------------------------------
+        decoded = self.decode_latents(x)  # (N, 3, H, W) in [-1, 1]
+        images = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
+        if output_type == "np":
+            return GenerationResult(images, seeds, params)
+        return GenerationResult(numpy_to_pil(images), seeds, params)
+
+    # ------------------------------------------------------------------
+    # Steps of the flow
+    # ------------------------------------------------------------------
+
+    def _encode_prompts(self, prompts: list, clip_skip):
+        ids = self.tokenizer(prompts)
+        ids_2 = self.tokenizer_2(prompts) if self.tokenizer_2 is not None else None
+        context, pooled = self.backend.encode_text(ids, ids_2, clip_skip=clip_skip)
+        return context.float(), (pooled.float() if pooled is not None else None)
+
+    def _encode_images(self, images: torch.Tensor, generators) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled latents, sampled from the VAE posterior with each
+        image's own generator (diffusers' retrieve_latents(sample_mode="sample"))."""
+        vae = self.config.vae
+        latents = []
+        for i, gen in enumerate(generators):
+            mean, logvar = self.backend.encode_image(images[i:i + 1])
+            eps = samplers.randn(tuple(mean.shape), [gen], torch.device("cpu"), torch.float32).to(mean.device)
+            latents.append(mean + torch.exp(0.5 * logvar) * eps)
+        latents = torch.cat(latents)
+        if vae.shift_factor is not None:
+            latents = latents - vae.shift_factor
+        return latents * vae.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1], float32."""
+        vae = self.config.vae
+        z = latents / vae.scaling_factor
+        if vae.shift_factor is not None:
+            z = z + vae.shift_factor
+        return self.backend.decode(z)
+
+
+# ----------------------------------------------------------------------
+# Argument helpers
+# ----------------------------------------------------------------------
+
+def _as_list(value, name: str) -> list:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError(f"{name} must be a string or a non-empty list of strings, got {type(value).__name__}")
+
+
+def _check_int(value, name: str, minimum: int):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _negative_prompts(negative_prompt, prompts: list, batch_size: int) -> list:
+    if negative_prompt is None:
+        return [""] * len(prompts)
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * len(prompts)
+    negatives = _as_list(negative_prompt, "negative_prompt")
+    if len(negatives) * batch_size != len(prompts):
+        raise ValueError(f"negative_prompt has {len(negatives)} entries but there are "
+                         f"{len(prompts) // batch_size} prompts")
+    return [n for n in negatives for _ in range(batch_size)]
+
+
+def _seeds(seed, n_images: int) -> list:
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    if isinstance(seed, bool):
+        raise ValueError(f"seed must be an int or a list of ints, got {seed!r}")
+    if isinstance(seed, (int, np.integer)):
+        return [int(seed) + i for i in range(n_images)]
+    seeds = list(seed)
+    if len(seeds) != n_images or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
+                                         for s in seeds):
+        raise ValueError(f"seed must be an int or a list of {n_images} ints (one per image), got {seed!r}")
+    return [int(s) for s in seeds]
+
+
+def _size_of(image) -> tuple:
+    """(width, height) of a PIL image or an array (H, W[, C]) / (N, H, W[, C])."""
+    if hasattr(image, "size") and not isinstance(image, (np.ndarray, torch.Tensor)):
+        return tuple(image.size)
+    arr = image[0] if isinstance(image, (list, tuple)) else image
+    if hasattr(arr, "size") and not isinstance(arr, (np.ndarray, torch.Tensor)):
+        return tuple(arr.size)
+    shape = tuple(arr.shape)
+    if len(shape) == 4:
+        shape = shape[1:]
+    return (shape[1], shape[0])
+
+
+def _to_float_hwc(image, name: str) -> np.ndarray:
+    """One image -> float32 array (H, W, C) in [0, 1]."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        arr = image.astype(np.float32)
+        if image.dtype == np.uint8:
+            arr = arr / 255.0
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        if arr.ndim != 3:
+            raise ValueError(f"{name} must be an array (H, W[, C]), got shape {image.shape}")
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{name} contains non-finite values")
+        return arr
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover
+        Image = None
+    if Image is not None and isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    raise ValueError(f"{name} must be a PIL image or an array, got {type(image).__name__}")
+
+
+def _batch(image, name: str, n_images: int) -> np.ndarray:
+    """A single image, a list of images, or an (N, H, W, C) array -> (N, H, W, C) float."""
+    if isinstance(image, (list, tuple)):
+        arrs = [_to_float_hwc(im, name) for im in image]
+    elif isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4:
+        arrs = [_to_float_hwc(im, name) for im in image]
+    else:
+        arrs = [_to_float_hwc(image, name)]
+    if len({a.shape for a in arrs}) != 1:
+        raise ValueError(f"all images of {name} must have the same size")
+    if len(arrs) == 1:
+        arrs = arrs * n_images
+    if len(arrs) != n_images:
+        raise ValueError(f"{name} has {len(arrs)} images but {n_images} are generated")
+    return np.stack(arrs)
+
+
+def _image_to_tensor(image, name: str, n_images: int) -> torch.Tensor:
+    """-> (N, 3, H, W) in [-1, 1]."""
+    arr = _batch(image, name, n_images)
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    if arr.shape[-1] != 3:
+        raise ValueError(f"{name} must have 1 or 3 channels, got {arr.shape[-1]}")
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous() * 2.0 - 1.0
+
+
+def _mask_to_tensor(mask_image, n_images: int) -> torch.Tensor:
+    """-> (N, 1, H, W) binarised at 0.5, white (1) = repaint (diffusers' mask processor)."""
+    arr = _batch(mask_image, "mask_image", n_images)
+    if arr.shape[-1] == 3:  # grayscale as PIL's "L" does (ITU-R 601-2 luma)
+        arr = arr[..., :1] * 0.299 + arr[..., 1:2] * 0.587 + arr[..., 2:3] * 0.114
+    mask = torch.from_numpy(np.ascontiguousarray(arr[..., :1])).permute(0, 3, 1, 2)
+    return (mask >= 0.5).float()
+
+
+def numpy_to_pil(images: np.ndarray) -> list:
+    """(N, H, W, 3) floats in [0, 1] -> PIL images, rounding as diffusers does."""
+    from PIL import Image
+
+    uint8 = (images * 255).round().astype("uint8")
+    return [Image.fromarray(im) for im in uint8]
