@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import warnings
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    import torch
 
 DATA_DIR = Path(__file__).parent / "data"
 BPE_FILE = DATA_DIR / "bpe_simple_vocab_16e6.txt.gz"
@@ -56,3 +61,181 @@ def save_vocab_files(folder) -> tuple[Path, Path]:
     vocab_path.write_text(json.dumps(vocab, ensure_ascii=False))
     merges_path.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     return vocab_path, merges_path
+
+
+# ---------------------------------------------------------------------------
+# The tokenizer
+# ---------------------------------------------------------------------------
+
+CONTEXT_LENGTH = 77  # CLIP's text context: BOS + 75 tokens + EOS
+# CLIP's pre-tokenisation (OpenAI simple_tokenizer.py): special tokens, English
+# contractions, runs of letters, single digits, runs of other non-space characters.
+CLIP_SPLIT_PATTERN = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+                      r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
+
+
+def _token_content(value) -> Optional[str]:
+    """A special token as written in tokenizer_config.json: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class CLIPTokenizer:
+    """CLIP's byte-level BPE tokenizer, built on the Hugging Face `tokenizers` library.
+
+    The pipeline is that of transformers' `CLIPTokenizer` (which diffusers uses), so the
+    ids are identical to it:
+      1. normalise: NFC, every run of whitespace to one space, lowercase;
+      2. split with `CLIP_SPLIT_PATTERN`, dropping whitespace, then map bytes to GPT-2's
+         printable characters;
+      3. BPE with the end-of-word suffix `</w>` on each word's last symbol.
+    Unlike OpenAI's original tokenizer there is no ftfy / HTML unescaping ("&amp;" stays
+    as written), again as in transformers. `<|startoftext|>`, `<|endoftext|>` and the pad
+    token written in a prompt are read as those special tokens (so with SD2's pad token "!",
+    "wow!!" is `wow</w>`, 0, 0: transformers' behaviour, which diffusers' SD2 pipelines see).
+
+    Prompts longer than 75 tokens are truncated, not chunked: the first 75 tokens are kept
+    between BOS and EOS and a `UserWarning` says how many were dropped. This is what
+    diffusers' pipelines do (A1111's 75-token windows are not implemented).
+    """
+
+    def __init__(self, vocab: dict, merges: list, pad_token: str = EOS_TOKEN,
+                 max_length: int = CONTEXT_LENGTH):
+        from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+        from tokenizers.models import BPE
+
+        for name in (BOS_TOKEN, EOS_TOKEN, pad_token):
+            if name not in vocab:
+                raise ValueError(f"tokenizer vocabulary has no token {name!r}")
+        if max_length < 2:
+            raise ValueError(f"tokenizer max_length must be at least 2, got {max_length}")
+        self.vocab_size = len(vocab)
+        self.max_length = max_length
+        self.bos_token_id = vocab[BOS_TOKEN]
+        self.eos_token_id = vocab[EOS_TOKEN]
+        self.pad_token = pad_token
+        self.pad_token_id = vocab[pad_token]
+
+        tok = Tokenizer(BPE(vocab=dict(vocab), merges=[tuple(m) for m in merges], dropout=None,
+                            continuing_subword_prefix="", end_of_word_suffix="</w>",
+                            fuse_unk=False, unk_token=EOS_TOKEN))
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            # invert=True: the pattern's matches are the pieces; what lies between is dropped.
+            pre_tokenizers.Split(Regex(CLIP_SPLIT_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
+        tok.decoder = decoders.ByteLevel()
+        # Special tokens are matched in the raw prompt, before normalisation. As in
+        # transformers, the pad token is one of them: with SD2's pad "!", every "!" in a
+        # prompt becomes id 0 on its own rather than a BPE piece such as "!!!".
+        tok.add_special_tokens(list(dict.fromkeys([BOS_TOKEN, EOS_TOKEN, pad_token])))
+        self._tokenizer = tok
+
+    # Construction -------------------------------------------------------------
+
+    @classmethod
+    def from_folder(cls, folder) -> "CLIPTokenizer":
+        """Read a Hugging Face CLIP tokenizer folder (a diffusers pipeline's `tokenizer/`).
+
+        Needs `vocab.json` and `merges.txt`. The pad token comes from `tokenizer_config.json`
+        or `special_tokens_map.json` when present: SD1 pads with `<|endoftext|>`, SD2 with
+        "!" (id 0). `model_max_length` there, if any, sets the context length.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"tokenizer folder not found: {folder}")
+        vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
+        for path in (vocab_path, merges_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"tokenizer file missing: {path}")
+        try:
+            vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{vocab_path} is not a valid vocabulary file: {e}") from None
+        merges = []
+        for number, line in enumerate(merges_path.read_text(encoding="utf-8").split("\n"), 1):
+            if not line or line.startswith("#version"):
+                continue
+            pair = line.split()
+            if len(pair) != 2:
+                raise ValueError(f"{merges_path}:{number}: expected two symbols, got {line!r}")
+            merges.append(tuple(pair))
+
+        pad_token, max_length = EOS_TOKEN, CONTEXT_LENGTH
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
+            path = folder / name
+            if not path.is_file():
+                continue
+            try:
+                settings = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+            pad_token = _token_content(settings.get("pad_token")) or pad_token
+            length = settings.get("model_max_length")
+            if isinstance(length, int) and 2 <= length <= 10_000:  # HF writes 1e30 for "none"
+                max_length = length
+        if pad_token not in vocab:
+            raise ValueError(f"{folder}: pad token {pad_token!r} is not in {vocab_path.name}")
+        return cls(vocab, merges, pad_token=pad_token, max_length=max_length)
+
+    @classmethod
+    def default(cls, pad_token: str = EOS_TOKEN) -> "CLIPTokenizer":
+        """The tokenizer of the bundled CLIP BPE file, for checkpoints that carry none.
+
+        pad_token: `<|endoftext|>` for SD1 (CLIP ViT-L) and SDXL's first encoder; "!" for
+        the OpenCLIP encoders (SD2, SDXL's second encoder).
+        """
+        vocab, merges = clip_vocab_and_merges()
+        return cls(vocab, merges, pad_token=pad_token)
+
+    # Encoding -----------------------------------------------------------------
+
+    def tokens(self, prompt: str) -> list[int]:
+        """The BPE ids of one prompt, without BOS, EOS, truncation or padding."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        return self._tokenizer.encode(prompt, add_special_tokens=False).ids
+
+    def encode(self, prompt: str) -> list[int]:
+        """`[BOS, *tokens, EOS]` for one prompt: no truncation and no padding."""
+        return [self.bos_token_id, *self.tokens(prompt), self.eos_token_id]
+
+    def __call__(self, prompts) -> "torch.LongTensor":
+        """Token ids of shape (B, max_length): BOS, tokens, EOS, then the pad token.
+
+        prompts: a string or a list of strings. Longer prompts are truncated to
+        max_length - 2 tokens with a warning naming how many tokens were dropped.
+        """
+        import torch
+
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be a string or a list of strings")
+        room = self.max_length - 2
+        ids = torch.full((len(prompts), self.max_length), self.pad_token_id, dtype=torch.long)
+        encodings = self._tokenizer.encode_batch(list(prompts), add_special_tokens=False)
+        for row, (prompt, encoding) in enumerate(zip(prompts, encodings)):
+            tokens = encoding.ids
+            if len(tokens) > room:
+                warnings.warn(f"prompt {row} is {len(tokens)} tokens long; the last {len(tokens) - room} "
+                              f"tokens were dropped (the limit is {room}): {prompt[:60]!r}...",
+                              UserWarning, stacklevel=2)
+                tokens = tokens[:room]
+            ids[row, 0] = self.bos_token_id
+            ids[row, 1:len(tokens) + 1] = torch.tensor(tokens, dtype=torch.long)
+            ids[row, len(tokens) + 1] = self.eos_token_id
+        return ids
+
+    def decode(self, ids) -> str:
+        """Text of a list of ids (special tokens and padding dropped), for messages and debugging."""
+        ids = [int(i) for i in ids if int(i) not in (self.bos_token_id, self.eos_token_id)]
+        text = self._tokenizer.decode(ids, skip_special_tokens=True)
+        return text.replace("</w>", " ").strip()
+
+    def __repr__(self) -> str:
+        return (f"CLIPTokenizer(vocab_size={self.vocab_size}, max_length={self.max_length}, "
+                f"pad_token={self.pad_token!r})")
