@@ -1,0 +1,87 @@
+"""Import triton if it is installed, and say how kernels run here.
+
+sdengine installs without triton (`pip install sdengine` without the `triton` extra):
+then every op falls back to its plain-torch reference. The kernel modules still
+import, because `triton.jit`, `triton.autotune`, `triton.Config` and `tl.constexpr`
+are replaced by inert stand-ins that only let the module-level definitions run.
+"""
+
+import os
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # sdengine without the triton extra
+    HAS_TRITON = False
+
+    class _Inert:
+        """Stands in for `triton` and `triton.language`: decorators return the function."""
+
+        constexpr = object
+        float32 = float16 = bfloat16 = uint8 = int32 = int64 = None
+
+        @staticmethod
+        def jit(fn=None, **_kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+        @staticmethod
+        def autotune(*_args, **_kwargs):
+            return lambda f: f
+
+        @staticmethod
+        def Config(*args, **kwargs):  # noqa: N802 (mirrors triton.Config)
+            return (args, kwargs)
+
+        @staticmethod
+        def cdiv(a, b):
+            return -(-a // b)
+
+        @staticmethod
+        def next_power_of_2(n):
+            return 1 << max(int(n) - 1, 0).bit_length()
+
+    triton = tl = _Inert()
+
+# Set by tests/conftest.py when there is no CUDA device; read when triton is imported.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def can_launch(t) -> bool:
+    """Whether a Triton kernel can run on tensor `t`: on CUDA, or on CPU under the interpreter."""
+    return HAS_TRITON and (t.is_cuda or (INTERPRET and t.device.type == "cpu"))
+
+
+def check_launch(name: str, t) -> None:
+    """Raise a clear error when the Triton kernel `name` cannot run on `t`'s device."""
+    if not HAS_TRITON:
+        raise RuntimeError(f"sdengine.kernels.{name}: triton is not installed; use {name}_ref "
+                           "or sdengine.kernels.{name} (which falls back to the reference)")
+    if not can_launch(t):
+        raise RuntimeError(f"sdengine.kernels.{name}: Triton kernels need a CUDA tensor (got device "
+                           f"{t.device}); on CPU set TRITON_INTERPRET=1 before importing triton, "
+                           f"or call {name}_ref")
+
+
+def launcher(kernel, t):
+    """The kernel to index with a grid.
+
+    While torch.compile / torch.export trace a `triton_op` (the tensors are then Fake or
+    Functional subclasses), the kernel is wrapped with torch.library.wrap_triton, so the
+    launch shows up in the graph and AOTInductor compiles it into its package. A plain
+    eager call gets the bare kernel: wrap_triton's eager dispatch costs ~1 ms a launch.
+    """
+    import torch
+
+    if t.is_cuda and (type(t) is not torch.Tensor or torch.compiler.is_compiling()):
+        from torch.library import wrap_triton
+
+        return wrap_triton(kernel)
+    return kernel
+
+
+def pick(kernel, autotuned, t):
+    """The autotuned kernel on CUDA; the plain one under the interpreter, where benchmarking
+    every config would only cost time."""
+    return autotuned if t.is_cuda else kernel
