@@ -81,6 +81,39 @@ def _token_content(value) -> Optional[str]:
     return value
 
 
+def _read_vocab_and_merges(vocab_path: Path, merges_path: Path) -> tuple[dict, list]:
+    try:
+        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{vocab_path} is not a valid vocabulary file: {e}") from None
+    merges = []
+    for number, line in enumerate(merges_path.read_text(encoding="utf-8").split("\n"), 1):
+        if not line or line.startswith("#version"):
+            continue
+        pair = line.split()
+        if len(pair) != 2:
+            raise ValueError(f"{merges_path}:{number}: expected two symbols, got {line!r}")
+        merges.append(tuple(pair))
+    return vocab, merges
+
+
+def _read_tokenizer_json(path: Path) -> tuple[dict, list]:
+    """Vocabulary and merges of a Hugging Face `tokenizer.json` holding a BPE model."""
+    try:
+        model = json.loads(path.read_text(encoding="utf-8"))["model"]
+        if model.get("type") != "BPE":
+            raise ValueError(f"{path}: expected a BPE tokenizer model, got {model.get('type')!r}")
+        vocab = dict(model["vocab"])
+        # Merges are "a b" strings in older files and [a, b] pairs in newer ones.
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a valid tokenizer file: {e!r}") from None
+    for pair in merges:
+        if len(pair) != 2:
+            raise ValueError(f"{path}: merge {pair!r} is not a pair of symbols")
+    return vocab, merges
+
+
 class CLIPTokenizer:
     """CLIP's byte-level BPE tokenizer, built on the Hugging Face `tokenizers` library.
 
@@ -140,29 +173,24 @@ class CLIPTokenizer:
     def from_folder(cls, folder) -> "CLIPTokenizer":
         """Read a Hugging Face CLIP tokenizer folder (a diffusers pipeline's `tokenizer/`).
 
-        Needs `vocab.json` and `merges.txt`. The pad token comes from `tokenizer_config.json`
-        or `special_tokens_map.json` when present: SD1 pads with `<|endoftext|>`, SD2 with
-        "!" (id 0). `model_max_length` there, if any, sets the context length.
+        Reads `vocab.json` + `merges.txt` (the files of the Stable Diffusion repositories),
+        or else the vocabulary and merges inside `tokenizer.json` (what transformers 5
+        saves); the CLIP normalisation and splitting rules are always those above. The pad
+        token comes from `tokenizer_config.json` or `special_tokens_map.json` when present:
+        SD1 pads with `<|endoftext|>`, SD2 with "!" (id 0). `model_max_length` there, if
+        any, sets the context length.
         """
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"tokenizer folder not found: {folder}")
         vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
-        for path in (vocab_path, merges_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"tokenizer file missing: {path}")
-        try:
-            vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{vocab_path} is not a valid vocabulary file: {e}") from None
-        merges = []
-        for number, line in enumerate(merges_path.read_text(encoding="utf-8").split("\n"), 1):
-            if not line or line.startswith("#version"):
-                continue
-            pair = line.split()
-            if len(pair) != 2:
-                raise ValueError(f"{merges_path}:{number}: expected two symbols, got {line!r}")
-            merges.append(tuple(pair))
+        if not vocab_path.is_file() and not merges_path.is_file() and (folder / "tokenizer.json").is_file():
+            vocab, merges = _read_tokenizer_json(folder / "tokenizer.json")
+        else:
+            for path in (vocab_path, merges_path):
+                if not path.is_file():
+                    raise FileNotFoundError(f"tokenizer file missing: {path}")
+            vocab, merges = _read_vocab_and_merges(vocab_path, merges_path)
 
         pad_token, max_length = EOS_TOKEN, CONTEXT_LENGTH
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
@@ -178,7 +206,7 @@ class CLIPTokenizer:
             if isinstance(length, int) and 2 <= length <= 10_000:  # HF writes 1e30 for "none"
                 max_length = length
         if pad_token not in vocab:
-            raise ValueError(f"{folder}: pad token {pad_token!r} is not in {vocab_path.name}")
+            raise ValueError(f"{folder}: pad token {pad_token!r} is not in the vocabulary")
         return cls(vocab, merges, pad_token=pad_token, max_length=max_length)
 
     @classmethod

@@ -212,3 +212,16 @@ def test_folder_errors(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="tokenizer_config.json"):
         CLIPTokenizer.from_folder(tmp_path)
+
+
+def test_reads_tokenizer_json_as_transformers_saves_it(tokenizer_pair, tmp_path):
+    """transformers 5 saves tokenizer.json without vocab.json / merges.txt."""
+    _, hf, pad_token = tokenizer_pair
+    hf.save_pretrained(tmp_path)
+    assert (tmp_path / "tokenizer.json").is_file() and not (tmp_path / "vocab.json").exists()
+    ours = CLIPTokenizer.from_folder(tmp_path)
+    assert ours.pad_token == pad_token
+    expected = hf(CORPUS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert torch.equal(ours(CORPUS), expected)
