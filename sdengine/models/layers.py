@@ -1,0 +1,269 @@
+"""Building blocks shared by the UNet, the VAE and the text encoder.
+
+The few ops that a fast backend replaces with fused kernels -- attention, GroupNorm
+(optionally followed by SiLU), LayerNorm and GEGLU -- are plain functions collected in
+an `Ops` table. Every module that uses one of them calls it through `self.ops`, which is
+`EAGER_OPS` unless a backend installs its own table on that model with `set_ops(model,
+ops)`. The swap is per model instance, so an eager model and a Triton model can live
+side by side in one process (e.g. in a parity test).
+
+Module and parameter names follow diffusers (`to_q`, `norm1`, `time_emb_proj`, ...), so
+`state_dict()` keys equal those of the diffusers classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ---------------------------------------------------------------------------
+# The swappable ops, eager versions
+# ---------------------------------------------------------------------------
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *,
+              causal: bool = False, upcast: bool = False) -> torch.Tensor:
+    """Multi-head scaled dot-product attention, softmax(q k^T / sqrt(d)) v.
+
+    q: (B, Lq, heads * d); k, v: (B, Lk, heads * d). Returns (B, Lq, heads * d).
+    `upcast` computes the whole attention in fp32 (SD2's upcast_attention: fp16 scores
+    of the 768-px v-model overflow). `causal` masks future tokens (CLIP's text encoder).
+    """
+    batch, q_len, inner = q.shape
+    head_dim = inner // heads
+    dtype = q.dtype
+    q, k, v = (t.view(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))  # (B, heads, L, d)
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, heads, Lq, d)
+    return out.to(dtype).transpose(1, 2).reshape(batch, q_len, inner)  # (B, Lq, heads * d)
+
+
+def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
+               silu: bool = False) -> torch.Tensor:
+    """GroupNorm over (B, C, ...) with a per-channel affine, optionally followed by SiLU."""
+    x = F.group_norm(x, groups, weight, bias, eps)
+    return F.silu(x) if silu else x
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dimension."""
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GEGLU (Shazeer 2020, "GLU Variants Improve Transformer"): a * gelu(b), [a, b] = x W^T + bias.
+
+    x: (..., dim); weight: (2 * inner, dim). Returns (..., inner). gelu is the exact (erf) one.
+    """
+    hidden, gate = F.linear(x, weight, bias).chunk(2, dim=-1)  # 2 x (..., inner)
+    return hidden * F.gelu(gate)
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The ops a backend may replace; each field has the signature of the eager function."""
+
+    attention: Callable = attention
+    group_norm: Callable = group_norm
+    layer_norm: Callable = layer_norm
+    geglu: Callable = geglu
+
+
+EAGER_OPS = Ops()
+
+
+def set_ops(model: nn.Module, ops: Ops) -> nn.Module:
+    """Make every submodule of model call `ops` (e.g. `replace(EAGER_OPS, attention=flash)`)."""
+    for module in model.modules():
+        if isinstance(module, UsesOps):
+            module.ops = ops
+    return model
+
+
+class UsesOps(nn.Module):
+    """Base of the modules that call a swappable op through `self.ops`."""
+
+    ops: Ops = EAGER_OPS
+
+
+# ---------------------------------------------------------------------------
+# Normalisation and feed-forward modules
+# ---------------------------------------------------------------------------
+
+
+class GroupNorm(UsesOps):
+    """nn.GroupNorm's parameters (weight, bias); `silu=True` applies SiLU after it."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float, silu: bool = False):
+        super().__init__()
+        self.num_groups, self.eps, self.silu = num_groups, eps, silu
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu=self.silu)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.weight.shape[0]}, eps={self.eps}, silu={self.silu}"
+
+
+class LayerNorm(UsesOps):
+    """nn.LayerNorm's parameters (weight, bias) over the last dimension."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class GEGLU(UsesOps):
+    """Projection to 2 * inner features and the gated GELU (diffusers' `ff.net.0`)."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.geglu(x, self.proj.weight, self.proj.bias)
+
+
+class FeedForward(nn.Module):
+    """GEGLU MLP of the transformer blocks; `net` indices match diffusers (1 is dropout)."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.ModuleList([GEGLU(dim, inner), nn.Identity(), nn.Linear(inner, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
+
+
+# ---------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------
+
+
+class Attention(UsesOps):
+    """Multi-head attention with diffusers' names: to_q, to_k, to_v, to_out.0.
+
+    Self-attention when `context_dim` is None, cross-attention over a context otherwise.
+    `fuse_qkv()` (called by a backend at load time, never in forward) replaces the three
+    self-attention projections by one `to_qkv` with the same result.
+    """
+
+    def __init__(self, dim: int, heads: int, context_dim: Optional[int] = None, *,
+                 qkv_bias: bool = False, upcast: bool = False):
+        super().__init__()
+        self.heads, self.upcast, self.is_cross = heads, upcast, context_dim is not None
+        context_dim = context_dim or dim
+        self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim, dim, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim, dim, bias=qkv_bias)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.to_qkv: Optional[nn.Linear] = None
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, L, dim); context: (B, Lc, context_dim) for cross-attention. Returns (B, L, dim)."""
+        if self.to_qkv is not None:
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)  # 3 x (B, L, dim)
+        else:
+            context = x if context is None else context
+            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        out = self.ops.attention(q, k, v, self.heads, upcast=self.upcast)
+        return self.to_out[0](out)
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """Concatenate to_q, to_k, to_v into one projection (self-attention only)."""
+        if self.is_cross:
+            raise ValueError("fuse_qkv applies to self-attention; this is cross-attention")
+        parts = (self.to_q, self.to_k, self.to_v)
+        has_bias = self.to_q.bias is not None
+        fused = nn.Linear(self.to_q.in_features, 3 * self.to_q.out_features, bias=has_bias,
+                          device=self.to_q.weight.device, dtype=self.to_q.weight.dtype)
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))  # (3 * dim, dim)
+        if has_bias:
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+        self.to_qkv = fused
+        del self.to_q, self.to_k, self.to_v
+
+
+# ---------------------------------------------------------------------------
+# Convolutional blocks (UNet and VAE)
+# ---------------------------------------------------------------------------
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm-SiLU-conv twice, with an optional timestep bias between (diffusers' ResnetBlock2D).
+
+    `time_channels=None` (the VAE) drops the timestep projection. A 1x1 `conv_shortcut`
+    matches channels when they change.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, time_channels: Optional[int], groups: int, eps: float):
+        super().__init__()
+        self.norm1 = GroupNorm(groups, in_channels, eps, silu=True)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(time_channels, out_channels) if time_channels is not None else None
+        self.norm2 = GroupNorm(groups, out_channels, eps, silu=True)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor, time_act: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, C_in, H, W); time_act: SiLU of the timestep embedding, (B, T). Returns (B, C_out, H, W)."""
+        h = self.conv1(self.norm1(x))
+        if time_act is not None:
+            h = h + self.time_emb_proj(time_act)[:, :, None, None]  # (B, C_out, 1, 1) broadcast
+        h = self.conv2(self.norm2(h))
+        shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+        return shortcut + h
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv. `asymmetric_pad` (the VAE) pads right/bottom by one instead of all sides."""
+
+    def __init__(self, channels: int, asymmetric_pad: bool = False):
+        super().__init__()
+        self.asymmetric_pad = asymmetric_pad
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric_pad else 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.asymmetric_pad:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour upsampling then a 3x3 conv.
+
+    `size` (the skip connection's H, W) lets odd sizes round-trip through Downsample2D;
+    by default the resolution doubles.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: Optional[tuple] = None) -> torch.Tensor:
+        if size is None:
+            size = (2 * x.shape[-2], 2 * x.shape[-1])
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+__all__ = [
+    "Ops", "EAGER_OPS", "set_ops", "attention", "group_norm", "layer_norm", "geglu",
+    "GroupNorm", "LayerNorm", "GEGLU", "FeedForward", "Attention", "ResnetBlock2D", "Downsample2D", "Upsample2D",
+]
