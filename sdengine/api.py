@@ -39,6 +39,12 @@ def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
 
 
 def _default_backend(device: torch.device) -> str:
+    """The Triton backend on CUDA when triton is installed; eager elsewhere."""
+    if device.type == "cuda":
+        from . import kernels
+
+        if kernels.HAS_TRITON:
+            return "triton"
     return "eager"
 
 

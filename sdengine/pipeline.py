@@ -13,6 +13,7 @@ own seed and generator, so an image depends only on its seed, not on the batch.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ from tqdm.auto import tqdm
 
 from . import samplers
 from .config import ModelConfig
+from .vae_tiling import AUTO_TILE_CELLS, tiled_decode
+
+log = logging.getLogger("sdengine")
 
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 7.5
@@ -104,6 +108,7 @@ class Pipeline:
         eta: float = 0.0,
         clip_skip: Optional[int] = None,
         steps: Optional[int] = None,
+        vae_tiling: Optional[bool] = None,
     ) -> GenerationResult:
         """Generate images.
 
@@ -128,6 +133,8 @@ class Pipeline:
         eta:                 DDIM's eta (0 is deterministic DDIM).
         clip_skip:           skip this many final text-encoder layers (diffusers' meaning:
                              1 here is A1111's "Clip skip: 2").
+        vae_tiling:          decode in blended tiles: True, False, or None = automatically for
+                             large images (over 128x128 latent cells) or when memory runs out.
         """
         cfg = self.config
         # -- arguments ------------------------------------------------------
@@ -272,7 +279,7 @@ class Pipeline:
             return GenerationResult(x, seeds, params)
 
         # -- decode --------------------------------------------------------------------
-        decoded = self.decode_latents(x)  # (N, 3, H, W) in [-1, 1]
+        decoded = self.decode_latents(x, tiling=vae_tiling)  # (N, 3, H, W) in [-1, 1]
         images = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
         if output_type == "np":
             return GenerationResult(images, seeds, params)
@@ -302,13 +309,26 @@ class Pipeline:
             latents = latents - vae.shift_factor
         return latents * vae.scaling_factor
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images in [-1, 1], float32."""
+    def decode_latents(self, latents: torch.Tensor, tiling: Optional[bool] = None) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1], float32.
+
+        tiling: decode in blended tiles (True), in one piece (False), or tile only above
+        vae_tiling.AUTO_TILE_CELLS latent cells or when one piece runs out of memory (None).
+        """
         vae = self.config.vae
         z = latents / vae.scaling_factor
         if vae.shift_factor is not None:
             z = z + vae.shift_factor
-        return self.backend.decode(z)
+        if tiling or (tiling is None and z.shape[-2] * z.shape[-1] > AUTO_TILE_CELLS):
+            return tiled_decode(self.backend.decode, z, scale=vae.downscale)
+        try:
+            return self.backend.decode(z)
+        except torch.cuda.OutOfMemoryError:
+            if tiling is False:
+                raise
+            log.warning("VAE decode ran out of memory; decoding again in tiles")
+            torch.cuda.empty_cache()
+            return tiled_decode(self.backend.decode, z, scale=vae.downscale)
 
 
 # ----------------------------------------------------------------------

@@ -6,9 +6,14 @@ on any device torch supports.
 
 from __future__ import annotations
 
+import copy
+import logging
+
 import torch
 
 from ..config import ModelConfig
+
+log = logging.getLogger("sdengine")
 
 
 class EagerBackend:
@@ -56,8 +61,27 @@ class EagerBackend:
 
     @torch.inference_mode()
     def decode(self, latents):
-        """Unscaled latents -> images (B, 3, H, W) in about [-1, 1], float32."""
-        return self.vae.decode(latents.to(self.device, self._vae_dtype)).float()
+        """Unscaled latents -> images (B, 3, H, W) in about [-1, 1], float32.
+
+        NaN guard: a reduced-precision decode that yields non-finite values (the fp16
+        VAE overflow that makes black images) is redone in fp32 for those images, with
+        one warning. No black image is ever returned for that reason.
+        """
+        images = self.vae.decode(latents.to(self.device, self._vae_dtype)).float()
+        if self._vae_dtype == torch.float32:
+            return images
+        bad = ~torch.isfinite(images).flatten(1).all(dim=1)  # (B,)
+        if bad.any():
+            log.warning("VAE decode in %s gave non-finite values for %d image(s); decoding them again "
+                        "in float32", self._vae_dtype, int(bad.sum()))
+            images[bad] = self._vae_fp32().decode(latents[bad].to(self.device, torch.float32)).float()
+        return images
+
+    def _vae_fp32(self):
+        """A float32 copy of the VAE, made on first need and kept."""
+        if getattr(self, "_vae_fp32_copy", None) is None:
+            self._vae_fp32_copy = copy.deepcopy(self.vae).float()
+        return self._vae_fp32_copy
 
     @property
     def _vae_dtype(self):
