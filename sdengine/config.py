@@ -333,7 +333,7 @@ def component_config_from_dict(cls, data: dict, source: str):
 def text_encoder_config_from_dict(data: dict) -> TextEncoderConfig:
     names = {f.name for f in fields(TextEncoderConfig)}
     kwargs = {k: v for k, v in data.items() if k in names}
-    if "text_projection" not in data and "CLIPTextModelWithProjection" not in data.get("architectures", []):
+    if "text_projection" not in data and "CLIPTextModelWithProjection" not in (data.get("architectures") or []):
         kwargs["projection_dim"] = None
     return TextEncoderConfig(**kwargs)
 
