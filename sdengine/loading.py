@@ -1,0 +1,463 @@
+"""Checkpoint loading: diffusers folders, single-file `.safetensors`, `.ckpt` / `.pt`.
+
+    loaded = load_model("v1-5-pruned-emaonly.safetensors", device="cuda", dtype=torch.float16)
+    loaded.unet, loaded.vae, loaded.text_encoder, loaded.tokenizer, loaded.config
+
+Method (gpt-fast's generate.py): every network is built on the meta device, so no
+memory is spent on random initialisation; the loader then checks the whole checkpoint
+against the networks (missing keys, unexpected keys, shapes) before it reads a single
+tensor, so a bad file fails with nothing half-loaded. Tensors are read one at a time
+through safetensors' memory map, renamed (convert.py), cast once to the target dtype and
+device, and handed to `load_state_dict(assign=True)`: the only full copy of the weights
+is the one the networks end up holding.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .convert import Layout, Source, UnmappedKey, apply_transform, detect_config, same_up_to_unit_dims, transformed_shape
+from .errors import ModelLoadError
+from .tokenizer import EOS_TOKEN, CLIPTokenizer
+
+SINGLE_FILE_SUFFIXES = (".safetensors",)
+TORCH_FILE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# Weight file names in a diffusers component folder, in order of preference: plain files
+# before the fp16 variant, safetensors before pickled .bin, one file before shards.
+_WEIGHT_BASENAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
+_NETWORK_CLASSES = {
+    "unet": ("UNet2DConditionModel",),
+    "vae": ("AutoencoderKL",),
+    "text_encoder": ("CLIPTextModel", "CLIPTextModelWithProjection"),
+    "text_encoder_2": ("CLIPTextModel", "CLIPTextModelWithProjection"),
+}
+
+
+@dataclass
+class LoadedModel:
+    """The networks, tokenizers and config of one checkpoint, on one device and dtype.
+
+    source: "diffusers" (a pipeline folder), "single-file" (.safetensors) or "ckpt"
+    (.ckpt / .pt read through torch.load(weights_only=True)).
+    """
+
+    config: ModelConfig
+    text_encoder: nn.Module
+    text_encoder_2: Optional[nn.Module]
+    unet: nn.Module
+    vae: nn.Module
+    tokenizer: CLIPTokenizer
+    tokenizer_2: Optional[CLIPTokenizer]
+    source: str
+
+
+# ---------------------------------------------------------------------------
+# Weight files
+# ---------------------------------------------------------------------------
+
+class WeightReader:
+    """Tensors of one checkpoint (one file or a set of shards), by key.
+
+    `shapes` comes from the file headers alone; `get` reads one tensor (on the CPU).
+    """
+
+    shapes: dict[str, tuple]
+    dtypes: dict[str, str]
+
+    def get(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def file_of(self, key: str) -> Path:
+        raise NotImplementedError
+
+    def release(self, key: str) -> None:
+        """The caller is done with key (lets an in-memory checkpoint free it)."""
+
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
+
+
+class SafetensorsReader(WeightReader):
+    """One or more .safetensors files, memory-mapped (safe_open): headers only until `get`."""
+
+    def __init__(self, paths: list[Path]):
+        from safetensors import SafetensorError, safe_open
+
+        self.paths = [Path(p) for p in paths]
+        self._handles, self._file_of, self.shapes, self.dtypes = {}, {}, {}, {}
+        for path in self.paths:
+            try:
+                handle = safe_open(str(path), framework="pt", device="cpu")
+                keys = list(handle.keys())
+                for key in keys:
+                    view = handle.get_slice(key)
+                    if key in self._file_of:
+                        raise ModelLoadError(f"{path}: key {key!r} is also in {self._file_of[key]}")
+                    self._file_of[key], self.shapes[key], self.dtypes[key] = path, tuple(view.get_shape()), view.get_dtype()
+            except SafetensorError as e:
+                raise ModelLoadError(f"{path}: not a valid safetensors file (truncated or corrupt?): {e}") from None
+            self._handles[path] = handle
+
+    def get(self, key: str) -> torch.Tensor:
+        from safetensors import SafetensorError
+
+        path = self._file_of[key]
+        try:
+            return self._handles[path].get_tensor(key)
+        except SafetensorError as e:
+            raise ModelLoadError(f"{path}: cannot read tensor {key!r}: {e}") from None
+
+    def file_of(self, key: str) -> Path:
+        return self._file_of[key]
+
+    @property
+    def name(self) -> str:
+        return str(self.paths[0]) if len(self.paths) == 1 else f"{self.paths[0].parent} ({len(self.paths)} shards)"
+
+
+class TorchReader(WeightReader):
+    """A pickled checkpoint (.ckpt, .pt, .bin), read only through torch.load(weights_only=True).
+
+    Zip-format files are memory-mapped; a "state_dict" entry (Lightning checkpoints) is
+    unwrapped, and non-tensor entries (global_step, ...) are ignored.
+    """
+
+    def __init__(self, paths: list[Path]):
+        self.paths = [Path(p) for p in paths]
+        self._tensors, self._file_of = {}, {}
+        for path in self.paths:
+            for key, tensor in self._load(path).items():
+                if key in self._file_of:
+                    raise ModelLoadError(f"{path}: key {key!r} is also in {self._file_of[key]}")
+                self._tensors[key], self._file_of[key] = tensor, path
+        self.shapes = {k: tuple(t.shape) for k, t in self._tensors.items()}
+        self.dtypes = {k: str(t.dtype).replace("torch.", "") for k, t in self._tensors.items()}
+
+    @staticmethod
+    def _load(path: Path) -> dict:
+        load = lambda mmap: torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)  # noqa: E731
+        try:
+            try:
+                data = load(True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):  # legacy (non-zip) files cannot be memory-mapped
+                    raise
+                data = load(False)
+        except pickle.UnpicklingError as e:
+            raise ModelLoadError(f"{path}: refused by torch.load(weights_only=True); it holds objects other than "
+                                 f"tensors, and sdengine does not run pickled code: {str(e).splitlines()[0]}") from None
+        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+            raise ModelLoadError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {e}") from None
+        if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+            data = data["state_dict"]
+        if not isinstance(data, dict):
+            raise ModelLoadError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
+        return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+    def release(self, key: str) -> None:
+        self._tensors.pop(key, None)
+
+    def file_of(self, key: str) -> Path:
+        return self._file_of[key]
+
+    @property
+    def name(self) -> str:
+        return str(self.paths[0]) if len(self.paths) == 1 else f"{self.paths[0].parent} ({len(self.paths)} shards)"
+
+
+def open_weights(paths: list[Path]) -> WeightReader:
+    """A reader for checkpoint files of one kind (all .safetensors, or all pickled)."""
+    if all(p.suffix == ".safetensors" for p in paths):
+        return SafetensorsReader(paths)
+    return TorchReader(paths)
+
+
+def component_weight_files(folder: Path) -> list[Path]:
+    """The weight file(s) of a diffusers component folder (unet/, vae/, text_encoder/ ...).
+
+    Tries `{diffusion_pytorch_model,model,pytorch_model}{,.fp16}.{safetensors,bin}` and their
+    `.index.json` shard maps, preferring the plain variant, then safetensors.
+    """
+    for variant in ("", ".fp16"):
+        for ext in (".safetensors", ".bin"):
+            for base in _WEIGHT_BASENAMES:
+                single = folder / f"{base}{variant}{ext}"
+                if single.is_file():
+                    return [single]
+                index = folder / f"{base}{variant}{ext}.index.json"
+                if index.is_file():
+                    try:
+                        weight_map = json.loads(index.read_text())["weight_map"]
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise ModelLoadError(f"{index}: not a valid shard index: {e!r}") from None
+                    shards = [folder / name for name in sorted(set(weight_map.values()))]
+                    for shard in shards:
+                        if not shard.is_file():
+                            raise FileNotFoundError(f"{index} names a missing shard: {shard}")
+                    return shards
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise FileNotFoundError(f"no weights in {folder}: expected diffusion_pytorch_model.safetensors, model.safetensors "
+                            f"or a .bin / .fp16 variant; found {present or 'nothing'}")
+
+
+# ---------------------------------------------------------------------------
+# Plans: which checkpoint tensor fills which parameter, checked before reading
+# ---------------------------------------------------------------------------
+
+@dataclass
+class _Plan:
+    component: str
+    model: nn.Module  # on the meta device
+    reader: WeightReader
+    sources: dict  # sdengine key -> Source
+
+
+def _build_networks(config: ModelConfig) -> dict[str, nn.Module]:
+    from .models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+
+    with torch.device("meta"):
+        networks = {
+            "text_encoder": CLIPTextModel(config.text_encoder),
+            "unet": UNet2DConditionModel(config.unet),
+            "vae": AutoencoderKL(config.vae),
+        }
+        if config.text_encoder_2 is not None:
+            networks["text_encoder_2"] = CLIPTextModel(config.text_encoder_2)
+    return networks
+
+
+def _few(items, n: int = 5) -> str:
+    items = sorted(items)
+    return ", ".join(items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
+def _make_plan(component: str, model: nn.Module, reader: WeightReader, source_of: Callable[[str], Source],
+               config_name: str) -> _Plan:
+    """Map every parameter of model to a checkpoint tensor; fail on missing keys and shapes."""
+    sources, missing = {}, []
+    for key, param in model.state_dict().items():
+        try:
+            source = source_of(key)
+        except UnmappedKey:
+            raise ModelLoadError(f"{reader.name}: the {component} parameter {key!r} has no counterpart in this "
+                                 "checkpoint layout (unsupported architecture)") from None
+        if source.key not in reader.shapes:
+            missing.append(source.key)
+            continue
+        found = transformed_shape(reader.shapes[source.key], source.transform)
+        if found != tuple(param.shape) and not same_up_to_unit_dims(found, tuple(param.shape)):
+            raise ModelLoadError(
+                f"{reader.file_of(source.key)}: shape mismatch for {source.key!r}: found {list(reader.shapes[source.key])}, "
+                f"the {component} of a {config_name} model expects {list(param.shape)} (for {key})")
+        sources[key] = source
+    if missing:
+        raise ModelLoadError(f"{reader.name}: {len(missing)} {component} weights missing for a {config_name} model: "
+                             f"{_few(missing)}")
+    return _Plan(component, model, reader, sources)
+
+
+def _check_unused(reader: WeightReader, used: set, ignorable: Callable[[str], bool], what: str) -> None:
+    extra = [k for k in reader.shapes if k not in used and not ignorable(k)]
+    if extra:
+        raise ModelLoadError(f"{reader.name}: {len(extra)} unexpected weights that no network of {what} uses: "
+                             f"{_few(extra)}")
+
+
+def _execute(plans: list[_Plan], device: torch.device, dtype: torch.dtype, progress: bool) -> dict[str, nn.Module]:
+    """Read, rename, cast and assign every tensor; each source is read once per use."""
+    from tqdm.auto import tqdm
+
+    remaining_uses: dict = {}
+    for plan in plans:
+        for source in plan.sources.values():
+            remaining_uses[(id(plan.reader), source.key)] = remaining_uses.get((id(plan.reader), source.key), 0) + 1
+    total = sum(len(p.sources) for p in plans)
+    networks = {}
+    with tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress, leave=False) as bar:
+        for plan in plans:
+            state = {}
+            for key, param in plan.model.state_dict().items():
+                source = plan.sources[key]
+                tensor = apply_transform(plan.reader.get(source.key), source.transform)
+                if tuple(tensor.shape) != tuple(param.shape):  # 1x1 conv kernel <-> linear weight
+                    tensor = tensor.reshape(param.shape)
+                cast = dtype if tensor.is_floating_point() else None
+                state[key] = tensor.to(device=device, dtype=cast).contiguous()
+                use = (id(plan.reader), source.key)
+                remaining_uses[use] -= 1
+                if not remaining_uses[use]:
+                    plan.reader.release(source.key)
+                bar.update()
+            plan.model.load_state_dict(state, strict=True, assign=True)
+            del state
+            left_on_meta = [n for n, t in (*plan.model.named_parameters(), *plan.model.named_buffers()) if t.is_meta]
+            if left_on_meta:
+                raise ModelLoadError(f"{plan.component}: tensors not filled by the checkpoint: {_few(left_on_meta)}")
+            networks[plan.component] = plan.model.eval().requires_grad_(False)
+    return networks
+
+
+# ---------------------------------------------------------------------------
+# Formats
+# ---------------------------------------------------------------------------
+
+def _check_path(path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path does not exist: {path}")
+    return path
+
+
+def _is_diffusers_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "model_index.json").is_file()
+
+
+def _single_file_reader(path: Path) -> tuple[WeightReader, str]:
+    if path.suffix in SINGLE_FILE_SUFFIXES:
+        return SafetensorsReader([path]), "single-file"
+    if path.suffix in TORCH_FILE_SUFFIXES:
+        return TorchReader([path]), "ckpt"
+    raise ModelLoadError(f"{path}: unsupported file type {path.suffix!r}; expected a diffusers folder, "
+                         f"a .safetensors file or a .ckpt / .pt file")
+
+
+def _override_prediction(config: ModelConfig, prediction_type: Optional[str]) -> ModelConfig:
+    if prediction_type is None:
+        return config
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    return replace(config, scheduler=replace(config.scheduler, prediction_type=prediction_type))
+
+
+def _diffusers_config(path: Path) -> ModelConfig:
+    index = json.loads((path / "model_index.json").read_text())
+    for component, classes in _NETWORK_CLASSES.items():
+        entry = index.get(component)
+        if component == "text_encoder_2" and (not entry or (isinstance(entry, list) and entry[-1] is None)):
+            continue
+        class_name = entry[-1] if isinstance(entry, list) else None
+        if class_name not in classes:
+            found = {k: v[-1] for k, v in index.items() if isinstance(v, list) and v[-1]}
+            raise ModelLoadError(f"{path}: unsupported architecture: model_index.json names {component}={class_name!r} "
+                                 f"(expected {' or '.join(classes)}); components found: {found}")
+    try:
+        return ModelConfig.from_diffusers(path)
+    except (ValueError, TypeError) as e:
+        raise ModelLoadError(f"{path}: unsupported or invalid diffusers config: {e}") from None
+
+
+def detect(path, prediction_type: Optional[str] = None) -> ModelConfig:
+    """The ModelConfig of a checkpoint, read from its configs or its keys and shapes only.
+
+    See `convert.detect_config` for the single-file rules, and `load_model` for the arguments.
+    """
+    path = _check_path(path)
+    if path.is_dir():
+        if not _is_diffusers_folder(path):
+            raise ModelLoadError(f"{path}: a folder but not a diffusers pipeline (no model_index.json)")
+        return _override_prediction(_diffusers_config(path), prediction_type)
+    reader, _ = _single_file_reader(path)
+    return _detect_single_file(reader, prediction_type)[0]
+
+
+def _detect_single_file(reader: WeightReader, prediction_type: Optional[str]) -> tuple[ModelConfig, Layout]:
+    try:
+        return detect_config(reader.shapes, prediction_type=prediction_type)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{reader.name}: {e}") from None
+
+
+def _diffusers_plans(path: Path, config: ModelConfig, networks: dict) -> list[_Plan]:
+    plans = []
+    for component, model in networks.items():
+        folder = path / component
+        reader = open_weights(component_weight_files(folder))
+        if component.startswith("text_encoder") and not any(k.startswith("text_model.") for k in reader.shapes):
+            # transformers 5 saves CLIPTextModel without the "text_model." level.
+            source_of = lambda key: Source(key.removeprefix("text_model."))  # noqa: E731
+        else:
+            source_of = Source
+        plan = _make_plan(component, model, reader, source_of, config.name)
+        _check_unused(reader, {s.key for s in plan.sources.values()}, lambda k: k.endswith("position_ids"),
+                      f"the {component}")
+        plans.append(plan)
+    return plans
+
+
+def _single_file_plans(reader: WeightReader, layout: Layout, config: ModelConfig, networks: dict) -> list[_Plan]:
+    plans = [_make_plan(component, model, reader, lambda key, c=component: layout.source(c, key, config), config.name)
+             for component, model in networks.items()]
+    used = {s.key for plan in plans for s in plan.sources.values()}
+    _check_unused(reader, used, lambda key: layout.ignorable(key, config), f"a {config.name} model")
+    return plans
+
+
+def _tokenizer(folder: Path, pad_token: str) -> CLIPTokenizer:
+    return CLIPTokenizer.from_folder(folder) if folder.is_dir() else CLIPTokenizer.default(pad_token=pad_token)
+
+
+def load_model(path, device=None, dtype=None, *, config: Optional[ModelConfig] = None,
+               prediction_type: Optional[str] = None, progress: bool = True) -> LoadedModel:
+    """Load a checkpoint's networks, tokenizers and config.
+
+    path:   a diffusers folder (model_index.json + unet/, vae/, text_encoder/ ...; weights as
+            .safetensors or .bin, or their .fp16 variant), a single-file .safetensors with
+            the LDM / A1111 key names, or a .ckpt / .pt (torch.load(weights_only=True)).
+    device: default "cuda" when available, else "cpu".
+    dtype:  torch.float32 / float16 / bfloat16 (or "fp32", "fp16", "bf16"); default fp16
+            on CUDA, fp32 on the CPU. Floating-point weights are cast once, on the way in.
+    config: a ModelConfig to use instead of the detected one (single files whose head
+            counts or group norms follow no preset rule, e.g. tiny test models).
+    prediction_type: "epsilon" or "v_prediction", overriding what was detected (SD2
+            single files are taken as v-prediction; see convert.detect_config).
+    progress: show a tqdm bar while reading tensors.
+
+    Raises FileNotFoundError for a missing path or file, and ModelLoadError (a ValueError)
+    naming the file and key for an unsupported architecture, a corrupt or truncated file,
+    missing or unexpected weights, or a shape mismatch. Everything is checked before any
+    tensor is read, so an error never leaves a half-loaded model.
+    """
+    from .api import resolve_device_dtype
+
+    path = _check_path(path)
+    device, dtype = resolve_device_dtype(device, dtype)
+    if path.is_dir():
+        if not _is_diffusers_folder(path):
+            raise ModelLoadError(f"{path}: a folder but not a diffusers pipeline (no model_index.json)")
+        config = _override_prediction(config or _diffusers_config(path), prediction_type)
+        networks = _build_networks(config)
+        plans = _diffusers_plans(path, config, networks)
+        source = "diffusers"
+        openclip = config.text_encoder.hidden_act == "gelu"  # SD2's OpenCLIP tokenizer pads with "!"
+        tokenizer = _tokenizer(path / "tokenizer", "!" if openclip else EOS_TOKEN)
+        tokenizer_2 = _tokenizer(path / "tokenizer_2", "!") if config.text_encoder_2 is not None else None
+    else:
+        reader, source = _single_file_reader(path)
+        detected, layout = _detect_single_file(reader, prediction_type)
+        config = _override_prediction(config or detected, prediction_type)
+        networks = _build_networks(config)
+        try:
+            plans = _single_file_plans(reader, layout, config, networks)
+        except UnmappedKey as e:
+            raise ModelLoadError(f"{path}: no LDM name for {e}") from None
+        # Single files carry no tokenizer: the bundled CLIP BPE, with each encoder's pad token.
+        tokenizer = CLIPTokenizer.default(pad_token="!" if layout.text_openclip else EOS_TOKEN)
+        tokenizer_2 = CLIPTokenizer.default(pad_token="!") if config.text_encoder_2 is not None else None
+
+    loaded = _execute(plans, device, dtype, progress)
+    return LoadedModel(config=config, text_encoder=loaded["text_encoder"], text_encoder_2=loaded.get("text_encoder_2"),
+                       unet=loaded["unet"], vae=loaded["vae"], tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+                       source=source)
