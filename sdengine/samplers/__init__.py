@@ -1,0 +1,227 @@
+"""Samplers and schedules: the A1111 / ComfyUI set, matching diffusers' schedulers step for step.
+
+The pipeline calls two functions (docs/CONTRACTS.md):
+
+    sampler, schedule = resolve(sampler, schedule, scheduler_config)
+    latents = sample(model_fn, noise, sampler=..., schedule=..., steps=..., scheduler_config=...,
+                     init_latents=None, strength=1.0, generators=None, callback=None, eta=0.0)
+
+How it is built (k-diffusion's structure):
+- schedules.py: training schedule and sampling schedules (sigmas_karras, sigmas_exponential, spacing);
+- plan.py: `make_plan` -> `Plan`, one run's timesteps / sigmas, as diffusers' set_timesteps + get_timesteps;
+- denoiser.py: the one `Denoiser` wrapper that turns eps / v / x0 predictions into x0;
+- k_samplers.py: `sample_<name>(model, x, sigmas, ...)` over sigmas (euler ... dpmpp, unipc);
+- t_samplers.py: `sample_<name>(model, x, timesteps, ...)` over timesteps (ddim, ddpm, pndm, lcm);
+- names.py: the name table shared with the CLI and the C runtime.
+
+GPU fast path: `make_plan(...)` (or `timesteps_and_sigmas`) gives the per-step scalars up front;
+`Plan.step_scalars()` returns timestep, sigma, sigma_next, c_in, sigma_up/down (sigma samplers) or
+alpha_cumprod, alpha_cumprod_prev, c_skip, c_out (ddim, lcm). For a sigma sampler the state is
+x = x0 + sigma * eps: start from `plan.initial_state(noise, init_latents)`, feed the UNet
+x * c_in and t = timestep, and return `plan.latents(x)`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from ..config import SchedulerConfig
+from . import k_samplers, t_samplers
+from .denoiser import Denoiser, to_x0_eps
+from .names import NAMES
+from .plan import MIN_STEPS, SCHEDULES_FOR, SIGMA_SAMPLERS, TIMESTEP_SAMPLERS, Plan, kept_steps, make_plan
+from .schedules import sigma_to_t, sigmas_exponential, sigmas_karras
+
+SAMPLERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a",
+            "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde", "unipc", "lcm")
+SCHEDULES = ("default", "normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform")
+
+SAMPLE_FUNCTIONS = {
+    "ddim": t_samplers.sample_ddim,
+    "ddpm": t_samplers.sample_ddpm,
+    "pndm": t_samplers.sample_pndm,
+    "lcm": t_samplers.sample_lcm,
+    "lms": k_samplers.sample_lms,
+    "euler": k_samplers.sample_euler,
+    "euler_a": k_samplers.sample_euler_ancestral,
+    "heun": k_samplers.sample_heun,
+    "dpm_2": k_samplers.sample_dpm_2,
+    "dpm_2_a": k_samplers.sample_dpm_2_ancestral,
+    "dpmpp_2m": k_samplers.sample_dpmpp_2m,
+    "dpmpp_2m_sde": k_samplers.sample_dpmpp_2m_sde,
+    "dpmpp_sde": k_samplers.sample_dpmpp_sde,
+    "dpmpp_3m_sde": k_samplers.sample_dpmpp_3m_sde,
+    "unipc": k_samplers.sample_unipc,
+}
+
+# diffusers' DPMSolverMultistepScheduler draws its SDE noise in float32 whatever the latents' dtype.
+_FLOAT32_NOISE = ("dpmpp_2m_sde", "dpmpp_3m_sde")
+
+# The DDPM of the seeds (Ho et al. 2020): linear betas 1e-4 .. 0.02 over T = 1000, epsilon
+# prediction, in pixel space (x0 clipped to [-1, 1]); sample with "ddpm" or "ddim".
+SEEDS_DDPM = SchedulerConfig(
+    sampler="ddpm", num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+    prediction_type="epsilon", timestep_spacing="leading", steps_offset=0, clip_sample=True,
+    clip_sample_range=1.0, set_alpha_to_one=True,
+)
+
+__all__ = [
+    "SAMPLERS", "SCHEDULES", "SEEDS_DDPM", "NAMES", "Plan", "Denoiser", "resolve", "sample", "randn",
+    "make_plan", "timesteps_and_sigmas", "normalize_name", "sigmas_karras", "sigmas_exponential",
+    "sigma_to_t", "to_x0_eps", "SAMPLE_FUNCTIONS", "MIN_STEPS", "SCHEDULES_FOR",
+]
+
+
+# ---------------------------------------------------------------------------
+# Names
+# ---------------------------------------------------------------------------
+
+def normalize_name(name: str) -> str:
+    """The key of a name in NAMES: lower case, "_" and "-" as spaces, whitespace collapsed."""
+    return re.sub(r"\s+", " ", re.sub(r"[_\-]", " ", str(name).lower())).strip()
+
+
+def _lookup_sampler(name: str):
+    """(sampler, schedule or None) of a sampler name, possibly combined with a schedule."""
+    key = normalize_name(name)
+    if key in NAMES["samplers"]:
+        return NAMES["samplers"][key], None
+    for sched_key, schedule in NAMES["schedules"].items():
+        if key.endswith(" " + sched_key):
+            prefix = key[: -len(sched_key) - 1]
+            if prefix in NAMES["samplers"]:
+                return NAMES["samplers"][prefix], schedule
+    raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)} "
+                     f"(A1111/ComfyUI names such as 'DPM++ 2M Karras' or 'Euler a' work too)")
+
+
+def _lookup_schedule(name: str) -> str:
+    key = normalize_name(name)
+    if key in NAMES["schedules"]:
+        return NAMES["schedules"][key]
+    raise ValueError(f"unknown schedule {name!r}; valid schedules: {', '.join(SCHEDULES)}")
+
+
+def resolve(sampler: Optional[str], schedule: Optional[str], scheduler_config: SchedulerConfig):
+    """Canonical (sampler, schedule) names.
+
+    sampler None: the checkpoint's default (`scheduler_config.sampler`); schedule None: the one
+    a combined name carries ("DPM++ 2M Karras"), else "default" (what the config says).
+    Raises ValueError on unknown names (listing the valid ones), on a combined name whose
+    schedule contradicts `schedule`, and on a sampler that cannot follow the schedule.
+    """
+    name, implied = _lookup_sampler(scheduler_config.sampler if sampler is None else sampler)
+    chosen = None if schedule is None else _lookup_schedule(schedule)
+    if implied is not None and chosen is not None and implied != chosen:
+        raise ValueError(f"sampler {sampler!r} implies the {implied!r} schedule but schedule={schedule!r} was given")
+    chosen = chosen or implied or "default"
+    if chosen not in SCHEDULES_FOR[name]:
+        raise ValueError(f"sampler {name!r} cannot follow the {chosen!r} schedule; "
+                         f"it supports: {', '.join(SCHEDULES_FOR[name])}")
+    return name, chosen
+
+
+# ---------------------------------------------------------------------------
+# Noise
+# ---------------------------------------------------------------------------
+
+def randn(shape, generators: Union[None, torch.Generator, Sequence[torch.Generator]], device=None,
+          dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise of `shape`, drawn as diffusers' randn_tensor draws it.
+
+    With a list of generators (one per image) image i is drawn from generators[i] with shape
+    (1, *shape[1:]), so results do not depend on the batch size. CPU generators draw on the CPU
+    and the result moves to `device`.
+    """
+    shape = tuple(shape)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if generators is None:
+        return torch.randn(shape, device=device, dtype=dtype)
+    if isinstance(generators, (list, tuple)) and len(generators) == 1:
+        generators = generators[0]
+    if isinstance(generators, torch.Generator):
+        return torch.randn(shape, generator=generators, device=generators.device, dtype=dtype).to(device)
+    if len(generators) != shape[0]:
+        raise ValueError(f"got {len(generators)} generators for a batch of {shape[0]}; pass one per image")
+    return torch.cat([torch.randn((1,) + shape[1:], generator=g, device=g.device, dtype=dtype)
+                      for g in generators]).to(device)
+
+
+# ---------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------
+
+def timesteps_and_sigmas(sampler: str, schedule: Optional[str], steps: int, scheduler_config: SchedulerConfig,
+                         strength: float = 1.0):
+    """(timesteps, sigmas) float64 tensors of a run: see `make_plan` for everything else."""
+    name, schedule = resolve(sampler, schedule, scheduler_config)
+    plan = make_plan(name, schedule, steps, scheduler_config, strength=strength)
+    return plan.timesteps, plan.sigmas
+
+
+def sample(model_fn: Callable, noise: torch.Tensor, *, sampler: Optional[str], schedule: Optional[str], steps: int,
+           scheduler_config: SchedulerConfig, init_latents: Optional[torch.Tensor] = None, strength: float = 1.0,
+           generators=None, callback: Optional[Callable] = None, eta: float = 0.0, inpainting: bool = False,
+           **options) -> torch.Tensor:
+    """Run one sampler and return the final latents (what diffusers' pipeline decodes).
+
+    model_fn(x_in, t) -> raw model output in the config's prediction_type, guidance applied:
+      x_in is exactly what diffusers' pipeline feeds its UNet at that step (after
+      scale_model_input), t a float32 tensor of shape (B,) holding the scheduler's timestep.
+    noise: unit-variance noise (B, C, h, w). txt2img: the start is noise * init_noise_sigma.
+    init_latents: img2img / inpainting. `strength` keeps the tail of the schedule as diffusers'
+      get_timesteps does, and init_latents are noised to its first step with `noise`. With
+      `inpainting=True` and strength 1.0 the start is pure noise, as diffusers' inpainting
+      pipeline does (is_strength_max).
+    generators: one CPU torch.Generator per image, for the noise of stochastic samplers.
+    callback(step_index, latents) after every step (step_index counts this run's steps from 0,
+      PLMS makes steps + 1 calls); latents are diffusers' latents after that step. An exception
+      raised in it propagates (cancel).
+    eta: DDIM's eta (0 = deterministic). Other keyword options go to the sampler function
+      (e.g. order=3 for unipc) and override what the config says.
+    """
+    name, schedule = resolve(sampler, schedule, scheduler_config)
+    if init_latents is None and strength != 1.0:
+        kept_steps(steps, strength)  # still validate the value
+    plan = make_plan(name, schedule, steps, scheduler_config,
+                     strength=strength if init_latents is not None else 1.0, eta=eta)
+    fn = SAMPLE_FUNCTIONS[name]
+    allowed = set(inspect.signature(fn).parameters) - {"model", "x", "sigmas", "timesteps", "extra_args",
+                                                       "callback", "noise"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"sampler {name!r} has no option {', '.join(map(repr, unknown))}; "
+                         f"its options are: {', '.join(sorted(allowed)) or 'none'}")
+    if init_latents is not None and init_latents.shape != noise.shape:
+        raise ValueError(f"init_latents shape {tuple(init_latents.shape)} differs from noise shape {tuple(noise.shape)}")
+
+    denoiser = Denoiser(model_fn, plan.alphas_cumprod, scheduler_config.prediction_type,
+                        log_sigmas=plan.log_sigmas, timesteps_of_sigmas=plan.timesteps_of_sigmas(),
+                        clip_range=plan.clip_range)
+    pure_noise = init_latents is None or (inpainting and strength == 1.0)
+    x = plan.initial_state(noise, None if pure_noise else init_latents)
+    noise_dtype = torch.float32 if name in _FLOAT32_NOISE else x.dtype
+
+    def draw_noise():
+        return randn(x.shape, generators, x.device, noise_dtype).to(x.dtype)
+
+    def report(info):
+        if callback is not None:
+            latents = plan.latents(info["x"], info.get("sigma_next")) if plan.is_sigma_sampler else info["x"]
+            callback(info["i"], latents)
+
+    if plan.is_sigma_sampler:
+        kwargs = dict(plan.options, **options)
+        x = fn(denoiser, x, plan.sigmas, callback=report, noise=draw_noise, **kwargs)
+        return plan.latents(x)
+    kwargs = dict(plan.options, **options)
+    if name in ("ddim", "ddpm"):
+        kwargs["prev_timesteps"] = plan.prev_timesteps
+    if name in ("ddim", "pndm"):
+        kwargs["final_alpha_cumprod"] = plan.final_alpha_cumprod
+    return fn(denoiser.at_timestep, x, plan.timesteps, callback=report, noise=draw_noise,
+              alphas_cumprod=plan.alphas_cumprod, **kwargs)
