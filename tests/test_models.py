@@ -24,6 +24,16 @@ RTOL = 1e-5
 BOS, EOS = 49406, 49407
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks gain nothing from intra-op threads, and on a shared 2-core machine a
+    second OpenMP thread that gets descheduled makes every op wait (100x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     assert ours.shape == ref.shape, f"shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
     assert torch.isfinite(ours).all()
