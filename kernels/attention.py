@@ -33,10 +33,10 @@ _CONFIGS = [
     ]
 ]
 # Interpreter (CPU tests): each program and each loop trip costs Python overhead per
-# tl op, so the tiles grow with the problem (16 … 128), which keeps small cases small.
+# tl op, so the tiles grow with the problem (16 … 256), which keeps small cases small.
 def _interpret_blocks(n_q, n_k):
-    return {"BLOCK_M": min(128, max(16, triton.next_power_of_2(n_q))),
-            "BLOCK_N": min(128, max(16, triton.next_power_of_2(n_k)))}
+    return {"BLOCK_M": min(256, max(16, triton.next_power_of_2(n_q))),
+            "BLOCK_N": min(256, max(16, triton.next_power_of_2(n_k)))}
 
 
 @triton.jit
