@@ -241,3 +241,76 @@ def test_parameter_counts(part, millions):
         model = part()
     count = sum(p.numel() for p in model.parameters())
     assert round(count / 1e6, 1) == millions
+
+
+# ---------------------------------------------------------------------------
+# Reduced precision
+# ---------------------------------------------------------------------------
+
+def test_attention_upcast_computes_in_fp32():
+    """upcast=True (SD2's upcast_attention) equals fp32 attention on the same bf16 inputs,
+    rounded once at the end; without it the bf16 result differs."""
+    from sdengine.models.layers import attention
+
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 77, 4 * 40, generator=generator).mul(4).to(torch.bfloat16) for _ in range(3))
+    expected = attention(q.float(), k.float(), v.float(), 4).to(torch.bfloat16)
+    upcast = attention(q, k, v, 4, upcast=True)
+    assert upcast.dtype == torch.bfloat16
+    assert torch.equal(upcast, expected)
+    assert not torch.equal(attention(q, k, v, 4), expected)
+
+
+def _reduced_precision_errors(kind: str, device: str, dtype: torch.dtype) -> dict:
+    """Mean abs error of our networks in `dtype` on `device` against the fp32 CPU reference,
+    relative to the reference's mean abs value, per network."""
+    cfg = tiny_config(kind)
+    errors = {}
+
+    def measure(name, model, run, expected):
+        model = model.to(device, dtype)
+        out = run(model).float().cpu()
+        assert torch.isfinite(out).all(), name
+        errors[name] = ((out - expected).abs().mean() / expected.abs().mean()).item()
+
+    def to(x):
+        return x.to(device, dtype) if x.is_floating_point() else x.to(device)
+
+    text_ref = tiny.transformers_text_encoder(cfg.text_encoder)
+    ids = _prompt_ids(EOS)
+    out = text_ref(ids, output_hidden_states=True)
+    expected = out.last_hidden_state if cfg.text_encoder.output_layer == "last" else out.hidden_states[-2]
+    text, _ = ours_from(CLIPTextModel, cfg.text_encoder, add_text_model_prefix(text_ref.state_dict()))
+    measure("text_encoder", text, lambda m: m(to(ids))[0], expected)
+
+    unet_ref = tiny.diffusers_unet(cfg.unet)
+    sample, t, context, added = _unet_inputs(cfg.unet, 8, 12, [999, 1])
+    expected = unet_ref(sample, t, context, added_cond_kwargs=added).sample
+    unet, _ = ours_from(UNet2DConditionModel, cfg.unet, unet_ref.state_dict())
+    added = added and {k: to(v) for k, v in added.items()}
+    measure("unet", unet, lambda m: m(to(sample), to(t), to(context), added), expected)
+
+    vae_ref = tiny.diffusers_vae(cfg.vae)
+    generator = torch.Generator().manual_seed(4)
+    image = torch.rand(2, 3, 16, 24, generator=generator) * 2 - 1
+    z = torch.randn(2, cfg.vae.latent_channels, 8, 12, generator=generator)
+    expected_mean, expected_decoded = vae_ref.encode(image).latent_dist.mean, vae_ref.decode(z).sample
+    vae, _ = ours_from(AutoencoderKL, cfg.vae, vae_ref.state_dict())
+    measure("vae_encode", vae, lambda m: m.encode(to(image))[0], expected_mean)
+    measure("vae_decode", vae, lambda m: m.decode(to(z)), expected_decoded)
+    return errors
+
+
+@pytest.mark.parametrize("kind", ["sd21-v", "sdxl"])
+@torch.no_grad()
+def test_bf16_cpu_close_to_fp32(kind):
+    errors = _reduced_precision_errors(kind, "cpu", torch.bfloat16)
+    assert max(errors.values()) < 3e-2, errors
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", tiny.TINY_KINDS)
+@torch.no_grad()
+def test_fp16_cuda_close_to_fp32(kind):
+    errors = _reduced_precision_errors(kind, "cuda", torch.float16)
+    assert max(errors.values()) < 5e-3, errors
