@@ -386,6 +386,20 @@ def _detect_openclip(shapes: Mapping[str, tuple], prefix: str, base: TextEncoder
     )
 
 
+def family_name(config: ModelConfig) -> str:
+    """The preset family a config belongs to: sd15, sd15-inpaint, sd21, sd21-v, sd21-inpaint or sdxl.
+
+    SD2 is told from SD1 by its OpenCLIP text encoder (GELU; OpenAI's CLIP uses quick_gelu).
+    """
+    if config.text_encoder_2 is not None:
+        return "sdxl"
+    if config.text_encoder.hidden_act == "gelu":
+        if config.is_inpaint:
+            return "sd21-inpaint"
+        return "sd21-v" if config.prediction_type == "v_prediction" else "sd21"
+    return "sd15-inpaint" if config.is_inpaint else "sd15"
+
+
 def detect_config(shapes: Mapping[str, tuple], *, prediction_type: Optional[str] = None) -> tuple[ModelConfig, Layout]:
     """The ModelConfig of an LDM-layout checkpoint, from its keys and tensor shapes.
 
