@@ -90,7 +90,7 @@ def from_diffusers(pipe, backend: str = "eager") -> Pipeline:
     """
     import tempfile
 
-    from .models.clip import CLIPTextModel
+    from .models.clip import CLIPTextModel, add_text_model_prefix
     from .models.unet import UNet2DConditionModel
     from .models.vae import AutoencoderKL
     from .tokenizer import CLIPTokenizer
@@ -98,8 +98,8 @@ def from_diffusers(pipe, backend: str = "eager") -> Pipeline:
     text_encoder_2 = getattr(pipe, "text_encoder_2", None)
     config = ModelConfig.from_component_dicts(
         name=type(pipe).__name__,
-        text_encoder=pipe.text_encoder.config.to_dict(),
-        text_encoder_2=text_encoder_2.config.to_dict() if text_encoder_2 is not None else None,
+        text_encoder=_text_config(pipe.text_encoder),
+        text_encoder_2=_text_config(text_encoder_2) if text_encoder_2 is not None else None,
         unet=dict(pipe.unet.config),
         vae=dict(pipe.vae.config),
         scheduler=dict(pipe.scheduler.config, _class_name=type(pipe.scheduler).__name__),
@@ -108,7 +108,10 @@ def from_diffusers(pipe, backend: str = "eager") -> Pipeline:
     def adopt(ours_cls, cfg, theirs):
         with torch.device("meta"):
             module = ours_cls(cfg)
-        module.load_state_dict(theirs.state_dict(), strict=True, assign=True)
+        state = theirs.state_dict()
+        if ours_cls is CLIPTextModel:  # transformers 5 keeps CLIP's weights without `text_model.`
+            state = add_text_model_prefix(state)
+        module.load_state_dict(state, strict=True, assign=True)
         return module.eval()
 
     tokenizers = []
@@ -127,6 +130,11 @@ def from_diffusers(pipe, backend: str = "eager") -> Pipeline:
         adopt(CLIPTextModel, config.text_encoder_2, text_encoder_2) if text_encoder_2 is not None else None,
         tokenizers[0], tokenizers[1], backend=backend, name=config.name,
     )
+
+
+def _text_config(model) -> dict:
+    """A transformers text model's config dict, naming its class (with or without projection)."""
+    return dict(model.config.to_dict(), architectures=[type(model).__name__])
 
 
 def _pipeline_from_modules(config, text_encoder, unet, vae, text_encoder_2, tokenizer, tokenizer_2, *,

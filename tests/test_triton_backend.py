@@ -102,6 +102,7 @@ def test_fp16_decode_overflow_is_redone_in_fp32(caplog):
     backend = _eager_backend_fp16()
     with torch.no_grad():  # push the last conv past fp16's range (65504): inf in fp16, fine in fp32
         backend.vae.decoder.conv_out.weight.mul_(3e4)
+        backend.vae.decoder.conv_out.bias.fill_(6e4)
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     raw = backend.vae.decode(z.half())
     assert not torch.isfinite(raw).all()  # the failure the guard exists for
@@ -120,21 +121,31 @@ def test_fp16_decode_without_overflow_keeps_fp16_result():
     assert getattr(backend, "_vae_fp32_copy", None) is None  # no fp32 copy made when not needed
 
 
-def test_tiled_decode_blends_without_seams():
+def test_tiled_decode_places_and_blends_tiles_exactly():
+    """With a local "decoder" (nearest upsampling), tiles agree where they overlap, so the
+    blended result must equal the one-piece decode exactly: placement and weights are right."""
+    def local_decode(z):
+        return torch.nn.functional.interpolate(z[:, :3], scale_factor=8, mode="nearest")
+
+    z = torch.randn(2, 4, 37, 50, generator=torch.Generator().manual_seed(5))  # sizes not multiples of the stride
+    tiled = tiled_decode(local_decode, z, scale=8, tile=16, overlap=5)
+    torch.testing.assert_close(tiled, local_decode(z), rtol=1e-6, atol=1e-6)
+
+
+def test_tiled_vae_decode_has_no_visible_seams():
     pipe = sdengine.from_diffusers(tiny_pipeline("sd15"))
     decode = pipe.backend.decode
     g = torch.Generator().manual_seed(4)
     # smooth latents, as real ones are: upsampled low-frequency noise
     z = torch.nn.functional.interpolate(torch.randn(1, 4, 6, 6, generator=g), size=(40, 40), mode="bicubic")
-    full = decode(z)
     tiled = tiled_decode(decode, z, scale=2, tile=16, overlap=6)
-    assert tiled.shape == full.shape
-    assert float((tiled - full).abs().mean()) < 0.05 * float(full.abs().mean())
-    # no seam: the jump between neighbouring pixel columns at tile borders is no larger
-    # than elsewhere in the image
-    col_jump = (tiled[..., 1:] - tiled[..., :-1]).abs().mean(dim=(0, 1, 2))  # (W - 1,)
-    borders = [2 * x for x in (10, 16, 20, 26, 30)]  # tile starts/ends in pixels (stride 10 cells)
-    assert col_jump[borders].max() < 3 * col_jump.median()
+    assert tiled.shape == (1, 3, 80, 80) and torch.isfinite(tiled).all()
+    # No seam: no column (row) of the interior jumps much more than the typical one. Tiles
+    # of this random VAE disagree a lot (GroupNorm statistics differ per tile), so cutting
+    # them hard, mid-overlap, gives jumps of 3.3x the median here; the blend stays < 2x.
+    for jump in ((tiled[..., 1:] - tiled[..., :-1]).abs().mean(dim=(0, 1, 2)),
+                 (tiled[..., 1:, :] - tiled[..., :-1, :]).abs().mean(dim=(0, 1, 3))):
+        assert jump[4:-4].max() < 2.5 * jump.median()
 
 
 def test_pipeline_decodes_in_tiles_on_request(monkeypatch):
@@ -151,8 +162,7 @@ def test_pipeline_decodes_in_tiles_on_request(monkeypatch):
     assert tiles == [(1, 4, 32, 32)]
     tiled = pipe(PROMPT, vae_tiling=True, **kwargs).images
     assert len(tiles) == 1 + 9 and all(t[-2:] == (12, 12) for t in tiles[1:])
-    assert plain.shape == tiled.shape
-    assert np.abs(plain - tiled).mean() < 0.05
+    assert plain.shape == tiled.shape and np.isfinite(tiled).all() and tiled.std() > 0.01
 
 
 # ---------------------------------------------------------------------------

@@ -38,6 +38,25 @@ log = logging.getLogger("sdengine")
 # The ops, in the signatures of sdengine.models.layers.Ops
 # ---------------------------------------------------------------------------
 
+def _kernel(name: str):
+    """The op to call for kernel `name`.
+
+    On CUDA: the public op of sdengine.kernels, which goes through the registered
+    `torch.ops.sdengine.<name>` so that torch.compile / export see the Triton kernel.
+    Under TRITON_INTERPRET=1 (CPU tests): the Triton wrapper itself, since the public op
+    sends CPU tensors to the plain-torch reference and would prove nothing.
+    """
+    import importlib
+
+    if kernels.INTERPRET:
+        return getattr(importlib.import_module(f"sdengine.kernels.{name}"), name)
+    return getattr(kernels, name)
+
+
+_attention_kernel, _group_norm_kernel = _kernel("attention"), _kernel("group_norm")
+_layer_norm_kernel, _geglu_kernel = _kernel("layer_norm"), _kernel("geglu")
+
+
 def triton_attention(q, k, v, heads: int, *, causal: bool = False, upcast: bool = False):
     """(B, L, heads·d) projections -> (B, Lq, heads·d) through the flash-attention kernel.
 
@@ -50,20 +69,20 @@ def triton_attention(q, k, v, heads: int, *, causal: bool = False, upcast: bool 
     head_dim = inner // heads
     # (B, L, heads, d) -> (B, heads, L, d) as strided views: no copy
     q4, k4, v4 = (t.view(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))
-    out = kernels.attention(q4, k4, v4)  # (B, heads, Lq, d), stored as (B, Lq, heads, d)
+    out = _attention_kernel(q4, k4, v4)  # (B, heads, Lq, d), stored as (B, Lq, heads, d)
     return out.transpose(1, 2).reshape(batch, q_len, inner)  # (B, Lq, heads·d), free
 
 
 def triton_group_norm(x, weight, bias, groups: int, eps: float, silu: bool = False):
-    return kernels.group_norm(x, groups, weight, bias, eps=eps, silu=silu)
+    return _group_norm_kernel(x, groups, weight, bias, eps=eps, silu=silu)
 
 
 def triton_layer_norm(x, weight, bias, eps: float):
-    return kernels.layer_norm(x, weight, bias, eps=eps)
+    return _layer_norm_kernel(x, weight, bias, eps=eps)
 
 
 def triton_geglu(x, weight, bias):
-    return kernels.geglu(F.linear(x, weight, bias))  # (..., 2·inner) -> (..., inner)
+    return _geglu_kernel(F.linear(x, weight, bias))  # (..., 2·inner) -> (..., inner)
 
 
 TRITON_OPS = replace(EAGER_OPS, attention=triton_attention, group_norm=triton_group_norm,
