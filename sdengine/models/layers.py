@@ -77,18 +77,18 @@ class Ops:
 EAGER_OPS = Ops()
 
 
+class UsesOps(nn.Module):
+    """Base of the modules that call a swappable op through `self.ops`."""
+
+    ops: Ops = EAGER_OPS
+
+
 def set_ops(model: nn.Module, ops: Ops) -> nn.Module:
     """Make every submodule of model call `ops` (e.g. `replace(EAGER_OPS, attention=flash)`)."""
     for module in model.modules():
         if isinstance(module, UsesOps):
             module.ops = ops
     return model
-
-
-class UsesOps(nn.Module):
-    """Base of the modules that call a swappable op through `self.ops`."""
-
-    ops: Ops = EAGER_OPS
 
 
 # ---------------------------------------------------------------------------
