@@ -176,7 +176,7 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False, residual=None,
     x: (N, C, H, W) fp16/bf16/fp32, NCHW contiguous or channels_last (other strides are
     copied first); the output has x's memory format and dtype. weight, bias: (C,) or None.
     residual: None or a tensor of x's shape, added last (see the module docstring).
-    `out`, if given, is written in place and returned. `_split=(BLOCK_HW, BLOCK_C, n_chunks)`
+    `out`, if given, is written in place and returned. `_split=(BLOCK_HW, BLOCK_C, n_chunks, BLOCK_G)`
     forces the GPU's split reduction (tests use it to cover that path under the interpreter).
     """
     if x.dim() != 4:
@@ -225,7 +225,7 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False, residual=None,
     sx = _strides_nchw(x)
     launcher(_group_norm_stats_kernel, x)[(N, n_chunks, c_blocks)](
         x, mean_part, m2_part, *sx, C, HW, hw_per_chunk, n_chunks, **stats_blocks)
-    block_g = 1 if (x.is_cuda or _split) else triton.next_power_of_2(G)  # GPU: one program per group
+    block_g = _split[3] if _split else 1 if x.is_cuda else triton.next_power_of_2(G)  # GPU: a program per group
     launcher(_group_norm_finalize_kernel, x)[(N, triton.cdiv(G, block_g))](
         mean_part, m2_part, mean, rstd, C, HW, hw_per_chunk, n_chunks, cpg, G, eps,
         BLOCK_G=block_g, BLOCK_K=min(64, triton.next_power_of_2(n_chunks)), BLOCK_CPG=triton.next_power_of_2(cpg))
