@@ -42,7 +42,7 @@ IGNORED_KEYS = {
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-    "logvar", "lvlb_weights", "v_pred", "ztsnr",
+    "logvar", "lvlb_weights", "v_pred", "ztsnr", "denoiser.sigmas",
 }
 IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.")
 
@@ -212,6 +212,9 @@ class Layout:
     text_prefix: str           # prefix of the first text encoder's keys
     text_openclip: bool        # True: OpenCLIP layout (SD2); False: transformers' CLIP layout
     text_2_prefix: Optional[str] = None  # SDXL's OpenCLIP bigG
+    # Some converted SDXL files store the projection as a Linear weight ("text_projection.weight",
+    # (proj, width)) rather than open_clip's (width, proj) matrix "text_projection".
+    text_2_projection_linear: bool = False
 
     def source(self, component: str, key: str, config: ModelConfig) -> Source:
         """The checkpoint tensor that sdengine's `component` key is read from."""
@@ -224,6 +227,8 @@ class Layout:
                 return openclip_key_to_ldm(key, self.text_prefix)
             return clip_key_to_ldm(key, self.text_prefix)
         if component == "text_encoder_2":
+            if key == "text_projection.weight" and self.text_2_projection_linear:
+                return Source(self.text_2_prefix + "text_projection.weight")
             return openclip_key_to_ldm(key, self.text_2_prefix)
         raise ValueError(f"unknown component {component!r}")
 
@@ -252,7 +257,7 @@ def _prefixes_found(keys) -> list[str]:
 
 def detect_layout(keys) -> Layout:
     """Recognise the network layout of an LDM checkpoint from its key names."""
-    keys = list(keys)
+    keys = set(keys)
     has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
     found = ", ".join(_prefixes_found(keys)[:12]) or "no keys"
     if not has(UNET_PREFIX):
@@ -264,7 +269,8 @@ def detect_layout(keys) -> Layout:
         if not has(SDXL_TEXT_PREFIX):
             raise ModelLoadError(f"SDXL-style checkpoint without its CLIP-L encoder ({SDXL_TEXT_PREFIX}*); found: {found}")
         text_prefix = SDXL_TEXT_PREFIX + ("text_model." if has(SDXL_TEXT_PREFIX + "text_model.") else "")
-        return Layout("sdxl", text_prefix, False, SDXL_TEXT_2_PREFIX)
+        linear = SDXL_TEXT_2_PREFIX + "text_projection.weight" in keys
+        return Layout("sdxl", text_prefix, False, SDXL_TEXT_2_PREFIX, text_2_projection_linear=linear)
     if has("conditioner.embedders.0.model."):
         raise ModelLoadError("unsupported architecture: an SDXL refiner (conditioner.embedders.0.model.*, "
                              "OpenCLIP bigG only); sdengine runs SD1, SD2 and SDXL base models")
@@ -376,7 +382,9 @@ def _detect_openclip(shapes: Mapping[str, tuple], prefix: str, base: TextEncoder
                      drop_last: bool) -> TextEncoderConfig:
     vocab, width = _shape(shapes, prefix + "token_embedding.weight")
     layers = len(_indices(shapes, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\."))
-    projection = shapes.get(prefix + "text_projection")
+    projection = shapes.get(prefix + "text_projection")  # (width, proj)
+    if projection is None and prefix + "text_projection.weight" in shapes:  # a Linear weight: (proj, width)
+        projection = tuple(reversed(shapes[prefix + "text_projection.weight"]))
     return replace(
         base, vocab_size=vocab, hidden_size=width, num_attention_heads=max(1, width // 64),
         max_position_embeddings=_shape(shapes, prefix + "positional_embedding")[0],

@@ -214,10 +214,11 @@ class CLIPTokenizer:
         """The tokenizer of the bundled CLIP BPE file, for checkpoints that carry none.
 
         pad_token: `<|endoftext|>` for SD1 (CLIP ViT-L) and SDXL's first encoder; "!" for
-        the OpenCLIP encoders (SD2, SDXL's second encoder).
+        the OpenCLIP encoders (SD2, SDXL's second encoder). One shared instance per pad
+        token (building the BPE tables takes a few tenths of a second; a tokenizer has
+        no mutable state).
         """
-        vocab, merges = clip_vocab_and_merges()
-        return cls(vocab, merges, pad_token=pad_token)
+        return _default_tokenizer(cls, pad_token)
 
     # Encoding -----------------------------------------------------------------
 
@@ -267,3 +268,9 @@ class CLIPTokenizer:
     def __repr__(self) -> str:
         return (f"CLIPTokenizer(vocab_size={self.vocab_size}, max_length={self.max_length}, "
                 f"pad_token={self.pad_token!r})")
+
+
+@lru_cache(maxsize=4)
+def _default_tokenizer(cls, pad_token: str) -> CLIPTokenizer:
+    vocab, merges = clip_vocab_and_merges()
+    return cls(vocab, merges, pad_token=pad_token)

@@ -142,6 +142,15 @@ def test_default_dtype_and_string_dtype(single_files):
     assert next(loaded.vae.parameters()).dtype == torch.bfloat16
 
 
+def test_sdxl_linear_text_projection(single_files, tmp_path):
+    """Some converted SDXL files hold text_projection as a Linear weight, (proj, width)."""
+    def to_linear(state):
+        key = "conditioner.embedders.1.model.text_projection"
+        state[key + ".weight"] = state.pop(key).t().contiguous()
+    path = _edited(single_files("sdxl"), tmp_path, to_linear)
+    assert_same_weights(_load(path, config=tiny_config("sdxl")), "sdxl")
+
+
 def test_fp16_single_file_to_fp32(tmp_path):
     path = save_ldm_single_file("sd15", tmp_path / "half.safetensors", dtype=torch.float16)
     loaded = load_model(path, device="cpu", dtype=torch.float32, config=tiny_config("sd15"), progress=False)
