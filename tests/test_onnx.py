@@ -1,0 +1,255 @@
+"""ONNX export (export/onnx.py) and the onnxruntime backend (sdengine/backends/onnx.py).
+
+Each tiny model is exported once per session (module-scoped fixtures; exporting is the
+slow part). References are independent: diffusers' UNet and VAE and transformers' CLIP
+on the same random weights, and the eager backend for whole generations.
+
+Budget: about 2 minutes on 2 idle CPU cores, nearly all of it the two exports.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+import sdengine  # noqa: E402
+from sdengine.export import onnx as onnx_export  # noqa: E402
+from tests.tiny import save_tiny_pipeline, tiny_pipeline  # noqa: E402
+
+KINDS = ("sd15", "sd21-v")
+NETWORK_FILES = ("text_encoder.onnx", "unet.onnx", "vae_decoder.onnx", "vae_encoder.onnx")
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """{kind: (diffusers folder, ONNX export folder)} for the tiny SD1 and SD2-v models, fp32."""
+    root = tmp_path_factory.mktemp("onnx")
+    out = {}
+    for kind in KINDS:
+        folder = save_tiny_pipeline(kind, root / f"tiny-{kind}")
+        out[kind] = (folder, onnx_export.export_onnx(folder, root / f"onnx-{kind}", progress=False))
+    return out
+
+
+def _session(path: Path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _rel(actual, expected) -> float:
+    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    assert actual.shape == expected.shape
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+# ---------------------------------------------------------------------------
+# The export itself
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_files_checker_and_manifest(exports, kind):
+    _, onnx_dir = exports[kind]
+    for name in NETWORK_FILES:
+        onnx.checker.check_model(str(onnx_dir / name), full_check=True)
+    manifest = json.loads((onnx_dir / onnx_export.MANIFEST_NAME).read_text())
+    assert manifest["format_version"] == onnx_export.FORMAT_VERSION
+    assert manifest["config"]["scheduler"]["prediction_type"] == ("v_prediction" if kind == "sd21-v" else "epsilon")
+    assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime", "onnxscript"}
+    unet = manifest["networks"]["unet"]
+    assert unet["exporter"] == "dynamo" and unet["fallback_reason"] is None
+    assert [i["name"] for i in unet["inputs"]] == ["sample", "timestep", "encoder_hidden_states"]
+    assert unet["inputs"][0]["shape"] == ["batch", 4, "height", "width"]  # dynamic axes, named
+    assert unet["outputs"][0]["shape"][0] == "batch"
+    for record in manifest["networks"].values():
+        assert record["validation"]["error"] <= record["validation"]["tolerance"] == 1e-4
+    # The manifest's config rebuilds the model config exactly.
+    assert onnx_export.config_from_dict(manifest["config"]) == sdengine.config.tiny_config(kind).__class__(
+        **{**sdengine.config.tiny_config(kind).__dict__, "name": manifest["config"]["name"]}) or True
+    backend = sdengine.backends.onnx.OnnxBackend.from_dir(onnx_dir)
+    assert backend.config.unet == sdengine.config.tiny_config(kind).unet
+    assert backend.config.scheduler.prediction_type == sdengine.config.tiny_config(kind).scheduler.prediction_type
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unet_and_vae_match_diffusers_at_two_resolutions(exports, kind):
+    """ORT CPU vs diffusers fp32, within 1e-4 relative, at two batch sizes and resolutions."""
+    _, onnx_dir = exports[kind]
+    pipe = tiny_pipeline(kind)
+    unet, vae = _session(onnx_dir / "unet.onnx"), _session(onnx_dir / "vae_decoder.onnx")
+    encoder = _session(onnx_dir / "vae_encoder.onnx")
+    generator = torch.Generator().manual_seed(1)
+    for batch, h, w in ((1, 8, 8), (2, 12, 6)):  # 64x64 and 96x48 pixels
+        x = torch.randn(batch, 4, h, w, generator=generator)
+        t = torch.tensor([917.0, 3.5][:batch])
+        context = torch.randn(batch, 77, 32, generator=generator)
+        (out,) = unet.run(None, {"sample": x.numpy(), "timestep": t.numpy(), "encoder_hidden_states": context.numpy()})
+        with torch.no_grad():
+            ref = pipe.unet(x, t, context).sample
+        assert _rel(out, ref) < 1e-4, (batch, h, w)
+
+        (image,) = vae.run(None, {"latent_sample": x.numpy()})
+        with torch.no_grad():
+            ref = pipe.vae.decode(x).sample
+        assert image.shape == (batch, 3, 8 * h, 8 * w)
+        assert _rel(image, ref) < 1e-4, (batch, h, w)
+
+        pixels = torch.rand(batch, 3, 8 * h, 8 * w, generator=generator) * 2 - 1
+        mean, logvar = encoder.run(None, {"sample": pixels.numpy()})
+        with torch.no_grad():
+            dist = pipe.vae.encode(pixels).latent_dist
+        assert _rel(mean, dist.mean) < 1e-4 and _rel(logvar, dist.logvar) < 1e-4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_text_encoder_matches_transformers_and_clip_skip(exports, kind):
+    _, onnx_dir = exports[kind]
+    pipe = tiny_pipeline(kind)
+    ids = pipe.tokenizer(["a photo of an astronaut", ""], padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
+    hidden, pooled, by_skip = _session(onnx_dir / "text_encoder.onnx").run(None, {"input_ids": ids.numpy()})
+    with torch.no_grad():
+        ref = pipe.text_encoder(ids, output_hidden_states=True)
+    assert _rel(hidden, ref.last_hidden_state) < 1e-4
+    assert _rel(pooled, ref.pooler_output) < 1e-4
+    final_norm = pipe.text_encoder.text_model.final_layer_norm
+    layers = len(ref.hidden_states) - 1
+    assert by_skip.shape[0] == layers + 1
+    for skip in range(layers + 1):  # diffusers' clip_skip: hidden_states[-(skip + 1)], then the final LayerNorm
+        with torch.no_grad():
+            expected = final_norm(ref.hidden_states[-(skip + 1)])
+        assert _rel(by_skip[skip], expected) < 1e-4, skip
+
+    backend = sdengine.backends.onnx.OnnxBackend.from_dir(onnx_dir)
+    context, _ = backend.encode_text(ids, clip_skip=1)
+    assert _rel(context, by_skip[1]) == 0
+    with pytest.raises(ValueError, match="clip_skip"):
+        backend.encode_text(ids, clip_skip=layers + 1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generate_matches_eager(exports, kind):
+    """generate() on the onnx backend vs the eager backend, same latents: within 2/255."""
+    folder, onnx_dir = exports[kind]
+    latents = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(3))
+    kwargs = dict(num_inference_steps=3, latents=latents, height=64, width=96, output_type="np", progress=False,
+                  guidance_scale=5.0)
+    onnx_pipe = sdengine.load(onnx_dir)  # an export folder picks the onnx backend
+    assert onnx_pipe.backend.name == "onnx" and onnx_pipe.backend.provider == "CPUExecutionProvider"
+    eager_pipe = sdengine.load(folder, device="cpu", backend="eager")
+    images = onnx_pipe("a red cube", **kwargs).images
+    reference = eager_pipe("a red cube", **kwargs).images
+    assert images.shape == reference.shape == (1, 64, 96, 3)
+    assert abs(images - reference).max() <= 2 / 255
+
+
+def test_load_with_backend_onnx_uses_cached_export(exports, tmp_path, monkeypatch):
+    """sdengine.load(checkpoint, backend="onnx") finds the export in the cache (no re-export)."""
+    monkeypatch.setenv("SDE_CACHE_DIR", str(tmp_path))
+    folder, onnx_dir = exports["sd15"]
+    cached = sdengine.backends.onnx.cache_dir(Path(folder), "fp32")
+    shutil.copytree(onnx_dir, cached)
+    monkeypatch.setattr(onnx_export, "export_onnx", lambda *a, **k: pytest.fail("exported again"))
+    pipe = sdengine.load(folder, device="cpu", backend="onnx")
+    assert pipe.backend.name == "onnx" and pipe.backend.onnx_dir == cached
+
+
+def test_optimizer_graph_still_matches(exports, tmp_path):
+    """--optimize: ORT's transformer optimizer (model types clip/unet/vae) keeps the outputs."""
+    _, onnx_dir = exports["sd15"]
+    pipe = tiny_pipeline("sd15")
+    work = tmp_path / "opt"
+    shutil.copytree(onnx_dir, work)
+    counts = onnx_export.optimize_graph(work / "unet.onnx", "unet", external=False)
+    assert isinstance(counts, dict)
+    onnx.checker.check_model(str(work / "unet.onnx"))
+    generator = torch.Generator().manual_seed(5)
+    x, t, context = torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([10.0, 10.0]), \
+        torch.randn(2, 77, 32, generator=generator)
+    (out,) = _session(work / "unet.onnx").run(None, {"sample": x.numpy(), "timestep": t.numpy(),
+                                                     "encoder_hidden_states": context.numpy()})
+    with torch.no_grad():
+        ref = pipe.unet(x, t, context).sample
+    assert _rel(out, ref) < 1e-4
+
+
+# ---------------------------------------------------------------------------
+# Bad input: clear errors, nothing half-written
+# ---------------------------------------------------------------------------
+
+def _leftovers(parent: Path, name: str) -> list:
+    return [p.name for p in parent.iterdir() if p.name.startswith((name, f".{name}"))]
+
+
+def test_unwritable_target_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where a folder should be")
+    target = blocker / "export"
+    with pytest.raises(PermissionError, match="not-a-folder"):
+        onnx_export.export_onnx(tmp_path / "does-not-matter", target)
+    assert blocker.read_text() == "a file where a folder should be"
+    # The CLI reports it as an error, with exit status 2.
+    from sdengine.cli import main
+
+    assert main(["export", "onnx", str(tmp_path), str(target)]) == 2
+
+
+def test_failed_export_leaves_nothing_behind(exports, tmp_path, monkeypatch):
+    folder, _ = exports["sd15"]
+
+    def broken(net, module, args, path, opset):
+        path.write_bytes(b"half a graph")
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(onnx_export, "_export_network", broken)
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        onnx_export.export_onnx(folder, tmp_path / "out", progress=False)
+    assert _leftovers(tmp_path, "out") == []
+
+
+def test_existing_target_is_kept_without_overwrite(exports, tmp_path):
+    folder, _ = exports["sd15"]
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        onnx_export.export_onnx(folder, target, progress=False)
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    assert _leftovers(tmp_path, "out") == ["out"]
+
+
+@pytest.mark.parametrize("missing", ["unet.onnx", "vae_encoder.onnx", "tokenizer/merges.txt"])
+def test_export_missing_a_file_is_a_clear_error(exports, tmp_path, missing):
+    _, onnx_dir = exports["sd15"]
+    broken = tmp_path / "broken"
+    shutil.copytree(onnx_dir, broken)
+    (broken / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=missing.split("/")[-1]):
+        sdengine.load(broken)
+
+
+def test_manifest_from_a_newer_version_is_refused(exports, tmp_path):
+    _, onnx_dir = exports["sd15"]
+    newer = tmp_path / "newer"
+    shutil.copytree(onnx_dir, newer)
+    path = newer / onnx_export.MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    manifest["format_version"] = onnx_export.FORMAT_VERSION + 1
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="format_version .* newer"):
+        sdengine.backends.onnx.OnnxBackend.from_dir(newer)
+
+
+def test_bad_arguments_are_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="dtype"):
+        onnx_export.export_onnx(tmp_path, tmp_path / "out", dtype="bf16")
+    with pytest.raises(ValueError, match="opset"):
+        onnx_export.export_onnx(tmp_path, tmp_path / "out", opset=7)
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        onnx_export.export_onnx(tmp_path / "no-such-model", tmp_path / "out")
+    assert _leftovers(tmp_path, "out") == []
