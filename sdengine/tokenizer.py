@@ -207,6 +207,9 @@ class CLIPTokenizer:
                 max_length = length
         if pad_token not in vocab:
             raise ValueError(f"{folder}: pad token {pad_token!r} is not in the vocabulary")
+        bundled_vocab, bundled_merges = clip_vocab_and_merges()
+        if max_length == CONTEXT_LENGTH and merges == bundled_merges and vocab == bundled_vocab:
+            return cls.default(pad_token)  # every SD tokenizer: skip rebuilding the BPE tables
         return cls(vocab, merges, pad_token=pad_token, max_length=max_length)
 
     @classmethod
