@@ -343,7 +343,10 @@ def _override_prediction(config: ModelConfig, prediction_type: Optional[str]) ->
 
 
 def _diffusers_config(path: Path) -> ModelConfig:
-    index = json.loads((path / "model_index.json").read_text())
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path / 'model_index.json'} is not valid JSON: {e}") from None
     for component, classes in _NETWORK_CLASSES.items():
         entry = index.get(component)
         if component == "text_encoder_2" and (not entry or (isinstance(entry, list) and entry[-1] is None)):

@@ -324,6 +324,9 @@ def test_unknown_architecture(single_files, folders, tmp_path):
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ModelLoadError, match="UNet2DModel"):
         _load(folder)
+    (folder / "model_index.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="model_index.json is not valid JSON"):
+        _load(folder)
     (tmp_path / "model.onnx").write_bytes(b"\0")
     with pytest.raises(ModelLoadError, match="unsupported file type"):
         _load(tmp_path / "model.onnx")
