@@ -72,7 +72,10 @@ class UNetConfig:
     up_block_types: tuple = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
     layers_per_block: int = 2
     # diffusers' historical naming: `attention_head_dim` in SD configs is really the
-    # number of heads, and is used as such when num_attention_heads is None.
+    # number of heads, and is used as such when num_attention_heads is None. After
+    # __post_init__, num_attention_heads holds the per-level head counts: to change
+    # the heads with dataclasses.replace, pass num_attention_heads (or None with a new
+    # attention_head_dim).
     attention_head_dim: Any = 8
     num_attention_heads: Any = None
     cross_attention_dim: int = 768
@@ -438,7 +441,8 @@ def tiny_config(kind: str = "sd15") -> ModelConfig:
     if kind == "sd21-v":
         return ModelConfig(
             "tiny-sd21-v", replace(text, hidden_act="gelu"),
-            replace(unet, attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True),
+            replace(unet, attention_head_dim=(2, 4), num_attention_heads=None, use_linear_projection=True,
+                    upcast_attention=True),
             vae, replace(scheduler, sampler="ddim", prediction_type="v_prediction"),
         )
     if kind == "sdxl":

@@ -128,7 +128,8 @@ class Pipeline:
                              9-channel inpainting model.
         latents:             explicit initial noise (N, C, h, w), unit variance.
         output_type:         "pil", "np" (float in [0, 1]) or "latent".
-        callback:            callback(step, total, latents) after each step; return False to cancel.
+        callback:            callback(step, total, latents) after each sampler step (total is
+                             steps + 1 for PLMS, fewer for img2img); return False to cancel.
         progress:            show a tqdm progress bar.
         eta:                 DDIM's eta (0 is deterministic DDIM).
         clip_skip:           skip this many final text-encoder layers (diffusers' meaning:
@@ -196,6 +197,11 @@ class Pipeline:
                 mask = torch.nn.functional.interpolate(mask, size=(height, width), mode="nearest")
 
         sampler_name, schedule_name = samplers.resolve(sampler, schedule, cfg.scheduler)
+        init_for_sampler = mode == "img2img" or (mode == "inpaint" and strength < 1.0)
+        plan = samplers.make_plan(sampler_name, schedule_name, num_inference_steps, cfg.scheduler,
+                                  strength=strength if init_for_sampler else 1.0)  # validates before any work
+        # progress ticks and callbacks: one per sampler step (PLMS evaluates steps + 1 times)
+        total = len(plan.sigmas) - 1 if plan.is_sigma_sampler else len(plan.timesteps)
         latent_shape = (n_images, cfg.vae.latent_channels, height // cfg.vae.downscale, width // cfg.vae.downscale)
         if latents is not None:
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != latent_shape:
@@ -225,7 +231,7 @@ class Pipeline:
         # -- initial latents (generator draws in diffusers' order) ---------------
         device = self.backend.device
         image_latents = masked_image_latents = None
-        if mode == "img2img" or (mode == "inpaint" and strength < 1.0):
+        if init_for_sampler:
             image_latents = self._encode_images(image, generators)
         noise = latents if latents is not None else samplers.randn(latent_shape, generators, torch.device("cpu"),
                                                                    torch.float32)
@@ -252,19 +258,18 @@ class Pipeline:
             return uncond + guidance_scale * (cond - uncond)
 
         # -- denoising loop ----------------------------------------------------------
-        bar = tqdm(total=num_inference_steps, desc=f"{sampler_name}", unit="step", disable=not progress,
-                   leave=False)
+        bar = tqdm(total=total, desc=f"{sampler_name}", unit="step", disable=not progress, leave=False)
 
         def on_step(step_index, x):
             bar.update(1)
-            if callback is not None and callback(step_index, num_inference_steps, x) is False:
+            if callback is not None and callback(step_index, total, x) is False:
                 raise GenerationCancelled(f"cancelled by the callback at step {step_index + 1}")
 
         try:
             x = samplers.sample(
                 model_fn, noise, sampler=sampler_name, schedule=schedule_name, steps=num_inference_steps,
                 scheduler_config=cfg.scheduler,
-                init_latents=image_latents if mode == "img2img" or strength < 1.0 else None,
+                init_latents=image_latents if init_for_sampler else None,
                 strength=strength, generators=generators, callback=on_step, eta=eta,
             )
         finally:

@@ -13,8 +13,9 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Two cores on CI: keep intra-op threads from oversubscribing.
-torch.set_num_threads(min(torch.get_num_threads(), 2))
+# The test networks are tiny: one intra-op thread is fastest (with 2 threads, a tiny UNet
+# forward was ~50x slower on a loaded 2-core machine).
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -151,9 +151,13 @@ def test_output_types_and_infotext(sd15):
 def test_callback_sees_every_step_and_can_cancel(sd15):
     _, ours = sd15
     seen = []
-    ours(PROMPT, steps=4, height=H, width=W, seed=0, progress=False,
+    ours(PROMPT, steps=4, height=H, width=W, seed=0, progress=False, sampler="euler",
          callback=lambda step, total, x: seen.append((step, total, tuple(x.shape))))
     assert [s for s, _, _ in seen] == [0, 1, 2, 3] and all(t == 4 for _, t, _ in seen)
+    seen.clear()  # PLMS (the tiny model's default) evaluates steps + 1 times
+    ours(PROMPT, steps=4, height=H, width=W, seed=0, progress=False,
+         callback=lambda step, total, x: seen.append((step, total, tuple(x.shape))))
+    assert [s for s, _, _ in seen] == [0, 1, 2, 3, 4] and all(t == 5 for _, t, _ in seen)
     with pytest.raises(sdengine.GenerationCancelled):
         ours(PROMPT, steps=4, height=H, width=W, seed=0, progress=False, callback=lambda step, total, x: step < 1)
 

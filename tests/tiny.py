@@ -191,7 +191,8 @@ def diffusers_scheduler(cfg: SchedulerConfig):
     accepted = inspect.signature(cls.__init__).parameters
     values = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__ if f not in ("sampler", "extra")}
     values.update(dict(cfg.extra))
-    return cls(**{k: v for k, v in values.items() if k in accepted})
+    # None means "the scheduler's own default" (e.g. final_sigmas_type): leave those out.
+    return cls(**{k: v for k, v in values.items() if k in accepted and v is not None})
 
 
 @functools.lru_cache(maxsize=None)
