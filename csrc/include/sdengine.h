@@ -1,6 +1,33 @@
-/* sdengine C API. One public header; every call returns an sde_status. */
+/* sdengine C API: Stable Diffusion text-to-image in a library.
+ *
+ * One public header. Every call returns an sde_status (0 ok, negative error);
+ * sde_last_error() gives the message of the calling thread's last failure. No C++
+ * exception crosses this boundary. Outputs the library allocates are freed by the
+ * library (sde_images_free). Callbacks live in the per-request parameters, with a
+ * `void *user`, never in process-wide state.
+ *
+ *     sde_model_params mp;
+ *     sde_model_params_init(&mp);
+ *     sde_model *model;
+ *     if (sde_model_load("models/sd15", &mp, &model) != SDE_OK) fprintf(stderr, "%s\n", sde_last_error());
+ *     sde_gen_params gp;
+ *     sde_gen_params_init(&gp);
+ *     gp.prompt = "a lighthouse at dusk";
+ *     sde_image *images; int count;
+ *     if (sde_generate(model, &gp, &images, &count) == SDE_OK) { ...; sde_images_free(images, count); }
+ *     sde_model_free(model);
+ *
+ * Threads: a loaded sde_model is shared by any number of threads calling sde_generate at
+ * once; each request keeps its own state. sde_model_free must not race with them.
+ *
+ * The networks run as AOTInductor-compiled engines (`sdengine export aoti MODEL`, or built
+ * on first use from Python); the weights are read from the model folder at load time.
+ */
 #ifndef SDENGINE_H
 #define SDENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
 
 #if defined(_WIN32)
 #  if defined(SDE_BUILDING_LIBRARY)
@@ -18,12 +45,12 @@ extern "C" {
 
 typedef enum sde_status {
   SDE_OK = 0,
-  SDE_ERR_INVALID_ARGUMENT = -1,
-  SDE_ERR_IO = -2,
-  SDE_ERR_FORMAT = -3,
+  SDE_ERR_INVALID_ARGUMENT = -1, /* a NULL pointer, a size not a multiple of 8, an unknown name, ... */
+  SDE_ERR_IO = -2,               /* a file is missing or unreadable */
+  SDE_ERR_FORMAT = -3,           /* a file is corrupt or does not fit the engine */
   SDE_ERR_OUT_OF_MEMORY = -4,
-  SDE_ERR_DEVICE = -5,
-  SDE_ERR_CANCELLED = -6,
+  SDE_ERR_DEVICE = -5,           /* the device (or the compiled engine running on it) failed */
+  SDE_ERR_CANCELLED = -6,        /* the progress callback or the cancel flag stopped the request */
   SDE_ERR_INTERNAL = -7,
 } sde_status;
 
@@ -32,6 +59,145 @@ SDE_API const char *sde_version(void);
 
 /* A static description of a status code. */
 SDE_API const char *sde_status_str(sde_status status);
+
+/* The message of the calling thread's last failed call ("" if none). Valid until the
+ * thread's next failing call. */
+SDE_API const char *sde_last_error(void);
+
+/* ---- Names: shared with the Python API and the CLI (sdengine/samplers/names.py) ---- */
+
+typedef enum sde_sampler {
+  SDE_SAMPLER_DEFAULT = -1, /* the model's scheduler_config.json */
+  SDE_SAMPLER_EULER = 0,
+  SDE_SAMPLER_EULER_A,
+  SDE_SAMPLER_DDIM,
+  SDE_SAMPLER_DPMPP_2M,
+  SDE_SAMPLER_COUNT
+} sde_sampler;
+
+typedef enum sde_schedule {
+  SDE_SCHEDULE_DEFAULT = 0, /* what the model's scheduler config says */
+  SDE_SCHEDULE_NORMAL,
+  SDE_SCHEDULE_KARRAS,
+  SDE_SCHEDULE_EXPONENTIAL,
+  SDE_SCHEDULE_SGM_UNIFORM,
+  SDE_SCHEDULE_SIMPLE,
+  SDE_SCHEDULE_DDIM_UNIFORM,
+  SDE_SCHEDULE_COUNT
+} sde_schedule;
+
+/* Canonical names ("euler_a", "karras"); NULL for a value out of range. */
+SDE_API const char *sde_sampler_name(sde_sampler sampler);
+SDE_API const char *sde_schedule_name(sde_schedule schedule);
+
+/* Parse a sampler name: sdengine's, A1111's or ComfyUI's ("Euler a", "DPM++ 2M Karras",
+ * "k_dpmpp_2m", "EulerDiscreteScheduler"). A name that carries a schedule sets *schedule
+ * (schedule may be NULL; it is left alone when the name carries none). Names the table
+ * knows but this runtime does not implement (e.g. "heun") give SDE_ERR_INVALID_ARGUMENT
+ * with a message saying so. */
+SDE_API sde_status sde_sampler_from_str(const char *name, sde_sampler *sampler, sde_schedule *schedule);
+SDE_API sde_status sde_schedule_from_str(const char *name, sde_schedule *schedule);
+
+/* ---- Models ---- */
+
+typedef struct sde_model sde_model;
+
+typedef struct sde_model_params {
+  /* Folder of a compiled engine (engine.json, *.pt2). NULL: search the engine cache
+   * ($SDE_CACHE_DIR/aoti, default ~/.cache/sdengine/aoti) for one whose networks fit the
+   * model's weights, this library's torch version and the CPU. */
+  const char *engine_dir;
+  /* Tokenizer folder. NULL: the model folder's tokenizer/. */
+  const char *tokenizer_dir;
+  /* How many requests may run a network at the same time (compiled-model instances that
+   * share the weights). 0: 4. Further requests wait for a free instance. */
+  int max_concurrency;
+  /* CUDA device index for a CUDA engine. -1: the current device. */
+  int device_index;
+} sde_model_params;
+
+SDE_API void sde_model_params_init(sde_model_params *params);
+
+/* Load a diffusers folder (model_index.json, text_encoder/, unet/, vae/, scheduler/,
+ * tokenizer/; safetensors weights). Single-file checkpoints are not read by this runtime
+ * yet (SDE_ERR_FORMAT says so); load them from Python with backend="native". */
+SDE_API sde_status sde_model_load(const char *path, const sde_model_params *params, sde_model **model);
+
+/* A weight the caller already holds in memory (used by the Python bindings: no copy).
+ * `data` is C-contiguous; it must stay valid until sde_model_free. */
+typedef enum sde_dtype { SDE_DTYPE_F32 = 0, SDE_DTYPE_F16, SDE_DTYPE_BF16, SDE_DTYPE_I64, SDE_DTYPE_COUNT } sde_dtype;
+
+typedef struct sde_tensor_view {
+  const char *name;      /* "<component>/<key>": "unet/conv_in.weight", "text_encoder/text_model...", "vae/..." */
+  void *data;
+  sde_dtype dtype;
+  int ndim;
+  const int64_t *shape;
+  int device_type;       /* 0: CPU, 1: CUDA */
+  int device_index;
+} sde_tensor_view;
+
+/* Load from in-memory weights. model_dir gives the configs (scheduler/, vae/config.json,
+ * tokenizer/) and may be NULL when config_json (the JSON object that engine.json's "config"
+ * holds) and params->tokenizer_dir are given instead. */
+SDE_API sde_status sde_model_load_tensors(const sde_tensor_view *tensors, int count, const char *model_dir,
+                                          const char *config_json, const sde_model_params *params,
+                                          sde_model **model);
+
+/* NULL is a no-op. */
+SDE_API void sde_model_free(sde_model *model);
+
+/* The model's native image size in pixels (e.g. 512). */
+SDE_API int sde_model_default_size(const sde_model *model);
+
+/* ---- Generation ---- */
+
+/* Called after every step; return nonzero to cancel the request (SDE_ERR_CANCELLED). */
+typedef int (*sde_progress_fn)(void *user, int step, int steps);
+
+typedef struct sde_gen_params {
+  const char *prompt;          /* required, UTF-8 */
+  const char *negative_prompt; /* NULL: "" */
+  int width, height;           /* pixels, multiples of 8. 0: the model's default size */
+  int steps;                   /* 0: 30 */
+  double guidance_scale;       /* classifier-free guidance; <= 1 disables it. Default 7.5 */
+  uint64_t seed;               /* image i gets seed + i (torch.manual_seed(seed + i) CPU noise) */
+  int batch_size;              /* images to generate; default 1 */
+  sde_sampler sampler;         /* SDE_SAMPLER_DEFAULT: the model's scheduler */
+  sde_schedule schedule;       /* SDE_SCHEDULE_DEFAULT: the scheduler config's */
+  double eta;                  /* DDIM's eta; 0 (default) is deterministic DDIM */
+  sde_progress_fn progress;    /* NULL: none */
+  void *progress_user;         /* passed to progress */
+  const volatile int *cancel;  /* NULL, or a flag another thread sets nonzero to cancel */
+} sde_gen_params;
+
+SDE_API void sde_gen_params_init(sde_gen_params *params);
+
+typedef struct sde_image {
+  int width, height;
+  int channels;  /* 3: RGB */
+  uint64_t seed;
+  uint8_t *data; /* height * width * channels bytes, row-major */
+} sde_image;
+
+/* Generate params->batch_size images. On success *images holds *count images, to be freed
+ * with sde_images_free; on failure *images is NULL and *count 0. Thread-safe. */
+SDE_API sde_status sde_generate(sde_model *model, const sde_gen_params *params, sde_image **images, int *count);
+
+/* NULL is a no-op. */
+SDE_API void sde_images_free(sde_image *images, int count);
+
+/* ---- Tokenizer (CLIP BPE; the same ids as sdengine.tokenizer.CLIPTokenizer) ---- */
+
+typedef struct sde_tokenizer sde_tokenizer;
+
+/* A Hugging Face tokenizer folder (vocab.json + merges.txt, or tokenizer.json). */
+SDE_API sde_status sde_tokenizer_load(const char *folder, sde_tokenizer **tokenizer);
+SDE_API void sde_tokenizer_free(sde_tokenizer *tokenizer);
+/* The BPE ids of text, without BOS / EOS / padding. Writes min(*count, capacity) ids and
+ * sets *count to the full number (call with capacity 0 to size the buffer). */
+SDE_API sde_status sde_tokenizer_encode(const sde_tokenizer *tokenizer, const char *text, int32_t *ids,
+                                        int capacity, int *count);
 
 #ifdef __cplusplus
 }

@@ -1,12 +1,223 @@
-// sdengine._C: Python bindings of libsdengine.
+// sdengine._C: Python bindings of libsdengine (the C API), plus the compiled-in sampler name
+// table and schedules, exposed for the tests that compare them with the Python code.
+#include <pybind11/functional.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <memory>
+#include <optional>
+#include <stdexcept>
+
+#include "json.h"
+#include "names.h"
+#include "sampling.h"
 #include "sdengine.h"
 
 namespace py = pybind11;
 
+namespace {
+
+// Raises the Python exception of a failed C call: ValueError (invalid argument, format),
+// OSError (I/O), MemoryError, sdengine._C.Cancelled, RuntimeError (device, internal).
+void check(sde_status status) {
+  if (status == SDE_OK) return;
+  std::string message = sde_last_error();
+  switch (status) {
+    case SDE_ERR_INVALID_ARGUMENT:
+    case SDE_ERR_FORMAT: throw py::value_error(message);
+    case SDE_ERR_IO: throw std::ios_base::failure(message);  // pybind11 -> OSError
+    case SDE_ERR_OUT_OF_MEMORY: throw std::bad_alloc();
+    case SDE_ERR_CANCELLED: {
+      py::object cancelled = py::module_::import("sdengine._C").attr("Cancelled");
+      PyErr_SetString(cancelled.ptr(), message.c_str());
+      throw py::error_already_set();
+    }
+    default: throw std::runtime_error(message);
+  }
+}
+
+class PyTokenizer {
+ public:
+  explicit PyTokenizer(const std::string &folder) { check(sde_tokenizer_load(folder.c_str(), &tok_)); }
+  ~PyTokenizer() { sde_tokenizer_free(tok_); }
+  std::vector<int32_t> tokens(const std::string &text) const {
+    int count = 0;
+    check(sde_tokenizer_encode(tok_, text.c_str(), nullptr, 0, &count));
+    std::vector<int32_t> ids(static_cast<size_t>(count));
+    check(sde_tokenizer_encode(tok_, text.c_str(), ids.data(), count, &count));
+    return ids;
+  }
+
+ private:
+  sde_tokenizer *tok_ = nullptr;
+};
+
+struct ProgressState {
+  std::function<bool(int, int)> fn;
+  bool error = false;
+  py::object exc_type, exc_value, exc_tb;
+};
+
+int progress_trampoline(void *user, int step, int steps) {
+  auto *state = static_cast<ProgressState *>(user);
+  py::gil_scoped_acquire gil;
+  try {
+    return state->fn(step, steps) ? 0 : 1;  // False from the callback cancels
+  } catch (py::error_already_set &e) {
+    state->error = true;
+    state->exc_value = e.value();
+    return 1;
+  }
+}
+
+class PyModel {
+ public:
+  // tensors: (name, data_ptr, dtype code, shape, device_type, device_index); the caller keeps them alive.
+  PyModel(const std::vector<std::tuple<std::string, uintptr_t, int, std::vector<int64_t>, int, int>> &tensors,
+          std::optional<std::string> model_dir, std::optional<std::string> config_json,
+          std::optional<std::string> engine_dir, std::optional<std::string> tokenizer_dir, int max_concurrency) {
+    sde_model_params params;
+    sde_model_params_init(&params);
+    params.engine_dir = engine_dir ? engine_dir->c_str() : nullptr;
+    params.tokenizer_dir = tokenizer_dir ? tokenizer_dir->c_str() : nullptr;
+    params.max_concurrency = max_concurrency;
+    std::vector<sde_tensor_view> views;
+    for (const auto &[name, ptr, dtype, shape, device_type, device_index] : tensors) {
+      sde_tensor_view v{};
+      v.name = name.c_str();
+      v.data = reinterpret_cast<void *>(ptr);
+      v.dtype = static_cast<sde_dtype>(dtype);
+      v.ndim = static_cast<int>(shape.size());
+      v.shape = shape.data();
+      v.device_type = device_type;
+      v.device_index = device_index;
+      views.push_back(v);
+    }
+    py::gil_scoped_release release;
+    check(sde_model_load_tensors(views.data(), static_cast<int>(views.size()), model_dir ? model_dir->c_str() : nullptr,
+                                 config_json ? config_json->c_str() : nullptr, &params, &model_));
+  }
+
+  // From a diffusers folder, read in C++.
+  PyModel(const std::string &path, std::optional<std::string> engine_dir, int max_concurrency) {
+    sde_model_params params;
+    sde_model_params_init(&params);
+    params.engine_dir = engine_dir ? engine_dir->c_str() : nullptr;
+    params.max_concurrency = max_concurrency;
+    py::gil_scoped_release release;
+    check(sde_model_load(path.c_str(), &params, &model_));
+  }
+
+  ~PyModel() { sde_model_free(model_); }
+
+  int default_size() const { return sde_model_default_size(model_); }
+
+  // Returns [(rgb bytes, width, height, seed)].
+  py::list generate(const std::string &prompt, std::optional<std::string> negative_prompt, int width, int height,
+                    int steps, double guidance_scale, uint64_t seed, int batch_size, std::optional<std::string> sampler,
+                    std::optional<std::string> schedule, double eta, std::optional<std::function<bool(int, int)>> progress) {
+    sde_gen_params p;
+    sde_gen_params_init(&p);
+    p.prompt = prompt.c_str();
+    p.negative_prompt = negative_prompt ? negative_prompt->c_str() : nullptr;
+    p.width = width;
+    p.height = height;
+    p.steps = steps;
+    p.guidance_scale = guidance_scale;
+    p.seed = seed;
+    p.batch_size = batch_size;
+    p.eta = eta;
+    if (sampler) check(sde_sampler_from_str(sampler->c_str(), &p.sampler, &p.schedule));
+    if (schedule) check(sde_schedule_from_str(schedule->c_str(), &p.schedule));
+    ProgressState state;
+    if (progress) {
+      state.fn = *progress;
+      p.progress = progress_trampoline;
+      p.progress_user = &state;
+    }
+    sde_image *images = nullptr;
+    int count = 0;
+    sde_status status;
+    {
+      py::gil_scoped_release release;
+      status = sde_generate(model_, &p, &images, &count);
+    }
+    if (state.error) {
+      PyErr_SetObject(state.exc_value.get_type().ptr(), state.exc_value.ptr());
+      throw py::error_already_set();
+    }
+    check(status);
+    py::list out;
+    for (int i = 0; i < count; ++i) {
+      const sde_image &im = images[i];
+      out.append(py::make_tuple(py::bytes(reinterpret_cast<const char *>(im.data),
+                                          static_cast<size_t>(im.width) * im.height * im.channels),
+                                im.width, im.height, im.seed));
+    }
+    sde_images_free(images, count);
+    return out;
+  }
+
+ private:
+  sde_model *model_ = nullptr;
+};
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "sdengine native runtime";
+  m.doc() = "sdengine native runtime (libsdengine)";
+  py::register_exception<std::ios_base::failure>(m, "IOError", PyExc_OSError);
+  static py::exception<std::runtime_error> cancelled(m, "Cancelled", PyExc_RuntimeError);
   m.def("version", &sde_version, "libsdengine version");
   m.def("status_str", [](int status) { return sde_status_str(static_cast<sde_status>(status)); });
+
+  m.def("name_table", &sde::name_table, "The compiled-in copy of NAMES['samplers'] or NAMES['schedules']");
+  m.def("parse_sampler", [](const std::string &name) {
+    sde_sampler s;
+    sde_schedule sched = SDE_SCHEDULE_COUNT;
+    check(sde_sampler_from_str(name.c_str(), &s, &sched));
+    py::object schedule = py::none();
+    if (sched != SDE_SCHEDULE_COUNT) schedule = py::str(sde_schedule_name(sched));
+    return py::make_tuple(sde_sampler_name(s), schedule);
+  });
+  m.def("parse_schedule", [](const std::string &name) {
+    sde_schedule s;
+    check(sde_schedule_from_str(name.c_str(), &s));
+    return std::string(sde_schedule_name(s));
+  });
+  m.def("plan", [](const std::string &sampler, const std::string &schedule, int steps, const std::string &config_json) {
+    try {
+      sde_sampler s;
+      sde::parse_sampler(sampler, &s, nullptr);
+      sde::SchedulerConfig cfg = sde::SchedulerConfig::from_json(sde::Json::parse(config_json, "config"), "config");
+      sde::Plan plan = sde::make_plan(s, sde::parse_schedule(schedule), steps, cfg);
+      py::dict out;
+      out["timesteps"] = plan.timesteps;
+      out["sigmas"] = plan.sigmas;
+      out["prev_timesteps"] = plan.prev_timesteps;
+      out["init_noise_sigma"] = plan.init_noise_sigma;
+      out["lower_order_final"] = plan.lower_order_final;
+      return out;
+    } catch (const sde::Error &e) {
+      throw py::value_error(e.what());
+    }
+  }, "The C++ sampling plan (for comparison with sdengine.samplers.make_plan)");
+
+  py::class_<PyTokenizer>(m, "Tokenizer")
+      .def(py::init<const std::string &>(), py::arg("folder"))
+      .def("tokens", &PyTokenizer::tokens, py::arg("text"), "BPE ids without BOS / EOS / padding");
+
+  py::class_<PyModel>(m, "Model")
+      .def(py::init<const std::vector<std::tuple<std::string, uintptr_t, int, std::vector<int64_t>, int, int>> &,
+                    std::optional<std::string>, std::optional<std::string>, std::optional<std::string>,
+                    std::optional<std::string>, int>(),
+           py::arg("tensors"), py::arg("model_dir"), py::arg("config_json"), py::arg("engine_dir"),
+           py::arg("tokenizer_dir"), py::arg("max_concurrency") = 0)
+      .def(py::init<const std::string &, std::optional<std::string>, int>(), py::arg("path"),
+           py::arg("engine_dir") = py::none(), py::arg("max_concurrency") = 0)
+      .def_property_readonly("default_size", &PyModel::default_size)
+      .def("generate", &PyModel::generate, py::arg("prompt"), py::arg("negative_prompt") = py::none(),
+           py::arg("width") = 0, py::arg("height") = 0, py::arg("steps") = 0, py::arg("guidance_scale") = 7.5,
+           py::arg("seed") = 0, py::arg("batch_size") = 1, py::arg("sampler") = py::none(),
+           py::arg("schedule") = py::none(), py::arg("eta") = 0.0, py::arg("progress") = py::none());
 }

@@ -1,4 +1,61 @@
+// The C API: argument checks, and the one place where C++ exceptions become statuses.
 #include "sdengine.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstring>
+#include <new>
+#include <string>
+
+#include "errors.h"
+#include "model.h"
+#include "names.h"
+#include "tokenizer.h"
+
+struct sde_model {
+  std::unique_ptr<sde::Model> impl;
+};
+
+struct sde_tokenizer {
+  sde::Tokenizer impl;
+};
+
+namespace {
+
+thread_local std::string last_error;
+
+sde_status fail(sde_status status, const std::string &message) {
+  last_error = message;
+  return status;
+}
+
+// Runs body; maps every exception to a status and a message (none crosses the ABI).
+template <typename Body>
+sde_status guarded(const char *function, Body &&body) {
+  try {
+    body();
+    return SDE_OK;
+  } catch (const sde::Error &e) {
+    return fail(e.status(), std::string(function) + ": " + e.what());
+  } catch (const std::bad_alloc &) {
+    return fail(SDE_ERR_OUT_OF_MEMORY, std::string(function) + ": out of memory");
+  } catch (const c10::OutOfMemoryError &e) {
+    return fail(SDE_ERR_OUT_OF_MEMORY, std::string(function) + ": out of memory: " + e.what_without_backtrace());
+  } catch (const c10::Error &e) {
+    return fail(SDE_ERR_DEVICE, std::string(function) + ": " + e.what_without_backtrace());
+  } catch (const std::exception &e) {
+    return fail(SDE_ERR_INTERNAL, std::string(function) + ": " + e.what());
+  } catch (...) {
+    return fail(SDE_ERR_INTERNAL, std::string(function) + ": unknown exception");
+  }
+}
+
+#define SDE_REQUIRE(cond, message) \
+  if (!(cond)) throw sde::InvalidArgument(message)
+
+}  // namespace
 
 extern "C" {
 
@@ -16,6 +73,196 @@ const char *sde_status_str(sde_status status) {
     case SDE_ERR_INTERNAL: return "internal error";
   }
   return "unknown status";
+}
+
+const char *sde_last_error(void) { return last_error.c_str(); }
+
+const char *sde_sampler_name(sde_sampler sampler) { return sde::sampler_name(sampler); }
+const char *sde_schedule_name(sde_schedule schedule) { return sde::schedule_name(schedule); }
+
+sde_status sde_sampler_from_str(const char *name, sde_sampler *sampler, sde_schedule *schedule) {
+  return guarded("sde_sampler_from_str", [&] {
+    SDE_REQUIRE(name, "name is NULL");
+    SDE_REQUIRE(sampler, "sampler is NULL");
+    sde::parse_sampler(name, sampler, schedule);
+  });
+}
+
+sde_status sde_schedule_from_str(const char *name, sde_schedule *schedule) {
+  return guarded("sde_schedule_from_str", [&] {
+    SDE_REQUIRE(name, "name is NULL");
+    SDE_REQUIRE(schedule, "schedule is NULL");
+    *schedule = sde::parse_schedule(name);
+  });
+}
+
+void sde_model_params_init(sde_model_params *params) {
+  if (!params) return;
+  std::memset(params, 0, sizeof(*params));
+  params->engine_dir = nullptr;
+  params->tokenizer_dir = nullptr;
+  params->max_concurrency = 0;
+  params->device_index = -1;
+}
+
+static void check_model_params(const sde_model_params *params) {
+  SDE_REQUIRE(params->max_concurrency >= 0 && params->max_concurrency <= 256,
+              "max_concurrency must be in [0, 256], got " + std::to_string(params->max_concurrency));
+}
+
+sde_status sde_model_load(const char *path, const sde_model_params *params, sde_model **model) {
+  if (model) *model = nullptr;
+  return guarded("sde_model_load", [&] {
+    SDE_REQUIRE(path, "path is NULL");
+    SDE_REQUIRE(model, "model is NULL");
+    sde_model_params defaults;
+    sde_model_params_init(&defaults);
+    const sde_model_params &p = params ? *params : defaults;
+    check_model_params(&p);
+    sde::WeightMap weights = sde::Model::read_diffusers_weights(path);
+    auto handle = std::make_unique<sde_model>();
+    handle->impl = std::make_unique<sde::Model>(path, weights, "", p);
+    *model = handle.release();
+  });
+}
+
+sde_status sde_model_load_tensors(const sde_tensor_view *tensors, int count, const char *model_dir,
+                                  const char *config_json, const sde_model_params *params, sde_model **model) {
+  if (model) *model = nullptr;
+  return guarded("sde_model_load_tensors", [&] {
+    SDE_REQUIRE(model, "model is NULL");
+    SDE_REQUIRE(tensors || count == 0, "tensors is NULL");
+    SDE_REQUIRE(count >= 0, "count is negative");
+    SDE_REQUIRE(model_dir || config_json, "give model_dir or config_json");
+    sde_model_params defaults;
+    sde_model_params_init(&defaults);
+    const sde_model_params &p = params ? *params : defaults;
+    check_model_params(&p);
+    sde::WeightMap weights;
+    for (int i = 0; i < count; ++i) {
+      const sde_tensor_view &v = tensors[i];
+      std::string where = "tensor " + std::to_string(i);
+      SDE_REQUIRE(v.name, where + " has no name");
+      SDE_REQUIRE(v.data || v.ndim == 0, where + " (" + v.name + ") has no data");
+      SDE_REQUIRE(v.ndim >= 0 && v.ndim <= 8 && (v.shape || v.ndim == 0), where + " (" + v.name + ") has a bad shape");
+      static const at::ScalarType dtypes[] = {at::kFloat, at::kHalf, at::kBFloat16, at::kLong};
+      SDE_REQUIRE(v.dtype >= 0 && v.dtype < SDE_DTYPE_COUNT, where + " (" + v.name + ") has an unknown dtype");
+      SDE_REQUIRE(v.device_type == 0 || v.device_type == 1, where + " (" + v.name + ") has an unknown device_type");
+      at::Device device = v.device_type == 1 ? at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(v.device_index))
+                                             : at::Device(at::kCPU);
+      std::vector<int64_t> shape(v.shape, v.shape + v.ndim);
+      weights[v.name] = at::from_blob(v.data, shape, at::TensorOptions().dtype(dtypes[v.dtype]).device(device));
+    }
+    auto handle = std::make_unique<sde_model>();
+    handle->impl = std::make_unique<sde::Model>(model_dir ? model_dir : "", weights, config_json ? config_json : "", p);
+    *model = handle.release();
+  });
+}
+
+void sde_model_free(sde_model *model) { delete model; }
+
+int sde_model_default_size(const sde_model *model) { return model ? model->impl->info().default_size : 0; }
+
+void sde_gen_params_init(sde_gen_params *params) {
+  if (!params) return;
+  std::memset(params, 0, sizeof(*params));
+  params->prompt = nullptr;
+  params->negative_prompt = nullptr;
+  params->width = params->height = 0;
+  params->steps = 0;
+  params->guidance_scale = 7.5;
+  params->seed = 0;
+  params->batch_size = 1;
+  params->sampler = SDE_SAMPLER_DEFAULT;
+  params->schedule = SDE_SCHEDULE_DEFAULT;
+  params->eta = 0.0;
+  params->progress = nullptr;
+  params->progress_user = nullptr;
+  params->cancel = nullptr;
+}
+
+sde_status sde_generate(sde_model *model, const sde_gen_params *params, sde_image **images, int *count) {
+  if (images) *images = nullptr;
+  if (count) *count = 0;
+  return guarded("sde_generate", [&] {
+    SDE_REQUIRE(model, "model is NULL");
+    SDE_REQUIRE(params, "params is NULL");
+    SDE_REQUIRE(images, "images is NULL");
+    SDE_REQUIRE(count, "count is NULL");
+    const sde_gen_params &p = *params;
+    SDE_REQUIRE(p.prompt, "prompt is NULL");
+    for (auto [name, value] : {std::pair<const char *, int>{"width", p.width}, {"height", p.height}})
+      SDE_REQUIRE(value >= 0 && value % 8 == 0,
+                  std::string(name) + " must be a positive multiple of 8 (or 0 for the model's size), got " +
+                      std::to_string(value));
+    SDE_REQUIRE(p.steps >= 0 && p.steps <= 1000, "steps must be in [1, 1000] (or 0 for 30), got " + std::to_string(p.steps));
+    SDE_REQUIRE(std::isfinite(p.guidance_scale), "guidance_scale must be finite");
+    SDE_REQUIRE(p.batch_size >= 1 && p.batch_size <= 64, "batch_size must be in [1, 64], got " + std::to_string(p.batch_size));
+    SDE_REQUIRE(p.sampler >= SDE_SAMPLER_DEFAULT && p.sampler < SDE_SAMPLER_COUNT,
+                "sampler out of range: " + std::to_string(static_cast<int>(p.sampler)));
+    SDE_REQUIRE(p.schedule >= 0 && p.schedule < SDE_SCHEDULE_COUNT,
+                "schedule out of range: " + std::to_string(static_cast<int>(p.schedule)));
+    SDE_REQUIRE(std::isfinite(p.eta) && p.eta >= 0, "eta must be >= 0");
+    const sde::ModelInfo &info = model->impl->info();
+    sde_sampler sampler = p.sampler;
+    if (sampler == SDE_SAMPLER_DEFAULT) {
+      sampler = info.default_sampler;
+      SDE_REQUIRE(sampler != SDE_SAMPLER_DEFAULT,
+                  "the model's default sampler '" + info.default_sampler_name +
+                      "' is not implemented by the native runtime; set sampler to euler, euler_a, ddim or dpmpp_2m");
+    }
+    std::vector<uint64_t> seeds;
+    at::Tensor pixels = model->impl->generate(p, sampler, seeds);  // (N, H, W, 3) uint8
+    int n = static_cast<int>(pixels.size(0)), height = static_cast<int>(pixels.size(1)),
+        width = static_cast<int>(pixels.size(2));
+    size_t bytes = static_cast<size_t>(height) * width * 3;
+    auto *out = static_cast<sde_image *>(std::calloc(static_cast<size_t>(n), sizeof(sde_image)));
+    if (!out) throw std::bad_alloc();
+    for (int i = 0; i < n; ++i) {
+      out[i].width = width;
+      out[i].height = height;
+      out[i].channels = 3;
+      out[i].seed = seeds[static_cast<size_t>(i)];
+      out[i].data = static_cast<uint8_t *>(std::malloc(bytes));
+      if (!out[i].data) {
+        sde_images_free(out, i);
+        throw std::bad_alloc();
+      }
+      std::memcpy(out[i].data, pixels[i].data_ptr<uint8_t>(), bytes);
+    }
+    *images = out;
+    *count = n;
+  });
+}
+
+void sde_images_free(sde_image *images, int count) {
+  if (!images) return;
+  for (int i = 0; i < count; ++i) std::free(images[i].data);
+  std::free(images);
+}
+
+sde_status sde_tokenizer_load(const char *folder, sde_tokenizer **tokenizer) {
+  if (tokenizer) *tokenizer = nullptr;
+  return guarded("sde_tokenizer_load", [&] {
+    SDE_REQUIRE(folder, "folder is NULL");
+    SDE_REQUIRE(tokenizer, "tokenizer is NULL");
+    *tokenizer = new sde_tokenizer{sde::Tokenizer::from_folder(folder)};
+  });
+}
+
+void sde_tokenizer_free(sde_tokenizer *tokenizer) { delete tokenizer; }
+
+sde_status sde_tokenizer_encode(const sde_tokenizer *tokenizer, const char *text, int32_t *ids, int capacity,
+                                int *count) {
+  return guarded("sde_tokenizer_encode", [&] {
+    SDE_REQUIRE(tokenizer, "tokenizer is NULL");
+    SDE_REQUIRE(text, "text is NULL");
+    SDE_REQUIRE(count, "count is NULL");
+    SDE_REQUIRE(capacity >= 0 && (ids || capacity == 0), "ids is NULL with a nonzero capacity");
+    std::vector<int32_t> out = tokenizer->impl.tokens(text);
+    for (size_t i = 0; i < out.size() && static_cast<int>(i) < capacity; ++i) ids[i] = out[i];
+    *count = static_cast<int>(out.size());
+  });
 }
 
 }  // extern "C"

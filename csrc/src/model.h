@@ -1,0 +1,92 @@
+// A loaded model: the compiled networks (AOTInductor packages) holding the checkpoint's
+// weights, the tokenizer and the configs the request loop needs. Immutable after
+// loading, so any number of threads can run requests on it at once.
+#pragma once
+
+#include <ATen/Tensor.h>
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "json.h"
+#include "sampling.h"
+#include "sdengine.h"
+#include "tokenizer.h"
+
+namespace torch::inductor {
+class AOTIModelPackageLoader;
+}
+
+namespace sde {
+
+// Where a network's weights come from: "<component>/<key>" -> tensor (CPU views of mapped
+// files, or the caller's memory).
+using WeightMap = std::unordered_map<std::string, at::Tensor>;
+
+// One compiled network of an engine.
+class Network {
+ public:
+  Network(const std::string &engine_dir, const std::string &name, const Json &info, int num_runners,
+          int device_index);
+  ~Network();
+  // Hands the weights to the compiled model (no copy when dtype, device and layout fit).
+  void load_weights(const WeightMap &weights, const WeightMap &buffers, at::ScalarType dtype, at::Device device);
+  at::Tensor run(const std::vector<at::Tensor> &inputs) const;
+
+ private:
+  std::string name_, component_, prefix_;
+  std::vector<std::pair<std::string, std::vector<int64_t>>> constants_;  // fqn, shape (engine.json)
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader_;
+  std::vector<at::Tensor> keep_alive_;  // constants are user-managed: they must outlive the loader's use
+};
+
+struct ModelInfo {
+  SchedulerConfig scheduler;
+  sde_sampler default_sampler = SDE_SAMPLER_DEFAULT;  // DEFAULT: the config's sampler is not implemented here
+  std::string default_sampler_name;
+  int latent_channels = 4;
+  int downscale = 8;        // pixels per latent cell
+  int latent_multiple = 1;  // latent sizes must be multiples of this (engine.json)
+  int default_size = 512;
+  double scaling_factor = 0.18215;
+  bool has_shift = false;
+  double shift_factor = 0.0;
+};
+
+class Model {
+ public:
+  // engine_dir empty: search the cache. model_dir may be empty when config_json is given.
+  Model(const std::string &model_dir, const WeightMap &weights, const std::string &config_json,
+        const sde_model_params &params);
+  ~Model();
+
+  const ModelInfo &info() const { return info_; }
+  const Tokenizer &tokenizer() const { return tokenizer_; }
+
+  // One request; returns the images (N, H, W, 3) uint8 on the CPU.
+  at::Tensor generate(const sde_gen_params &p, sde_sampler sampler, std::vector<uint64_t> &seeds) const;
+
+  // Weights of a diffusers folder, by "<component>/<key>".
+  static WeightMap read_diffusers_weights(const std::string &model_dir);
+
+ private:
+  ModelInfo info_;
+  Tokenizer tokenizer_;
+  Json engine_;
+  std::string engine_dir_;
+  at::ScalarType dtype_;
+  at::Device device_ = at::kCPU;
+  std::unique_ptr<Network> text_encoder_, unet_, vae_decoder_;
+
+  at::Tensor encode_text(const std::vector<std::string> &prompts) const;
+};
+
+// The engine in the cache whose constants all exist in `weights` with the right shapes
+// and which was built for this library's torch version and this CPU. FormatError if none.
+std::string find_engine(const WeightMap &weights);
+
+}  // namespace sde

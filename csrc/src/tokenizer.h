@@ -1,0 +1,53 @@
+// CLIP's byte-level BPE tokenizer (Radford et al. 2021), with the same ids as the
+// Python one (sdengine/tokenizer.py, which is transformers' CLIPTokenizer pipeline):
+//   0. the special tokens (BOS, EOS, the pad token) are cut out of the raw prompt;
+//   1. normalise each remaining piece: NFC, every run of whitespace to one space,
+//      lowercase one character at a time;
+//   2. split with CLIP's pattern  <special> | 's|'t|'re|'ve|'m|'ll|'d | \p{L}+ | \p{N} |
+//      [^\s\p{L}\p{N}]+  (whitespace dropped), map UTF-8 bytes to GPT-2's printable chars;
+//   3. BPE by merge rank, the word's last symbol carrying the suffix "</w>".
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace sde {
+
+class Tokenizer {
+ public:
+  // A Hugging Face tokenizer folder: vocab.json + merges.txt, or tokenizer.json; the pad
+  // token and model_max_length from special_tokens_map.json / tokenizer_config.json.
+  static Tokenizer from_folder(const std::string &folder);
+
+  // The BPE ids of one prompt: no BOS / EOS, no truncation.
+  std::vector<int32_t> tokens(const std::string &prompt) const;
+  // (max_length) ids: BOS, tokens (truncated to max_length - 2), EOS, pad.
+  std::vector<int64_t> encode_padded(const std::string &prompt) const;
+
+  int max_length() const { return max_length_; }
+  int32_t bos_id() const { return bos_id_; }
+  int32_t eos_id() const { return eos_id_; }
+  int32_t pad_id() const { return pad_id_; }
+  const std::string &pad_token() const { return pad_token_; }
+
+ private:
+  std::unordered_map<std::string, int32_t> vocab_;
+  std::unordered_map<std::string, int32_t> merge_ranks_;  // "left right" -> rank
+  std::string pad_token_ = "<|endoftext|>";
+  int max_length_ = 77;
+  int32_t bos_id_ = 0, eos_id_ = 0, pad_id_ = 0;
+
+  void finish(const std::string &where);
+  void bpe_word(const std::vector<std::string> &symbols, std::vector<int32_t> &out) const;
+  void encode_text(const std::u32string &text, std::vector<int32_t> &out) const;
+};
+
+// UTF-8 <-> UTF-32 (invalid UTF-8 bytes become U+FFFD, as Python's "replace").
+std::u32string utf8_to_utf32(const std::string &s);
+std::string utf32_to_utf8(const std::u32string &s);
+// NFC normalisation (canonical decomposition, canonical ordering, composition).
+std::u32string nfc(const std::u32string &s);
+
+}  // namespace sde

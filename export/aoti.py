@@ -1,0 +1,322 @@
+"""Ahead-of-time compiled networks for the native runtime (AOTInductor).
+
+`torch.export` + AOTInductor turn the text encoder, the UNet and the VAE decoder into
+`.pt2` packages that libsdengine (csrc/) loads with `AOTIModelPackageLoader`. On CUDA
+the packages hold Triton kernels; on the CPU, C++ kernels.
+
+Weights are NOT in the packages (`aot_inductor.package_constants_in_so=False`): the
+runtime hands them over at load time (`load_constants`), so one compiled engine serves
+every checkpoint of an architecture. `always_keep_tensor_constants=True` stops inductor
+from inlining small weights (a 4-element conv bias) as literals into the kernels, which
+would bake those values into the package.
+
+An engine is a folder:
+
+    engine.json        what the runtime needs: versions, device, dtype, the model config,
+                       and per network its package, the prefix of its constant names and
+                       every constant's shape (the runtime checks weights against them)
+    text_encoder.pt2   input_ids (B, 77) int64            -> hidden states (B, 77, D)
+    unet.pt2           x (B, C, h, w), t (B,) float32, context (B, 77, D) -> (B, C_out, h, w)
+    vae_decoder.pt2    unscaled latents z (B, C, h, w)    -> images (B, 3, 8h, 8w) in [-1, 1]
+    buffers.safetensors   constants that are not checkpoint weights (non-persistent buffers)
+
+Engines are cached under `$SDE_CACHE_DIR/aoti/<key>/` (default `~/.cache/sdengine/aoti`),
+keyed by the networks' architecture, dtype, device, CPU capability and torch version;
+`engine_for(...)` builds one on first use, `sdengine export aoti MODEL` ahead of time.
+Batch, height and width are dynamic: one engine serves every size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+FORMAT_VERSION = 1
+NETWORKS = ("text_encoder", "unet", "vae_decoder")
+PREFIX = "m."  # the wrappers below hold the network as `self.m`
+MAX_BATCH = 64
+MAX_LATENT = 512  # latent cells per side: 4096 px with an 8x VAE
+
+
+# ---------------------------------------------------------------------------
+# What is exported: one forward per network, tensors in and out
+# ---------------------------------------------------------------------------
+
+class TextEncoderExport(torch.nn.Module):
+    """input_ids (B, L) int64 -> hidden states (B, L, D) that condition the UNet."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.m = text_encoder
+
+    def forward(self, input_ids):
+        return self.m(input_ids)[0]
+
+
+class UNetExport(torch.nn.Module):
+    """x (B, C, h, w), t (B,) float32, context (B, L, D) -> model output (B, C_out, h, w).
+
+    Every sampler step feeds one timestep to the whole batch, so only t[0] is used: the
+    UNet's `timestep.numel() == 1` branch would otherwise make batch 1 a special case
+    that torch.export refuses for a dynamic batch.
+    """
+
+    def __init__(self, unet):
+        super().__init__()
+        self.m = unet
+
+    def forward(self, x, t, context):
+        return self.m(x, t[0], context)
+
+
+class VAEDecoderExport(torch.nn.Module):
+    """Unscaled latents (B, C, h, w) -> images (B, 3, 8h, 8w) in about [-1, 1]."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.m = vae
+
+    def forward(self, z):
+        return self.m.decode(z)
+
+
+# ---------------------------------------------------------------------------
+# The cache
+# ---------------------------------------------------------------------------
+
+def cache_root() -> Path:
+    """`$SDE_CACHE_DIR/aoti`, default `~/.cache/sdengine/aoti`."""
+    base = os.environ.get("SDE_CACHE_DIR")
+    return (Path(base) if base else Path.home() / ".cache" / "sdengine") / "aoti"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    if dtype not in names:
+        raise ValueError(f"AOTInductor engines support float32, float16 and bfloat16, not {dtype}")
+    return names[dtype]
+
+
+def cpu_capability() -> str:
+    """The CPU's vector ISA as torch names it (AVX2, AVX512, ...): CPU kernels are compiled for it."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001 (an old torch without the query)
+        return "unknown"
+
+
+def engine_key(config, dtype: torch.dtype, device: torch.device) -> str:
+    """The cache key: a hash of the networks' architecture, dtype, device kind, CPU
+    capability (CPU kernels only run where they were compiled) and torch version."""
+    device = torch.device(device)
+    arch = {name: dataclasses.asdict(getattr(config, name)) for name in ("text_encoder", "unet", "vae")}
+    ident = json.dumps({"arch": arch, "dtype": dtype_name(dtype), "device": device.type,
+                        "cpu": cpu_capability() if device.type == "cpu" else None,
+                        "torch": torch.__version__, "format": FORMAT_VERSION}, sort_keys=True, default=str)
+    return hashlib.sha256(ident.encode()).hexdigest()[:20]
+
+
+def check_supported(config) -> None:
+    """The native runtime runs SD1 / SD2 text-to-image models (one text encoder, no added conditioning)."""
+    if config.text_encoder_2 is not None or config.unet.addition_embed_type is not None:
+        raise ValueError(f"{config.name}: the native backend does not support SDXL (two text encoders and "
+                         "added conditioning) yet; use backend='eager' or 'triton'")
+    if config.unet.in_channels != config.vae.latent_channels:
+        raise ValueError(f"{config.name}: the native backend does not support inpainting models "
+                         f"({config.unet.in_channels}-channel UNet) yet")
+
+
+# ---------------------------------------------------------------------------
+# Building an engine
+# ---------------------------------------------------------------------------
+
+def _example_inputs(config, dtype, device):
+    """Example inputs (batch 2, latents 2 * levels-multiple) and their dynamic dimensions."""
+    Dim = torch.export.Dim
+    batch = Dim("batch", min=1, max=MAX_BATCH)
+    multiple = 2 ** (len(config.unet.block_out_channels) - 1)  # the UNet halves the latents this often
+    h, w = Dim("h", min=1, max=MAX_LATENT // multiple), Dim("w", min=1, max=MAX_LATENT // multiple)
+    tokens = config.text_encoder.max_position_embeddings
+    latent_c = config.vae.latent_channels
+    lh = lw = 2 * multiple
+    ids = torch.zeros(2, tokens, dtype=torch.long, device=device)
+    x = torch.randn(2, config.unet.in_channels, lh, lw, device=device, dtype=dtype)
+    t = torch.full((2,), 500.0, device=device)
+    context = torch.randn(2, tokens, config.unet.cross_attention_dim, device=device, dtype=dtype)
+    z = torch.randn(2, latent_c, lh, lw, device=device, dtype=dtype)
+    return {
+        "text_encoder": ((ids,), {"input_ids": {0: batch}}),
+        "unet": ((x, t, context), {"x": {0: batch, 2: multiple * h, 3: multiple * w},
+                                   "t": {0: batch}, "context": {0: batch}}),
+        "vae_decoder": ((z,), {"z": {0: batch, 2: multiple * h, 3: multiple * w}}),
+    }, multiple
+
+
+def _export(module, args, dynamic_shapes):
+    """torch.export with sizes 0/1 not specialised (so that batch 1 is in range)."""
+    import torch.fx.experimental._config as fx_config
+
+    with torch.no_grad():
+        if hasattr(fx_config, "backed_size_oblivious"):
+            with fx_config.patch(backed_size_oblivious=True):
+                return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+        return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def _compile(exported, package_path: Path):
+    inductor_configs = {
+        "aot_inductor.package_constants_in_so": False,
+        "always_keep_tensor_constants": True,
+    }
+    torch._inductor.aoti_compile_and_package(exported, package_path=str(package_path),
+                                             inductor_configs=inductor_configs)
+
+
+def build_engine(config, text_encoder, unet, vae, out_dir, *, dtype=None, device=None, progress=True) -> Path:
+    """Export and compile the three networks into the engine folder `out_dir`.
+
+    The modules are sdengine's networks (sdengine.models) on `device` in `dtype`; their
+    weight values do not matter (they are not packaged). The folder is written to a
+    temporary sibling and renamed, so a half-built engine is never seen.
+    """
+    from tqdm.auto import tqdm
+
+    check_supported(config)
+    first = next(unet.parameters())
+    device = torch.device(device) if device is not None else first.device
+    dtype = dtype or first.dtype
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        examples, multiple = _example_inputs(config, dtype, device)
+        wrappers = {"text_encoder": TextEncoderExport(text_encoder.eval()),
+                    "unet": UNetExport(unet.eval()), "vae_decoder": VAEDecoderExport(vae.eval())}
+        components = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae"}
+        networks, buffers = {}, {}
+        bar = tqdm(NETWORKS, desc="AOTInductor compile", unit="network", disable=not progress)
+        for name in bar:
+            bar.set_postfix_str(name)
+            start = time.perf_counter()
+            args, dynamic = examples[name]
+            exported = _export(wrappers[name], args, dynamic)
+            _compile(exported, tmp / f"{name}.pt2")
+            used = set(torch._inductor.aoti_load_package(str(tmp / f"{name}.pt2")).get_constant_fqns())
+            state_keys = set(wrappers[name].state_dict().keys())
+            constants = {}
+            for fqn, tensor in list(exported.state_dict.items()) + list(exported.constants.items()):
+                if not isinstance(tensor, torch.Tensor) or fqn not in used:  # the VAE encoder, ...
+                    continue
+                constants[fqn] = list(tensor.shape)
+                if fqn not in state_keys:  # a non-persistent buffer: no checkpoint holds it
+                    buffers[f"{name}/{fqn}"] = tensor.detach().to("cpu").contiguous()
+            networks[name] = {"package": f"{name}.pt2", "component": components[name], "prefix": PREFIX,
+                              "constants": constants, "compile_s": round(time.perf_counter() - start, 1)}
+        if buffers:
+            from safetensors.torch import save_file
+
+            save_file(buffers, str(tmp / "buffers.safetensors"))
+        meta = {
+            "format": FORMAT_VERSION, "torch_version": torch.__version__, "device": device.type,
+            "dtype": dtype_name(dtype), "cpu_capability": cpu_capability() if device.type == "cpu" else "",
+            "latent_multiple": multiple, "max_batch": MAX_BATCH, "max_latent": MAX_LATENT,
+            "config": _config_dict(config), "networks": networks,
+        }
+        (tmp / "engine.json").write_text(json.dumps(meta, indent=1))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _config_dict(config) -> dict:
+    """The model config as JSON: the scheduler flattened with its extra keys, for the runtime."""
+    out = dataclasses.asdict(config)
+    scheduler = dict(out["scheduler"])
+    extra = dict(scheduler.pop("extra", ()) or ())
+    out["scheduler"] = {**extra, **scheduler}
+    return json.loads(json.dumps(out, default=str))
+
+
+def engine_for(config, text_encoder, unet, vae, *, dtype=None, device=None, progress=True) -> Path:
+    """The cached engine of these networks' architecture, built on first use."""
+    first = next(unet.parameters())
+    device = torch.device(device) if device is not None else first.device
+    dtype = dtype or first.dtype
+    path = cache_root() / engine_key(config, dtype, device)
+    if (path / "engine.json").is_file():
+        return path
+    return build_engine(config, text_encoder, unet, vae, path, dtype=dtype, device=device, progress=progress)
+
+
+def build_from_config(config, *, dtype=torch.float32, device="cpu", out_dir=None, progress=True) -> Path:
+    """Build (or find in the cache) the engine of an architecture, from random weights."""
+    from sdengine.models.clip import CLIPTextModel
+    from sdengine.models.unet import UNet2DConditionModel
+    from sdengine.models.vae import AutoencoderKL
+
+    check_supported(config)
+    device = torch.device(device)
+    with torch.device(device):
+        nets = [CLIPTextModel(config.text_encoder), UNet2DConditionModel(config.unet), AutoencoderKL(config.vae)]
+    nets = [n.to(dtype=dtype).eval() for n in nets]
+    if out_dir is None:
+        return engine_for(config, *nets, dtype=dtype, device=device, progress=progress)
+    return build_engine(config, *nets, out_dir, dtype=dtype, device=device, progress=progress)
+
+
+# ---------------------------------------------------------------------------
+# `sdengine export aoti`
+# ---------------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    """Arguments of `sdengine export aoti`."""
+    parser.add_argument("model", help="a diffusers folder or a single-file checkpoint")
+    parser.add_argument("--out", default=None, help="engine folder (default: the cache, $SDE_CACHE_DIR/aoti/<key>)")
+    parser.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on the CPU)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def run(args) -> int:
+    """Build the engine of `args.model`'s architecture and print its folder."""
+    from sdengine.api import resolve_device_dtype
+    from sdengine.config import ModelConfig
+
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    path = Path(args.model)
+    if not path.exists():
+        raise FileNotFoundError(f"model path does not exist: {path}")
+    if path.is_dir():
+        config = ModelConfig.from_diffusers(path)
+    else:
+        from sdengine.loading import detect
+
+        config = detect(path)
+    out = build_from_config(config, dtype=dtype, device=device,
+                            out_dir=Path(args.out) if args.out else None)
+    print(out)
+    return 0
+
+
+def register_aoti(subparsers) -> None:
+    """Register `aoti` on the `sdengine export` subcommand's subparsers."""
+    parser = subparsers.add_parser("aoti", help="compile the networks ahead of time for the native runtime",
+                                   description=run.__doc__)
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def main(args) -> int:
+    return run(args)

@@ -1,0 +1,302 @@
+/* C-level tests of libsdengine, driven by tests/test_native_capi.py.
+ *
+ *   sde_capi_test args    MODEL_DIR ENGINE_DIR CORRUPT_DIR   bad arguments -> statuses + messages
+ *   sde_capi_test threads MODEL_DIR ENGINE_DIR THREADS REPEATS  one model shared by threads == serial
+ *   sde_capi_test rss     MODEL_DIR ENGINE_DIR COUNT           RSS does not grow over COUNT generations
+ *
+ * Each check prints "ok <name>" or "FAIL <name>: <why>"; the exit status is the number of failures.
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "sdengine.h"
+
+static int failures = 0;
+
+static void expect(int cond, const char *name, const char *why) {
+  if (cond) {
+    printf("ok %s\n", name);
+  } else {
+    printf("FAIL %s: %s\n", name, why);
+    failures++;
+  }
+  fflush(stdout);
+}
+
+/* status == want and sde_last_error() mentions `needle`. */
+static void expect_status(sde_status got, sde_status want, const char *needle, const char *name) {
+  char why[1024];
+  const char *msg = sde_last_error();
+  snprintf(why, sizeof why, "status %d (%s), wanted %d (%s); message: %s", got, sde_status_str(got), want,
+           sde_status_str(want), msg);
+  expect(got == want && (!needle || strstr(msg, needle) != NULL), name, why);
+}
+
+static sde_model *load(const char *model_dir, const char *engine_dir, int concurrency) {
+  sde_model_params mp;
+  sde_model_params_init(&mp);
+  mp.engine_dir = engine_dir;
+  mp.max_concurrency = concurrency;
+  sde_model *model = NULL;
+  sde_status s = sde_model_load(model_dir, &mp, &model);
+  if (s != SDE_OK) {
+    printf("FAIL load: %s\n", sde_last_error());
+    exit(100);
+  }
+  return model;
+}
+
+static void small_request(sde_gen_params *gp, uint64_t seed) {
+  sde_gen_params_init(gp);
+  gp->prompt = "a tiny red square";
+  gp->negative_prompt = "blurry";
+  gp->width = 16;
+  gp->height = 16;
+  gp->steps = 2;
+  gp->seed = seed;
+  gp->sampler = SDE_SAMPLER_EULER_A;
+}
+
+static int cancel_at_step_1(void *user, int step, int steps) {
+  (void)steps;
+  *(int *)user = step;
+  return step >= 1;
+}
+
+static int test_args(const char *model_dir, const char *engine_dir, const char *corrupt_dir) {
+  sde_model *model = NULL;
+  sde_image *images = NULL;
+  int count = 0;
+  sde_gen_params gp;
+  sde_model_params mp;
+  sde_model_params_init(&mp);
+  mp.engine_dir = engine_dir;
+
+  /* null pointers */
+  expect_status(sde_model_load(NULL, &mp, &model), SDE_ERR_INVALID_ARGUMENT, "path is NULL", "load_null_path");
+  expect(model == NULL, "load_null_path_leaves_null", "model was set");
+  expect_status(sde_model_load(model_dir, &mp, NULL), SDE_ERR_INVALID_ARGUMENT, "model is NULL", "load_null_out");
+  small_request(&gp, 1);
+  expect_status(sde_generate(NULL, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "model is NULL", "generate_null_model");
+  /* missing file */
+  expect_status(sde_model_load("/nonexistent/sdengine-model", &mp, &model), SDE_ERR_IO, "/nonexistent/sdengine-model",
+                "load_missing_folder");
+  /* corrupt safetensors */
+  expect_status(sde_model_load(corrupt_dir, &mp, &model), SDE_ERR_FORMAT, "safetensors", "load_corrupt_safetensors");
+  /* missing engine */
+  sde_model_params bad_engine = mp;
+  bad_engine.engine_dir = "/nonexistent/sdengine-engine";
+  expect_status(sde_model_load(model_dir, &bad_engine, &model), SDE_ERR_IO, "engine.json", "load_missing_engine");
+  /* unknown sampler names */
+  sde_sampler sampler;
+  sde_schedule schedule = SDE_SCHEDULE_DEFAULT;
+  expect_status(sde_sampler_from_str("no such sampler", &sampler, &schedule), SDE_ERR_INVALID_ARGUMENT,
+                "unknown sampler", "sampler_unknown");
+  expect_status(sde_sampler_from_str("heun", &sampler, &schedule), SDE_ERR_INVALID_ARGUMENT, "not implemented",
+                "sampler_not_native");
+  expect_status(sde_sampler_from_str(NULL, &sampler, &schedule), SDE_ERR_INVALID_ARGUMENT, "name is NULL",
+                "sampler_null");
+  expect_status(sde_sampler_from_str("DPM++ 2M Karras", &sampler, &schedule), SDE_OK, NULL, "sampler_a1111");
+  expect(sampler == SDE_SAMPLER_DPMPP_2M && schedule == SDE_SCHEDULE_KARRAS, "sampler_a1111_value",
+         "DPM++ 2M Karras did not give dpmpp_2m + karras");
+  expect(!strcmp(sde_sampler_name(SDE_SAMPLER_EULER_A), "euler_a") && sde_sampler_name(SDE_SAMPLER_COUNT) == NULL,
+         "sampler_name", "sde_sampler_name");
+  expect_status(sde_schedule_from_str("weird", &schedule), SDE_ERR_INVALID_ARGUMENT, "unknown schedule",
+                "schedule_unknown");
+
+  model = load(model_dir, engine_dir, 2);
+  small_request(&gp, 1);
+  expect_status(sde_generate(model, NULL, &images, &count), SDE_ERR_INVALID_ARGUMENT, "params is NULL", "generate_null_params");
+  expect_status(sde_generate(model, &gp, NULL, &count), SDE_ERR_INVALID_ARGUMENT, "images is NULL", "generate_null_images");
+  expect_status(sde_generate(model, &gp, &images, NULL), SDE_ERR_INVALID_ARGUMENT, "count is NULL", "generate_null_count");
+  gp.prompt = NULL;
+  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "prompt is NULL", "generate_null_prompt");
+  /* size not a multiple of 8 */
+  small_request(&gp, 1);
+  gp.width = 20;
+  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "width must be", "generate_width_not_8");
+  expect(images == NULL && count == 0, "failed_generate_outputs_cleared", "images/count set on failure");
+  small_request(&gp, 1);
+  gp.height = -8;
+  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "height must be", "generate_height_negative");
+  /* unknown sampler value */
+  small_request(&gp, 1);
+  gp.sampler = (sde_sampler)42;
+  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "sampler out of range",
+                "generate_sampler_out_of_range");
+  small_request(&gp, 1);
+  gp.sampler = SDE_SAMPLER_DDIM;
+  gp.schedule = SDE_SCHEDULE_KARRAS;
+  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "cannot follow",
+                "generate_ddim_karras");
+  small_request(&gp, 1);
+  gp.steps = -1;
+  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "steps", "generate_bad_steps");
+  small_request(&gp, 1);
+  gp.batch_size = 0;
+  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "batch_size", "generate_bad_batch");
+  small_request(&gp, 1);
+  gp.prompt = "\xff\xfe broken utf-8";
+  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "UTF-8", "generate_bad_utf8");
+  /* cancel from the progress callback */
+  small_request(&gp, 1);
+  int last_step = 0;
+  gp.steps = 4;
+  gp.progress = cancel_at_step_1;
+  gp.progress_user = &last_step;
+  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_CANCELLED, "progress callback", "generate_cancel_callback");
+  expect(last_step == 1 && images == NULL, "cancel_stops_at_step", "the loop went on after the callback cancelled");
+  /* cancel flag */
+  small_request(&gp, 1);
+  volatile int flag = 1;
+  gp.cancel = &flag;
+  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_CANCELLED, "cancel flag", "generate_cancel_flag");
+  /* a good request still works after all that */
+  small_request(&gp, 1);
+  gp.batch_size = 2;
+  sde_status s = sde_generate(model, &gp, &images, &count);
+  expect_status(s, SDE_OK, NULL, "generate_ok");
+  if (s == SDE_OK) {
+    expect(count == 2 && images[0].width == 16 && images[0].height == 16 && images[0].channels == 3 &&
+               images[0].seed == 1 && images[1].seed == 2,
+           "generate_ok_shape", "wrong count, size or seeds");
+    sde_images_free(images, count);
+  }
+  sde_images_free(NULL, 0);
+  sde_model_free(NULL);
+  sde_model_free(model);
+  return failures;
+}
+
+/* ---- threads ---- */
+
+#define MAX_JOBS 1024
+typedef struct {
+  sde_model *model;
+  int first, count;
+  unsigned char *results[MAX_JOBS];
+  sde_status status;
+} worker_arg;
+
+static const char *job_sampler(int job) {
+  static const char *names[] = {"euler_a", "euler", "dpmpp_2m_karras", "ddim"};
+  return names[job % 4];
+}
+
+static unsigned char *run_job(sde_model *model, int job, sde_status *status) {
+  sde_gen_params gp;
+  small_request(&gp, 1000 + (uint64_t)job);
+  sde_sampler_from_str(job_sampler(job), &gp.sampler, &gp.schedule);
+  sde_image *images = NULL;
+  int count = 0;
+  *status = sde_generate(model, &gp, &images, &count);
+  if (*status != SDE_OK) return NULL;
+  size_t bytes = (size_t)images[0].width * images[0].height * 3;
+  unsigned char *copy = malloc(bytes);
+  memcpy(copy, images[0].data, bytes);
+  sde_images_free(images, count);
+  return copy;
+}
+
+static void *worker(void *p) {
+  worker_arg *w = (worker_arg *)p;
+  w->status = SDE_OK;
+  for (int i = 0; i < w->count; ++i) {
+    sde_status s;
+    w->results[i] = run_job(w->model, w->first + i, &s);
+    if (s != SDE_OK) w->status = s;
+  }
+  return NULL;
+}
+
+static int test_threads(const char *model_dir, const char *engine_dir, int threads, int repeats) {
+  sde_model *model = load(model_dir, engine_dir, threads);
+  int jobs = threads * repeats;
+  if (jobs > MAX_JOBS) jobs = MAX_JOBS;
+  size_t bytes = 16 * 16 * 3;
+  unsigned char **serial = calloc((size_t)jobs, sizeof *serial);
+  for (int j = 0; j < jobs; ++j) {
+    sde_status s;
+    serial[j] = run_job(model, j, &s);
+    if (!serial[j]) {
+      printf("FAIL serial job %d: %s\n", j, sde_last_error());
+      return 1;
+    }
+  }
+  worker_arg *args = calloc((size_t)threads, sizeof *args);
+  pthread_t *ids = calloc((size_t)threads, sizeof *ids);
+  for (int t = 0; t < threads; ++t) {
+    args[t].model = model;
+    args[t].first = t * repeats;
+    args[t].count = repeats;
+    pthread_create(&ids[t], NULL, worker, &args[t]);
+  }
+  for (int t = 0; t < threads; ++t) pthread_join(ids[t], NULL);
+  int mismatches = 0, errors = 0;
+  for (int t = 0; t < threads; ++t) {
+    if (args[t].status != SDE_OK) errors++;
+    for (int i = 0; i < repeats; ++i) {
+      unsigned char *r = args[t].results[i];
+      if (!r || memcmp(r, serial[t * repeats + i], bytes) != 0) mismatches++;
+      free(r);
+    }
+  }
+  char why[256];
+  snprintf(why, sizeof why, "%d of %d threaded results differ from the serial ones, %d threads failed", mismatches, jobs,
+           errors);
+  expect(mismatches == 0 && errors == 0, "threads_equal_serial", why);
+  for (int j = 0; j < jobs; ++j) free(serial[j]);
+  free(serial);
+  free(args);
+  free(ids);
+  sde_model_free(model);
+  return failures;
+}
+
+/* ---- memory ---- */
+
+static long rss_kib(void) {
+  FILE *f = fopen("/proc/self/statm", "r");
+  long pages = 0, resident = 0;
+  if (!f) return -1;
+  if (fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = -1;
+  fclose(f);
+  return resident * (sysconf(_SC_PAGESIZE) / 1024);
+}
+
+static int test_rss(const char *model_dir, const char *engine_dir, int total) {
+  sde_model *model = load(model_dir, engine_dir, 1);
+  int warmup = total / 10 > 5 ? total / 10 : 5;
+  long after_warmup = 0, peak = 0;
+  for (int i = 0; i < total; ++i) {
+    sde_status s;
+    unsigned char *r = run_job(model, i, &s);
+    if (!r) {
+      printf("FAIL rss job %d: %s\n", i, sde_last_error());
+      return 1;
+    }
+    free(r);
+    long now = rss_kib();
+    if (i + 1 == warmup) after_warmup = now;
+    if (i + 1 > warmup && now > peak) peak = now;
+  }
+  char why[256];
+  double growth = after_warmup > 0 ? (double)(peak - after_warmup) / after_warmup : 1.0;
+  snprintf(why, sizeof why, "RSS %ld KiB after %d warm-up generations, peak %ld KiB over %d more (%.2f%%)", after_warmup,
+           warmup, peak, total - warmup, 100.0 * growth);
+  printf("rss: %s\n", why);
+  expect(growth <= 0.02, "rss_stable", why);
+  sde_model_free(model);
+  return failures;
+}
+
+int main(int argc, char **argv) {
+  if (argc >= 5 && !strcmp(argv[1], "args")) return test_args(argv[2], argv[3], argv[4]);
+  if (argc >= 6 && !strcmp(argv[1], "threads")) return test_threads(argv[2], argv[3], atoi(argv[4]), atoi(argv[5]));
+  if (argc >= 5 && !strcmp(argv[1], "rss")) return test_rss(argv[2], argv[3], atoi(argv[4]));
+  fprintf(stderr, "usage: %s args|threads|rss MODEL_DIR ENGINE_DIR ...\n", argv[0]);
+  return 2;
+}
