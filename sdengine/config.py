@@ -417,6 +417,21 @@ PRESETS: dict[str, ModelConfig] = {
         SchedulerConfig(sampler="euler"),
         text_encoder_2=OPENCLIP_BIGG,
     ),
+    # The bundled demo model (sdengine/data/demo-digits, made by `sdengine train demo-digits`
+    # from scikit-learn's digits): 32x32 images, 4x8x8 latents, a 2-layer 32-wide CLIP text
+    # encoder on the real BPE vocabulary. The VAE scaling_factor here is a placeholder: the
+    # trainer measures it (1 / std of the latents) and writes it into the folder's vae/config.json.
+    "demo-digits": ModelConfig(
+        "demo-digits",
+        TextEncoderConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+        UNetConfig(sample_size=8, block_out_channels=(24, 48), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1, attention_head_dim=4,
+                   cross_attention_dim=32, norm_num_groups=8),
+        VAEConfig(sample_size=32, block_out_channels=(8, 16, 32), layers_per_block=1, norm_num_groups=4),
+        SchedulerConfig(sampler="dpmpp_2m", beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                        timestep_spacing="linspace", steps_offset=0, final_sigmas_type="zero",
+                        extra=(("algorithm_type", "dpmsolver++"), ("lower_order_final", True), ("solver_order", 2))),
+    ),
 }
 
 
