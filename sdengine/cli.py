@@ -73,6 +73,9 @@ def _generate(args) -> int:
             raise FileNotFoundError(f"{name}: no such file: {path}")
         return Image.open(path)
 
+    out = Path(args.output)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--output must be a .png file, got {out}")
     result = sdengine.generate(
         args.prompt, model=args.model, device=args.device, dtype=args.dtype, backend=args.backend,
         negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
@@ -81,9 +84,6 @@ def _generate(args) -> int:
         mask_image=open_image(args.mask_image, "--mask-image"), strength=args.strength, clip_skip=args.clip_skip,
         progress=not args.no_progress,
     )
-    out = Path(args.output)
-    if out.suffix.lower() != ".png":
-        raise ValueError(f"--output must be a .png file, got {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(result.images):
         path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}")

@@ -1,0 +1,64 @@
+"""The command line: generate writes PNGs with A1111 `parameters`; errors name their cause."""
+
+import pytest
+from PIL import Image
+
+from sdengine.cli import main
+from tiny import save_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return save_tiny_pipeline("sd15", tmp_path_factory.mktemp("models") / "tiny-sd15")
+
+
+def test_generate_writes_pngs_with_parameters(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    code = main(["generate", "a cat on a sofa", "--model", str(tiny_folder), "-o", str(out), "--steps", "3",
+                 "--height", "16", "--width", "24", "--seed", "5", "-b", "2", "--sampler", "Euler a",
+                 "--negative-prompt", "dogs", "--no-progress"])
+    assert code == 0
+    first, second = tmp_path / "cat-1.png", tmp_path / "cat-2.png"
+    assert first.exists() and second.exists() and not list(tmp_path.glob("*.part"))
+    image = Image.open(first)
+    assert image.size == (24, 16)
+    params = image.text["parameters"]
+    assert params.splitlines()[0] == "a cat on a sofa"
+    assert "Negative prompt: dogs" in params
+    assert "Seed: 5" in params and "Sampler: euler_a" in params and "Size: 24x16" in params
+    assert "Seed: 6" in Image.open(second).text["parameters"]
+    assert "seed 5" in capsys.readouterr().out
+
+
+def test_generate_is_reproducible_from_the_seed(tiny_folder, tmp_path):
+    args = ["generate", "a cat", "--model", str(tiny_folder), "--steps", "2", "--height", "16", "--width", "16",
+            "--seed", "9", "--no-progress"]
+    assert main(args + ["-o", str(tmp_path / "a.png")]) == 0
+    assert main(args + ["-o", str(tmp_path / "b.png")]) == 0
+    assert Image.open(tmp_path / "a.png").tobytes() == Image.open(tmp_path / "b.png").tobytes()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--height", "30"], "height"),
+    (["--steps", "0"], "num_inference_steps"),
+    (["--sampler", "warp-drive"], "sampler"),
+    (["-o", "out.jpg"], "--output"),
+    (["--init-image", "/no/such/image.png"], "--init-image"),
+])
+def test_generate_errors_name_the_argument(tiny_folder, tmp_path, capsys, extra, message):
+    args = ["generate", "a cat", "--model", str(tiny_folder), "--steps", "2", "--height", "16", "--width", "16",
+            "-o", str(tmp_path / "x.png"), "--no-progress"]
+    assert main(args + extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_generate_missing_model_is_a_clear_error(tmp_path, capsys):
+    assert main(["generate", "a cat", "--model", str(tmp_path / "missing"), "-o", str(tmp_path / "x.png")]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_info_prints_the_detected_architecture(tiny_folder, capsys):
+    assert main(["info", str(tiny_folder)]) == 0
+    out = capsys.readouterr().out
+    assert "sd15" in out and "epsilon" in out
