@@ -143,7 +143,8 @@ def vae_key_to_ldm(key: str, cfg: VAEConfig) -> str:
     """The LDM name (without the first_stage_model. prefix) of a diffusers AutoencoderKL key."""
     levels = len(cfg.block_out_channels)
     resnet = lambda rest: rest.replace("conv_shortcut.", "nin_shortcut.")  # noqa: E731
-    if key.startswith(("quant_conv.", "post_quant_conv.")) or re.fullmatch(r"(encoder|decoder)\.conv_(in|out)\..+", key):
+    if key.startswith(("quant_conv.", "post_quant_conv.", "encoder.conv_in.", "encoder.conv_out.",
+                       "decoder.conv_in.", "decoder.conv_out.")):
         return key
     if m := re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(.+)", key):
         return f"{m[1]}.norm_out.{m[2]}"
@@ -267,7 +268,8 @@ def detect_layout(keys) -> Layout:
         raise ModelLoadError(f"no VAE weights ({VAE_PREFIX}*); found: {found}")
     if has(SDXL_TEXT_2_PREFIX):
         if not has(SDXL_TEXT_PREFIX):
-            raise ModelLoadError(f"SDXL-style checkpoint without its CLIP-L encoder ({SDXL_TEXT_PREFIX}*); found: {found}")
+            raise ModelLoadError(f"SDXL-style checkpoint without its CLIP-L encoder ({SDXL_TEXT_PREFIX}*); "
+                                 f"found: {found}")
         text_prefix = SDXL_TEXT_PREFIX + ("text_model." if has(SDXL_TEXT_PREFIX + "text_model.") else "")
         linear = SDXL_TEXT_2_PREFIX + "text_projection.weight" in keys
         return Layout("sdxl", text_prefix, False, SDXL_TEXT_2_PREFIX, text_2_projection_linear=linear)
@@ -306,7 +308,8 @@ def _detect_unet(shapes: Mapping[str, tuple], base: UNetConfig, heads_rule: str)
     else:
         per_level, levels = len(blocks), 1
     layers = per_level - 1
-    if layers < 1 or downsamplers != [(i + 1) * per_level for i in range(levels - 1)] or blocks[-1] != levels * per_level - 1:
+    regular = downsamplers == [(i + 1) * per_level for i in range(levels - 1)] and blocks[-1] == levels * per_level - 1
+    if layers < 1 or not regular:
         raise ModelLoadError(f"unsupported UNet layout: input_blocks {blocks}, downsamplers at {downsamplers}")
 
     channels, down_types, up_types, depths, linear = [], [], [], [], None
@@ -461,7 +464,8 @@ def detect_config(shapes: Mapping[str, tuple], *, prediction_type: Optional[str]
         # label_emb input = pooled text embedding + 6 Fourier-embedded size/crop numbers.
         time_dim, rest = divmod(unet.projection_class_embeddings_input_dim - text_2.projection_dim, 6)
         if rest or time_dim < 1:
-            raise ModelLoadError(f"unsupported SDXL added embedding of width {unet.projection_class_embeddings_input_dim}")
+            raise ModelLoadError("unsupported SDXL added embedding of width "
+                                 f"{unet.projection_class_embeddings_input_dim}")
         unet = replace(unet, addition_time_embed_dim=time_dim)
     elif p := [k for k in shapes if k.startswith(UNET_PREFIX + "label_emb.")]:
         raise ModelLoadError(f"unsupported architecture: class-conditioned UNet ({p[0]})")

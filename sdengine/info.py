@@ -65,7 +65,8 @@ def describe(path, prediction_type: Optional[str] = None) -> str:
     counts = _parameter_counts(config)
     unet, vae = config.unet, config.vae
     family = family_name(config)
-    if family == "sd21-v" and not path.is_dir() and prediction_type is None and not any("v-prediction" in n for n in notes):
+    marked = any("v-prediction" in note for note in notes)
+    if family == "sd21-v" and not path.is_dir() and prediction_type is None and not marked:
         notes.append("SD2 single files record no prediction type: v-prediction is assumed (the 768-v model); "
                      "pass --prediction-type epsilon for a 512-base SD2 model")
 
@@ -79,7 +80,8 @@ def describe(path, prediction_type: Optional[str] = None) -> str:
     lines = [
         f"{'path:':<17}{path}",
         f"{'format:':<17}{fmt}",
-        f"{'architecture:':<17}{family} ({_FAMILY[family]})" + (f", config {config.name!r}" if config.name != family else ""),
+        f"{'architecture:':<17}{family} ({_FAMILY[family]})"
+        + (f", config {config.name!r}" if config.name != family else ""),
         f"{'prediction:':<17}{config.prediction_type}",
         f"{'native size:':<17}{config.default_size}x{config.default_size}",
         text_line(config.text_encoder, "text encoder:"),

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .convert import Layout, Source, UnmappedKey, apply_transform, detect_config, same_up_to_unit_dims, transformed_shape
+from .convert import (Layout, Source, UnmappedKey, apply_transform, detect_config, same_up_to_unit_dims,
+                      transformed_shape)
 from .errors import ModelLoadError
 from .tokenizer import EOS_TOKEN, CLIPTokenizer
 
@@ -103,7 +104,8 @@ class SafetensorsReader(WeightReader):
                     view = handle.get_slice(key)
                     if key in self._file_of:
                         raise ModelLoadError(f"{path}: key {key!r} is also in {self._file_of[key]}")
-                    self._file_of[key], self.shapes[key], self.dtypes[key] = path, tuple(view.get_shape()), view.get_dtype()
+                    self._file_of[key] = path
+                    self.shapes[key], self.dtypes[key] = tuple(view.get_shape()), view.get_dtype()
             except SafetensorError as e:
                 raise ModelLoadError(f"{path}: not a valid safetensors file (truncated or corrupt?): {e}") from None
             self._handles[path] = handle
@@ -260,8 +262,8 @@ def _make_plan(component: str, model: nn.Module, reader: WeightReader, source_of
         found = transformed_shape(reader.shapes[source.key], source.transform)
         if found != tuple(param.shape) and not same_up_to_unit_dims(found, tuple(param.shape)):
             raise ModelLoadError(
-                f"{reader.file_of(source.key)}: shape mismatch for {source.key!r}: found {list(reader.shapes[source.key])}, "
-                f"the {component} of a {config_name} model expects {list(param.shape)} (for {key})")
+                f"{reader.file_of(source.key)}: shape mismatch for {source.key!r}: "
+                f"found {list(reader.shapes[source.key])}, the {component} of a {config_name} model expects {list(param.shape)} (for {key})")
         sources[key] = source
     if missing:
         raise ModelLoadError(f"{reader.name}: {len(missing)} {component} weights missing for a {config_name} model: "

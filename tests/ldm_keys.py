@@ -46,7 +46,7 @@ def unet_to_ldm(unet) -> dict:
     out = {}
     _put(out, "time_embed.0.", unet.time_embedding.linear_1)
     _put(out, "time_embed.2.", unet.time_embedding.linear_2)
-    if getattr(unet, "add_embedding", None) is not None:  # SDXL: label_emb = Sequential(Sequential(Linear, SiLU, Linear))
+    if getattr(unet, "add_embedding", None) is not None:  # SDXL: label_emb.0 = Sequential(Linear, SiLU, Linear)
         _put(out, "label_emb.0.0.", unet.add_embedding.linear_1)
         _put(out, "label_emb.0.2.", unet.add_embedding.linear_2)
     _put(out, "input_blocks.0.0.", unet.conv_in)
@@ -152,8 +152,10 @@ def openclip_to_ldm(text_encoder, extra_layer: bool, generator: torch.Generator)
     layers = list(model.encoder.layers)
     for i, layer in enumerate(layers):
         attn, prefix = layer.self_attn, f"transformer.resblocks.{i}."
-        out[prefix + "attn.in_proj_weight"] = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach().clone()
-        out[prefix + "attn.in_proj_bias"] = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).detach().clone()
+        # nn.MultiheadAttention's packed projection: rows q, then k, then v.
+        for param in ("weight", "bias"):
+            packed = [getattr(proj, param) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
+            out[f"{prefix}attn.in_proj_{param}"] = torch.cat(packed).detach().clone()
         _put(out, prefix + "attn.out_proj.", attn.out_proj)
         _put(out, prefix + "ln_1.", layer.layer_norm1)
         _put(out, prefix + "ln_2.", layer.layer_norm2)
@@ -162,7 +164,8 @@ def openclip_to_ldm(text_encoder, extra_layer: bool, generator: torch.Generator)
     if extra_layer:
         template = {k: v for k, v in out.items() if k.startswith("transformer.resblocks.0.")}
         for key, tensor in template.items():
-            out[key.replace("resblocks.0.", f"resblocks.{len(layers)}.")] = torch.randn(tensor.shape, generator=generator)
+            extra_key = key.replace("resblocks.0.", f"resblocks.{len(layers)}.")
+            out[extra_key] = torch.randn(tensor.shape, generator=generator)
     _put(out, "ln_final.", model.final_layer_norm)
     width = out["token_embedding.weight"].shape[1]
     projection = getattr(text_encoder, "text_projection", None)
