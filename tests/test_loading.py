@@ -158,6 +158,18 @@ def test_sdxl_linear_text_projection(single_files, tmp_path):
     assert_same_weights(_load(path, config=tiny_config("sdxl")), "sdxl")
 
 
+def test_sd1_layout_variants(single_files, tmp_path):
+    """The oldest SD1 files omit CLIP's "text_model." level; some converted files store the VAE
+    attention projections as (C, C) linear weights instead of (C, C, 1, 1) convolutions."""
+    def vary(state):
+        for key in [k for k in state if k.startswith("cond_stage_model.transformer.text_model.")]:
+            state[key.replace(".text_model.", ".", 1)] = state.pop(key)
+        for key in [k for k in state if ".mid.attn_1." in k and k.endswith("weight") and state[k].ndim == 4]:
+            state[key] = state[key][:, :, 0, 0].contiguous()
+    path = _edited(single_files("sd15"), tmp_path, vary)
+    assert_same_weights(_load(path, config=tiny_config("sd15")), "sd15")
+
+
 def test_fp16_single_file_to_fp32(tmp_path):
     path = save_ldm_single_file("sd15", tmp_path / "half.safetensors", dtype=torch.float16)
     loaded = load_model(path, device="cpu", dtype=torch.float32, config=tiny_config("sd15"), progress=False)
