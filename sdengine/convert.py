@@ -434,7 +434,12 @@ def detect_config(shapes: Mapping[str, tuple], *, prediction_type: Optional[str]
     """
     layout = detect_layout(shapes)
     family = layout.family
-    inpaint = _shape(shapes, UNET_PREFIX + "input_blocks.0.0.weight")[1] == 9
+    in_channels = _shape(shapes, UNET_PREFIX + "input_blocks.0.0.weight")[1]
+    if in_channels not in (4, 9):
+        raise ModelLoadError(f"unsupported architecture: a UNet with {in_channels} input channels "
+                             "(sdengine runs 4-channel text-to-image and 9-channel inpainting models; depth (5) "
+                             "and instruct-pix2pix (8) models are not supported)")
+    inpaint = in_channels == 9
     if prediction_type is None:
         if "v_pred" in shapes or (family == "sd2" and not inpaint):
             prediction_type = "v_prediction"

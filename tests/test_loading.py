@@ -330,6 +330,11 @@ def test_unknown_architecture(single_files, folders, tmp_path):
     save_file(state, tmp_path / "refiner.safetensors")
     with pytest.raises(ModelLoadError, match="refiner"):
         _load(tmp_path / "refiner.safetensors")
+    def depth_model(state):  # SD2-depth: a 5th input channel
+        key = "model.diffusion_model.input_blocks.0.0.weight"
+        state[key] = torch.cat([state[key], state[key][:, :1]], dim=1)
+    with pytest.raises(ModelLoadError, match="5 input channels"):
+        _load(_edited(single_files("sd21-v"), tmp_path, depth_model))
     folder = shutil.copytree(folders("sd15"), tmp_path / "odd-unet")
     index = json.loads((folder / "model_index.json").read_text())
     index["unet"] = ["diffusers", "UNet2DModel"]
