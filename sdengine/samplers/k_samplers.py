@@ -164,7 +164,9 @@ def _lms_coefficient(order: int, sigmas: np.ndarray, i: int, j: int) -> float:
 def sample_lms(model, x, sigmas, *, extra_args=None, callback=None, noise=None, order=4):
     """Linear multistep method of order 4 on the probability-flow ODE, with the step-size-aware
     Lagrange coefficients of k-diffusion (Karras et al. 2022 / Liu et al., "Pseudo Numerical
-    Methods for Diffusion Models", 2022)."""
+    Methods for Diffusion Models", 2022). On an img2img tail the order restarts at 1 (as
+    k-diffusion); diffusers' LMSDiscreteScheduler instead takes the order from the absolute
+    step index there and mixes in coefficients of sigmas before the tail."""
     extra_args = extra_args or {}
     sigmas_np = np.asarray([float(s) for s in sigmas], dtype=np.float64)
     ds = []

@@ -84,7 +84,10 @@ def sample_pndm(model, x, timesteps, *, extra_args=None, callback=None, noise=No
     """PLMS, the pseudo linear multistep method: Liu et al., "Pseudo Numerical Methods for
     Diffusion Models on Manifolds" (2022), eq. 12, with diffusers' start (skip_prk_steps): the
     first step is taken twice, Euler then a 2-point average, then Adams-Bashforth of order 2-4 on eps.
-    `timesteps` is diffusers' plms_timesteps (its second entry repeated); stride = T // steps."""
+    `timesteps` is diffusers' plms_timesteps (its second entry repeated); stride = T // steps.
+    The multistep combination is taken over eps, as the paper defines it, for every prediction
+    type; diffusers' PNDMScheduler combines raw v outputs of a v-prediction model instead (so for
+    v-prediction the two differ, by ~1e-3 relative per step)."""
     extra_args = extra_args or {}
     ets, cur_x = [], None
     for counter, t in enumerate(timesteps):
