@@ -85,3 +85,19 @@ def pick(kernel, autotuned, t):
     """The autotuned kernel on CUDA; the plain one under the interpreter, where benchmarking
     every config would only cost time."""
     return autotuned if t.is_cuda else kernel
+
+
+# The interpreter (triton ≤ 3.9) truncates fp32 → bf16 casts where the GPU rounds to nearest
+# even; `cast_out` rounds by hand there, so CPU tests see the GPU's rounding.
+INTERPRET_RTNE = tl.constexpr(INTERPRET) if HAS_TRITON else INTERPRET
+
+
+@triton.jit
+def cast_out(y, DTYPE: tl.constexpr):
+    """y (fp32) cast to the output dtype, rounding to nearest even on every backend."""
+    if INTERPRET_RTNE:
+        if DTYPE == tl.bfloat16:
+            bits = y.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+            y = bits.to(tl.float32, bitcast=True)
+    return y.to(DTYPE)

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from ._triton import HAS_TRITON, check_launch, launcher, pick, tl, triton
+from ._triton import HAS_TRITON, cast_out, check_launch, launcher, pick, tl, triton
 
 # Configs for the GPU (the interpreter uses _interpret_blocks). SD self-attention is
 # (2·8 heads, 4096 tokens, head_dim 40 → BLOCK_D 64); cross-attention has Nk = 77.
@@ -91,7 +91,7 @@ def _attention_kernel(Q, K, V, Out,
     acc = acc / l_i[:, None]
 
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=q_mask)
+    tl.store(o_ptrs, cast_out(acc, Out.dtype.element_ty), mask=q_mask)
 
 
 if HAS_TRITON:

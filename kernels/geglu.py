@@ -9,7 +9,7 @@ rounded once (diffusers rounds gelu(gate) to the input dtype before the product)
 
 import torch
 
-from ._triton import HAS_TRITON, check_launch, launcher, pick, tl, triton
+from ._triton import HAS_TRITON, cast_out, check_launch, launcher, pick, tl, triton
 
 _CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_F": bf}, num_warps=w)
@@ -30,7 +30,7 @@ def _geglu_kernel(H, Out,
     gate = tl.load(h_ptrs + F, mask=mask, other=0.0).to(tl.float32)  # second half
     gelu = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))  # 1/√2
     tl.store(Out + rows.to(tl.int64)[:, None] * stride_om + cols[None, :],
-             (a * gelu).to(Out.dtype.element_ty), mask=mask)
+             cast_out(a * gelu, Out.dtype.element_ty), mask=mask)
 
 
 if HAS_TRITON:

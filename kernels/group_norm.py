@@ -30,7 +30,7 @@ x's memory format.
 
 import torch
 
-from ._triton import HAS_TRITON, check_launch, launcher, pick, tl, triton
+from ._triton import HAS_TRITON, cast_out, check_launch, launcher, pick, tl, triton
 
 _APPLY_CONFIGS = [
     triton.Config({"BLOCK_HW": bhw, "BLOCK_C": bc}, num_warps=w)
@@ -142,7 +142,7 @@ def _group_norm_apply_kernel(X, Y, R, W, B, Mean, Rstd,
         y += tl.load(R + n64 * stride_rn + offs_hw[:, None] * stride_rhw + offs_c[None, :] * stride_rc,
                      mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + n64 * stride_yn + offs_hw[:, None] * stride_yhw + offs_c[None, :] * stride_yc,
-             y.to(Y.dtype.element_ty), mask=mask)
+             cast_out(y, Y.dtype.element_ty), mask=mask)
 
 
 if HAS_TRITON:

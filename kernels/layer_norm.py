@@ -9,7 +9,7 @@ D = 320, 640, 1280 (UNet transformer blocks) and 768/1024/1280 (CLIP).
 
 import torch
 
-from ._triton import HAS_TRITON, check_launch, launcher, tl, triton
+from ._triton import HAS_TRITON, cast_out, check_launch, launcher, tl, triton
 
 
 def _configs(block_d):
@@ -38,7 +38,7 @@ def _layer_norm_kernel(X, Y, W, B,
         y = y * tl.load(W + cols, mask=mask_d, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         y = y + tl.load(B + cols, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + rows64[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows64[:, None] * stride_ym + cols[None, :], cast_out(y, Y.dtype.element_ty), mask=mask)
 
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)

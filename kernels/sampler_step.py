@@ -44,7 +44,7 @@ take x's dtype. `prediction_type` is "epsilon" or "v_prediction" (a compile-time
 
 import torch
 
-from ._triton import check_launch, launcher, tl, triton
+from ._triton import cast_out, check_launch, launcher, tl, triton
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 _GPU_BLOCK = 1024
@@ -97,7 +97,7 @@ def _euler_kernel(Model, X, Out, CfgScale, Sigma, SigmaNext, N,
     model = _guided(Model, offs, mask, N, tl.load(CfgScale).to(tl.float32), DO_CFG)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     d = (x - _denoised_sigma(x, model, sigma, V_PRED)) / sigma
-    tl.store(Out + offs, (x + d * (sigma_next - sigma)).to(Out.dtype.element_ty), mask=mask)
+    tl.store(Out + offs, cast_out(x + d * (sigma_next - sigma), Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -117,7 +117,7 @@ def _euler_a_kernel(Model, X, Noise, Out, CfgScale, Sigma, SigmaNext, Eta, N,
     noise = tl.load(Noise + offs, mask=mask, other=0.0).to(tl.float32)
     d = (x - _denoised_sigma(x, model, sigma, V_PRED)) / sigma
     x_next = x + d * (sigma_down - sigma) + noise * sigma_up
-    tl.store(Out + offs, x_next.to(Out.dtype.element_ty), mask=mask)
+    tl.store(Out + offs, cast_out(x_next, Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -136,7 +136,7 @@ def _ddim_kernel(Model, X, Noise, Out, CfgScale, AlphaT, AlphaPrev, Eta, N,
     x_prev = tl.sqrt(alpha_prev) * x0 + tl.sqrt(1.0 - alpha_prev - std * std) * eps
     if HAS_NOISE:
         x_prev += std * tl.load(Noise + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Out + offs, x_prev.to(Out.dtype.element_ty), mask=mask)
+    tl.store(Out + offs, cast_out(x_prev, Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -163,8 +163,8 @@ def _dpmpp_2m_kernel(Model, X, OldDenoised, Out, DenoisedOut, CfgScale, Sigma, S
         old = tl.load(OldDenoised + offs, mask=tl.where(second, mask, False), other=0.0).to(tl.float32)
         d = (1.0 + w) * denoised - w * old
     x_next = ratio * x + (1.0 - ratio) * d
-    tl.store(DenoisedOut + offs, denoised.to(DenoisedOut.dtype.element_ty), mask=mask)
-    tl.store(Out + offs, x_next.to(Out.dtype.element_ty), mask=mask)
+    tl.store(DenoisedOut + offs, cast_out(denoised, DenoisedOut.dtype.element_ty), mask=mask)
+    tl.store(Out + offs, cast_out(x_next, Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -184,7 +184,7 @@ def _lcm_kernel(Model, X, Noise, Out, CfgScale, AlphaT, AlphaPrev, CSkip, COut, 
         alpha_prev = tl.load(AlphaPrev).to(tl.float32)
         x_next = tl.sqrt(alpha_prev) * denoised + tl.sqrt(1.0 - alpha_prev) * tl.load(
             Noise + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Out + offs, x_next.to(Out.dtype.element_ty), mask=mask)
+    tl.store(Out + offs, cast_out(x_next, Out.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------
