@@ -1,0 +1,178 @@
+"""The native backend: the networks compiled ahead of time with AOTInductor.
+
+The engine (export/aoti.py) is found in the cache or built on first use; it holds no
+weights, so the modules that Python loaded hand theirs over without a copy (the tensors
+already have the engine's dtype, device and layout).
+
+Two ways to run it:
+- the backend interface of docs/CONTRACTS.md (encode_text, denoise, encode_image,
+  decode), which the pipeline drives step by step from Python, through the compiled
+  packages loaded in this process;
+- `generate(...)`, the whole request in C++ (libsdengine: tokenizer, text encoding,
+  noise, sampler loop, decode, uint8 RGB), through `sdengine._C`. It gives the same images
+  as the Python pipeline for the same seed, sampler and size.
+
+Not compiled (run eagerly, from the same weights): clip_skip other than None, and the VAE
+encoder (img2img, inpainting). SDXL and inpainting UNets are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+
+log = logging.getLogger("sdengine")
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int64: 3}  # sde_dtype
+
+
+def _load_package(path: Path, constants: dict):
+    """A compiled package with its weights handed over (user-managed: no copy)."""
+    package = torch._inductor.aoti_load_package(str(path))
+    wanted = set(package.get_constant_fqns())
+    constants = {k: v for k, v in constants.items() if k in wanted}
+    missing = sorted(wanted - set(constants))
+    if missing:
+        raise ValueError(f"{path}: the weights lack {len(missing)} constants the engine needs, e.g. {missing[0]!r}")
+    try:
+        package.load_constants(constants, check_full_update=True, user_managed=True)
+    except TypeError:  # an older torch without user-managed constants: they are copied
+        package.load_constants(constants, check_full_update=True)
+    return package
+
+
+class NativeBackend:
+    """Runs the AOTInductor engine of the model's architecture (see the module docstring)."""
+
+    name = "native"
+
+    def __init__(self, config: ModelConfig, text_encoder, unet, vae, text_encoder_2=None, *, engine_dir=None,
+                 progress: bool = True):
+        from sdengine.export import aoti
+
+        aoti.check_supported(config)
+        self.config = config
+        self.text_encoder, self.unet, self.vae = text_encoder.eval(), unet.eval(), vae.eval()
+        first = next(unet.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        if engine_dir is None:
+            engine_dir = aoti.engine_for(config, text_encoder, unet, vae, dtype=self.dtype, device=self.device,
+                                         progress=progress)
+        self.engine_dir = Path(engine_dir)
+        self.engine = json.loads((self.engine_dir / "engine.json").read_text())
+        # The weights each network reads, by "<component>/<key>", already in the engine's
+        # dtype and on its device (no copy for weights that are).
+        self._weights = {}
+        for component, module in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae)):
+            for key, tensor in module.state_dict().items():
+                self._weights[f"{component}/{key}"] = tensor.detach().to(self.device, self.dtype
+                                                                         if tensor.is_floating_point()
+                                                                         else tensor.dtype).contiguous()
+        self._packages = {}
+        self._native = None
+        self._tokenizer_dir = None
+
+    # -- the compiled packages in this process ------------------------------------
+
+    def _package(self, name: str):
+        if name not in self._packages:
+            info = self.engine["networks"][name]
+            prefix, component = info["prefix"], info["component"]
+            constants = {}
+            for fqn in info["constants"]:
+                key = fqn[len(prefix):]
+                tensor = self._weights.get(f"{component}/{key}")
+                if tensor is not None:
+                    constants[fqn] = tensor
+            self._packages[name] = _load_package(self.engine_dir / info["package"], constants)
+        return self._packages[name]
+
+    @torch.inference_mode()
+    def encode_text(self, input_ids, input_ids_2=None, clip_skip=None):
+        """Token ids (B, 77) -> (context (B, 77, D), pooled (B, D)).
+
+        The engine returns the hidden states only: pooled (unused by SD1/SD2 UNets) and
+        clip_skip run through the eager text encoder."""
+        input_ids = input_ids.to(self.device)
+        if clip_skip is not None:
+            return self.text_encoder(input_ids, clip_skip=clip_skip)
+        context = self._package("text_encoder")(input_ids)
+        if isinstance(context, (list, tuple)):
+            context = context[0]
+        return context, None
+
+    @torch.inference_mode()
+    def denoise(self, x_in, t, context, added_cond=None):
+        """One compiled UNet forward; float32 out. All entries of t must be equal (one step)."""
+        if added_cond is not None:
+            raise ValueError("the native backend does not support added conditioning (SDXL)")
+        x = x_in.to(self.device, self.dtype).contiguous()
+        t = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(x.shape[0]).contiguous()
+        out = self._package("unet")(x, t, context.to(self.device, self.dtype).contiguous())
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        return out.float()
+
+    @torch.inference_mode()
+    def encode_image(self, images):
+        """Images (B, 3, H, W) in [-1, 1] -> (mean, logvar): the eager VAE encoder (not compiled)."""
+        mean, logvar = self.vae.encode(images.to(self.device, self.dtype))
+        return mean.float(), logvar.float()
+
+    @torch.inference_mode()
+    def decode(self, latents):
+        """Unscaled latents -> images (B, 3, H, W) in about [-1, 1], float32, by the compiled decoder."""
+        out = self._package("vae_decoder")(latents.to(self.device, self.dtype).contiguous())
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        return out.float()
+
+    # -- the whole request in C++ -----------------------------------------------------
+
+    def native_model(self, tokenizer, max_concurrency: int = 0):
+        """The libsdengine model (sdengine._C.Model) over these weights; made on first call.
+
+        tokenizer: the pipeline's sdengine CLIPTokenizer; it is written to a folder the C++
+        tokenizer reads (its vocabulary, merges, pad token and length)."""
+        if self._native is None:
+            from sdengine import _C
+
+            self._tokenizer_dir = tempfile.TemporaryDirectory(prefix="sdengine-tokenizer-")
+            folder = Path(self._tokenizer_dir.name)
+            tokenizer._tokenizer.save(str(folder / "tokenizer.json"))
+            (folder / "tokenizer_config.json").write_text(json.dumps(
+                {"pad_token": tokenizer.pad_token, "model_max_length": tokenizer.max_length}))
+            tensors = []
+            for name, tensor in self._weights.items():
+                if tensor.dtype not in _DTYPE_CODES:
+                    continue
+                tensors.append((name, tensor.data_ptr(), _DTYPE_CODES[tensor.dtype], list(tensor.shape),
+                                1 if tensor.device.type == "cuda" else 0, tensor.device.index or 0))
+            from sdengine.export.aoti import _config_dict
+
+            self._native = _C.Model(tensors, None, json.dumps(_config_dict(self.config)), str(self.engine_dir),
+                                    str(folder), max_concurrency)
+        return self._native
+
+    def generate(self, tokenizer, prompt: str, negative_prompt: Optional[str] = None, *, width: int = 0,
+                 height: int = 0, steps: int = 30, guidance_scale: float = 7.5, seed: int = 0, batch_size: int = 1,
+                 sampler: Optional[str] = None, schedule: Optional[str] = None, eta: float = 0.0,
+                 callback: Optional[Callable[[int, int], Optional[bool]]] = None) -> list:
+        """One txt2img request run entirely in C++. Returns `batch_size` uint8 arrays (H, W, 3);
+        image i has seed `seed + i`. callback(step, steps) after each step; False cancels
+        (sdengine._C.Cancelled). Errors: ValueError for bad arguments."""
+        model = self.native_model(tokenizer)
+        progress = None
+        if callback is not None:
+            progress = lambda step, total: callback(step, total) is not False  # noqa: E731
+        results = model.generate(prompt, negative_prompt, width, height, steps, float(guidance_scale), int(seed),
+                                 batch_size, sampler, schedule, float(eta), progress)
+        return [np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3) for data, w, h, _ in results]
