@@ -23,7 +23,12 @@ Which path runs:
   `SDENGINE_KERNELS=reference` switches it on at import. Export on CPU needs nothing: CPU
   tensors already take the reference path.
 - To run a Triton kernel directly (e.g. under TRITON_INTERPRET=1 on CPU), call the wrapper
-  in its module: `from sdengine.kernels.attention import attention`.
+  in its module: `from sdengine.kernels.attention import attention`. The package attributes
+  `attention`, `group_norm`, ..., `sampler_step` are the dispatching functions / namespace, so
+  `import sdengine.kernels.sampler_step as m` gives the namespace; for the module itself use
+  `importlib.import_module("sdengine.kernels.sampler_step")` or `from ... import name`.
+- On CUDA the first call at a new shape autotunes (attention, group_norm's apply, geglu):
+  make it before capturing a CUDA graph.
 """
 
 import contextlib
@@ -129,6 +134,8 @@ def _euler_a(model_out, x, noise, cfg_scale, sigma, sigma_next, eta=1.0, predict
 
 
 def _ddim(model_out, x, cfg_scale, alpha_t, alpha_prev, eta=0.0, noise=None, prediction_type="epsilon"):
+    if noise is None and not isinstance(eta, torch.Tensor) and eta > 0:
+        raise ValueError(f"sampler_step.ddim: eta={eta} > 0 needs noise (diffusers' variance_noise)")
     if uses_triton(x):
         return torch.ops.sdengine.sampler_step_ddim(model_out, x, _tensor(cfg_scale, x), _tensor(alpha_t, x),
                                                     _tensor(alpha_prev, x), _tensor(eta, x), noise, prediction_type)

@@ -45,8 +45,8 @@ def _attention_kernel(Q, K, V, Out,
                       stride_kb, stride_kh, stride_kn, stride_kd,
                       stride_vb, stride_vh, stride_vn, stride_vd,
                       stride_ob, stride_oh, stride_om, stride_od,
-                      H, N_Q, N_K, HEAD_DIM, qk_scale,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      H, N_Q, N_K, qk_scale,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -95,8 +95,8 @@ def _attention_kernel(Q, K, V, Out,
 
 
 if HAS_TRITON:
-    _attention_kernel_tuned = triton.autotune(_CONFIGS, key=["N_Q", "N_K", "BLOCK_D", "INPUT_PRECISION"])(
-        triton.heuristics({"EVEN_N": lambda args: args["N_K"] % args["BLOCK_N"] == 0})(_attention_kernel))
+    _attention_kernel_tuned = triton.autotune(_CONFIGS, key=["N_Q", "N_K", "BLOCK_D", "EVEN_N", "INPUT_PRECISION"])(
+        _attention_kernel)
 else:
     _attention_kernel_tuned = _attention_kernel
 
@@ -138,7 +138,10 @@ def attention(q, k, v, scale=None, *, out=None):
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # "tf32" is ignored for fp16/bf16
     kernel = pick(_attention_kernel, _attention_kernel_tuned, q)
     if q.is_cuda:
-        meta = {"DOT_FP32": False}
+        # Every GPU BLOCK_N divides 128, so Nk % 128 == 0 means no ragged key tile whichever
+        # config the autotuner picks (a plain argument: no triton.heuristics for wrap_triton to trace).
+        assert all(128 % c.kwargs["BLOCK_N"] == 0 for c in _CONFIGS)
+        meta = {"DOT_FP32": False, "EVEN_N": n_k % 128 == 0}
     else:  # the interpreter multiplies bf16 tiles as raw uint16 bits (triton ≤ 3.9): upcast them
         meta = dict(_interpret_blocks(n_q, n_k), DOT_FP32=q.dtype == torch.bfloat16)
         meta["EVEN_N"] = n_k % meta["BLOCK_N"] == 0
@@ -149,8 +152,8 @@ def attention(q, k, v, scale=None, *, out=None):
     launcher(kernel, q)[grid](
         q, k, v, out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, n_q, n_k, d, scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
-        BLOCK_D=block_d, INPUT_PRECISION=precision, **meta,
+        H, n_q, n_k, scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
+        HEAD_DIM=d, BLOCK_D=block_d, INPUT_PRECISION=precision, **meta,
     )
     return out
 
