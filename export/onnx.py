@@ -239,6 +239,7 @@ def _networks(loaded, generator: torch.Generator) -> list[_Network]:
         example=(randn(2, latent_c, 2, 3),), dynamic_shapes=({0: batch, 2: vae_height, 3: vae_width},),
         dynamic_axes=latent_axes("latent_sample"), check=(randn(1, latent_c, 3, 2),),
         float_inputs={"latent_sample"},
+        output_axes={"sample": {0: "batch", 2: f"{scale}*height", 3: f"{scale}*width"}},
     ))
     nets.append(_Network(
         "vae_encoder", VAEEncoderGraph(loaded.vae), ["sample"], ["mean", "logvar"],
