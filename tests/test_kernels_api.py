@@ -133,3 +133,20 @@ def test_compile_sees_the_triton_kernel_on_cuda():
     x = torch.randn(2, 320, 64, 64, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     gn = torch.compile(lambda x: torch.ops.sdengine.group_norm(x, 32, None, None, 1e-5, True, None), fullgraph=True)
     torch.testing.assert_close(gn(x), K.group_norm(x, 32, None, None, silu=True), rtol=2e-3, atol=2e-3)
+
+
+def test_bench_smoke_writes_a_record(tmp_path):
+    """`python -m sdengine.kernels.bench --json` runs (tiny shapes on CPU) and records raw samples."""
+    import json
+
+    path = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "sdengine.kernels.bench", "--json", str(path), "--only", "euler_sd15,decode",
+           "--iters", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads(path.read_text())
+    assert {r["name"] for r in record["results"]} == {"euler_sd15", "decode_to_uint8"}
+    for r in record["results"]:
+        assert len(r["ours_ms"]) == 2 and len(r["torch_ms"]) == 2 and r["ours_median_ms"] > 0
+    assert record["torch"] == torch.__version__ and "sdengine.kernels.bench" in record["command"]
+    assert record["peaks"]["copy_gbps"] > 0 and "% peak" in result.stdout
