@@ -1,15 +1,16 @@
 """The one table of sampler and schedule names, shared by the Python API, the CLI and the C runtime.
 
-Data only (plain dicts of strings), so that it can be dumped with
-`json.dumps(NAMES)` and read by the C runtime. Keys are *normalized* names:
+Data only (plain dicts of strings), so that it can be dumped for the C runtime with
+`python -c "import json, sdengine.samplers.names as n; print(json.dumps(n.NAMES))"`.
+Keys are *normalized* names:
 
     normalize(name) = lower-case name, with "_" and "-" replaced by " " and runs of
                       whitespace collapsed to one space, stripped at both ends.
 
 A name is resolved in this order (sdengine.samplers.resolve does it):
   1. normalize(name) is a key of NAMES["samplers"]             -> (sampler, None)
-  2. it ends in " " + a key of NAMES["schedules"] and the part
-     before that is a key of NAMES["samplers"]                 -> (sampler, schedule)
+  2. it ends in " " + a key of NAMES["schedules"] (keys tried in table order) and the
+     part before that is a key of NAMES["samplers"]            -> (sampler, schedule)
      ("DPM++ 2M SDE Karras", "dpmpp_2m_karras", "Euler a exponential")
 Schedule names given on their own are looked up in NAMES["schedules"].
 Values are the canonical sdengine names (sdengine.samplers.SAMPLERS / SCHEDULES).
@@ -89,3 +90,4 @@ NAMES = {
         "uniform": "ddim_uniform",
     },
 }
+

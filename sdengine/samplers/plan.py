@@ -111,8 +111,9 @@ class Plan:
 
         Sigma samplers: timestep, sigma, sigma_next, c_in = 1/sqrt(sigma^2+1) (the UNet input
         scale), sigma_up / sigma_down (the ancestral split of euler_a). For euler_a the update is
-        x += (x - denoised) / sigma * (sigma_down - sigma) + noise * sigma_up; for dpmpp_2m
-        h = log(sigma / sigma_next) and h_last is the previous step's h.
+        x += (x - denoised) / sigma * (sigma_down - sigma) + noise * sigma_up; dpmpp_2m derives
+        its step sizes h = log(sigma / sigma_next) from the same sigmas (first order where
+        sigma_next is 0, on the first step, and on the last when options["lower_order_final"]).
         ddim: timestep, alpha_cumprod, alpha_cumprod_prev. lcm: timestep, alpha_cumprod,
         alpha_cumprod_prev (of the next timestep; 1 on the last step), c_skip, c_out.
         """

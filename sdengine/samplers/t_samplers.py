@@ -56,16 +56,21 @@ def sample_ddpm(model, x, timesteps, *, extra_args=None, callback=None, noise=No
     ("fixed_large"); strided steps use the betas between the two timesteps (Nichol & Dhariwal 2021)."""
     extra_args = extra_args or {}
     noise = noise or (lambda: torch.randn_like(x))
+    # The step coefficients are computed in float32, as diffusers' DDPMScheduler does: for fine
+    # steps 1 - a_t / a_prev cancels, and diffusers' rounding there is part of its result.
+    alphas32 = torch.as_tensor(alphas_cumprod).to(torch.float32)
     for i, t in enumerate(timesteps):
         t, t_prev = int(t), int(prev_timesteps[i])
         x0, _ = model(x, t, **extra_args)
-        a_t = float(alphas_cumprod[t])
-        a_prev = _alpha(alphas_cumprod, t_prev, 1.0)
+        a_t = alphas32[t]
+        a_prev = alphas32[t_prev] if t_prev >= 0 else torch.tensor(1.0)
         beta_t = 1 - a_t / a_prev
-        x = (a_prev ** 0.5 * beta_t / (1 - a_t)) * x0 + ((a_t / a_prev) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x
+        x0_coeff = float(a_prev ** 0.5 * beta_t / (1 - a_t))
+        x_coeff = float((a_t / a_prev) ** 0.5 * (1 - a_prev) / (1 - a_t))
+        x = x0_coeff * x0 + x_coeff * x
         if t > 0:
-            variance = beta_t if variance_type == "fixed_large" else max((1 - a_prev) / (1 - a_t) * beta_t, 1e-20)
-            x = x + variance ** 0.5 * noise()
+            variance = beta_t if variance_type == "fixed_large" else ((1 - a_prev) / (1 - a_t) * beta_t).clamp(min=1e-20)
+            x = x + float(variance ** 0.5) * noise()
         _report(callback, i, x, t, x0)
     return x
 
