@@ -32,6 +32,8 @@ _CONFIGS = [
         (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4), (128, 64, 4, 4),
     ]
 ]
+
+
 # Interpreter (CPU tests): each program and each loop trip costs Python overhead per
 # tl op, so the tiles grow with the problem (16 … 256), which keeps small cases small.
 def _interpret_blocks(n_q, n_k):

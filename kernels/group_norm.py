@@ -30,7 +30,7 @@ x's memory format.
 
 import torch
 
-from ._triton import HAS_TRITON, cast_out, check_launch, launcher, pick, tl, triton
+from ._triton import HAS_TRITON, cast_out, check_launch, launcher, tl, triton
 
 _APPLY_CONFIGS = [
     triton.Config({"BLOCK_HW": bhw, "BLOCK_C": bc}, num_warps=w)

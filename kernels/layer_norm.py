@@ -9,7 +9,7 @@ D = 320, 640, 1280 (UNet transformer blocks) and 768/1024/1280 (CLIP).
 
 import torch
 
-from ._triton import HAS_TRITON, cast_out, check_launch, launcher, tl, triton
+from ._triton import cast_out, check_launch, launcher, tl, triton
 
 
 def _configs(block_d):
