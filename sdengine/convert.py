@@ -397,6 +397,57 @@ def _detect_openclip(shapes: Mapping[str, tuple], prefix: str, base: TextEncoder
     )
 
 
+def layout_for(config: ModelConfig) -> Layout:
+    """The LDM layout sdengine writes for a config (the one its family's original files use)."""
+    family = family_name(config)
+    if family == "sdxl":
+        return Layout("sdxl", SDXL_TEXT_PREFIX + "text_model.", False, SDXL_TEXT_2_PREFIX)
+    if family.startswith("sd21"):
+        return Layout("sd2", SD2_TEXT_PREFIX, True)
+    return Layout("sd1", SD1_TEXT_PREFIX + "text_model.", False)
+
+
+# ldm's VAE AttnBlock uses 1x1 convolutions where diffusers uses Linear layers.
+_VAE_CONV_ATTENTION = re.compile(r"first_stage_model\.(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight")
+
+
+def to_ldm_state_dict(config: ModelConfig, state_dicts: Mapping[str, Mapping]) -> dict:
+    """The inverse of single-file loading: sdengine state_dicts -> one LDM / A1111 state dict.
+
+    state_dicts: component name ("unet", "vae", "text_encoder", "text_encoder_2") -> that
+    network's state_dict. The tensors are reused where no rewrite is needed (no copy).
+    SD2 files hold OpenCLIP ViT-H's 24th layer and its image-space projection, which SD2
+    never runs (it conditions on the penultimate layer); they are written as a copy of the
+    last used layer and an identity matrix, so that the file has the standard layout.
+    """
+    import torch
+
+    layout = layout_for(config)
+    out, packed = {}, {}
+    for component, state in state_dicts.items():
+        for key, tensor in state.items():
+            source = layout.source(component, key, config)
+            if source.transform in ("q", "k", "v"):
+                packed.setdefault(source.key, {})[source.transform] = tensor
+            elif source.transform == "transpose":
+                out[source.key] = tensor.t().contiguous()
+            elif _VAE_CONV_ATTENTION.fullmatch(source.key) and tensor.ndim == 2:
+                out[source.key] = tensor[:, :, None, None]  # (C, C) -> (C, C, 1, 1)
+            else:
+                out[source.key] = tensor
+    for key, parts in packed.items():  # nn.MultiheadAttention's packing: rows q, k, v
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    if layout.family == "sd2":
+        last = config.text_encoder.num_hidden_layers - 1
+        prefix = f"{layout.text_prefix}transformer.resblocks."
+        for key in [k for k in out if k.startswith(f"{prefix}{last}.")]:
+            out[key.replace(f"{prefix}{last}.", f"{prefix}{last + 1}.", 1)] = out[key].clone()
+        width = config.text_encoder.hidden_size
+        reference = out[layout.text_prefix + "token_embedding.weight"]
+        out[layout.text_prefix + "text_projection"] = torch.eye(width, dtype=reference.dtype, device=reference.device)
+    return out
+
+
 def family_name(config: ModelConfig) -> str:
     """The preset family a config belongs to: sd15, sd15-inpaint, sd21, sd21-v, sd21-inpaint or sdxl.
 
@@ -411,7 +462,26 @@ def family_name(config: ModelConfig) -> str:
     return "sd15-inpaint" if config.is_inpaint else "sd15"
 
 
-def detect_config(shapes: Mapping[str, tuple], *, prediction_type: Optional[str] = None) -> tuple[ModelConfig, Layout]:
+def prediction_type_from_metadata(metadata: Optional[Mapping[str, str]]) -> Optional[str]:
+    """The prediction type a safetensors header declares (Stability's SAI Model Spec, which
+    kohya's trainers and sdengine write): `modelspec.prediction_type` "epsilon" / "v", or
+    else a `modelspec.architecture` naming the SD2 512 or 768-v model. None if neither."""
+    metadata = metadata or {}
+    declared = str(metadata.get("modelspec.prediction_type", "")).strip().lower()
+    if declared in ("epsilon", "eps"):
+        return "epsilon"
+    if declared in ("v", "v_prediction", "v-prediction"):
+        return "v_prediction"
+    architecture = str(metadata.get("modelspec.architecture", ""))
+    if architecture.startswith("stable-diffusion-v2-768-v"):
+        return "v_prediction"
+    if architecture.startswith("stable-diffusion-v2-512"):
+        return "epsilon"
+    return None
+
+
+def detect_config(shapes: Mapping[str, tuple], *, prediction_type: Optional[str] = None,
+                  metadata: Optional[Mapping[str, str]] = None) -> tuple[ModelConfig, Layout]:
     """The ModelConfig of an LDM-layout checkpoint, from its keys and tensor shapes.
 
     The family (SD1 / SD2 / SDXL) comes from the text encoder's layout; the preset of that
@@ -425,8 +495,10 @@ def detect_config(shapes: Mapping[str, tuple], *, prediction_type: Optional[str]
     of 64 channels (their `num_head_channels: 64`); text encoders use 64-wide heads. Pass a
     full `config=` to the loader for checkpoints that follow neither rule.
 
-    Prediction type, in order: the `prediction_type` argument; a `v_pred` key in the file
-    (A1111's and ComfyUI's marker) -> "v_prediction"; SD2 with 4 input channels ->
+    Prediction type, in order: the `prediction_type` argument; the safetensors header's
+    `modelspec.prediction_type` / `modelspec.architecture` (`metadata`, see
+    prediction_type_from_metadata); a `v_pred` key in the file (A1111's and ComfyUI's
+    marker) -> "v_prediction"; SD2 with 4 input channels ->
     "v_prediction" (there is no reliable key: like diffusers' single-file loader we take
     the 768-v SD2.x model as the default SD2, so a 512-base SD2 file needs
     prediction_type="epsilon"); anything else -> "epsilon". A `ztsnr` key turns on
@@ -440,6 +512,8 @@ def detect_config(shapes: Mapping[str, tuple], *, prediction_type: Optional[str]
                              "(sdengine runs 4-channel text-to-image and 9-channel inpainting models; depth (5) "
                              "and instruct-pix2pix (8) models are not supported)")
     inpaint = in_channels == 9
+    if prediction_type is None:
+        prediction_type = prediction_type_from_metadata(metadata)
     if prediction_type is None:
         if "v_pred" in shapes or (family == "sd2" and not inpaint):
             prediction_type = "v_prediction"

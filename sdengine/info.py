@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ModelConfig, config_to_dict
-from .convert import family_name
+from .convert import family_name, prediction_type_from_metadata
 
 _FAMILY = {"sd15": "SD1.x", "sd15-inpaint": "SD1.x inpainting", "sd21": "SD2.x (512, epsilon)",
            "sd21-v": "SD2.x (768, v-prediction)", "sd21-inpaint": "SD2.x inpainting", "sdxl": "SDXL base"}
@@ -50,7 +50,10 @@ def _file_summary(path: Path) -> tuple[str, list[str]]:
     line = f"{what}, LDM/A1111 keys, {len(reader.shapes)} tensors, {path.stat().st_size / 1e9:.2f} GB ({kinds})"
     notes = ["head counts, norm groups and sample size are not recorded in a single file: they follow the "
              "family preset (SD1: 8 heads; SD2/SDXL: 64-channel heads)"]
-    if "v_pred" in reader.shapes:
+    declared = prediction_type_from_metadata(reader.metadata)
+    if declared:
+        notes.append(f"the safetensors header declares the prediction type: {declared} (modelspec)")
+    elif "v_pred" in reader.shapes:
         notes.append("a 'v_pred' key marks the model as v-prediction")
     return line, notes
 
@@ -65,7 +68,7 @@ def describe(path, prediction_type: Optional[str] = None) -> str:
     counts = _parameter_counts(config)
     unet, vae = config.unet, config.vae
     family = family_name(config)
-    marked = any("v-prediction" in note for note in notes)
+    marked = any("prediction" in note for note in notes)
     if family == "sd21-v" and not path.is_dir() and prediction_type is None and not marked:
         notes.append("SD2 single files record no prediction type: v-prediction is assumed (the 768-v model); "
                      "pass --prediction-type epsilon for a 512-base SD2 model")

@@ -15,7 +15,9 @@ is the one the networks end up holding.
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import tempfile
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,8 +27,8 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .convert import (Layout, Source, UnmappedKey, apply_transform, detect_config, same_up_to_unit_dims,
-                      transformed_shape)
+from .convert import (Layout, Source, UnmappedKey, apply_transform, detect_config, family_name,
+                      same_up_to_unit_dims, to_ldm_state_dict, transformed_shape)
 from .errors import ModelLoadError
 from .tokenizer import EOS_TOKEN, CLIPTokenizer
 
@@ -73,6 +75,7 @@ class WeightReader:
 
     shapes: dict[str, tuple]
     dtypes: dict[str, str]
+    metadata: dict[str, str] = {}  # the safetensors header's __metadata__ (first file)
 
     def get(self, key: str) -> torch.Tensor:
         raise NotImplementedError
@@ -109,6 +112,7 @@ class SafetensorsReader(WeightReader):
             except SafetensorError as e:
                 raise ModelLoadError(f"{path}: not a valid safetensors file (truncated or corrupt?): {e}") from None
             self._handles[path] = handle
+        self.metadata = dict(self._handles[self.paths[0]].metadata() or {}) if self.paths else {}
 
     def get(self, key: str) -> torch.Tensor:
         from safetensors import SafetensorError
@@ -380,7 +384,7 @@ def detect(path, prediction_type: Optional[str] = None) -> ModelConfig:
 
 def _detect_single_file(reader: WeightReader, prediction_type: Optional[str]) -> tuple[ModelConfig, Layout]:
     try:
-        return detect_config(reader.shapes, prediction_type=prediction_type)
+        return detect_config(reader.shapes, prediction_type=prediction_type, metadata=reader.metadata)
     except ModelLoadError as e:
         raise ModelLoadError(f"{reader.name}: {e}") from None
 
@@ -466,3 +470,52 @@ def load_model(path, device=None, dtype=None, *, config: Optional[ModelConfig] =
     return LoadedModel(config=config, text_encoder=loaded["text_encoder"], text_encoder_2=loaded.get("text_encoder_2"),
                        unet=loaded["unet"], vae=loaded["vae"], tokenizer=tokenizer, tokenizer_2=tokenizer_2,
                        source=source)
+
+
+# ---------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------
+
+_MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1", "sd21": "stable-diffusion-v2-512",
+                           "sd21-v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
+
+
+def save_single_file(model: LoadedModel, path, dtype: Optional[torch.dtype] = None) -> Path:
+    """Write a loaded model as one LDM / A1111 `.safetensors` file, the layout that A1111,
+    ComfyUI and `load_model` read (see convert.to_ldm_state_dict).
+
+    dtype: cast the floating-point tensors (default: keep the model's dtype). The header
+    records the prediction type (`modelspec.prediction_type`, plus a `v_pred` key for
+    v-prediction models, A1111's and ComfyUI's marker), so an SD2 512-base model is not
+    read back as v-prediction. The file is written next to `path` and renamed into place:
+    an error leaves no partial file.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"save_single_file writes .safetensors files, got {path.name!r}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {path.parent}")
+    networks = {name: getattr(model, name) for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+                if getattr(model, name) is not None}
+    state = to_ldm_state_dict(model.config, {name: net.state_dict() for name, net in networks.items()})
+    v_prediction = model.config.prediction_type == "v_prediction"
+    if v_prediction:
+        state["v_pred"] = torch.zeros(0)
+    state = {key: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).detach().cpu().contiguous()
+             for key, t in state.items()}
+    metadata = {"format": "pt", "modelspec.prediction_type": "v" if v_prediction else "epsilon"}
+    architecture = _MODELSPEC_ARCHITECTURE.get(family_name(model.config))
+    if architecture:
+        metadata |= {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture,
+                     "modelspec.implementation": "sgm"}
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(state, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ldm_keys import ldm_state_dict, save_ldm_single_file
+from ldm_keys import TEXT_LAYOUT, ldm_state_dict, save_ldm_single_file
 from sdengine.config import PRESETS, ModelConfig, tiny_config
-from sdengine.convert import detect_config
+from sdengine.convert import detect_config, to_ldm_state_dict
 from sdengine.errors import ModelLoadError
-from sdengine.loading import detect, load_model
+from sdengine.loading import detect, load_model, save_single_file
 from tiny import TINY_KINDS, diffusers_unet_kwargs, diffusers_vae_kwargs, save_tiny_pipeline, tiny_pipeline, \
     transformers_text_config
 
@@ -195,6 +195,44 @@ def test_fp16_variant_bin_and_shards(folders, tmp_path):
     (folder / "text_encoder" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
     text_file.unlink()
     assert_same_weights(load_model(folder, device="cpu", progress=False), "sd15")
+
+
+# ---------------------------------------------------------------------------
+# Writing single files
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_save_single_file_round_trip(kind, folders, tmp_path):
+    loaded = load_model(folders(kind), device="cpu", progress=False)
+    # The write direction of convert.py agrees with the independent writer of ldm_keys.py
+    # on every tensor both hold (ldm_keys adds random stand-ins for SD2's unused OpenCLIP
+    # layer and projection, CLIP's logit_scale, position_ids and the schedule buffers).
+    written = to_ldm_state_dict(loaded.config, {name: getattr(loaded, name).state_dict() for name in NETWORKS
+                                                if getattr(loaded, name) is not None})
+    independent = ldm_state_dict(tiny_pipeline(kind), TEXT_LAYOUT[kind])
+    unused_sd2_layer = f"cond_stage_model.model.transformer.resblocks.{loaded.config.text_encoder.num_hidden_layers}."
+    stand_ins = ("logit_scale", "position_ids", "cond_stage_model.model.text_projection", unused_sd2_layer,
+                 "betas", "alphas_cumprod", "model_ema.")
+    shared = [key for key in independent if not any(part in key for part in stand_ins)]
+    assert len(shared) > 300 and set(shared) <= set(written)
+    for key in shared:
+        assert written[key].shape == independent[key].shape and torch.equal(written[key], independent[key]), key
+
+    path = save_single_file(loaded, tmp_path / "model.safetensors", dtype=torch.float32)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temporary left behind
+    assert detect(path).prediction_type == loaded.config.prediction_type
+    assert_same_weights(load_model(path, device="cpu", config=loaded.config, progress=False), kind)
+
+
+def test_save_single_file_records_epsilon_for_sd2(folders, tmp_path):
+    """SD2 single files default to v-prediction; a written 512-base (epsilon) model says otherwise."""
+    loaded = load_model(folders("sd21-v"), device="cpu", prediction_type="epsilon", progress=False)
+    path = save_single_file(loaded, tmp_path / "sd2-base.safetensors", dtype=torch.float16)
+    assert detect(path).prediction_type == "epsilon" and detect(path).name == "sd21"
+    with pytest.raises(ValueError, match="safetensors"):
+        save_single_file(loaded, tmp_path / "model.ckpt")
+    with pytest.raises(FileNotFoundError, match="no-such-folder"):
+        save_single_file(loaded, tmp_path / "no-such-folder" / "model.safetensors")
 
 
 # ---------------------------------------------------------------------------
@@ -378,6 +416,14 @@ def test_truncated_and_unsafe_ckpt(single_files, tmp_path):
         _load(tmp_path / "unsafe.ckpt")
 
 
+def _replace_file(state, path):
+    """Write state over path through a new file: load_file's tensors may be memory-mapped
+    from path itself, and truncating a mapped file under them would crash the process."""
+    temporary = path.with_suffix(".tmp")
+    save_file(state, temporary)
+    temporary.replace(path)
+
+
 def _edited(source, tmp_path, edit):
     state = load_file(source)
     edit(state)
@@ -395,7 +441,7 @@ def test_missing_key(single_files, folders, tmp_path):
     vae_file = folder / "vae" / "diffusion_pytorch_model.safetensors"
     state = load_file(vae_file)
     del state["decoder.conv_out.bias"]
-    save_file(state, vae_file)
+    _replace_file(state, vae_file)
     with pytest.raises(ModelLoadError, match=r"vae weights missing.*decoder.conv_out.bias"):
         _load(folder)
 
@@ -409,7 +455,7 @@ def test_extra_key(single_files, folders, tmp_path):
     unet_file = folder / "unet" / "diffusion_pytorch_model.safetensors"
     state = load_file(unet_file)
     state["mid_block.attentions.0.surprise"] = torch.zeros(1)
-    save_file(state, unet_file)
+    _replace_file(state, unet_file)
     with pytest.raises(ModelLoadError, match=r"unexpected weights.*mid_block.attentions.0.surprise"):
         _load(folder)
 
@@ -427,6 +473,6 @@ def test_shape_mismatch(single_files, folders, tmp_path):
     state = load_file(text_file)
     key = next(k for k in state if k.endswith("final_layer_norm.weight"))
     state[key] = torch.ones(31)
-    save_file(state, text_file)
+    _replace_file(state, text_file)
     with pytest.raises(ModelLoadError, match=r"final_layer_norm.weight.*found \[31\].*expects \[32\]"):
         _load(folder)
