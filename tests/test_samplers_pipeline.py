@@ -1,7 +1,8 @@
 """Every sampler in the full pipeline against diffusers' StableDiffusionPipeline.
 
 Tiny random SD1.5 weights, 10 steps, classifier-free guidance, the same initial latents,
-prompt and per-image generators on both sides: the images agree within 1/255.
+prompt and per-image generators on both sides: the images agree within 1/255. Also a few
+samplers on the v-prediction SD2 model and in img2img.
 dpmpp_sde (diffusers' DPMSolverSDEScheduler needs torchsde, not installed) and dpmpp_3m_sde
 (no diffusers counterpart) are covered against float64 references in test_samplers.py.
 
@@ -64,3 +65,49 @@ def test_sampler_in_pipeline_matches_diffusers(pipelines, sampler, schedule, sch
     diff = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max())
     assert diff <= TOL, f"{sampler}: max |difference| {diff * 255:.2f}/255"
     assert got.std() > 0.01
+
+
+V_CASES = [
+    ("ddim", None, "DDIMScheduler", {}),
+    ("euler_a", None, "EulerAncestralDiscreteScheduler", {}),
+    ("dpmpp_2m", "karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    ("unipc", None, "UniPCMultistepScheduler", {}),
+]
+
+
+@pytest.mark.parametrize("sampler,schedule,scheduler_class,overrides", V_CASES, ids=[c[0] for c in V_CASES])
+def test_sampler_with_v_prediction_model(sampler, schedule, scheduler_class, overrides):
+    ref_pipe = tiny_pipeline("sd21-v")
+    ours = sdengine.from_diffusers(ref_pipe)
+    scheduler = getattr(diffusers, scheduler_class).from_config({**ref_pipe.scheduler.config, **overrides})
+    ref_pipe = diffusers.StableDiffusionPipeline(**{**ref_pipe.components, "scheduler": scheduler})
+    cfg = ours.config
+    latents = torch.randn(1, cfg.vae.latent_channels, H // cfg.vae.downscale, W // cfg.vae.downscale,
+                          generator=torch.Generator().manual_seed(6))
+    ref = ref_pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=5.0, height=H, width=W, latents=latents.clone(),
+                   generator=[torch.Generator().manual_seed(9)], output_type="np").images
+    got = ours(PROMPT, steps=STEPS, guidance_scale=5.0, height=H, width=W, latents=latents.clone(), seed=[9],
+               sampler=sampler, schedule=schedule, output_type="np", progress=False).images
+    diff = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max())
+    assert diff <= TOL, f"{sampler}: max |difference| {diff * 255:.2f}/255"
+
+
+IMG2IMG_CASES = [
+    ("euler_a", "EulerAncestralDiscreteScheduler", {}, 0.6),
+    ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, 0.7),
+    ("heun", "HeunDiscreteScheduler", {}, 0.5),
+]
+
+
+@pytest.mark.parametrize("sampler,scheduler_class,overrides,strength", IMG2IMG_CASES, ids=[c[0] for c in IMG2IMG_CASES])
+def test_sampler_in_img2img_matches_diffusers(pipelines, sampler, scheduler_class, overrides, strength):
+    ref_pipe, ours = pipelines
+    scheduler = getattr(diffusers, scheduler_class).from_config({**ref_pipe.scheduler.config, **overrides})
+    ref_pipe = diffusers.StableDiffusionImg2ImgPipeline(**{**ref_pipe.components, "scheduler": scheduler})
+    image = torch.rand(3, H, W, generator=torch.Generator().manual_seed(2)).numpy().transpose(1, 2, 0)
+    ref = ref_pipe(PROMPT, image=image[None], strength=strength, num_inference_steps=STEPS, guidance_scale=5.0,
+                   generator=[torch.Generator().manual_seed(31)], output_type="np").images
+    got = ours(PROMPT, init_image=image, strength=strength, steps=STEPS, guidance_scale=5.0, seed=[31],
+               sampler=sampler, output_type="np", progress=False).images
+    diff = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max())
+    assert diff <= TOL, f"{sampler}: max |difference| {diff * 255:.2f}/255"
