@@ -44,7 +44,8 @@ DIFFUSERS = {
 def make_model(seed=0, channels=4):
     """A fixed random linear function of x_in and t, shaped like an epsilon / v model."""
     g = torch.Generator().manual_seed(seed)
-    mix = 0.6 * torch.eye(channels, dtype=torch.float64) + 0.1 * torch.randn(channels, channels, generator=g, dtype=torch.float64)
+    mix = (0.6 * torch.eye(channels, dtype=torch.float64)
+           + 0.1 * torch.randn(channels, channels, generator=g, dtype=torch.float64))
     bias = 0.3 * torch.randn(1, channels, 1, 1, generator=g, dtype=torch.float64)
     calls = []
 
@@ -152,7 +153,8 @@ CASES = [
     ("dpmpp_2m", SD, 20, None, {}),
     ("dpmpp_2m", SD, 10, "karras", {"use_karras_sigmas": True}),
     ("dpmpp_2m", SD_V, 12, "exponential", {"use_exponential_sigmas": True}),
-    ("dpmpp_2m", dataclasses.replace(SD, extra=(("solver_type", "heun"),), final_sigmas_type="sigma_min"), 10, None, {}),
+    ("dpmpp_2m", dataclasses.replace(SD, extra=(("solver_type", "heun"),), final_sigmas_type="sigma_min"), 10,
+     None, {}),
     ("unipc", SD, 20, None, {}),
     ("unipc", SD_V, 10, "karras", {"use_karras_sigmas": True}),
     ("unipc", dataclasses.replace(SD, extra=(("solver_order", 3),)), 12, None, {}),
@@ -212,7 +214,8 @@ def test_zero_terminal_snr_v_prediction():
     """rescale_betas_zero_snr puts the first sigma at 4096 (alphas_cumprod[-1] = 2**-24). diffusers'
     Euler step computes in float32, so its latents carry |x| * 6e-8 ~ 2.4e-4 absolute rounding
     error there; the comparison allows 1e-5 relative for that, not RTOL."""
-    cfg = dataclasses.replace(SD, rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
+    cfg = dataclasses.replace(SD, rescale_betas_zero_snr=True, prediction_type="v_prediction",
+                              timestep_spacing="trailing")
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     model_a, calls_a = make_model()
     model_b, calls_b = make_model()

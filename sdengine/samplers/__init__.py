@@ -33,7 +33,7 @@ from ..config import SchedulerConfig
 from . import k_samplers, t_samplers
 from .denoiser import Denoiser, to_x0_eps
 from .names import NAMES
-from .plan import MIN_STEPS, SCHEDULES_FOR, SIGMA_SAMPLERS, TIMESTEP_SAMPLERS, Plan, kept_steps, make_plan
+from .plan import MIN_STEPS, SCHEDULES_FOR, Plan, make_plan
 from .schedules import sigma_to_t, sigmas_exponential, sigmas_karras
 
 SAMPLERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a",
@@ -185,8 +185,8 @@ def sample(model_fn: Callable, noise: torch.Tensor, *, sampler: Optional[str], s
       (e.g. order=3 for unipc) and override what the config says.
     """
     name, schedule = resolve(sampler, schedule, scheduler_config)
-    if init_latents is None and strength != 1.0:
-        kept_steps(steps, strength)  # still validate the value
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
     plan = make_plan(name, schedule, steps, scheduler_config,
                      strength=strength if init_latents is not None else 1.0, eta=eta)
     fn = SAMPLE_FUNCTIONS[name]
@@ -197,7 +197,8 @@ def sample(model_fn: Callable, noise: torch.Tensor, *, sampler: Optional[str], s
         raise ValueError(f"sampler {name!r} has no option {', '.join(map(repr, unknown))}; "
                          f"its options are: {', '.join(sorted(allowed)) or 'none'}")
     if init_latents is not None and init_latents.shape != noise.shape:
-        raise ValueError(f"init_latents shape {tuple(init_latents.shape)} differs from noise shape {tuple(noise.shape)}")
+        raise ValueError(f"init_latents shape {tuple(init_latents.shape)} differs from "
+                         f"noise shape {tuple(noise.shape)}")
 
     denoiser = Denoiser(model_fn, plan.alphas_cumprod, scheduler_config.prediction_type,
                         log_sigmas=plan.log_sigmas, timesteps_of_sigmas=plan.timesteps_of_sigmas(),

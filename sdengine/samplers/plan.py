@@ -26,7 +26,8 @@ SIGMA_SAMPLERS = K_STYLE + DPM_STYLE
 # timesteps, so sigma-shaped schedules (karras, exponential) are impossible for them; LCM
 # follows the skipping-step schedule it was distilled on.
 SCHEDULES_FOR = {
-    **{s: ("default", "normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform") for s in SIGMA_SAMPLERS},
+    **{s: ("default", "normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform")
+       for s in SIGMA_SAMPLERS},
     "ddim": ("default", "normal", "sgm_uniform", "simple", "ddim_uniform"),
     "ddpm": ("default", "normal", "sgm_uniform", "simple", "ddim_uniform"),
     "pndm": ("default", "normal", "sgm_uniform", "simple", "ddim_uniform"),

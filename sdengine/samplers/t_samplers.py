@@ -69,7 +69,8 @@ def sample_ddpm(model, x, timesteps, *, extra_args=None, callback=None, noise=No
         x_coeff = float((a_t / a_prev) ** 0.5 * (1 - a_prev) / (1 - a_t))
         x = x0_coeff * x0 + x_coeff * x
         if t > 0:
-            variance = beta_t if variance_type == "fixed_large" else ((1 - a_prev) / (1 - a_t) * beta_t).clamp(min=1e-20)
+            variance = beta_t if variance_type == "fixed_large" else \
+                ((1 - a_prev) / (1 - a_t) * beta_t).clamp(min=1e-20)
             x = x + float(variance ** 0.5) * noise()
         _report(callback, i, x, t, x0)
     return x
