@@ -151,7 +151,7 @@ def test_tiled_vae_decode_has_no_visible_seams():
 def test_pipeline_decodes_in_tiles_on_request(monkeypatch):
     import sdengine.vae_tiling as vae_tiling
 
-    monkeypatch.setattr(vae_tiling, "TILE", 12)  # 32x32 latents: a 3x3 grid of tiles
+    monkeypatch.setattr(vae_tiling, "TILE", 12)  # 32x32 latents: tiles start at 0, 8, 16, 20 on each axis
     monkeypatch.setattr(vae_tiling, "OVERLAP", 4)
     pipe = sdengine.from_diffusers(tiny_pipeline("sd15"))
     tiles = []
@@ -161,7 +161,7 @@ def test_pipeline_decodes_in_tiles_on_request(monkeypatch):
     plain = pipe(PROMPT, vae_tiling=False, **kwargs).images
     assert tiles == [(1, 4, 32, 32)]
     tiled = pipe(PROMPT, vae_tiling=True, **kwargs).images
-    assert len(tiles) == 1 + 9 and all(t[-2:] == (12, 12) for t in tiles[1:])
+    assert len(tiles) == 1 + 16 and all(t[-2:] == (12, 12) for t in tiles[1:])
     assert plain.shape == tiled.shape and np.isfinite(tiled).all() and tiled.std() > 0.01
 
 
