@@ -137,6 +137,8 @@ CASES = [
     ("ddim", dataclasses.replace(SD, timestep_spacing="linspace", set_alpha_to_one=True), 15, None, {}),
     ("pndm", SD, 20, None, {}),
     ("pndm", dataclasses.replace(SD, timestep_spacing="linspace"), 7, None, {}),
+    ("ddim", dataclasses.replace(SD_V, rescale_betas_zero_snr=True), 10, None, {}),
+    ("ddim", dataclasses.replace(SD, beta_schedule="squaredcos_cap_v2", clip_sample=True), 10, None, {}),
     ("lms", SD, 20, None, {}),
     ("lms", SD_V, 10, "karras", {"use_karras_sigmas": True}),
     ("euler", SD, 20, None, {}),
@@ -155,7 +157,15 @@ CASES = [
     ("dpmpp_2m", SD_V, 12, "exponential", {"use_exponential_sigmas": True}),
     ("dpmpp_2m", dataclasses.replace(SD, extra=(("solver_type", "heun"),), final_sigmas_type="sigma_min"), 10,
      None, {}),
+    ("dpmpp_2m", dataclasses.replace(SD, timestep_spacing="linspace", beta_schedule="squaredcos_cap_v2"), 10,
+     None, {}),
+    ("dpmpp_2m", dataclasses.replace(SD, timestep_spacing="linspace", steps_offset=0), 16, None, {}),
+    ("euler", dataclasses.replace(SD, beta_schedule="squaredcos_cap_v2", timestep_spacing="linspace"), 10, None, {}),
     ("unipc", SD, 20, None, {}),
+    ("unipc", dataclasses.replace(SD, beta_schedule="squaredcos_cap_v2"), 10, None, {}),
+    ("unipc", dataclasses.replace(SD, extra=(("disable_corrector", (2, 3)),)), 10, None, {}),
+    # bh1 with a final sigma of 0 is NaN in diffusers (B(h) = -h is infinite there): end at sigma_min
+    ("unipc", dataclasses.replace(SD, extra=(("solver_type", "bh1"),), final_sigmas_type="sigma_min"), 10, None, {}),
     ("unipc", SD_V, 10, "karras", {"use_karras_sigmas": True}),
     ("unipc", dataclasses.replace(SD, extra=(("solver_order", 3),)), 12, None, {}),
     ("unipc", SD, 10, "exponential", {"use_exponential_sigmas": True}),
@@ -179,6 +189,7 @@ STOCHASTIC = [
     ("dpm_2_a", SD_V, 8, "karras", {"use_karras_sigmas": True}, None),
     ("dpmpp_2m_sde", SD, 12, "karras", {"use_karras_sigmas": True}, None),
     ("dpmpp_2m_sde", SD_V, 16, None, {}, None),
+    ("dpmpp_2m_sde", dataclasses.replace(SD, extra=(("solver_type", "heun"),)), 10, None, {}, None),
     ("lcm", dataclasses.replace(SD, extra=(("timestep_scaling", 10.0),)), 6, None, {}, None),
 ]
 
