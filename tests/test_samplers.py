@@ -457,6 +457,18 @@ def test_stochastic_sampler_is_batch_independent():
     assert rel(outs[2:], one) < 1e-12
 
 
+@pytest.mark.parametrize("sampler", ["pndm", "heun", "ddim", "dpmpp_2m"])
+def test_callback_count_is_plan_num_steps(sampler):
+    steps, strength = 10, 0.55
+    plan = make_plan(sampler, "default", steps, SD, strength=strength)
+    seen = []
+    sample(make_model()[0], torch.randn(1, 4, 8, 8, dtype=torch.float64), sampler=sampler, schedule=None,
+           steps=steps, scheduler_config=SD, init_latents=torch.zeros(1, 4, 8, 8, dtype=torch.float64),
+           strength=strength, callback=lambda i, x: seen.append(i))
+    assert seen == list(range(plan.num_steps))
+    assert plan.num_steps == (6 if sampler == "pndm" else 5)  # diffusers keeps int(10 * 0.55) = 5 steps (+1 PLMS)
+
+
 def test_callback_exception_propagates():
     class Cancelled(Exception):
         pass

@@ -81,6 +81,11 @@ class Plan:
     def is_sigma_sampler(self) -> bool:
         return self.sampler in SIGMA_SAMPLERS
 
+    @property
+    def num_steps(self) -> int:
+        """Steps this run takes, i.e. callback calls (PLMS takes one more than requested)."""
+        return len(self.sigmas) - 1 if self.is_sigma_sampler else len(self.timesteps)
+
     def timesteps_of_sigmas(self) -> dict:
         """{sigma: timestep} at the plan's own sigmas (the denoiser interpolates between)."""
         if not self.is_sigma_sampler:
