@@ -19,6 +19,14 @@ GPU fast path: `make_plan(...)` (or `timesteps_and_sigmas`) gives the per-step s
 alpha_cumprod, alpha_cumprod_prev, c_skip, c_out (ddim, lcm). For a sigma sampler the state is
 x = x0 + sigma * eps: start from `plan.initial_state(noise, init_latents)`, feed the UNet
 x * c_in and t = timestep, and return `plan.latents(x)`.
+
+Where sdengine deliberately differs from diffusers (tests/test_samplers.py checks the rest to 1e-6):
+- pndm with a v-prediction model: PLMS combines eps (the paper), diffusers combines raw v;
+- lms on an img2img tail: the order restarts at 1 (k-diffusion), diffusers keeps the absolute step's;
+- dpmpp_sde draws independent per-image noise, not torchsde's Brownian tree (DPMSolverSDEScheduler);
+- dpmpp_3m_sde follows k-diffusion; diffusers' third-order SDE DPM-Solver++ has the sign of its
+  0.5 * D2 term flipped relative to its own ODE form;
+- unipc with solver_type bh1 ending at sigma 0 returns x0 where diffusers returns NaN.
 """
 
 from __future__ import annotations
