@@ -682,8 +682,8 @@ def read_manifest(onnx_dir) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an sdengine ONNX manifest (format {manifest.get('format')!r}"
-                         if isinstance(manifest, dict) else f"{path}: not an sdengine ONNX manifest")
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{path}: not an sdengine ONNX manifest (format {found!r}, expected {FORMAT!r})")
     version = manifest.get("format_version")
     if not isinstance(version, int):
         raise ValueError(f"{path}: format_version is missing or not an integer")

@@ -202,6 +202,23 @@ def test_optimizer_graph_still_matches(exports, tmp_path):
     assert _rel(out, ref) < 1e-4
 
 
+def test_external_data_above_the_size_limit(exports, tmp_path, monkeypatch):
+    """Graphs over the protobuf limit keep their weights in <name>.onnx.data; checker and ORT
+    read them by path. (The limit is lowered so that the tiny text encoder crosses it.)"""
+    from sdengine.loading import load_model
+
+    folder, _ = exports["sd15"]
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    loaded = load_model(folder, device="cpu", dtype=torch.float32, progress=False)
+    net = next(n for n in onnx_export._networks(loaded, torch.Generator().manual_seed(0)) if n.name == "text_encoder")
+    record = onnx_export._export_one(net, tmp_path, torch.float32, onnx_export.DEFAULT_OPSET, False, 1e-4)
+    assert record["external_data"] == ["text_encoder.onnx.data"]
+    weights = sum(p.numel() * 4 for p in loaded.text_encoder.parameters())
+    assert (tmp_path / "text_encoder.onnx").stat().st_size < weights < (tmp_path / "text_encoder.onnx.data").stat().st_size * 1.5
+    assert record["validation"]["error"] <= 1e-4
+    onnx.checker.check_model(str(tmp_path / "text_encoder.onnx"))
+
+
 # ---------------------------------------------------------------------------
 # Bad input: clear errors, nothing half-written
 # ---------------------------------------------------------------------------

@@ -302,6 +302,6 @@ def load_pipeline(path, device=None, dtype=None):
             export_onnx(path, onnx_dir, dtype=_EXPORT_DTYPES[dtype], overwrite=True)
     backend = OnnxBackend.from_dir(onnx_dir, device=device)
     if dtype is not None and dtype != backend.dtype:
-        log.info("onnx backend: %s holds a %s export; running it in %s", onnx_dir, backend.manifest["dtype"],
-                 backend.manifest["dtype"])
+        log.info("onnx backend: %s holds a %s export: it runs in %s, not the requested %s", onnx_dir,
+                 backend.manifest["dtype"], backend.dtype, dtype)
     return Pipeline(backend, backend.tokenizer, backend.tokenizer_2, name=backend.manifest.get("name"))
