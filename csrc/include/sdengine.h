@@ -72,6 +72,7 @@ typedef enum sde_sampler {
   SDE_SAMPLER_EULER_A,
   SDE_SAMPLER_DDIM,
   SDE_SAMPLER_DPMPP_2M,
+  SDE_SAMPLER_PNDM, /* PLMS: Stable Diffusion 1.x's default scheduler */
   SDE_SAMPLER_COUNT
 } sde_sampler;
 
@@ -152,7 +153,7 @@ SDE_API int sde_model_default_size(const sde_model *model);
 
 /* ---- Generation ---- */
 
-/* Called after every step; return nonzero to cancel the request (SDE_ERR_CANCELLED). */
+/* Called after every model evaluation (steps of them; PNDM makes steps + 1); return nonzero to cancel the request (SDE_ERR_CANCELLED). */
 typedef int (*sde_progress_fn)(void *user, int step, int steps);
 
 typedef struct sde_gen_params {

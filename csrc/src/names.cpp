@@ -11,7 +11,7 @@ namespace {
 
 #include "sampler_names.inc"
 
-const char *const kSamplerNames[] = {"euler", "euler_a", "ddim", "dpmpp_2m"};
+const char *const kSamplerNames[] = {"euler", "euler_a", "ddim", "dpmpp_2m", "pndm"};
 const char *const kScheduleNames[] = {"default", "normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform"};
 
 const char *lookup(const char *const (*table)[2], size_t n, const std::string &key) {
@@ -56,7 +56,7 @@ static sde_sampler native_sampler(const std::string &canonical, const std::strin
   for (int i = 0; i < SDE_SAMPLER_COUNT; ++i)
     if (canonical == kSamplerNames[i]) return static_cast<sde_sampler>(i);
   throw InvalidArgument("sampler '" + given + "' (" + canonical +
-                        ") is not implemented by the native runtime; it implements euler, euler_a, ddim and dpmpp_2m");
+                        ") is not implemented by the native runtime; it implements euler, euler_a, ddim, dpmpp_2m and pndm");
 }
 
 static sde_schedule schedule_enum(const std::string &canonical) {
@@ -80,7 +80,7 @@ std::string canonical_sampler(const std::string &name, std::string *implied_sche
     }
   }
   throw InvalidArgument("unknown sampler '" + name +
-                        "'; valid samplers: euler, euler_a, ddim, dpmpp_2m (A1111/ComfyUI names such as "
+                        "'; valid samplers: euler, euler_a, ddim, dpmpp_2m, pndm (A1111/ComfyUI names such as "
                         "'DPM++ 2M Karras' or 'Euler a' work too)");
 }
 

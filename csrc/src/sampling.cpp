@@ -182,6 +182,59 @@ ScheduleSettings settings_of(sde_schedule s) {
   }
 }
 
+// (x0, eps) of a raw model output at x = sqrt(a) x0 + sqrt(1 - a) eps (denoiser.to_x0_eps).
+std::pair<at::Tensor, at::Tensor> x0_eps(const at::Tensor &out, const at::Tensor &x, double a, const std::string &pred) {
+  double sa = std::pow(a, 0.5), s1a = std::pow(1 - a, 0.5);
+  if (pred == "epsilon") return {(x - out * s1a) / sa, out};
+  if (pred == "v_prediction") return {x * sa - out * s1a, out * sa + x * s1a};
+  return {out, (x - out * sa) / s1a};
+}
+
+// PLMS: Liu et al., "Pseudo Numerical Methods for Diffusion Models on Manifolds" (2022), eq. 12,
+// with diffusers' start (t_samplers.sample_pndm): the first step taken twice (Euler, then a
+// 2-point average), then Adams-Bashforth of order 2-4 on eps.
+at::Tensor sample_pndm(const Plan &plan, const SchedulerConfig &cfg, const ModelFn &model, const at::Tensor &noise,
+                       const StepFn &on_step) {
+  at::Tensor x = noise * plan.init_noise_sigma, cur_x;
+  std::vector<at::Tensor> ets;
+  auto alpha_at = [&](int64_t t) { return t >= 0 ? plan.alphas_cumprod[t] : plan.final_alpha_cumprod; };
+  for (size_t counter = 0; counter < plan.timesteps.size(); ++counter) {
+    int64_t t = static_cast<int64_t>(plan.timesteps[counter]);
+    at::Tensor out = model(x, static_cast<double>(t));
+    at::Tensor eps = x0_eps(out, x, plan.alphas_cumprod[t], cfg.prediction_type).second;
+    int64_t t_prev = t - plan.stride;
+    if (counter != 1) {
+      if (ets.size() > 3) ets.erase(ets.begin());
+      ets.push_back(eps);
+    } else {  // the repeated step redoes the first one, from its start
+      t_prev = t;
+      t = t + plan.stride;
+    }
+    size_t k = ets.size();
+    at::Tensor e;
+    if (k == 1 && counter == 0) {
+      e = eps;
+      cur_x = x;
+    } else if (k == 1 && counter == 1) {
+      e = (eps + ets[k - 1]) / 2;
+      x = cur_x;
+      cur_x = at::Tensor();
+    } else if (k == 2) {
+      e = (ets[k - 1] * 3 - ets[k - 2]) / 2;
+    } else if (k == 3) {
+      e = (ets[k - 1] * 23 - ets[k - 2] * 16 + ets[k - 3] * 5) / 12;
+    } else {
+      e = (ets[k - 1] * 55 - ets[k - 2] * 59 + ets[k - 3] * 37 - ets[k - 4] * 9) / 24;
+    }
+    // the transfer phi(x_t, eps, t -> t_prev), eq. 9
+    double a_t = plan.alphas_cumprod[t], a_prev = alpha_at(t_prev);
+    double denom = a_t * std::pow(1 - a_prev, 0.5) + std::pow(a_t * (1 - a_t) * a_prev, 0.5);
+    x = x * std::pow(a_prev / a_t, 0.5) - e * (a_prev - a_t) / denom;
+    on_step(static_cast<int>(counter));
+  }
+  return x;
+}
+
 }  // namespace
 
 SchedulerConfig SchedulerConfig::from_json(const Json &j, const std::string &where) {
@@ -206,6 +259,7 @@ SchedulerConfig SchedulerConfig::from_json(const Json &j, const std::string &whe
     c.lower_order_final = j.get_bool("lower_order_final", c.lower_order_final);
     c.euler_at_final = j.get_bool("euler_at_final", c.euler_at_final);
     c.solver_type = j.get_string("solver_type", "");
+    c.skip_prk_steps = j.get_bool("skip_prk_steps", c.skip_prk_steps);
   } catch (const FormatError &e) {
     throw FormatError(where + ": " + e.what());
   }
@@ -222,10 +276,13 @@ Plan make_plan(sde_sampler sampler, sde_schedule schedule, int steps, const Sche
   if (steps < 1) throw InvalidArgument("steps must be at least 1, got " + std::to_string(steps));
   if (steps > T)
     throw InvalidArgument("steps=" + std::to_string(steps) + " exceeds the model's num_train_timesteps=" + std::to_string(T));
-  if (sampler == SDE_SAMPLER_DPMPP_2M && steps < 2)
-    throw InvalidArgument("sampler 'dpmpp_2m' is a multistep method and needs steps >= 2, got steps=" + std::to_string(steps));
-  if (sampler == SDE_SAMPLER_DDIM && (schedule == SDE_SCHEDULE_KARRAS || schedule == SDE_SCHEDULE_EXPONENTIAL))
-    throw InvalidArgument(std::string("sampler 'ddim' cannot follow the '") + sde_schedule_name(schedule) +
+  const char *name = sampler == SDE_SAMPLER_DPMPP_2M ? "dpmpp_2m" : sampler == SDE_SAMPLER_PNDM ? "pndm" : "ddim";
+  if ((sampler == SDE_SAMPLER_DPMPP_2M || sampler == SDE_SAMPLER_PNDM) && steps < 2)
+    throw InvalidArgument(std::string("sampler '") + name + "' is a multistep method and needs steps >= 2, got steps=" +
+                          std::to_string(steps));
+  if ((sampler == SDE_SAMPLER_DDIM || sampler == SDE_SAMPLER_PNDM) &&
+      (schedule == SDE_SCHEDULE_KARRAS || schedule == SDE_SCHEDULE_EXPONENTIAL))
+    throw InvalidArgument(std::string("sampler '") + name + "' cannot follow the '" + sde_schedule_name(schedule) +
                           "' schedule; it supports: default, normal, sgm_uniform, simple, ddim_uniform");
 
   ScheduleSettings s = settings_of(schedule);
@@ -239,12 +296,22 @@ Plan make_plan(sde_sampler sampler, sde_schedule schedule, int steps, const Sche
   plan.sampler = sampler;
   plan.clip_range = (cfg.clip_sample && sampler == SDE_SAMPLER_DDIM) ? cfg.clip_sample_range : 0.0;
 
-  if (sampler == SDE_SAMPLER_DDIM) {
+  if (sampler == SDE_SAMPLER_DDIM || sampler == SDE_SAMPLER_PNDM) {
     at::Tensor ac = training_alphas_cumprod(cfg, false);
     plan.alphas_cumprod = to_vector(ac);
     plan.final_alpha_cumprod = cfg.set_alpha_to_one ? 1.0 : plan.alphas_cumprod[0];
-    plan.timesteps = spaced_timesteps(spacing, steps, T, offset, Style::Ddim);
-    for (double t : plan.timesteps) plan.prev_timesteps.push_back(t - T / steps);
+    std::vector<double> descending = spaced_timesteps(spacing, steps, T, offset, Style::Ddim);
+    if (sampler == SDE_SAMPLER_PNDM) {
+      // diffusers' plms_timesteps (skip_prk_steps): the second timestep evaluated twice.
+      if (!cfg.skip_prk_steps)
+        throw InvalidArgument("pndm: only skip_prk_steps=True (PLMS, as every Stable Diffusion config sets) is supported");
+      plan.timesteps = {descending[0], descending[1]};  // [d0, d1, d1, d2, ..., d_{n-1}]
+      for (size_t i = 1; i < descending.size(); ++i) plan.timesteps.push_back(descending[i]);
+      plan.stride = T / steps;
+    } else {
+      plan.timesteps = descending;
+      for (double t : plan.timesteps) plan.prev_timesteps.push_back(t - T / steps);
+    }
     for (double t : plan.timesteps)
       if (t < 0 || t >= T) throw InvalidArgument("the schedule produced timestep " + std::to_string(t) + " outside [0, " + std::to_string(T) + ")");
     return plan;
@@ -311,6 +378,7 @@ at::Tensor sample(const Plan &plan, const SchedulerConfig &cfg, const ModelFn &m
   const std::string &pred = cfg.prediction_type;
   auto clip = [&](at::Tensor x0) { return plan.clip_range > 0 ? x0.clamp(-plan.clip_range, plan.clip_range) : x0; };
 
+  if (plan.sampler == SDE_SAMPLER_PNDM) return sample_pndm(plan, cfg, model, noise, on_step);
   if (!plan.is_sigma_sampler()) {  // DDIM (Song et al. 2021, eq. 12), t_samplers.sample_ddim
     at::Tensor x = noise * plan.init_noise_sigma;
     auto alpha_at = [&](int64_t t) { return t >= 0 ? plan.alphas_cumprod[t] : plan.final_alpha_cumprod; };

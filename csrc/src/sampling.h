@@ -1,7 +1,7 @@
 // Sampling schedules and samplers, ported from sdengine/samplers/ (plan.py, schedules.py,
 // denoiser.py, k_samplers.py, t_samplers.py) with the same arithmetic and the same float32
 // roundings, so that both give the same latents for the same model output:
-//   euler, euler_a, dpmpp_2m (sigma samplers, k-diffusion form) and ddim (timestep form),
+//   euler, euler_a, dpmpp_2m (sigma samplers, k-diffusion form), ddim and pndm (timestep form),
 //   following the default, normal, karras, exponential, sgm_uniform, simple or ddim_uniform
 //   schedule.
 #pragma once
@@ -37,6 +37,7 @@ struct SchedulerConfig {
   double sigma_min = 0.0, sigma_max = 0.0;
   bool lower_order_final = true, euler_at_final = false;
   std::string solver_type;
+  bool skip_prk_steps = true;
 
   // From a scheduler_config.json (or the "scheduler" object of engine.json).
   static SchedulerConfig from_json(const Json &j, const std::string &where);
@@ -48,6 +49,7 @@ struct Plan {
   std::vector<double> timesteps;       // (n,) the timestep the UNet gets at each step
   std::vector<double> sigmas;          // sigma samplers: (n + 1,) ending in the final sigma
   std::vector<double> prev_timesteps;  // ddim: where each step lands (< 0: the end)
+  int stride = 0;                      // pndm: T // steps
   std::vector<double> alphas_cumprod;  // (T,) float32-rounded training schedule
   std::vector<float> log_sigmas;       // (T,) log sigma of every training timestep
   double init_noise_sigma = 1.0;
@@ -57,7 +59,7 @@ struct Plan {
   bool lower_order_final = false;
   bool heun_solver = false;            // dpmpp_2m solver_type "heun" (default "midpoint")
 
-  bool is_sigma_sampler() const { return sampler != SDE_SAMPLER_DDIM; }
+  bool is_sigma_sampler() const { return sampler != SDE_SAMPLER_DDIM && sampler != SDE_SAMPLER_PNDM; }
 };
 
 // Resolves SDE_SCHEDULE_DEFAULT / the config and validates the steps (InvalidArgument).

@@ -209,7 +209,7 @@ sde_status sde_generate(sde_model *model, const sde_gen_params *params, sde_imag
       sampler = info.default_sampler;
       SDE_REQUIRE(sampler != SDE_SAMPLER_DEFAULT,
                   "the model's default sampler '" + info.default_sampler_name +
-                      "' is not implemented by the native runtime; set sampler to euler, euler_a, ddim or dpmpp_2m");
+                      "' is not implemented by the native runtime; set sampler to euler, euler_a, ddim, dpmpp_2m or pndm");
     }
     std::vector<uint64_t> seeds;
     at::Tensor pixels = model->impl->generate(p, sampler, seeds);  // (N, H, W, 3) uint8

@@ -3,16 +3,16 @@
 # program built with -fsanitize=address in their own CMake folder, run against the tiny
 # SD1 model and its engine (built by Python on first use, cached in $SDE_CACHE_DIR).
 #
-#   bash tests/c/run_asan.sh [BUILD_DIR]      (default build-asan)
+#   bash tests/c/run_asan.sh [BUILD_DIR]      (default build/asan)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-BUILD=${1:-build-asan}
+BUILD=${1:-build/asan}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
 TORCH_PREFIX=$(python -c "import torch.utils; print(torch.utils.cmake_prefix_path)")
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSDE_SANITIZE=address \
-  -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DPython_EXECUTABLE="$(command -v python)" > "$BUILD.cmake.log"
+  -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DPython_EXECUTABLE="$(command -v python)" > "$WORK/cmake.log" || { cat "$WORK/cmake.log"; exit 1; }
 cmake --build "$BUILD" --target sde_capi_test -j "${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
 
 # The tiny model and its engine (the same as tests/test_native.py's).
