@@ -563,3 +563,11 @@ def test_unknown_option_is_named():
 def test_generator_count_must_match_batch():
     with pytest.raises(ValueError, match="2 generators for a batch of 1"):
         _sample(sampler="euler_a", generators=generators(0, 2))
+
+
+@pytest.mark.parametrize("key,value", [("thresholding", True), ("timestep_type", "continuous"),
+                                       ("use_beta_sigmas", True), ("interpolation_type", "log_linear")])
+def test_unsupported_scheduler_config_key_is_named(key, value):
+    cfg = dataclasses.replace(SD, extra=((key, value),))
+    with pytest.raises(ValueError, match=f"unsupported {key}="):
+        _sample(scheduler_config=cfg)

@@ -151,6 +151,28 @@ class Plan:
         return out
 
 
+# Scheduler-config keys that change the schedule in ways sdengine does not implement: a value
+# other than the default listed here is refused rather than silently ignored.
+_UNSUPPORTED_IF_SET = {
+    "thresholding": False,            # dynamic thresholding (Imagen)
+    "use_beta_sigmas": False,
+    "use_lu_lambdas": False,
+    "use_flow_sigmas": False,
+    "timestep_type": "discrete",      # "continuous": EDM-style v models
+    "interpolation_type": "linear",   # "log_linear" sigma interpolation
+    "trained_betas": None,
+}
+
+
+def check_config(cfg) -> None:
+    """Refuse scheduler-config keys whose effect sdengine does not reproduce, naming the key."""
+    for key, default in _UNSUPPORTED_IF_SET.items():
+        value = cfg.get(key, default)
+        if value is not None and value != default:
+            raise ValueError(f"scheduler config: unsupported {key}={value!r} (sdengine supports only "
+                             f"{key}={default!r})")
+
+
 def _f32(values) -> np.ndarray:
     """float64 copies of float32-rounded values (diffusers stores sigmas in float32)."""
     return np.asarray(values, dtype=np.float32).astype(np.float64)
@@ -187,6 +209,7 @@ def make_plan(sampler: str, schedule: str, steps: int, cfg, *, strength: float =
     if schedule not in SCHEDULES_FOR[sampler]:
         raise ValueError(f"sampler {sampler!r} cannot follow the {schedule!r} schedule; "
                          f"it supports: {', '.join(SCHEDULES_FOR[sampler])}")
+    check_config(cfg)
     _check_steps(sampler, steps, cfg)
     start = kept_steps(steps, strength)
     spacing, offset, shape = _SCHEDULE_SETTINGS[schedule]
