@@ -200,8 +200,7 @@ class Pipeline:
         init_for_sampler = mode == "img2img" or (mode == "inpaint" and strength < 1.0)
         plan = samplers.make_plan(sampler_name, schedule_name, num_inference_steps, cfg.scheduler,
                                   strength=strength if init_for_sampler else 1.0)  # validates before any work
-        # progress ticks and callbacks: one per sampler step (PLMS evaluates steps + 1 times)
-        total = len(plan.sigmas) - 1 if plan.is_sigma_sampler else len(plan.timesteps)
+        total = plan.num_steps  # progress ticks and callbacks (PLMS evaluates steps + 1 times)
         latent_shape = (n_images, cfg.vae.latent_channels, height // cfg.vae.downscale, width // cfg.vae.downscale)
         if latents is not None:
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != latent_shape:
