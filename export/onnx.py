@@ -310,7 +310,12 @@ def _export_network(net: _Network, module: nn.Module, args: tuple, path: Path, o
         log.warning("ONNX export of %s: %s; falling back to the legacy TorchScript exporter", net.name, reason)
         for stale in (path, path.with_name(path.name + ".data")):
             stale.unlink(missing_ok=True)
-        _export_legacy(net, module, args, path, opset, external)
+        try:
+            _export_legacy(net, module, args, path, opset, external)
+        except Exception as legacy_error:  # noqa: BLE001
+            first_line = str(legacy_error).strip().splitlines()[0][:500] if str(legacy_error).strip() else ""
+            raise RuntimeError(f"ONNX export of {net.name} failed with both exporters. {reason}. Legacy "
+                               f"exporter: {type(legacy_error).__name__}: {first_line}") from legacy_error
         info = {"exporter": "legacy", "fallback_reason": reason}
     info["external_data"] = [path.name + ".data"] if external else []
     return info

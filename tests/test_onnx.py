@@ -219,6 +219,30 @@ def test_external_data_above_the_size_limit(exports, tmp_path, monkeypatch):
     onnx.checker.check_model(str(tmp_path / "text_encoder.onnx"))
 
 
+def test_legacy_fallback_states_its_reason(exports, tmp_path, monkeypatch, caplog):
+    """When the dynamo exporter fails, the TorchScript exporter takes over; the reason is
+    logged and kept in the record, and the graph is validated like any other. (The VAE
+    decoder: the legacy tracer cannot export F.layer_norm(x, x.shape[-1:]) with dynamic
+    shapes, which the UNet and text encoder use.)"""
+    from sdengine.loading import load_model
+
+    folder, _ = exports["sd15"]
+
+    def dynamo_fails(*args, **kwargs):
+        raise RuntimeError("no ONNX translation for aten::made_up_op")
+
+    monkeypatch.setattr(onnx_export, "_export_dynamo", dynamo_fails)
+    loaded = load_model(folder, device="cpu", dtype=torch.float32, progress=False)
+    nets = {n.name: n for n in onnx_export._networks(loaded, torch.Generator().manual_seed(0))}
+    with caplog.at_level("WARNING", logger="sdengine"):
+        record = onnx_export._export_one(nets["vae_decoder"], tmp_path, torch.float32, onnx_export.DEFAULT_OPSET,
+                                         False, 1e-4)
+    assert record["exporter"] == "legacy" and "aten::made_up_op" in record["fallback_reason"]
+    assert "aten::made_up_op" in caplog.text
+    assert record["validation"]["error"] <= 1e-4  # validated at another batch and size than traced
+    assert record["inputs"][0]["shape"] == ["batch", 4, "height", "width"]
+
+
 # ---------------------------------------------------------------------------
 # Bad input: clear errors, nothing half-written
 # ---------------------------------------------------------------------------
