@@ -232,6 +232,18 @@ def test_cpp_loop_without_guidance_and_cancel(native, eager):
     assert steps_seen == [1, 2]
     with pytest.raises(ValueError, match="multiple of 8"):
         native.backend.generate(native.tokenizer, PROMPT, width=12, height=SIZE, steps=2, sampler="euler")
+    calls = []  # PLMS evaluates the model steps + 1 times; progress counts evaluations
+    native.backend.generate(native.tokenizer, PROMPT, width=SIZE, height=SIZE, steps=3, sampler="PLMS",
+                            callback=lambda step, total: calls.append((step, total)))
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_export_cli_registers_aoti(tmp_path):
+    from sdengine.cli import build_parser, main
+
+    args = build_parser().parse_args(["export", "aoti", str(tmp_path / "missing"), "--out", str(tmp_path / "e")])
+    assert args.func.__module__ == "sdengine.export.aoti" and args.out == str(tmp_path / "e")
+    assert main(["export", "aoti", str(tmp_path / "missing")]) == 2  # a clear error, no traceback
 
 
 # ---------------------------------------------------------------------------

@@ -406,9 +406,10 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
     auto halves = out.chunk(2);
     return halves[0] + (halves[1] - halves[0]) * guidance;  // uncond + scale * (cond - uncond)
   };
+  const int evaluations = static_cast<int>(plan.timesteps.size());  // steps, or steps + 1 for PNDM
   auto on_step = [&](int step) {
     if (p.cancel && *p.cancel) throw Cancelled("cancelled by the cancel flag at step " + std::to_string(step + 1));
-    if (p.progress && p.progress(p.progress_user, step + 1, steps) != 0)
+    if (p.progress && p.progress(p.progress_user, step + 1, evaluations) != 0)
       throw Cancelled("cancelled by the progress callback at step " + std::to_string(step + 1));
   };
   at::Tensor latents = sample(plan, info.scheduler, model_fn, noise, draw_noise, on_step, p.eta);
