@@ -181,12 +181,14 @@ def _compile(exported, package_path: Path):
                                              inductor_configs=inductor_configs)
 
 
-def build_engine(config, text_encoder, unet, vae, out_dir, *, dtype=None, device=None, progress=True) -> Path:
+def build_engine(config, text_encoder, unet, vae, out_dir, *, dtype=None, device=None, progress=True,
+                 replace: bool = True) -> Path:
     """Export and compile the three networks into the engine folder `out_dir`.
 
     The modules are sdengine's networks (sdengine.models) on `device` in `dtype`; their
     weight values do not matter (they are not packaged). The folder is written to a
-    temporary sibling and renamed, so a half-built engine is never seen.
+    temporary sibling and renamed, so a half-built engine is never seen. replace=False keeps
+    an engine that another process finished meanwhile (the cache's case).
     """
     from tqdm.auto import tqdm
 
@@ -233,6 +235,9 @@ def build_engine(config, text_encoder, unet, vae, out_dir, *, dtype=None, device
         }
         (tmp / "engine.json").write_text(json.dumps(meta, indent=1))
         if out_dir.exists():
+            if not replace and (out_dir / "engine.json").is_file():
+                shutil.rmtree(tmp, ignore_errors=True)
+                return out_dir
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     except BaseException:
@@ -258,7 +263,8 @@ def engine_for(config, text_encoder, unet, vae, *, dtype=None, device=None, prog
     path = cache_root() / engine_key(config, dtype, device)
     if (path / "engine.json").is_file():
         return path
-    return build_engine(config, text_encoder, unet, vae, path, dtype=dtype, device=device, progress=progress)
+    return build_engine(config, text_encoder, unet, vae, path, dtype=dtype, device=device, progress=progress,
+                        replace=False)
 
 
 def build_from_config(config, *, dtype=torch.float32, device="cpu", out_dir=None, progress=True) -> Path:
