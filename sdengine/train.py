@@ -468,10 +468,17 @@ def register(subparsers) -> None:
                    help=f"autoencoder training steps (default {DEFAULT_VAE_STEPS})")
     p.add_argument("--unet-steps", type=int, default=DEFAULT_UNET_STEPS,
                    help=f"UNet + text encoder training steps (default {DEFAULT_UNET_STEPS})")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is much faster on a machine "
+                        "whose cores are busy with other work)")
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be positive, got {args.threads}")
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     out = train_demo_digits(args.out, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
                             preset=args.preset)
