@@ -4,7 +4,9 @@ Each tiny model is exported once per session (module-scoped fixtures; exporting 
 slow part). References are independent: diffusers' UNet and VAE and transformers' CLIP
 on the same random weights, and the eager backend for whole generations.
 
-Budget: about 2 minutes on 2 idle CPU cores, nearly all of it the two exports.
+Budget: under 3 minutes. Nearly all of it is the two exports (about 45 s of CPU each),
+which run side by side, one of them in a CLI child process: about 1.5 minutes on 2 idle
+cores; 5.5 minutes measured on a shared machine at load average 7.
 """
 
 from __future__ import annotations
@@ -214,7 +216,9 @@ def test_external_data_above_the_size_limit(exports, tmp_path, monkeypatch):
     record = onnx_export._export_one(net, tmp_path, torch.float32, onnx_export.DEFAULT_OPSET, False, 1e-4)
     assert record["external_data"] == ["text_encoder.onnx.data"]
     weights = sum(p.numel() * 4 for p in loaded.text_encoder.parameters())
-    assert (tmp_path / "text_encoder.onnx").stat().st_size < weights < (tmp_path / "text_encoder.onnx.data").stat().st_size * 1.5
+    graph_bytes = (tmp_path / "text_encoder.onnx").stat().st_size
+    data_bytes = (tmp_path / "text_encoder.onnx.data").stat().st_size
+    assert graph_bytes < weights < 1.5 * data_bytes
     assert record["validation"]["error"] <= 1e-4
     onnx.checker.check_model(str(tmp_path / "text_encoder.onnx"))
 
