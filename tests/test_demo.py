@@ -153,9 +153,10 @@ def test_seeds_give_diverse_digits(default_run):
     """The 10 seeds of one digit are not near-duplicates.
 
     Scale: the mean pairwise distance (8x8, values 0..16) between different real images of
-    the same digit, ~25 on load_digits. Guidance narrows the distribution, so we ask for
-    at least a third of that natural spread per digit, and that no two seeds of one digit
-    are closer than a tenth of it (a copy would be ~0; two real digits are rarely closer).
+    the same digit: 27 to 42 on load_digits, depending on the digit. Guidance narrows the
+    distribution (measured: 0.5 to 0.7 of the real spread at guidance 7.5), so we ask for at
+    least a third of the natural spread per digit, and that no two seeds of one digit are
+    closer than a tenth of it (a copy would be ~0; measured minimum: 0.2 of the spread).
     """
     from sklearn.datasets import load_digits
 
