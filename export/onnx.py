@@ -528,7 +528,11 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
     parent = out_dir.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the export private once renamed
+        return tmp
     except OSError as e:
         raise PermissionError(f"cannot write the ONNX export to {out_dir}: {e.strerror or e} "
                               f"(in {e.filename or parent})") from None
