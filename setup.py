@@ -57,8 +57,11 @@ class CMakeBuild(build_ext):
         if self.inplace or getattr(self, "editable_mode", False):
             # Editable installs copy only _C itself into the source tree: bring the
             # shared libraries it links (libsdengine.so) along.
+            # Copy then rename: a running process that mapped the old file keeps it intact.
             for lib in out_dir.glob("lib*.so*"):
-                shutil.copy2(lib, ROOT / "sdengine" / lib.name)
+                tmp = ROOT / "sdengine" / f".{lib.name}.tmp"
+                shutil.copy2(lib, tmp)
+                os.replace(tmp, ROOT / "sdengine" / lib.name)
 
 
 setup(
