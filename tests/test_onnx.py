@@ -292,6 +292,25 @@ def test_existing_target_is_kept_without_overwrite(exports, tmp_path):
     assert _leftovers(tmp_path, "out") == ["out"]
 
 
+def test_validation_fails_loudly_beyond_tolerance(exports):
+    """A graph that disagrees with torch (here: torch's outputs scaled by 1.01) is an error
+    naming the file, the error and the tolerance."""
+    from sdengine.loading import load_model
+
+    folder, onnx_dir = exports["sd15"]
+    loaded = load_model(folder, device="cpu", dtype=torch.float32, progress=False)
+    net = next(n for n in onnx_export._networks(loaded, torch.Generator().manual_seed(0)) if n.name == "vae_decoder")
+    with torch.no_grad():
+        expected = net.module(*net.check)
+    figures = onnx_export.validate_graph(onnx_dir / "vae_decoder.onnx", net, net.check, (expected,), torch.float32,
+                                         1e-4)
+    assert figures["error"] < 1e-4 and figures["tolerance"] == 1e-4
+    message = r"vae_decoder\.onnx: .* differs from torch .* tolerance 0\.0001"
+    with pytest.raises(onnx_export.OnnxValidationError, match=message):
+        onnx_export.validate_graph(onnx_dir / "vae_decoder.onnx", net, net.check, (expected * 1.01,), torch.float32,
+                                   1e-4)
+
+
 @pytest.mark.parametrize("missing", ["unet.onnx", "vae_encoder.onnx", "tokenizer/merges.txt"])
 def test_export_missing_a_file_is_a_clear_error(exports, tmp_path, missing):
     _, onnx_dir = exports["sd15"]
