@@ -1,0 +1,124 @@
+"""`sdengine bench`: time every backend against eager diffusers on one workload.
+
+    sdengine bench --arch sd15 --height 512 --width 512 --steps 30 --batch 1 \\
+        --backends eager,diffusers,diffusers-compile,triton,native,onnx --dtype fp16 --json out.json
+
+Writes a JSON record (validated against benchmarks/schema.json), a markdown table and a
+PNG chart: to --json's path (the .md and .png beside it) or, by default, to
+benchmarks/results/<date>_<device>_<arch>.{json,md,png} under the current directory
+(--out-dir to change it). Ctrl-C or SIGTERM writes what was measured so far, marked
+incomplete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+from pathlib import Path
+
+from sdengine.bench.harness import ARCHS, BenchOptions
+from sdengine.bench.runners import BACKENDS, COMPONENTS
+
+
+def register(subparsers):
+    p = subparsers.add_parser("bench", help="benchmark backends against eager diffusers",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_argument_group("workload")
+    what.add_argument("--arch", default="sd15", choices=ARCHS,
+                      help="architecture at its real size with random weights (tiny*: smoke-test sizes)")
+    what.add_argument("--model", metavar="PATH", help="a diffusers folder to time instead of random weights")
+    what.add_argument("--height", type=int, help="image height in pixels (default: the model's native size)")
+    what.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
+    what.add_argument("--steps", type=int, default=30, help="denoising steps of an end-to-end run")
+    what.add_argument("--batch", type=int, default=1, help="images per prompt batch (the UNet runs at 2x for CFG)")
+    what.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="default: fp16 on CUDA, fp32 on the CPU")
+    what.add_argument("--guidance-scale", type=float, default=7.5)
+    what.add_argument("--output-type", default="pil", help="what an end-to-end run returns (default: pil)")
+
+    how = p.add_argument_group("measurement")
+    how.add_argument("--backends", default="eager,diffusers",
+                     help=f"comma-separated, in the order to run: {','.join(BACKENDS)} (default: eager,diffusers)")
+    how.add_argument("--components", default=",".join(COMPONENTS), help="comma-separated subset of the default")
+    how.add_argument("--repeats", type=int, default=20, help="timed calls per component (default: 20)")
+    how.add_argument("--warmup", type=int, default=3, help="untimed first calls per component (default: 3)")
+    how.add_argument("--e2e-repeats", type=int, default=5, help="timed end-to-end runs (default: 5)")
+    how.add_argument("--e2e-warmup", type=int, default=1, help="untimed end-to-end runs (default: 1)")
+    how.add_argument("--budget", type=float, default=60.0, metavar="SECONDS",
+                     help="stop repeating a component after this long, keeping at least 3 samples (default: 60)")
+    how.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    how.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    how.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode of diffusers-compile")
+    how.add_argument("--peak-tflops", type=float,
+                     help="the device's peak rate for the floor and the %% of peak (default: ANCHORS.md for "
+                          "H100/H200 in fp16/bf16, else a matmul measured at start)")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--json", type=Path, metavar="PATH", help="record path; the .md and .png go beside it")
+    out.add_argument("--out-dir", type=Path, metavar="DIR",
+                     help="directory of the default-named outputs (default: benchmarks/results)")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (e.g. from `timeout`), handled like Ctrl-C: keep what was measured."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _split(value: str) -> tuple:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def run(args) -> int:
+    from sdengine.bench.harness import Benchmark
+    from sdengine.bench.output import default_json_path, summary_table, write_outputs
+
+    options = BenchOptions(
+        arch=args.arch, model=args.model, height=args.height, width=args.width, steps=args.steps,
+        batch=args.batch, dtype=args.dtype, backends=_split(args.backends), components=_split(args.components),
+        repeats=args.repeats, warmup=args.warmup, e2e_repeats=args.e2e_repeats, e2e_warmup=args.e2e_warmup,
+        budget_s=args.budget, device=args.device, seed=args.seed, guidance_scale=args.guidance_scale,
+        output_type=args.output_type, compile_mode=args.compile_mode, peak_tflops=args.peak_tflops,
+        argv=["sdengine", *sys.argv[1:]] if sys.argv[1:2] == ["bench"] else [],  # [] when called from Python
+    )
+    if args.model is not None and not Path(args.model).exists():
+        raise FileNotFoundError(f"--model {args.model}: no such file or folder")
+    if args.json is not None and args.json.suffix != ".json":
+        raise ValueError(f"--json {args.json}: the record's file name must end in .json")
+    bench = Benchmark(options, progress=not args.no_progress)
+
+    def write() -> dict:
+        path = args.json or default_json_path(bench.record, args.out_dir)
+        paths = write_outputs(bench.record, path)
+        print("\n".join(summary_table(bench.record)))
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        return paths
+
+    try:
+        with _sigterm_interrupts():
+            bench.run()
+    except BaseException as e:  # Ctrl-C, SIGTERM or a crash: keep what was measured
+        bench.interrupted("SIGTERM" if isinstance(e, Terminated) else "KeyboardInterrupt"
+                          if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}")
+        write()
+        raise
+    write()
+    return 0

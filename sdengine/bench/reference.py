@@ -1,0 +1,229 @@
+"""Reference diffusers pipelines built from sdengine configs, with random weights.
+
+The benchmark times sdengine's backends against diffusers on the SAME weights: it builds
+one diffusers pipeline here, at the real architecture size of a preset (no download),
+and hands that pipeline both to the diffusers anchors and to `sdengine.from_diffusers`.
+
+    pipe = reference_pipeline(PRESETS["sd15"], device="cuda", dtype=torch.float16)
+
+The config -> diffusers keyword mapping lives only here (tests build their tiny
+reference models with it too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from sdengine.config import SCHEDULER_CLASS_TO_SAMPLER, ModelConfig, SchedulerConfig, TextEncoderConfig, UNetConfig, \
+    VAEConfig
+
+# sdengine sampler name -> diffusers scheduler class name (the inverse of config.SCHEDULER_CLASS_TO_SAMPLER).
+SAMPLER_TO_SCHEDULER_CLASS = {sampler: cls for cls, sampler in SCHEDULER_CLASS_TO_SAMPLER.items()}
+SAMPLER_TO_SCHEDULER_CLASS["dpmpp_2m_sde"] = "DPMSolverMultistepScheduler"  # algorithm_type="sde-dpmsolver++"
+WEIGHT_NOISE = 0.02  # std of the noise added to every parameter, so that no norm scale is exactly 1 nor bias 0
+
+
+def diffusers_unet_kwargs(cfg: UNetConfig) -> dict:
+    """UNet2DConditionModel keyword arguments for a UNetConfig.
+
+    diffusers refuses `num_attention_heads` (its naming quirk: `attention_head_dim` is the
+    number of heads in SD configs), so the per-level head counts travel as attention_head_dim.
+    """
+    kwargs = dict(
+        sample_size=cfg.sample_size,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        block_out_channels=list(cfg.block_out_channels),
+        down_block_types=list(cfg.down_block_types),
+        up_block_types=list(cfg.up_block_types),
+        layers_per_block=cfg.layers_per_block,
+        attention_head_dim=list(cfg.num_attention_heads),
+        cross_attention_dim=cfg.cross_attention_dim,
+        transformer_layers_per_block=list(cfg.transformer_layers_per_block),
+        use_linear_projection=cfg.use_linear_projection,
+        upcast_attention=cfg.upcast_attention,
+        norm_num_groups=cfg.norm_num_groups,
+        norm_eps=cfg.norm_eps,
+        flip_sin_to_cos=cfg.flip_sin_to_cos,
+        freq_shift=cfg.freq_shift,
+    )
+    if cfg.addition_embed_type is not None:
+        kwargs.update(
+            addition_embed_type=cfg.addition_embed_type,
+            addition_time_embed_dim=cfg.addition_time_embed_dim,
+            projection_class_embeddings_input_dim=cfg.projection_class_embeddings_input_dim,
+        )
+    return kwargs
+
+
+def diffusers_vae_kwargs(cfg: VAEConfig) -> dict:
+    """AutoencoderKL keyword arguments for a VAEConfig."""
+    levels = len(cfg.block_out_channels)
+    return dict(
+        sample_size=cfg.sample_size,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        latent_channels=cfg.latent_channels,
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+        block_out_channels=list(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        norm_num_groups=cfg.norm_num_groups,
+        scaling_factor=cfg.scaling_factor,
+        shift_factor=cfg.shift_factor,
+        force_upcast=cfg.force_upcast,
+    )
+
+
+def transformers_text_config(cfg: TextEncoderConfig):
+    """transformers' CLIPTextConfig for a TextEncoderConfig."""
+    from transformers import CLIPTextConfig
+
+    kwargs = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        hidden_act=cfg.hidden_act,
+        layer_norm_eps=cfg.layer_norm_eps,
+        eos_token_id=cfg.eos_token_id,  # 2: transformers' legacy "pool at argmax(input_ids)" rule
+        pad_token_id=cfg.pad_token_id,
+        bos_token_id=0,
+    )
+    if cfg.projection_dim is not None:
+        kwargs["projection_dim"] = cfg.projection_dim
+    return CLIPTextConfig(**kwargs)
+
+
+def diffusers_scheduler(cfg: SchedulerConfig):
+    """The diffusers scheduler that cfg.sampler names, with cfg's schedule parameters."""
+    import diffusers
+
+    if cfg.sampler not in SAMPLER_TO_SCHEDULER_CLASS:
+        raise ValueError(f"sampler {cfg.sampler!r} has no diffusers scheduler; "
+                         f"choose one of: {', '.join(sorted(SAMPLER_TO_SCHEDULER_CLASS))}")
+    cls = getattr(diffusers, SAMPLER_TO_SCHEDULER_CLASS[cfg.sampler])
+    accepted = inspect.signature(cls.__init__).parameters
+    values = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__ if f not in ("sampler", "extra")}
+    values.update(dict(cfg.extra))
+    if cfg.sampler == "dpmpp_2m_sde":
+        values["algorithm_type"] = "sde-dpmsolver++"
+    # None means "the class default" in our config (e.g. final_sigmas_type), not an explicit None.
+    return cls(**{k: v for k, v in values.items() if k in accepted and v is not None})
+
+
+@functools.lru_cache(maxsize=1)
+def _vocab_dir() -> Path:
+    from sdengine.tokenizer import save_vocab_files
+
+    folder = Path(tempfile.mkdtemp(prefix="sdengine-vocab-"))
+    save_vocab_files(folder)
+    return folder
+
+
+def transformers_tokenizer(pad_token: str = "<|endoftext|>"):
+    """transformers' CLIPTokenizer on sdengine's bundled vocabulary (no download).
+
+    SD1 (and SDXL's first tokenizer) pad with "<|endoftext|>"; the OpenCLIP tokenizers
+    of SD2 and SDXL's tokenizer_2 pad with "!".
+    """
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(_vocab_dir()), pad_token=pad_token, model_max_length=77)
+
+
+def _randomize(model: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
+    """Perturb every parameter of a freshly initialised model (see WEIGHT_NOISE)."""
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=generator, dtype=torch.float32, device=generator.device)
+            p.add_(noise.to(p.device, p.dtype) * WEIGHT_NOISE)
+    return model.eval().requires_grad_(False)
+
+
+def reference_networks(config: ModelConfig, device="cpu", dtype=torch.float32, seed: int = 0) -> dict:
+    """diffusers / transformers networks of `config` with random weights, built on `device`.
+
+    Built directly on the device (fast random initialisation on a GPU), in float32, then
+    cast to dtype. Returns the keyword arguments of the pipeline's networks.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    device = torch.device(device)
+    generator = torch.Generator(device=device).manual_seed(seed + 1)
+
+    def text_encoder(cfg: TextEncoderConfig):
+        model_cls = CLIPTextModelWithProjection if cfg.projection_dim is not None else CLIPTextModel
+        text_config = transformers_text_config(cfg)
+        text_config._attn_implementation = "sdpa"
+        text_config.architectures = [model_cls.__name__]  # as save_pretrained / from_pretrained have it
+        return model_cls(text_config)
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(seed)
+        networks = {
+            "unet": UNet2DConditionModel(**diffusers_unet_kwargs(config.unet)),
+            "vae": AutoencoderKL(**diffusers_vae_kwargs(config.vae)),
+            "text_encoder": text_encoder(config.text_encoder),
+        }
+        if config.text_encoder_2 is not None:
+            networks["text_encoder_2"] = text_encoder(config.text_encoder_2)
+    with _quiet_diffusers():  # .to(dtype) warns about fp32-kept modules, of which these have none
+        return {name: _randomize(model, generator).to(dtype) for name, model in networks.items()}
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def reference_pipeline(config: ModelConfig, device="cpu", dtype=torch.float32, seed: int = 0):
+    """A diffusers pipeline of `config` with random weights: StableDiffusionXLPipeline for
+    SDXL-style configs (two text encoders), else StableDiffusionPipeline (or the inpainting
+    one for 9-channel UNets). No safety checker, no progress bar; attention through SDPA
+    (diffusers' default processor on torch 2)."""
+    import diffusers
+
+    parts = reference_networks(config, device, dtype, seed)
+    openclip_pad = "!" if config.text_encoder.hidden_act == "gelu" else "<|endoftext|>"
+    parts.update(tokenizer=transformers_tokenizer(openclip_pad), scheduler=diffusers_scheduler(config.scheduler))
+    if config.is_sdxl:
+        parts["tokenizer_2"] = transformers_tokenizer("!")
+        pipe = diffusers.StableDiffusionXLPipeline(**parts)
+    else:
+        cls = diffusers.StableDiffusionInpaintPipeline if config.is_inpaint else diffusers.StableDiffusionPipeline
+        pipe = cls(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_pipeline(path, dtype: Optional[torch.dtype] = None):
+    """A diffusers pipeline read from a diffusers folder (model_index.json), on the CPU."""
+    import diffusers
+
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"--model {path}: not a diffusers folder (no model_index.json); "
+                                "the benchmark's diffusers anchor needs one")
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False,
+                                                       **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

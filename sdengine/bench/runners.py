@@ -1,0 +1,256 @@
+"""What the benchmark times, for each backend: one adapter per kind of backend.
+
+Every runner answers the same four calls, each on one set of inputs drawn by
+`make_inputs` (fresh random values for every call, the same sequence for every backend):
+
+    text_encoder(inputs)  the text encoder(s) on the prompt and negative prompt (batch 2B)
+    unet_step(inputs)     one UNet forward at batch 2B plus the classifier-free guidance mix
+    vae_decode(inputs)    the VAE decoder on B latents
+    end_to_end(inputs)    a whole generation: prompt in, B images out
+
+`DiffusersRunner` runs diffusers' pipeline (SDPA attention), optionally with its UNet
+compiled (torch.compile, channels_last): the eager-PyTorch anchors. `EngineRunner` runs
+an sdengine Pipeline (`sdengine.from_diffusers`) through its backend interface
+(docs/CONTRACTS.md), whichever backend it holds.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from sdengine.config import ModelConfig
+
+COMPONENTS = ("text_encoder", "unet_step", "vae_decode", "end_to_end")
+DIFFUSERS_BACKENDS = ("diffusers", "diffusers-compile")
+ENGINE_BACKENDS = ("eager", "triton", "native", "onnx")
+BACKENDS = ENGINE_BACKENDS + DIFFUSERS_BACKENDS
+# Prompts for end-to-end runs: content does not change the cost (every prompt is padded to 77
+# tokens), but each run gets a different one, with a different seed.
+PROMPTS = (
+    "a photograph of an astronaut riding a horse on the moon",
+    "an oil painting of a lighthouse in a storm, dramatic light",
+    "a watercolor fox in a snowy birch forest",
+    "isometric pixel art of a tiny cozy library",
+    "a macro photo of dew drops on a spider web at dawn",
+    "a bowl of ramen, studio lighting, 85mm",
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one benchmark run generates."""
+
+    arch: str
+    height: int
+    width: int
+    steps: int
+    batch: int
+    dtype: str
+    guidance_scale: float = 7.5
+    output_type: str = "pil"
+    model: Optional[str] = None
+
+
+class BackendUnavailable(Exception):
+    """A backend that cannot run here (missing package, no GPU, not implemented yet)."""
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------
+
+def make_inputs(component: str, config: ModelConfig, workload: Workload, device: torch.device,
+                dtype: torch.dtype, count: int, seed: int) -> list:
+    """`count` independent random input sets for one component (never zeros)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    batch, cfg_batch = workload.batch, 2 * workload.batch
+    latent_h, latent_w = workload.height // config.vae.downscale, workload.width // config.vae.downscale
+
+    def randn(*shape):
+        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+
+    def token_ids(vocab_size: int):
+        return torch.randint(1, vocab_size, (cfg_batch, 77), generator=generator, device=device)
+
+    sets = []
+    for i in range(count):
+        if component == "text_encoder":
+            ids = {"input_ids": token_ids(config.text_encoder.vocab_size)}
+            if config.text_encoder_2 is not None:
+                ids["input_ids_2"] = token_ids(config.text_encoder_2.vocab_size)
+            sets.append(ids)
+        elif component == "unet_step":
+            step = {
+                "x": randn(cfg_batch, config.unet.in_channels, latent_h, latent_w),
+                # what diffusers' pipelines feed the UNet: a 0-d timestep on the device
+                "t": torch.randint(1, config.scheduler.num_train_timesteps, (), generator=generator, device=device),
+                "context": randn(cfg_batch, 77, config.unet.cross_attention_dim),
+                "added_cond": None,
+            }
+            if config.unet.addition_embed_type == "text_time":
+                pooled_dim = config.unet.projection_class_embeddings_input_dim - 6 * config.unet.addition_time_embed_dim
+                size = [workload.height, workload.width, 0, 0, workload.height, workload.width]
+                step["added_cond"] = {
+                    "text_embeds": randn(cfg_batch, pooled_dim),
+                    "time_ids": torch.tensor([size] * cfg_batch, device=device, dtype=dtype),
+                }
+            sets.append(step)
+        elif component == "vae_decode":
+            latents = randn(batch, config.vae.latent_channels, latent_h, latent_w) / config.vae.scaling_factor
+            sets.append({"latents": latents})
+        elif component == "end_to_end":
+            prompts = [PROMPTS[(i + b) % len(PROMPTS)] for b in range(batch)]
+            sets.append({"prompts": prompts, "seed": seed + i})
+        else:
+            raise ValueError(f"unknown component {component!r}; choose one of: {', '.join(COMPONENTS)}")
+    return sets
+
+
+def guidance(noise_pred: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: uncond + scale · (cond − uncond), halves of a 2B batch."""
+    uncond, cond = noise_pred.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
+def on_device(source_pipe, device: torch.device):
+    """A copy of the source diffusers pipeline on `device`: the source is never modified, and
+    what a backend keeps on the device is its own (so its peak memory is its own)."""
+    return copy.deepcopy(source_pipe).to(device)
+
+
+# ---------------------------------------------------------------------------
+# diffusers
+# ---------------------------------------------------------------------------
+
+class DiffusersRunner:
+    """diffusers' own pipeline: StableDiffusion(XL)Pipeline, SDPA attention."""
+
+    def __init__(self, source_pipe, config: ModelConfig, workload: Workload, device: torch.device,
+                 compile_mode: Optional[str] = None):
+        if compile_mode is not None and device.type != "cuda":
+            raise BackendUnavailable("needs a CUDA device (torch.compile max-autotune of the UNet on the CPU "
+                                     "takes many minutes and is not what the anchor measures)")
+        self.config, self.workload, self.device = config, workload, device
+        self.pipe = on_device(source_pipe, device)
+        self.pipe.set_progress_bar_config(disable=True)
+        if compile_mode is not None:
+            # The anchor of ANCHORS.md: channels_last UNet, torch.compile(mode="max-autotune").
+            self.pipe.unet.to(memory_format=torch.channels_last)
+            self.pipe.unet = torch.compile(self.pipe.unet, mode=compile_mode)
+        self.unet_calls: Optional[int] = None
+
+    def text_encoder(self, inputs):
+        pipe = self.pipe
+        if self.config.text_encoder_2 is None:
+            return pipe.text_encoder(inputs["input_ids"], return_dict=False)[0]
+        # SDXL, as StableDiffusionXLPipeline.encode_prompt: penultimate hidden states of both
+        # encoders, concatenated; pooled output of the second.
+        first = pipe.text_encoder(inputs["input_ids"], output_hidden_states=True)
+        second = pipe.text_encoder_2(inputs["input_ids_2"], output_hidden_states=True)
+        context = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        return context, second[0]
+
+    def unet_step(self, inputs):
+        added = inputs["added_cond"]
+        out = self.pipe.unet(inputs["x"], inputs["t"], encoder_hidden_states=inputs["context"],
+                             added_cond_kwargs=added, return_dict=False)[0]
+        return guidance(out, self.workload.guidance_scale)
+
+    def vae_decode(self, inputs):
+        return self.pipe.vae.decode(inputs["latents"], return_dict=False)[0]
+
+    def end_to_end(self, inputs):
+        w = self.workload
+        images = self.pipe(
+            prompt=inputs["prompts"], num_inference_steps=w.steps, guidance_scale=w.guidance_scale,
+            height=w.height, width=w.width, output_type=w.output_type,
+            generator=torch.Generator("cpu").manual_seed(inputs["seed"]),
+        ).images
+        self.unet_calls = len(self.pipe.scheduler.timesteps)  # e.g. PNDM's PLMS runs steps + 1
+        return images
+
+    def close(self):
+        self.pipe = None
+
+
+# ---------------------------------------------------------------------------
+# sdengine
+# ---------------------------------------------------------------------------
+
+class EngineRunner:
+    """An sdengine Pipeline built with `sdengine.from_diffusers(pipe, backend=name)` on the same weights."""
+
+    def __init__(self, name: str, source_pipe, config: ModelConfig, workload: Workload, device: torch.device):
+        import sdengine
+
+        from_diffusers = getattr(sdengine, "from_diffusers", None)
+        if from_diffusers is None:
+            raise BackendUnavailable("sdengine.from_diffusers is not available in this build")
+        self.config, self.workload, self.device = config, workload, device
+        device_pipe = on_device(source_pipe, device)
+        try:
+            self.pipe = from_diffusers(device_pipe, backend=name)
+        except Exception as e:  # a backend that cannot be built is reported, never crashes the run
+            raise BackendUnavailable(f"{type(e).__name__}: {first_line(e)}") from e
+        del device_pipe  # whatever the engine did not keep is freed
+        self.backend = self.pipe.backend
+        self.unet_calls: Optional[int] = None
+
+    def text_encoder(self, inputs):
+        return self.backend.encode_text(inputs["input_ids"], inputs.get("input_ids_2"))
+
+    def unet_step(self, inputs):
+        out = self.backend.denoise(inputs["x"], inputs["t"], inputs["context"], inputs["added_cond"])
+        return guidance(out, self.workload.guidance_scale)
+
+    def vae_decode(self, inputs):
+        return self.backend.decode(inputs["latents"])
+
+    def end_to_end(self, inputs):
+        w = self.workload
+        calls = [0]
+        denoise = self.backend.denoise
+
+        @functools.wraps(denoise)
+        def counted(*args, **kwargs):
+            calls[0] += 1
+            return denoise(*args, **kwargs)
+
+        own_attribute = "denoise" in vars(self.backend)
+        self.backend.denoise = counted  # count the UNet calls the sampler makes
+        try:
+            prompt = inputs["prompts"][0] if len(inputs["prompts"]) == 1 else inputs["prompts"]
+            images = self.pipe(prompt, num_inference_steps=w.steps, guidance_scale=w.guidance_scale,
+                               height=w.height, width=w.width, seed=inputs["seed"], output_type=w.output_type,
+                               progress=False)
+        finally:
+            if own_attribute:
+                self.backend.denoise = denoise
+            else:
+                del self.backend.denoise  # back to the class's method
+        self.unet_calls = calls[0] or None  # None: the pipeline reached the UNet some other way
+        return images
+
+    def close(self):
+        self.pipe = self.backend = None
+
+
+def first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:400] if text else ""
+
+
+def make_runner(name: str, source_pipe, config: ModelConfig, workload: Workload, device: torch.device,
+                compile_mode: str = "max-autotune"):
+    """The runner of backend `name`; raises BackendUnavailable with the reason it cannot run."""
+    if name in DIFFUSERS_BACKENDS:
+        return DiffusersRunner(source_pipe, config, workload, device,
+                               compile_mode=compile_mode if name == "diffusers-compile" else None)
+    if name in ENGINE_BACKENDS:
+        return EngineRunner(name, source_pipe, config, workload, device)
+    raise ValueError(f"unknown backend {name!r}; choose from: {', '.join(BACKENDS)}")
