@@ -52,7 +52,7 @@ def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm over the last dimension."""
-    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    return F.layer_norm(x, weight.shape, weight, bias, eps)  # static shape: exportable by every ONNX exporter
 
 
 def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
