@@ -159,7 +159,8 @@ typedef int (*sde_progress_fn)(void *user, int step, int steps);
 typedef struct sde_gen_params {
   const char *prompt;          /* required, UTF-8 */
   const char *negative_prompt; /* NULL: "" */
-  int width, height;           /* pixels, multiples of 8. 0: the model's default size */
+  int width, height;           /* pixels, multiples of 8 and of the engine's cell (64 for SD1/SD2:
+                                  8 x the UNet's downsampling). 0: the model's default size */
   int steps;                   /* 0: 30 */
   double guidance_scale;       /* classifier-free guidance; <= 1 disables it. Default 7.5 */
   uint64_t seed;               /* image i gets seed + i (torch.manual_seed(seed + i) CPU noise) */
