@@ -17,7 +17,12 @@ from .pipeline import GenerationCancelled, GenerationResult, Pipeline  # noqa: E
 __all__ = ["load", "generate", "from_diffusers", "Pipeline", "GenerationResult", "GenerationCancelled",
            "ModelConfig", "PRESETS"]
 
-try:  # the native runtime (libsdengine); absent in a source tree that was not built
-    from . import _C  # noqa: E402,F401
-except ImportError:  # pragma: no cover
-    _C = None
+
+def __getattr__(name):
+    """`sdengine._C`, the native runtime (libsdengine), is imported on first use only: it
+    links libtorch's C++ side, which a pure-Python run should not have to load."""
+    if name == "_C":
+        import importlib
+
+        return importlib.import_module("sdengine._C")
+    raise AttributeError(f"module 'sdengine' has no attribute {name!r}")
