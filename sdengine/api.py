@@ -48,7 +48,8 @@ def _default_backend(device: torch.device) -> str:
     return "eager"
 
 
-def load(path=None, device=None, dtype=None, backend: Optional[str] = None) -> Pipeline:
+def load(path=None, device=None, dtype=None, backend: Optional[str] = None, *,
+         config: Optional[ModelConfig] = None, prediction_type: Optional[str] = None) -> Pipeline:
     """Load a model and return a Pipeline.
 
     path:    a diffusers folder, a single-file .safetensors (A1111/Civitai layout), a
@@ -57,6 +58,10 @@ def load(path=None, device=None, dtype=None, backend: Optional[str] = None) -> P
     dtype:   torch dtype or "fp32" / "fp16" / "bf16"; default fp16 on CUDA, fp32 on CPU.
     backend: "eager", "triton", "native" or "onnx"; default: "onnx" for an ONNX folder,
              else the fastest available on the device.
+    config:  the architecture of a single-file checkpoint, where detection from its keys
+             and shapes is not enough (e.g. unusual head counts).
+    prediction_type: "epsilon" or "v_prediction" for a single file that does not say
+             (an SD2 768-v file is taken as v-prediction, a 512-base one needs "epsilon").
     """
     path = Path(DEMO_MODEL if path is None else path)
     if not path.exists():
@@ -74,7 +79,7 @@ def load(path=None, device=None, dtype=None, backend: Optional[str] = None) -> P
 
     from .loading import load_model
 
-    loaded = load_model(path, device=device, dtype=dtype)
+    loaded = load_model(path, device=device, dtype=dtype, config=config, prediction_type=prediction_type)
     return _pipeline_from_modules(
         loaded.config, loaded.text_encoder, loaded.unet, loaded.vae, loaded.text_encoder_2,
         loaded.tokenizer, loaded.tokenizer_2, backend=backend, name=path.stem if path.is_file() else path.name,
