@@ -1,0 +1,342 @@
+"""The benchmark harness (`sdengine bench`, sdengine/bench/).
+
+References: the published totals of ANCHORS.md for the FLOP counter; torch's own
+FlopCounterMode and the real diffusers / transformers models (`numel()`) for the walk
+of every architecture; jsonschema for the records; diffusers on the same random
+weights for what the runners compute.
+Budget: about 60 s on 2 CPU cores, most of it the acceptance run of `sdengine bench`
+(a subprocess, so that the installed console script is what is tested).
+"""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from sdengine import cli
+from sdengine.bench import flops, measure, report
+from sdengine.bench.harness import BenchOptions, Benchmark
+from sdengine.bench.output import markdown, write_outputs
+from sdengine.bench.reference import diffusers_unet_kwargs, diffusers_vae_kwargs, reference_pipeline, \
+    transformers_text_config
+from sdengine.bench.runners import DiffusersRunner, EngineRunner, Workload, make_inputs
+from sdengine.bench.schema import SCHEMA, ValidationError, _check, schema_json, validate
+from sdengine.config import PRESETS, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA_FILE = ROOT / "benchmarks" / "schema.json"
+
+
+# ---------------------------------------------------------------------------
+# FLOP and parameter counts
+# ---------------------------------------------------------------------------
+
+# ANCHORS.md, "Compute cost": (function, config, size, TFLOP per sample, M params)
+ANCHORS = [
+    ("SD1.5 UNet 64x64", lambda: flops.unet_cost(PRESETS["sd15"].unet, 64, 64), 0.803, 859.5),
+    ("VAE decoder 512x512", lambda: flops.vae_decoder_cost(PRESETS["sd15"].vae, 512, 512), 2.515, 49.5),
+    ("CLIP-L 77 tokens", lambda: flops.text_encoder_cost(PRESETS["sd15"].text_encoder), 0.013, 123.1),
+    ("SD2.1 UNet 96x96", lambda: flops.unet_cost(PRESETS["sd21-v"].unet, 96, 96), 2.149, 865.9),
+    ("SDXL UNet 128x128", lambda: flops.unet_cost(PRESETS["sdxl"].unet, 128, 128), 6.761, 2567.5),
+]
+
+
+@pytest.mark.parametrize("name,cost,tflop,mparams", ANCHORS, ids=[a[0] for a in ANCHORS])
+def test_flop_counter_matches_published_totals(name, cost, tflop, mparams):
+    c = cost()
+    # Within 2%, or within the rounding of the published figure (0.013 T is 0.0125 to 0.0135).
+    assert c.flop / 1e12 == pytest.approx(tflop, rel=0.02, abs=0.0005), name
+    assert c.params / 1e6 == pytest.approx(mparams, rel=0.02), name
+
+
+def test_sd15_unet_breakdown_and_layer_counts():
+    """ANCHORS.md: conv 55%, linear 29%, attention 16%; 22 resnets, 16 transformer blocks,
+    61 GroupNorms, 48 LayerNorms, 32 attention calls per forward."""
+    c = flops.unet_cost(PRESETS["sd15"].unet, 64, 64)
+    share = {k: v / c.flop for k, v in c.flop_by_kind.items()}
+    assert share == pytest.approx({"conv": 0.55, "linear": 0.29, "attention": 0.16}, abs=0.01)
+    assert (c.layers["resnet"], c.layers["transformer_block"], c.layers["group_norm"], c.layers["layer_norm"],
+            c.layers["attention"]) == (22, 16, 61, 48, 32)
+
+
+def _counted_flop(build, *inputs, **kwargs):
+    """torch's own count of one forward, on the meta device (no arithmetic is done)."""
+    with torch.device("meta"):
+        model = build()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*[x() for x in inputs], **{k: v() if callable(v) else v for k, v in kwargs.items()})
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sd21-v", "sdxl", "sd15-inpaint"])
+def test_flop_walk_matches_torch_flop_counter_on_every_tiny_architecture(kind):
+    """Same total as FlopCounterMode on diffusers' / transformers' own modules, at a
+    non-square size, and the same parameter count as the modules hold."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    cfg = tiny_config(kind)
+    h, w = 8, 12  # latent cells; the tiny VAE scales by 2
+    added = None
+    if cfg.unet.addition_embed_type:
+        pooled = cfg.unet.projection_class_embeddings_input_dim - 6 * cfg.unet.addition_time_embed_dim
+        added = lambda: {"text_embeds": torch.randn(1, pooled), "time_ids": torch.randn(1, 6)}  # noqa: E731
+    unet = _counted_flop(lambda: UNet2DConditionModel(**diffusers_unet_kwargs(cfg.unet)),
+                         lambda: torch.randn(1, cfg.unet.in_channels, h, w), lambda: torch.tensor(5),
+                         encoder_hidden_states=lambda: torch.randn(1, 77, cfg.unet.cross_attention_dim),
+                         added_cond_kwargs=added)
+    assert flops.unet_cost(cfg.unet, h, w).flop == unet
+
+    size = (cfg.vae.downscale * h, cfg.vae.downscale * w)
+
+    def vae_part(part):
+        class Part(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.vae = AutoencoderKL(**diffusers_vae_kwargs(cfg.vae))
+
+            def forward(self, x):
+                return getattr(self.vae, part)(x)
+        return Part
+
+    assert flops.vae_decoder_cost(cfg.vae, *size).flop == _counted_flop(
+        vae_part("decode"), lambda: torch.randn(1, cfg.vae.latent_channels, h, w))
+    assert flops.vae_encoder_cost(cfg.vae, *size).flop == _counted_flop(
+        vae_part("encode"), lambda: torch.randn(1, 3, *size))
+    text_cfg = transformers_text_config(cfg.text_encoder)
+    text_cfg._attn_implementation = "sdpa"
+    assert flops.text_encoder_cost(cfg.text_encoder).flop == _counted_flop(
+        lambda: CLIPTextModel(text_cfg), lambda: torch.randint(1, 1000, (1, 77)))
+
+    with torch.device("meta"):
+        unet_params = sum(p.numel() for p in UNet2DConditionModel(**diffusers_unet_kwargs(cfg.unet)).parameters())
+        vae = AutoencoderKL(**diffusers_vae_kwargs(cfg.vae))
+    params = flops.model_params(cfg)
+    assert params["unet"] == unet_params
+    assert params["vae_encoder"] == sum(p.numel() for n, p in vae.named_parameters() if not n.startswith(
+        ("decoder.", "post_quant_conv.")))
+    assert params["vae_decoder"] == sum(p.numel() for n, p in vae.named_parameters() if n.startswith(
+        ("decoder.", "post_quant_conv.")))
+
+
+def test_flop_walk_matches_torch_flop_counter_on_real_sd15_unet():
+    from diffusers import UNet2DConditionModel
+
+    unet = PRESETS["sd15"].unet
+    counted = _counted_flop(lambda: UNet2DConditionModel(**diffusers_unet_kwargs(unet)),
+                            lambda: torch.randn(1, 4, 64, 80), lambda: torch.tensor(5),
+                            encoder_hidden_states=lambda: torch.randn(1, 77, 768))
+    assert flops.unet_cost(unet, 64, 80).flop == counted
+
+
+def test_workload_flop_counts_cfg_batch():
+    cfg = PRESETS["sd15"]
+    work = flops.workload_flop(cfg, 512, 512, batch=3)
+    assert work["unet_step"] == 6 * flops.unet_cost(cfg.unet, 64, 64).flop
+    assert work["vae_decode"] == 3 * flops.vae_decoder_cost(cfg.vae, 512, 512).flop
+    assert flops.end_to_end_flop(work, 31) == work["text_encoder"] + 31 * work["unet_step"] + work["vae_decode"]
+    with pytest.raises(ValueError, match="not divisible"):
+        flops.unet_cost(cfg.unet, 60, 64)
+
+
+# ---------------------------------------------------------------------------
+# Schema
+# ---------------------------------------------------------------------------
+
+def test_schema_file_is_the_schema_the_harness_validates_with():
+    assert SCHEMA_FILE.read_text() == schema_json(), \
+        "benchmarks/schema.json is stale: python -m sdengine.bench.schema > benchmarks/schema.json"
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+
+
+def _bad_records(record):
+    """(mutation, record) pairs that the schema must refuse."""
+    def mutated(fn):
+        r = copy.deepcopy(record)
+        fn(r)
+        return r
+    first = next(i for i, r in enumerate(record["results"]) if "skipped" not in r)
+    yield "no device", mutated(lambda r: r.pop("device"))
+    yield "string height", mutated(lambda r: r["workload"].__setitem__("height", "512"))
+    yield "bad dtype", mutated(lambda r: r["workload"].__setitem__("dtype", "fp8"))
+    yield "bad component", mutated(lambda r: r["results"][first].__setitem__("component", "unet"))
+    yield "no samples", mutated(lambda r: r["results"][first].__setitem__("samples_ms", []))
+    yield "no p50", mutated(lambda r: r["results"][first].pop("p50_ms"))
+    yield "negative sample", mutated(lambda r: r["results"][first]["samples_ms"].__setitem__(0, -1.0))
+    yield "empty skip reason", mutated(lambda r: r["results"].append({"backend": "x", "skipped": ""}))
+    yield "bool as count", mutated(lambda r: r["results"][first].__setitem__("peak_mem_bytes", True))
+
+
+def _check_record_refusals(record):
+    validate(record)
+    _check(record, SCHEMA, "record")  # the fallback checker for machines without jsonschema
+    for what, bad in _bad_records(record):
+        with pytest.raises(ValidationError):
+            validate(bad)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, json.loads(SCHEMA_FILE.read_text()))
+        with pytest.raises(ValidationError):
+            _check(bad, SCHEMA, "record")
+
+
+# ---------------------------------------------------------------------------
+# Runners: what is timed is the same function for every backend
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_runners_time_the_same_function_on_the_same_weights(kind):
+    """The diffusers anchor and the eager backend, built from one random-weight pipeline,
+    give the same outputs on the same random inputs: both time the same computation."""
+    cfg = tiny_config(kind)
+    source = reference_pipeline(cfg, seed=3)
+    workload = Workload("tiny", 16, 24, steps=2, batch=1, dtype="fp32")
+    cpu = torch.device("cpu")
+    theirs = DiffusersRunner(source, cfg, workload, cpu)
+    ours = EngineRunner("eager", source, cfg, workload, cpu)
+    with torch.inference_mode():
+        for component in ("text_encoder", "unet_step", "vae_decode"):
+            inputs = make_inputs(component, cfg, workload, cpu, torch.float32, 2, seed=11)
+            assert not torch.equal(*[next(iter(i.values())) for i in inputs]), "inputs must be fresh per call"
+            for args in inputs:
+                a, b = getattr(theirs, component)(args), getattr(ours, component)(args)
+                a = a if isinstance(a, tuple) else (a,)
+                for x, y in zip(a, b if isinstance(b, tuple) else (b,)):
+                    assert x.shape == y.shape, component
+                    assert float((x - y).abs().max()) <= 1e-4 * float(y.abs().max()) + 1e-6, component
+        args = {"prompts": ["a red cube"], "seed": 5}
+        images_theirs, images_ours = theirs.end_to_end(args), ours.end_to_end(args).images
+    assert theirs.unet_calls == ours.unet_calls >= 2
+    diff = np.abs(np.asarray(images_theirs[0], dtype=np.int16) - np.asarray(images_ours[0], dtype=np.int16))
+    assert diff.max() <= 2
+
+
+def test_time_calls_warmup_repeats_and_budget():
+    calls = []
+    timing = measure.time_calls(lambda x: calls.append(x) or time.sleep(0.002), list(range(8)), warmup=2,
+                                device=torch.device("cpu"))
+    assert calls == list(range(8)) and len(timing.warmup_ms) == 2 and len(timing.samples_ms) == 6
+    assert min(timing.samples_ms) >= 2.0 and not timing.stopped_early
+    timing = measure.time_calls(lambda x: time.sleep(0.01), list(range(50)), warmup=1, device=torch.device("cpu"),
+                                budget_s=0.05)
+    assert timing.stopped_early and 3 <= len(timing.samples_ms) < 49
+    stats = measure.summarize([3.0, 1.0, 2.0, 4.0, 5.0])
+    assert (stats["p50_ms"], stats["min_ms"], stats["p90_ms"]) == (3.0, 1.0, pytest.approx(4.6))
+
+
+# ---------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------
+
+def test_acceptance_command_tiny_cpu(tmp_path):
+    """`sdengine bench --arch tiny --backends eager,diffusers --steps 2 --json x.json` on the
+    CPU: under 2 minutes; the record validates; markdown and chart are written."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")  # 2 cores shared with other tests
+    command = ["sdengine", "bench", "--arch", "tiny", "--backends", "eager,diffusers", "--steps", "2",
+               "--json", "x.json"]
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=170)
+    elapsed = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert elapsed < 120, f"took {elapsed:.0f} s"
+
+    record = json.loads((tmp_path / "x.json").read_text())
+    jsonschema.validate(record, json.loads(SCHEMA_FILE.read_text()))
+    assert record["complete"] and record["workload"] == dict(record["workload"], arch="tiny", height=16, width=16,
+                                                             steps=2, batch=1, dtype="fp32")
+    assert record["command"].startswith("sdengine bench --arch tiny") and "--steps 2" in record["command"]
+    assert record["argv"] == ["sdengine", *command[1:]]
+    got = {(r["backend"], r["component"]) for r in record["results"] if "skipped" not in r}
+    assert got == {(b, c) for b in ("eager", "diffusers")
+                   for c in ("text_encoder", "unet_step", "vae_decode", "end_to_end")}
+    for r in record["results"]:
+        assert len(r["samples_ms"]) == (5 if r["component"] == "end_to_end" else 20)
+        assert r["p50_ms"] == pytest.approx(float(np.median(r["samples_ms"])))
+        assert r["min_ms"] <= r["p50_ms"] <= r["p90_ms"] and r["flop"] > 0 and r["tflops"] > 0
+        assert r["nonfinite_output"] in (False, None)
+        if r["backend"] == "diffusers":
+            assert r["speedup_vs_diffusers"] == 1.0
+    work = flops.workload_flop(tiny_config("sd15"), 16, 16)
+    assert record["flop"] == work
+    e2e = [r for r in record["results"] if r["component"] == "end_to_end"]
+    assert all(r["unet_calls"] == 3 for r in e2e)  # PNDM with skip_prk_steps: steps + 1 UNet calls
+    assert e2e[0]["flop"] == flops.end_to_end_flop(work, 3)
+
+    table = (tmp_path / "x.md").read_text()
+    assert "| eager |" in table and "| diffusers |" in table and "physical floor" in table
+    with Image.open(tmp_path / "x.png") as chart:
+        assert chart.format == "PNG" and chart.width > 400
+    _check_record_refusals(record)
+
+    readme = subprocess.run([sys.executable, "-m", "sdengine.bench.report", "--all", str(tmp_path / "x.json")],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert readme.returncode == 0, readme.stderr
+    assert "| eager |" in readme.stdout and "x.json" in readme.stdout
+
+
+def test_unavailable_backends_are_skipped_with_a_reason(tmp_path, capsys):
+    code = cli.main(["bench", "--arch", "tiny", "--backends", "diffusers-compile,onnx,diffusers", "--components",
+                     "unet_step", "--repeats", "3", "--warmup", "1", "--steps", "1", "--device", "cpu",
+                     "--out-dir", str(tmp_path), "--no-progress"])
+    assert code == 0
+    (path,) = tmp_path.glob("*_cpu_tiny.json")
+    record = json.loads(path.read_text())
+    validate(record)
+    skipped = {r["backend"]: r["skipped"] for r in record["results"] if "skipped" in r}
+    assert set(skipped) == {"diffusers-compile", "onnx"}
+    assert "CUDA" in skipped["diffusers-compile"] and skipped["onnx"]
+    assert [r["backend"] for r in record["results"] if "skipped" not in r] == ["diffusers"]
+    assert "- onnx: " in path.with_suffix(".md").read_text()
+
+
+def test_interrupt_writes_what_was_measured(tmp_path, monkeypatch):
+    calls = []
+    real = Benchmark._measure
+
+    def measure_then_interrupt(self, runner, backend, component):
+        calls.append(component)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, runner, backend, component)
+
+    monkeypatch.setattr(Benchmark, "_measure", measure_then_interrupt)
+    path = tmp_path / "cut.json"
+    code = cli.main(["bench", "--arch", "tiny", "--backends", "diffusers", "--components", "text_encoder,vae_decode",
+                     "--repeats", "3", "--device", "cpu", "--json", str(path), "--no-progress"])
+    assert code == 130
+    record = json.loads(path.read_text())
+    validate(record)
+    assert not record["complete"] and record["interrupted"] == "KeyboardInterrupt"
+    assert [r["component"] for r in record["results"]] == ["text_encoder"]
+    assert "Incomplete run" in path.with_suffix(".md").read_text() and path.with_suffix(".png").exists()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_bad_arguments_name_the_option(capsys):
+    for argv, option in [(["--backends", "eager,tensorrt"], "--backends"), (["--steps", "0"], "--steps"),
+                         (["--height", "500"], "--height"), (["--components", "unet"], "--components"),
+                         (["--json", "x.txt"], "--json"), (["--model", "/nonexistent/model"], "--model")]:
+        assert cli.main(["bench", "--arch", "tiny", "--device", "cpu", *argv]) == 2
+        assert option in capsys.readouterr().err
+
+
+def test_report_groups_records_and_skips_cpu_by_default(tmp_path):
+    options = BenchOptions(arch="tiny", backends=("diffusers",), components=("unet_step",), repeats=3, warmup=0,
+                           device="cpu")
+    record = Benchmark(options, progress=False).run()
+    write_outputs(record, tmp_path / "a.json")
+    assert report.main([str(tmp_path / "a.json")]) == 0  # a CPU smoke record is no performance claim
+    gpu = dict(record, device="NVIDIA H100 80GB HBM3", device_type="cuda")
+    (tmp_path / "b.json").write_text(json.dumps(gpu))
+    text = report.render([tmp_path / "a.json", tmp_path / "b.json"])
+    assert "NVIDIA H100" in text and "CPU" not in text and "b.json" in text
+    assert markdown(record).count("| diffusers |") == 2
