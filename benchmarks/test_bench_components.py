@@ -11,7 +11,6 @@ compare view lines the backends up against eager diffusers; extra_info carries t
 analytic FLOP count of one call.
 """
 
-import itertools
 
 import pytest
 import torch
