@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
@@ -65,8 +65,7 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=["sdengine", "sdengine.models", "sdengine.samplers", "sdengine.backends",
-              "sdengine.kernels", "sdengine.export"],
+    packages=find_packages(include=["sdengine", "sdengine.*"]) + ["sdengine.kernels", "sdengine.export"],
     package_dir={"sdengine": "sdengine", "sdengine.kernels": "kernels", "sdengine.export": "export"},
     package_data={"sdengine": ["data/*", "data/**/*"]},
     include_package_data=True,
