@@ -54,6 +54,9 @@ def _register_generate(sub):
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
     p.add_argument("--backend", default=None, choices=["eager", "triton", "native", "onnx"])
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's, but 1 for the small demo model, where more threads "
+                        "only add synchronisation)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_generate)
 
@@ -61,6 +64,7 @@ def _register_generate(sub):
 def _generate(args) -> int:
     from pathlib import Path
 
+    import torch
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
@@ -76,6 +80,12 @@ def _generate(args) -> int:
     out = Path(args.output)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--output must be a .png file, got {out}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    elif args.model is None:  # the demo model: 30 steps take ~5 s on one thread, ~10x longer on two busy ones
+        torch.set_num_threads(1)
     result = sdengine.generate(
         args.prompt, model=args.model, device=args.device, dtype=args.dtype, backend=args.backend,
         negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
