@@ -102,7 +102,32 @@ def build_networks(config: ModelConfig):
     from sdengine.models.unet import UNet2DConditionModel
     from sdengine.models.vae import AutoencoderKL
 
-    return CLIPTextModel(config.text_encoder), UNet2DConditionModel(config.unet), AutoencoderKL(config.vae)
+    networks = CLIPTextModel(config.text_encoder), UNet2DConditionModel(config.unet), AutoencoderKL(config.vae)
+    for network in networks:
+        init_for_training(network)
+    return networks
+
+
+def init_for_training(module: torch.nn.Module) -> torch.nn.Module:
+    """The initialisation transformers / diffusers give these networks before training.
+
+    sdengine's modules are built to be filled by the loader, so their own initial values
+    are not fit to train from (norm scales may be zero). Norms start as the identity
+    (scale 1, shift 0) and embeddings as N(0, 0.02^2), as transformers' CLIP does;
+    convolutions and linear layers keep torch's default (Kaiming-uniform), as diffusers'.
+    """
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)):
+                if m.weight is not None:
+                    m.weight.fill_(1.0)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, torch.nn.Embedding):
+                m.weight.normal_(0.0, 0.02)
+            elif isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                m.reset_parameters()
+    return module
 
 
 def ddpm_alphas_cumprod(config: ModelConfig) -> torch.Tensor:

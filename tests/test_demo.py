@@ -190,7 +190,16 @@ def test_matches_diffusers_on_the_shipped_model(pipe):
 
 def test_trainer_writes_a_loadable_folder(tmp_path):
     """A two-step training run: the folder loads in sdengine and in diffusers, and replaces atomically."""
-    from sdengine.train import train_demo_digits
+    from sdengine.train import build_networks, train_demo_digits
+
+    # sdengine's modules are made to be loaded: the trainer must give them a trainable start.
+    text_encoder, unet, vae = build_networks(sdengine.PRESETS["demo-digits"])
+    for network in (text_encoder, unet, vae):
+        for name, m in network.named_modules():
+            if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)):
+                assert torch.all(m.weight == 1) and torch.all(m.bias == 0), name
+    embedding = text_encoder.text_model.embeddings.token_embedding.weight
+    assert 0.015 < float(embedding.std()) < 0.025
 
     out = tmp_path / "digits"
     out.mkdir()
