@@ -15,22 +15,13 @@
 
 #include "errors.h"
 #include "names.h"
+#include "util.h"
 #include "safetensors.h"
 
 namespace sde {
 namespace {
 
 constexpr int kFormatVersion = 1;
-
-bool is_file(const std::string &path) {
-  struct stat st {};
-  return stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
-}
-
-bool is_dir(const std::string &path) {
-  struct stat st {};
-  return stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
-}
 
 std::vector<std::string> list_dir(const std::string &dir) {
   std::vector<std::string> out;
