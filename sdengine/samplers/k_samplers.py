@@ -116,16 +116,21 @@ def sample_dpm_2(model, x, sigmas, *, extra_args=None, callback=None, noise=None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = model(x, sigma, **extra_args)
-        d = _to_d(x, sigma, denoised)
-        if sigma_next == 0:
-            x = x + d * (sigma_next - sigma)
-        else:
-            sigma_mid = _log_midpoint(sigma, sigma_next)
-            x_2 = x + d * (sigma_mid - sigma)
-            d_2 = _to_d(x_2, sigma_mid, model(x_2, sigma_mid, intermediate=True, **extra_args))
-            x = x + d_2 * (sigma_next - sigma)
+        x = _dpm_2_step(model, x, sigma, sigma_next, denoised, extra_args)
         _report(callback, i, x, sigma, sigma_next, denoised)
     return x
+
+
+def _dpm_2_step(model, x, sigma, sigma_to, denoised, extra_args):
+    """One DPM-Solver-2 step from sigma to sigma_to: Euler to the log-midpoint sigma, then the
+    full step with the derivative there (a plain Euler step when sigma_to is 0)."""
+    d = _to_d(x, sigma, denoised)
+    if sigma_to == 0:
+        return x + d * (sigma_to - sigma)
+    sigma_mid = _log_midpoint(sigma, sigma_to)
+    x_2 = x + d * (sigma_mid - sigma)
+    d_2 = _to_d(x_2, sigma_mid, model(x_2, sigma_mid, intermediate=True, **extra_args))
+    return x + d_2 * (sigma_to - sigma)
 
 
 @torch.no_grad()
@@ -138,14 +143,8 @@ def sample_dpm_2_ancestral(model, x, sigmas, *, extra_args=None, callback=None, 
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = model(x, sigma, **extra_args)
         sigma_down, sigma_up = _ancestral_step(sigma, sigma_next, eta)
-        d = _to_d(x, sigma, denoised)
-        if sigma_down == 0:
-            x = x + d * (sigma_down - sigma)
-        else:
-            sigma_mid = _log_midpoint(sigma, sigma_down)
-            x_2 = x + d * (sigma_mid - sigma)
-            d_2 = _to_d(x_2, sigma_mid, model(x_2, sigma_mid, intermediate=True, **extra_args))
-            x = x + d_2 * (sigma_down - sigma)
+        x = _dpm_2_step(model, x, sigma, sigma_down, denoised, extra_args)
+        if sigma_down != 0:
             x = x + noise() * sigma_up
         _report(callback, i, x, sigma, sigma_next, denoised)
     return x
