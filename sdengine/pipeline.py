@@ -6,6 +6,9 @@ Data flows one way:
            -> sampler loop (model_fn: UNet at batch 2 + classifier-free guidance)
            -> decode -> image
 
+A backend may also run the whole step (UNet + guidance + sampler update) as one function,
+`backend.fused_step(...)`; the loop then drives that step instead of model_fn.
+
 The pipeline never asks which backend it holds: a backend encodes text, runs one
 UNet forward and encodes / decodes images (docs/CONTRACTS.md). Every image has its
 own seed and generator, so an image depends only on its seed, not on the batch.
@@ -25,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import samplers
 from .config import ModelConfig
+from .samplers.fused import sample_fused
 from .vae_tiling import AUTO_TILE_CELLS, tiled_decode
 
 log = logging.getLogger("sdengine")
@@ -199,7 +203,7 @@ class Pipeline:
         sampler_name, schedule_name = samplers.resolve(sampler, schedule, cfg.scheduler)
         init_for_sampler = mode == "img2img" or (mode == "inpaint" and strength < 1.0)
         plan = samplers.make_plan(sampler_name, schedule_name, num_inference_steps, cfg.scheduler,
-                                  strength=strength if init_for_sampler else 1.0)  # validates before any work
+                                  strength=strength if init_for_sampler else 1.0, eta=eta)  # validates before any work
         total = plan.num_steps  # progress ticks and callbacks (PLMS evaluates steps + 1 times)
         latent_shape = (n_images, cfg.vae.latent_channels, height // cfg.vae.downscale, width // cfg.vae.downscale)
         if latents is not None:
@@ -264,13 +268,21 @@ class Pipeline:
             if callback is not None and callback(step_index, total, x) is False:
                 raise GenerationCancelled(f"cancelled by the callback at step {step_index + 1}")
 
+        # A backend that runs UNet + guidance + sampler update as one function offers fused_step
+        # (docs/CONTRACTS.md); it returns None for a run its kernels do not cover.
+        fused_step = getattr(self.backend, "fused_step", None)
+        step = fused_step(plan, context, guidance_scale, added_cond) if fused_step is not None else None
         try:
-            x = samplers.sample(
-                model_fn, noise, sampler=sampler_name, schedule=schedule_name, steps=num_inference_steps,
-                scheduler_config=cfg.scheduler,
-                init_latents=image_latents if init_for_sampler else None,
-                strength=strength, generators=generators, callback=on_step, eta=eta,
-            )
+            if step is not None:
+                x = sample_fused(step, noise, plan, init_latents=image_latents if init_for_sampler else None,
+                                 generators=generators, callback=on_step)
+            else:
+                x = samplers.sample(
+                    model_fn, noise, sampler=sampler_name, schedule=schedule_name, steps=num_inference_steps,
+                    scheduler_config=cfg.scheduler,
+                    init_latents=image_latents if init_for_sampler else None,
+                    strength=strength, generators=generators, callback=on_step, eta=eta,
+                )
         finally:
             bar.close()
 

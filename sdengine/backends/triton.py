@@ -11,7 +11,13 @@ What changes against the eager backend, all of it at load time (never in forward
 - on CUDA, each UNet forward at a new shape (batch, height, width, context length) is
   captured once as a CUDA graph and replayed afterwards: at batch 2 the eager UNet is
   launch-bound (ANCHORS.md: 54.5 vs 104.6 it/s). Graphs live in a bounded LRU cache
-  and share one memory pool; a new resolution captures only its own graph.
+  and share one memory pool; a new resolution captures only its own graph;
+- for the samplers with a fused CFG + update kernel (euler, euler_a, ddim, dpmpp_2m, lcm;
+  kernels/sampler_step.py) the backend offers `fused_step`: the whole denoising step (UNet
+  on the doubled batch, guidance, sampler update) as one function whose scalars are read on
+  the device, so that on CUDA one graph of the whole step is replayed for every step. Other
+  samplers, "sample"-prediction models, x0 clipping and inpainting's 9-channel UNet take
+  the graphed UNet with the eager update.
 
 On the CPU the same kernels run through Triton's interpreter (TRITON_INTERPRET=1): far
 too slow for real use, but it is how CI proves that these code paths match eager.
@@ -19,6 +25,7 @@ too slow for real use, but it is how CI proves that these code paths match eager
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from collections import OrderedDict
@@ -29,6 +36,7 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..models.layers import EAGER_OPS, Attention, set_ops
+from ..samplers import fused
 from .eager import EagerBackend
 
 log = logging.getLogger("sdengine")
@@ -46,8 +54,6 @@ def _kernel(name: str):
     Under TRITON_INTERPRET=1 (CPU tests): the Triton wrapper itself, since the public op
     sends CPU tensors to the plain-torch reference and would prove nothing.
     """
-    import importlib
-
     if kernels.INTERPRET:
         return getattr(importlib.import_module(f"sdengine.kernels.{name}"), name)
     return getattr(kernels, name)
@@ -55,6 +61,9 @@ def _kernel(name: str):
 
 _attention_kernel, _group_norm_kernel = _kernel("attention"), _kernel("group_norm")
 _layer_norm_kernel, _geglu_kernel = _kernel("layer_norm"), _kernel("geglu")
+# The fused CFG + sampler-update kernels, called through their wrappers (CUDA, or the interpreter
+# on CPU): they take `out=` buffers, which lets a step update its state in place.
+_sampler_step = importlib.import_module("sdengine.kernels.sampler_step")
 
 
 def triton_attention(q, k, v, heads: int, *, causal: bool = False, upcast: bool = False):
@@ -101,38 +110,65 @@ def prepare_for_triton(module: torch.nn.Module, channels_last: bool) -> torch.nn
 
 
 # ---------------------------------------------------------------------------
-# CUDA graphs of the UNet step
+# CUDA graphs: one bounded cache for UNet forwards and whole fused steps
 # ---------------------------------------------------------------------------
 
-class GraphedUNet:
-    """An LRU cache of CUDA graphs of one UNet, keyed by the shapes of its inputs.
-
-    Each entry holds static input buffers, the captured graph and its static output.
-    All graphs share one memory pool, so the cache costs little beyond the activations
-    of the largest shape.
+class GraphCache:
+    """An LRU cache of captured CUDA graphs (UNet forwards and fused steps), keyed by what a
+    graph bakes in: input shapes, dtype and, for a fused step, the sampler. All graphs share
+    one memory pool, so the cache costs little beyond the activations of the largest shape;
+    a graph's inputs and outputs are static buffers that stay alive with its entry.
     """
 
-    def __init__(self, unet, capacity: int = 8):
-        self.unet = unet
+    def __init__(self, capacity: int = 8):
         self.capacity = capacity
         self.pool = torch.cuda.graph_pool_handle()
         self.entries: OrderedDict = OrderedDict()
 
-    @staticmethod
-    def key(x, t, context, added_cond) -> tuple:
-        extra = tuple(sorted((k, tuple(v.shape)) for k, v in (added_cond or {}).items()))
-        return tuple(x.shape), tuple(t.shape), tuple(context.shape), extra, x.dtype
-
-    def __call__(self, x, t, context, added_cond=None):
-        key = self.key(x, t, context, added_cond)
+    def lookup(self, key: tuple, make):
+        """The entry of `key`, made by make() on a miss; the least recently used goes first."""
         entry = self.entries.get(key)
         if entry is None:
-            entry = self._capture(x, t, context, added_cond)
+            entry = make()
             self.entries[key] = entry
             if len(self.entries) > self.capacity:
                 self.entries.popitem(last=False)
         self.entries.move_to_end(key)
-        static_in, graph, static_out = entry
+        return entry
+
+    def capture(self, run):
+        """(graph, output) of run() captured into the shared pool, after two warm-up runs on a
+        side stream (Triton autotuning and lazy initialisation stay outside the capture)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = run()
+        return graph, out
+
+
+class GraphedUNet:
+    """The UNet replayed from CUDA graphs, one per input shape (entries of a GraphCache).
+
+    Each entry holds static input buffers, the captured graph and its static output.
+    """
+
+    def __init__(self, unet, graphs: GraphCache):
+        self.unet = unet
+        self.graphs = graphs
+
+    @staticmethod
+    def key(x, t, context, added_cond) -> tuple:
+        extra = tuple(sorted((k, tuple(v.shape)) for k, v in (added_cond or {}).items()))
+        return "unet", tuple(x.shape), tuple(t.shape), tuple(context.shape), extra, x.dtype
+
+    def __call__(self, x, t, context, added_cond=None):
+        static_in, graph, static_out = self.graphs.lookup(self.key(x, t, context, added_cond),
+                                                          lambda: self._capture(x, t, context, added_cond))
         static_in["x"].copy_(x)
         static_in["t"].copy_(t)
         static_in["context"].copy_(context)
@@ -150,18 +186,111 @@ class GraphedUNet:
             cond = {k: static_in[k] for k in (added_cond or {})} or None
             return self.unet(static_in["x"], static_in["t"], static_in["context"], added_cond=cond)
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: autotuning and lazy init outside the capture
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            static_out = run()
+        graph, static_out = self.graphs.capture(run)
         log.info("captured a CUDA graph of the UNet for x %s, context %s in %.2f s",
                  tuple(x.shape), tuple(context.shape), time.perf_counter() - started)
         return static_in, graph, static_out
+
+
+# ---------------------------------------------------------------------------
+# The fused step: UNet -> guidance + sampler update, one function (one graph) per step
+# ---------------------------------------------------------------------------
+
+class FusedStep:
+    """One whole denoising step on static buffers, run eagerly or replayed from a CUDA graph:
+
+        x_in = x · c_in -> UNet([x_in, x_in], t, context) -> one kernel of kernels/sampler_step.py
+        (classifier-free guidance + the sampler update) -> x, in place.
+
+    A call fills the buffers (state x, the step's row of the step table, the conditioning,
+    the noise) and runs the step; the next state is the buffer `x` itself (float32, the
+    sampler's units; channels_last on CUDA), and DPM++ 2M's denoised history stays in its own
+    buffer. Every per-step scalar is read on the device from the row buffer, so a graph
+    captured once serves every step of every run at these shapes.
+    """
+
+    def __init__(self, unet, sampler: str, prediction_type: str, x_shape: tuple, context, added_cond=None, *,
+                 takes_noise: bool, channels_last: bool, graphs: "GraphCache | None" = None):
+        first = next(unet.parameters())
+        self.unet, self.dtype = unet, first.dtype
+        self.sampler, self.prediction_type = sampler, prediction_type
+        self.do_cfg = context.shape[0] == 2 * x_shape[0]
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+        def latent_buffer():
+            return torch.zeros(x_shape, dtype=torch.float32, device=first.device).contiguous(memory_format=fmt)
+
+        self.x = latent_buffer()
+        self.row = torch.zeros(fused.FIRST_KERNEL_SCALAR + len(fused.KERNEL_SCALARS[sampler]),
+                               dtype=torch.float32, device=first.device)
+        self.noise = latent_buffer() if takes_noise else None
+        self.old_denoised = latent_buffer() if sampler == "dpmpp_2m" else None
+        self.context = context.clone()
+        self.added_cond = {k: v.clone() for k, v in added_cond.items()} if added_cond else None
+        self.graphs, self.graph = graphs, None
+
+    @staticmethod
+    def key(sampler, prediction_type, x_shape, context, added_cond, takes_noise) -> tuple:
+        extra = tuple(sorted((k, tuple(v.shape)) for k, v in (added_cond or {}).items()))
+        return "step", sampler, prediction_type, tuple(x_shape), tuple(context.shape), extra, context.dtype, takes_noise
+
+    @torch.inference_mode()
+    def __call__(self, x, row, context, added_cond=None, noise=None):
+        """The state after one step from state x; row: the step's row of the step table."""
+        if x is not self.x:
+            self.x.copy_(x)
+        self.row.copy_(row)
+        self.context.copy_(context)
+        for k, v in (added_cond or {}).items():
+            self.added_cond[k].copy_(v)
+        if self.noise is not None:
+            if noise is None:
+                self.noise.zero_()
+            else:
+                self.noise.copy_(noise)
+        if self.graphs is None:
+            self.run()
+        else:
+            if self.graph is None:
+                self.graph = self._capture()
+            self.graph.replay()
+        return self.x
+
+    def run(self):
+        """The step on the buffers: what a CUDA graph of it captures."""
+        row, x = self.row, self.x
+        x_in = (x * row[1]).to(self.dtype)  # row[1]: c_in, the UNet's input scale
+        x_batch = torch.cat([x_in, x_in]) if self.do_cfg else x_in  # (2N, C, h, w): [uncond, cond]
+        if x.is_cuda:
+            x_batch = x_batch.contiguous(memory_format=torch.channels_last)
+        model_out = self.unet(x_batch, row[0], self.context, added_cond=self.added_cond)  # row[0]: timestep
+        cfg_scale = row[2:3]
+        scalars = [row[j:j + 1] for j in range(fused.FIRST_KERNEL_SCALAR, row.shape[0])]
+        pred = self.prediction_type
+        if self.sampler == "euler":
+            _sampler_step.euler(model_out, x, cfg_scale, *scalars, pred, out=x)
+        elif self.sampler == "euler_a":
+            _sampler_step.euler_a(model_out, x, self.noise, cfg_scale, *scalars, pred, out=x)
+        elif self.sampler == "ddim":
+            _sampler_step.ddim(model_out, x, cfg_scale, *scalars, self.noise, pred, out=x)
+        elif self.sampler == "dpmpp_2m":
+            _sampler_step.dpmpp_2m(model_out, x, self.old_denoised, cfg_scale, *scalars, pred, out=x,
+                                   denoised_out=self.old_denoised)
+        else:  # lcm
+            _sampler_step.lcm(model_out, x, self.noise, cfg_scale, *scalars, pred, out=x)
+        return x
+
+    def _capture(self):
+        """Capture run(); the warm-up runs advance the state, so it is put back afterwards."""
+        started = time.perf_counter()
+        state = [b for b in (self.x, self.old_denoised) if b is not None]
+        saved = [b.clone() for b in state]
+        graph, _ = self.graphs.capture(self.run)
+        for b, s in zip(state, saved):
+            b.copy_(s)
+        log.info("captured a CUDA graph of the whole %s step for x %s, context %s in %.2f s", self.sampler,
+                 tuple(self.x.shape), tuple(self.context.shape), time.perf_counter() - started)
+        return graph
 
 
 # ---------------------------------------------------------------------------
@@ -169,16 +298,20 @@ class GraphedUNet:
 # ---------------------------------------------------------------------------
 
 class TritonBackend(EagerBackend):
-    """Our networks with the Triton kernels; on CUDA, channels_last and graphed UNet steps.
+    """Our networks with the Triton kernels; on CUDA, channels_last and graphed steps.
 
-    cuda_graphs: replay the UNet from CUDA graphs (CUDA only; default on).
-    graph_cache: how many input shapes keep a graph (least recently used go first).
+    cuda_graphs: replay the UNet, or the whole fused step, from CUDA graphs (CUDA only;
+                 default on).
+    graph_cache: how many graphs (input shapes x UNet / fused sampler) are kept; the least
+                 recently used go first.
+    fused_steps: offer `fused_step` (UNet + guidance + sampler update as one function) for
+                 the samplers that have a fused kernel (default on).
     """
 
     name = "triton"
 
     def __init__(self, config, text_encoder, unet, vae, text_encoder_2=None, *, cuda_graphs: bool = True,
-                 graph_cache: int = 8):
+                 graph_cache: int = 8, fused_steps: bool = True):
         if not kernels.HAS_TRITON:
             raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
         super().__init__(config, text_encoder, unet, vae, text_encoder_2)
@@ -186,7 +319,9 @@ class TritonBackend(EagerBackend):
         for module in (self.text_encoder, self.text_encoder_2, self.unet, self.vae):
             if module is not None:
                 prepare_for_triton(module, channels_last=on_cuda)
-        self.graphs = GraphedUNet(self.unet, graph_cache) if on_cuda and cuda_graphs else None
+        self.graphs = GraphCache(graph_cache) if on_cuda and cuda_graphs else None
+        self.graphed_unet = GraphedUNet(self.unet, self.graphs) if self.graphs is not None else None
+        self.fused_steps = fused_steps
 
     @torch.inference_mode()
     def denoise(self, x_in, t, context, added_cond=None):
@@ -197,6 +332,48 @@ class TritonBackend(EagerBackend):
         context = context.to(self.device, self.dtype)
         if added_cond is not None:
             added_cond = {k: v.to(self.device, self.dtype) for k, v in added_cond.items()}
-        if self.graphs is not None:
-            return self.graphs(x, t, context, added_cond).float()  # .float() copies out of the graph's buffer
+        if self.graphed_unet is not None:
+            return self.graphed_unet(x, t, context, added_cond).float()  # .float() copies out of the graph's buffer
         return self.unet(x, t, context, added_cond=added_cond).float()
+
+    def fused_step(self, plan, context, guidance_scale: float, added_cond=None):
+        """The whole denoising step of `plan` as one function `step(x, i, noise) -> x_next`, or None
+        where the fused kernels do not cover the run (docs/CONTRACTS.md, Backends).
+
+        context (2N or N, L, D) is [uncond, cond] with guidance, cond alone without; x is the
+        sampler's state (N, C, h, w) float32 (see samplers/fused.py). The returned x is a buffer
+        that the next step overwrites. On CUDA the step is captured once per shape and sampler
+        as a CUDA graph and replayed for every step.
+        """
+        if not self.fused_steps or kernels.reference_mode():
+            return None
+        if not (self.device.type == "cuda" or kernels.INTERPRET):  # CPU without the interpreter: no kernels
+            return None
+        if self.config.unet.in_channels != self.config.vae.latent_channels:  # inpainting's 9-channel input
+            return None
+        prediction_type = self.config.scheduler.prediction_type
+        reason = fused.unsupported(plan, prediction_type)
+        if reason is not None:
+            log.debug("fused step not used: %s", reason)
+            return None
+        table = fused.step_table(plan, guidance_scale).to(self.device)  # (steps, columns) float32
+        context = context.to(self.device, self.dtype)
+        if added_cond is not None:
+            added_cond = {k: v.to(self.device, self.dtype) for k, v in added_cond.items()}
+        takes_noise = fused.takes_noise(plan)
+        entry = None
+
+        def make(x_shape):
+            return FusedStep(self.unet, plan.sampler, prediction_type, x_shape, context, added_cond,
+                             takes_noise=takes_noise, channels_last=self.device.type == "cuda", graphs=self.graphs)
+
+        def step(x, i, noise=None):
+            nonlocal entry
+            if entry is None:  # one entry for the whole run: it carries DPM++ 2M's history
+                x_shape = tuple(x.shape)
+                key = FusedStep.key(plan.sampler, prediction_type, x_shape, context, added_cond, takes_noise)
+                entry = self.graphs.lookup(key, lambda: make(x_shape)) if self.graphs is not None else make(x_shape)
+            return entry(x.to(self.device), table[i], context, added_cond,
+                         None if noise is None else noise.to(self.device))
+
+        return step

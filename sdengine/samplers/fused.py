@@ -1,0 +1,133 @@
+"""The fused denoising step: one function per step, UNet -> guidance -> sampler update.
+
+A backend that can run a whole step as one function (the Triton backend, through the
+fused CFG + update kernels of kernels/sampler_step.py) offers
+
+    step = backend.fused_step(plan, context, guidance_scale, added_cond=None)  # or None
+    x_next = step(x, i, noise)
+
+(docs/CONTRACTS.md, Backends). This module holds what such a step needs from the sampler
+side, so that it matches the unfused samplers of k_samplers.py / t_samplers.py:
+- `unsupported(plan, prediction_type)`: why the fused kernels cannot run a plan (None if
+  they can): samplers without a kernel, x0 clipping, "sample" prediction, DPM++ 2M's heun
+  variant;
+- `step_table(plan, guidance_scale)`: every per-step scalar of the run as one float32 table,
+  one row per step (`COLUMNS`), so that a step reads its scalars from a device tensor indexed
+  by the step and a CUDA graph of the step can be replayed for every step;
+- `sample_fused(step, noise, plan, ...)`: the host loop. It draws each step's noise from the
+  per-image CPU generators in the order the unfused samplers draw it (`randn`), so the
+  images do not change, and calls the callback with diffusers' latents after every step.
+
+The sampler state is the one of the unfused samplers: σ-space x = x0 + σ·ε for euler,
+euler_a and dpmpp_2m (the UNet gets x·c_in, c_in = 1/sqrt(σ² + 1)), diffusers' VP latents
+for ddim and lcm (c_in = 1).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from . import randn
+from .plan import Plan
+
+# The kernel scalars of each fused sampler, in the argument order of kernels/sampler_step.py.
+KERNEL_SCALARS = {
+    "euler": ("sigma", "sigma_next"),
+    "euler_a": ("sigma", "sigma_next", "eta"),
+    "ddim": ("alpha_t", "alpha_prev", "eta"),
+    "dpmpp_2m": ("sigma", "sigma_next", "sigma_prev"),
+    "lcm": ("alpha_t", "alpha_prev", "c_skip", "c_out"),
+}
+FUSED_SAMPLERS = tuple(KERNEL_SCALARS)
+
+# Columns of a step table: the UNet's timestep and input scale, the guidance scale, then the
+# sampler's kernel scalars (KERNEL_SCALARS order) from column FIRST_KERNEL_SCALAR on.
+COLUMNS = ("timestep", "c_in", "cfg_scale")
+FIRST_KERNEL_SCALAR = len(COLUMNS)
+
+
+def unsupported(plan: Plan, prediction_type: str) -> Optional[str]:
+    """Why the fused kernels cannot run `plan` for a model predicting `prediction_type`;
+    None when they can."""
+    if plan.sampler not in KERNEL_SCALARS:
+        return f"no fused kernel for sampler {plan.sampler!r} (fused: {', '.join(FUSED_SAMPLERS)})"
+    if prediction_type not in ("epsilon", "v_prediction"):
+        return f"the fused kernels take epsilon or v_prediction models, not {prediction_type!r}"
+    if plan.clip_range is not None:
+        return "the fused kernels do not clip x0 (scheduler config clip_sample)"
+    if plan.sampler == "dpmpp_2m" and plan.options.get("solver_type", "midpoint") != "midpoint":
+        return f"the dpmpp_2m kernel is the midpoint solver, not {plan.options['solver_type']!r}"
+    return None
+
+
+def step_table(plan: Plan, guidance_scale: float) -> torch.Tensor:
+    """(plan.num_steps, len(COLUMNS) + k) float32 CPU table of every per-step scalar.
+
+    Row i holds step i's timestep, c_in, the guidance scale and the kernel scalars of
+    KERNEL_SCALARS[plan.sampler] (see kernels/sampler_step.py for their meaning). DPM++ 2M's
+    sigma_prev is 0 where the step is first order: the first step of the run, and the last
+    one with options["lower_order_final"] (the kernel is also first order where sigma_next = 0).
+    """
+    reason = unsupported(plan, "epsilon")
+    if reason is not None:
+        raise ValueError(f"step_table: {reason}")
+    s = plan.step_scalars()  # float64 (n,) each
+    n = plan.num_steps
+    ones = torch.ones(n, dtype=torch.float64)
+    c_in = s["c_in"] if plan.is_sigma_sampler else ones
+    if plan.sampler in ("euler", "euler_a", "dpmpp_2m"):
+        sigma, sigma_next = s["sigma"], s["sigma_next"]
+        if plan.sampler == "euler":
+            scalars = [sigma, sigma_next]
+        elif plan.sampler == "euler_a":
+            scalars = [sigma, sigma_next, ones * plan.options.get("eta", 1.0)]
+        else:
+            sigma_prev = torch.cat([torch.zeros(1, dtype=torch.float64), sigma[:-1]])
+            if plan.options.get("lower_order_final", False):
+                sigma_prev[-1] = 0.0
+            scalars = [sigma, sigma_next, sigma_prev]
+    elif plan.sampler == "ddim":
+        scalars = [s["alpha_cumprod"], s["alpha_cumprod_prev"], ones * plan.options.get("eta", 0.0)]
+    else:  # lcm; alpha_prev is 1 on the last step, so x_next is the denoised sample there
+        scalars = [s["alpha_cumprod"], s["alpha_cumprod_prev"], s["c_skip"], s["c_out"]]
+    columns = [s["timestep"], c_in, ones * float(guidance_scale)] + scalars
+    return torch.stack(columns, dim=1).to(torch.float32)
+
+
+def takes_noise(plan: Plan) -> bool:
+    """Whether the run's kernel takes a noise input: euler_a and lcm always (zeros where a step
+    draws none), ddim when eta > 0."""
+    return plan.sampler in ("euler_a", "lcm") or (plan.sampler == "ddim" and plan.options.get("eta", 0.0) > 0)
+
+
+def draws_noise(plan: Plan, i: int) -> bool:
+    """Whether step i of the unfused sampler draws fresh noise (and so the fused step needs it)."""
+    if plan.sampler == "euler_a":
+        return float(plan.sigmas[i + 1]) > 0
+    if plan.sampler == "ddim":
+        return plan.options.get("eta", 0.0) > 0
+    if plan.sampler == "lcm":
+        return i < plan.num_steps - 1
+    return False
+
+
+def sample_fused(step: Callable, noise: torch.Tensor, plan: Plan, *, init_latents: Optional[torch.Tensor] = None,
+                 generators=None, callback: Optional[Callable] = None) -> torch.Tensor:
+    """Run `plan` with a fused step function and return the final latents, as `samplers.sample`.
+
+    step(x, i, noise) -> the sampler state after step i (noise: standard normal like x, or
+      None where the step draws none). It may return one buffer that it overwrites in place
+      at the next call; what this function hands out is copied.
+    noise, init_latents, generators: as `samplers.sample` (txt2img when init_latents is None).
+    callback(step_index, latents) after every step, with diffusers' latents after that step.
+    """
+    x = plan.initial_state(noise, init_latents)
+    for i in range(plan.num_steps):
+        step_noise = randn(x.shape, generators, x.device, torch.float32) if draws_noise(plan, i) else None
+        x = step(x, i, step_noise)
+        if callback is not None:
+            sigma_next = float(plan.sigmas[i + 1]) if plan.is_sigma_sampler else None
+            callback(i, plan.latents(x, sigma_next).clone())
+    return plan.latents(x).clone()
