@@ -13,12 +13,16 @@ would bake those values into the package.
 An engine is a folder:
 
     engine.json        what the runtime needs: versions, device, dtype, the model config,
-                       and per network its package, the prefix of its constant names and
-                       every constant's shape (the runtime checks weights against them)
+                       and per network its package, the prefix of its constant names,
+                       every constant's shape (the runtime checks weights against them) and
+                       the single-file tensors each constant may be read from ("ldm"); under
+                       "single_file", the family's defaults for single files (schedulers
+                       per prediction type, default prediction type, tokenizer folder)
     text_encoder.pt2   input_ids (B, 77) int64            -> hidden states (B, 77, D)
     unet.pt2           x (B, C, h, w), t (B,) float32, context (B, 77, D) -> (B, C_out, h, w)
     vae_decoder.pt2    unscaled latents z (B, C, h, w)    -> images (B, 3, 8h, 8w) in [-1, 1]
     buffers.safetensors   constants that are not checkpoint weights (non-persistent buffers)
+    tokenizer/         the family's CLIP tokenizer, for single files (which carry none)
 
 Engines are cached under `$SDE_CACHE_DIR/aoti/<key>/` (default `~/.cache/sdengine/aoti`),
 keyed by the networks' architecture, dtype, device, CPU capability and torch version;
@@ -40,7 +44,7 @@ from typing import Optional
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: single-file sources ("ldm") and defaults ("single_file")
 NETWORKS = ("text_encoder", "unet", "vae_decoder")
 PREFIX = "m."  # the wrappers below hold the network as `self.m`
 MAX_BATCH = 64
@@ -222,7 +226,8 @@ def build_engine(config, text_encoder, unet, vae, out_dir, *, dtype=None, device
                 if fqn not in state_keys:  # a non-persistent buffer: no checkpoint holds it
                     buffers[f"{name}/{fqn}"] = tensor.detach().to("cpu").contiguous()
             networks[name] = {"package": f"{name}.pt2", "component": components[name], "prefix": PREFIX,
-                              "constants": constants, "compile_s": round(time.perf_counter() - start, 1)}
+                              "constants": constants, "ldm": _ldm_sources(config, components[name], constants),
+                              "compile_s": round(time.perf_counter() - start, 1)}
         if buffers:
             from safetensors.torch import save_file
 
@@ -231,7 +236,7 @@ def build_engine(config, text_encoder, unet, vae, out_dir, *, dtype=None, device
             "format": FORMAT_VERSION, "torch_version": torch.__version__, "device": device.type,
             "dtype": dtype_name(dtype), "cpu_capability": cpu_capability() if device.type == "cpu" else "",
             "latent_multiple": multiple, "max_batch": MAX_BATCH, "max_latent": MAX_LATENT,
-            "config": _config_dict(config), "networks": networks,
+            "config": _config_dict(config), "networks": networks, "single_file": _single_file_info(config, tmp),
         }
         (tmp / "engine.json").write_text(json.dumps(meta, indent=1))
         if out_dir.exists():
@@ -249,10 +254,55 @@ def build_engine(config, text_encoder, unet, vae, out_dir, *, dtype=None, device
 def _config_dict(config) -> dict:
     """The model config as JSON: the scheduler flattened with its extra keys, for the runtime."""
     out = dataclasses.asdict(config)
-    scheduler = dict(out["scheduler"])
-    extra = dict(scheduler.pop("extra", ()) or ())
-    out["scheduler"] = {**extra, **scheduler}
+    out["scheduler"] = _scheduler_dict(config.scheduler)
     return json.loads(json.dumps(out, default=str))
+
+
+def _scheduler_dict(scheduler) -> dict:
+    """A SchedulerConfig as the runtime reads it: its fields and extra keys in one object."""
+    fields = dataclasses.asdict(scheduler)
+    extra = dict(fields.pop("extra", ()) or ())
+    return json.loads(json.dumps({**extra, **fields}, default=str))
+
+
+# ---------------------------------------------------------------------------
+# What the runtime needs to read a single-file (LDM / A1111) checkpoint itself
+# ---------------------------------------------------------------------------
+
+def _ldm_sources(config, component: str, constants: dict) -> dict:
+    """Per constant, the single-file tensors it may be read from, in the order to try them:
+    [[key, transform], ...] with convert.Source's transforms ("", "q", "k", "v", "transpose").
+    The runtime reshapes a source whose shape differs only by unit dimensions (LDM's 1x1
+    convolutions where diffusers has Linear layers)."""
+    from sdengine.convert import ldm_sources
+
+    out = {}
+    for fqn in constants:
+        sources = ldm_sources(config, component, fqn[len(PREFIX):])
+        if sources:
+            out[fqn] = [[source.key, source.transform] for source in sources]
+    return out
+
+
+def _single_file_info(config, engine_dir: Path) -> dict:
+    """The family's defaults for single files, which carry no configs: the scheduler for each
+    prediction type and the default prediction type (see convert.detect_config), and the
+    CLIP tokenizer of the family in `tokenizer/` when the text encoder has CLIP's vocabulary."""
+    from sdengine.convert import default_prediction_type, family_preset, layout_for
+    from sdengine.tokenizer import EOS_TOKEN, CLIPTokenizer
+
+    family = layout_for(config).family
+    schedulers = {}
+    for prediction_type in ("epsilon", "v_prediction"):
+        scheduler = family_preset(family, config.is_inpaint, prediction_type).scheduler
+        schedulers[prediction_type] = _scheduler_dict(dataclasses.replace(scheduler, prediction_type=prediction_type))
+    info = {"family": family, "default_prediction_type": default_prediction_type(family, config.is_inpaint),
+            "schedulers": schedulers}
+    tokenizer = CLIPTokenizer.default("!" if family == "sd2" else EOS_TOKEN)
+    if tokenizer.vocab_size == config.text_encoder.vocab_size:
+        tokenizer.save(engine_dir / "tokenizer")
+        info["tokenizer"] = "tokenizer"
+    return info
 
 
 def engine_for(config, text_encoder, unet, vae, *, dtype=None, device=None, progress=True) -> Path:

@@ -480,6 +480,45 @@ def prediction_type_from_metadata(metadata: Optional[Mapping[str, str]]) -> Opti
     return None
 
 
+def default_prediction_type(family: str, inpaint: bool) -> str:
+    """What a single file of this family predicts when neither the caller, its header nor a
+    `v_pred` key says: SD2 text-to-image files are taken as the 768-v model (diffusers'
+    single-file loader does the same), everything else as epsilon."""
+    return "v_prediction" if family == "sd2" and not inpaint else "epsilon"
+
+
+def family_preset(family: str, inpaint: bool, prediction_type: str) -> ModelConfig:
+    """The preset that supplies what a single file's shapes do not record (norm groups,
+    schedule, VAE scaling, sample size): family "sd1", "sd2" or "sdxl"."""
+    if family == "sdxl":
+        name = "sdxl"
+    elif family == "sd2":
+        name = "sd21-inpaint" if inpaint else ("sd21-v" if prediction_type == "v_prediction" else "sd21")
+    else:
+        name = "sd15-inpaint" if inpaint else "sd15"
+    return PRESETS.get(name) or replace(PRESETS["sd21"], name=name, unet=replace(PRESETS["sd21"].unet, in_channels=9))
+
+
+def ldm_sources(config: ModelConfig, component: str, key: str) -> list[Source]:
+    """Every single-file tensor that sdengine's `component` key may be read from, in the order
+    to try them: the layout of the family's original files first, then, for SD1, that of
+    the oldest files (no `text_model.` level under cond_stage_model.transformer.). The
+    native runtime reads single files through this list (export/aoti.py writes it into
+    each engine). Empty for a key the LDM layout does not hold."""
+    layouts = [layout_for(config)]
+    if layouts[0].family == "sd1":
+        layouts.append(Layout("sd1", SD1_TEXT_PREFIX, False))
+    sources = []
+    for layout in layouts:
+        try:
+            source = layout.source(component, key, config)
+        except UnmappedKey:
+            continue
+        if source not in sources:
+            sources.append(source)
+    return sources
+
+
 def detect_config(shapes: Mapping[str, tuple], *, prediction_type: Optional[str] = None,
                   metadata: Optional[Mapping[str, str]] = None) -> tuple[ModelConfig, Layout]:
     """The ModelConfig of an LDM-layout checkpoint, from its keys and tensor shapes.
@@ -515,20 +554,12 @@ def detect_config(shapes: Mapping[str, tuple], *, prediction_type: Optional[str]
     if prediction_type is None:
         prediction_type = prediction_type_from_metadata(metadata)
     if prediction_type is None:
-        if "v_pred" in shapes or (family == "sd2" and not inpaint):
-            prediction_type = "v_prediction"
-        else:
-            prediction_type = "epsilon"
+        prediction_type = "v_prediction" if "v_pred" in shapes else default_prediction_type(family, inpaint)
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
 
-    if family == "sdxl":
-        name = "sdxl"
-    elif family == "sd2":
-        name = "sd21-inpaint" if inpaint else ("sd21-v" if prediction_type == "v_prediction" else "sd21")
-    else:
-        name = "sd15-inpaint" if inpaint else "sd15"
-    preset = PRESETS.get(name) or replace(PRESETS["sd21"], name=name, unet=replace(PRESETS["sd21"].unet, in_channels=9))
+    preset = family_preset(family, inpaint, prediction_type)
+    name = preset.name
 
     text = (_detect_openclip(shapes, layout.text_prefix, preset.text_encoder, drop_last=True) if layout.text_openclip
             else _detect_clip(shapes, layout.text_prefix, preset.text_encoder))

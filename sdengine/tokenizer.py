@@ -223,6 +223,17 @@ class CLIPTokenizer:
         """
         return _default_tokenizer(cls, pad_token)
 
+    def save(self, folder) -> Path:
+        """Write the tokenizer as a folder that `from_folder` and libsdengine's C++ tokenizer
+        read: `tokenizer.json` (vocabulary and merges) and `tokenizer_config.json` (pad token
+        and context length). Returns the folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._tokenizer.save(str(folder / "tokenizer.json"))
+        settings = {"pad_token": self.pad_token, "model_max_length": self.max_length}
+        (folder / "tokenizer_config.json").write_text(json.dumps(settings), encoding="utf-8")
+        return folder
+
     # Encoding -----------------------------------------------------------------
 
     def tokens(self, prompt: str) -> list[int]:

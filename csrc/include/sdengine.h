@@ -115,13 +115,22 @@ typedef struct sde_model_params {
   int max_concurrency;
   /* CUDA device index for a CUDA engine. -1: the current device. */
   int device_index;
+  /* What the UNet predicts: "epsilon" or "v_prediction" ("eps", "v" also read). NULL: the
+   * model's scheduler config; for a single file, its header's SAI Model Spec
+   * (modelspec.prediction_type / modelspec.architecture), else a "v_pred" key in the file,
+   * else v_prediction for SD2 and epsilon for SD1 (so a 512-base SD2 file needs "epsilon"). */
+  const char *prediction_type;
 } sde_model_params;
 
 SDE_API void sde_model_params_init(sde_model_params *params);
 
-/* Load a diffusers folder (model_index.json, text_encoder/, unet/, vae/, scheduler/,
- * tokenizer/; safetensors weights). Single-file checkpoints are not read by this runtime
- * yet (SDE_ERR_FORMAT says so); load them from Python with backend="native". */
+/* Load a checkpoint, read here (no Python):
+ * - a diffusers folder (text_encoder/, unet/, vae/, scheduler/, tokenizer/; safetensors
+ *   weights, fp16 variants and shards included);
+ * - a single-file .safetensors checkpoint in the original LDM / A1111 / Civitai layout
+ *   (SD1 or SD2). Its networks, scheduler defaults and CLIP tokenizer come from the engine
+ *   (`sdengine export aoti FILE` builds one), which maps every file key onto the networks.
+ * Pickled .ckpt files are refused (SDE_ERR_FORMAT); load them from Python. */
 SDE_API sde_status sde_model_load(const char *path, const sde_model_params *params, sde_model **model);
 
 /* A weight the caller already holds in memory (used by the Python bindings: no copy).

@@ -98,11 +98,14 @@ class PyModel {
                                  config_json ? config_json->c_str() : nullptr, &params, &model_));
   }
 
-  // From a diffusers folder, read in C++.
-  PyModel(const std::string &path, std::optional<std::string> engine_dir, int max_concurrency) {
+  // From a diffusers folder or a single .safetensors file, read in C++.
+  PyModel(const std::string &path, std::optional<std::string> engine_dir, int max_concurrency,
+          std::optional<std::string> tokenizer_dir, std::optional<std::string> prediction_type) {
     sde_model_params params;
     sde_model_params_init(&params);
     params.engine_dir = engine_dir ? engine_dir->c_str() : nullptr;
+    params.tokenizer_dir = tokenizer_dir ? tokenizer_dir->c_str() : nullptr;
+    params.prediction_type = prediction_type ? prediction_type->c_str() : nullptr;
     params.max_concurrency = max_concurrency;
     py::gil_scoped_release release;
     check(sde_model_load(path.c_str(), &params, &model_));
@@ -213,8 +216,10 @@ PYBIND11_MODULE(_C, m) {
                     std::optional<std::string>, int>(),
            py::arg("tensors"), py::arg("model_dir"), py::arg("config_json"), py::arg("engine_dir"),
            py::arg("tokenizer_dir"), py::arg("max_concurrency") = 0)
-      .def(py::init<const std::string &, std::optional<std::string>, int>(), py::arg("path"),
-           py::arg("engine_dir") = py::none(), py::arg("max_concurrency") = 0)
+      .def(py::init<const std::string &, std::optional<std::string>, int, std::optional<std::string>,
+                    std::optional<std::string>>(),
+           py::arg("path"), py::arg("engine_dir") = py::none(), py::arg("max_concurrency") = 0,
+           py::arg("tokenizer_dir") = py::none(), py::arg("prediction_type") = py::none())
       .def_property_readonly("default_size", &PyModel::default_size)
       .def("generate", &PyModel::generate, py::arg("prompt"), py::arg("negative_prompt") = py::none(),
            py::arg("width") = 0, py::arg("height") = 0, py::arg("steps") = 0, py::arg("guidance_scale") = 7.5,

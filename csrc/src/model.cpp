@@ -10,8 +10,10 @@
 #include <torch/version.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdlib>
+#include <functional>
 
 #include "errors.h"
 #include "names.h"
@@ -21,7 +23,7 @@
 namespace sde {
 namespace {
 
-constexpr int kFormatVersion = 1;
+constexpr int kFormatVersion = 2;  // export/aoti.py FORMAT_VERSION
 
 std::vector<std::string> list_dir(const std::string &dir) {
   std::vector<std::string> out;
@@ -217,16 +219,13 @@ at::Tensor Network::run(const std::vector<at::Tensor> &inputs) const {
 }
 
 // ---------------------------------------------------------------------------
-// Model
+// Reading checkpoints
 // ---------------------------------------------------------------------------
 
-WeightMap Model::read_diffusers_weights(const std::string &model_dir) {
-  if (!is_dir(model_dir)) {
-    if (is_file(model_dir))
-      throw FormatError(model_dir + ": single-file checkpoints are not read by the native runtime yet; give a "
-                                    "diffusers folder, or load the file from Python with backend='native'");
-    throw IoError("model folder not found: " + model_dir);
-  }
+namespace {
+
+// Weights of a diffusers folder, by "<component>/<key>".
+WeightMap read_diffusers_weights(const std::string &model_dir) {
   WeightMap weights;
   for (const std::string component : {"text_encoder", "unet", "vae"}) {
     std::string dir = model_dir + "/" + component;
@@ -247,7 +246,102 @@ WeightMap Model::read_diffusers_weights(const std::string &model_dir) {
   return weights;
 }
 
-std::string find_engine(const WeightMap &weights) {
+std::string shape_str(at::IntArrayRef shape) {
+  std::string out = "(";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + ")";
+}
+
+// A 1x1 convolution kernel (C, C, 1, 1) and a Linear weight (C, C) hold the same values.
+std::vector<int64_t> without_unit_dims(at::IntArrayRef shape) {
+  std::vector<int64_t> out = shape.vec();
+  if (out.size() > 2 && std::all_of(out.begin() + 2, out.end(), [](int64_t d) { return d == 1; })) out.resize(2);
+  return out;
+}
+
+// The weights of a single-file checkpoint as `engine` names them. Each constant lists the
+// file's tensors it may come from (engine.json's "ldm", written by export/aoti.py from
+// sdengine.convert): [[key, transform], ...], the first one present wins. Transforms: ""
+// (as is), "q" / "k" / "v" (that third of a fused in_proj, along dim 0), "transpose".
+// FormatError says why the file does not fit.
+WeightMap single_file_weights(const SafetensorsFile &file, const Json &engine) {
+  if (!engine.find("single_file"))
+    throw FormatError("it predates single-file support; rebuild it with `sdengine export aoti`");
+  WeightMap weights;
+  for (const auto &[name, net] : engine.at("networks").members()) {
+    const Json *ldm = net.find("ldm");
+    std::string component = net.at("component").str(), prefix = net.at("prefix").str();
+    for (const auto &[fqn, shape_json] : net.at("constants").members()) {
+      const Json *sources = ldm ? ldm->find(fqn) : nullptr;
+      if (!sources) continue;  // not a checkpoint weight: an engine buffer (checked later)
+      std::vector<int64_t> shape;
+      for (const auto &d : shape_json.array()) shape.push_back(d.integer());
+      bool found = false;
+      for (const auto &source : sources->array()) {
+        const std::string &key = source.array().at(0).str(), &transform = source.array().at(1).str();
+        if (!file.contains(key)) continue;
+        at::Tensor t = file.tensor(key);
+        if (transform == "q" || transform == "k" || transform == "v") {
+          if (t.dim() < 1 || t.size(0) % 3)
+            throw FormatError("'" + key + "' of shape " + shape_str(t.sizes()) + " is not a fused q, k, v projection");
+          t = t.chunk(3, 0)[transform == "q" ? 0 : transform == "k" ? 1 : 2];
+        } else if (transform == "transpose") {
+          if (t.dim() != 2) throw FormatError("'" + key + "' of shape " + shape_str(t.sizes()) + " is not a matrix");
+          t = t.t();
+        } else if (!transform.empty()) {
+          throw FormatError("engine.json names an unknown transform '" + transform + "'");
+        }
+        if (t.sizes().vec() != shape && without_unit_dims(t.sizes()) == without_unit_dims(shape)) t = t.reshape(shape);
+        if (t.sizes().vec() != shape)
+          throw FormatError("'" + key + "' has shape " + shape_str(t.sizes()) + " but the engine's " + component + "/" +
+                            fqn.substr(prefix.size()) + " is " + shape_str(shape));
+        weights[component + "/" + fqn.substr(prefix.size())] = t;
+        found = true;
+        break;
+      }
+      if (!found) {
+        std::string wanted = sources->array().at(0).array().at(0).str();
+        throw FormatError("the file has no '" + wanted + "'" + (sources->array().size() > 1 ? " (nor its variants)" : ""));
+      }
+    }
+  }
+  return weights;
+}
+
+// "epsilon" or "v_prediction" for the names users and file headers write; "" for others.
+std::string normalize_prediction_type(std::string name) {
+  std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (name == "epsilon" || name == "eps") return "epsilon";
+  if (name == "v" || name == "v_prediction" || name == "v-prediction") return "v_prediction";
+  return "";
+}
+
+std::string checked_prediction_type(const char *name) {
+  std::string out = normalize_prediction_type(name);
+  if (out.empty())
+    throw InvalidArgument(std::string("prediction_type must be \"epsilon\" or \"v_prediction\", got \"") + name + "\"");
+  return out;
+}
+
+// What a single file predicts, as sdengine.convert.detect_config decides: the caller's
+// prediction_type, else the header's SAI Model Spec (modelspec.prediction_type, or a
+// modelspec.architecture naming the SD2 512 or 768-v model), else a "v_pred" key, else
+// the family's default (SD2 text-to-image: v_prediction).
+std::string single_file_prediction_type(const SafetensorsFile &file, const Json &single_file,
+                                        const sde_model_params &params) {
+  if (params.prediction_type) return checked_prediction_type(params.prediction_type);
+  if (std::string declared = normalize_prediction_type(file.metadata("modelspec.prediction_type")); !declared.empty())
+    return declared;
+  std::string architecture = file.metadata("modelspec.architecture");
+  if (architecture.rfind("stable-diffusion-v2-768-v", 0) == 0) return "v_prediction";
+  if (architecture.rfind("stable-diffusion-v2-512", 0) == 0) return "epsilon";
+  if (file.contains("v_pred")) return "v_prediction";
+  return single_file.get_string("default_prediction_type", "epsilon");
+}
+
+// The cached engine that runs here and fits the checkpoint: `fit(engine)` gives the weights
+// as that engine names them, or throws FormatError saying why they do not fit.
+std::string find_engine(const std::function<WeightMap(const Json &)> &fit, const std::string &what) {
   std::string root = cache_root();
   std::string reasons;
   for (const auto &entry : list_dir(root)) {
@@ -256,36 +350,120 @@ std::string find_engine(const WeightMap &weights) {
     try {
       Json engine = Json::read_file(meta);
       std::string why = engine_mismatch(engine);
-      if (why.empty()) why = weights_mismatch(engine, weights, read_buffers(dir));
+      if (why.empty()) why = weights_mismatch(engine, fit(engine), read_buffers(dir));
       if (why.empty()) return dir;
       reasons += "\n  " + entry + ": " + why;
     } catch (const Error &e) {
       reasons += "\n  " + entry + ": " + e.what();
     }
   }
-  throw FormatError("no compiled engine in " + root + " fits these weights (build one with `sdengine export aoti MODEL`" +
-                    ", or set engine_dir)" + (reasons.empty() ? std::string(": the cache is empty") : ":" + reasons));
+  throw FormatError("no compiled engine in " + root + " fits " + what + " (build one with `sdengine export aoti " +
+                    what + "`, or set engine_dir)" +
+                    (reasons.empty() ? std::string(": the cache is empty") : ":" + reasons));
 }
 
-Model::Model(const std::string &model_dir, const WeightMap &weights, const std::string &config_json,
-             const sde_model_params &params)
-    : dtype_(at::kFloat) {
-  // -- configs ----------------------------------------------------------------
-  Json vae_cfg, unet_cfg, sched_cfg;
-  std::string where;
+Json read_engine_json(const std::string &engine_dir) {
+  std::string meta_path = engine_dir + "/engine.json";
+  if (!is_file(meta_path)) throw IoError("engine folder has no engine.json: " + engine_dir);
+  return Json::read_file(meta_path);
+}
+
+ModelSource load_diffusers_folder(const std::string &model_dir, const sde_model_params &params) {
+  ModelSource source;
+  source.weights = read_diffusers_weights(model_dir);
+  source.vae = Json::read_file(model_dir + "/vae/config.json");
+  source.unet = Json::read_file(model_dir + "/unet/config.json");
+  source.where = model_dir + "/scheduler/scheduler_config.json";
+  source.scheduler = Json::read_file(source.where);
+  source.engine_dir = params.engine_dir ? params.engine_dir
+                                        : find_engine([&](const Json &) { return source.weights; }, model_dir);
+  source.tokenizer_dir = params.tokenizer_dir ? params.tokenizer_dir : model_dir + "/tokenizer";
+  return source;
+}
+
+ModelSource load_single_file(const std::string &path, const sde_model_params &params) {
+  SafetensorsFile file(path);
+  ModelSource source;
+  if (params.engine_dir) {
+    source.engine_dir = params.engine_dir;
+  } else {
+    source.engine_dir = find_engine([&](const Json &engine) { return single_file_weights(file, engine); }, path);
+  }
+  Json engine = read_engine_json(source.engine_dir);
+  try {
+    source.weights = single_file_weights(file, engine);
+  } catch (const FormatError &e) {
+    throw FormatError(path + " does not fit the engine " + source.engine_dir + ": " + e.what());
+  }
+  const Json &single = engine.at("single_file");
+  const Json &config = engine.at("config");
+  source.vae = config.at("vae");
+  source.unet = config.at("unet");
+  std::string prediction_type = single_file_prediction_type(file, single, params);
+  source.scheduler = single.at("schedulers").at(prediction_type);
+  source.where = source.engine_dir + "/engine.json (single_file.schedulers." + prediction_type + ")";
+  source.zero_snr = file.contains("ztsnr");
+  if (params.tokenizer_dir) {
+    source.tokenizer_dir = params.tokenizer_dir;
+  } else if (const Json *tokenizer = single.find("tokenizer"); tokenizer && tokenizer->is_string()) {
+    source.tokenizer_dir = source.engine_dir + "/" + tokenizer->str();
+  } else {
+    throw InvalidArgument("the engine " + source.engine_dir + " has no tokenizer for single files (its text encoder "
+                          "does not use CLIP's vocabulary): set tokenizer_dir");
+  }
+  return source;
+}
+
+}  // namespace
+
+ModelSource load_path(const std::string &path, const sde_model_params &params) {
+  if (is_dir(path)) return load_diffusers_folder(path, params);
+  if (!is_file(path)) throw IoError("model not found: " + path + " (give a diffusers folder or a .safetensors file)");
+  if (!ends_with(path, ".safetensors"))
+    throw FormatError(path + ": the native runtime reads diffusers folders and single-file .safetensors checkpoints; "
+                             "load pickled .ckpt files from Python (sdengine.load(path, backend='native'))");
+  return load_single_file(path, params);
+}
+
+ModelSource load_tensors(WeightMap weights, const std::string &model_dir, const std::string &config_json,
+                         const sde_model_params &params) {
+  ModelSource source;
+  source.weights = std::move(weights);
   if (!config_json.empty()) {
     Json cfg = Json::parse(config_json, "config_json");
-    vae_cfg = cfg.at("vae");
-    unet_cfg = cfg.at("unet");
-    sched_cfg = cfg.at("scheduler");
-    where = "config_json";
+    source.vae = cfg.at("vae");
+    source.unet = cfg.at("unet");
+    source.scheduler = cfg.at("scheduler");
+    source.where = "config_json";
   } else {
-    vae_cfg = Json::read_file(model_dir + "/vae/config.json");
-    unet_cfg = Json::read_file(model_dir + "/unet/config.json");
-    where = model_dir + "/scheduler/scheduler_config.json";
-    sched_cfg = Json::read_file(where);
+    source.vae = Json::read_file(model_dir + "/vae/config.json");
+    source.unet = Json::read_file(model_dir + "/unet/config.json");
+    source.where = model_dir + "/scheduler/scheduler_config.json";
+    source.scheduler = Json::read_file(source.where);
   }
-  info_.scheduler = SchedulerConfig::from_json(sched_cfg, where);
+  std::string what = model_dir.empty() ? std::string("these weights") : model_dir;
+  source.engine_dir = params.engine_dir ? params.engine_dir
+                                        : find_engine([&](const Json &) { return source.weights; }, what);
+  if (params.tokenizer_dir) {
+    source.tokenizer_dir = params.tokenizer_dir;
+  } else if (!model_dir.empty()) {
+    source.tokenizer_dir = model_dir + "/tokenizer";
+  } else {
+    throw InvalidArgument("tokenizer_dir is required when the model is given as tensors without a model folder");
+  }
+  return source;
+}
+
+// ---------------------------------------------------------------------------
+// Model
+// ---------------------------------------------------------------------------
+
+Model::Model(ModelSource source, const sde_model_params &params) : dtype_(at::kFloat) {
+  // -- configs ----------------------------------------------------------------
+  const Json &vae_cfg = source.vae, &unet_cfg = source.unet, &sched_cfg = source.scheduler;
+  info_.scheduler = SchedulerConfig::from_json(sched_cfg, source.where);
+  if (source.zero_snr) info_.scheduler.rescale_betas_zero_snr = true;
+  if (params.prediction_type) info_.scheduler.prediction_type = checked_prediction_type(params.prediction_type);
   std::string sampler = sched_cfg.get_string("sampler", sched_cfg.get_string("_class_name", "pndm"));
   info_.default_sampler = sampler_of_config(sampler, &info_.default_sampler_name);
   if (info_.default_sampler_name.empty()) info_.default_sampler_name = sampler;
@@ -299,28 +477,30 @@ Model::Model(const std::string &model_dir, const WeightMap &weights, const std::
   }
   info_.default_size = static_cast<int>(unet_cfg.get_number("sample_size", 64)) * info_.downscale;
 
-  // -- tokenizer ------------------------------------------------------------------
-  std::string tok_dir = params.tokenizer_dir ? params.tokenizer_dir : model_dir + "/tokenizer";
-  if (!params.tokenizer_dir && model_dir.empty())
-    throw InvalidArgument("tokenizer_dir is required when the model is given as tensors without a model folder");
-  tokenizer_ = Tokenizer::from_folder(tok_dir);
-
   // -- engine ------------------------------------------------------------------
-  engine_dir_ = params.engine_dir ? params.engine_dir : find_engine(weights);
-  std::string meta_path = engine_dir_ + "/engine.json";
-  if (!is_file(meta_path)) throw IoError("engine folder has no engine.json: " + engine_dir_);
-  engine_ = Json::read_file(meta_path);
+  engine_dir_ = source.engine_dir;
+  engine_ = read_engine_json(engine_dir_);
   if (std::string why = engine_mismatch(engine_); !why.empty())
     throw FormatError("engine " + engine_dir_ + " cannot run here: " + why);
+  const WeightMap &weights = source.weights;
   WeightMap buffers = read_buffers(engine_dir_);
   if (std::string why = weights_mismatch(engine_, weights, buffers); !why.empty())
     throw FormatError("engine " + engine_dir_ + " does not fit these weights: " + why);
-  dtype_ = dtype_of(engine_.get_string("dtype", "fp32"), meta_path);
+  dtype_ = dtype_of(engine_.get_string("dtype", "fp32"), engine_dir_ + "/engine.json");
   std::string device = engine_.get_string("device", "cpu");
   device_ = device == "cuda" ? at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(std::max(params.device_index, 0)))
                              : at::Device(at::kCPU);
   info_.latent_multiple = static_cast<int>(engine_.get_number("latent_multiple", 1));
 
+  // -- tokenizer: its ids must index the text encoder's embedding ----------------------
+  tokenizer_ = Tokenizer::from_folder(source.tokenizer_dir);
+  if (const at::Tensor *embedding = find_weight(weights, "text_encoder", "text_model.embeddings.token_embedding.weight");
+      embedding && embedding->dim() == 2 && tokenizer_.max_id() >= embedding->size(0))
+    throw FormatError("the tokenizer in " + source.tokenizer_dir + " has ids up to " + std::to_string(tokenizer_.max_id()) +
+                      " but the text encoder embeds " + std::to_string(embedding->size(0)) +
+                      " tokens: give the model's own tokenizer (tokenizer_dir)");
+
+  // -- networks ----------------------------------------------------------------
   int runners = params.max_concurrency > 0 ? params.max_concurrency : 4;
   const Json &nets = engine_.at("networks");
   c10::InferenceMode guard;

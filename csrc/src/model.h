@@ -57,11 +57,27 @@ struct ModelInfo {
   double shift_factor = 0.0;
 };
 
+// Everything a Model is built from, gathered by the load_* functions below: the weights,
+// the configs the request loop reads, and the engine and tokenizer folders.
+struct ModelSource {
+  WeightMap weights;
+  Json vae, unet, scheduler;  // diffusers' config objects (vae/config.json, ...)
+  std::string where;          // where the scheduler config came from, for messages
+  bool zero_snr = false;      // a single file's "ztsnr" marker: rescale the betas to zero terminal SNR
+  std::string engine_dir;
+  std::string tokenizer_dir;
+};
+
+// A diffusers folder or a single-file (LDM / A1111 layout) .safetensors checkpoint, read here.
+// Without params.engine_dir the engine is the cached one that fits the weights.
+ModelSource load_path(const std::string &path, const sde_model_params &params);
+// Weights the caller holds; configs from model_dir, or from config_json (engine.json's "config").
+ModelSource load_tensors(WeightMap weights, const std::string &model_dir, const std::string &config_json,
+                         const sde_model_params &params);
+
 class Model {
  public:
-  // engine_dir empty: search the cache. model_dir may be empty when config_json is given.
-  Model(const std::string &model_dir, const WeightMap &weights, const std::string &config_json,
-        const sde_model_params &params);
+  Model(ModelSource source, const sde_model_params &params);
   ~Model();
 
   const ModelInfo &info() const { return info_; }
@@ -69,9 +85,6 @@ class Model {
 
   // One request; returns the images (N, H, W, 3) uint8 on the CPU.
   at::Tensor generate(const sde_gen_params &p, sde_sampler sampler, std::vector<uint64_t> &seeds) const;
-
-  // Weights of a diffusers folder, by "<component>/<key>".
-  static WeightMap read_diffusers_weights(const std::string &model_dir);
 
  private:
   ModelInfo info_;
@@ -85,8 +98,5 @@ class Model {
   at::Tensor encode_text(const std::vector<std::string> &prompts) const;
 };
 
-// The engine in the cache whose constants all exist in `weights` with the right shapes
-// and which was built for this library's torch version and this CPU. FormatError if none.
-std::string find_engine(const WeightMap &weights);
 
 }  // namespace sde

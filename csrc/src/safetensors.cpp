@@ -65,7 +65,12 @@ SafetensorsFile::SafetensorsFile(const std::string &path) : path_(path), file_(s
   size_t data_start = 8 + header_len;
   size_t data_size = size - data_start;
   for (const auto &[name, info] : header.members()) {
-    if (name == "__metadata__") continue;
+    if (name == "__metadata__") {
+      if (info.is_object())  // the format's metadata is string -> string; other values are skipped
+        for (const auto &[key, value] : info.members())
+          if (value.is_string()) metadata_[key] = value.str();
+      continue;
+    }
     std::string where = path + ": tensor '" + name + "'";
     try {
       Entry e;
@@ -106,6 +111,11 @@ std::vector<int64_t> SafetensorsFile::shape(const std::string &name) const {
   auto it = entries_.find(name);
   if (it == entries_.end()) throw FormatError(path_ + ": no tensor '" + name + "'");
   return it->second.shape;
+}
+
+std::string SafetensorsFile::metadata(const std::string &key) const {
+  auto it = metadata_.find(key);
+  return it == metadata_.end() ? std::string() : it->second;
 }
 
 at::Tensor SafetensorsFile::tensor(const std::string &name) const {

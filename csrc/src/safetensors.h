@@ -28,6 +28,8 @@ class SafetensorsFile {
   std::vector<int64_t> shape(const std::string &name) const;
   // A CPU tensor viewing the mapped bytes; it keeps the mapping alive.
   at::Tensor tensor(const std::string &name) const;
+  // A string of the header's "__metadata__" ("" when absent).
+  std::string metadata(const std::string &key) const;
 
  private:
   struct Entry {
@@ -38,6 +40,7 @@ class SafetensorsFile {
   std::string path_;
   std::shared_ptr<MappedFile> file_;
   std::map<std::string, Entry> entries_;
+  std::map<std::string, std::string> metadata_;
 };
 
 }  // namespace sde

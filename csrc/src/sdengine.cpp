@@ -103,6 +103,7 @@ void sde_model_params_init(sde_model_params *params) {
   params->tokenizer_dir = nullptr;
   params->max_concurrency = 0;
   params->device_index = -1;
+  params->prediction_type = nullptr;
 }
 
 static void check_model_params(const sde_model_params *params) {
@@ -119,9 +120,8 @@ sde_status sde_model_load(const char *path, const sde_model_params *params, sde_
     sde_model_params_init(&defaults);
     const sde_model_params &p = params ? *params : defaults;
     check_model_params(&p);
-    sde::WeightMap weights = sde::Model::read_diffusers_weights(path);
     auto handle = std::make_unique<sde_model>();
-    handle->impl = std::make_unique<sde::Model>(path, weights, "", p);
+    handle->impl = std::make_unique<sde::Model>(sde::load_path(path, p), p);
     *model = handle.release();
   });
 }
@@ -154,7 +154,8 @@ sde_status sde_model_load_tensors(const sde_tensor_view *tensors, int count, con
       weights[v.name] = at::from_blob(v.data, shape, at::TensorOptions().dtype(dtypes[v.dtype]).device(device));
     }
     auto handle = std::make_unique<sde_model>();
-    handle->impl = std::make_unique<sde::Model>(model_dir ? model_dir : "", weights, config_json ? config_json : "", p);
+    handle->impl = std::make_unique<sde::Model>(
+        sde::load_tensors(std::move(weights), model_dir ? model_dir : "", config_json ? config_json : "", p), p);
     *model = handle.release();
   });
 }

@@ -287,6 +287,7 @@ void Tokenizer::finish(const std::string &where) {
   bos_id_ = vocab_.at("<|startoftext|>");
   eos_id_ = vocab_.at("<|endoftext|>");
   pad_id_ = vocab_.at(pad_token_);
+  for (const auto &entry : vocab_) max_id_ = std::max(max_id_, entry.second);
 }
 
 void Tokenizer::bpe_word(const std::vector<std::string> &symbols_in, std::vector<int32_t> &out) const {

@@ -31,13 +31,14 @@ class Tokenizer {
   int32_t eos_id() const { return eos_id_; }
   int32_t pad_id() const { return pad_id_; }
   const std::string &pad_token() const { return pad_token_; }
+  int32_t max_id() const { return max_id_; }  // the largest id the tokenizer can emit
 
  private:
   std::unordered_map<std::string, int32_t> vocab_;
   std::unordered_map<std::string, int32_t> merge_ranks_;  // "left right" -> rank
   std::string pad_token_ = "<|endoftext|>";
   int max_length_ = 77;
-  int32_t bos_id_ = 0, eos_id_ = 0, pad_id_ = 0;
+  int32_t bos_id_ = 0, eos_id_ = 0, pad_id_ = 0, max_id_ = 0;
 
   void finish(const std::string &where);
   void bpe_word(const std::vector<std::string> &symbols, std::vector<int32_t> &out) const;

@@ -1,11 +1,12 @@
 /* Embedding sdengine from C: load a model, generate one image, write it as a PPM file.
  * It links only libsdengine and includes only sdengine.h.
  *
- *   sde_generate MODEL_DIR OUT.ppm [-p PROMPT] [-n NEGATIVE] [-e ENGINE_DIR] [-s SAMPLER]
+ *   sde_generate MODEL OUT.ppm [-p PROMPT] [-n NEGATIVE] [-e ENGINE_DIR] [-s SAMPLER]
  *                [-t STEPS] [-g GUIDANCE] [-S SEED] [-W WIDTH] [-H HEIGHT]
  *
+ * MODEL is a diffusers folder or a single-file (A1111 / Civitai) .safetensors checkpoint.
  * SAMPLER takes sdengine, A1111 or ComfyUI names ("euler_a", "DPM++ 2M Karras").
- * Without -e the engine comes from the cache (`sdengine export aoti MODEL_DIR` builds it).
+ * Without -e the engine comes from the cache (`sdengine export aoti MODEL` builds it).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,7 +32,7 @@ static int write_ppm(const char *path, const sde_image *image) {
 
 int main(int argc, char **argv) {
   if (argc < 3) {
-    fprintf(stderr, "usage: %s MODEL_DIR OUT.ppm [-p PROMPT] [-n NEGATIVE] [-e ENGINE_DIR] [-s SAMPLER] "
+    fprintf(stderr, "usage: %s MODEL OUT.ppm [-p PROMPT] [-n NEGATIVE] [-e ENGINE_DIR] [-s SAMPLER] "
                     "[-t STEPS] [-g GUIDANCE] [-S SEED] [-W WIDTH] [-H HEIGHT]\n", argv[0]);
     return 2;
   }

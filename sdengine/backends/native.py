@@ -146,10 +146,7 @@ class NativeBackend:
             from sdengine import _C
 
             self._tokenizer_dir = tempfile.TemporaryDirectory(prefix="sdengine-tokenizer-")
-            folder = Path(self._tokenizer_dir.name)
-            tokenizer._tokenizer.save(str(folder / "tokenizer.json"))
-            (folder / "tokenizer_config.json").write_text(json.dumps(
-                {"pad_token": tokenizer.pad_token, "model_max_length": tokenizer.max_length}))
+            folder = tokenizer.save(self._tokenizer_dir.name)
             tensors = []
             for name, tensor in self._weights.items():
                 if tensor.dtype not in _DTYPE_CODES:
