@@ -261,6 +261,10 @@ class Pipeline:
             return uncond + guidance_scale * (cond - uncond)
 
         # -- denoising loop ----------------------------------------------------------
+        # A backend that runs UNet + guidance + sampler update as one function offers fused_step
+        # (docs/CONTRACTS.md); it returns None for a run its kernels do not cover.
+        fused_step = getattr(self.backend, "fused_step", None)
+        step = fused_step(plan, context, guidance_scale, added_cond) if fused_step is not None else None
         bar = tqdm(total=total, desc=f"{sampler_name}", unit="step", disable=not progress, leave=False)
 
         def on_step(step_index, x):
@@ -268,10 +272,6 @@ class Pipeline:
             if callback is not None and callback(step_index, total, x) is False:
                 raise GenerationCancelled(f"cancelled by the callback at step {step_index + 1}")
 
-        # A backend that runs UNet + guidance + sampler update as one function offers fused_step
-        # (docs/CONTRACTS.md); it returns None for a run its kernels do not cover.
-        fused_step = getattr(self.backend, "fused_step", None)
-        step = fused_step(plan, context, guidance_scale, added_cond) if fused_step is not None else None
         try:
             if step is not None:
                 x = sample_fused(step, noise, plan, init_latents=image_latents if init_for_sampler else None,

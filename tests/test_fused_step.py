@@ -6,7 +6,9 @@ about 5 s a forward there, so most tests put the networks of the Triton backend 
 eager ops (`_fast_step_pipeline`): what is under test is the step around the UNet (the step
 table, the static buffers updated in place, the noise order, the kernel call). One test
 runs the real Triton UNet inside the fused step; tests/test_triton_backend.py checks that
-UNet against eager. The CUDA-graph capture of the whole step is GPU-only (`gpu` mark).
+UNet against eager. The CUDA-graph capture of the whole step is GPU-only (`gpu` mark): the
+replayed steps against the same step run eagerly, and the graphed fused pipeline in fp16
+against the unfused one (graphed UNet + eager update) and the eager backend.
 
 Budget: about 40 s on 2 busy cores.
 """
@@ -251,3 +253,19 @@ def test_cuda_graph_of_the_whole_step_matches_eager_steps_fp16(sampler):
         steps = [k for k in b.graphs.entries if k[0] == "step"]
         assert len(steps) == 1 and b.graphs.entries[steps[0]].graph is not None
     assert not any(k[0] == "unet" for k in b.graphs.entries)  # the fused run never ran the UNet graph alone
+
+
+@pytest.mark.gpu
+def test_graphed_fused_pipeline_matches_unfused_on_cuda_fp16(monkeypatch):
+    fast = sdengine.from_diffusers(copy.deepcopy(tiny_pipeline("sd15")).to("cuda", torch.float16), backend="triton")
+    eager = sdengine.from_diffusers(copy.deepcopy(tiny_pipeline("sd15")).to("cuda", torch.float16))
+    counter = StepCounter(fast.backend, monkeypatch)
+    for sampler in FUSED:
+        got = _images(fast, sampler=sampler, guidance_scale=5.0)
+        unfused = _unfused(fast, sampler=sampler, guidance_scale=5.0)  # graphed UNet + eager update
+        ref = _images(eager, sampler=sampler, guidance_scale=5.0)
+        assert _max_diff(got, unfused) <= TOL, sampler  # the same fp16 kernels: only the update differs
+        assert _max_diff(got, ref) <= 2 * TOL, sampler  # fp16 with other attention / norm kernels
+    assert counter.runs == len(FUSED)
+    kinds = [k[0] for k in fast.backend.graphs.entries]
+    assert kinds.count("step") == len(FUSED) and kinds.count("unet") == 1
