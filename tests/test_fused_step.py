@@ -201,12 +201,14 @@ def test_fused_callback_gets_diffusers_latents_and_can_cancel(pipelines):
         _images(fast, sampler="euler", callback=lambda i, total, x: i < 1)
 
 
-@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m"])
-def test_fused_step_with_v_prediction_model(sampler):
-    eager = sdengine.from_diffusers(tiny_pipeline("sd21-v"))
-    fast = _fast_step_pipeline("sd21-v")
-    assert fast.config.scheduler.prediction_type == "v_prediction"
+@pytest.mark.parametrize("kind,sampler", [("sd21-v", "euler_a"), ("sd21-v", "dpmpp_2m"), ("sdxl", "euler")])
+def test_fused_step_on_v_prediction_and_sdxl_models(monkeypatch, kind, sampler):
+    """sd21-v: the kernels' v-prediction conversion; sdxl: added conditioning in the step's buffers."""
+    eager = sdengine.from_diffusers(tiny_pipeline(kind))
+    fast = _fast_step_pipeline(kind)
+    counter = StepCounter(fast.backend, monkeypatch)
     got = _images(fast, sampler=sampler, guidance_scale=5.0)
+    assert (counter.runs, counter.denoise_calls) == (1, 0)
     assert _max_diff(got, _images(eager, sampler=sampler, guidance_scale=5.0)) <= TOL
 
 

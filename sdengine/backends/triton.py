@@ -373,7 +373,15 @@ class TritonBackend(EagerBackend):
                 x_shape = tuple(x.shape)
                 key = FusedStep.key(plan.sampler, prediction_type, x_shape, context, added_cond, takes_noise)
                 entry = self.graphs.lookup(key, lambda: make(x_shape)) if self.graphs is not None else make(x_shape)
-            return entry(x.to(self.device), table[i], context, added_cond,
-                         None if noise is None else noise.to(self.device))
+            return entry(x.to(self.device), table[i], context, added_cond, self._to_device(noise))
 
         return step
+
+    def _to_device(self, t):
+        """t on the backend's device. From the CPU to CUDA through pinned memory, without
+        blocking: a copy from pageable memory would wait for the GPU to finish the previous step."""
+        if t is None or t.device == self.device:
+            return t
+        if self.device.type == "cuda" and t.device.type == "cpu":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)

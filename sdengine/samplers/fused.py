@@ -117,15 +117,17 @@ def sample_fused(step: Callable, noise: torch.Tensor, plan: Plan, *, init_latent
                  generators=None, callback: Optional[Callable] = None) -> torch.Tensor:
     """Run `plan` with a fused step function and return the final latents, as `samplers.sample`.
 
-    step(x, i, noise) -> the sampler state after step i (noise: standard normal like x, or
-      None where the step draws none). It may return one buffer that it overwrites in place
-      at the next call; what this function hands out is copied.
+    step(x, i, noise) -> the sampler state after step i (noise: standard normal of x's shape on
+      the CPU, or None where the step draws none; the step moves it to its device). It may
+      return one buffer that it overwrites in place at the next call; what this function
+      hands out is copied.
     noise, init_latents, generators: as `samplers.sample` (txt2img when init_latents is None).
     callback(step_index, latents) after every step, with diffusers' latents after that step.
     """
     x = plan.initial_state(noise, init_latents)
     for i in range(plan.num_steps):
-        step_noise = randn(x.shape, generators, x.device, torch.float32) if draws_noise(plan, i) else None
+        # drawn where the generators live (CPU); the step moves it to its device
+        step_noise = randn(x.shape, generators, torch.device("cpu"), torch.float32) if draws_noise(plan, i) else None
         x = step(x, i, step_noise)
         if callback is not None:
             sigma_next = float(plan.sigmas[i + 1]) if plan.is_sigma_sampler else None
