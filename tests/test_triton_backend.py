@@ -3,7 +3,8 @@
 On the CPU the Triton kernels run through Triton's interpreter (TRITON_INTERPRET=1,
 set by conftest.py), so these tests prove that the fast path's model code (fused QKV,
 the kernel ops in every network) computes what the eager models compute. CUDA graph
-capture is GPU-only and skips cleanly here.
+capture is GPU-only and skips cleanly here; the fused denoising step (UNet + guidance +
+sampler update) is tested in test_fused_step.py.
 """
 
 import copy
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 import sdengine
-from sdengine import kernels
+from sdengine import kernels, samplers
 from sdengine.backends.eager import EagerBackend
 from sdengine.config import tiny_config
 from sdengine.vae_tiling import tiled_decode
@@ -171,7 +172,7 @@ def test_pipeline_decodes_in_tiles_on_request(monkeypatch):
 
 @pytest.mark.gpu
 def test_cuda_graph_replay_matches_direct_call_and_cache_is_bounded():
-    pipe = tiny_pipeline("sd15")
+    pipe = copy.deepcopy(tiny_pipeline("sd15"))  # the cached pipeline stays on the CPU for other tests
     fast = sdengine.from_diffusers(pipe.to("cuda"), backend="triton")
     graphs = fast.backend.graphs
     assert graphs is not None
@@ -185,3 +186,11 @@ def test_cuda_graph_replay_matches_direct_call_and_cache_is_bounded():
         replayed = fast.backend.denoise(x, t, ctx)
         assert _rel(replayed, direct) < 1e-3
     assert len(graphs.entries) == 2
+    # Whole fused steps (tests/test_fused_step.py) live in the same bounded cache.
+    ctx = torch.randn(4, 77, cfg.unet.cross_attention_dim, device="cuda")
+    for sampler in ("euler", "dpmpp_2m"):
+        plan = samplers.make_plan(sampler, "default", 3, cfg.scheduler)
+        step = fast.backend.fused_step(plan, ctx, 5.0)
+        x = step(torch.randn(2, 4, 8, 8, device="cuda") * float(plan.sigmas[0]), 0)
+        assert torch.isfinite(x).all()
+    assert [k[0] for k in graphs.entries] == ["step", "step"]
