@@ -15,6 +15,8 @@ Budget: about 40 s on 2 busy cores.
 
 import copy
 import dataclasses
+import types
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ import torch
 
 import sdengine
 from sdengine import kernels, samplers
-from sdengine.backends.triton import TritonBackend
+from sdengine.backends.triton import GraphCache, TritonBackend
 from sdengine.config import tiny_config
 from sdengine.models.layers import EAGER_OPS, set_ops
 from sdengine.samplers import fused
@@ -135,6 +137,32 @@ def test_cpu_fused_path_never_touches_cuda(pipelines, monkeypatch):
     counter = StepCounter(fast.backend, monkeypatch)
     got = _images(fast, sampler="euler_a", guidance_scale=5.0, output_type="latent")
     assert counter.steps == STEPS and got.device.type == "cpu"
+
+
+class StandInGraphs(GraphCache):
+    """The GraphCache without CUDA: capture() runs the two warm-ups, and the "graph" replays by
+    running the step again, so the CPU exercises what capture and replay rely on: warm-ups
+    that advance the state are undone, and one entry's buffers serve every step of every run."""
+
+    def __init__(self):
+        self.capacity, self.entries, self.captures = 8, OrderedDict(), 0
+
+    def capture(self, run):
+        for _ in range(2):
+            run()
+        self.captures += 1
+        return types.SimpleNamespace(replay=run), None
+
+
+def test_one_captured_step_serves_every_step_of_every_run(pipelines, monkeypatch):
+    eager, fast = pipelines
+    graphs = StandInGraphs()
+    monkeypatch.setattr(fast.backend, "graphs", graphs)
+    for sampler in ("dpmpp_2m", "euler_a"):
+        for scale, seeds in ((5.0, SEEDS), (7.0, [5, 6])):  # the second run replays the first one's capture
+            got = _images(fast, sampler=sampler, guidance_scale=scale, seed=seeds)
+            assert _max_diff(got, _images(eager, sampler=sampler, guidance_scale=scale, seed=seeds)) <= TOL
+    assert graphs.captures == 2 and [k[1] for k in graphs.entries] == ["dpmpp_2m", "euler_a"]
 
 
 def test_uncovered_samplers_and_models_fall_back_to_the_unfused_step(pipelines, monkeypatch):
