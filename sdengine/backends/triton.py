@@ -259,13 +259,13 @@ class FusedStep:
     def run(self):
         """The step on the buffers: what a CUDA graph of it captures."""
         row, x = self.row, self.x
-        x_in = (x * row[1]).to(self.dtype)  # row[1]: c_in, the UNet's input scale
+        timestep, c_in, cfg_scale = row[0], row[1], row[2:3]  # fused.COLUMNS, as device tensors
+        scalars = [row[j:j + 1] for j in range(fused.FIRST_KERNEL_SCALAR, row.shape[0])]  # KERNEL_SCALARS
+        x_in = (x * c_in).to(self.dtype)
         x_batch = torch.cat([x_in, x_in]) if self.do_cfg else x_in  # (2N, C, h, w): [uncond, cond]
         if x.is_cuda:
             x_batch = x_batch.contiguous(memory_format=torch.channels_last)
-        model_out = self.unet(x_batch, row[0], self.context, added_cond=self.added_cond)  # row[0]: timestep
-        cfg_scale = row[2:3]
-        scalars = [row[j:j + 1] for j in range(fused.FIRST_KERNEL_SCALAR, row.shape[0])]
+        model_out = self.unet(x_batch, timestep, self.context, added_cond=self.added_cond)
         pred = self.prediction_type
         if self.sampler == "euler":
             _sampler_step.euler(model_out, x, cfg_scale, *scalars, pred, out=x)

@@ -74,26 +74,20 @@ def step_table(plan: Plan, guidance_scale: float) -> torch.Tensor:
     if reason is not None:
         raise ValueError(f"step_table: {reason}")
     s = plan.step_scalars()  # float64 (n,) each
-    n = plan.num_steps
-    ones = torch.ones(n, dtype=torch.float64)
-    c_in = s["c_in"] if plan.is_sigma_sampler else ones
-    if plan.sampler in ("euler", "euler_a", "dpmpp_2m"):
-        sigma, sigma_next = s["sigma"], s["sigma_next"]
-        if plan.sampler == "euler":
-            scalars = [sigma, sigma_next]
-        elif plan.sampler == "euler_a":
-            scalars = [sigma, sigma_next, ones * plan.options.get("eta", 1.0)]
-        else:
-            sigma_prev = torch.cat([torch.zeros(1, dtype=torch.float64), sigma[:-1]])
-            if plan.options.get("lower_order_final", False):
-                sigma_prev[-1] = 0.0
-            scalars = [sigma, sigma_next, sigma_prev]
-    elif plan.sampler == "ddim":
-        scalars = [s["alpha_cumprod"], s["alpha_cumprod_prev"], ones * plan.options.get("eta", 0.0)]
-    else:  # lcm; alpha_prev is 1 on the last step, so x_next is the denoised sample there
-        scalars = [s["alpha_cumprod"], s["alpha_cumprod_prev"], s["c_skip"], s["c_out"]]
-    columns = [s["timestep"], c_in, ones * float(guidance_scale)] + scalars
-    return torch.stack(columns, dim=1).to(torch.float32)
+    ones = torch.ones(plan.num_steps, dtype=torch.float64)
+    if plan.is_sigma_sampler:
+        sigma_prev = torch.cat([torch.zeros(1, dtype=torch.float64), s["sigma"][:-1]])
+        if plan.options.get("lower_order_final", False):
+            sigma_prev[-1] = 0.0
+        values = dict(c_in=s["c_in"], sigma=s["sigma"], sigma_next=s["sigma_next"], sigma_prev=sigma_prev,
+                      eta=ones * plan.options.get("eta", 1.0))  # euler_a: k-diffusion's default eta 1
+    else:  # VP latents: the UNet takes them as they are. lcm's alpha_prev is 1 on the last step,
+        # so x_next is the denoised sample there
+        values = dict(c_in=ones, alpha_t=s["alpha_cumprod"], alpha_prev=s["alpha_cumprod_prev"],
+                      eta=ones * plan.options.get("eta", 0.0), c_skip=s.get("c_skip"), c_out=s.get("c_out"))
+    values.update(timestep=s["timestep"], cfg_scale=ones * float(guidance_scale))
+    columns = COLUMNS + KERNEL_SCALARS[plan.sampler]
+    return torch.stack([values[name] for name in columns], dim=1).to(torch.float32)
 
 
 def takes_noise(plan: Plan) -> bool:
