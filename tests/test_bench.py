@@ -6,9 +6,14 @@ of every architecture; jsonschema for the records; diffusers on the same random
 weights for what the runners compute.
 Budget: about 60 s on 2 CPU cores, most of it the acceptance run of `sdengine bench`
 (a subprocess, so that the installed console script is what is tested).
+
+The Triton backend's fused step is counted with its networks on the eager ops (as in
+tests/test_fused_step.py): a Triton UNet takes seconds a forward in the interpreter, and what
+is under test is the runner's count around the step, not the UNet's kernels.
 """
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -23,15 +28,15 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from sdengine import cli
+from sdengine import cli, kernels, samplers
 from sdengine.bench import flops, measure, report
 from sdengine.bench.harness import BenchOptions, Benchmark
 from sdengine.bench.output import markdown, write_outputs
-from sdengine.bench.reference import diffusers_unet_kwargs, diffusers_vae_kwargs, reference_pipeline, \
-    transformers_text_config
-from sdengine.bench.runners import DiffusersRunner, EngineRunner, Workload, make_inputs
+from sdengine.bench.reference import DIFFUSERS_SCHEDULERS, diffusers_unet_kwargs, diffusers_vae_kwargs, \
+    reference_pipeline, transformers_text_config
+from sdengine.bench.runners import BackendUnavailable, DiffusersRunner, EngineRunner, Workload, make_inputs
 from sdengine.bench.schema import SCHEMA, ValidationError, _check, schema_json, validate
-from sdengine.config import PRESETS, tiny_config
+from sdengine.config import PRESETS, SCHEDULER_CLASS_TO_SAMPLER, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_FILE = ROOT / "benchmarks" / "schema.json"
@@ -196,10 +201,11 @@ def _check_record_refusals(record):
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_runners_time_the_same_function_on_the_same_weights(kind):
     """The diffusers anchor and the eager backend, built from one random-weight pipeline,
-    give the same outputs on the same random inputs: both time the same computation."""
+    give the same outputs on the same random inputs: both time the same computation. End to
+    end, both run the workload's sampler (euler; the SD1.5 pipeline's own scheduler is PNDM)."""
     cfg = tiny_config(kind)
     source = reference_pipeline(cfg, seed=3)
-    workload = Workload("tiny", 16, 24, steps=2, batch=1, dtype="fp32")
+    workload = Workload("tiny", 16, 24, steps=2, batch=1, dtype="fp32", sampler="euler")
     cpu = torch.device("cpu")
     theirs = DiffusersRunner(source, cfg, workload, cpu)
     ours = EngineRunner("eager", source, cfg, workload, cpu)
@@ -215,9 +221,54 @@ def test_runners_time_the_same_function_on_the_same_weights(kind):
                     assert float((x - y).abs().max()) <= 1e-4 * float(y.abs().max()) + 1e-6, component
         args = {"prompts": ["a red cube"], "seed": 5}
         images_theirs, images_ours = theirs.end_to_end(args), ours.end_to_end(args).images
-    assert theirs.unet_calls == ours.unet_calls >= 2
+    assert theirs.unet_calls == ours.unet_calls == 2
+    assert theirs.ran() == {"scheduler": "EulerDiscreteScheduler"}
+    assert ours.ran() == {"sampler": "euler", "fused_step": False}  # the eager backend has no fused step
+    assert type(source.scheduler).__name__ == ("PNDMScheduler" if kind == "sd15" else "EulerDiscreteScheduler")
     diff = np.abs(np.asarray(images_theirs[0], dtype=np.int16) - np.asarray(images_ours[0], dtype=np.int16))
     assert diff.max() <= 2
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
+def test_unet_calls_are_counted_through_the_fused_step():
+    """The Triton backend runs euler through its fused step, whose UNet calls never pass through
+    `denoise`: the runner counts the step function's calls (= steps), records that the fused step
+    ran, and restores the backend after. pndm has no fused kernel: counted through `denoise`
+    (PLMS: steps + 1). The fused run's images match the eager backend's."""
+    from sdengine.backends.triton import TritonBackend
+    from sdengine.models.layers import EAGER_OPS, set_ops
+
+    cfg = tiny_config("sd15")
+    source = reference_pipeline(cfg, seed=3)
+    workload = Workload("tiny", 16, 16, steps=3, batch=1, dtype="fp32", sampler="euler")
+    cpu = torch.device("cpu")
+    fused = EngineRunner("triton", source, cfg, workload, cpu)
+    for module in (fused.backend.text_encoder, fused.backend.unet, fused.backend.vae):
+        set_ops(module, EAGER_OPS)  # the step's sampler kernel still runs through Triton
+    eager = EngineRunner("eager", source, cfg, workload, cpu)
+    args = {"prompts": ["a red cube"], "seed": 5}
+    with torch.inference_mode():
+        images_fused, images_eager = fused.end_to_end(args).images, eager.end_to_end(args).images
+        assert fused.ran() == {"sampler": "euler", "fused_step": True} and fused.unet_calls == 3
+        assert not {"denoise", "fused_step"} & set(vars(fused.backend))  # the class's methods again
+        assert fused.backend.fused_step.__func__ is TritonBackend.fused_step
+        fused.workload = dataclasses.replace(workload, sampler="pndm")
+        fused.end_to_end(args)
+    assert fused.ran() == {"sampler": "pndm", "fused_step": False} and fused.unet_calls == 4
+    diff = np.abs(np.asarray(images_fused[0], dtype=np.int16) - np.asarray(images_eager[0], dtype=np.int16))
+    assert diff.max() <= 2
+
+
+def test_sampler_without_diffusers_scheduler_skips_only_diffusers_end_to_end():
+    """One table maps sdengine samplers to diffusers schedulers; a sampler outside it (dpmpp_3m_sde)
+    leaves diffusers' components runnable and its end-to-end run unavailable, with the reason."""
+    assert {cls for cls, _ in DIFFUSERS_SCHEDULERS.values()} == set(SCHEDULER_CLASS_TO_SAMPLER)
+    assert set(DIFFUSERS_SCHEDULERS) == set(samplers.SAMPLERS) - {"dpmpp_3m_sde"}
+    cfg = tiny_config("sd15")
+    workload = Workload("tiny", 16, 16, steps=2, batch=1, dtype="fp32", sampler="dpmpp_3m_sde")
+    runner = DiffusersRunner(reference_pipeline(cfg, seed=3), cfg, workload, torch.device("cpu"))
+    with pytest.raises(BackendUnavailable, match="dpmpp_3m_sde"):
+        runner.end_to_end({"prompts": ["a red cube"], "seed": 5})
 
 
 def test_time_calls_warmup_repeats_and_budget():
@@ -252,8 +303,10 @@ def test_acceptance_command_tiny_cpu(tmp_path):
     record = json.loads((tmp_path / "x.json").read_text())
     jsonschema.validate(record, json.loads(SCHEMA_FILE.read_text()))
     assert record["complete"] and record["workload"] == dict(record["workload"], arch="tiny", height=16, width=16,
-                                                             steps=2, batch=1, dtype="fp32")
+                                                             steps=2, batch=1, dtype="fp32", sampler="euler",
+                                                             schedule="default")
     assert record["command"].startswith("sdengine bench --arch tiny") and "--steps 2" in record["command"]
+    assert "--sampler euler" in record["command"]
     assert record["argv"] == ["sdengine", *command[1:]]
     got = {(r["backend"], r["component"]) for r in record["results"] if "skipped" not in r}
     assert got == {(b, c) for b in ("eager", "diffusers")
@@ -267,12 +320,15 @@ def test_acceptance_command_tiny_cpu(tmp_path):
             assert r["speedup_vs_diffusers"] == 1.0
     work = flops.workload_flop(tiny_config("sd15"), 16, 16)
     assert record["flop"] == work
-    e2e = [r for r in record["results"] if r["component"] == "end_to_end"]
-    assert all(r["unet_calls"] == 3 for r in e2e)  # PNDM with skip_prk_steps: steps + 1 UNet calls
-    assert e2e[0]["flop"] == flops.end_to_end_flop(work, 3)
+    e2e = {r["backend"]: r for r in record["results"] if r["component"] == "end_to_end"}
+    assert all(r["unet_calls"] == 2 for r in e2e.values())  # the default sampler, euler: one UNet call a step
+    assert e2e["eager"]["flop"] == flops.end_to_end_flop(work, 2)
+    assert (e2e["eager"]["sampler"], e2e["eager"]["fused_step"]) == ("euler", False)
+    assert e2e["diffusers"]["scheduler"] == "EulerDiscreteScheduler"  # not the pipeline's own PNDM
 
     table = (tmp_path / "x.md").read_text()
     assert "| eager |" in table and "| diffusers |" in table and "physical floor" in table
+    assert table.startswith("## tiny 16×16, 2 steps of euler,") and "| fused step |" in table
     with Image.open(tmp_path / "x.png") as chart:
         assert chart.format == "PNG" and chart.width > 400
     _check_record_refusals(record)
@@ -285,8 +341,8 @@ def test_acceptance_command_tiny_cpu(tmp_path):
 
 def test_unavailable_backends_are_skipped_with_a_reason(tmp_path, capsys):
     code = cli.main(["bench", "--arch", "tiny", "--backends", "diffusers-compile,onnx,diffusers", "--components",
-                     "unet_step", "--repeats", "3", "--warmup", "1", "--steps", "1", "--device", "cpu",
-                     "--out-dir", str(tmp_path), "--no-progress"])
+                     "unet_step", "--repeats", "3", "--warmup", "1", "--steps", "2", "--device", "cpu",
+                     "--sampler", "DPM++ 2M Karras", "--out-dir", str(tmp_path), "--no-progress"])
     assert code == 0
     (path,) = tmp_path.glob("*_cpu_tiny.json")
     record = json.loads(path.read_text())
@@ -296,6 +352,9 @@ def test_unavailable_backends_are_skipped_with_a_reason(tmp_path, capsys):
     assert "CUDA" in skipped["diffusers-compile"] and skipped["onnx"]
     assert [r["backend"] for r in record["results"] if "skipped" not in r] == ["diffusers"]
     assert "- onnx: " in path.with_suffix(".md").read_text()
+    # an A1111 name resolves to sdengine's (sampler, schedule), and the command spells it back
+    assert (record["workload"]["sampler"], record["workload"]["schedule"]) == ("dpmpp_2m", "karras")
+    assert "--sampler dpmpp_2m_karras" in record["command"]
 
 
 def test_interrupt_writes_what_was_measured(tmp_path, monkeypatch):
@@ -324,7 +383,8 @@ def test_interrupt_writes_what_was_measured(tmp_path, monkeypatch):
 def test_bad_arguments_name_the_option(capsys):
     for argv, option in [(["--backends", "eager,tensorrt"], "--backends"), (["--steps", "0"], "--steps"),
                          (["--height", "500"], "--height"), (["--components", "unet"], "--components"),
-                         (["--json", "x.txt"], "--json"), (["--model", "/nonexistent/model"], "--model")]:
+                         (["--json", "x.txt"], "--json"), (["--model", "/nonexistent/model"], "--model"),
+                         (["--sampler", "nonesuch"], "--sampler"), (["--sampler", "ddim_karras"], "--sampler")]:
         assert cli.main(["bench", "--arch", "tiny", "--device", "cpu", *argv]) == 2
         assert option in capsys.readouterr().err
 

@@ -1,7 +1,10 @@
 """`sdengine bench`: time every backend against eager diffusers on one workload.
 
-    sdengine bench --arch sd15 --height 512 --width 512 --steps 30 --batch 1 \\
+    sdengine bench --arch sd15 --height 512 --width 512 --steps 30 --sampler euler --batch 1 \\
         --backends eager,diffusers,diffusers-compile,triton,native,onnx --dtype fp16 --json out.json
+
+End-to-end runs use the same sampler on every backend: sdengine's backends get --sampler,
+diffusers the matching scheduler class, built from the pipeline's scheduler config.
 
 Writes a JSON record (validated against benchmarks/schema.json), a markdown table and a
 PNG chart: to --json's path (the .md and .png beside it) or, by default, to
@@ -32,6 +35,11 @@ def register(subparsers):
     what.add_argument("--height", type=int, help="image height in pixels (default: the model's native size)")
     what.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
     what.add_argument("--steps", type=int, default=30, help="denoising steps of an end-to-end run")
+    what.add_argument("--sampler", default="euler",
+                      help="sampler of the end-to-end runs, on every backend: an sdengine or A1111 name (euler_a, "
+                           "dpmpp_2m, 'DPM++ 2M Karras'); diffusers gets the matching scheduler class. Default: "
+                           "euler, which the Triton backend's fused step covers and whose exact diffusers "
+                           "counterpart is EulerDiscreteScheduler (the SD1.5 default, PNDM, has no fused step)")
     what.add_argument("--batch", type=int, default=1, help="images per prompt batch (the UNet runs at 2x for CFG)")
     what.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="default: fp16 on CUDA, fp32 on the CPU")
     what.add_argument("--guidance-scale", type=float, default=7.5)
@@ -93,7 +101,8 @@ def run(args) -> int:
 
     options = BenchOptions(
         arch=args.arch, model=args.model, height=args.height, width=args.width, steps=args.steps,
-        batch=args.batch, dtype=args.dtype, backends=_split(args.backends), components=_split(args.components),
+        sampler=args.sampler, batch=args.batch, dtype=args.dtype, backends=_split(args.backends),
+        components=_split(args.components),
         repeats=args.repeats, warmup=args.warmup, e2e_repeats=args.e2e_repeats, e2e_warmup=args.e2e_warmup,
         budget_s=args.budget, device=args.device, seed=args.seed, guidance_scale=args.guidance_scale,
         output_type=args.output_type, compile_mode=args.compile_mode, peak_tflops=args.peak_tflops,

@@ -1,6 +1,6 @@
 """The benchmark run: every requested backend on one workload, into one record.
 
-    options = BenchOptions(arch="sd15", backends=("eager", "diffusers"), steps=30)
+    options = BenchOptions(arch="sd15", backends=("eager", "diffusers"), steps=30, sampler="euler")
     bench = Benchmark(options)
     record = bench.run()          # KeyboardInterrupt: bench.record holds what was measured
 
@@ -26,7 +26,8 @@ from sdengine.bench.output import utc_now
 from sdengine.bench.runners import BACKENDS, COMPONENTS, BackendUnavailable, Workload, first_line, make_inputs, \
     make_runner
 from sdengine.bench.schema import SCHEMA_VERSION
-from sdengine.config import PRESETS, ModelConfig, tiny_config
+from sdengine import samplers
+from sdengine.config import PRESETS, ModelConfig, SchedulerConfig, tiny_config
 
 TINY_ARCHS = {"tiny": "sd15", "tiny-sd15": "sd15", "tiny-sd21-v": "sd21-v", "tiny-sdxl": "sdxl"}
 ARCHS = tuple(PRESETS) + tuple(TINY_ARCHS)
@@ -55,6 +56,10 @@ class BenchOptions:
     seed: int = 0
     guidance_scale: float = 7.5
     output_type: str = "pil"
+    # End-to-end sampler, for sdengine and diffusers alike (sdengine or A1111 names; None: the
+    # checkpoint's scheduler). euler: the Triton backend's fused step covers it, and diffusers'
+    # EulerDiscreteScheduler is its exact counterpart; the SD1.5 default, PNDM, has no fused step.
+    sampler: Optional[str] = "euler"
     compile_mode: str = "max-autotune"
     peak_tflops: Optional[float] = None
     argv: list = field(default_factory=list)  # the command line, for the record
@@ -78,6 +83,11 @@ class BenchOptions:
             raise ValueError(f"--arch: unknown architecture {self.arch!r}; choose from: {', '.join(ARCHS)}")
         if self.dtype is not None and self.dtype not in measure.DTYPES:
             raise ValueError(f"--dtype: unknown dtype {self.dtype!r}; choose from: {', '.join(measure.DTYPES)}")
+        if self.sampler is not None:
+            try:  # names only here; Benchmark resolves against the model's scheduler config
+                samplers.resolve(self.sampler, None, SchedulerConfig())
+            except ValueError as e:
+                raise ValueError(f"--sampler: {e}") from None
 
 
 def resolve_config(arch: str, model: Optional[str]) -> tuple[ModelConfig, str]:
@@ -109,9 +119,14 @@ class Benchmark:
         multiple = math.lcm(8, self.config.vae.downscale * 2 ** (len(self.config.unet.block_out_channels) - 1))
         if height % multiple or width % multiple:
             raise ValueError(f"--height/--width {height}x{width}: must be multiples of {multiple} for {arch}")
+        try:
+            sampler, schedule = samplers.resolve(options.sampler, None, self.config.scheduler)
+        except ValueError as e:
+            raise ValueError(f"--sampler: {e}") from None
         self.workload = Workload(arch=arch, height=height, width=width, steps=options.steps, batch=options.batch,
                                  dtype=dtype_name, guidance_scale=options.guidance_scale,
-                                 output_type=options.output_type, model=options.model)
+                                 output_type=options.output_type, model=options.model, sampler=sampler,
+                                 schedule=schedule)
         self.flop = flops.workload_flop(self.config, height, width, options.batch)
         self.peak_tflops, peak_source = measure.peak_tflops(self.device, self.dtype, options.peak_tflops)
         self.started = time.perf_counter()
@@ -127,7 +142,7 @@ class Benchmark:
             "workload": {
                 "arch": arch, "height": height, "width": width, "steps": options.steps, "batch": options.batch,
                 "dtype": dtype_name, "guidance_scale": options.guidance_scale, "output_type": options.output_type,
-                "model": options.model, "sampler": self.config.scheduler.sampler,
+                "model": options.model, "sampler": sampler, "schedule": schedule,
             },
             "settings": {
                 "backends": list(options.backends), "components": list(options.components),
@@ -152,7 +167,8 @@ class Benchmark:
         o, w = self.options, self.workload
         parts = ["sdengine", "bench"]
         parts += ["--model", o.model] if o.model else ["--arch", o.arch]
-        parts += ["--height", str(w.height), "--width", str(w.width), "--steps", str(w.steps), "--batch", str(w.batch),
+        parts += ["--height", str(w.height), "--width", str(w.width), "--steps", str(w.steps),
+                  "--sampler", w.sampler if w.schedule == "default" else f"{w.sampler}_{w.schedule}", "--batch", str(w.batch),
                   "--dtype", w.dtype, "--backends", ",".join(o.backends), "--components", ",".join(o.components),
                   "--repeats", str(o.repeats), "--warmup", str(o.warmup), "--e2e-repeats", str(o.e2e_repeats),
                   "--e2e-warmup", str(o.e2e_warmup), "--device", self.device.type, "--seed", str(o.seed)]
@@ -263,6 +279,10 @@ class Benchmark:
                 warmup, repeats = self.calls_per_component(component)
                 try:
                     result = self._measure(runner, backend, component)
+                except BackendUnavailable as e:  # e.g. no diffusers scheduler for the sampler
+                    self._skip(backend, str(e), component)
+                    self.bar.update(warmup + repeats)
+                    continue
                 except Exception as e:  # e.g. torch.cuda.OutOfMemoryError: report it, free what we can, go on
                     self._skip(backend, f"failed: {type(e).__name__}: {first_line(e)}", component, error=True)
                     measure.free_device_memory(self.device)
@@ -305,6 +325,7 @@ class Benchmark:
         flop = self.flop.get(component)
         if component == "end_to_end":
             result["unet_calls"] = runner.unet_calls
+            result.update(runner.ran())  # the sampler / scheduler that ran; whether the fused step ran it
             flop = flops.end_to_end_flop(self.flop, runner.unet_calls or self.workload.steps)
             result["it_per_s"] = self.workload.steps / (result["p50_ms"] * 1e-3)  # denoising steps per second
         else:

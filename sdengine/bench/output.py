@@ -82,10 +82,17 @@ def measured(record: dict) -> list:
     return [r for r in record["results"] if "skipped" not in r]
 
 
+def sampler_name(workload: dict) -> str:
+    """'euler', 'dpmpp_2m karras'; '' in records older than the sampler field."""
+    sampler, schedule = workload.get("sampler") or "", workload.get("schedule") or "default"
+    return sampler if schedule == "default" else f"{sampler} {schedule}"
+
+
 def title(record: dict) -> str:
     w = record["workload"]
-    return (f"{w['arch']} {w['width']}×{w['height']}, {w['steps']} steps, batch {w['batch']}, {w['dtype']}"
-            f" on {record['device']}")
+    sampler = sampler_name(w)
+    return (f"{w['arch']} {w['width']}×{w['height']}, {w['steps']} steps{' of ' + sampler if sampler else ''}, "
+            f"batch {w['batch']}, {w['dtype']} on {record['device']}")
 
 
 def markdown(record: dict, heading_level: int = 2) -> str:
@@ -130,20 +137,25 @@ def _num(value) -> str:
     return "–" if value is None else f"{value:.3g}"
 
 
+def _yes_no(value) -> str:
+    return "–" if value is None else "yes" if value else "no"
+
+
 def _ratio(value) -> str:
     return "–" if value is None else f"{value:.2f}×"
 
 
 def summary_table(record: dict) -> list:
-    """One row per measured backend: p50 of each component, UNet it/s, peak memory, speedup."""
+    """One row per measured backend: p50 of each component, UNet it/s, peak memory, speedup, and
+    whether the end-to-end run took the backend's fused denoising step."""
     rows = measured(record)
     backends = list(dict.fromkeys(r["backend"] for r in rows))
     if not backends:
         return ["No backend was measured."]
     by_key = {(r["backend"], r["component"]): r for r in rows}
     lines = ["| backend | text encoder ms | UNet step ms | UNet it/s | VAE decode ms | end to end ms "
-             "| UNet % of peak | peak mem GiB | end to end vs diffusers |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| UNet % of peak | peak mem GiB | end to end vs diffusers | fused step |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for backend in backends:
         def p50(component):
             return _ms(by_key[(backend, component)]["p50_ms"]) if (backend, component) in by_key else "–"
@@ -155,12 +167,12 @@ def summary_table(record: dict) -> list:
                        default=None)
         lines.append(f"| {backend} | {p50('text_encoder')} | {p50('unet_step')} | {it_per_s} | {p50('vae_decode')} "
                      f"| {p50('end_to_end')} | {_num(unet.get('pct_of_peak'))} | {_gib(peak_mem)} "
-                     f"| {_ratio(e2e.get('speedup_vs_diffusers'))} |")
+                     f"| {_ratio(e2e.get('speedup_vs_diffusers'))} | {_yes_no(e2e.get('fused_step'))} |")
     floor = record.get("floor_ms") or {}
     if floor.get("unet_step"):
         lines.append(f"| *physical floor* | {_ms(floor.get('text_encoder'))} | {_ms(floor['unet_step'])} "
                      f"| {1e3 / floor['unet_step']:.1f} | {_ms(floor.get('vae_decode'))} "
-                     f"| {_ms(floor.get('end_to_end'))} | 100 | | |")
+                     f"| {_ms(floor.get('end_to_end'))} | 100 | | | |")
     return lines
 
 

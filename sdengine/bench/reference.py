@@ -21,12 +21,35 @@ from typing import Optional
 
 import torch
 
-from sdengine.config import SCHEDULER_CLASS_TO_SAMPLER, ModelConfig, SchedulerConfig, TextEncoderConfig, UNetConfig, \
-    VAEConfig
+from sdengine.config import ModelConfig, SchedulerConfig, TextEncoderConfig, UNetConfig, VAEConfig
 
-# sdengine sampler name -> diffusers scheduler class name (the inverse of config.SCHEDULER_CLASS_TO_SAMPLER).
-SAMPLER_TO_SCHEDULER_CLASS = {sampler: cls for cls, sampler in SCHEDULER_CLASS_TO_SAMPLER.items()}
-SAMPLER_TO_SCHEDULER_CLASS["dpmpp_2m_sde"] = "DPMSolverMultistepScheduler"  # algorithm_type="sde-dpmsolver++"
+# sdengine sampler -> (diffusers scheduler class, the config values that make that class run the
+# same algorithm). The one such table: the benchmark, the reference pipelines and the sampler tests
+# use it. dpmpp_3m_sde has no diffusers counterpart (see sdengine/samplers/__init__.py).
+DIFFUSERS_SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # PLMS: the only PNDM variant sdengine runs
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "dpmpp_sde": ("DPMSolverSDEScheduler", {}),  # needs torchsde; its Brownian-tree noise differs
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+}
+# sdengine sampler name -> diffusers scheduler class name.
+SAMPLER_TO_SCHEDULER_CLASS = {sampler: cls for sampler, (cls, _) in DIFFUSERS_SCHEDULERS.items()}
+# sdengine schedule -> the diffusers config values that select it; the other schedules have no
+# diffusers spelling that tests/test_samplers_pipeline.py checks.
+DIFFUSERS_SCHEDULES = {
+    "default": {},  # what the scheduler config says
+    "karras": {"use_karras_sigmas": True},
+}
 WEIGHT_NOISE = 0.02  # std of the noise added to every parameter, so that no norm scale is exactly 1 nor bias 0
 
 
@@ -104,21 +127,40 @@ def transformers_text_config(cfg: TextEncoderConfig):
     return CLIPTextConfig(**kwargs)
 
 
-def diffusers_scheduler(cfg: SchedulerConfig):
-    """The diffusers scheduler that cfg.sampler names, with cfg's schedule parameters."""
+def _scheduler_class(sampler: str):
     import diffusers
 
-    if cfg.sampler not in SAMPLER_TO_SCHEDULER_CLASS:
-        raise ValueError(f"sampler {cfg.sampler!r} has no diffusers scheduler; "
-                         f"choose one of: {', '.join(sorted(SAMPLER_TO_SCHEDULER_CLASS))}")
-    cls = getattr(diffusers, SAMPLER_TO_SCHEDULER_CLASS[cfg.sampler])
+    if sampler not in DIFFUSERS_SCHEDULERS:
+        raise ValueError(f"sampler {sampler!r} has no diffusers scheduler; "
+                         f"choose one of: {', '.join(sorted(DIFFUSERS_SCHEDULERS))}")
+    cls_name, algorithm = DIFFUSERS_SCHEDULERS[sampler]
+    return getattr(diffusers, cls_name), algorithm
+
+
+def diffusers_scheduler(cfg: SchedulerConfig):
+    """The diffusers scheduler that cfg.sampler names, with cfg's schedule parameters."""
+    cls, algorithm = _scheduler_class(cfg.sampler)
     accepted = inspect.signature(cls.__init__).parameters
     values = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__ if f not in ("sampler", "extra")}
     values.update(dict(cfg.extra))
-    if cfg.sampler == "dpmpp_2m_sde":
-        values["algorithm_type"] = "sde-dpmsolver++"
+    values.update(algorithm)
     # None means "the class default" in our config (e.g. final_sigmas_type), not an explicit None.
     return cls(**{k: v for k, v in values.items() if k in accepted and v is not None})
+
+
+def scheduler_for_sampler(sampler: str, schedule: str, base_config: dict):
+    """The diffusers scheduler that runs sdengine's `sampler` following `schedule` (canonical
+    names, as `sdengine.samplers.resolve` returns them), built `from_config` of `base_config`
+    (a pipeline's `scheduler.config`: the model's training schedule and spacing).
+
+        pipe.scheduler = scheduler_for_sampler("euler", "default", pipe.scheduler.config)
+
+    Raises ValueError, naming the sampler or schedule, where diffusers has no counterpart."""
+    cls, algorithm = _scheduler_class(sampler)
+    if schedule not in DIFFUSERS_SCHEDULES:
+        raise ValueError(f"schedule {schedule!r} has no diffusers counterpart here; "
+                         f"choose one of: {', '.join(DIFFUSERS_SCHEDULES)}")
+    return cls.from_config({**base_config, **algorithm, **DIFFUSERS_SCHEDULES[schedule]})
 
 
 @functools.lru_cache(maxsize=1)

@@ -4,8 +4,9 @@
 
 For each workload and device, the newest record (a complete one when there is one)
 becomes a table: the p50 of each component per backend, the UNet's it/s and % of the
-device's peak, peak memory and the end-to-end speedup over eager diffusers, with the
-physical floor as the last row. CPU records (smoke runs) are left out unless --all.
+device's peak, peak memory, the end-to-end speedup over eager diffusers (same sampler on
+both) and whether the backend's fused denoising step ran, with the physical floor as the
+last row. CPU records (smoke runs) are left out unless --all.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def render(paths, include_cpu: bool = False) -> str:
         if record.get("device_type") != "cuda" and not include_cpu:
             continue
         w = record["workload"]
-        key = (record["device"], w["arch"], w["height"], w["width"], w["steps"], w["batch"], w["dtype"])
+        key = (record["device"], w["arch"], w["height"], w["width"], w["steps"], w.get("sampler") or "",
+               w.get("schedule") or "default", w["batch"], w["dtype"])
         rank = (record["complete"], record["created"])
         if key not in newest or rank > newest[key][0]:
             newest[key] = (rank, path, record)

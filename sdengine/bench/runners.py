@@ -12,10 +12,16 @@ Every runner answers the same four calls, each on one set of inputs drawn by
 compiled (torch.compile, channels_last): the eager-PyTorch anchors. `EngineRunner` runs
 an sdengine Pipeline (`sdengine.from_diffusers`) through its backend interface
 (docs/CONTRACTS.md), whichever backend it holds.
+
+End-to-end runs use the workload's sampler on both sides: sdengine's pipeline gets
+`sampler=`, diffusers' pipeline the matching scheduler (reference.scheduler_for_sampler).
+Each runner counts the UNet calls of its last run; EngineRunner also records whether the
+backend's fused step (UNet + guidance + sampler update in one function) ran it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from dataclasses import dataclass
@@ -54,6 +60,8 @@ class Workload:
     guidance_scale: float = 7.5
     output_type: str = "pil"
     model: Optional[str] = None
+    sampler: str = "euler"  # canonical sdengine names (sdengine.samplers.resolve)
+    schedule: str = "default"
 
 
 class BackendUnavailable(Exception):
@@ -128,16 +136,25 @@ def on_device(source_pipe, device: torch.device):
 # ---------------------------------------------------------------------------
 
 class DiffusersRunner:
-    """diffusers' own pipeline: StableDiffusion(XL)Pipeline, SDPA attention."""
+    """diffusers' own pipeline: StableDiffusion(XL)Pipeline, SDPA attention, with the diffusers
+    scheduler of the workload's sampler (None where diffusers has none: end_to_end is then skipped)."""
 
     def __init__(self, source_pipe, config: ModelConfig, workload: Workload, device: torch.device,
                  compile_mode: Optional[str] = None):
+        from sdengine.bench.reference import scheduler_for_sampler
+
         if compile_mode is not None and device.type != "cuda":
             raise BackendUnavailable("needs a CUDA device (torch.compile max-autotune of the UNet on the CPU "
                                      "takes many minutes and is not what the anchor measures)")
         self.config, self.workload, self.device = config, workload, device
         self.pipe = on_device(source_pipe, device)
         self.pipe.set_progress_bar_config(disable=True)
+        try:
+            self.pipe.scheduler = scheduler_for_sampler(workload.sampler, workload.schedule,
+                                                        self.pipe.scheduler.config)
+            self.no_scheduler = None
+        except ValueError as e:
+            self.no_scheduler = str(e)
         if compile_mode is not None:
             # The anchor of ANCHORS.md: channels_last UNet, torch.compile(mode="max-autotune").
             self.pipe.unet.to(memory_format=torch.channels_last)
@@ -165,14 +182,20 @@ class DiffusersRunner:
         return self.pipe.vae.decode(inputs["latents"], return_dict=False)[0]
 
     def end_to_end(self, inputs):
+        if self.no_scheduler is not None:
+            raise BackendUnavailable(self.no_scheduler)
         w = self.workload
         images = self.pipe(
             prompt=inputs["prompts"], num_inference_steps=w.steps, guidance_scale=w.guidance_scale,
             height=w.height, width=w.width, output_type=w.output_type,
             generator=torch.Generator("cpu").manual_seed(inputs["seed"]),
         ).images
-        self.unet_calls = len(self.pipe.scheduler.timesteps)  # e.g. PNDM's PLMS runs steps + 1
+        self.unet_calls = len(self.pipe.scheduler.timesteps)  # e.g. PNDM's PLMS runs steps + 1, Heun 2 steps - 1
         return images
+
+    def ran(self) -> dict:
+        """What the last end-to-end run ran, for the record."""
+        return {"scheduler": type(self.pipe.scheduler).__name__}
 
     def close(self):
         self.pipe = None
@@ -200,6 +223,8 @@ class EngineRunner:
         del device_pipe  # whatever the engine did not keep is freed
         self.backend = self.pipe.backend
         self.unet_calls: Optional[int] = None
+        self.fused_step: Optional[bool] = None  # whether the last end-to-end run took the fused step
+        self.sampler: Optional[str] = None  # the sampler the pipeline reports having run
 
     def text_encoder(self, inputs):
         return self.backend.encode_text(inputs["input_ids"], inputs.get("input_ids_2"))
@@ -213,31 +238,64 @@ class EngineRunner:
 
     def end_to_end(self, inputs):
         w = self.workload
-        calls = [0]
-        denoise = self.backend.denoise
+        calls, fused_runs = [0], [0]
 
-        @functools.wraps(denoise)
-        def counted(*args, **kwargs):
-            calls[0] += 1
-            return denoise(*args, **kwargs)
+        def counted(fn):
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                calls[0] += 1
+                return fn(*args, **kwargs)
+            return call
 
-        own_attribute = "denoise" in vars(self.backend)
-        self.backend.denoise = counted  # count the UNet calls the sampler makes
-        try:
-            prompt = inputs["prompts"][0] if len(inputs["prompts"]) == 1 else inputs["prompts"]
-            images = self.pipe(prompt, num_inference_steps=w.steps, guidance_scale=w.guidance_scale,
+        def counted_fused_step(make):
+            # The fused step runs the UNet itself, never through denoise: count the calls of the
+            # step function it returns (one UNet forward at the doubled batch each).
+            @functools.wraps(make)
+            def fused_step(*args, **kwargs):
+                step = make(*args, **kwargs)
+                if step is None:  # not covered: the pipeline falls back to denoise
+                    return None
+                fused_runs[0] += 1
+                return counted(step)
+            return fused_step
+
+        patches = {"denoise": counted}
+        if getattr(self.backend, "fused_step", None) is not None:  # the pipeline asks for it the same way
+            patches["fused_step"] = counted_fused_step
+        prompt = inputs["prompts"][0] if len(inputs["prompts"]) == 1 else inputs["prompts"]
+        with _wrapped(self.backend, patches):
+            result = self.pipe(prompt, num_inference_steps=w.steps, guidance_scale=w.guidance_scale,
                                height=w.height, width=w.width, seed=inputs["seed"], output_type=w.output_type,
-                               progress=False)
-        finally:
-            if own_attribute:
-                self.backend.denoise = denoise
-            else:
-                del self.backend.denoise  # back to the class's method
+                               sampler=w.sampler, schedule=w.schedule, progress=False)
         self.unet_calls = calls[0] or None  # None: the pipeline reached the UNet some other way
-        return images
+        self.fused_step = fused_runs[0] > 0
+        self.sampler = result.params.get("sampler")
+        return result
+
+    def ran(self) -> dict:
+        """What the last end-to-end run ran, for the record."""
+        return {"sampler": self.sampler, "fused_step": self.fused_step}
 
     def close(self):
         self.pipe = self.backend = None
+
+
+@contextlib.contextmanager
+def _wrapped(obj, wrappers: dict):
+    """Replace each method `name` of `obj` by `wrappers[name](method)` for the duration; restore
+    what was there after (an instance attribute, or the class's method)."""
+    saved = {}
+    try:
+        for name, wrap in wrappers.items():
+            saved[name] = (getattr(obj, name), name in vars(obj))
+            setattr(obj, name, wrap(saved[name][0]))
+        yield
+    finally:
+        for name, (method, own_attribute) in saved.items():
+            if own_attribute:
+                setattr(obj, name, method)
+            else:
+                delattr(obj, name)  # back to the class's method
 
 
 def first_line(error: Exception) -> str:

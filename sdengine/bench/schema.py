@@ -43,6 +43,12 @@ MEASURED = {
         "pct_of_peak": _OPTIONAL_NUMBER,
         "floor_ms": _OPTIONAL_NUMBER,
         "unet_calls": _OPTIONAL_COUNT,
+        # end_to_end only: what ran. sdengine backends: the sampler the pipeline ran and whether the
+        # backend's fused step (UNet + guidance + sampler update in one function) ran it; diffusers:
+        # its scheduler class.
+        "sampler": {"type": ["string", "null"]},
+        "fused_step": {"type": ["boolean", "null"]},
+        "scheduler": {"type": "string"},
         "peak_mem_bytes": _OPTIONAL_COUNT,
         "mem_before_bytes": _OPTIONAL_COUNT,
         "process_peak_rss_bytes": _OPTIONAL_COUNT,
@@ -94,6 +100,8 @@ SCHEMA = {
                 "guidance_scale": _NUMBER,
                 "output_type": {"type": "string"},
                 "model": {"type": ["string", "null"]},
+                "sampler": {"type": "string"},  # of the end-to-end runs, every backend (sdengine's name)
+                "schedule": {"type": "string"},
             },
         },
         "settings": {"type": "object"},
