@@ -21,6 +21,7 @@ An engine is a folder:
     text_encoder.pt2   input_ids (B, 77) int64            -> hidden states (B, 77, D)
     unet.pt2           x (B, C, h, w), t (B,) float32, context (B, 77, D) -> (B, C_out, h, w)
     vae_decoder.pt2    unscaled latents z (B, C, h, w)    -> images (B, 3, 8h, 8w) in [-1, 1]
+    vae_encoder.pt2    images (B, 3, 8h, 8w) in [-1, 1]  -> posterior [mean, logvar] (B, 2C, h, w)
     buffers.safetensors   constants that are not checkpoint weights (non-persistent buffers)
     tokenizer/         the family's CLIP tokenizer, for single files (which carry none)
 
@@ -44,8 +45,8 @@ from typing import Optional
 
 import torch
 
-FORMAT_VERSION = 2  # 2: single-file sources ("ldm") and defaults ("single_file")
-NETWORKS = ("text_encoder", "unet", "vae_decoder")
+FORMAT_VERSION = 3  # 2: single-file sources ("ldm") and defaults ("single_file"); 3: vae_encoder
+NETWORKS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 PREFIX = "m."  # the wrappers below hold the network as `self.m`
 MAX_BATCH = 64
 MAX_LATENT = 512  # latent cells per side: 4096 px with an 8x VAE
@@ -93,6 +94,19 @@ class VAEDecoderExport(torch.nn.Module):
         return self.m.decode(z)
 
 
+class VAEEncoderExport(torch.nn.Module):
+    """Images (B, 3, 8h, 8w) in [-1, 1] -> the posterior's [mean, logvar] (B, 2C, h, w) in one
+    tensor (img2img samples mean + exp(logvar / 2) * eps with each image's generator)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.m = vae
+
+    def forward(self, x):
+        mean, logvar = self.m.encode(x)
+        return torch.cat([mean, logvar], dim=1)
+
+
 # ---------------------------------------------------------------------------
 # The cache
 # ---------------------------------------------------------------------------
@@ -130,7 +144,8 @@ def engine_key(config, dtype: torch.dtype, device: torch.device) -> str:
 
 
 def check_supported(config) -> None:
-    """The native runtime runs SD1 / SD2 text-to-image models (one text encoder, no added conditioning)."""
+    """The native runtime runs SD1 / SD2 text-to-image and image-to-image models (one text encoder, no
+    added conditioning, a 4-channel UNet)."""
     if config.text_encoder_2 is not None or config.unet.addition_embed_type is not None:
         raise ValueError(f"{config.name}: the native backend does not support SDXL (two text encoders and "
                          "added conditioning) yet; use backend='eager' or 'triton'")
@@ -157,11 +172,14 @@ def _example_inputs(config, dtype, device):
     t = torch.full((2,), 500.0, device=device)
     context = torch.randn(2, tokens, config.unet.cross_attention_dim, device=device, dtype=dtype)
     z = torch.randn(2, latent_c, lh, lw, device=device, dtype=dtype)
+    down = config.vae.downscale
+    images = torch.rand(2, 3, lh * down, lw * down, device=device, dtype=dtype) * 2 - 1
     return {
         "text_encoder": ((ids,), {"input_ids": {0: batch}}),
         "unet": ((x, t, context), {"x": {0: batch, 2: multiple * h, 3: multiple * w},
                                    "t": {0: batch}, "context": {0: batch}}),
         "vae_decoder": ((z,), {"z": {0: batch, 2: multiple * h, 3: multiple * w}}),
+        "vae_encoder": ((images,), {"x": {0: batch, 2: down * multiple * h, 3: down * multiple * w}}),
     }, multiple
 
 
@@ -206,8 +224,9 @@ def build_engine(config, text_encoder, unet, vae, out_dir, *, dtype=None, device
     try:
         examples, multiple = _example_inputs(config, dtype, device)
         wrappers = {"text_encoder": TextEncoderExport(text_encoder.eval()),
-                    "unet": UNetExport(unet.eval()), "vae_decoder": VAEDecoderExport(vae.eval())}
-        components = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae"}
+                    "unet": UNetExport(unet.eval()), "vae_decoder": VAEDecoderExport(vae.eval()),
+                    "vae_encoder": VAEEncoderExport(vae.eval())}
+        components = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
         networks, buffers = {}, {}
         bar = tqdm(NETWORKS, desc="AOTInductor compile", unit="network", disable=not progress)
         for name in bar:

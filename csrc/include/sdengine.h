@@ -1,4 +1,4 @@
-/* sdengine C API: Stable Diffusion text-to-image in a library.
+/* sdengine C API: Stable Diffusion text-to-image and image-to-image in a library.
  *
  * One public header. Every call returns an sde_status (0 ok, negative error);
  * sde_last_error() gives the message of the calling thread's last failure. No C++
@@ -180,6 +180,14 @@ typedef struct sde_gen_params {
   sde_progress_fn progress;    /* NULL: none */
   void *progress_user;         /* passed to progress */
   const volatile int *cancel;  /* NULL, or a flag another thread sets nonzero to cancel */
+  /* img2img: NULL for text-to-image; else the image to start from, width x height RGB
+   * pixels (3 bytes each, row-major), the same image for every image of the batch. Needs
+   * width and height set (its size). Encoded by the engine's VAE encoder, sampled from
+   * its posterior with each image's seed, then noised to the first kept step. */
+  const uint8_t *init_image;
+  double strength;             /* img2img: the part of the schedule re-run, in (0, 1]; 1 keeps
+                                  nothing of the image but its noise seed. Default 0.8; ignored
+                                  without init_image */
 } sde_gen_params;
 
 SDE_API void sde_gen_params_init(sde_gen_params *params);

@@ -118,9 +118,19 @@ class PyModel {
   // Returns [(rgb bytes, width, height, seed)].
   py::list generate(const std::string &prompt, std::optional<std::string> negative_prompt, int width, int height,
                     int steps, double guidance_scale, uint64_t seed, int batch_size, std::optional<std::string> sampler,
-                    std::optional<std::string> schedule, double eta, std::optional<std::function<bool(int, int)>> progress) {
+                    std::optional<std::string> schedule, double eta, std::optional<std::function<bool(int, int)>> progress,
+                    std::optional<py::bytes> init_image, double strength) {
     sde_gen_params p;
     sde_gen_params_init(&p);
+    std::string init_bytes;
+    if (init_image) {
+      init_bytes = *init_image;
+      if (init_bytes.size() != static_cast<size_t>(width) * height * 3)
+        throw py::value_error("init_image must hold width * height * 3 RGB bytes (" + std::to_string(width) + "x" +
+                              std::to_string(height) + "), got " + std::to_string(init_bytes.size()));
+      p.init_image = reinterpret_cast<const uint8_t *>(init_bytes.data());
+    }
+    p.strength = strength;
     p.prompt = prompt.c_str();
     p.negative_prompt = negative_prompt ? negative_prompt->c_str() : nullptr;
     p.width = width;
@@ -188,13 +198,15 @@ PYBIND11_MODULE(_C, m) {
     check(sde_schedule_from_str(name.c_str(), &s));
     return std::string(sde_schedule_name(s));
   });
-  m.def("plan", [](const std::string &sampler, const std::string &schedule, int steps, const std::string &config_json) {
+  m.def("plan", [](const std::string &sampler, const std::string &schedule, int steps, const std::string &config_json,
+                   double strength) {
     try {
       sde_sampler s;
       sde::parse_sampler(sampler, &s, nullptr);
       sde::SchedulerConfig cfg = sde::SchedulerConfig::from_json(sde::Json::parse(config_json, "config"), "config");
-      sde::Plan plan = sde::make_plan(s, sde::parse_schedule(schedule), steps, cfg);
+      sde::Plan plan = sde::make_plan(s, sde::parse_schedule(schedule), steps, cfg, strength);
       py::dict out;
+      out["start"] = plan.start;
       out["timesteps"] = plan.timesteps;
       out["sigmas"] = plan.sigmas;
       out["prev_timesteps"] = plan.prev_timesteps;
@@ -204,7 +216,8 @@ PYBIND11_MODULE(_C, m) {
     } catch (const sde::Error &e) {
       throw py::value_error(e.what());
     }
-  }, "The C++ sampling plan (for comparison with sdengine.samplers.make_plan)");
+  }, py::arg("sampler"), py::arg("schedule"), py::arg("steps"), py::arg("config_json"), py::arg("strength") = 1.0,
+     "The C++ sampling plan (for comparison with sdengine.samplers.make_plan)");
 
   py::class_<PyTokenizer>(m, "Tokenizer")
       .def(py::init<const std::string &>(), py::arg("folder"))
@@ -224,5 +237,6 @@ PYBIND11_MODULE(_C, m) {
       .def("generate", &PyModel::generate, py::arg("prompt"), py::arg("negative_prompt") = py::none(),
            py::arg("width") = 0, py::arg("height") = 0, py::arg("steps") = 0, py::arg("guidance_scale") = 7.5,
            py::arg("seed") = 0, py::arg("batch_size") = 1, py::arg("sampler") = py::none(),
-           py::arg("schedule") = py::none(), py::arg("eta") = 0.0, py::arg("progress") = py::none());
+           py::arg("schedule") = py::none(), py::arg("eta") = 0.0, py::arg("progress") = py::none(),
+           py::arg("init_image") = py::none(), py::arg("strength") = 0.8);
 }

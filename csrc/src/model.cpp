@@ -23,7 +23,7 @@
 namespace sde {
 namespace {
 
-constexpr int kFormatVersion = 2;  // export/aoti.py FORMAT_VERSION
+constexpr int kFormatVersion = 3;  // export/aoti.py FORMAT_VERSION
 
 std::vector<std::string> list_dir(const std::string &dir) {
   std::vector<std::string> out;
@@ -507,9 +507,9 @@ Model::Model(ModelSource source, const sde_model_params &params) : dtype_(at::kF
   text_encoder_ = std::make_unique<Network>(engine_dir_, "text_encoder", nets.at("text_encoder"), runners, params.device_index);
   unet_ = std::make_unique<Network>(engine_dir_, "unet", nets.at("unet"), runners, params.device_index);
   vae_decoder_ = std::make_unique<Network>(engine_dir_, "vae_decoder", nets.at("vae_decoder"), runners, params.device_index);
-  text_encoder_->load_weights(weights, buffers, dtype_, device_);
-  unet_->load_weights(weights, buffers, dtype_, device_);
-  vae_decoder_->load_weights(weights, buffers, dtype_, device_);
+  vae_encoder_ = std::make_unique<Network>(engine_dir_, "vae_encoder", nets.at("vae_encoder"), runners, params.device_index);
+  for (Network *net : {text_encoder_.get(), unet_.get(), vae_decoder_.get(), vae_encoder_.get()})
+    net->load_weights(weights, buffers, dtype_, device_);
 }
 
 Model::~Model() = default;
@@ -522,6 +522,21 @@ at::Tensor Model::encode_text(const std::vector<std::string> &prompts) const {
   }
   at::Tensor input = at::tensor(ids, at::kLong).reshape({static_cast<int64_t>(prompts.size()), tokenizer_.max_length()});
   return text_encoder_->run({input.to(device_)}).to(at::kFloat);  // (B, 77, D)
+}
+
+at::Tensor Model::encode_init_image(const sde_gen_params &p, int height, int width,
+                                   std::vector<at::Generator> &generators) const {
+  // RGB bytes -> (1, 3, H, W) in [-1, 1], as the Python pipeline: x / 255 * 2 - 1 in float32.
+  at::Tensor pixels = at::from_blob(const_cast<uint8_t *>(p.init_image), {1, height, width, 3}, at::kByte);
+  at::Tensor image = (pixels.permute({0, 3, 1, 2}).to(at::kFloat) / 255) * 2 - 1;
+  at::Tensor moments = vae_encoder_->run({image.to(device_, dtype_).contiguous()}).to(at::kFloat).cpu();
+  auto mean_logvar = moments.chunk(2, 1);  // (1, C, h, w) each
+  at::Tensor mean = mean_logvar[0], std_dev = at::exp(mean_logvar[1] * 0.5);
+  std::vector<at::Tensor> latents;
+  for (auto &g : generators) latents.push_back(mean + std_dev * at::randn(mean.sizes(), g, at::kFloat));
+  at::Tensor out = at::cat(latents);  // (N, C, h, w)
+  if (info_.has_shift) out = out - info_.shift_factor;
+  return (out * info_.scaling_factor).to(device_);
 }
 
 at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::vector<uint64_t> &seeds) const {
@@ -542,7 +557,7 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
   if (n * (do_cfg ? 2 : 1) > static_cast<int>(engine_.get_number("max_batch", 64)))
     throw InvalidArgument("batch_size " + std::to_string(n) + " exceeds the engine's maximum batch");
 
-  Plan plan = make_plan(sampler, p.schedule, steps, info.scheduler);
+  Plan plan = make_plan(sampler, p.schedule, steps, info.scheduler, p.init_image ? p.strength : 1.0);
 
   // -- text: [uncond, cond] -----------------------------------------------------------
   std::vector<std::string> prompts(static_cast<size_t>(n), p.prompt);
@@ -553,20 +568,20 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
   }
   context = context.to(device_, dtype_);
 
-  // -- initial noise: one CPU generator per image, as torch.Generator().manual_seed(seed + i) --
+  // -- initial state: one CPU generator per image, as torch.Generator().manual_seed(seed + i);
+  //    img2img draws each image's posterior sample before its noise (diffusers' order) --------
   std::vector<at::Generator> generators;
-  std::vector<at::Tensor> noise_parts;
   for (int i = 0; i < n; ++i) {
     seeds.push_back(p.seed + static_cast<uint64_t>(i));
     generators.push_back(at::make_generator<at::CPUGeneratorImpl>(p.seed + static_cast<uint64_t>(i)));
-    noise_parts.push_back(at::randn({1, info.latent_channels, h, w}, generators.back(), at::kFloat));
   }
-  at::Tensor noise = at::cat(noise_parts).to(device_);
+  at::Tensor init_latents = p.init_image ? encode_init_image(p, height, width, generators) : at::Tensor();
   auto draw_noise = [&]() {
     std::vector<at::Tensor> parts;
     for (auto &g : generators) parts.push_back(at::randn({1, info.latent_channels, h, w}, g, at::kFloat));
-    return at::cat(parts).to(device_);
+    return at::cat(parts).to(device_);  // (N, C, h, w)
   };
+  at::Tensor start = initial_state(plan, draw_noise(), init_latents);
 
   // -- the loop ---------------------------------------------------------------------
   auto model_fn = [&](const at::Tensor &x_in, double t) {
@@ -583,7 +598,7 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
     if (p.progress && p.progress(p.progress_user, step + 1, evaluations) != 0)
       throw Cancelled("cancelled by the progress callback at step " + std::to_string(step + 1));
   };
-  at::Tensor latents = sample(plan, info.scheduler, model_fn, noise, draw_noise, on_step, p.eta);
+  at::Tensor latents = sample(plan, info.scheduler, model_fn, start, draw_noise, on_step, p.eta);
 
   // -- decode -------------------------------------------------------------------------
   at::Tensor z = latents / info.scaling_factor;

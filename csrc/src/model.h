@@ -93,9 +93,12 @@ class Model {
   std::string engine_dir_;
   at::ScalarType dtype_;
   at::Device device_ = at::kCPU;
-  std::unique_ptr<Network> text_encoder_, unet_, vae_decoder_;
+  std::unique_ptr<Network> text_encoder_, unet_, vae_decoder_, vae_encoder_;
 
   at::Tensor encode_text(const std::vector<std::string> &prompts) const;
+  // img2img: the scaled latents of the request's init image, one posterior sample per
+  // generator (diffusers' retrieve_latents(sample_mode="sample")), drawn before the noise.
+  at::Tensor encode_init_image(const sde_gen_params &p, int height, int width, std::vector<at::Generator> &generators) const;
 };
 
 

@@ -193,9 +193,9 @@ std::pair<at::Tensor, at::Tensor> x0_eps(const at::Tensor &out, const at::Tensor
 // PLMS: Liu et al., "Pseudo Numerical Methods for Diffusion Models on Manifolds" (2022), eq. 12,
 // with diffusers' start (t_samplers.sample_pndm): the first step taken twice (Euler, then a
 // 2-point average), then Adams-Bashforth of order 2-4 on eps.
-at::Tensor sample_pndm(const Plan &plan, const SchedulerConfig &cfg, const ModelFn &model, const at::Tensor &noise,
+at::Tensor sample_pndm(const Plan &plan, const SchedulerConfig &cfg, const ModelFn &model, const at::Tensor &start,
                        const StepFn &on_step) {
-  at::Tensor x = noise * plan.init_noise_sigma, cur_x;
+  at::Tensor x = start, cur_x;
   std::vector<at::Tensor> ets;
   auto alpha_at = [&](int64_t t) { return t >= 0 ? plan.alphas_cumprod[t] : plan.final_alpha_cumprod; };
   for (size_t counter = 0; counter < plan.timesteps.size(); ++counter) {
@@ -269,7 +269,54 @@ SchedulerConfig SchedulerConfig::from_json(const Json &j, const std::string &whe
   return c;
 }
 
-Plan make_plan(sde_sampler sampler, sde_schedule schedule, int steps, const SchedulerConfig &cfg) {
+namespace {
+
+// Index of the first step img2img keeps: diffusers' get_timesteps (plan.py kept_steps).
+int kept_steps(int steps, double strength) {
+  if (!(strength >= 0.0 && strength <= 1.0))
+    throw InvalidArgument("strength must be in [0, 1], got " + std::to_string(strength));
+  int init_timestep = std::min(static_cast<int>(steps * strength), steps);
+  if (init_timestep < 1)
+    throw InvalidArgument("strength=" + std::to_string(strength) + " with steps=" + std::to_string(steps) +
+                          " leaves no denoising step; raise strength to at least " + std::to_string(1.0 / steps) +
+                          " or use more steps");
+  return std::max(steps - init_timestep, 0);
+}
+
+template <typename T>
+void drop_first(std::vector<T> &values, int count) {
+  values.erase(values.begin(), values.begin() + std::min<size_t>(static_cast<size_t>(count), values.size()));
+}
+
+Plan full_plan(sde_sampler sampler, sde_schedule schedule, int steps, const SchedulerConfig &cfg);
+
+}  // namespace
+
+Plan make_plan(sde_sampler sampler, sde_schedule schedule, int steps, const SchedulerConfig &cfg, double strength) {
+  if (steps < 1) throw InvalidArgument("steps must be at least 1, got " + std::to_string(steps));
+  int start = kept_steps(steps, strength);
+  Plan plan = full_plan(sampler, schedule, steps, cfg);
+  plan.start = start;
+  drop_first(plan.timesteps, start);
+  drop_first(plan.prev_timesteps, start);
+  drop_first(plan.sigmas, start);  // sigma samplers: the kept steps' sigmas and the final one
+  return plan;
+}
+
+at::Tensor initial_state(const Plan &plan, const at::Tensor &noise, const at::Tensor &init_latents) {
+  if (!init_latents.defined()) {
+    at::Tensor x = noise * plan.init_noise_sigma;
+    if (plan.is_sigma_sampler() && plan.vp_latents) x = x * std::pow(1 + std::pow(plan.sigmas[0], 2), 0.5);  // VP -> VE
+    return x;
+  }
+  if (plan.is_sigma_sampler()) return init_latents + noise * plan.sigmas[0];
+  double a = plan.alphas_cumprod[static_cast<size_t>(plan.timesteps[0])];
+  return init_latents * std::pow(a, 0.5) + noise * std::pow(1 - a, 0.5);
+}
+
+namespace {
+
+Plan full_plan(sde_sampler sampler, sde_schedule schedule, int steps, const SchedulerConfig &cfg) {
   const int T = cfg.num_train_timesteps;
   if (sampler < 0 || sampler >= SDE_SAMPLER_COUNT) throw InvalidArgument("sampler out of range");
   if (schedule < 0 || schedule >= SDE_SCHEDULE_COUNT) throw InvalidArgument("schedule out of range");
@@ -373,14 +420,16 @@ Plan make_plan(sde_sampler sampler, sde_schedule schedule, int steps, const Sche
   return plan;
 }
 
-at::Tensor sample(const Plan &plan, const SchedulerConfig &cfg, const ModelFn &model, const at::Tensor &noise,
+}  // namespace
+
+at::Tensor sample(const Plan &plan, const SchedulerConfig &cfg, const ModelFn &model, const at::Tensor &start,
                   const NoiseFn &draw_noise, const StepFn &on_step, double eta) {
   const std::string &pred = cfg.prediction_type;
   auto clip = [&](at::Tensor x0) { return plan.clip_range > 0 ? x0.clamp(-plan.clip_range, plan.clip_range) : x0; };
 
-  if (plan.sampler == SDE_SAMPLER_PNDM) return sample_pndm(plan, cfg, model, noise, on_step);
+  if (plan.sampler == SDE_SAMPLER_PNDM) return sample_pndm(plan, cfg, model, start, on_step);
   if (!plan.is_sigma_sampler()) {  // DDIM (Song et al. 2021, eq. 12), t_samplers.sample_ddim
-    at::Tensor x = noise * plan.init_noise_sigma;
+    at::Tensor x = start;
     auto alpha_at = [&](int64_t t) { return t >= 0 ? plan.alphas_cumprod[t] : plan.final_alpha_cumprod; };
     for (size_t i = 0; i < plan.timesteps.size(); ++i) {
       int64_t t = static_cast<int64_t>(plan.timesteps[i]), t_prev = static_cast<int64_t>(plan.prev_timesteps[i]);
@@ -422,8 +471,7 @@ at::Tensor sample(const Plan &plan, const SchedulerConfig &cfg, const ModelFn &m
     else x0 = out;
     return clip(x0);
   };
-  at::Tensor x = noise * plan.init_noise_sigma;
-  if (plan.vp_latents) x = x * std::pow(1 + std::pow(sigmas[0], 2), 0.5);  // VP -> VE
+  at::Tensor x = start;
   size_t n = sigmas.size() - 1;
   at::Tensor old_denoised;
   double h_last = 0.0;

@@ -46,6 +46,7 @@ struct SchedulerConfig {
 // One run's schedule: the counterpart of sdengine.samplers.plan.Plan.
 struct Plan {
   sde_sampler sampler;
+  int start = 0;                       // first kept step of the requested schedule (img2img strength)
   std::vector<double> timesteps;       // (n,) the timestep the UNet gets at each step
   std::vector<double> sigmas;          // sigma samplers: (n + 1,) ending in the final sigma
   std::vector<double> prev_timesteps;  // ddim: where each step lands (< 0: the end)
@@ -62,8 +63,15 @@ struct Plan {
   bool is_sigma_sampler() const { return sampler != SDE_SAMPLER_DDIM && sampler != SDE_SAMPLER_PNDM; }
 };
 
-// Resolves SDE_SCHEDULE_DEFAULT / the config and validates the steps (InvalidArgument).
-Plan make_plan(sde_sampler sampler, sde_schedule schedule, int steps, const SchedulerConfig &cfg);
+// Resolves SDE_SCHEDULE_DEFAULT / the config and validates the steps (InvalidArgument);
+// keeps the tail of the schedule that `strength` selects (diffusers' get_timesteps).
+Plan make_plan(sde_sampler sampler, sde_schedule schedule, int steps, const SchedulerConfig &cfg,
+               double strength = 1.0);
+
+// The sampler's starting state (Plan.initial_state): unit-variance noise scaled for the
+// sampler (txt2img, init_latents undefined), or init_latents noised to the first kept step
+// (img2img: diffusers' scheduler.add_noise).
+at::Tensor initial_state(const Plan &plan, const at::Tensor &noise, const at::Tensor &init_latents);
 
 // model(x_in, t) -> raw model output (the config's prediction type, guidance applied).
 using ModelFn = std::function<at::Tensor(const at::Tensor &x_in, double t)>;
@@ -72,8 +80,8 @@ using NoiseFn = std::function<at::Tensor()>;
 // on_step(step_index) after each step; it throws to cancel.
 using StepFn = std::function<void(int step)>;
 
-// Runs the plan from unit-variance noise and returns diffusers' final latents.
-at::Tensor sample(const Plan &plan, const SchedulerConfig &cfg, const ModelFn &model, const at::Tensor &noise,
+// Runs the plan from its initial state and returns diffusers' final latents.
+at::Tensor sample(const Plan &plan, const SchedulerConfig &cfg, const ModelFn &model, const at::Tensor &start,
                   const NoiseFn &draw_noise, const StepFn &on_step, double eta);
 
 }  // namespace sde

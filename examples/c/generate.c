@@ -2,12 +2,14 @@
  * It links only libsdengine and includes only sdengine.h.
  *
  *   sde_generate MODEL OUT.ppm [-p PROMPT] [-n NEGATIVE] [-e ENGINE_DIR] [-s SAMPLER]
- *                [-t STEPS] [-g GUIDANCE] [-S SEED] [-W WIDTH] [-H HEIGHT]
+ *                [-t STEPS] [-g GUIDANCE] [-S SEED] [-W WIDTH] [-H HEIGHT] [-i INIT.ppm] [-r STRENGTH]
  *
  * MODEL is a diffusers folder or a single-file (A1111 / Civitai) .safetensors checkpoint.
  * SAMPLER takes sdengine, A1111 or ComfyUI names ("euler_a", "DPM++ 2M Karras").
+ * -i starts from an image (img2img; its size is the output's), -r sets how much is redone.
  * Without -e the engine comes from the cache (`sdengine export aoti MODEL` builds it).
  */
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,10 +32,29 @@ static int write_ppm(const char *path, const sde_image *image) {
   return (fclose(f) == 0 && ok) ? 0 : -1;
 }
 
+/* A binary PPM (P6, maxval 255); returns malloc'd RGB bytes or NULL. */
+static uint8_t *read_ppm(const char *path, int *width, int *height) {
+  FILE *f = fopen(path, "rb");
+  if (!f) return NULL;
+  int maxval = 0;
+  uint8_t *data = NULL;
+  if (fscanf(f, "P6 %d %d %d", width, height, &maxval) == 3 && maxval == 255 && *width > 0 && *height > 0 &&
+      fgetc(f) != EOF) {
+    size_t bytes = (size_t)*width * *height * 3;
+    data = malloc(bytes);
+    if (data && fread(data, 1, bytes, f) != bytes) {
+      free(data);
+      data = NULL;
+    }
+  }
+  fclose(f);
+  return data;
+}
+
 int main(int argc, char **argv) {
   if (argc < 3) {
     fprintf(stderr, "usage: %s MODEL OUT.ppm [-p PROMPT] [-n NEGATIVE] [-e ENGINE_DIR] [-s SAMPLER] "
-                    "[-t STEPS] [-g GUIDANCE] [-S SEED] [-W WIDTH] [-H HEIGHT]\n", argv[0]);
+                    "[-t STEPS] [-g GUIDANCE] [-S SEED] [-W WIDTH] [-H HEIGHT] [-i INIT.ppm] [-r STRENGTH]\n", argv[0]);
     return 2;
   }
   const char *model_dir = argv[1], *out_path = argv[2];
@@ -44,6 +65,8 @@ int main(int argc, char **argv) {
   gp.prompt = "a photograph of an astronaut riding a horse";
   gp.progress = on_progress;
   gp.progress_user = (void *)"sdengine";
+  uint8_t *init_image = NULL;
+  int init_width = 0, init_height = 0;
   for (int i = 3; i + 1 < argc; i += 2) {
     const char *flag = argv[i], *value = argv[i + 1];
     if (!strcmp(flag, "-p")) gp.prompt = value;
@@ -54,6 +77,16 @@ int main(int argc, char **argv) {
     else if (!strcmp(flag, "-S")) gp.seed = strtoull(value, NULL, 10);
     else if (!strcmp(flag, "-W")) gp.width = atoi(value);
     else if (!strcmp(flag, "-H")) gp.height = atoi(value);
+    else if (!strcmp(flag, "-r")) gp.strength = atof(value);
+    else if (!strcmp(flag, "-i")) {
+      free(init_image);
+      init_image = read_ppm(value, &init_width, &init_height);
+      if (!init_image) {
+        fprintf(stderr, "cannot read %s as a binary PPM (P6, maxval 255)\n", value);
+        return 2;
+      }
+      gp.init_image = init_image;
+    }
     else if (!strcmp(flag, "-s")) {
       if (sde_sampler_from_str(value, &gp.sampler, &gp.schedule) != SDE_OK) {
         fprintf(stderr, "%s\n", sde_last_error());
@@ -63,6 +96,11 @@ int main(int argc, char **argv) {
       fprintf(stderr, "unknown option %s\n", flag);
       return 2;
     }
+  }
+
+  if (init_image) { /* the output has the init image's size */
+    gp.width = init_width;
+    gp.height = init_height;
   }
 
   sde_model *model = NULL;
@@ -84,5 +122,6 @@ int main(int argc, char **argv) {
   else printf("%s: %dx%d, seed %llu\n", out_path, images[0].width, images[0].height, (unsigned long long)images[0].seed);
   sde_images_free(images, count);
   sde_model_free(model);
+  free(init_image);
   return rc ? 1 : 0;
 }

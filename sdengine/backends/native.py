@@ -12,8 +12,8 @@ Two ways to run it:
   noise, sampler loop, decode, uint8 RGB), through `sdengine._C`. It gives the same images
   as the Python pipeline for the same seed, sampler and size.
 
-Not compiled (run eagerly, from the same weights): clip_skip other than None, and the VAE
-encoder (img2img, inpainting). SDXL and inpainting UNets are refused with a clear error.
+Not compiled (run eagerly, from the same weights): clip_skip other than None. SDXL and
+inpainting UNets are refused with a clear error.
 """
 
 from __future__ import annotations
@@ -123,9 +123,12 @@ class NativeBackend:
 
     @torch.inference_mode()
     def encode_image(self, images):
-        """Images (B, 3, H, W) in [-1, 1] -> (mean, logvar): the eager VAE encoder (not compiled)."""
-        mean, logvar = self.vae.encode(images.to(self.device, self.dtype))
-        return mean.float(), logvar.float()
+        """Images (B, 3, H, W) in [-1, 1] -> (mean, logvar), float32, by the compiled encoder."""
+        out = self._package("vae_encoder")(images.to(self.device, self.dtype).contiguous())
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        mean, logvar = out.float().chunk(2, dim=1)  # (B, C, h, w) each
+        return mean, logvar
 
     @torch.inference_mode()
     def decode(self, latents):
@@ -162,14 +165,28 @@ class NativeBackend:
     def generate(self, tokenizer, prompt: str, negative_prompt: Optional[str] = None, *, width: int = 0,
                  height: int = 0, steps: int = 30, guidance_scale: float = 7.5, seed: int = 0, batch_size: int = 1,
                  sampler: Optional[str] = None, schedule: Optional[str] = None, eta: float = 0.0,
-                 callback: Optional[Callable[[int, int], Optional[bool]]] = None) -> list:
-        """One txt2img request run entirely in C++. Returns `batch_size` uint8 arrays (H, W, 3);
-        image i has seed `seed + i`. callback(step, steps) after each step; False cancels
-        (sdengine._C.Cancelled). Errors: ValueError for bad arguments."""
+                 callback: Optional[Callable[[int, int], Optional[bool]]] = None,
+                 init_image: Optional[np.ndarray] = None, strength: float = 0.8) -> list:
+        """One txt2img (or img2img, given `init_image`) request run entirely in C++. Returns
+        `batch_size` uint8 arrays (H, W, 3); image i has seed `seed + i`. callback(step, steps)
+        after each step; False cancels (sdengine._C.Cancelled). init_image: uint8 (H, W, 3),
+        the output's size (width and height default to it); strength in (0, 1]. Errors:
+        ValueError for bad arguments."""
         model = self.native_model(tokenizer)
         progress = None
         if callback is not None:
             progress = lambda step, total: callback(step, total) is not False  # noqa: E731
+        init_bytes = None
+        if init_image is not None:
+            init_image = np.asarray(init_image)
+            if init_image.dtype != np.uint8 or init_image.ndim != 3 or init_image.shape[2] != 3:
+                raise ValueError(f"init_image must be a uint8 array (H, W, 3), got {init_image.dtype} "
+                                 f"{init_image.shape}")
+            height, width = height or init_image.shape[0], width or init_image.shape[1]
+            if (height, width) != init_image.shape[:2]:
+                raise ValueError(f"init_image is {init_image.shape[1]}x{init_image.shape[0]} but the request is "
+                                 f"{width}x{height} (width x height)")
+            init_bytes = np.ascontiguousarray(init_image).tobytes()
         results = model.generate(prompt, negative_prompt, width, height, steps, float(guidance_scale), int(seed),
-                                 batch_size, sampler, schedule, float(eta), progress)
+                                 batch_size, sampler, schedule, float(eta), progress, init_bytes, float(strength))
         return [np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3) for data, w, h, _ in results]

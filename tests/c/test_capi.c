@@ -138,6 +138,32 @@ static int test_args(const char *model_dir, const char *engine_dir, const char *
   small_request(&gp, 1);
   gp.batch_size = 0;
   expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "batch_size", "generate_bad_batch");
+  /* img2img: the init image needs its size, strength in (0, 1] that leaves a step */
+  static uint8_t init_image[16 * 16 * 3];
+  for (size_t i = 0; i < sizeof init_image; ++i) init_image[i] = (uint8_t)(i * 7);
+  small_request(&gp, 1);
+  gp.init_image = init_image;
+  gp.width = 0;
+  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "init_image needs width",
+                "img2img_without_size");
+  small_request(&gp, 1);
+  gp.init_image = init_image;
+  gp.strength = 1.5;
+  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "strength must be in (0, 1]",
+                "img2img_strength_out_of_range");
+  small_request(&gp, 1);
+  gp.init_image = init_image;
+  gp.strength = 0.2; /* 2 steps x 0.2 keeps none */
+  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "leaves no denoising step",
+                "img2img_strength_no_step");
+  small_request(&gp, 1);
+  gp.init_image = init_image;
+  gp.strength = 0.5;
+  expect_status(sde_generate(model, &gp, &images, &count), SDE_OK, NULL, "img2img_ok");
+  expect(count == 1 && images && images[0].width == 16, "img2img_ok_shape", "wrong image count or size");
+  sde_images_free(images, count);
+  images = NULL;
+  count = 0;
   small_request(&gp, 1);
   gp.prompt = "\xff\xfe broken utf-8";
   expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "UTF-8", "generate_bad_utf8");
