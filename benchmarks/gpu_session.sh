@@ -9,7 +9,8 @@
 #   1. nvidia-smi; install the carried wheels (.whl/*.whl) if any;
 #   2. build the project (pip install -e ., CMake + libtorch);
 #   3. GPU tests: pytest -m gpu tests/, then benchmarks/gpu_kernels.sh if it exists;
-#   4. sdengine bench: SD1.5 512x512 fp16 with every backend; SD2.1 768x768; then SD1.5 with
+#   4. sdengine bench, --sampler euler on every backend (the Triton backend's fused step covers it;
+#      diffusers runs EulerDiscreteScheduler): SD1.5 512x512 fp16 with every backend; SD2.1 768x768; then SD1.5 with
 #      diffusers-compile (max-autotune compiles for minutes: last, so nothing waits on it).
 # Everything lands under $OUT: logs, junit XML, and the records (json, md, png) in $OUT/results.
 # Copy $OUT/results/* into benchmarks/results/ and commit them.
@@ -72,12 +73,12 @@ if [[ -x benchmarks/gpu_kernels.sh || -f benchmarks/gpu_kernels.sh ]]; then
 fi
 
 BENCH=(--repeats 20 --warmup 3 --e2e-repeats 5 --budget 20 --no-progress --out-dir "$OUT/results")
-run_step bench_sd15 150 "${SDE[@]}" bench --arch sd15 --height 512 --width 512 --steps 30 --batch 1 --dtype fp16 \
-    --backends diffusers,eager,triton,native,onnx "${BENCH[@]}"
-run_step bench_sd21 80 "${SDE[@]}" bench --arch sd21-v --height 768 --width 768 --steps 30 --batch 1 --dtype fp16 \
-    --backends diffusers,eager,triton,native "${BENCH[@]}"
-run_step bench_sd15_compile 200 "${SDE[@]}" bench --arch sd15 --height 512 --width 512 --steps 30 --batch 1 \
-    --dtype fp16 --backends diffusers,diffusers-compile "${BENCH[@]}"
+run_step bench_sd15 150 "${SDE[@]}" bench --arch sd15 --height 512 --width 512 --steps 30 --sampler euler \
+    --batch 1 --dtype fp16 --backends diffusers,eager,triton,native,onnx "${BENCH[@]}"
+run_step bench_sd21 80 "${SDE[@]}" bench --arch sd21-v --height 768 --width 768 --steps 30 --sampler euler \
+    --batch 1 --dtype fp16 --backends diffusers,eager,triton,native "${BENCH[@]}"
+run_step bench_sd15_compile 200 "${SDE[@]}" bench --arch sd15 --height 512 --width 512 --steps 30 --sampler euler \
+    --batch 1 --dtype fp16 --backends diffusers,diffusers-compile "${BENCH[@]}"
 
 echo "== records"
 ls -la "$OUT/results"
