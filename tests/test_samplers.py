@@ -16,6 +16,7 @@ import diffusers
 import pytest
 import torch
 
+from sdengine.bench.reference import DIFFUSERS_SCHEDULERS
 from sdengine.config import SchedulerConfig
 from sdengine.samplers import (SAMPLERS, SCHEDULES, SEEDS_DDPM, NAMES, make_plan, normalize_name, randn, resolve,
                                sample, sigmas_karras)
@@ -24,21 +25,9 @@ RTOL = 1e-6
 SD = SchedulerConfig()  # SD1.5: scaled_linear 0.00085..0.012, leading, steps_offset 1
 SD_V = dataclasses.replace(SD, prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=0)
 
-DIFFUSERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpm_2": ("KDPM2DiscreteScheduler", {}),
-    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-}
+# sdengine sampler -> (diffusers scheduler class, config values selecting the algorithm): the
+# package's one table, which the benchmark's diffusers anchor uses too.
+DIFFUSERS = DIFFUSERS_SCHEDULERS
 
 
 def make_model(seed=0, channels=4):

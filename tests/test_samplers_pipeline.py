@@ -15,6 +15,7 @@ import torch
 
 import diffusers
 import sdengine
+from sdengine.bench.reference import scheduler_for_sampler
 from tiny import tiny_pipeline
 
 PROMPT = "a lighthouse on a cliff at dusk"
@@ -22,25 +23,33 @@ H, W = 8, 8
 STEPS = 10
 TOL = 1 / 255
 
-# (sdengine sampler, schedule, diffusers scheduler class, config overrides)
+# (sdengine sampler, schedule, diffusers scheduler class); the class and the config values that
+# select the algorithm come from the package's one table (sdengine.bench.reference), which the
+# benchmark's diffusers anchor uses too.
 CASES = [
-    ("ddim", None, "DDIMScheduler", {}),
-    ("ddpm", None, "DDPMScheduler", {}),
-    ("pndm", None, "PNDMScheduler", {}),
-    ("lms", None, "LMSDiscreteScheduler", {}),
-    ("euler", None, "EulerDiscreteScheduler", {}),
-    ("euler_a", None, "EulerAncestralDiscreteScheduler", {}),
-    ("heun", None, "HeunDiscreteScheduler", {}),
-    ("dpm_2", None, "KDPM2DiscreteScheduler", {}),
-    ("dpm_2_a", None, "KDPM2AncestralDiscreteScheduler", {}),
-    ("dpmpp_2m", None, "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    ("DPM++ 2M Karras", None, "DPMSolverMultistepScheduler",
-     {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
-    ("dpmpp_2m_sde", "karras", "DPMSolverMultistepScheduler",
-     {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
-    ("unipc", None, "UniPCMultistepScheduler", {}),
-    ("lcm", None, "LCMScheduler", {}),
+    ("ddim", None, "DDIMScheduler"),
+    ("ddpm", None, "DDPMScheduler"),
+    ("pndm", None, "PNDMScheduler"),
+    ("lms", None, "LMSDiscreteScheduler"),
+    ("euler", None, "EulerDiscreteScheduler"),
+    ("euler_a", None, "EulerAncestralDiscreteScheduler"),
+    ("heun", None, "HeunDiscreteScheduler"),
+    ("dpm_2", None, "KDPM2DiscreteScheduler"),
+    ("dpm_2_a", None, "KDPM2AncestralDiscreteScheduler"),
+    ("dpmpp_2m", None, "DPMSolverMultistepScheduler"),
+    ("DPM++ 2M Karras", None, "DPMSolverMultistepScheduler"),
+    ("dpmpp_2m_sde", "karras", "DPMSolverMultistepScheduler"),
+    ("unipc", None, "UniPCMultistepScheduler"),
+    ("lcm", None, "LCMScheduler"),
 ]
+
+
+def matching_scheduler(ref_pipe, ours, sampler, schedule, scheduler_class):
+    """diffusers' scheduler for sdengine's (sampler, schedule), from the reference pipeline's config."""
+    scheduler = scheduler_for_sampler(*sdengine.samplers.resolve(sampler, schedule, ours.config.scheduler),
+                                      ref_pipe.scheduler.config)
+    assert type(scheduler).__name__ == scheduler_class
+    return scheduler
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +58,10 @@ def pipelines():
     return ref, sdengine.from_diffusers(ref)
 
 
-@pytest.mark.parametrize("sampler,schedule,scheduler_class,overrides", CASES, ids=[c[0] for c in CASES])
-def test_sampler_in_pipeline_matches_diffusers(pipelines, sampler, schedule, scheduler_class, overrides):
+@pytest.mark.parametrize("sampler,schedule,scheduler_class", CASES, ids=[c[0] for c in CASES])
+def test_sampler_in_pipeline_matches_diffusers(pipelines, sampler, schedule, scheduler_class):
     ref_pipe, ours = pipelines
-    scheduler = getattr(diffusers, scheduler_class).from_config({**ref_pipe.scheduler.config, **overrides})
+    scheduler = matching_scheduler(ref_pipe, ours, sampler, schedule, scheduler_class)
     ref_pipe = diffusers.StableDiffusionPipeline(**{**ref_pipe.components, "scheduler": scheduler})
     cfg = ours.config
     latents = torch.randn(2, cfg.vae.latent_channels, H // cfg.vae.downscale, W // cfg.vae.downscale,
@@ -69,18 +78,18 @@ def test_sampler_in_pipeline_matches_diffusers(pipelines, sampler, schedule, sch
 
 
 V_CASES = [
-    ("ddim", None, "DDIMScheduler", {}),
-    ("euler_a", None, "EulerAncestralDiscreteScheduler", {}),
-    ("dpmpp_2m", "karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    ("unipc", None, "UniPCMultistepScheduler", {}),
+    ("ddim", None, "DDIMScheduler"),
+    ("euler_a", None, "EulerAncestralDiscreteScheduler"),
+    ("dpmpp_2m", "karras", "DPMSolverMultistepScheduler"),
+    ("unipc", None, "UniPCMultistepScheduler"),
 ]
 
 
-@pytest.mark.parametrize("sampler,schedule,scheduler_class,overrides", V_CASES, ids=[c[0] for c in V_CASES])
-def test_sampler_with_v_prediction_model(sampler, schedule, scheduler_class, overrides):
+@pytest.mark.parametrize("sampler,schedule,scheduler_class", V_CASES, ids=[c[0] for c in V_CASES])
+def test_sampler_with_v_prediction_model(sampler, schedule, scheduler_class):
     ref_pipe = tiny_pipeline("sd21-v")
     ours = sdengine.from_diffusers(ref_pipe)
-    scheduler = getattr(diffusers, scheduler_class).from_config({**ref_pipe.scheduler.config, **overrides})
+    scheduler = matching_scheduler(ref_pipe, ours, sampler, schedule, scheduler_class)
     ref_pipe = diffusers.StableDiffusionPipeline(**{**ref_pipe.components, "scheduler": scheduler})
     cfg = ours.config
     latents = torch.randn(1, cfg.vae.latent_channels, H // cfg.vae.downscale, W // cfg.vae.downscale,
@@ -94,16 +103,16 @@ def test_sampler_with_v_prediction_model(sampler, schedule, scheduler_class, ove
 
 
 IMG2IMG_CASES = [
-    ("euler_a", "EulerAncestralDiscreteScheduler", {}, 0.6),
-    ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, 0.7),
-    ("heun", "HeunDiscreteScheduler", {}, 0.5),
+    ("euler_a", "EulerAncestralDiscreteScheduler", 0.6),
+    ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", 0.7),
+    ("heun", "HeunDiscreteScheduler", 0.5),
 ]
 
 
-@pytest.mark.parametrize("sampler,scheduler_class,overrides,strength", IMG2IMG_CASES, ids=[c[0] for c in IMG2IMG_CASES])
-def test_sampler_in_img2img_matches_diffusers(pipelines, sampler, scheduler_class, overrides, strength):
+@pytest.mark.parametrize("sampler,scheduler_class,strength", IMG2IMG_CASES, ids=[c[0] for c in IMG2IMG_CASES])
+def test_sampler_in_img2img_matches_diffusers(pipelines, sampler, scheduler_class, strength):
     ref_pipe, ours = pipelines
-    scheduler = getattr(diffusers, scheduler_class).from_config({**ref_pipe.scheduler.config, **overrides})
+    scheduler = matching_scheduler(ref_pipe, ours, sampler, None, scheduler_class)
     ref_pipe = diffusers.StableDiffusionImg2ImgPipeline(**{**ref_pipe.components, "scheduler": scheduler})
     image = torch.rand(3, H, W, generator=torch.Generator().manual_seed(2)).numpy().transpose(1, 2, 0)
     ref = ref_pipe(PROMPT, image=image[None], strength=strength, num_inference_steps=STEPS, guidance_scale=5.0,
