@@ -168,7 +168,8 @@ class Benchmark:
         parts = ["sdengine", "bench"]
         parts += ["--model", o.model] if o.model else ["--arch", o.arch]
         parts += ["--height", str(w.height), "--width", str(w.width), "--steps", str(w.steps),
-                  "--sampler", w.sampler if w.schedule == "default" else f"{w.sampler}_{w.schedule}", "--batch", str(w.batch),
+                  "--sampler", w.sampler if w.schedule == "default" else f"{w.sampler}_{w.schedule}",
+                  "--batch", str(w.batch),
                   "--dtype", w.dtype, "--backends", ",".join(o.backends), "--components", ",".join(o.components),
                   "--repeats", str(o.repeats), "--warmup", str(o.warmup), "--e2e-repeats", str(o.e2e_repeats),
                   "--e2e-warmup", str(o.e2e_warmup), "--device", self.device.type, "--seed", str(o.seed)]
