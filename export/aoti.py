@@ -144,14 +144,15 @@ def engine_key(config, dtype: torch.dtype, device: torch.device) -> str:
 
 
 def check_supported(config) -> None:
-    """The native runtime runs SD1 / SD2 text-to-image and image-to-image models (one text encoder, no
-    added conditioning, a 4-channel UNet)."""
+    """The native runtime runs SD1 / SD2 models (one text encoder, no added conditioning):
+    text-to-image and img2img with 4-channel UNets, inpainting with 9-channel ones."""
     if config.text_encoder_2 is not None or config.unet.addition_embed_type is not None:
         raise ValueError(f"{config.name}: the native backend does not support SDXL (two text encoders and "
                          "added conditioning) yet; use backend='eager' or 'triton'")
-    if config.unet.in_channels != config.vae.latent_channels:
-        raise ValueError(f"{config.name}: the native backend does not support inpainting models "
-                         f"({config.unet.in_channels}-channel UNet) yet")
+    if config.unet.in_channels not in (config.vae.latent_channels, 2 * config.vae.latent_channels + 1):
+        raise ValueError(f"{config.name}: the native backend runs UNets of {config.vae.latent_channels} channels "
+                         f"(text-to-image) or {2 * config.vae.latent_channels + 1} (inpainting), not "
+                         f"{config.unet.in_channels}")
 
 
 # ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-/* sdengine C API: Stable Diffusion text-to-image and image-to-image in a library.
+/* sdengine C API: Stable Diffusion text-to-image, image-to-image and inpainting in a library.
  *
  * One public header. Every call returns an sde_status (0 ok, negative error);
  * sde_last_error() gives the message of the calling thread's last failure. No C++
@@ -185,9 +185,13 @@ typedef struct sde_gen_params {
    * width and height set (its size). Encoded by the engine's VAE encoder, sampled from
    * its posterior with each image's seed, then noised to the first kept step. */
   const uint8_t *init_image;
-  double strength;             /* img2img: the part of the schedule re-run, in (0, 1]; 1 keeps
-                                  nothing of the image but its noise seed. Default 0.8; ignored
-                                  without init_image */
+  /* Inpainting (a 9-channel inpainting model; needs init_image): width x height bytes, one
+   * per pixel, row-major; >= 128 (white) is repainted, < 128 kept. NULL: no inpainting. */
+  const uint8_t *mask_image;
+  double strength;             /* img2img / inpainting: the part of the schedule re-run, in
+                                  (0, 1]; 1 keeps nothing of the init image but (inpainting)
+                                  its unmasked part. 0 (default): 0.8 for img2img, 1.0 for
+                                  inpainting. Ignored without init_image */
 } sde_gen_params;
 
 SDE_API void sde_gen_params_init(sde_gen_params *params);

@@ -119,16 +119,24 @@ class PyModel {
   py::list generate(const std::string &prompt, std::optional<std::string> negative_prompt, int width, int height,
                     int steps, double guidance_scale, uint64_t seed, int batch_size, std::optional<std::string> sampler,
                     std::optional<std::string> schedule, double eta, std::optional<std::function<bool(int, int)>> progress,
-                    std::optional<py::bytes> init_image, double strength) {
+                    std::optional<py::bytes> init_image, double strength, std::optional<py::bytes> mask_image) {
     sde_gen_params p;
     sde_gen_params_init(&p);
-    std::string init_bytes;
+    std::string init_bytes, mask_bytes;
+    size_t pixels = static_cast<size_t>(width) * height;
     if (init_image) {
       init_bytes = *init_image;
-      if (init_bytes.size() != static_cast<size_t>(width) * height * 3)
+      if (init_bytes.size() != pixels * 3)
         throw py::value_error("init_image must hold width * height * 3 RGB bytes (" + std::to_string(width) + "x" +
                               std::to_string(height) + "), got " + std::to_string(init_bytes.size()));
       p.init_image = reinterpret_cast<const uint8_t *>(init_bytes.data());
+    }
+    if (mask_image) {
+      mask_bytes = *mask_image;
+      if (mask_bytes.size() != pixels)
+        throw py::value_error("mask_image must hold width * height bytes (" + std::to_string(width) + "x" +
+                              std::to_string(height) + "), got " + std::to_string(mask_bytes.size()));
+      p.mask_image = reinterpret_cast<const uint8_t *>(mask_bytes.data());
     }
     p.strength = strength;
     p.prompt = prompt.c_str();
@@ -238,5 +246,5 @@ PYBIND11_MODULE(_C, m) {
            py::arg("width") = 0, py::arg("height") = 0, py::arg("steps") = 0, py::arg("guidance_scale") = 7.5,
            py::arg("seed") = 0, py::arg("batch_size") = 1, py::arg("sampler") = py::none(),
            py::arg("schedule") = py::none(), py::arg("eta") = 0.0, py::arg("progress") = py::none(),
-           py::arg("init_image") = py::none(), py::arg("strength") = 0.8);
+           py::arg("init_image") = py::none(), py::arg("strength") = 0.0, py::arg("mask_image") = py::none());
 }

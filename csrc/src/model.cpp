@@ -468,6 +468,7 @@ Model::Model(ModelSource source, const sde_model_params &params) : dtype_(at::kF
   info_.default_sampler = sampler_of_config(sampler, &info_.default_sampler_name);
   if (info_.default_sampler_name.empty()) info_.default_sampler_name = sampler;
   info_.latent_channels = static_cast<int>(vae_cfg.get_number("latent_channels", 4));
+  info_.inpainting = static_cast<int>(unet_cfg.get_number("in_channels", 4)) == 2 * info_.latent_channels + 1;
   if (const Json *blocks = vae_cfg.find("block_out_channels"); blocks && blocks->is_array())
     info_.downscale = 1 << (static_cast<int>(blocks->array().size()) - 1);
   info_.scaling_factor = vae_cfg.get_number("scaling_factor", 0.18215);
@@ -524,11 +525,7 @@ at::Tensor Model::encode_text(const std::vector<std::string> &prompts) const {
   return text_encoder_->run({input.to(device_)}).to(at::kFloat);  // (B, 77, D)
 }
 
-at::Tensor Model::encode_init_image(const sde_gen_params &p, int height, int width,
-                                   std::vector<at::Generator> &generators) const {
-  // RGB bytes -> (1, 3, H, W) in [-1, 1], as the Python pipeline: x / 255 * 2 - 1 in float32.
-  at::Tensor pixels = at::from_blob(const_cast<uint8_t *>(p.init_image), {1, height, width, 3}, at::kByte);
-  at::Tensor image = (pixels.permute({0, 3, 1, 2}).to(at::kFloat) / 255) * 2 - 1;
+at::Tensor Model::encode_image(const at::Tensor &image, std::vector<at::Generator> &generators) const {
   at::Tensor moments = vae_encoder_->run({image.to(device_, dtype_).contiguous()}).to(at::kFloat).cpu();
   auto mean_logvar = moments.chunk(2, 1);  // (1, C, h, w) each
   at::Tensor mean = mean_logvar[0], std_dev = at::exp(mean_logvar[1] * 0.5);
@@ -557,7 +554,15 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
   if (n * (do_cfg ? 2 : 1) > static_cast<int>(engine_.get_number("max_batch", 64)))
     throw InvalidArgument("batch_size " + std::to_string(n) + " exceeds the engine's maximum batch");
 
-  Plan plan = make_plan(sampler, p.schedule, steps, info.scheduler, p.init_image ? p.strength : 1.0);
+  bool inpaint = p.mask_image != nullptr;
+  if (inpaint && !info.inpainting)
+    throw InvalidArgument("mask_image needs an inpainting model (a " + std::to_string(2 * info.latent_channels + 1) +
+                          "-channel UNet)");
+  if (info.inpainting && !inpaint) throw InvalidArgument("this is an inpainting model: give init_image and mask_image");
+  double strength = p.strength > 0 ? p.strength : inpaint ? 1.0 : 0.8;
+  // Inpainting at strength 1 starts from pure noise, as diffusers' (is_strength_max).
+  bool init_for_sampler = p.init_image && (!inpaint || strength < 1.0);
+  Plan plan = make_plan(sampler, p.schedule, steps, info.scheduler, init_for_sampler ? strength : 1.0);
 
   // -- text: [uncond, cond] -----------------------------------------------------------
   std::vector<std::string> prompts(static_cast<size_t>(n), p.prompt);
@@ -575,17 +580,34 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
     seeds.push_back(p.seed + static_cast<uint64_t>(i));
     generators.push_back(at::make_generator<at::CPUGeneratorImpl>(p.seed + static_cast<uint64_t>(i)));
   }
-  at::Tensor init_latents = p.init_image ? encode_init_image(p, height, width, generators) : at::Tensor();
+  at::Tensor image;  // (1, 3, H, W) in [-1, 1], as the Python pipeline: x / 255 * 2 - 1 in float32
+  if (p.init_image) {
+    at::Tensor pixels = at::from_blob(const_cast<uint8_t *>(p.init_image), {1, height, width, 3}, at::kByte);
+    image = (pixels.permute({0, 3, 1, 2}).to(at::kFloat) / 255) * 2 - 1;
+  }
+  at::Tensor init_latents = init_for_sampler ? encode_image(image, generators) : at::Tensor();
   auto draw_noise = [&]() {
     std::vector<at::Tensor> parts;
     for (auto &g : generators) parts.push_back(at::randn({1, info.latent_channels, h, w}, g, at::kFloat));
     return at::cat(parts).to(device_);  // (N, C, h, w)
   };
   at::Tensor start = initial_state(plan, draw_noise(), init_latents);
+  // Inpainting: the UNet also reads the mask and the masked image's latents (drawn after the noise).
+  at::Tensor extra_channels;
+  if (inpaint) {
+    at::Tensor mask_bytes = at::from_blob(const_cast<uint8_t *>(p.mask_image), {1, 1, height, width}, at::kByte);
+    at::Tensor mask = (mask_bytes >= 128).to(at::kFloat);  // (1, 1, H, W): 1 = repaint
+    at::Tensor masked_latents = encode_image(image * (mask < 0.5), generators);  // (N, C, h, w)
+    at::Tensor mask_latent = at::upsample_nearest2d(mask, {h, w}).expand({n, 1, h, w}).to(device_);
+    extra_channels = at::cat({mask_latent, masked_latents}, 1);  // (N, 1 + C, h, w)
+    if (do_cfg) extra_channels = at::cat({extra_channels, extra_channels});
+    extra_channels = extra_channels.to(dtype_);
+  }
 
   // -- the loop ---------------------------------------------------------------------
   auto model_fn = [&](const at::Tensor &x_in, double t) {
     at::Tensor x_batch = do_cfg ? at::cat({x_in, x_in}) : x_in;  // (2N, C, h, w)
+    if (inpaint) x_batch = at::cat({x_batch.to(dtype_), extra_channels}, 1);  // (2N, 2C + 1, h, w)
     at::Tensor t_batch = at::full({x_batch.size(0)}, t, at::TensorOptions().dtype(at::kFloat).device(device_));
     at::Tensor out = unet_->run({x_batch.to(dtype_).contiguous(), t_batch, context}).to(at::kFloat);
     if (!do_cfg) return out;

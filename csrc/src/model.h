@@ -49,6 +49,7 @@ struct ModelInfo {
   sde_sampler default_sampler = SDE_SAMPLER_DEFAULT;  // DEFAULT: the config's sampler is not implemented here
   std::string default_sampler_name;
   int latent_channels = 4;
+  bool inpainting = false;  // a 9-channel UNet: latents, mask, masked-image latents
   int downscale = 8;        // pixels per latent cell
   int latent_multiple = 1;  // latent sizes must be multiples of this (engine.json)
   int default_size = 512;
@@ -96,9 +97,9 @@ class Model {
   std::unique_ptr<Network> text_encoder_, unet_, vae_decoder_, vae_encoder_;
 
   at::Tensor encode_text(const std::vector<std::string> &prompts) const;
-  // img2img: the scaled latents of the request's init image, one posterior sample per
-  // generator (diffusers' retrieve_latents(sample_mode="sample")), drawn before the noise.
-  at::Tensor encode_init_image(const sde_gen_params &p, int height, int width, std::vector<at::Generator> &generators) const;
+  // Scaled latents of an image (1, 3, H, W) in [-1, 1]: one posterior sample per generator
+  // (diffusers' retrieve_latents(sample_mode="sample")). -> (N, C, h, w) on the device.
+  at::Tensor encode_image(const at::Tensor &image, std::vector<at::Generator> &generators) const;
 };
 
 

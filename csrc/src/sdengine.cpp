@@ -181,7 +181,8 @@ void sde_gen_params_init(sde_gen_params *params) {
   params->progress_user = nullptr;
   params->cancel = nullptr;
   params->init_image = nullptr;
-  params->strength = 0.8;
+  params->mask_image = nullptr;
+  params->strength = 0.0;
 }
 
 sde_status sde_generate(sde_model *model, const sde_gen_params *params, sde_image **images, int *count) {
@@ -206,10 +207,11 @@ sde_status sde_generate(sde_model *model, const sde_gen_params *params, sde_imag
     SDE_REQUIRE(p.schedule >= 0 && p.schedule < SDE_SCHEDULE_COUNT,
                 "schedule out of range: " + std::to_string(static_cast<int>(p.schedule)));
     SDE_REQUIRE(std::isfinite(p.eta) && p.eta >= 0, "eta must be >= 0");
+    SDE_REQUIRE(!p.mask_image || p.init_image, "mask_image needs init_image: the image to inpaint");
     if (p.init_image) {
       SDE_REQUIRE(p.width > 0 && p.height > 0, "init_image needs width and height (the image's size)");
-      SDE_REQUIRE(std::isfinite(p.strength) && p.strength > 0 && p.strength <= 1,
-                  "strength must be in (0, 1], got " + std::to_string(p.strength));
+      SDE_REQUIRE(std::isfinite(p.strength) && p.strength >= 0 && p.strength <= 1,
+                  "strength must be in (0, 1] (or 0 for the default), got " + std::to_string(p.strength));
     }
     const sde::ModelInfo &info = model->impl->info();
     sde_sampler sampler = p.sampler;

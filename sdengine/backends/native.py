@@ -12,8 +12,8 @@ Two ways to run it:
   noise, sampler loop, decode, uint8 RGB), through `sdengine._C`. It gives the same images
   as the Python pipeline for the same seed, sampler and size.
 
-Not compiled (run eagerly, from the same weights): clip_skip other than None. SDXL and
-inpainting UNets are refused with a clear error.
+Not compiled (run eagerly, from the same weights): clip_skip other than None. SDXL is
+refused with a clear error.
 """
 
 from __future__ import annotations
@@ -166,12 +166,15 @@ class NativeBackend:
                  height: int = 0, steps: int = 30, guidance_scale: float = 7.5, seed: int = 0, batch_size: int = 1,
                  sampler: Optional[str] = None, schedule: Optional[str] = None, eta: float = 0.0,
                  callback: Optional[Callable[[int, int], Optional[bool]]] = None,
-                 init_image: Optional[np.ndarray] = None, strength: float = 0.8) -> list:
-        """One txt2img (or img2img, given `init_image`) request run entirely in C++. Returns
-        `batch_size` uint8 arrays (H, W, 3); image i has seed `seed + i`. callback(step, steps)
-        after each step; False cancels (sdengine._C.Cancelled). init_image: uint8 (H, W, 3),
-        the output's size (width and height default to it); strength in (0, 1]. Errors:
-        ValueError for bad arguments."""
+                 init_image: Optional[np.ndarray] = None, strength: Optional[float] = None,
+                 mask_image: Optional[np.ndarray] = None) -> list:
+        """One txt2img, img2img (`init_image`) or inpainting (`init_image` + `mask_image`, an
+        inpainting model) request run entirely in C++. Returns `batch_size` uint8 arrays
+        (H, W, 3); image i has seed `seed + i`. callback(step, steps) after each step; False
+        cancels (sdengine._C.Cancelled). init_image: uint8 (H, W, 3), the output's size (width
+        and height default to it); mask_image: uint8 (H, W), >= 128 repaints; strength in
+        (0, 1], default 0.8 for img2img and 1.0 for inpainting. Errors: ValueError for bad
+        arguments."""
         model = self.native_model(tokenizer)
         progress = None
         if callback is not None:
@@ -187,6 +190,16 @@ class NativeBackend:
                 raise ValueError(f"init_image is {init_image.shape[1]}x{init_image.shape[0]} but the request is "
                                  f"{width}x{height} (width x height)")
             init_bytes = np.ascontiguousarray(init_image).tobytes()
+        mask_bytes = None
+        if mask_image is not None:
+            mask_image = np.asarray(mask_image)
+            if mask_image.ndim == 3 and mask_image.shape[2] == 1:
+                mask_image = mask_image[..., 0]
+            if mask_image.dtype != np.uint8 or mask_image.shape != (height, width):
+                raise ValueError(f"mask_image must be a uint8 array (H, W) = ({height}, {width}), got "
+                                 f"{mask_image.dtype} {mask_image.shape}")
+            mask_bytes = np.ascontiguousarray(mask_image).tobytes()
         results = model.generate(prompt, negative_prompt, width, height, steps, float(guidance_scale), int(seed),
-                                 batch_size, sampler, schedule, float(eta), progress, init_bytes, float(strength))
+                                 batch_size, sampler, schedule, float(eta), progress, init_bytes,
+                                 float(strength or 0.0), mask_bytes)
         return [np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3) for data, w, h, _ in results]

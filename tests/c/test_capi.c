@@ -156,6 +156,17 @@ static int test_args(const char *model_dir, const char *engine_dir, const char *
   gp.strength = 0.2; /* 2 steps x 0.2 keeps none */
   expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "leaves no denoising step",
                 "img2img_strength_no_step");
+  static uint8_t mask_image[16 * 16];
+  memset(mask_image, 255, sizeof mask_image);
+  small_request(&gp, 1);
+  gp.mask_image = mask_image;
+  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "mask_image needs init_image",
+                "inpaint_without_init_image");
+  small_request(&gp, 1);
+  gp.init_image = init_image;
+  gp.mask_image = mask_image;
+  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "needs an inpainting model",
+                "inpaint_with_text_to_image_model");
   small_request(&gp, 1);
   gp.init_image = init_image;
   gp.strength = 0.5;
