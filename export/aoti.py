@@ -19,7 +19,9 @@ An engine is a folder:
                        "single_file", the family's defaults for single files (schedulers
                        per prediction type, default prediction type, tokenizer folder)
     text_encoder.pt2   input_ids (B, 77) int64            -> hidden states (B, 77, D)
-    unet.pt2           x (B, C, h, w), t (B,) float32, context (B, 77, D) -> (B, C_out, h, w)
+    text_encoder_2.pt2 SDXL: input_ids (B, 77)            -> (hidden states (B, 77, D2), pooled (B, P))
+    unet.pt2           x (B, C, h, w), t (B,) float32, context (B, 77, D) -> (B, C_out, h, w);
+                       SDXL also text_embeds (B, P) and time_ids (B, 6)
     vae_decoder.pt2    unscaled latents z (B, C, h, w)    -> images (B, 3, 8h, 8w) in [-1, 1]
     vae_encoder.pt2    images (B, 3, 8h, 8w) in [-1, 1]  -> posterior [mean, logvar] (B, 2C, h, w)
     buffers.safetensors   constants that are not checkpoint weights (non-persistent buffers)
@@ -45,8 +47,8 @@ from typing import Optional
 
 import torch
 
-FORMAT_VERSION = 3  # 2: single-file sources ("ldm") and defaults ("single_file"); 3: vae_encoder
-NETWORKS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+FORMAT_VERSION = 3  # 2: single-file sources ("ldm") and defaults ("single_file"); 3: vae_encoder, SDXL
+NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")  # text_encoder_2: SDXL
 PREFIX = "m."  # the wrappers below hold the network as `self.m`
 MAX_BATCH = 64
 MAX_LATENT = 512  # latent cells per side: 4096 px with an 8x VAE
@@ -67,6 +69,18 @@ class TextEncoderExport(torch.nn.Module):
         return self.m(input_ids)[0]
 
 
+class PooledTextEncoderExport(torch.nn.Module):
+    """SDXL's second encoder: input_ids (B, L) -> (hidden states (B, L, D2), pooled (B, P))."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.m = text_encoder
+
+    def forward(self, input_ids):
+        hidden, pooled = self.m(input_ids)
+        return hidden, pooled
+
+
 class UNetExport(torch.nn.Module):
     """x (B, C, h, w), t (B,) float32, context (B, L, D) -> model output (B, C_out, h, w).
 
@@ -81,6 +95,13 @@ class UNetExport(torch.nn.Module):
 
     def forward(self, x, t, context):
         return self.m(x, t[0], context)
+
+
+class SDXLUNetExport(UNetExport):
+    """SDXL: also the added conditioning, text_embeds (B, P) and time_ids (B, 6)."""
+
+    def forward(self, x, t, context, text_embeds, time_ids):
+        return self.m(x, t[0], context, added_cond={"text_embeds": text_embeds, "time_ids": time_ids})
 
 
 class VAEDecoderExport(torch.nn.Module):
@@ -136,7 +157,8 @@ def engine_key(config, dtype: torch.dtype, device: torch.device) -> str:
     """The cache key: a hash of the networks' architecture, dtype, device kind, CPU
     capability (CPU kernels only run where they were compiled) and torch version."""
     device = torch.device(device)
-    arch = {name: dataclasses.asdict(getattr(config, name)) for name in ("text_encoder", "unet", "vae")}
+    arch = {name: dataclasses.asdict(getattr(config, name)) if getattr(config, name) is not None else None
+            for name in ("text_encoder", "text_encoder_2", "unet", "vae")}
     ident = json.dumps({"arch": arch, "dtype": dtype_name(dtype), "device": device.type,
                         "cpu": cpu_capability() if device.type == "cpu" else None,
                         "torch": torch.__version__, "format": FORMAT_VERSION}, sort_keys=True, default=str)
@@ -144,11 +166,13 @@ def engine_key(config, dtype: torch.dtype, device: torch.device) -> str:
 
 
 def check_supported(config) -> None:
-    """The native runtime runs SD1 / SD2 models (one text encoder, no added conditioning):
-    text-to-image and img2img with 4-channel UNets, inpainting with 9-channel ones."""
-    if config.text_encoder_2 is not None or config.unet.addition_embed_type is not None:
-        raise ValueError(f"{config.name}: the native backend does not support SDXL (two text encoders and "
-                         "added conditioning) yet; use backend='eager' or 'triton'")
+    """The native runtime runs SD1, SD2 and SDXL models: text-to-image and img2img with
+    4-channel UNets, inpainting with 9-channel ones."""
+    if config.unet.addition_embed_type not in (None, "text_time"):
+        raise ValueError(f"{config.name}: the native backend does not support the UNet's "
+                         f"{config.unet.addition_embed_type!r} added embedding")
+    if (config.unet.addition_embed_type == "text_time") != (config.text_encoder_2 is not None):
+        raise ValueError(f"{config.name}: SDXL's added conditioning needs its second text encoder, and only it")
     if config.unet.in_channels not in (config.vae.latent_channels, 2 * config.vae.latent_channels + 1):
         raise ValueError(f"{config.name}: the native backend runs UNets of {config.vae.latent_channels} channels "
                          f"(text-to-image) or {2 * config.vae.latent_channels + 1} (inpainting), not "
@@ -175,10 +199,17 @@ def _example_inputs(config, dtype, device):
     z = torch.randn(2, latent_c, lh, lw, device=device, dtype=dtype)
     down = config.vae.downscale
     images = torch.rand(2, 3, lh * down, lw * down, device=device, dtype=dtype) * 2 - 1
+    unet_args = (x, t, context)
+    unet_dynamic = {"x": {0: batch, 2: multiple * h, 3: multiple * w}, "t": {0: batch}, "context": {0: batch}}
+    if config.text_encoder_2 is not None:  # SDXL's added conditioning
+        text_embeds = torch.randn(2, config.text_encoder_2.projection_dim, device=device, dtype=dtype)
+        time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 2, device=device, dtype=dtype)
+        unet_args += (text_embeds, time_ids)
+        unet_dynamic.update({"text_embeds": {0: batch}, "time_ids": {0: batch}})
     return {
         "text_encoder": ((ids,), {"input_ids": {0: batch}}),
-        "unet": ((x, t, context), {"x": {0: batch, 2: multiple * h, 3: multiple * w},
-                                   "t": {0: batch}, "context": {0: batch}}),
+        "text_encoder_2": ((ids,), {"input_ids": {0: batch}}),
+        "unet": (unet_args, unet_dynamic),
         "vae_decoder": ((z,), {"z": {0: batch, 2: multiple * h, 3: multiple * w}}),
         "vae_encoder": ((images,), {"x": {0: batch, 2: down * multiple * h, 3: down * multiple * w}}),
     }, multiple
@@ -204,9 +235,10 @@ def _compile(exported, package_path: Path):
                                              inductor_configs=inductor_configs)
 
 
-def build_engine(config, text_encoder, unet, vae, out_dir, *, dtype=None, device=None, progress=True,
-                 replace: bool = True) -> Path:
-    """Export and compile the three networks into the engine folder `out_dir`.
+def build_engine(config, text_encoder, unet, vae, out_dir, *, text_encoder_2=None, dtype=None, device=None,
+                 progress=True, replace: bool = True) -> Path:
+    """Export and compile the networks (text encoder(s), UNet, VAE decoder and encoder) into
+    the engine folder `out_dir`.
 
     The modules are sdengine's networks (sdengine.models) on `device` in `dtype`; their
     weight values do not matter (they are not packaged). The folder is written to a
@@ -216,6 +248,8 @@ def build_engine(config, text_encoder, unet, vae, out_dir, *, dtype=None, device
     from tqdm.auto import tqdm
 
     check_supported(config)
+    if (text_encoder_2 is None) != (config.text_encoder_2 is None):
+        raise ValueError(f"{config.name}: give text_encoder_2 exactly when the config has a second text encoder")
     first = next(unet.parameters())
     device = torch.device(device) if device is not None else first.device
     dtype = dtype or first.dtype
@@ -224,12 +258,17 @@ def build_engine(config, text_encoder, unet, vae, out_dir, *, dtype=None, device
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         examples, multiple = _example_inputs(config, dtype, device)
+        sdxl = text_encoder_2 is not None
         wrappers = {"text_encoder": TextEncoderExport(text_encoder.eval()),
-                    "unet": UNetExport(unet.eval()), "vae_decoder": VAEDecoderExport(vae.eval()),
-                    "vae_encoder": VAEEncoderExport(vae.eval())}
-        components = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+                    "unet": (SDXLUNetExport if sdxl else UNetExport)(unet.eval()),
+                    "vae_decoder": VAEDecoderExport(vae.eval()), "vae_encoder": VAEEncoderExport(vae.eval())}
+        if sdxl:
+            wrappers["text_encoder_2"] = PooledTextEncoderExport(text_encoder_2.eval())
+        components = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
+                      "vae_decoder": "vae", "vae_encoder": "vae"}
         networks, buffers = {}, {}
-        bar = tqdm(NETWORKS, desc="AOTInductor compile", unit="network", disable=not progress)
+        names = [name for name in NETWORKS if name in wrappers]
+        bar = tqdm(names, desc="AOTInductor compile", unit="network", disable=not progress)
         for name in bar:
             bar.set_postfix_str(name)
             start = time.perf_counter()
@@ -318,14 +357,18 @@ def _single_file_info(config, engine_dir: Path) -> dict:
         schedulers[prediction_type] = _scheduler_dict(dataclasses.replace(scheduler, prediction_type=prediction_type))
     info = {"family": family, "default_prediction_type": default_prediction_type(family, config.is_inpaint),
             "schedulers": schedulers}
-    tokenizer = CLIPTokenizer.default("!" if family == "sd2" else EOS_TOKEN)
-    if tokenizer.vocab_size == config.text_encoder.vocab_size:
-        tokenizer.save(engine_dir / "tokenizer")
-        info["tokenizer"] = "tokenizer"
+    encoders = {"tokenizer": (config.text_encoder, "!" if family == "sd2" else EOS_TOKEN),
+                "tokenizer_2": (config.text_encoder_2, "!")}  # SDXL's OpenCLIP bigG pads with "!"
+    for folder, (encoder, pad_token) in encoders.items():
+        tokenizer = CLIPTokenizer.default(pad_token)
+        if encoder is not None and tokenizer.vocab_size == encoder.vocab_size:
+            tokenizer.save(engine_dir / folder)
+            info[folder] = folder
     return info
 
 
-def engine_for(config, text_encoder, unet, vae, *, dtype=None, device=None, progress=True) -> Path:
+def engine_for(config, text_encoder, unet, vae, *, text_encoder_2=None, dtype=None, device=None,
+               progress=True) -> Path:
     """The cached engine of these networks' architecture, built on first use."""
     first = next(unet.parameters())
     device = torch.device(device) if device is not None else first.device
@@ -333,8 +376,8 @@ def engine_for(config, text_encoder, unet, vae, *, dtype=None, device=None, prog
     path = cache_root() / engine_key(config, dtype, device)
     if (path / "engine.json").is_file():
         return path
-    return build_engine(config, text_encoder, unet, vae, path, dtype=dtype, device=device, progress=progress,
-                        replace=False)
+    return build_engine(config, text_encoder, unet, vae, path, text_encoder_2=text_encoder_2, dtype=dtype,
+                        device=device, progress=progress, replace=False)
 
 
 def build_from_config(config, *, dtype=torch.float32, device="cpu", out_dir=None, progress=True) -> Path:
@@ -347,10 +390,14 @@ def build_from_config(config, *, dtype=torch.float32, device="cpu", out_dir=None
     device = torch.device(device)
     with torch.device(device):
         nets = [CLIPTextModel(config.text_encoder), UNet2DConditionModel(config.unet), AutoencoderKL(config.vae)]
+        text_encoder_2 = CLIPTextModel(config.text_encoder_2) if config.text_encoder_2 is not None else None
     nets = [n.to(dtype=dtype).eval() for n in nets]
+    if text_encoder_2 is not None:
+        text_encoder_2 = text_encoder_2.to(dtype=dtype).eval()
     if out_dir is None:
-        return engine_for(config, *nets, dtype=dtype, device=device, progress=progress)
-    return build_engine(config, *nets, out_dir, dtype=dtype, device=device, progress=progress)
+        return engine_for(config, *nets, text_encoder_2=text_encoder_2, dtype=dtype, device=device, progress=progress)
+    return build_engine(config, *nets, out_dir, text_encoder_2=text_encoder_2, dtype=dtype, device=device,
+                        progress=progress)
 
 
 # ---------------------------------------------------------------------------

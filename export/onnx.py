@@ -457,17 +457,7 @@ def optimize_graph(path: Path, net_name: str, external: bool) -> dict:
 def save_tokenizer(tokenizer, folder: Path) -> None:
     """Write a sdengine CLIPTokenizer as a Hugging Face tokenizer folder (vocab.json, merges.txt,
     tokenizer_config.json) that `CLIPTokenizer.from_folder` reads back identically."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if hasattr(tokenizer, "save"):
-        tokenizer.save(folder)
-        return
-    model = json.loads(tokenizer._tokenizer.to_str())["model"]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    settings = {"pad_token": tokenizer.pad_token, "model_max_length": tokenizer.max_length,
-                "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
-    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=1), encoding="utf-8")
+    tokenizer.save(folder)
 
 
 def config_from_dict(data: dict):

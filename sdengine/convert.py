@@ -502,12 +502,15 @@ def family_preset(family: str, inpaint: bool, prediction_type: str) -> ModelConf
 def ldm_sources(config: ModelConfig, component: str, key: str) -> list[Source]:
     """Every single-file tensor that sdengine's `component` key may be read from, in the order
     to try them: the layout of the family's original files first, then, for SD1, that of
-    the oldest files (no `text_model.` level under cond_stage_model.transformer.). The
+    the oldest files (no `text_model.` level under cond_stage_model.transformer.) and, for
+    SDXL, that of files holding bigG's projection as a Linear weight. The
     native runtime reads single files through this list (export/aoti.py writes it into
     each engine). Empty for a key the LDM layout does not hold."""
     layouts = [layout_for(config)]
     if layouts[0].family == "sd1":
         layouts.append(Layout("sd1", SD1_TEXT_PREFIX, False))
+    if layouts[0].family == "sdxl":  # converted files that store bigG's projection as a Linear weight
+        layouts.append(replace(layouts[0], text_2_projection_linear=True))
     sources = []
     for layout in layouts:
         try:

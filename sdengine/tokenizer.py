@@ -224,14 +224,18 @@ class CLIPTokenizer:
         return _default_tokenizer(cls, pad_token)
 
     def save(self, folder) -> Path:
-        """Write the tokenizer as a folder that `from_folder` and libsdengine's C++ tokenizer
-        read: `tokenizer.json` (vocabulary and merges) and `tokenizer_config.json` (pad token
-        and context length). Returns the folder."""
+        """Write the tokenizer as a Hugging Face tokenizer folder that `from_folder`, transformers
+        and libsdengine's C++ tokenizer read back identically: `vocab.json`, `merges.txt` and
+        `tokenizer_config.json` (pad token, context length). Returns the folder."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self._tokenizer.save(str(folder / "tokenizer.json"))
-        settings = {"pad_token": self.pad_token, "model_max_length": self.max_length}
-        (folder / "tokenizer_config.json").write_text(json.dumps(settings), encoding="utf-8")
+        model = json.loads(self._tokenizer.to_str())["model"]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        settings = {"pad_token": self.pad_token, "model_max_length": self.max_length,
+                    "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN}
+        (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=1), encoding="utf-8")
         return folder
 
     # Encoding -----------------------------------------------------------------

@@ -108,7 +108,7 @@ typedef struct sde_model_params {
    * ($SDE_CACHE_DIR/aoti, default ~/.cache/sdengine/aoti) for one whose networks fit the
    * model's weights, this library's torch version and the CPU. */
   const char *engine_dir;
-  /* Tokenizer folder. NULL: the model folder's tokenizer/. */
+  /* Tokenizer folder. NULL: the model folder's tokenizer/ (a single file: the engine's). */
   const char *tokenizer_dir;
   /* How many requests may run a network at the same time (compiled-model instances that
    * share the weights). 0: 4. Further requests wait for a free instance. */
@@ -120,6 +120,9 @@ typedef struct sde_model_params {
    * (modelspec.prediction_type / modelspec.architecture), else a "v_pred" key in the file,
    * else v_prediction for SD2 and epsilon for SD1 (so a 512-base SD2 file needs "epsilon"). */
   const char *prediction_type;
+  /* SDXL's second tokenizer folder. NULL: the model folder's tokenizer_2/ (a single file:
+   * the engine's). */
+  const char *tokenizer_2_dir;
 } sde_model_params;
 
 SDE_API void sde_model_params_init(sde_model_params *params);
@@ -128,7 +131,7 @@ SDE_API void sde_model_params_init(sde_model_params *params);
  * - a diffusers folder (text_encoder/, unet/, vae/, scheduler/, tokenizer/; safetensors
  *   weights, fp16 variants and shards included);
  * - a single-file .safetensors checkpoint in the original LDM / A1111 / Civitai layout
- *   (SD1 or SD2). Its networks, scheduler defaults and CLIP tokenizer come from the engine
+ *   (SD1, SD2 or SDXL). Its networks, scheduler defaults and CLIP tokenizer come from the engine
  *   (`sdengine export aoti FILE` builds one), which maps every file key onto the networks.
  * Pickled .ckpt files are refused (SDE_ERR_FORMAT); load them from Python. */
 SDE_API sde_status sde_model_load(const char *path, const sde_model_params *params, sde_model **model);
@@ -167,8 +170,9 @@ typedef int (*sde_progress_fn)(void *user, int step, int steps);
 
 typedef struct sde_gen_params {
   const char *prompt;          /* required, UTF-8 */
-  const char *negative_prompt; /* NULL: "" */
-  int width, height;           /* pixels, multiples of 8 and of the engine's cell (64 for SD1/SD2:
+  const char *negative_prompt; /* NULL: "" (SDXL: zero conditioning, as diffusers'
+                                  force_zeros_for_empty_prompt) */
+  int width, height;           /* pixels, multiples of 8 and of the engine's cell (64 for SD1/SD2, 32 for SDXL:
                                   8 x the UNet's downsampling). 0: the model's default size */
   int steps;                   /* 0: 30 */
   double guidance_scale;       /* classifier-free guidance; <= 1 disables it. Default 7.5 */

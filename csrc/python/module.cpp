@@ -75,11 +75,13 @@ class PyModel {
   // tensors: (name, data_ptr, dtype code, shape, device_type, device_index); the caller keeps them alive.
   PyModel(const std::vector<std::tuple<std::string, uintptr_t, int, std::vector<int64_t>, int, int>> &tensors,
           std::optional<std::string> model_dir, std::optional<std::string> config_json,
-          std::optional<std::string> engine_dir, std::optional<std::string> tokenizer_dir, int max_concurrency) {
+          std::optional<std::string> engine_dir, std::optional<std::string> tokenizer_dir, int max_concurrency,
+          std::optional<std::string> tokenizer_2_dir) {
     sde_model_params params;
     sde_model_params_init(&params);
     params.engine_dir = engine_dir ? engine_dir->c_str() : nullptr;
     params.tokenizer_dir = tokenizer_dir ? tokenizer_dir->c_str() : nullptr;
+    params.tokenizer_2_dir = tokenizer_2_dir ? tokenizer_2_dir->c_str() : nullptr;
     params.max_concurrency = max_concurrency;
     std::vector<sde_tensor_view> views;
     for (const auto &[name, ptr, dtype, shape, device_type, device_index] : tensors) {
@@ -100,11 +102,13 @@ class PyModel {
 
   // From a diffusers folder or a single .safetensors file, read in C++.
   PyModel(const std::string &path, std::optional<std::string> engine_dir, int max_concurrency,
-          std::optional<std::string> tokenizer_dir, std::optional<std::string> prediction_type) {
+          std::optional<std::string> tokenizer_dir, std::optional<std::string> prediction_type,
+          std::optional<std::string> tokenizer_2_dir) {
     sde_model_params params;
     sde_model_params_init(&params);
     params.engine_dir = engine_dir ? engine_dir->c_str() : nullptr;
     params.tokenizer_dir = tokenizer_dir ? tokenizer_dir->c_str() : nullptr;
+    params.tokenizer_2_dir = tokenizer_2_dir ? tokenizer_2_dir->c_str() : nullptr;
     params.prediction_type = prediction_type ? prediction_type->c_str() : nullptr;
     params.max_concurrency = max_concurrency;
     py::gil_scoped_release release;
@@ -234,13 +238,14 @@ PYBIND11_MODULE(_C, m) {
   py::class_<PyModel>(m, "Model")
       .def(py::init<const std::vector<std::tuple<std::string, uintptr_t, int, std::vector<int64_t>, int, int>> &,
                     std::optional<std::string>, std::optional<std::string>, std::optional<std::string>,
-                    std::optional<std::string>, int>(),
+                    std::optional<std::string>, int, std::optional<std::string>>(),
            py::arg("tensors"), py::arg("model_dir"), py::arg("config_json"), py::arg("engine_dir"),
-           py::arg("tokenizer_dir"), py::arg("max_concurrency") = 0)
+           py::arg("tokenizer_dir"), py::arg("max_concurrency") = 0, py::arg("tokenizer_2_dir") = py::none())
       .def(py::init<const std::string &, std::optional<std::string>, int, std::optional<std::string>,
-                    std::optional<std::string>>(),
+                    std::optional<std::string>, std::optional<std::string>>(),
            py::arg("path"), py::arg("engine_dir") = py::none(), py::arg("max_concurrency") = 0,
-           py::arg("tokenizer_dir") = py::none(), py::arg("prediction_type") = py::none())
+           py::arg("tokenizer_dir") = py::none(), py::arg("prediction_type") = py::none(),
+           py::arg("tokenizer_2_dir") = py::none())
       .def_property_readonly("default_size", &PyModel::default_size)
       .def("generate", &PyModel::generate, py::arg("prompt"), py::arg("negative_prompt") = py::none(),
            py::arg("width") = 0, py::arg("height") = 0, py::arg("steps") = 0, py::arg("guidance_scale") = 7.5,

@@ -205,7 +205,9 @@ void Network::load_weights(const WeightMap &weights, const WeightMap &buffers, a
   }
 }
 
-at::Tensor Network::run(const std::vector<at::Tensor> &inputs) const {
+at::Tensor Network::run(const std::vector<at::Tensor> &inputs) const { return run_all(inputs)[0]; }
+
+std::vector<at::Tensor> Network::run_all(const std::vector<at::Tensor> &inputs) const {
   std::vector<at::Tensor> out;
   try {
     out = loader_->run(inputs);
@@ -215,7 +217,7 @@ at::Tensor Network::run(const std::vector<at::Tensor> &inputs) const {
     throw DeviceError("the compiled " + name_ + " failed: " + e.what());
   }
   if (out.empty()) throw DeviceError("the compiled " + name_ + " returned no output");
-  return out[0];
+  return out;
 }
 
 // ---------------------------------------------------------------------------
@@ -227,8 +229,9 @@ namespace {
 // Weights of a diffusers folder, by "<component>/<key>".
 WeightMap read_diffusers_weights(const std::string &model_dir) {
   WeightMap weights;
-  for (const std::string component : {"text_encoder", "unet", "vae"}) {
+  for (const std::string component : {"text_encoder", "text_encoder_2", "unet", "vae"}) {
     std::string dir = model_dir + "/" + component;
+    if (component == "text_encoder_2" && !is_dir(dir)) continue;  // SDXL only
     if (!is_dir(dir)) throw IoError("model folder has no " + component + "/: " + dir);
     std::vector<std::string> files, variants;
     for (const auto &name : list_dir(dir)) {
@@ -378,6 +381,8 @@ ModelSource load_diffusers_folder(const std::string &model_dir, const sde_model_
   source.engine_dir = params.engine_dir ? params.engine_dir
                                         : find_engine([&](const Json &) { return source.weights; }, model_dir);
   source.tokenizer_dir = params.tokenizer_dir ? params.tokenizer_dir : model_dir + "/tokenizer";
+  if (params.tokenizer_2_dir) source.tokenizer_2_dir = params.tokenizer_2_dir;
+  else if (is_dir(model_dir + "/tokenizer_2")) source.tokenizer_2_dir = model_dir + "/tokenizer_2";
   return source;
 }
 
@@ -410,6 +415,11 @@ ModelSource load_single_file(const std::string &path, const sde_model_params &pa
   } else {
     throw InvalidArgument("the engine " + source.engine_dir + " has no tokenizer for single files (its text encoder "
                           "does not use CLIP's vocabulary): set tokenizer_dir");
+  }
+  if (params.tokenizer_2_dir) {
+    source.tokenizer_2_dir = params.tokenizer_2_dir;
+  } else if (const Json *tokenizer = single.find("tokenizer_2"); tokenizer && tokenizer->is_string()) {
+    source.tokenizer_2_dir = source.engine_dir + "/" + tokenizer->str();
   }
   return source;
 }
@@ -451,6 +461,8 @@ ModelSource load_tensors(WeightMap weights, const std::string &model_dir, const 
   } else {
     throw InvalidArgument("tokenizer_dir is required when the model is given as tensors without a model folder");
   }
+  if (params.tokenizer_2_dir) source.tokenizer_2_dir = params.tokenizer_2_dir;
+  else if (!model_dir.empty() && is_dir(model_dir + "/tokenizer_2")) source.tokenizer_2_dir = model_dir + "/tokenizer_2";
   return source;
 }
 
@@ -493,36 +505,57 @@ Model::Model(ModelSource source, const sde_model_params &params) : dtype_(at::kF
                              : at::Device(at::kCPU);
   info_.latent_multiple = static_cast<int>(engine_.get_number("latent_multiple", 1));
 
-  // -- tokenizer: its ids must index the text encoder's embedding ----------------------
+  const Json &nets = engine_.at("networks");
+  info_.sdxl = nets.find("text_encoder_2") != nullptr;
+
+  // -- tokenizers: their ids must index the text encoders' embeddings ------------------
+  auto check_vocabulary = [&](const Tokenizer &tokenizer, const std::string &component, const std::string &dir,
+                              const char *param) {
+    const at::Tensor *embedding = find_weight(weights, component, "text_model.embeddings.token_embedding.weight");
+    if (embedding && embedding->dim() == 2 && tokenizer.max_id() >= embedding->size(0))
+      throw FormatError("the tokenizer in " + dir + " has ids up to " + std::to_string(tokenizer.max_id()) + " but the " +
+                        component + " embeds " + std::to_string(embedding->size(0)) +
+                        " tokens: give the model's own tokenizer (" + param + ")");
+  };
   tokenizer_ = Tokenizer::from_folder(source.tokenizer_dir);
-  if (const at::Tensor *embedding = find_weight(weights, "text_encoder", "text_model.embeddings.token_embedding.weight");
-      embedding && embedding->dim() == 2 && tokenizer_.max_id() >= embedding->size(0))
-    throw FormatError("the tokenizer in " + source.tokenizer_dir + " has ids up to " + std::to_string(tokenizer_.max_id()) +
-                      " but the text encoder embeds " + std::to_string(embedding->size(0)) +
-                      " tokens: give the model's own tokenizer (tokenizer_dir)");
+  check_vocabulary(tokenizer_, "text_encoder", source.tokenizer_dir, "tokenizer_dir");
+  if (info_.sdxl) {
+    if (source.tokenizer_2_dir.empty())
+      throw InvalidArgument("an SDXL model needs its second tokenizer: set tokenizer_2_dir");
+    tokenizer_2_ = std::make_unique<Tokenizer>(Tokenizer::from_folder(source.tokenizer_2_dir));
+    check_vocabulary(*tokenizer_2_, "text_encoder_2", source.tokenizer_2_dir, "tokenizer_2_dir");
+  }
 
   // -- networks ----------------------------------------------------------------
   int runners = params.max_concurrency > 0 ? params.max_concurrency : 4;
-  const Json &nets = engine_.at("networks");
   c10::InferenceMode guard;
   text_encoder_ = std::make_unique<Network>(engine_dir_, "text_encoder", nets.at("text_encoder"), runners, params.device_index);
+  if (info_.sdxl)
+    text_encoder_2_ = std::make_unique<Network>(engine_dir_, "text_encoder_2", nets.at("text_encoder_2"), runners,
+                                                params.device_index);
   unet_ = std::make_unique<Network>(engine_dir_, "unet", nets.at("unet"), runners, params.device_index);
   vae_decoder_ = std::make_unique<Network>(engine_dir_, "vae_decoder", nets.at("vae_decoder"), runners, params.device_index);
   vae_encoder_ = std::make_unique<Network>(engine_dir_, "vae_encoder", nets.at("vae_encoder"), runners, params.device_index);
-  for (Network *net : {text_encoder_.get(), unet_.get(), vae_decoder_.get(), vae_encoder_.get()})
-    net->load_weights(weights, buffers, dtype_, device_);
+  for (Network *net : {text_encoder_.get(), text_encoder_2_.get(), unet_.get(), vae_decoder_.get(), vae_encoder_.get()})
+    if (net) net->load_weights(weights, buffers, dtype_, device_);
 }
 
 Model::~Model() = default;
 
-at::Tensor Model::encode_text(const std::vector<std::string> &prompts) const {
-  std::vector<int64_t> ids;
-  for (const auto &p : prompts) {
-    auto row = tokenizer_.encode_padded(p);
-    ids.insert(ids.end(), row.begin(), row.end());
-  }
-  at::Tensor input = at::tensor(ids, at::kLong).reshape({static_cast<int64_t>(prompts.size()), tokenizer_.max_length()});
-  return text_encoder_->run({input.to(device_)}).to(at::kFloat);  // (B, 77, D)
+std::pair<at::Tensor, at::Tensor> Model::encode_text(const std::vector<std::string> &prompts) const {
+  auto token_ids = [&](const Tokenizer &tokenizer) {
+    std::vector<int64_t> ids;
+    for (const auto &p : prompts) {
+      auto row = tokenizer.encode_padded(p);
+      ids.insert(ids.end(), row.begin(), row.end());
+    }
+    return at::tensor(ids, at::kLong).reshape({static_cast<int64_t>(prompts.size()), tokenizer.max_length()}).to(device_);
+  };
+  at::Tensor context = text_encoder_->run({token_ids(tokenizer_)}).to(at::kFloat);  // (B, 77, D)
+  if (!info_.sdxl) return {context, at::Tensor()};
+  // SDXL: both encoders' hidden states side by side; the second's pooled (projected) output.
+  std::vector<at::Tensor> second = text_encoder_2_->run_all({token_ids(*tokenizer_2_)});
+  return {at::cat({context, second.at(0).to(at::kFloat)}, -1), second.at(1).to(at::kFloat)};  // (B, 77, D1 + D2), (B, P)
 }
 
 at::Tensor Model::encode_image(const at::Tensor &image, std::vector<at::Generator> &generators) const {
@@ -566,12 +599,29 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
 
   // -- text: [uncond, cond] -----------------------------------------------------------
   std::vector<std::string> prompts(static_cast<size_t>(n), p.prompt);
-  at::Tensor context = encode_text(prompts);
+  auto [context, pooled] = encode_text(prompts);
   if (do_cfg) {
-    std::vector<std::string> negatives(static_cast<size_t>(n), p.negative_prompt ? p.negative_prompt : "");
-    context = at::cat({encode_text(negatives), context});  // (2N, 77, D)
+    at::Tensor neg_context, neg_pooled;
+    if (info.sdxl && !p.negative_prompt) {  // SDXL's force_zeros_for_empty_prompt
+      neg_context = at::zeros_like(context);
+      neg_pooled = at::zeros_like(pooled);
+    } else {
+      std::vector<std::string> negatives(static_cast<size_t>(n), p.negative_prompt ? p.negative_prompt : "");
+      std::tie(neg_context, neg_pooled) = encode_text(negatives);
+    }
+    context = at::cat({neg_context, context});  // (2N, 77, D)
+    if (info.sdxl) pooled = at::cat({neg_pooled, pooled});
   }
   context = context.to(device_, dtype_);
+  at::Tensor time_ids;  // SDXL micro-conditioning: (original size, crop top-left, target size)
+  if (info.sdxl) {
+    pooled = pooled.to(device_, dtype_);
+    time_ids = at::tensor(std::vector<float>{static_cast<float>(height), static_cast<float>(width), 0.0f, 0.0f,
+                                             static_cast<float>(height), static_cast<float>(width)})
+                   .reshape({1, 6})
+                   .repeat({context.size(0), 1})
+                   .to(device_, dtype_);
+  }
 
   // -- initial state: one CPU generator per image, as torch.Generator().manual_seed(seed + i);
   //    img2img draws each image's posterior sample before its noise (diffusers' order) --------
@@ -609,7 +659,9 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
     at::Tensor x_batch = do_cfg ? at::cat({x_in, x_in}) : x_in;  // (2N, C, h, w)
     if (inpaint) x_batch = at::cat({x_batch.to(dtype_), extra_channels}, 1);  // (2N, 2C + 1, h, w)
     at::Tensor t_batch = at::full({x_batch.size(0)}, t, at::TensorOptions().dtype(at::kFloat).device(device_));
-    at::Tensor out = unet_->run({x_batch.to(dtype_).contiguous(), t_batch, context}).to(at::kFloat);
+    std::vector<at::Tensor> inputs = {x_batch.to(dtype_).contiguous(), t_batch, context};
+    if (info.sdxl) inputs.insert(inputs.end(), {pooled, time_ids});
+    at::Tensor out = unet_->run(inputs).to(at::kFloat);
     if (!do_cfg) return out;
     auto halves = out.chunk(2);
     return halves[0] + (halves[1] - halves[0]) * guidance;  // uncond + scale * (cond - uncond)

@@ -35,7 +35,8 @@ class Network {
   ~Network();
   // Hands the weights to the compiled model (no copy when dtype, device and layout fit).
   void load_weights(const WeightMap &weights, const WeightMap &buffers, at::ScalarType dtype, at::Device device);
-  at::Tensor run(const std::vector<at::Tensor> &inputs) const;
+  at::Tensor run(const std::vector<at::Tensor> &inputs) const;  // the first output
+  std::vector<at::Tensor> run_all(const std::vector<at::Tensor> &inputs) const;
 
  private:
   std::string name_, component_, prefix_;
@@ -50,6 +51,7 @@ struct ModelInfo {
   std::string default_sampler_name;
   int latent_channels = 4;
   bool inpainting = false;  // a 9-channel UNet: latents, mask, masked-image latents
+  bool sdxl = false;        // two text encoders, pooled text embedding and size conditioning
   int downscale = 8;        // pixels per latent cell
   int latent_multiple = 1;  // latent sizes must be multiples of this (engine.json)
   int default_size = 512;
@@ -67,6 +69,7 @@ struct ModelSource {
   bool zero_snr = false;      // a single file's "ztsnr" marker: rescale the betas to zero terminal SNR
   std::string engine_dir;
   std::string tokenizer_dir;
+  std::string tokenizer_2_dir;  // SDXL; "" when the checkpoint has none
 };
 
 // A diffusers folder or a single-file (LDM / A1111 layout) .safetensors checkpoint, read here.
@@ -94,9 +97,11 @@ class Model {
   std::string engine_dir_;
   at::ScalarType dtype_;
   at::Device device_ = at::kCPU;
-  std::unique_ptr<Network> text_encoder_, unet_, vae_decoder_, vae_encoder_;
+  std::unique_ptr<Tokenizer> tokenizer_2_;  // SDXL
+  std::unique_ptr<Network> text_encoder_, text_encoder_2_, unet_, vae_decoder_, vae_encoder_;
 
-  at::Tensor encode_text(const std::vector<std::string> &prompts) const;
+  // -> (context (B, 77, D), pooled (B, P); undefined unless SDXL), float32 on the device.
+  std::pair<at::Tensor, at::Tensor> encode_text(const std::vector<std::string> &prompts) const;
   // Scaled latents of an image (1, 3, H, W) in [-1, 1]: one posterior sample per generator
   // (diffusers' retrieve_latents(sample_mode="sample")). -> (N, C, h, w) on the device.
   at::Tensor encode_image(const at::Tensor &image, std::vector<at::Generator> &generators) const;

@@ -104,6 +104,7 @@ void sde_model_params_init(sde_model_params *params) {
   params->max_concurrency = 0;
   params->device_index = -1;
   params->prediction_type = nullptr;
+  params->tokenizer_2_dir = nullptr;
 }
 
 static void check_model_params(const sde_model_params *params) {

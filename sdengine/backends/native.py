@@ -12,8 +12,7 @@ Two ways to run it:
   noise, sampler loop, decode, uint8 RGB), through `sdengine._C`. It gives the same images
   as the Python pipeline for the same seed, sampler and size.
 
-Not compiled (run eagerly, from the same weights): clip_skip other than None. SDXL is
-refused with a clear error.
+Not compiled (run eagerly, from the same weights): clip_skip other than None.
 """
 
 from __future__ import annotations
@@ -49,6 +48,11 @@ def _load_package(path: Path, constants: dict):
     return package
 
 
+def _first(outputs):
+    """The first output of a compiled package (which returns a list)."""
+    return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+
+
 class NativeBackend:
     """Runs the AOTInductor engine of the model's architecture (see the module docstring)."""
 
@@ -61,24 +65,28 @@ class NativeBackend:
         aoti.check_supported(config)
         self.config = config
         self.text_encoder, self.unet, self.vae = text_encoder.eval(), unet.eval(), vae.eval()
+        self.text_encoder_2 = text_encoder_2.eval() if text_encoder_2 is not None else None
         first = next(unet.parameters())
         self.device, self.dtype = first.device, first.dtype
         if engine_dir is None:
-            engine_dir = aoti.engine_for(config, text_encoder, unet, vae, dtype=self.dtype, device=self.device,
-                                         progress=progress)
+            engine_dir = aoti.engine_for(config, text_encoder, unet, vae, text_encoder_2=text_encoder_2,
+                                         dtype=self.dtype, device=self.device, progress=progress)
         self.engine_dir = Path(engine_dir)
         self.engine = json.loads((self.engine_dir / "engine.json").read_text())
         # The weights each network reads, by "<component>/<key>", already in the engine's
         # dtype and on its device (no copy for weights that are).
         self._weights = {}
-        for component, module in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae)):
+        modules = (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2), ("unet", unet), ("vae", vae))
+        for component, module in modules:
+            if module is None:
+                continue
             for key, tensor in module.state_dict().items():
                 self._weights[f"{component}/{key}"] = tensor.detach().to(self.device, self.dtype
                                                                          if tensor.is_floating_point()
                                                                          else tensor.dtype).contiguous()
         self._packages = {}
         self._native = None
-        self._tokenizer_dir = None
+        self._tokenizer_dirs = None
 
     # -- the compiled packages in this process ------------------------------------
 
@@ -97,59 +105,58 @@ class NativeBackend:
 
     @torch.inference_mode()
     def encode_text(self, input_ids, input_ids_2=None, clip_skip=None):
-        """Token ids (B, 77) -> (context (B, 77, D), pooled (B, D)).
-
-        The engine returns the hidden states only: pooled (unused by SD1/SD2 UNets) and
-        clip_skip run through the eager text encoder."""
-        input_ids = input_ids.to(self.device)
+        """Token ids (B, 77) -> (context (B, 77, D), pooled (B, P) or None), as the eager backend:
+        SDXL concatenates both encoders' hidden states and takes the second's pooled output.
+        clip_skip runs through the eager text encoders (the engine has one output layer)."""
         if clip_skip is not None:
-            return self.text_encoder(input_ids, clip_skip=clip_skip)
-        context = self._package("text_encoder")(input_ids)
-        if isinstance(context, (list, tuple)):
-            context = context[0]
-        return context, None
+            from .eager import EagerBackend
+
+            return EagerBackend.encode_text(self, input_ids, input_ids_2, clip_skip=clip_skip)
+        context = _first(self._package("text_encoder")(input_ids.to(self.device)))
+        if self.text_encoder_2 is None:
+            return context, None
+        context_2, pooled = self._package("text_encoder_2")(input_ids_2.to(self.device))
+        return torch.cat([context, context_2], dim=-1), pooled  # (B, 77, D1 + D2), (B, P)
 
     @torch.inference_mode()
     def denoise(self, x_in, t, context, added_cond=None):
         """One compiled UNet forward; float32 out. All entries of t must be equal (one step)."""
-        if added_cond is not None:
-            raise ValueError("the native backend does not support added conditioning (SDXL)")
+        if (added_cond is not None) != (self.text_encoder_2 is not None):
+            raise ValueError("the native backend takes added conditioning (text_embeds, time_ids) exactly for SDXL")
         x = x_in.to(self.device, self.dtype).contiguous()
         t = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(x.shape[0]).contiguous()
-        out = self._package("unet")(x, t, context.to(self.device, self.dtype).contiguous())
-        if isinstance(out, (list, tuple)):
-            out = out[0]
-        return out.float()
+        inputs = [x, t, context.to(self.device, self.dtype).contiguous()]
+        if added_cond is not None:
+            inputs += [added_cond[k].to(self.device, self.dtype).contiguous() for k in ("text_embeds", "time_ids")]
+        return _first(self._package("unet")(*inputs)).float()
 
     @torch.inference_mode()
     def encode_image(self, images):
         """Images (B, 3, H, W) in [-1, 1] -> (mean, logvar), float32, by the compiled encoder."""
-        out = self._package("vae_encoder")(images.to(self.device, self.dtype).contiguous())
-        if isinstance(out, (list, tuple)):
-            out = out[0]
+        out = _first(self._package("vae_encoder")(images.to(self.device, self.dtype).contiguous()))
         mean, logvar = out.float().chunk(2, dim=1)  # (B, C, h, w) each
         return mean, logvar
 
     @torch.inference_mode()
     def decode(self, latents):
         """Unscaled latents -> images (B, 3, H, W) in about [-1, 1], float32, by the compiled decoder."""
-        out = self._package("vae_decoder")(latents.to(self.device, self.dtype).contiguous())
-        if isinstance(out, (list, tuple)):
-            out = out[0]
-        return out.float()
+        return _first(self._package("vae_decoder")(latents.to(self.device, self.dtype).contiguous())).float()
 
     # -- the whole request in C++ -----------------------------------------------------
 
-    def native_model(self, tokenizer, max_concurrency: int = 0):
+    def native_model(self, tokenizer, tokenizer_2=None, max_concurrency: int = 0):
         """The libsdengine model (sdengine._C.Model) over these weights; made on first call.
 
-        tokenizer: the pipeline's sdengine CLIPTokenizer; it is written to a folder the C++
-        tokenizer reads (its vocabulary, merges, pad token and length)."""
+        tokenizer (and SDXL's tokenizer_2): the pipeline's sdengine CLIPTokenizers; they are
+        written to folders the C++ tokenizer reads (vocabulary, merges, pad token, length)."""
         if self._native is None:
             from sdengine import _C
 
-            self._tokenizer_dir = tempfile.TemporaryDirectory(prefix="sdengine-tokenizer-")
-            folder = tokenizer.save(self._tokenizer_dir.name)
+            if (tokenizer_2 is None) != (self.text_encoder_2 is None):
+                raise ValueError("give tokenizer_2 exactly for SDXL (a second text encoder)")
+            self._tokenizer_dirs = tempfile.TemporaryDirectory(prefix="sdengine-tokenizer-")
+            folder = tokenizer.save(Path(self._tokenizer_dirs.name) / "tokenizer")
+            folder_2 = tokenizer_2.save(Path(self._tokenizer_dirs.name) / "tokenizer_2") if tokenizer_2 else None
             tensors = []
             for name, tensor in self._weights.items():
                 if tensor.dtype not in _DTYPE_CODES:
@@ -159,7 +166,7 @@ class NativeBackend:
             from sdengine.export.aoti import _config_dict
 
             self._native = _C.Model(tensors, None, json.dumps(_config_dict(self.config)), str(self.engine_dir),
-                                    str(folder), max_concurrency)
+                                    str(folder), max_concurrency, str(folder_2) if folder_2 else None)
         return self._native
 
     def generate(self, tokenizer, prompt: str, negative_prompt: Optional[str] = None, *, width: int = 0,
@@ -167,15 +174,15 @@ class NativeBackend:
                  sampler: Optional[str] = None, schedule: Optional[str] = None, eta: float = 0.0,
                  callback: Optional[Callable[[int, int], Optional[bool]]] = None,
                  init_image: Optional[np.ndarray] = None, strength: Optional[float] = None,
-                 mask_image: Optional[np.ndarray] = None) -> list:
+                 mask_image: Optional[np.ndarray] = None, tokenizer_2=None) -> list:
         """One txt2img, img2img (`init_image`) or inpainting (`init_image` + `mask_image`, an
         inpainting model) request run entirely in C++. Returns `batch_size` uint8 arrays
         (H, W, 3); image i has seed `seed + i`. callback(step, steps) after each step; False
         cancels (sdengine._C.Cancelled). init_image: uint8 (H, W, 3), the output's size (width
         and height default to it); mask_image: uint8 (H, W), >= 128 repaints; strength in
-        (0, 1], default 0.8 for img2img and 1.0 for inpainting. Errors: ValueError for bad
-        arguments."""
-        model = self.native_model(tokenizer)
+        (0, 1], default 0.8 for img2img and 1.0 for inpainting. tokenizer_2: SDXL's second
+        tokenizer. Errors: ValueError for bad arguments."""
+        model = self.native_model(tokenizer, tokenizer_2)
         progress = None
         if callback is not None:
             progress = lambda step, total: callback(step, total) is not False  # noqa: E731
