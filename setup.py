@@ -69,7 +69,9 @@ setup(
     package_dir={"sdengine": "sdengine", "sdengine.kernels": "kernels", "sdengine.export": "export"},
     package_data={"sdengine": ["data/*", "data/**/*"]},
     include_package_data=True,
-    ext_modules=[CMakeExtension("sdengine._C")],
+    # SDE_NO_NATIVE=1: the Python packages alone (no libsdengine, no sdengine._C; the native
+    # backend is then unavailable), e.g. where the C++ build cannot run.
+    ext_modules=[] if os.environ.get("SDE_NO_NATIVE") == "1" else [CMakeExtension("sdengine._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
 )
