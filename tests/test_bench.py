@@ -380,6 +380,45 @@ def test_interrupt_writes_what_was_measured(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_run_killed_outright_keeps_what_it_measured(tmp_path):
+    """No Python cleanup at all (os._exit, as SIGKILL or a crash in native code): the JSON
+    checkpoint written after each result holds what was measured, marked unfinished."""
+    path = tmp_path / "killed.json"
+    script = f"""
+import os
+from sdengine import cli
+from sdengine.bench.harness import Benchmark
+real = Benchmark._measure
+def measure(self, runner, backend, component):
+    if component == "vae_decode":
+        os._exit(9)
+    return real(self, runner, backend, component)
+Benchmark._measure = measure
+cli.main(["bench", "--arch", "tiny", "--backends", "eager", "--components", "text_encoder,unet_step,vae_decode",
+          "--repeats", "2", "--warmup", "1", "--device", "cpu", "--json", {str(path)!r}, "--no-progress"])
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    record = json.loads(path.read_text())
+    validate(record)
+    assert not record["complete"] and "unfinished" in record["interrupted"]
+    assert [r["component"] for r in record["results"]] == ["text_encoder", "unet_step"]
+    assert not list(tmp_path.glob(".*.tmp"))
+    # a run that ends writes over its checkpoint, complete, at the same path
+    code = cli.main(["bench", "--arch", "tiny", "--backends", "eager", "--components", "text_encoder", "--repeats", "2",
+                     "--device", "cpu", "--json", str(path), "--no-progress"])
+    assert code == 0 and json.loads(path.read_text())["complete"]
+
+
+def test_commit_from_environment_wins(monkeypatch):
+    """The GPU machine's copied tree may hold a stale .git: SDENGINE_COMMIT, when set, is the commit."""
+    monkeypatch.setenv("SDENGINE_COMMIT", "0123456789abcdef")
+    assert measure.git_commit() == ("0123456789abcdef", None)
+    monkeypatch.delenv("SDENGINE_COMMIT")
+    commit, _ = measure.git_commit()
+    assert commit != "0123456789abcdef"
+
+
 def test_bad_arguments_name_the_option(capsys):
     for argv, option in [(["--backends", "eager,tensorrt"], "--backends"), (["--steps", "0"], "--steps"),
                          (["--height", "500"], "--height"), (["--components", "unet"], "--components"),

@@ -10,7 +10,8 @@ Writes a JSON record (validated against benchmarks/schema.json), a markdown tabl
 PNG chart: to --json's path (the .md and .png beside it) or, by default, to
 benchmarks/results/<date>_<device>_<arch>.{json,md,png} under the current directory
 (--out-dir to change it). Ctrl-C or SIGTERM writes what was measured so far, marked
-incomplete.
+incomplete; the JSON record is also rewritten after every result, marked unfinished until
+the run ends, so that a run killed outright keeps what it measured.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def _split(value: str) -> tuple:
 
 def run(args) -> int:
     from sdengine.bench.harness import Benchmark
-    from sdengine.bench.output import default_json_path, summary_table, write_outputs
+    from sdengine.bench.output import default_json_path, summary_table, write_json, write_outputs
 
     options = BenchOptions(
         arch=args.arch, model=args.model, height=args.height, width=args.width, steps=args.steps,
@@ -112,11 +113,25 @@ def run(args) -> int:
         raise FileNotFoundError(f"--model {args.model}: no such file or folder")
     if args.json is not None and args.json.suffix != ".json":
         raise ValueError(f"--json {args.json}: the record's file name must end in .json")
-    bench = Benchmark(options, progress=not args.no_progress)
+    checkpoint_path = []  # the record's path, chosen at the first checkpoint and kept to the end
+
+    def record_path():
+        if not checkpoint_path:
+            checkpoint_path.append(args.json or default_json_path(bench.record, args.out_dir))
+        return checkpoint_path[0]
+
+    def checkpoint():
+        """After each result: the record so far, marked unfinished, so that a run killed
+        outright (SIGKILL, a crash in native code) still leaves what it measured."""
+        bench.finish()
+        record = dict(bench.record, complete=False,
+                      interrupted=bench.record["interrupted"] or "unfinished: a checkpoint written during the run")
+        write_json(record, record_path())
+
+    bench = Benchmark(options, progress=not args.no_progress, on_result=checkpoint)
 
     def write() -> dict:
-        path = args.json or default_json_path(bench.record, args.out_dir)
-        paths = write_outputs(bench.record, path)
+        paths = write_outputs(bench.record, record_path())
         print("\n".join(summary_table(bench.record)))
         print("wrote " + ", ".join(str(p) for p in paths.values()))
         return paths

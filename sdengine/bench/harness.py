@@ -103,8 +103,10 @@ def resolve_config(arch: str, model: Optional[str]) -> tuple[ModelConfig, str]:
 class Benchmark:
     """One run. `record` is filled in as measurements complete (see module docstring)."""
 
-    def __init__(self, options: BenchOptions, log: Callable[[str], None] = None, progress: bool = True):
+    def __init__(self, options: BenchOptions, log: Callable[[str], None] = None, progress: bool = True,
+                 on_result: Optional[Callable[[], None]] = None):
         self.options = options
+        self.on_result = on_result  # called after each result or skip lands in the record (checkpoints)
         self.log = log or (lambda message: print(message, file=sys.stderr))
         self.show_progress = progress
         self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -254,6 +256,11 @@ class Benchmark:
             entry["error"] = True
         self.record["results"].append(entry)
         self.write(f"{backend}{' ' + component if component else ''}: skipped ({reason})")
+        self._landed()
+
+    def _landed(self):
+        if self.on_result is not None:
+            self.on_result()
 
     def _run_backend(self, backend: str, source):
         o = self.options
@@ -292,6 +299,7 @@ class Benchmark:
                 result["setup_s"] = round(setup_s, 3)
                 self.record["results"].append(result)
                 self.write(self._describe(result))
+                self._landed()
         finally:
             runner.close()
             del runner

@@ -212,9 +212,12 @@ def _version(package: str) -> Optional[str]:
 def git_commit() -> tuple[str, Optional[bool]]:
     """The commit of the sdengine checkout and whether tracked files differ from it.
 
-    Without a git checkout (e.g. a copied working tree), the SDENGINE_COMMIT environment
-    variable names the commit; otherwise "unknown".
+    The SDENGINE_COMMIT environment variable, when set, names the commit (a copied working
+    tree, whose .git may be stale or absent: the GPU machine's); then whether files differ is
+    not known (None). Without it and without a git checkout: "unknown".
     """
+    if os.environ.get("SDENGINE_COMMIT"):
+        return os.environ["SDENGINE_COMMIT"], None
     root = Path(__file__).resolve().parents[2]
     commit = _run(["git", "rev-parse", "HEAD"], cwd=root)
     if commit is None:

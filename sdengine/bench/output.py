@@ -53,6 +53,13 @@ def _write_atomic(path: Path, data: bytes):
         raise
 
 
+def write_json(record: dict, json_path: Path) -> Path:
+    """Validate the record and write it as JSON alone (atomically: never half a file)."""
+    validate(record)
+    _write_atomic(Path(json_path), (json.dumps(record, indent=1) + "\n").encode())
+    return Path(json_path)
+
+
 def write_outputs(record: dict, json_path: Path) -> dict[str, Path]:
     """Validate the record, then write it as JSON, plus .md and .png beside it (same stem)."""
     validate(record)

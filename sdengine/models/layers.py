@@ -31,13 +31,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *,
 
     q: (B, Lq, heads * d); k, v: (B, Lk, heads * d). Returns (B, Lq, heads * d).
     `upcast` computes the whole attention in fp32 (SD2's upcast_attention: fp16 scores
-    of the 768-px v-model overflow). `causal` masks future tokens (CLIP's text encoder).
+    of the 768-px v-model overflow) on the CPU. On CUDA SDPA's fused kernels (flash,
+    memory-efficient) keep the scores and the softmax in fp32 registers, as diffusers' SDPA
+    processor relies on (it ignores upcast_attention); fp32 q, k, v would only push SDPA off
+    its flash kernel. `causal` masks future tokens (CLIP's text encoder).
     """
     batch, q_len, inner = q.shape
     head_dim = inner // heads
     dtype = q.dtype
     q, k, v = (t.view(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))  # (B, heads, L, d)
-    if upcast:
+    if upcast and not q.is_cuda:
         q, k, v = q.float(), k.float(), v.float()
     out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, heads, Lq, d)
     return out.to(dtype).transpose(1, 2).reshape(batch, q_len, inner)  # (B, Lq, heads * d)
