@@ -35,7 +35,11 @@ print("HAS_TRITON", K.HAS_TRITON, "OPS_REGISTERED", K.OPS_REGISTERED, "INTERPRET
 PYEOF
 
 if "$PY" -c "import pytest" 2>/dev/null; then
-    PYTHONUNBUFFERED=1 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_kernels_*.py \
+    timeout_arg=()
+    "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_arg=(--timeout=120)
+    # one line per test and short tracebacks: a run stopped early still says what failed
+    PYTHONUNBUFFERED=1 "$PY" -X faulthandler -m pytest -v --tb=short -rfEs -p no:cacheprovider "${timeout_arg[@]}" \
+        tests/test_kernels_*.py \
         --junitxml="$OUT/kernels_tests.xml" 2>&1 | tee "$OUT/kernels_tests.log" || status=1
 else
     echo "pytest is not installed: kernel tests skipped" | tee "$OUT/kernels_tests.log"

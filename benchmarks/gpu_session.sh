@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
 # The ONE script a session with a lent GPU runs (see ../shared/GPU.md). Under 9 minutes of wall time.
 #
-#   device tool call:  SDENGINE_COMMIT=<git rev-parse HEAD> bash benchmarks/gpu_session.sh
-#   with carry: [".whl"] when the diffusers wheel was downloaded (GPU.md says how)
+#   device tool call:  SDENGINE_COMMIT=<git rev-parse HEAD> SESSION_SECONDS=540 bash benchmarks/gpu_session.sh
+#   with timeout_s 595 and carry: [".whl"] (the diffusers wheel; GPU.md says how to download it).
+#   A session has 15 minutes of device time, a fresh machine takes 1-2 of them to start, and
+#   none starts with under 4 left: one full call, then give_back (or one short follow-up call
+#   within the 30 s the machine stays warm; it keeps the build and /tmp/site).
 #
 # Steps, each with its own time cap inside one overall deadline (a step that runs out is
 # stopped with SIGTERM, and `sdengine bench` then writes what it measured, marked incomplete):
 #   1. nvidia-smi; install the carried wheels (.whl/*.whl) if any; versions, ORT providers;
-#   2. build the project (pip install -e ., CMake + libtorch); then, in the background, build the
-#      native backend's SD1.5 fp16 engine (benchmarks/prebuild_native.py: minutes of AOTInductor);
-#   3. GPU tests: pytest -m gpu tests/ (the kernels, the fused step, the native runtime on CUDA);
-#   4. benchmarks/gpu_kernels.sh (kernel tests natively, kernel benchmarks);
-#   5. sdengine bench, --sampler euler on every backend (diffusers runs EulerDiscreteScheduler):
+#   2. build the project (pip install -e ., CMake + libtorch);
+#   3. benchmarks/profile_unet.py: one UNet step of diffusers and of ours (eager, Triton), first
+#      call and steady state, top kernels; then, in the background, build the native backend's
+#      SD1.5 fp16 engine (benchmarks/prebuild_native.py: minutes of AOTInductor);
+#   4. GPU tests: pytest -m gpu tests/ (the fused step, the models in fp16, the native runtime
+#      on CUDA, the Triton backend), one line per test, a time limit per test;
+#   5. benchmarks/gpu_kernels.sh (kernel tests natively, kernel benchmarks);
+#   6. sdengine bench, --sampler euler on every backend (diffusers runs EulerDiscreteScheduler):
 #      SD1.5 512x512 fp16 with diffusers, eager, triton and (once its engine is built) native;
-#   6. SD2.1 768x768 with diffusers, eager, triton; then SD1.5 with diffusers-compile if time is left.
+#   7. SD2.1 768x768 with diffusers, eager, triton; then SD1.5 with diffusers-compile if time is left.
 # Everything is written under $WORK (logs, junit XML, the records: json, md, png in
 # $WORK/results) and packed at the end into ONE file, $OUT/gpu_session.tgz (the device tool
 # brings back 8 files at most), beside $OUT/session.log.
@@ -80,7 +86,7 @@ except ImportError:
 PYEOF
 
 export CMAKE_BUILD_PARALLEL_LEVEL=16
-run_step build 200 "$PY" -m pip install --no-build-isolation --no-deps -e .
+run_step build 150 "$PY" -m pip install --no-build-isolation --no-deps -e .
 if ! "$PY" -c "import sdengine._C" 2>/dev/null; then  # the Python side still runs without the native part
     echo "== the native build failed: installing the Python packages alone (SDE_NO_NATIVE=1)"
     SDE_NO_NATIVE=1 run_step build_python_only 60 "$PY" -m pip install --no-build-isolation --no-deps -e .
@@ -88,22 +94,34 @@ fi
 export PATH="$HOME/.local/bin:$PATH"
 SDE=("$PY" -m sdengine.cli)  # works whether or not the console script landed on PATH
 
+# pytest, so that a killed step still says which test failed and why: one line per test (-v),
+# short tracebacks, a per-test time limit where pytest-timeout is installed, a Python stack
+# on a crash (faulthandler), and collection errors (a missing optional package) not fatal.
+PYTEST=("$PY" -X faulthandler -m pytest -v --tb=short -rfEs -p no:cacheprovider --continue-on-collection-errors)
+"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=120)
+
+# Where one UNet step's time goes (diffusers vs ours, eager and Triton), and how long the
+# Triton kernels' first call (compile + autotune) takes: alone on the machine, before anything
+# else loads the CPU.
+TRITON_PRINT_AUTOTUNING=1 run_step profile_unet 150 "$PY" -X faulthandler benchmarks/profile_unet.py \
+    --arch sd15 --size 512 --json "$WORK/profile_unet.json"
+
 # The native backend's SD1.5 engine, built while the tests run (the benchmark waits for it).
 PREBUILD_CAP=$((DEADLINE - $(date +%s) - 150))
 ((PREBUILD_CAP > 420)) && PREBUILD_CAP=420
 echo "== prebuild_native (background, cap ${PREBUILD_CAP} s) at +$(($(date +%s) - START)) s"
-timeout -s TERM -k 10 "$PREBUILD_CAP" "$PY" benchmarks/prebuild_native.py --arch sd15 --dtype fp16 \
+timeout -s TERM -k 10 "$PREBUILD_CAP" "$PY" -X faulthandler benchmarks/prebuild_native.py --arch sd15 --dtype fp16 \
     > "$WORK/prebuild_native.log" 2>&1 &
 PREBUILD_PID=$!
 
-run_step gpu_tests 150 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/ \
-    --ignore-glob="tests/test_kernels_*" --junitxml="$WORK/gpu_tests.xml"
+run_step gpu_tests 150 "${PYTEST[@]}" -m gpu tests/ --ignore-glob="tests/test_kernels_*" \
+    --junitxml="$WORK/gpu_tests.xml"
 
 # The kernel tests and benchmarks time on the GPU (CUDA events), which the compile's CPU
 # load does not disturb.
 if [[ -f benchmarks/gpu_kernels.sh ]]; then
     mkdir -p "$WORK/kernels"
-    OUT="$WORK/kernels" run_step gpu_kernels 80 bash benchmarks/gpu_kernels.sh
+    OUT="$WORK/kernels" run_step gpu_kernels 70 bash benchmarks/gpu_kernels.sh
 fi
 
 # No end-to-end benchmark runs beside the compile (it would take CPU from the timed runs).
@@ -111,7 +129,7 @@ echo "== waiting for prebuild_native at +$(($(date +%s) - START)) s"
 wait "$PREBUILD_PID"
 PREBUILD_RC=$?
 echo "== prebuild_native: rc=$PREBUILD_RC, +$(($(date +%s) - START)) s"
-tail -n 15 "$WORK/prebuild_native.log"
+tail -n 30 "$WORK/prebuild_native.log"
 SD15_BACKENDS=diffusers,eager,triton
 ((PREBUILD_RC == 0)) && SD15_BACKENDS+=,native
 
