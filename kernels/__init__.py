@@ -28,7 +28,8 @@ Which path runs:
   `import sdengine.kernels.sampler_step as m` gives the namespace; for the module itself use
   `importlib.import_module("sdengine.kernels.sampler_step")` or `from ... import name`.
 - On CUDA the first call at a new shape autotunes (attention, group_norm's apply, geglu):
-  make it before capturing a CUDA graph.
+  make it before capturing a CUDA graph. Triton keeps the winners on disk (its cache dir,
+  `cache_results`), so later processes on the machine compile only the winning config.
 """
 
 import contextlib

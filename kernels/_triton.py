@@ -48,6 +48,19 @@ except ImportError:  # sdengine without the triton extra
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def autotune(configs, key):
+    """`triton.autotune(configs, key=key)`, with the winners cached on disk where this Triton
+    has `cache_results` (3.2 and later): the first call at a new shape benchmarks every config
+    (and compiles each one) once per machine, not once per process; later processes compile
+    only the winner."""
+    import inspect
+
+    kwargs = {}
+    if HAS_TRITON and "cache_results" in inspect.signature(triton.autotune).parameters:
+        kwargs["cache_results"] = True
+    return triton.autotune(configs, key=key, **kwargs)
+
+
 def can_launch(t) -> bool:
     """Whether a Triton kernel can run on tensor `t`: on CUDA, or on CPU under the interpreter."""
     return HAS_TRITON and (t.is_cuda or (INTERPRET and t.device.type == "cpu"))

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from ._triton import HAS_TRITON, cast_out, check_launch, launcher, pick, tl, triton
+from ._triton import HAS_TRITON, autotune, cast_out, check_launch, launcher, pick, tl, triton
 
 # Configs for the GPU (the interpreter uses _interpret_blocks). SD self-attention is
 # (2·8 heads, 4096 tokens, head_dim 40 → BLOCK_D 64); cross-attention has Nk = 77.
@@ -97,7 +97,7 @@ def _attention_kernel(Q, K, V, Out,
 
 
 if HAS_TRITON:
-    _attention_kernel_tuned = triton.autotune(_CONFIGS, key=["N_Q", "N_K", "BLOCK_D", "EVEN_N", "INPUT_PRECISION"])(
+    _attention_kernel_tuned = autotune(_CONFIGS, key=["N_Q", "N_K", "BLOCK_D", "EVEN_N", "INPUT_PRECISION"])(
         _attention_kernel)
 else:
     _attention_kernel_tuned = _attention_kernel

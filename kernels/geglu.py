@@ -9,7 +9,7 @@ rounded once (diffusers rounds gelu(gate) to the input dtype before the product)
 
 import torch
 
-from ._triton import HAS_TRITON, cast_out, check_launch, launcher, pick, tl, triton
+from ._triton import HAS_TRITON, autotune, cast_out, check_launch, launcher, pick, tl, triton
 
 _CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_F": bf}, num_warps=w)
@@ -34,7 +34,7 @@ def _geglu_kernel(H, Out,
 
 
 if HAS_TRITON:
-    _geglu_kernel_tuned = triton.autotune(_CONFIGS, key=["F"])(_geglu_kernel)
+    _geglu_kernel_tuned = autotune(_CONFIGS, key=["F"])(_geglu_kernel)
 else:
     _geglu_kernel_tuned = _geglu_kernel
 

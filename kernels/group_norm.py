@@ -30,7 +30,7 @@ x's memory format.
 
 import torch
 
-from ._triton import HAS_TRITON, cast_out, check_launch, launcher, tl, triton
+from ._triton import HAS_TRITON, autotune, cast_out, check_launch, launcher, tl, triton
 
 _APPLY_CONFIGS = [
     triton.Config({"BLOCK_HW": bhw, "BLOCK_C": bc}, num_warps=w)
@@ -146,7 +146,7 @@ def _group_norm_apply_kernel(X, Y, R, W, B, Mean, Rstd,
 
 
 if HAS_TRITON:
-    _group_norm_apply_kernel_tuned = triton.autotune(
+    _group_norm_apply_kernel_tuned = autotune(
         _APPLY_CONFIGS, key=["C", "HW", "CPG", "stride_xc", "APPLY_SILU", "HAS_RESIDUAL"])(_group_norm_apply_kernel)
 else:
     _group_norm_apply_kernel_tuned = _group_norm_apply_kernel

@@ -150,3 +150,29 @@ def test_bench_smoke_writes_a_record(tmp_path):
         assert len(r["ours_ms"]) == 2 and len(r["torch_ms"]) == 2 and r["ours_median_ms"] > 0
     assert record["torch"] == torch.__version__ and "sdengine.kernels.bench" in record["command"]
     assert record["peaks"]["copy_gbps"] > 0 and "% peak" in result.stdout
+
+
+def test_autotune_caches_winners_on_disk_where_triton_can(monkeypatch):
+    """The autotuned kernels ask Triton to keep the winning configs on disk (cache_results),
+    so that a new process does not benchmark and compile every config again."""
+    from sdengine.kernels import _triton
+
+    if not _triton.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    seen = []
+
+    def recording_autotune(configs, key, cache_results=False):
+        seen.append((key, cache_results))
+        return lambda fn: fn
+
+    monkeypatch.setattr(_triton.triton, "autotune", recording_autotune)
+    _triton.autotune(["config"], key=["N"])
+    assert seen == [(["N"], True)]
+
+    def old_autotune(configs, key):  # a Triton without cache_results still works
+        seen.append((key, None))
+        return lambda fn: fn
+
+    monkeypatch.setattr(_triton.triton, "autotune", old_autotune)
+    _triton.autotune(["config"], key=["M"])
+    assert seen[-1] == (["M"], None)
