@@ -19,7 +19,8 @@ pytestmark = pytest.mark.gpu
 _C = pytest.importorskip("sdengine._C")
 
 import sdengine  # noqa: E402
-from test_native import PROMPT, ROOT, SIZE, _compile_c, _corrupt_copy, _run  # noqa: E402
+from test_native import (PROMPT, ROOT, SIZE, _compile_c, _corrupt_copy, _eager_uint8, _run,  # noqa: E402
+                         assert_cpp_loop_matches_eager)
 from tiny import save_tiny_pipeline, tiny_pipeline  # noqa: E402
 
 
@@ -37,12 +38,6 @@ def model_dir(tmp_path_factory):
     return save_tiny_pipeline("sd15", tmp_path_factory.mktemp("tiny-sd15-cuda"))
 
 
-def _eager_uint8(eager, sampler, schedule, seed, steps=3, negative=None, batch_size=1):
-    result = eager(PROMPT, negative_prompt=negative, num_inference_steps=steps, height=SIZE, width=SIZE, seed=seed,
-                   sampler=sampler, schedule=schedule, output_type="np", progress=False, batch_size=batch_size)
-    return [(im * 255).round().astype(np.uint8) for im in result.images]
-
-
 def test_engine_is_a_cuda_engine(cuda_pipes):
     native, _ = cuda_pipes
     assert native.backend.engine["device"] == "cuda"
@@ -51,13 +46,7 @@ def test_engine_is_a_cuda_engine(cuda_pipes):
 
 @pytest.mark.parametrize("sampler,schedule", [("euler", None), ("euler_a", None), ("dpmpp_2m", "karras")])
 def test_cpp_loop_on_cuda_matches_eager(cuda_pipes, sampler, schedule):
-    native, eager = cuda_pipes
-    ours = native.backend.generate(native.tokenizer, PROMPT, "blurry", width=SIZE, height=SIZE, steps=3, seed=7,
-                                   sampler=sampler, schedule=schedule, batch_size=2)
-    ref = _eager_uint8(eager, sampler, schedule, seed=7, negative="blurry", batch_size=2)
-    for i in range(2):
-        diff = np.abs(ours[i].astype(int) - ref[i].astype(int)).max()
-        assert diff <= 2, f"image {i}: max difference {diff}/255"
+    assert_cpp_loop_matches_eager(*cuda_pipes, sampler, schedule)
 
 
 def test_step_path_on_cuda_matches_eager(cuda_pipes):
