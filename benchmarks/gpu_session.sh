@@ -103,7 +103,7 @@ PYTEST=("$PY" -X faulthandler -m pytest -v --tb=short -rfEs -p no:cacheprovider 
 # Where one UNet step's time goes (diffusers vs ours, eager and Triton), and how long the
 # Triton kernels' first call (compile + autotune) takes: alone on the machine, before anything
 # else loads the CPU.
-TRITON_PRINT_AUTOTUNING=1 run_step profile_unet 150 "$PY" -X faulthandler benchmarks/profile_unet.py \
+TRITON_PRINT_AUTOTUNING=1 run_step profile_unet 200 "$PY" -X faulthandler benchmarks/profile_unet.py \
     --arch sd15 --size 512 --json "$WORK/profile_unet.json"
 
 # The native backend's SD1.5 engine, built while the tests run (the benchmark waits for it).

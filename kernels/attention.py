@@ -23,15 +23,28 @@ import torch
 
 from ._triton import HAS_TRITON, autotune, cast_out, check_launch, launcher, pick, tl, triton
 
-# Configs for the GPU (the interpreter uses _interpret_blocks). SD self-attention is
-# (2·8 heads, 4096 tokens, head_dim 40 → BLOCK_D 64); cross-attention has Nk = 77.
-_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [
-        (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4),
-        (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4), (128, 64, 4, 4),
-    ]
-]
+# Configs for the GPU (the interpreter uses _interpret_blocks), by the padded head dim
+# BLOCK_D. SD self-attention is (2·8 heads, 4096 tokens, head_dim 40 → BLOCK_D 64);
+# cross-attention has Nk = 77; SD1's deepest levels have head_dim 160 → BLOCK_D 256. In
+# fp16/bf16 each config keeps the q tile plus num_stages buffers of k and v tiles under
+# ~160 KiB of shared memory and the fp32 accumulator under ~128 registers a thread, so the
+# first call at a new shape compiles and times 3-4 configs, not 8 of which some can never
+# launch. Each set also holds a config that fits with fp32 inputs (twice the bytes); the
+# autotuner skips the ones that run out of shared memory.
+_CONFIG_SETS = {
+    block_d: [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in sizes]
+    for block_d, sizes in {
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4)],
+        128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
+        256: [(64, 32, 4, 3), (64, 64, 8, 2), (32, 32, 4, 2)],
+    }.items()
+}
+_CONFIGS = [c for configs in _CONFIG_SETS.values() for c in configs]
+
+
+def _config_set(block_d: int) -> int:
+    """The key of _CONFIG_SETS for a padded head dim (16 and 32 use the 64 set)."""
+    return next(d for d in sorted(_CONFIG_SETS) if block_d <= d)
 
 
 # Interpreter (CPU tests): each program and each loop trip costs Python overhead per
@@ -96,11 +109,12 @@ def _attention_kernel(Q, K, V, Out,
     tl.store(o_ptrs, cast_out(acc, Out.dtype.element_ty), mask=q_mask)
 
 
-if HAS_TRITON:
-    _attention_kernel_tuned = autotune(_CONFIGS, key=["N_Q", "N_K", "BLOCK_D", "EVEN_N", "INPUT_PRECISION"])(
-        _attention_kernel)
+if HAS_TRITON:  # one autotuner per config set; each keeps its own winners
+    _attention_kernel_tuned = {
+        block_d: autotune(configs, key=["N_Q", "N_K", "BLOCK_D", "EVEN_N", "INPUT_PRECISION"])(_attention_kernel)
+        for block_d, configs in _CONFIG_SETS.items()}
 else:
-    _attention_kernel_tuned = _attention_kernel
+    _attention_kernel_tuned = dict.fromkeys(_CONFIG_SETS, _attention_kernel)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -138,7 +152,7 @@ def attention(q, k, v, scale=None, *, out=None):
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs every dim ≥ 16
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # "tf32" is ignored for fp16/bf16
-    kernel = pick(_attention_kernel, _attention_kernel_tuned, q)
+    kernel = pick(_attention_kernel, _attention_kernel_tuned[_config_set(block_d)], q)
     if q.is_cuda:
         # Every GPU BLOCK_N divides 128, so Nk % 128 == 0 means no ragged key tile whichever
         # config the autotuner picks (a plain argument: no triton.heuristics for wrap_triton to trace).

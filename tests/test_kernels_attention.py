@@ -89,3 +89,27 @@ def test_attention_rejects_bad_shapes():
 def test_attention_sd_shapes_gpu(nq, nk, d, dtype):
     """The SD1.x / SD2.x / SDXL shapes, natively on the GPU (batch 2 as with CFG, 8 heads or fewer)."""
     _check(nq, nk, d, dtype, batch=2, heads=8 if nq * nk <= 4096 * 4096 else 2, layout="bnhd")
+
+
+def test_gpu_config_sets_fit_shared_memory_and_registers():
+    """The GPU configs of each padded head dim stay within what a Hopper SM gives one program
+    (see the comment over _CONFIG_SETS): q tile + num_stages k and v tiles in shared memory,
+    the fp32 accumulator in registers; and every set has one config that fits fp32 inputs."""
+    import importlib
+
+    A = importlib.import_module("sdengine.kernels.attention")  # the package attribute is the function
+    if not A.HAS_TRITON:
+        pytest.skip("triton is not installed")
+
+    def smem_bytes(config, block_d, elem_bytes):
+        m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        return (m * block_d + config.num_stages * 2 * n * block_d) * elem_bytes
+
+    for block_d, configs in A._CONFIG_SETS.items():
+        assert 2 <= len(configs) <= 4
+        for c in configs:
+            assert smem_bytes(c, block_d, 2) <= 160 * 1024, (block_d, c)
+            assert c.kwargs["BLOCK_M"] * block_d // (32 * c.num_warps) <= 128, (block_d, c)
+            assert 128 % c.kwargs["BLOCK_N"] == 0  # EVEN_N's premise
+        assert min(smem_bytes(c, block_d, 4) for c in configs) <= 227 * 1024, block_d
+    assert [A._config_set(d) for d in (16, 32, 64, 128, 256)] == [64, 64, 64, 128, 256]
