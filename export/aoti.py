@@ -30,7 +30,9 @@ An engine is a folder:
 Engines are cached under `$SDE_CACHE_DIR/aoti/<key>/` (default `~/.cache/sdengine/aoti`),
 keyed by the networks' architecture, dtype, device, CPU capability and torch version;
 `engine_for(...)` builds one on first use, `sdengine export aoti MODEL` ahead of time.
-Batch, height and width are dynamic: one engine serves every size.
+Batch, height and width are dynamic: one engine serves every size. Each network compiles
+in a child process (`python -m sdengine.export.aoti --compile-network SPEC`), so a crash
+inside the compiler is an error that names the network, with the child's output.
 """
 
 from __future__ import annotations
@@ -235,15 +237,103 @@ def _compile(exported, package_path: Path):
                                              inductor_configs=inductor_configs)
 
 
+def _network_module(config, name: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The export wrapper of network `name`, built from the config on `device` in `dtype` with
+    random weights (their values are not packaged; non-persistent buffers come out exact)."""
+    from sdengine.models.clip import CLIPTextModel
+    from sdengine.models.unet import UNet2DConditionModel
+    from sdengine.models.vae import AutoencoderKL
+
+    with torch.device(device):
+        if name == "text_encoder":
+            module = TextEncoderExport(CLIPTextModel(config.text_encoder))
+        elif name == "text_encoder_2":
+            module = PooledTextEncoderExport(CLIPTextModel(config.text_encoder_2))
+        elif name == "unet":
+            wrapper = SDXLUNetExport if config.text_encoder_2 is not None else UNetExport
+            module = wrapper(UNet2DConditionModel(config.unet))
+        elif name == "vae_decoder":
+            module = VAEDecoderExport(AutoencoderKL(config.vae))
+        elif name == "vae_encoder":
+            module = VAEEncoderExport(AutoencoderKL(config.vae))
+        else:
+            raise ValueError(f"unknown network {name!r}; expected one of {NETWORKS}")
+    return module.to(dtype=dtype).eval()
+
+
+def _compile_network(config, name: str, dtype: torch.dtype, device: torch.device, folder: Path) -> None:
+    """Export and compile one network into `folder`: `<name>.pt2`, `<name>.json` (its
+    constants' shapes, compile time) and `<name>.buffers.safetensors` (its non-persistent
+    buffers, if any). Runs in a child process (see _compile_in_child)."""
+    start = time.perf_counter()
+    module = _network_module(config, name, dtype, device)
+    examples, _ = _example_inputs(config, dtype, device)
+    args, dynamic = examples[name]
+    exported = _export(module, args, dynamic)
+    _compile(exported, folder / f"{name}.pt2")
+    used = set(torch._inductor.aoti_load_package(str(folder / f"{name}.pt2")).get_constant_fqns())
+    state_keys = set(module.state_dict().keys())
+    constants, buffers = {}, {}
+    for fqn, tensor in list(exported.state_dict.items()) + list(exported.constants.items()):
+        if not isinstance(tensor, torch.Tensor) or fqn not in used:  # the VAE encoder, ...
+            continue
+        constants[fqn] = list(tensor.shape)
+        if fqn not in state_keys:  # a non-persistent buffer: no checkpoint holds it
+            buffers[fqn] = tensor.detach().to("cpu").contiguous()
+    if buffers:
+        from safetensors.torch import save_file
+
+        save_file(buffers, str(folder / f"{name}.buffers.safetensors"))
+    result = {"constants": constants, "compile_s": round(time.perf_counter() - start, 1)}
+    (folder / f"{name}.json").write_text(json.dumps(result))
+
+
+def _compile_in_child(config, name: str, dtype: torch.dtype, device: torch.device, folder: Path) -> dict:
+    """_compile_network in a child process, so that a compiler crash (a segfault inside torch,
+    seen with torch 2.11 on CUDA) is an error that names the network, not a dead process.
+    Returns the network's result: constants, compile_s and buffers."""
+    import pickle
+    import signal
+    import subprocess
+    import sys
+
+    spec = folder / f".{name}.spec.pkl"
+    spec.write_bytes(pickle.dumps({"config": config, "name": name, "dtype": dtype, "device": device,
+                                   "folder": str(folder)}))
+    cmd = [sys.executable, "-X", "faulthandler", "-m", "sdengine.export.aoti", "--compile-network", str(spec)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    spec.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        rc = proc.returncode
+        how = f"was killed by {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.valid_signals() \
+            else f"failed (exit status {rc})"
+        tail = "\n".join(proc.stdout.strip().splitlines()[-30:])
+        raise RuntimeError(f"{config.name}: compiling the {name} network for {device.type} {dtype_name(dtype)} "
+                           f"{how}; its last output:\n{tail}")
+    result = json.loads((folder / f"{name}.json").read_text())
+    (folder / f"{name}.json").unlink()
+    buffers_file = folder / f"{name}.buffers.safetensors"
+    result["buffers"] = {}
+    if buffers_file.is_file():
+        from safetensors.torch import load_file
+
+        result["buffers"] = load_file(str(buffers_file))
+        buffers_file.unlink()
+    return result
+
+
 def build_engine(config, text_encoder, unet, vae, out_dir, *, text_encoder_2=None, dtype=None, device=None,
                  progress=True, replace: bool = True) -> Path:
     """Export and compile the networks (text encoder(s), UNet, VAE decoder and encoder) into
     the engine folder `out_dir`.
 
-    The modules are sdengine's networks (sdengine.models) on `device` in `dtype`; their
-    weight values do not matter (they are not packaged). The folder is written to a
-    temporary sibling and renamed, so a half-built engine is never seen. replace=False keeps
-    an engine that another process finished meanwhile (the cache's case).
+    The modules are sdengine's networks (sdengine.models); they give the engine's device and
+    dtype (or `device`, `dtype`). Each network is compiled in a child process from the
+    config, with random weights (their values are not packaged, and one engine serves every
+    checkpoint of the architecture), so a crash inside the compiler is an error naming the
+    network. The folder is written to a temporary sibling and renamed, so a half-built engine
+    is never seen. replace=False keeps an engine that another process finished meanwhile
+    (the cache's case).
     """
     from tqdm.auto import tqdm
 
@@ -257,36 +347,20 @@ def build_engine(config, text_encoder, unet, vae, out_dir, *, text_encoder_2=Non
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        examples, multiple = _example_inputs(config, dtype, device)
-        sdxl = text_encoder_2 is not None
-        wrappers = {"text_encoder": TextEncoderExport(text_encoder.eval()),
-                    "unet": (SDXLUNetExport if sdxl else UNetExport)(unet.eval()),
-                    "vae_decoder": VAEDecoderExport(vae.eval()), "vae_encoder": VAEEncoderExport(vae.eval())}
-        if sdxl:
-            wrappers["text_encoder_2"] = PooledTextEncoderExport(text_encoder_2.eval())
+        multiple = 2 ** (len(config.unet.block_out_channels) - 1)  # as _example_inputs
         components = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
                       "vae_decoder": "vae", "vae_encoder": "vae"}
         networks, buffers = {}, {}
-        names = [name for name in NETWORKS if name in wrappers]
+        names = [name for name in NETWORKS if name != "text_encoder_2" or text_encoder_2 is not None]
         bar = tqdm(names, desc="AOTInductor compile", unit="network", disable=not progress)
         for name in bar:
             bar.set_postfix_str(name)
-            start = time.perf_counter()
-            args, dynamic = examples[name]
-            exported = _export(wrappers[name], args, dynamic)
-            _compile(exported, tmp / f"{name}.pt2")
-            used = set(torch._inductor.aoti_load_package(str(tmp / f"{name}.pt2")).get_constant_fqns())
-            state_keys = set(wrappers[name].state_dict().keys())
-            constants = {}
-            for fqn, tensor in list(exported.state_dict.items()) + list(exported.constants.items()):
-                if not isinstance(tensor, torch.Tensor) or fqn not in used:  # the VAE encoder, ...
-                    continue
-                constants[fqn] = list(tensor.shape)
-                if fqn not in state_keys:  # a non-persistent buffer: no checkpoint holds it
-                    buffers[f"{name}/{fqn}"] = tensor.detach().to("cpu").contiguous()
+            result = _compile_in_child(config, name, dtype, device, tmp)
+            constants = result["constants"]
+            buffers.update({f"{name}/{fqn}": tensor for fqn, tensor in result["buffers"].items()})
             networks[name] = {"package": f"{name}.pt2", "component": components[name], "prefix": PREFIX,
                               "constants": constants, "ldm": _ldm_sources(config, components[name], constants),
-                              "compile_s": round(time.perf_counter() - start, 1)}
+                              "compile_s": result["compile_s"]}
         if buffers:
             from safetensors.torch import save_file
 
@@ -443,3 +517,13 @@ def register_aoti(subparsers) -> None:
 
 def main(args) -> int:
     return run(args)
+
+
+if __name__ == "__main__":  # the child process of _compile_in_child
+    import pickle
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "--compile-network":
+        sys.exit("usage: python -m sdengine.export.aoti --compile-network SPEC (internal: see _compile_in_child)")
+    _spec = pickle.loads(Path(sys.argv[2]).read_bytes())
+    _compile_network(_spec["config"], _spec["name"], _spec["dtype"], _spec["device"], Path(_spec["folder"]))

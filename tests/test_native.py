@@ -305,6 +305,43 @@ def test_cpp_loop_without_guidance_and_cancel(native, eager):
     assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
 
+class _AbortsWhenUnpickled:
+    """A stand-in model config whose unpickling in the compiler's child process aborts it."""
+
+    name = "crashy"
+
+    def __reduce__(self):
+        return os.abort, ()
+
+
+def test_compiler_crash_is_an_error_naming_the_network(tmp_path):
+    """Each network compiles in a child process: a crash there (torch 2.11 segfaulted compiling
+    a CUDA engine) is a RuntimeError naming the network and the signal, with the child's output."""
+    from sdengine.export import aoti
+
+    with pytest.raises(RuntimeError, match="crashy: compiling the unet network for cpu fp32 was killed by SIGABRT"):
+        aoti._compile_in_child(_AbortsWhenUnpickled(), "unet", torch.float32, torch.device("cpu"), tmp_path)
+    with pytest.raises(RuntimeError, match="(?s)failed \\(exit status 1\\).*unknown network 'nonesuch'"):
+        aoti._compile_in_child(tiny_config("sd15"), "nonesuch", torch.float32, torch.device("cpu"), tmp_path)
+    assert not list(tmp_path.iterdir()), "the spec files are removed"
+
+
+def test_failed_engine_build_leaves_nothing_behind(tmp_path, monkeypatch):
+    from sdengine.export import aoti
+    from sdengine.models.unet import UNet2DConditionModel
+
+    def fail(config, name, dtype, device, folder):
+        (folder / f"{name}.pt2").write_bytes(b"half")
+        raise RuntimeError(f"compiling the {name} network was killed by SIGSEGV")
+
+    monkeypatch.setattr(aoti, "_compile_in_child", fail)
+    cfg = tiny_config("sd15")
+    unet = UNet2DConditionModel(cfg.unet)
+    with pytest.raises(RuntimeError, match="SIGSEGV"):
+        aoti.build_engine(cfg, None, unet, None, tmp_path / "engine", progress=False)
+    assert not list(tmp_path.iterdir()), "no engine and no temporary folder is left"
+
+
 def test_export_cli_registers_aoti(tmp_path):
     from sdengine.cli import build_parser, main
 
