@@ -21,27 +21,9 @@ import argparse
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
-
-
-def _time(fn, repeats: int, device: str) -> list:
-    times = []
-    for _ in range(repeats):
-        if device != "cuda":
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-            continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
 
 
 def _profile(fn, top: int, device: str) -> dict:
@@ -86,6 +68,7 @@ def main(argv=None) -> int:
         return 2
 
     import sdengine
+    from sdengine.bench import measure
     from sdengine.bench.harness import resolve_config
     from sdengine.bench.reference import reference_pipeline
 
@@ -123,17 +106,12 @@ def main(argv=None) -> int:
             with torch.inference_mode():
                 fn = step_of(variant)
                 print(f"== {variant}: first call", flush=True)
-                start = time.perf_counter()
-                fn()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                entry["first_call_s"] = round(time.perf_counter() - start, 3)
+                first = measure.time_calls(lambda _: fn(), [None], 1, torch.device(device))
+                entry["first_call_s"] = round(first.warmup_ms[0] / 1e3, 3)
                 save()
                 print(f"   first call {entry['first_call_s']} s", flush=True)
-                _time(fn, 3, device)
-                times = sorted(_time(fn, args.repeats, device))
-                entry["median_ms"] = times[len(times) // 2]
-                entry["min_ms"] = times[0]
+                timing = measure.time_calls(lambda _: fn(), [None] * (3 + args.repeats), 3, torch.device(device))
+                entry.update(median_ms=measure.summarize(timing.samples_ms)["p50_ms"], min_ms=min(timing.samples_ms))
                 entry.update(_profile(fn, args.top, device))
         except Exception as e:  # report and go on with the next variant
             entry["error"] = f"{type(e).__name__}: {str(e)[:2000]}"

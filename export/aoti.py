@@ -322,27 +322,20 @@ def _compile_in_child(config, name: str, dtype: torch.dtype, device: torch.devic
     return result
 
 
-def build_engine(config, text_encoder, unet, vae, out_dir, *, text_encoder_2=None, dtype=None, device=None,
-                 progress=True, replace: bool = True) -> Path:
-    """Export and compile the networks (text encoder(s), UNet, VAE decoder and encoder) into
-    the engine folder `out_dir`.
+def build_engine(config, out_dir, *, dtype: torch.dtype, device, progress=True, replace: bool = True) -> Path:
+    """Export and compile the networks of `config` (text encoder(s), UNet, VAE decoder and
+    encoder) for `device` in `dtype` into the engine folder `out_dir`.
 
-    The modules are sdengine's networks (sdengine.models); they give the engine's device and
-    dtype (or `device`, `dtype`). Each network is compiled in a child process from the
-    config, with random weights (their values are not packaged, and one engine serves every
-    checkpoint of the architecture), so a crash inside the compiler is an error naming the
-    network. The folder is written to a temporary sibling and renamed, so a half-built engine
-    is never seen. replace=False keeps an engine that another process finished meanwhile
-    (the cache's case).
+    Each network is compiled in a child process from the config, with random weights (their
+    values are not packaged: one engine serves every checkpoint of the architecture), so a
+    crash inside the compiler is an error naming the network. The folder is written to a
+    temporary sibling and renamed, so a half-built engine is never seen. replace=False keeps
+    an engine that another process finished meanwhile (the cache's case).
     """
     from tqdm.auto import tqdm
 
     check_supported(config)
-    if (text_encoder_2 is None) != (config.text_encoder_2 is None):
-        raise ValueError(f"{config.name}: give text_encoder_2 exactly when the config has a second text encoder")
-    first = next(unet.parameters())
-    device = torch.device(device) if device is not None else first.device
-    dtype = dtype or first.dtype
+    device = torch.device(device)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -351,7 +344,7 @@ def build_engine(config, text_encoder, unet, vae, out_dir, *, text_encoder_2=Non
         components = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
                       "vae_decoder": "vae", "vae_encoder": "vae"}
         networks, buffers = {}, {}
-        names = [name for name in NETWORKS if name != "text_encoder_2" or text_encoder_2 is not None]
+        names = [name for name in NETWORKS if name != "text_encoder_2" or config.text_encoder_2 is not None]
         bar = tqdm(names, desc="AOTInductor compile", unit="network", disable=not progress)
         for name in bar:
             bar.set_postfix_str(name)
@@ -441,37 +434,13 @@ def _single_file_info(config, engine_dir: Path) -> dict:
     return info
 
 
-def engine_for(config, text_encoder, unet, vae, *, text_encoder_2=None, dtype=None, device=None,
-               progress=True) -> Path:
-    """The cached engine of these networks' architecture, built on first use."""
-    first = next(unet.parameters())
-    device = torch.device(device) if device is not None else first.device
-    dtype = dtype or first.dtype
+def engine_for(config, *, dtype: torch.dtype, device, progress=True) -> Path:
+    """The cached engine of the architecture of `config` for `device` and `dtype`, built on
+    first use."""
     path = cache_root() / engine_key(config, dtype, device)
     if (path / "engine.json").is_file():
         return path
-    return build_engine(config, text_encoder, unet, vae, path, text_encoder_2=text_encoder_2, dtype=dtype,
-                        device=device, progress=progress, replace=False)
-
-
-def build_from_config(config, *, dtype=torch.float32, device="cpu", out_dir=None, progress=True) -> Path:
-    """Build (or find in the cache) the engine of an architecture, from random weights."""
-    from sdengine.models.clip import CLIPTextModel
-    from sdengine.models.unet import UNet2DConditionModel
-    from sdengine.models.vae import AutoencoderKL
-
-    check_supported(config)
-    device = torch.device(device)
-    with torch.device(device):
-        nets = [CLIPTextModel(config.text_encoder), UNet2DConditionModel(config.unet), AutoencoderKL(config.vae)]
-        text_encoder_2 = CLIPTextModel(config.text_encoder_2) if config.text_encoder_2 is not None else None
-    nets = [n.to(dtype=dtype).eval() for n in nets]
-    if text_encoder_2 is not None:
-        text_encoder_2 = text_encoder_2.to(dtype=dtype).eval()
-    if out_dir is None:
-        return engine_for(config, *nets, text_encoder_2=text_encoder_2, dtype=dtype, device=device, progress=progress)
-    return build_engine(config, *nets, out_dir, text_encoder_2=text_encoder_2, dtype=dtype, device=device,
-                        progress=progress)
+    return build_engine(config, path, dtype=dtype, device=device, progress=progress, replace=False)
 
 
 # ---------------------------------------------------------------------------
@@ -501,8 +470,10 @@ def run(args) -> int:
         from sdengine.loading import detect
 
         config = detect(path)
-    out = build_from_config(config, dtype=dtype, device=device,
-                            out_dir=Path(args.out) if args.out else None)
+    if args.out:
+        out = build_engine(config, Path(args.out), dtype=dtype, device=device)
+    else:
+        out = engine_for(config, dtype=dtype, device=device)
     print(out)
     return 0
 

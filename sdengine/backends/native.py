@@ -69,8 +69,7 @@ class NativeBackend:
         first = next(unet.parameters())
         self.device, self.dtype = first.device, first.dtype
         if engine_dir is None:
-            engine_dir = aoti.engine_for(config, text_encoder, unet, vae, text_encoder_2=text_encoder_2,
-                                         dtype=self.dtype, device=self.device, progress=progress)
+            engine_dir = aoti.engine_for(config, dtype=self.dtype, device=self.device, progress=progress)
         self.engine_dir = Path(engine_dir)
         self.engine = json.loads((self.engine_dir / "engine.json").read_text())
         # The weights each network reads, by "<component>/<key>", already in the engine's

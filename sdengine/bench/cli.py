@@ -113,12 +113,8 @@ def run(args) -> int:
         raise FileNotFoundError(f"--model {args.model}: no such file or folder")
     if args.json is not None and args.json.suffix != ".json":
         raise ValueError(f"--json {args.json}: the record's file name must end in .json")
-    checkpoint_path = []  # the record's path, chosen at the first checkpoint and kept to the end
-
-    def record_path():
-        if not checkpoint_path:
-            checkpoint_path.append(args.json or default_json_path(bench.record, args.out_dir))
-        return checkpoint_path[0]
+    bench = Benchmark(options, progress=not args.no_progress)
+    path = args.json or default_json_path(bench.record, args.out_dir)
 
     def checkpoint():
         """After each result: the record so far, marked unfinished, so that a run killed
@@ -126,12 +122,12 @@ def run(args) -> int:
         bench.finish()
         record = dict(bench.record, complete=False,
                       interrupted=bench.record["interrupted"] or "unfinished: a checkpoint written during the run")
-        write_json(record, record_path())
+        write_json(record, path)
 
-    bench = Benchmark(options, progress=not args.no_progress, on_result=checkpoint)
+    bench.on_result = checkpoint
 
     def write() -> dict:
-        paths = write_outputs(bench.record, record_path())
+        paths = write_outputs(bench.record, path)
         print("\n".join(summary_table(bench.record)))
         print("wrote " + ", ".join(str(p) for p in paths.values()))
         return paths

@@ -103,10 +103,10 @@ def resolve_config(arch: str, model: Optional[str]) -> tuple[ModelConfig, str]:
 class Benchmark:
     """One run. `record` is filled in as measurements complete (see module docstring)."""
 
-    def __init__(self, options: BenchOptions, log: Callable[[str], None] = None, progress: bool = True,
-                 on_result: Optional[Callable[[], None]] = None):
+    on_result: Optional[Callable[[], None]] = None  # called after each result or skip lands (checkpoints)
+
+    def __init__(self, options: BenchOptions, log: Callable[[str], None] = None, progress: bool = True):
         self.options = options
-        self.on_result = on_result  # called after each result or skip lands in the record (checkpoints)
         self.log = log or (lambda message: print(message, file=sys.stderr))
         self.show_progress = progress
         self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -62,10 +62,8 @@ def write_json(record: dict, json_path: Path) -> Path:
 
 def write_outputs(record: dict, json_path: Path) -> dict[str, Path]:
     """Validate the record, then write it as JSON, plus .md and .png beside it (same stem)."""
-    validate(record)
-    json_path = Path(json_path)
+    json_path = write_json(record, json_path)
     paths = {"json": json_path, "md": json_path.with_suffix(".md"), "png": json_path.with_suffix(".png")}
-    _write_atomic(paths["json"], (json.dumps(record, indent=1) + "\n").encode())
     _write_atomic(paths["md"], markdown(record).encode())
     _write_atomic(paths["png"], chart_png(record))
     return paths
