@@ -2,7 +2,8 @@
 
 `generate` and `info` live here; other subcommands are registered by the modules
 that own them (each exposes `register(subparsers)`), so that this file stays small:
-`bench` (sdengine.bench), `export` (sdengine.export.cli), `train` (sdengine.train).
+`bench` (sdengine.bench), `export` (sdengine.export.cli), `train` (sdengine.train),
+`serve` (sdengine.serve.cli).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMAND_MODULES = ("sdengine.info", "sdengine.bench.cli", "sdengine.export.cli", "sdengine.train")
+SUBCOMMAND_MODULES = ("sdengine.info", "sdengine.bench.cli", "sdengine.export.cli", "sdengine.train",
+                      "sdengine.serve.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,283 @@
+"""The FastAPI app: A1111's /sdapi/v1 endpoints over an engine, plus /health and /metrics.
+
+The engine is what runs the requests: `LocalEngine` (the scheduler and one pipeline in this
+process) or `ray_app.RayEngine` (a Ray Serve model deployment). The app is the same for
+both; it looks the engine up in `app.state.engine` on every request, so that a Ray ingress
+replica can set it after the app has been shipped to it.
+
+Status codes: 422 names the field (pydantic's errors, and ours in the same shape); 401
+without the bearer token when --api-key is set; 413 for a body over the cap; 503 with
+Retry-After when the queue is full or a Ray replica died under the request; 504 when a
+request outlives its timeout. A failure inside the model is a 500 with its message, and
+the server goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+
+from .requests import FieldError, Limits, ModelInfo, field_of, make_spec, response_body
+from .scheduler import ClientGone, ModelUnavailable, QueueFull, RequestTimeout, Scheduler, progress_body
+from .schemas import (Img2ImgRequest, ImageResponse, ProgressResponse, SamplerItem, SchedulerItem, SDModelItem,
+                      Txt2ImgRequest)
+
+log = logging.getLogger("sdengine.serve")
+
+
+@dataclass
+class ServeSettings:
+    """Everything `sdengine serve` can set, besides the model and where to listen."""
+
+    batching: bool = True
+    max_batch_images: int = 8
+    batch_window_ms: float = 5.0
+    max_queue: int = 64
+    request_timeout_s: float = 600.0
+    max_pixels: int = 2048 * 2048
+    max_images: int = 16
+    max_body_bytes: int = 32 * 1024 * 1024
+    api_key: Optional[str] = None
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_pixels=self.max_pixels, max_images=self.max_images)
+
+
+# A1111's display names for sdengine's samplers (each resolves through samplers/names.py).
+SAMPLER_LABELS = (
+    ("DPM++ 2M", ["k_dpmpp_2m"]), ("DPM++ SDE", ["k_dpmpp_sde"]), ("DPM++ 2M SDE", ["k_dpmpp_2m_sde"]),
+    ("DPM++ 3M SDE", ["k_dpmpp_3m_sde"]), ("Euler a", ["k_euler_a"]), ("Euler", ["k_euler"]), ("LMS", ["k_lms"]),
+    ("Heun", ["k_heun"]), ("DPM2", ["k_dpm_2"]), ("DPM2 a", ["k_dpm_2_a"]), ("DDIM", ["ddim"]),
+    ("DDPM", ["ddpm"]), ("PLMS", ["plms"]), ("UniPC", ["unipc"]), ("LCM", ["k_lcm"]),
+)
+# A1111's scheduler (schedule) names that sdengine has: (name, label, default rho).
+SCHEDULER_LABELS = (
+    ("automatic", "Automatic", None), ("uniform", "Uniform", None), ("karras", "Karras", 7.0),
+    ("exponential", "Exponential", None), ("sgm_uniform", "SGM Uniform", None), ("simple", "Simple", None),
+    ("normal", "Normal", None),
+)
+
+
+class LocalEngine:
+    """One pipeline in this process, behind the batching scheduler."""
+
+    def __init__(self, pipe, settings: ServeSettings, metrics=None, source: Optional[str] = None):
+        from .scheduler import SchedulerSettings
+
+        self._info = ModelInfo.of(pipe, source)
+        self.scheduler = Scheduler(
+            pipe, SchedulerSettings(batching=settings.batching, max_batch_images=settings.max_batch_images,
+                                    batch_window_s=settings.batch_window_ms / 1000, max_queue=settings.max_queue),
+            on_batch=metrics.batch_images.observe if metrics else None)
+
+    async def info(self) -> ModelInfo:
+        return self._info
+
+    async def run(self, spec, *, timeout_s, disconnected):
+        return await self.scheduler.run(spec, timeout_s=timeout_s, disconnected=disconnected)
+
+    async def interrupt(self):
+        self.scheduler.interrupt()
+
+    async def progress(self) -> dict:
+        return self.scheduler.progress()
+
+    def queue_depth(self) -> int:
+        return self.scheduler.queue_depth()
+
+    def close(self):
+        self.scheduler.close()
+
+
+def create_app(engine=None, settings: ServeSettings = ServeSettings(), metrics=None) -> FastAPI:
+    """The ASGI app. `engine` may be set later as `app.state.engine` (Ray ingress)."""
+    from .metrics import Metrics
+
+    app = FastAPI(title="sdengine serve", description="AUTOMATIC1111-compatible /sdapi/v1 API over sdengine",
+                  docs_url="/docs", redoc_url=None)
+    app.state.engine = engine
+    app.state.settings = settings
+    app.state.metrics = metrics or Metrics(lambda: app.state.engine.queue_depth() if app.state.engine else 0)
+    app.state.started = time.time()
+
+    def engine_of(request: Request):
+        eng = request.app.state.engine
+        if eng is None:
+            raise ModelUnavailable("the model is not loaded yet")
+        return eng
+
+    async def generate(request: Request, req, img2img: bool):
+        eng = engine_of(request)
+        path = request.url.path
+        started = time.monotonic()
+        info = await eng.info()
+        spec = await asyncio.to_thread(make_spec, req, info, settings.limits, img2img=img2img)
+        out = await eng.run(spec, timeout_s=settings.request_timeout_s, disconnected=request.is_disconnected)
+        if out.error is not None:
+            if isinstance(out.error, ValueError):
+                raise FieldError(field_of(out.error), str(out.error))
+            if isinstance(out.error, ModelUnavailable):
+                raise out.error
+            raise RuntimeError(f"generation failed: {type(out.error).__name__}: {out.error}")
+        if out.cancelled:
+            raise ModelUnavailable("the request was cancelled before it finished")
+        body = await asyncio.to_thread(response_body, req, spec, out, info)
+        metrics = request.app.state.metrics
+        metrics.latency.labels(path).observe(time.monotonic() - started)
+        metrics.observe_images(len(out.images))
+        return body
+
+    @app.post("/sdapi/v1/txt2img", response_model=ImageResponse)
+    async def txt2img(request: Request, req: Txt2ImgRequest):
+        return await generate(request, req, img2img=False)
+
+    @app.post("/sdapi/v1/img2img", response_model=ImageResponse)
+    async def img2img(request: Request, req: Img2ImgRequest):
+        return await generate(request, req, img2img=True)
+
+    @app.get("/sdapi/v1/progress", response_model=ProgressResponse)
+    async def progress(request: Request, skip_current_image: bool = False):
+        return progress_body(await engine_of(request).progress())
+
+    @app.post("/sdapi/v1/interrupt")
+    async def interrupt(request: Request):
+        await engine_of(request).interrupt()
+        return {}
+
+    @app.get("/sdapi/v1/samplers", response_model=list[SamplerItem])
+    async def sampler_list():
+        return [{"name": name, "aliases": aliases, "options": {}} for name, aliases in SAMPLER_LABELS]
+
+    @app.get("/sdapi/v1/schedulers", response_model=list[SchedulerItem])
+    async def scheduler_list():
+        return [{"name": name, "label": label, "aliases": None, "default_rho": rho if rho is not None else -1.0,
+                 "need_inner_model": False} for name, label, rho in SCHEDULER_LABELS]
+
+    @app.get("/sdapi/v1/sd-models", response_model=list[SDModelItem])
+    async def sd_models(request: Request):
+        info = await engine_of(request).info()
+        return [{"title": info.title, "model_name": info.title, "hash": None, "sha256": None,
+                 "filename": info.filename, "config": None}]
+
+    @app.get("/sdapi/v1/options")
+    async def options(request: Request):
+        info = await engine_of(request).info()
+        return {"sd_model_checkpoint": info.title, "CLIP_stop_at_last_layers": 1, "samples_format": "png",
+                "eta_ddim": 0.0, "eta_ancestral": 1.0}
+
+    @app.get("/sdapi/v1/scripts")
+    async def scripts():
+        return {"txt2img": [], "img2img": []}
+
+    @app.get("/health")
+    async def health(request: Request):
+        eng = request.app.state.engine
+        return {"status": "ok" if eng is not None else "loading", "queue_depth": eng.queue_depth() if eng else 0,
+                "uptime_s": round(time.time() - request.app.state.started, 3)}
+
+    @app.get("/metrics")
+    async def metrics_text(request: Request):
+        body, content_type = request.app.state.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.exception_handler(FieldError)
+    async def on_field_error(request: Request, e: FieldError):
+        return JSONResponse({"detail": e.detail()}, status_code=422)
+
+    @app.exception_handler(QueueFull)
+    async def on_queue_full(request: Request, e: QueueFull):
+        return JSONResponse({"detail": str(e)}, status_code=503, headers={"Retry-After": str(e.retry_after_s)})
+
+    @app.exception_handler(ModelUnavailable)
+    async def on_unavailable(request: Request, e: ModelUnavailable):
+        return JSONResponse({"detail": str(e)}, status_code=503, headers={"Retry-After": "1"})
+
+    @app.exception_handler(RequestTimeout)
+    async def on_timeout(request: Request, e: RequestTimeout):
+        return JSONResponse({"detail": str(e)}, status_code=504)
+
+    @app.exception_handler(ClientGone)
+    async def on_gone(request: Request, e: ClientGone):
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+
+    @app.exception_handler(RuntimeError)
+    async def on_failure(request: Request, e: RuntimeError):
+        log.error("%s %s failed: %s", request.method, request.url.path, e)
+        return JSONResponse({"detail": str(e)}, status_code=500)
+
+    app.add_middleware(Guard, settings=settings, metrics=app.state.metrics)
+    return app
+
+
+# Paths counted by name in sdengine_requests_total; anything else counts as "other".
+_KNOWN_PATHS = {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/progress", "/sdapi/v1/interrupt",
+                "/sdapi/v1/samplers", "/sdapi/v1/schedulers", "/sdapi/v1/sd-models", "/sdapi/v1/options",
+                "/sdapi/v1/scripts", "/health", "/metrics"}
+
+
+class Guard:
+    """Pure-ASGI middleware: bearer-token check, body-size cap, and counting answers by status.
+
+    A refused request never reaches a route: a body whose Content-Length is over the cap is
+    refused before it is read, and a chunked one is cut off at the cap (413 either way).
+    """
+
+    def __init__(self, app, settings: ServeSettings, metrics):
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        label = path if path in _KNOWN_PATHS else "other"
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(label, str(message["status"])).inc()
+            await send(message)
+
+        if self.settings.api_key is not None and not self._authorized(scope):
+            return await _json(counted_send, 401, {"detail": "missing or wrong bearer token (--api-key)"},
+                               {"www-authenticate": "Bearer"})
+        limit = self.settings.max_body_bytes
+        too_large = f"request body over {limit} bytes (--max-body-mb)"
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await _json(counted_send, 413, {"detail": too_large}, {"connection": "close"})
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:  # FastAPI answers an HTTPException raised while it reads the body
+                    raise HTTPException(status_code=413, detail=too_large)
+            return message
+
+        await self.app(scope, limited_receive, counted_send)
+
+    def _authorized(self, scope) -> bool:
+        header = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                                   self.settings.api_key.encode())
+
+
+async def _json(send, status: int, body: dict, headers: Optional[dict] = None):
+    raw = json.dumps(body).encode()
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    hdrs += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": raw})

@@ -1,0 +1,274 @@
+"""From an A1111 request to a batching Spec, and from an Output back to A1111's response.
+
+Everything that can be refused is refused here, before the request is queued, as a
+`FieldError` naming the A1111 field (the app answers 422 with FastAPI's error shape), so
+that a bad request never reaches, and never fails, a batch of good ones.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Optional
+
+from .. import samplers
+from .batching import Output, Spec
+from .schemas import Img2ImgRequest, Txt2ImgRequest
+
+# sdengine's parameter names (as its ValueErrors name them) -> A1111's field names.
+PIPELINE_TO_A1111 = {
+    "num_inference_steps": "steps", "steps": "steps", "guidance_scale": "cfg_scale", "height": "height",
+    "width": "width", "seed": "seed", "batch_size": "batch_size", "sampler": "sampler_name",
+    "schedule": "scheduler", "strength": "denoising_strength", "init_image": "init_images",
+    "mask_image": "mask", "clip_skip": "override_settings.CLIP_stop_at_last_layers", "eta": "eta",
+    "negative_prompt": "negative_prompt", "prompt": "prompt",
+}
+
+
+class FieldError(ValueError):
+    """A request field that cannot be served; `field` is its A1111 name (dotted for nesting)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+    def detail(self) -> list:
+        """FastAPI's validation error shape, so clients parse every 422 the same way."""
+        return [{"loc": ["body", *self.field.split(".")], "msg": self.message, "type": "value_error"}]
+
+
+def field_of(error: ValueError, default: str = "prompt") -> str:
+    """The A1111 field a pipeline ValueError is about (its messages start with the parameter name)."""
+    text = str(error)
+    best = None
+    for name, a1111 in PIPELINE_TO_A1111.items():
+        pos = text.find(name)
+        if pos >= 0 and (best is None or pos < best[0] or (pos == best[0] and len(name) > len(best[1]))):
+            best = (pos, name, a1111)
+    return best[2] if best else default
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the front end needs to know of the loaded model (plain data: it crosses to Ray)."""
+
+    title: str
+    filename: str
+    default_size: int
+    is_inpaint: bool
+    scheduler_config: object     # sdengine.config.SchedulerConfig: the checkpoint's sampler and schedule
+
+    @classmethod
+    def of(cls, pipe, source: Optional[str] = None) -> "ModelInfo":
+        cfg = pipe.config
+        return cls(title=pipe.name, filename=str(source or pipe.name), default_size=cfg.default_size,
+                   is_inpaint=cfg.is_inpaint, scheduler_config=cfg.scheduler)
+
+
+@dataclass
+class Limits:
+    max_pixels: int = 2048 * 2048
+    max_images: int = 16          # n_iter * batch_size
+
+
+# A1111 features that sdengine does not have: refused unless at their "off" value.
+_UNSUPPORTED = {
+    "enable_hr": lambda v: not v, "restore_faces": lambda v: not v, "tiling": lambda v: not v,
+    "subseed_strength": lambda v: not v, "script_name": lambda v: not v, "styles": lambda v: not v,
+    "alwayson_scripts": lambda v: not v, "refiner_checkpoint": lambda v: not v,
+    "resize_mode": lambda v: v in (None, 0), "latent_mask": lambda v: not v,
+}
+
+
+def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool) -> Spec:
+    """Validate an A1111 request and turn it into a Spec. Raises FieldError."""
+    for name, is_off in _UNSUPPORTED.items():
+        if name in type(req).model_fields and not is_off(getattr(req, name)):
+            raise FieldError(name, f"not supported by sdengine serve (got {getattr(req, name)!r})")
+    settings = req.override_settings or {}
+    wanted_model = settings.get("sd_model_checkpoint")
+    if wanted_model and wanted_model not in (info.title, info.filename):
+        raise FieldError("override_settings.sd_model_checkpoint",
+                         f"model {wanted_model!r} is not loaded; this server serves {info.title!r}")
+
+    width = info.default_size if req.width is None else req.width
+    height = info.default_size if req.height is None else req.height
+    if width * height > limits.max_pixels:
+        field = "width" if width >= height else "height"
+        raise FieldError(field, f"{width}x{height} is {width * height} pixels, over this server's cap of "
+                                f"{limits.max_pixels} (--max-pixels)")
+    batch_size = req.batch_size or 1
+    n_iter = req.n_iter or 1
+    n_images = batch_size * n_iter
+    if n_images > limits.max_images:
+        raise FieldError("n_iter" if n_iter > 1 else "batch_size",
+                         f"n_iter x batch_size = {n_images} images, over this server's cap of {limits.max_images} "
+                         f"(--max-images)")
+
+    sampler_name = req.sampler_name or req.sampler_index or "Euler"
+    scheduler = req.scheduler
+    schedule = None if scheduler in (None, "", "automatic", "Automatic") else scheduler
+    try:
+        sampler, schedule_name = samplers.resolve(sampler_name, schedule, info.scheduler_config)
+    except ValueError as e:
+        raise FieldError("sampler_name" if str(e).startswith("unknown sampler") else "scheduler", str(e)) from None
+    steps = req.steps or 50
+    clip_stop = settings.get("CLIP_stop_at_last_layers", 1)
+    if isinstance(clip_stop, bool) or not isinstance(clip_stop, int) or clip_stop < 1:
+        raise FieldError("override_settings.CLIP_stop_at_last_layers", f"must be an integer >= 1, got {clip_stop!r}")
+
+    seed = _fixed_seed(req.seed)
+    seeds = [seed + i for i in range(n_images)]
+    prompt = req.prompt or ""
+    negative = req.negative_prompt or ""
+    shared = dict(num_inference_steps=steps, guidance_scale=float(req.cfg_scale if req.cfg_scale is not None else 7.0),
+                  height=height, width=width, sampler=sampler, schedule=schedule_name,
+                  eta=float(req.eta or 0.0) if sampler == "ddim" else 0.0,  # eta is DDIM's; other samplers have none
+                  clip_skip=clip_stop - 1 if clip_stop > 1 else None)
+    mode = "txt2img"
+    init_images = masks = None
+    if img2img:
+        if not req.init_images:
+            raise FieldError("init_images", "img2img needs at least one init image")
+        decoded = [decode_image(s, f"init_images.{i}", limits) for i, s in enumerate(req.init_images)]
+        # A1111: one init image serves the whole batch; several set the batch size
+        if len(decoded) > 1 and len(decoded) != batch_size:
+            raise FieldError("init_images", f"{len(decoded)} init images for batch_size {batch_size}: give one, "
+                                            f"or one per image of the batch")
+        resized = [_resize(im.convert("RGB"), width, height) for im in decoded]
+        init_images = [resized[i % len(resized)] for i in range(n_images)]
+        strength = req.denoising_strength if req.denoising_strength is not None else 0.75
+        mode = "img2img"
+        if req.mask:
+            mode = "inpaint"
+            mask = _binary_mask(decode_image(req.mask, "mask", limits), invert=bool(req.inpainting_mask_invert))
+            masks = [_resize(mask, width, height)] * n_images
+            if not info.is_inpaint:
+                raise FieldError("mask", f"inpainting needs an inpainting model (9-channel UNet); {info.title} is not "
+                                         "one")
+        elif info.is_inpaint:
+            raise FieldError("mask", f"{info.title} is an inpainting model: img2img needs a mask")
+        shared["strength"] = float(strength)
+    elif info.is_inpaint:
+        raise FieldError("init_images", f"{info.title} is an inpainting model: use img2img with init_images and mask")
+    try:  # the sampler's own checks (steps, strength, eta), before the request is queued
+        samplers.make_plan(sampler, schedule_name, steps, info.scheduler_config,
+                           strength=shared.get("strength", 1.0) if mode == "img2img" else 1.0, eta=shared["eta"])
+    except ValueError as e:
+        raise FieldError(field_of(e, default="steps"), str(e)) from None
+    return Spec(mode=mode, prompts=[prompt] * n_images, negatives=[negative] * n_images, seeds=seeds,
+                shared=shared, init_images=init_images, masks=masks, request_id=uuid.uuid4().hex)
+
+
+def _fixed_seed(seed) -> int:
+    """A1111's get_fixed_seed: -1 (or none) is a random seed."""
+    if seed is None or seed == -1:
+        return random.randrange(4294967294)
+    if seed < 0:
+        raise FieldError("seed", f"must be -1 (random) or >= 0, got {seed}")
+    if seed >= 2 ** 63:
+        raise FieldError("seed", f"must be below 2**63, got {seed}")
+    return seed
+
+
+# ---------------------------------------------------------------------------
+# Images in and out
+# ---------------------------------------------------------------------------
+
+def decode_image(data: str, field: str, limits: Limits):
+    """A base64 image (optionally a data: URL) -> a loaded PIL image. Raises FieldError."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(data, str) or not data:
+        raise FieldError(field, "must be a base64-encoded image")
+    if data.startswith(("http://", "https://")):
+        raise FieldError(field, "image URLs are not fetched: send the image as base64")
+    if data.startswith("data:"):
+        head, _, data = data.partition(",")
+        if ";base64" not in head:
+            raise FieldError(field, "a data: URL must be base64-encoded")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise FieldError(field, "is not valid base64") from None
+    try:
+        image = Image.open(io.BytesIO(raw))
+        if image.width * image.height > 4 * limits.max_pixels:
+            raise FieldError(field, f"image of {image.width}x{image.height} is too large")
+        image.load()
+    except FieldError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+        raise FieldError(field, "is not an image PIL can read (PNG, JPEG, WebP, ...)") from None
+    return image
+
+
+def _resize(image, width: int, height: int):
+    """A1111's resize_mode 0, "Just resize" (LANCZOS)."""
+    from PIL import Image
+
+    return image if image.size == (width, height) else image.resize((width, height), resample=Image.LANCZOS)
+
+
+def _binary_mask(image, invert: bool):
+    """A1111's create_binary_mask: an RGBA mask with real transparency uses its alpha channel."""
+    from PIL import ImageOps
+
+    if image.mode == "RGBA" and image.getextrema()[-1] != (255, 255):
+        mask = image.split()[-1].convert("L").point(lambda x: 255 if x > 128 else 0)
+    else:
+        mask = image.convert("L")
+    return ImageOps.invert(mask) if invert else mask
+
+
+def encode_png(image, infotext: str) -> str:
+    """Base64 PNG with the A1111 `parameters` text chunk."""
+    from PIL.PngImagePlugin import PngInfo
+
+    meta = PngInfo()
+    meta.add_text("parameters", infotext)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=meta)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def response_body(req, spec: Spec, out: Output, info: ModelInfo) -> dict:
+    """A1111's TextToImageResponse / ImageToImageResponse."""
+    sampler_label = req.sampler_name or req.sampler_index or "Euler"
+    first_neg = spec.negatives[0] if spec.negatives else ""
+    js = {
+        "prompt": spec.prompts[0], "all_prompts": spec.prompts[:len(out.images)] or spec.prompts,
+        "negative_prompt": first_neg, "all_negative_prompts": spec.negatives[:len(out.images)] or spec.negatives,
+        "seed": spec.seeds[0], "all_seeds": out.seeds or spec.seeds,
+        "subseed": -1, "all_subseeds": [-1] * len(out.seeds or spec.seeds), "subseed_strength": 0,
+        "width": spec.shared["width"], "height": spec.shared["height"], "sampler_name": sampler_label,
+        "scheduler": req.scheduler or "automatic",
+        "cfg_scale": spec.shared["guidance_scale"], "steps": spec.shared["num_inference_steps"],
+        "batch_size": req.batch_size or 1, "restore_faces": None, "face_restoration_model": None,
+        "sd_model_name": info.title, "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": spec.shared.get("strength"), "extra_generation_params": {},
+        "index_of_first_image": 0, "infotexts": out.infotexts, "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "clip_skip": (spec.shared.get("clip_skip") or 0) + 1,
+        "is_using_inpainting_conditioning": spec.mode == "inpaint",
+        "interrupted": out.interrupted,
+    }
+    images = [encode_png(im, text) for im, text in zip(out.images, out.infotexts)] if req.send_images is not False else []
+    parameters = req.model_dump()
+    if isinstance(req, Img2ImgRequest) and not req.include_init_images:
+        parameters["init_images"] = None
+        parameters["mask"] = None
+    parameters.update(width=spec.shared["width"], height=spec.shared["height"], seed=spec.seeds[0])
+    return {"images": images, "parameters": parameters, "info": json.dumps(js)}
+
+
+__all__ = ["FieldError", "ModelInfo", "Limits", "make_spec", "decode_image", "encode_png", "response_body",
+           "field_of", "Txt2ImgRequest", "Img2ImgRequest"]
