@@ -179,7 +179,7 @@ def _partial_result(pipe, spec: Spec, prompts, negatives, seeds, latents) -> Gen
     decoded = pipe.decode_latents(latents)  # (N, 3, H, W) in [-1, 1]
     images = numpy_to_pil((decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy())
     sampler, schedule = samplers.resolve(shared.get("sampler"), shared.get("schedule"), pipe.config.scheduler)
-    params = dict(mode=spec.mode, prompts=prompts, negative_prompts=negatives, steps=shared["steps"],
+    params = dict(mode=spec.mode, prompts=prompts, negative_prompts=negatives, steps=shared["num_inference_steps"],
                   sampler=sampler, schedule=schedule, guidance_scale=shared["guidance_scale"],
                   height=shared["height"], width=shared["width"], strength=shared.get("strength"),
                   model=pipe.name, clip_skip=shared.get("clip_skip"), eta=shared.get("eta", 0.0))

@@ -1,0 +1,385 @@
+"""`sdengine serve` (issue 18): the A1111 API against real clients.
+
+The server runs in this process (uvicorn in a thread, loopback only) with the demo model;
+the clients are the `webuiapi` package (AUTOMATIC1111's Python client, not written here)
+and httpx.
+"""
+
+import base64
+import io
+import json
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'sdengine[serve]'")
+webuiapi = pytest.importorskip("webuiapi")
+httpx = pytest.importorskip("httpx")
+
+import uvicorn  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import sdengine  # noqa: E402
+from sdengine import samplers  # noqa: E402
+from sdengine.serve.app import SAMPLER_LABELS, SCHEDULER_LABELS, ServeSettings  # noqa: E402
+from sdengine.serve.cli import build_local_app  # noqa: E402
+from sdengine.serve.loadgen import free_port  # noqa: E402
+
+PROMPT = "a handwritten digit seven"
+
+
+class InProcessServer:
+    def __init__(self, app):
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.app.state.engine.close()
+
+    def api(self, **kw):
+        return webuiapi.WebUIApi(host="127.0.0.1", port=self.port, **kw)
+
+
+def serve(model=None, **settings):
+    return InProcessServer(build_local_app(model, ServeSettings(**settings)))
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serve(batch_window_ms=300.0) as s:  # a wide window, so that concurrent requests share batches
+        yield s
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return sdengine.load(None)
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def _b64_png(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_webuiapi_txt2img_equals_generate(server):
+    api = server.api(sampler="Euler a", steps=12)
+    result = api.txt2img(prompt=PROMPT, negative_prompt="blurry", seed=11, width=32, height=32, cfg_scale=6.5,
+                         batch_size=2)
+    reference = sdengine.generate(PROMPT, negative_prompt="blurry", seed=11, steps=12, sampler="Euler a",
+                                  guidance_scale=6.5, width=32, height=32, batch_size=2, progress=False)
+    assert len(result.images) == 2
+    for i, image in enumerate(result.images):
+        assert image.format == "PNG" and image.size == (32, 32)
+        assert np.array_equal(_pixels(image), _pixels(reference.images[i])), f"image {i} differs from generate()"
+        assert image.info["parameters"] == reference.infotext(i)
+    info = result.info  # webuiapi parsed the `info` JSON string
+    assert info["all_seeds"] == [11, 12] and info["seed"] == 11 and info["steps"] == 12
+    assert info["sampler_name"] == "Euler a" and info["cfg_scale"] == 6.5 and info["width"] == 32
+    assert info["infotexts"] == [reference.infotext(0), reference.infotext(1)]
+    assert result.parameters["prompt"] == PROMPT and result.parameters["seed"] == 11
+
+
+def test_defaults_and_random_seed(server, demo):
+    # No sampler, steps or size: A1111's sampler (Euler) and steps (50), the model's native size.
+    r = httpx.post(server.url + "/sdapi/v1/txt2img", json={"prompt": PROMPT, "seed": -1, "unknown_field": 1},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert info["steps"] == 50 and info["sampler_name"] == "Euler" and info["width"] == demo.config.default_size
+    assert 0 <= info["seed"] < 4294967294
+    image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    assert image.size == (demo.config.default_size,) * 2
+
+
+def test_webuiapi_img2img_equals_pipeline(server, demo):
+    source = demo(PROMPT, seed=3, steps=8, width=40, height=40, progress=False).images[0]  # resized by the server
+    api = server.api(sampler="DPM++ 2M", steps=10)
+    result = api.img2img(images=[source], prompt="a handwritten digit one", seed=5, width=32, height=32,
+                         denoising_strength=0.6, cfg_scale=7.0)
+    expected = demo("a handwritten digit one", negative_prompt="", init_image=source.resize((32, 32), Image.LANCZOS),
+                    strength=0.6, seed=5, steps=10, sampler="DPM++ 2M", guidance_scale=7.0, width=32, height=32,
+                    progress=False)
+    assert np.array_equal(_pixels(result.image), _pixels(expected.images[0]))
+    assert result.info["denoising_strength"] == 0.6
+    assert "Denoising strength: 0.6" in result.image.info["parameters"]
+
+
+def test_inpainting_with_an_inpainting_model(tmp_path):
+    from tiny import save_tiny_pipeline
+
+    folder = save_tiny_pipeline("sd15-inpaint", tmp_path / "inpaint")
+    pipe = sdengine.load(folder)
+    size = pipe.config.default_size
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    with serve(str(folder)) as s:
+        result = s.api(sampler="Euler", steps=6).img2img(images=[photo], mask_image=mask, prompt="a red square",
+                                                         seed=9, width=size, height=size, denoising_strength=1.0)
+        # a mask on a 4-channel model is refused, naming the field
+        r = httpx.post(s.url + "/sdapi/v1/txt2img", json={"prompt": "x"}, timeout=30)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "init_images"]
+    expected = pipe("a red square", negative_prompt="", init_image=photo, mask_image=mask, strength=1.0, seed=9,
+                    steps=6, sampler="Euler", guidance_scale=7.0, progress=False)
+    assert np.array_equal(_pixels(result.image), _pixels(expected.images[0]))
+    assert result.info["is_using_inpainting_conditioning"] is True
+
+
+def test_mask_needs_an_inpainting_model(server, demo):
+    image = _b64_png(Image.new("RGB", (32, 32), "white"))
+    r = httpx.post(server.url + "/sdapi/v1/img2img", json={"init_images": [image], "mask": image}, timeout=30)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "mask"]
+
+
+def test_sampler_and_scheduler_lists(server, demo):
+    api = server.api()
+    names = [s["name"] for s in api.get_samplers()]
+    assert names == [name for name, _ in SAMPLER_LABELS] and "Euler a" in names and "DPM++ 2M" in names
+    for name in names:  # every listed sampler resolves, and serves
+        samplers.resolve(name, None, demo.config.scheduler)
+    for item in api.get_schedulers():
+        schedule = None if item["name"] == "automatic" else item["name"]
+        samplers.resolve("Euler", schedule, demo.config.scheduler)
+    assert [s["name"] for s in api.get_schedulers()] == [name for name, _, _ in SCHEDULER_LABELS]
+    models = api.get_sd_models()
+    assert models[0]["title"] == "demo-digits" and api.get_options()["sd_model_checkpoint"] == "demo-digits"
+    r = httpx.post(server.url + "/sdapi/v1/txt2img",
+                   json={"prompt": PROMPT, "steps": 4, "width": 32, "height": 32, "sampler_name": "DPM++ 2M",
+                         "scheduler": "Karras"}, timeout=30)
+    assert r.status_code == 200 and "Schedule type: karras" in json.loads(r.json()["info"])["infotexts"][0]
+
+
+def test_interrupt_and_progress(server):
+    api = server.api(sampler="Euler", steps=1000)
+    outcome = {}
+
+    def long_request():
+        start = time.monotonic()
+        outcome["result"] = api.txt2img(prompt=PROMPT, seed=1, width=32, height=32)
+        outcome["seconds"] = time.monotonic() - start
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while True:  # wait until it is sampling
+        progress = api.get_progress()
+        if progress["state"]["sampling_step"] > 0:
+            break
+        assert time.monotonic() < deadline, progress
+        time.sleep(0.05)
+    assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 1000
+    assert progress["eta_relative"] > 0
+    assert api.interrupt() is not None
+    thread.join(60)
+    assert not thread.is_alive()
+    result = outcome["result"]
+    # A1111 answers an interrupted request with the image the latents hold so far.
+    assert result.info["interrupted"] is True and len(result.images) == 1
+    assert outcome["seconds"] < 8  # 1000 steps take over 10 s
+    assert api.get_progress()["state"]["job_count"] == 0
+
+
+def test_batched_requests_match_alone(server, demo):
+    """Four same-shape requests arriving together run as one pipeline call; each image is the
+    same request served alone, up to CPU rounding (see docs/serving.md, "Batching")."""
+    bodies = [dict(prompt=f"a handwritten digit {w}", negative_prompt=n, seed=40 + i, steps=10, width=32, height=32,
+                   sampler_name="Euler a", cfg_scale=7.0)
+              for i, (w, n) in enumerate([("zero", ""), ("one", "blurry"), ("two", ""), ("three", "thick")])]
+
+    def batch_histogram():
+        text = httpx.get(server.url + "/metrics").text
+        return {line.split('le="')[1].split('"')[0]: float(line.split()[-1])
+                for line in text.splitlines() if line.startswith("sdengine_batch_images_bucket")}
+
+    before = batch_histogram()
+    with httpx.Client(timeout=60) as http:
+        results = [None] * 4
+
+        def post(i):
+            results[i] = http.post(server.url + "/sdapi/v1/txt2img", json=bodies[i])
+
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    after = batch_histogram()
+    # one pipeline call of 4 images: the "<= 3" bucket did not move, the "<= 4" one did by one
+    assert after["3.0"] - before["3.0"] == 0 and after["4.0"] - before["4.0"] == 1, (before, after)
+    for body, response in zip(bodies, results):
+        assert response.status_code == 200
+        batched = _pixels(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))))
+        alone = _pixels(demo(body["prompt"], negative_prompt=body["negative_prompt"], seed=body["seed"], steps=10,
+                             width=32, height=32, sampler="Euler a", guidance_scale=7.0, progress=False).images[0])
+        diff = np.abs(batched.astype(int) - alone.astype(int))
+        assert diff.max() <= 2 and (diff > 0).mean() < 0.05, (diff.max(), (diff > 0).mean())
+        assert json.loads(response.json()["info"])["all_seeds"] == [body["seed"]]
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"width": 4096, "height": 4096}, "width"),                  # over the 2048^2 pixel cap
+    ({"batch_size": 4, "n_iter": 5}, "n_iter"),                  # 20 images, over the cap of 16
+    ({"batch_size": 17}, "batch_size"),
+    ({"steps": 2.5}, "steps"), ({"width": 30}, "width"), ({"cfg_scale": "nan"}, "cfg_scale"),
+    ({"sampler_name": "Nope"}, "sampler_name"), ({"scheduler": "nope"}, "scheduler"),
+    ({"restore_faces": True}, "restore_faces"), ({"seed": -5}, "seed"),
+    ({"override_settings": {"sd_model_checkpoint": "other-model"}}, "override_settings"),
+])
+def test_invalid_txt2img_is_422_naming_the_field(server, body, field):
+    r = httpx.post(server.url + "/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 4, **body}, timeout=30)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"][:2] == ["body", field], r.json()
+
+
+@pytest.mark.parametrize("init_images,field,words", [
+    (["not base64 !!"], "init_images", "base64"),
+    ([base64.b64encode(b"plain text, not an image").decode()], "init_images", "not an image"),
+    (["data:image/png;base64,@@@"], "init_images", "base64"),
+    ([], "init_images", "at least one"),
+])
+def test_bad_init_images_are_422(server, init_images, field, words):
+    r = httpx.post(server.url + "/sdapi/v1/img2img", json={"prompt": PROMPT, "init_images": init_images}, timeout=30)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"][0]
+    assert detail["loc"][:2] == ["body", field] and words in detail["msg"]
+
+
+def test_50_mb_body_is_413_and_server_stays_up(server):
+    big = {"prompt": PROMPT, "init_images": ["A" * (50 * 1024 * 1024)]}
+    r = httpx.post(server.url + "/sdapi/v1/img2img", json=big, timeout=60)
+    assert r.status_code == 413 and "bytes" in r.json()["detail"]
+
+    def chunks():  # no Content-Length: cut off at the cap while reading
+        yield b'{"prompt": "x", "init_images": ["'
+        for _ in range(50):
+            yield b"A" * (1024 * 1024)
+        yield b'"]}'
+
+    r = httpx.post(server.url + "/sdapi/v1/img2img", content=chunks(), headers={"content-type": "application/json"},
+                   timeout=60)
+    assert r.status_code == 413
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_metrics(server):
+    httpx.post(server.url + "/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 3, "width": 32, "height": 32},
+               timeout=30)
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("sdengine_queue_depth", "sdengine_requests_total", "sdengine_request_latency_seconds_bucket",
+                 "sdengine_images_per_second", "sdengine_images_total", "sdengine_batch_images_bucket"):
+        assert name in text, name
+    ips = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("sdengine_images_per_second")))
+    assert ips > 0
+
+
+def test_queue_full_is_503_with_retry_after():
+    with serve(max_queue=1, batching=False) as s:
+        with httpx.Client(timeout=60) as http:
+            results = []
+
+            def post():
+                results.append(http.post(s.url + "/sdapi/v1/txt2img",
+                                         json={"prompt": PROMPT, "steps": 300, "width": 32, "height": 32}))
+
+            threads = [threading.Thread(target=post) for _ in range(5)]
+            for t in threads:
+                t.start()
+                time.sleep(0.05)
+            s.app.state.engine.scheduler.interrupt()  # do not wait for all of them to finish
+            for t in threads:
+                t.join()
+        statuses = sorted(r.status_code for r in results)
+        assert 503 in statuses and 200 in statuses, statuses
+        assert all(r.headers["retry-after"].isdigit() for r in results if r.status_code == 503)
+
+
+def test_api_key_on_every_endpoint():
+    with serve(api_key="s3cret") as s:
+        for method, path in [("GET", "/health"), ("GET", "/metrics"), ("GET", "/sdapi/v1/samplers"),
+                             ("GET", "/sdapi/v1/progress"), ("POST", "/sdapi/v1/interrupt"),
+                             ("POST", "/sdapi/v1/txt2img"), ("GET", "/docs")]:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+                r = httpx.request(method, s.url + path, headers=headers, json={} if method == "POST" else None)
+                assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (path, headers)
+        good = {"Authorization": "Bearer s3cret"}
+        assert httpx.get(s.url + "/health", headers=good).status_code == 200
+        r = httpx.post(s.url + "/sdapi/v1/txt2img", headers=good,
+                       json={"prompt": PROMPT, "steps": 3, "width": 32, "height": 32}, timeout=30)
+        assert r.status_code == 200
+        api = s.api()
+        api.session.headers["Authorization"] = "Bearer s3cret"  # how webuiapi users pass the key
+        assert api.get_samplers()
+
+
+def test_cli_without_the_extra_names_the_install_command(monkeypatch, capsys):
+    from sdengine import cli
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed
+    assert cli.main(["serve"]) == 2
+    assert 'pip install "sdengine[serve]"' in capsys.readouterr().err
+
+
+def test_cli_ray_without_ray(monkeypatch, capsys):
+    from sdengine import cli
+
+    monkeypatch.setitem(sys.modules, "ray.serve", None)
+    assert cli.main(["serve", "--ray"]) == 2
+    err = capsys.readouterr().err
+    assert "Ray Serve" in err and 'pip install "sdengine[serve]"' in err
+
+
+def test_cli_refuses_bad_settings(capsys):
+    from sdengine import cli
+
+    assert cli.main(["serve", "--max-queue", "0"]) == 2
+    assert "--max-queue" in capsys.readouterr().err
+    assert cli.main(["serve", "--replicas", "2"]) == 2
+    assert "--ray" in capsys.readouterr().err
+
+
+def test_exposed_host_warns(monkeypatch, capsys):
+    from sdengine.serve import cli as serve_cli
+
+    started = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: started.update(kw))
+    monkeypatch.setattr(serve_cli, "build_local_app", lambda *a, **k: _FakeApp())
+    from sdengine import cli
+
+    assert cli.main(["serve", "--host", "0.0.0.0"]) == 0
+    assert started["host"] == "0.0.0.0"
+    err = capsys.readouterr().err
+    assert "warning" in err and "0.0.0.0" in err and "--api-key" in err
+    assert cli.main(["serve"]) == 0 and started["host"] == "127.0.0.1"  # the default: loopback only
+    assert "warning" not in capsys.readouterr().err
+
+
+class _FakeApp:
+    class state:
+        class engine:
+            class _info:
+                title = "fake"
+
+            @staticmethod
+            def close():
+                pass
