@@ -1,0 +1,107 @@
+"""`sdengine serve --ray` (issue 18): the same API on Ray Serve, a local cluster, 2 CPU replicas.
+
+One cluster for the module (Ray's start-up is the cost: ~30 s on 2 cores). Loopback only.
+"""
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'sdengine[serve]'")
+serve = pytest.importorskip("ray.serve", reason="needs the serve extra (ray[serve])")
+webuiapi = pytest.importorskip("webuiapi")
+httpx = pytest.importorskip("httpx")
+
+import sdengine  # noqa: E402
+from sdengine.serve.app import ServeSettings  # noqa: E402
+from sdengine.serve.loadgen import LoadRequest, free_port, run_load, txt2img  # noqa: E402
+from sdengine.serve.ray_app import APP_NAME, RayOptions, build_application  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    application = build_application(None, ServeSettings(request_timeout_s=60), RayOptions(replicas=2,
+                                                                                        num_cpus_per_replica=1),
+                                     threads=1)
+    serve.run(application, name=APP_NAME, route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}", port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _replica_pids(timeout_s=30) -> set:
+    handle = serve.get_deployment_handle("SDModel", APP_NAME)
+    pids, deadline = set(), time.monotonic() + timeout_s
+    while len(pids) < 2 and time.monotonic() < deadline:
+        pids.add(handle.pid.remote().result())
+    return pids
+
+
+def test_webuiapi_against_two_replicas(cluster):
+    url, port = cluster
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler a", steps=10)
+    assert len(_replica_pids()) == 2
+    result = api.txt2img(prompt="a handwritten digit four", seed=21, width=32, height=32, cfg_scale=7.0)
+    reference = sdengine.generate("a handwritten digit four", negative_prompt="", seed=21, steps=10,
+                                  sampler="Euler a", guidance_scale=7.0, width=32, height=32, progress=False)
+    assert np.array_equal(np.asarray(result.image.convert("RGB")), np.asarray(reference.images[0]))
+    assert result.image.info["parameters"] == reference.infotext(0)
+    img = api.img2img(images=[reference.images[0]], prompt="a handwritten digit one", seed=2, width=32, height=32,
+                      denoising_strength=0.5)
+    assert img.image.size == (32, 32) and img.info["denoising_strength"] == 0.5
+    assert "Euler a" in [s["name"] for s in api.get_samplers()]
+    assert api.get_sd_models()[0]["title"] == "demo-digits"
+    r = httpx.post(url + "/sdapi/v1/txt2img", json={"width": 33}, timeout=30)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "width"]
+    assert "sdengine_requests_total" in httpx.get(url + "/metrics").text
+    # interrupt: the ingress cancels its requests in flight; they answer at once
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(
+        r=httpx.post(url + "/sdapi/v1/txt2img", json=txt2img(steps=1000), timeout=60)))
+    thread.start()
+    time.sleep(1.0)
+    started = time.monotonic()
+    assert httpx.post(url + "/sdapi/v1/interrupt").status_code == 200
+    thread.join(30)
+    assert outcome["r"].status_code == 200 and time.monotonic() - started < 10
+    assert '"interrupted": true' in outcome["r"].json()["info"]
+
+
+def test_replica_killed_mid_run(cluster):
+    """Kill one model replica while 12 requests are in flight: at most its in-flight requests
+    fail, with a 5xx and never a hang; Serve starts a new replica, which then serves."""
+    url, _ = cluster
+    victim = sorted(_replica_pids())[0]
+    requests = [LoadRequest(txt2img(f"a handwritten digit {i % 10}", seed=i, steps=150, size=32)) for i in range(12)]
+    killer = threading.Timer(1.5, lambda: os.kill(victim, signal.SIGKILL))
+    killer.start()
+    stats = run_load(url, requests, concurrency=12, timeout_s=90)
+    killer.join()
+    statuses = [r.status for r in stats.results]
+    assert None not in statuses, [r.error for r in stats.results]          # every request got an answer
+    assert all(s == 200 or 500 <= s < 600 for s in statuses), statuses
+    failed = sum(1 for s in statuses if s != 200)
+    assert 1 <= failed <= 8, statuses   # the victim's batch (max_batch_images=8), not the other replica's
+    assert stats.wall_s < 90
+    deadline = time.monotonic() + 90
+    while True:  # the controller replaces the replica
+        pids = _replica_pids(timeout_s=5)
+        if len(pids) == 2 and victim not in pids:
+            break
+        assert time.monotonic() < deadline, pids
+        time.sleep(1)
+    after = run_load(url, [LoadRequest(txt2img(seed=i, steps=6)) for i in range(8)], concurrency=8)
+    assert {r.status for r in after.results} == {200}
