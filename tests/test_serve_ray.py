@@ -105,3 +105,17 @@ def test_replica_killed_mid_run(cluster):
         time.sleep(1)
     after = run_load(url, [LoadRequest(txt2img(seed=i, steps=6)) for i in range(8)], concurrency=8)
     assert {r.status for r in after.results} == {200}
+
+
+def test_app_from_env_builds_the_application(monkeypatch):
+    """KubeRay's import_path (docs/serving.md) builds the same two deployments from the environment."""
+    from ray.serve import Application
+
+    from sdengine.serve.ray_app import app_from_env
+
+    monkeypatch.setenv("SDENGINE_SERVE_ARGS", "--max-batch-images 4 --replicas 3 --num-gpus-per-replica 0")
+    application = app_from_env()
+    assert isinstance(application, Application)
+    monkeypatch.setenv("SDENGINE_SERVE_ARGS", "--max-queue 0")
+    with pytest.raises(ValueError, match="--max-queue"):
+        app_from_env()

@@ -254,3 +254,22 @@ def run(model, settings, options: RayOptions, *, host: str, port: int, backend=N
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def app_from_env(args: Optional[dict] = None):
+    """A Ray Serve application builder for `serve deploy` / KubeRay's serveConfigV2
+    (`import_path: sdengine.serve.ray_app:app_from_env`): the model from $SDENGINE_MODEL
+    (default: the demo model), the other `sdengine serve` options from $SDENGINE_SERVE_ARGS,
+    the API key from $SDENGINE_API_KEY."""
+    import argparse
+    import shlex
+
+    from .cli import register, settings_from_args
+
+    parser = argparse.ArgumentParser(prog="sdengine")
+    register(parser.add_subparsers(dest="command"))
+    argv = ["serve", *([os.environ["SDENGINE_MODEL"]] if os.environ.get("SDENGINE_MODEL") else []),
+            *shlex.split(os.environ.get("SDENGINE_SERVE_ARGS", "")), "--ray"]
+    ns = parser.parse_args(argv)
+    return build_application(ns.model, settings_from_args(ns), RayOptions.from_args(ns), backend=ns.backend,
+                             device=ns.device, dtype=ns.dtype, threads=ns.threads)
