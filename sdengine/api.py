@@ -49,7 +49,7 @@ def _default_backend(device: torch.device) -> str:
 
 
 def load(path=None, device=None, dtype=None, backend: Optional[str] = None, *,
-         config: Optional[ModelConfig] = None, prediction_type: Optional[str] = None) -> Pipeline:
+         config: Optional[ModelConfig] = None, prediction_type: Optional[str] = None, loras=None) -> Pipeline:
     """Load a model and return a Pipeline.
 
     path:    a diffusers folder, a single-file .safetensors (A1111/Civitai layout), a
@@ -62,6 +62,7 @@ def load(path=None, device=None, dtype=None, backend: Optional[str] = None, *,
              and shapes is not enough (e.g. unusual head counts).
     prediction_type: "epsilon" or "v_prediction" for a single file that does not say
              (an SD2 768-v file is taken as v-prediction, a 512-base one needs "epsilon").
+    loras:   LoRAs to merge, as for Pipeline.set_loras: [path, (path, scale), ...].
     """
     path = Path(DEMO_MODEL if path is None else path)
     if not path.exists():
@@ -75,15 +76,18 @@ def load(path=None, device=None, dtype=None, backend: Optional[str] = None, *,
     if backend == "onnx":
         from .backends.onnx import load_pipeline
 
-        return load_pipeline(path, device=device, dtype=dtype)
+        pipe = load_pipeline(path, device=device, dtype=dtype)
+    else:
+        from .loading import load_model
 
-    from .loading import load_model
-
-    loaded = load_model(path, device=device, dtype=dtype, config=config, prediction_type=prediction_type)
-    return _pipeline_from_modules(
-        loaded.config, loaded.text_encoder, loaded.unet, loaded.vae, loaded.text_encoder_2,
-        loaded.tokenizer, loaded.tokenizer_2, backend=backend, name=path.stem if path.is_file() else path.name,
-    )
+        loaded = load_model(path, device=device, dtype=dtype, config=config, prediction_type=prediction_type)
+        pipe = _pipeline_from_modules(
+            loaded.config, loaded.text_encoder, loaded.unet, loaded.vae, loaded.text_encoder_2,
+            loaded.tokenizer, loaded.tokenizer_2, backend=backend, name=path.stem if path.is_file() else path.name,
+        )
+    if loras:
+        pipe.set_loras(loras)
+    return pipe
 
 
 def from_diffusers(pipe, backend: str = "eager") -> Pipeline:

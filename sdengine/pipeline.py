@@ -16,9 +16,11 @@ own seed and generator, so an image depends only on its seed, not on the batch.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -26,8 +28,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import prompt_syntax as a1111
 from . import samplers
 from .config import ModelConfig
+from .lora import LoraWeights, ReadWriteLock
 from .samplers.fused import sample_fused
 from .vae_tiling import AUTO_TILE_CELLS, tiled_decode
 
@@ -67,6 +71,8 @@ class GenerationResult:
             ("Size", f"{p['width']}x{p['height']}"), ("Model", p.get("model")),
             ("Denoising strength", p.get("strength") if p.get("mode") != "txt2img" else None),
             ("Clip skip", p.get("clip_skip")),
+            ("Lora hashes", _quote(", ".join(f"{_bare(lora['name'])}: {lora['hash']}" for lora in p.get("loras") or [])
+                                   or None)),
         ]
         lines.append(", ".join(f"{k}: {v}" for k, v in fields_ if v is not None))
         return "\n".join(lines)
@@ -81,6 +87,10 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.tokenizer_2 = tokenizer_2
         self.name = name or self.config.name
+        # Requests read the weights, set_loras and load_embedding write them (sdengine/lora.py).
+        self._weights_lock = ReadWriteLock()
+        self._loras: Optional[LoraWeights] = None  # made on the first set_loras
+        self._lora_set: list = []  # the set given to set_loras; a1111 prompts may add to it per call
 
     def __repr__(self):
         return (f"Pipeline({self.name!r}, backend={getattr(self.backend, 'name', type(self.backend).__name__)}, "
@@ -113,6 +123,8 @@ class Pipeline:
         clip_skip: Optional[int] = None,
         steps: Optional[int] = None,
         vae_tiling: Optional[bool] = None,
+        prompt_syntax: Optional[str] = None,
+        lora_dir=None,
     ) -> GenerationResult:
         """Generate images.
 
@@ -140,6 +152,12 @@ class Pipeline:
                              1 here is A1111's "Clip skip: 2").
         vae_tiling:          decode in blended tiles: True, False, or None = automatically for
                              large images (over 128x128 latent cells) or when memory runs out.
+        prompt_syntax:       None (the prompt is plain text; over 75 tokens it is truncated, as
+                             diffusers does) or "a1111": (emphasis:1.2), [less], BREAK, prompts of
+                             any length in 75-token windows, and <lora:name:scale> tags, which add
+                             LoRAs from `lora_dir` to the pipeline's set for this call
+                             (sdengine/prompt_syntax.py).
+        lora_dir:            the folder where <lora:name> finds name.safetensors (searched recursively).
         """
         cfg = self.config
         # -- arguments ------------------------------------------------------
@@ -161,6 +179,10 @@ class Pipeline:
         prompts = [p for p in prompts for _ in range(batch_size)]
         negatives = _negative_prompts(negative_prompt, prompts, batch_size)
         seeds = _seeds(seed, n_images)
+        syntax = _check_prompt_syntax(prompt_syntax)
+        texts, negatives, tag_loras = prompts, negatives, []
+        if syntax:
+            texts, negatives, tag_loras = a1111.lora_tags(texts, negatives, lora_dir)
 
         mode = "inpaint" if mask_image is not None else "img2img" if init_image is not None else "txt2img"
         if mode == "inpaint" and init_image is None:
@@ -216,96 +238,170 @@ class Pipeline:
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         do_cfg = guidance_scale > 1.0
 
-        # -- text ------------------------------------------------------------
-        context, pooled = self._encode_prompts(prompts, clip_skip)
-        if do_cfg:
-            if cfg.is_sdxl and negative_prompt is None:  # SDXL: force_zeros_for_empty_prompt
-                neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
-            else:
-                neg_context, neg_pooled = self._encode_prompts(negatives, clip_skip)
-            context = torch.cat([neg_context, context])  # (2N, 77, D): [uncond, cond]
-            pooled = torch.cat([neg_pooled, pooled]) if pooled is not None else None
-        added_cond = None
-        if cfg.unet.addition_embed_type == "text_time":
-            # SDXL micro-conditioning: (original size, crop top-left, target size).
-            time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
-            added_cond = {"text_embeds": pooled, "time_ids": time_ids.repeat(context.shape[0], 1)}
-
-        # -- initial latents (generator draws in diffusers' order) ---------------
-        device = self.backend.device
-        image_latents = masked_image_latents = None
-        if init_for_sampler:
-            image_latents = self._encode_images(image, generators)
-        noise = latents if latents is not None else samplers.randn(latent_shape, generators, torch.device("cpu"),
-                                                                   torch.float32)
-        noise = noise.to(device, torch.float32)
-        if mode == "inpaint":
-            masked_image = image * (mask < 0.5)
-            masked_image_latents = self._encode_images(masked_image, generators)
-            mask_latent = torch.nn.functional.interpolate(mask, size=latent_shape[-2:])  # nearest
-            extra_channels = torch.cat([mask_latent, masked_image_latents], dim=1).to(device)  # (N, 1 + C, h, w)
+        with self._holding_weights(tag_loras) as loras:
+            # -- text ------------------------------------------------------------
+            # A1111's syntax: prompt and negative prompt take the same number of 77-token windows.
+            windows = a1111.windows(self.tokenizer, texts + (negatives if do_cfg else [])) \
+                if syntax else 1
+            context, pooled = self._encode_prompts(texts, clip_skip, syntax, windows)
             if do_cfg:
-                extra_channels = torch.cat([extra_channels, extra_channels])
+                if cfg.is_sdxl and negative_prompt is None:  # SDXL: force_zeros_for_empty_prompt
+                    neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
+                else:
+                    neg_context, neg_pooled = self._encode_prompts(negatives, clip_skip, syntax, windows)
+                context = torch.cat([neg_context, context])  # (2N, 77·windows, D): [uncond, cond]
+                pooled = torch.cat([neg_pooled, pooled]) if pooled is not None else None
+            added_cond = None
+            if cfg.unet.addition_embed_type == "text_time":
+                # SDXL micro-conditioning: (original size, crop top-left, target size).
+                time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
+                added_cond = {"text_embeds": pooled, "time_ids": time_ids.repeat(context.shape[0], 1)}
 
-        def model_fn(x_in, t):
-            """Raw model output (the config's prediction type) with guidance applied."""
-            x_batch = torch.cat([x_in, x_in]) if do_cfg else x_in  # (2N, C, h, w)
+            # -- initial latents (generator draws in diffusers' order) ---------------
+            device = self.backend.device
+            image_latents = masked_image_latents = None
+            if init_for_sampler:
+                image_latents = self._encode_images(image, generators)
+            noise = latents if latents is not None else samplers.randn(latent_shape, generators, torch.device("cpu"),
+                                                                       torch.float32)
+            noise = noise.to(device, torch.float32)
             if mode == "inpaint":
-                x_batch = torch.cat([x_batch, extra_channels.to(x_batch.dtype)], dim=1)
-            t_batch = t.expand(x_batch.shape[0]) if t.dim() <= 1 and t.numel() == 1 else \
-                (torch.cat([t, t]) if do_cfg else t)
-            out = self.backend.denoise(x_batch, t_batch, context, added_cond)
-            if not do_cfg:
-                return out
-            uncond, cond = out.chunk(2)
-            return uncond + guidance_scale * (cond - uncond)
+                masked_image = image * (mask < 0.5)
+                masked_image_latents = self._encode_images(masked_image, generators)
+                mask_latent = torch.nn.functional.interpolate(mask, size=latent_shape[-2:])  # nearest
+                extra_channels = torch.cat([mask_latent, masked_image_latents], dim=1).to(device)  # (N, 1 + C, h, w)
+                if do_cfg:
+                    extra_channels = torch.cat([extra_channels, extra_channels])
 
-        # -- denoising loop ----------------------------------------------------------
-        # A backend that runs UNet + guidance + sampler update as one function offers fused_step
-        # (docs/CONTRACTS.md); it returns None for a run its kernels do not cover.
-        fused_step = getattr(self.backend, "fused_step", None)
-        step = fused_step(plan, context, guidance_scale, added_cond) if fused_step is not None else None
-        bar = tqdm(total=total, desc=f"{sampler_name}", unit="step", disable=not progress, leave=False)
+            def model_fn(x_in, t):
+                """Raw model output (the config's prediction type) with guidance applied."""
+                x_batch = torch.cat([x_in, x_in]) if do_cfg else x_in  # (2N, C, h, w)
+                if mode == "inpaint":
+                    x_batch = torch.cat([x_batch, extra_channels.to(x_batch.dtype)], dim=1)
+                t_batch = t.expand(x_batch.shape[0]) if t.dim() <= 1 and t.numel() == 1 else \
+                    (torch.cat([t, t]) if do_cfg else t)
+                out = self.backend.denoise(x_batch, t_batch, context, added_cond)
+                if not do_cfg:
+                    return out
+                uncond, cond = out.chunk(2)
+                return uncond + guidance_scale * (cond - uncond)
 
-        def on_step(step_index, x):
-            bar.update(1)
-            if callback is not None and callback(step_index, total, x) is False:
-                raise GenerationCancelled(f"cancelled by the callback at step {step_index + 1}")
+            # -- denoising loop ----------------------------------------------------------
+            # A backend that runs UNet + guidance + sampler update as one function offers fused_step
+            # (docs/CONTRACTS.md); it returns None for a run its kernels do not cover.
+            fused_step = getattr(self.backend, "fused_step", None)
+            step = fused_step(plan, context, guidance_scale, added_cond) if fused_step is not None else None
+            bar = tqdm(total=total, desc=f"{sampler_name}", unit="step", disable=not progress, leave=False)
 
-        try:
-            if step is not None:
-                x = sample_fused(step, noise, plan, init_latents=image_latents if init_for_sampler else None,
-                                 generators=generators, callback=on_step)
-            else:
-                x = samplers.sample(
-                    model_fn, noise, sampler=sampler_name, schedule=schedule_name, steps=num_inference_steps,
-                    scheduler_config=cfg.scheduler,
-                    init_latents=image_latents if init_for_sampler else None,
-                    strength=strength, generators=generators, callback=on_step, eta=eta,
-                )
-        finally:
-            bar.close()
+            def on_step(step_index, x):
+                bar.update(1)
+                if callback is not None and callback(step_index, total, x) is False:
+                    raise GenerationCancelled(f"cancelled by the callback at step {step_index + 1}")
 
-        params = dict(
-            mode=mode, prompts=prompts, negative_prompts=negatives, steps=num_inference_steps,
-            sampler=sampler_name, schedule=schedule_name, guidance_scale=guidance_scale, height=height,
-            width=width, strength=strength, model=self.name, clip_skip=clip_skip, eta=eta,
-        )
-        if output_type == "latent":
-            return GenerationResult(x, seeds, params)
+            try:
+                if step is not None:
+                    x = sample_fused(step, noise, plan, init_latents=image_latents if init_for_sampler else None,
+                                     generators=generators, callback=on_step)
+                else:
+                    x = samplers.sample(
+                        model_fn, noise, sampler=sampler_name, schedule=schedule_name, steps=num_inference_steps,
+                        scheduler_config=cfg.scheduler,
+                        init_latents=image_latents if init_for_sampler else None,
+                        strength=strength, generators=generators, callback=on_step, eta=eta,
+                    )
+            finally:
+                bar.close()
 
-        # -- decode --------------------------------------------------------------------
-        decoded = self.decode_latents(x, tiling=vae_tiling)  # (N, 3, H, W) in [-1, 1]
-        images = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
-        if output_type == "np":
-            return GenerationResult(images, seeds, params)
-        return GenerationResult(numpy_to_pil(images), seeds, params)
+            params = dict(
+                mode=mode, prompts=prompts, negative_prompts=negatives, steps=num_inference_steps,
+                sampler=sampler_name, schedule=schedule_name, guidance_scale=guidance_scale, height=height,
+                width=width, strength=strength, model=self.name, clip_skip=clip_skip, eta=eta,
+                loras=loras,
+            )
+            if output_type == "latent":
+                return GenerationResult(x, seeds, params)
+
+            # -- decode --------------------------------------------------------------------
+            decoded = self.decode_latents(x, tiling=vae_tiling)  # (N, 3, H, W) in [-1, 1]
+            images = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
+            if output_type == "np":
+                return GenerationResult(images, seeds, params)
+            return GenerationResult(numpy_to_pil(images), seeds, params)
+
+    # ------------------------------------------------------------------
+    # LoRAs and textual inversion
+    # ------------------------------------------------------------------
+
+    def set_loras(self, loras) -> None:
+        """Merge a set of LoRAs into the weights, replacing the set merged now.
+
+        loras: a list of paths, (path, scale) or (path, scale, text_encoder_scale); [] restores the
+        base weights bit for bit. kohya / A1111 and diffusers / PEFT .safetensors files (see
+        sdengine/lora.py). Nothing is recompiled or recaptured: the LoRA is merged into the
+        tensors the backend already computes with. Waits for running calls to finish and holds
+        new ones until the swap is done. Raises FileNotFoundError / ModelLoadError naming the file
+        and key (nothing changed) for a missing, corrupt or mismatched file; ValueError for a
+        backend that holds no weights in torch (onnx).
+        """
+        from .lora import LoraSpec
+
+        specs = [LoraSpec.of(entry) for entry in loras]
+        with self._weights_lock.writing():
+            self._lora_weights().apply(specs)
+            self._lora_set = specs
+
+    def load_embedding(self, path, token: Optional[str] = None) -> str:
+        """Add a textual-inversion embedding's token to the tokenizer(s) and the text encoder(s);
+        returns the token (default: a diffusers file's key, else the file's stem). Raises
+        ModelLoadError naming the file for a format or width that does not fit, ValueError for a
+        token that already exists (nothing changed)."""
+        from .embeddings import read_embedding
+
+        with self._weights_lock.writing():
+            embedding = read_embedding(path, self.config, token)
+            tokenizers = {"text_encoder": self.tokenizer, "text_encoder_2": self.tokenizer_2}
+            for component in embedding.vectors:
+                if tokenizers[component].has_token(embedding.token):
+                    raise ValueError(f"{path}: token {embedding.token!r} already exists in the tokenizer; "
+                                     "give load_embedding another token=")
+            ids = self.backend.add_token_embeddings(embedding.vectors)
+            self.tokenizer = self.tokenizer.with_token(embedding.token, ids["text_encoder"])
+            if "text_encoder_2" in ids:
+                self.tokenizer_2 = self.tokenizer_2.with_token(embedding.token, ids["text_encoder_2"])
+        return embedding.token
+
+    def _lora_weights(self) -> "LoraWeights":
+        if self._loras is None:
+            self._loras = LoraWeights(self.config, self.backend.weight_views)
+        return self._loras
+
+    @contextmanager
+    def _holding_weights(self, extra: list):
+        """Hold the weights (read lock) for one call, with the pipeline's LoRA set plus `extra`
+        (from <lora:> tags) merged; yields [{name, path, scale, hash}] of the merged LoRAs."""
+        while True:
+            wanted = self._lora_set + [spec for spec in extra if spec not in self._lora_set]
+            merged = lambda: [spec for spec, _ in self._loras.loras] if self._loras is not None else []  # noqa: E731
+            if merged() != wanted:
+                with self._weights_lock.writing():
+                    self._lora_weights().apply(wanted)
+            with self._weights_lock.reading():
+                if merged() == wanted:  # no other call swapped the set since
+                    yield [dict(name=lora.name, path=str(lora.path), scale=spec.scale, hash=lora.shorthash)
+                           for spec, lora in (self._loras.loras if self._loras is not None else [])]
+                    return
 
     # ------------------------------------------------------------------
     # Steps of the flow
     # ------------------------------------------------------------------
 
-    def _encode_prompts(self, prompts: list, clip_skip):
+    def _encode_prompts(self, prompts: list, clip_skip, syntax: Optional[str] = None, windows: int = 1):
+        if syntax == "a1111":
+            widths = (self.config.text_encoder.hidden_size,
+                      *((self.config.text_encoder_2.hidden_size,) if self.tokenizer_2 is not None else ()))
+            return a1111.encode(self.backend, self.tokenizer, self.tokenizer_2, prompts, clip_skip,
+                                        widths=widths, windows=windows,
+                                        max_windows=getattr(self.backend, "max_prompt_windows", None))
         ids = self.tokenizer(prompts)
         ids_2 = self.tokenizer_2(prompts) if self.tokenizer_2 is not None else None
         context, pooled = self.backend.encode_text(ids, ids_2, clip_skip=clip_skip)
@@ -350,6 +446,24 @@ class Pipeline:
 # ----------------------------------------------------------------------
 # Argument helpers
 # ----------------------------------------------------------------------
+
+def _check_prompt_syntax(prompt_syntax) -> Optional[str]:
+    if prompt_syntax not in (None, "a1111"):
+        raise ValueError(f"prompt_syntax must be None or 'a1111', got {prompt_syntax!r}")
+    return prompt_syntax
+
+
+def _bare(name: str) -> str:
+    """A name inside an infotext list value: A1111 drops ':' and ','."""
+    return name.replace(":", "").replace(",", "")
+
+
+def _quote(value: Optional[str]) -> Optional[str]:
+    """An infotext value as A1111 writes it: quoted (JSON) when it holds ',', ':' or a newline."""
+    if value is None or not any(c in value for c in ",:\n"):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
 
 def _as_list(value, name: str) -> list:
     if isinstance(value, str):

@@ -7,8 +7,10 @@ derive the `vocab.json` / `merges.txt` pair that Hugging Face tokenizers read.
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
+import re
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -130,7 +132,10 @@ class CLIPTokenizer:
 
     Prompts longer than 75 tokens are truncated, not chunked: the first 75 tokens are kept
     between BOS and EOS and a `UserWarning` says how many were dropped. This is what
-    diffusers' pipelines do (A1111's 75-token windows are not implemented).
+    diffusers' pipelines do; A1111's 75-token windows are `sdengine.prompt_syntax`.
+
+    Added tokens (textual inversion, `with_token`) are found in a prompt before BPE, as
+    case-insensitive substrings, and map to their ids (one per learned vector).
     """
 
     def __init__(self, vocab: dict, merges: list, pad_token: str = EOS_TOKEN,
@@ -166,6 +171,9 @@ class CLIPTokenizer:
         # prompt becomes id 0 on its own rather than a BPE piece such as "!!!".
         tok.add_special_tokens(list(dict.fromkeys([BOS_TOKEN, EOS_TOKEN, pad_token])))
         self._tokenizer = tok
+        self._vocab = vocab
+        self.added_tokens: dict[str, tuple[int, ...]] = {}  # lowercased token -> ids
+        self._added_pattern = None
 
     # Construction -------------------------------------------------------------
 
@@ -238,13 +246,47 @@ class CLIPTokenizer:
         (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=1), encoding="utf-8")
         return folder
 
+    # Added tokens (textual inversion) -------------------------------------------
+
+    def has_token(self, token: str) -> bool:
+        """Whether `token` already means something: a vocabulary entry (as a word or a word
+        piece; prompts are lowercased) or an added token."""
+        lower = token.lower()
+        return lower in self.added_tokens or lower in self._vocab or lower + "</w>" in self._vocab
+
+    def with_token(self, token: str, ids) -> "CLIPTokenizer":
+        """A copy of this tokenizer that reads `token` in a prompt as `ids` (this one is unchanged:
+        the default tokenizers are shared). ValueError if the token already means something."""
+        if self.has_token(token):
+            raise ValueError(f"token {token!r} already exists in the tokenizer; choose another token")
+        new = copy.copy(self)
+        new.added_tokens = {**self.added_tokens, token.lower(): tuple(int(i) for i in ids)}
+        alternatives = sorted(new.added_tokens, key=len, reverse=True)  # longest match first
+        new._added_pattern = re.compile("|".join(re.escape(t) for t in alternatives), re.IGNORECASE)
+        return new
+
     # Encoding -----------------------------------------------------------------
 
-    def tokens(self, prompt: str) -> list[int]:
-        """The BPE ids of one prompt, without BOS, EOS, truncation or padding."""
+    def pieces(self, prompt: str) -> list[tuple[int, ...]]:
+        """One prompt as units that must stay together: each BPE token alone, each added token
+        with all its ids. No BOS, EOS, truncation or padding."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-        return self._tokenizer.encode(prompt, add_special_tokens=False).ids
+        if self._added_pattern is None:
+            return [(i,) for i in self._tokenizer.encode(prompt, add_special_tokens=False).ids]
+        units, start = [], 0
+        for match in [*self._added_pattern.finditer(prompt), None]:
+            end = match.start() if match is not None else len(prompt)
+            if end > start:
+                units += [(i,) for i in self._tokenizer.encode(prompt[start:end], add_special_tokens=False).ids]
+            if match is not None:
+                units.append(self.added_tokens[match.group(0).lower()])
+                start = match.end()
+        return units
+
+    def tokens(self, prompt: str) -> list[int]:
+        """The ids of one prompt (BPE, and added tokens), without BOS, EOS, truncation or padding."""
+        return [i for unit in self.pieces(prompt) for i in unit]
 
     def encode(self, prompt: str) -> list[int]:
         """`[BOS, *tokens, EOS]` for one prompt: no truncation and no padding."""
@@ -264,9 +306,11 @@ class CLIPTokenizer:
             raise TypeError("prompts must be a string or a list of strings")
         room = self.max_length - 2
         ids = torch.full((len(prompts), self.max_length), self.pad_token_id, dtype=torch.long)
-        encodings = self._tokenizer.encode_batch(list(prompts), add_special_tokens=False)
-        for row, (prompt, encoding) in enumerate(zip(prompts, encodings)):
-            tokens = encoding.ids
+        if self._added_pattern is None:
+            encoded = [e.ids for e in self._tokenizer.encode_batch(list(prompts), add_special_tokens=False)]
+        else:
+            encoded = [self.tokens(p) for p in prompts]
+        for row, (prompt, tokens) in enumerate(zip(prompts, encoded)):
             if len(tokens) > room:
                 warnings.warn(f"prompt {row} is {len(tokens)} tokens long; the last {len(tokens) - room} "
                               f"tokens were dropped (the limit is {room}): {prompt[:60]!r}...",

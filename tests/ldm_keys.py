@@ -29,55 +29,62 @@ VAE_RESNET_PARTS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2
                     "conv_shortcut": "nin_shortcut"}
 
 
-def _put(out: dict, prefix: str, module, parts: dict | None = None) -> None:
-    """Copy module's tensors under prefix; parts renames its direct children."""
+def _put(out: dict, prefix: str, module, parts: dict | None = None, copy: bool = True) -> None:
+    """Copy module's tensors under prefix (copy=False: the tensors themselves); parts renames its
+    direct children."""
     if parts is None:
         for name, tensor in module.state_dict().items():
-            out[prefix + name] = tensor.detach().clone().contiguous()
+            out[prefix + name] = tensor.detach().clone().contiguous() if copy else tensor
         return
     for child, ldm_name in parts.items():
         sub = getattr(module, child, None)
         if sub is not None:
-            _put(out, f"{prefix}{ldm_name}.", sub)
+            _put(out, f"{prefix}{ldm_name}.", sub, copy=copy)
 
 
-def unet_to_ldm(unet) -> dict:
-    """openaimodel.UNetModel names for a diffusers UNet2DConditionModel."""
+def unet_to_ldm(unet, copy: bool = True) -> dict:
+    """openaimodel.UNetModel names for a diffusers UNet2DConditionModel (copy=False: its own tensors)."""
     out = {}
-    _put(out, "time_embed.0.", unet.time_embedding.linear_1)
-    _put(out, "time_embed.2.", unet.time_embedding.linear_2)
+    _put(out, "time_embed.0.", unet.time_embedding.linear_1, copy=copy)
+    _put(out, "time_embed.2.", unet.time_embedding.linear_2, copy=copy)
     if getattr(unet, "add_embedding", None) is not None:  # SDXL: label_emb.0 = Sequential(Linear, SiLU, Linear)
-        _put(out, "label_emb.0.0.", unet.add_embedding.linear_1)
-        _put(out, "label_emb.0.2.", unet.add_embedding.linear_2)
-    _put(out, "input_blocks.0.0.", unet.conv_in)
+        _put(out, "label_emb.0.0.", unet.add_embedding.linear_1, copy=copy)
+        _put(out, "label_emb.0.2.", unet.add_embedding.linear_2, copy=copy)
+    _put(out, "input_blocks.0.0.", unet.conv_in, copy=copy)
     block = 1  # input_blocks is one flat list: conv_in, then (resnet[, attention]) ..., downsample, ...
     for down in unet.down_blocks:
         attentions = getattr(down, "attentions", None)
         for j, resnet in enumerate(down.resnets):
-            _put(out, f"input_blocks.{block}.0.", resnet, UNET_RESNET_PARTS)
+            _put(out, f"input_blocks.{block}.0.", resnet, UNET_RESNET_PARTS, copy=copy)
             if attentions is not None:
-                _put(out, f"input_blocks.{block}.1.", attentions[j])
+                _put(out, f"input_blocks.{block}.1.", attentions[j], copy=copy)
             block += 1
         if down.downsamplers is not None:
-            _put(out, f"input_blocks.{block}.0.op.", down.downsamplers[0].conv)
+            _put(out, f"input_blocks.{block}.0.op.", down.downsamplers[0].conv, copy=copy)
             block += 1
-    _put(out, "middle_block.0.", unet.mid_block.resnets[0], UNET_RESNET_PARTS)
-    _put(out, "middle_block.1.", unet.mid_block.attentions[0])
-    _put(out, "middle_block.2.", unet.mid_block.resnets[1], UNET_RESNET_PARTS)
+    _put(out, "middle_block.0.", unet.mid_block.resnets[0], UNET_RESNET_PARTS, copy=copy)
+    _put(out, "middle_block.1.", unet.mid_block.attentions[0], copy=copy)
+    _put(out, "middle_block.2.", unet.mid_block.resnets[1], UNET_RESNET_PARTS, copy=copy)
     block = 0
     for up in unet.up_blocks:
         attentions = getattr(up, "attentions", None)
         for j, resnet in enumerate(up.resnets):
-            _put(out, f"output_blocks.{block}.0.", resnet, UNET_RESNET_PARTS)
+            _put(out, f"output_blocks.{block}.0.", resnet, UNET_RESNET_PARTS, copy=copy)
             if attentions is not None:
-                _put(out, f"output_blocks.{block}.1.", attentions[j])
+                _put(out, f"output_blocks.{block}.1.", attentions[j], copy=copy)
             block += 1
         if up.upsamplers is not None:  # appended to the level's last output block
             slot = 2 if attentions is not None else 1
-            _put(out, f"output_blocks.{block - 1}.{slot}.conv.", up.upsamplers[0].conv)
-    _put(out, "out.0.", unet.conv_norm_out)
-    _put(out, "out.2.", unet.conv_out)
+            _put(out, f"output_blocks.{block - 1}.{slot}.conv.", up.upsamplers[0].conv, copy=copy)
+    _put(out, "out.0.", unet.conv_norm_out, copy=copy)
+    _put(out, "out.2.", unet.conv_out, copy=copy)
     return out
+
+
+def unet_ldm_names(unet) -> dict:
+    """diffusers UNet parameter name -> its LDM name, from the walk of unet_to_ldm (matched by storage)."""
+    by_storage = {t.data_ptr(): name for name, t in unet.state_dict().items()}
+    return {by_storage[t.data_ptr()]: ldm for ldm, t in unet_to_ldm(unet, copy=False).items()}
 
 
 def _vae_attention(out: dict, prefix: str, attention) -> None:

@@ -21,6 +21,7 @@ class EagerBackend:
     of docs/CONTRACTS.md (encode_text, denoise, encode_image, decode)."""
 
     name = "eager"
+    max_prompt_windows = None  # the UNet takes contexts of any number of 77-token windows
 
     def __init__(self, config: ModelConfig, text_encoder, unet, vae, text_encoder_2=None):
         self.config = config
@@ -30,6 +31,23 @@ class EagerBackend:
         self.vae = vae.eval()
         first = next(unet.parameters())
         self.device, self.dtype = first.device, first.dtype
+
+    def weight_views(self) -> dict:
+        """component -> diffusers-style parameter name -> the tensor the networks compute with
+        (sdengine/lora.py: LoRAs are merged into these in place). Backends that rewrite modules
+        at load time (fused QKV) inherit this; the map follows the modules as they are."""
+        from ..lora import parameter_views
+
+        return parameter_views({"unet": self.unet, "text_encoder": self.text_encoder,
+                                "text_encoder_2": self.text_encoder_2})
+
+    def add_token_embeddings(self, vectors: dict) -> dict:
+        """Append textual-inversion vectors {component: (n, D)} to the text encoders' token tables;
+        returns {component: new ids} (sdengine/embeddings.py)."""
+        from ..embeddings import grow_token_embeddings
+
+        return grow_token_embeddings({"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2},
+                                     vectors)
 
     @torch.inference_mode()
     def encode_text(self, input_ids, input_ids_2=None, clip_skip=None):

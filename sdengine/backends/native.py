@@ -12,7 +12,11 @@ Two ways to run it:
   noise, sampler loop, decode, uint8 RGB), through `sdengine._C`. It gives the same images
   as the Python pipeline for the same seed, sampler and size.
 
-Not compiled (run eagerly, from the same weights): clip_skip other than None.
+Not compiled (run eagerly, from the same weights): clip_skip other than None, and prompts with
+textual-inversion tokens (the engine's token table has the checkpoint's vocabulary only).
+The engine reads the modules' own tensors, so LoRAs merged into them in place (`weight_views`)
+reach the engine with no reload. Its UNet takes 77-token contexts: A1111-syntax prompts get one
+75-token window.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class NativeBackend:
     """Runs the AOTInductor engine of the model's architecture (see the module docstring)."""
 
     name = "native"
+    max_prompt_windows = 1  # the engine's UNet is compiled for 77-token contexts
 
     def __init__(self, config: ModelConfig, text_encoder, unet, vae, text_encoder_2=None, *, engine_dir=None,
                  progress: bool = True):
@@ -102,12 +107,36 @@ class NativeBackend:
             self._packages[name] = _load_package(self.engine_dir / info["package"], constants)
         return self._packages[name]
 
+    def weight_views(self) -> dict:
+        """As EagerBackend.weight_views: the modules' tensors, which the engine reads (no copy)."""
+        from ..lora import parameter_views
+
+        views = parameter_views({"unet": self.unet, "text_encoder": self.text_encoder,
+                                 "text_encoder_2": self.text_encoder_2})
+        for component, named in views.items():
+            for key, tensor in named.items():
+                engine_tensor = self._weights.get(f"{component}/{key}")
+                if engine_tensor is not None and engine_tensor.data_ptr() != tensor.data_ptr():
+                    raise ValueError(f"the native engine reads a copy of {component}/{key} ({engine_tensor.dtype} on "
+                                     f"{engine_tensor.device}), not the module's tensor: load the model in the "
+                                     "engine's dtype and device to change its weights")
+        return views
+
+    def add_token_embeddings(self, vectors: dict) -> dict:
+        """As EagerBackend.add_token_embeddings; prompts with the new ids run the eager text encoders."""
+        from ..embeddings import grow_token_embeddings
+
+        return grow_token_embeddings({"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2},
+                                     vectors)
+
     @torch.inference_mode()
     def encode_text(self, input_ids, input_ids_2=None, clip_skip=None):
         """Token ids (B, 77) -> (context (B, 77, D), pooled (B, P) or None), as the eager backend:
         SDXL concatenates both encoders' hidden states and takes the second's pooled output.
-        clip_skip runs through the eager text encoders (the engine has one output layer)."""
-        if clip_skip is not None:
+        clip_skip, and ids past the engine's vocabulary (textual inversion), run through the eager
+        text encoders (the engine has one output layer and the checkpoint's token table)."""
+        vocab = self._weights["text_encoder/text_model.embeddings.token_embedding.weight"].shape[0]
+        if clip_skip is not None or int(input_ids.max()) >= vocab:
             from .eager import EagerBackend
 
             return EagerBackend.encode_text(self, input_ids, input_ids_2, clip_skip=clip_skip)

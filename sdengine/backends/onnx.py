@@ -167,6 +167,7 @@ class OnnxBackend:
     """
 
     name = "onnx"
+    max_prompt_windows = 1  # the exported UNet takes 77-token contexts
 
     def __init__(self, onnx_dir, manifest: dict, graphs: dict, device: torch.device):
         from sdengine.export.onnx import config_from_dict
@@ -212,6 +213,18 @@ class OnnxBackend:
         log.info("onnx backend: %s from %s on %s (%s, onnxruntime %s)", manifest.get("name"), onnx_dir,
                  backend.provider, manifest["dtype"], ort.__version__)
         return backend
+
+    # Weights: the graphs hold them as initializers that onnxruntime has already optimised
+    # (folded, fused, laid out for its kernels), so sdengine does not change them in place.
+
+    def weight_views(self) -> dict:
+        raise ValueError("the onnx backend cannot merge LoRAs: its weights are initializers inside the ORT "
+                         "sessions; use the eager, triton or native backend, or export a model with the LoRA "
+                         "merged")
+
+    def add_token_embeddings(self, vectors: dict) -> dict:
+        raise ValueError("the onnx backend cannot load textual-inversion embeddings: the exported text encoder "
+                         "holds the vocabulary's token table; use the eager, triton or native backend")
 
     # The backend interface ------------------------------------------------------
 
