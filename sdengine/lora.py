@@ -392,9 +392,12 @@ class LoraSpec:
         if isinstance(entry, (str, os.PathLike)):
             return cls(Path(entry))
         if isinstance(entry, (tuple, list)) and len(entry) in (2, 3) and isinstance(entry[0], (str, os.PathLike)):
-            scales = [float(s) for s in entry[1:]]
+            try:
+                scales = [float(s) for s in entry[1:]]
+            except (TypeError, ValueError):
+                scales = [math.nan]
             if not all(math.isfinite(s) for s in scales):
-                raise ValueError(f"LoRA scales must be finite numbers, got {entry!r}")
+                raise ValueError(f"LoRA scales must be finite numbers: (path, scale), got {entry!r}")
             return cls(Path(entry[0]), *scales)
         raise ValueError(f"a LoRA is a path, (path, scale) or (path, scale, text_encoder_scale); got {entry!r}")
 

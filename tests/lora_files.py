@@ -60,7 +60,7 @@ def kohya_state_dict(pipe, *, rank: int = 4, alpha: float | None = 2.0, locon: b
     """A kohya / A1111 LoRA state dict for a diffusers pipeline (StableDiffusion or XL).
 
     ldm_unet: name the UNet in the LDM layout (as kohya's SDXL trainer; forced for SDXL).
-    skip: substrings of kohya names to leave out.
+    skip: substrings of kohya names or of the reference module paths to leave out.
     """
     generator = torch.Generator().manual_seed(seed)
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
@@ -77,10 +77,10 @@ def kohya_state_dict(pipe, *, rank: int = 4, alpha: float | None = 2.0, locon: b
             root = getattr(encoder, "text_model", encoder)
             modules.update(kohya_modules(root, prefix, TEXT_TARGETS, path_prefix="text_model."))
     state = {}
-    for name in sorted(modules):
-        if any(s in name for s in skip):
+    for name in sorted(modules, key=lambda n: (n.split("_")[1], modules[n][0])):  # draws in module order:
+        path, module = modules[name]  # the same factors whichever names the file uses
+        if any(s in name or s in path for s in skip):
             continue
-        _, module = modules[name]
         down, up = _factors(module, rank, generator)
         state[f"{name}.lora_down.weight"] = down.to(dtype)
         state[f"{name}.lora_up.weight"] = up.to(dtype)
