@@ -241,8 +241,7 @@ class Pipeline:
         with self._holding_weights(tag_loras) as loras:
             # -- text ------------------------------------------------------------
             # A1111's syntax: prompt and negative prompt take the same number of 77-token windows.
-            windows = a1111.windows(self.tokenizer, texts + (negatives if do_cfg else [])) \
-                if syntax else 1
+            windows = a1111.count_windows(self.tokenizer, texts + (negatives if do_cfg else [])) if syntax else None
             context, pooled = self._encode_prompts(texts, clip_skip, syntax, windows)
             if do_cfg:
                 if cfg.is_sdxl and negative_prompt is None:  # SDXL: force_zeros_for_empty_prompt
@@ -395,7 +394,7 @@ class Pipeline:
     # Steps of the flow
     # ------------------------------------------------------------------
 
-    def _encode_prompts(self, prompts: list, clip_skip, syntax: Optional[str] = None, windows: int = 1):
+    def _encode_prompts(self, prompts: list, clip_skip, syntax: Optional[str] = None, windows: Optional[int] = None):
         if syntax == "a1111":
             widths = (self.config.text_encoder.hidden_size,
                       *((self.config.text_encoder_2.hidden_size,) if self.tokenizer_2 is not None else ()))

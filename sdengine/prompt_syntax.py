@@ -8,7 +8,9 @@ sd_emphasis.py "Original", extensions-builtin/Lora):
 - `(words)` multiplies the words' weight by 1.1, `[words]` by 1/1.1, `(words:1.5)` by 1.5; they
   nest and multiply. `\\(`, `\\)`, `\\[`, `\\]`, `\\\\` are the literal characters. An unclosed
   `(` or `[` applies to the rest of the prompt; a `)` or `]` that closes nothing, and a `:`
-  outside `(...:number)`, are plain text. Nothing in the syntax is ever an error.
+  outside `(...:number)`, are plain text. Nothing in the syntax is ever an error. Not
+  implemented: prompt editing `[a:b:when]` and alternation `[a|b]` (their brackets are read as
+  emphasis, their text as text).
 - A weight scales that token's row of the text encoder's output; the rows of each 77-token
   window are then rescaled together so that their mean is what it was before (A1111's
   "Original" emphasis). With two text encoders (SDXL) each is rescaled on its own.
@@ -59,7 +61,8 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
 
     def multiply_from(start: int, factor: float) -> None:
         for piece in pieces[start:]:
-            piece[1] *= factor
+            if piece[1] != -1:  # a BREAK stays a BREAK inside brackets (A1111 would scale it into text)
+                piece[1] *= factor
 
     for m in _ATTENTION.finditer(text):
         token, weight = m.group(0), m.group(1)
@@ -187,7 +190,7 @@ def chunk_prompt(tokenizer, prompt: str, comma_backtrack: int = COMMA_BACKTRACK)
     return chunks
 
 
-def windows(tokenizer, prompts: list) -> int:
+def count_windows(tokenizer, prompts: list) -> int:
     """How many 75-token windows the longest of prompts needs."""
     return max(len(chunk_prompt(tokenizer, p)) for p in prompts)
 
@@ -216,14 +219,18 @@ def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return weighted * (original / weighted.mean(dim=(1, 2), keepdim=True))
 
 
-def encode(backend, tokenizer, tokenizer_2, prompts: list, clip_skip, *, widths: tuple, windows: int = 1,
-           max_windows: Optional[int] = None):
+def encode(backend, tokenizer, tokenizer_2, prompts: list, clip_skip, *, widths: tuple,
+           windows: Optional[int] = None, max_windows: Optional[int] = None):
     """Context (B, windows·77, D) and pooled output (B, P) or None of prompts in A1111's syntax.
 
     widths: each text encoder's share of D (SDXL: (D1, D2)); emphasis is applied to each share
-    on its own, as A1111 weights each encoder's output. max_windows: the most windows the
-    backend's UNet takes (None: any number); a longer prompt is cut, with a warning.
+    on its own, as A1111 weights each encoder's output. windows: how many 75-token windows
+    (None: as many as the longest prompt needs; more pads with empty-prompt windows).
+    max_windows: the most windows the backend's UNet takes (None: any number); a longer
+    prompt is cut, with a warning.
     """
+    if windows is None:
+        windows = count_windows(tokenizer, prompts)
     if max_windows is not None and windows > max_windows:
         warnings.warn(f"a prompt needs {windows} windows of {CHUNK_TOKENS} tokens but this backend's UNet takes "
                       f"{max_windows}; the rest of the prompt is dropped", UserWarning, stacklevel=3)
