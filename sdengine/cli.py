@@ -60,6 +60,15 @@ def _register_generate(sub):
                    help="CPU threads (default: torch's, but 1 for the small demo model, where more threads "
                         "only add synchronisation)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="merge a LoRA (kohya / A1111 or diffusers / PEFT .safetensors) at SCALE (default 1); repeatable")
+    p.add_argument("--lora-dir", default=None, help="folder where <lora:name:scale> in the prompt finds name.safetensors")
+    p.add_argument("--embedding", action="append", default=[], metavar="PATH[:TOKEN]",
+                   help="load a textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds); its "
+                        "token is the file name unless given; repeatable")
+    p.add_argument("--prompt-syntax", default="a1111", choices=["a1111", "none"],
+                   help="a1111 (default): (emphasis:1.2), [less], BREAK, prompts over 75 tokens in windows, <lora:> "
+                        "tags; none: plain text, truncated at 75 tokens")
     p.set_defaults(func=_generate)
 
 
@@ -88,13 +97,19 @@ def _generate(args) -> int:
         torch.set_num_threads(args.threads)
     elif args.model is None:  # the demo model: 30 steps take ~5 s on one thread, ~10x longer on two busy ones
         torch.set_num_threads(1)
-    result = sdengine.generate(
-        args.prompt, model=args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-        negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
+    loras = [_path_and_suffix(value, "--lora", float) for value in args.lora]
+    embeddings = [_path_and_suffix(value, "--embedding", str) for value in args.embedding]
+    pipe = sdengine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+                         loras=[(path, 1.0 if scale is None else scale) for path, scale in loras])
+    for path, token in embeddings:
+        pipe.load_embedding(path, token)
+    result = pipe(
+        args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
         height=args.height, width=args.width, seed=args.seed, batch_size=args.batch_size, sampler=args.sampler,
         schedule=args.schedule, init_image=open_image(args.init_image, "--init-image"),
         mask_image=open_image(args.mask_image, "--mask-image"), strength=args.strength, clip_skip=args.clip_skip,
-        progress=not args.no_progress,
+        progress=not args.no_progress, prompt_syntax=None if args.prompt_syntax == "none" else args.prompt_syntax,
+        lora_dir=args.lora_dir,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(result.images):
@@ -106,6 +121,24 @@ def _generate(args) -> int:
         tmp.replace(path)  # never leave a half-written PNG under the real name
         print(f"wrote {path} (seed {result.seeds[i]})")
     return 0
+
+
+def _path_and_suffix(value: str, option: str, kind):
+    """"path:suffix" -> (path, kind(suffix)); a path alone (or one whose last ':' part is not a
+    `kind`, e.g. a Windows drive) -> (path, None). The file must exist."""
+    from pathlib import Path
+
+    path, suffix = value, None
+    if ":" in value and not Path(value).is_file():
+        head, _, tail = value.rpartition(":")
+        try:
+            suffix = kind(tail)
+            path = head
+        except ValueError:
+            pass
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{option} {value}: no such file: {path}")
+    return Path(path), suffix
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,8 @@ The seam between LoRA and a backend is one map, `backend.weight_views()`: compon
 a tensor, that holds it (`parameter_views` builds it from torch modules, fused QKV included).
 
 Bit-exact restore: before a weight is first changed, a copy of it is kept (only the weights some
-LoRA touches); `set_loras([])` copies them back. Every file is read and checked against the
+LoRA touches, and kept for the next swap: their size again in memory, ~1.4 GB in fp32 for a
+kohya-default SD1.5 LoRA); `set_loras([])` copies them back. Every file is read and checked against the
 model before any weight changes, so bad input leaves every weight as it was.
 
 File layouts (detected from the keys):
@@ -418,7 +419,8 @@ class LoraWeights:
         self.weight_views = weight_views
         self.active: tuple = ()          # ((LoraSpec, file stamp), ...) merged now
         self.loras: list = []            # [(LoraSpec, Lora)] merged now, in order
-        self._backups: dict = {}         # (component, key) -> the weight before any LoRA
+        self._backups: dict = {}         # (component, key) -> the weight before any LoRA (kept for the next swap)
+        self._changed: set = set()       # targets whose weight differs from its backup now
         self._files: OrderedDict = OrderedDict()  # (path, stamp) -> Lora
         self._cache_size = cache_size
 
@@ -467,18 +469,17 @@ class LoraWeights:
             for layer, (up, down) in zip(lora.layers, lora.factors(device)):
                 terms.setdefault((layer.component, layer.key), []).append(
                     (up, down, spec.scale_for(layer.component) * layer.scale))
-        touched = set(terms) | set(self._backups)
         try:
-            for target in sorted(touched):
+            for target in sorted(set(terms) | self._changed):
                 view = views[target[0]][target[1]]
-                if target not in self._backups:
+                if target not in self._backups:  # first change of this weight: keep its value
                     self._backups[target] = view.clone()
-                base = self._backups[target]
                 if target in terms:
-                    _merge(view, base, terms[target])
+                    _merge(view, self._backups[target], terms[target], holds_base=target not in self._changed)
+                    self._changed.add(target)
                 else:
-                    view.copy_(base)
-                    del self._backups[target]
+                    view.copy_(self._backups[target])
+                    self._changed.discard(target)
         except BaseException:
             self._restore(views)  # never leave a half-applied set
             self.active, self.loras = (), []
@@ -488,20 +489,28 @@ class LoraWeights:
         return True
 
     def _restore(self, views) -> None:
-        for (component, key), base in self._backups.items():
-            views[component][key].copy_(base)
-        self._backups.clear()
+        for component, key in self._changed:
+            views[component][key].copy_(self._backups[(component, key)])
+        self._changed.clear()
 
 
-def _merge(view: torch.Tensor, base: torch.Tensor, terms: list) -> None:
-    """view <- base + Σ scale · up @ down, accumulated in float32 and rounded once to view's dtype."""
+def _merge(view: torch.Tensor, base: torch.Tensor, terms: list, holds_base: bool) -> None:
+    """view <- base + Σ scale · up @ down, accumulated in float32 and rounded once to view's dtype.
+
+    holds_base: view's values are base's now (then a float32 weight is updated in place: one pass
+    over it, the cost of a swap on the CPU)."""
     rows = view.shape[0]
     if view.dtype == torch.float32 and view.is_contiguous():
         flat = view.view(rows, -1)  # (out, in·kh·kw), the same storage
-        flat.copy_(base.reshape(rows, -1))
+        (up, down, scale), rest = terms[0], terms[1:]
+        if holds_base:
+            flat.addmm_(up, down, alpha=scale)
+        else:
+            torch.addmm(base.reshape(rows, -1), up, down, alpha=scale, out=flat)
     else:
-        flat = base.reshape(rows, -1).float().clone()
-    for up, down, scale in terms:
+        flat, rest = base.reshape(rows, -1).float(), terms  # a new float32 tensor (or base itself: not changed below)
+        flat = flat.clone() if flat.data_ptr() == base.data_ptr() else flat
+    for up, down, scale in rest:
         flat.addmm_(up, down, alpha=scale)
     if flat.data_ptr() != view.data_ptr():
         view.copy_(flat.view(view.shape))  # copy_ keeps view's dtype and memory format (channels_last)

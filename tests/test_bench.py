@@ -439,3 +439,19 @@ def test_report_groups_records_and_skips_cpu_by_default(tmp_path):
     text = report.render([tmp_path / "a.json", tmp_path / "b.json"])
     assert "NVIDIA H100" in text and "CPU" not in text and "b.json" in text
     assert markdown(record).count("| diffusers |") == 2
+
+
+def test_lora_swap_bench_records_apply_and_remove(tmp_path, capsys):
+    """`sdengine bench --lora-swap` at a tiny size: a rank-8 kohya LoRA merged and removed."""
+    import json
+
+    from sdengine.cli import main
+
+    out = tmp_path / "swap.json"
+    assert main(["bench", "--lora-swap", "--arch", "tiny-sdxl", "--lora-rank", "8", "--repeats", "2",
+                 "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["kind"] == "lora-swap" and record["rank"] == 8 and record["lora"]["layers"] > 20
+    assert len(record["apply_ms_all"]) == 2 and len(record["remove_ms_all"]) == 3
+    assert 0 < record["apply_ms"] < 10_000 and 0 < record["remove_ms"] < 10_000
+    assert "apply + remove" in capsys.readouterr().out

@@ -62,3 +62,39 @@ def test_info_prints_the_detected_architecture(tiny_folder, capsys):
     assert main(["info", str(tiny_folder)]) == 0
     out = capsys.readouterr().out
     assert "sd15" in out and "epsilon" in out
+
+
+def test_generate_with_loras_embeddings_and_prompt_syntax(tiny_folder, tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_files import kohya_lora
+    from tiny import tiny_pipeline
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    lora = kohya_lora(tiny_pipeline("sd15"), loras / "ink.safetensors", rank=4, alpha=2.0)
+    embedding = tmp_path / "emb.safetensors"
+    save_file({"emb_params": torch.randn(2, 32)}, str(embedding))
+    base = ["generate", "--model", str(tiny_folder), "--steps", "2", "--height", "16", "--width", "16", "--seed", "3",
+            "--no-progress"]
+
+    def image(name, prompt, *extra):
+        assert main(base[:1] + [prompt] + base[1:] + ["-o", str(tmp_path / name), *extra]) == 0
+        return Image.open(tmp_path / name)
+
+    tagged = image("tag.png", "a cat <lora:ink:0.8>", "--lora-dir", str(loras))
+    flag = image("flag.png", "a cat ", "--lora", f"{lora}:0.8")
+    plain = image("plain.png", "a cat ")
+    assert tagged.tobytes() == flag.tobytes() != plain.tobytes()
+    assert 'Lora hashes: "ink: ' in tagged.text["parameters"]
+    assert image("emb.png", "a cat <emb>", "--embedding", f"{embedding}:<emb>").tobytes() != plain.tobytes()
+    literal = image("literal.png", "a (cat:1.5)", "--prompt-syntax", "none")
+    assert literal.tobytes() != image("weighted.png", "a (cat:1.5)").tobytes()
+    assert main(base[:1] + ["a cat <lora:oil>"] + base[1:] + ["-o", str(tmp_path / "x.png"), "--lora-dir",
+                                                            str(loras)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown LoRA 'oil'" in err and "ink" in err
+    assert main(base[:1] + ["a cat"] + base[1:] + ["-o", str(tmp_path / "y.png"), "--lora",
+                                                   str(tmp_path / "none.safetensors:0.5")]) == 2
+    assert "--lora" in capsys.readouterr().err

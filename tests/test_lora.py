@@ -190,7 +190,7 @@ def test_set_loras_empty_restores_every_weight_bit_exactly(files):
     _assert_bit_exact(pipe, _state(only_other))
     pipe.set_loras([])
     _assert_bit_exact(pipe, before)
-    assert not pipe._loras._backups  # nothing kept once the base is back
+    assert not pipe._loras._changed and pipe._loras._backups  # base values kept for the next swap
 
 
 def test_triton_fused_qkv_views_and_restore(files):

@@ -59,6 +59,9 @@ def register(subparsers):
     how.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     how.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     how.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode of diffusers-compile")
+    how.add_argument("--lora-swap", action="store_true",
+                     help="instead: time merging a LoRA into the weights and removing it (sdengine/bench/lora_swap.py)")
+    how.add_argument("--lora-rank", type=int, default=32, help="rank of the --lora-swap LoRA (default: 32)")
     how.add_argument("--peak-tflops", type=float,
                      help="the device's peak rate for the floor and the %% of peak (default: ANCHORS.md for "
                           "H100/H200 in fp16/bf16, else a matmul measured at start)")
@@ -97,6 +100,10 @@ def _split(value: str) -> tuple:
 
 
 def run(args) -> int:
+    if getattr(args, "lora_swap", False):
+        from sdengine.bench import lora_swap
+
+        return lora_swap.run(args)
     from sdengine.bench.harness import Benchmark
     from sdengine.bench.output import default_json_path, summary_table, write_json, write_outputs
 
