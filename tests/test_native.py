@@ -287,6 +287,46 @@ def test_native_step_path_matches_eager(native, eager):
     assert np.abs((ours * 255).round().astype(int) - ref.astype(int)).max() <= 2
 
 
+def test_native_loras_merge_into_the_engine_weights_and_embeddings(native, model_dir, tmp_path):
+    """A LoRA merged in place reaches the compiled packages (step path) and the C++ loop with no
+    reload; set_loras([]) restores the engine's weights bit for bit. A textual-inversion token
+    runs the eager text encoders (the engine's token table is the checkpoint's)."""
+    import copy
+
+    from lora_files import embedding_vectors, kohya_lora
+
+    path = kohya_lora(tiny_pipeline("sd15"), tmp_path / "k.safetensors", rank=4, alpha=2.0, locon=True)
+    reference = sdengine.from_diffusers(copy.deepcopy(tiny_pipeline("sd15")))
+    reference.set_loras([(path, 0.8)])
+    before = {k: v.clone() for k, v in native.backend._weights.items()}
+    run = dict(num_inference_steps=3, height=SIZE, width=SIZE, seed=3, sampler="euler", output_type="np",
+               progress=False)
+    base = native(PROMPT, **run).images[0]
+    native.set_loras([(path, 0.8)])
+    try:
+        ref = reference(PROMPT, **run).images[0]
+        step = native(PROMPT, **run).images[0]
+        assert np.abs((step - ref) * 255).max() <= 2 and np.abs((step - base) * 255).max() > 10
+        cpp = native.backend.generate(native.tokenizer, PROMPT, width=SIZE, height=SIZE, steps=3, seed=3,
+                                      sampler="euler")[0]
+        assert np.abs(cpp.astype(int) - (ref * 255).round().astype(int)).max() <= 2
+    finally:
+        native.set_loras([])
+    changed = [k for k in before if not torch.equal(before[k], native.backend._weights[k])]
+    assert not changed, changed[:3]
+
+    fresh = sdengine.load(model_dir, backend="native")
+    embedding = tmp_path / "tinycat.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"emb_params": embedding_vectors(32, 2)}, str(embedding))
+    fresh.load_embedding(embedding)
+    reference.set_loras([])
+    reference.load_embedding(embedding)
+    prompt = "a photo of tinycat"
+    assert np.abs((fresh(prompt, **run).images[0] - reference(prompt, **run).images[0]) * 255).max() <= 2
+
+
 def test_cpp_loop_without_guidance_and_cancel(native, eager):
     ours = native.backend.generate(native.tokenizer, PROMPT, width=SIZE, height=SIZE, steps=2, seed=11,
                                    sampler="euler", guidance_scale=1.0)[0]
