@@ -139,7 +139,8 @@ class NativeBackend:
         if clip_skip is not None or int(input_ids.max()) >= vocab:
             from .eager import EagerBackend
 
-            return EagerBackend.encode_text(self, input_ids, input_ids_2, clip_skip=clip_skip)
+            context, pooled = EagerBackend.encode_text(self, input_ids, input_ids_2, clip_skip=clip_skip)
+            return context, pooled if self.text_encoder_2 is not None else None  # as the compiled path
         context = _first(self._package("text_encoder")(input_ids.to(self.device)))
         if self.text_encoder_2 is None:
             return context, None
