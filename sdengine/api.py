@@ -15,7 +15,7 @@ from .pipeline import Pipeline
 log = logging.getLogger("sdengine")
 
 DEMO_MODEL = Path(__file__).parent / "data" / "demo-digits"
-BACKENDS = ("eager", "triton", "native", "onnx")
+BACKENDS = ("eager", "graph", "triton", "compile", "native", "onnx")
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -39,13 +39,10 @@ def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
 
 
 def _default_backend(device: torch.device) -> str:
-    """The Triton backend on CUDA when triton is installed; eager elsewhere."""
-    if device.type == "cuda":
-        from . import kernels
-
-        if kernels.HAS_TRITON:
-            return "triton"
-    return "eager"
+    """The graph layer on CUDA (eager networks replayed from CUDA graphs: no compiler, so it
+    starts at once); eager elsewhere. The triton and compile layers are opt-in until a
+    committed GPU record shows them faster from a cold start (README, Performance)."""
+    return "graph" if device.type == "cuda" else "eager"
 
 
 def load(path=None, device=None, dtype=None, backend: Optional[str] = None, *,
@@ -56,8 +53,9 @@ def load(path=None, device=None, dtype=None, backend: Optional[str] = None, *,
              .ckpt, or an ONNX export folder; None loads the bundled demo model.
     device:  "cpu", "cuda", ...; default CUDA when available.
     dtype:   torch dtype or "fp32" / "fp16" / "bf16"; default fp16 on CUDA, fp32 on CPU.
-    backend: "eager", "triton", "native" or "onnx"; default: "onnx" for an ONNX folder,
-             else the fastest available on the device.
+    backend: a speed layer, "eager", "graph", "triton" or "compile" (README, Backends), or
+             "native" or "onnx"; default: "onnx" for an ONNX folder, "graph" on CUDA,
+             "eager" on the CPU.
     config:  the architecture of a single-file checkpoint, where detection from its keys
              and shapes is not enough (e.g. unusual head counts).
     prediction_type: "epsilon" or "v_prediction" for a single file that does not say
@@ -152,10 +150,18 @@ def _pipeline_from_modules(config, text_encoder, unet, vae, text_encoder_2, toke
         from .backends.eager import EagerBackend
 
         impl = EagerBackend(config, text_encoder, unet, vae, text_encoder_2)
+    elif backend == "graph":
+        from .backends.graph import GraphBackend
+
+        impl = GraphBackend(config, text_encoder, unet, vae, text_encoder_2)
     elif backend == "triton":
         from .backends.triton import TritonBackend
 
         impl = TritonBackend(config, text_encoder, unet, vae, text_encoder_2)
+    elif backend == "compile":
+        from .backends.compiled import CompileBackend
+
+        impl = CompileBackend(config, text_encoder, unet, vae, text_encoder_2)
     elif backend == "native":
         from .backends.native import NativeBackend
 

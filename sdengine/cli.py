@@ -3,7 +3,7 @@
 `generate` and `info` live here; other subcommands are registered by the modules
 that own them (each exposes `register(subparsers)`), so that this file stays small:
 `bench` (sdengine.bench), `export` (sdengine.export.cli), `train` (sdengine.train),
-`serve` (sdengine.serve.cli).
+`serve` (sdengine.serve.cli), `cache` (sdengine.compile_cache).
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import argparse
 import importlib
 import sys
 
+from .api import BACKENDS
+
 SUBCOMMAND_MODULES = ("sdengine.info", "sdengine.bench.cli", "sdengine.export.cli", "sdengine.train",
-                      "sdengine.serve.cli")
+                      "sdengine.serve.cli", "sdengine.compile_cache")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +57,8 @@ def _register_generate(sub):
     p.add_argument("--clip-skip", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--backend", default=None, choices=["eager", "triton", "native", "onnx"])
+    p.add_argument("--backend", default=None, choices=BACKENDS,
+                   help="speed layer (default: graph on CUDA, eager on the CPU; onnx for an ONNX export)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: torch's, but 1 for the small demo model, where more threads "
                         "only add synchronisation)")

@@ -289,7 +289,8 @@ class Pipeline:
             # A backend that runs UNet + guidance + sampler update as one function offers fused_step
             # (docs/CONTRACTS.md); it returns None for a run its kernels do not cover.
             fused_step = getattr(self.backend, "fused_step", None)
-            step = fused_step(plan, context, guidance_scale, added_cond) if fused_step is not None else None
+            step = fused_step(plan, context, guidance_scale, added_cond,
+                              extra_channels if mode == "inpaint" else None) if fused_step is not None else None
             bar = tqdm(total=total, desc=f"{sampler_name}", unit="step", disable=not progress, leave=False)
 
             def on_step(step_index, x):

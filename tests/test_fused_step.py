@@ -24,7 +24,8 @@ import torch
 
 import sdengine
 from sdengine import kernels, samplers
-from sdengine.backends.triton import GraphCache, TritonBackend
+from sdengine.backends.triton import TritonBackend
+from graph_stand_in import StandInGraphs
 from sdengine.config import tiny_config
 from sdengine.models.layers import EAGER_OPS, set_ops
 from sdengine.samplers import fused
@@ -139,21 +140,6 @@ def test_cpu_fused_path_never_touches_cuda(pipelines, monkeypatch):
     assert counter.steps == STEPS and got.device.type == "cpu"
 
 
-class StandInGraphs(GraphCache):
-    """The GraphCache without CUDA: capture() runs the two warm-ups, and the "graph" replays by
-    running the step again, so the CPU exercises what capture and replay rely on: warm-ups
-    that advance the state are undone, and one entry's buffers serve every step of every run."""
-
-    def __init__(self):
-        self.capacity, self.entries, self.captures = 8, OrderedDict(), 0
-
-    def capture(self, run):
-        for _ in range(2):
-            run()
-        self.captures += 1
-        return types.SimpleNamespace(replay=run), None
-
-
 def test_one_captured_step_serves_every_step_of_every_run(pipelines, monkeypatch):
     eager, fast = pipelines
     graphs = StandInGraphs()
@@ -162,7 +148,11 @@ def test_one_captured_step_serves_every_step_of_every_run(pipelines, monkeypatch
         for scale, seeds in ((5.0, SEEDS), (7.0, [5, 6])):  # the second run replays the first one's capture
             got = _images(fast, sampler=sampler, guidance_scale=scale, seed=seeds)
             assert _max_diff(got, _images(eager, sampler=sampler, guidance_scale=scale, seed=seeds)) <= TOL
-    assert graphs.captures == 2 and [k[1] for k in graphs.entries] == ["dpmpp_2m", "euler_a"]
+    steps = [k for k in graphs.entries if k[0] == "step"]
+    assert [k[1] for k in steps] == ["dpmpp_2m", "euler_a"]  # one capture per sampler, for both runs
+    # the text encoder (prompts and negatives: one shape) and the VAE decoder are graphed too
+    assert sorted(k[0] for k in graphs.entries if k[0] != "step") == ["text_encoder(clip_skip=None)", "vae_decode"]
+    assert graphs.captures == 4 and graphs.replays > 0
 
 
 def test_uncovered_samplers_and_models_fall_back_to_the_unfused_step(pipelines, monkeypatch):
@@ -182,7 +172,9 @@ def test_uncovered_samplers_and_models_fall_back_to_the_unfused_step(pipelines, 
                                  dataclasses.replace(cfg, extra=cfg.extra + (("solver_type", "heun"),)))
     assert "heun" in fused.unsupported(heun_2m, "epsilon")
 
-def test_inpainting_model_falls_back(monkeypatch):
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpainting_runs_the_fused_step(monkeypatch, strength):
+    """The 9-channel UNet gets the mask and masked-image latents from the step's own buffer."""
     eager = sdengine.from_diffusers(tiny_pipeline("sd15-inpaint"))
     fast = _fast_step_pipeline("sd15-inpaint")
     counter = StepCounter(fast.backend, monkeypatch)
@@ -190,9 +182,12 @@ def test_inpainting_model_falls_back(monkeypatch):
     image = torch.rand(H, W, 3, generator=g).numpy()
     mask = np.zeros((H, W), dtype=np.float32)
     mask[4:12, 4:12] = 1.0
-    kwargs = dict(init_image=image, mask_image=mask, sampler="euler", guidance_scale=5.0)
+    kwargs = dict(init_image=image, mask_image=mask, sampler="euler", guidance_scale=5.0, strength=strength)
     assert _max_diff(_images(fast, **kwargs), _images(eager, **kwargs)) <= TOL
-    assert counter.runs == 0 and counter.denoise_calls == STEPS
+    assert (counter.runs, counter.steps, counter.denoise_calls) == (1, int(STEPS * strength), 0)
+    plan = samplers.make_plan("euler", "default", STEPS, fast.config.scheduler)
+    context = torch.zeros(2, 77, fast.config.unet.cross_attention_dim)
+    assert fast.backend.fused_step(plan, context, 5.0) is None  # no extra channels: not this UNet's input
 
 
 @pytest.mark.parametrize("sampler,strength", [("dpmpp_2m", 0.6), ("lcm", 0.7), ("euler_a", 0.5)])

@@ -56,9 +56,18 @@ class EagerBackend:
         SDXL concatenates both encoders' hidden states on the feature axis and takes
         the pooled output of the second.
         """
-        context, pooled = self.text_encoder(input_ids.to(self.device), clip_skip=clip_skip)
+        ids_2 = None
         if self.text_encoder_2 is not None:
-            context_2, pooled = self.text_encoder_2(input_ids_2.to(self.device), clip_skip=clip_skip)
+            if input_ids_2 is None:
+                raise ValueError("input_ids_2 is required: this model has a second text encoder (SDXL)")
+            ids_2 = input_ids_2.to(self.device)
+        return self._text(input_ids.to(self.device), ids_2, clip_skip)
+
+    def _text(self, input_ids, input_ids_2, clip_skip):
+        """The text encoder(s) on device ids: what a faster backend replaces (e.g. by a graph)."""
+        context, pooled = self.text_encoder(input_ids, clip_skip=clip_skip)
+        if input_ids_2 is not None:
+            context_2, pooled = self.text_encoder_2(input_ids_2, clip_skip=clip_skip)
             context = torch.cat([context, context_2], dim=-1)  # (B, 77, D1 + D2)
         return context, pooled
 
@@ -67,9 +76,12 @@ class EagerBackend:
         """One UNet forward; returns float32 whatever the backend's dtype."""
         if added_cond is not None:
             added_cond = {k: v.to(self.device, self.dtype) for k, v in added_cond.items()}
-        out = self.unet(x_in.to(self.device, self.dtype), t.to(self.device), context.to(self.device, self.dtype),
-                        added_cond=added_cond)
-        return out.float()
+        x = x_in.to(self.device, self.dtype)
+        return self._unet(x, t.to(self.device), context.to(self.device, self.dtype), added_cond).float()
+
+    def _unet(self, x, t, context, added_cond):
+        """One UNet forward on device tensors of the backend's dtype."""
+        return self.unet(x, t, context, added_cond=added_cond)
 
     @torch.inference_mode()
     def encode_image(self, images):
@@ -85,7 +97,7 @@ class EagerBackend:
         VAE overflow that makes black images) is redone in fp32 for those images, with
         one warning. No black image is ever returned for that reason.
         """
-        images = self.vae.decode(latents.to(self.device, self._vae_dtype)).float()
+        images = self._decode(latents.to(self.device, self._vae_dtype)).float()
         if self._vae_dtype == torch.float32:
             return images
         bad = ~torch.isfinite(images).flatten(1).all(dim=1)  # (B,)
@@ -94,6 +106,10 @@ class EagerBackend:
                         "in float32", self._vae_dtype, int(bad.sum()))
             images[bad] = self._vae_fp32().decode(latents[bad].to(self.device, torch.float32)).float()
         return images
+
+    def _decode(self, z):
+        """The VAE decoder on device latents of the VAE's dtype."""
+        return self.vae.decode(z)
 
     def _vae_fp32(self):
         """A float32 copy of the VAE, made on first need and kept."""

@@ -1,0 +1,133 @@
+"""The compile backend: the graph backend with its networks compiled by torch.compile
+(TorchInductor), each call still replayed from our own CUDA graphs.
+
+What changes against the graph backend:
+- self-attention Q, K, V projections are fused into one matmul at load time, and on CUDA
+  the networks run channels_last (NHWC convolutions, which Inductor keeps end to end);
+- the text encoder(s), the UNet and the VAE decoder are each `torch.compile`d (Inductor,
+  mode "default": no autotuning of matmuls, so the cold start stays bounded; no
+  cudagraphs of Inductor's own: the whole step is captured by cuda_graphs.py, with the
+  compiled UNet inside it). Weights stay module parameters (no freezing), so a weight
+  updated in place (a LoRA merge) is seen by every compiled graph and every capture;
+- our Triton kernels replace Inductor's code only for the ops listed in `custom_ops`
+  (registered `torch.ops.sdengine.*` ops, which Inductor calls as they are). The default
+  is none: Inductor generates its own fused GroupNorm / LayerNorm / GEGLU code and calls
+  SDPA's flash kernels; the GPU session's kernel micro-benchmarks say where ours win;
+- inside the graphed step, guidance and the sampler update run as our fused Triton kernel
+  on CUDA (one launch), as plain torch ops elsewhere.
+
+Inductor's and Triton's caches live under $SDE_CACHE_DIR (sdengine/compile_cache.py), and
+travel between machines with `sdengine cache export / import`.
+
+A network whose compilation fails runs uncompiled (the graph layer) with one warning that
+names it and the input shapes; it is never a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Optional
+
+import torch
+
+from .. import compile_cache, kernels
+from ..models.layers import EAGER_OPS, Attention, set_ops
+from .graph import GraphBackend
+
+log = logging.getLogger("sdengine")
+
+CUSTOM_OPS = ("attention", "group_norm", "layer_norm", "geglu")  # what custom_ops may name
+DEFAULT_CUSTOM_OPS: tuple = ()
+
+
+def _custom_op(name: str):
+    """The Ops-table function that calls our kernel `name` through its registered op."""
+    from . import triton as triton_backend
+
+    return {"attention": triton_backend.triton_attention, "group_norm": triton_backend.triton_group_norm,
+            "layer_norm": triton_backend.triton_layer_norm, "geglu": triton_backend.triton_geglu}[name]
+
+
+class CompiledOrEager:
+    """A torch.compile'd function that falls back to the uncompiled one, with one warning naming
+    the network and the shapes, when compiling fails. Errors of the run itself (out of memory,
+    a bad argument) are raised as they are."""
+
+    def __init__(self, name: str, fn, **compile_options):
+        self.name, self.eager = name, fn
+        self.compiled = torch.compile(fn, **compile_options)
+        self.failed = False
+
+    def __call__(self, *args, **kwargs):
+        if self.failed:
+            return self.eager(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:
+            if not _is_compile_error(e):
+                raise
+            shapes = ", ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
+            log.warning("torch.compile of %s failed at %s (%s: %s); it runs uncompiled", self.name, shapes,
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self.failed = True
+            return self.eager(*args, **kwargs)
+
+
+def _is_compile_error(e: Exception) -> bool:
+    """Whether e comes from Dynamo / Inductor (or a kernel compile), not from running the model."""
+    import torch._dynamo.exc as dynamo_exc
+
+    if isinstance(e, dynamo_exc.TorchDynamoException):
+        return True
+    module = type(e).__module__ or ""
+    return module.startswith(("torch._inductor", "torch._dynamo", "triton"))
+
+
+class CompileBackend(GraphBackend):
+    """The graph backend with torch.compile'd networks.
+
+    custom_ops: which of CUSTOM_OPS run our Triton kernels (CUDA) instead of Inductor's code.
+    mode:       torch.compile mode ("default"; "max-autotune-no-cudagraphs" tunes matmuls and
+                convolutions at a much longer first call).
+    compiler:   torch.compile backend ("inductor"; "aot_eager" traces without generating
+                code, for quick checks).
+    cuda_graphs, graph_cache, fused_steps: as GraphBackend.
+    """
+
+    name = "compile"
+
+    def __init__(self, config, text_encoder, unet, vae, text_encoder_2=None, *,
+                 custom_ops: tuple = DEFAULT_CUSTOM_OPS, mode: Optional[str] = None, compiler: str = "inductor",
+                 cuda_graphs: bool = True, graph_cache: int = 8, fused_steps: bool = True):
+        unknown = [op for op in custom_ops if op not in CUSTOM_OPS]
+        if unknown:
+            raise ValueError(f"custom_ops: unknown op(s) {', '.join(unknown)}; choose from {', '.join(CUSTOM_OPS)}")
+        if custom_ops and not kernels.HAS_TRITON:
+            raise RuntimeError("custom_ops need the triton package (pip install triton)")
+        super().__init__(config, text_encoder, unet, vae, text_encoder_2, cuda_graphs=cuda_graphs,
+                         graph_cache=graph_cache, fused_steps=fused_steps)
+        on_cuda = self.device.type == "cuda"
+        self.channels_last = on_cuda
+        self.step_update = "triton" if on_cuda and kernels.HAS_TRITON else "torch"
+        self.custom_ops = tuple(custom_ops)
+        ops = replace(EAGER_OPS, **{op: _custom_op(op) for op in custom_ops}) if on_cuda else EAGER_OPS
+        for module in (self.text_encoder, self.text_encoder_2, self.unet, self.vae):
+            if module is None:
+                continue
+            for sub in module.modules():
+                if isinstance(sub, Attention) and not sub.is_cross and sub.to_qkv is None:
+                    sub.fuse_qkv()
+            set_ops(module, ops)
+            if on_cuda:
+                module.to(memory_format=torch.channels_last)
+        compile_cache.use_cache_dirs()
+        options = {"backend": compiler, "dynamic": False}
+        if mode is not None:
+            options["mode"] = mode
+        self.compile_options = options
+        self.text_fn = CompiledOrEager("the text encoder", self.text_fn, **options)
+        self.unet_fn = CompiledOrEager("the UNet", self.unet, **options)
+        self.decode_fn = CompiledOrEager("the VAE decoder", self.vae.decode, **options)

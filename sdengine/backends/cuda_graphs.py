@@ -1,0 +1,389 @@
+"""CUDA graphs for the fast backends: one bounded cache, graphed network calls, and the
+whole denoising step on static buffers.
+
+Why: at batch 2 an SD1.5 UNet forward is ~700 kernel launches. On the lent H200 host each
+eager op costs ~29 µs of CPU, so the step is launch-bound (ANCHORS.md: eager 54.5 vs
+stable-fast 104.6 it/s on an H100). A CUDA graph replays all of a step's launches for one
+host call. Three things get graphed, each once per input shape:
+
+- `GraphedFunction`: a network call (text encoder, UNet forward, VAE decode) on static
+  input buffers; the output is copied out of the graph's buffer on return;
+- `DeviceStep`: the whole denoising step, UNet on the doubled batch -> classifier-free
+  guidance -> the sampler update, with every per-step scalar read on the device from a row
+  of `samplers.fused.step_table`, so that one graph serves every step of every run at that
+  shape. The update is either plain torch ops (`sampler_step.<name>_ref`) or the fused
+  Triton kernels (`sampler_step.<name>`);
+- both live in one `GraphCache`: a bounded LRU keyed by what a graph bakes in (shapes,
+  dtypes, sampler), whose graphs share one memory pool.
+
+`GraphCache.capture(run)` is the only place that touches the torch.cuda graph API, so the CPU
+tests substitute a stand-in that runs the function where a graph would be replayed
+(tests/graph_stand_in.py) and check what capture and replay rely on: warm-ups undone, one
+capture per shape serving every step of every run, a bounded cache, and no instance shared
+by two runs at once.
+
+A call the graphs cannot serve (the capture fails: an op that syncs, out of memory) runs
+uncaptured, with one log line per shape; it is never a wrong result.
+
+Threads: a DeviceStep instance belongs to one run from its first step to its end (or until
+the run is dropped, e.g. cancelled); a second run of the same shape at the same time gets its
+own instance (its own capture). Graphs of one cache share a memory pool, so they must be
+replayed on one stream, one at a time: the backends replay on the current stream, which all
+threads share unless they set their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from typing import Callable, Optional
+
+import torch
+
+from ..samplers import fused
+
+log = logging.getLogger("sdengine")
+
+UNCAPTURABLE = object()  # a cache entry whose capture failed: the call runs uncaptured
+
+
+class GraphCache:
+    """An LRU cache of captured CUDA graphs, keyed by what a graph bakes in.
+
+    capacity: how many graphs are kept; the least recently used is dropped for a new one.
+    An entry in use by a run (`busy`) is never dropped; when every entry is busy, the new
+    shape runs uncaptured.
+    """
+
+    def __init__(self, capacity: int = 8):
+        if capacity < 0:
+            raise ValueError(f"graph_cache must be 0 or more, got {capacity}")
+        self.capacity = capacity
+        self.entries: OrderedDict = OrderedDict()
+        self.lock = threading.RLock()
+        self.captures = 0  # graphs captured so far (what the tests and the benchmark count)
+        self._pool = None
+
+    @property
+    def pool(self):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+    def lookup(self, key: tuple, make: Callable[[], object]):
+        """The entry of `key`, made by make() on a miss (None when it cannot be kept)."""
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is not None:
+                self.entries.move_to_end(key)
+                return entry
+            if self.capacity == 0 or not self._make_room():
+                log.info("CUDA graph cache full (%d graphs, all in use): running %s uncaptured",
+                         self.capacity, key[0])
+                return None
+            entry = make()
+            self.entries[key] = entry
+            return entry
+
+    def _make_room(self) -> bool:
+        while len(self.entries) >= self.capacity:
+            victim = next((k for k, e in self.entries.items() if not getattr(e, "busy", False)), None)
+            if victim is None:
+                return False
+            del self.entries[victim]
+        return True
+
+    def capture(self, run: Callable[[], object]):
+        """(graph, output) of run() captured into the shared pool, after two warm-up runs on a
+        side stream (lazy initialisation, autotuning and compilation stay outside the capture)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = run()
+        self.captures += 1
+        return graph, out
+
+    def try_capture(self, run: Callable[[], object], what: str):
+        """capture(run), or None (with one log line) when the capture fails."""
+        started = time.perf_counter()
+        try:
+            graph, out = self.capture(run)
+        except Exception as e:  # an op that cannot be captured, out of memory, ...
+            log.warning("could not capture a CUDA graph of %s (%s: %s); it runs uncaptured",
+                        what, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return None
+        log.info("captured a CUDA graph of %s in %.2f s", what, time.perf_counter() - started)
+        return graph, out
+
+
+def _signature(args) -> tuple:
+    """What a graph of a call bakes in about its tensor arguments."""
+    return tuple(None if a is None else (tuple(a.shape), a.dtype, a.stride()) for a in args)
+
+
+def _clone_out(out):
+    if isinstance(out, tuple):
+        return tuple(_clone_out(o) for o in out)
+    return out.clone() if isinstance(out, torch.Tensor) else out
+
+
+class GraphedFunction:
+    """fn(*tensors) replayed from CUDA graphs, one per argument signature (shapes, dtypes,
+    strides; None arguments allowed). Non-tensor settings belong in `name` (one
+    GraphedFunction per setting). Outputs (a tensor or a tuple of tensors) are copies, never
+    the graph's own buffers."""
+
+    def __init__(self, name: str, fn: Callable, graphs: GraphCache):
+        self.name, self.fn, self.graphs = name, fn, graphs
+
+    def __call__(self, *args):
+        key = (self.name, _signature(args))
+        with self.graphs.lock:  # one replay of an entry at a time: its buffers are shared
+            entry = self.graphs.lookup(key, lambda: self._capture(args))
+            if entry is None or entry is UNCAPTURABLE:
+                return self.fn(*args)
+            static_in, graph, static_out = entry
+            for buffer, a in zip(static_in, args):
+                if buffer is not None:
+                    buffer.copy_(a)
+            graph.replay()
+            return _clone_out(static_out)
+
+    def _capture(self, args):
+        static_in = tuple(None if a is None else a.clone() for a in args)
+        shapes = ", ".join(str(tuple(a.shape)) for a in args if a is not None)
+        captured = self.graphs.try_capture(lambda: self.fn(*static_in), f"{self.name} at {shapes}")
+        if captured is None:
+            return UNCAPTURABLE
+        return (static_in, *captured)
+
+
+# ---------------------------------------------------------------------------
+# The whole denoising step
+# ---------------------------------------------------------------------------
+
+def torch_update(sampler: str, prediction_type: str, model_out, x, scalars, cfg_scale, noise, old_denoised):
+    """Guidance + the sampler update in plain torch ops (kernels/sampler_step.py's references),
+    written into x (and DPM++ 2M's old_denoised) in place. Scalars are 1-element device
+    tensors: nothing here syncs with the host, so it can be captured."""
+    from ..kernels import sampler_step as ops  # the namespace: <name>_ref are the references
+
+    if sampler == "euler":
+        x.copy_(ops.euler_ref(model_out, x, cfg_scale, *scalars, prediction_type))
+    elif sampler == "euler_a":
+        x.copy_(ops.euler_a_ref(model_out, x, noise, cfg_scale, *scalars, prediction_type))
+    elif sampler == "ddim":
+        x.copy_(ops.ddim_ref(model_out, x, cfg_scale, *scalars, noise, prediction_type))
+    elif sampler == "dpmpp_2m":
+        x_next, denoised = ops.dpmpp_2m_ref(model_out, x, old_denoised, cfg_scale, *scalars, prediction_type)
+        x.copy_(x_next)
+        old_denoised.copy_(denoised)
+    elif sampler == "lcm":
+        x.copy_(ops.lcm_ref(model_out, x, noise, cfg_scale, *scalars, prediction_type))
+    else:
+        raise ValueError(f"no device update for sampler {sampler!r} (have: {', '.join(fused.FUSED_SAMPLERS)})")
+
+
+def triton_update(sampler: str, prediction_type: str, model_out, x, scalars, cfg_scale, noise, old_denoised):
+    """Guidance + the sampler update as one fused Triton kernel (kernels/sampler_step.py),
+    written into x in place."""
+    import importlib
+
+    kernels = importlib.import_module("sdengine.kernels.sampler_step")  # the module, with the wrappers
+    if sampler == "euler":
+        kernels.euler(model_out, x, cfg_scale, *scalars, prediction_type, out=x)
+    elif sampler == "euler_a":
+        kernels.euler_a(model_out, x, noise, cfg_scale, *scalars, prediction_type, out=x)
+    elif sampler == "ddim":
+        kernels.ddim(model_out, x, cfg_scale, *scalars, noise, prediction_type, out=x)
+    elif sampler == "dpmpp_2m":
+        kernels.dpmpp_2m(model_out, x, old_denoised, cfg_scale, *scalars, prediction_type, out=x,
+                         denoised_out=old_denoised)
+    elif sampler == "lcm":
+        kernels.lcm(model_out, x, noise, cfg_scale, *scalars, prediction_type, out=x)
+    else:
+        raise ValueError(f"no fused kernel for sampler {sampler!r} (have: {', '.join(fused.FUSED_SAMPLERS)})")
+
+
+UPDATES = {"torch": torch_update, "triton": triton_update}
+
+
+class DeviceStep:
+    """One whole denoising step on static buffers, run directly or replayed from a CUDA graph:
+
+        x_in = x · c_in -> UNet([x_in, x_in], t, context) -> guidance + sampler update -> x, in place
+
+    A call fills the buffers (the state x, the step's row of the step table, the noise) and
+    runs the step; the conditioning is copied in once per run. The next state is the buffer
+    `x` itself (float32, the sampler's units), and DPM++ 2M's denoised history stays in its
+    own buffer. Every per-step scalar is read on the device from the row buffer, so a graph
+    captured once serves every step of every run at these shapes.
+
+    unet: the network to call (possibly compiled); update: a function of UPDATES' signature.
+    """
+
+    def __init__(self, unet, dtype, device, sampler: str, prediction_type: str, x_shape: tuple, context,
+                 added_cond=None, extra_channels=None, *, takes_noise: bool, channels_last: bool,
+                 update: Callable, graphs: Optional[GraphCache] = None):
+        self.unet, self.dtype = unet, dtype
+        self.sampler, self.prediction_type, self.update = sampler, prediction_type, update
+        self.do_cfg = context.shape[0] == 2 * x_shape[0]
+        self.channels_last = channels_last
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+        def latent_buffer():
+            return torch.zeros(x_shape, dtype=torch.float32, device=device).contiguous(memory_format=fmt)
+
+        self.x = latent_buffer()
+        self.row = torch.zeros(fused.FIRST_KERNEL_SCALAR + len(fused.KERNEL_SCALARS[sampler]),
+                               dtype=torch.float32, device=device)
+        self.noise = latent_buffer() if takes_noise else None
+        self.old_denoised = latent_buffer() if sampler == "dpmpp_2m" else None
+        self.context = torch.zeros_like(context)
+        self.added_cond = {k: torch.zeros_like(v) for k, v in added_cond.items()} if added_cond else None
+        # inpainting: mask and masked-image latents, appended to the UNet input's channels
+        self.extra_channels = torch.zeros_like(extra_channels).to(dtype) if extra_channels is not None else None
+        self.graphs, self.graph = graphs, None
+        self.busy = False  # held by a run (see GraphCache: busy entries are never dropped)
+
+    @staticmethod
+    def key(sampler, prediction_type, x_shape, context, added_cond, extra_channels, takes_noise,
+            instance) -> tuple:
+        extra = tuple(sorted((k, tuple(v.shape)) for k, v in (added_cond or {}).items()))
+        channels = tuple(extra_channels.shape) if extra_channels is not None else None
+        return ("step", sampler, prediction_type, tuple(x_shape), tuple(context.shape), extra, channels,
+                context.dtype, takes_noise, instance)
+
+    def start(self, context, added_cond=None, extra_channels=None):
+        """Begin a run: copy its conditioning in (once, not at every step)."""
+        self.context.copy_(context)
+        for k, v in (added_cond or {}).items():
+            self.added_cond[k].copy_(v)
+        if extra_channels is not None:
+            self.extra_channels.copy_(extra_channels)
+
+    @torch.inference_mode()
+    def __call__(self, x, row, noise=None):
+        """The state after one step from state x; row: the step's row of the step table."""
+        if x is not self.x:
+            self.x.copy_(x)
+        self.row.copy_(row)
+        if self.noise is not None:
+            if noise is None:
+                self.noise.zero_()
+            else:
+                self.noise.copy_(noise)
+        if self.graphs is None:
+            self.run()
+        else:
+            if self.graph is None:
+                self.graph = self._capture()
+            if self.graph is UNCAPTURABLE:
+                self.run()
+            else:
+                self.graph.replay()
+        return self.x
+
+    def run(self):
+        """The step on the buffers: what a CUDA graph of it captures."""
+        row, x = self.row, self.x
+        timestep, c_in, cfg_scale = row[0], row[1], row[2:3]  # fused.COLUMNS, as device tensors
+        scalars = [row[j:j + 1] for j in range(fused.FIRST_KERNEL_SCALAR, row.shape[0])]  # KERNEL_SCALARS
+        x_in = (x * c_in).to(self.dtype)
+        x_batch = torch.cat([x_in, x_in]) if self.do_cfg else x_in  # (2N, C, h, w): [uncond, cond]
+        if self.extra_channels is not None:  # inpainting: (2N, C + 1 + C, h, w)
+            x_batch = torch.cat([x_batch, self.extra_channels], dim=1)
+        if self.channels_last:
+            x_batch = x_batch.contiguous(memory_format=torch.channels_last)
+        model_out = self.unet(x_batch, timestep, self.context, added_cond=self.added_cond)
+        self.update(self.sampler, self.prediction_type, model_out, x, scalars, cfg_scale, self.noise,
+                    self.old_denoised)
+        return x
+
+    def _capture(self):
+        """Capture the step; the warm-up runs advance the state, so it is put back afterwards."""
+        state = [b for b in (self.x, self.old_denoised) if b is not None]
+        saved = [b.clone() for b in state]
+        captured = self.graphs.try_capture(
+            self.run, f"the whole {self.sampler} step at x {tuple(self.x.shape)}, "
+                          f"context {tuple(self.context.shape)}")
+        for b, s in zip(state, saved):
+            b.copy_(s)
+        return UNCAPTURABLE if captured is None else captured[0]
+
+
+def device_step(plan, prediction_type: str, context, guidance_scale: float, added_cond, extra_channels, *,
+                unet, dtype, device, update: Callable, channels_last: bool, graphs: Optional[GraphCache]):
+    """The function `step(x, i, noise) -> x_next` of a whole run (docs/CONTRACTS.md, Backends).
+
+    On the first step it takes a free DeviceStep instance of the run's shape from the cache
+    (capturing one on a miss) and holds it until the last step, or until the step function
+    is dropped (a cancelled run).
+    """
+    table = fused.step_table(plan, guidance_scale).to(device)  # (steps, columns) float32
+    takes_noise = fused.takes_noise(plan)
+    last = table.shape[0] - 1
+    state = {"entry": None}
+
+    def make(x_shape):
+        entry = DeviceStep(unet, dtype, device, plan.sampler, prediction_type, x_shape, context, added_cond,
+                           extra_channels, takes_noise=takes_noise, channels_last=channels_last, update=update,
+                           graphs=graphs)
+        return entry
+
+    def acquire(x_shape):
+        if graphs is None:
+            return make(x_shape)
+        with graphs.lock:
+            for instance in range(graphs.capacity + 1):
+                key = DeviceStep.key(plan.sampler, prediction_type, x_shape, context, added_cond, extra_channels,
+                                     takes_noise, instance)
+                entry = graphs.lookup(key, lambda: make(x_shape))
+                if entry is None:  # cache full of busy entries: this run goes uncaptured
+                    entry = make(x_shape)
+                    entry.graphs = None
+                    return entry
+                if not entry.busy:
+                    entry.busy = True
+                    return entry
+        raise AssertionError("unreachable: more busy instances than the cache holds")
+
+    def release(_state=state):
+        entry = _state["entry"]
+        if entry is not None:
+            entry.busy = False
+            _state["entry"] = None
+
+    def step(x, i, noise=None):
+        entry = state["entry"]
+        if entry is None:
+            entry = state["entry"] = acquire(tuple(x.shape))
+            entry.start(context, added_cond, extra_channels)
+        out = entry(x.to(device), table[i], _to_device(noise, device))
+        if i == last:
+            out = out.clone()  # the run's result outlives its hold on the instance
+            release()
+        return out
+
+    weakref.finalize(step, release)  # a run dropped before its last step gives its instance back
+    return step
+
+
+def _to_device(t, device):
+    """t on `device`. From the CPU to CUDA through pinned memory, without blocking: a copy from
+    pageable memory would wait for the GPU to finish the previous step."""
+    if t is None or t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
