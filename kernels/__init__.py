@@ -38,7 +38,7 @@ import types
 
 import torch
 
-from . import ops
+from . import ops, precompile
 from ._triton import HAS_TRITON, INTERPRET
 from .attention import attention_ref
 from .decode import decode_to_uint8_ref

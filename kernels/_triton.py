@@ -47,6 +47,9 @@ except ImportError:  # sdengine without the triton extra
 # Set by tests/conftest.py when there is no CUDA device; read when triton is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# While `record_launches()` is active: the launches the wrappers made (kernels/precompile.py).
+_recording = None
+
 
 def autotune(configs, key):
     """`triton.autotune(configs, key=key)`, with the winners cached on disk where this Triton
@@ -62,8 +65,16 @@ def autotune(configs, key):
 
 
 def can_launch(t) -> bool:
-    """Whether a Triton kernel can run on tensor `t`: on CUDA, or on CPU under the interpreter."""
-    return HAS_TRITON and (t.is_cuda or (INTERPRET and t.device.type == "cpu"))
+    """Whether a Triton kernel can run on tensor `t`: on CUDA, on CPU under the interpreter, or
+    on the meta device while launches are recorded."""
+    return HAS_TRITON and (gpu_path(t) or (INTERPRET and t.device.type == "cpu"))
+
+
+def gpu_path(t) -> bool:
+    """Whether a wrapper takes its GPU configuration (block sizes, autotuned kernels) for `t`:
+    a CUDA tensor, or a meta tensor while launches are recorded (a shape-only dry run of what
+    the GPU would launch)."""
+    return t.is_cuda or (_recording is not None and t.is_meta)
 
 
 def check_launch(name: str, t) -> None:
@@ -87,6 +98,8 @@ def launcher(kernel, t):
     """
     import torch
 
+    if _recording is not None:
+        return _Recorder(kernel, launch=not t.is_meta)
     if t.is_cuda and (type(t) is not torch.Tensor or torch.compiler.is_compiling()):
         from torch.library import wrap_triton
 
@@ -97,7 +110,22 @@ def launcher(kernel, t):
 def pick(kernel, autotuned, t):
     """The autotuned kernel on CUDA; the plain one under the interpreter, where benchmarking
     every config would only cost time."""
-    return autotuned if t.is_cuda else kernel
+    return autotuned if gpu_path(t) else kernel
+
+
+class _Recorder:
+    """Stands in for `kernel[grid]` while launches are recorded (kernels/precompile.py): notes
+    the call, and launches it only on real tensors (a dry run on meta tensors launches nothing)."""
+
+    def __init__(self, kernel, launch: bool):
+        self.kernel, self.launch = kernel, launch
+
+    def __getitem__(self, grid):
+        def record(*args, **kwargs):
+            _recording.append((self.kernel, args, kwargs))
+            if self.launch:
+                return self.kernel[grid](*args, **kwargs)
+        return record
 
 
 # The interpreter (triton ≤ 3.9) truncates fp32 → bf16 casts where the GPU rounds to nearest

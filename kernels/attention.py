@@ -21,22 +21,23 @@ import math
 
 import torch
 
-from ._triton import HAS_TRITON, autotune, cast_out, check_launch, launcher, pick, tl, triton
+from ._triton import HAS_TRITON, autotune, cast_out, check_launch, gpu_path, launcher, pick, tl, triton
 
 # Configs for the GPU (the interpreter uses _interpret_blocks), by the padded head dim
-# BLOCK_D. SD self-attention is (2·8 heads, 4096 tokens, head_dim 40 → BLOCK_D 64);
-# cross-attention has Nk = 77; SD1's deepest levels have head_dim 160 → BLOCK_D 256. In
-# fp16/bf16 each config keeps the q tile plus num_stages buffers of k and v tiles under
-# ~160 KiB of shared memory and the fp32 accumulator under ~128 registers a thread, so the
-# first call at a new shape compiles and times 3-4 configs, not 8 of which some can never
-# launch. Each set also holds a config that fits with fp32 inputs (twice the bytes); the
-# autotuner skips the ones that run out of shared memory.
+# BLOCK_D: two each, so the first call at a new shape compiles and times two kernels (the
+# cold start is bounded: kernels/precompile.py compiles them all up front, in parallel). SD
+# self-attention is (2·8 heads, 4096 tokens, head_dim 40 → BLOCK_D 64); cross-attention has
+# Nk = 77; SD1's deepest levels have head_dim 160 → BLOCK_D 256. The first config of each
+# set is the large tile for long sequences, the second the small one for short sequences
+# (77 keys, the 8x8 level) and for fp32 inputs: in fp16/bf16 each keeps the q tile plus
+# num_stages buffers of k and v tiles under ~160 KiB of shared memory and the fp32
+# accumulator under ~128 registers a thread, and the second also fits fp32 (twice the bytes).
 _CONFIG_SETS = {
     block_d: [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in sizes]
     for block_d, sizes in {
-        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4)],
-        128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
-        256: [(64, 32, 4, 3), (64, 64, 8, 2), (32, 32, 4, 2)],
+        64: [(128, 64, 4, 3), (64, 64, 4, 2)],
+        128: [(128, 64, 8, 3), (64, 32, 4, 2)],
+        256: [(64, 64, 8, 2), (32, 32, 4, 2)],
     }.items()
 }
 _CONFIGS = [c for configs in _CONFIG_SETS.values() for c in configs]
@@ -55,6 +56,30 @@ def _interpret_blocks(n_q, n_k):
 
 
 @triton.jit
+def _attention_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n0, stride_kn, stride_vn, cols, kv_mask, N_K, qk_scale,
+                    MASK_COLS: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One BLOCK_N tile of keys and values folded into the running (acc, m, l)."""
+    k = tl.load(k_ptrs + n0 * stride_kn, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(v_ptrs + n0 * stride_vn, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+    if MASK_COLS:
+        scores = tl.where(cols[None, :] < N_K, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    p = tl.math.exp2(scores - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+    return acc, m_new, l_i
+
+
+# Sizes are not specialized: one kernel per (head dim, config) serves every sequence length,
+# self- and cross-attention alike (kernels/precompile.py counts them).
+@triton.jit(do_not_specialize=["stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn",
+                               "stride_vb", "stride_vh", "stride_vn", "stride_ob", "stride_oh", "stride_om",
+                               "H", "N_Q", "N_K"])
 def _attention_kernel(Q, K, V, Out,
                       stride_qb, stride_qh, stride_qm, stride_qd,
                       stride_kb, stride_kh, stride_kn, stride_kd,
@@ -62,7 +87,7 @@ def _attention_kernel(Q, K, V, Out,
                       stride_ob, stride_oh, stride_om, stride_od,
                       H, N_Q, N_K, qk_scale,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                      EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                      DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -83,26 +108,17 @@ def _attention_kernel(Q, K, V, Out,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # unnormalised output
-    for n0 in range(0, N_K, BLOCK_N):
-        cols = n0 + offs_n
-        if EVEN_N:  # Nk is a multiple of BLOCK_N (4096-token self-attention): no column mask
-            kv_mask = mask_d[None, :]
-        else:  # ragged tail, e.g. 77 text tokens
-            kv_mask = (cols[:, None] < N_K) & mask_d[None, :]
-        k = tl.load(k_ptrs + n0 * stride_kn, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(v_ptrs + n0 * stride_vn, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        if not EVEN_N:
-            scores = tl.where(cols[None, :] < N_K, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        p = tl.math.exp2(scores - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-        m_i = m_new
+    # Whole tiles with no key mask (all of the 4096-token self-attention), then the ragged
+    # tail, if any (e.g. 77 text tokens): one kernel for both.
+    n_full = (N_K // BLOCK_N) * BLOCK_N
+    for n0 in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _attention_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n0, stride_kn, stride_vn, n0 + offs_n,
+                                        mask_d[None, :], N_K, qk_scale, False, DOT_FP32, INPUT_PRECISION)
+    if n_full < N_K:
+        cols = n_full + offs_n
+        acc, m_i, l_i = _attention_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_full, stride_kn, stride_vn, cols,
+                                        (cols[:, None] < N_K) & mask_d[None, :], N_K, qk_scale, True, DOT_FP32,
+                                        INPUT_PRECISION)
     acc = acc / l_i[:, None]
 
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
@@ -111,7 +127,7 @@ def _attention_kernel(Q, K, V, Out,
 
 if HAS_TRITON:  # one autotuner per config set; each keeps its own winners
     _attention_kernel_tuned = {
-        block_d: autotune(configs, key=["N_Q", "N_K", "BLOCK_D", "EVEN_N", "INPUT_PRECISION"])(_attention_kernel)
+        block_d: autotune(configs, key=["N_Q", "N_K", "BLOCK_D", "INPUT_PRECISION"])(_attention_kernel)
         for block_d, configs in _CONFIG_SETS.items()}
 else:
     _attention_kernel_tuned = dict.fromkeys(_CONFIG_SETS, _attention_kernel)
@@ -153,14 +169,10 @@ def attention(q, k, v, scale=None, *, out=None):
     block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs every dim ≥ 16
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # "tf32" is ignored for fp16/bf16
     kernel = pick(_attention_kernel, _attention_kernel_tuned[_config_set(block_d)], q)
-    if q.is_cuda:
-        # Every GPU BLOCK_N divides 128, so Nk % 128 == 0 means no ragged key tile whichever
-        # config the autotuner picks (a plain argument: no triton.heuristics for wrap_triton to trace).
-        assert all(128 % c.kwargs["BLOCK_N"] == 0 for c in _CONFIGS)
-        meta = {"DOT_FP32": False, "EVEN_N": n_k % 128 == 0}
+    if gpu_path(q):
+        meta = {"DOT_FP32": False}
     else:  # the interpreter multiplies bf16 tiles as raw uint16 bits (triton ≤ 3.9): upcast them
         meta = dict(_interpret_blocks(n_q, n_k), DOT_FP32=q.dtype == torch.bfloat16)
-        meta["EVEN_N"] = n_k % meta["BLOCK_N"] == 0
 
     def grid(m):
         return (triton.cdiv(n_q, m["BLOCK_M"]), B * H)

@@ -11,7 +11,7 @@ The read is one plane per channel; the write interleaves the channels (NHWC).
 
 import torch
 
-from ._triton import check_launch, launcher, tl, triton
+from ._triton import check_launch, gpu_path, launcher, tl, triton
 
 
 @triton.jit
@@ -66,7 +66,7 @@ def decode_to_uint8(x, *, out=None):
     P = H * W
     if out.numel() == 0:
         return out
-    block_p = 1024 if x.is_cuda else min(16384, triton.next_power_of_2(P))
+    block_p = 1024 if gpu_path(x) else min(16384, triton.next_power_of_2(P))
     grid = (N, triton.cdiv(P, block_p))
     launcher(_decode_to_uint8_kernel, x)[grid](
         x, out, x.stride(0), x.stride(1), x.stride(3), P, C,

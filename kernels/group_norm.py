@@ -30,18 +30,26 @@ x's memory format.
 
 import torch
 
-from ._triton import HAS_TRITON, autotune, cast_out, check_launch, launcher, tl, triton
+from ._triton import cast_out, check_launch, gpu_path, launcher, tl, triton
 
-_APPLY_CONFIGS = [
-    triton.Config({"BLOCK_HW": bhw, "BLOCK_C": bc}, num_warps=w)
-    for bhw, bc, w in [(64, 64, 4), (128, 32, 4), (32, 128, 4), (128, 64, 8), (256, 32, 8), (64, 128, 8)]
-]
+# Block sizes on the GPU, chosen by rule rather than autotuned: every kernel here is
+# memory-bound (x read twice, y written once), and autotuning per exact shape cost a compile
+# and a benchmark per config per shape on the first call (the cold start that never finished
+# on the H200). 64 channels x 64 positions is 128-byte rows whichever axis is contiguous
+# (channels_last: C; NCHW: H·W), and 4096 elements a program.
+_GPU_APPLY_BLOCKS = {"BLOCK_HW": 64, "BLOCK_C": 64, "num_warps": 4}
 # Stats tiles on the GPU (the chunk length is chosen by the wrapper to fill the device).
 _GPU_STATS_BLOCKS = {"BLOCK_HW": 64, "BLOCK_C": 64}
 _GPU_PROGRAMS = 1024  # aim for this many stats programs: ~8 per SM on an H100
+# Finalize on the GPU: a program per (sample, group) walks its chunks and channels in fixed
+# 16 x 16 tiles, so one compiled kernel serves every channel count and chunking.
+_GPU_FINALIZE_BLOCKS = {"BLOCK_G": 1, "BLOCK_K": 16, "BLOCK_CPG": 16}
 
 
-@triton.jit
+# Sizes and loop bounds are not specialized (Triton would compile a variant per value equal
+# to 1 or divisible by 16): one kernel of each kind serves every shape. The unit strides are
+# (channels_last: stride_xc = 1), which is what lets the loads vectorize.
+@triton.jit(do_not_specialize=["stride_xn", "C", "HW", "HW_PER_CHUNK", "N_CHUNKS"])
 def _group_norm_stats_kernel(X, Mean_part, M2_part,
                              stride_xn, stride_xc, stride_xhw,
                              C, HW, HW_PER_CHUNK, N_CHUNKS,
@@ -74,42 +82,47 @@ def _group_norm_stats_kernel(X, Mean_part, M2_part,
     tl.store(M2_part + part, m2, mask=mask_c)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "HW", "HW_PER_CHUNK", "N_CHUNKS", "CPG", "G"])
 def _group_norm_finalize_kernel(Mean_part, M2_part, Mean, Rstd,
                                 C, HW, HW_PER_CHUNK, N_CHUNKS, CPG, G, eps,
                                 BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CPG: tl.constexpr):
     n = tl.program_id(0)
     offs_g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)  # BLOCK_G groups of sample n
-    offs_j = tl.arange(0, BLOCK_CPG)
-    mask_gj = (offs_g[:, None, None] < G) & (offs_j[None, None, :] < CPG)
-    offs_c = offs_g[:, None, None] * CPG + offs_j[None, None, :]  # (BLOCK_G, 1, BLOCK_CPG)
-    total = (HW * CPG) * 1.0  # fp32 (HW or CPG may be a specialised constant 1)
-    # Pass 1: group mean = Σ_k Σ_c count_k · mean_kc / total.
+    total = (HW * CPG) * 1.0  # fp32
+    # Pass 1: group mean = Σ_k Σ_c count_k · mean_kc / total, over tiles of chunks and channels.
     acc = tl.zeros([BLOCK_G, BLOCK_K, BLOCK_CPG], dtype=tl.float32)
-    for k0 in range(0, N_CHUNKS, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)[None, :, None]
-        mask = (ks < N_CHUNKS) & mask_gj
-        count = tl.minimum(HW - ks * HW_PER_CHUNK, HW_PER_CHUNK).to(tl.float32)
-        part = (n * N_CHUNKS + ks) * C + offs_c  # partials are (N, N_CHUNKS, C)
-        acc += tl.load(Mean_part + part, mask=mask, other=0.0) * count
+    for j0 in range(0, CPG, BLOCK_CPG):
+        offs_j = j0 + tl.arange(0, BLOCK_CPG)
+        mask_gj = (offs_g[:, None, None] < G) & (offs_j[None, None, :] < CPG)
+        offs_c = offs_g[:, None, None] * CPG + offs_j[None, None, :]  # (BLOCK_G, 1, BLOCK_CPG)
+        for k0 in range(0, N_CHUNKS, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)[None, :, None]
+            mask = (ks < N_CHUNKS) & mask_gj
+            count = tl.minimum(HW - ks * HW_PER_CHUNK, HW_PER_CHUNK).to(tl.float32)
+            part = (n * N_CHUNKS + ks) * C + offs_c  # partials are (N, N_CHUNKS, C)
+            acc += tl.load(Mean_part + part, mask=mask, other=0.0) * count
     mean = tl.sum(tl.sum(acc, 2), 1) / total  # (BLOCK_G,)
     # Pass 2: M2 = Σ M2_kc + count_k · (mean_kc − mean)² (Chan et al., all parts at once).
     acc = tl.zeros([BLOCK_G, BLOCK_K, BLOCK_CPG], dtype=tl.float32)
-    for k0 in range(0, N_CHUNKS, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)[None, :, None]
-        mask = (ks < N_CHUNKS) & mask_gj
-        count = tl.minimum(HW - ks * HW_PER_CHUNK, HW_PER_CHUNK).to(tl.float32)
-        part = (n * N_CHUNKS + ks) * C + offs_c
-        delta = tl.load(Mean_part + part, mask=mask, other=0.0) - mean[:, None, None]
-        m2 = tl.load(M2_part + part, mask=mask, other=0.0)
-        acc += tl.where(mask, m2 + count * delta * delta, 0.0)
+    for j0 in range(0, CPG, BLOCK_CPG):
+        offs_j = j0 + tl.arange(0, BLOCK_CPG)
+        mask_gj = (offs_g[:, None, None] < G) & (offs_j[None, None, :] < CPG)
+        offs_c = offs_g[:, None, None] * CPG + offs_j[None, None, :]
+        for k0 in range(0, N_CHUNKS, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)[None, :, None]
+            mask = (ks < N_CHUNKS) & mask_gj
+            count = tl.minimum(HW - ks * HW_PER_CHUNK, HW_PER_CHUNK).to(tl.float32)
+            part = (n * N_CHUNKS + ks) * C + offs_c
+            delta = tl.load(Mean_part + part, mask=mask, other=0.0) - mean[:, None, None]
+            m2 = tl.load(M2_part + part, mask=mask, other=0.0)
+            acc += tl.where(mask, m2 + count * delta * delta, 0.0)
     var = tl.sum(tl.sum(acc, 2), 1) / total
     mask_g = offs_g < G
     tl.store(Mean + n * G + offs_g, mean, mask=mask_g)
     tl.store(Rstd + n * G + offs_g, 1.0 / tl.sqrt(var + eps), mask=mask_g)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_xn", "stride_yn", "stride_rn", "C", "HW", "CPG", "G"])
 def _group_norm_apply_kernel(X, Y, R, W, B, Mean, Rstd,
                              stride_xn, stride_xc, stride_xhw,
                              stride_yn, stride_yc, stride_yhw,
@@ -144,12 +157,6 @@ def _group_norm_apply_kernel(X, Y, R, W, B, Mean, Rstd,
     tl.store(Y + n64 * stride_yn + offs_hw[:, None] * stride_yhw + offs_c[None, :] * stride_yc,
              cast_out(y, Y.dtype.element_ty), mask=mask)
 
-
-if HAS_TRITON:
-    _group_norm_apply_kernel_tuned = autotune(
-        _APPLY_CONFIGS, key=["C", "HW", "CPG", "stride_xc", "APPLY_SILU", "HAS_RESIDUAL"])(_group_norm_apply_kernel)
-else:
-    _group_norm_apply_kernel_tuned = _group_norm_apply_kernel
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -206,11 +213,11 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False, residual=None,
         stats_blocks = {"BLOCK_HW": _split[0], "BLOCK_C": _split[1]}
         c_blocks, n_chunks = triton.cdiv(C, _split[1]), _split[2]
         apply_kernel, apply_meta = _group_norm_apply_kernel, dict(stats_blocks)
-    elif x.is_cuda:
+    elif gpu_path(x):
         stats_blocks = dict(_GPU_STATS_BLOCKS)
         c_blocks = triton.cdiv(C, stats_blocks["BLOCK_C"])
         n_chunks = max(1, min(triton.cdiv(_GPU_PROGRAMS, N * c_blocks), triton.cdiv(HW, stats_blocks["BLOCK_HW"])))
-        apply_kernel, apply_meta = _group_norm_apply_kernel_tuned, {}
+        apply_kernel, apply_meta = _group_norm_apply_kernel, dict(_GPU_APPLY_BLOCKS)
     else:  # interpreter: few, large programs
         stats_blocks = {"BLOCK_HW": min(64, triton.next_power_of_2(HW)), "BLOCK_C": triton.next_power_of_2(C)}
         c_blocks, n_chunks = 1, 1
@@ -225,10 +232,15 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False, residual=None,
     sx = _strides_nchw(x)
     launcher(_group_norm_stats_kernel, x)[(N, n_chunks, c_blocks)](
         x, mean_part, m2_part, *sx, C, HW, hw_per_chunk, n_chunks, **stats_blocks)
-    block_g = _split[3] if _split else 1 if x.is_cuda else triton.next_power_of_2(G)  # GPU: a program per group
-    launcher(_group_norm_finalize_kernel, x)[(N, triton.cdiv(G, block_g))](
-        mean_part, m2_part, mean, rstd, C, HW, hw_per_chunk, n_chunks, cpg, G, eps,
-        BLOCK_G=block_g, BLOCK_K=min(64, triton.next_power_of_2(n_chunks)), BLOCK_CPG=triton.next_power_of_2(cpg))
+    if _split is not None:  # the GPU's fixed tiles (their loops), BLOCK_G groups a program
+        finalize_blocks = dict(_GPU_FINALIZE_BLOCKS, BLOCK_G=_split[3])
+    elif gpu_path(x):  # a program per group, fixed tiles: one kernel for every shape
+        finalize_blocks = _GPU_FINALIZE_BLOCKS
+    else:  # interpreter: one program, whole tiles
+        finalize_blocks = {"BLOCK_G": triton.next_power_of_2(G), "BLOCK_K": min(64, triton.next_power_of_2(n_chunks)),
+                           "BLOCK_CPG": triton.next_power_of_2(cpg)}
+    launcher(_group_norm_finalize_kernel, x)[(N, triton.cdiv(G, finalize_blocks["BLOCK_G"]))](
+        mean_part, m2_part, mean, rstd, C, HW, hw_per_chunk, n_chunks, cpg, G, eps, **finalize_blocks)
 
     def grid(m):
         return (N, triton.cdiv(HW, m["BLOCK_HW"]), triton.cdiv(C, m["BLOCK_C"]))

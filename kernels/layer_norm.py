@@ -9,7 +9,7 @@ D = 320, 640, 1280 (UNet transformer blocks) and 768/1024/1280 (CLIP).
 
 import torch
 
-from ._triton import cast_out, check_launch, launcher, tl, triton
+from ._triton import cast_out, check_launch, gpu_path, launcher, tl, triton
 
 
 def _configs(block_d):
@@ -18,7 +18,9 @@ def _configs(block_d):
     return {"BLOCK_M": rows, "num_warps": 4 if block_d * rows <= 4096 else 8}
 
 
-@triton.jit
+# Sizes are not specialized (Triton would compile a variant per size divisible by 16 or
+# equal to 1): one kernel per BLOCK_D serves every shape (kernels/precompile.py counts them).
+@triton.jit(do_not_specialize=["M", "D"])
 def _layer_norm_kernel(X, Y, W, B,
                        stride_xm, stride_ym,
                        M, D, eps,
@@ -69,7 +71,7 @@ def layer_norm(x, weight, bias, eps=1e-5, *, out=None):
     if M == 0 or D == 0:
         return out
     block_d = triton.next_power_of_2(D)
-    if x.is_cuda:
+    if gpu_path(x):
         meta = _configs(block_d)
     else:  # interpreter: many rows per program
         meta = {"BLOCK_M": max(1, min(64, 32768 // block_d))}

@@ -44,7 +44,7 @@ take x's dtype. `prediction_type` is "epsilon" or "v_prediction" (a compile-time
 
 import torch
 
-from ._triton import cast_out, check_launch, launcher, tl, triton
+from ._triton import cast_out, check_launch, gpu_path, launcher, tl, triton
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 _GPU_BLOCK = 1024
@@ -229,7 +229,7 @@ def _flat(t, x):
 
 def _launch(kernel, x, args, **meta):
     n = x.numel()
-    block = _GPU_BLOCK if x.is_cuda else min(65536, triton.next_power_of_2(max(n, 16)))
+    block = _GPU_BLOCK if gpu_path(x) else min(65536, triton.next_power_of_2(max(n, 16)))
     launcher(kernel, x)[(triton.cdiv(n, block),)](*args, n, BLOCK=block, **meta)
 
 

@@ -65,6 +65,13 @@ def test_attention_strided_batched_scaled(dtype):
     _check(77, 100, 128, dtype, batch=2, heads=3, scale=0.3, layout="bnhd")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_attention_full_key_tiles_and_a_ragged_tail(dtype):
+    """300 keys in 256-key tiles (the interpreter's tile for this length): one whole tile with
+    no key mask, then a masked tail of 44, in one kernel."""
+    _check(40, 300, 40, dtype)
+
+
 def test_attention_default_output_layout():
     q = torch.randn(2, 3, 5, 40, device=DEVICE)
     out = attention(q, q, q)
@@ -94,7 +101,7 @@ def test_attention_sd_shapes_gpu(nq, nk, d, dtype):
 def test_gpu_config_sets_fit_shared_memory_and_registers():
     """The GPU configs of each padded head dim stay within what a Hopper SM gives one program
     (see the comment over _CONFIG_SETS): q tile + num_stages k and v tiles in shared memory,
-    the fp32 accumulator in registers; and every set has one config that fits fp32 inputs."""
+    the fp32 accumulator in registers; at most two configs a set, one of which fits fp32 inputs."""
     import importlib
 
     A = importlib.import_module("sdengine.kernels.attention")  # the package attribute is the function
@@ -106,10 +113,9 @@ def test_gpu_config_sets_fit_shared_memory_and_registers():
         return (m * block_d + config.num_stages * 2 * n * block_d) * elem_bytes
 
     for block_d, configs in A._CONFIG_SETS.items():
-        assert 2 <= len(configs) <= 4
+        assert 1 <= len(configs) <= 2  # a bounded cold start: at most 2 compiles per shape
         for c in configs:
             assert smem_bytes(c, block_d, 2) <= 160 * 1024, (block_d, c)
             assert c.kwargs["BLOCK_M"] * block_d // (32 * c.num_warps) <= 128, (block_d, c)
-            assert 128 % c.kwargs["BLOCK_N"] == 0  # EVEN_N's premise
         assert min(smem_bytes(c, block_d, 4) for c in configs) <= 227 * 1024, block_d
     assert [A._config_set(d) for d in (16, 32, 64, 128, 256)] == [64, 64, 64, 128, 256]

@@ -63,6 +63,12 @@ def test_group_norm_split_reduction(channels_last):
     _gn_case(2, 320, 9, 7, torch.float32, channels_last, True, True, split=(16, 64, 3, 8))
 
 
+def test_group_norm_split_reduction_walks_chunk_and_channel_tiles():
+    """The GPU's finalize loops: 40 channels a group (three 16-channel tiles, the last ragged)
+    and 32 chunks (two 16-chunk tiles)."""
+    _gn_case(1, 320, 32, 32, torch.float32, True, True, False, split=(16, 64, 40, 2), groups=8)
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_group_norm_keeps_memory_format(channels_last):
     fmt = CL if channels_last else torch.contiguous_format

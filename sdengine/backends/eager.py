@@ -49,6 +49,11 @@ class EagerBackend:
         return grow_token_embeddings({"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2},
                                      vectors)
 
+    def prepare(self, height: int, width: int, batch_size: int = 1, sampler=None, schedule=None) -> dict:
+        """Make what a workload needs before its first call (compiled kernels, ...): nothing for
+        eager networks. Returns what was done, for the benchmark record."""
+        return {}
+
     @torch.inference_mode()
     def encode_text(self, input_ids, input_ids_2=None, clip_skip=None):
         """Token ids (B, 77) -> (context (B, 77, D), pooled (B, P) or None).
@@ -98,7 +103,7 @@ class EagerBackend:
         one warning. No black image is ever returned for that reason.
         """
         images = self._decode(latents.to(self.device, self._vae_dtype)).float()
-        if self._vae_dtype == torch.float32:
+        if self._vae_dtype == torch.float32 or images.is_meta:  # meta: a shape-only dry run
             return images
         bad = ~torch.isfinite(images).flatten(1).all(dim=1)  # (B,)
         if bad.any():

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import logging
 from dataclasses import replace
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,49 +39,53 @@ log = logging.getLogger("sdengine")
 # The ops, in the signatures of sdengine.models.layers.Ops
 # ---------------------------------------------------------------------------
 
+_OPS = ("attention", "group_norm", "layer_norm", "geglu")
+# The Triton wrappers themselves (kernels/<op>.py), and the public ops of sdengine.kernels,
+# which go through the registered `torch.ops.sdengine.<op>` so that torch.compile / export
+# see the Triton kernel.
+_WRAPPERS = {name: getattr(importlib.import_module(f"sdengine.kernels.{name}"), name) for name in _OPS}
+_PUBLIC = {name: getattr(kernels, name) for name in _OPS}
+
+
 def _kernel(name: str):
-    """The op to call for kernel `name`.
-
-    On CUDA: the public op of sdengine.kernels, which goes through the registered
-    `torch.ops.sdengine.<name>` so that torch.compile / export see the Triton kernel.
-    Under TRITON_INTERPRET=1 (CPU tests): the Triton wrapper itself, since the public op
-    sends CPU tensors to the plain-torch reference and would prove nothing.
-    """
-    if kernels.INTERPRET:
-        return getattr(importlib.import_module(f"sdengine.kernels.{name}"), name)
-    return getattr(kernels, name)
+    """The function to call for kernel `name`: on CUDA the public op; the wrapper itself under
+    TRITON_INTERPRET=1 (CPU tests: the public op sends CPU tensors to the plain-torch reference
+    and would prove nothing) and while launches are recorded on meta tensors (a dry run)."""
+    if kernels.INTERPRET or kernels.precompile.recording():
+        return _WRAPPERS[name]
+    return _PUBLIC[name]
 
 
-_attention_kernel, _group_norm_kernel = _kernel("attention"), _kernel("group_norm")
-_layer_norm_kernel, _geglu_kernel = _kernel("layer_norm"), _kernel("geglu")
+_MAX_HEAD_DIM = 256  # kernels/attention.py's limit (BLOCK_D ≤ 256)
 
 
 def triton_attention(q, k, v, heads: int, *, causal: bool = False, upcast: bool = False):
     """(B, L, heads·d) projections -> (B, Lq, heads·d) through the flash-attention kernel.
 
     The kernel accumulates in fp32 whatever the input dtype, which is what SD2's
-    `upcast_attention` asks for. CLIP's causal attention (77 tokens, 0.1 ms) stays eager.
+    `upcast_attention` asks for. CLIP's causal attention (77 tokens, 0.1 ms) and the VAE's
+    single 512-wide head (beyond the kernel's head dims) stay eager.
     """
-    if causal:
-        return EAGER_OPS.attention(q, k, v, heads, causal=True, upcast=upcast)
     batch, q_len, inner = q.shape
     head_dim = inner // heads
+    if causal or head_dim > _MAX_HEAD_DIM:  # the VAE's one 512-wide head: SDPA's memory-efficient kernel
+        return EAGER_OPS.attention(q, k, v, heads, causal=causal, upcast=upcast)
     # (B, L, heads, d) -> (B, heads, L, d) as strided views: no copy
     q4, k4, v4 = (t.view(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))
-    out = _attention_kernel(q4, k4, v4)  # (B, heads, Lq, d), stored as (B, Lq, heads, d)
+    out = _kernel("attention")(q4, k4, v4)  # (B, heads, Lq, d), stored as (B, Lq, heads, d)
     return out.transpose(1, 2).reshape(batch, q_len, inner)  # (B, Lq, heads·d), free
 
 
 def triton_group_norm(x, weight, bias, groups: int, eps: float, silu: bool = False):
-    return _group_norm_kernel(x, groups, weight, bias, eps=eps, silu=silu)
+    return _kernel("group_norm")(x, groups, weight, bias, eps=eps, silu=silu)
 
 
 def triton_layer_norm(x, weight, bias, eps: float):
-    return _layer_norm_kernel(x, weight, bias, eps=eps)
+    return _kernel("layer_norm")(x, weight, bias, eps=eps)
 
 
 def triton_geglu(x, weight, bias):
-    return _geglu_kernel(F.linear(x, weight, bias))  # (..., 2·inner) -> (..., inner)
+    return _kernel("geglu")(F.linear(x, weight, bias))  # (..., 2·inner) -> (..., inner)
 
 
 TRITON_OPS = replace(EAGER_OPS, attention=triton_attention, group_norm=triton_group_norm,
@@ -118,14 +123,94 @@ class TritonBackend(GraphBackend):
             raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
         super().__init__(config, text_encoder, unet, vae, text_encoder_2, cuda_graphs=cuda_graphs,
                          graph_cache=graph_cache, fused_steps=fused_steps)
-        self.channels_last = self.device.type == "cuda"
+        self.channels_last = self.device.type in ("cuda", "meta")  # meta: a dry run of what CUDA launches
         for module in (self.text_encoder, self.text_encoder_2, self.unet, self.vae):
             if module is not None:
                 prepare_for_triton(module, channels_last=self.channels_last)
 
+    def prepare(self, height: int, width: int, batch_size: int = 1, sampler: Optional[str] = None,
+                schedule: Optional[str] = None, *, target: Optional[str] = None, jobs: Optional[int] = None) -> dict:
+        """Compile every kernel a generation of this workload launches, up front and in parallel
+        (kernels/precompile.py), so that the first step only loads them from Triton's disk cache
+        ($SDE_CACHE_DIR/triton).
+
+        target: the GPU to compile for ("sm_90"); default this machine's CUDA device, and on the
+        CPU nothing (the interpreter compiles nothing). A kernel that fails to compile is named
+        with the workload in a warning, and the backend falls back to the graph layer's ops (no
+        custom kernel); it is never a crash. Returns what was done, for the benchmark record.
+        """
+        from ..kernels import precompile
+        from .. import compile_cache, samplers
+
+        if target is None and self.device.type != "cuda":
+            return {}
+        compile_cache.use_cache_dirs()
+        sampler_name, schedule_name = samplers.resolve(sampler, schedule, self.config.scheduler)
+        launches = kernel_launches(self.config, height, width, batch=batch_size, sampler=sampler_name,
+                                   schedule=schedule_name, dtype=self.dtype)
+        report = precompile.compile_specs(precompile.kernel_specs(launches), precompile.parse_target(target),
+                                          jobs=jobs)
+        info = {"kernels": report.distinct, "compiled": report.compiled, "compile_serial_s": round(report.serial_s, 3),
+                "compile_wall_s": round(report.wall_s, 3), "compile_jobs": report.jobs}
+        log.info("triton: %s for %dx%d, batch %d, %s", report.summary(), width, height, batch_size, sampler_name)
+        if report.failures:
+            failure = report.failures[0]
+            self.fall_back(f"kernel {failure['label']} failed to compile for {width}x{height}, batch {batch_size}, "
+                           f"{sampler_name} ({failure['error']})")
+            info["fallback"] = self.fallback
+        return info
+
+    def fall_back(self, reason: str):
+        """Run on the graph layer's ops from now on (eager networks, torch sampler update), with
+        one warning giving the reason."""
+        log.warning("triton backend: %s; falling back to the graph layer (no custom kernels)", reason)
+        for module in (self.text_encoder, self.text_encoder_2, self.unet, self.vae):
+            if module is not None:
+                set_ops(module, EAGER_OPS)
+        self.step_update = "torch"
+        self.fallback = reason
+
+    fallback: Optional[str] = None  # why the backend runs without its kernels (None: it does not)
+
     def fused_unsupported(self, plan):
         if kernels.reference_mode():
             return "the kernels are in reference mode"
-        if not (self.device.type == "cuda" or kernels.INTERPRET):  # CPU without the interpreter: no kernels
+        if not (self.device.type in ("cuda", "meta") or kernels.INTERPRET):  # CPU without the interpreter: no kernels
             return "the fused Triton kernels need CUDA (or TRITON_INTERPRET=1 on the CPU)"
         return super().fused_unsupported(plan)
+
+
+# ---------------------------------------------------------------------------
+# What the backend launches: a shape-only dry run, for compiling up front
+# ---------------------------------------------------------------------------
+
+def kernel_launches(config, height: int, width: int, batch: int = 1, sampler: str = "euler",
+                    schedule: Optional[str] = None, dtype: torch.dtype = torch.float16, guidance_scale: float = 7.5,
+                    steps: int = 2) -> list:
+    """Every Triton launch the triton backend makes on a GPU for one generation of this
+    workload (txt2img, then the decode), as (kernel, args, kwargs), in launch order.
+
+    It runs the backend's and the pipeline's own code on meta tensors (shapes only, no data,
+    no GPU) with `kernels.precompile.record_launches()` active, so the list follows whatever
+    path the code really takes (fused step or not, attention shapes, GroupNorm flags)."""
+    from ..kernels.precompile import record_launches
+    from ..models.clip import CLIPTextModel
+    from ..models.unet import UNet2DConditionModel
+    from ..models.vae import AutoencoderKL
+    from ..pipeline import Pipeline
+    from ..tokenizer import CLIPTokenizer
+
+    with torch.device("meta"):
+        text_encoder = CLIPTextModel(config.text_encoder).to(dtype)
+        text_encoder_2 = CLIPTextModel(config.text_encoder_2).to(dtype) if config.text_encoder_2 else None
+        unet = UNet2DConditionModel(config.unet).to(dtype)
+        vae = AutoencoderKL(config.vae).to(dtype)
+    backend = TritonBackend(config, text_encoder, unet, vae, text_encoder_2)
+    tokenizer = CLIPTokenizer.default()
+    pipe = Pipeline(backend, tokenizer, tokenizer if text_encoder_2 is not None else None)
+    with record_launches() as launches:
+        latents = pipe("a dry run", height=height, width=width, batch_size=batch, steps=steps, sampler=sampler,
+                       schedule=schedule, guidance_scale=guidance_scale, seed=0, output_type="latent",
+                       progress=False).images
+        pipe.decode_latents(latents)
+    return list(launches)
