@@ -312,12 +312,16 @@ def test_acceptance_command_tiny_cpu(tmp_path):
     assert got == {(b, c) for b in ("eager", "diffusers")
                    for c in ("text_encoder", "unet_step", "vae_decode", "end_to_end")}
     for r in record["results"]:
-        assert len(r["samples_ms"]) == (5 if r["component"] == "end_to_end" else 20)
+        assert len(r["samples_ms"]) == (10 if r["component"] == "end_to_end" else 20)
+        assert len(r["host_samples_ms"]) == len(r["samples_ms"]) and r["first_call_ms"] > 0
         assert r["p50_ms"] == pytest.approx(float(np.median(r["samples_ms"])))
         assert r["min_ms"] <= r["p50_ms"] <= r["p90_ms"] and r["flop"] > 0 and r["tflops"] > 0
         assert r["nonfinite_output"] in (False, None)
         if r["backend"] == "diffusers":
             assert r["speedup_vs_diffusers"] == 1.0
+    assert set(record["backends"]) == {"eager", "diffusers"}
+    for b in record["backends"].values():  # each backend ran in its own process, which ended well
+        assert b["exit"] == 0 and b["load_s"] > 0 and b["prepare_s"] > 0
     work = flops.workload_flop(tiny_config("sd15"), 16, 16)
     assert record["flop"] == work
     e2e = {r["backend"]: r for r in record["results"] if r["component"] == "end_to_end"}
@@ -357,57 +361,119 @@ def test_unavailable_backends_are_skipped_with_a_reason(tmp_path, capsys):
     assert "--sampler dpmpp_2m_karras" in record["command"]
 
 
-def test_interrupt_writes_what_was_measured(tmp_path, monkeypatch):
-    calls = []
-    real = Benchmark._measure
+def _bench_process(tmp_path, path, *extra):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "sdengine.cli", "bench", "--arch", "tiny", "--device", "cpu", "--json",
+               str(path), "--no-progress", *extra]
+    return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
 
-    def measure_then_interrupt(self, runner, backend, component):
-        calls.append(component)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(self, runner, backend, component)
 
-    monkeypatch.setattr(Benchmark, "_measure", measure_then_interrupt)
+def _wait_for_results(path, count, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        try:
+            record = json.loads(path.read_text())
+            if len([r for r in record["results"] if "skipped" not in r]) >= count:
+                return record
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the benchmark wrote no results in time")
+
+
+def _children_of(pid):
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _gone(pid, timeout=15):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+        if state.startswith("Z"):  # a zombie has ended
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_sigterm_writes_what_was_measured_and_stops_the_backend(tmp_path):
+    """SIGTERM (e.g. from `timeout`) mid-run: the record says so and keeps what was measured,
+    and the backend's process is stopped with the run."""
+    import signal
+
     path = tmp_path / "cut.json"
-    code = cli.main(["bench", "--arch", "tiny", "--backends", "diffusers", "--components", "text_encoder,vae_decode",
-                     "--repeats", "3", "--device", "cpu", "--json", str(path), "--no-progress"])
-    assert code == 130
+    proc = _bench_process(tmp_path, path, "--backends", "diffusers", "--components",
+                          "text_encoder,vae_decode,unet_step", "--repeats", "400", "--budget", "600")
+    _wait_for_results(path, 1, proc)
+    children = _children_of(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 130
     record = json.loads(path.read_text())
     validate(record)
-    assert not record["complete"] and record["interrupted"] == "KeyboardInterrupt"
-    assert [r["component"] for r in record["results"]] == ["text_encoder"]
+    assert not record["complete"] and record["interrupted"] == "SIGTERM"
+    assert [r["component"] for r in record["results"] if "skipped" not in r][0] == "text_encoder"
     assert "Incomplete run" in path.with_suffix(".md").read_text() and path.with_suffix(".png").exists()
     assert not list(tmp_path.glob(".*.tmp"))
+    assert children and all(_gone(pid) for pid in children)
 
 
 def test_run_killed_outright_keeps_what_it_measured(tmp_path):
-    """No Python cleanup at all (os._exit, as SIGKILL or a crash in native code): the JSON
-    checkpoint written after each result holds what was measured, marked unfinished."""
+    """No Python cleanup at all in the harness (SIGKILL, as the OOM killer): the JSON checkpoint
+    written after each result holds what was measured, marked unfinished, and the backend's
+    process ends by itself when it sees its parent gone."""
+    import signal
+
     path = tmp_path / "killed.json"
-    script = f"""
-import os
-from sdengine import cli
-from sdengine.bench.harness import Benchmark
-real = Benchmark._measure
-def measure(self, runner, backend, component):
-    if component == "vae_decode":
-        os._exit(9)
-    return real(self, runner, backend, component)
-Benchmark._measure = measure
-cli.main(["bench", "--arch", "tiny", "--backends", "eager", "--components", "text_encoder,unet_step,vae_decode",
-          "--repeats", "2", "--warmup", "1", "--device", "cpu", "--json", {str(path)!r}, "--no-progress"])
-"""
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 9, proc.stderr[-2000:]
+    proc = _bench_process(tmp_path, path, "--backends", "eager", "--components", "text_encoder,unet_step,vae_decode",
+                          "--repeats", "400", "--budget", "600")
+    _wait_for_results(path, 2, proc)
+    children = _children_of(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
     record = json.loads(path.read_text())
     validate(record)
     assert not record["complete"] and "unfinished" in record["interrupted"]
-    assert [r["component"] for r in record["results"]] == ["text_encoder", "unet_step"]
+    assert [r["component"] for r in record["results"]][:2] == ["text_encoder", "unet_step"]
     assert not list(tmp_path.glob(".*.tmp"))
+    assert children and all(_gone(pid) for pid in children)
     # a run that ends writes over its checkpoint, complete, at the same path
     code = cli.main(["bench", "--arch", "tiny", "--backends", "eager", "--components", "text_encoder", "--repeats", "2",
                      "--device", "cpu", "--json", str(path), "--no-progress"])
     assert code == 0 and json.loads(path.read_text())["complete"]
+
+
+@pytest.mark.slow
+def test_a_backend_that_crashes_hangs_or_raises_costs_only_itself(tmp_path):
+    """Each backend runs in its own process: one that dies outright mid-run (os._exit), one that
+    hangs past its prepare cap, one that raises while it is built; the record keeps every other
+    backend's rows, and says for each failure what happened, where, with the end of its log."""
+    options = BenchOptions(arch="tiny", backends=("crashing", "hanging", "raising", "diffusers"),
+                           components=("text_encoder", "unet_step"), repeats=3, warmup=1, device="cpu",
+                           prepare_cap_s=30, run_cap_s=120, sys_path=(str(Path(__file__).parent),),
+                           runner_factories={"crashing": "bench_fakes:crashing", "hanging": "bench_fakes:hanging",
+                                             "raising": "bench_fakes:raising"})
+    started = time.perf_counter()
+    record = Benchmark(options, progress=False).run()
+    assert time.perf_counter() - started < 400
+    validate(record)
+    assert record["complete"]
+    measured = [(r["backend"], r["component"]) for r in record["results"] if "skipped" not in r]
+    assert measured == [("crashing", "text_encoder"), ("diffusers", "text_encoder"), ("diffusers", "unet_step")]
+    skipped = {r["backend"]: r for r in record["results"] if "skipped" in r}
+    assert skipped["crashing"]["skipped"] == "crashed in run (exit code 9)" and skipped["crashing"]["phase"] == "run"
+    assert skipped["hanging"]["skipped"] == "timed out: over its 30 s prepare cap"
+    assert skipped["hanging"]["phase"] == "prepare" and skipped["hanging"]["error"]
+    assert skipped["raising"]["skipped"].startswith("crashed in prepare (exit code 1)")
+    assert "no kernel image for this device" in skipped["raising"]["log_tail"]
+    assert record["backends"]["diffusers"]["exit"] == 0 and record["backends"]["crashing"]["exit"] == 9
+    crashed = next(r for r in record["results"] if r["backend"] == "crashing" and "skipped" not in r)
+    assert crashed["speedup_vs_diffusers"] > 0  # its row before the crash is compared like any other
 
 
 def test_commit_from_environment_wins(monkeypatch):

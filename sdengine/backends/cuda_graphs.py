@@ -297,10 +297,12 @@ class DeviceStep:
     def run(self):
         """The step on the buffers: what a CUDA graph of it captures."""
         row, x = self.row, self.x
-        timestep, c_in, cfg_scale = row[0], row[1], row[2:3]  # fused.COLUMNS, as device tensors
+        c_in, cfg_scale = row[1], row[2:3]  # fused.COLUMNS, as device tensors
         scalars = [row[j:j + 1] for j in range(fused.FIRST_KERNEL_SCALAR, row.shape[0])]  # KERNEL_SCALARS
         x_in = (x * c_in).to(self.dtype)
         x_batch = torch.cat([x_in, x_in]) if self.do_cfg else x_in  # (2N, C, h, w): [uncond, cond]
+        # (2N,) dense, as `denoise` passes it: one compiled UNet serves both (the compile layer)
+        timestep = row[0:1].expand(x_batch.shape[0]).contiguous()
         if self.extra_channels is not None:  # inpainting: (2N, C + 1 + C, h, w)
             x_batch = torch.cat([x_batch, self.extra_channels], dim=1)
         if self.channels_last:

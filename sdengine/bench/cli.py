@@ -1,7 +1,11 @@
 """`sdengine bench`: time every backend against eager diffusers on one workload.
 
     sdengine bench --arch sd15 --height 512 --width 512 --steps 30 --sampler euler --batch 1 \\
-        --backends eager,diffusers,diffusers-compile,triton,native,onnx --dtype fp16 --json out.json
+        --backends diffusers,diffusers-compile,eager,graph,triton,compile --dtype fp16 --json out.json
+
+Each backend runs in a process of its own, under a prepare cap (load, build, compile,
+capture) and a run cap: one that crashes, hangs or runs out of memory is recorded as
+skipped with why and the end of its log, and the run goes on with the next.
 
 End-to-end runs use the same sampler on every backend: sdengine's backends get --sampler,
 diffusers the matching scheduler class, built from the pipeline's scheduler config.
@@ -52,10 +56,15 @@ def register(subparsers):
     how.add_argument("--components", default=",".join(COMPONENTS), help="comma-separated subset of the default")
     how.add_argument("--repeats", type=int, default=20, help="timed calls per component (default: 20)")
     how.add_argument("--warmup", type=int, default=3, help="untimed first calls per component (default: 3)")
-    how.add_argument("--e2e-repeats", type=int, default=5, help="timed end-to-end runs (default: 5)")
+    how.add_argument("--e2e-repeats", type=int, default=10, help="timed end-to-end runs (default: 10)")
     how.add_argument("--e2e-warmup", type=int, default=1, help="untimed end-to-end runs (default: 1)")
     how.add_argument("--budget", type=float, default=60.0, metavar="SECONDS",
                      help="stop repeating a component after this long, keeping at least 3 samples (default: 60)")
+    how.add_argument("--prepare-cap", type=float, default=600.0, metavar="SECONDS",
+                     help="each backend runs in its own process: the most it may take to load, build, compile "
+                          "and capture before it is recorded as skipped (default: 600)")
+    how.add_argument("--run-cap", type=float, default=600.0, metavar="SECONDS",
+                     help="then the most its timed components may take (default: 600)")
     how.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     how.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     how.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode of diffusers-compile")
@@ -112,7 +121,8 @@ def run(args) -> int:
         sampler=args.sampler, batch=args.batch, dtype=args.dtype, backends=_split(args.backends),
         components=_split(args.components),
         repeats=args.repeats, warmup=args.warmup, e2e_repeats=args.e2e_repeats, e2e_warmup=args.e2e_warmup,
-        budget_s=args.budget, device=args.device, seed=args.seed, guidance_scale=args.guidance_scale,
+        budget_s=args.budget, prepare_cap_s=args.prepare_cap, run_cap_s=args.run_cap, device=args.device,
+        seed=args.seed, guidance_scale=args.guidance_scale,
         output_type=args.output_type, compile_mode=args.compile_mode, peak_tflops=args.peak_tflops,
         argv=["sdengine", *sys.argv[1:]] if sys.argv[1:2] == ["bench"] else [],  # [] when called from Python
     )

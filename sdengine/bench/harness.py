@@ -13,25 +13,30 @@ backend's peak memory is its own.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from sdengine.bench import flops, measure
 from sdengine.bench.output import utc_now
-from sdengine.bench.runners import BACKENDS, COMPONENTS, BackendUnavailable, Workload, first_line, make_inputs, \
-    make_runner
+from sdengine.bench.runners import BACKENDS, COMPONENTS, Workload, precheck
 from sdengine.bench.schema import SCHEMA_VERSION
 from sdengine import samplers
 from sdengine.config import PRESETS, ModelConfig, SchedulerConfig, tiny_config
 
 TINY_ARCHS = {"tiny": "sd15", "tiny-sd15": "sd15", "tiny-sd21-v": "sd21-v", "tiny-sdxl": "sdxl"}
 ARCHS = tuple(PRESETS) + tuple(TINY_ARCHS)
-_INPUT_SEED_OFFSET = {c: 1000 * (i + 1) for i, c in enumerate(COMPONENTS)}
 
 
 @dataclass
@@ -49,7 +54,7 @@ class BenchOptions:
     components: tuple = COMPONENTS
     repeats: int = 20  # timed calls per component (end to end: e2e_repeats)
     warmup: int = 3
-    e2e_repeats: int = 5
+    e2e_repeats: int = 10
     e2e_warmup: int = 1
     budget_s: Optional[float] = 60.0  # per component: stop repeating after this long (at least 3 calls)
     device: Optional[str] = None
@@ -63,15 +68,27 @@ class BenchOptions:
     compile_mode: str = "max-autotune"
     peak_tflops: Optional[float] = None
     argv: list = field(default_factory=list)  # the command line, for the record
+    # Each backend runs in a process of its own: at most prepare_cap_s from its start until it is
+    # built, compiled and captured, then at most run_cap_s for its components.
+    prepare_cap_s: float = 600.0
+    run_cap_s: float = 600.0
+    # Runners that are not sdengine's backends (tests, plugins): backend name -> "module:function",
+    # called as function(source_pipe, config, workload, device) in the backend's process, whose
+    # sys.path gets sys_path first.
+    runner_factories: dict = field(default_factory=dict)
+    sys_path: tuple = ()
 
     def __post_init__(self):
         for name in ("steps", "batch", "repeats", "e2e_repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("prepare_cap_s", "run_cap_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name[:-2].replace('_', '-')} must be positive, got {getattr(self, name)}")
         for name in ("warmup", "e2e_warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
-        unknown = [b for b in self.backends if b not in BACKENDS]
+        unknown = [b for b in self.backends if b not in BACKENDS and b not in self.runner_factories]
         if unknown or not self.backends:
             raise ValueError(f"--backends: unknown backend(s) {', '.join(unknown) or '(none given)'}; "
                              f"choose from: {', '.join(BACKENDS)}")
@@ -150,7 +167,8 @@ class Benchmark:
                 "backends": list(options.backends), "components": list(options.components),
                 "repeats": options.repeats, "warmup": options.warmup, "e2e_repeats": options.e2e_repeats,
                 "e2e_warmup": options.e2e_warmup, "budget_s": options.budget_s, "seed": options.seed,
-                "compile_mode": options.compile_mode,
+                "compile_mode": options.compile_mode, "prepare_cap_s": options.prepare_cap_s,
+                "run_cap_s": options.run_cap_s, "isolation": "one process per backend",
                 "timer": "cuda events" if self.device.type == "cuda" else "time.perf_counter",
             },
             "flop": dict(self.flop),
@@ -159,6 +177,7 @@ class Benchmark:
             "peak_tflops_source": peak_source,
             "floor_ms": self._floor_ms(unet_calls=None),
             "results": [],
+            "backends": {},  # per backend: load_s, prepare_s, what prepare did, the exit code of its process
             "complete": False,
             "interrupted": None,
             "wall_s": 0.0,
@@ -177,6 +196,7 @@ class Benchmark:
                   "--e2e-warmup", str(o.e2e_warmup), "--device", self.device.type, "--seed", str(o.seed)]
         if o.budget_s is not None:
             parts += ["--budget", f"{o.budget_s:g}"]
+        parts += ["--prepare-cap", f"{o.prepare_cap_s:g}", "--run-cap", f"{o.run_cap_s:g}"]
         if "diffusers-compile" in o.backends:
             parts += ["--compile-mode", o.compile_mode]
         if o.peak_tflops is not None:
@@ -185,30 +205,31 @@ class Benchmark:
 
     # The run ------------------------------------------------------------------
 
-    def calls_per_component(self, component: str) -> tuple[int, int]:
-        o = self.options
-        return (o.e2e_warmup, o.e2e_repeats) if component == "end_to_end" else (o.warmup, o.repeats)
-
     def run(self) -> dict:
+        """Measure every backend, each in its own process (sdengine/bench/worker.py), into
+        self.record; what a backend measured stays even if it crashes, hangs or is cut off."""
         from tqdm.auto import tqdm
 
         o = self.options
-        total = len(o.backends) * sum(sum(self.calls_per_component(c)) for c in o.components)
-        self.bar = tqdm(total=total, desc="bench", unit="call", disable=not self.show_progress or None,
-                        file=sys.stderr, dynamic_ncols=True)
+        self.bar = tqdm(total=len(o.backends) * len(o.components), desc="bench", unit="component",
+                        disable=not self.show_progress or None, file=sys.stderr, dynamic_ncols=True)
         self.write = (lambda message: tqdm.write(message, file=sys.stderr)) if self.show_progress else self.log
         try:
-            source = self._source_pipeline()
-            for backend in o.backends:
-                self._run_backend(backend, source)
+            with tempfile.TemporaryDirectory(prefix="sdengine-bench-") as work:
+                self.work = Path(work)
+                source = self._source_folder()
+                for backend in o.backends:
+                    self._run_backend(backend, source)
             self.record["complete"] = True
         finally:
+            self._stop_child()
             self.bar.close()
             self.finish()
         return self.record
 
     def interrupted(self, reason: str):
         """Mark the record as cut short; what was measured stays in it."""
+        self._stop_child()
         self.record["complete"] = False
         self.record["interrupted"] = reason
         self.finish()
@@ -230,30 +251,36 @@ class Benchmark:
         flop = dict(self.flop, end_to_end=flops.end_to_end_flop(self.flop, unet_calls or self.options.steps))
         return {c: f / (self.peak_tflops * 1e12) * 1e3 for c, f in flop.items()}
 
-    def _source_pipeline(self):
-        """The diffusers pipeline every backend's weights come from, kept on the CPU."""
-        from sdengine.bench.reference import load_pipeline, reference_pipeline
+    def _source_folder(self) -> str:
+        """The diffusers folder every backend's weights come from: --model, or random weights
+        built once and saved, so that every backend's process reads the same weights."""
+        from sdengine.bench.reference import reference_pipeline
 
-        t0 = time.perf_counter()
         if self.options.model is not None:
-            pipe = load_pipeline(self.options.model, self.dtype)
-            what = self.options.model
-        else:
-            # Random initialisation is much faster on the GPU; the copy then waits on the CPU.
-            pipe = reference_pipeline(self.config, device=self.device, dtype=self.dtype, seed=self.options.seed)
-            pipe.to("cpu")
-            what = f"random {self.workload.arch} weights"
+            return self.options.model
+        t0 = time.perf_counter()
+        # Random initialisation is much faster on the GPU; the copy then waits on the CPU.
+        pipe = reference_pipeline(self.config, device=self.device, dtype=self.dtype, seed=self.options.seed)
+        pipe.to("cpu")
+        folder = self.work / "weights"
+        pipe.save_pretrained(folder, safe_serialization=True)
+        del pipe
         measure.free_device_memory(self.device)
-        self.write(f"built the shared diffusers pipeline ({what}, {self.workload.dtype}) "
+        self.write(f"built the shared diffusers pipeline (random {self.workload.arch} weights, {self.workload.dtype}) "
                    f"in {time.perf_counter() - t0:.1f} s")
-        return pipe
+        return str(folder)
 
-    def _skip(self, backend: str, reason: str, component: Optional[str] = None, error: bool = False):
+    def _skip(self, backend: str, reason: str, component: Optional[str] = None, error: bool = False,
+              phase: Optional[str] = None, log_tail: Optional[str] = None):
         entry = {"backend": backend, "skipped": reason}
         if component is not None:
             entry["component"] = component
         if error:
             entry["error"] = True
+        if phase is not None:
+            entry["phase"] = phase
+        if log_tail:
+            entry["log_tail"] = log_tail
         self.record["results"].append(entry)
         self.write(f"{backend}{' ' + component if component else ''}: skipped ({reason})")
         self._landed()
@@ -262,104 +289,136 @@ class Benchmark:
         if self.on_result is not None:
             self.on_result()
 
-    def _run_backend(self, backend: str, source):
+    def _spec(self, backend: str, source: str, events: Path) -> dict:
         o = self.options
-        calls = sum(sum(self.calls_per_component(c)) for c in o.components)
-        self.bar.set_description(f"{backend}: setup")
-        t0 = time.perf_counter()
-        try:
-            runner = make_runner(backend, source, self.config, self.workload, self.device, o.compile_mode)
-        except BackendUnavailable as e:
-            self._skip(backend, str(e))
-            self.bar.update(calls)
+        return {
+            "backend": backend, "source": source, "events": str(events), "parent_pid": os.getpid(),
+            "arch": o.arch, "model": o.model, "device": str(self.device), "compile_mode": o.compile_mode,
+            "workload": dataclasses.asdict(self.workload), "components": list(o.components),
+            "settings": self.record["settings"], "flop": dict(self.flop), "peak_tflops": self.peak_tflops,
+            "runner_factory": o.runner_factories.get(backend), "sys_path": list(o.sys_path),
+            "threads": torch.get_num_threads(),
+        }
+
+    def _run_backend(self, backend: str, source: str):
+        """One backend in a child process, under its prepare cap and then its run cap."""
+        o = self.options
+        reason = precheck(backend, self.device) if backend not in o.runner_factories else None
+        if reason is not None:
+            self._skip(backend, reason)
+            self.bar.update(len(o.components))
             return
-        except ImportError as e:
-            self._skip(backend, f"missing package: {e}")
-            self.bar.update(calls)
-            return
-        except Exception as e:  # a broken backend is reported, never crashes the run
-            self._skip(backend, f"failed to build: {type(e).__name__}: {first_line(e)}", error=True)
-            self.bar.update(calls)
-            return
-        setup_s = time.perf_counter() - t0
-        try:
-            for component in o.components:
-                warmup, repeats = self.calls_per_component(component)
-                try:
-                    result = self._measure(runner, backend, component)
-                except BackendUnavailable as e:  # e.g. no diffusers scheduler for the sampler
-                    self._skip(backend, str(e), component)
-                    self.bar.update(warmup + repeats)
-                    continue
-                except Exception as e:  # e.g. torch.cuda.OutOfMemoryError: report it, free what we can, go on
-                    self._skip(backend, f"failed: {type(e).__name__}: {first_line(e)}", component, error=True)
-                    measure.free_device_memory(self.device)
-                    self.bar.update(warmup + repeats)  # whatever was left of its calls
-                    continue
-                result["setup_s"] = round(setup_s, 3)
-                self.record["results"].append(result)
-                self.write(self._describe(result))
-                self._landed()
-        finally:
-            runner.close()
-            del runner
-            measure.free_device_memory(self.device)
+        events = self.work / f"{backend}.events.jsonl"
+        log_path = self.work / f"{backend}.log"
+        spec_path = self.work / f"{backend}.spec.json"
+        spec_path.write_text(json.dumps(self._spec(backend, source, events)))
+        events.touch()
+        self.bar.set_description(f"{backend}: prepare")
+        with open(log_path, "wb") as log:
+            self.child = subprocess.Popen([sys.executable, "-m", "sdengine.bench.worker", str(spec_path)],
+                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        status = {"backend": backend, "phase": "load", "started": time.perf_counter(), "done": False,
+                  "components": 0, "info": {}}
+        deadline = status["started"] + o.prepare_cap_s
+        offset = 0
+        while True:
+            finished = self.child.poll() is not None
+            with open(events) as f:
+                f.seek(offset)
+                chunk = f.read()
+            complete = chunk[:chunk.rfind("\n") + 1]
+            offset += len(complete.encode())
+            for line in complete.splitlines():
+                event = json.loads(line)
+                if self._on_event(status, event):
+                    deadline = time.perf_counter() + o.run_cap_s
+            if finished or status["done"]:
+                break
+            if time.perf_counter() > deadline:
+                cap = o.prepare_cap_s if status["phase"] in ("load", "prepare") else o.run_cap_s
+                self._stop_child()
+                self._skip(backend, f"timed out: over its {cap:g} s {status['phase']} cap", error=True,
+                           phase=status["phase"], log_tail=_tail(log_path))
+                break
+            time.sleep(0.05)
+        code = self._stop_child(grace_s=30 if status["done"] or status["phase"] == "unavailable" else 0)
+        if not status["done"] and code not in (None, 0) and not status.get("stopped"):
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            self._skip(backend, f"crashed in {status['phase']} ({how})", error=True, phase=status["phase"],
+                       log_tail=_tail(log_path))
+        elif not status["done"] and code == 0 and status["phase"] != "unavailable" and not status.get("stopped"):
+            self._skip(backend, f"ended in {status['phase']} without finishing", error=True, phase=status["phase"],
+                       log_tail=_tail(log_path))
+        self.record["backends"][backend] = dict(status["info"], exit=code)
+        self.bar.update(len(o.components) - status["components"])
 
-    def _measure(self, runner, backend: str, component: str) -> dict:
-        warmup, repeats = self.calls_per_component(component)
-        inputs = make_inputs(component, self.config, self.workload, self.device, self.dtype, warmup + repeats,
-                             seed=self.options.seed + _INPUT_SEED_OFFSET[component])
-        self.bar.set_description(f"{backend}: {component}")
-        fn = getattr(runner, component)
-        last_output = []
-
-        def call(args):
-            last_output[:] = [fn(args)]
-
-        measure.free_device_memory(self.device)
-        memory_before = measure.device_memory_in_use(self.device)
-        rss_scope = "component" if measure.reset_peak_memory(self.device) else "process"
-        done = [0]
-
-        def on_call():
-            done[0] += 1
+    def _on_event(self, status: dict, event: dict) -> bool:
+        """Take one event of the child; True when its run phase (and run cap) begins."""
+        kind, backend = event["event"], status["backend"]
+        if kind == "loaded":
+            status["phase"] = "prepare"
+            status["info"]["load_s"] = event["load_s"]
+        elif kind == "unavailable":
+            status["phase"] = "unavailable"
+            self._skip(backend, event["reason"])
+        elif kind == "prepared":
+            status["phase"] = "run"
+            status["info"].update(prepare_s=event["prepare_s"], prepare=event["prepare"])
+            self.write(f"{backend}: prepared in {event['prepare_s']:.1f} s "
+                       f"(weights read in {status['info'].get('load_s', 0):.1f} s)")
+            self.bar.set_description(f"{backend}: run")
+            return True
+        elif kind == "result":
+            result = dict(event["result"], prepare_s=status["info"].get("prepare_s"))
+            self.record["results"].append(result)
+            self.write(self._describe(result))
+            status["components"] += 1
             self.bar.update(1)
+            self._landed()
+        elif kind == "skip":
+            self._skip(backend, event["reason"], event["component"], error=event.get("error", False), phase="run")
+            status["components"] += 1
+            self.bar.update(1)
+        elif kind == "done":
+            status["done"] = True
+        return False
 
-        with torch.inference_mode():
-            timing = measure.time_calls(call, inputs, warmup, self.device, self.options.budget_s, on_call)
-        self.bar.update(warmup + repeats - done[0])  # calls the time budget skipped
-        samples_ms = [round(s, 4) for s in timing.samples_ms]  # 0.1 us: finer than any timer here
-        result = {"backend": backend, "component": component, **measure.summarize(samples_ms), "samples_ms": samples_ms,
-                  "warmup_ms": [round(s, 3) for s in timing.warmup_ms], "stopped_early": timing.stopped_early}
-        flop = self.flop.get(component)
-        if component == "end_to_end":
-            result["unet_calls"] = runner.unet_calls
-            result.update(runner.ran())  # the sampler / scheduler that ran; whether the fused step ran it
-            flop = flops.end_to_end_flop(self.flop, runner.unet_calls or self.workload.steps)
-            result["it_per_s"] = self.workload.steps / (result["p50_ms"] * 1e-3)  # denoising steps per second
-        else:
-            result["it_per_s"] = 1e3 / result["p50_ms"]
-        tflops = flop / (result["p50_ms"] * 1e-3) / 1e12
-        result.update(
-            flop=int(flop), tflops=tflops, pct_of_peak=100 * tflops / self.peak_tflops,
-            floor_ms=flop / (self.peak_tflops * 1e12) * 1e3,
-            peak_mem_bytes=measure.peak_device_memory(self.device), mem_before_bytes=memory_before,
-            process_peak_rss_bytes=measure.process_peak_rss(), process_rss_scope=rss_scope,
-            nonfinite_output=_nonfinite(last_output[0] if last_output else None),
-        )
-        return result
+    def _stop_child(self, grace_s: float = 0) -> Optional[int]:
+        """End the current child, if any (its whole process group), after grace_s for it to
+        exit by itself; returns its exit code."""
+        child, self.child = getattr(self, "child", None), None
+        if child is None:
+            return None
+        try:
+            child.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        if child.poll() is None:
+            for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+                try:
+                    os.killpg(child.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    child.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        return child.wait()
 
     def _describe(self, r: dict) -> str:
         mem = f", peak {r['peak_mem_bytes'] / 2 ** 30:.2f} GiB" if r["peak_mem_bytes"] else ""
         warm = f", first call {r['warmup_ms'][0]:.1f} ms" if r["warmup_ms"] else ""
+        host = f", host {r['host_p50_ms']:.3f} ms" if r.get("host_p50_ms") is not None else ""
         return (f"{r['backend']} {r['component']}: p50 {r['p50_ms']:.3f} ms, p90 {r['p90_ms']:.3f} ms, "
-                f"min {r['min_ms']:.3f} ms (n={len(r['samples_ms'])}{warm}), {r['tflops']:.3g} TFLOP/s "
+                f"min {r['min_ms']:.3f} ms (n={len(r['samples_ms'])}{warm}){host}, {r['tflops']:.3g} TFLOP/s "
                 f"= {r['pct_of_peak']:.3g}% of peak{mem}")
 
 
-def _nonfinite(output) -> Optional[bool]:
-    """Whether a component's output holds NaN or inf (None when it is not tensors, e.g. images)."""
-    tensors = [t for t in (output if isinstance(output, (tuple, list)) else [output]) if isinstance(t, torch.Tensor)]
-    if not tensors:
-        return None
-    return any(not bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+def _tail(path: Path, limit: int = 3000) -> str:
+    """The end of a child's log, for the record of why it stopped."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ""
+    return data[-limit:].decode("utf-8", "replace")

@@ -36,8 +36,9 @@ MEASURED_PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}
 @dataclass
 class Timing:
     warmup_ms: list  # each warm-up call (the first one includes compilation / autotuning)
-    samples_ms: list  # each timed call
+    samples_ms: list  # each timed call: its latency (device time on CUDA, between two events)
     stopped_early: bool = False  # the time budget ran out before all repeats were done
+    host_ms: list = None  # each timed call: CPU time until it returned (on CUDA: launches issued, no sync)
 
 
 def synchronize(device: torch.device):
@@ -49,10 +50,14 @@ def time_calls(fn: Callable, inputs: Sequence, warmup: int, device: torch.device
                budget_s: Optional[float] = None, on_sample: Optional[Callable] = None) -> Timing:
     """Call fn(inputs[i]) for each input: the first `warmup` calls are warm-up, the rest timed.
 
-    budget_s stops the timed calls once that much wall time has passed (at least 3 are
-    always taken, or as many as there are). on_sample() is called after each call.
+    Each timed call starts on an idle device (synchronised). On CUDA its latency is the time
+    between a CUDA event recorded before it and one after it (launch overhead included), and
+    its host time is the CPU time until fn returned (what a launch-bound call spends issuing
+    work); on the CPU both are the wall time. budget_s stops the timed calls once that much
+    wall time has passed (at least 3 are always taken, or as many as there are). on_sample()
+    is called after each call.
     """
-    warmup_ms, samples_ms = [], []
+    warmup_ms, samples_ms, host_ms = [], [], []
     cuda = device.type == "cuda"
     started = time.perf_counter()
     stopped_early = False
@@ -66,22 +71,27 @@ def time_calls(fn: Callable, inputs: Sequence, warmup: int, device: torch.device
         synchronize(device)
         if cuda and timed:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
             start.record()
             fn(args)
+            host_ms.append((time.perf_counter() - t0) * 1e3)
             end.record()
             events.append((start, end))
         else:
             t0 = time.perf_counter()
             fn(args)
             synchronize(device)
-            (samples_ms if timed else warmup_ms).append((time.perf_counter() - t0) * 1e3)
+            elapsed = (time.perf_counter() - t0) * 1e3
+            (samples_ms if timed else warmup_ms).append(elapsed)
+            if timed:
+                host_ms.append(elapsed)
         if not timed:
             started = time.perf_counter()  # the budget counts timed calls only
         if on_sample is not None:
             on_sample()
     synchronize(device)
     samples_ms += [start.elapsed_time(end) for start, end in events]
-    return Timing(warmup_ms, samples_ms, stopped_early)
+    return Timing(warmup_ms, samples_ms, stopped_early, host_ms)
 
 
 def summarize(samples_ms: Sequence[float]) -> dict:

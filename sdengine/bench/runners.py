@@ -33,7 +33,7 @@ from sdengine.config import ModelConfig
 
 COMPONENTS = ("text_encoder", "unet_step", "vae_decode", "end_to_end")
 DIFFUSERS_BACKENDS = ("diffusers", "diffusers-compile")
-ENGINE_BACKENDS = ("eager", "triton", "native", "onnx")
+ENGINE_BACKENDS = ("eager", "graph", "triton", "compile", "native", "onnx")  # the speed layers first
 BACKENDS = ENGINE_BACKENDS + DIFFUSERS_BACKENDS
 # Prompts for end-to-end runs: content does not change the cost (every prompt is padded to 77
 # tokens), but each run gets a different one, with a different seed.
@@ -95,8 +95,10 @@ def make_inputs(component: str, config: ModelConfig, workload: Workload, device:
         elif component == "unet_step":
             step = {
                 "x": randn(cfg_batch, config.unet.in_channels, latent_h, latent_w),
-                # what diffusers' pipelines feed the UNet: a 0-d timestep on the device
-                "t": torch.randint(1, config.scheduler.num_train_timesteps, (), generator=generator, device=device),
+                # what diffusers' pipelines feed the UNet: a 0-d float32 timestep on the device (an
+                # int64 one made torch.compile'd UNets compile again for the pipeline's float32)
+                "t": torch.randint(1, config.scheduler.num_train_timesteps, (), generator=generator,
+                                   device=device).float(),
                 "context": randn(cfg_batch, 77, config.unet.cross_attention_dim),
                 "added_cond": None,
             }
@@ -160,6 +162,14 @@ class DiffusersRunner:
             self.pipe.unet.to(memory_format=torch.channels_last)
             self.pipe.unet = torch.compile(self.pipe.unet, mode=compile_mode)
         self.unet_calls: Optional[int] = None
+
+    def prepare(self) -> dict:
+        """One short generation (2 steps) of the workload: lazy initialisation, and the compile
+        of diffusers-compile. Returns what was done, for the record."""
+        w = self.workload
+        self.pipe(prompt=[""] * w.batch, num_inference_steps=2, guidance_scale=w.guidance_scale, height=w.height,
+                  width=w.width, output_type=w.output_type, generator=torch.Generator("cpu").manual_seed(0))
+        return {"warmup_steps": 2}
 
     def text_encoder(self, inputs):
         pipe = self.pipe
@@ -225,6 +235,15 @@ class EngineRunner:
         self.unet_calls: Optional[int] = None
         self.fused_step: Optional[bool] = None  # whether the last end-to-end run took the fused step
         self.sampler: Optional[str] = None  # the sampler the pipeline reports having run
+
+    def prepare(self) -> dict:
+        """Pipeline.prepare for the workload: the backend compiles what it compiles for it (the
+        triton layer's kernels), then one short generation captures and traces everything."""
+        w = self.workload
+        info = self.pipe.prepare(w.height, w.width, batch_size=w.batch, sampler=w.sampler, schedule=w.schedule,
+                                 guidance_scale=w.guidance_scale)
+        fallback = getattr(self.backend, "fallback", None)
+        return dict(info, fallback=fallback) if fallback else info
 
     def text_encoder(self, inputs):
         return self.backend.encode_text(inputs["input_ids"], inputs.get("input_ids_2"))
@@ -301,6 +320,18 @@ def _wrapped(obj, wrappers: dict):
 def first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0][:400] if text else ""
+
+
+def precheck(name: str, device: torch.device) -> Optional[str]:
+    """Why backend `name` cannot run on `device`, where that is known without building it
+    (the harness then skips it without starting its process); None otherwise."""
+    if name in ("diffusers-compile",) and device.type != "cuda":
+        return ("needs a CUDA device (torch.compile max-autotune of the UNet on the CPU takes many minutes and is "
+                "not what the anchor measures)")
+    if name == "onnx":
+        return ("needs an ONNX export folder (sdengine export onnx, then --model): it cannot be built from the "
+                "benchmark's in-memory weights")
+    return None
 
 
 def make_runner(name: str, source_pipe, config: ModelConfig, workload: Workload, device: torch.device,

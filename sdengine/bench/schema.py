@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: backends in processes of their own (prepare, host times, skip phases)
 COMPONENT_NAMES = ["text_encoder", "unet_step", "vae_decode", "end_to_end"]
 
 _NUMBER = {"type": "number"}
@@ -35,7 +35,12 @@ MEASURED = {
         "mean_ms": _NUMBER,
         "std_ms": _NUMBER,
         "samples_ms": dict(_MS_LIST, minItems=1),
+        # CPU time of each timed call until it returned (CUDA: its launches issued, no sync)
+        "host_samples_ms": _MS_LIST,
+        "host_p50_ms": _OPTIONAL_NUMBER,
         "warmup_ms": _MS_LIST,
+        "first_call_ms": _OPTIONAL_NUMBER,  # the first call after prepare
+        "prepare_s": _OPTIONAL_NUMBER,  # the backend's build + compile + capture (see "backends")
         "stopped_early": {"type": "boolean"},
         "it_per_s": _NUMBER,
         "flop": _OPTIONAL_COUNT,
@@ -66,6 +71,8 @@ SKIPPED = {
         "component": {"enum": COMPONENT_NAMES},
         "skipped": {"type": "string", "minLength": 1},
         "error": {"type": "boolean"},
+        "phase": {"enum": ["load", "prepare", "run"]},  # where the backend's process was
+        "log_tail": {"type": "string"},  # the end of its output, when it crashed or timed out
     },
 }
 
@@ -77,7 +84,7 @@ SCHEMA = {
     "type": "object",
     "required": ["schema_version", "created", "device", "commit", "command", "workload", "results", "complete"],
     "properties": {
-        "schema_version": {"const": SCHEMA_VERSION},
+        "schema_version": {"enum": [1, SCHEMA_VERSION]},  # 1: the first GPU session's records
         "created": {"type": "string"},
         "device": {"type": "string", "minLength": 1},
         "device_type": {"enum": ["cuda", "cpu"]},
@@ -111,6 +118,17 @@ SCHEMA = {
         "peak_tflops_source": {"type": "string"},
         "floor_ms": {"type": "object"},
         "results": {"type": "array", "items": {"oneOf": [MEASURED, SKIPPED]}},
+        "backends": {  # per backend's process
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "properties": {
+                    "load_s": _NUMBER, "prepare_s": _NUMBER, "prepare": {"type": "object"},
+                    "exit": {"type": ["integer", "null"]},
+                },
+            },
+        },
+        "host_overhead": {"type": "object"},  # per UNet: host time and aten ops of a forward on the meta device
         "complete": {"type": "boolean"},
         "interrupted": {"type": ["string", "null"]},
         "wall_s": _NUMBER,
@@ -167,6 +185,10 @@ def _check(value, schema: dict, where: str):
         for key, sub in schema.get("properties", {}).items():
             if key in value:
                 _check(value[key], sub, f"{where}[{key!r}]")
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            for key in value.keys() - schema.get("properties", {}).keys():
+                _check(value[key], extra, f"{where}[{key!r}]")
     if isinstance(value, list) and "items" in schema:
         for i, item in enumerate(value):
             _check(item, schema["items"], f"{where}[{i}]")

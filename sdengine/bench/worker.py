@@ -1,0 +1,193 @@
+"""One backend of a benchmark run, in a process of its own (the harness's child).
+
+    python -m sdengine.bench.worker SPEC.json
+
+The harness (sdengine/bench/harness.py) writes SPEC.json and reads what this process
+appends to the events file it names, one JSON object a line, written and flushed as soon as
+it is known:
+
+    {"event": "loaded", "load_s": ...}                      the shared weights, read
+    {"event": "unavailable", "reason": ...}                 the backend cannot run here
+    {"event": "prepared", "prepare_s": ..., "prepare": {...}}  built, compiled, captured
+    {"event": "result", "result": {...}}                    one component measured
+    {"event": "skip", "component": ..., "reason": ..., "error": ...}
+    {"event": "done"}
+
+A crash, a hang or an out-of-memory here costs only this backend: the harness records what
+arrived, and why the rest did not, and goes on with the next backend. The process exits if
+its parent dies (it must never outlive the run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from typing import Optional
+
+import torch
+
+from sdengine.bench import flops, measure
+from sdengine.bench.runners import COMPONENTS, BackendUnavailable, Workload, first_line, make_inputs, make_runner
+
+INPUT_SEED_OFFSET = {c: 1000 * (i + 1) for i, c in enumerate(COMPONENTS)}
+
+
+class Events:
+    """Appends one JSON line per event to the harness's events file, flushed at once."""
+
+    def __init__(self, path: str):
+        self.file = open(path, "a", buffering=1)
+
+    def __call__(self, event: str, **fields):
+        self.file.write(json.dumps({"event": event, **fields}) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+
+def _exit_with_parent(parent_pid: int):
+    """A thread that ends this process when the harness that started it is gone."""
+    def watch():
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(3)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def run(spec: dict) -> int:
+    _exit_with_parent(spec["parent_pid"])
+    for path in spec.get("sys_path", []):
+        sys.path.insert(0, path)
+    emit = Events(spec["events"])
+    backend, device = spec["backend"], torch.device(spec["device"])
+    dtype = measure.DTYPES[spec["workload"]["dtype"]]
+    workload = Workload(**spec["workload"])
+    from sdengine.bench.harness import resolve_config
+
+    config, _ = resolve_config(spec["arch"], spec["model"])
+    torch.manual_seed(0)
+
+    started = time.perf_counter()
+    from sdengine.bench.reference import load_pipeline
+
+    source = load_pipeline(spec["source"], dtype)
+    emit("loaded", load_s=round(time.perf_counter() - started, 3))
+
+    started = time.perf_counter()
+    try:
+        factory = spec.get("runner_factory")
+        if factory:  # a test's or a plugin's runner: "module:function"
+            import importlib
+
+            module, _, name = factory.partition(":")
+            runner = getattr(importlib.import_module(module), name)(source, config, workload, device)
+        else:
+            runner = make_runner(backend, source, config, workload, device, spec["compile_mode"])
+        del source
+        measure.free_device_memory(device)
+        info = runner.prepare()
+    except BackendUnavailable as e:
+        emit("unavailable", reason=str(e))
+        return 0
+    except ImportError as e:
+        emit("unavailable", reason=f"missing package: {e}")
+        return 0
+    measure.synchronize(device)
+    emit("prepared", prepare_s=round(time.perf_counter() - started, 3), prepare=info or {})
+
+    measurer = Measurer(spec, config, workload, device, dtype)
+    for component in spec["components"]:
+        try:
+            result = measurer.measure(runner, backend, component)
+        except BackendUnavailable as e:  # e.g. no diffusers scheduler for the sampler
+            emit("skip", component=component, reason=str(e), error=False)
+            continue
+        except Exception as e:  # e.g. torch.cuda.OutOfMemoryError: report it, free what we can, go on
+            emit("skip", component=component, reason=f"failed: {type(e).__name__}: {first_line(e)}", error=True)
+            measure.free_device_memory(device)
+            continue
+        emit("result", result=result)
+    runner.close()
+    emit("done")
+    return 0
+
+
+class Measurer:
+    """Times one component of a runner: warm-up calls, then timed calls on fresh inputs."""
+
+    def __init__(self, spec: dict, config, workload: Workload, device: torch.device, dtype):
+        self.spec, self.config, self.workload, self.device, self.dtype = spec, config, workload, device, dtype
+        self.flop = spec["flop"]
+        self.peak_tflops = spec["peak_tflops"]
+
+    def calls(self, component: str) -> tuple:
+        s = self.spec["settings"]
+        return (s["e2e_warmup"], s["e2e_repeats"]) if component == "end_to_end" else (s["warmup"], s["repeats"])
+
+    def measure(self, runner, backend: str, component: str) -> dict:
+        warmup, repeats = self.calls(component)
+        inputs = make_inputs(component, self.config, self.workload, self.device, self.dtype, warmup + repeats,
+                             seed=self.spec["settings"]["seed"] + INPUT_SEED_OFFSET[component])
+        fn = getattr(runner, component)
+        last_output = []
+
+        def call(args):
+            last_output[:] = [fn(args)]
+
+        measure.free_device_memory(self.device)
+        memory_before = measure.device_memory_in_use(self.device)
+        rss_scope = "component" if measure.reset_peak_memory(self.device) else "process"
+        with torch.inference_mode():
+            timing = measure.time_calls(call, inputs, warmup, self.device, self.spec["settings"]["budget_s"])
+        samples_ms = [round(s, 4) for s in timing.samples_ms]  # 0.1 us: finer than any timer here
+        host_ms = [round(s, 4) for s in timing.host_ms]
+        result = {"backend": backend, "component": component, **measure.summarize(samples_ms),
+                  "samples_ms": samples_ms, "host_samples_ms": host_ms,
+                  "host_p50_ms": measure.summarize(host_ms)["p50_ms"] if host_ms else None,
+                  "warmup_ms": [round(s, 3) for s in timing.warmup_ms],
+                  "first_call_ms": round(timing.warmup_ms[0], 3) if timing.warmup_ms else None,
+                  "stopped_early": timing.stopped_early}
+        flop = self.flop.get(component)
+        if component == "end_to_end":
+            result["unet_calls"] = runner.unet_calls
+            result.update(runner.ran())  # the sampler / scheduler that ran; whether the fused step ran it
+            flop = flops.end_to_end_flop(self.flop, runner.unet_calls or self.workload.steps)
+            result["it_per_s"] = self.workload.steps / (result["p50_ms"] * 1e-3)  # denoising steps per second
+        else:
+            result["it_per_s"] = 1e3 / result["p50_ms"]
+        tflops = flop / (result["p50_ms"] * 1e-3) / 1e12
+        result.update(
+            flop=int(flop), tflops=tflops, pct_of_peak=100 * tflops / self.peak_tflops,
+            floor_ms=flop / (self.peak_tflops * 1e12) * 1e3,
+            peak_mem_bytes=measure.peak_device_memory(self.device), mem_before_bytes=memory_before,
+            process_peak_rss_bytes=measure.process_peak_rss(), process_rss_scope=rss_scope,
+            nonfinite_output=_nonfinite(last_output[0] if last_output else None),
+        )
+        return result
+
+
+def _nonfinite(output) -> Optional[bool]:
+    """Whether a component's output holds NaN or inf (None when it is not tensors, e.g. images)."""
+    tensors = [t for t in (output if isinstance(output, (tuple, list)) else [output]) if isinstance(t, torch.Tensor)]
+    if not tensors:
+        return None
+    return any(not bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m sdengine.bench.worker SPEC.json (written by sdengine bench)", file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        spec = json.load(f)
+    torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
+    return run(spec)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
