@@ -232,13 +232,17 @@ def test_hot_swap_keeps_the_captured_step_and_engine_keys(files, monkeypatch):
     eager = _ours("sd15")
     run = dict(sampler="euler", guidance_scale=5.0)
     outputs = []
+    captures = []
     for loras in ([], [(files["kohya"], 0.8)], [(files["peft"], 1.0), (files["other"], 0.5)], []):
         fast.set_loras(loras)
         eager.set_loras(loras)
         got = _images(fast, "sd15", **run)
         assert _max_diff(got, _images(eager, "sd15", **run)) <= TOL
         outputs.append(got)
-    assert graphs.captures == 1 and len(graphs.entries) == 1  # captured once, replayed across every swap
+        captures.append(graphs.captures)
+    # the whole step, the text encoder and the VAE decoder: captured once, replayed across every swap
+    assert captures == [3, 3, 3, 3] and len(graphs.entries) == 3
+    assert {k[0] for k in graphs.entries} == {"step", "text_encoder(clip_skip=None)", "vae_decode"}
     assert aoti.engine_key(fast.config, dtype=torch.float32, device=torch.device("cpu")) == key
     assert _max_diff(outputs[0], outputs[1]) > 10 * TOL and _max_diff(outputs[1], outputs[2]) > 10 * TOL
     assert _max_diff(outputs[0], outputs[3]) == 0.0
