@@ -4,7 +4,25 @@ Each message names the parameter, path, file or key at fault. The types derive f
 the built-in ones a caller would already catch (a bad checkpoint is a ValueError).
 """
 
+import torch
+
 
 class ModelLoadError(ValueError):
     """A checkpoint could not be loaded: unknown architecture, corrupt file, missing,
     extra or mis-shaped weights. Nothing is returned half-loaded."""
+
+
+class InvalidArgumentError(ValueError):
+    """A generation argument was refused (sdengine.request). `parameter` names it, and the
+    message starts with that name and says what the value must be."""
+
+    def __init__(self, parameter: str, message: str):
+        super().__init__(message)
+        self.parameter = parameter
+
+
+class OutOfMemoryError(torch.OutOfMemoryError, MemoryError):
+    """A request ran out of device (or host) memory. The message names the size and batch;
+    what the request allocated has been freed, so a smaller request can run next. A
+    torch.OutOfMemoryError (so torch.cuda.OutOfMemoryError) and a MemoryError, so existing
+    handlers of either catch it; the C API returns SDE_ERR_OUT_OF_MEMORY."""

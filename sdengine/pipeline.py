@@ -16,10 +16,10 @@ own seed and generator, so an image depends only on its seed, not on the batch.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
-import math
-import os
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -31,18 +31,25 @@ from tqdm.auto import tqdm
 from . import prompt_syntax as a1111
 from . import samplers
 from .config import ModelConfig
+from .errors import OutOfMemoryError
 from .lora import LoraWeights, ReadWriteLock
+from .request import DEFAULT_GUIDANCE, Request
 from .samplers.fused import sample_fused
 from .vae_tiling import AUTO_TILE_CELLS, tiled_decode
 
 log = logging.getLogger("sdengine")
 
-DEFAULT_STEPS = 30
-DEFAULT_GUIDANCE = 7.5
 
 
 class GenerationCancelled(RuntimeError):
     """Raised when the callback asked to stop (returned False)."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A failed allocation: CUDA's OutOfMemoryError, MemoryError, or torch's CPU allocator
+    giving up ("DefaultCPUAllocator: can't allocate memory", a plain RuntimeError)."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
 
 
 @dataclass
@@ -159,66 +166,68 @@ class Pipeline:
                              (sdengine/prompt_syntax.py).
         lora_dir:            the folder where <lora:name> finds name.safetensors (searched recursively).
         """
+        request = Request.from_args(
+            prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed, batch_size, sampler,
+            schedule, init_image, strength, mask_image, latents, output_type, callback, progress, eta, clip_skip,
+            steps, vae_tiling, prompt_syntax, lora_dir,
+        ).for_model(self.config)
+        return self.run(request)
+
+    def run(self, request: Request) -> GenerationResult:
+        """Generate from a checked request: `Request.from_args(...).for_model(pipe.config)`
+        (sdengine.request), as __call__ does.
+
+        Running out of memory (CUDA, or a failed host allocation) raises OutOfMemoryError
+        naming the size and batch, after freeing what the request allocated: its tensors
+        (the failed call's frames are cleared), the backend's per-request caches
+        (`release_memory()`, e.g. CUDA graphs) and CUDA's cached blocks."""
+        try:
+            return self._run(request)
+        except Exception as e:  # noqa: BLE001 (re-raised unless it is an allocation failure)
+            if not is_out_of_memory(e):
+                raise
+            failure = e
+        raise self._out_of_memory(failure, request) from failure
+
+    def _out_of_memory(self, failure: BaseException, request: Request) -> OutOfMemoryError:
+        """Free what the failed request held and describe it. Called outside the except block,
+        so that only `failure` still refers to the request's frames, and those are cleared."""
+        traceback.clear_frames(failure.__traceback__)
+        detail = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
+        failure.__traceback__ = failure.__context__ = failure.__cause__ = None
+        release = getattr(self.backend, "release_memory", None)
+        if release is not None:
+            release()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        device = getattr(self.backend, "device", "?")
+        return OutOfMemoryError(
+            f"out of memory on {device} generating {request.n_images} image(s) of {request.width}x{request.height} "
+            f"(batch_size {request.batch_size}, {request.steps} steps): {detail}; what the request allocated is "
+            f"freed: try a smaller size or batch")
+
+    def _run(self, request: Request) -> GenerationResult:
         cfg = self.config
-        # -- arguments ------------------------------------------------------
-        if steps is not None:
-            if num_inference_steps is not None and num_inference_steps != steps:
-                raise ValueError("give either num_inference_steps or steps, not both")
-            num_inference_steps = steps
-        num_inference_steps = DEFAULT_STEPS if num_inference_steps is None else num_inference_steps
-        prompts = _as_list(prompt, "prompt")
-        _check_int(batch_size, "batch_size", minimum=1)
-        _check_int(num_inference_steps, "num_inference_steps", minimum=1)
-        if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)):
-            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-        if output_type not in ("pil", "np", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
-        if clip_skip is not None:
-            _check_int(clip_skip, "clip_skip", minimum=0)
-        n_images = len(prompts) * batch_size
-        prompts = [p for p in prompts for _ in range(batch_size)]
-        negatives = _negative_prompts(negative_prompt, prompts, batch_size)
-        seeds = _seeds(seed, n_images)
-        syntax = _check_prompt_syntax(prompt_syntax)
+        prompts, negatives, seeds = list(request.prompts), list(request.negative_prompts), list(request.seeds)
+        n_images, mode, strength = request.n_images, request.mode, request.strength
+        height, width, latents = request.height, request.width, request.latents
+        num_inference_steps, guidance_scale, eta = request.steps, request.guidance_scale, request.eta
+        sampler, schedule, clip_skip, callback = request.sampler, request.schedule, request.clip_skip, request.callback
+        output_type, progress, vae_tiling = request.output_type, request.progress, request.vae_tiling
+        syntax = request.prompt_syntax
         texts, negatives, tag_loras = prompts, negatives, []
         if syntax:
-            texts, negatives, tag_loras = a1111.lora_tags(texts, negatives, lora_dir)
-
-        mode = "inpaint" if mask_image is not None else "img2img" if init_image is not None else "txt2img"
-        if mode == "inpaint" and init_image is None:
-            raise ValueError("mask_image needs init_image: the image to inpaint")
-        if mode == "inpaint" and not cfg.is_inpaint:
-            raise ValueError(f"mask_image needs an inpainting model (9-channel UNet); {self.name} has "
-                             f"{cfg.unet.in_channels} input channels")
-        if mode == "txt2img" and cfg.is_inpaint:
-            raise ValueError(f"{self.name} is an inpainting model: give init_image and mask_image")
-        if mode == "txt2img":
-            if strength is not None:
-                raise ValueError("strength applies to img2img and inpainting: give init_image")
-            strength = 1.0
-        elif strength is None:
-            strength = 1.0 if mode == "inpaint" else 0.8
-        if not (isinstance(strength, (int, float)) and 0.0 <= strength <= 1.0):
-            raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+            texts, negatives, tag_loras = a1111.lora_tags(texts, negatives, request.lora_dir)
 
         image = mask = None
-        if init_image is not None:
-            image = _image_to_tensor(init_image, "init_image", n_images)  # (N, 3, H, W) in [-1, 1]
-            if height is None and width is None:
-                height, width = image.shape[-2] // 8 * 8, image.shape[-1] // 8 * 8
-        height = cfg.default_size if height is None else height
-        width = cfg.default_size if width is None else width
-        for name, value in (("height", height), ("width", width)):
-            if not (isinstance(value, int) and value > 0 and value % 8 == 0):
-                raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
-        if image is not None and tuple(image.shape[-2:]) != (height, width):
-            image = torch.nn.functional.interpolate(image, size=(height, width), mode="bicubic",
-                                                    align_corners=False).clamp(-1, 1)
-        if mask_image is not None:
-            if _size_of(mask_image) != _size_of(init_image):
-                raise ValueError(f"mask_image size {_size_of(mask_image)} does not match "
-                                 f"init_image size {_size_of(init_image)} (width, height)")
-            mask = _mask_to_tensor(mask_image, n_images)  # (N, 1, H, W) in {0, 1}
+        if request.init_image is not None:
+            image = _image_to_tensor(request.init_image)  # (N, 3, H, W) in [-1, 1]
+            if tuple(image.shape[-2:]) != (height, width):
+                image = torch.nn.functional.interpolate(image, size=(height, width), mode="bicubic",
+                                                        align_corners=False).clamp(-1, 1)
+        if request.mask_image is not None:
+            mask = _mask_to_tensor(request.mask_image)  # (N, 1, H, W) in {0, 1}
             if tuple(mask.shape[-2:]) != (height, width):
                 mask = torch.nn.functional.interpolate(mask, size=(height, width), mode="nearest")
 
@@ -228,13 +237,6 @@ class Pipeline:
                                   strength=strength if init_for_sampler else 1.0, eta=eta)  # validates before any work
         total = plan.num_steps  # progress ticks and callbacks (PLMS evaluates steps + 1 times)
         latent_shape = (n_images, cfg.vae.latent_channels, height // cfg.vae.downscale, width // cfg.vae.downscale)
-        if latents is not None:
-            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != latent_shape:
-                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-                raise ValueError(f"latents must have shape {latent_shape} for {n_images} image(s) at "
-                                 f"{width}x{height}, got {got}")
-            if not torch.isfinite(latents).all():
-                raise ValueError("latents contain non-finite values")
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         do_cfg = guidance_scale > 1.0
 
@@ -244,7 +246,7 @@ class Pipeline:
             windows = a1111.count_windows(self.tokenizer, texts + (negatives if do_cfg else [])) if syntax else None
             context, pooled = self._encode_prompts(texts, clip_skip, syntax, windows)
             if do_cfg:
-                if cfg.is_sdxl and negative_prompt is None:  # SDXL: force_zeros_for_empty_prompt
+                if cfg.is_sdxl and not request.negative_prompt_given:  # SDXL: force_zeros_for_empty_prompt
                     neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
                 else:
                     neg_context, neg_pooled = self._encode_prompts(negatives, clip_skip, syntax, windows)
@@ -471,14 +473,8 @@ class Pipeline:
 
 
 # ----------------------------------------------------------------------
-# Argument helpers
+# Infotext helpers
 # ----------------------------------------------------------------------
-
-def _check_prompt_syntax(prompt_syntax) -> Optional[str]:
-    if prompt_syntax not in (None, "a1111"):
-        raise ValueError(f"prompt_syntax must be None or 'a1111', got {prompt_syntax!r}")
-    return prompt_syntax
-
 
 def _bare(name: str) -> str:
     """A name inside an infotext list value: A1111 drops ':' and ','."""
@@ -492,115 +488,21 @@ def _quote(value: Optional[str]) -> Optional[str]:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _as_list(value, name: str) -> list:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise ValueError(f"{name} must be a string or a non-empty list of strings, got {type(value).__name__}")
+# ----------------------------------------------------------------------
+# Images (checked by sdengine.request) -> tensors
+# ----------------------------------------------------------------------
+
+def _image_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """Float images (N, H, W, 3) in [0, 1] -> (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous() * 2.0 - 1.0
 
 
-def _check_int(value, name: str, minimum: int):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _negative_prompts(negative_prompt, prompts: list, batch_size: int) -> list:
-    if negative_prompt is None:
-        return [""] * len(prompts)
-    if isinstance(negative_prompt, str):
-        return [negative_prompt] * len(prompts)
-    negatives = _as_list(negative_prompt, "negative_prompt")
-    if len(negatives) * batch_size != len(prompts):
-        raise ValueError(f"negative_prompt has {len(negatives)} entries but there are "
-                         f"{len(prompts) // batch_size} prompts")
-    return [n for n in negatives for _ in range(batch_size)]
-
-
-def _seeds(seed, n_images: int) -> list:
-    if seed is None:
-        seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
-    if isinstance(seed, bool):
-        raise ValueError(f"seed must be an int or a list of ints, got {seed!r}")
-    if isinstance(seed, (int, np.integer)):
-        return [int(seed) + i for i in range(n_images)]
-    seeds = list(seed)
-    if len(seeds) != n_images or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
-                                         for s in seeds):
-        raise ValueError(f"seed must be an int or a list of {n_images} ints (one per image), got {seed!r}")
-    return [int(s) for s in seeds]
-
-
-def _size_of(image) -> tuple:
-    """(width, height) of a PIL image or an array (H, W[, C]) / (N, H, W[, C])."""
-    if hasattr(image, "size") and not isinstance(image, (np.ndarray, torch.Tensor)):
-        return tuple(image.size)
-    arr = image[0] if isinstance(image, (list, tuple)) else image
-    if hasattr(arr, "size") and not isinstance(arr, (np.ndarray, torch.Tensor)):
-        return tuple(arr.size)
-    shape = tuple(arr.shape)
-    if len(shape) == 4:
-        shape = shape[1:]
-    return (shape[1], shape[0])
-
-
-def _to_float_hwc(image, name: str) -> np.ndarray:
-    """One image -> float32 array (H, W, C) in [0, 1]."""
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    if isinstance(image, np.ndarray):
-        arr = image.astype(np.float32)
-        if image.dtype == np.uint8:
-            arr = arr / 255.0
-        if arr.ndim == 2:
-            arr = arr[..., None]
-        if arr.ndim != 3:
-            raise ValueError(f"{name} must be an array (H, W[, C]), got shape {image.shape}")
-        if not np.isfinite(arr).all():
-            raise ValueError(f"{name} contains non-finite values")
-        return arr
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover
-        Image = None
-    if Image is not None and isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    raise ValueError(f"{name} must be a PIL image or an array, got {type(image).__name__}")
-
-
-def _batch(image, name: str, n_images: int) -> np.ndarray:
-    """A single image, a list of images, or an (N, H, W, C) array -> (N, H, W, C) float."""
-    if isinstance(image, (list, tuple)):
-        arrs = [_to_float_hwc(im, name) for im in image]
-    elif isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4:
-        arrs = [_to_float_hwc(im, name) for im in image]
-    else:
-        arrs = [_to_float_hwc(image, name)]
-    if len({a.shape for a in arrs}) != 1:
-        raise ValueError(f"all images of {name} must have the same size")
-    if len(arrs) == 1:
-        arrs = arrs * n_images
-    if len(arrs) != n_images:
-        raise ValueError(f"{name} has {len(arrs)} images but {n_images} are generated")
-    return np.stack(arrs)
-
-
-def _image_to_tensor(image, name: str, n_images: int) -> torch.Tensor:
-    """-> (N, 3, H, W) in [-1, 1]."""
-    arr = _batch(image, name, n_images)
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    if arr.shape[-1] != 3:
-        raise ValueError(f"{name} must have 1 or 3 channels, got {arr.shape[-1]}")
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous() * 2.0 - 1.0
-
-
-def _mask_to_tensor(mask_image, n_images: int) -> torch.Tensor:
-    """-> (N, 1, H, W) binarised at 0.5, white (1) = repaint (diffusers' mask processor)."""
-    arr = _batch(mask_image, "mask_image", n_images)
-    if arr.shape[-1] == 3:  # grayscale as PIL's "L" does (ITU-R 601-2 luma)
-        arr = arr[..., :1] * 0.299 + arr[..., 1:2] * 0.587 + arr[..., 2:3] * 0.114
-    mask = torch.from_numpy(np.ascontiguousarray(arr[..., :1])).permute(0, 3, 1, 2)
+def _mask_to_tensor(masks: np.ndarray) -> torch.Tensor:
+    """Float masks (N, H, W, 1 or 3) in [0, 1] -> (N, 1, H, W) binarised at 0.5, white (1) =
+    repaint (diffusers' mask processor)."""
+    if masks.shape[-1] == 3:  # grayscale as PIL's "L" does (ITU-R 601-2 luma)
+        masks = masks[..., :1] * 0.299 + masks[..., 1:2] * 0.587 + masks[..., 2:3] * 0.114
+    mask = torch.from_numpy(np.ascontiguousarray(masks[..., :1])).permute(0, 3, 1, 2)
     return (mask >= 0.5).float()
 
 

@@ -8,17 +8,21 @@
 #include <optional>
 #include <stdexcept>
 
+#include "engine_meta.h"
+#include "errors.h"
 #include "json.h"
 #include "names.h"
+#include "safetensors.h"
 #include "sampling.h"
 #include "sdengine.h"
+#include "single_file.h"
 
 namespace py = pybind11;
 
 namespace {
 
 // Raises the Python exception of a failed C call: ValueError (invalid argument, format),
-// OSError (I/O), MemoryError, sdengine._C.Cancelled, RuntimeError (device, internal).
+// OSError (I/O), sdengine.OutOfMemoryError, sdengine._C.Cancelled, RuntimeError (device, internal).
 void check(sde_status status) {
   if (status == SDE_OK) return;
   std::string message = sde_last_error();
@@ -26,7 +30,11 @@ void check(sde_status status) {
     case SDE_ERR_INVALID_ARGUMENT:
     case SDE_ERR_FORMAT: throw py::value_error(message);
     case SDE_ERR_IO: throw std::ios_base::failure(message);  // pybind11 -> OSError
-    case SDE_ERR_OUT_OF_MEMORY: throw std::bad_alloc();
+    case SDE_ERR_OUT_OF_MEMORY: {  // sdengine.OutOfMemoryError, a MemoryError and torch.OutOfMemoryError
+      py::object oom = py::module_::import("sdengine.errors").attr("OutOfMemoryError");
+      PyErr_SetString(oom.ptr(), message.c_str());
+      throw py::error_already_set();
+    }
     case SDE_ERR_CANCELLED: {
       py::object cancelled = py::module_::import("sdengine._C").attr("Cancelled");
       PyErr_SetString(cancelled.ptr(), message.c_str());
@@ -34,6 +42,49 @@ void check(sde_status status) {
     }
     default: throw std::runtime_error(message);
   }
+}
+
+// The runtime's own errors as Python's: OSError (I/O), ValueError (the rest).
+template <typename Body>
+auto translated(Body &&body) -> decltype(body()) {
+  try {
+    return body();
+  } catch (const sde::IoError &e) {
+    throw std::ios_base::failure(e.what());
+  } catch (const sde::Error &e) {
+    throw py::value_error(e.what());
+  }
+}
+
+// A JSON value as Python's json module gives it (integers of any size exactly).
+py::object to_python(const sde::Json &v) {
+  switch (v.type()) {
+    case sde::Json::Type::Null: return py::none();
+    case sde::Json::Type::Bool: return py::bool_(v.boolean());
+    case sde::Json::Type::Number:
+      if (v.is_integer()) return py::int_(v.integer());
+      if (!v.big_integer_text().empty())
+        return py::reinterpret_steal<py::object>(PyLong_FromString(v.big_integer_text().c_str(), nullptr, 10));
+      return py::float_(v.number());
+    case sde::Json::Type::String: return py::str(v.str());
+    case sde::Json::Type::Array: {
+      py::list out;
+      for (const auto &item : v.array()) out.append(to_python(item));
+      return std::move(out);
+    }
+    case sde::Json::Type::Object: {
+      py::dict out;
+      for (const auto &[key, item] : v.members()) out[py::str(key)] = to_python(item);
+      return std::move(out);
+    }
+  }
+  return py::none();
+}
+
+py::tuple tensor_entry(const std::string &dtype, const at::Tensor &t) {
+  at::Tensor c = t.contiguous();
+  return py::make_tuple(dtype, py::tuple(py::cast(c.sizes().vec())),
+                        py::bytes(static_cast<const char *>(c.data_ptr()), c.nbytes()));
 }
 
 class PyTokenizer {
@@ -121,7 +172,7 @@ class PyModel {
 
   // Returns [(rgb bytes, width, height, seed)].
   py::list generate(const std::string &prompt, std::optional<std::string> negative_prompt, int width, int height,
-                    int steps, double guidance_scale, uint64_t seed, int batch_size, std::optional<std::string> sampler,
+                    int steps, double guidance_scale, py::int_ seed, int batch_size, std::optional<std::string> sampler,
                     std::optional<std::string> schedule, double eta, std::optional<std::function<bool(int, int)>> progress,
                     std::optional<py::bytes> init_image, double strength, std::optional<py::bytes> mask_image) {
     sde_gen_params p;
@@ -149,7 +200,12 @@ class PyModel {
     p.height = height;
     p.steps = steps;
     p.guidance_scale = guidance_scale;
-    p.seed = seed;
+    // A Python int of any size: refused with sdengine.request's words, not pybind11's.
+    if (PyObject_RichCompareBool(seed.ptr(), py::int_(0).ptr(), Py_LT) == 1 ||
+        PyObject_RichCompareBool(seed.ptr(), py::int_(UINT64_MAX).ptr(), Py_GT) == 1)
+      throw py::value_error("seed must be an integer in [0, 2**64 - 1] (image i gets seed + i), got " +
+                            std::string(py::str(seed)));
+    p.seed = seed.cast<uint64_t>();
     p.batch_size = batch_size;
     p.eta = eta;
     if (sampler) check(sde_sampler_from_str(sampler->c_str(), &p.sampler, &p.schedule));
@@ -230,6 +286,42 @@ PYBIND11_MODULE(_C, m) {
     }
   }, py::arg("sampler"), py::arg("schedule"), py::arg("steps"), py::arg("config_json"), py::arg("strength") = 1.0,
      "The C++ sampling plan (for comparison with sdengine.samplers.make_plan)");
+
+  m.def("read_safetensors", [](const std::string &path) {
+    std::unique_ptr<sde::SafetensorsFile> file = translated([&] {
+      py::gil_scoped_release release;
+      return std::make_unique<sde::SafetensorsFile>(path);
+    });
+    py::dict tensors;
+    for (const auto &name : file->names()) tensors[py::str(name)] = tensor_entry(file->dtype_name(name), file->tensor(name));
+    py::object metadata = py::none();
+    if (file->has_metadata()) metadata = py::cast(file->metadata_map());
+    return py::make_tuple(tensors, metadata);
+  }, py::arg("path"),
+     "The runtime's safetensors reader: ({name: (dtype, shape, raw bytes)}, metadata or None); "
+     "ValueError for a file it refuses (for comparison with the safetensors library)");
+  m.def("read_engine_json", [](const std::string &path) {
+    sde::Json engine = translated([&] {
+      sde::Json j = sde::Json::read_file(path);
+      sde::check_engine_json(j, path);
+      return j;
+    });
+    return to_python(engine);
+  }, py::arg("path"), "The runtime's engine.json reader: the checked document, or ValueError naming the key");
+  m.def("single_file_weights", [](const std::string &path, const std::string &engine_json) {
+    py::dict out;
+    translated([&] {
+      sde::Json engine = sde::Json::read_file(engine_json);
+      sde::check_engine_json(engine, engine_json);
+      sde::SafetensorsFile file(path);
+      for (const auto &[name, t] : sde::single_file_weights(file, engine))
+        out[py::str(name)] = tensor_entry(sde::safetensors_dtype_name(t.scalar_type()), t);
+      return 0;
+    });
+    return out;
+  }, py::arg("path"), py::arg("engine_json"),
+     "The runtime's single-file key map: {'<component>/<key>': (dtype, shape, bytes)} for the "
+     "engine's constants, or ValueError");
 
   py::class_<PyTokenizer>(m, "Tokenizer")
       .def(py::init<const std::string &>(), py::arg("folder"))

@@ -30,6 +30,9 @@ struct FormatError : Error {
 struct DeviceError : Error {
   explicit DeviceError(const std::string &m) : Error(SDE_ERR_DEVICE, m) {}
 };
+struct OutOfMemory : Error {
+  explicit OutOfMemory(const std::string &m) : Error(SDE_ERR_OUT_OF_MEMORY, m) {}
+};
 struct Cancelled : Error {
   explicit Cancelled(const std::string &m) : Error(SDE_ERR_CANCELLED, m) {}
 };

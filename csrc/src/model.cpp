@@ -15,10 +15,12 @@
 #include <cstdlib>
 #include <functional>
 
+#include "engine_meta.h"
 #include "errors.h"
 #include "names.h"
 #include "util.h"
 #include "safetensors.h"
+#include "single_file.h"
 
 namespace sde {
 namespace {
@@ -249,68 +251,6 @@ WeightMap read_diffusers_weights(const std::string &model_dir) {
   return weights;
 }
 
-std::string shape_str(at::IntArrayRef shape) {
-  std::string out = "(";
-  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
-  return out + ")";
-}
-
-// A 1x1 convolution kernel (C, C, 1, 1) and a Linear weight (C, C) hold the same values.
-std::vector<int64_t> without_unit_dims(at::IntArrayRef shape) {
-  std::vector<int64_t> out = shape.vec();
-  if (out.size() > 2 && std::all_of(out.begin() + 2, out.end(), [](int64_t d) { return d == 1; })) out.resize(2);
-  return out;
-}
-
-// The weights of a single-file checkpoint as `engine` names them. Each constant lists the
-// file's tensors it may come from (engine.json's "ldm", written by export/aoti.py from
-// sdengine.convert): [[key, transform], ...], the first one present wins. Transforms: ""
-// (as is), "q" / "k" / "v" (that third of a fused in_proj, along dim 0), "transpose".
-// FormatError says why the file does not fit.
-WeightMap single_file_weights(const SafetensorsFile &file, const Json &engine) {
-  if (!engine.find("single_file"))
-    throw FormatError("it predates single-file support; rebuild it with `sdengine export aoti`");
-  WeightMap weights;
-  for (const auto &[name, net] : engine.at("networks").members()) {
-    const Json *ldm = net.find("ldm");
-    std::string component = net.at("component").str(), prefix = net.at("prefix").str();
-    for (const auto &[fqn, shape_json] : net.at("constants").members()) {
-      const Json *sources = ldm ? ldm->find(fqn) : nullptr;
-      if (!sources) continue;  // not a checkpoint weight: an engine buffer (checked later)
-      std::vector<int64_t> shape;
-      for (const auto &d : shape_json.array()) shape.push_back(d.integer());
-      bool found = false;
-      for (const auto &source : sources->array()) {
-        const std::string &key = source.array().at(0).str(), &transform = source.array().at(1).str();
-        if (!file.contains(key)) continue;
-        at::Tensor t = file.tensor(key);
-        if (transform == "q" || transform == "k" || transform == "v") {
-          if (t.dim() < 1 || t.size(0) % 3)
-            throw FormatError("'" + key + "' of shape " + shape_str(t.sizes()) + " is not a fused q, k, v projection");
-          t = t.chunk(3, 0)[transform == "q" ? 0 : transform == "k" ? 1 : 2];
-        } else if (transform == "transpose") {
-          if (t.dim() != 2) throw FormatError("'" + key + "' of shape " + shape_str(t.sizes()) + " is not a matrix");
-          t = t.t();
-        } else if (!transform.empty()) {
-          throw FormatError("engine.json names an unknown transform '" + transform + "'");
-        }
-        if (t.sizes().vec() != shape && without_unit_dims(t.sizes()) == without_unit_dims(shape)) t = t.reshape(shape);
-        if (t.sizes().vec() != shape)
-          throw FormatError("'" + key + "' has shape " + shape_str(t.sizes()) + " but the engine's " + component + "/" +
-                            fqn.substr(prefix.size()) + " is " + shape_str(shape));
-        weights[component + "/" + fqn.substr(prefix.size())] = t;
-        found = true;
-        break;
-      }
-      if (!found) {
-        std::string wanted = sources->array().at(0).array().at(0).str();
-        throw FormatError("the file has no '" + wanted + "'" + (sources->array().size() > 1 ? " (nor its variants)" : ""));
-      }
-    }
-  }
-  return weights;
-}
-
 // "epsilon" or "v_prediction" for the names users and file headers write; "" for others.
 std::string normalize_prediction_type(std::string name) {
   std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return std::tolower(c); });
@@ -351,7 +291,7 @@ std::string find_engine(const std::function<WeightMap(const Json &)> &fit, const
     std::string dir = root + "/" + entry, meta = dir + "/engine.json";
     if (entry[0] == '.' || !is_file(meta)) continue;
     try {
-      Json engine = Json::read_file(meta);
+      Json engine = read_engine_json(dir);  // checked (engine_meta.h): a corrupt entry is skipped
       std::string why = engine_mismatch(engine);
       if (why.empty()) why = weights_mismatch(engine, fit(engine), read_buffers(dir));
       if (why.empty()) return dir;
@@ -363,12 +303,6 @@ std::string find_engine(const std::function<WeightMap(const Json &)> &fit, const
   throw FormatError("no compiled engine in " + root + " fits " + what + " (build one with `sdengine export aoti " +
                     what + "`, or set engine_dir)" +
                     (reasons.empty() ? std::string(": the cache is empty") : ":" + reasons));
-}
-
-Json read_engine_json(const std::string &engine_dir) {
-  std::string meta_path = engine_dir + "/engine.json";
-  if (!is_file(meta_path)) throw IoError("engine folder has no engine.json: " + engine_dir);
-  return Json::read_file(meta_path);
 }
 
 ModelSource load_diffusers_folder(const std::string &model_dir, const sde_model_params &params) {

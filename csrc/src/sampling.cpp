@@ -240,13 +240,13 @@ at::Tensor sample_pndm(const Plan &plan, const SchedulerConfig &cfg, const Model
 SchedulerConfig SchedulerConfig::from_json(const Json &j, const std::string &where) {
   SchedulerConfig c;
   try {
-    c.num_train_timesteps = static_cast<int>(j.get_number("num_train_timesteps", c.num_train_timesteps));
+    c.num_train_timesteps = j.get_int("num_train_timesteps", c.num_train_timesteps, 2, 100000);
     c.beta_start = j.get_number("beta_start", c.beta_start);
     c.beta_end = j.get_number("beta_end", c.beta_end);
     c.beta_schedule = j.get_string("beta_schedule", c.beta_schedule);
     c.prediction_type = j.get_string("prediction_type", c.prediction_type);
     c.timestep_spacing = j.get_string("timestep_spacing", c.timestep_spacing);
-    c.steps_offset = static_cast<int>(j.get_number("steps_offset", c.steps_offset));
+    c.steps_offset = j.get_int("steps_offset", c.steps_offset, 0, 1000);
     c.clip_sample = j.get_bool("clip_sample", c.clip_sample);
     c.clip_sample_range = j.get_number("clip_sample_range", c.clip_sample_range);
     c.set_alpha_to_one = j.get_bool("set_alpha_to_one", c.set_alpha_to_one);

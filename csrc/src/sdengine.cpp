@@ -7,9 +7,11 @@
 #include <cmath>
 #include <cstring>
 #include <new>
+#include <sstream>
 #include <string>
 
 #include "errors.h"
+#include "json.h"
 #include "model.h"
 #include "names.h"
 #include "tokenizer.h"
@@ -52,8 +54,38 @@ sde_status guarded(const char *function, Body &&body) {
   }
 }
 
+// A failed allocation: CUDA's OutOfMemoryError, std::bad_alloc, or torch's CPU allocator
+// giving up (a plain c10::Error, "DefaultCPUAllocator: can't allocate memory").
+bool is_out_of_memory(const std::exception &e) {
+  if (dynamic_cast<const c10::OutOfMemoryError *>(&e) || dynamic_cast<const std::bad_alloc *>(&e)) return true;
+  if (const auto *c10_error = dynamic_cast<const c10::Error *>(&e))
+    return std::string(c10_error->what_without_backtrace()).find("can't allocate memory") != std::string::npos;
+  return std::string(e.what()).find("can't allocate memory") != std::string::npos;
+}
+
+std::string first_line(const std::exception &e) {
+  const auto *c10_error = dynamic_cast<const c10::Error *>(&e);
+  std::string text = c10_error ? c10_error->what_without_backtrace() : e.what();
+  return text.substr(0, text.find('\n'));
+}
+
 #define SDE_REQUIRE(cond, message) \
   if (!(cond)) throw sde::InvalidArgument(message)
+
+// The caps of sdengine/request.py: images per request, steps, pixels per side and per image.
+constexpr int kMaxImages = 64, kMaxSteps = 1000, kMaxSide = 8192;
+constexpr int64_t kMaxPixels = int64_t{4096} * 4096;
+
+std::string number(double x) {
+  std::ostringstream text;
+  text << x;
+  return text.str();
+}
+
+void check_utf8(const char *text, const char *name) {
+  size_t size = std::strlen(text), bad = sde::utf8_error_offset(text, size);
+  SDE_REQUIRE(bad == size, std::string(name) + " must be valid UTF-8 text (bad byte at offset " + std::to_string(bad) + ")");
+}
 
 }  // namespace
 
@@ -195,26 +227,41 @@ sde_status sde_generate(sde_model *model, const sde_gen_params *params, sde_imag
     SDE_REQUIRE(images, "images is NULL");
     SDE_REQUIRE(count, "count is NULL");
     const sde_gen_params &p = *params;
+    // The same rules and words as sdengine/request.py (tests/test_validation.py checks both).
     SDE_REQUIRE(p.prompt, "prompt is NULL");
+    check_utf8(p.prompt, "prompt");
+    if (p.negative_prompt) check_utf8(p.negative_prompt, "negative_prompt");
     for (auto [name, value] : {std::pair<const char *, int>{"width", p.width}, {"height", p.height}})
-      SDE_REQUIRE(value >= 0 && value % 8 == 0,
-                  std::string(name) + " must be a positive multiple of 8 (or 0 for the model's size), got " +
-                      std::to_string(value));
-    SDE_REQUIRE(p.steps >= 0 && p.steps <= 1000, "steps must be in [1, 1000] (or 0 for 30), got " + std::to_string(p.steps));
-    SDE_REQUIRE(std::isfinite(p.guidance_scale), "guidance_scale must be finite");
-    SDE_REQUIRE(p.batch_size >= 1 && p.batch_size <= 64, "batch_size must be in [1, 64], got " + std::to_string(p.batch_size));
+      SDE_REQUIRE(value == 0 || (value >= 8 && value <= kMaxSide && value % 8 == 0),
+                  std::string(name) + " must be a multiple of 8 in [8, " + std::to_string(kMaxSide) +
+                      "] (0: the model's size), got " + std::to_string(value));
+    SDE_REQUIRE(p.steps >= 0 && p.steps <= kMaxSteps,
+                "steps must be an integer in [1, " + std::to_string(kMaxSteps) + "] (0: 30), got " + std::to_string(p.steps));
+    SDE_REQUIRE(std::isfinite(p.guidance_scale), "guidance_scale must be a finite number, got " + number(p.guidance_scale));
+    SDE_REQUIRE(p.batch_size >= 1 && p.batch_size <= kMaxImages,
+                "batch_size must be an integer in [1, " + std::to_string(kMaxImages) + "], got " + std::to_string(p.batch_size));
+    SDE_REQUIRE(p.seed <= UINT64_MAX - static_cast<uint64_t>(p.batch_size - 1),
+                "seed must be an integer in [0, 2**64 - 1] (image i gets seed + i, so at most 2**64 - " +
+                    std::to_string(p.batch_size) + " for " + std::to_string(p.batch_size) + " image(s)), got " +
+                    std::to_string(p.seed));
     SDE_REQUIRE(p.sampler >= SDE_SAMPLER_DEFAULT && p.sampler < SDE_SAMPLER_COUNT,
                 "sampler out of range: " + std::to_string(static_cast<int>(p.sampler)));
     SDE_REQUIRE(p.schedule >= 0 && p.schedule < SDE_SCHEDULE_COUNT,
                 "schedule out of range: " + std::to_string(static_cast<int>(p.schedule)));
-    SDE_REQUIRE(std::isfinite(p.eta) && p.eta >= 0, "eta must be >= 0");
+    SDE_REQUIRE(std::isfinite(p.eta) && p.eta >= 0, "eta must be a finite number >= 0, got " + number(p.eta));
     SDE_REQUIRE(!p.mask_image || p.init_image, "mask_image needs init_image: the image to inpaint");
     if (p.init_image) {
       SDE_REQUIRE(p.width > 0 && p.height > 0, "init_image needs width and height (the image's size)");
       SDE_REQUIRE(std::isfinite(p.strength) && p.strength >= 0 && p.strength <= 1,
-                  "strength must be in (0, 1] (or 0 for the default), got " + std::to_string(p.strength));
+                  "strength must be a number in [0, 1] (0: the default), got " + number(p.strength));
     }
     const sde::ModelInfo &info = model->impl->info();
+    {
+      int64_t width = p.width ? p.width : info.default_size, height = p.height ? p.height : info.default_size;
+      SDE_REQUIRE(width * height <= kMaxPixels, "width x height must be at most " + std::to_string(kMaxPixels) +
+                                                    " pixels (4096 x 4096), got " + std::to_string(width) + "x" +
+                                                    std::to_string(height));
+    }
     sde_sampler sampler = p.sampler;
     if (sampler == SDE_SAMPLER_DEFAULT) {
       sampler = info.default_sampler;
@@ -223,7 +270,19 @@ sde_status sde_generate(sde_model *model, const sde_gen_params *params, sde_imag
                       "' is not implemented by the native runtime; set sampler to euler, euler_a, ddim, dpmpp_2m or pndm");
     }
     std::vector<uint64_t> seeds;
-    at::Tensor pixels = model->impl->generate(p, sampler, seeds);  // (N, H, W, 3) uint8
+    at::Tensor pixels;  // (N, H, W, 3) uint8
+    try {
+      pixels = model->impl->generate(p, sampler, seeds);
+    } catch (const std::exception &e) {
+      // Everything the request allocated is freed by the unwinding (its tensors are RAII);
+      // what is left to do is to say which request did not fit.
+      if (!is_out_of_memory(e)) throw;
+      int width = p.width ? p.width : info.default_size, height = p.height ? p.height : info.default_size;
+      throw sde::OutOfMemory("out of memory generating " + std::to_string(p.batch_size) + " image(s) of " +
+                             std::to_string(width) + "x" + std::to_string(height) + " (batch_size " +
+                             std::to_string(p.batch_size) + "): " + first_line(e) +
+                             "; what the request allocated is freed: try a smaller size or batch");
+    }
     int n = static_cast<int>(pixels.size(0)), height = static_cast<int>(pixels.size(1)),
         width = static_cast<int>(pixels.size(2));
     size_t bytes = static_cast<size_t>(height) * width * 3;

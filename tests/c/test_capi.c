@@ -149,7 +149,7 @@ static int test_args(const char *model_dir, const char *engine_dir, const char *
   small_request(&gp, 1);
   gp.init_image = init_image;
   gp.strength = 1.5;
-  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "strength must be in (0, 1]",
+  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "strength must be a number in [0, 1]",
                 "img2img_strength_out_of_range");
   small_request(&gp, 1);
   gp.init_image = init_image;

@@ -1,0 +1,349 @@
+"""One generation request, built and checked in one place.
+
+    request = Request.from_args(prompt, steps=20, seed=7, ...)   # what needs no model
+    request = request.for_model(pipe.config)                     # what does; defaults resolved
+
+`Pipeline.__call__` (so `sdengine.generate` and the CLI too), the native backend's
+`generate` (the C API's Python bindings) and the server build their requests here, so a
+bad argument is refused with the same words everywhere: an `InvalidArgumentError` (a
+ValueError) whose message starts with the parameter's name and says what it must be. The C
+API (`sde_generate`, csrc/src/sdengine.cpp) refuses the same values with the same words;
+tests/test_validation.py holds the one table that checks them all.
+
+Caps, documented here and in sdengine.h: at most MAX_IMAGES images per request (prompts x
+batch_size), MAX_STEPS steps, sides of 8 to MAX_SIDE pixels (multiples of 8) and MAX_PIXELS
+pixels per image (a 512 x 512-cell latent with an 8x VAE).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import InvalidArgumentError
+
+DEFAULT_STEPS = 30
+DEFAULT_GUIDANCE = 7.5
+MAX_IMAGES = 64
+MAX_STEPS = 1000
+MAX_SIDE = 8192
+MAX_PIXELS = 4096 * 4096
+MAX_SEED = 2**64 - 1
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+def _fail(parameter: str, message: str):
+    raise InvalidArgumentError(parameter, f"{parameter} {message}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_int(value, name: str, lo: int, hi: int) -> int:
+    if not _is_int(value) or not lo <= value <= hi:
+        _fail(name, f"must be an integer in [{lo}, {hi}], got {value!r}")
+    return int(value)
+
+
+def _check_text(value, name: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        _fail(name, f"must be valid UTF-8 text (it holds a lone surrogate), got {value!r}")
+    return value
+
+
+def _prompts(value, name: str) -> list:
+    if isinstance(value, str):
+        return [_check_text(value, name)]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return [_check_text(v, name) for v in value]
+    if not isinstance(value, (list, tuple)):
+        got = type(value).__name__
+    elif not value:
+        got = "an empty list"
+    else:
+        got = "a list holding " + ", ".join(sorted({type(v).__name__ for v in value if not isinstance(v, str)}))
+    _fail(name, f"must be a string or a non-empty list of strings, got {got}")
+
+
+def _seeds(seed, n_images: int) -> list:
+    """Image i gets seed + i, or its own entry of a list of n_images seeds."""
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    if _is_int(seed):
+        if not 0 <= seed <= MAX_SEED - (n_images - 1):
+            _fail("seed", f"must be an integer in [0, 2**64 - 1] (image i gets seed + i, so at most "
+                          f"2**64 - {n_images} for {n_images} image(s)), got {seed!r}")
+        return [int(seed) + i for i in range(n_images)]
+    if isinstance(seed, (list, tuple)) and len(seed) == n_images and all(_is_int(s) for s in seed):
+        for s in seed:
+            if not 0 <= s <= MAX_SEED:
+                _fail("seed", f"must be an integer in [0, 2**64 - 1] (image i gets seed + i), got {s!r} in the list")
+        return [int(s) for s in seed]
+    _fail("seed", f"must be an integer in [0, 2**64 - 1] (image i gets seed + i) or a list of {n_images} such "
+                  f"integers (one per image), got {seed!r}")
+
+
+def check_size(width: int, height: int) -> None:
+    """The sides (multiples of 8 in [8, MAX_SIDE]) and the pixel cap."""
+    for name, value in (("height", height), ("width", width)):
+        if not _is_int(value) or not 8 <= value <= MAX_SIDE or value % 8:
+            _fail(name, f"must be a multiple of 8 in [8, {MAX_SIDE}], got {value!r}")
+    if width * height > MAX_PIXELS:
+        _fail("width x height", f"must be at most {MAX_PIXELS} pixels (4096 x 4096), got {width}x{height}")
+
+
+# ---------------------------------------------------------------------------
+# Images: PIL images, arrays or tensors -> float32 arrays (N, H, W, C) in [0, 1]
+# ---------------------------------------------------------------------------
+
+def _to_float_hwc(image, name: str) -> np.ndarray:
+    """One image -> float32 array (H, W, C) in [0, 1]."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        if not (np.issubdtype(image.dtype, np.floating) or np.issubdtype(image.dtype, np.integer)):
+            _fail(name, f"must hold numbers, got an array of {image.dtype}")
+        arr = image.astype(np.float32)
+        if image.dtype == np.uint8:
+            arr = arr / 255.0
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        if arr.ndim != 3 or 0 in arr.shape:
+            _fail(name, f"must be an array (H, W[, C]), got shape {image.shape}")
+        if not np.isfinite(arr).all():
+            _fail(name, "must hold finite values")
+        return arr
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover
+        Image = None
+    if Image is not None and isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    _fail(name, f"must be a PIL image, an array (H, W[, C]) or a list of them, got {type(image).__name__}")
+
+
+def image_batch(image, name: str, n_images: int) -> np.ndarray:
+    """A single image, a list of images, or an (N, H, W, C) array -> (N, H, W, C) float32."""
+    if isinstance(image, (list, tuple)):
+        if not image:
+            _fail(name, "must not be an empty list")
+        arrs = [_to_float_hwc(im, name) for im in image]
+    elif isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4:
+        arrs = [_to_float_hwc(im, name) for im in image]
+    else:
+        arrs = [_to_float_hwc(image, name)]
+    if len({a.shape for a in arrs}) != 1:
+        _fail(name, "must hold images of one size")
+    if len(arrs) == 1:
+        arrs = arrs * n_images
+    if len(arrs) != n_images:
+        _fail(name, f"must hold one image or one per generated image ({n_images}), got {len(arrs)}")
+    return np.stack(arrs)
+
+
+# ---------------------------------------------------------------------------
+# The request
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Request:
+    """Everything one call generates from, checked. Images are float32 arrays (N, H, W, C) in
+    [0, 1] (mask: C = 1 or 3); width and height are None until for_model() resolves them."""
+
+    prompts: tuple             # one per image (each prompt repeated batch_size times)
+    negative_prompts: tuple    # one per image ("" when none was given)
+    negative_prompt_given: bool
+    batch_size: int
+    seeds: tuple               # one per image
+    steps: int
+    guidance_scale: float
+    width: Optional[int]
+    height: Optional[int]
+    sampler: Optional[str]
+    schedule: Optional[str]
+    mode: str                  # "txt2img", "img2img" or "inpaint"
+    strength: Optional[float]  # None: the mode's default (for_model resolves it)
+    eta: float
+    clip_skip: Optional[int]
+    init_image: Optional[np.ndarray]
+    mask_image: Optional[np.ndarray]
+    latents: Optional[torch.Tensor]
+    output_type: str
+    callback: Optional[Callable]
+    progress: bool
+    vae_tiling: Optional[bool]
+    prompt_syntax: Optional[str] = None  # None (plain text) or "a1111" (sdengine/prompt_syntax.py)
+    lora_dir: Any = None                 # where <lora:name> tags find their files
+
+    @property
+    def n_images(self) -> int:
+        return len(self.prompts)
+
+    @classmethod
+    def from_args(
+        cls,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: Optional[int] = None,
+        guidance_scale: float = DEFAULT_GUIDANCE,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        seed: int | Sequence[int] | None = None,
+        batch_size: int = 1,
+        sampler: Optional[str] = None,
+        schedule: Optional[str] = None,
+        init_image: Any = None,
+        strength: Optional[float] = None,
+        mask_image: Any = None,
+        latents: Optional[torch.Tensor] = None,
+        output_type: str = "pil",
+        callback: Optional[Callable] = None,
+        progress: bool = True,
+        eta: float = 0.0,
+        clip_skip: Optional[int] = None,
+        steps: Optional[int] = None,
+        vae_tiling: Optional[bool] = None,
+        prompt_syntax: Optional[str] = None,
+        lora_dir: Any = None,
+    ) -> "Request":
+        """Check every argument that does not depend on the model (Pipeline.__call__'s
+        arguments and meanings). Raises InvalidArgumentError naming the parameter."""
+        if steps is not None:
+            if num_inference_steps is not None and num_inference_steps != steps:
+                _fail("num_inference_steps", f"and steps disagree ({num_inference_steps!r} and {steps!r}): give one")
+            num_inference_steps = steps
+        num_inference_steps = DEFAULT_STEPS if num_inference_steps is None else num_inference_steps
+        prompts = _prompts(prompt, "prompt")
+        batch_size = _check_int(batch_size, "batch_size", 1, MAX_IMAGES)
+        if len(prompts) * batch_size > MAX_IMAGES:
+            _fail("batch_size x prompts", f"must be at most {MAX_IMAGES} images per request, got "
+                                          f"{batch_size} x {len(prompts)}")
+        num_inference_steps = _check_int(num_inference_steps, "num_inference_steps", 1, MAX_STEPS)
+        if not _is_real(guidance_scale) or not math.isfinite(guidance_scale):
+            _fail("guidance_scale", f"must be a finite number, got {guidance_scale!r}")
+        if not _is_real(eta) or not math.isfinite(eta) or eta < 0:
+            _fail("eta", f"must be a finite number >= 0, got {eta!r}")
+        if output_type not in OUTPUT_TYPES:
+            _fail("output_type", f"must be 'pil', 'np' or 'latent', got {output_type!r}")
+        if clip_skip is not None:
+            clip_skip = _check_int(clip_skip, "clip_skip", 0, 1000)
+        for name, value in (("sampler", sampler), ("schedule", schedule)):
+            if value is not None and not isinstance(value, str):
+                _fail(name, f"must be a name (a string) or None, got {type(value).__name__}")
+        if callback is not None and not callable(callback):
+            _fail("callback", f"must be callable or None, got {type(callback).__name__}")
+        if not isinstance(progress, (bool, np.bool_)):
+            _fail("progress", f"must be True or False, got {progress!r}")
+        if vae_tiling is not None and not isinstance(vae_tiling, (bool, np.bool_)):
+            _fail("vae_tiling", f"must be True, False or None, got {vae_tiling!r}")
+        if prompt_syntax not in (None, "a1111"):
+            _fail("prompt_syntax", f"must be None or 'a1111', got {prompt_syntax!r}")
+        if lora_dir is not None and not isinstance(lora_dir, (str, os.PathLike)):
+            _fail("lora_dir", f"must be a folder path or None, got {type(lora_dir).__name__}")
+
+        n_images = len(prompts) * batch_size
+        images_prompts = tuple(p for p in prompts for _ in range(batch_size))
+        if negative_prompt is None:
+            negatives = [""] * n_images
+        elif isinstance(negative_prompt, str):
+            negatives = [_check_text(negative_prompt, "negative_prompt")] * n_images
+        else:
+            listed = _prompts(negative_prompt, "negative_prompt")
+            if len(listed) != len(prompts):
+                _fail("negative_prompt", f"must have one entry per prompt ({len(prompts)}), got {len(listed)}")
+            negatives = [n for n in listed for _ in range(batch_size)]
+        seeds = _seeds(seed, n_images)
+
+        mode = "inpaint" if mask_image is not None else "img2img" if init_image is not None else "txt2img"
+        if mode == "inpaint" and init_image is None:
+            _fail("mask_image", "needs init_image: the image to inpaint")
+        if mode == "txt2img" and strength is not None:
+            _fail("strength", "applies to img2img and inpainting: give init_image")
+        if strength is not None and (not _is_real(strength) or not 0.0 <= strength <= 1.0):
+            _fail("strength", f"must be a number in [0, 1], got {strength!r}")
+        image = mask = None
+        if init_image is not None:
+            image = image_batch(init_image, "init_image", n_images)
+            if image.shape[-1] == 1:
+                image = np.repeat(image, 3, axis=-1)
+            if image.shape[-1] != 3:
+                _fail("init_image", f"must have 1 or 3 channels, got {image.shape[-1]}")
+        if mask_image is not None:
+            mask = image_batch(mask_image, "mask_image", n_images)
+            if mask.shape[-1] not in (1, 3):
+                _fail("mask_image", f"must have 1 or 3 channels, got {mask.shape[-1]}")
+            if mask.shape[1:3] != image.shape[1:3]:
+                _fail("mask_image", f"size {(mask.shape[2], mask.shape[1])} does not match init_image size "
+                                    f"{(image.shape[2], image.shape[1])} (width, height)")
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and (not _is_int(value) or not 8 <= value <= MAX_SIDE or value % 8):
+                _fail(name, f"must be a multiple of 8 in [8, {MAX_SIDE}], got {value!r}")
+        if height is not None and width is not None:
+            check_size(int(width), int(height))
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor):
+                _fail("latents", f"must be a torch.Tensor, got {type(latents).__name__}")
+            if not latents.is_floating_point():
+                _fail("latents", f"must be a floating-point tensor, got {latents.dtype}")
+            if not torch.isfinite(latents).all():
+                _fail("latents", "must hold finite values")
+        return cls(
+            prompts=images_prompts, negative_prompts=tuple(negatives),
+            negative_prompt_given=negative_prompt is not None, batch_size=batch_size, seeds=tuple(seeds),
+            steps=num_inference_steps, guidance_scale=float(guidance_scale),
+            width=None if width is None else int(width), height=None if height is None else int(height),
+            sampler=sampler, schedule=schedule, mode=mode,
+            strength=None if strength is None else float(strength), eta=float(eta), clip_skip=clip_skip,
+            init_image=image, mask_image=mask, latents=latents, output_type=output_type, callback=callback,
+            progress=bool(progress), vae_tiling=None if vae_tiling is None else bool(vae_tiling),
+            prompt_syntax=prompt_syntax, lora_dir=lora_dir,
+        )
+
+    def for_model(self, config) -> "Request":
+        """Check what depends on the model (a sdengine.config.ModelConfig): inpainting or not,
+        clip_skip within the text encoders, the latents' shape; resolve the size (the init
+        image's, rounded down to 8, else the model's) and strength (0.8 img2img, 1.0 inpainting)."""
+        name = config.name
+        if self.mode == "inpaint" and not config.is_inpaint:
+            _fail("mask_image", f"needs an inpainting model (9-channel UNet); {name} has "
+                                f"{config.unet.in_channels} input channels")
+        if self.mode == "txt2img" and config.is_inpaint:
+            _fail("init_image", f"and mask_image are needed: {name} is an inpainting model")
+        if self.clip_skip is not None:
+            encoders = [e for e in (config.text_encoder, config.text_encoder_2) if e is not None]
+            most = min(e.num_hidden_layers - 1 - (e.output_layer == "penultimate") for e in encoders)
+            if self.clip_skip > most:
+                _fail("clip_skip", f"must be an integer in [0, {most}] (the text encoder has "
+                                   f"{encoders[0].num_hidden_layers} layers), got {self.clip_skip}")
+        height, width = self.height, self.width
+        if self.init_image is not None and height is None and width is None:
+            height, width = self.init_image.shape[1] // 8 * 8, self.init_image.shape[2] // 8 * 8
+            if not (height and width):
+                _fail("init_image", f"must be at least 8x8 pixels, got {self.init_image.shape[2]}x"
+                                    f"{self.init_image.shape[1]}")
+        height = config.default_size if height is None else height
+        width = config.default_size if width is None else width
+        check_size(width, height)
+        if self.latents is not None:
+            shape = (self.n_images, config.vae.latent_channels, height // config.vae.downscale,
+                     width // config.vae.downscale)
+            if tuple(self.latents.shape) != shape:
+                _fail("latents", f"must have shape {shape} for {self.n_images} image(s) at {width}x{height}, "
+                                 f"got {tuple(self.latents.shape)}")
+        strength = self.strength
+        if strength is None:
+            strength = {"txt2img": 1.0, "img2img": 0.8, "inpaint": 1.0}[self.mode]
+        return replace(self, height=height, width=width, strength=strength)
