@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Optional
@@ -10,6 +11,7 @@ from typing import Optional
 import torch
 
 from .config import ModelConfig
+from .errors import InvalidArgumentError
 from .pipeline import Pipeline
 
 log = logging.getLogger("sdengine")
@@ -23,10 +25,13 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float1
 
 def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
     """Defaults: CUDA when available; fp16 on CUDA, fp32 on the CPU."""
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
-                                                                          else "cpu")
+    try:
+        device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
+                                                                              else "cpu")
+    except (RuntimeError, TypeError):
+        raise InvalidArgumentError("device", f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was requested but torch sees no CUDA device")
+        raise InvalidArgumentError("device", "device='cuda' was requested but torch sees no CUDA device")
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     elif isinstance(dtype, str):
@@ -62,6 +67,12 @@ def load(path=None, device=None, dtype=None, backend: Optional[str] = None, *,
              (an SD2 768-v file is taken as v-prediction, a 512-base one needs "epsilon").
     loras:   LoRAs to merge, as for Pipeline.set_loras: [path, (path, scale), ...].
     """
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise InvalidArgumentError("path", f"path must be a file or folder path (str or os.PathLike), got "
+                                           f"{type(path).__name__}")
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise InvalidArgumentError("prediction_type", f"prediction_type must be 'epsilon', 'v_prediction' or None, "
+                                                      f"got {prediction_type!r}")
     path = Path(DEMO_MODEL if path is None else path)
     if not path.exists():
         raise FileNotFoundError(f"model path does not exist: {path}")

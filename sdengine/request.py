@@ -321,7 +321,7 @@ class Request:
             _fail("mask_image", f"needs an inpainting model (9-channel UNet); {name} has "
                                 f"{config.unet.in_channels} input channels")
         if self.mode == "txt2img" and config.is_inpaint:
-            _fail("init_image", f"and mask_image are needed: {name} is an inpainting model")
+            _fail("init_image", f"is required: {name} is an inpainting model: give init_image and mask_image")
         if self.clip_skip is not None:
             encoders = [e for e in (config.text_encoder, config.text_encoder_2) if e is not None]
             most = min(e.num_hidden_layers - 1 - (e.output_layer == "penultimate") for e in encoders)

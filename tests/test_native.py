@@ -634,7 +634,7 @@ def test_inpainting_model_errors_and_step_path(inpaint_models):
     native, eager = inpaint_models
     with pytest.raises(ValueError, match="inpainting model: give init_image and mask_image"):
         native.backend.generate(native.tokenizer, PROMPT, width=SIZE, height=SIZE, steps=2)
-    with pytest.raises(ValueError, match="mask_image must be a uint8 array"):
+    with pytest.raises(ValueError, match="mask_image size"):
         native.backend.generate(native.tokenizer, PROMPT, steps=2, init_image=_init_image(), mask_image=_mask()[:8])
     init, mask = _init_image(4), _mask()
     ours = native(PROMPT, init_image=init, mask_image=mask, num_inference_steps=3, seed=6, sampler="euler",

@@ -211,6 +211,12 @@ class NativeBackend:
         and height default to it); mask_image: uint8 (H, W), >= 128 repaints; strength in
         (0, 1], default 0.8 for img2img and 1.0 for inpainting. tokenizer_2: SDXL's second
         tokenizer. Errors: ValueError for bad arguments."""
+        from ..request import Request
+
+        # The Python API's rules and words (sdengine.request) before anything reaches C++.
+        Request.from_args(prompt, negative_prompt, steps, guidance_scale, height or None, width or None, seed,
+                          batch_size, sampler, schedule, init_image, strength, mask_image, callback=callback,
+                          progress=False, eta=eta).for_model(self.config)
         model = self.native_model(tokenizer, tokenizer_2)
         progress = None
         if callback is not None:
