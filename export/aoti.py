@@ -40,9 +40,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -54,6 +54,8 @@ NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encode
 PREFIX = "m."  # the wrappers below hold the network as `self.m`
 MAX_BATCH = 64
 MAX_LATENT = 512  # latent cells per side: 4096 px with an 8x VAE
+
+log = logging.getLogger("sdengine")
 
 
 # ---------------------------------------------------------------------------
@@ -288,6 +290,17 @@ def _compile_network(config, name: str, dtype: torch.dtype, device: torch.device
     (folder / f"{name}.json").write_text(json.dumps(result))
 
 
+def _die_with_parent() -> None:
+    """In a compile child: ask Linux for SIGKILL when the builder dies (a killed builder does
+    not leave its compiler running)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
+
+
 def _compile_in_child(config, name: str, dtype: torch.dtype, device: torch.device, folder: Path) -> dict:
     """_compile_network in a child process, so that a compiler crash (a segfault inside torch,
     seen with torch 2.11 on CUDA) is an error that names the network, not a dead process.
@@ -301,7 +314,8 @@ def _compile_in_child(config, name: str, dtype: torch.dtype, device: torch.devic
     spec.write_bytes(pickle.dumps({"config": config, "name": name, "dtype": dtype, "device": device,
                                    "folder": str(folder)}))
     cmd = [sys.executable, "-X", "faulthandler", "-m", "sdengine.export.aoti", "--compile-network", str(spec)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          preexec_fn=_die_with_parent)
     spec.unlink(missing_ok=True)
     if proc.returncode != 0:
         rc = proc.returncode
@@ -334,11 +348,12 @@ def build_engine(config, out_dir, *, dtype: torch.dtype, device, progress=True, 
     """
     from tqdm.auto import tqdm
 
+    from sdengine import cachedir
+
     check_supported(config)
     device = torch.device(device)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = cachedir.staging(out_dir)
     try:
         multiple = 2 ** (len(config.unet.block_out_channels) - 1)  # as _example_inputs
         components = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
@@ -364,13 +379,8 @@ def build_engine(config, out_dir, *, dtype: torch.dtype, device, progress=True, 
             "latent_multiple": multiple, "max_batch": MAX_BATCH, "max_latent": MAX_LATENT,
             "config": _config_dict(config), "networks": networks, "single_file": _single_file_info(config, tmp),
         }
-        (tmp / "engine.json").write_text(json.dumps(meta, indent=1))
-        if out_dir.exists():
-            if not replace and (out_dir / "engine.json").is_file():
-                shutil.rmtree(tmp, ignore_errors=True)
-                return out_dir
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        (tmp / "engine.json").write_text(json.dumps(meta, indent=1))  # written last: it marks the folder whole
+        cachedir.publish(tmp, out_dir, replace=replace or not (out_dir / "engine.json").is_file())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -436,11 +446,28 @@ def _single_file_info(config, engine_dir: Path) -> dict:
 
 def engine_for(config, *, dtype: torch.dtype, device, progress=True) -> Path:
     """The cached engine of the architecture of `config` for `device` and `dtype`, built on
-    first use."""
+    first use.
+
+    An entry is used only when its engine.json passes export/engine_meta.py's rules and its
+    packages exist; a corrupt one is rebuilt, with a warning. Builders of one entry take its
+    lock (sdengine.cachedir), so concurrent processes build it once; an entry is written aside
+    and renamed into place, so a builder killed mid-write leaves no entry, only a leftover that
+    the next builder sweeps."""
+    from sdengine import cachedir
+
+    from .engine_meta import engine_problem
+
     path = cache_root() / engine_key(config, dtype, device)
-    if (path / "engine.json").is_file():
+    if engine_problem(path) is None:
         return path
-    return build_engine(config, path, dtype=dtype, device=device, progress=progress, replace=False)
+    with cachedir.lock(path):
+        problem = engine_problem(path)  # another process may have built it while this one waited
+        if problem is None:
+            return path
+        cachedir.sweep(path)
+        if problem != "absent":
+            log.warning("the cached engine %s cannot be used (%s): building it again", path, problem)
+        return build_engine(config, path, dtype=dtype, device=device, progress=progress, replace=True)
 
 
 # ---------------------------------------------------------------------------

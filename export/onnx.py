@@ -49,7 +49,6 @@ import copy
 import datetime
 import json
 import logging
-import os
 import platform
 import shutil
 import sys
@@ -61,6 +60,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from sdengine import cachedir
 
 log = logging.getLogger("sdengine")
 
@@ -517,12 +518,7 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
                               f"pass overwrite=True (--overwrite) to replace it")
     parent = out_dir.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the export private once renamed
-        return tmp
+        return cachedir.staging(out_dir)  # renamed into place by _move_into_place once complete
     except OSError as e:
         raise PermissionError(f"cannot write the ONNX export to {out_dir}: {e.strerror or e} "
                               f"(in {e.filename or parent})") from None
@@ -530,18 +526,7 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
     """Rename the finished export to out_dir, replacing an old one only after the new one is complete."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    try:
-        os.replace(tmp, out_dir)
-    except OSError:
-        if old is not None:
-            os.replace(old, out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    cachedir.publish(tmp, out_dir, replace=True)
 
 
 def _load(model):

@@ -10,9 +10,10 @@ ValueError) whose message starts with the parameter's name and says what it must
 API (`sde_generate`, csrc/src/sdengine.cpp) refuses the same values with the same words;
 tests/test_validation.py holds the one table that checks them all.
 
-Caps, documented here and in sdengine.h: at most MAX_IMAGES images per request (prompts x
-batch_size), MAX_STEPS steps, sides of 8 to MAX_SIDE pixels (multiples of 8) and MAX_PIXELS
-pixels per image (a 512 x 512-cell latent with an 8x VAE).
+Caps, documented here and in sdengine.h: batch_size at most MAX_BATCH (the C API's cap),
+at most MAX_IMAGES images per request (prompts x batch_size), MAX_STEPS steps, sides of 8
+to MAX_SIDE pixels (multiples of 8) and MAX_PIXELS pixels per image (a 512 x 512-cell
+latent with an 8x VAE).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from .errors import InvalidArgumentError
 
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 7.5
-MAX_IMAGES = 64
+MAX_BATCH = 64
+MAX_IMAGES = 1024
 MAX_STEPS = 1000
 MAX_SIDE = 8192
 MAX_PIXELS = 4096 * 4096
@@ -227,7 +229,7 @@ class Request:
             num_inference_steps = steps
         num_inference_steps = DEFAULT_STEPS if num_inference_steps is None else num_inference_steps
         prompts = _prompts(prompt, "prompt")
-        batch_size = _check_int(batch_size, "batch_size", 1, MAX_IMAGES)
+        batch_size = _check_int(batch_size, "batch_size", 1, MAX_BATCH)
         if len(prompts) * batch_size > MAX_IMAGES:
             _fail("batch_size x prompts", f"must be at most {MAX_IMAGES} images per request, got "
                                           f"{batch_size} x {len(prompts)}")

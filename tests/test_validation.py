@@ -91,11 +91,11 @@ ROWS = [
     row("negative_prompt must be valid UTF-8 text", c=dict(negative_prompt=b"\xc0\xaf")),
     row("negative_prompt must be a string or a non-empty list of strings", py=dict(negative_prompt=5)),
     row("negative_prompt must have one entry per prompt", py=dict(negative_prompt=["a", "b"])),
-    # a batch over the cap (64 images per request)
+    # a batch over the caps (batch_size 64, 1024 images per request)
     row("batch_size must be an integer in [1, 64]", py=dict(batch_size=65), cli=["-b", "65"], c=dict(batch_size=65)),
     row("batch_size must be an integer in [1, 64]", py=dict(batch_size=0), cli=["-b", "0"], c=dict(batch_size=0)),
     row("batch_size must be an integer in [1, 64]", py=dict(batch_size=2.0)),
-    row("batch_size x prompts must be at most 64 images", py=dict(prompt=["a"] * 40, batch_size=2)),
+    row("batch_size x prompts must be at most 1024 images", py=dict(prompt=["a"] * 40, batch_size=26)),
     # sizes: multiples of 8, sides up to 8192, at most 4096 x 4096 pixels
     row("height must be a multiple of 8 in [8, 8192]", py=dict(height=8200), cli=["--height", "8200"],
         c=dict(height=8200)),

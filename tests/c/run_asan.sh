@@ -13,7 +13,7 @@ trap 'rm -rf "$WORK"' EXIT
 TORCH_PREFIX=$(python -c "import torch.utils; print(torch.utils.cmake_prefix_path)")
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSDE_SANITIZE=address \
   -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DPython_EXECUTABLE="$(command -v python)" > "$WORK/cmake.log" || { cat "$WORK/cmake.log"; exit 1; }
-cmake --build "$BUILD" --target sde_capi_test -j "${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
+cmake --build "$BUILD" --target sde_capi_test sde_fuzz_reader -j "${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
 
 # The tiny model and its engine (the same as tests/test_native.py's).
 ENGINE=$(python - "$WORK/model" <<'PY'
@@ -44,4 +44,8 @@ export OMP_NUM_THREADS=1
 "$BUILD/sde_capi_test" args "$WORK/model" "$ENGINE" "$WORK/corrupt"
 "$BUILD/sde_capi_test" threads "$WORK/model" "$ENGINE" 4 2
 "$BUILD/sde_capi_test" rss "$WORK/model" "$ENGINE" 20 100  # leaks: LeakSanitizer at exit, not RSS
+# The file readers (safetensors, engine.json, the single-file key map) on 300 mutants of each,
+# answers compared with the references (tests/fuzz_files.py; tests/test_fuzz.py runs 4,000 more
+# without ASan).
+python tests/fuzz_files.py all --driver "$BUILD/sde_fuzz_reader" --count 300 --seed 1919
 echo "AddressSanitizer: C API tests passed"

@@ -3,11 +3,21 @@
  *   sde_capi_test args    MODEL_DIR ENGINE_DIR CORRUPT_DIR   bad arguments -> statuses + messages
  *   sde_capi_test threads MODEL_DIR ENGINE_DIR THREADS REPEATS  one model shared by threads == serial
  *   sde_capi_test rss     MODEL_DIR ENGINE_DIR COUNT [MAX%]    RSS grows at most MAX% (2) over COUNT generations
+ *   sde_capi_test soak    MODEL_DIR ENGINE_DIR THREADS REQUESTS CANCEL%
+ *       THREADS x REQUESTS requests on one model, CANCEL% of them cancelled at a random step by
+ *       their progress callback: each uncancelled image equals its serial twin, each cancelled
+ *       request returns SDE_ERR_CANCELLED with no images, the model still serves afterwards
+ *       (run under LeakSanitizer: cancelled requests free everything)
+ *   sde_capi_test oom     MODEL_DIR ENGINE_DIR                 a request too big for the address space
+ *       limit (setrlimit) fails with SDE_ERR_OUT_OF_MEMORY naming its size and batch, and the next
+ *       request succeeds with the same image as before (not under ASan, which reserves the space)
  *
  * Each check prints "ok <name>" or "FAIL <name>: <why>"; the exit status is the number of failures.
  */
+#define _POSIX_C_SOURCE 200809L /* rand_r, setrlimit */
 #include <pthread.h>
 #include <stdio.h>
+#include <sys/resource.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -330,11 +340,182 @@ static int test_rss(const char *model_dir, const char *engine_dir, int total, do
   return failures;
 }
 
+/* ---- soak: many threads, some requests cancelled ---- */
+
+#define SOAK_CONFIGS 48 /* distinct requests; request k is config k % SOAK_CONFIGS */
+#define SOAK_STEPS 3
+
+typedef struct {
+  sde_model *model;
+  int first, count, cancel_percent;
+  unsigned seed;
+  unsigned char **twins;
+  int equal, differ, cancelled, cancel_wrong, failed;
+} soak_arg;
+
+typedef struct {
+  int cancel_at; /* 0: never */
+  int last_step;
+} soak_cancel;
+
+static int soak_progress(void *user, int step, int steps) {
+  soak_cancel *c = (soak_cancel *)user;
+  (void)steps;
+  c->last_step = step;
+  return c->cancel_at && step >= c->cancel_at;
+}
+
+static void soak_request(sde_gen_params *gp, int config) {
+  small_request(gp, 5000 + (uint64_t)config);
+  gp->steps = SOAK_STEPS;
+  sde_sampler_from_str(job_sampler(config), &gp->sampler, &gp->schedule);
+}
+
+static void *soak_worker(void *p) {
+  soak_arg *w = (soak_arg *)p;
+  size_t bytes = 16 * 16 * 3;
+  for (int i = 0; i < w->count; ++i) {
+    int config = (w->first + i) % SOAK_CONFIGS;
+    soak_cancel cancel = {0, 0};
+    if ((int)(rand_r(&w->seed) % 100) < w->cancel_percent) cancel.cancel_at = 1 + (int)(rand_r(&w->seed) % SOAK_STEPS);
+    sde_gen_params gp;
+    soak_request(&gp, config);
+    gp.progress = soak_progress;
+    gp.progress_user = &cancel;
+    sde_image *images = NULL;
+    int count = 0;
+    sde_status s = sde_generate(w->model, &gp, &images, &count);
+    if (cancel.cancel_at) {
+      w->cancelled++;
+      if (s != SDE_ERR_CANCELLED || images || count || cancel.last_step != cancel.cancel_at) w->cancel_wrong++;
+    } else if (s != SDE_OK) {
+      w->failed++;
+    } else if (count == 1 && !memcmp(images[0].data, w->twins[config], bytes)) {
+      w->equal++;
+    } else {
+      w->differ++;
+    }
+    sde_images_free(images, count);
+  }
+  return NULL;
+}
+
+static int test_soak(const char *model_dir, const char *engine_dir, int threads, int requests, int cancel_percent) {
+  sde_model *model = load(model_dir, engine_dir, threads);
+  size_t bytes = 16 * 16 * 3;
+  unsigned char *twins[SOAK_CONFIGS];
+  for (int c = 0; c < SOAK_CONFIGS; ++c) { /* the serial twins */
+    sde_gen_params gp;
+    soak_request(&gp, c);
+    sde_image *images = NULL;
+    int count = 0;
+    if (sde_generate(model, &gp, &images, &count) != SDE_OK) {
+      printf("FAIL soak serial %d: %s\n", c, sde_last_error());
+      return 1;
+    }
+    twins[c] = malloc(bytes);
+    memcpy(twins[c], images[0].data, bytes);
+    sde_images_free(images, count);
+  }
+  soak_arg *args = calloc((size_t)threads, sizeof *args);
+  pthread_t *ids = calloc((size_t)threads, sizeof *ids);
+  for (int t = 0; t < threads; ++t) {
+    args[t] = (soak_arg){model, t * requests, requests, cancel_percent, 1234u + (unsigned)t, twins, 0, 0, 0, 0, 0};
+    pthread_create(&ids[t], NULL, soak_worker, &args[t]);
+  }
+  int equal = 0, differ = 0, cancelled = 0, cancel_wrong = 0, failed = 0;
+  for (int t = 0; t < threads; ++t) {
+    pthread_join(ids[t], NULL);
+    equal += args[t].equal;
+    differ += args[t].differ;
+    cancelled += args[t].cancelled;
+    cancel_wrong += args[t].cancel_wrong;
+    failed += args[t].failed;
+  }
+  /* the model still serves: one more request equals its twin */
+  sde_gen_params gp;
+  soak_request(&gp, 7);
+  sde_image *images = NULL;
+  int count = 0;
+  int after = sde_generate(model, &gp, &images, &count) == SDE_OK && count == 1 && !memcmp(images[0].data, twins[7], bytes);
+  sde_images_free(images, count);
+  char why[512];
+  snprintf(why, sizeof why,
+           "%d threads x %d requests: %d cancelled (%d not cleanly: wrong status, images or step), %d uncancelled "
+           "equal to their serial twins, %d differ, %d failed; model usable afterwards: %s",
+           threads, requests, cancelled, cancel_wrong, equal, differ, failed, after ? "yes" : "no");
+  printf("soak: %s\n", why);
+  expect(cancel_wrong == 0 && differ == 0 && failed == 0 && after && cancelled > 0 &&
+             equal + cancelled == threads * requests,
+         "soak_threads_cancel", why);
+  for (int c = 0; c < SOAK_CONFIGS; ++c) free(twins[c]);
+  free(args);
+  free(ids);
+  sde_model_free(model);
+  return failures;
+}
+
+/* ---- out of memory ---- */
+
+static long vm_bytes(void) {
+  FILE *f = fopen("/proc/self/statm", "r");
+  long pages = 0;
+  if (!f) return -1;
+  if (fscanf(f, "%ld", &pages) != 1) pages = -1;
+  fclose(f);
+  return pages * sysconf(_SC_PAGESIZE);
+}
+
+static int test_oom(const char *model_dir, const char *engine_dir) {
+  sde_model *model = load(model_dir, engine_dir, 1);
+  sde_gen_params gp;
+  small_request(&gp, 3);
+  sde_image *images = NULL;
+  int count = 0;
+  if (sde_generate(model, &gp, &images, &count) != SDE_OK) {
+    printf("FAIL oom first request: %s\n", sde_last_error());
+    return 1;
+  }
+  size_t bytes = 16 * 16 * 3;
+  unsigned char *before = malloc(bytes);
+  memcpy(before, images[0].data, bytes);
+  sde_images_free(images, count);
+  /* 512 MiB of address space left: a 1024 x 1024, batch 16 request needs several GiB */
+  struct rlimit limit;
+  getrlimit(RLIMIT_AS, &limit);
+  limit.rlim_cur = (rlim_t)vm_bytes() + ((rlim_t)512 << 20);
+  if (setrlimit(RLIMIT_AS, &limit) != 0) {
+    printf("FAIL oom: setrlimit\n");
+    return 1;
+  }
+  sde_gen_params big = gp;
+  big.width = big.height = 1024;
+  big.batch_size = 16;
+  big.steps = 1;
+  big.sampler = SDE_SAMPLER_EULER;
+  sde_status s = sde_generate(model, &big, &images, &count);
+  expect_status(s, SDE_ERR_OUT_OF_MEMORY, "out of memory generating 16 image(s) of 1024x1024 (batch_size 16)",
+                "oom_status_and_message");
+  expect(images == NULL && count == 0, "oom_outputs_cleared", "images/count set on failure");
+  s = sde_generate(model, &gp, &images, &count); /* still under the limit: what the big one took is freed */
+  expect_status(s, SDE_OK, NULL, "oom_next_request_succeeds");
+  if (s == SDE_OK) {
+    expect(count == 1 && !memcmp(images[0].data, before, bytes), "oom_next_request_same_image", "the image changed");
+    sde_images_free(images, count);
+  }
+  free(before);
+  sde_model_free(model);
+  return failures;
+}
+
 int main(int argc, char **argv) {
   if (argc >= 5 && !strcmp(argv[1], "args")) return test_args(argv[2], argv[3], argv[4]);
   if (argc >= 6 && !strcmp(argv[1], "threads")) return test_threads(argv[2], argv[3], atoi(argv[4]), atoi(argv[5]));
   if (argc >= 5 && !strcmp(argv[1], "rss"))
     return test_rss(argv[2], argv[3], atoi(argv[4]), argc >= 6 ? atof(argv[5]) / 100.0 : 0.02);
-  fprintf(stderr, "usage: %s args|threads|rss MODEL_DIR ENGINE_DIR ...\n", argv[0]);
+  if (argc >= 7 && !strcmp(argv[1], "soak"))
+    return test_soak(argv[2], argv[3], atoi(argv[4]), atoi(argv[5]), atoi(argv[6]));
+  if (argc >= 4 && !strcmp(argv[1], "oom")) return test_oom(argv[2], argv[3]);
+  fprintf(stderr, "usage: %s args|threads|rss|soak|oom MODEL_DIR ENGINE_DIR ...\n", argv[0]);
   return 2;
 }
