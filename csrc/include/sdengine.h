@@ -48,7 +48,8 @@ typedef enum sde_status {
   SDE_ERR_INVALID_ARGUMENT = -1, /* a NULL pointer, a size not a multiple of 8, an unknown name, ... */
   SDE_ERR_IO = -2,               /* a file is missing or unreadable */
   SDE_ERR_FORMAT = -3,           /* a file is corrupt or does not fit the engine */
-  SDE_ERR_OUT_OF_MEMORY = -4,
+  SDE_ERR_OUT_OF_MEMORY = -4,    /* the request did not fit in memory (the message names its size and batch);
+                                    what it allocated is freed, a smaller request can run next */
   SDE_ERR_DEVICE = -5,           /* the device (or the compiled engine running on it) failed */
   SDE_ERR_CANCELLED = -6,        /* the progress callback or the cancel flag stopped the request */
   SDE_ERR_INTERNAL = -7,
@@ -172,15 +173,17 @@ typedef struct sde_gen_params {
   const char *prompt;          /* required, UTF-8 */
   const char *negative_prompt; /* NULL: "" (SDXL: zero conditioning, as diffusers'
                                   force_zeros_for_empty_prompt) */
-  int width, height;           /* pixels, multiples of 8 and of the engine's cell (64 for SD1/SD2, 32 for SDXL:
-                                  8 x the UNet's downsampling). 0: the model's default size */
-  int steps;                   /* 0: 30 */
+  int width, height;           /* pixels, multiples of 8 in [8, 8192] and of the engine's cell (64 for SD1/SD2,
+                                  32 for SDXL: 8 x the UNet's downsampling), width x height at most
+                                  4096 x 4096. 0: the model's default size */
+  int steps;                   /* in [1, 1000]; 0: 30 */
   double guidance_scale;       /* classifier-free guidance; <= 1 disables it. Default 7.5 */
-  uint64_t seed;               /* image i gets seed + i (torch.manual_seed(seed + i) CPU noise) */
-  int batch_size;              /* images to generate; default 1 */
+  uint64_t seed;               /* image i gets seed + i (torch.manual_seed(seed + i) CPU noise); seed +
+                                  batch_size - 1 must fit in uint64 */
+  int batch_size;              /* images to generate, in [1, 64]; default 1 */
   sde_sampler sampler;         /* SDE_SAMPLER_DEFAULT: the model's scheduler */
   sde_schedule schedule;       /* SDE_SCHEDULE_DEFAULT: the scheduler config's */
-  double eta;                  /* DDIM's eta; 0 (default) is deterministic DDIM */
+  double eta;                  /* DDIM's eta, finite and >= 0; 0 (default) is deterministic DDIM */
   sde_progress_fn progress;    /* NULL: none */
   void *progress_user;         /* passed to progress */
   const volatile int *cancel;  /* NULL, or a flag another thread sets nonzero to cancel */
@@ -208,7 +211,10 @@ typedef struct sde_image {
 } sde_image;
 
 /* Generate params->batch_size images. On success *images holds *count images, to be freed
- * with sde_images_free; on failure *images is NULL and *count 0. Thread-safe. */
+ * with sde_images_free; on failure *images is NULL and *count 0. Thread-safe. A bad
+ * parameter is SDE_ERR_INVALID_ARGUMENT with a message that names it in the words of the
+ * Python API (sdengine/request.py); a request that does not fit in memory is
+ * SDE_ERR_OUT_OF_MEMORY. A cancelled request frees everything it allocated. */
 SDE_API sde_status sde_generate(sde_model *model, const sde_gen_params *params, sde_image **images, int *count);
 
 /* NULL is a no-op. */

@@ -44,6 +44,8 @@ export OMP_NUM_THREADS=1
 "$BUILD/sde_capi_test" args "$WORK/model" "$ENGINE" "$WORK/corrupt"
 "$BUILD/sde_capi_test" threads "$WORK/model" "$ENGINE" 4 2
 "$BUILD/sde_capi_test" rss "$WORK/model" "$ENGINE" 20 100  # leaks: LeakSanitizer at exit, not RSS
+# 16 threads x 60 requests, a quarter cancelled at a random step: cancelled requests free everything.
+"$BUILD/sde_capi_test" soak "$WORK/model" "$ENGINE" 16 60 25
 # The file readers (safetensors, engine.json, the single-file key map) on 300 mutants of each,
 # answers compared with the references (tests/fuzz_files.py; tests/test_fuzz.py runs 4,000 more
 # without ASan).
