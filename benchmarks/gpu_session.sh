@@ -1,29 +1,33 @@
 #!/usr/bin/env bash
-# The ONE script a session with a lent GPU runs (see ../shared/GPU.md). Under 9 minutes of wall time.
+# The ONE script a session with a lent GPU runs (see ../shared/GPU.md). About 8 minutes of wall time.
 #
-#   device tool call:  SDENGINE_COMMIT=<git rev-parse HEAD> SESSION_SECONDS=540 bash benchmarks/gpu_session.sh
-#   with timeout_s 595 and carry: [".whl"] (the diffusers wheel; GPU.md says how to download it).
-#   A session has 15 minutes of device time, a fresh machine takes 1-2 of them to start, and
-#   none starts with under 4 left: one full call, then give_back (or one short follow-up call
-#   within the 30 s the machine stays warm; it keeps the build and /tmp/site).
+#   device tool call:  SDENGINE_COMMIT=<git rev-parse HEAD> SESSION_SECONDS=480 bash benchmarks/gpu_session.sh
+#   with timeout_s ~595 and carry [".whl"]: the wheels of what the machine lacks (diffusers and its
+#   small pure-Python dependencies, jsonschema; GPU.md), and optionally .whl/sdengine-cache.tgz, a
+#   compile cache exported by an earlier session (`sdengine cache export`), imported first.
+#   A session has 15 minutes of device time, a fresh machine takes 1-2 of them to start, and none
+#   starts with under 4 left: one full call, then give_back.
 #
-# Steps, each with its own time cap inside one overall deadline (a step that runs out is
-# stopped with SIGTERM, and `sdengine bench` then writes what it measured, marked incomplete):
-#   1. nvidia-smi; install the carried wheels (.whl/*.whl) if any; versions, ORT providers;
-#   2. build the project (pip install -e ., CMake + libtorch);
-#   3. benchmarks/profile_unet.py: one UNet step of diffusers and of ours (eager, Triton), first
-#      call and steady state, top kernels; then, in the background, build the native backend's
-#      SD1.5 fp16 engine (benchmarks/prebuild_native.py: minutes of AOTInductor);
-#   4. GPU tests: pytest -m gpu tests/ (the fused step, the models in fp16, the native runtime
-#      on CUDA, the Triton backend), one line per test, a time limit per test;
-#   5. benchmarks/gpu_kernels.sh (kernel tests natively, kernel benchmarks);
-#   6. sdengine bench, --sampler euler on every backend (diffusers runs EulerDiscreteScheduler):
-#      SD1.5 512x512 fp16 with diffusers, eager, triton and (once its engine is built) native;
-#   7. SD2.1 768x768 with diffusers, eager, triton; then SD1.5 with diffusers-compile if time is left.
-# Everything is written under $WORK (logs, junit XML, the records: json, md, png in
-# $WORK/results) and packed at the end into ONE file, $OUT/gpu_session.tgz (the device tool
-# brings back 8 files at most), beside $OUT/session.log.
-# Unpack it and copy results/* into benchmarks/results/, then commit them.
+# Steps, in this order, each with its own cap inside one overall deadline (a step that runs out is
+# stopped with SIGTERM; `sdengine bench` then writes what it measured, marked incomplete). The caps
+# are sized so that the SD1.5 benchmark always gets its share:
+#   1. nvidia-smi; the carried wheels (.whl/*.whl) into /tmp/site; versions;
+#   2. build the project (pip install -e .: CMake + libtorch), then import the carried compile cache;
+#   3. benchmarks/profile_unet.py: the eager A/B (diffusers' UNet against ours: latency, host time
+#      without sync, device time by graph replay, kernels per step), plus the graph and Triton layers;
+#   4. sdengine bench SD1.5 512², 30 steps of euler, batch 1, fp16: every speed layer (graph, triton,
+#      compile, eager) next to diffusers and diffusers-compile, each backend in its own process under
+#      its prepare and run caps;
+#   5. python -m sdengine.kernels.bench: our attention against SDPA's flash, cuDNN and efficient
+#      kernels at SD1.5's four attention shapes, GroupNorm+SiLU against F.group_norm + silu, the
+#      sampler step against the device's copy bandwidth;
+#   6. sdengine cache export: the Triton and Inductor caches of this run, for the next session;
+#   7. with the time left: the GPU tests (pytest -m gpu), then SD1.5 at batch 4, SD2.1-v 768² and
+#      SDXL 1024² with the best layers;
+#   8. with the time still left: the native backend's SD1.5 engine, then its benchmark.
+# Everything is written under $WORK and packed at the end into ONE file, $OUT/gpu_session.tgz
+# (the device tool brings back few files), beside $OUT/session.log and $OUT/sdengine-cache.tgz.
+# Unpack it, copy results/* into benchmarks/results/ and the logs into benchmarks/results/logs/, and commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/sdengine-gpu}"
@@ -31,33 +35,37 @@ WORK="${WORK:-$(mktemp -d /tmp/sdengine-gpu-work.XXXX)}"
 mkdir -p "$OUT" "$WORK/results"
 PY="${PYTHON:-python3}"
 START=$(date +%s)
-DEADLINE=$((START + ${SESSION_SECONDS:-530}))
+DEADLINE=$((START + ${SESSION_SECONDS:-480}))
 export PYTHONUNBUFFERED=1
 export SDE_CACHE_DIR="${SDE_CACHE_DIR:-$WORK/cache}"
 exec > >(tee -a "$WORK/session.log") 2>&1
 
 pack() {
     cp "$WORK/session.log" "$OUT/session.log" 2>/dev/null
-    tar -czf "$OUT/gpu_session.tgz" -C "$WORK" --exclude=cache . 2>/dev/null
+    [[ -f $WORK/sdengine-cache.tgz ]] && mv "$WORK/sdengine-cache.tgz" "$OUT/sdengine-cache.tgz"
+    tar -czf "$OUT/gpu_session.tgz" -C "$WORK" --exclude=cache --exclude=sdengine-cache.tgz . 2>/dev/null
     ls -la "$OUT"
 }
 trap pack EXIT
+
+left() { echo $((DEADLINE - $(date +%s))); }
 
 # run_step NAME CAP_SECONDS COMMAND...: run with min(CAP, time left) and log the outcome.
 run_step() {
     local name=$1 cap=$2
     shift 2
-    local left=$((DEADLINE - $(date +%s)))
-    if ((left < 20)); then
-        echo "== $name: skipped, $left s left"
+    local remaining
+    remaining=$(left)
+    if ((remaining < 20)); then
+        echo "== $name: skipped, $remaining s left"
         return 0
     fi
-    ((cap > left)) && cap=$left
+    ((cap > remaining)) && cap=$remaining
     echo "== $name (cap ${cap} s) at +$(($(date +%s) - START)) s"
     timeout -s TERM -k 20 "$cap" "$@" > "$WORK/$name.log" 2>&1
     local rc=$?
     echo "== $name: rc=$rc, +$(($(date +%s) - START)) s"
-    tail -n 15 "$WORK/$name.log"
+    tail -n 20 "$WORK/$name.log"
     return 0
 }
 
@@ -78,76 +86,69 @@ for name in ("torch", "triton", "diffusers", "transformers", "onnxruntime", "jso
         print(name, "MISSING", e)
 import torch
 print("cuda", torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else "NO GPU")
-try:
-    import onnxruntime
-    print("onnxruntime providers", onnxruntime.get_available_providers())
-except ImportError:
-    pass
 PYEOF
 
 export CMAKE_BUILD_PARALLEL_LEVEL=16
-run_step build 150 "$PY" -m pip install --no-build-isolation --no-deps -e .
+run_step build 120 "$PY" -m pip install --no-build-isolation --no-deps -e .
 if ! "$PY" -c "import sdengine._C" 2>/dev/null; then  # the Python side still runs without the native part
     echo "== the native build failed: installing the Python packages alone (SDE_NO_NATIVE=1)"
     SDE_NO_NATIVE=1 run_step build_python_only 60 "$PY" -m pip install --no-build-isolation --no-deps -e .
 fi
-export PATH="$HOME/.local/bin:$PATH"
 SDE=("$PY" -m sdengine.cli)  # works whether or not the console script landed on PATH
+if [[ -f .whl/sdengine-cache.tgz ]]; then
+    run_step cache_import 30 "${SDE[@]}" cache import .whl/sdengine-cache.tgz
+fi
 
-# pytest, so that a killed step still says which test failed and why: one line per test (-v),
-# short tracebacks, a per-test time limit where pytest-timeout is installed, a Python stack
-# on a crash (faulthandler), and collection errors (a missing optional package) not fatal.
+# 3. The eager A/B, alone on the machine, before anything else loads the CPU.
+run_step profile_unet 75 "$PY" -X faulthandler benchmarks/profile_unet.py --arch sd15 --size 512 \
+    --variants diffusers,eager,graph,triton-ops --json "$WORK/results/profile_unet_sd15.json"
+
+# 4. The record this session exists for. Each backend has its own process and caps: the compile
+#    layers (minutes of Inductor) come last, so the cheap layers are measured whatever happens.
+BENCH=(--repeats 20 --warmup 3 --e2e-repeats 10 --e2e-warmup 1 --budget 15 --no-progress
+       --out-dir "$WORK/results")
+run_step bench_sd15 300 "${SDE[@]}" bench --arch sd15 --height 512 --width 512 --steps 30 --sampler euler \
+    --batch 1 --dtype fp16 --backends diffusers,graph,triton,eager,compile,diffusers-compile \
+    --compile-mode default --prepare-cap 150 --run-cap 60 "${BENCH[@]}"
+
+# 5. Kernel micro-benchmarks (CUDA events; a few seconds each).
+run_step kernels_bench 45 "$PY" -m sdengine.kernels.bench --only attn,gn_silu,euler,dpmpp --iters 30 \
+    --json "$WORK/results/kernels_bench.json"
+
+# 6. What this run compiled, for the next session's cold start.
+run_step cache_export 30 "${SDE[@]}" cache export "$WORK/sdengine-cache.tgz"
+
+# 7. With the time left: the GPU tests, one line per test with a per-test limit, then more workloads.
 PYTEST=("$PY" -X faulthandler -m pytest -v --tb=short -rfEs -p no:cacheprovider --continue-on-collection-errors)
-"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=120)
-
-# Where one UNet step's time goes (diffusers vs ours, eager and Triton), and how long the
-# Triton kernels' first call (compile + autotune) takes: alone on the machine, before anything
-# else loads the CPU.
-TRITON_PRINT_AUTOTUNING=1 run_step profile_unet 170 "$PY" -X faulthandler benchmarks/profile_unet.py \
-    --arch sd15 --size 512 --json "$WORK/profile_unet.json"
-
-# The native backend's SD1.5 engine, built while the tests run (the benchmark waits for it).
-# It stops 150 s before the deadline at the latest, which leaves the benchmark its time.
-PREBUILD_CAP=$((DEADLINE - $(date +%s) - 150))
-((PREBUILD_CAP > 420)) && PREBUILD_CAP=420
-PREBUILD_PID=
-if ((PREBUILD_CAP >= 60)); then
-    echo "== prebuild_native (background, cap ${PREBUILD_CAP} s) at +$(($(date +%s) - START)) s"
-    timeout -s TERM -k 10 "$PREBUILD_CAP" "$PY" -X faulthandler benchmarks/prebuild_native.py --arch sd15 \
-        --dtype fp16 > "$WORK/prebuild_native.log" 2>&1 &
-    PREBUILD_PID=$!
-else
-    echo "== prebuild_native: skipped, ${PREBUILD_CAP} s of its window left"
+"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=60)
+if (($(left) > 150)); then
+    run_step gpu_tests 90 "${PYTEST[@]}" -m gpu tests/ --ignore-glob="tests/test_kernels_*" \
+        --junitxml="$WORK/gpu_tests.xml"
+fi
+if (($(left) > 120)); then
+    run_step bench_sd15_batch4 100 "${SDE[@]}" bench --arch sd15 --height 512 --width 512 --steps 30 \
+        --sampler euler --batch 4 --dtype fp16 --backends diffusers,graph,triton --prepare-cap 60 --run-cap 40 \
+        --components unet_step,end_to_end "${BENCH[@]}"
+fi
+if (($(left) > 100)); then
+    run_step bench_sd21 90 "${SDE[@]}" bench --arch sd21-v --height 768 --width 768 --steps 30 --sampler euler \
+        --batch 1 --dtype fp16 --backends diffusers,graph,triton --prepare-cap 60 --run-cap 30 "${BENCH[@]}"
+fi
+if (($(left) > 100)); then
+    run_step bench_sdxl 90 "${SDE[@]}" bench --arch sdxl --height 1024 --width 1024 --steps 30 --sampler euler \
+        --batch 1 --dtype fp16 --backends diffusers,graph,triton --prepare-cap 60 --run-cap 30 "${BENCH[@]}"
 fi
 
-run_step gpu_tests 120 "${PYTEST[@]}" -m gpu tests/ --ignore-glob="tests/test_kernels_*" \
-    --junitxml="$WORK/gpu_tests.xml"
-
-# The kernel tests and benchmarks time on the GPU (CUDA events), which the compile's CPU
-# load does not disturb.
-if [[ -f benchmarks/gpu_kernels.sh ]]; then
-    mkdir -p "$WORK/kernels"
-    OUT="$WORK/kernels" run_step gpu_kernels 50 bash benchmarks/gpu_kernels.sh
+# 8. The native backend (AOTInductor engine, C++ loop), last: its engine build is minutes of CPU.
+if (($(left) > 240)); then
+    run_step prebuild_native $(($(left) - 90)) "$PY" -X faulthandler benchmarks/prebuild_native.py --arch sd15 \
+        --dtype fp16
+    if grep -q "^engine .* ready in" "$WORK/prebuild_native.log" 2>/dev/null; then
+        run_step bench_sd15_native 80 "${SDE[@]}" bench --arch sd15 --height 512 --width 512 --steps 30 \
+            --sampler euler --batch 1 --dtype fp16 --backends diffusers,native --prepare-cap 40 --run-cap 40 \
+            "${BENCH[@]}"
+    fi
 fi
-
-# No end-to-end benchmark runs beside the compile (it would take CPU from the timed runs).
-SD15_BACKENDS=diffusers,eager,triton
-if [[ -n $PREBUILD_PID ]]; then
-    echo "== waiting for prebuild_native at +$(($(date +%s) - START)) s"
-    wait "$PREBUILD_PID"
-    PREBUILD_RC=$?
-    echo "== prebuild_native: rc=$PREBUILD_RC, +$(($(date +%s) - START)) s"
-    tail -n 30 "$WORK/prebuild_native.log"
-    ((PREBUILD_RC == 0)) && SD15_BACKENDS+=,native
-fi
-
-BENCH=(--repeats 20 --warmup 3 --e2e-repeats 5 --budget 20 --no-progress --out-dir "$WORK/results")
-run_step bench_sd15 130 "${SDE[@]}" bench --arch sd15 --height 512 --width 512 --steps 30 --sampler euler \
-    --batch 1 --dtype fp16 --backends "$SD15_BACKENDS" "${BENCH[@]}"
-run_step bench_sd21 80 "${SDE[@]}" bench --arch sd21-v --height 768 --width 768 --steps 30 --sampler euler \
-    --batch 1 --dtype fp16 --backends diffusers,eager,triton "${BENCH[@]}"
-run_step bench_sd15_compile 200 "${SDE[@]}" bench --arch sd15 --height 512 --width 512 --steps 30 --sampler euler \
-    --batch 1 --dtype fp16 --backends diffusers,diffusers-compile --compile-mode default "${BENCH[@]}"
 
 echo "== records"
 ls -la "$WORK/results"

@@ -30,7 +30,7 @@ import torch
 
 from sdengine.bench import flops, measure
 from sdengine.bench.output import utc_now
-from sdengine.bench.runners import BACKENDS, COMPONENTS, Workload, precheck
+from sdengine.bench.runners import BACKENDS, COMPONENTS, Workload, first_line, precheck
 from sdengine.bench.schema import SCHEMA_VERSION
 from sdengine import samplers
 from sdengine.config import PRESETS, ModelConfig, SchedulerConfig, tiny_config
@@ -215,6 +215,8 @@ class Benchmark:
                         disable=not self.show_progress or None, file=sys.stderr, dynamic_ncols=True)
         self.write = (lambda message: tqdm.write(message, file=sys.stderr)) if self.show_progress else self.log
         try:
+            if "unet_step" in o.components:
+                self._host_overhead()
             with tempfile.TemporaryDirectory(prefix="sdengine-bench-") as work:
                 self.work = Path(work)
                 source = self._source_folder()
@@ -250,6 +252,23 @@ class Benchmark:
         """The physical floor of each component: its FLOP at the device's peak rate."""
         flop = dict(self.flop, end_to_end=flops.end_to_end_flop(self.flop, unet_calls or self.options.steps))
         return {c: f / (self.peak_tflops * 1e12) * 1e3 for c, f in flop.items()}
+
+    def _host_overhead(self):
+        """Both UNets' host work per forward (ops dispatched, Python time) on the meta device:
+        comparable on any machine (sdengine/bench/host_overhead.py)."""
+        from sdengine.bench.host_overhead import unet_host_overhead
+
+        try:
+            self.record["host_overhead"] = unet_host_overhead(self.config, self.workload.height, self.workload.width,
+                                                              self.workload.batch, self.dtype, repeats=3)
+        except Exception as e:  # a diagnostic: never worth losing the run for
+            self.record["host_overhead"] = {"error": f"{type(e).__name__}: {first_line(e)}"}
+            return
+        h = self.record["host_overhead"]
+        self.write(f"host work per UNet forward (meta device): eager {h['eager']['aten_ops']} ops, "
+                   f"{h['eager']['python_ms']:.1f} ms of Python; diffusers {h['diffusers']['aten_ops']} ops, "
+                   f"{h['diffusers']['python_ms']:.1f} ms")
+        self._landed()
 
     def _source_folder(self) -> str:
         """The diffusers folder every backend's weights come from: --model, or random weights

@@ -130,6 +130,11 @@ def markdown(record: dict, heading_level: int = 2) -> str:
                 f"| {len(r['samples_ms'])} | {warmup} | {r.get('it_per_s', 0):.3g} "
                 f"| {_num(r.get('tflops'))} | {_num(r.get('pct_of_peak'))} | {_gib(r['peak_mem_bytes'])} "
                 f"| {_ratio(r.get('speedup_vs_diffusers'))} |")
+    host = record.get("host_overhead") or {}
+    if "eager" in host and "diffusers" in host:
+        lines += ["", f"Host work per UNet forward ({host.get('method', 'meta device')}): eager "
+                      f"{host['eager']['aten_ops']} ops, {host['eager']['python_ms']:.1f} ms; diffusers "
+                      f"{host['diffusers']['aten_ops']} ops, {host['diffusers']['python_ms']:.1f} ms."]
     skipped = [r for r in record["results"] if "skipped" in r]
     if skipped:
         lines += ["", "Skipped:", ""]
@@ -158,9 +163,10 @@ def summary_table(record: dict) -> list:
     if not backends:
         return ["No backend was measured."]
     by_key = {(r["backend"], r["component"]): r for r in rows}
-    lines = ["| backend | text encoder ms | UNet step ms | UNet it/s | VAE decode ms | end to end ms "
-             "| UNet % of peak | peak mem GiB | end to end vs diffusers | fused step |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| backend | prepare s | text encoder ms | UNet step ms | UNet host ms | UNet it/s | VAE decode ms "
+             "| end to end ms | UNet % of peak | peak mem GiB | end to end vs diffusers | fused step |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    processes = record.get("backends") or {}
     for backend in backends:
         def p50(component):
             return _ms(by_key[(backend, component)]["p50_ms"]) if (backend, component) in by_key else "–"
@@ -170,12 +176,14 @@ def summary_table(record: dict) -> list:
         it_per_s = f"{unet['it_per_s']:.1f}" if unet else "–"
         peak_mem = max((r["peak_mem_bytes"] for r in rows if r["backend"] == backend and r["peak_mem_bytes"]),
                        default=None)
-        lines.append(f"| {backend} | {p50('text_encoder')} | {p50('unet_step')} | {it_per_s} | {p50('vae_decode')} "
+        prepare = processes.get(backend, {}).get("prepare_s")
+        lines.append(f"| {backend} | {_num(prepare)} | {p50('text_encoder')} | {p50('unet_step')} "
+                     f"| {_ms(unet.get('host_p50_ms'))} | {it_per_s} | {p50('vae_decode')} "
                      f"| {p50('end_to_end')} | {_num(unet.get('pct_of_peak'))} | {_gib(peak_mem)} "
                      f"| {_ratio(e2e.get('speedup_vs_diffusers'))} | {_yes_no(e2e.get('fused_step'))} |")
     floor = record.get("floor_ms") or {}
     if floor.get("unet_step"):
-        lines.append(f"| *physical floor* | {_ms(floor.get('text_encoder'))} | {_ms(floor['unet_step'])} "
+        lines.append(f"| *physical floor* | | {_ms(floor.get('text_encoder'))} | {_ms(floor['unet_step'])} | "
                      f"| {1e3 / floor['unet_step']:.1f} | {_ms(floor.get('vae_decode'))} "
                      f"| {_ms(floor.get('end_to_end'))} | 100 | | | |")
     return lines
