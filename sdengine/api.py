@@ -51,7 +51,8 @@ def _default_backend(device: torch.device) -> str:
 
 
 def load(path=None, device=None, dtype=None, backend: Optional[str] = None, *,
-         config: Optional[ModelConfig] = None, prediction_type: Optional[str] = None, loras=None) -> Pipeline:
+         config: Optional[ModelConfig] = None, prediction_type: Optional[str] = None, loras=None,
+         backend_options: Optional[dict] = None) -> Pipeline:
     """Load a model and return a Pipeline.
 
     path:    a diffusers folder, a single-file .safetensors (A1111/Civitai layout), a
@@ -66,6 +67,8 @@ def load(path=None, device=None, dtype=None, backend: Optional[str] = None, *,
     prediction_type: "epsilon" or "v_prediction" for a single file that does not say
              (an SD2 768-v file is taken as v-prediction, a 512-base one needs "epsilon").
     loras:   LoRAs to merge, as for Pipeline.set_loras: [path, (path, scale), ...].
+    backend_options: keyword arguments of the backend's class, e.g. {"graph_cache": 16} for the
+             graph layers, {"custom_ops": ("attention",)} for "compile" (README, Backends).
     """
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise InvalidArgumentError("path", f"path must be a file or folder path (str or os.PathLike), got "
@@ -93,13 +96,14 @@ def load(path=None, device=None, dtype=None, backend: Optional[str] = None, *,
         pipe = _pipeline_from_modules(
             loaded.config, loaded.text_encoder, loaded.unet, loaded.vae, loaded.text_encoder_2,
             loaded.tokenizer, loaded.tokenizer_2, backend=backend, name=path.stem if path.is_file() else path.name,
+            options=backend_options,
         )
     if loras:
         pipe.set_loras(loras)
     return pipe
 
 
-def from_diffusers(pipe, backend: str = "eager") -> Pipeline:
+def from_diffusers(pipe, backend: str = "eager", backend_options: Optional[dict] = None) -> Pipeline:
     """A Pipeline from a loaded diffusers pipeline object, sharing its weights (no copy).
 
     Works for StableDiffusionPipeline, StableDiffusionImg2ImgPipeline,
@@ -146,7 +150,7 @@ def from_diffusers(pipe, backend: str = "eager") -> Pipeline:
         adopt(UNet2DConditionModel, config.unet, pipe.unet),
         adopt(AutoencoderKL, config.vae, pipe.vae),
         adopt(CLIPTextModel, config.text_encoder_2, text_encoder_2) if text_encoder_2 is not None else None,
-        tokenizers[0], tokenizers[1], backend=backend, name=config.name,
+        tokenizers[0], tokenizers[1], backend=backend, name=config.name, options=backend_options,
     )
 
 
@@ -156,30 +160,44 @@ def _text_config(model) -> dict:
 
 
 def _pipeline_from_modules(config, text_encoder, unet, vae, text_encoder_2, tokenizer, tokenizer_2, *,
-                           backend: str, name: str) -> Pipeline:
+                           backend: str, name: str, options: Optional[dict] = None) -> Pipeline:
+    options = dict(options or {})
     if backend == "eager":
         from .backends.eager import EagerBackend
 
-        impl = EagerBackend(config, text_encoder, unet, vae, text_encoder_2)
+        impl = _build(EagerBackend, backend, options, config, text_encoder, unet, vae, text_encoder_2)
     elif backend == "graph":
         from .backends.graph import GraphBackend
 
-        impl = GraphBackend(config, text_encoder, unet, vae, text_encoder_2)
+        impl = _build(GraphBackend, backend, options, config, text_encoder, unet, vae, text_encoder_2)
     elif backend == "triton":
         from .backends.triton import TritonBackend
 
-        impl = TritonBackend(config, text_encoder, unet, vae, text_encoder_2)
+        impl = _build(TritonBackend, backend, options, config, text_encoder, unet, vae, text_encoder_2)
     elif backend == "compile":
         from .backends.compiled import CompileBackend
 
-        impl = CompileBackend(config, text_encoder, unet, vae, text_encoder_2)
+        impl = _build(CompileBackend, backend, options, config, text_encoder, unet, vae, text_encoder_2)
     elif backend == "native":
         from .backends.native import NativeBackend
 
-        impl = NativeBackend(config, text_encoder, unet, vae, text_encoder_2)
+        impl = _build(NativeBackend, backend, options, config, text_encoder, unet, vae, text_encoder_2)
     else:
         raise ValueError(f"backend {backend!r} cannot be built from torch modules")
     return Pipeline(impl, tokenizer, tokenizer_2, name=name)
+
+
+def _build(cls, backend: str, options: dict, *modules):
+    """cls(*modules, **options), with an unknown option named as such."""
+    import inspect
+
+    accepted = {name for name, p in inspect.signature(cls.__init__).parameters.items()
+                if p.kind == inspect.Parameter.KEYWORD_ONLY}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"backend_options: {', '.join(unknown)} not accepted by backend {backend!r} "
+                         f"(it takes: {', '.join(sorted(accepted)) or 'no options'})")
+    return cls(*modules, **options)
 
 
 # generate() keeps the last pipeline it loaded, so repeated calls don't reload.

@@ -303,3 +303,13 @@ def test_cuda_layer_fp16_matches_eager_and_replays(layer):
     captures = fast.backend.graphs.captures
     _run(fast, sampler="euler")
     assert fast.backend.graphs.captures == captures  # replayed, nothing captured again
+
+
+def test_backend_options_reach_the_layer_and_unknown_ones_are_named():
+    pipe = sdengine.from_diffusers(tiny_pipeline("sd15"), backend="compile",
+                                   backend_options={"custom_ops": ("attention",), "compiler": "aot_eager"})
+    assert pipe.backend.custom_ops == ("attention",) and pipe.backend.compile_options["backend"] == "aot_eager"
+    with pytest.raises(ValueError, match="backend_options: graph_cache not accepted by backend 'eager'"):
+        sdengine.from_diffusers(tiny_pipeline("sd15"), backend_options={"graph_cache": 3})
+    with pytest.raises(ValueError, match="bogus not accepted by backend 'graph' .*graph_cache"):
+        sdengine.from_diffusers(tiny_pipeline("sd15"), backend="graph", backend_options={"bogus": 1})

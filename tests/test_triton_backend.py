@@ -31,7 +31,7 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.fixture(scope="module", params=["sd15", "sd21-v", "sdxl"])
+@pytest.fixture(scope="module", params=["sd15", "sd15-inpaint", "sd21-v", "sdxl"])
 def backends(request):
     pipe = tiny_pipeline(request.param)
     eager = sdengine.from_diffusers(pipe)
@@ -79,9 +79,14 @@ def test_triton_text_encoder_and_vae_match_eager(backends):
 
 
 def test_triton_pipeline_matches_eager_pipeline(backends):
-    _, eager, fast = backends
+    kind, eager, fast = backends
     kwargs = dict(steps=3, guidance_scale=5.0, height=H, width=W, seed=3, sampler="euler", output_type="np",
                   progress=False)
+    if kind == "sd15-inpaint":  # the whole step with the mask and masked-image channels
+        mask = np.zeros((H, W), dtype=np.float32)
+        mask[4:12, 6:18] = 1.0
+        kwargs.update(init_image=torch.rand(H, W, 3, generator=torch.Generator().manual_seed(7)).numpy(),
+                      mask_image=mask)
     ref = eager(PROMPT, **kwargs).images
     got = fast(PROMPT, **kwargs).images
     assert np.abs(got - ref).max() <= 1 / 255
