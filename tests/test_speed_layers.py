@@ -313,3 +313,27 @@ def test_backend_options_reach_the_layer_and_unknown_ones_are_named():
         sdengine.from_diffusers(tiny_pipeline("sd15"), backend_options={"graph_cache": 3})
     with pytest.raises(ValueError, match="bogus not accepted by backend 'graph' .*graph_cache"):
         sdengine.from_diffusers(tiny_pipeline("sd15"), backend="graph", backend_options={"bogus": 1})
+
+
+def test_running_out_of_memory_drops_the_captured_graphs(monkeypatch):
+    """A request that runs out of memory frees the graphs of every shape (the pipeline calls
+    release_memory); the next request captures again and is right."""
+    from sdengine.errors import OutOfMemoryError
+
+    eager = sdengine.from_diffusers(tiny_pipeline("sd15"))
+    fast, graphs = _graph_pipe()
+    _run(fast, sampler="euler")
+    assert graphs.entries
+    real = fast.backend.decode
+
+    def out_of_memory(latents):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(fast.backend, "decode", out_of_memory)
+    with pytest.raises(OutOfMemoryError, match="out of memory"):
+        _run(fast, sampler="euler")
+    assert not graphs.entries and not fast.backend._graphed
+    monkeypatch.setattr(fast.backend, "decode", real)
+    captures = graphs.captures
+    assert _max_diff(_run(fast, sampler="euler"), _run(eager, sampler="euler")) <= 1 / 255
+    assert graphs.captures > captures

@@ -55,6 +55,16 @@ class GraphBackend(EagerBackend):
         self.unet_fn = self.unet
         self.decode_fn = self.vae.decode
 
+    def release_memory(self):
+        """After a request ran out of memory: drop every captured graph, their static buffers
+        and their memory pool (the pipeline then empties CUDA's cache). The next request of
+        each shape captures again."""
+        if self.graphs is not None:
+            with self.graphs.lock:
+                self.graphs.entries.clear()
+                self.graphs._pool = None
+        self._graphed.clear()
+
     # The network calls of EagerBackend, each through a graph -------------------------------
 
     def _graphed_call(self, name: str, fn):
