@@ -183,6 +183,50 @@ class SchedulerConfig:
         return dict(self.extra).get(key, default)
 
 
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """ControlNetModel (diffusers' config.json keys): the encoder half of a UNet, `unet` (its
+    up_block_types and out_channels are unused), plus the conditioning embedding that turns
+    the control image into conv_in's feature map.
+
+    conditioning_embedding_out_channels: channels of the embedding's convolutions; each step
+    after the first halves the resolution, so len - 1 halvings must equal the VAE's
+    (3 for every SD VAE: 512 px -> 64 latent cells).
+    global_pool_conditions: the residuals are averaged over H, W (shuffle-style ControlNets),
+    and the pipeline runs the ControlNet in guess mode.
+    """
+
+    unet: UNetConfig
+    conditioning_channels: int = 3
+    conditioning_embedding_out_channels: tuple = (16, 32, 96, 256)
+    global_pool_conditions: bool = False
+    controlnet_conditioning_channel_order: str = "rgb"
+
+    def __post_init__(self):
+        object.__setattr__(self, "conditioning_embedding_out_channels",
+                           tuple(self.conditioning_embedding_out_channels))
+        if not self.conditioning_embedding_out_channels:
+            raise ValueError("ControlNet conditioning_embedding_out_channels must not be empty")
+        if self.controlnet_conditioning_channel_order not in ("rgb", "bgr"):
+            raise ValueError("ControlNet controlnet_conditioning_channel_order must be 'rgb' or 'bgr', got "
+                             f"{self.controlnet_conditioning_channel_order!r}")
+
+    @property
+    def downscale(self) -> int:
+        """Pixels of the control image per latent cell."""
+        return 2 ** (len(self.conditioning_embedding_out_channels) - 1)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config.json") -> "ControlNetConfig":
+        """From a diffusers ControlNetModel config dict; refuses options we do not implement."""
+        down = tuple(data.get("down_block_types", UNetConfig.down_block_types))
+        up = tuple("CrossAttnUpBlock2D" if t.startswith("CrossAttn") else "UpBlock2D" for t in reversed(down))
+        unet = component_config_from_dict(UNetConfig, {**data, "up_block_types": up,
+                                                       "out_channels": data.get("in_channels", 4)}, source)
+        names = {f.name for f in fields(cls)} - {"unet"}
+        return cls(unet=unet, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names})
+
+
 # diffusers scheduler class -> sdengine sampler name (the default sampler of a checkpoint).
 SCHEDULER_CLASS_TO_SAMPLER = {
     "DDIMScheduler": "ddim",

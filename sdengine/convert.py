@@ -297,8 +297,11 @@ def _shape(shapes: Mapping[str, tuple], key: str) -> tuple:
     return tuple(shapes[key])
 
 
-def _detect_unet(shapes: Mapping[str, tuple], base: UNetConfig, heads_rule: str) -> UNetConfig:
-    p = UNET_PREFIX
+def _detect_unet(shapes: Mapping[str, tuple], base: UNetConfig, heads_rule: str, prefix: str = UNET_PREFIX,
+                 encoder_only: bool = False) -> UNetConfig:
+    """The UNet config from the LDM keys under prefix. encoder_only: a ControlNet's copy of the
+    encoder (no output blocks): the up types mirror the down types, out_channels = in_channels."""
+    p = prefix
     conv_in = _shape(shapes, p + "input_blocks.0.0.weight")  # (model_channels, in_channels, 3, 3)
     downsamplers = _indices(shapes, re.escape(p) + r"input_blocks\.(\d+)\.0\.op\.weight")
     blocks = _indices(shapes, re.escape(p) + r"input_blocks\.(\d+)\.")
@@ -324,7 +327,10 @@ def _detect_unet(shapes: Mapping[str, tuple], base: UNetConfig, heads_rule: str)
         if depth:
             linear = len(_shape(shapes, f"{first}.1.proj_in.weight")) == 2
     for level in range(levels):
-        has_attention = f"{p}output_blocks.{level * per_level}.1.proj_in.weight" in shapes
+        if encoder_only:
+            has_attention = down_types[levels - 1 - level].startswith("CrossAttn")
+        else:
+            has_attention = f"{p}output_blocks.{level * per_level}.1.proj_in.weight" in shapes
         up_types.append("CrossAttnUpBlock2D" if has_attention else "UpBlock2D")
     to_k = sorted(k for k in shapes if k.startswith(p) and k.endswith("attn2.to_k.weight"))
     if not to_k:
@@ -341,7 +347,7 @@ def _detect_unet(shapes: Mapping[str, tuple], base: UNetConfig, heads_rule: str)
     return replace(
         base,
         in_channels=conv_in[1],
-        out_channels=_shape(shapes, p + "out.2.weight")[0],
+        out_channels=conv_in[1] if encoder_only else _shape(shapes, p + "out.2.weight")[0],
         block_out_channels=tuple(channels),
         down_block_types=tuple(down_types),
         up_block_types=tuple(up_types),
@@ -591,3 +597,107 @@ def detect_config(shapes: Mapping[str, tuple], *, prediction_type: Optional[str]
     except ValueError as e:
         raise ModelLoadError(f"inconsistent {name} checkpoint: {e}") from None
     return config, layout
+
+
+# ---------------------------------------------------------------------------
+# ControlNets: the LDM layout of A1111 / Civitai single files (lllyasviel's cldm.py)
+# ---------------------------------------------------------------------------
+#
+#   control_model.time_embed / label_emb / input_blocks / middle_block  the UNet's encoder (as above)
+#   control_model.input_hint_block.{0, 2, 4, ...}   the conditioning embedding's convs (SiLU between)
+#   control_model.zero_convs.N.0                     the zero convolution of skip N
+#   control_model.middle_block_out.0                 the mid block's zero convolution
+#
+# Some files (thibaud's SD2.1 ControlNets) hold the same keys without "control_model.".
+
+CONTROLNET_PREFIX = "control_model."
+
+
+def controlnet_key_to_ldm(key: str, cfg) -> str:
+    """The LDM name (without the control_model. prefix) of a diffusers ControlNetModel key;
+    cfg: its ControlNetConfig."""
+    module, _, param = key.rpartition(".")
+    if module == "controlnet_cond_embedding.conv_in":
+        return f"input_hint_block.0.{param}"
+    if m := re.fullmatch(r"controlnet_cond_embedding\.blocks\.(\d+)", module):
+        return f"input_hint_block.{2 * (int(m[1]) + 1)}.{param}"
+    if module == "controlnet_cond_embedding.conv_out":
+        blocks = 2 * (len(cfg.conditioning_embedding_out_channels) - 1)
+        return f"input_hint_block.{2 * (blocks + 1)}.{param}"
+    if m := re.fullmatch(r"controlnet_down_blocks\.(\d+)", module):
+        return f"zero_convs.{m[1]}.0.{param}"
+    if module == "controlnet_mid_block":
+        return f"middle_block_out.0.{param}"
+    return unet_key_to_ldm(key, cfg.unet)
+
+
+def controlnet_prefix(keys) -> str:
+    """The prefix of a single-file ControlNet's keys ("control_model." or ""); ModelLoadError
+    saying what the file is instead when it holds no ControlNet."""
+    keys = set(keys)
+    if any(k.startswith(CONTROLNET_PREFIX + "input_hint_block.") for k in keys):
+        return CONTROLNET_PREFIX
+    if any(k.startswith("input_hint_block.") for k in keys):
+        return ""
+    found = ", ".join(_prefixes_found(keys)[:12]) or "no keys"
+    if any(k.startswith("controlnet_cond_embedding.") for k in keys):
+        what = "a diffusers ControlNet state dict: give its folder (config.json + weights)"
+    elif any(k.startswith(UNET_PREFIX) for k in keys):
+        what = "a Stable Diffusion checkpoint, not a ControlNet: load it with sdengine.load"
+    elif any("lora" in k for k in keys):
+        what = "a LoRA (or a Control-LoRA), not a full ControlNet; sdengine does not run Control-LoRAs"
+    elif any(k.startswith(("adapter.", "body.")) for k in keys):
+        what = "a T2I-Adapter, not a ControlNet"
+    else:
+        what = "not a ControlNet"
+    raise ModelLoadError(f"no ControlNet weights ({CONTROLNET_PREFIX}input_hint_block.*): {what}; found: {found}")
+
+
+def controlnet_family(unet: UNetConfig) -> str:
+    """"sdxl", "sd2" or "sd1", from the UNet (or ControlNet encoder) config: SDXL's added
+    embedding, else SD2's 1024-wide context (OpenCLIP ViT-H), else SD1."""
+    if unet.addition_embed_type == "text_time":
+        return "sdxl"
+    return "sd2" if unet.cross_attention_dim == 1024 else "sd1"
+
+
+def detect_controlnet_config(shapes: Mapping[str, tuple], base: Optional[UNetConfig] = None):
+    """The ControlNetConfig of an LDM-layout ControlNet from its keys and shapes, and its key prefix.
+
+    Everything with a size in the file is read from it (levels, channels, layers, transformer
+    depths, context width, conv vs linear projections, SDXL's added embedding, the conditioning
+    embedding's channels). Head counts are not: they come from `base`, the UNet the ControlNet
+    will run with (a ControlNet is a copy of its base's encoder), when its levels and channels
+    agree; otherwise from the family's rule (SD1: 8 heads, SD2 / SDXL: 64-channel heads).
+    """
+    from .config import ControlNetConfig
+
+    prefix = controlnet_prefix(shapes)
+    is_sdxl = prefix + "label_emb.0.0.weight" in shapes
+    to_k = [k for k in shapes if k.startswith(prefix + "input_blocks.") and k.endswith("attn2.to_k.weight")] or \
+        [k for k in shapes if k.startswith(prefix + "middle_block.") and k.endswith("attn2.to_k.weight")]
+    context = _shape(shapes, sorted(to_k)[0])[1] if to_k else None
+    family = "sdxl" if is_sdxl else "sd2" if context == 1024 else "sd1"
+    preset = PRESETS["sdxl" if family == "sdxl" else "sd21" if family == "sd2" else "sd15"].unet
+    unet = _detect_unet(shapes, preset, heads_rule="8" if family == "sd1" else "64", prefix=prefix,
+                        encoder_only=True)
+    if base is not None and base.block_out_channels == unet.block_out_channels:
+        unet = replace(unet, attention_head_dim=base.num_attention_heads, num_attention_heads=base.num_attention_heads,
+                       norm_num_groups=base.norm_num_groups, upcast_attention=base.upcast_attention)
+    if is_sdxl:
+        time_dim = base.addition_time_embed_dim if base is not None and base.addition_time_embed_dim \
+            else preset.addition_time_embed_dim
+        unet = replace(unet, addition_time_embed_dim=time_dim)
+    hint = prefix + "input_hint_block."
+    convs = _indices(shapes, re.escape(hint) + r"(\d+)\.weight")
+    if not convs or convs != list(range(0, 2 * len(convs), 2)) or len(convs) % 2:
+        raise ModelLoadError(f"unsupported ControlNet conditioning embedding: {hint}* convolutions at {convs}")
+    # conv_in, then (conv, stride-2 conv) per channel step, then conv_out
+    embedding_channels = [_shape(shapes, f"{hint}0.weight")[0]] + \
+        [_shape(shapes, f"{hint}{i}.weight")[0] for i in convs[2:-1:2]]
+    try:
+        config = ControlNetConfig(unet=unet, conditioning_channels=_shape(shapes, f"{hint}0.weight")[1],
+                                  conditioning_embedding_out_channels=tuple(embedding_channels))
+    except ValueError as e:
+        raise ModelLoadError(f"inconsistent ControlNet: {e}") from None
+    return config, prefix

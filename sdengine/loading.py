@@ -519,3 +519,102 @@ def save_single_file(model: LoadedModel, path, dtype: Optional[torch.dtype] = No
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+# ---------------------------------------------------------------------------
+# ControlNets
+# ---------------------------------------------------------------------------
+
+@dataclass
+class LoadedControlNet:
+    """A ControlNet's network and config, on one device and dtype.
+
+    source: "diffusers" (a folder with config.json), "single-file" (.safetensors) or "ckpt"
+    (.pth / .ckpt / .pt through torch.load(weights_only=True)). name: the file or folder name.
+    """
+
+    config: "ControlNetConfig"  # noqa: F821 (sdengine.config)
+    model: nn.Module
+    source: str
+    name: str
+    path: Path
+
+
+def _controlnet_folder(path: Path) -> Path:
+    """The folder holding the ControlNet's config.json: path, or a pipeline folder's controlnet/."""
+    if (path / "config.json").is_file():
+        return path
+    if (path / "controlnet" / "config.json").is_file():
+        return path / "controlnet"
+    raise ModelLoadError(f"{path}: a folder without a ControlNet config.json (a diffusers ControlNetModel folder "
+                         "holds config.json and diffusion_pytorch_model.safetensors)")
+
+
+def load_controlnet_model(path, device=None, dtype=None, *, base: Optional[ModelConfig] = None,
+                          progress: bool = False) -> LoadedControlNet:
+    """Load a ControlNet: a diffusers ControlNetModel folder (config.json + weights as .safetensors
+    or .bin, or their .fp16 variant), or an A1111 / Civitai single file in the LDM layout
+    (`control_model.*` keys; .safetensors, or .pth / .ckpt / .pt through torch.load(weights_only=True)).
+    SD1, SD2 and SDXL ControlNets are told apart from their keys and shapes.
+
+    base: the config of the model it will run with. A single file does not record head counts;
+    they are taken from base's UNet when its levels agree (see convert.detect_controlnet_config).
+    The ControlNet is not checked against base here (see sdengine.controlnet.check_fits).
+
+    Raises FileNotFoundError for a missing path, ModelLoadError (a ValueError) naming the file and
+    key for anything else: not a ControlNet, an unsupported architecture, a corrupt file, missing
+    or unexpected weights, a shape mismatch. Nothing is read before everything is checked.
+    """
+    from .api import resolve_device_dtype
+    from .config import ControlNetConfig
+    from .convert import controlnet_key_to_ldm, detect_controlnet_config
+    from .models.controlnet import ControlNetModel
+
+    path = _check_path(path)
+    device, dtype = resolve_device_dtype(device, dtype)
+    if path.is_dir():
+        folder = _controlnet_folder(path)
+        try:
+            data = json.loads((folder / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"{folder / 'config.json'} is not valid JSON: {e}") from None
+        class_name = data.get("_class_name", "ControlNetModel")
+        if class_name != "ControlNetModel":
+            raise ModelLoadError(f"{folder}: unsupported architecture: config.json names {class_name!r} "
+                                 "(expected ControlNetModel)")
+        try:
+            config = ControlNetConfig.from_dict(data, str(folder / "config.json"))
+        except (ValueError, TypeError) as e:
+            raise ModelLoadError(f"{folder}: unsupported or invalid ControlNet config: {e}") from None
+        reader = open_weights(component_weight_files(folder))
+        source_of, source, ignorable = Source, "diffusers", (lambda key: False)
+    else:
+        reader, source = _single_file_reader(path)
+        try:
+            config, prefix = detect_controlnet_config(reader.shapes, base.unet if base is not None else None)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{reader.name}: {e}") from None
+
+        def source_of(key, config=config, prefix=prefix):
+            return Source(prefix + controlnet_key_to_ldm(key, config))
+
+        # lllyasviel's v1.0 files also hold the whole SD model the ControlNet was trained with: not read.
+        ignorable = (lambda key: not key.startswith(prefix)) if prefix else (lambda key: False)
+    with torch.device("meta"):
+        model = ControlNetModel(config)
+    name = path.name
+    try:
+        plan = _make_plan("controlnet", model, reader, source_of, f"{controlnet_family_name(config)} ControlNet")
+    except UnmappedKey as e:
+        raise ModelLoadError(f"{path}: no LDM name for {e}") from None
+    _check_unused(reader, {s.key for s in plan.sources.values()}, ignorable, "a ControlNet")
+    loaded = _execute([plan], device, dtype, progress)["controlnet"]
+    return LoadedControlNet(config=config, model=loaded, source=source, name=name, path=path)
+
+
+def controlnet_family_name(config) -> str:
+    """"SD1", "SD2" or "SDXL" for a ControlNetConfig or a ModelConfig."""
+    from .convert import controlnet_family
+
+    unet = config.unet
+    return {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}[controlnet_family(unet)]

@@ -187,36 +187,84 @@ def _transformer(channels: int, heads: int, depth: int, cfg: UNetConfig) -> Tran
                               cfg.use_linear_projection, cfg.upcast_attention)
 
 
-class UNet2DConditionModel(nn.Module):
-    """The conditional UNet; state_dict keys equal diffusers' UNet2DConditionModel."""
+class UNetEncoder(nn.Module):
+    """The encoder half that the UNet and a ControlNet share (diffusers' ControlNetModel copies
+    these blocks from the UNet): timestep (and SDXL's added) embedding, conv_in, the down
+    levels and the mid block. Subclasses add what follows: the decoder (the UNet) or the
+    conditioning embedding and zero convolutions (sdengine/models/controlnet.py)."""
 
-    def __init__(self, cfg: UNetConfig):
+    def __init__(self, cfg: UNetConfig, in_channels: int):
         super().__init__()
         self.cfg = cfg
         channels = cfg.block_out_channels
         levels = len(channels)
         time_channels = channels[0] * 4
         has_attention = [t.startswith("CrossAttn") for t in cfg.down_block_types]
-        up_has_attention = [t.startswith("CrossAttn") for t in cfg.up_block_types]
 
-        self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], time_channels)
         if cfg.addition_embed_type == "text_time":
             self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, time_channels)
 
         self.down_blocks = nn.ModuleList()
-        skip_channels = [channels[0]]  # conv_in's output is the first skip
+        self.skip_channels = [channels[0]]  # conv_in's output is the first skip
         for level in range(levels):
             last = level == levels - 1
             self.down_blocks.append(DownBlock(
                 channels[max(level - 1, 0)], channels[level], time_channels, cfg.layers_per_block, cfg,
                 cfg.num_attention_heads[level] if has_attention[level] else None,
                 cfg.transformer_layers_per_block[level], add_downsample=not last))
-            skip_channels += [channels[level]] * (cfg.layers_per_block + (0 if last else 1))
+            self.skip_channels += [channels[level]] * (cfg.layers_per_block + (0 if last else 1))
 
         self.mid_block = MidBlock(channels[-1], time_channels, cfg)
 
+    def time_activation(self, sample: torch.Tensor, timestep: torch.Tensor, added_cond: Optional[dict]) -> torch.Tensor:
+        """SiLU of the timestep embedding (plus SDXL's added embedding), which every resnet
+        projects: computed once. timestep: (B,) or scalar. Returns (B, 4 * C0) in sample's dtype."""
+        cfg = self.cfg
+        batch = sample.shape[0]
+        timestep = torch.as_tensor(timestep, device=sample.device)
+        timestep = timestep.reshape(-1).expand(batch) if timestep.numel() == 1 else timestep  # (B,)
+        t_emb = timestep_embedding(timestep, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        emb = self.time_embedding(t_emb.to(sample.dtype))  # (B, T)
+        if cfg.addition_embed_type == "text_time":
+            emb = emb + self.add_embedding(self._text_time_embedding(added_cond, batch).to(emb.dtype))
+        return nn.functional.silu(emb)
+
+    def encode(self, x: torch.Tensor, time_act: torch.Tensor, context: torch.Tensor) -> tuple:
+        """conv_in's output x through the down levels and the mid block.
+        Returns (mid block output, skips: one per entry of skip_channels)."""
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, time_act, context)
+            skips += block_skips
+        return self.mid_block(x, time_act, context), skips
+
+    def _text_time_embedding(self, added_cond: Optional[dict], batch: int) -> torch.Tensor:
+        """SDXL micro-conditioning: pooled text embedding, concatenated with the sinusoidal
+        embedding of each of the 6 size/crop ids. Returns (B, projection_class_embeddings_input_dim)."""
+        if not added_cond or "text_embeds" not in added_cond or "time_ids" not in added_cond:
+            raise ValueError("this UNet (addition_embed_type='text_time') needs added_cond="
+                             "{'text_embeds': (B, P), 'time_ids': (B, 6)}")
+        text_embeds, time_ids = added_cond["text_embeds"], added_cond["time_ids"]
+        time_embeds = timestep_embedding(time_ids.flatten(), self.cfg.addition_time_embed_dim,
+                                         self.cfg.flip_sin_to_cos, self.cfg.freq_shift)  # (B * 6, E)
+        time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)  # (B, 6 * E)
+        return torch.cat([text_embeds, time_embeds.to(text_embeds.dtype)], dim=-1)  # (B, P + 6 * E)
+
+
+class UNet2DConditionModel(UNetEncoder):
+    """The conditional UNet; state_dict keys equal diffusers' UNet2DConditionModel."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__(cfg, cfg.in_channels)
+        channels = cfg.block_out_channels
+        levels = len(channels)
+        time_channels = channels[0] * 4
+        up_has_attention = [t.startswith("CrossAttn") for t in cfg.up_block_types]
+
         self.up_blocks = nn.ModuleList()
+        skip_channels = list(self.skip_channels)
         prev = channels[-1]
         for i, level in enumerate(reversed(range(levels))):
             level_skips = [skip_channels.pop() for _ in range(cfg.layers_per_block + 1)]
@@ -230,27 +278,23 @@ class UNet2DConditionModel(nn.Module):
         self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                added_cond: Optional[dict] = None) -> torch.Tensor:
+                added_cond: Optional[dict] = None, down_block_additional_residuals: Optional[list] = None,
+                mid_block_additional_residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """sample: (B, in_channels, H, W); timestep: (B,) or scalar; encoder_hidden_states: (B, L, D);
-        added_cond (SDXL): {"text_embeds": (B, P), "time_ids": (B, 6)}. Returns (B, out_channels, H, W)."""
-        cfg = self.cfg
-        batch = sample.shape[0]
-        timestep = torch.as_tensor(timestep, device=sample.device)
-        timestep = timestep.reshape(-1).expand(batch) if timestep.numel() == 1 else timestep  # (B,)
-        t_emb = timestep_embedding(timestep, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        emb = self.time_embedding(t_emb.to(sample.dtype))  # (B, T)
-        if cfg.addition_embed_type == "text_time":
-            emb = emb + self.add_embedding(self._text_time_embedding(added_cond, batch).to(emb.dtype))
-        # Every resnet projects SiLU(emb); compute it once.
-        time_act = nn.functional.silu(emb)
+        added_cond (SDXL): {"text_embeds": (B, P), "time_ids": (B, 6)}. ControlNet residuals, added
+        as diffusers adds them: down_block_additional_residuals, one per skip (B, C_skip, h, w), are
+        added to the skips after the down levels; mid_block_additional_residual to the mid block's
+        output. Returns (B, out_channels, H, W)."""
+        time_act = self.time_activation(sample, timestep, added_cond)
         context = encoder_hidden_states
-
-        x = self.conv_in(sample)
-        skips = [x]
-        for block in self.down_blocks:
-            x, block_skips = block(x, time_act, context)
-            skips += block_skips
-        x = self.mid_block(x, time_act, context)
+        x, skips = self.encode(self.conv_in(sample), time_act, context)
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"down_block_additional_residuals has {len(down_block_additional_residuals)} "
+                                 f"tensors, the UNet has {len(skips)} skips")
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
+        if mid_block_additional_residual is not None:
+            x = x + mid_block_additional_residual
         for block in self.up_blocks:
             level_skips = skips[-len(block.resnets):]
             del skips[-len(block.resnets):]
@@ -258,15 +302,3 @@ class UNet2DConditionModel(nn.Module):
             upsample_size = skips[-1].shape[-2:] if skips else None
             x = block(x, level_skips, time_act, context, upsample_size)
         return self.conv_out(self.conv_norm_out(x))
-
-    def _text_time_embedding(self, added_cond: Optional[dict], batch: int) -> torch.Tensor:
-        """SDXL micro-conditioning: pooled text embedding, concatenated with the sinusoidal
-        embedding of each of the 6 size/crop ids. Returns (B, projection_class_embeddings_input_dim)."""
-        if not added_cond or "text_embeds" not in added_cond or "time_ids" not in added_cond:
-            raise ValueError("this UNet (addition_embed_type='text_time') needs added_cond="
-                             "{'text_embeds': (B, P), 'time_ids': (B, 6)}")
-        text_embeds, time_ids = added_cond["text_embeds"], added_cond["time_ids"]
-        time_embeds = timestep_embedding(time_ids.flatten(), self.cfg.addition_time_embed_dim,
-                                         self.cfg.flip_sin_to_cos, self.cfg.freq_shift)  # (B * 6, E)
-        time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)  # (B, 6 * E)
-        return torch.cat([text_embeds, time_embeds.to(text_embeds.dtype)], dim=-1)  # (B, P + 6 * E)
