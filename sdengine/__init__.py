@@ -12,12 +12,14 @@ __version__ = "0.1.0"
 
 from .api import from_diffusers, generate, load  # noqa: E402
 from .config import PRESETS, ModelConfig  # noqa: E402
+from .controlnet import Control, ControlNet, load_controlnet  # noqa: E402
 from .errors import InvalidArgumentError, OutOfMemoryError  # noqa: E402
 from .pipeline import GenerationCancelled, GenerationResult, Pipeline  # noqa: E402
 from .request import Request  # noqa: E402
 
 __all__ = ["load", "generate", "from_diffusers", "Pipeline", "GenerationResult", "GenerationCancelled",
-           "ModelConfig", "PRESETS", "Request", "InvalidArgumentError", "OutOfMemoryError"]
+           "ModelConfig", "PRESETS", "Request", "InvalidArgumentError", "OutOfMemoryError",
+           "Control", "ControlNet", "load_controlnet"]
 
 
 def __getattr__(name):

@@ -19,9 +19,11 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import threading
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -31,6 +33,8 @@ from tqdm.auto import tqdm
 from . import prompt_syntax as a1111
 from . import samplers
 from .config import ModelConfig
+from .controlnet import (ControlInput, ControlNet, check_fits, control_params, controlnet_infotext, keep_table,
+                         load_controlnet, prepare_image)
 from .errors import OutOfMemoryError
 from .lora import LoraWeights, ReadWriteLock
 from .request import DEFAULT_GUIDANCE, Request
@@ -81,6 +85,9 @@ class GenerationResult:
             ("Lora hashes", _quote(", ".join(f"{_bare(lora['name'])}: {lora['hash']}" for lora in p.get("loras") or [])
                                    or None)),
         ]
+        # A1111's ControlNet extension: one "ControlNet i" field per unit, its settings in one quoted value
+        fields_ += [(f"ControlNet {i}", _quote(", ".join(f"{k}: {v}" for k, v in unit.items())))
+                    for i, unit in enumerate(controlnet_infotext(c) for c in p.get("controls") or [])]
         lines.append(", ".join(f"{k}: {v}" for k, v in fields_ if v is not None))
         return "\n".join(lines)
 
@@ -98,6 +105,8 @@ class Pipeline:
         self._weights_lock = ReadWriteLock()
         self._loras: Optional[LoraWeights] = None  # made on the first set_loras
         self._lora_set: list = []  # the set given to set_loras; a1111 prompts may add to it per call
+        self._controlnets: dict = {}  # path -> ControlNet, loaded on first use by a Control naming a path
+        self._controlnets_lock = threading.Lock()
 
     def __repr__(self):
         return (f"Pipeline({self.name!r}, backend={getattr(self.backend, 'name', type(self.backend).__name__)}, "
@@ -132,6 +141,7 @@ class Pipeline:
         vae_tiling: Optional[bool] = None,
         prompt_syntax: Optional[str] = None,
         lora_dir=None,
+        control=None,
     ) -> GenerationResult:
         """Generate images.
 
@@ -165,11 +175,14 @@ class Pipeline:
                              LoRAs from `lora_dir` to the pipeline's set for this call
                              (sdengine/prompt_syntax.py).
         lora_dir:            the folder where <lora:name> finds name.safetensors (searched recursively).
+        control:             ControlNets: a sdengine.Control or a list of them (model, image, scale,
+                             start, end, guess_mode, preprocess; see sdengine/controlnet.py). Without
+                             height, width and init_image, the size is the first control image's.
         """
         request = Request.from_args(
             prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed, batch_size, sampler,
             schedule, init_image, strength, mask_image, latents, output_type, callback, progress, eta, clip_skip,
-            steps, vae_tiling, prompt_syntax, lora_dir,
+            steps, vae_tiling, prompt_syntax, lora_dir, control=control,
         ).for_model(self.config)
         return self.run(request)
 
@@ -219,6 +232,8 @@ class Pipeline:
         texts, negatives, tag_loras = prompts, negatives, []
         if syntax:
             texts, negatives, tag_loras = a1111.lora_tags(texts, negatives, request.lora_dir)
+        controls = list(request.controls)
+        controlnets = [self._controlnet(c.model) for c in controls]  # loaded (or given) and checked against the model
 
         image = mask = None
         if request.init_image is not None:
@@ -239,8 +254,10 @@ class Pipeline:
         latent_shape = (n_images, cfg.vae.latent_channels, height // cfg.vae.downscale, width // cfg.vae.downscale)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         do_cfg = guidance_scale > 1.0
+        control_inputs = self._control_inputs(controls, controlnets, width, height, n_images, do_cfg, total)
 
         with self._holding_weights(tag_loras) as loras:
+            step_index = [0]  # the sampler step that model_fn's next evaluations belong to (ControlNets' ranges)
             # -- text ------------------------------------------------------------
             # A1111's syntax: prompt and negative prompt take the same number of 77-token windows.
             windows = a1111.count_windows(self.tokenizer, texts + (negatives if do_cfg else [])) if syntax else None
@@ -281,7 +298,12 @@ class Pipeline:
                     x_batch = torch.cat([x_batch, extra_channels.to(x_batch.dtype)], dim=1)
                 t_batch = t.expand(x_batch.shape[0]) if t.dim() <= 1 and t.numel() == 1 else \
                     (torch.cat([t, t]) if do_cfg else t)
-                out = self.backend.denoise(x_batch, t_batch, context, added_cond)
+                if control_inputs:
+                    i = min(step_index[0], total - 1)
+                    active = [c for c in control_inputs if c.active[i]]
+                    out = self.backend.denoise(x_batch, t_batch, context, added_cond, controls=active)
+                else:
+                    out = self.backend.denoise(x_batch, t_batch, context, added_cond)
                 if not do_cfg:
                     return out
                 uncond, cond = out.chunk(2)
@@ -291,14 +313,20 @@ class Pipeline:
             # A backend that runs UNet + guidance + sampler update as one function offers fused_step
             # (docs/CONTRACTS.md); it returns None for a run its kernels do not cover.
             fused_step = getattr(self.backend, "fused_step", None)
-            step = fused_step(plan, context, guidance_scale, added_cond,
-                              extra_channels if mode == "inpaint" else None) if fused_step is not None else None
+            fused_args = (plan, context, guidance_scale, added_cond, extra_channels if mode == "inpaint" else None)
+            if fused_step is None:
+                step = None
+            elif control_inputs:
+                step = fused_step(*fused_args, controls=control_inputs)
+            else:
+                step = fused_step(*fused_args)
             bar = tqdm(total=total, desc=f"{sampler_name}", unit="step", disable=not progress, leave=False)
 
-            def on_step(step_index, x):
+            def on_step(index, x):
+                step_index[0] = index + 1
                 bar.update(1)
-                if callback is not None and callback(step_index, total, x) is False:
-                    raise GenerationCancelled(f"cancelled by the callback at step {step_index + 1}")
+                if callback is not None and callback(index, total, x) is False:
+                    raise GenerationCancelled(f"cancelled by the callback at step {index + 1}")
 
             try:
                 if step is not None:
@@ -318,7 +346,7 @@ class Pipeline:
                 mode=mode, prompts=prompts, negative_prompts=negatives, steps=num_inference_steps,
                 sampler=sampler_name, schedule=schedule_name, guidance_scale=guidance_scale, height=height,
                 width=width, strength=strength, model=self.name, clip_skip=clip_skip, eta=eta,
-                loras=loras,
+                loras=loras, controls=[control_params(c, cn, width, height) for c, cn in zip(controls, controlnets)],
             )
             if output_type == "latent":
                 return GenerationResult(x, seeds, params)
@@ -419,6 +447,47 @@ class Pipeline:
              guidance_scale=guidance_scale, steps=2, seed=0, output_type="np", progress=False, **images)
         info.update(compile_s=round(compiled - started, 3), warmup_s=round(time.perf_counter() - compiled, 3))
         return info
+
+    # ------------------------------------------------------------------
+    # ControlNets
+    # ------------------------------------------------------------------
+
+    def load_controlnet(self, path) -> ControlNet:
+        """The ControlNet at path, loaded for this pipeline's device and dtype on first use and
+        kept (a Control naming a path loads it this way); checked against the model."""
+        key = str(Path(path).resolve())
+        with self._controlnets_lock:
+            controlnet = self._controlnets.get(key)
+            if controlnet is None:
+                controlnet = load_controlnet(path, self.backend.device, self.backend.dtype, base=self.config)
+                check_fits(controlnet, self.config, self.name)
+                self._controlnets[key] = controlnet
+        return controlnet
+
+    def _controlnet(self, model) -> ControlNet:
+        controlnet = model if isinstance(model, ControlNet) else self.load_controlnet(model)
+        check_fits(controlnet, self.config, self.name)
+        return controlnet
+
+    def _control_inputs(self, controls, controlnets, width, height, n_images, do_cfg, total) -> list:
+        """The ControlInputs of a run: control images prepared at the output size on the backend's
+        device and dtype (both halves of the batch with guidance, the conditional half in guess
+        mode), each ControlNet's steps, and the backend's function for it (made here, before any
+        work, so that a backend that cannot run ControlNets says so at once)."""
+        keep = keep_table(controls, total)
+        inputs = []
+        for i, (control, controlnet) in enumerate(zip(controls, controlnets)):
+            image = prepare_image(control.image, width, height, n_images, controlnet.config.conditioning_channels,
+                                  control.preprocess, f"control[{i}].image")  # (N, C, H, W) in [0, 1]
+            guess_mode = control.guess_mode or controlnet.config.global_pool_conditions  # as diffusers
+            cond_only = guess_mode and do_cfg
+            if do_cfg and not cond_only:
+                image = torch.cat([image, image])  # [uncond, cond], as the UNet batch
+            entry = ControlInput(controlnet, image.to(self.backend.device, self.backend.dtype), float(control.scale),
+                                 guess_mode, cond_only, [row[i] for row in keep])
+            self.backend.controlnet_fn(entry)
+            inputs.append(entry)
+        return inputs
 
     # ------------------------------------------------------------------
     # Steps of the flow

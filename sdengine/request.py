@@ -189,6 +189,7 @@ class Request:
     vae_tiling: Optional[bool]
     prompt_syntax: Optional[str] = None  # None (plain text) or "a1111" (sdengine/prompt_syntax.py)
     lora_dir: Any = None                 # where <lora:name> tags find their files
+    controls: tuple = ()                 # sdengine.controlnet.Control, checked
 
     @property
     def n_images(self) -> int:
@@ -220,6 +221,7 @@ class Request:
         vae_tiling: Optional[bool] = None,
         prompt_syntax: Optional[str] = None,
         lora_dir: Any = None,
+        control: Any = None,
     ) -> "Request":
         """Check every argument that does not depend on the model (Pipeline.__call__'s
         arguments and meanings). Raises InvalidArgumentError naming the parameter."""
@@ -255,6 +257,9 @@ class Request:
             _fail("prompt_syntax", f"must be None or 'a1111', got {prompt_syntax!r}")
         if lora_dir is not None and not isinstance(lora_dir, (str, os.PathLike)):
             _fail("lora_dir", f"must be a folder path or None, got {type(lora_dir).__name__}")
+        from .controlnet import as_controls
+
+        controls = tuple(as_controls(control))
 
         n_images = len(prompts) * batch_size
         images_prompts = tuple(p for p in prompts for _ in range(batch_size))
@@ -311,7 +316,7 @@ class Request:
             strength=None if strength is None else float(strength), eta=float(eta), clip_skip=clip_skip,
             init_image=image, mask_image=mask, latents=latents, output_type=output_type, callback=callback,
             progress=bool(progress), vae_tiling=None if vae_tiling is None else bool(vae_tiling),
-            prompt_syntax=prompt_syntax, lora_dir=lora_dir,
+            prompt_syntax=prompt_syntax, lora_dir=lora_dir, controls=controls,
         )
 
     def for_model(self, config) -> "Request":
@@ -331,6 +336,13 @@ class Request:
                 _fail("clip_skip", f"must be an integer in [0, {most}] (the text encoder has "
                                    f"{encoders[0].num_hidden_layers} layers), got {self.clip_skip}")
         height, width = self.height, self.width
+        if self.controls and self.init_image is None and height is None and width is None:
+            from .controlnet import image_size  # diffusers' ControlNet pipelines: the control image's size
+
+            control_width, control_height = image_size(self.controls[0].image, "control[0].image")
+            height, width = control_height // 8 * 8, control_width // 8 * 8
+            if not (height and width):
+                _fail("control[0].image", f"must be at least 8x8 pixels, got {control_width}x{control_height}")
         if self.init_image is not None and height is None and width is None:
             height, width = self.init_image.shape[1] // 8 * 8, self.init_image.shape[2] // 8 * 8
             if not (height and width):

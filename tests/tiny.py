@@ -108,3 +108,64 @@ def save_tiny_pipeline(kind: str, folder, seed: int = 0) -> Path:
     folder = Path(folder)
     tiny_pipeline(kind, seed).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+# ---------------------------------------------------------------------------
+# ControlNets
+# ---------------------------------------------------------------------------
+
+# The tiny VAEs halve the image once, so the ControlNets' conditioning embedding halves it once too
+# (two channel steps: one stride-2 convolution).
+CONTROLNET_EMBEDDING_CHANNELS = (8, 16)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_controlnet(kind: str, seed: int = 0):
+    """diffusers' ControlNetModel.from_unet of the tiny UNet of `kind` (sd15-inpaint: sd15's, a
+    ControlNet reads the 4 latent channels), every parameter then perturbed, the zero convolutions
+    included, so that it changes the image. Different seeds give different ControlNets."""
+    from diffusers import ControlNetModel
+
+    base = "sd15" if kind == "sd15-inpaint" else kind
+    unet = diffusers_unet(tiny_config(base).unet)
+    return _seeded(lambda: ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONTROLNET_EMBEDDING_CHANNELS),
+                   100 + seed)
+
+
+def tiny_controlnet_pipeline(kind: str, mode: str = "txt2img", seeds=(0,)):
+    """diffusers' ControlNet pipeline over the tiny pipeline `kind`'s components and the tiny
+    ControlNets of `seeds` (several: MultiControlNetModel). mode: "txt2img", "img2img" or
+    "inpaint" (sd15-inpaint)."""
+    import diffusers
+
+    pipe = tiny_pipeline(kind)
+    controlnets = [tiny_controlnet(kind, s) for s in seeds]
+    controlnet = controlnets[0] if len(controlnets) == 1 else controlnets
+    parts = {k: v for k, v in pipe.components.items() if v is not None or k in ("safety_checker", "feature_extractor")}
+    parts = {k: v for k, v in parts.items() if k != "image_encoder"}
+    if kind == "sdxl":
+        cls = {"txt2img": diffusers.StableDiffusionXLControlNetPipeline,
+               "img2img": diffusers.StableDiffusionXLControlNetImg2ImgPipeline}[mode]
+        return cls(**{k: v for k, v in parts.items() if k not in ("safety_checker", "feature_extractor")},
+                   controlnet=controlnet)
+    cls = {"txt2img": diffusers.StableDiffusionControlNetPipeline,
+           "img2img": diffusers.StableDiffusionControlNetImg2ImgPipeline,
+           "inpaint": diffusers.StableDiffusionControlNetInpaintPipeline}[mode]
+    return cls(**{k: v for k, v in parts.items() if k not in ("safety_checker", "feature_extractor", "requires_safety_checker")},
+               controlnet=controlnet, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def sdengine_controlnet(kind: str, seed: int = 0, dtype=torch.float32):
+    """The tiny ControlNet of `kind` and `seed` as an sdengine ControlNet, sharing its weights."""
+    from sdengine.config import ControlNetConfig
+    from sdengine.controlnet import ControlNet
+    from sdengine.loading import LoadedControlNet
+    from sdengine.models.controlnet import ControlNetModel
+
+    theirs = tiny_controlnet(kind, seed)
+    config = ControlNetConfig.from_dict(dict(theirs.config))
+    with torch.device("meta"):
+        model = ControlNetModel(config)
+    model.load_state_dict(theirs.state_dict(), strict=True, assign=True)
+    return ControlNet(LoadedControlNet(config, model.eval().to(dtype), "test", f"tiny-{kind}-controlnet-{seed}",
+                                       Path("/nonexistent")))

@@ -114,6 +114,7 @@ class CompileBackend(GraphBackend):
         self.step_update = "triton" if on_cuda and kernels.HAS_TRITON else "torch"
         self.custom_ops = tuple(custom_ops)
         ops = replace(EAGER_OPS, **{op: _custom_op(op) for op in custom_ops}) if on_cuda else EAGER_OPS
+        self.ops = ops
         for module in (self.text_encoder, self.text_encoder_2, self.unet, self.vae):
             if module is None:
                 continue
@@ -131,3 +132,18 @@ class CompileBackend(GraphBackend):
         self.text_fn = CompiledOrEager("the text encoder", self.text_fn, **options)
         self.unet_fn = CompiledOrEager("the UNet", self.unet, **options)
         self.decode_fn = CompiledOrEager("the VAE decoder", self.vae.decode, **options)
+
+    def prepare_controlnet(self, controlnet):
+        """The ControlNet as the UNet runs here: fused QKV, the backend's ops, channels_last on CUDA,
+        torch.compile'd (uncompiled after one warning if compiling fails), on a view of its weights."""
+        view = self.controlnet_view(controlnet)
+        for sub in view.modules():
+            if isinstance(sub, Attention) and not sub.is_cross and sub.to_qkv is None:
+                sub.fuse_qkv()
+        set_ops(view, self.ops)
+        if self.channels_last:
+            view.to(memory_format=torch.channels_last)
+        return CompiledOrEager(f"the ControlNet {controlnet.name}",
+                               lambda x, t, context, image, scale, guess_mode, added_cond:
+                               view(x, t, context, image, scale, guess_mode, added_cond=added_cond),
+                               **self.compile_options)

@@ -34,6 +34,7 @@ threads share unless they set their own.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -230,11 +231,18 @@ class DeviceStep:
     captured once serves every step of every run at these shapes.
 
     unet: the network to call (possibly compiled); update: a function of UPDATES' signature.
+
+    ControlNets (`controls`, sdengine.controlnet.ControlInput; `controlnet_fn(control)` gives the
+    function that runs one, as the backend prepared it) run inside the same step, before the UNet,
+    their residuals summed into it. Their images and scales are static buffers copied in once per
+    run, like the context. A call says which of them are active at that step (`active`, one bool
+    each: their [start, end]); each combination is its own graph over the same buffers, so a step
+    outside a ControlNet's range replays a graph captured without it.
     """
 
     def __init__(self, unet, dtype, device, sampler: str, prediction_type: str, x_shape: tuple, context,
                  added_cond=None, extra_channels=None, *, takes_noise: bool, channels_last: bool,
-                 update: Callable, graphs: Optional[GraphCache] = None):
+                 update: Callable, graphs: Optional[GraphCache] = None, controls=(), controlnet_fn=None):
         self.unet, self.dtype = unet, dtype
         self.sampler, self.prediction_type, self.update = sampler, prediction_type, update
         self.do_cfg = context.shape[0] == 2 * x_shape[0]
@@ -253,28 +261,47 @@ class DeviceStep:
         self.added_cond = {k: torch.zeros_like(v) for k, v in added_cond.items()} if added_cond else None
         # inpainting: mask and masked-image latents, appended to the UNet input's channels
         self.extra_channels = torch.zeros_like(extra_channels).to(dtype) if extra_channels is not None else None
-        self.graphs, self.graph = graphs, None
+        # ControlNets: the request's images and scales (0-d float32, device scalars), copied in by start()
+        self.controls = [dataclasses.replace(c, image=torch.zeros_like(c.image)) for c in controls]
+        self.control_scales = [torch.zeros((), dtype=torch.float32, device=device) for _ in controls]
+        self.controlnet_fn = controlnet_fn
+        self.graphs, self.step_graphs = graphs, {}  # active ControlNets (tuple of bools) -> graph
+        self._active = ()
         self.busy = False  # held by a run (see GraphCache: busy entries are never dropped)
+
+    @property
+    def graph(self):
+        """The graph of the step without ControlNets (None before its capture)."""
+        return self.step_graphs.get(tuple(False for _ in self.controls) if self.controls else ())
 
     @staticmethod
     def key(sampler, prediction_type, x_shape, context, added_cond, extra_channels, takes_noise,
-            instance) -> tuple:
+            instance, controls=()) -> tuple:
         extra = tuple(sorted((k, tuple(v.shape)) for k, v in (added_cond or {}).items()))
         channels = tuple(extra_channels.shape) if extra_channels is not None else None
+        control = tuple(c.key for c in controls)  # which ControlNets, guess mode, image shapes
         return ("step", sampler, prediction_type, tuple(x_shape), tuple(context.shape), extra, channels,
-                context.dtype, takes_noise, instance)
+                context.dtype, takes_noise, control, instance)
 
-    def start(self, context, added_cond=None, extra_channels=None):
+    def start(self, context, added_cond=None, extra_channels=None, controls=()):
         """Begin a run: copy its conditioning in (once, not at every step)."""
         self.context.copy_(context)
         for k, v in (added_cond or {}).items():
             self.added_cond[k].copy_(v)
         if extra_channels is not None:
             self.extra_channels.copy_(extra_channels)
+        for buffer, scale, control in zip(self.controls, self.control_scales, controls):
+            buffer.image.copy_(control.image)
+            scale.fill_(float(control.scale))
 
     @torch.inference_mode()
-    def __call__(self, x, row, noise=None):
-        """The state after one step from state x; row: the step's row of the step table."""
+    def __call__(self, x, row, noise=None, active=()):
+        """The state after one step from state x; row: the step's row of the step table;
+        active: which ControlNets run at this step (one bool each)."""
+        active = tuple(active)
+        if len(active) != len(self.controls):
+            raise ValueError(f"active names {len(active)} ControlNets, the step has {len(self.controls)}")
+        self._active = active
         if x is not self.x:
             self.x.copy_(x)
         self.row.copy_(row)
@@ -286,12 +313,13 @@ class DeviceStep:
         if self.graphs is None:
             self.run()
         else:
-            if self.graph is None:
-                self.graph = self._capture()
-            if self.graph is UNCAPTURABLE:
+            graph = self.step_graphs.get(active)
+            if graph is None:
+                graph = self.step_graphs[active] = self._capture()
+            if graph is UNCAPTURABLE:
                 self.run()
             else:
-                self.graph.replay()
+                graph.replay()
         return self.x
 
     def run(self):
@@ -307,7 +335,15 @@ class DeviceStep:
             x_batch = torch.cat([x_batch, self.extra_channels], dim=1)
         if self.channels_last:
             x_batch = x_batch.contiguous(memory_format=torch.channels_last)
-        model_out = self.unet(x_batch, timestep, self.context, added_cond=self.added_cond)
+        residuals = {}
+        if any(self._active):
+            from ..controlnet import residuals as control_residuals
+
+            live = [(c, s) for c, s, on in zip(self.controls, self.control_scales, self._active) if on]
+            down, mid = control_residuals(self.controlnet_fn, [c for c, _ in live], [s for _, s in live], x_batch,
+                                          timestep, self.context, self.added_cond, x.shape[1])
+            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        model_out = self.unet(x_batch, timestep, self.context, added_cond=self.added_cond, **residuals)
         self.update(self.sampler, self.prediction_type, model_out, x, scalars, cfg_scale, self.noise,
                     self.old_denoised)
         return x
@@ -316,21 +352,24 @@ class DeviceStep:
         """Capture the step; the warm-up runs advance the state, so it is put back afterwards."""
         state = [b for b in (self.x, self.old_denoised) if b is not None]
         saved = [b.clone() for b in state]
+        controls = f", ControlNets {''.join('1' if a else '0' for a in self._active)}" if self._active else ""
         captured = self.graphs.try_capture(
             self.run, f"the whole {self.sampler} step at x {tuple(self.x.shape)}, "
-                          f"context {tuple(self.context.shape)}")
+                          f"context {tuple(self.context.shape)}{controls}")
         for b, s in zip(state, saved):
             b.copy_(s)
         return UNCAPTURABLE if captured is None else captured[0]
 
 
 def device_step(plan, prediction_type: str, context, guidance_scale: float, added_cond, extra_channels, *,
-                unet, dtype, device, update: Callable, channels_last: bool, graphs: Optional[GraphCache]):
+                unet, dtype, device, update: Callable, channels_last: bool, graphs: Optional[GraphCache],
+                controls=(), controlnet_fn=None):
     """The function `step(x, i, noise) -> x_next` of a whole run (docs/CONTRACTS.md, Backends).
 
     On the first step it takes a free DeviceStep instance of the run's shape from the cache
     (capturing one on a miss) and holds it until the last step, or until the step function
-    is dropped (a cancelled run).
+    is dropped (a cancelled run). controls: the run's ControlNets (ControlInput, with `active`
+    per step), run by controlnet_fn inside the step.
     """
     table = fused.step_table(plan, guidance_scale).to(device)  # (steps, columns) float32
     takes_noise = fused.takes_noise(plan)
@@ -340,7 +379,7 @@ def device_step(plan, prediction_type: str, context, guidance_scale: float, adde
     def make(x_shape):
         entry = DeviceStep(unet, dtype, device, plan.sampler, prediction_type, x_shape, context, added_cond,
                            extra_channels, takes_noise=takes_noise, channels_last=channels_last, update=update,
-                           graphs=graphs)
+                           graphs=graphs, controls=controls, controlnet_fn=controlnet_fn)
         return entry
 
     def acquire(x_shape):
@@ -349,7 +388,7 @@ def device_step(plan, prediction_type: str, context, guidance_scale: float, adde
         with graphs.lock:
             for instance in range(graphs.capacity + 1):
                 key = DeviceStep.key(plan.sampler, prediction_type, x_shape, context, added_cond, extra_channels,
-                                     takes_noise, instance)
+                                     takes_noise, instance, controls)
                 entry = graphs.lookup(key, lambda: make(x_shape))
                 if entry is None:  # cache full of busy entries: this run goes uncaptured
                     entry = make(x_shape)
@@ -370,8 +409,8 @@ def device_step(plan, prediction_type: str, context, guidance_scale: float, adde
         entry = state["entry"]
         if entry is None:
             entry = state["entry"] = acquire(tuple(x.shape))
-            entry.start(context, added_cond, extra_channels)
-        out = entry(x.to(device), table[i], _to_device(noise, device))
+            entry.start(context, added_cond, extra_channels, controls)
+        out = entry(x.to(device), table[i], _to_device(noise, device), tuple(c.active[i] for c in controls))
         if i == last:
             out = out.clone()  # the run's result outlives its hold on the instance
             release()
@@ -379,6 +418,13 @@ def device_step(plan, prediction_type: str, context, guidance_scale: float, adde
 
     weakref.finalize(step, release)  # a run dropped before its last step gives its instance back
     return step
+
+
+def control_inputs(controls, device) -> list:
+    """The tensor inputs of a graphed call with ControlNets: their images, then their scales as
+    0-d float32 device tensors (so that one graph serves every scale)."""
+    return [c.image for c in controls] + [torch.tensor(float(c.scale), dtype=torch.float32, device=device)
+                                          for c in controls]
 
 
 def _to_device(t, device):

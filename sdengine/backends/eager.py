@@ -16,6 +16,13 @@ from ..config import ModelConfig
 log = logging.getLogger("sdengine")
 
 
+def residual_kwargs(res) -> dict:
+    """The UNet's keyword arguments for ControlNet residuals (down list, mid), or none."""
+    if res is None:
+        return {}
+    return {"down_block_additional_residuals": res[0], "mid_block_additional_residual": res[1]}
+
+
 class EagerBackend:
     """Holds the networks on one device and dtype; implements the backend interface
     of docs/CONTRACTS.md (encode_text, denoise, encode_image, decode)."""
@@ -77,16 +84,61 @@ class EagerBackend:
         return context, pooled
 
     @torch.inference_mode()
-    def denoise(self, x_in, t, context, added_cond=None):
-        """One UNet forward; returns float32 whatever the backend's dtype."""
+    def denoise(self, x_in, t, context, added_cond=None, controls=()):
+        """One UNet forward; returns float32 whatever the backend's dtype. controls: the
+        ControlNets that run at this step (sdengine.controlnet.ControlInput); their residuals
+        are summed into the UNet's."""
         if added_cond is not None:
             added_cond = {k: v.to(self.device, self.dtype) for k, v in added_cond.items()}
         x = x_in.to(self.device, self.dtype)
-        return self._unet(x, t.to(self.device), context.to(self.device, self.dtype), added_cond).float()
+        return self._unet(x, t.to(self.device), context.to(self.device, self.dtype), added_cond,
+                          list(controls)).float()
 
-    def _unet(self, x, t, context, added_cond):
-        """One UNet forward on device tensors of the backend's dtype."""
-        return self.unet(x, t, context, added_cond=added_cond)
+    def _unet(self, x, t, context, added_cond, controls=()):
+        """One UNet forward (with its ControlNets) on device tensors of the backend's dtype."""
+        from ..controlnet import residuals
+
+        scales = [c.scale for c in controls]
+        res = residuals(self.controlnet_fn, controls, scales, x, t, context, added_cond,
+                        self.config.vae.latent_channels)
+        return self.unet(x, t, context, added_cond=added_cond, **residual_kwargs(res))
+
+    # ControlNets ---------------------------------------------------------------------------
+
+    def controlnet_fn(self, control):
+        """The function that runs control's ControlNet on this backend:
+        fn(x, t, context, image, scale, guess_mode, added_cond) -> (down residuals, mid residual).
+        Made once per ControlNet (`prepare_controlnet`) and kept."""
+        controlnet = control.controlnet
+        fns = self.__dict__.setdefault("_controlnet_fns", {})
+        entry = fns.get(id(controlnet.model))
+        if entry is None or entry[0] is not controlnet.model:
+            if (controlnet.device, controlnet.dtype) != (self.device, self.dtype):
+                raise ValueError(f"the ControlNet {controlnet.name} is on {controlnet.device} in {controlnet.dtype}, "
+                                 f"the pipeline on {self.device} in {self.dtype}: load it with "
+                                 "sdengine.load_controlnet(path, device=..., dtype=...) to match")
+            entry = fns[id(controlnet.model)] = (controlnet.model, self.prepare_controlnet(controlnet))
+        return entry[1]
+
+    def prepare_controlnet(self, controlnet):
+        """A function running the ControlNet as this backend runs its UNet; eager: the network."""
+        model = controlnet.model.eval()
+
+        def run(x, t, context, image, scale, guess_mode, added_cond):
+            return model(x, t, context, image, scale, guess_mode, added_cond=added_cond)
+
+        return run
+
+    @staticmethod
+    def controlnet_view(controlnet):
+        """A new ControlNetModel over the same weight tensors (no copy), for a backend to rewrite
+        (fused QKV, kernel ops, channels_last) without touching the caller's network."""
+        from ..models.controlnet import ControlNetModel
+
+        with torch.device("meta"):
+            view = ControlNetModel(controlnet.config)
+        view.load_state_dict(controlnet.model.state_dict(), strict=True, assign=True)
+        return view.eval().requires_grad_(False)
 
     @torch.inference_mode()
     def encode_image(self, images):

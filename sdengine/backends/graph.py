@@ -19,13 +19,14 @@ which is how CI checks this layer against eager.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Optional
 
 import torch
 
 from ..samplers import fused
-from .cuda_graphs import UPDATES, GraphCache, GraphedFunction, device_step
+from .cuda_graphs import UPDATES, GraphCache, GraphedFunction, control_inputs, device_step
 from .eager import EagerBackend
 
 log = logging.getLogger("sdengine")
@@ -80,17 +81,39 @@ class GraphBackend(EagerBackend):
                                  lambda ids, ids_2: self.text_fn(ids, ids_2, clip_skip))
         return run(input_ids, input_ids_2)
 
-    def _unet(self, x, t, context, added_cond):
+    def _unet(self, x, t, context, added_cond, controls=()):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         t = t.reshape(-1).expand(x.shape[0]).contiguous() if t.numel() == 1 else t  # (B,): one graph for 0-d and (B,)
         text_embeds, time_ids = (added_cond["text_embeds"], added_cond["time_ids"]) if added_cond else (None, None)
+        if controls:  # the ControlNets inside the same graph: images and scales are inputs, the rest is baked in
+            return self._controlled_unet(controls)(x, t.float(), context, text_embeds, time_ids,
+                                                   *control_inputs(controls, self.device))
 
         def unet(x, t, context, text_embeds, time_ids):
             cond = {"text_embeds": text_embeds, "time_ids": time_ids} if text_embeds is not None else None
             return self.unet_fn(x, t, context, added_cond=cond)
 
         return self._graphed_call("unet", unet)(x, t.float(), context, text_embeds, time_ids)
+
+    def _controlled_unet(self, controls):
+        """The UNet with these ControlNets, one graphed function per ControlNet configuration
+        (which networks, guess mode, image shapes: `ControlInput.key`)."""
+        from ..controlnet import residuals
+        from .eager import residual_kwargs
+
+        count, latent_channels = len(controls), self.config.vae.latent_channels
+
+        def unet(x, t, context, text_embeds, time_ids, *images_and_scales):
+            cond = {"text_embeds": text_embeds, "time_ids": time_ids} if text_embeds is not None else None
+            live = [dataclasses.replace(c, image=image) for c, image in zip(controls, images_and_scales[:count])]
+            res = residuals(self.controlnet_fn, live, images_and_scales[count:], x, t, context, cond, latent_channels)
+            return self.unet_fn(x, t, context, added_cond=cond, **residual_kwargs(res))
+
+        name = "unet+controlnet" + repr(tuple(c.key for c in controls))
+        if self.graphs is None:
+            return unet
+        return self._graphed_call(name, unet)
 
     def _decode(self, z):
         if self.channels_last:
@@ -99,14 +122,15 @@ class GraphBackend(EagerBackend):
 
     # The whole step ---------------------------------------------------------------------------
 
-    def fused_step(self, plan, context, guidance_scale: float, added_cond=None, extra_channels=None):
+    def fused_step(self, plan, context, guidance_scale: float, added_cond=None, extra_channels=None, controls=()):
         """The whole denoising step of `plan` as one function `step(x, i, noise) -> x_next`, or
         None where the device update does not cover the run (docs/CONTRACTS.md, Backends).
 
         context (2N or N, L, D) is [uncond, cond] with guidance, cond alone without; added_cond
         and extra_channels (inpainting's mask and masked-image latents, (2N or N, 1 + C, h, w))
         have the same rows. On CUDA the step is captured once per shape and sampler as a CUDA
-        graph and replayed for every step of every run.
+        graph and replayed for every step of every run. controls: the run's ControlNets
+        (sdengine.controlnet.ControlInput, with `active` per step), run inside the same step.
         """
         reason = self.fused_unsupported(plan)
         in_channels = self.config.vae.latent_channels + (extra_channels.shape[1] if extra_channels is not None else 0)
@@ -124,7 +148,7 @@ class GraphBackend(EagerBackend):
         return device_step(plan, self.config.scheduler.prediction_type, context, guidance_scale, added_cond,
                            extra_channels, unet=self.unet_fn, dtype=self.dtype, device=self.device,
                            update=UPDATES[self.step_update], channels_last=self.channels_last,
-                           graphs=self.graphs)
+                           graphs=self.graphs, controls=list(controls), controlnet_fn=self.controlnet_fn)
 
     def fused_unsupported(self, plan) -> Optional[str]:
         """Why fused_step declines `plan` (None when it covers it)."""

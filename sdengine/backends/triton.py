@@ -164,13 +164,29 @@ class TritonBackend(GraphBackend):
         """Run on the graph layer's ops from now on (eager networks, torch sampler update), with
         one warning giving the reason."""
         log.warning("triton backend: %s; falling back to the graph layer (no custom kernels)", reason)
-        for module in (self.text_encoder, self.text_encoder_2, self.unet, self.vae):
+        for module in (self.text_encoder, self.text_encoder_2, self.unet, self.vae,
+                       *self.__dict__.get("_controlnet_views", [])):
             if module is not None:
                 set_ops(module, EAGER_OPS)
         self.step_update = "torch"
         self.fallback = reason
 
     fallback: Optional[str] = None  # why the backend runs without its kernels (None: it does not)
+
+    def prepare_controlnet(self, controlnet):
+        """The ControlNet as the UNet runs here: fused QKV, kernel ops, channels_last on CUDA, on
+        a view of its weights (the caller's network is not rewritten)."""
+        view = prepare_for_triton(self.controlnet_view(controlnet), channels_last=self.channels_last)
+        if self.fallback is not None:
+            set_ops(view, EAGER_OPS)
+        self.__dict__.setdefault("_controlnet_views", []).append(view)
+
+        def run(x, t, context, image, scale, guess_mode, added_cond):
+            if self.channels_last:
+                image = image.contiguous(memory_format=torch.channels_last)
+            return view(x, t, context, image, scale, guess_mode, added_cond=added_cond)
+
+        return run
 
     def fused_unsupported(self, plan):
         if kernels.reference_mode():
