@@ -654,11 +654,12 @@ def controlnet_prefix(keys) -> str:
 
 
 def controlnet_family(unet: UNetConfig) -> str:
-    """"sdxl", "sd2" or "sd1", from the UNet (or ControlNet encoder) config: SDXL's added
-    embedding, else SD2's 1024-wide context (OpenCLIP ViT-H), else SD1."""
+    """"sdxl", "sd2" or "sd1", from a ControlNet's encoder config: SDXL's added embedding, else
+    SD2's linear projections in the transformers (SD1 projects with 1x1 convolutions) or its
+    1024-wide context (OpenCLIP ViT-H), else SD1."""
     if unet.addition_embed_type == "text_time":
         return "sdxl"
-    return "sd2" if unet.cross_attention_dim == 1024 else "sd1"
+    return "sd2" if unet.use_linear_projection or unet.cross_attention_dim == 1024 else "sd1"
 
 
 def detect_controlnet_config(shapes: Mapping[str, tuple], base: Optional[UNetConfig] = None):
@@ -677,7 +678,9 @@ def detect_controlnet_config(shapes: Mapping[str, tuple], base: Optional[UNetCon
     to_k = [k for k in shapes if k.startswith(prefix + "input_blocks.") and k.endswith("attn2.to_k.weight")] or \
         [k for k in shapes if k.startswith(prefix + "middle_block.") and k.endswith("attn2.to_k.weight")]
     context = _shape(shapes, sorted(to_k)[0])[1] if to_k else None
-    family = "sdxl" if is_sdxl else "sd2" if context == 1024 else "sd1"
+    proj_in = sorted(k for k in shapes if k.startswith(prefix) and k.endswith(".proj_in.weight"))
+    linear = bool(proj_in) and len(shapes[proj_in[0]]) == 2  # SD2 / SDXL: Linear; SD1: 1x1 convolution
+    family = "sdxl" if is_sdxl else "sd2" if context == 1024 or linear else "sd1"
     preset = PRESETS["sdxl" if family == "sdxl" else "sd21" if family == "sd2" else "sd15"].unet
     unet = _detect_unet(shapes, preset, heads_rule="8" if family == "sd1" else "64", prefix=prefix,
                         encoder_only=True)

@@ -614,7 +614,9 @@ def load_controlnet_model(path, device=None, dtype=None, *, base: Optional[Model
 
 def controlnet_family_name(config) -> str:
     """"SD1", "SD2" or "SDXL" for a ControlNetConfig or a ModelConfig."""
-    from .convert import controlnet_family
+    from .convert import controlnet_family, family_name
 
-    unet = config.unet
-    return {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}[controlnet_family(unet)]
+    if isinstance(config, ModelConfig):  # told apart by its text encoders
+        family = family_name(config)
+        return "SDXL" if family == "sdxl" else "SD2" if family.startswith("sd21") else "SD1"
+    return {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}[controlnet_family(config.unet)]

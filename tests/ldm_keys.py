@@ -66,7 +66,7 @@ def unet_to_ldm(unet, copy: bool = True) -> dict:
     _put(out, "middle_block.1.", unet.mid_block.attentions[0], copy=copy)
     _put(out, "middle_block.2.", unet.mid_block.resnets[1], UNET_RESNET_PARTS, copy=copy)
     block = 0
-    for up in unet.up_blocks:
+    for up in getattr(unet, "up_blocks", None) or []:  # a ControlNet's encoder has no decoder
         attentions = getattr(up, "attentions", None)
         for j, resnet in enumerate(up.resnets):
             _put(out, f"output_blocks.{block}.0.", resnet, UNET_RESNET_PARTS, copy=copy)
@@ -76,9 +76,26 @@ def unet_to_ldm(unet, copy: bool = True) -> dict:
         if up.upsamplers is not None:  # appended to the level's last output block
             slot = 2 if attentions is not None else 1
             _put(out, f"output_blocks.{block - 1}.{slot}.conv.", up.upsamplers[0].conv, copy=copy)
-    _put(out, "out.0.", unet.conv_norm_out, copy=copy)
-    _put(out, "out.2.", unet.conv_out, copy=copy)
+    if getattr(unet, "conv_out", None) is not None:
+        _put(out, "out.0.", unet.conv_norm_out, copy=copy)
+        _put(out, "out.2.", unet.conv_out, copy=copy)
     return out
+
+
+def controlnet_to_ldm(controlnet, prefix: str = "control_model.") -> dict:
+    """lllyasviel's cldm.py ControlNet names for a diffusers ControlNetModel: the UNet encoder's
+    names (time_embed, label_emb, input_blocks, middle_block), input_hint_block = Sequential(conv,
+    SiLU, conv, SiLU, ..., zero conv) (convolutions at the even indices), zero_convs.N = Sequential(conv),
+    middle_block_out = Sequential(conv)."""
+    out = unet_to_ldm(controlnet)
+    embedding = controlnet.controlnet_cond_embedding
+    convs = [embedding.conv_in, *embedding.blocks, embedding.conv_out]
+    for i, conv in enumerate(convs):
+        _put(out, f"input_hint_block.{2 * i}.", conv)
+    for i, conv in enumerate(controlnet.controlnet_down_blocks):
+        _put(out, f"zero_convs.{i}.0.", conv)
+    _put(out, "middle_block_out.0.", controlnet.controlnet_mid_block)
+    return {prefix + k: v for k, v in out.items()}
 
 
 def unet_ldm_names(unet) -> dict:

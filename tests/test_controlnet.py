@@ -1,0 +1,344 @@
+"""ControlNet: images against diffusers' ControlNet pipelines, the fast path, loading, bad input.
+
+The ControlNets are diffusers' own `ControlNetModel.from_unet` of the tiny UNets, every weight
+then perturbed so that the zero convolutions are not zero (tests/tiny.py); each test checks that
+the ControlNet really changes the image, so a ControlNet silently dropped cannot pass.
+"""
+
+import copy
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sdengine
+from sdengine import Control
+from sdengine.errors import ModelLoadError
+from graph_stand_in import use_stand_in
+from tiny import sdengine_controlnet, tiny_controlnet, tiny_controlnet_pipeline, tiny_pipeline
+
+H, W = 16, 24
+STEPS = 4
+PROMPTS = ["a red bicycle", "a blue boat"]
+
+
+def _control_images(n=2, size=(W, H), seed=7):
+    g = torch.Generator().manual_seed(seed)
+    return [Image.fromarray((torch.rand(size[1], size[0], 3, generator=g).numpy() * 255).astype("uint8"))
+            for _ in range(n)]
+
+
+CONTROL_IMAGES = _control_images()
+
+
+def _max_diff(a, b):
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+# Per case: ControlNet seeds, scales, starts, ends, guess mode (diffusers' is one flag per call).
+CASES = {
+    "one": ((0,), (0.8,), (0.0,), (1.0,), False),
+    "two-ranges": ((0, 1), (0.6, 1.2), (0.2, 0.0), (0.7, 1.0), False),
+    "guess": ((0,), (1.0,), (0.0,), (1.0,), True),
+    "two-guess": ((0, 1), (0.7, 0.9), (0.0, 0.25), (1.0, 0.75), True),
+}
+
+
+def _diffusers_kwargs(case, n_images):
+    seeds, scales, starts, ends, guess = CASES[case]
+    one = len(seeds) == 1
+    images = CONTROL_IMAGES[0] if one else CONTROL_IMAGES[:len(seeds)]
+    return dict(controlnet_conditioning_scale=scales[0] if one else list(scales),
+                control_guidance_start=starts[0] if one else list(starts),
+                control_guidance_end=ends[0] if one else list(ends), guess_mode=guess,
+                generator=[torch.Generator().manual_seed(3 + i) for i in range(n_images)]), images
+
+
+def _controls(kind, case, dtype=torch.float32):
+    seeds, scales, starts, ends, guess = CASES[case]
+    return [Control(sdengine_controlnet(kind, s, dtype), CONTROL_IMAGES[j], scale=scales[j], start=starts[j],
+                    end=ends[j], guess_mode=guess) for j, s in enumerate(seeds)]
+
+
+def _reference(kind, mode, case):
+    """diffusers' ControlNet pipeline of the case, with the Euler scheduler: a sampler the whole
+    step covers (the graph layer's fused path), and the model_fn path on the eager backend."""
+    from diffusers import EulerDiscreteScheduler
+
+    ref = tiny_controlnet_pipeline(kind, mode, CASES[case][0])
+    if kind != "sd15-inpaint":  # the inpainting model's own scheduler, DDIM, is covered too
+        ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    return ref
+
+
+def _ours(pipe, case, kind, prompts=PROMPTS, **kwargs):
+    args = dict(height=H, width=W, steps=STEPS, guidance_scale=5.0, seed=[3, 4], output_type="np", progress=False,
+                sampler="euler")
+    args.update(kwargs)
+    return pipe(prompts, control=_controls(kind, case), **args).images
+
+
+@pytest.mark.parametrize("kind,case", [("sd15", "one"), ("sd15", "two-ranges"), ("sd15", "guess"),
+                                       ("sd21-v", "two-ranges"), ("sdxl", "one"), ("sdxl", "two-guess")])
+def test_txt2img_matches_diffusers_and_the_graph_layer(kind, case):
+    """diffusers' StableDiffusion(XL)ControlNetPipeline, our eager pipeline, and the graph layer's
+    whole-step path (UNet + ControlNets captured as one step, stand-in graphs on the CPU)."""
+    ref = _reference(kind, "txt2img", case)
+    kwargs, images = _diffusers_kwargs(case, 2)
+    want = ref(PROMPTS, image=images, height=H, width=W, num_inference_steps=STEPS, guidance_scale=5.0,
+               output_type="np", **kwargs).images
+    eager = sdengine.from_diffusers(tiny_pipeline(kind))
+    fast = sdengine.from_diffusers(tiny_pipeline(kind), backend="graph")
+    graphs = use_stand_in(fast.backend)
+    got = _ours(eager, case, kind)
+    assert _max_diff(got, want) <= 1 / 255
+    assert _max_diff(_ours(fast, case, kind), want) <= 1 / 255
+    steps = [e for k, e in graphs.entries.items() if k[0] == "step"]
+    assert len(steps) == 1  # the ControlNets ran inside the whole step
+    without = eager(PROMPTS, height=H, width=W, steps=STEPS, guidance_scale=5.0, seed=[3, 4], output_type="np",
+                    progress=False, sampler="euler").images
+    assert _max_diff(got, without) > 0.05  # the ControlNets changed the image
+
+
+@pytest.mark.parametrize("case", ["one", "two-ranges"])
+def test_img2img_matches_diffusers(case):
+    init = np.asarray(_control_images(1, seed=11)[0])
+    ref = _reference("sd15", "img2img", case)
+    kwargs, images = _diffusers_kwargs(case, 2)
+    want = ref(PROMPTS, image=Image.fromarray(init), control_image=images, height=H, width=W, strength=0.7,
+               num_inference_steps=STEPS + 2, guidance_scale=5.0, output_type="np", **kwargs).images
+    for backend in ("eager", "graph"):
+        pipe = sdengine.from_diffusers(tiny_pipeline("sd15"), backend=backend)
+        use_stand_in(pipe.backend) if backend == "graph" else None
+        got = _ours(pipe, case, "sd15", init_image=Image.fromarray(init), strength=0.7, steps=STEPS + 2)
+        assert _max_diff(got, want) <= 1 / 255, backend
+
+
+@pytest.mark.parametrize("case", ["one", "two-guess"])
+def test_inpainting_matches_diffusers(case):
+    """One image: diffusers' inpainting encodes one masked init image with the first generator
+    only and repeats it (its images depend on the batch); sdengine's draw from each image's own."""
+    init = Image.fromarray(np.asarray(_control_images(1, seed=11)[0]))
+    mask = np.zeros((H, W), dtype=np.uint8)
+    mask[4:12, 6:18] = 255
+    ref = _reference("sd15-inpaint", "inpaint", case)
+    kwargs, images = _diffusers_kwargs(case, 1)
+    want = ref(PROMPTS[:1], image=init, mask_image=Image.fromarray(mask), control_image=images, height=H, width=W,
+               num_inference_steps=STEPS, guidance_scale=5.0, output_type="np", **kwargs).images
+    for backend in ("eager", "graph"):
+        pipe = sdengine.from_diffusers(tiny_pipeline("sd15-inpaint"), backend=backend)
+        use_stand_in(pipe.backend) if backend == "graph" else None
+        got = _ours(pipe, case, "sd15-inpaint", init_image=init, mask_image=Image.fromarray(mask), sampler="ddim",
+                    prompts=PROMPTS[:1], seed=[3])
+        assert _max_diff(got, want) <= 1 / 255, backend
+
+
+# ---------------------------------------------------------------------------
+# The fast path: graphs per active set, replays, LoRA swaps
+# ---------------------------------------------------------------------------
+
+def test_steps_outside_a_range_replay_a_graph_without_it_and_lora_swaps_keep_the_graphs(tmp_path):
+    from lora_files import kohya_lora
+
+    fast = sdengine.from_diffusers(tiny_pipeline("sd15"), backend="graph")
+    eager = sdengine.from_diffusers(tiny_pipeline("sd15"))
+    graphs = use_stand_in(fast.backend)
+    controlnet = sdengine_controlnet("sd15", 0)
+    controls = [Control(controlnet, CONTROL_IMAGES[0], scale=0.9, start=0.25, end=0.75)]  # steps 1 and 2 of 4
+    kwargs = dict(height=H, width=W, steps=STEPS, guidance_scale=5.0, seed=[3, 4], output_type="np", progress=False,
+                  sampler="euler", control=controls)
+    first = fast(PROMPTS, **kwargs).images
+    step = next(e for k, e in graphs.entries.items() if k[0] == "step")
+    assert set(step.step_graphs) == {(False,), (True,)}  # with and without the ControlNet
+    captures = graphs.captures
+    assert np.array_equal(fast(PROMPTS, **kwargs).images, first)
+    assert graphs.captures == captures  # every step of the second run replayed
+    lora = kohya_lora(tiny_pipeline("sd15"), tmp_path / "style.safetensors", rank=4, alpha=2.0)
+    for pipe in (fast, eager):
+        pipe.set_loras([(lora, 0.8)])
+    swapped = fast(PROMPTS, **kwargs).images
+    assert graphs.captures == captures  # the LoRA was merged into the weights the graphs read
+    assert _max_diff(swapped, eager(PROMPTS, **kwargs).images) <= 1 / 255
+    assert _max_diff(swapped, first) > 0.01
+    different_scale = dict(kwargs, control=[Control(controlnet, CONTROL_IMAGES[0], scale=0.3, start=0.25, end=0.75)])
+    assert _max_diff(fast(PROMPTS, **different_scale).images, eager(PROMPTS, **different_scale).images) <= 1 / 255
+    assert graphs.captures == captures  # the scale is a device scalar, not baked into the graph
+
+
+def test_triton_layer_matches_eager():
+    """The triton layer's kernels on the ControlNet (fused QKV, flash attention, GroupNorm) under
+    Triton's interpreter, inside its whole step with the fused sampler update."""
+    pytest.importorskip("triton")
+    from sdengine import kernels
+
+    if not kernels.INTERPRET:
+        pytest.skip("the CPU run of the triton layer needs TRITON_INTERPRET=1 (set by conftest.py)")
+    fast = sdengine.from_diffusers(copy.deepcopy(tiny_pipeline("sd15")), backend="triton")
+    eager = sdengine.from_diffusers(tiny_pipeline("sd15"))
+    kwargs = dict(height=H, width=W, steps=2, guidance_scale=5.0, seed=[3], output_type="np", progress=False,
+                  sampler="euler")
+    controls = [Control(sdengine_controlnet("sd15", 0), CONTROL_IMAGES[0], scale=0.9, guess_mode=True)]
+    got = fast(PROMPTS[:1], control=controls, **kwargs).images
+    assert _max_diff(got, eager(PROMPTS[:1], control=controls, **kwargs).images) <= 1 / 255
+    view = next(iter(fast.backend._controlnet_views))
+    assert all(a.to_qkv is not None for a in view.modules() if getattr(a, "is_cross", True) is False)
+    assert controls[0].model.model.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_qkv is None  # caller's untouched
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,suffix,prefix,with_model", [("sd15", ".safetensors", "control_model.", True),
+                                                           ("sd21-v", ".pth", "", False),
+                                                           ("sdxl", ".safetensors", "control_model.", False)])
+def test_single_file_loads_to_identical_tensors(tmp_path, kind, suffix, prefix, with_model):
+    """An A1111 single file written by the test's own LDM walk (tests/ldm_keys.py), in the layouts
+    found in the wild: lllyasviel's control_model.* (v1.0 files also hold the whole SD model),
+    thibaud's SD2.1 files without the prefix, .pth through torch.load(weights_only=True)."""
+    from safetensors.torch import save_file
+
+    from ldm_keys import controlnet_to_ldm, ldm_state_dict
+
+    theirs = tiny_controlnet(kind)
+    state = controlnet_to_ldm(theirs, prefix)
+    if with_model:
+        state.update(ldm_state_dict(tiny_pipeline(kind), "sd1"))
+    path = tmp_path / f"control_{kind}{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    base = sdengine.from_diffusers(tiny_pipeline(kind)).config
+    loaded = sdengine.load_controlnet(path, "cpu", torch.float32, base=base)
+    assert loaded.family == {"sd15": "SD1", "sd21-v": "SD2", "sdxl": "SDXL"}[kind]
+    ours = loaded.model.state_dict()
+    reference = theirs.state_dict()
+    assert set(ours) == set(reference)
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)
+    # and it runs as the diffusers ControlNet does
+    pipe = sdengine.from_diffusers(tiny_pipeline(kind))
+    kwargs = dict(height=H, width=W, steps=2, guidance_scale=5.0, seed=[3], output_type="np", progress=False)
+    assert np.array_equal(pipe(PROMPTS[:1], control=Control(loaded, CONTROL_IMAGES[0]), **kwargs).images,
+                          pipe(PROMPTS[:1], control=Control(sdengine_controlnet(kind), CONTROL_IMAGES[0]),
+                               **kwargs).images)
+
+
+def test_diffusers_folder_and_fp16_variant(tmp_path):
+    theirs = tiny_controlnet("sd15")
+    theirs.save_pretrained(tmp_path / "plain", safe_serialization=True)
+    copy.deepcopy(theirs).half().save_pretrained(tmp_path / "half", safe_serialization=True, variant="fp16")
+    pipe = sdengine.from_diffusers(tiny_pipeline("sd15"))
+    plain = pipe.load_controlnet(tmp_path / "plain")
+    assert pipe.load_controlnet(tmp_path / "plain") is plain  # loaded once, kept
+    assert all(torch.equal(plain.model.state_dict()[k], v) for k, v in theirs.state_dict().items())
+    half = sdengine.load_controlnet(tmp_path / "half", "cpu", torch.float16)
+    assert all(torch.equal(half.model.state_dict()[k], v.half()) for k, v in theirs.state_dict().items())
+    # a Control naming a path loads it for the pipeline's device and dtype
+    kwargs = dict(height=H, width=W, steps=2, guidance_scale=5.0, seed=[3], output_type="np", progress=False)
+    by_path = pipe(PROMPTS[:1], control=Control(str(tmp_path / "plain"), CONTROL_IMAGES[0]), **kwargs)
+    assert np.array_equal(by_path.images, pipe(PROMPTS[:1], control=Control(plain, CONTROL_IMAGES[0]), **kwargs).images)
+    assert by_path.params["controls"][0]["model"] == "plain" and len(by_path.params["controls"][0]["hash"]) == 8
+
+
+# ---------------------------------------------------------------------------
+# Bad input: errors that name the parameter
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sd15():
+    return sdengine.from_diffusers(tiny_pipeline("sd15"))
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(image="edges.png"), r"control\[0\]\.image must be a PIL image"),
+    (dict(image=np.zeros((0, 8, 3), np.uint8)), r"control\[0\]\.image is empty"),
+    (dict(image=np.zeros((H, W, 5), np.uint8)), r"control\[0\]\.image must be an array .* 1, 3 or 4 channels"),
+    (dict(image=[CONTROL_IMAGES[0]] * 3), r"control\[0\]\.image has 3 images but 2 are generated"),
+    (dict(start=0.8, end=0.2), r"control\[0\]: start \(0\.8\) must not be after end \(0\.2\)"),
+    (dict(end=1.5), r"control\[0\]\.end must be in \[0, 1\]"),
+    (dict(scale=float("nan")), r"control\[0\]\.scale must be a finite number"),
+    (dict(scale=float("inf")), r"control\[0\]\.scale must be a finite number"),
+    (dict(preprocess="depth"), r"control\[0\]\.preprocess must be None or one of canny"),
+    (dict(model=42), r"control\[0\]\.model must be a ControlNet"),
+])
+def test_bad_input_names_the_parameter(sd15, change, message):
+    fields = dict(model=sdengine_controlnet("sd15"), image=CONTROL_IMAGES[0])
+    fields.update(change)
+    with pytest.raises(ValueError, match=message):
+        sd15(PROMPTS, control=Control(**fields), height=H, width=W, steps=2, seed=[3, 4], progress=False)
+
+
+def test_a_controlnet_of_another_family_is_refused(sd15, tmp_path):
+    with pytest.raises(ModelLoadError, match=r"ControlNet tiny-sdxl-controlnet-0 \(SDXL\) does not fit the model "
+                                             r".* \(SD1\): its cross-attention width is 64, the model's is 32"):
+        sd15(PROMPTS, control=Control(sdengine_controlnet("sdxl"), CONTROL_IMAGES[0]), height=H, width=W, steps=2,
+             progress=False)
+    tiny_controlnet("sdxl").save_pretrained(tmp_path / "xl", safe_serialization=True)
+    with pytest.raises(ModelLoadError, match=r"ControlNet xl \(SDXL\) does not fit"):
+        sd15.load_controlnet(tmp_path / "xl")
+
+
+def test_files_that_are_not_controlnets_are_named(tmp_path):
+    from safetensors.torch import save_file
+
+    from ldm_keys import ldm_state_dict
+
+    path = tmp_path / "model.safetensors"
+    save_file(ldm_state_dict(tiny_pipeline("sd15"), "sd1"), str(path))
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors: no ControlNet weights .* a Stable Diffusion checkpoint"):
+        sdengine.load_controlnet(path, "cpu")
+    truncated = tmp_path / "cut.safetensors"
+    from ldm_keys import controlnet_to_ldm
+
+    save_file(controlnet_to_ldm(tiny_controlnet("sd15")), str(truncated))
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    with pytest.raises(ModelLoadError, match="cut.safetensors"):
+        sdengine.load_controlnet(truncated, "cpu")
+    state = controlnet_to_ldm(tiny_controlnet("sd15"))
+    del state["control_model.zero_convs.1.0.weight"]
+    save_file(state, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"1 controlnet weights missing .*zero_convs\.1\.0\.weight"):
+        sdengine.load_controlnet(tmp_path / "missing.safetensors", "cpu")
+
+
+# ---------------------------------------------------------------------------
+# Preprocessing, size, infotext
+# ---------------------------------------------------------------------------
+
+def test_canny_preprocess_and_its_missing_extra(sd15, monkeypatch):
+    cv2 = pytest.importorskip("cv2")
+    from sdengine.controlnet import prepare_image
+
+    photo = np.asarray(_control_images(1, seed=5)[0])
+    edges = prepare_image(photo, W, H, 1, 3, "canny", "control[0].image")
+    want = cv2.cvtColor(cv2.Canny(photo, 100, 200), cv2.COLOR_GRAY2RGB).astype(np.float32) / 255
+    assert torch.equal(edges[0].permute(1, 2, 0), torch.from_numpy(want))
+    assert 0 < float(edges.mean()) < 1
+    control = Control(sdengine_controlnet("sd15"), photo, preprocess="canny")
+    result = sd15(PROMPTS[:1], control=control, steps=2, seed=3, output_type="np", progress=False)
+    assert result.images.shape == (1, H, W, 3)  # the size is the control image's
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    with pytest.raises(ImportError, match=r'pip install "sdengine\[controlnet\]"'):
+        sd15(PROMPTS[:1], control=control, steps=2, seed=3, progress=False)
+
+
+def test_infotext_records_each_controlnet_as_a1111(sd15):
+    controls = [Control(sdengine_controlnet("sd15", 0), CONTROL_IMAGES[0], scale=0.75, start=0.1, end=0.9),
+                Control(sdengine_controlnet("sd15", 1), np.asarray(CONTROL_IMAGES[1]), guess_mode=True,
+                        preprocess="canny")]
+    result = sd15(PROMPTS[:1], control=controls, height=H, width=W, steps=2, seed=3, progress=False)
+    text = result.infotext(0)
+    units = {}
+    import json
+    import re
+
+    for key, value in re.findall(r'(ControlNet \d): ("(?:[^"\\]|\\.)*")', text):
+        units[key] = {k: v for k, v in (item.strip().split(": ") for item in json.loads(value).split(","))}
+    assert units["ControlNet 0"]["Model"] == "tiny-sd15-controlnet-0" and units["ControlNet 0"]["Weight"] == "0.75"
+    assert units["ControlNet 0"]["Guidance Start"] == "0.1" and units["ControlNet 0"]["Guidance End"] == "0.9"
+    assert units["ControlNet 0"]["Module"] == "none" and units["ControlNet 0"]["Control Mode"] == "Balanced"
+    assert units["ControlNet 1"]["Module"] == "canny" and units["ControlNet 1"]["Threshold A"] == "100.0"
+    assert units["ControlNet 1"]["Control Mode"] == "ControlNet is more important"
