@@ -65,6 +65,12 @@ def _register_generate(sub):
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="merge a LoRA (kohya / A1111 or diffusers / PEFT .safetensors) at SCALE (default 1); repeatable")
+    p.add_argument("--control", action="append", default=[], metavar="MODEL:IMAGE[:SCALE[:START:END]]",
+                   help="a ControlNet (diffusers folder or A1111 single file) and its control image, with its scale "
+                        "(default 1) and the part of the run it acts in (default 0:1); repeatable")
+    p.add_argument("--control-preprocess", default=None, choices=["canny"],
+                   help="make every control map from its image with this preprocessor (canny needs the "
+                        "controlnet extra: pip install \"sdengine[controlnet]\")")
     p.add_argument("--lora-dir", default=None, help="folder where <lora:name:scale> in the prompt finds name.safetensors")
     p.add_argument("--embedding", action="append", default=[], metavar="PATH[:TOKEN]",
                    help="load a textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds); its "
@@ -106,13 +112,14 @@ def _generate(args) -> int:
                          loras=[(path, 1.0 if scale is None else scale) for path, scale in loras])
     for path, token in embeddings:
         pipe.load_embedding(path, token)
+    controls = [parse_control(value, open_image, args.control_preprocess) for value in args.control]
     result = pipe(
         args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
         height=args.height, width=args.width, seed=args.seed, batch_size=args.batch_size, sampler=args.sampler,
         schedule=args.schedule, init_image=open_image(args.init_image, "--init-image"),
         mask_image=open_image(args.mask_image, "--mask-image"), strength=args.strength, clip_skip=args.clip_skip,
         progress=not args.no_progress, prompt_syntax=None if args.prompt_syntax == "none" else args.prompt_syntax,
-        lora_dir=args.lora_dir,
+        lora_dir=args.lora_dir, control=controls or None,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(result.images):
@@ -124,6 +131,39 @@ def _generate(args) -> int:
         tmp.replace(path)  # never leave a half-written PNG under the real name
         print(f"wrote {path} (seed {result.seeds[i]})")
     return 0
+
+
+def parse_control(value: str, open_image, preprocess=None):
+    """--control MODEL:IMAGE[:SCALE[:START:END]] -> sdengine.Control. Both paths must exist."""
+    from pathlib import Path
+
+    import sdengine
+
+    parts = value.split(":")
+    numbers = []
+    while parts and len(numbers) < 3:
+        try:
+            numbers.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    if len(numbers) == 2:  # SCALE:START without END, or START:END without SCALE: ambiguous
+        raise ValueError(f"--control {value}: give MODEL:IMAGE, MODEL:IMAGE:SCALE or MODEL:IMAGE:SCALE:START:END")
+    for cut in range(1, len(parts)):  # paths may hold ':' themselves: the split where both exist
+        model, image = ":".join(parts[:cut]), ":".join(parts[cut:])
+        if Path(model).exists() and Path(image).is_file():
+            break
+    else:
+        if len(parts) < 2:
+            raise ValueError(f"--control {value}: expected MODEL:IMAGE[:SCALE[:START:END]]")
+        model, image = parts[0], ":".join(parts[1:])
+        if not Path(model).exists():
+            raise FileNotFoundError(f"--control {value}: no such ControlNet: {model}")
+    scale, start, end = (numbers + [None] * 3)[:3] if len(numbers) != 3 else numbers
+    kwargs = {"scale": 1.0 if scale is None else scale}
+    if len(numbers) == 3:
+        kwargs.update(start=start, end=end)
+    return sdengine.Control(model, open_image(image, "--control"), preprocess=preprocess, **kwargs)
 
 
 def _path_and_suffix(value: str, option: str, kind):

@@ -342,3 +342,31 @@ def test_infotext_records_each_controlnet_as_a1111(sd15):
     assert units["ControlNet 0"]["Module"] == "none" and units["ControlNet 0"]["Control Mode"] == "Balanced"
     assert units["ControlNet 1"]["Module"] == "canny" and units["ControlNet 1"]["Threshold A"] == "100.0"
     assert units["ControlNet 1"]["Control Mode"] == "ControlNet is more important"
+
+
+def test_cli_control(tmp_path, capsys):
+    from sdengine.cli import main
+    from tiny import save_tiny_pipeline
+
+    model = save_tiny_pipeline("sd15", tmp_path / "model")
+    tiny_controlnet("sd15", 0).save_pretrained(tmp_path / "cn0", safe_serialization=True)
+    tiny_controlnet("sd15", 1).save_pretrained(tmp_path / "cn1", safe_serialization=True)
+    CONTROL_IMAGES[0].save(tmp_path / "a.png")
+    CONTROL_IMAGES[1].save(tmp_path / "b.png")
+    out = tmp_path / "out.png"
+    assert main(["generate", "a red bicycle", "--model", str(model), "-o", str(out), "--steps", "2", "--seed", "3",
+                 "--no-progress", "--sampler", "euler", "--control", f"{tmp_path / 'cn0'}:{tmp_path / 'a.png'}:0.7",
+                 "--control", f"{tmp_path / 'cn1'}:{tmp_path / 'b.png'}:1.2:0.0:0.5"]) == 0
+    text = Image.open(out).text["parameters"]
+    assert "ControlNet 0: \"Module: none, Model: cn0" in text and "Weight: 0.7" in text
+    assert "ControlNet 1: \"Module: none, Model: cn1" in text and "Guidance End: 0.5" in text
+    assert Image.open(out).size == (W, H)  # the control image's size
+    pipe = sdengine.load(model)
+    want = pipe("a red bicycle", steps=2, seed=3, progress=False, sampler="euler", control=[
+        Control(str(tmp_path / "cn0"), CONTROL_IMAGES[0], scale=0.7),
+        Control(str(tmp_path / "cn1"), CONTROL_IMAGES[1], scale=1.2, start=0.0, end=0.5)]).images[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want))
+    capsys.readouterr()
+    assert main(["generate", "x", "--model", str(model), "-o", str(out), "--control",
+                 f"{tmp_path / 'cn0'}:{tmp_path / 'a.png'}:0.2:0.5"]) == 2
+    assert "give MODEL:IMAGE, MODEL:IMAGE:SCALE or MODEL:IMAGE:SCALE:START:END" in capsys.readouterr().err
