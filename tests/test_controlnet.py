@@ -370,3 +370,37 @@ def test_cli_control(tmp_path, capsys):
     assert main(["generate", "x", "--model", str(model), "-o", str(out), "--control",
                  f"{tmp_path / 'cn0'}:{tmp_path / 'a.png'}:0.2:0.5"]) == 2
     assert "give MODEL:IMAGE, MODEL:IMAGE:SCALE or MODEL:IMAGE:SCALE:START:END" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# The benchmark's ControlNet workload (sdengine bench --controlnet N)
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,count", [("sd15", 2), ("sdxl", 1)])
+def test_bench_runners_time_the_same_controlnet_step(kind, count):
+    """With --controlnet N, diffusers' ControlNet pipeline and sdengine's backends (eager, graph) time
+    the same UNet + ControlNets step on the same random ControlNets, and the same generation."""
+    from sdengine.bench.reference import reference_pipeline
+    from sdengine.bench.runners import DiffusersRunner, EngineRunner, Workload, make_inputs
+    from sdengine.config import tiny_config
+
+    cfg = tiny_config(kind)
+    source = reference_pipeline(cfg, seed=3)
+    workload = Workload("tiny", H, W, steps=2, batch=1, dtype="fp32", sampler="euler", controlnets=count)
+    cpu = torch.device("cpu")
+    theirs = DiffusersRunner(source, cfg, workload, cpu)
+    plain = EngineRunner("eager", source, cfg, Workload("tiny", H, W, steps=2, batch=1, dtype="fp32"), cpu)
+    with torch.inference_mode():
+        for name in ("eager", "graph"):
+            ours = EngineRunner(name, source, cfg, workload, cpu)
+            use_stand_in(ours.backend) if name == "graph" else None
+            for args in make_inputs("unet_step", cfg, workload, cpu, torch.float32, 2, seed=11):
+                a, b = theirs.unet_step(args), ours.unet_step(args)
+                assert float((a - b).abs().max()) <= 1e-4 * float(b.abs().max()) + 1e-6, name
+                assert float((b - plain.unet_step(args)).abs().max()) > 1e-3  # the ControlNets ran
+            args = {"prompts": ["a red cube"], "seed": 5}
+            images_theirs, images_ours = theirs.end_to_end(args), ours.end_to_end(args).images
+            assert _max_diff(np.asarray(images_theirs[0]), np.asarray(images_ours[0])) <= 2, name
+            assert ours.ran()["fused_step"] == (name == "graph") and ours.unet_calls == 2
+    assert type(theirs.pipe).__name__ == ("StableDiffusionXLControlNetPipeline" if kind == "sdxl"
+                                          else "StableDiffusionControlNetPipeline")

@@ -49,6 +49,9 @@ def register(subparsers):
     what.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="default: fp16 on CUDA, fp32 on the CPU")
     what.add_argument("--guidance-scale", type=float, default=7.5)
     what.add_argument("--output-type", default="pil", help="what an end-to-end run returns (default: pil)")
+    what.add_argument("--controlnet", type=int, default=0, choices=(0, 1, 2), metavar="N",
+                      help="add N ControlNets (random, made from the UNet) to the UNet step and end to end, in "
+                           "every backend and in diffusers' StableDiffusion(XL)ControlNetPipeline (default: 0)")
 
     how = p.add_argument_group("measurement")
     how.add_argument("--backends", default="eager,diffusers",
@@ -122,7 +125,7 @@ def run(args) -> int:
         components=_split(args.components),
         repeats=args.repeats, warmup=args.warmup, e2e_repeats=args.e2e_repeats, e2e_warmup=args.e2e_warmup,
         budget_s=args.budget, prepare_cap_s=args.prepare_cap, run_cap_s=args.run_cap, device=args.device,
-        seed=args.seed, guidance_scale=args.guidance_scale,
+        seed=args.seed, guidance_scale=args.guidance_scale, controlnets=args.controlnet,
         output_type=args.output_type, compile_mode=args.compile_mode, peak_tflops=args.peak_tflops,
         argv=["sdengine", *sys.argv[1:]] if sys.argv[1:2] == ["bench"] else [],  # [] when called from Python
     )

@@ -65,6 +65,7 @@ class BenchOptions:
     # checkpoint's scheduler). euler: the Triton backend's fused step covers it, and diffusers'
     # EulerDiscreteScheduler is its exact counterpart; the SD1.5 default, PNDM, has no fused step.
     sampler: Optional[str] = "euler"
+    controlnets: int = 0  # ControlNets in the UNet step and end to end (random, from the UNet; sdengine bench --controlnet)
     compile_mode: str = "max-autotune"
     peak_tflops: Optional[float] = None
     argv: list = field(default_factory=list)  # the command line, for the record
@@ -145,7 +146,7 @@ class Benchmark:
         self.workload = Workload(arch=arch, height=height, width=width, steps=options.steps, batch=options.batch,
                                  dtype=dtype_name, guidance_scale=options.guidance_scale,
                                  output_type=options.output_type, model=options.model, sampler=sampler,
-                                 schedule=schedule)
+                                 schedule=schedule, controlnets=options.controlnets)
         self.flop = flops.workload_flop(self.config, height, width, options.batch)
         self.peak_tflops, peak_source = measure.peak_tflops(self.device, self.dtype, options.peak_tflops)
         self.started = time.perf_counter()
@@ -161,7 +162,7 @@ class Benchmark:
             "workload": {
                 "arch": arch, "height": height, "width": width, "steps": options.steps, "batch": options.batch,
                 "dtype": dtype_name, "guidance_scale": options.guidance_scale, "output_type": options.output_type,
-                "model": options.model, "sampler": sampler, "schedule": schedule,
+                "model": options.model, "sampler": sampler, "schedule": schedule, "controlnets": options.controlnets,
             },
             "settings": {
                 "backends": list(options.backends), "components": list(options.components),

@@ -25,6 +25,7 @@ import contextlib
 import copy
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -62,6 +63,7 @@ class Workload:
     model: Optional[str] = None
     sampler: str = "euler"  # canonical sdengine names (sdengine.samplers.resolve)
     schedule: str = "default"
+    controlnets: int = 0  # ControlNets added to the UNet step and end to end (random, made from the UNet)
 
 
 class BackendUnavailable(Exception):
@@ -109,6 +111,9 @@ def make_inputs(component: str, config: ModelConfig, workload: Workload, device:
                     "text_embeds": randn(cfg_batch, pooled_dim),
                     "time_ids": torch.tensor([size] * cfg_batch, device=device, dtype=dtype),
                 }
+            if workload.controlnets:  # fresh control images too, as the other inputs
+                image = torch.rand(cfg_batch, 3, workload.height, workload.width, generator=generator, device=device)
+                step["control_images"] = [image.to(dtype)] * workload.controlnets
             sets.append(step)
         elif component == "vae_decode":
             latents = randn(batch, config.vae.latent_channels, latent_h, latent_w) / config.vae.scaling_factor
@@ -137,6 +142,39 @@ def on_device(source_pipe, device: torch.device):
 # diffusers
 # ---------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------
+# ControlNets (--controlnet N): the same random ones in every backend's process
+# ---------------------------------------------------------------------------
+
+_CONTROLNETS: dict = {}
+
+
+def controlnets_for(source_pipe, workload: Workload) -> tuple:
+    """(diffusers ControlNetModels, control images): `workload.controlnets` ControlNets made with
+    diffusers' ControlNetModel.from_unet from the source UNet, every weight then perturbed (seeded,
+    so every process makes the same ones and the zero convolutions have an effect), and one random
+    control image (PIL, the workload's size) each. Made once per process, on the CPU."""
+    key = (id(source_pipe), workload.controlnets, workload.height, workload.width)
+    if key not in _CONTROLNETS:
+        from diffusers import ControlNetModel
+        from PIL import Image
+
+        levels = len(source_pipe.vae.config.block_out_channels)  # the embedding halves as often as the VAE
+        channels = ((16, 32, 96, 256) + (256,) * 8)[:levels]
+        models, images = [], []
+        for i in range(workload.controlnets):
+            generator = torch.Generator().manual_seed(1000 + i)
+            model = ControlNetModel.from_unet(source_pipe.unet, conditioning_embedding_out_channels=channels)
+            with torch.no_grad():
+                for _, p in sorted(model.named_parameters()):
+                    p.add_(torch.randn(p.shape, generator=generator).to(p.dtype) * 0.02)
+            models.append(model.eval())
+            pixels = torch.randint(0, 256, (workload.height, workload.width, 3), generator=generator, dtype=torch.uint8)
+            images.append(Image.fromarray(pixels.numpy()))
+        _CONTROLNETS[key] = (models, images)
+    return _CONTROLNETS[key]
+
+
 class DiffusersRunner:
     """diffusers' own pipeline: StableDiffusion(XL)Pipeline, SDPA attention, with the diffusers
     scheduler of the workload's sampler (None where diffusers has none: end_to_end is then skipped)."""
@@ -150,6 +188,19 @@ class DiffusersRunner:
                                      "takes many minutes and is not what the anchor measures)")
         self.config, self.workload, self.device = config, workload, device
         self.pipe = on_device(source_pipe, device)
+        self.controlnets, self.control_images = [], []
+        if workload.controlnets:  # StableDiffusion(XL)ControlNetPipeline over the same networks
+            import diffusers
+
+            models, self.control_images = controlnets_for(source_pipe, workload)
+            self.controlnets = [copy.deepcopy(m).to(device, self.pipe.unet.dtype) for m in models]
+            xl = config.text_encoder_2 is not None
+            cls = diffusers.StableDiffusionXLControlNetPipeline if xl else diffusers.StableDiffusionControlNetPipeline
+            parts = {k: v for k, v in self.pipe.components.items() if k in cls._get_signature_keys(cls)[0]}
+            parts["controlnet"] = self.controlnets[0] if len(self.controlnets) == 1 else self.controlnets
+            if not xl:
+                parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            self.pipe = cls(**parts)
         self.pipe.set_progress_bar_config(disable=True)
         try:
             self.pipe.scheduler = scheduler_for_sampler(workload.sampler, workload.schedule,
@@ -168,8 +219,14 @@ class DiffusersRunner:
         of diffusers-compile. Returns what was done, for the record."""
         w = self.workload
         self.pipe(prompt=[""] * w.batch, num_inference_steps=2, guidance_scale=w.guidance_scale, height=w.height,
-                  width=w.width, output_type=w.output_type, generator=torch.Generator("cpu").manual_seed(0))
+                  width=w.width, output_type=w.output_type, generator=torch.Generator("cpu").manual_seed(0),
+                  **self._control_kwargs())
         return {"warmup_steps": 2}
+
+    def _control_kwargs(self) -> dict:
+        if not self.controlnets:
+            return {}
+        return {"image": self.control_images[0] if len(self.control_images) == 1 else self.control_images}
 
     def text_encoder(self, inputs):
         pipe = self.pipe
@@ -184,8 +241,16 @@ class DiffusersRunner:
 
     def unet_step(self, inputs):
         added = inputs["added_cond"]
+        residuals = {}
+        for controlnet, image in zip(self.controlnets, inputs.get("control_images", ())):  # summed, as diffusers'
+            down, mid = controlnet(inputs["x"], inputs["t"], encoder_hidden_states=inputs["context"],
+                                   controlnet_cond=image, added_cond_kwargs=added, return_dict=False)
+            if residuals:
+                down = [a + b for a, b in zip(residuals["down_block_additional_residuals"], down)]
+                mid = residuals["mid_block_additional_residual"] + mid
+            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
         out = self.pipe.unet(inputs["x"], inputs["t"], encoder_hidden_states=inputs["context"],
-                             added_cond_kwargs=added, return_dict=False)[0]
+                             added_cond_kwargs=added, return_dict=False, **residuals)[0]
         return guidance(out, self.workload.guidance_scale)
 
     def vae_decode(self, inputs):
@@ -198,7 +263,7 @@ class DiffusersRunner:
         images = self.pipe(
             prompt=inputs["prompts"], num_inference_steps=w.steps, guidance_scale=w.guidance_scale,
             height=w.height, width=w.width, output_type=w.output_type,
-            generator=torch.Generator("cpu").manual_seed(inputs["seed"]),
+            generator=torch.Generator("cpu").manual_seed(inputs["seed"]), **self._control_kwargs(),
         ).images
         self.unet_calls = len(self.pipe.scheduler.timesteps)  # e.g. PNDM's PLMS runs steps + 1, Heun 2 steps - 1
         return images
@@ -232,6 +297,13 @@ class EngineRunner:
             raise BackendUnavailable(f"{type(e).__name__}: {first_line(e)}") from e
         del device_pipe  # whatever the engine did not keep is freed
         self.backend = self.pipe.backend
+        self.controls = []  # sdengine.Control, over the same random ControlNets as diffusers'
+        if workload.controlnets:
+            from sdengine import Control
+
+            models, images = controlnets_for(source_pipe, workload)
+            self.controls = [Control(_adopt_controlnet(m, device, self.backend.dtype, i), image)
+                             for i, (m, image) in enumerate(zip(models, images))]
         self.unet_calls: Optional[int] = None
         self.fused_step: Optional[bool] = None  # whether the last end-to-end run took the fused step
         self.sampler: Optional[str] = None  # the sampler the pipeline reports having run
@@ -242,6 +314,10 @@ class EngineRunner:
         w = self.workload
         info = self.pipe.prepare(w.height, w.width, batch_size=w.batch, sampler=w.sampler, schedule=w.schedule,
                                  guidance_scale=w.guidance_scale)
+        if self.controls:  # the ControlNets' captures and compiles too
+            self.pipe("", height=w.height, width=w.width, batch_size=w.batch, sampler=w.sampler, schedule=w.schedule,
+                      guidance_scale=w.guidance_scale, steps=2, seed=0, output_type="np", progress=False,
+                      control=self.controls)
         fallback = getattr(self.backend, "fallback", None)
         return dict(info, fallback=fallback) if fallback else info
 
@@ -249,7 +325,15 @@ class EngineRunner:
         return self.backend.encode_text(inputs["input_ids"], inputs.get("input_ids_2"))
 
     def unet_step(self, inputs):
-        out = self.backend.denoise(inputs["x"], inputs["t"], inputs["context"], inputs["added_cond"])
+        if self.controls:
+            from sdengine.controlnet import ControlInput
+
+            controls = [ControlInput(c.model, image, c.scale, False, False)
+                        for c, image in zip(self.controls, inputs["control_images"])]
+            out = self.backend.denoise(inputs["x"], inputs["t"], inputs["context"], inputs["added_cond"],
+                                       controls=controls)
+        else:
+            out = self.backend.denoise(inputs["x"], inputs["t"], inputs["context"], inputs["added_cond"])
         return guidance(out, self.workload.guidance_scale)
 
     def vae_decode(self, inputs):
@@ -285,7 +369,8 @@ class EngineRunner:
         with _wrapped(self.backend, patches):
             result = self.pipe(prompt, num_inference_steps=w.steps, guidance_scale=w.guidance_scale,
                                height=w.height, width=w.width, seed=inputs["seed"], output_type=w.output_type,
-                               sampler=w.sampler, schedule=w.schedule, progress=False)
+                               sampler=w.sampler, schedule=w.schedule, progress=False,
+                               **({"control": self.controls} if self.controls else {}))
         self.unet_calls = calls[0] or None  # None: the pipeline reached the UNet some other way
         self.fused_step = fused_runs[0] > 0
         self.sampler = result.params.get("sampler")
@@ -297,6 +382,21 @@ class EngineRunner:
 
     def close(self):
         self.pipe = self.backend = None
+
+
+def _adopt_controlnet(theirs, device, dtype, index: int):
+    """An sdengine ControlNet over a copy of a diffusers ControlNetModel's weights on `device`."""
+    from sdengine.config import ControlNetConfig
+    from sdengine.controlnet import ControlNet
+    from sdengine.loading import LoadedControlNet
+    from sdengine.models.controlnet import ControlNetModel
+
+    config = ControlNetConfig.from_dict(dict(theirs.config))
+    with torch.device("meta"):
+        model = ControlNetModel(config)
+    state = {k: v.to(device, dtype) for k, v in theirs.state_dict().items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return ControlNet(LoadedControlNet(config, model.eval(), "bench", f"controlnet-{index}", Path("controlnet")))
 
 
 @contextlib.contextmanager

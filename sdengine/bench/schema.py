@@ -109,6 +109,7 @@ SCHEMA = {
                 "model": {"type": ["string", "null"]},
                 "sampler": {"type": "string"},  # of the end-to-end runs, every backend (sdengine's name)
                 "schedule": {"type": "string"},
+                "controlnets": {"type": "integer", "minimum": 0},  # ControlNets in the UNet step and end to end
             },
         },
         "settings": {"type": "object"},
