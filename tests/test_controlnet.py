@@ -257,7 +257,7 @@ def sd15():
     (dict(image=np.zeros((0, 8, 3), np.uint8)), r"control\[0\]\.image is empty"),
     (dict(image=np.zeros((H, W, 5), np.uint8)), r"control\[0\]\.image must be an array .* 1, 3 or 4 channels"),
     (dict(image=[CONTROL_IMAGES[0]] * 3), r"control\[0\]\.image has 3 images but 2 are generated"),
-    (dict(start=0.8, end=0.2), r"control\[0\]: start \(0\.8\) must not be after end \(0\.2\)"),
+    (dict(start=0.8, end=0.2), r"control\[0\]\.start \(0\.8\) must not be after end \(0\.2\)"),
     (dict(end=1.5), r"control\[0\]\.end must be in \[0, 1\]"),
     (dict(scale=float("nan")), r"control\[0\]\.scale must be a finite number"),
     (dict(scale=float("inf")), r"control\[0\]\.scale must be a finite number"),
