@@ -147,6 +147,11 @@ class NativeBackend:
         context_2, pooled = self._package("text_encoder_2")(input_ids_2.to(self.device))
         return torch.cat([context, context_2], dim=-1), pooled  # (B, 77, D1 + D2), (B, P)
 
+    def controlnet_fn(self, control):
+        """ControlNets are not run by the native backend's compiled engine yet: a ValueError before any work."""
+        raise ValueError("the native backend does not run ControlNets yet; use the eager, graph, triton or "
+                         "compile backend for control=")
+
     @torch.inference_mode()
     def denoise(self, x_in, t, context, added_cond=None):
         """One compiled UNet forward; float32 out. All entries of t must be equal (one step)."""

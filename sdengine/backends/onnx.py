@@ -248,6 +248,11 @@ class OnnxBackend:
             raise ValueError(f"clip_skip={clip_skip} is out of range for {name}: 0 to {by_skip.shape[0] - 1}")
         return by_skip[int(clip_skip)], pooled
 
+    def controlnet_fn(self, control):
+        """ControlNets are not run by the onnx backend's exported graphs yet: a ValueError before any work."""
+        raise ValueError("the onnx backend does not run ControlNets yet; use the eager, graph, triton or "
+                         "compile backend for control=")
+
     def denoise(self, x_in, t, context, added_cond=None):
         """One UNet forward; returns float32."""
         batch = x_in.shape[0]
