@@ -404,3 +404,27 @@ def test_bench_runners_time_the_same_controlnet_step(kind, count):
             assert ours.ran()["fused_step"] == (name == "graph") and ours.unet_calls == 2
     assert type(theirs.pipe).__name__ == ("StableDiffusionXLControlNetPipeline" if kind == "sdxl"
                                           else "StableDiffusionControlNetPipeline")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layer", ["graph", "triton", "compile"])
+def test_cuda_layers_run_controlnets_in_the_captured_step(layer):
+    """On CUDA in fp16: the ControlNets inside real CUDA graphs of the whole step match eager, and a
+    second run (another scale, a LoRA-free rerun) replays without capturing again."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pipe = copy.deepcopy(tiny_pipeline("sd15")).to("cuda", torch.float16)
+    fast = sdengine.from_diffusers(pipe, backend=layer)
+    eager = sdengine.from_diffusers(copy.deepcopy(tiny_pipeline("sd15")).to("cuda", torch.float16))
+    controlnet = sdengine_controlnet("sd15", 0, torch.float16)
+    controlnet.model.to("cuda")
+    kwargs = dict(height=H, width=W, steps=STEPS, guidance_scale=5.0, seed=[3, 4], output_type="np", progress=False,
+                  sampler="euler")
+    controls = [Control(controlnet, CONTROL_IMAGES[0], scale=0.8, start=0.25, end=0.75)]
+    got, want = fast(PROMPTS, control=controls, **kwargs).images, eager(PROMPTS, control=controls, **kwargs).images
+    assert np.abs(got - want).mean() < 0.02
+    captures = fast.backend.graphs.captures
+    other = [Control(controlnet, CONTROL_IMAGES[0], scale=0.3, start=0.25, end=0.75)]
+    assert np.abs(fast(PROMPTS, control=other, **kwargs).images - eager(PROMPTS, control=other, **kwargs).images
+                  ).mean() < 0.02
+    assert fast.backend.graphs.captures == captures
