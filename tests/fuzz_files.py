@@ -547,7 +547,12 @@ def run_differential(mutator, count: int, ours, folder, compare=None, keep_disag
         expected = reference(path)
         start = time.perf_counter()
         got = ours(path)
-        report.slowest_s = max(report.slowest_s, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        if elapsed > 0.5:  # a stall of the machine (or the garbage collector), or the reader? Time it again.
+            start = time.perf_counter()
+            ours(path)
+            elapsed = min(elapsed, time.perf_counter() - start)
+        report.slowest_s = max(report.slowest_s, elapsed)
         report.mutants += 1
         if not compare(expected, got):
             report.disagreements.append((label, expected.ok, expected.error[:200], got.ok, got.error[:200]))
