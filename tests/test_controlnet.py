@@ -428,3 +428,13 @@ def test_cuda_layers_run_controlnets_in_the_captured_step(layer):
     assert np.abs(fast(PROMPTS, control=other, **kwargs).images - eager(PROMPTS, control=other, **kwargs).images
                   ).mean() < 0.02
     assert fast.backend.graphs.captures == captures
+
+
+def test_bench_record_names_the_controlnets():
+    from sdengine.bench.harness import Benchmark, BenchOptions
+    from sdengine.bench.output import title
+
+    bench = Benchmark(BenchOptions(arch="tiny", backends=("eager",), components=("unet_step",), controlnets=2,
+                                   height=H, width=W, device="cpu"), progress=False)
+    assert bench.record["workload"]["controlnets"] == 2 and bench.workload.controlnets == 2
+    assert "--controlnet 2" in bench.command() and ", 2 ControlNets," in title(bench.record)

@@ -191,7 +191,7 @@ class Benchmark:
         parts += ["--model", o.model] if o.model else ["--arch", o.arch]
         parts += ["--height", str(w.height), "--width", str(w.width), "--steps", str(w.steps),
                   "--sampler", w.sampler if w.schedule == "default" else f"{w.sampler}_{w.schedule}",
-                  "--batch", str(w.batch),
+                  "--batch", str(w.batch), *(["--controlnet", str(w.controlnets)] if w.controlnets else []),
                   "--dtype", w.dtype, "--backends", ",".join(o.backends), "--components", ",".join(o.components),
                   "--repeats", str(o.repeats), "--warmup", str(o.warmup), "--e2e-repeats", str(o.e2e_repeats),
                   "--e2e-warmup", str(o.e2e_warmup), "--device", self.device.type, "--seed", str(o.seed)]

@@ -96,8 +96,10 @@ def sampler_name(workload: dict) -> str:
 def title(record: dict) -> str:
     w = record["workload"]
     sampler = sampler_name(w)
+    count = w.get("controlnets") or 0
+    controlnets = f", {count} ControlNet{'s' if count > 1 else ''}" if count else ""
     return (f"{w['arch']} {w['width']}×{w['height']}, {w['steps']} steps{' of ' + sampler if sampler else ''}, "
-            f"batch {w['batch']}, {w['dtype']} on {record['device']}")
+            f"batch {w['batch']}{controlnets}, {w['dtype']} on {record['device']}")
 
 
 def markdown(record: dict, heading_level: int = 2) -> str:
