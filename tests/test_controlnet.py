@@ -187,6 +187,27 @@ def test_triton_layer_matches_eager():
     assert controls[0].model.model.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_qkv is None  # caller's untouched
 
 
+def test_compile_layer_compiles_the_controlnet():
+    """The compile layer's torch.compile'd ControlNet (aot_eager: traced and partitioned as Inductor
+    does, without generating code), inside its whole step, at two scales."""
+    from sdengine.backends.compiled import CompileBackend
+
+    torch._dynamo.reset()
+    fast = sdengine.from_diffusers(tiny_pipeline("sd15"))
+    b = fast.backend
+    fast.backend = CompileBackend(b.config, b.text_encoder, b.unet, b.vae, compiler="aot_eager")
+    eager = sdengine.from_diffusers(tiny_pipeline("sd15"))
+    controlnet = sdengine_controlnet("sd15", 0)
+    kwargs = dict(height=H, width=W, steps=2, guidance_scale=5.0, seed=[3], output_type="np", progress=False,
+                  sampler="euler")
+    for scale in (0.9, 0.4):
+        controls = [Control(controlnet, CONTROL_IMAGES[0], scale=scale)]
+        got = fast(PROMPTS[:1], control=controls, **kwargs).images
+        assert _max_diff(got, eager(PROMPTS[:1], control=controls, **kwargs).images) <= 1 / 255
+    compiled = fast.backend._controlnet_fns[id(controlnet.model)][1]
+    assert not compiled.failed and not fast.backend.unet_fn.failed
+
+
 # ---------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------
