@@ -247,6 +247,38 @@ def test_single_file_loads_to_identical_tensors(tmp_path, kind, suffix, prefix, 
                                **kwargs).images)
 
 
+@pytest.mark.parametrize("preset", ["sd15", "sd21", "sdxl"])
+def test_full_size_single_files_are_detected_from_their_shapes(preset):
+    """SD1.5, SD2.1 and SDXL ControlNets at full size (diffusers' from_unet of the preset UNets, on
+    the meta device: shapes only): their LDM single-file shapes give back the architecture, head
+    counts included (SD1: 8 heads; SD2 / SDXL: 64-channel heads), with no base model to ask."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from ldm_keys import controlnet_to_ldm
+    from sdengine.bench.reference import diffusers_unet_kwargs
+    from sdengine.config import PRESETS
+    from sdengine.convert import detect_controlnet_config
+
+    with torch.device("meta"):
+        theirs = ControlNetModel.from_unet(UNet2DConditionModel(**diffusers_unet_kwargs(PRESETS[preset].unet)),
+                                           load_weights_from_unet=False)
+    shapes = {k: tuple(v.shape) for k, v in controlnet_to_ldm(theirs, "control_model.").items()}
+    config, prefix = detect_controlnet_config(shapes)
+    unet, want = config.unet, PRESETS[preset].unet
+    assert prefix == "control_model."
+    for field in ("block_out_channels", "down_block_types", "layers_per_block", "num_attention_heads",
+                  "transformer_layers_per_block", "cross_attention_dim", "use_linear_projection",
+                  "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+        assert getattr(unet, field) == getattr(want, field), field
+    assert config.conditioning_embedding_out_channels == (16, 32, 96, 256) and config.conditioning_channels == 3
+    from sdengine.models.controlnet import ControlNetModel as Ours
+
+    with torch.device("meta"):
+        ours = Ours(config)
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+
+
 def test_diffusers_folder_and_fp16_variant(tmp_path):
     theirs = tiny_controlnet("sd15")
     theirs.save_pretrained(tmp_path / "plain", safe_serialization=True)
