@@ -24,7 +24,9 @@
 #   6. sdengine cache export: the Triton and Inductor caches of this run, for the next session;
 #   7. with the time left: the GPU tests (pytest -m gpu), then SD1.5 at batch 4, SD2.1-v 768² and
 #      SDXL 1024² with the best layers;
-#   8. with the time still left: the native backend's SD1.5 engine, then its benchmark.
+#   8. with the time still left: the native backend's SD1.5 engine, then its benchmark and its
+#      full-size check (tests/test_native_cuda.py, SDE_FULL_SIZE=1); if the engine did not build,
+#      benchmarks/bisect_aoti.py on its text encoder.
 # Everything is written under $WORK and packed at the end into ONE file, $OUT/gpu_session.tgz
 # (the device tool brings back few files), beside $OUT/session.log and $OUT/sdengine-cache.tgz.
 # Unpack it, copy results/* into benchmarks/results/ and the logs into benchmarks/results/logs/, and commit.
@@ -147,6 +149,15 @@ if (($(left) > 240)); then
         run_step bench_sd15_native 80 "${SDE[@]}" bench --arch sd15 --height 512 --width 512 --steps 30 \
             --sampler euler --batch 1 --dtype fp16 --backends diffusers,native --prepare-cap 40 --run-cap 40 \
             "${BENCH[@]}"
+        # -- native (issue 16): the engine's build record (time, compile attempts) and the C++ loop's
+        #    512x512 images (CUDA graphs) against the eager fp16 pipeline, within 0.02 MAE --
+        SDE_FULL_SIZE=1 run_step native_full_size 120 "${PYTEST[@]}" -s -m gpu tests/test_native_cuda.py -k full_size
+    else
+        # -- native (issue 16): which compile setting crashes the text encoder (the prebuild log has
+        #    every attempt's outcome) --
+        run_step bisect_aoti 100 "$PY" -X faulthandler benchmarks/bisect_aoti.py --arch sd15 --network text_encoder \
+            --dtype fp16 --device cuda --timeout 90 --only default,no-package-load,constants-in-so \
+            --json "$WORK/results/bisect_aoti.json"
     fi
 fi
 

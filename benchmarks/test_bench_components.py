@@ -39,7 +39,7 @@ def source():
     return pipe.to("cpu")
 
 
-@pytest.fixture(scope="module", params=["diffusers", "eager", "triton", "native"])
+@pytest.fixture(scope="module", params=["diffusers", "eager", "triton", "aoti"])
 def runner(request, source):
     try:
         built = make_runner(request.param, source, CONFIG, WORKLOAD, DEVICE)

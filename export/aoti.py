@@ -32,7 +32,12 @@ keyed by the networks' architecture, dtype, device, CPU capability and torch ver
 `engine_for(...)` builds one on first use, `sdengine export aoti MODEL` ahead of time.
 Batch, height and width are dynamic: one engine serves every size. Each network compiles
 in a child process (`python -m sdengine.export.aoti --compile-network SPEC`), so a crash
-inside the compiler is an error that names the network, with the child's output.
+inside the compiler is an error that names the network, with the child's output. A network
+whose compile crashes is compiled again with safer settings (ATTEMPTS: its weights compiled
+into the package too, then static shapes), so that an engine builds wherever one can; every
+attempt is recorded in engine.json. A network built with static shapes (`static_shape` in
+engine.json) runs at that shape only: the runtime runs batch-1 networks row by row and refuses
+other shapes with an error naming the network.
 """
 
 from __future__ import annotations
@@ -187,53 +192,104 @@ def check_supported(config) -> None:
 # Building an engine
 # ---------------------------------------------------------------------------
 
-def _example_inputs(config, dtype, device):
-    """Example inputs (batch 2, latents 2 * levels-multiple) and their dynamic dimensions."""
+@dataclasses.dataclass(frozen=True)
+class CompileSettings:
+    """How one network is exported and compiled: one attempt of an engine build.
+
+    The defaults give the engine its full reach (every batch and latent size, weights handed
+    over at load time). A network whose compile crashes or fails is compiled again with the
+    next settings of ATTEMPTS, each avoiding more of what could have crashed it, and every
+    attempt is recorded in engine.json (`networks.<name>.attempts`)."""
+
+    name: str
+    # aot_inductor.package_constants_in_so: the (random) weights compiled into the package as
+    # well; the runtime still replaces them with the checkpoint's at load time (user-managed
+    # constants), at the cost of that memory.
+    constants_in_so: bool = False
+    # always_keep_tensor_constants: weights stay constants, never literals inside the kernels.
+    # Only for bisecting (bisect_settings): an engine must keep it, else small weights (a
+    # 4-element conv bias) of the random build weights would be baked into its kernels.
+    keep_tensor_constants: bool = True
+    # Read the package's constant names by loading it in the compiling process (else: the
+    # constants the exported graph uses).
+    load_package: bool = True
+    # fx backed_size_oblivious: sizes 0 and 1 not specialised, so that batch 1 is in range.
+    size_oblivious: bool = True
+    # Static shapes: batch STATIC_BATCH[name] (1 for the text encoders and the VAE: the
+    # runtime runs their rows one by one; 2 for the UNet: one image with guidance) at the
+    # config's default latent size. The engine then serves that UNet workload only.
+    static: bool = False
+
+
+ATTEMPTS = (
+    CompileSettings("dynamic"),
+    CompileSettings("constants-in-so", constants_in_so=True, load_package=False),
+    CompileSettings("static", constants_in_so=True, load_package=False, size_oblivious=False, static=True),
+)
+STATIC_BATCH = {"text_encoder": 1, "text_encoder_2": 1, "unet": 2, "vae_decoder": 1, "vae_encoder": 1}
+# Test hook: "network:settings[,network:settings...]" makes those compile children abort
+# (os.abort) before they start, as a compiler crash would kill them (tests/test_native.py).
+INJECT_CRASH_ENV = "SDE_AOTI_INJECT_CRASH"
+
+
+def _example_inputs(config, dtype, device, static: bool = False):
+    """Example inputs of every network and their dynamic dimensions (None when static).
+
+    Dynamic: batch 2 and latents of 2 x the UNet's downsampling, with batch, height and width
+    dynamic. Static: batch STATIC_BATCH[name] at the config's default latent size."""
     Dim = torch.export.Dim
     batch = Dim("batch", min=1, max=MAX_BATCH)
     multiple = 2 ** (len(config.unet.block_out_channels) - 1)  # the UNet halves the latents this often
     h, w = Dim("h", min=1, max=MAX_LATENT // multiple), Dim("w", min=1, max=MAX_LATENT // multiple)
     tokens = config.text_encoder.max_position_embeddings
     latent_c = config.vae.latent_channels
-    lh = lw = 2 * multiple
-    ids = torch.zeros(2, tokens, dtype=torch.long, device=device)
-    x = torch.randn(2, config.unet.in_channels, lh, lw, device=device, dtype=dtype)
-    t = torch.full((2,), 500.0, device=device)
-    context = torch.randn(2, tokens, config.unet.cross_attention_dim, device=device, dtype=dtype)
-    z = torch.randn(2, latent_c, lh, lw, device=device, dtype=dtype)
+    lh = lw = config.unet.sample_size if static else 2 * multiple
     down = config.vae.downscale
-    images = torch.rand(2, 3, lh * down, lw * down, device=device, dtype=dtype) * 2 - 1
+
+    def rows(name):
+        return STATIC_BATCH[name] if static else 2
+
+    ids = torch.zeros(rows("text_encoder"), tokens, dtype=torch.long, device=device)
+    b = rows("unet")
+    x = torch.randn(b, config.unet.in_channels, lh, lw, device=device, dtype=dtype)
+    t = torch.full((b,), 500.0, device=device)
+    context = torch.randn(b, tokens, config.unet.cross_attention_dim, device=device, dtype=dtype)
+    z = torch.randn(rows("vae_decoder"), latent_c, lh, lw, device=device, dtype=dtype)
+    images = torch.rand(rows("vae_encoder"), 3, lh * down, lw * down, device=device, dtype=dtype) * 2 - 1
     unet_args = (x, t, context)
     unet_dynamic = {"x": {0: batch, 2: multiple * h, 3: multiple * w}, "t": {0: batch}, "context": {0: batch}}
     if config.text_encoder_2 is not None:  # SDXL's added conditioning
-        text_embeds = torch.randn(2, config.text_encoder_2.projection_dim, device=device, dtype=dtype)
-        time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 2, device=device, dtype=dtype)
+        text_embeds = torch.randn(b, config.text_encoder_2.projection_dim, device=device, dtype=dtype)
+        time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * b, device=device, dtype=dtype)
         unet_args += (text_embeds, time_ids)
         unet_dynamic.update({"text_embeds": {0: batch}, "time_ids": {0: batch}})
-    return {
+    examples = {
         "text_encoder": ((ids,), {"input_ids": {0: batch}}),
         "text_encoder_2": ((ids,), {"input_ids": {0: batch}}),
         "unet": (unet_args, unet_dynamic),
         "vae_decoder": ((z,), {"z": {0: batch, 2: multiple * h, 3: multiple * w}}),
         "vae_encoder": ((images,), {"x": {0: batch, 2: down * multiple * h, 3: down * multiple * w}}),
-    }, multiple
+    }
+    if static:
+        examples = {name: (args, None) for name, (args, _) in examples.items()}
+    return examples, multiple
 
 
-def _export(module, args, dynamic_shapes):
-    """torch.export with sizes 0/1 not specialised (so that batch 1 is in range)."""
+def _export(module, args, dynamic_shapes, size_oblivious: bool = True):
+    """torch.export; with size_oblivious, sizes 0/1 are not specialised (so that batch 1 is in range)."""
     import torch.fx.experimental._config as fx_config
 
     with torch.no_grad():
-        if hasattr(fx_config, "backed_size_oblivious"):
+        if size_oblivious and dynamic_shapes is not None and hasattr(fx_config, "backed_size_oblivious"):
             with fx_config.patch(backed_size_oblivious=True):
                 return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
         return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
 
 
-def _compile(exported, package_path: Path):
+def _compile(exported, package_path: Path, settings: CompileSettings = ATTEMPTS[0]):
     inductor_configs = {
-        "aot_inductor.package_constants_in_so": False,
-        "always_keep_tensor_constants": True,
+        "aot_inductor.package_constants_in_so": settings.constants_in_so,
+        "always_keep_tensor_constants": settings.keep_tensor_constants,
     }
     torch._inductor.aoti_compile_and_package(exported, package_path=str(package_path),
                                              inductor_configs=inductor_configs)
@@ -263,17 +319,29 @@ def _network_module(config, name: str, dtype: torch.dtype, device: torch.device)
     return module.to(dtype=dtype).eval()
 
 
-def _compile_network(config, name: str, dtype: torch.dtype, device: torch.device, folder: Path) -> None:
-    """Export and compile one network into `folder`: `<name>.pt2`, `<name>.json` (its
-    constants' shapes, compile time) and `<name>.buffers.safetensors` (its non-persistent
-    buffers, if any). Runs in a child process (see _compile_in_child)."""
+def _graph_constants(exported) -> set:
+    """The parameters, buffers and tensor constants that the exported graph reads."""
+    read = {node.name for node in exported.graph.nodes if node.op == "placeholder" and node.users}
+    return {spec.target for spec in exported.graph_signature.input_specs
+            if spec.target is not None and spec.arg.name in read}
+
+
+def _compile_network(config, name: str, dtype: torch.dtype, device: torch.device, folder: Path,
+                     settings: CompileSettings = ATTEMPTS[0]) -> None:
+    """Export and compile one network into `folder` with `settings`: `<name>.pt2`, `<name>.json`
+    (its constants' shapes, its static input shape if any, compile time) and
+    `<name>.buffers.safetensors` (its non-persistent buffers, if any). Runs in a child process
+    (see _compile_in_child)."""
     start = time.perf_counter()
     module = _network_module(config, name, dtype, device)
-    examples, _ = _example_inputs(config, dtype, device)
+    examples, _ = _example_inputs(config, dtype, device, static=settings.static)
     args, dynamic = examples[name]
-    exported = _export(module, args, dynamic)
-    _compile(exported, folder / f"{name}.pt2")
-    used = set(torch._inductor.aoti_load_package(str(folder / f"{name}.pt2")).get_constant_fqns())
+    exported = _export(module, args, dynamic, size_oblivious=settings.size_oblivious)
+    _compile(exported, folder / f"{name}.pt2", settings)
+    if settings.load_package:
+        used = set(torch._inductor.aoti_load_package(str(folder / f"{name}.pt2")).get_constant_fqns())
+    else:
+        used = _graph_constants(exported)
     state_keys = set(module.state_dict().keys())
     constants, buffers = {}, {}
     for fqn, tensor in list(exported.state_dict.items()) + list(exported.constants.items()):
@@ -286,7 +354,8 @@ def _compile_network(config, name: str, dtype: torch.dtype, device: torch.device
         from safetensors.torch import save_file
 
         save_file(buffers, str(folder / f"{name}.buffers.safetensors"))
-    result = {"constants": constants, "compile_s": round(time.perf_counter() - start, 1)}
+    result = {"constants": constants, "compile_s": round(time.perf_counter() - start, 1),
+              "static_shape": list(args[0].shape) if settings.static else None}
     (folder / f"{name}.json").write_text(json.dumps(result))
 
 
@@ -301,10 +370,19 @@ def _die_with_parent() -> None:
         pass
 
 
-def _compile_in_child(config, name: str, dtype: torch.dtype, device: torch.device, folder: Path) -> dict:
+class CompileCrash(RuntimeError):
+    """A network's compile child died or failed: `outcome` says how, `output` is its last output."""
+
+    def __init__(self, message: str, outcome: str, output: str):
+        super().__init__(message)
+        self.outcome, self.output = outcome, output
+
+
+def _compile_in_child(config, name: str, dtype: torch.dtype, device: torch.device, folder: Path,
+                      settings: CompileSettings = ATTEMPTS[0], timeout: Optional[float] = None) -> dict:
     """_compile_network in a child process, so that a compiler crash (a segfault inside torch,
-    seen with torch 2.11 on CUDA) is an error that names the network, not a dead process.
-    Returns the network's result: constants, compile_s and buffers."""
+    seen with torch 2.11 on CUDA) is an error (CompileCrash) that names the network, not a dead
+    process. Returns the network's result: constants, compile_s, static_shape and buffers."""
     import pickle
     import signal
     import subprocess
@@ -312,18 +390,23 @@ def _compile_in_child(config, name: str, dtype: torch.dtype, device: torch.devic
 
     spec = folder / f".{name}.spec.pkl"
     spec.write_bytes(pickle.dumps({"config": config, "name": name, "dtype": dtype, "device": device,
-                                   "folder": str(folder)}))
+                                   "folder": str(folder), "settings": settings}))
     cmd = [sys.executable, "-X", "faulthandler", "-m", "sdengine.export.aoti", "--compile-network", str(spec)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          preexec_fn=_die_with_parent)
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+                              preexec_fn=_die_with_parent)
+        rc, output = proc.returncode, proc.stdout
+    except subprocess.TimeoutExpired as e:  # subprocess.run killed it
+        rc, output = None, e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
     spec.unlink(missing_ok=True)
-    if proc.returncode != 0:
-        rc = proc.returncode
-        how = f"was killed by {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.valid_signals() \
-            else f"failed (exit status {rc})"
-        tail = "\n".join(proc.stdout.strip().splitlines()[-30:])
-        raise RuntimeError(f"{config.name}: compiling the {name} network for {device.type} {dtype_name(dtype)} "
-                           f"{how}; its last output:\n{tail}")
+    if rc != 0:
+        how = f"timed out after {timeout:g} s" if rc is None else f"was killed by {signal.Signals(-rc).name}" \
+            if rc < 0 and -rc in signal.valid_signals() else f"failed (exit status {rc})"
+        tail = "\n".join(output.strip().splitlines()[-30:])
+        for leftover in (f"{name}.pt2", f"{name}.json", f"{name}.buffers.safetensors"):
+            (folder / leftover).unlink(missing_ok=True)
+        raise CompileCrash(f"{config.name}: compiling the {name} network for {device.type} {dtype_name(dtype)} "
+                           f"{how} (settings: {settings.name}); its last output:\n{tail}", how, tail)
     result = json.loads((folder / f"{name}.json").read_text())
     (folder / f"{name}.json").unlink()
     buffers_file = folder / f"{name}.buffers.safetensors"
@@ -336,15 +419,46 @@ def _compile_in_child(config, name: str, dtype: torch.dtype, device: torch.devic
     return result
 
 
+def _compile_with_retries(config, name: str, dtype: torch.dtype, device: torch.device, folder: Path,
+                          attempts=ATTEMPTS, log=None) -> dict:
+    """Compile network `name` with each of `attempts` in turn until one succeeds. Returns its
+    result (as _compile_in_child) with "settings" (the settings that built it) and "attempts"
+    (each attempt: settings, outcome, seconds, and a failed one's last output). RuntimeError
+    naming the network and every attempt's outcome when none succeeds."""
+    tried = []
+    for settings in attempts:
+        started = time.perf_counter()
+        try:
+            result = _compile_in_child(config, name, dtype, device, folder, settings)
+        except CompileCrash as crash:
+            tried.append({"settings": settings.name, "outcome": crash.outcome,
+                          "seconds": round(time.perf_counter() - started, 1), "output": crash.output[-2000:]})
+            if log is not None:
+                log(f"{name}: the {settings.name} compile {crash.outcome}; retrying with safer settings"
+                    if settings is not attempts[-1] else f"{name}: the {settings.name} compile {crash.outcome}")
+            last = crash
+            continue
+        tried.append({"settings": settings.name, "outcome": "ok", "seconds": round(time.perf_counter() - started, 1)})
+        result["settings"] = dataclasses.asdict(settings)
+        result["attempts"] = tried
+        return result
+    summary = "; ".join(f"{a['settings']}: {a['outcome']}" for a in tried)
+    raise RuntimeError(f"{config.name}: the {name} network did not compile for {device.type} {dtype_name(dtype)} "
+                       f"with any settings ({summary}); the last attempt's output:\n{last.output}")
+
+
 def build_engine(config, out_dir, *, dtype: torch.dtype, device, progress=True, replace: bool = True) -> Path:
     """Export and compile the networks of `config` (text encoder(s), UNet, VAE decoder and
     encoder) for `device` in `dtype` into the engine folder `out_dir`.
 
     Each network is compiled in a child process from the config, with random weights (their
     values are not packaged: one engine serves every checkpoint of the architecture), so a
-    crash inside the compiler is an error naming the network. The folder is written to a
-    temporary sibling and renamed, so a half-built engine is never seen. replace=False keeps
-    an engine that another process finished meanwhile (the cache's case).
+    crash inside the compiler is an error naming the network. A network whose compile crashes
+    or fails is compiled again with the next, safer settings of ATTEMPTS; engine.json records
+    every attempt (`networks.<name>.attempts`), the settings that built each network and the
+    whole build's time (`build_s`). The folder is written to a temporary sibling and renamed,
+    so a half-built engine is never seen. replace=False keeps an engine that another process
+    finished meanwhile (the cache's case).
     """
     from tqdm.auto import tqdm
 
@@ -354,6 +468,7 @@ def build_engine(config, out_dir, *, dtype: torch.dtype, device, progress=True, 
     device = torch.device(device)
     out_dir = Path(out_dir)
     tmp = cachedir.staging(out_dir)
+    started = time.perf_counter()
     try:
         multiple = 2 ** (len(config.unet.block_out_channels) - 1)  # as _example_inputs
         components = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
@@ -363,12 +478,13 @@ def build_engine(config, out_dir, *, dtype: torch.dtype, device, progress=True, 
         bar = tqdm(names, desc="AOTInductor compile", unit="network", disable=not progress)
         for name in bar:
             bar.set_postfix_str(name)
-            result = _compile_in_child(config, name, dtype, device, tmp)
+            result = _compile_with_retries(config, name, dtype, device, tmp, log=bar.write if progress else None)
             constants = result["constants"]
             buffers.update({f"{name}/{fqn}": tensor for fqn, tensor in result["buffers"].items()})
             networks[name] = {"package": f"{name}.pt2", "component": components[name], "prefix": PREFIX,
                               "constants": constants, "ldm": _ldm_sources(config, components[name], constants),
-                              "compile_s": result["compile_s"]}
+                              "compile_s": result["compile_s"], "static_shape": result.get("static_shape"),
+                              "settings": result["settings"], "attempts": result["attempts"]}
         if buffers:
             from safetensors.torch import save_file
 
@@ -378,6 +494,7 @@ def build_engine(config, out_dir, *, dtype: torch.dtype, device, progress=True, 
             "dtype": dtype_name(dtype), "cpu_capability": cpu_capability() if device.type == "cpu" else "",
             "latent_multiple": multiple, "max_batch": MAX_BATCH, "max_latent": MAX_LATENT,
             "config": _config_dict(config), "networks": networks, "single_file": _single_file_info(config, tmp),
+            "build_s": round(time.perf_counter() - started, 1),
         }
         (tmp / "engine.json").write_text(json.dumps(meta, indent=1))  # written last: it marks the folder whole
         cachedir.publish(tmp, out_dir, replace=replace or not (out_dir / "engine.json").is_file())
@@ -524,4 +641,8 @@ if __name__ == "__main__":  # the child process of _compile_in_child
     if len(sys.argv) != 3 or sys.argv[1] != "--compile-network":
         sys.exit("usage: python -m sdengine.export.aoti --compile-network SPEC (internal: see _compile_in_child)")
     _spec = pickle.loads(Path(sys.argv[2]).read_bytes())
-    _compile_network(_spec["config"], _spec["name"], _spec["dtype"], _spec["device"], Path(_spec["folder"]))
+    _settings = _spec.get("settings", ATTEMPTS[0])
+    if f"{_spec['name']}:{_settings.name}" in os.environ.get(INJECT_CRASH_ENV, "").split(","):
+        os.abort()  # the test hook: die as a crashing compiler would
+    _compile_network(_spec["config"], _spec["name"], _spec["dtype"], _spec["device"], Path(_spec["folder"]),
+                     _settings)

@@ -175,6 +175,13 @@ def _network(net: dict, key: str) -> None:
                 _one_of(source[1], TRANSFORMS, f"{where} transform")
     if "compile_s" in net and type(net["compile_s"]) not in (int, float):
         _fail(f"{key}.compile_s", "must be a number")
+    # static_shape (export/aoti.py ATTEMPTS): the first input's only shape, null when dynamic.
+    static = _optional(net, "static_shape")
+    if static is not None:
+        if not isinstance(static, list) or not 1 <= len(static) <= 8:
+            _fail(f"{key}.static_shape", "must be null or a shape: 1 to 8 integers")
+        for d in static:
+            _integer(d, 1, 2**31 - 1, f"{key}.static_shape")
 
 
 def check_engine_meta(meta) -> None:

@@ -17,7 +17,7 @@ from .pipeline import Pipeline
 log = logging.getLogger("sdengine")
 
 DEMO_MODEL = Path(__file__).parent / "data" / "demo-digits"
-BACKENDS = ("eager", "graph", "triton", "compile", "native", "onnx")
+BACKENDS = ("eager", "graph", "triton", "compile", "native", "aoti", "onnx")
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -60,8 +60,10 @@ def load(path=None, device=None, dtype=None, backend: Optional[str] = None, *,
     device:  "cpu", "cuda", ...; default CUDA when available.
     dtype:   torch dtype or "fp32" / "fp16" / "bf16"; default fp16 on CUDA, fp32 on CPU.
     backend: a speed layer, "eager", "graph", "triton" or "compile" (README, Backends), or
-             "native" or "onnx"; default: "onnx" for an ONNX folder, "graph" on CUDA,
-             "eager" on the CPU.
+             "native", "aoti" or "onnx"; default: "onnx" for an ONNX folder, "graph" on CUDA,
+             "eager" on the CPU. "native" runs whole requests in the C++ runtime (libsdengine)
+             on AOTInductor-compiled networks; "aoti" drives the same compiled networks from
+             the Python loop.
     config:  the architecture of a single-file checkpoint, where detection from its keys
              and shapes is not enough (e.g. unusual head counts).
     prediction_type: "epsilon" or "v_prediction" for a single file that does not say
@@ -182,6 +184,10 @@ def _pipeline_from_modules(config, text_encoder, unet, vae, text_encoder_2, toke
         from .backends.native import NativeBackend
 
         impl = _build(NativeBackend, backend, options, config, text_encoder, unet, vae, text_encoder_2)
+    elif backend == "aoti":
+        from .backends.aoti import AOTIBackend
+
+        impl = _build(AOTIBackend, backend, options, config, text_encoder, unet, vae, text_encoder_2)
     else:
         raise ValueError(f"backend {backend!r} cannot be built from torch modules")
     return Pipeline(impl, tokenizer, tokenizer_2, name=name)

@@ -7,7 +7,9 @@ Data flows one way:
            -> decode -> image
 
 A backend may also run the whole step (UNet + guidance + sampler update) as one function,
-`backend.fused_step(...)`; the loop then drives that step instead of model_fn.
+`backend.fused_step(...)`; the loop then drives that step instead of model_fn. A backend that
+runs whole requests itself (native: the C++ loop) offers `backend.run_request(...)`: it gets
+the checked request and gives back the images.
 
 The pipeline never asks which backend it holds: a backend encodes text, runs one
 UNet forward and encodes / decodes images (docs/CONTRACTS.md). Every image has its
@@ -256,8 +258,42 @@ class Pipeline:
         do_cfg = guidance_scale > 1.0
         control_inputs = self._control_inputs(controls, controlnets, width, height, n_images, do_cfg, total)
 
+        def new_bar():
+            return tqdm(total=total, desc=f"{sampler_name}", unit="step", disable=not progress, leave=False)
+
+        step_index = [0]  # the sampler step that model_fn's next evaluations belong to (ControlNets' ranges)
+
+        def on_step(index, x):
+            step_index[0] = index + 1
+            bar.update(1)
+            if callback is not None and callback(index, total, x) is False:
+                raise GenerationCancelled(f"cancelled by the callback at step {index + 1}")
+
         with self._holding_weights(tag_loras) as loras:
-            step_index = [0]  # the sampler step that model_fn's next evaluations belong to (ControlNets' ranges)
+            params = dict(
+                mode=mode, prompts=prompts, negative_prompts=negatives, steps=num_inference_steps,
+                sampler=sampler_name, schedule=schedule_name, guidance_scale=guidance_scale, height=height,
+                width=width, strength=strength, model=self.name, clip_skip=clip_skip, eta=eta,
+                loras=loras, controls=[control_params(c, cn, width, height) for c, cn in zip(controls, controlnets)],
+            )
+            # A backend that runs whole requests itself (native: the C++ loop) takes the checked
+            # request here and gives back uint8 images (docs/CONTRACTS.md).
+            run_request = getattr(self.backend, "run_request", None)
+            if run_request is not None:
+                bar = new_bar()
+                try:
+                    pixels = run_request(
+                        tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, prompts=texts, negatives=negatives,
+                        negative_given=request.negative_prompt_given, prompt_syntax=syntax, seeds=seeds,
+                        steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
+                        sampler=sampler_name, schedule=schedule_name, eta=eta, strength=strength, mode=mode,
+                        image=image, mask=mask, clip_skip=clip_skip, latents=latents, output_type=output_type,
+                        vae_tiling=vae_tiling, on_step=on_step, wants_latents=callback is not None)
+                finally:
+                    bar.close()
+                images = pixels.astype(np.float32) / 255  # (N, H, W, 3)
+                return GenerationResult(images if output_type == "np" else numpy_to_pil(images), seeds, params)
+
             # -- text ------------------------------------------------------------
             # A1111's syntax: prompt and negative prompt take the same number of 77-token windows.
             windows = a1111.count_windows(self.tokenizer, texts + (negatives if do_cfg else [])) if syntax else None
@@ -320,14 +356,7 @@ class Pipeline:
                 step = fused_step(*fused_args, controls=control_inputs)
             else:
                 step = fused_step(*fused_args)
-            bar = tqdm(total=total, desc=f"{sampler_name}", unit="step", disable=not progress, leave=False)
-
-            def on_step(index, x):
-                step_index[0] = index + 1
-                bar.update(1)
-                if callback is not None and callback(index, total, x) is False:
-                    raise GenerationCancelled(f"cancelled by the callback at step {index + 1}")
-
+            bar = new_bar()
             try:
                 if step is not None:
                     x = sample_fused(step, noise, plan, init_latents=image_latents if init_for_sampler else None,
@@ -342,12 +371,6 @@ class Pipeline:
             finally:
                 bar.close()
 
-            params = dict(
-                mode=mode, prompts=prompts, negative_prompts=negatives, steps=num_inference_steps,
-                sampler=sampler_name, schedule=schedule_name, guidance_scale=guidance_scale, height=height,
-                width=width, strength=strength, model=self.name, clip_skip=clip_skip, eta=eta,
-                loras=loras, controls=[control_params(c, cn, width, height) for c, cn in zip(controls, controlnets)],
-            )
             if output_type == "latent":
                 return GenerationResult(x, seeds, params)
 

@@ -73,6 +73,9 @@ def test_gpu_session_script_runs_every_step_in_order_and_packs_its_results(tmp_p
     assert "diffusers,eager" in profile
     native = [c for c in calls if "--backends diffusers,native" in c]
     assert len(native) == (1 if prebuild_rc == 0 else 0)  # the native benchmark only once its engine built
+    # issue 16: the full-size native check after a build, the compile bisect after a failed one
+    assert any("test_native_cuda.py" in c and "full_size" in c for c in calls) == (prebuild_rc == 0)
+    assert any("bisect_aoti.py" in c for c in calls) == (prebuild_rc != 0)
     tests = next(c for c in calls if "-m gpu" in c)
     assert "-v" in tests.split() and "--continue-on-collection-errors" in tests
     assert not any("cache import" in c for c in calls)

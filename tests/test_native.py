@@ -1,4 +1,6 @@
-"""The native runtime (libsdengine, csrc/): AOTInductor engine, C++ tokenizer, C++ sampler loop, C API.
+"""The native runtime (libsdengine, csrc/): AOTInductor engine, C++ tokenizer, C++ sampler loop, C API;
+`backend="native"` (whole requests in the C++ loop) and `backend="aoti"` (the same compiled
+networks from the Python loop).
 
 References: the eager Python pipeline (sdengine.api.from_diffusers on the tiny diffusers
 pipeline of tests/tiny.py, same weights) for images; sdengine.tokenizer for token ids;
@@ -15,9 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +80,12 @@ def native(cache_dir, model_dir):
 @pytest.fixture(scope="module")
 def eager():
     return sdengine.from_diffusers(tiny_pipeline("sd15"), backend="eager")
+
+
+@pytest.fixture(scope="module")
+def aoti(native, model_dir):
+    """sdengine.load(..., backend="aoti"): the same engine, driven from the Python loop."""
+    return sdengine.load(model_dir, backend="aoti")
 
 
 @pytest.fixture(scope="module")
@@ -218,19 +228,19 @@ def test_cpp_loop_matches_eager_pipeline(native, eager, sampler, schedule):
     assert_cpp_loop_matches_eager(native, eager, sampler, schedule)
 
 
-def test_engine_runs_any_latent_size_in_its_steps(native):
+def test_engine_runs_any_latent_size_in_its_steps(aoti):
     """Batch, height and width are dynamic: non-square latents of any multiple of the UNet's
     downsampling run through the compiled UNet and decoder as through the eager ones."""
     gen = torch.Generator().manual_seed(0)
     for batch, h, w in ((2, 6, 10), (1, 2, 4), (3, 4, 2)):
-        x = torch.randn(batch, native.config.unet.in_channels, h, w, generator=gen)
+        x = torch.randn(batch, aoti.config.unet.in_channels, h, w, generator=gen)
         t = torch.full((batch,), 321.0)
-        context = torch.randn(batch, 77, native.config.unet.cross_attention_dim, generator=gen)
+        context = torch.randn(batch, 77, aoti.config.unet.cross_attention_dim, generator=gen)
         with torch.inference_mode():
-            ref = native.backend.unet(x, t[0], context)
-            ref_image = native.backend.vae.decode(x)
-        torch.testing.assert_close(native.backend.denoise(x, t, context), ref, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(native.backend.decode(x), ref_image, rtol=1e-4, atol=1e-4)
+            ref = aoti.backend.unet(x, t[0], context)
+            ref_image = aoti.backend.vae.decode(x)
+        torch.testing.assert_close(aoti.backend.denoise(x, t, context), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(aoti.backend.decode(x), ref_image, rtol=1e-4, atol=1e-4)
 
 
 def _init_image(seed=0):
@@ -264,33 +274,35 @@ def test_cpp_img2img_matches_eager_pipeline(native, eager, sampler, strength):
         native.backend.generate(native.tokenizer, PROMPT, width=24, steps=2, init_image=init)
 
 
-def test_native_step_path_img2img_uses_compiled_encoder(native, eager):
+def test_aoti_step_path_img2img_uses_compiled_encoder(aoti, eager):
     init = _init_image(1)
     images = torch.from_numpy(init).permute(2, 0, 1)[None].float() / 255 * 2 - 1
-    mean, logvar = native.backend.encode_image(images)
+    mean, logvar = aoti.backend.encode_image(images)
     with torch.inference_mode():
-        ref_mean, ref_logvar = native.backend.vae.encode(images)
+        ref_mean, ref_logvar = aoti.backend.vae.encode(images)
     torch.testing.assert_close(mean, ref_mean, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(logvar, ref_logvar, rtol=1e-4, atol=1e-4)
-    ours = native(PROMPT, init_image=init, strength=0.7, num_inference_steps=3, seed=4, sampler="euler",
+    ours = aoti(PROMPT, init_image=init, strength=0.7, num_inference_steps=3, seed=4, sampler="euler",
                   output_type="np", progress=False).images[0]
     ref = eager(PROMPT, init_image=init, strength=0.7, num_inference_steps=3, seed=4, sampler="euler",
                 output_type="np", progress=False).images[0]
     assert np.abs((ours - ref) * 255).max() <= 2
 
 
-def test_native_step_path_matches_eager(native, eager):
+def test_aoti_step_path_matches_eager(aoti, eager):
     """The pipeline driving the compiled packages step by step (the backend interface)."""
-    ours = native(PROMPT, num_inference_steps=3, height=SIZE, width=SIZE, seed=3, sampler="dpmpp_2m",
+    assert aoti.backend.name == "aoti" and not hasattr(aoti.backend, "run_request")
+    ours = aoti(PROMPT, num_inference_steps=3, height=SIZE, width=SIZE, seed=3, sampler="dpmpp_2m",
                   output_type="np", progress=False).images[0]
     ref = _eager_uint8(eager, "dpmpp_2m", None, seed=3)[0]
     assert np.abs((ours * 255).round().astype(int) - ref.astype(int)).max() <= 2
 
 
-def test_native_loras_merge_into_the_engine_weights_and_embeddings(native, model_dir, tmp_path):
-    """A LoRA merged in place reaches the compiled packages (step path) and the C++ loop with no
-    reload; set_loras([]) restores the engine's weights bit for bit. A textual-inversion token
-    runs the eager text encoders (the engine's token table is the checkpoint's)."""
+def test_native_loras_merge_into_the_engine_weights_and_embeddings(native, aoti, model_dir, tmp_path):
+    """A LoRA merged in place reaches the C++ loop (its captured steps included) and the compiled
+    packages of the Python loop with no reload; set_loras([]) restores the engine's weights bit
+    for bit. A textual-inversion token runs the eager text encoders on aoti (the engine's token
+    table is the checkpoint's); native, whose C++ tokenizer does not know it, refuses it."""
     import copy
 
     from lora_files import embedding_vectors, kohya_lora
@@ -314,8 +326,13 @@ def test_native_loras_merge_into_the_engine_weights_and_embeddings(native, model
         native.set_loras([])
     changed = [k for k in before if not torch.equal(before[k], native.backend._weights[k])]
     assert not changed, changed[:3]
+    aoti.set_loras([(path, 0.8)])
+    try:
+        assert np.abs((aoti(PROMPT, **run).images[0] - ref) * 255).max() <= 2
+    finally:
+        aoti.set_loras([])
 
-    fresh = sdengine.load(model_dir, backend="native")
+    fresh = sdengine.load(model_dir, backend="aoti")
     embedding = tmp_path / "tinycat.safetensors"
     from safetensors.torch import save_file
 
@@ -325,6 +342,11 @@ def test_native_loras_merge_into_the_engine_weights_and_embeddings(native, model
     reference.load_embedding(embedding)
     prompt = "a photo of tinycat"
     assert np.abs((fresh(prompt, **run).images[0] - reference(prompt, **run).images[0]) * 255).max() <= 2
+    cpp = sdengine.load(model_dir, backend="native")
+    cpp.load_embedding(embedding)
+    with pytest.raises(ValueError, match="(?s)textual-inversion tokens.*backend='aoti'"):
+        cpp(prompt, **run)
+    assert np.abs((cpp(PROMPT, **run).images[0] - base) * 255).max() <= 2  # other prompts still run
 
 
 def test_cpp_loop_without_guidance_and_cancel(native, eager):
@@ -369,7 +391,7 @@ def test_compiler_crash_is_an_error_naming_the_network(tmp_path):
 def test_failed_engine_build_leaves_nothing_behind(tmp_path, monkeypatch):
     from sdengine.export import aoti
 
-    def fail(config, name, dtype, device, folder):
+    def fail(config, name, dtype, device, folder, settings=None, timeout=None):
         (folder / f"{name}.pt2").write_bytes(b"half")
         raise RuntimeError(f"compiling the {name} network was killed by SIGSEGV")
 
@@ -378,6 +400,81 @@ def test_failed_engine_build_leaves_nothing_behind(tmp_path, monkeypatch):
         aoti.build_engine(tiny_config("sd15"), tmp_path / "engine", dtype=torch.float32, device="cpu",
                           progress=False)
     assert not list(tmp_path.iterdir()), "no engine and no temporary folder is left"
+
+
+def _reuse_cached(engine_dir, names, real):
+    """A _compile_in_child that copies the networks `names` from the cached engine instead of
+    compiling them (the retry tests compile only the networks they crash)."""
+    meta = json.loads((Path(engine_dir) / "engine.json").read_text())
+    from safetensors.torch import load_file
+
+    buffers = load_file(str(Path(engine_dir) / "buffers.safetensors")) \
+        if (Path(engine_dir) / "buffers.safetensors").is_file() else {}
+
+    def compile_or_reuse(config, name, dtype, device, folder, *args, **kwargs):
+        if name not in names:
+            return real(config, name, dtype, device, folder, *args, **kwargs)
+        shutil.copy(Path(engine_dir) / f"{name}.pt2", folder / f"{name}.pt2")
+        return {"constants": meta["networks"][name]["constants"], "compile_s": 0.0, "static_shape": None,
+                "buffers": {k.split("/", 1)[1]: v for k, v in buffers.items() if k.startswith(f"{name}/")}}
+    return compile_or_reuse
+
+
+def test_engine_builds_through_retries_when_compiles_crash(native, eager, model_dir, engine_dir, tmp_path,
+                                                           monkeypatch):
+    """A network whose compile child dies (an injected os.abort, as torch 2.11's segfault) is
+    compiled again with safer settings: the text encoder twice (weights in the package, then
+    static shapes: batch 1, run row by row), the VAE decoder once (weights in the package).
+    engine.json records every attempt, and the engine gives the eager pipeline's images from
+    C++ and from the Python loop."""
+    from sdengine.backends.aoti import AOTIBackend
+    from sdengine.export import aoti as export
+
+    monkeypatch.setattr(export, "_compile_in_child", _reuse_cached(engine_dir, ("unet", "vae_encoder"),
+                                                                   export._compile_in_child))
+    monkeypatch.setenv(export.INJECT_CRASH_ENV,
+                       "text_encoder:dynamic,text_encoder:constants-in-so,vae_decoder:dynamic")
+    built = export.build_engine(native.config, tmp_path / "engine", dtype=torch.float32, device="cpu",
+                                progress=False)
+    meta = json.loads((built / "engine.json").read_text())
+    text, decoder = meta["networks"]["text_encoder"], meta["networks"]["vae_decoder"]
+    assert [(a["settings"], a["outcome"]) for a in text["attempts"]] == [
+        ("dynamic", "was killed by SIGABRT"), ("constants-in-so", "was killed by SIGABRT"), ("static", "ok")]
+    assert text["settings"]["static"] and text["static_shape"] == [1, 77]
+    assert [(a["settings"], a["outcome"]) for a in decoder["attempts"]] == [
+        ("dynamic", "was killed by SIGABRT"), ("constants-in-so", "ok")]
+    assert decoder["settings"]["constants_in_so"] and decoder["static_shape"] is None
+    assert meta["build_s"] > 0
+    # The C++ loop: the text encoder at batch 2 (prompt and negative of two images) row by row.
+    ours = _C.Model(str(model_dir), str(built)).generate(PROMPT, "blurry", SIZE, SIZE, 3, 7.5, 7, 2, "euler_a",
+                                                          None, 0.0, None)
+    ref = _eager_uint8(eager, "euler_a", None, seed=7, negative="blurry", batch_size=2)
+    for (data, w, h, _), expected in zip(ours, ref):
+        image = np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3)
+        assert np.abs(image.astype(int) - expected.astype(int)).max() <= 2
+    # The Python loop on the same engine (aoti): the static text encoder row by row there too.
+    loaded = sdengine.load(model_dir, backend="eager")
+    backend = AOTIBackend(loaded.config, loaded.backend.text_encoder, loaded.backend.unet, loaded.backend.vae,
+                          engine_dir=built)
+    ids = loaded.tokenizer([PROMPT, "blurry", ""])
+    context, _ = backend.encode_text(ids)
+    with torch.inference_mode():
+        expected, _ = loaded.backend.text_encoder(ids)
+    torch.testing.assert_close(context, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="the text_encoder network of this engine runs inputs of shape"):
+        backend.encode_text(torch.zeros(1, 70, dtype=torch.long))
+
+
+def test_engine_build_that_cannot_succeed_names_network_and_attempts(native, tmp_path, monkeypatch):
+    from sdengine.export import aoti as export
+
+    monkeypatch.setenv(export.INJECT_CRASH_ENV,
+                       "text_encoder:dynamic,text_encoder:constants-in-so,text_encoder:static")
+    with pytest.raises(RuntimeError, match="the text_encoder network did not compile for cpu fp32 with any settings "
+                                           r"\(dynamic: was killed by SIGABRT; constants-in-so: was killed by "
+                                           r"SIGABRT; static: was killed by SIGABRT\)"):
+        export.build_engine(native.config, tmp_path / "engine", dtype=torch.float32, device="cpu", progress=False)
+    assert not list(tmp_path.iterdir()), "nothing half-built is left"
 
 
 def test_export_cli_registers_aoti(tmp_path):
@@ -452,6 +549,96 @@ def test_capi_no_memory_growth(capi_test, model_dir, engine_dir):
     """200 sequential generations: RSS within 2% of its value after warm-up."""
     rc, log = _run([capi_test, "rss", model_dir, engine_dir, 200])
     assert rc == 0 and "ok rss_stable" in log, log
+
+
+# ---------------------------------------------------------------------------
+# Graphs: each (batch, latent size, sampler) captured once per instance and replayed (graphs.h).
+# On the CPU a capture runs its call and keeps it, a replay runs it again: the cache logic of
+# the CUDA graphs, counted by sde_model_get_stats.
+# ---------------------------------------------------------------------------
+
+def _gen(model, sampler="euler", seed=1, size=(SIZE, SIZE), guidance=7.5, batch=1, prompt=PROMPT, progress=None):
+    width, height = size
+    out = model.generate(prompt, "blurry", width, height, 3, guidance, seed, batch, sampler, None, 0.0, progress)
+    return [np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3) for data, w, h, _ in out]
+
+
+def test_step_graph_captured_once_per_shape(model_dir, engine_dir, eager):
+    model = _C.Model(str(model_dir), str(engine_dir), max_concurrency=1)
+    assert model.stats()["cuda_graphs"] is False and model.stats()["instances"] == 1
+    _gen(model)
+    step, text, decode = (model.stats()[k] for k in ("step", "text", "decode"))
+    assert (step["captures"], step["replays"], step["cached"]) == (1, 2, 1)  # 3 steps: 1 capture + 2 replays
+    assert (text["captures"], text["replays"]) == (1, 1)  # prompt and negative prompt: batch 1 twice
+    assert (decode["captures"], decode["replays"]) == (1, 0)
+    # Same shape, another prompt, seed and guidance scale: replays only, and the right image (what
+    # changes per request goes through the graph's buffers, not into the graph).
+    ours = _gen(model, seed=9, guidance=4.0, prompt="a red square")[0]
+    ref = eager("a red square", negative_prompt="blurry", num_inference_steps=3, guidance_scale=4.0, height=SIZE,
+                width=SIZE, seed=9, sampler="euler", output_type="np", progress=False).images[0]
+    assert np.abs(ours.astype(int) - (ref * 255).round().astype(int)).max() <= 2
+    step = model.stats()["step"]
+    assert (step["captures"], step["replays"]) == (1, 5)
+    # A new sampler, latent size or batch is a new shape: one more capture each.
+    _gen(model, sampler="euler_a")
+    _gen(model, size=(SIZE + 8, SIZE))
+    _gen(model, batch=2)
+    stats = model.stats()
+    assert (stats["step"]["captures"], stats["step"]["cached"]) == (4, 4)
+    assert (stats["text"]["captures"], stats["decode"]["captures"]) == (2, 3)  # batch 2; 24x16, batch 2
+    assert stats["step"]["evicted"] == 0 and stats["step"]["direct"] == 0
+
+
+def test_graph_cache_is_bounded(model_dir, engine_dir):
+    """max_graphs=2: a third shape drops the least recently used; coming back recaptures it,
+    with the same image as before."""
+    model = _C.Model(str(model_dir), str(engine_dir), max_concurrency=1, max_graphs=2)
+    first = _gen(model, size=(SIZE, SIZE))[0]
+    _gen(model, size=(SIZE + 8, SIZE))
+    _gen(model, size=(SIZE, SIZE + 8))
+    step = model.stats()["step"]
+    assert (step["captures"], step["cached"], step["evicted"]) == (3, 2, 1)
+    again = _gen(model, size=(SIZE, SIZE))[0]
+    step = model.stats()["step"]
+    assert (step["captures"], step["cached"], step["evicted"]) == (4, 2, 2)
+    assert np.array_equal(again, first)
+
+
+def test_graphs_are_not_shared_by_concurrent_requests(model_dir, engine_dir):
+    """Two requests of one shape at the same time (both wait for the other inside their first
+    step's callback) run on two instances, each capturing its own graph; the images equal
+    those of the same requests run one after the other."""
+    model = _C.Model(str(model_dir), str(engine_dir), max_concurrency=2)
+    meet = threading.Barrier(2, timeout=120)
+    results, errors = {}, []
+
+    def request(seed):
+        try:
+            results[seed] = _gen(model, seed=seed, progress=lambda step, total: step != 1 or meet.wait() >= 0)[0]
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=request, args=(seed,)) for seed in (3, 4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    stats = model.stats()
+    assert stats["instances"] == 2 and stats["step"]["captures"] == 2, stats  # one graph per instance
+    serial = _C.Model(str(model_dir), str(engine_dir), max_concurrency=1)
+    for seed in (3, 4):
+        assert np.array_equal(results[seed], _gen(serial, seed=seed)[0])
+    assert not np.array_equal(results[3], results[4])
+
+
+def test_graphs_off_runs_directly_with_the_same_images(model_dir, engine_dir):
+    graphed = _C.Model(str(model_dir), str(engine_dir), max_concurrency=1)
+    direct = _C.Model(str(model_dir), str(engine_dir), max_concurrency=1, max_graphs=-1)
+    for sampler in ("dpmpp_2m", "pndm"):
+        assert np.array_equal(_gen(direct, sampler)[0], _gen(graphed, sampler)[0])
+    step = direct.stats()["step"]
+    assert (step["captures"], step["replays"], step["direct"]) == (0, 0, 7)  # 3 dpmpp_2m + 4 pndm evaluations
 
 
 # ---------------------------------------------------------------------------
@@ -630,7 +817,7 @@ def test_cpp_inpainting_matches_eager_pipeline(inpaint_models, sampler, strength
     assert np.abs(other_mask.astype(int) - ours[0].astype(int)).max() > 2, "the mask made no difference"
 
 
-def test_inpainting_model_errors_and_step_path(inpaint_models):
+def test_inpainting_model_errors_and_native_pipeline(inpaint_models):
     native, eager = inpaint_models
     with pytest.raises(ValueError, match="inpainting model: give init_image and mask_image"):
         native.backend.generate(native.tokenizer, PROMPT, width=SIZE, height=SIZE, steps=2)
@@ -674,11 +861,11 @@ def test_cpp_sdxl_matches_eager_pipeline(sdxl_models, negative):
     assert np.abs(image.astype(int) - ref[0].astype(int)).max() <= 2
 
 
-def test_native_sdxl_step_path_and_single_file(sdxl_models, tmp_path):
+def test_aoti_sdxl_step_path_and_single_file(sdxl_models, tmp_path):
     from ldm_keys import save_ldm_single_file
 
     folder, native, eager = sdxl_models
-    ours = native(PROMPT, num_inference_steps=3, height=SIZE, width=SIZE, seed=2, sampler="dpmpp_2m",
+    ours = sdengine.load(folder, backend="aoti")(PROMPT, num_inference_steps=3, height=SIZE, width=SIZE, seed=2, sampler="dpmpp_2m",
                   output_type="np", progress=False).images[0]
     ref = _eager_uint8(eager, "dpmpp_2m", None, seed=2)[0]
     assert np.abs((ours * 255).round().astype(int) - ref.astype(int)).max() <= 2
@@ -691,3 +878,93 @@ def test_native_sdxl_step_path_and_single_file(sdxl_models, tmp_path):
     # The engine carries both SDXL tokenizers for single files; the second pads with "!".
     tokenizer_2 = json.loads((Path(engine) / "tokenizer_2" / "tokenizer_config.json").read_text())
     assert tokenizer_2["pad_token"] == "!" and (Path(engine) / "tokenizer" / "vocab.json").is_file()
+
+
+# ---------------------------------------------------------------------------
+# backend="native": the Pipeline's requests in the C++ loop
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def family_pipelines(tmp_path_factory):
+    """(native, eager) pipelines of a tiny family on the same weights, made on first use (the
+    engines are those of the other tests, from the cache)."""
+    made = {}
+
+    def get(kind):
+        if kind not in made:
+            folder = save_tiny_pipeline(kind, tmp_path_factory.mktemp(f"family-{kind}"))
+            made[kind] = (sdengine.load(folder, backend="native"), sdengine.from_diffusers(tiny_pipeline(kind)))
+        return made[kind]
+    return get
+
+
+def _steps_run(native) -> int:
+    step = native.backend.stats()["step"]
+    return step["captures"] + step["replays"] + step["direct"] + step["failed"]
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sd21-v", "sd15-inpaint", "sdxl"])
+@pytest.mark.parametrize("sampler,schedule", [("euler", None), ("euler_a", None), ("ddim", None),
+                                              ("dpmpp_2m", "karras"), ("pndm", None)])
+def test_native_pipeline_runs_cpp_loop(family_pipelines, kind, sampler, schedule):
+    """sdengine.load(..., backend="native") runs the Pipeline's requests in the C++ loop (its step
+    counters move by the number of model evaluations) and gives the eager pipeline's images."""
+    native, eager = family_pipelines(kind)
+    assert native.backend.name == "native" and not hasattr(native.backend, "denoise")
+    extra = dict(init_image=_init_image(5), mask_image=_mask()) if kind == "sd15-inpaint" else \
+        dict(height=SIZE, width=SIZE)
+    args = dict(negative_prompt="blurry", num_inference_steps=3, seed=7, sampler=sampler, schedule=schedule,
+                batch_size=2, output_type="np", progress=False, **extra)
+    before = _steps_run(native) if native.backend._native is not None else 0
+    ours = native(PROMPT, **args)
+    ref = eager(PROMPT, **args)
+    assert _steps_run(native) - before == (4 if sampler == "pndm" else 3)
+    assert ours.seeds == ref.seeds == [7, 8]
+    assert {k: v for k, v in ours.params.items() if k != "model"} == \
+        {k: v for k, v in ref.params.items() if k != "model"}
+    diff = np.abs(ours.images * 255 - (ref.images * 255).round()).max()
+    assert diff <= 2, f"max difference {diff}/255"
+    assert np.abs(ours.images[0] - ours.images[1]).max() > 2 / 255, "seed + 1 gave the same image"
+
+
+def test_native_pipeline_callback_progress_and_cancel(native, eager, capsys):
+    """The Python pipeline's callback, progress bar and cancel semantics, from the C++ loop."""
+    seen = {"native": [], "eager": []}
+    args = dict(num_inference_steps=3, height=SIZE, width=SIZE, seed=4, sampler="dpmpp_2m", output_type="np")
+    for name, pipe in (("native", native), ("eager", eager)):
+        pipe(PROMPT, progress=False, callback=lambda i, total, x, name=name: seen[name].append((i, total, x.clone())),
+             **args)
+    assert [(i, total) for i, total, _ in seen["native"]] == [(0, 3), (1, 3), (2, 3)]
+    assert [(i, total) for i, total, _ in seen["native"]] == [(i, total) for i, total, _ in seen["eager"]]
+    for (_, _, ours), (_, _, ref) in zip(seen["native"], seen["eager"]):  # diffusers' latents after each step
+        torch.testing.assert_close(ours, ref.cpu().float(), rtol=1e-3, atol=1e-3)
+    capsys.readouterr()
+    native(PROMPT, progress=True, **args)
+    assert "dpmpp_2m" in capsys.readouterr().err, "no progress bar"
+    with pytest.raises(sdengine.GenerationCancelled, match="at step 2"):
+        native(PROMPT, progress=False, callback=lambda i, total, x: i < 1, **args)
+    with pytest.raises(KeyError, match="from the callback"):
+        native(PROMPT, progress=False, callback=lambda i, total, x: (_ for _ in ()).throw(KeyError("from the callback")),
+               **args)
+    for bad, why in ((dict(clip_skip=1), "clip_skip"), (dict(sampler="heun"), "sampler 'heun'"),
+                     (dict(output_type="latent"), "output_type='latent'"),
+                     (dict(prompt="a (cat:1.3)", prompt_syntax="a1111"), "A1111 prompt syntax")):
+        call = dict(args, progress=False, **bad)
+        with pytest.raises(ValueError, match=f"(?s){re.escape(why)}.*backend='aoti'"):
+            native(call.pop("prompt", PROMPT), **call)
+    with pytest.raises(ValueError, match="leaves no denoising step"):  # strength 0 is a value, as in Python
+        native(PROMPT, init_image=_init_image(), strength=0.0, num_inference_steps=3, progress=False)
+    # Per-image prompts and seeds (a batching server's request): one C++ request per run of
+    # consecutive images, the images of the eager pipeline.
+    mixed = dict(args, progress=False, seed=[1, 5], negative_prompt=["", "blurry"])
+    ours, ref = native([PROMPT, "a cat"], **mixed).images, eager([PROMPT, "a cat"], **mixed).images
+    assert np.abs(ours * 255 - (ref * 255).round()).max() <= 2
+    plain = dict(args, progress=False, prompt_syntax="a1111")  # plain text in A1111 syntax runs as is
+    assert np.array_equal(native(PROMPT, **plain).images, native(PROMPT, **dict(plain, prompt_syntax=None)).images)
+
+
+def test_native_decode_for_kept_latents(native, aoti):
+    """decode(): latents a callback kept (a server's interrupted request) decoded by the engine's
+    decoder from Python, as aoti does."""
+    x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(native.backend.decode(x), aoti.backend.decode(x))

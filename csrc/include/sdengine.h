@@ -14,11 +14,11 @@
  *     sde_gen_params_init(&gp);
  *     gp.prompt = "a lighthouse at dusk";
  *     sde_image *images; int count;
- *     if (sde_generate(model, &gp, &images, &count) == SDE_OK) { ...; sde_images_free(images, count); }
+ *     if (sde_model_generate(model, &gp, &images, &count) == SDE_OK) { ...; sde_images_free(images, count); }
  *     sde_model_free(model);
  *
- * Threads: a loaded sde_model is shared by any number of threads calling sde_generate at
- * once; each request keeps its own state. sde_model_free must not race with them.
+ * Threads: a loaded sde_model is shared by any number of threads calling sde_model_generate
+ * at once; each request keeps its own state. sde_model_free must not race with them.
  *
  * The networks run as AOTInductor-compiled engines (`sdengine export aoti MODEL`, or built
  * on first use from Python); the weights are read from the model folder at load time.
@@ -39,6 +39,13 @@
 #  define SDE_API __attribute__((visibility("default")))
 #endif
 
+/* Marks a declaration kept for one release under an old name. */
+#if defined(_MSC_VER)
+#  define SDE_DEPRECATED(message) __declspec(deprecated(message))
+#else
+#  define SDE_DEPRECATED(message) __attribute__((deprecated(message)))
+#endif
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -51,7 +58,7 @@ typedef enum sde_status {
   SDE_ERR_OUT_OF_MEMORY = -4,    /* the request did not fit in memory (the message names its size and batch);
                                     what it allocated is freed, a smaller request can run next */
   SDE_ERR_DEVICE = -5,           /* the device (or the compiled engine running on it) failed */
-  SDE_ERR_CANCELLED = -6,        /* the progress callback or the cancel flag stopped the request */
+  SDE_ERR_CANCELLED = -6,        /* the progress callback stopped the request */
   SDE_ERR_INTERNAL = -7,
 } sde_status;
 
@@ -124,6 +131,14 @@ typedef struct sde_model_params {
   /* SDXL's second tokenizer folder. NULL: the model folder's tokenizer_2/ (a single file:
    * the engine's). */
   const char *tokenizer_2_dir;
+  /* Graphs kept per instance (see max_concurrency) for each kind of call: text encoding (per
+   * batch), denoising step (UNet on the doubled batch + guidance + sampler update, per batch,
+   * latent size and sampler) and VAE decode (per batch and latent size); past it the least
+   * recently used is dropped. On CUDA a graph is a CUDA graph, captured at a shape's first
+   * call and replayed for every later call of that shape; on the CPU the same calls run
+   * through a stand-in that records nothing. 0: 8. Negative: no graphs (every call launches
+   * its kernels one by one; for comparisons). */
+  int max_graphs;
 } sde_model_params;
 
 SDE_API void sde_model_params_init(sde_model_params *params);
@@ -141,14 +156,16 @@ SDE_API sde_status sde_model_load(const char *path, const sde_model_params *para
  * `data` is C-contiguous; it must stay valid until sde_model_free. */
 typedef enum sde_dtype { SDE_DTYPE_F32 = 0, SDE_DTYPE_F16, SDE_DTYPE_BF16, SDE_DTYPE_I64, SDE_DTYPE_COUNT } sde_dtype;
 
+typedef enum sde_device_type { SDE_DEVICE_CPU = 0, SDE_DEVICE_CUDA = 1, SDE_DEVICE_COUNT } sde_device_type;
+
 typedef struct sde_tensor_view {
   const char *name;      /* "<component>/<key>": "unet/conv_in.weight", "text_encoder/text_model...", "vae/..." */
   void *data;
   sde_dtype dtype;
   int ndim;
   const int64_t *shape;
-  int device_type;       /* 0: CPU, 1: CUDA */
-  int device_index;
+  sde_device_type device_type;
+  int device_index;      /* the CUDA device (ignored for the CPU) */
 } sde_tensor_view;
 
 /* Load from in-memory weights. model_dir gives the configs (scheduler/, vae/config.json,
@@ -164,10 +181,45 @@ SDE_API void sde_model_free(sde_model *model);
 /* The model's native image size in pixels (e.g. 512). */
 SDE_API int sde_model_default_size(const sde_model *model);
 
+/* What one kind of graph has done since the model was loaded, over all instances. */
+typedef struct sde_graph_stats {
+  int64_t captures;  /* calls recorded as a graph (each also ran once) */
+  int64_t replays;   /* calls replayed from a recorded graph */
+  int64_t direct;    /* calls run without a graph: graphs off, or a shape whose capture failed */
+  int64_t failed;    /* captures that failed (the call ran; that shape then runs without a graph) */
+  int64_t evicted;   /* graphs dropped as the least recently used (max_graphs) */
+  int cached;        /* graphs held now */
+} sde_graph_stats;
+
+typedef struct sde_model_stats {
+  int cuda_graphs;        /* 1: calls are recorded as CUDA graphs; 0: the CPU stand-in */
+  int instances;          /* instances (max_concurrency), each with its own graphs */
+  sde_graph_stats text;   /* text encoding */
+  sde_graph_stats step;   /* the denoising step */
+  sde_graph_stats decode; /* VAE decode */
+} sde_model_stats;
+
+/* Counters of the model's graphs (thread-safe; they may move while requests run). */
+SDE_API sde_status sde_model_get_stats(const sde_model *model, sde_model_stats *stats);
+
 /* ---- Generation ---- */
 
-/* Called after every model evaluation (steps of them; PNDM makes steps + 1); return nonzero to cancel the request (SDE_ERR_CANCELLED). */
+/* Called after every model evaluation (steps of them; PNDM makes steps + 1, img2img fewer)
+ * with step = 1 .. steps, on the thread that runs the request. Return nonzero to cancel the
+ * request: it stops there with SDE_ERR_CANCELLED. This is the one way to cancel; to cancel
+ * from another thread, let the callback read a flag that thread sets (a C11 atomic_int, a
+ * std::atomic<bool>), never a plain or volatile int. */
 typedef int (*sde_progress_fn)(void *user, int step, int steps);
+
+/* Called after every step, as progress, with diffusers' latents after that step: what the
+ * VAE decodes once divided by the model's scaling factor; batch_size x channels x (height / f)
+ * x (width / f) floats (f: the VAE's downscale, 8 for Stable Diffusion), row-major, valid
+ * during the call; shape holds those four sizes. Copying them to the host waits for the
+ * device at every step: leave it NULL unless needed (previews). Return nonzero to cancel. */
+typedef int (*sde_latents_fn)(void *user, int step, int steps, const float *latents, const int64_t shape[4]);
+
+/* strength's "from the model" sentinel: 0.8 for img2img, 1.0 for inpainting. */
+#define SDE_STRENGTH_DEFAULT (-1.0)
 
 typedef struct sde_gen_params {
   const char *prompt;          /* required, UTF-8 */
@@ -184,9 +236,8 @@ typedef struct sde_gen_params {
   sde_sampler sampler;         /* SDE_SAMPLER_DEFAULT: the model's scheduler */
   sde_schedule schedule;       /* SDE_SCHEDULE_DEFAULT: the scheduler config's */
   double eta;                  /* DDIM's eta, finite and >= 0; 0 (default) is deterministic DDIM */
-  sde_progress_fn progress;    /* NULL: none */
+  sde_progress_fn progress;    /* NULL: none; returning nonzero cancels */
   void *progress_user;         /* passed to progress */
-  const volatile int *cancel;  /* NULL, or a flag another thread sets nonzero to cancel */
   /* img2img: NULL for text-to-image; else the image to start from, width x height RGB
    * pixels (3 bytes each, row-major), the same image for every image of the batch. Needs
    * width and height set (its size). Encoded by the engine's VAE encoder, sampled from
@@ -196,9 +247,13 @@ typedef struct sde_gen_params {
    * per pixel, row-major; >= 128 (white) is repainted, < 128 kept. NULL: no inpainting. */
   const uint8_t *mask_image;
   double strength;             /* img2img / inpainting: the part of the schedule re-run, in
-                                  (0, 1]; 1 keeps nothing of the init image but (inpainting)
-                                  its unmasked part. 0 (default): 0.8 for img2img, 1.0 for
-                                  inpainting. Ignored without init_image */
+                                  [0, 1] as in Python (one that leaves no step, such as 0, is
+                                  an error); 1 keeps nothing of the init image but (inpainting)
+                                  its unmasked part. SDE_STRENGTH_DEFAULT (the default): 0.8
+                                  for img2img, 1.0 for inpainting. Without init_image it must
+                                  stay SDE_STRENGTH_DEFAULT */
+  sde_latents_fn latents;      /* NULL: none; returning nonzero cancels */
+  void *latents_user;          /* passed to latents */
 } sde_gen_params;
 
 SDE_API void sde_gen_params_init(sde_gen_params *params);
@@ -215,6 +270,10 @@ typedef struct sde_image {
  * parameter is SDE_ERR_INVALID_ARGUMENT with a message that names it in the words of the
  * Python API (sdengine/request.py); a request that does not fit in memory is
  * SDE_ERR_OUT_OF_MEMORY. A cancelled request frees everything it allocated. */
+SDE_API sde_status sde_model_generate(sde_model *model, const sde_gen_params *params, sde_image **images, int *count);
+
+/* The old name of sde_model_generate, kept for one release. */
+SDE_DEPRECATED("use sde_model_generate")
 SDE_API sde_status sde_generate(sde_model *model, const sde_gen_params *params, sde_image **images, int *count);
 
 /* NULL is a no-op. */

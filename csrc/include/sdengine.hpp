@@ -3,7 +3,7 @@
 //
 //     sde::ModelPtr model = sde::load_model("models/sd15");
 //     sde_gen_params p; sde_gen_params_init(&p); p.prompt = "a red fox";
-//     sde::Images images = sde::generate(model.get(), p);
+//     sde::Images images = sde::generate(model.get(), p);   // throws sde::Error on failure
 //     images[0].data ...
 #pragma once
 
@@ -15,18 +15,23 @@
 
 namespace sde {
 
-// A failed C call: status() and what() (sde_last_error at the time of failure).
-class Failure : public std::runtime_error {
+// A failed call: status() and what(). check() throws it for a failed C call, with the
+// status's description and sde_last_error(); the library's own sources throw it (and its
+// subclasses, one per status) internally and turn it back into a status at the C boundary.
+class Error : public std::runtime_error {
  public:
-  Failure(sde_status status, const std::string &message) : std::runtime_error(message), status_(status) {}
+  Error(sde_status status, const std::string &message) : std::runtime_error(message), status_(status) {}
   sde_status status() const { return status_; }
 
  private:
   sde_status status_;
 };
 
+// The old name of Error, kept for one release.
+using Failure [[deprecated("use sde::Error")]] = Error;
+
 inline void check(sde_status status) {
-  if (status != SDE_OK) throw Failure(status, std::string(sde_status_str(status)) + ": " + sde_last_error());
+  if (status != SDE_OK) throw Error(status, std::string(sde_status_str(status)) + ": " + sde_last_error());
 }
 
 struct ModelDeleter {
@@ -38,7 +43,7 @@ struct TokenizerDeleter {
 using ModelPtr = std::unique_ptr<sde_model, ModelDeleter>;
 using TokenizerPtr = std::unique_ptr<sde_tokenizer, TokenizerDeleter>;
 
-// Owns the images of one sde_generate call.
+// Owns the images of one sde_model_generate call.
 class Images {
  public:
   Images() = default;
@@ -73,7 +78,7 @@ inline ModelPtr load_model(const std::string &path, const sde_model_params *para
 inline Images generate(sde_model *model, const sde_gen_params &params) {
   sde_image *images = nullptr;
   int count = 0;
-  check(sde_generate(model, &params, &images, &count));
+  check(sde_model_generate(model, &params, &images, &count));
   return Images(images, count);
 }
 

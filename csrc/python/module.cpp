@@ -1,6 +1,7 @@
 // sdengine._C: Python bindings of libsdengine (the C API), plus the compiled-in sampler name
 // table and schedules, exposed for the tests that compare them with the Python code.
 #include <pybind11/functional.h>
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -105,20 +106,46 @@ class PyTokenizer {
 
 struct ProgressState {
   std::function<bool(int, int)> fn;
+  std::function<bool(int, int, py::array_t<float>)> latents_fn;
   bool error = false;
-  py::object exc_type, exc_value, exc_tb;
+  py::object exc_value;
 };
 
-int progress_trampoline(void *user, int step, int steps) {
-  auto *state = static_cast<ProgressState *>(user);
+// The callbacks' exceptions are kept and raised again once the request has stopped.
+template <typename Call>
+int call_python(ProgressState *state, Call &&call) {
   py::gil_scoped_acquire gil;
   try {
-    return state->fn(step, steps) ? 0 : 1;  // False from the callback cancels
+    return call() ? 0 : 1;  // False from the callback cancels
   } catch (py::error_already_set &e) {
     state->error = true;
     state->exc_value = e.value();
     return 1;
   }
+}
+
+int progress_trampoline(void *user, int step, int steps) {
+  auto *state = static_cast<ProgressState *>(user);
+  return call_python(state, [&] { return state->fn(step, steps); });
+}
+
+int latents_trampoline(void *user, int step, int steps, const float *latents, const int64_t shape[4]) {
+  auto *state = static_cast<ProgressState *>(user);
+  return call_python(state, [&] {
+    py::array_t<float> array(std::vector<py::ssize_t>(shape, shape + 4), latents);  // a copy
+    return state->latents_fn(step, steps, array);
+  });
+}
+
+py::dict graph_stats(const sde_graph_stats &g) {
+  py::dict d;
+  d["captures"] = g.captures;
+  d["replays"] = g.replays;
+  d["direct"] = g.direct;
+  d["failed"] = g.failed;
+  d["evicted"] = g.evicted;
+  d["cached"] = g.cached;
+  return d;
 }
 
 class PyModel {
@@ -127,9 +154,10 @@ class PyModel {
   PyModel(const std::vector<std::tuple<std::string, uintptr_t, int, std::vector<int64_t>, int, int>> &tensors,
           std::optional<std::string> model_dir, std::optional<std::string> config_json,
           std::optional<std::string> engine_dir, std::optional<std::string> tokenizer_dir, int max_concurrency,
-          std::optional<std::string> tokenizer_2_dir) {
+          std::optional<std::string> tokenizer_2_dir, int max_graphs) {
     sde_model_params params;
     sde_model_params_init(&params);
+    params.max_graphs = max_graphs;
     params.engine_dir = engine_dir ? engine_dir->c_str() : nullptr;
     params.tokenizer_dir = tokenizer_dir ? tokenizer_dir->c_str() : nullptr;
     params.tokenizer_2_dir = tokenizer_2_dir ? tokenizer_2_dir->c_str() : nullptr;
@@ -142,7 +170,7 @@ class PyModel {
       v.dtype = static_cast<sde_dtype>(dtype);
       v.ndim = static_cast<int>(shape.size());
       v.shape = shape.data();
-      v.device_type = device_type;
+      v.device_type = static_cast<sde_device_type>(device_type);
       v.device_index = device_index;
       views.push_back(v);
     }
@@ -154,9 +182,10 @@ class PyModel {
   // From a diffusers folder or a single .safetensors file, read in C++.
   PyModel(const std::string &path, std::optional<std::string> engine_dir, int max_concurrency,
           std::optional<std::string> tokenizer_dir, std::optional<std::string> prediction_type,
-          std::optional<std::string> tokenizer_2_dir) {
+          std::optional<std::string> tokenizer_2_dir, int max_graphs) {
     sde_model_params params;
     sde_model_params_init(&params);
+    params.max_graphs = max_graphs;
     params.engine_dir = engine_dir ? engine_dir->c_str() : nullptr;
     params.tokenizer_dir = tokenizer_dir ? tokenizer_dir->c_str() : nullptr;
     params.tokenizer_2_dir = tokenizer_2_dir ? tokenizer_2_dir->c_str() : nullptr;
@@ -170,11 +199,25 @@ class PyModel {
 
   int default_size() const { return sde_model_default_size(model_); }
 
+  py::dict stats() const {
+    sde_model_stats st;
+    check(sde_model_get_stats(model_, &st));
+    py::dict d;
+    d["cuda_graphs"] = st.cuda_graphs != 0;
+    d["instances"] = st.instances;
+    d["text"] = graph_stats(st.text);
+    d["step"] = graph_stats(st.step);
+    d["decode"] = graph_stats(st.decode);
+    return d;
+  }
+
   // Returns [(rgb bytes, width, height, seed)].
   py::list generate(const std::string &prompt, std::optional<std::string> negative_prompt, int width, int height,
                     int steps, double guidance_scale, py::int_ seed, int batch_size, std::optional<std::string> sampler,
                     std::optional<std::string> schedule, double eta, std::optional<std::function<bool(int, int)>> progress,
-                    std::optional<py::bytes> init_image, double strength, std::optional<py::bytes> mask_image) {
+                    std::optional<py::bytes> init_image, std::optional<double> strength,
+                    std::optional<py::bytes> mask_image,
+                    std::optional<std::function<bool(int, int, py::array_t<float>)>> latents) {
     sde_gen_params p;
     sde_gen_params_init(&p);
     std::string init_bytes, mask_bytes;
@@ -193,7 +236,7 @@ class PyModel {
                               std::to_string(height) + "), got " + std::to_string(mask_bytes.size()));
       p.mask_image = reinterpret_cast<const uint8_t *>(mask_bytes.data());
     }
-    p.strength = strength;
+    p.strength = strength ? *strength : SDE_STRENGTH_DEFAULT;
     p.prompt = prompt.c_str();
     p.negative_prompt = negative_prompt ? negative_prompt->c_str() : nullptr;
     p.width = width;
@@ -216,15 +259,20 @@ class PyModel {
       p.progress = progress_trampoline;
       p.progress_user = &state;
     }
+    if (latents) {
+      state.latents_fn = *latents;
+      p.latents = latents_trampoline;
+      p.latents_user = &state;
+    }
     sde_image *images = nullptr;
     int count = 0;
     sde_status status;
     {
       py::gil_scoped_release release;
-      status = sde_generate(model_, &p, &images, &count);
+      status = sde_model_generate(model_, &p, &images, &count);
     }
     if (state.error) {
-      PyErr_SetObject(state.exc_value.get_type().ptr(), state.exc_value.ptr());
+      PyErr_SetObject(py::type::handle_of(state.exc_value).ptr(), state.exc_value.ptr());
       throw py::error_already_set();
     }
     check(status);
@@ -330,18 +378,21 @@ PYBIND11_MODULE(_C, m) {
   py::class_<PyModel>(m, "Model")
       .def(py::init<const std::vector<std::tuple<std::string, uintptr_t, int, std::vector<int64_t>, int, int>> &,
                     std::optional<std::string>, std::optional<std::string>, std::optional<std::string>,
-                    std::optional<std::string>, int, std::optional<std::string>>(),
+                    std::optional<std::string>, int, std::optional<std::string>, int>(),
            py::arg("tensors"), py::arg("model_dir"), py::arg("config_json"), py::arg("engine_dir"),
-           py::arg("tokenizer_dir"), py::arg("max_concurrency") = 0, py::arg("tokenizer_2_dir") = py::none())
+           py::arg("tokenizer_dir"), py::arg("max_concurrency") = 0, py::arg("tokenizer_2_dir") = py::none(),
+           py::arg("max_graphs") = 0)
       .def(py::init<const std::string &, std::optional<std::string>, int, std::optional<std::string>,
-                    std::optional<std::string>, std::optional<std::string>>(),
+                    std::optional<std::string>, std::optional<std::string>, int>(),
            py::arg("path"), py::arg("engine_dir") = py::none(), py::arg("max_concurrency") = 0,
            py::arg("tokenizer_dir") = py::none(), py::arg("prediction_type") = py::none(),
-           py::arg("tokenizer_2_dir") = py::none())
+           py::arg("tokenizer_2_dir") = py::none(), py::arg("max_graphs") = 0)
       .def_property_readonly("default_size", &PyModel::default_size)
+      .def("stats", &PyModel::stats, "sde_model_get_stats: what each kind of graph has done")
       .def("generate", &PyModel::generate, py::arg("prompt"), py::arg("negative_prompt") = py::none(),
            py::arg("width") = 0, py::arg("height") = 0, py::arg("steps") = 0, py::arg("guidance_scale") = 7.5,
            py::arg("seed") = 0, py::arg("batch_size") = 1, py::arg("sampler") = py::none(),
            py::arg("schedule") = py::none(), py::arg("eta") = 0.0, py::arg("progress") = py::none(),
-           py::arg("init_image") = py::none(), py::arg("strength") = 0.0, py::arg("mask_image") = py::none());
+           py::arg("init_image") = py::none(), py::arg("strength") = py::none(), py::arg("mask_image") = py::none(),
+           py::arg("latents") = py::none());
 }

@@ -129,6 +129,12 @@ class Checker {
       }
     }
     if (const Json *v = net.find("compile_s"); v && !v->is_number()) fail(key + ".compile_s", "must be a number");
+    // static_shape (export/aoti.py ATTEMPTS): the first input's only shape, null when dynamic.
+    if (const Json *v = optional(net, "static_shape")) {
+      if (!v->is_array() || v->array().empty() || v->array().size() > 8)
+        fail(key + ".static_shape", "must be null or a shape: 1 to 8 integers");
+      for (const auto &d : v->array()) integer(d, 1, 2147483647, key + ".static_shape");
+    }
   }
 
  private:

@@ -15,7 +15,8 @@
 //   a package file name ("*.pt2", no folder, not hidden), a component (text_encoder,
 //   text_encoder_2, unet, vae), a prefix, constants {name starting with the prefix: shape of
 //   at most 8 integers in [0, 2^31 - 1]} and optionally ldm {constant: [[key, transform],
-//   ...] with transforms "", "q", "k", "v", "transpose"} and compile_s (a number);
+//   ...] with transforms "", "q", "k", "v", "transpose"}, compile_s (a number) and
+//   static_shape (null, or 1 to 8 integers in [1, 2^31 - 1]: export/aoti.py's static retry);
 // - single_file, when present: family, default_prediction_type ("epsilon" or
 //   "v_prediction"), schedulers.epsilon and schedulers.v_prediction, optional tokenizer and
 //   tokenizer_2 folder names (no folder separator, not hidden);

@@ -1,22 +1,14 @@
-// Internal exceptions, one per sde_status. They never cross the C ABI: every C entry
-// point catches them and turns them into a status plus sde_last_error().
+// Internal exceptions, one per sde_status, all sde::Error (sdengine.hpp). They never cross
+// the C ABI: every C entry point catches them and turns them into a status plus
+// sde_last_error().
 #pragma once
 
 #include <stdexcept>
 #include <string>
 
-#include "sdengine.h"
+#include "sdengine.hpp"  // sde::Error: the one exception class, shared with the C++ header
 
 namespace sde {
-
-class Error : public std::runtime_error {
- public:
-  Error(sde_status status, const std::string &message) : std::runtime_error(message), status_(status) {}
-  sde_status status() const { return status_; }
-
- private:
-  sde_status status_;
-};
 
 struct InvalidArgument : Error {
   explicit InvalidArgument(const std::string &m) : Error(SDE_ERR_INVALID_ARGUMENT, m) {}

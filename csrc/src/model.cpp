@@ -2,135 +2,16 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
-#include <ATen/Version.h>
 #include <c10/core/InferenceMode.h>
-#include <dirent.h>
-#include <sys/stat.h>
-#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
-#include <torch/version.h>
 
 #include <algorithm>
-#include <cctype>
 #include <cmath>
-#include <cstdlib>
-#include <functional>
 
-#include "engine_meta.h"
 #include "errors.h"
 #include "names.h"
-#include "util.h"
-#include "safetensors.h"
-#include "single_file.h"
 
 namespace sde {
 namespace {
-
-constexpr int kFormatVersion = 3;  // export/aoti.py FORMAT_VERSION
-
-std::vector<std::string> list_dir(const std::string &dir) {
-  std::vector<std::string> out;
-  if (DIR *d = opendir(dir.c_str())) {
-    while (dirent *e = readdir(d)) {
-      std::string name = e->d_name;
-      if (name != "." && name != "..") out.push_back(name);
-    }
-    closedir(d);
-  }
-  std::sort(out.begin(), out.end());
-  return out;
-}
-
-bool ends_with(const std::string &s, const std::string &suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
-std::string torch_version() {
-  return std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
-         std::to_string(TORCH_VERSION_PATCH);
-}
-
-// "2.13.0+cpu" -> "2.13.0"
-std::string base_version(const std::string &v) { return v.substr(0, v.find('+')); }
-
-std::string cache_root() {
-  if (const char *dir = std::getenv("SDE_CACHE_DIR"); dir && *dir) return std::string(dir) + "/aoti";
-  const char *home = std::getenv("HOME");
-  return std::string(home ? home : ".") + "/.cache/sdengine/aoti";
-}
-
-at::ScalarType dtype_of(const std::string &name, const std::string &where) {
-  if (name == "fp32") return at::kFloat;
-  if (name == "fp16") return at::kHalf;
-  if (name == "bf16") return at::kBFloat16;
-  throw FormatError(where + ": unknown dtype '" + name + "'");
-}
-
-// Why an engine cannot run here, or "" when it can.
-std::string engine_mismatch(const Json &engine) {
-  if (engine.get_number("format", 0) != kFormatVersion)
-    return "it has format " + std::to_string(static_cast<int>(engine.get_number("format", 0))) + ", this library reads " +
-           std::to_string(kFormatVersion);
-  std::string built = base_version(engine.get_string("torch_version", "?"));
-  if (built != torch_version()) return "it was built with torch " + built + " and this library links torch " + torch_version();
-  std::string device = engine.get_string("device", "?");
-  if (device == "cpu") {
-    std::string cap = engine.get_string("cpu_capability", "");
-    if (!cap.empty() && cap != at::get_cpu_capability())
-      return "it was compiled for " + cap + " CPUs and this CPU runs " + at::get_cpu_capability();
-  } else if (device == "cuda") {
-    if (!at::hasCUDA()) return "it is a CUDA engine and this torch has no CUDA device";
-  } else {
-    return "unknown device '" + device + "'";
-  }
-  return "";
-}
-
-// Which weight a constant of a network reads: "<component>/<key>", trying transformers 5's
-// CLIP layout (no "text_model." prefix) when the usual key is absent.
-const at::Tensor *find_weight(const WeightMap &weights, const std::string &component, const std::string &key) {
-  auto it = weights.find(component + "/" + key);
-  if (it != weights.end()) return &it->second;
-  const std::string prefix = "text_model.";
-  if (key.rfind(prefix, 0) == 0) {
-    it = weights.find(component + "/" + key.substr(prefix.size()));
-    if (it != weights.end()) return &it->second;
-  }
-  return nullptr;
-}
-
-// Why `weights` do not fit the engine's constants, or "".
-std::string weights_mismatch(const Json &engine, const WeightMap &weights, const WeightMap &buffers) {
-  for (const auto &[name, net] : engine.at("networks").members()) {
-    std::string component = net.at("component").str(), prefix = net.at("prefix").str();
-    for (const auto &[fqn, shape_json] : net.at("constants").members()) {
-      std::string key = fqn.substr(prefix.size());
-      const at::Tensor *w = find_weight(weights, component, key);
-      if (!w) {
-        auto b = buffers.find(name + "/" + fqn);
-        if (b != buffers.end()) continue;
-        return "the weights have no '" + component + "/" + key + "'";
-      }
-      std::vector<int64_t> shape;
-      for (const auto &d : shape_json.array()) shape.push_back(d.integer());
-      if (w->sizes().vec() != shape) {
-        std::string got, want;
-        for (auto d : w->sizes()) got += std::to_string(d) + ",";
-        for (auto d : shape) want += std::to_string(d) + ",";
-        return "'" + component + "/" + key + "' has shape (" + got + ") but the engine expects (" + want + ")";
-      }
-    }
-  }
-  return "";
-}
-
-WeightMap read_buffers(const std::string &engine_dir) {
-  WeightMap out;
-  std::string path = engine_dir + "/buffers.safetensors";
-  if (!is_file(path)) return out;
-  SafetensorsFile file(path);
-  for (const auto &name : file.names()) out[name] = file.tensor(name);
-  return out;
-}
 
 sde_sampler sampler_of_config(const std::string &name, std::string *canonical) {
   try {
@@ -146,258 +27,29 @@ sde_sampler sampler_of_config(const std::string &name, std::string *canonical) {
 }  // namespace
 
 // ---------------------------------------------------------------------------
-// Network
+// The instance pool
 // ---------------------------------------------------------------------------
 
-Network::Network(const std::string &engine_dir, const std::string &name, const Json &info, int num_runners,
-                 int device_index)
-    : name_(name) {
-  component_ = info.at("component").str();
-  prefix_ = info.at("prefix").str();
-  for (const auto &[fqn, shape_json] : info.at("constants").members()) {
-    std::vector<int64_t> shape;
-    for (const auto &d : shape_json.array()) shape.push_back(d.integer());
-    constants_.emplace_back(fqn, shape);
-  }
-  std::string package = engine_dir + "/" + info.at("package").str();
-  if (!is_file(package)) throw IoError("engine package missing: " + package);
-  try {
-    loader_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
-        package, "model", /*run_single_threaded=*/false, static_cast<size_t>(num_runners),
-        static_cast<c10::DeviceIndex>(device_index));
-  } catch (const c10::Error &e) {
-    throw FormatError("cannot load the compiled package " + package + ": " + e.what_without_backtrace());
-  } catch (const std::exception &e) {
-    throw FormatError("cannot load the compiled package " + package + ": " + e.what());
-  }
-  // engine.json lists what torch.export saw; the package keeps only the constants it uses.
-  std::vector<std::string> used = loader_->get_constant_fqns();
-  std::sort(used.begin(), used.end());
-  std::vector<std::pair<std::string, std::vector<int64_t>>> kept;
-  for (auto &c : constants_)
-    if (std::binary_search(used.begin(), used.end(), c.first)) kept.push_back(std::move(c));
-  constants_.swap(kept);
+InstancePool::InstancePool(int size) : busy_(static_cast<size_t>(std::max(size, 1)), false) {}
+
+int InstancePool::acquire() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  int found = -1;
+  freed_.wait(lock, [&] {
+    for (size_t i = 0; i < busy_.size(); ++i)
+      if (!busy_[i]) return found = static_cast<int>(i), true;
+    return false;
+  });
+  busy_[static_cast<size_t>(found)] = true;
+  return found;
 }
 
-Network::~Network() = default;
-
-void Network::load_weights(const WeightMap &weights, const WeightMap &buffers, at::ScalarType dtype,
-                           at::Device device) {
-  std::unordered_map<std::string, at::Tensor> constants;
-  for (const auto &[fqn, shape] : constants_) {
-    std::string key = fqn.substr(prefix_.size());
-    const at::Tensor *w = find_weight(weights, component_, key);
-    if (!w) {
-      auto b = buffers.find(name_ + "/" + fqn);
-      if (b == buffers.end()) throw FormatError("the weights have no '" + component_ + "/" + key + "' (" + name_ + ")");
-      w = &b->second;
-    }
-    if (w->sizes().vec() != shape)
-      throw FormatError("'" + component_ + "/" + key + "' has a shape that does not fit the engine");
-    // Integer buffers (position ids) keep their dtype; floating weights take the engine's.
-    at::ScalarType want = at::isFloatingType(w->scalar_type()) ? dtype : w->scalar_type();
-    at::Tensor t = w->to(device, want).contiguous();  // no copy when it already fits
-    constants[fqn] = t;
-    keep_alive_.push_back(t);
+void InstancePool::release(int instance) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    busy_.at(static_cast<size_t>(instance)) = false;
   }
-  try {
-    loader_->load_constants(constants, /*use_inactive=*/false, /*check_full_update=*/true, /*user_managed=*/true);
-  } catch (const c10::Error &e) {
-    throw FormatError("the compiled " + name_ + " refused its weights: " + e.what_without_backtrace());
-  }
-}
-
-at::Tensor Network::run(const std::vector<at::Tensor> &inputs) const { return run_all(inputs)[0]; }
-
-std::vector<at::Tensor> Network::run_all(const std::vector<at::Tensor> &inputs) const {
-  std::vector<at::Tensor> out;
-  try {
-    out = loader_->run(inputs);
-  } catch (const c10::Error &e) {
-    throw DeviceError("the compiled " + name_ + " failed: " + e.what_without_backtrace());
-  } catch (const std::exception &e) {
-    throw DeviceError("the compiled " + name_ + " failed: " + e.what());
-  }
-  if (out.empty()) throw DeviceError("the compiled " + name_ + " returned no output");
-  return out;
-}
-
-// ---------------------------------------------------------------------------
-// Reading checkpoints
-// ---------------------------------------------------------------------------
-
-namespace {
-
-// Weights of a diffusers folder, by "<component>/<key>".
-WeightMap read_diffusers_weights(const std::string &model_dir) {
-  WeightMap weights;
-  for (const std::string component : {"text_encoder", "text_encoder_2", "unet", "vae"}) {
-    std::string dir = model_dir + "/" + component;
-    if (component == "text_encoder_2" && !is_dir(dir)) continue;  // SDXL only
-    if (!is_dir(dir)) throw IoError("model folder has no " + component + "/: " + dir);
-    std::vector<std::string> files, variants;
-    for (const auto &name : list_dir(dir)) {
-      if (!ends_with(name, ".safetensors")) continue;
-      bool variant = name.find(".fp16.") != std::string::npos || name.find(".bf16.") != std::string::npos;
-      (variant ? variants : files).push_back(name);
-    }
-    if (files.empty()) files = variants;  // only a reduced-precision variant was saved
-    if (files.empty()) throw IoError(dir + " holds no .safetensors weights");
-    for (const auto &name : files) {
-      SafetensorsFile file(dir + "/" + name);
-      for (const auto &key : file.names()) weights[component + "/" + key] = file.tensor(key);
-    }
-  }
-  return weights;
-}
-
-// "epsilon" or "v_prediction" for the names users and file headers write; "" for others.
-std::string normalize_prediction_type(std::string name) {
-  std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return std::tolower(c); });
-  if (name == "epsilon" || name == "eps") return "epsilon";
-  if (name == "v" || name == "v_prediction" || name == "v-prediction") return "v_prediction";
-  return "";
-}
-
-std::string checked_prediction_type(const char *name) {
-  std::string out = normalize_prediction_type(name);
-  if (out.empty())
-    throw InvalidArgument(std::string("prediction_type must be \"epsilon\" or \"v_prediction\", got \"") + name + "\"");
-  return out;
-}
-
-// What a single file predicts, as sdengine.convert.detect_config decides: the caller's
-// prediction_type, else the header's SAI Model Spec (modelspec.prediction_type, or a
-// modelspec.architecture naming the SD2 512 or 768-v model), else a "v_pred" key, else
-// the family's default (SD2 text-to-image: v_prediction).
-std::string single_file_prediction_type(const SafetensorsFile &file, const Json &single_file,
-                                        const sde_model_params &params) {
-  if (params.prediction_type) return checked_prediction_type(params.prediction_type);
-  if (std::string declared = normalize_prediction_type(file.metadata("modelspec.prediction_type")); !declared.empty())
-    return declared;
-  std::string architecture = file.metadata("modelspec.architecture");
-  if (architecture.rfind("stable-diffusion-v2-768-v", 0) == 0) return "v_prediction";
-  if (architecture.rfind("stable-diffusion-v2-512", 0) == 0) return "epsilon";
-  if (file.contains("v_pred")) return "v_prediction";
-  return single_file.get_string("default_prediction_type", "epsilon");
-}
-
-// The cached engine that runs here and fits the checkpoint: `fit(engine)` gives the weights
-// as that engine names them, or throws FormatError saying why they do not fit.
-std::string find_engine(const std::function<WeightMap(const Json &)> &fit, const std::string &what) {
-  std::string root = cache_root();
-  std::string reasons;
-  for (const auto &entry : list_dir(root)) {
-    std::string dir = root + "/" + entry, meta = dir + "/engine.json";
-    if (entry[0] == '.' || !is_file(meta)) continue;
-    try {
-      Json engine = read_engine_json(dir);  // checked (engine_meta.h): a corrupt entry is skipped
-      std::string why = engine_mismatch(engine);
-      if (why.empty()) why = weights_mismatch(engine, fit(engine), read_buffers(dir));
-      if (why.empty()) return dir;
-      reasons += "\n  " + entry + ": " + why;
-    } catch (const Error &e) {
-      reasons += "\n  " + entry + ": " + e.what();
-    }
-  }
-  throw FormatError("no compiled engine in " + root + " fits " + what + " (build one with `sdengine export aoti " +
-                    what + "`, or set engine_dir)" +
-                    (reasons.empty() ? std::string(": the cache is empty") : ":" + reasons));
-}
-
-ModelSource load_diffusers_folder(const std::string &model_dir, const sde_model_params &params) {
-  ModelSource source;
-  source.weights = read_diffusers_weights(model_dir);
-  source.vae = Json::read_file(model_dir + "/vae/config.json");
-  source.unet = Json::read_file(model_dir + "/unet/config.json");
-  source.where = model_dir + "/scheduler/scheduler_config.json";
-  source.scheduler = Json::read_file(source.where);
-  source.engine_dir = params.engine_dir ? params.engine_dir
-                                        : find_engine([&](const Json &) { return source.weights; }, model_dir);
-  source.tokenizer_dir = params.tokenizer_dir ? params.tokenizer_dir : model_dir + "/tokenizer";
-  if (params.tokenizer_2_dir) source.tokenizer_2_dir = params.tokenizer_2_dir;
-  else if (is_dir(model_dir + "/tokenizer_2")) source.tokenizer_2_dir = model_dir + "/tokenizer_2";
-  return source;
-}
-
-ModelSource load_single_file(const std::string &path, const sde_model_params &params) {
-  SafetensorsFile file(path);
-  ModelSource source;
-  if (params.engine_dir) {
-    source.engine_dir = params.engine_dir;
-  } else {
-    source.engine_dir = find_engine([&](const Json &engine) { return single_file_weights(file, engine); }, path);
-  }
-  Json engine = read_engine_json(source.engine_dir);
-  try {
-    source.weights = single_file_weights(file, engine);
-  } catch (const FormatError &e) {
-    throw FormatError(path + " does not fit the engine " + source.engine_dir + ": " + e.what());
-  }
-  const Json &single = engine.at("single_file");
-  const Json &config = engine.at("config");
-  source.vae = config.at("vae");
-  source.unet = config.at("unet");
-  std::string prediction_type = single_file_prediction_type(file, single, params);
-  source.scheduler = single.at("schedulers").at(prediction_type);
-  source.where = source.engine_dir + "/engine.json (single_file.schedulers." + prediction_type + ")";
-  source.zero_snr = file.contains("ztsnr");
-  if (params.tokenizer_dir) {
-    source.tokenizer_dir = params.tokenizer_dir;
-  } else if (const Json *tokenizer = single.find("tokenizer"); tokenizer && tokenizer->is_string()) {
-    source.tokenizer_dir = source.engine_dir + "/" + tokenizer->str();
-  } else {
-    throw InvalidArgument("the engine " + source.engine_dir + " has no tokenizer for single files (its text encoder "
-                          "does not use CLIP's vocabulary): set tokenizer_dir");
-  }
-  if (params.tokenizer_2_dir) {
-    source.tokenizer_2_dir = params.tokenizer_2_dir;
-  } else if (const Json *tokenizer = single.find("tokenizer_2"); tokenizer && tokenizer->is_string()) {
-    source.tokenizer_2_dir = source.engine_dir + "/" + tokenizer->str();
-  }
-  return source;
-}
-
-}  // namespace
-
-ModelSource load_path(const std::string &path, const sde_model_params &params) {
-  if (is_dir(path)) return load_diffusers_folder(path, params);
-  if (!is_file(path)) throw IoError("model not found: " + path + " (give a diffusers folder or a .safetensors file)");
-  if (!ends_with(path, ".safetensors"))
-    throw FormatError(path + ": the native runtime reads diffusers folders and single-file .safetensors checkpoints; "
-                             "load pickled .ckpt files from Python (sdengine.load(path, backend='native'))");
-  return load_single_file(path, params);
-}
-
-ModelSource load_tensors(WeightMap weights, const std::string &model_dir, const std::string &config_json,
-                         const sde_model_params &params) {
-  ModelSource source;
-  source.weights = std::move(weights);
-  if (!config_json.empty()) {
-    Json cfg = Json::parse(config_json, "config_json");
-    source.vae = cfg.at("vae");
-    source.unet = cfg.at("unet");
-    source.scheduler = cfg.at("scheduler");
-    source.where = "config_json";
-  } else {
-    source.vae = Json::read_file(model_dir + "/vae/config.json");
-    source.unet = Json::read_file(model_dir + "/unet/config.json");
-    source.where = model_dir + "/scheduler/scheduler_config.json";
-    source.scheduler = Json::read_file(source.where);
-  }
-  std::string what = model_dir.empty() ? std::string("these weights") : model_dir;
-  source.engine_dir = params.engine_dir ? params.engine_dir
-                                        : find_engine([&](const Json &) { return source.weights; }, what);
-  if (params.tokenizer_dir) {
-    source.tokenizer_dir = params.tokenizer_dir;
-  } else if (!model_dir.empty()) {
-    source.tokenizer_dir = model_dir + "/tokenizer";
-  } else {
-    throw InvalidArgument("tokenizer_dir is required when the model is given as tensors without a model folder");
-  }
-  if (params.tokenizer_2_dir) source.tokenizer_2_dir = params.tokenizer_2_dir;
-  else if (!model_dir.empty() && is_dir(model_dir + "/tokenizer_2")) source.tokenizer_2_dir = model_dir + "/tokenizer_2";
-  return source;
+  freed_.notify_one();
 }
 
 // ---------------------------------------------------------------------------
@@ -433,7 +85,7 @@ Model::Model(ModelSource source, const sde_model_params &params) : dtype_(at::kF
   WeightMap buffers = read_buffers(engine_dir_);
   if (std::string why = weights_mismatch(engine_, weights, buffers); !why.empty())
     throw FormatError("engine " + engine_dir_ + " does not fit these weights: " + why);
-  dtype_ = dtype_of(engine_.get_string("dtype", "fp32"), engine_dir_ + "/engine.json");
+  dtype_ = engine_dtype(engine_, engine_dir_ + "/engine.json");
   std::string device = engine_.get_string("device", "cpu");
   device_ = device == "cuda" ? at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(std::max(params.device_index, 0)))
                              : at::Device(at::kCPU);
@@ -460,40 +112,131 @@ Model::Model(ModelSource source, const sde_model_params &params) : dtype_(at::kF
     check_vocabulary(*tokenizer_2_, "text_encoder_2", source.tokenizer_2_dir, "tokenizer_2_dir");
   }
 
-  // -- networks ----------------------------------------------------------------
-  int runners = params.max_concurrency > 0 ? params.max_concurrency : 4;
+  // The text encoders' hidden sizes (and SDXL's pooled size): the shapes of the text graphs' outputs.
+  auto dim = [&](const std::string &component, const std::string &key, int axis) -> int64_t {
+    const at::Tensor *w = find_weight(weights, component, key);
+    return w && w->dim() == 2 ? w->size(axis) : 0;
+  };
+  info_.text_dim = dim("text_encoder", "text_model.embeddings.token_embedding.weight", 1);
+  if (info_.sdxl) {
+    info_.text_dim_2 = dim("text_encoder_2", "text_model.embeddings.token_embedding.weight", 1);
+    info_.pooled_dim = dim("text_encoder_2", "text_projection.weight", 0);
+  }
+
+  // -- instances and networks ------------------------------------------------------
+  int instances = params.max_concurrency > 0 ? params.max_concurrency : 4;
+  int max_graphs = params.max_graphs == 0 ? 8 : params.max_graphs;
+  bool use_graphs = max_graphs > 0;
+  pool_ = std::make_unique<InstancePool>(instances);
+  for (int i = 0; i < instances; ++i) {
+    auto inst = std::make_unique<Instance>();
+    inst->index = i;
+    inst->capturer = make_capturer(device_);
+    inst->text = std::make_unique<GraphCache>(*inst->capturer, counters_[kTextGraphs], max_graphs, use_graphs);
+    inst->step = std::make_unique<GraphCache>(*inst->capturer, counters_[kStepGraphs], max_graphs, use_graphs);
+    inst->decode = std::make_unique<GraphCache>(*inst->capturer, counters_[kDecodeGraphs], max_graphs, use_graphs);
+    instances_.push_back(std::move(inst));
+  }
+  // A CUDA graph can capture a network only on an instance of its own (no lock, no event):
+  // then every instance is its own single-threaded package.
+  bool per_instance = use_graphs && instances_.front()->capturer->is_cuda();
   c10::InferenceMode guard;
-  text_encoder_ = std::make_unique<Network>(engine_dir_, "text_encoder", nets.at("text_encoder"), runners, params.device_index);
-  if (info_.sdxl)
-    text_encoder_2_ = std::make_unique<Network>(engine_dir_, "text_encoder_2", nets.at("text_encoder_2"), runners,
-                                                params.device_index);
-  unet_ = std::make_unique<Network>(engine_dir_, "unet", nets.at("unet"), runners, params.device_index);
-  vae_decoder_ = std::make_unique<Network>(engine_dir_, "vae_decoder", nets.at("vae_decoder"), runners, params.device_index);
-  vae_encoder_ = std::make_unique<Network>(engine_dir_, "vae_encoder", nets.at("vae_encoder"), runners, params.device_index);
+  auto network = [&](const char *name) {
+    return std::make_unique<Network>(engine_dir_, name, nets.at(name), instances, params.device_index, per_instance);
+  };
+  text_encoder_ = network("text_encoder");
+  if (info_.sdxl) text_encoder_2_ = network("text_encoder_2");
+  unet_ = network("unet");
+  vae_decoder_ = network("vae_decoder");
+  vae_encoder_ = network("vae_encoder");
   for (Network *net : {text_encoder_.get(), text_encoder_2_.get(), unet_.get(), vae_decoder_.get(), vae_encoder_.get()})
     if (net) net->load_weights(weights, buffers, dtype_, device_);
 }
 
 Model::~Model() = default;
 
-std::pair<at::Tensor, at::Tensor> Model::encode_text(const std::vector<std::string> &prompts) const {
-  auto token_ids = [&](const Tokenizer &tokenizer) {
+void Model::stats(sde_model_stats *out) const {
+  *out = sde_model_stats{};
+  out->cuda_graphs = instances_.front()->capturer->is_cuda() ? 1 : 0;
+  out->instances = static_cast<int>(instances_.size());
+  sde_graph_stats *kinds[kGraphKinds] = {&out->text, &out->step, &out->decode};
+  for (int k = 0; k < kGraphKinds; ++k) {
+    const GraphCounters &c = counters_[k];
+    *kinds[k] = sde_graph_stats{c.captures.load(), c.replays.load(), c.direct.load(), c.failed.load(),
+                                c.evictions.load(), c.cached.load()};
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The graphed calls: each reads and writes only its own buffers (graphs.h)
+// ---------------------------------------------------------------------------
+
+namespace {
+
+// A text encoder on a batch of token ids.
+struct TextCall : Graphed {
+  at::Tensor ids;     // (B, 77) int64
+  at::Tensor hidden;  // (B, 77, D) float32
+  at::Tensor pooled;  // (B, P) float32, SDXL's second encoder only
+};
+
+// One denoising step: UNet on the doubled batch, guidance, sampler update (sampling.h).
+struct StepCall : Graphed {
+  StepBuffers buffers;
+  at::Tensor scalars;                   // (kStepColumns,) float32: the step's row of the table
+  at::Tensor context, pooled, time_ids;  // (2N, 77, D), SDXL (2N, P), (2N, 6); the engine's dtype
+  at::Tensor extra;                     // inpainting: (2N, 1 + C, h, w) mask and masked-image latents
+};
+
+// The VAE decoder.
+struct DecodeCall : Graphed {
+  at::Tensor z;       // (N, C, h, w), the engine's dtype
+  at::Tensor images;  // (N, 3, H, W) float32
+};
+
+template <typename Call>
+Call *find_call(GraphCache &cache, const std::string &key) {
+  return static_cast<Call *>(cache.find(key));
+}
+
+}  // namespace
+
+std::pair<at::Tensor, at::Tensor> Model::encode_text(const std::vector<std::string> &prompts, Instance &inst) const {
+  auto encode = [&](const Network &net, const Tokenizer &tokenizer, int64_t dim, int64_t pooled_dim) {
     std::vector<int64_t> ids;
     for (const auto &p : prompts) {
       auto row = tokenizer.encode_padded(p);
       ids.insert(ids.end(), row.begin(), row.end());
     }
-    return at::tensor(ids, at::kLong).reshape({static_cast<int64_t>(prompts.size()), tokenizer.max_length()}).to(device_);
+    int64_t batch = static_cast<int64_t>(prompts.size()), length = tokenizer.max_length();
+    std::string key = net.name() + ":" + std::to_string(batch);
+    auto *call = find_call<TextCall>(*inst.text, key);
+    if (!call) {
+      auto made = std::make_unique<TextCall>();
+      auto f32 = at::TensorOptions().dtype(at::kFloat).device(device_);
+      made->ids = at::zeros({batch, length}, at::TensorOptions().dtype(at::kLong).device(device_));
+      made->hidden = at::empty({batch, length, dim}, f32);
+      if (pooled_dim) made->pooled = at::empty({batch, pooled_dim}, f32);
+      made->fn = [this, c = made.get(), &net, index = inst.index] {
+        std::vector<at::Tensor> out = net.run_all({c->ids}, index);
+        c->hidden.copy_(out.at(0));
+        if (c->pooled.defined()) c->pooled.copy_(out.at(1));
+      };
+      call = static_cast<TextCall *>(inst.text->insert(key, std::move(made)));
+    }
+    call->ids.copy_(at::tensor(ids, at::kLong).reshape({batch, length}));
+    inst.text->run(*call);
+    return std::make_pair(call->hidden.clone(), call->pooled.defined() ? call->pooled.clone() : at::Tensor());
   };
-  at::Tensor context = text_encoder_->run({token_ids(tokenizer_)}).to(at::kFloat);  // (B, 77, D)
+  at::Tensor context = encode(*text_encoder_, tokenizer_, info_.text_dim, 0).first;  // (B, 77, D)
   if (!info_.sdxl) return {context, at::Tensor()};
   // SDXL: both encoders' hidden states side by side; the second's pooled (projected) output.
-  std::vector<at::Tensor> second = text_encoder_2_->run_all({token_ids(*tokenizer_2_)});
-  return {at::cat({context, second.at(0).to(at::kFloat)}, -1), second.at(1).to(at::kFloat)};  // (B, 77, D1 + D2), (B, P)
+  auto [context_2, pooled] = encode(*text_encoder_2_, *tokenizer_2_, info_.text_dim_2, info_.pooled_dim);
+  return {at::cat({context, context_2}, -1), pooled};  // (B, 77, D1 + D2), (B, P)
 }
 
-at::Tensor Model::encode_image(const at::Tensor &image, std::vector<at::Generator> &generators) const {
-  at::Tensor moments = vae_encoder_->run({image.to(device_, dtype_).contiguous()}).to(at::kFloat).cpu();
+at::Tensor Model::encode_image(const at::Tensor &image, std::vector<at::Generator> &generators, Instance &inst) const {
+  at::Tensor moments = vae_encoder_->run({image.to(device_, dtype_).contiguous()}, inst.index).to(at::kFloat).cpu();
   auto mean_logvar = moments.chunk(2, 1);  // (1, C, h, w) each
   at::Tensor mean = mean_logvar[0], std_dev = at::exp(mean_logvar[1] * 0.5);
   std::vector<at::Tensor> latents;
@@ -502,6 +245,27 @@ at::Tensor Model::encode_image(const at::Tensor &image, std::vector<at::Generato
   if (info_.has_shift) out = out - info_.shift_factor;
   return (out * info_.scaling_factor).to(device_);
 }
+
+at::Tensor Model::decode(const at::Tensor &z, Instance &inst) const {
+  int64_t n = z.size(0), h = z.size(2), w = z.size(3);
+  std::string key = std::to_string(n) + ":" + std::to_string(h) + "x" + std::to_string(w);
+  auto *call = find_call<DecodeCall>(*inst.decode, key);
+  if (!call) {
+    auto made = std::make_unique<DecodeCall>();
+    made->z = at::empty(z.sizes(), at::TensorOptions().dtype(dtype_).device(device_));
+    made->images = at::empty({n, 3, h * info_.downscale, w * info_.downscale},
+                             at::TensorOptions().dtype(at::kFloat).device(device_));
+    made->fn = [this, c = made.get(), index = inst.index] { c->images.copy_(vae_decoder_->run({c->z}, index)); };
+    call = static_cast<DecodeCall *>(inst.decode->insert(key, std::move(made)));
+  }
+  call->z.copy_(z);
+  inst.decode->run(*call);
+  return call->images;  // read before this instance's next decode
+}
+
+// ---------------------------------------------------------------------------
+// A request
+// ---------------------------------------------------------------------------
 
 at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::vector<uint64_t> &seeds) const {
   c10::InferenceMode guard;
@@ -517,7 +281,6 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
     throw InvalidArgument("size " + std::to_string(width) + "x" + std::to_string(height) + " exceeds the engine's maximum");
   int steps = p.steps ? p.steps : 30;
   bool do_cfg = p.guidance_scale > 1.0f;
-  double guidance = p.guidance_scale;
   if (n * (do_cfg ? 2 : 1) > static_cast<int>(engine_.get_number("max_batch", 64)))
     throw InvalidArgument("batch_size " + std::to_string(n) + " exceeds the engine's maximum batch");
 
@@ -526,14 +289,20 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
     throw InvalidArgument("mask_image needs an inpainting model (a " + std::to_string(2 * info.latent_channels + 1) +
                           "-channel UNet)");
   if (info.inpainting && !inpaint) throw InvalidArgument("this is an inpainting model: give init_image and mask_image");
-  double strength = p.strength > 0 ? p.strength : inpaint ? 1.0 : 0.8;
+  double strength = p.strength != SDE_STRENGTH_DEFAULT ? p.strength : inpaint ? 1.0 : 0.8;
   // Inpainting at strength 1 starts from pure noise, as diffusers' (is_strength_max).
   bool init_for_sampler = p.init_image && (!inpaint || strength < 1.0);
   Plan plan = make_plan(sampler, p.schedule, steps, info.scheduler, init_for_sampler ? strength : 1.0);
+  StepPlan step_plan(plan, info.scheduler, p.eta);
+
+  // This request's instance, for its whole run: its networks, graphs and (CUDA) stream.
+  HeldInstance held(*pool_);
+  Instance &inst = *instances_[static_cast<size_t>(held.index())];
+  std::shared_ptr<void> on_stream = inst.capturer->use_stream();
 
   // -- text: [uncond, cond] -----------------------------------------------------------
   std::vector<std::string> prompts(static_cast<size_t>(n), p.prompt);
-  auto [context, pooled] = encode_text(prompts);
+  auto [context, pooled] = encode_text(prompts, inst);
   if (do_cfg) {
     at::Tensor neg_context, neg_pooled;
     if (info.sdxl && !p.negative_prompt) {  // SDXL's force_zeros_for_empty_prompt
@@ -541,20 +310,10 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
       neg_pooled = at::zeros_like(pooled);
     } else {
       std::vector<std::string> negatives(static_cast<size_t>(n), p.negative_prompt ? p.negative_prompt : "");
-      std::tie(neg_context, neg_pooled) = encode_text(negatives);
+      std::tie(neg_context, neg_pooled) = encode_text(negatives, inst);
     }
     context = at::cat({neg_context, context});  // (2N, 77, D)
     if (info.sdxl) pooled = at::cat({neg_pooled, pooled});
-  }
-  context = context.to(device_, dtype_);
-  at::Tensor time_ids;  // SDXL micro-conditioning: (original size, crop top-left, target size)
-  if (info.sdxl) {
-    pooled = pooled.to(device_, dtype_);
-    time_ids = at::tensor(std::vector<float>{static_cast<float>(height), static_cast<float>(width), 0.0f, 0.0f,
-                                             static_cast<float>(height), static_cast<float>(width)})
-                   .reshape({1, 6})
-                   .repeat({context.size(0), 1})
-                   .to(device_, dtype_);
   }
 
   // -- initial state: one CPU generator per image, as torch.Generator().manual_seed(seed + i);
@@ -569,49 +328,96 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
     at::Tensor pixels = at::from_blob(const_cast<uint8_t *>(p.init_image), {1, height, width, 3}, at::kByte);
     image = (pixels.permute({0, 3, 1, 2}).to(at::kFloat) / 255) * 2 - 1;
   }
-  at::Tensor init_latents = init_for_sampler ? encode_image(image, generators) : at::Tensor();
+  at::Tensor init_latents = init_for_sampler ? encode_image(image, generators, inst) : at::Tensor();
   auto draw_noise = [&]() {
     std::vector<at::Tensor> parts;
     for (auto &g : generators) parts.push_back(at::randn({1, info.latent_channels, h, w}, g, at::kFloat));
-    return at::cat(parts).to(device_);  // (N, C, h, w)
+    return at::cat(parts);  // (N, C, h, w) on the CPU
   };
-  at::Tensor start = initial_state(plan, draw_noise(), init_latents);
+  at::Tensor start = initial_state(plan, draw_noise().to(device_), init_latents);
   // Inpainting: the UNet also reads the mask and the masked image's latents (drawn after the noise).
   at::Tensor extra_channels;
   if (inpaint) {
     at::Tensor mask_bytes = at::from_blob(const_cast<uint8_t *>(p.mask_image), {1, 1, height, width}, at::kByte);
     at::Tensor mask = (mask_bytes >= 128).to(at::kFloat);  // (1, 1, H, W): 1 = repaint
-    at::Tensor masked_latents = encode_image(image * (mask < 0.5), generators);  // (N, C, h, w)
+    at::Tensor masked_latents = encode_image(image * (mask < 0.5), generators, inst);  // (N, C, h, w)
     at::Tensor mask_latent = at::upsample_nearest2d(mask, {h, w}).expand({n, 1, h, w}).to(device_);
     extra_channels = at::cat({mask_latent, masked_latents}, 1);  // (N, 1 + C, h, w)
     if (do_cfg) extra_channels = at::cat({extra_channels, extra_channels});
-    extra_channels = extra_channels.to(dtype_);
   }
 
-  // -- the loop ---------------------------------------------------------------------
-  auto model_fn = [&](const at::Tensor &x_in, double t) {
-    at::Tensor x_batch = do_cfg ? at::cat({x_in, x_in}) : x_in;  // (2N, C, h, w)
-    if (inpaint) x_batch = at::cat({x_batch.to(dtype_), extra_channels}, 1);  // (2N, 2C + 1, h, w)
-    at::Tensor t_batch = at::full({x_batch.size(0)}, t, at::TensorOptions().dtype(at::kFloat).device(device_));
-    std::vector<at::Tensor> inputs = {x_batch.to(dtype_).contiguous(), t_batch, context};
-    if (info.sdxl) inputs.insert(inputs.end(), {pooled, time_ids});
-    at::Tensor out = unet_->run(inputs).to(at::kFloat);
-    if (!do_cfg) return out;
-    auto halves = out.chunk(2);
-    return halves[0] + (halves[1] - halves[0]) * guidance;  // uncond + scale * (cond - uncond)
-  };
-  const int evaluations = static_cast<int>(plan.timesteps.size());  // steps, or steps + 1 for PNDM
-  auto on_step = [&](int step) {
-    if (p.cancel && *p.cancel) throw Cancelled("cancelled by the cancel flag at step " + std::to_string(step + 1));
-    if (p.progress && p.progress(p.progress_user, step + 1, evaluations) != 0)
-      throw Cancelled("cancelled by the progress callback at step " + std::to_string(step + 1));
-  };
-  at::Tensor latents = sample(plan, info.scheduler, model_fn, start, draw_noise, on_step, p.eta);
+  // -- the loop: one cached step per (batch, guidance, latent size, sampler) ------------
+  const StepKind &kind = step_plan.kind();
+  std::string key = std::to_string(n) + (do_cfg ? "x2:" : ":") + std::to_string(h) + "x" + std::to_string(w) + ":" +
+                    sde_sampler_name(kind.sampler);
+  auto *step = find_call<StepCall>(*inst.step, key);
+  if (!step) {
+    auto made = std::make_unique<StepCall>();
+    auto f32 = at::TensorOptions().dtype(at::kFloat).device(device_);
+    auto latent = [&] { return at::zeros({n, info.latent_channels, h, w}, f32); };
+    StepBuffers &b = made->buffers;
+    b.x = latent(), b.noise = latent(), b.x_next = latent(), b.remembered = latent();
+    b.h1 = latent(), b.h2 = latent(), b.h3 = latent(), b.start = latent();
+    made->scalars = at::zeros({kStepColumns}, f32);
+    made->context = at::empty(context.sizes(), context.options().dtype(dtype_));
+    if (info.sdxl) {
+      made->pooled = at::empty(pooled.sizes(), pooled.options().dtype(dtype_));
+      made->time_ids = at::empty({context.size(0), 6}, made->context.options());
+    }
+    if (inpaint) made->extra = at::empty(extra_channels.sizes(), extra_channels.options().dtype(dtype_));
+    made->fn = [this, c = made.get(), kind, do_cfg, inpaint, index = inst.index] {
+      const StepBuffers &b = c->buffers;
+      at::Tensor x_in = step_model_input(b.x, c->scalars);
+      at::Tensor x_batch = do_cfg ? at::cat({x_in, x_in}) : x_in;  // (2N, C, h, w)
+      if (inpaint) x_batch = at::cat({x_batch.to(dtype_), c->extra}, 1);  // (2N, 2C + 1, h, w)
+      at::Tensor t_batch = c->scalars[kColT].expand({x_batch.size(0)}).contiguous();  // (2N,) float32
+      std::vector<at::Tensor> inputs = {x_batch.to(dtype_).contiguous(), t_batch, c->context};
+      if (info_.sdxl) inputs.insert(inputs.end(), {c->pooled, c->time_ids});
+      at::Tensor out = unet_->run(inputs, index).to(at::kFloat);
+      if (do_cfg) {
+        auto halves = out.chunk(2);
+        out = halves[0] + (halves[1] - halves[0]) * c->scalars[kColGuidance];  // uncond + scale * (cond - uncond)
+      }
+      step_update(kind, b, out, c->scalars);
+    };
+    step = static_cast<StepCall *>(inst.step->insert(key, std::move(made)));
+  }
+  StepBuffers &b = step->buffers;
+  step->context.copy_(context);
+  if (info.sdxl) {
+    step->pooled.copy_(pooled);
+    // SDXL micro-conditioning: (original size, crop top-left, target size)
+    at::Tensor ids = at::tensor(std::vector<float>{static_cast<float>(height), static_cast<float>(width), 0.0f, 0.0f,
+                                                   static_cast<float>(height), static_cast<float>(width)});
+    step->time_ids.copy_(ids.reshape({1, 6}).expand({context.size(0), 6}));
+  }
+  if (inpaint) step->extra.copy_(extra_channels);
+  b.x.copy_(start);
+  for (at::Tensor *history : {&b.h1, &b.h2, &b.h3}) history->zero_();
+  at::Tensor table = step_plan.table(p.guidance_scale).to(device_);  // (steps, kStepColumns)
+
+  const int evaluations = static_cast<int>(step_plan.steps());  // steps, or steps + 1 for PNDM
+  for (int i = 0; i < evaluations; ++i) {
+    if (step_plan.draws_noise(static_cast<size_t>(i))) b.noise.copy_(draw_noise());
+    step->scalars.copy_(table[i]);
+    step_plan.before(static_cast<size_t>(i), b);
+    inst.step->run(*step);
+    step_plan.after(static_cast<size_t>(i), b);
+    if (p.progress && p.progress(p.progress_user, i + 1, evaluations) != 0)
+      throw Cancelled("cancelled by the progress callback at step " + std::to_string(i + 1));
+    if (p.latents) {
+      at::Tensor now = step_plan.latents(b.x, static_cast<size_t>(i)).to(at::kCPU).contiguous();
+      int64_t shape[4] = {now.size(0), now.size(1), now.size(2), now.size(3)};
+      if (p.latents(p.latents_user, i + 1, evaluations, now.data_ptr<float>(), shape) != 0)
+        throw Cancelled("cancelled by the latents callback at step " + std::to_string(i + 1));
+    }
+  }
+  at::Tensor latents = step_plan.latents(b.x, static_cast<size_t>(evaluations - 1));
 
   // -- decode -------------------------------------------------------------------------
   at::Tensor z = latents / info.scaling_factor;
   if (info.has_shift) z = z + info.shift_factor;
-  at::Tensor decoded = vae_decoder_->run({z.to(dtype_).contiguous()}).to(at::kFloat);  // (N, 3, H, W)
+  at::Tensor decoded = decode(z, inst);  // (N, 3, H, W)
   at::Tensor images = (decoded / 2 + 0.5).clamp(0, 1).permute({0, 2, 3, 1}).cpu();
   return (images * 255).round().to(at::kByte).contiguous();  // (N, H, W, 3), half to even as numpy
 }

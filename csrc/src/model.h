@@ -1,49 +1,28 @@
-// A loaded model: the compiled networks (AOTInductor packages) holding the checkpoint's
-// weights, the tokenizer and the configs the request loop needs. Immutable after
-// loading, so any number of threads can run requests on it at once.
+// A loaded model and the request pipeline: tokenize -> encode text -> initial latents ->
+// sampler loop (UNet at batch 2N + guidance + sampler update) -> decode -> uint8 RGB.
+// Immutable after loading, so any number of threads can run requests on it at once; each
+// request holds one of the model's instances (compiled-model instances sharing the weights)
+// for its whole run.
 #pragma once
 
 #include <ATen/Tensor.h>
 
-#include <atomic>
-#include <map>
+#include <array>
+#include <condition_variable>
 #include <memory>
+#include <mutex>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
+#include "checkpoint.h"
+#include "engine.h"
+#include "graphs.h"
 #include "json.h"
 #include "sampling.h"
 #include "sdengine.h"
 #include "tokenizer.h"
 
-namespace torch::inductor {
-class AOTIModelPackageLoader;
-}
-
 namespace sde {
-
-// Where a network's weights come from: "<component>/<key>" -> tensor (CPU views of mapped
-// files, or the caller's memory).
-using WeightMap = std::unordered_map<std::string, at::Tensor>;
-
-// One compiled network of an engine.
-class Network {
- public:
-  Network(const std::string &engine_dir, const std::string &name, const Json &info, int num_runners,
-          int device_index);
-  ~Network();
-  // Hands the weights to the compiled model (no copy when dtype, device and layout fit).
-  void load_weights(const WeightMap &weights, const WeightMap &buffers, at::ScalarType dtype, at::Device device);
-  at::Tensor run(const std::vector<at::Tensor> &inputs) const;  // the first output
-  std::vector<at::Tensor> run_all(const std::vector<at::Tensor> &inputs) const;
-
- private:
-  std::string name_, component_, prefix_;
-  std::vector<std::pair<std::string, std::vector<int64_t>>> constants_;  // fqn, shape (engine.json)
-  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader_;
-  std::vector<at::Tensor> keep_alive_;  // constants are user-managed: they must outlive the loader's use
-};
 
 struct ModelInfo {
   SchedulerConfig scheduler;
@@ -58,26 +37,46 @@ struct ModelInfo {
   double scaling_factor = 0.18215;
   bool has_shift = false;
   double shift_factor = 0.0;
+  int64_t text_dim = 0, text_dim_2 = 0, pooled_dim = 0;  // hidden sizes of the text encoders; SDXL's pooled size
 };
 
-// Everything a Model is built from, gathered by the load_* functions below: the weights,
-// the configs the request loop reads, and the engine and tokenizer folders.
-struct ModelSource {
-  WeightMap weights;
-  Json vae, unet, scheduler;  // diffusers' config objects (vae/config.json, ...)
-  std::string where;          // where the scheduler config came from, for messages
-  bool zero_snr = false;      // a single file's "ztsnr" marker: rescale the betas to zero terminal SNR
-  std::string engine_dir;
-  std::string tokenizer_dir;
-  std::string tokenizer_2_dir;  // SDXL; "" when the checkpoint has none
+// What a request may run on: one compiled-model instance of every network (the networks'
+// `instance` index), its graphs (graphs.h) and, on CUDA, its stream and memory pool.
+struct Instance {
+  int index = 0;
+  std::unique_ptr<Capturer> capturer;
+  std::unique_ptr<GraphCache> text, step, decode;
 };
 
-// A diffusers folder or a single-file (LDM / A1111 layout) .safetensors checkpoint, read here.
-// Without params.engine_dir the engine is the cached one that fits the weights.
-ModelSource load_path(const std::string &path, const sde_model_params &params);
-// Weights the caller holds; configs from model_dir, or from config_json (engine.json's "config").
-ModelSource load_tensors(WeightMap weights, const std::string &model_dir, const std::string &config_json,
-                         const sde_model_params &params);
+enum GraphKind { kTextGraphs = 0, kStepGraphs, kDecodeGraphs, kGraphKinds };
+
+// Which of a model's instances a request runs on: acquire() waits for a free one.
+class InstancePool {
+ public:
+  explicit InstancePool(int size);
+  int size() const { return static_cast<int>(busy_.size()); }
+  int acquire();
+  void release(int instance);
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable freed_;
+  std::vector<bool> busy_;
+};
+
+// Holds an instance for a scope.
+class HeldInstance {
+ public:
+  explicit HeldInstance(InstancePool &pool) : pool_(pool), index_(pool.acquire()) {}
+  ~HeldInstance() { pool_.release(index_); }
+  HeldInstance(const HeldInstance &) = delete;
+  HeldInstance &operator=(const HeldInstance &) = delete;
+  int index() const { return index_; }
+
+ private:
+  InstancePool &pool_;
+  int index_;
+};
 
 class Model {
  public:
@@ -89,6 +88,7 @@ class Model {
 
   // One request; returns the images (N, H, W, 3) uint8 on the CPU.
   at::Tensor generate(const sde_gen_params &p, sde_sampler sampler, std::vector<uint64_t> &seeds) const;
+  void stats(sde_model_stats *out) const;
 
  private:
   ModelInfo info_;
@@ -99,13 +99,17 @@ class Model {
   at::Device device_ = at::kCPU;
   std::unique_ptr<Tokenizer> tokenizer_2_;  // SDXL
   std::unique_ptr<Network> text_encoder_, text_encoder_2_, unet_, vae_decoder_, vae_encoder_;
+  mutable std::array<GraphCounters, kGraphKinds> counters_;
+  std::vector<std::unique_ptr<Instance>> instances_;  // one per concurrent request
+  mutable std::unique_ptr<InstancePool> pool_;        // which instances are free
 
   // -> (context (B, 77, D), pooled (B, P); undefined unless SDXL), float32 on the device.
-  std::pair<at::Tensor, at::Tensor> encode_text(const std::vector<std::string> &prompts) const;
+  std::pair<at::Tensor, at::Tensor> encode_text(const std::vector<std::string> &prompts, Instance &inst) const;
   // Scaled latents of an image (1, 3, H, W) in [-1, 1]: one posterior sample per generator
   // (diffusers' retrieve_latents(sample_mode="sample")). -> (N, C, h, w) on the device.
-  at::Tensor encode_image(const at::Tensor &image, std::vector<at::Generator> &generators) const;
+  at::Tensor encode_image(const at::Tensor &image, std::vector<at::Generator> &generators, Instance &inst) const;
+  // Unscaled latents (N, C, h, w) -> images (N, 3, H, W) in about [-1, 1], float32 on the device.
+  at::Tensor decode(const at::Tensor &z, Instance &inst) const;
 };
-
 
 }  // namespace sde

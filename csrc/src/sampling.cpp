@@ -182,59 +182,6 @@ ScheduleSettings settings_of(sde_schedule s) {
   }
 }
 
-// (x0, eps) of a raw model output at x = sqrt(a) x0 + sqrt(1 - a) eps (denoiser.to_x0_eps).
-std::pair<at::Tensor, at::Tensor> x0_eps(const at::Tensor &out, const at::Tensor &x, double a, const std::string &pred) {
-  double sa = std::pow(a, 0.5), s1a = std::pow(1 - a, 0.5);
-  if (pred == "epsilon") return {(x - out * s1a) / sa, out};
-  if (pred == "v_prediction") return {x * sa - out * s1a, out * sa + x * s1a};
-  return {out, (x - out * sa) / s1a};
-}
-
-// PLMS: Liu et al., "Pseudo Numerical Methods for Diffusion Models on Manifolds" (2022), eq. 12,
-// with diffusers' start (t_samplers.sample_pndm): the first step taken twice (Euler, then a
-// 2-point average), then Adams-Bashforth of order 2-4 on eps.
-at::Tensor sample_pndm(const Plan &plan, const SchedulerConfig &cfg, const ModelFn &model, const at::Tensor &start,
-                       const StepFn &on_step) {
-  at::Tensor x = start, cur_x;
-  std::vector<at::Tensor> ets;
-  auto alpha_at = [&](int64_t t) { return t >= 0 ? plan.alphas_cumprod[t] : plan.final_alpha_cumprod; };
-  for (size_t counter = 0; counter < plan.timesteps.size(); ++counter) {
-    int64_t t = static_cast<int64_t>(plan.timesteps[counter]);
-    at::Tensor out = model(x, static_cast<double>(t));
-    at::Tensor eps = x0_eps(out, x, plan.alphas_cumprod[t], cfg.prediction_type).second;
-    int64_t t_prev = t - plan.stride;
-    if (counter != 1) {
-      if (ets.size() > 3) ets.erase(ets.begin());
-      ets.push_back(eps);
-    } else {  // the repeated step redoes the first one, from its start
-      t_prev = t;
-      t = t + plan.stride;
-    }
-    size_t k = ets.size();
-    at::Tensor e;
-    if (k == 1 && counter == 0) {
-      e = eps;
-      cur_x = x;
-    } else if (k == 1 && counter == 1) {
-      e = (eps + ets[k - 1]) / 2;
-      x = cur_x;
-      cur_x = at::Tensor();
-    } else if (k == 2) {
-      e = (ets[k - 1] * 3 - ets[k - 2]) / 2;
-    } else if (k == 3) {
-      e = (ets[k - 1] * 23 - ets[k - 2] * 16 + ets[k - 3] * 5) / 12;
-    } else {
-      e = (ets[k - 1] * 55 - ets[k - 2] * 59 + ets[k - 3] * 37 - ets[k - 4] * 9) / 24;
-    }
-    // the transfer phi(x_t, eps, t -> t_prev), eq. 9
-    double a_t = plan.alphas_cumprod[t], a_prev = alpha_at(t_prev);
-    double denom = a_t * std::pow(1 - a_prev, 0.5) + std::pow(a_t * (1 - a_t) * a_prev, 0.5);
-    x = x * std::pow(a_prev / a_t, 0.5) - e * (a_prev - a_t) / denom;
-    on_step(static_cast<int>(counter));
-  }
-  return x;
-}
-
 }  // namespace
 
 SchedulerConfig SchedulerConfig::from_json(const Json &j, const std::string &where) {
@@ -422,94 +369,204 @@ Plan full_plan(sde_sampler sampler, sde_schedule schedule, int steps, const Sche
 
 }  // namespace
 
-at::Tensor sample(const Plan &plan, const SchedulerConfig &cfg, const ModelFn &model, const at::Tensor &start,
-                  const NoiseFn &draw_noise, const StepFn &on_step, double eta) {
-  const std::string &pred = cfg.prediction_type;
-  auto clip = [&](at::Tensor x0) { return plan.clip_range > 0 ? x0.clamp(-plan.clip_range, plan.clip_range) : x0; };
+// ---------------------------------------------------------------------------
+// The sampler step on device tensors
+// ---------------------------------------------------------------------------
 
-  if (plan.sampler == SDE_SAMPLER_PNDM) return sample_pndm(plan, cfg, model, start, on_step);
-  if (!plan.is_sigma_sampler()) {  // DDIM (Song et al. 2021, eq. 12), t_samplers.sample_ddim
-    at::Tensor x = start;
-    auto alpha_at = [&](int64_t t) { return t >= 0 ? plan.alphas_cumprod[t] : plan.final_alpha_cumprod; };
-    for (size_t i = 0; i < plan.timesteps.size(); ++i) {
-      int64_t t = static_cast<int64_t>(plan.timesteps[i]), t_prev = static_cast<int64_t>(plan.prev_timesteps[i]);
-      at::Tensor out = model(x, static_cast<double>(t));
-      double a = plan.alphas_cumprod[t], sa = std::pow(a, 0.5), s1a = std::pow(1 - a, 0.5);
-      at::Tensor x0, eps;
-      if (pred == "epsilon") {
-        x0 = (x - out * s1a) / sa;
-        eps = out;
-      } else if (pred == "v_prediction") {
-        x0 = x * sa - out * s1a;
-        eps = out * sa + x * s1a;
+namespace {
+
+// (x0, eps) of a raw model output at x = sqrt(a) x0 + sqrt(1 - a) eps (denoiser.to_x0_eps),
+// with sa = sqrt(a) and s1a = sqrt(1 - a) as 0-d tensors.
+std::pair<at::Tensor, at::Tensor> x0_eps(const at::Tensor &out, const at::Tensor &x, const at::Tensor &sa,
+                                         const at::Tensor &s1a, const std::string &pred) {
+  if (pred == "epsilon") return {(x - out * s1a) / sa, out};
+  if (pred == "v_prediction") return {x * sa - out * s1a, out * sa + x * s1a};
+  return {out, (x - out * sa) / s1a};
+}
+
+}  // namespace
+
+at::Tensor step_model_input(const at::Tensor &x, const at::Tensor &scalars) { return x * scalars[kColCIn]; }
+
+void step_update(const StepKind &kind, const StepBuffers &b, const at::Tensor &out, const at::Tensor &scalars) {
+  auto col = [&](StepColumn c) { return scalars[c]; };  // a 0-d view of the step's row: no copy, no sync
+  const at::Tensor &x = b.x;
+  switch (kind.sampler) {
+    case SDE_SAMPLER_EULER:
+    case SDE_SAMPLER_EULER_A:
+    case SDE_SAMPLER_DPMPP_2M: {
+      // The Denoiser of denoiser.py: x_t = x * alpha (alpha = c_in, VE -> VP), s = sigma * alpha.
+      at::Tensor alpha = col(kColCIn), s = col(kColA);
+      at::Tensor x_t = x * alpha;
+      at::Tensor x0 = kind.prediction_type == "epsilon"        ? (x_t - out * s) / alpha
+                      : kind.prediction_type == "v_prediction" ? x_t * alpha - out * s
+                                                               : out;
+      if (kind.sampler == SDE_SAMPLER_DPMPP_2M) {
+        // DPM-Solver++(2M), Lu et al. 2022, Algorithm 2, in k-diffusion's sigma form:
+        // x_next = x * sigma_next / sigma - x0 * expm1(-h) + (x0 - x0_prev) * c2 (c2 = 0 for a
+        // first-order step; x_next = x0 where sigma_next is 0).
+        b.x_next.copy_(x * col(kColD) - x0 * col(kColE) + (x0 - b.h1) * col(kColF));
+        b.remembered.copy_(x0);
       } else {
-        x0 = out;
-        eps = (x - out * sa) / s1a;
+        // Euler (Karras et al. 2022, Algorithm 2 without churn), and the ancestral Euler of
+        // k-diffusion (down to sigma_down, then fresh noise of std sigma_up; sigma_up = 0 for euler).
+        at::Tensor d = (x - x0) / col(kColB);
+        at::Tensor next = x + d * col(kColC);
+        if (kind.sampler == SDE_SAMPLER_EULER_A) next = next + b.noise * col(kColD);
+        b.x_next.copy_(next);
       }
-      x0 = clip(x0);
-      double a_t = alpha_at(t), a_prev = alpha_at(t_prev);
-      double variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev);
-      double std_dev = eta * std::pow(variance, 0.5);
-      x = x0 * std::pow(a_prev, 0.5) + eps * std::pow(1 - a_prev - std::pow(std_dev, 2), 0.5);
-      if (eta > 0) x = x + draw_noise() * std_dev;
-      on_step(static_cast<int>(i));
+      return;
     }
-    return x;
+    case SDE_SAMPLER_DDIM: {
+      // DDIM (Song et al. 2021, eq. 12), t_samplers.sample_ddim.
+      auto [x0, eps] = x0_eps(out, x, col(kColA), col(kColB), kind.prediction_type);
+      if (kind.clip_range > 0) x0 = x0.clamp(-kind.clip_range, kind.clip_range);
+      b.x_next.copy_(x0 * col(kColC) + eps * col(kColD) + b.noise * col(kColE));
+      return;
+    }
+    case SDE_SAMPLER_PNDM: {
+      // PLMS: Liu et al., "Pseudo Numerical Methods for Diffusion Models on Manifolds" (2022),
+      // eq. 12, with diffusers' start: Adams-Bashforth on eps (the current one and the last three
+      // remembered, with the step's weights), then the transfer phi of eq. 9 from x (or, on the
+      // repeated second step, from the state before the first).
+      at::Tensor eps = x0_eps(out, x, col(kColA), col(kColB), kind.prediction_type).second;
+      at::Tensor e = eps * col(kColC) + b.h1 * col(kColD) + b.h2 * col(kColE) + b.h3 * col(kColF);
+      at::Tensor base = x * col(kColG) + b.start * col(kColH);
+      b.x_next.copy_(base * col(kColI) - e * col(kColJ));
+      b.remembered.copy_(eps);
+      return;
+    }
+    default:
+      throw InvalidArgument("sampler out of range");
   }
+}
 
-  // Sigma samplers: state x = x0 + sigma * eps (VE units); the Denoiser of denoiser.py.
-  const std::vector<double> &sigmas = plan.sigmas;
-  auto denoise = [&](const at::Tensor &x, size_t i) {
-    double sigma = sigmas[i];
-    double alpha = std::pow(std::pow(sigma, 2) + 1, -0.5);  // c_in: VE -> VP
-    at::Tensor x_t = x * alpha;
-    at::Tensor out = model(x_t, plan.timesteps[i]);
-    double s = sigma * alpha;
-    at::Tensor x0;
-    if (pred == "epsilon") x0 = (x_t - out * s) / alpha;
-    else if (pred == "v_prediction") x0 = x_t * alpha - out * s;
-    else x0 = out;
-    return clip(x0);
-  };
-  at::Tensor x = start;
-  size_t n = sigmas.size() - 1;
-  at::Tensor old_denoised;
+StepPlan::StepPlan(const Plan &plan, const SchedulerConfig &cfg, double eta) : plan_(plan), eta_(eta) {
+  kind_.sampler = plan.sampler;
+  kind_.prediction_type = cfg.prediction_type;
+  kind_.clip_range = plan.clip_range;
+}
+
+bool StepPlan::draws_noise(size_t i) const {
+  if (plan_.sampler == SDE_SAMPLER_EULER_A) return plan_.sigmas[i + 1] > 0;
+  if (plan_.sampler == SDE_SAMPLER_DDIM) return eta_ > 0;
+  return false;
+}
+
+at::Tensor StepPlan::table(double guidance) const {
+  const Plan &plan = plan_;
+  size_t n = steps();
+  std::vector<double> rows(n * kStepColumns, 0.0);
+  auto alpha_at = [&](int64_t t) { return t >= 0 ? plan.alphas_cumprod[t] : plan.final_alpha_cumprod; };
   double h_last = 0.0;
   for (size_t i = 0; i < n; ++i) {
-    double sigma = sigmas[i], sigma_next = sigmas[i + 1];
-    at::Tensor denoised = denoise(x, i);
-    if (plan.sampler == SDE_SAMPLER_EULER) {
-      // Karras et al. 2022, Algorithm 2 without churn.
-      at::Tensor d = (x - denoised) / sigma;
-      x = x + d * (sigma_next - sigma);
-    } else if (plan.sampler == SDE_SAMPLER_EULER_A) {
-      // Euler down to sigma_down, then fresh noise of std sigma_up (k-diffusion get_ancestral_step, eta 1).
-      double sigma_up = std::min(
-          sigma_next, std::pow(std::pow(sigma_next, 2) * (std::pow(sigma, 2) - std::pow(sigma_next, 2)) / std::pow(sigma, 2), 0.5));
-      double sigma_down = std::pow(std::pow(sigma_next, 2) - std::pow(sigma_up, 2), 0.5);
-      at::Tensor d = (x - denoised) / sigma;
-      x = x + d * (sigma_down - sigma);
-      if (sigma_next > 0) x = x + draw_noise() * sigma_up;
-    } else {
-      // DPM-Solver++(2M), Lu et al. 2022, Algorithm 2, in k-diffusion's sigma form.
-      if (sigma_next == 0) {
-        x = denoised;
-      } else {
-        double h = std::log(sigma) - std::log(sigma_next);
-        x = x * (sigma_next / sigma) - denoised * std::expm1(-h);
-        if (old_denoised.defined() && !(plan.lower_order_final && i == n - 1)) {
-          at::Tensor d1 = (denoised - old_denoised) / (h_last / h);
-          if (plan.heun_solver) x = x + d1 * (std::expm1(-h) / h + 1);
-          else x = x - d1 * (0.5 * std::expm1(-h));
+    double *r = &rows[i * kStepColumns];
+    r[kColT] = plan.timesteps[i];
+    r[kColCIn] = 1.0;
+    r[kColGuidance] = guidance;
+    switch (plan.sampler) {
+      case SDE_SAMPLER_EULER:
+      case SDE_SAMPLER_EULER_A:
+      case SDE_SAMPLER_DPMPP_2M: {
+        double sigma = plan.sigmas[i], sigma_next = plan.sigmas[i + 1];
+        double alpha = std::pow(std::pow(sigma, 2) + 1, -0.5);
+        r[kColCIn] = alpha;
+        r[kColA] = sigma * alpha;
+        if (plan.sampler == SDE_SAMPLER_EULER) {
+          r[kColB] = sigma;
+          r[kColC] = sigma_next - sigma;
+        } else if (plan.sampler == SDE_SAMPLER_EULER_A) {
+          double sigma_up = std::min(sigma_next, std::pow(std::pow(sigma_next, 2) *
+                                                              (std::pow(sigma, 2) - std::pow(sigma_next, 2)) /
+                                                              std::pow(sigma, 2),
+                                                          0.5));
+          double sigma_down = std::pow(std::pow(sigma_next, 2) - std::pow(sigma_up, 2), 0.5);
+          r[kColB] = sigma;
+          r[kColC] = sigma_down - sigma;
+          r[kColD] = sigma_next > 0 ? sigma_up : 0.0;
+        } else if (sigma_next == 0) {  // dpmpp_2m's last step: x_next = x0
+          r[kColD] = 0.0;
+          r[kColE] = -1.0;
+          r[kColF] = 0.0;
+        } else {
+          double h = std::log(sigma) - std::log(sigma_next);
+          r[kColD] = sigma_next / sigma;
+          r[kColE] = std::expm1(-h);
+          bool second_order = i > 0 && !(plan.lower_order_final && i == n - 1);
+          // d1 = (x0 - x0_prev) / (h_last / h); midpoint: x -= d1 * expm1(-h) / 2; heun: x += d1 * (expm1(-h) / h + 1)
+          double weight = plan.heun_solver ? std::expm1(-h) / h + 1 : -0.5 * std::expm1(-h);
+          r[kColF] = second_order ? weight * h / h_last : 0.0;
+          h_last = h;
         }
-        h_last = h;
+        break;
       }
-      old_denoised = denoised;
+      case SDE_SAMPLER_DDIM: {
+        int64_t t = static_cast<int64_t>(plan.timesteps[i]), t_prev = static_cast<int64_t>(plan.prev_timesteps[i]);
+        double a = plan.alphas_cumprod[t];
+        double a_t = alpha_at(t), a_prev = alpha_at(t_prev);
+        double variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev);
+        double std_dev = eta_ * std::pow(variance, 0.5);
+        r[kColA] = std::pow(a, 0.5);
+        r[kColB] = std::pow(1 - a, 0.5);
+        r[kColC] = std::pow(a_prev, 0.5);
+        r[kColD] = std::pow(1 - a_prev - std::pow(std_dev, 2), 0.5);
+        r[kColE] = eta_ > 0 ? std_dev : 0.0;
+        break;
+      }
+      case SDE_SAMPLER_PNDM: {
+        // diffusers' PNDMScheduler.step_plms: eps of the step, Adams-Bashforth weights by how
+        // many eps are remembered; the second step repeats the first's transfer from its start.
+        int64_t t = static_cast<int64_t>(plan.timesteps[i]);
+        r[kColA] = std::pow(plan.alphas_cumprod[t], 0.5);
+        r[kColB] = std::pow(1 - plan.alphas_cumprod[t], 0.5);
+        int64_t t_from = t, t_to = t - plan.stride;
+        // remembered before this step: none at i = 0 and 1, then min(i - 1, 3)
+        double c_e = 1, c1 = 0, c2 = 0, c3 = 0, from_x = 1, from_start = 0;
+        if (i == 1) {  // (eps + eps_0) / 2, from the start, over the first step's interval
+          c_e = 0.5, c1 = 0.5, from_x = 0, from_start = 1;
+          t_from = t + plan.stride, t_to = t;
+        } else if (i == 2) {
+          c_e = 1.5, c1 = -0.5;
+        } else if (i == 3) {
+          c_e = 23.0 / 12, c1 = -16.0 / 12, c2 = 5.0 / 12;
+        } else if (i >= 4) {
+          c_e = 55.0 / 24, c1 = -59.0 / 24, c2 = 37.0 / 24, c3 = -9.0 / 24;
+        }
+        // the transfer phi(x_t, eps, t -> t_prev), eq. 9
+        double a_t = plan.alphas_cumprod[t_from], a_prev = alpha_at(t_to);
+        double denom = a_t * std::pow(1 - a_prev, 0.5) + std::pow(a_t * (1 - a_t) * a_prev, 0.5);
+        r[kColC] = c_e, r[kColD] = c1, r[kColE] = c2, r[kColF] = c3;
+        r[kColG] = from_x, r[kColH] = from_start;
+        r[kColI] = std::pow(a_prev / a_t, 0.5);
+        r[kColJ] = (a_prev - a_t) / denom;
+        break;
+      }
+      default:
+        throw InvalidArgument("sampler out of range");
     }
-    on_step(static_cast<int>(i));
   }
-  if (plan.vp_latents) x = x * std::pow(1 + std::pow(sigmas.back(), 2), -0.5);  // VE -> VP
-  return x;
+  return at::tensor(rows, at::kDouble).to(at::kFloat).reshape({static_cast<int64_t>(n), kStepColumns});
+}
+
+void StepPlan::before(size_t i, StepBuffers &b) const {
+  if (plan_.sampler == SDE_SAMPLER_PNDM && i == 0) b.start.copy_(b.x);
+}
+
+void StepPlan::after(size_t i, StepBuffers &b) const {
+  b.x.copy_(b.x_next);
+  if (plan_.sampler == SDE_SAMPLER_DPMPP_2M) {
+    b.h1.copy_(b.remembered);
+  } else if (plan_.sampler == SDE_SAMPLER_PNDM && i != 1) {  // the repeated step's eps is not remembered
+    b.h3.copy_(b.h2);
+    b.h2.copy_(b.h1);
+    b.h1.copy_(b.remembered);
+  }
+}
+
+at::Tensor StepPlan::latents(const at::Tensor &state, size_t i) const {
+  if (plan_.is_sigma_sampler() && plan_.vp_latents)
+    return state * std::pow(1 + std::pow(plan_.sigmas[i + 1], 2), -0.5);  // VE -> VP
+  return state;
 }
 
 }  // namespace sde

@@ -8,7 +8,6 @@
 
 #include <ATen/Tensor.h>
 
-#include <functional>
 #include <string>
 #include <vector>
 
@@ -73,15 +72,63 @@ Plan make_plan(sde_sampler sampler, sde_schedule schedule, int steps, const Sche
 // (img2img: diffusers' scheduler.add_noise).
 at::Tensor initial_state(const Plan &plan, const at::Tensor &noise, const at::Tensor &init_latents);
 
-// model(x_in, t) -> raw model output (the config's prediction type, guidance applied).
-using ModelFn = std::function<at::Tensor(const at::Tensor &x_in, double t)>;
-// noise() -> standard normal noise shaped like the latents, drawn per image.
-using NoiseFn = std::function<at::Tensor()>;
-// on_step(step_index) after each step; it throws to cancel.
-using StepFn = std::function<void(int step)>;
+// ---------------------------------------------------------------------------
+// The sampler step on device tensors
+// ---------------------------------------------------------------------------
+//
+// Every sampler update is written as tensor operations whose per-step numbers come from one
+// row of a float32 table (steps x kStepColumns, step_table), held on the device. The same
+// operations then serve every step and every request of a shape: the form a CUDA graph
+// captures once and replays (model.cpp). Columns 0-2 are common; the others depend on the
+// sampler (step_table documents each).
+enum StepColumn : int64_t { kColT = 0, kColCIn, kColGuidance, kColA, kColB, kColC, kColD, kColE, kColF, kColG, kColH, kColI, kColJ };
+constexpr int64_t kStepColumns = 13;
 
-// Runs the plan from its initial state and returns diffusers' final latents.
-at::Tensor sample(const Plan &plan, const SchedulerConfig &cfg, const ModelFn &model, const at::Tensor &start,
-                  const NoiseFn &draw_noise, const StepFn &on_step, double eta);
+// What a step's operations depend on besides the table: fixed for a cached step.
+struct StepKind {
+  sde_sampler sampler = SDE_SAMPLER_EULER;
+  std::string prediction_type = "epsilon";
+  double clip_range = 0.0;  // ddim: clamp x0 to [-clip_range, clip_range]; 0: no clamp
+};
+
+// The buffers of a step, each shaped like the latents (N, C, h, w), float32 on the device.
+struct StepBuffers {
+  at::Tensor x;           // the sampler state before the step
+  at::Tensor noise;       // the step's fresh standard-normal noise (euler_a; ddim with eta > 0)
+  at::Tensor x_next;      // written: the state after the step
+  at::Tensor remembered;  // written: what later steps read (dpmpp_2m: denoised; pndm: eps)
+  at::Tensor h1, h2, h3;  // read: dpmpp_2m: h1 = the previous denoised; pndm: the last three eps
+  at::Tensor start;       // pndm: the state before its first step (the second step restarts there)
+};
+
+// The UNet input of a step: x * c_in.
+at::Tensor step_model_input(const at::Tensor &x, const at::Tensor &scalars);
+// The update of one step: x_next (and remembered) from the state and the guided model output
+// (the config's prediction type). Only tensor operations: no host value, no host sync.
+void step_update(const StepKind &kind, const StepBuffers &b, const at::Tensor &model_out, const at::Tensor &scalars);
+
+// One run's steps on the host side: the table, the noise draws and the bookkeeping between
+// steps, for a plan.
+class StepPlan {
+ public:
+  StepPlan(const Plan &plan, const SchedulerConfig &cfg, double eta);
+  const StepKind &kind() const { return kind_; }
+  size_t steps() const { return plan_.timesteps.size(); }  // model evaluations (PNDM: steps + 1)
+  // (steps, kStepColumns) float32 on the CPU.
+  at::Tensor table(double guidance) const;
+  // Whether step i adds fresh noise (drawn before it, in the generators' order).
+  bool draws_noise(size_t i) const;
+  // The host's share around step i: before, pndm's restart point; after, x <- x_next and the
+  // history (dpmpp_2m: the last denoised; pndm: the last three eps, its repeated step excepted).
+  void before(size_t i, StepBuffers &b) const;
+  void after(size_t i, StepBuffers &b) const;
+  // diffusers' latents for the state after step i (the final latents for i = steps() - 1).
+  at::Tensor latents(const at::Tensor &state, size_t i) const;
+
+ private:
+  Plan plan_;
+  StepKind kind_;
+  double eta_;
+};
 
 }  // namespace sde

@@ -137,11 +137,13 @@ void sde_model_params_init(sde_model_params *params) {
   params->device_index = -1;
   params->prediction_type = nullptr;
   params->tokenizer_2_dir = nullptr;
+  params->max_graphs = 0;
 }
 
 static void check_model_params(const sde_model_params *params) {
   SDE_REQUIRE(params->max_concurrency >= 0 && params->max_concurrency <= 256,
               "max_concurrency must be in [0, 256], got " + std::to_string(params->max_concurrency));
+  SDE_REQUIRE(params->max_graphs <= 4096, "max_graphs must be at most 4096, got " + std::to_string(params->max_graphs));
 }
 
 sde_status sde_model_load(const char *path, const sde_model_params *params, sde_model **model) {
@@ -180,9 +182,11 @@ sde_status sde_model_load_tensors(const sde_tensor_view *tensors, int count, con
       SDE_REQUIRE(v.ndim >= 0 && v.ndim <= 8 && (v.shape || v.ndim == 0), where + " (" + v.name + ") has a bad shape");
       static const at::ScalarType dtypes[] = {at::kFloat, at::kHalf, at::kBFloat16, at::kLong};
       SDE_REQUIRE(v.dtype >= 0 && v.dtype < SDE_DTYPE_COUNT, where + " (" + v.name + ") has an unknown dtype");
-      SDE_REQUIRE(v.device_type == 0 || v.device_type == 1, where + " (" + v.name + ") has an unknown device_type");
-      at::Device device = v.device_type == 1 ? at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(v.device_index))
-                                             : at::Device(at::kCPU);
+      SDE_REQUIRE(v.device_type >= 0 && v.device_type < SDE_DEVICE_COUNT,
+                  where + " (" + v.name + ") has an unknown device_type");
+      at::Device device = v.device_type == SDE_DEVICE_CUDA
+                              ? at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(v.device_index))
+                              : at::Device(at::kCPU);
       std::vector<int64_t> shape(v.shape, v.shape + v.ndim);
       weights[v.name] = at::from_blob(v.data, shape, at::TensorOptions().dtype(dtypes[v.dtype]).device(device));
     }
@@ -196,6 +200,14 @@ sde_status sde_model_load_tensors(const sde_tensor_view *tensors, int count, con
 void sde_model_free(sde_model *model) { delete model; }
 
 int sde_model_default_size(const sde_model *model) { return model ? model->impl->info().default_size : 0; }
+
+sde_status sde_model_get_stats(const sde_model *model, sde_model_stats *stats) {
+  return guarded("sde_model_get_stats", [&] {
+    SDE_REQUIRE(model, "model is NULL");
+    SDE_REQUIRE(stats, "stats is NULL");
+    model->impl->stats(stats);
+  });
+}
 
 void sde_gen_params_init(sde_gen_params *params) {
   if (!params) return;
@@ -212,16 +224,17 @@ void sde_gen_params_init(sde_gen_params *params) {
   params->eta = 0.0;
   params->progress = nullptr;
   params->progress_user = nullptr;
-  params->cancel = nullptr;
   params->init_image = nullptr;
   params->mask_image = nullptr;
-  params->strength = 0.0;
+  params->strength = SDE_STRENGTH_DEFAULT;
+  params->latents = nullptr;
+  params->latents_user = nullptr;
 }
 
-sde_status sde_generate(sde_model *model, const sde_gen_params *params, sde_image **images, int *count) {
+sde_status sde_model_generate(sde_model *model, const sde_gen_params *params, sde_image **images, int *count) {
   if (images) *images = nullptr;
   if (count) *count = 0;
-  return guarded("sde_generate", [&] {
+  return guarded("sde_model_generate", [&] {
     SDE_REQUIRE(model, "model is NULL");
     SDE_REQUIRE(params, "params is NULL");
     SDE_REQUIRE(images, "images is NULL");
@@ -250,11 +263,15 @@ sde_status sde_generate(sde_model *model, const sde_gen_params *params, sde_imag
                 "schedule out of range: " + std::to_string(static_cast<int>(p.schedule)));
     SDE_REQUIRE(std::isfinite(p.eta) && p.eta >= 0, "eta must be a finite number >= 0, got " + number(p.eta));
     SDE_REQUIRE(!p.mask_image || p.init_image, "mask_image needs init_image: the image to inpaint");
-    if (p.init_image) {
-      SDE_REQUIRE(p.width > 0 && p.height > 0, "init_image needs width and height (the image's size)");
-      SDE_REQUIRE(std::isfinite(p.strength) && p.strength >= 0 && p.strength <= 1,
-                  "strength must be a number in [0, 1] (0: the default), got " + number(p.strength));
-    }
+    // strength as in Python (sdengine/request.py): a number in [0, 1] (the plan refuses one that
+    // leaves no step), with init_image only; SDE_STRENGTH_DEFAULT: the mode's default.
+    bool default_strength = p.strength == SDE_STRENGTH_DEFAULT;
+    SDE_REQUIRE(default_strength || p.init_image,
+                "strength applies to img2img and inpainting: give init_image (or leave strength at "
+                "SDE_STRENGTH_DEFAULT)");
+    SDE_REQUIRE(default_strength || (std::isfinite(p.strength) && p.strength >= 0 && p.strength <= 1),
+                "strength must be a number in [0, 1] (SDE_STRENGTH_DEFAULT: the default), got " + number(p.strength));
+    if (p.init_image) SDE_REQUIRE(p.width > 0 && p.height > 0, "init_image needs width and height (the image's size)");
     const sde::ModelInfo &info = model->impl->info();
     {
       int64_t width = p.width ? p.width : info.default_size, height = p.height ? p.height : info.default_size;
@@ -303,6 +320,10 @@ sde_status sde_generate(sde_model *model, const sde_gen_params *params, sde_imag
     *images = out;
     *count = n;
   });
+}
+
+sde_status sde_generate(sde_model *model, const sde_gen_params *params, sde_image **images, int *count) {
+  return sde_model_generate(model, params, images, count);
 }
 
 void sde_images_free(sde_image *images, int count) {

@@ -3,7 +3,7 @@
 #pragma once
 
 #include "json.h"
-#include "model.h"
+#include "engine.h"  // WeightMap
 #include "safetensors.h"
 
 namespace sde {

@@ -111,7 +111,7 @@ int main(int argc, char **argv) {
   }
   sde_image *images = NULL;
   int count = 0;
-  status = sde_generate(model, &gp, &images, &count);
+  status = sde_model_generate(model, &gp, &images, &count);
   if (status != SDE_OK) {
     fprintf(stderr, "generate failed (%s): %s\n", sde_status_str(status), sde_last_error());
     sde_model_free(model);

@@ -1,22 +1,17 @@
-"""The native backend: the networks compiled ahead of time with AOTInductor.
+"""The native backend: whole requests in the C++ runtime (libsdengine, csrc/).
 
-The engine (export/aoti.py) is found in the cache or built on first use; it holds no
-weights, so the modules that Python loaded hand theirs over without a copy (the tensors
-already have the engine's dtype, device and layout).
+`sdengine.load(..., backend="native")` gives a Pipeline whose calls run in C++, through
+`sdengine._C` (the C API): tokenizer, text encoding, noise, the sampler loop (each step, UNet
+on the doubled batch + guidance + sampler update, one cached graph: a CUDA graph on CUDA),
+VAE decode and uint8 RGB. The pipeline checks the arguments and builds the result
+(GenerationResult, progress bar, callback, cancel) as for every backend; `run_request` does
+the rest. The images are those of the Python pipeline for the same seed, sampler and size.
 
-Two ways to run it:
-- the backend interface of docs/CONTRACTS.md (encode_text, denoise, encode_image,
-  decode), which the pipeline drives step by step from Python, through the compiled
-  packages loaded in this process;
-- `generate(...)`, the whole request in C++ (libsdengine: tokenizer, text encoding,
-  noise, sampler loop, decode, uint8 RGB), through `sdengine._C`. It gives the same images
-  as the Python pipeline for the same seed, sampler and size.
-
-Not compiled (run eagerly, from the same weights): clip_skip other than None, and prompts with
-textual-inversion tokens (the engine's token table has the checkpoint's vocabulary only).
-The engine reads the modules' own tensors, so LoRAs merged into them in place (`weight_views`)
-reach the engine with no reload. Its UNet takes 77-token contexts: A1111-syntax prompts get one
-75-token window.
+The networks are the AOTInductor engine of the model's architecture (export/aoti.py), found
+in the cache or built on first use; it holds no weights, so the modules that Python loaded
+hand theirs over without a copy: LoRAs merged into them in place (Pipeline.set_loras, <lora:>
+tags) reach the C++ loop and its captured graphs with no reload. `backend="aoti"` drives the
+same engine from the Python loop, for what the C++ loop does not run (see `run_request`).
 """
 
 from __future__ import annotations
@@ -31,40 +26,25 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
+from .aoti import EngineWeights, engine_weights
 
 log = logging.getLogger("sdengine")
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int64: 3}  # sde_dtype
+SAMPLERS = ("euler", "euler_a", "ddim", "dpmpp_2m", "pndm")  # those the C++ loop runs (csrc/src/sampling.cpp)
 
 
-def _load_package(path: Path, constants: dict):
-    """A compiled package with its weights handed over (user-managed: no copy)."""
-    package = torch._inductor.aoti_load_package(str(path))
-    wanted = set(package.get_constant_fqns())
-    constants = {k: v for k, v in constants.items() if k in wanted}
-    missing = sorted(wanted - set(constants))
-    if missing:
-        raise ValueError(f"{path}: the weights lack {len(missing)} constants the engine needs, e.g. {missing[0]!r}")
-    try:
-        package.load_constants(constants, check_full_update=True, user_managed=True)
-    except TypeError:  # an older torch without user-managed constants: they are copied
-        package.load_constants(constants, check_full_update=True)
-    return package
+class NativeBackend(EngineWeights):
+    """Runs whole requests in libsdengine on the model's AOTInductor engine (see the module docstring).
 
-
-def _first(outputs):
-    """The first output of a compiled package (which returns a list)."""
-    return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
-
-
-class NativeBackend:
-    """Runs the AOTInductor engine of the model's architecture (see the module docstring)."""
+    max_concurrency: requests that may run at once (each on its own compiled-model instance
+    and graphs); max_graphs: graphs kept per instance and kind (0: 8; negative: none), as
+    sde_model_params."""
 
     name = "native"
-    max_prompt_windows = 1  # the engine's UNet is compiled for 77-token contexts
 
     def __init__(self, config: ModelConfig, text_encoder, unet, vae, text_encoder_2=None, *, engine_dir=None,
-                 progress: bool = True):
+                 progress: bool = True, max_concurrency: int = 0, max_graphs: int = 0):
         from sdengine.export import aoti
 
         aoti.check_supported(config)
@@ -77,116 +57,25 @@ class NativeBackend:
             engine_dir = aoti.engine_for(config, dtype=self.dtype, device=self.device, progress=progress)
         self.engine_dir = Path(engine_dir)
         self.engine = json.loads((self.engine_dir / "engine.json").read_text())
-        # The weights each network reads, by "<component>/<key>", already in the engine's
-        # dtype and on its device (no copy for weights that are).
-        self._weights = {}
-        modules = (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2), ("unet", unet), ("vae", vae))
-        for component, module in modules:
-            if module is None:
-                continue
-            for key, tensor in module.state_dict().items():
-                self._weights[f"{component}/{key}"] = tensor.detach().to(self.device, self.dtype
-                                                                         if tensor.is_floating_point()
-                                                                         else tensor.dtype).contiguous()
-        self._packages = {}
+        self.has_text_encoder_2 = text_encoder_2 is not None
+        # The C++ model reads these tensors in place: they must live as long as it does.
+        self._weights = engine_weights({"text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
+                                        "unet": unet, "vae": vae}, self.device, self.dtype)
+        self.max_concurrency, self.max_graphs = max_concurrency, max_graphs
         self._native = None
         self._tokenizer_dirs = None
+        self._decoder = None  # decode(): the compiled decoder in Python, made on first use
 
-    # -- the compiled packages in this process ------------------------------------
-
-    def _package(self, name: str):
-        if name not in self._packages:
-            info = self.engine["networks"][name]
-            prefix, component = info["prefix"], info["component"]
-            constants = {}
-            for fqn in info["constants"]:
-                key = fqn[len(prefix):]
-                tensor = self._weights.get(f"{component}/{key}")
-                if tensor is not None:
-                    constants[fqn] = tensor
-            self._packages[name] = _load_package(self.engine_dir / info["package"], constants)
-        return self._packages[name]
-
-    def weight_views(self) -> dict:
-        """As EagerBackend.weight_views: the modules' tensors, which the engine reads (no copy)."""
-        from ..lora import parameter_views
-
-        views = parameter_views({"unet": self.unet, "text_encoder": self.text_encoder,
-                                 "text_encoder_2": self.text_encoder_2})
-        for component, named in views.items():
-            for key, tensor in named.items():
-                engine_tensor = self._weights.get(f"{component}/{key}")
-                if engine_tensor is not None and engine_tensor.data_ptr() != tensor.data_ptr():
-                    raise ValueError(f"the native engine reads a copy of {component}/{key} ({engine_tensor.dtype} on "
-                                     f"{engine_tensor.device}), not the module's tensor: load the model in the "
-                                     "engine's dtype and device to change its weights")
-        return views
-
-    def add_token_embeddings(self, vectors: dict) -> dict:
-        """As EagerBackend.add_token_embeddings; prompts with the new ids run the eager text encoders."""
-        from ..embeddings import grow_token_embeddings
-
-        return grow_token_embeddings({"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2},
-                                     vectors)
-
-    @torch.inference_mode()
-    def encode_text(self, input_ids, input_ids_2=None, clip_skip=None):
-        """Token ids (B, 77) -> (context (B, 77, D), pooled (B, P) or None), as the eager backend:
-        SDXL concatenates both encoders' hidden states and takes the second's pooled output.
-        clip_skip, and ids past the engine's vocabulary (textual inversion), run through the eager
-        text encoders (the engine has one output layer and the checkpoint's token table)."""
-        vocab = self._weights["text_encoder/text_model.embeddings.token_embedding.weight"].shape[0]
-        if clip_skip is not None or int(input_ids.max()) >= vocab:
-            from .eager import EagerBackend
-
-            context, pooled = EagerBackend.encode_text(self, input_ids, input_ids_2, clip_skip=clip_skip)
-            return context, pooled if self.text_encoder_2 is not None else None  # as the compiled path
-        context = _first(self._package("text_encoder")(input_ids.to(self.device)))
-        if self.text_encoder_2 is None:
-            return context, None
-        context_2, pooled = self._package("text_encoder_2")(input_ids_2.to(self.device))
-        return torch.cat([context, context_2], dim=-1), pooled  # (B, 77, D1 + D2), (B, P)
-
-    def controlnet_fn(self, control):
-        """ControlNets are not run by the native backend's compiled engine yet: a ValueError before any work."""
-        raise ValueError("the native backend does not run ControlNets yet; use the eager, graph, triton or "
-                         "compile backend for control=")
-
-    @torch.inference_mode()
-    def denoise(self, x_in, t, context, added_cond=None):
-        """One compiled UNet forward; float32 out. All entries of t must be equal (one step)."""
-        if (added_cond is not None) != (self.text_encoder_2 is not None):
-            raise ValueError("the native backend takes added conditioning (text_embeds, time_ids) exactly for SDXL")
-        x = x_in.to(self.device, self.dtype).contiguous()
-        t = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(x.shape[0]).contiguous()
-        inputs = [x, t, context.to(self.device, self.dtype).contiguous()]
-        if added_cond is not None:
-            inputs += [added_cond[k].to(self.device, self.dtype).contiguous() for k in ("text_embeds", "time_ids")]
-        return _first(self._package("unet")(*inputs)).float()
-
-    @torch.inference_mode()
-    def encode_image(self, images):
-        """Images (B, 3, H, W) in [-1, 1] -> (mean, logvar), float32, by the compiled encoder."""
-        out = _first(self._package("vae_encoder")(images.to(self.device, self.dtype).contiguous()))
-        mean, logvar = out.float().chunk(2, dim=1)  # (B, C, h, w) each
-        return mean, logvar
-
-    @torch.inference_mode()
-    def decode(self, latents):
-        """Unscaled latents -> images (B, 3, H, W) in about [-1, 1], float32, by the compiled decoder."""
-        return _first(self._package("vae_decoder")(latents.to(self.device, self.dtype).contiguous())).float()
-
-    # -- the whole request in C++ -----------------------------------------------------
-
-    def native_model(self, tokenizer, tokenizer_2=None, max_concurrency: int = 0):
+    def native_model(self, tokenizer, tokenizer_2=None):
         """The libsdengine model (sdengine._C.Model) over these weights; made on first call.
 
         tokenizer (and SDXL's tokenizer_2): the pipeline's sdengine CLIPTokenizers; they are
         written to folders the C++ tokenizer reads (vocabulary, merges, pad token, length)."""
         if self._native is None:
             from sdengine import _C
+            from sdengine.export.aoti import _config_dict
 
-            if (tokenizer_2 is None) != (self.text_encoder_2 is None):
+            if (tokenizer_2 is None) == self.has_text_encoder_2:
                 raise ValueError("give tokenizer_2 exactly for SDXL (a second text encoder)")
             self._tokenizer_dirs = tempfile.TemporaryDirectory(prefix="sdengine-tokenizer-")
             folder = tokenizer.save(Path(self._tokenizer_dirs.name) / "tokenizer")
@@ -197,11 +86,117 @@ class NativeBackend:
                     continue
                 tensors.append((name, tensor.data_ptr(), _DTYPE_CODES[tensor.dtype], list(tensor.shape),
                                 1 if tensor.device.type == "cuda" else 0, tensor.device.index or 0))
-            from sdengine.export.aoti import _config_dict
-
             self._native = _C.Model(tensors, None, json.dumps(_config_dict(self.config)), str(self.engine_dir),
-                                    str(folder), max_concurrency, str(folder_2) if folder_2 else None)
+                                    str(folder), self.max_concurrency, str(folder_2) if folder_2 else None,
+                                    self.max_graphs)
         return self._native
+
+    def stats(self) -> dict:
+        """sde_model_get_stats: what each kind of graph (text, step, decode) has done."""
+        if self._native is None:
+            raise RuntimeError("the native model is made on the first request")
+        return self._native.stats()
+
+    # -- the Pipeline's hook (docs/CONTRACTS.md): a whole request ------------------------
+
+    def run_request(self, *, tokenizer, tokenizer_2, prompts, negatives, negative_given: bool, prompt_syntax, seeds,
+                    steps: int, guidance_scale: float, height: int, width: int, sampler: str, schedule: str,
+                    eta: float, strength: float, mode: str, image, mask, clip_skip, latents, output_type: str,
+                    vae_tiling, on_step: Callable, wants_latents: bool) -> np.ndarray:
+        """Run a request the pipeline has checked; returns uint8 images (N, H, W, 3).
+
+        on_step(step_index, latents or None) after every step (raises to cancel); latents are
+        diffusers' latents after the step when wants_latents (they come to the host every step).
+        One C++ request runs one prompt and negative prompt (plain text, up to 75 tokens of the
+        checkpoint's vocabulary) for images of consecutive seeds from one init image: images that
+        differ (a batching server's) run as one C++ request per run of consecutive images, and
+        on_step then counts each run's steps. Samplers: SAMPLERS. Anything else is a ValueError
+        that says so and names backend="aoti", which runs the same engine from the Python loop."""
+        def refuse(what):
+            raise ValueError(f"the native backend runs requests in the C++ loop, which has no {what}; "
+                             f"backend='aoti' runs the same compiled networks from the Python loop")
+
+        if sampler not in SAMPLERS:
+            refuse(f"sampler {sampler!r} (it has {', '.join(SAMPLERS)})")
+        if clip_skip is not None:
+            refuse("clip_skip")
+        if latents is not None:
+            refuse("explicit initial latents")
+        if output_type == "latent":
+            refuse("output_type='latent'")
+        if vae_tiling:
+            refuse("tiled VAE decode")
+        if eta and sampler != "ddim":
+            refuse(f"eta for {sampler}")
+        texts = sorted(set(prompts) | set(negatives))
+        if prompt_syntax == "a1111" and not all(_plain_a1111(tokenizer, text) for text in texts):
+            refuse("A1111 prompt syntax (emphasis, BREAK, prompts over 75 tokens)")
+        for tok in (tokenizer, tokenizer_2):
+            if tok is not None and int(tok(texts).max()) >= self.engine_vocab_size():
+                refuse("textual-inversion tokens (its tokenizer and engine have the checkpoint's vocabulary)")
+        # init image (N, 3, H, W) in [-1, 1] and mask (N, 1, H, W) in {0, 1}, at the request's size,
+        # as the bytes the C API reads
+        init_bytes = [None] * len(seeds) if image is None else [
+            ((im.permute(1, 2, 0) + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8).numpy().tobytes()
+            for im in image]
+        mask_bytes = [None] * len(seeds) if mask is None else [
+            (m[0] * 255).to(torch.uint8).numpy().tobytes() for m in mask]
+        # runs of consecutive images that one C++ request makes: same texts and images, seeds + 1
+        runs = []
+        for i in range(len(seeds)):
+            same = runs and prompts[i] == prompts[runs[-1][0]] and negatives[i] == negatives[runs[-1][0]] and \
+                seeds[i] == seeds[i - 1] + 1 and init_bytes[i] == init_bytes[i - 1] and mask_bytes[i] == mask_bytes[i - 1]
+            if same:
+                runs[-1][1] += 1
+            else:
+                runs.append([i, 1])
+
+        model = self.native_model(tokenizer, tokenizer_2)
+        steps_seen = [0]
+
+        def progress(step, total):
+            steps_seen[0] = step
+            on_step(step - 1, None)
+            return True
+
+        def with_latents(step, total, array):
+            steps_seen[0] = step
+            on_step(step - 1, torch.from_numpy(array))
+            return True
+
+        from sdengine import _C
+
+        images = []
+        for first, count in runs:
+            try:
+                results = model.generate(
+                    prompts[first], negatives[first] if negative_given else None, width, height, steps,
+                    float(guidance_scale), int(seeds[first]), count, sampler, schedule, float(eta),
+                    None if wants_latents else progress, init_bytes[first], strength if mode != "txt2img" else None,
+                    mask_bytes[first], latents=with_latents if wants_latents else None)
+            except _C.Cancelled as e:  # a callback returned False (an exception it raised propagates as itself)
+                from ..pipeline import GenerationCancelled
+
+                raise GenerationCancelled(f"cancelled by the callback at step {steps_seen[0]}") from e
+            images += [np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3) for data, w, h, _ in results]
+        return np.stack(images)
+
+    @torch.inference_mode()
+    def decode(self, latents):
+        """Unscaled latents -> images (B, 3, H, W) in about [-1, 1], float32, by the compiled
+        decoder run from Python: for latents a callback kept (an interrupted request's partial
+        result, as a server returns it); requests decode in C++."""
+        if self._decoder is None:
+            from .aoti import CompiledNetwork, _load_package
+
+            info = self.engine["networks"]["vae_decoder"]
+            constants = {fqn: self._weights[f"vae/{fqn[len(info['prefix']):]}"] for fqn in info["constants"]
+                         if f"vae/{fqn[len(info['prefix']):]}" in self._weights}
+            self._decoder = CompiledNetwork("vae_decoder", _load_package(self.engine_dir / info["package"], constants),
+                                            info.get("static_shape"))
+        return self._decoder(latents.to(self.device, self.dtype).contiguous())[0].float()
+
+    # -- the whole request from Python, without the pipeline (tests, tools) -------------
 
     def generate(self, tokenizer, prompt: str, negative_prompt: Optional[str] = None, *, width: int = 0,
                  height: int = 0, steps: int = 30, guidance_scale: float = 7.5, seed: int = 0, batch_size: int = 1,
@@ -210,12 +205,12 @@ class NativeBackend:
                  init_image: Optional[np.ndarray] = None, strength: Optional[float] = None,
                  mask_image: Optional[np.ndarray] = None, tokenizer_2=None) -> list:
         """One txt2img, img2img (`init_image`) or inpainting (`init_image` + `mask_image`, an
-        inpainting model) request run entirely in C++. Returns `batch_size` uint8 arrays
+        inpainting model) request straight through the C API. Returns `batch_size` uint8 arrays
         (H, W, 3); image i has seed `seed + i`. callback(step, steps) after each step; False
         cancels (sdengine._C.Cancelled). init_image: uint8 (H, W, 3), the output's size (width
         and height default to it); mask_image: uint8 (H, W), >= 128 repaints; strength in
-        (0, 1], default 0.8 for img2img and 1.0 for inpainting. tokenizer_2: SDXL's second
-        tokenizer. Errors: ValueError for bad arguments."""
+        [0, 1] (a strength that leaves no step is an error), default 0.8 for img2img and 1.0
+        for inpainting. tokenizer_2: SDXL's second tokenizer. Errors: ValueError for bad arguments."""
         from ..request import Request
 
         # The Python API's rules and words (sdengine.request) before anything reaches C++.
@@ -248,5 +243,16 @@ class NativeBackend:
             mask_bytes = np.ascontiguousarray(mask_image).tobytes()
         results = model.generate(prompt, negative_prompt, width, height, steps, float(guidance_scale), int(seed),
                                  batch_size, sampler, schedule, float(eta), progress, init_bytes,
-                                 float(strength or 0.0), mask_bytes)
+                                 None if strength is None else float(strength), mask_bytes)
         return [np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3) for data, w, h, _ in results]
+
+
+def _plain_a1111(tokenizer, text: str) -> bool:
+    """Whether an A1111-syntax prompt means what its plain text does: no emphasis, no BREAK, one
+    window of at most 75 tokens."""
+    from .. import prompt_syntax
+
+    pieces = prompt_syntax.parse_prompt_attention(text)
+    if any(weight != 1.0 for _, weight in pieces) or "".join(piece for piece, _ in pieces) != text:
+        return False
+    return len(tokenizer.tokens(text)) <= tokenizer.max_length - 2

@@ -34,7 +34,7 @@ from sdengine.config import ModelConfig
 
 COMPONENTS = ("text_encoder", "unet_step", "vae_decode", "end_to_end")
 DIFFUSERS_BACKENDS = ("diffusers", "diffusers-compile")
-ENGINE_BACKENDS = ("eager", "graph", "triton", "compile", "native", "onnx")  # the speed layers first
+ENGINE_BACKENDS = ("eager", "graph", "triton", "compile", "native", "aoti", "onnx")  # the speed layers first
 BACKENDS = ENGINE_BACKENDS + DIFFUSERS_BACKENDS
 # Prompts for end-to-end runs: content does not change the cost (every prompt is padded to 77
 # tokens), but each run gets a different one, with a different seed.
@@ -321,8 +321,16 @@ class EngineRunner:
         fallback = getattr(self.backend, "fallback", None)
         return dict(info, fallback=fallback) if fallback else info
 
+    def _component(self, method: str):
+        # native runs whole requests in the C++ loop (one graphed call per step): only end to end
+        # is timed there; the aoti row times the same compiled networks one by one.
+        if hasattr(self.backend, "run_request") or not hasattr(self.backend, method):
+            raise BackendUnavailable(f"{self.backend.name} runs whole requests (C++ loop): end to end only; "
+                                     f"the aoti row times its compiled networks one by one")
+        return getattr(self.backend, method)
+
     def text_encoder(self, inputs):
-        return self.backend.encode_text(inputs["input_ids"], inputs.get("input_ids_2"))
+        return self._component("encode_text")(inputs["input_ids"], inputs.get("input_ids_2"))
 
     def unet_step(self, inputs):
         if self.controls:
@@ -330,14 +338,14 @@ class EngineRunner:
 
             controls = [ControlInput(c.model, image, c.scale, False, False)
                         for c, image in zip(self.controls, inputs["control_images"])]
-            out = self.backend.denoise(inputs["x"], inputs["t"], inputs["context"], inputs["added_cond"],
-                                       controls=controls)
+            out = self._component("denoise")(inputs["x"], inputs["t"], inputs["context"], inputs["added_cond"],
+                                             controls=controls)
         else:
-            out = self.backend.denoise(inputs["x"], inputs["t"], inputs["context"], inputs["added_cond"])
+            out = self._component("denoise")(inputs["x"], inputs["t"], inputs["context"], inputs["added_cond"])
         return guidance(out, self.workload.guidance_scale)
 
     def vae_decode(self, inputs):
-        return self.backend.decode(inputs["latents"])
+        return self._component("decode")(inputs["latents"])
 
     def end_to_end(self, inputs):
         w = self.workload
@@ -362,15 +370,18 @@ class EngineRunner:
                 return counted(step)
             return fused_step
 
-        patches = {"denoise": counted}
+        patches = {"denoise": counted} if hasattr(self.backend, "denoise") else {}
         if getattr(self.backend, "fused_step", None) is not None:  # the pipeline asks for it the same way
             patches["fused_step"] = counted_fused_step
         prompt = inputs["prompts"][0] if len(inputs["prompts"]) == 1 else inputs["prompts"]
+        steps_before = _native_steps(self.backend)
         with _wrapped(self.backend, patches):
             result = self.pipe(prompt, num_inference_steps=w.steps, guidance_scale=w.guidance_scale,
                                height=w.height, width=w.width, seed=inputs["seed"], output_type=w.output_type,
                                sampler=w.sampler, schedule=w.schedule, progress=False,
                                **({"control": self.controls} if self.controls else {}))
+        if steps_before is not None:  # the C++ loop: one step call (UNet at the doubled batch) per evaluation
+            calls[0] = _native_steps(self.backend) - steps_before
         self.unet_calls = calls[0] or None  # None: the pipeline reached the UNet some other way
         self.fused_step = fused_runs[0] > 0
         self.sampler = result.params.get("sampler")
@@ -397,6 +408,17 @@ def _adopt_controlnet(theirs, device, dtype, index: int):
     state = {k: v.to(device, dtype) for k, v in theirs.state_dict().items()}
     model.load_state_dict(state, strict=True, assign=True)
     return ControlNet(LoadedControlNet(config, model.eval(), "bench", f"controlnet-{index}", Path("controlnet")))
+
+
+def _native_steps(backend) -> Optional[int]:
+    """The native backend's step calls so far (sde_model_get_stats), None for other backends."""
+    if not hasattr(backend, "stats"):
+        return None
+    try:
+        step = backend.stats()["step"]
+    except RuntimeError:  # no request yet
+        return 0
+    return step["captures"] + step["replays"] + step["direct"] + step["failed"]
 
 
 @contextlib.contextmanager

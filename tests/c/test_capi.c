@@ -16,6 +16,7 @@
  */
 #define _POSIX_C_SOURCE 200809L /* rand_r, setrlimit */
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <sys/resource.h>
 #include <stdlib.h>
@@ -76,6 +77,18 @@ static int cancel_at_step_1(void *user, int step, int steps) {
   return step >= 1;
 }
 
+/* Another thread's cancel request, read by the progress callback (the one way to cancel). */
+static void *set_flag(void *flag) {
+  atomic_store((atomic_int *)flag, 1);
+  return NULL;
+}
+
+static int cancel_when_flagged(void *user, int step, int steps) {
+  (void)step;
+  (void)steps;
+  return atomic_load((atomic_int *)user);
+}
+
 static int test_args(const char *model_dir, const char *engine_dir, const char *corrupt_dir) {
   sde_model *model = NULL;
   sde_image *images = NULL;
@@ -90,7 +103,7 @@ static int test_args(const char *model_dir, const char *engine_dir, const char *
   expect(model == NULL, "load_null_path_leaves_null", "model was set");
   expect_status(sde_model_load(model_dir, &mp, NULL), SDE_ERR_INVALID_ARGUMENT, "model is NULL", "load_null_out");
   small_request(&gp, 1);
-  expect_status(sde_generate(NULL, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "model is NULL", "generate_null_model");
+  expect_status(sde_model_generate(NULL, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "model is NULL", "generate_null_model");
   /* missing file */
   expect_status(sde_model_load("/nonexistent/sdengine-model", &mp, &model), SDE_ERR_IO, "/nonexistent/sdengine-model",
                 "load_missing_folder");
@@ -119,92 +132,118 @@ static int test_args(const char *model_dir, const char *engine_dir, const char *
 
   model = load(model_dir, engine_dir, 2);
   small_request(&gp, 1);
-  expect_status(sde_generate(model, NULL, &images, &count), SDE_ERR_INVALID_ARGUMENT, "params is NULL", "generate_null_params");
-  expect_status(sde_generate(model, &gp, NULL, &count), SDE_ERR_INVALID_ARGUMENT, "images is NULL", "generate_null_images");
-  expect_status(sde_generate(model, &gp, &images, NULL), SDE_ERR_INVALID_ARGUMENT, "count is NULL", "generate_null_count");
+  expect_status(sde_model_generate(model, NULL, &images, &count), SDE_ERR_INVALID_ARGUMENT, "params is NULL", "generate_null_params");
+  expect_status(sde_model_generate(model, &gp, NULL, &count), SDE_ERR_INVALID_ARGUMENT, "images is NULL", "generate_null_images");
+  expect_status(sde_model_generate(model, &gp, &images, NULL), SDE_ERR_INVALID_ARGUMENT, "count is NULL", "generate_null_count");
   gp.prompt = NULL;
-  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "prompt is NULL", "generate_null_prompt");
+  expect_status(sde_model_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "prompt is NULL", "generate_null_prompt");
   /* size not a multiple of 8 */
   small_request(&gp, 1);
   gp.width = 20;
-  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "width must be", "generate_width_not_8");
+  expect_status(sde_model_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "width must be", "generate_width_not_8");
   expect(images == NULL && count == 0, "failed_generate_outputs_cleared", "images/count set on failure");
   small_request(&gp, 1);
   gp.height = -8;
-  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "height must be", "generate_height_negative");
+  expect_status(sde_model_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "height must be", "generate_height_negative");
   /* unknown sampler value */
   small_request(&gp, 1);
   gp.sampler = (sde_sampler)42;
-  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "sampler out of range",
+  expect_status(sde_model_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "sampler out of range",
                 "generate_sampler_out_of_range");
   small_request(&gp, 1);
   gp.sampler = SDE_SAMPLER_DDIM;
   gp.schedule = SDE_SCHEDULE_KARRAS;
-  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "cannot follow",
+  expect_status(sde_model_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "cannot follow",
                 "generate_ddim_karras");
   small_request(&gp, 1);
   gp.steps = -1;
-  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "steps", "generate_bad_steps");
+  expect_status(sde_model_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "steps", "generate_bad_steps");
   small_request(&gp, 1);
   gp.batch_size = 0;
-  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "batch_size", "generate_bad_batch");
+  expect_status(sde_model_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "batch_size", "generate_bad_batch");
   /* img2img: the init image needs its size, strength in (0, 1] that leaves a step */
   static uint8_t init_image[16 * 16 * 3];
   for (size_t i = 0; i < sizeof init_image; ++i) init_image[i] = (uint8_t)(i * 7);
   small_request(&gp, 1);
   gp.init_image = init_image;
   gp.width = 0;
-  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "init_image needs width",
+  expect_status(sde_model_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "init_image needs width",
                 "img2img_without_size");
   small_request(&gp, 1);
   gp.init_image = init_image;
   gp.strength = 1.5;
-  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "strength must be a number in [0, 1]",
+  expect_status(sde_model_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "strength must be a number in [0, 1]",
                 "img2img_strength_out_of_range");
   small_request(&gp, 1);
   gp.init_image = init_image;
+  gp.strength = 0.0; /* a valid value, as in Python: no step left, not "the default" */
+  expect_status(sde_model_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "leaves no denoising step",
+                "img2img_strength_zero_is_not_default");
+  small_request(&gp, 1);
+  gp.strength = 0.5; /* as Python: strength needs an init image */
+  expect_status(sde_model_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT,
+                "strength applies to img2img", "strength_without_init_image");
+  small_request(&gp, 1);
+  gp.init_image = init_image;
   gp.strength = 0.2; /* 2 steps x 0.2 keeps none */
-  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "leaves no denoising step",
+  expect_status(sde_model_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "leaves no denoising step",
                 "img2img_strength_no_step");
   static uint8_t mask_image[16 * 16];
   memset(mask_image, 255, sizeof mask_image);
   small_request(&gp, 1);
   gp.mask_image = mask_image;
-  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "mask_image needs init_image",
+  expect_status(sde_model_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "mask_image needs init_image",
                 "inpaint_without_init_image");
   small_request(&gp, 1);
   gp.init_image = init_image;
   gp.mask_image = mask_image;
-  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "needs an inpainting model",
+  expect_status(sde_model_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "needs an inpainting model",
                 "inpaint_with_text_to_image_model");
   small_request(&gp, 1);
   gp.init_image = init_image;
   gp.strength = 0.5;
-  expect_status(sde_generate(model, &gp, &images, &count), SDE_OK, NULL, "img2img_ok");
+  expect_status(sde_model_generate(model, &gp, &images, &count), SDE_OK, NULL, "img2img_ok");
   expect(count == 1 && images && images[0].width == 16, "img2img_ok_shape", "wrong image count or size");
   sde_images_free(images, count);
   images = NULL;
   count = 0;
   small_request(&gp, 1);
   gp.prompt = "\xff\xfe broken utf-8";
-  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "UTF-8", "generate_bad_utf8");
+  expect_status(sde_model_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "UTF-8", "generate_bad_utf8");
   /* cancel from the progress callback */
   small_request(&gp, 1);
   int last_step = 0;
   gp.steps = 4;
   gp.progress = cancel_at_step_1;
   gp.progress_user = &last_step;
-  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_CANCELLED, "progress callback", "generate_cancel_callback");
+  expect_status(sde_model_generate(model, &gp, &images, &count), SDE_ERR_CANCELLED, "progress callback", "generate_cancel_callback");
   expect(last_step == 1 && images == NULL, "cancel_stops_at_step", "the loop went on after the callback cancelled");
-  /* cancel flag */
+  /* cancel from another thread: it sets an atomic flag the progress callback reads */
   small_request(&gp, 1);
-  volatile int flag = 1;
-  gp.cancel = &flag;
-  expect_status(sde_generate(model, &gp, &images, &count), SDE_ERR_CANCELLED, "cancel flag", "generate_cancel_flag");
+  atomic_int flag;
+  atomic_init(&flag, 0);
+  gp.steps = 4;
+  gp.progress = cancel_when_flagged;
+  gp.progress_user = &flag;
+  pthread_t canceller;
+  pthread_create(&canceller, NULL, set_flag, &flag);
+  pthread_join(canceller, NULL);
+  expect_status(sde_model_generate(model, &gp, &images, &count), SDE_ERR_CANCELLED, "progress callback at step 1",
+                "generate_cancel_from_other_thread");
+  /* the old name, kept for one release, still works */
+  small_request(&gp, 3);
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+  sde_status old_name = sde_generate(model, &gp, &images, &count);
+#pragma GCC diagnostic pop
+  expect_status(old_name, SDE_OK, NULL, "deprecated_sde_generate");
+  sde_images_free(images, count);
+  images = NULL;
+  count = 0;
   /* a good request still works after all that */
   small_request(&gp, 1);
   gp.batch_size = 2;
-  sde_status s = sde_generate(model, &gp, &images, &count);
+  sde_status s = sde_model_generate(model, &gp, &images, &count);
   expect_status(s, SDE_OK, NULL, "generate_ok");
   if (s == SDE_OK) {
     expect(count == 2 && images[0].width == 16 && images[0].height == 16 && images[0].channels == 3 &&
@@ -239,7 +278,7 @@ static unsigned char *run_job(sde_model *model, int job, sde_status *status) {
   sde_sampler_from_str(job_sampler(job), &gp.sampler, &gp.schedule);
   sde_image *images = NULL;
   int count = 0;
-  *status = sde_generate(model, &gp, &images, &count);
+  *status = sde_model_generate(model, &gp, &images, &count);
   if (*status != SDE_OK) return NULL;
   size_t bytes = (size_t)images[0].width * images[0].height * 3;
   unsigned char *copy = malloc(bytes);
@@ -384,7 +423,7 @@ static void *soak_worker(void *p) {
     gp.progress_user = &cancel;
     sde_image *images = NULL;
     int count = 0;
-    sde_status s = sde_generate(w->model, &gp, &images, &count);
+    sde_status s = sde_model_generate(w->model, &gp, &images, &count);
     if (cancel.cancel_at) {
       w->cancelled++;
       if (s != SDE_ERR_CANCELLED || images || count || cancel.last_step != cancel.cancel_at) w->cancel_wrong++;
@@ -409,7 +448,7 @@ static int test_soak(const char *model_dir, const char *engine_dir, int threads,
     soak_request(&gp, c);
     sde_image *images = NULL;
     int count = 0;
-    if (sde_generate(model, &gp, &images, &count) != SDE_OK) {
+    if (sde_model_generate(model, &gp, &images, &count) != SDE_OK) {
       printf("FAIL soak serial %d: %s\n", c, sde_last_error());
       return 1;
     }
@@ -437,7 +476,7 @@ static int test_soak(const char *model_dir, const char *engine_dir, int threads,
   soak_request(&gp, 7);
   sde_image *images = NULL;
   int count = 0;
-  int after = sde_generate(model, &gp, &images, &count) == SDE_OK && count == 1 && !memcmp(images[0].data, twins[7], bytes);
+  int after = sde_model_generate(model, &gp, &images, &count) == SDE_OK && count == 1 && !memcmp(images[0].data, twins[7], bytes);
   sde_images_free(images, count);
   char why[512];
   snprintf(why, sizeof why,
@@ -472,7 +511,7 @@ static int test_oom(const char *model_dir, const char *engine_dir) {
   small_request(&gp, 3);
   sde_image *images = NULL;
   int count = 0;
-  if (sde_generate(model, &gp, &images, &count) != SDE_OK) {
+  if (sde_model_generate(model, &gp, &images, &count) != SDE_OK) {
     printf("FAIL oom first request: %s\n", sde_last_error());
     return 1;
   }
@@ -493,11 +532,11 @@ static int test_oom(const char *model_dir, const char *engine_dir) {
   big.batch_size = 16;
   big.steps = 1;
   big.sampler = SDE_SAMPLER_EULER;
-  sde_status s = sde_generate(model, &big, &images, &count);
+  sde_status s = sde_model_generate(model, &big, &images, &count);
   expect_status(s, SDE_ERR_OUT_OF_MEMORY, "out of memory generating 16 image(s) of 1024x1024 (batch_size 16)",
                 "oom_status_and_message");
   expect(images == NULL && count == 0, "oom_outputs_cleared", "images/count set on failure");
-  s = sde_generate(model, &gp, &images, &count); /* still under the limit: what the big one took is freed */
+  s = sde_model_generate(model, &gp, &images, &count); /* still under the limit: what the big one took is freed */
   expect_status(s, SDE_OK, NULL, "oom_next_request_succeeds");
   if (s == SDE_OK) {
     expect(count == 1 && !memcmp(images[0].data, before, bytes), "oom_next_request_same_image", "the image changed");

@@ -1,0 +1,209 @@
+"""The aoti backend: the native runtime's compiled networks, driven step by step from Python.
+
+The AOTInductor engine (export/aoti.py) is found in the cache or built on first use; it holds
+no weights, so the modules that Python loaded hand theirs over without a copy (the tensors
+already have the engine's dtype, device and layout). The pipeline then runs its own loop and
+calls the compiled packages through the backend interface of docs/CONTRACTS.md (encode_text,
+denoise, encode_image, decode), one call at a time.
+
+This is the same engine as `backend="native"`, which runs whole requests in the C++ loop
+(libsdengine) instead; this backend serves what that loop does not (any sampler, clip_skip,
+explicit latents, per-image prompts) and times the compiled networks one by one.
+
+Not compiled (run eagerly, from the same weights): clip_skip other than None, and prompts with
+textual-inversion tokens (the engine's token table has the checkpoint's vocabulary only).
+The engine reads the modules' own tensors, so LoRAs merged into them in place (`weight_views`)
+reach the engine with no reload. Its UNet takes 77-token contexts: A1111-syntax prompts get one
+75-token window.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+
+log = logging.getLogger("sdengine")
+
+
+def _load_package(path: Path, constants: dict):
+    """A compiled package with its weights handed over (user-managed: no copy)."""
+    package = torch._inductor.aoti_load_package(str(path))
+    wanted = set(package.get_constant_fqns())
+    constants = {k: v for k, v in constants.items() if k in wanted}
+    missing = sorted(wanted - set(constants))
+    if missing:
+        raise ValueError(f"{path}: the weights lack {len(missing)} constants the engine needs, e.g. {missing[0]!r}")
+    try:
+        package.load_constants(constants, check_full_update=True, user_managed=True)
+    except TypeError:  # an older torch without user-managed constants: they are copied
+        package.load_constants(constants, check_full_update=True)
+    return package
+
+
+class CompiledNetwork:
+    """One compiled package. A network built with static shapes (engine.json `static_shape`:
+    its dynamic compile failed, export/aoti.py ATTEMPTS) runs that shape only: a batch-1 one
+    runs row by row, other shapes are a ValueError naming the network."""
+
+    def __init__(self, name: str, package, static_shape=None):
+        self.name, self.package = name, package
+        self.static_shape = tuple(static_shape) if static_shape else None
+
+    def __call__(self, *inputs) -> list:
+        outputs = self._run(inputs)
+        return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+    def _run(self, inputs):
+        shape = tuple(inputs[0].shape)
+        if self.static_shape is None or shape == self.static_shape:
+            return self.package(*inputs)
+        if self.static_shape[0] != 1 or (1,) + shape[1:] != self.static_shape:
+            raise ValueError(f"the {self.name} network of this engine runs inputs of shape {self.static_shape} only "
+                             f"(it was compiled with static shapes after its dynamic compile failed: engine.json "
+                             f"networks.{self.name}.attempts), not {shape}")
+        rows = [self(*(t[i:i + 1].contiguous() for t in inputs)) for i in range(shape[0])]
+        return [torch.cat(parts) for parts in zip(*rows)]
+
+
+def engine_weights(modules: dict, device, dtype) -> dict:
+    """The weights each network reads, by "<component>/<key>", in the engine's dtype (floating
+    ones) and on its device (no copy for weights that already are)."""
+    weights = {}
+    for component, module in modules.items():
+        if module is None:
+            continue
+        for key, tensor in module.state_dict().items():
+            weights[f"{component}/{key}"] = tensor.detach().to(
+                device, dtype if tensor.is_floating_point() else tensor.dtype).contiguous()
+    return weights
+
+
+class EngineWeights:
+    """What the aoti and native backends share: the engine reads the modules' own tensors
+    (`self._weights`, made by engine_weights without a copy where dtype and device fit), so
+    LoRAs merged into them in place (sdengine/lora.py) reach the compiled networks with no
+    reload. Needs self.text_encoder, self.text_encoder_2, self.unet and self._weights."""
+
+    max_prompt_windows = 1  # the engine's UNet is compiled for 77-token contexts
+
+    def weight_views(self) -> dict:
+        """As EagerBackend.weight_views: the modules' tensors, which the engine reads (no copy)."""
+        from ..lora import parameter_views
+
+        views = parameter_views({"unet": self.unet, "text_encoder": self.text_encoder,
+                                 "text_encoder_2": self.text_encoder_2})
+        for component, named in views.items():
+            for key, tensor in named.items():
+                engine_tensor = self._weights.get(f"{component}/{key}")
+                if engine_tensor is not None and engine_tensor.data_ptr() != tensor.data_ptr():
+                    raise ValueError(f"the {self.name} engine reads a copy of {component}/{key} ({engine_tensor.dtype} "
+                                     f"on {engine_tensor.device}), not the module's tensor: load the model in the "
+                                     "engine's dtype and device to change its weights")
+        return views
+
+    def add_token_embeddings(self, vectors: dict) -> dict:
+        """As EagerBackend.add_token_embeddings (the modules' token tables grow; the engine's do not)."""
+        from ..embeddings import grow_token_embeddings
+
+        return grow_token_embeddings({"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2},
+                                     vectors)
+
+    def prepare(self, height: int, width: int, batch_size: int = 1, sampler=None, schedule=None) -> dict:
+        """Pipeline.prepare's backend part: the engine is built (or found) when the backend is
+        made, so nothing is compiled here; the warm-up generation then captures the graphs
+        (native). Returns the engine's folder and build time, for the benchmark record."""
+        return {"engine": str(self.engine_dir), "engine_build_s": self.engine.get("build_s")}
+
+    def controlnet_fn(self, control):
+        """ControlNets are not in the engine (no residual inputs in its compiled UNet): a ValueError
+        before any work."""
+        raise ValueError(f"the {self.name} backend does not run ControlNets yet; use the eager, graph, triton or "
+                         "compile backend for control=")
+
+    def engine_vocab_size(self) -> int:
+        """Token ids the engine's text encoder embeds (the checkpoint's vocabulary)."""
+        return self._weights["text_encoder/text_model.embeddings.token_embedding.weight"].shape[0]
+
+
+class AOTIBackend(EngineWeights):
+    """Runs the AOTInductor engine of the model's architecture from Python (see the module docstring)."""
+
+    name = "aoti"
+
+    def __init__(self, config: ModelConfig, text_encoder, unet, vae, text_encoder_2=None, *, engine_dir=None,
+                 progress: bool = True):
+        from sdengine.export import aoti
+
+        aoti.check_supported(config)
+        self.config = config
+        self.text_encoder, self.unet, self.vae = text_encoder.eval(), unet.eval(), vae.eval()
+        self.text_encoder_2 = text_encoder_2.eval() if text_encoder_2 is not None else None
+        first = next(unet.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        if engine_dir is None:
+            engine_dir = aoti.engine_for(config, dtype=self.dtype, device=self.device, progress=progress)
+        self.engine_dir = Path(engine_dir)
+        self.engine = json.loads((self.engine_dir / "engine.json").read_text())
+        self._weights = engine_weights({"text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
+                                        "unet": unet, "vae": vae}, self.device, self.dtype)
+        self._networks = {}
+
+    def _network(self, name: str) -> CompiledNetwork:
+        if name not in self._networks:
+            info = self.engine["networks"][name]
+            prefix, component = info["prefix"], info["component"]
+            constants = {}
+            for fqn in info["constants"]:
+                tensor = self._weights.get(f"{component}/{fqn[len(prefix):]}")
+                if tensor is not None:
+                    constants[fqn] = tensor
+            package = _load_package(self.engine_dir / info["package"], constants)
+            self._networks[name] = CompiledNetwork(name, package, info.get("static_shape"))
+        return self._networks[name]
+
+    @torch.inference_mode()
+    def encode_text(self, input_ids, input_ids_2=None, clip_skip=None):
+        """Token ids (B, 77) -> (context (B, 77, D), pooled (B, P) or None), as the eager backend:
+        SDXL concatenates both encoders' hidden states and takes the second's pooled output.
+        clip_skip, and ids past the engine's vocabulary (textual inversion), run through the eager
+        text encoders (the engine has one output layer and the checkpoint's token table)."""
+        if clip_skip is not None or int(input_ids.max()) >= self.engine_vocab_size():
+            from .eager import EagerBackend
+
+            ids_2 = input_ids_2.to(self.device) if input_ids_2 is not None else None
+            context, pooled = EagerBackend._text(self, input_ids.to(self.device), ids_2, clip_skip)
+            return context, pooled if self.text_encoder_2 is not None else None  # as the compiled path
+        context = self._network("text_encoder")(input_ids.to(self.device))[0]
+        if self.text_encoder_2 is None:
+            return context, None
+        context_2, pooled = self._network("text_encoder_2")(input_ids_2.to(self.device))
+        return torch.cat([context, context_2], dim=-1), pooled  # (B, 77, D1 + D2), (B, P)
+
+    @torch.inference_mode()
+    def denoise(self, x_in, t, context, added_cond=None):
+        """One compiled UNet forward; float32 out. All entries of t must be equal (one step)."""
+        if (added_cond is not None) != (self.text_encoder_2 is not None):
+            raise ValueError("the aoti backend takes added conditioning (text_embeds, time_ids) exactly for SDXL")
+        x = x_in.to(self.device, self.dtype).contiguous()
+        t = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(x.shape[0]).contiguous()
+        inputs = [x, t, context.to(self.device, self.dtype).contiguous()]
+        if added_cond is not None:
+            inputs += [added_cond[k].to(self.device, self.dtype).contiguous() for k in ("text_embeds", "time_ids")]
+        return self._network("unet")(*inputs)[0].float()
+
+    @torch.inference_mode()
+    def encode_image(self, images):
+        """Images (B, 3, H, W) in [-1, 1] -> (mean, logvar), float32, by the compiled encoder."""
+        out = self._network("vae_encoder")(images.to(self.device, self.dtype).contiguous())[0]
+        mean, logvar = out.float().chunk(2, dim=1)  # (B, C, h, w) each
+        return mean, logvar
+
+    @torch.inference_mode()
+    def decode(self, latents):
+        """Unscaled latents -> images (B, 3, H, W) in about [-1, 1], float32, by the compiled decoder."""
+        return self._network("vae_decoder")(latents.to(self.device, self.dtype).contiguous())[0].float()
