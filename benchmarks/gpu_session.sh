@@ -102,23 +102,23 @@ if [[ -f .whl/sdengine-cache.tgz ]]; then
 fi
 
 # 3. The eager A/B, alone on the machine, before anything else loads the CPU.
-run_step profile_unet 75 "$PY" -X faulthandler benchmarks/profile_unet.py --arch sd15 --size 512 \
+run_step profile_unet 60 "$PY" -X faulthandler benchmarks/profile_unet.py --arch sd15 --size 512 \
     --variants diffusers,eager,graph,triton-ops --json "$WORK/results/profile_unet_sd15.json"
 
 # 4. The record this session exists for. Each backend has its own process and caps: the compile
 #    layers (minutes of Inductor) come last, so the cheap layers are measured whatever happens.
-BENCH=(--repeats 20 --warmup 3 --e2e-repeats 10 --e2e-warmup 1 --budget 15 --no-progress
+BENCH=(--repeats 15 --warmup 3 --e2e-repeats 10 --e2e-warmup 1 --budget 10 --no-progress
        --out-dir "$WORK/results")
-run_step bench_sd15 300 "${SDE[@]}" bench --arch sd15 --height 512 --width 512 --steps 30 --sampler euler \
-    --batch 1 --dtype fp16 --backends diffusers,graph,triton,eager,compile,diffusers-compile \
+run_step bench_sd15 330 "${SDE[@]}" bench --arch sd15 --height 512 --width 512 --steps 30 --sampler euler \
+    --batch 1 --dtype fp16 --backends diffusers,graph,triton,compile,eager,diffusers-compile \
     --compile-mode default --prepare-cap 150 --run-cap 60 "${BENCH[@]}"
 
 # 5. Kernel micro-benchmarks (CUDA events; a few seconds each).
-run_step kernels_bench 45 "$PY" -m sdengine.kernels.bench --only attn,gn_silu,euler,dpmpp --iters 30 \
+run_step kernels_bench 30 "$PY" -m sdengine.kernels.bench --only attn,gn_silu,euler,dpmpp --iters 30 \
     --json "$WORK/results/kernels_bench.json"
 
 # 6. What this run compiled, for the next session's cold start.
-run_step cache_export 30 "${SDE[@]}" cache export "$WORK/sdengine-cache.tgz"
+run_step cache_export 20 "${SDE[@]}" cache export "$WORK/sdengine-cache.tgz"
 
 # 7. With the time left: the GPU tests, one line per test with a per-test limit, then more workloads.
 PYTEST=("$PY" -X faulthandler -m pytest -v --tb=short -rfEs -p no:cacheprovider --continue-on-collection-errors)

@@ -490,6 +490,20 @@ def test_a_backend_that_crashes_hangs_or_raises_costs_only_itself(tmp_path):
     assert crashed["speedup_vs_diffusers"] > 0  # its row before the crash is compared like any other
 
 
+def test_fidelity_against_the_fp32_reference(tmp_path):
+    """Each backend's image at a fixed prompt and seed against eager sdengine in fp32 (its own
+    process, no timings): the graph layer matches it, diffusers too (fp32 here; on a GPU the
+    fp16 runs get their deviation recorded)."""
+    options = BenchOptions(arch="tiny", backends=("graph", "diffusers"), components=("unet_step",), repeats=2,
+                           warmup=1, device="cpu", fidelity=True)
+    record = Benchmark(options, progress=False).run()
+    validate(record)
+    mae = record["fidelity"]["mae"]
+    assert set(mae) == {"graph", "diffusers"} and mae["graph"] <= 1 / 255 and mae["diffusers"] <= 2 / 255
+    assert record["backends"]["eager-fp32"]["exit"] == 0
+    assert "| MAE vs fp32 |" in markdown(record)
+
+
 def test_commit_from_environment_wins(monkeypatch):
     """The GPU machine's copied tree may hold a stale .git: SDENGINE_COMMIT, when set, is the commit."""
     monkeypatch.setenv("SDENGINE_COMMIT", "0123456789abcdef")

@@ -67,7 +67,7 @@ def test_gpu_session_script_runs_every_step_in_order_and_packs_its_results(tmp_p
     assert order == sorted(order), calls
     bench = next(c for c in calls if "bench --arch sd15" in c)
     backends = bench.split("--backends ")[1].split()[0].split(",")
-    assert backends == ["diffusers", "graph", "triton", "eager", "compile", "diffusers-compile"]
+    assert backends == ["diffusers", "graph", "triton", "compile", "eager", "diffusers-compile"]
     assert "--prepare-cap" in bench and "--run-cap" in bench and "--e2e-repeats 10" in bench
     profile = next(c for c in calls if "profile_unet.py" in c)
     assert "diffusers,eager" in profile

@@ -68,6 +68,9 @@ def register(subparsers):
                           "and capture before it is recorded as skipped (default: 600)")
     how.add_argument("--run-cap", type=float, default=600.0, metavar="SECONDS",
                      help="then the most its timed components may take (default: 600)")
+    how.add_argument("--fidelity", action=argparse.BooleanOptionalAction, default=None,
+                     help="compare each backend's image at a fixed prompt and seed with eager sdengine in fp32 on the "
+                          "same weights (mean absolute error; default: on unless the run is fp32)")
     how.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     how.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     how.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode of diffusers-compile")
@@ -124,8 +127,8 @@ def run(args) -> int:
         sampler=args.sampler, batch=args.batch, dtype=args.dtype, backends=_split(args.backends),
         components=_split(args.components),
         repeats=args.repeats, warmup=args.warmup, e2e_repeats=args.e2e_repeats, e2e_warmup=args.e2e_warmup,
-        budget_s=args.budget, prepare_cap_s=args.prepare_cap, run_cap_s=args.run_cap, device=args.device,
-        seed=args.seed, guidance_scale=args.guidance_scale, controlnets=args.controlnet,
+        budget_s=args.budget, prepare_cap_s=args.prepare_cap, run_cap_s=args.run_cap, fidelity=args.fidelity,
+        device=args.device, seed=args.seed, guidance_scale=args.guidance_scale, controlnets=args.controlnet,
         output_type=args.output_type, compile_mode=args.compile_mode, peak_tflops=args.peak_tflops,
         argv=["sdengine", *sys.argv[1:]] if sys.argv[1:2] == ["bench"] else [],  # [] when called from Python
     )

@@ -78,6 +78,9 @@ class BenchOptions:
     # sys.path gets sys_path first.
     runner_factories: dict = field(default_factory=dict)
     sys_path: tuple = ()
+    # Each backend's image at a fixed prompt and seed against eager sdengine in fp32 on the same
+    # weights (mean absolute error, in [0, 1] pixel units). None: when the run is not fp32.
+    fidelity: Optional[bool] = None
 
     def __post_init__(self):
         for name in ("steps", "batch", "repeats", "e2e_repeats"):
@@ -223,6 +226,8 @@ class Benchmark:
                 source = self._source_folder()
                 for backend in o.backends:
                     self._run_backend(backend, source)
+                if self.fidelity:
+                    self._fidelity(source)
             self.record["complete"] = True
         finally:
             self._stop_child()
@@ -271,6 +276,39 @@ class Benchmark:
                    f"{h['diffusers']['python_ms']:.1f} ms")
         self._landed()
 
+    @property
+    def fidelity(self) -> bool:
+        o = self.options
+        return o.fidelity if o.fidelity is not None else self.workload.dtype != "fp32"
+
+    def _fidelity(self, source: str):
+        """The fp32 reference image (eager sdengine, fp32 weights read from the same files), and
+        each backend's mean absolute error to it."""
+        import numpy as np
+
+        from sdengine.bench.worker import FIDELITY_PROMPT, FIDELITY_SEED
+
+        self._run_backend("eager", source, reference=True)
+        info = self.record["fidelity"] = {
+            "reference": "eager sdengine in fp32 on the same weights", "prompt": FIDELITY_PROMPT,
+            "seed": FIDELITY_SEED, "mae": {}, "max_abs": {}}
+        reference = self.work / "reference.image.npy"
+        if not reference.exists():
+            info["error"] = "the fp32 reference image could not be made (see the eager-fp32 entry)"
+            self._landed()
+            return
+        ref = np.load(reference)
+        for backend in self.options.backends:
+            path = self.work / f"{backend}.image.npy"
+            if path.exists():
+                image = np.load(path)
+                if image.shape == ref.shape:
+                    info["mae"][backend] = round(float(np.abs(image - ref).mean()), 6)
+                    info["max_abs"][backend] = round(float(np.abs(image - ref).max()), 6)
+        self.write("fidelity against eager fp32 (mean absolute error): " +
+                   ", ".join(f"{b} {v:.4f}" for b, v in info["mae"].items()))
+        self._landed()
+
     def _source_folder(self) -> str:
         """The diffusers folder every backend's weights come from: --model, or random weights
         built once and saved, so that every backend's process reads the same weights."""
@@ -309,35 +347,42 @@ class Benchmark:
         if self.on_result is not None:
             self.on_result()
 
-    def _spec(self, backend: str, source: str, events: Path) -> dict:
+    def _spec(self, backend: str, source: str, events: Path, reference: bool = False) -> dict:
         o = self.options
+        workload = dataclasses.asdict(self.workload)
+        if reference:
+            workload["dtype"] = "fp32"
+        image = self.work / ("reference.image.npy" if reference else f"{backend}.image.npy")
         return {
             "backend": backend, "source": source, "events": str(events), "parent_pid": os.getpid(),
             "arch": o.arch, "model": o.model, "device": str(self.device), "compile_mode": o.compile_mode,
-            "workload": dataclasses.asdict(self.workload), "components": list(o.components),
+            "workload": workload, "components": [] if reference else list(o.components),
+            "fidelity_image": str(image) if self.fidelity else None,
             "settings": self.record["settings"], "flop": dict(self.flop), "peak_tflops": self.peak_tflops,
             "runner_factory": o.runner_factories.get(backend), "sys_path": list(o.sys_path),
             "threads": torch.get_num_threads(),
         }
 
-    def _run_backend(self, backend: str, source: str):
-        """One backend in a child process, under its prepare cap and then its run cap."""
+    def _run_backend(self, backend: str, source: str, reference: bool = False):
+        """One backend in a child process, under its prepare cap and then its run cap.
+        reference: the fp32 fidelity reference (no timings; recorded as "eager-fp32")."""
         o = self.options
         reason = precheck(backend, self.device) if backend not in o.runner_factories else None
         if reason is not None:
             self._skip(backend, reason)
             self.bar.update(len(o.components))
             return
-        events = self.work / f"{backend}.events.jsonl"
-        log_path = self.work / f"{backend}.log"
-        spec_path = self.work / f"{backend}.spec.json"
-        spec_path.write_text(json.dumps(self._spec(backend, source, events)))
+        label = "eager-fp32" if reference else backend
+        events = self.work / f"{label}.events.jsonl"
+        log_path = self.work / f"{label}.log"
+        spec_path = self.work / f"{label}.spec.json"
+        spec_path.write_text(json.dumps(self._spec(backend, source, events, reference)))
         events.touch()
-        self.bar.set_description(f"{backend}: prepare")
+        self.bar.set_description(f"{label}: prepare")
         with open(log_path, "wb") as log:
             self.child = subprocess.Popen([sys.executable, "-m", "sdengine.bench.worker", str(spec_path)],
                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        status = {"backend": backend, "phase": "load", "started": time.perf_counter(), "done": False,
+        status = {"backend": label, "phase": "load", "started": time.perf_counter(), "done": False,
                   "components": 0, "info": {}}
         deadline = status["started"] + o.prepare_cap_s
         offset = 0
@@ -357,20 +402,21 @@ class Benchmark:
             if time.perf_counter() > deadline:
                 cap = o.prepare_cap_s if status["phase"] in ("load", "prepare") else o.run_cap_s
                 self._stop_child()
-                self._skip(backend, f"timed out: over its {cap:g} s {status['phase']} cap", error=True,
+                self._skip(label, f"timed out: over its {cap:g} s {status['phase']} cap", error=True,
                            phase=status["phase"], log_tail=_tail(log_path))
                 break
             time.sleep(0.05)
         code = self._stop_child(grace_s=30 if status["done"] or status["phase"] == "unavailable" else 0)
         if not status["done"] and code not in (None, 0) and not status.get("stopped"):
             how = f"signal {-code}" if code < 0 else f"exit code {code}"
-            self._skip(backend, f"crashed in {status['phase']} ({how})", error=True, phase=status["phase"],
+            self._skip(label, f"crashed in {status['phase']} ({how})", error=True, phase=status["phase"],
                        log_tail=_tail(log_path))
         elif not status["done"] and code == 0 and status["phase"] != "unavailable" and not status.get("stopped"):
-            self._skip(backend, f"ended in {status['phase']} without finishing", error=True, phase=status["phase"],
+            self._skip(label, f"ended in {status['phase']} without finishing", error=True, phase=status["phase"],
                        log_tail=_tail(log_path))
-        self.record["backends"][backend] = dict(status["info"], exit=code)
-        self.bar.update(len(o.components) - status["components"])
+        self.record["backends"][label] = dict(status["info"], exit=code)
+        if not reference:
+            self.bar.update(len(o.components) - status["components"])
 
     def _on_event(self, status: dict, event: dict) -> bool:
         """Take one event of the child; True when its run phase (and run cap) begins."""
@@ -399,6 +445,9 @@ class Benchmark:
             self._skip(backend, event["reason"], event["component"], error=event.get("error", False), phase="run")
             status["components"] += 1
             self.bar.update(1)
+        elif kind == "image":
+            if "error" in event:
+                status["info"]["image_error"] = event["error"]
         elif kind == "done":
             status["done"] = True
         return False

@@ -153,22 +153,28 @@ def _yes_no(value) -> str:
     return "–" if value is None else "yes" if value else "no"
 
 
+def _mae(value) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
 def _ratio(value) -> str:
     return "–" if value is None else f"{value:.2f}×"
 
 
 def summary_table(record: dict) -> list:
-    """One row per measured backend: p50 of each component, UNet it/s, peak memory, speedup, and
-    whether the end-to-end run took the backend's fused denoising step."""
+    """One row per measured backend: its prepare time, p50 of each component, the UNet step's host
+    time, UNet it/s, peak memory, speedup, whether the end-to-end run took the backend's fused
+    denoising step, and its image's mean absolute error to eager sdengine in fp32."""
     rows = measured(record)
     backends = list(dict.fromkeys(r["backend"] for r in rows))
     if not backends:
         return ["No backend was measured."]
     by_key = {(r["backend"], r["component"]): r for r in rows}
     lines = ["| backend | prepare s | text encoder ms | UNet step ms | UNet host ms | UNet it/s | VAE decode ms "
-             "| end to end ms | UNet % of peak | peak mem GiB | end to end vs diffusers | fused step |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| end to end ms | UNet % of peak | peak mem GiB | end to end vs diffusers | fused step | MAE vs fp32 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     processes = record.get("backends") or {}
+    mae = (record.get("fidelity") or {}).get("mae") or {}
     for backend in backends:
         def p50(component):
             return _ms(by_key[(backend, component)]["p50_ms"]) if (backend, component) in by_key else "–"
@@ -182,12 +188,13 @@ def summary_table(record: dict) -> list:
         lines.append(f"| {backend} | {_num(prepare)} | {p50('text_encoder')} | {p50('unet_step')} "
                      f"| {_ms(unet.get('host_p50_ms'))} | {it_per_s} | {p50('vae_decode')} "
                      f"| {p50('end_to_end')} | {_num(unet.get('pct_of_peak'))} | {_gib(peak_mem)} "
-                     f"| {_ratio(e2e.get('speedup_vs_diffusers'))} | {_yes_no(e2e.get('fused_step'))} |")
+                     f"| {_ratio(e2e.get('speedup_vs_diffusers'))} | {_yes_no(e2e.get('fused_step'))} "
+                     f"| {_mae(mae.get(backend))} |")
     floor = record.get("floor_ms") or {}
     if floor.get("unet_step"):
         lines.append(f"| *physical floor* | | {_ms(floor.get('text_encoder'))} | {_ms(floor['unet_step'])} | "
                      f"| {1e3 / floor['unet_step']:.1f} | {_ms(floor.get('vae_decode'))} "
-                     f"| {_ms(floor.get('end_to_end'))} | 100 | | | |")
+                     f"| {_ms(floor.get('end_to_end'))} | 100 | | | | |")
     return lines
 
 

@@ -268,6 +268,14 @@ class DiffusersRunner:
         self.unet_calls = len(self.pipe.scheduler.timesteps)  # e.g. PNDM's PLMS runs steps + 1, Heun 2 steps - 1
         return images
 
+    def image(self, prompt: str, seed: int):
+        """One image of the workload as a float array (H, W, 3) in [0, 1], for the fidelity check."""
+        if self.no_scheduler is not None:
+            raise BackendUnavailable(self.no_scheduler)
+        w = self.workload
+        return self.pipe(prompt=prompt, num_inference_steps=w.steps, guidance_scale=w.guidance_scale, height=w.height,
+                         width=w.width, output_type="np", generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+
     def ran(self) -> dict:
         """What the last end-to-end run ran, for the record."""
         return {"scheduler": type(self.pipe.scheduler).__name__}
@@ -386,6 +394,13 @@ class EngineRunner:
         self.fused_step = fused_runs[0] > 0
         self.sampler = result.params.get("sampler")
         return result
+
+    def image(self, prompt: str, seed: int):
+        """One image of the workload as a float array (H, W, 3) in [0, 1], for the fidelity check."""
+        w = self.workload
+        return self.pipe(prompt, num_inference_steps=w.steps, guidance_scale=w.guidance_scale, height=w.height,
+                         width=w.width, seed=seed, output_type="np", sampler=w.sampler, schedule=w.schedule,
+                         progress=False).images[0]
 
     def ran(self) -> dict:
         """What the last end-to-end run ran, for the record."""

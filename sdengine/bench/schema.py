@@ -129,7 +129,9 @@ SCHEMA = {
                 },
             },
         },
-        "host_overhead": {"type": "object"},  # per UNet: host time and aten ops of a forward on the meta device
+        "host_overhead": {"type": "object"},
+        # each backend's image at a fixed prompt and seed against eager sdengine in fp32 on the same weights
+        "fidelity": {"type": "object", "properties": {"mae": {"type": "object"}, "max_abs": {"type": "object"}}},  # per UNet: host time and aten ops of a forward on the meta device
         "complete": {"type": "boolean"},
         "interrupted": {"type": ["string", "null"]},
         "wall_s": _NUMBER,

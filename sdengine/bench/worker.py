@@ -11,6 +11,7 @@ it is known:
     {"event": "prepared", "prepare_s": ..., "prepare": {...}}  built, compiled, captured
     {"event": "result", "result": {...}}                    one component measured
     {"event": "skip", "component": ..., "reason": ..., "error": ...}
+    {"event": "image", "path": ...}                         the fidelity image, saved (.npy)
     {"event": "done"}
 
 A crash, a hang or an out-of-memory here costs only this backend: the harness records what
@@ -33,6 +34,9 @@ from sdengine.bench import flops, measure
 from sdengine.bench.runners import COMPONENTS, BackendUnavailable, Workload, first_line, make_inputs, make_runner
 
 INPUT_SEED_OFFSET = {c: 1000 * (i + 1) for i, c in enumerate(COMPONENTS)}
+# The fidelity image: the same prompt and seed for every backend and the fp32 reference.
+FIDELITY_PROMPT = "a photograph of an astronaut riding a horse on the moon"
+FIDELITY_SEED = 1234
 
 
 class Events:
@@ -111,6 +115,17 @@ def run(spec: dict) -> int:
             measure.free_device_memory(device)
             continue
         emit("result", result=result)
+    fidelity = spec.get("fidelity_image")
+    if fidelity:  # one image at a fixed prompt and seed, compared with the fp32 reference by the harness
+        try:
+            import numpy as np
+
+            with torch.inference_mode():
+                image = runner.image(FIDELITY_PROMPT, FIDELITY_SEED)
+            np.save(fidelity, np.asarray(image, dtype=np.float32))
+            emit("image", path=fidelity)
+        except Exception as e:  # noqa: BLE001 (the timings stand without it)
+            emit("image", error=f"{type(e).__name__}: {first_line(e)}")
     runner.close()
     emit("done")
     return 0
