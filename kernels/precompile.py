@@ -54,16 +54,27 @@ def recording() -> bool:
     return _triton._recording is not None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class KernelSpec:
     """One compilation: a @triton.jit function (by module and name), its arguments as the
     compiler sees them (pointers: dtype and 16-byte alignment; scalars: values), its
-    constexprs and launch options (num_warps, num_stages)."""
+    constexprs and launch options (num_warps, num_stages).
+
+    Two specs are equal when Triton compiles them to the same kernel: integers count only by
+    what Triton specializes on (equal to 1, divisible by 16, 64-bit), and not at all where the
+    kernel says do_not_specialize. `args` keeps the first concrete values, to compile with."""
 
     module: str
     name: str
     args: tuple
     kwargs: tuple
+    key: tuple = ()
+
+    def __eq__(self, other):
+        return isinstance(other, KernelSpec) and self.key == other.key
+
+    def __hash__(self):
+        return hash(self.key)
 
     @property
     def label(self) -> str:
@@ -80,6 +91,28 @@ def _describe_arg(a):
     raise TypeError(f"cannot describe kernel argument of type {type(a).__name__}")
 
 
+def _specialization(value, do_not_specialize: bool):
+    """What Triton's compiled kernel depends on of one runtime argument."""
+    if isinstance(value, tuple) or value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, float):
+        return "fp32"
+    wide = not -2**31 <= value < 2**31
+    if do_not_specialize:
+        return ("int", wide)
+    return ("int", wide, value == 1, value % 16 == 0)
+
+
+def _unspecialized(fn) -> set:
+    """The names of a kernel's do_not_specialize arguments (a JITFunction keeps their indices; the
+    interpreter's function, the names as given)."""
+    names = list(getattr(fn, "arg_names", []))
+    given = getattr(fn, "do_not_specialize", None)
+    if given is None:
+        given = getattr(fn, "kwargs", {}).get("do_not_specialize", [])
+    return {names[a] if isinstance(a, int) else a for a in given or ()}
+
+
 def kernel_specs(launches) -> list:
     """The distinct compilations of recorded launches, in first-launch order."""
     specs, seen = [], set()
@@ -87,10 +120,14 @@ def kernel_specs(launches) -> list:
         configs = getattr(kernel, "configs", None)  # a triton.autotune Autotuner: every config compiles
         fn = kernel.fn if configs is not None else kernel
         variants = [dict(kwargs, **c.all_kwargs()) for c in configs] if configs is not None else [dict(kwargs)]
+        described = tuple(_describe_arg(a) for a in args)
+        unspecialized = _unspecialized(fn)
+        names = list(getattr(fn, "arg_names", [])) + [None] * len(described)  # runtime args come first
+        canonical = tuple(_specialization(a, name in unspecialized) for a, name in zip(described, names))
         for kw in variants:
-            kw = {k: v for k, v in kw.items() if v is not None}
-            spec = KernelSpec(fn.fn.__module__, fn.fn.__name__, tuple(_describe_arg(a) for a in args),
-                              tuple(sorted(kw.items())))
+            kw = tuple(sorted((k, v) for k, v in kw.items() if v is not None))
+            spec = KernelSpec(fn.fn.__module__, fn.fn.__name__, described, kw,
+                              key=(fn.fn.__module__, fn.fn.__name__, canonical, kw))
             if spec not in seen:
                 seen.add(spec)
                 specs.append(spec)

@@ -253,6 +253,8 @@ class Pipeline:
         plan = samplers.make_plan(sampler_name, schedule_name, num_inference_steps, cfg.scheduler,
                                   strength=strength if init_for_sampler else 1.0, eta=eta)  # validates before any work
         total = plan.num_steps  # progress ticks and callbacks (PLMS evaluates steps + 1 times)
+        # what the backend compiles for this workload, once (the triton layer's kernels, in parallel)
+        self.backend.prepare(height, width, n_images, sampler_name, schedule_name)
         latent_shape = (n_images, cfg.vae.latent_channels, height // cfg.vae.downscale, width // cfg.vae.downscale)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         do_cfg = guidance_scale > 1.0

@@ -100,6 +100,14 @@ def test_prepare_compiles_up_front_and_falls_back_on_a_compile_failure(tmp_path,
     info = fast.backend.prepare(H, W, 1, "euler", target="sm_90", jobs=2)
     assert info["kernels"] >= 8 and info["compiled"] == info["kernels"] and "fallback" not in info
     assert any((tmp_path / "triton").iterdir())
+    # once per workload; a new size needs no new kernel (sizes are not specialized), so no pool
+    assert fast.backend.prepare(H, W, 1, "euler", target="sm_90")["prepared_before"]
+    calls = []
+    real_compile = precompile.compile_specs
+    monkeypatch.setattr(precompile, "compile_specs", lambda *a, **k: calls.append(a) or real_compile(*a, **k))
+    again = fast.backend.prepare(2 * H, 2 * W, 1, "euler", target="sm_90")
+    assert again["compiled"] == 0 and not calls and again["kernels"] > 0
+    monkeypatch.setattr(precompile, "compile_specs", real_compile)
     # A kernel that fails to compile: named with the workload, then the graph layer's ops.
     real = precompile.compile_specs
 
@@ -110,15 +118,23 @@ def test_prepare_compiles_up_front_and_falls_back_on_a_compile_failure(tmp_path,
 
     monkeypatch.setattr(precompile, "compile_specs", one_fails)
     with caplog.at_level(logging.WARNING, logger="sdengine"):
-        info = fast.backend.prepare(H, W, 1, "euler", target="sm_90", jobs=2)
+        info = fast.backend.prepare(H, W, 1, "dpmpp_2m", target="sm_90", jobs=2)  # a new kernel: the pool
     message = " ".join(r.getMessage() for r in caplog.records)
-    assert "failed to compile for 24x16, batch 1, euler" in message and "PTXASError" in message
+    assert "failed to compile for 24x16, batch 1, dpmpp_2m" in message and "PTXASError" in message
     assert "falling back to the graph layer" in message and info["fallback"] == fast.backend.fallback
     kwargs = dict(height=H, width=W, steps=2, seed=3, sampler="euler", output_type="np", progress=False)
     with precompile.record_launches() as launches:
         got = fast("a fox", **kwargs).images
     assert not launches  # no Triton kernel runs any more
     assert np.abs(got - eager("a fox", **kwargs).images).max() <= 1 / 255
+
+
+def test_the_pipeline_asks_the_backend_to_prepare_each_request(monkeypatch):
+    pipe = sdengine.from_diffusers(tiny_pipeline("sd15"), backend="graph")
+    asked = []
+    monkeypatch.setattr(pipe.backend, "prepare", lambda *args: asked.append(args) or {})
+    pipe(["a", "b"], height=H, width=W, steps=2, sampler="DPM++ 2M Karras", output_type="latent", progress=False)
+    assert asked == [(H, W, 2, "dpmpp_2m", "karras")]
 
 
 def test_pipeline_prepare_runs_the_workload_once():

@@ -228,6 +228,10 @@ class OnnxBackend:
 
     # The backend interface ------------------------------------------------------
 
+    def prepare(self, height: int, width: int, batch_size: int = 1, sampler=None, schedule=None) -> dict:
+        """Nothing to make before a workload's first call (docs/CONTRACTS.md, Backends)."""
+        return {}
+
     def encode_text(self, input_ids, input_ids_2=None, clip_skip=None):
         """Token ids (B, 77) -> (context (B, 77, D), pooled (B, P)); SDXL concatenates both encoders."""
         context, pooled = self._encode_one("text_encoder", input_ids, clip_skip)

@@ -124,6 +124,8 @@ class TritonBackend(GraphBackend):
         super().__init__(config, text_encoder, unet, vae, text_encoder_2, cuda_graphs=cuda_graphs,
                          graph_cache=graph_cache, fused_steps=fused_steps)
         self.channels_last = self.device.type in ("cuda", "meta")  # meta: a dry run of what CUDA launches
+        self._prepared = {}  # workload -> what prepare() did for it
+        self._compiled = set()  # the KernelSpecs this process compiled (or found in Triton's cache)
         for module in (self.text_encoder, self.text_encoder_2, self.unet, self.vae):
             if module is not None:
                 prepare_for_triton(module, channels_last=self.channels_last)
@@ -132,7 +134,9 @@ class TritonBackend(GraphBackend):
                 schedule: Optional[str] = None, *, target: Optional[str] = None, jobs: Optional[int] = None) -> dict:
         """Compile every kernel a generation of this workload launches, up front and in parallel
         (kernels/precompile.py), so that the first step only loads them from Triton's disk cache
-        ($SDE_CACHE_DIR/triton).
+        ($SDE_CACHE_DIR/triton). The pipeline calls it before every request: a workload already
+        prepared costs nothing, and a new one compiles only the kernels not compiled before
+        (sizes are mostly not specialized, so a new size seldom needs any).
 
         target: the GPU to compile for ("sm_90"); default this machine's CUDA device, and on the
         CPU nothing (the interpreter compiles nothing). A kernel that fails to compile is named
@@ -142,22 +146,32 @@ class TritonBackend(GraphBackend):
         from ..kernels import precompile
         from .. import compile_cache, samplers
 
-        if target is None and self.device.type != "cuda":
+        if (target is None and self.device.type != "cuda") or self.fallback is not None:
             return {}
-        compile_cache.use_cache_dirs()
         sampler_name, schedule_name = samplers.resolve(sampler, schedule, self.config.scheduler)
+        key = (height, width, batch_size, sampler_name, schedule_name, target)
+        if key in self._prepared:  # the pipeline asks before every request: once per workload
+            return dict(self._prepared[key], prepared_before=True)
+        compile_cache.use_cache_dirs()
         launches = kernel_launches(self.config, height, width, batch=batch_size, sampler=sampler_name,
                                    schedule=schedule_name, dtype=self.dtype)
-        report = precompile.compile_specs(precompile.kernel_specs(launches), precompile.parse_target(target),
-                                          jobs=jobs)
-        info = {"kernels": report.distinct, "compiled": report.compiled, "compile_serial_s": round(report.serial_s, 3),
-                "compile_wall_s": round(report.wall_s, 3), "compile_jobs": report.jobs}
-        log.info("triton: %s for %dx%d, batch %d, %s", report.summary(), width, height, batch_size, sampler_name)
-        if report.failures:
-            failure = report.failures[0]
-            self.fall_back(f"kernel {failure['label']} failed to compile for {width}x{height}, batch {batch_size}, "
-                           f"{sampler_name} ({failure['error']})")
-            info["fallback"] = self.fallback
+        specs = precompile.kernel_specs(launches)
+        new = [spec for spec in specs if spec not in self._compiled]  # sizes are mostly not specialized
+        info = {"kernels": len(specs), "compiled": 0, "compile_serial_s": 0.0, "compile_wall_s": 0.0,
+                "compile_jobs": 0}
+        if new:
+            report = precompile.compile_specs(new, precompile.parse_target(target), jobs=jobs)
+            info.update(compiled=report.compiled, compile_serial_s=round(report.serial_s, 3),
+                        compile_wall_s=round(report.wall_s, 3), compile_jobs=report.jobs)
+            log.info("triton: %s for %dx%d, batch %d, %s", report.summary(), width, height, batch_size, sampler_name)
+            if report.failures:
+                failure = report.failures[0]
+                self.fall_back(f"kernel {failure['label']} failed to compile for {width}x{height}, "
+                               f"batch {batch_size}, {sampler_name} ({failure['error']})")
+                info["fallback"] = self.fallback
+                return info
+            self._compiled.update(new)
+        self._prepared[key] = info
         return info
 
     def fall_back(self, reason: str):
