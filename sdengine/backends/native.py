@@ -66,10 +66,6 @@ class NativeBackend(EngineWeights):
         self._tokenizer_dirs = None
         self._decoder = None  # decode(): the compiled decoder in Python, made on first use
 
-    def prepare(self, height: int, width: int, batch_size: int = 1, sampler=None, schedule=None) -> dict:
-        """Nothing to make before a workload's first call (docs/CONTRACTS.md, Backends)."""
-        return {}
-
     def native_model(self, tokenizer, tokenizer_2=None):
         """The libsdengine model (sdengine._C.Model) over these weights; made on first call.
 
