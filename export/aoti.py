@@ -237,6 +237,10 @@ def _example_inputs(config, dtype, device, static: bool = False):
 
     Dynamic: batch 2 and latents of 2 x the UNet's downsampling, with batch, height and width
     dynamic. Static: batch STATIC_BATCH[name] at the config's default latent size."""
+    if hasattr(config, "example_inputs"):  # a ControlNet engine's (export/aoti_controlnet.py): dynamic only
+        if static:
+            raise ValueError("ControlNet engines are built with dynamic shapes only")
+        return config.example_inputs(dtype, device)
     Dim = torch.export.Dim
     batch = Dim("batch", min=1, max=MAX_BATCH)
     multiple = 2 ** (len(config.unet.block_out_channels) - 1)  # the UNet halves the latents this often
@@ -298,6 +302,8 @@ def _compile(exported, package_path: Path, settings: CompileSettings = ATTEMPTS[
 def _network_module(config, name: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """The export wrapper of network `name`, built from the config on `device` in `dtype` with
     random weights (their values are not packaged; non-persistent buffers come out exact)."""
+    if hasattr(config, "network_module"):  # a ControlNet engine's (export/aoti_controlnet.py)
+        return config.network_module(name, dtype, device)
     from sdengine.models.clip import CLIPTextModel
     from sdengine.models.unet import UNet2DConditionModel
     from sdengine.models.vae import AutoencoderKL
@@ -597,6 +603,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default=None, help="engine folder (default: the cache, $SDE_CACHE_DIR/aoti/<key>)")
     parser.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--controlnet", action="append", default=[], metavar="PATH",
+                        help="also build the engine of this ControlNet (a diffusers folder or an A1111 single file) "
+                             "with the model, into the cache (export/aoti_controlnet.py); repeatable")
 
 
 def run(args) -> int:
@@ -619,6 +628,12 @@ def run(args) -> int:
     else:
         out = engine_for(config, dtype=dtype, device=device)
     print(out)
+    for controlnet in getattr(args, "controlnet", None) or []:
+        from sdengine.loading import detect_controlnet
+
+        from .aoti_controlnet import controlnet_engine_for
+
+        print(controlnet_engine_for(config, detect_controlnet(controlnet, base=config), dtype=dtype, device=device))
     return 0
 
 

@@ -566,12 +566,34 @@ def load_controlnet_model(path, device=None, dtype=None, *, base: Optional[Model
     or unexpected weights, a shape mismatch. Nothing is read before everything is checked.
     """
     from .api import resolve_device_dtype
-    from .config import ControlNetConfig
-    from .convert import controlnet_key_to_ldm, detect_controlnet_config
     from .models.controlnet import ControlNetModel
 
     path = _check_path(path)
     device, dtype = resolve_device_dtype(device, dtype)
+    config, reader, source_of, source, ignorable = _controlnet_source(path, base)
+    with torch.device("meta"):
+        model = ControlNetModel(config)
+    name = path.name
+    try:
+        plan = _make_plan("controlnet", model, reader, source_of, f"{controlnet_family_name(config)} ControlNet")
+    except UnmappedKey as e:
+        raise ModelLoadError(f"{path}: no LDM name for {e}") from None
+    _check_unused(reader, {s.key for s in plan.sources.values()}, ignorable, "a ControlNet")
+    loaded = _execute([plan], device, dtype, progress)["controlnet"]
+    return LoadedControlNet(config=config, model=loaded, source=source, name=name, path=path)
+
+
+def detect_controlnet(path, base: Optional[ModelConfig] = None):
+    """The ControlNetConfig of a ControlNet folder or single file, from its config or its keys and
+    shapes only (see load_controlnet_model)."""
+    return _controlnet_source(_check_path(path), base)[0]
+
+
+def _controlnet_source(path: Path, base: Optional[ModelConfig]):
+    """(config, reader, source_of, source kind, ignorable) of a ControlNet folder or single file."""
+    from .config import ControlNetConfig
+    from .convert import controlnet_key_to_ldm, detect_controlnet_config
+
     if path.is_dir():
         folder = _controlnet_folder(path)
         try:
@@ -600,16 +622,7 @@ def load_controlnet_model(path, device=None, dtype=None, *, base: Optional[Model
 
         # lllyasviel's v1.0 files also hold the whole SD model the ControlNet was trained with: not read.
         ignorable = (lambda key: not key.startswith(prefix)) if prefix else (lambda key: False)
-    with torch.device("meta"):
-        model = ControlNetModel(config)
-    name = path.name
-    try:
-        plan = _make_plan("controlnet", model, reader, source_of, f"{controlnet_family_name(config)} ControlNet")
-    except UnmappedKey as e:
-        raise ModelLoadError(f"{path}: no LDM name for {e}") from None
-    _check_unused(reader, {s.key for s in plan.sources.values()}, ignorable, "a ControlNet")
-    loaded = _execute([plan], device, dtype, progress)["controlnet"]
-    return LoadedControlNet(config=config, model=loaded, source=source, name=name, path=path)
+    return config, reader, source_of, source, ignorable
 
 
 def controlnet_family_name(config) -> str:

@@ -7,6 +7,7 @@ the ControlNet really changes the image, so a ControlNet silently dropped cannot
 
 import copy
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -491,3 +492,68 @@ def test_bench_record_names_the_controlnets():
                                    height=H, width=W, device="cpu"), progress=False)
     assert bench.record["workload"]["controlnets"] == 2 and bench.workload.controlnets == 2
     assert "--controlnet 2" in bench.command() and ", 2 ControlNets," in title(bench.record)
+
+
+def test_aoti_backend_runs_controlnets_through_compiled_engines():
+    """The aoti backend (the engine from the Python loop): the ControlNets through controlnet.pt2 and the UNet that takes their
+    residuals through unet_control.pt2 (export/aoti_controlnet.py; built once into the engine cache,
+    about a minute for the tiny pair on the CPU), against the eager pipeline."""
+    native = sdengine.from_diffusers(tiny_pipeline("sd15"), backend="aoti")
+    eager = sdengine.from_diffusers(tiny_pipeline("sd15"))
+    controls = [Control(sdengine_controlnet("sd15", 0), CONTROL_IMAGES[0], scale=0.7, start=0.25, end=0.75),
+                Control(sdengine_controlnet("sd15", 1), CONTROL_IMAGES[1], scale=1.1, guess_mode=True)]
+    kwargs = dict(height=H, width=W, steps=STEPS, guidance_scale=5.0, seed=[3, 4], output_type="np", progress=False,
+                  sampler="euler")
+    got = native(PROMPTS, control=controls, **kwargs).images
+    assert _max_diff(got, eager(PROMPTS, control=controls, **kwargs).images) <= 1 / 255
+    assert _max_diff(got, native(PROMPTS, **kwargs).images) > 0.05
+    engines = native.backend._controlnet_engines
+    assert len(engines) == 1  # both ControlNets share the architecture, so one engine
+    meta = __import__("json").loads((next(iter(engines.values())) / "controlnet_engine.json").read_text())
+    assert set(meta["networks"]) == {"controlnet", "unet_control"}
+    assert all(v == [["control_model." + k2, ""], [k2, ""]] for v in meta["networks"]["controlnet"]["ldm"].values()
+               for k2 in [v[1][0]])
+
+
+def test_c_api_runs_controlnets(tmp_path, capsys):
+    """The C API: sde_controlnet_load (a diffusers folder and an A1111 single file) for a model,
+    sde_gen_params.controls with two ControlNets (ranges, scales, guess mode) in one C++ request,
+    against the eager pipeline; bad controls refused naming the parameter (tests/c/test_capi.c)."""
+    from safetensors.torch import save_file
+
+    from ldm_keys import controlnet_to_ldm
+    from sdengine.export.aoti_controlnet import controlnet_engine_for
+    from test_native import _compile_c, _run
+    from tiny import save_tiny_pipeline
+
+    model_dir = save_tiny_pipeline("sd15", tmp_path / "model")
+    native = sdengine.load(model_dir, backend="native")  # the model's engine, from the cache or built
+    tiny_controlnet("sd15", 0).save_pretrained(tmp_path / "cn0", safe_serialization=True)
+    save_file(controlnet_to_ldm(tiny_controlnet("sd15", 1)), str(tmp_path / "cn1.safetensors"))
+    tiny_controlnet("sdxl", 0).save_pretrained(tmp_path / "misfit", safe_serialization=True)
+    engine = controlnet_engine_for(native.config, sdengine_controlnet("sd15", 0).config, dtype=torch.float32,
+                                   device="cpu", progress=False)
+    for i, image in enumerate(CONTROL_IMAGES[:2]):
+        (tmp_path / f"image{i}.rgb").write_bytes(np.asarray(image).tobytes())
+    program = _compile_c(Path(__file__).parent / "c" / "test_capi.c", tmp_path / "sde_capi_test", ["-lpthread"])
+    rc, log = _run([program, "controlnet", model_dir, native.backend.engine_dir, tmp_path / "cn0",
+                    tmp_path / "cn1.safetensors", engine, tmp_path / "image0.rgb", tmp_path / "image1.rgb", W, H,
+                    tmp_path / "out.rgb", tmp_path / "misfit"])
+    assert rc == 0, log
+    got = np.frombuffer((tmp_path / "out.rgb").read_bytes(), dtype=np.uint8).reshape(H, W, 3)
+    eager = sdengine.from_diffusers(tiny_pipeline("sd15"))
+    controls = [Control(sdengine_controlnet("sd15", 0), CONTROL_IMAGES[0], scale=0.7, start=0.25, end=0.75),
+                Control(sdengine_controlnet("sd15", 1), CONTROL_IMAGES[1], scale=1.1, guess_mode=True)]
+    want = eager("a red bicycle", control=controls, height=H, width=W, steps=STEPS, guidance_scale=5.0, seed=3,
+                 sampler="euler", output_type="np", progress=False).images[0]
+    assert np.abs(got.astype(int) - (want * 255).round().astype(int)).max() <= 2
+    plain = eager("a red bicycle", height=H, width=W, steps=STEPS, guidance_scale=5.0, seed=3, sampler="euler",
+                  output_type="np", progress=False).images[0]
+    assert np.abs(got.astype(int) - (plain * 255).round().astype(int)).max() > 10  # the ControlNets acted
+    # `sdengine export aoti MODEL --controlnet PATH` names (here: finds) both engines
+    from sdengine.cli import main
+
+    capsys.readouterr()
+    assert main(["export", "aoti", str(model_dir), "--controlnet", str(tmp_path / "cn1.safetensors")]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed[-2:] == [str(native.backend.engine_dir), str(engine)]

@@ -70,6 +70,11 @@ class CompiledNetwork:
         return [torch.cat(parts) for parts in zip(*rows)]
 
 
+def _timesteps(t, batch: int, device) -> torch.Tensor:
+    """(batch,) float32 timesteps on device, from a scalar or (B,) tensor (one step: all equal)."""
+    return torch.as_tensor(t, dtype=torch.float32, device=device).reshape(-1).expand(batch).contiguous()
+
+
 def engine_weights(modules: dict, device, dtype) -> dict:
     """The weights each network reads, by "<component>/<key>", in the engine's dtype (floating
     ones) and on its device (no copy for weights that already are)."""
@@ -120,10 +125,10 @@ class EngineWeights:
         return {"engine": str(self.engine_dir), "engine_build_s": self.engine.get("build_s")}
 
     def controlnet_fn(self, control):
-        """ControlNets are not in the engine (no residual inputs in its compiled UNet): a ValueError
-        before any work."""
-        raise ValueError(f"the {self.name} backend does not run ControlNets yet; use the eager, graph, triton or "
-                         "compile backend for control=")
+        """ControlNets run through a ControlNet engine from Python (AOTIBackend); the C++ loop of
+        the native backend does not take them from Python: a ValueError before any work."""
+        raise ValueError(f"the {self.name} backend does not run ControlNets from Python; backend='aoti' runs them "
+                         "through the compiled ControlNet engine (and the C API through sde_controlnet_load)")
 
     def engine_vocab_size(self) -> int:
         """Token ids the engine's text encoder embeds (the checkpoint's vocabulary)."""
@@ -147,6 +152,7 @@ class AOTIBackend(EngineWeights):
         self.device, self.dtype = first.device, first.dtype
         if engine_dir is None:
             engine_dir = aoti.engine_for(config, dtype=self.dtype, device=self.device, progress=progress)
+        self._progress = progress
         self.engine_dir = Path(engine_dir)
         self.engine = json.loads((self.engine_dir / "engine.json").read_text())
         self._weights = engine_weights({"text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
@@ -185,16 +191,69 @@ class AOTIBackend(EngineWeights):
         return torch.cat([context, context_2], dim=-1), pooled  # (B, 77, D1 + D2), (B, P)
 
     @torch.inference_mode()
-    def denoise(self, x_in, t, context, added_cond=None):
-        """One compiled UNet forward; float32 out. All entries of t must be equal (one step)."""
+    def denoise(self, x_in, t, context, added_cond=None, controls=()):
+        """One compiled UNet forward; float32 out. All entries of t must be equal (one step).
+        controls: ControlNets active at this step (controlnet_fn), their residuals summed into the
+        compiled UNet that takes them (the ControlNet engine's unet_control.pt2)."""
         if (added_cond is not None) != (self.text_encoder_2 is not None):
             raise ValueError("the aoti backend takes added conditioning (text_embeds, time_ids) exactly for SDXL")
         x = x_in.to(self.device, self.dtype).contiguous()
-        t = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(x.shape[0]).contiguous()
-        inputs = [x, t, context.to(self.device, self.dtype).contiguous()]
+        t = _timesteps(t, x.shape[0], self.device)
+        context = context.to(self.device, self.dtype).contiguous()
         if added_cond is not None:
-            inputs += [added_cond[k].to(self.device, self.dtype).contiguous() for k in ("text_embeds", "time_ids")]
+            added_cond = {k: added_cond[k].to(self.device, self.dtype).contiguous() for k in ("text_embeds", "time_ids")}
+        inputs = [x, t, context, *(added_cond.values() if added_cond is not None else ())]
+        if controls:
+            from ..controlnet import residuals
+
+            down, mid = residuals(self.controlnet_fn, controls, [c.scale for c in controls], x, t, context,
+                                  added_cond, self.config.vae.latent_channels)
+            return self._networks["unet_control"](*inputs, [d.contiguous() for d in down], mid.contiguous())[0].float()
         return self._network("unet")(*inputs)[0].float()
+
+    # ControlNets -----------------------------------------------------------------------------
+
+    def controlnet_fn(self, control):
+        """The ControlNet through its compiled engine (export/aoti_controlnet.py: controlnet.pt2, and
+        unet_control.pt2, the UNet that takes the residuals; found in the cache or built on first
+        use), holding the ControlNet's weights (cast once to the engine's dtype and device) and the
+        UNet's own tensors (no copy: a LoRA merged in place reaches it). Scale, guess mode and the
+        sum over ControlNets are applied to its outputs here."""
+        from ..models.controlnet import scale_residuals
+        from sdengine.export import aoti_controlnet
+
+        controlnet = control.controlnet
+        fns = self.__dict__.setdefault("_controlnet_fns", {})
+        entry = fns.get(id(controlnet.model))
+        if entry is not None and entry[0] is controlnet.model:
+            return entry[1]
+        engines = self.__dict__.setdefault("_controlnet_engines", {})
+        key = aoti_controlnet.engine_key(self.config, controlnet.config, self.dtype, self.device)
+        if key not in engines:
+            engines[key] = aoti_controlnet.controlnet_engine_for(self.config, controlnet.config, dtype=self.dtype,
+                                                                 device=self.device, progress=self._progress)
+        engine = engines[key]
+        meta = json.loads((engine / "controlnet_engine.json").read_text())
+        info = meta["networks"]["controlnet"]
+        weights = {info["prefix"] + k: v.detach().to(self.device, self.dtype if v.is_floating_point() else v.dtype)
+                   .contiguous() for k, v in controlnet.model.state_dict().items()}
+        package = CompiledNetwork("controlnet", _load_package(engine / info["package"], weights))
+        if "unet_control" not in self._networks:
+            info = meta["networks"]["unet_control"]
+            constants = {fqn: self._weights[f"unet/{fqn[len(info['prefix']):]}"] for fqn in info["constants"]}
+            self._networks["unet_control"] = CompiledNetwork("unet_control",
+                                                             _load_package(engine / info["package"], constants))
+        global_pool = controlnet.config.global_pool_conditions
+
+        def run(x, t, context, image, scale, guess_mode, added_cond, _keep=weights):
+            inputs = [x.contiguous(), _timesteps(t, x.shape[0], self.device), context.contiguous(), image.contiguous()]
+            if added_cond is not None:
+                inputs += [added_cond[k].contiguous() for k in ("text_embeds", "time_ids")]
+            outputs = package(*inputs)
+            return scale_residuals(outputs[:-1], outputs[-1], scale, guess_mode, global_pool)
+
+        fns[id(controlnet.model)] = (controlnet.model, run)
+        return run
 
     @torch.inference_mode()
     def encode_image(self, images):

@@ -81,16 +81,23 @@ class ControlNetModel(UNetEncoder):
         x, skips = self.encode(x, time_act, encoder_hidden_states)
         down = [conv(skip) for conv, skip in zip(self.controlnet_down_blocks, skips)]
         mid = self.controlnet_mid_block(x)
-        if guess_mode and not cfg.global_pool_conditions:
-            # 10^(-1 + k / n) for k = 0..n: 0.1 at the first skip, 1.0 at the mid block
-            scales = [10.0 ** (-1.0 + k / len(down)) for k in range(len(down) + 1)]
-            down = [d * (s * conditioning_scale) for d, s in zip(down, scales)]
-            mid = mid * (scales[-1] * conditioning_scale)
-        else:
-            down = [d * conditioning_scale for d in down]
-            mid = mid * conditioning_scale
-        if cfg.global_pool_conditions:
-            down = [d.mean(dim=(2, 3), keepdim=True) for d in down]
-            mid = mid.mean(dim=(2, 3), keepdim=True)
-        return down, mid
+        return scale_residuals(down, mid, conditioning_scale, guess_mode, cfg.global_pool_conditions)
+
+
+def scale_residuals(down: list, mid: torch.Tensor, conditioning_scale, guess_mode: bool, global_pool: bool) -> tuple:
+    """The zero convolutions' outputs -> the residuals the UNet adds, as diffusers' ControlNetModel:
+    times conditioning_scale; in guess mode also times 10^(-1 + k / n) for skip k of n (0.1 at the
+    first skip, 1.0 at the mid block); averaged over H, W for global_pool_conditions ControlNets.
+    (The native backend applies it to its compiled ControlNet's outputs.)"""
+    if guess_mode and not global_pool:
+        scales = [10.0 ** (-1.0 + k / len(down)) for k in range(len(down) + 1)]
+        down = [d * (s * conditioning_scale) for d, s in zip(down, scales)]
+        mid = mid * (scales[-1] * conditioning_scale)
+    else:
+        down = [d * conditioning_scale for d in down]
+        mid = mid * conditioning_scale
+    if global_pool:
+        down = [d.mean(dim=(2, 3), keepdim=True) for d in down]
+        mid = mid.mean(dim=(2, 3), keepdim=True)
+    return down, mid
 
