@@ -202,6 +202,47 @@ typedef struct sde_model_stats {
 /* Counters of the model's graphs (thread-safe; they may move while requests run). */
 SDE_API sde_status sde_model_get_stats(const sde_model *model, sde_model_stats *stats);
 
+/* ---- ControlNets ---- */
+
+typedef struct sde_controlnet sde_controlnet;
+
+typedef struct sde_controlnet_params {
+  /* The model the ControlNet is loaded for (required): it is checked to fit that model's UNet,
+   * and runs only in requests on that model. Free the ControlNet before the model. */
+  const sde_model *model;
+  /* Folder of its compiled engine (controlnet_engine.json, controlnet.pt2, unet_control.pt2;
+   * `sdengine export aoti MODEL --controlnet PATH` builds it). NULL: search the engine cache
+   * ($SDE_CACHE_DIR/aoti) for one that fits this ControlNet and the model. */
+  const char *engine_dir;
+} sde_controlnet_params;
+
+SDE_API void sde_controlnet_params_init(sde_controlnet_params *params);
+
+/* Load a ControlNet: a diffusers ControlNetModel folder (config.json + .safetensors weights) or an
+ * A1111 / Civitai single-file .safetensors (control_model.* keys, or the same without the
+ * prefix). One that does not fit the model (another family or width) is SDE_ERR_FORMAT naming
+ * both. Thread-safe to use from any number of requests at once. */
+SDE_API sde_status sde_controlnet_load(const char *path, const sde_controlnet_params *params,
+                                       sde_controlnet **controlnet);
+
+/* NULL is a no-op. */
+SDE_API void sde_controlnet_free(sde_controlnet *controlnet);
+
+/* One ControlNet of a request (diffusers' semantics: sdengine/controlnet.py). */
+typedef struct sde_control {
+  const sde_controlnet *controlnet; /* required, loaded for the request's model */
+  const uint8_t *image;             /* required: the control map, width x height RGB pixels (3 bytes
+                                       each, row-major) at the request's size, in [0, 255] */
+  double scale;                     /* multiplies its residuals; finite. Default 1 */
+  double start, end;                /* the part of the run it acts in, 0 <= start <= end <= 1: step i
+                                       of n runs it unless i / n < start or (i + 1) / n > end.
+                                       Default 0 and 1 */
+  int guess_mode;                   /* nonzero: diffusers' guess mode (the conditional half only,
+                                       residuals scaled 0.1 .. 1). Default 0 */
+} sde_control;
+
+SDE_API void sde_control_init(sde_control *control);
+
 /* ---- Generation ---- */
 
 /* Called after every model evaluation (steps of them; PNDM makes steps + 1, img2img fewer)
@@ -254,6 +295,10 @@ typedef struct sde_gen_params {
                                   stay SDE_STRENGTH_DEFAULT */
   sde_latents_fn latents;      /* NULL: none; returning nonzero cancels */
   void *latents_user;          /* passed to latents */
+  /* ControlNets: control_count entries (at most 8), their residuals summed into the UNet's.
+   * NULL / 0: none. */
+  const sde_control *controls;
+  int control_count;
 } sde_gen_params;
 
 SDE_API void sde_gen_params_init(sde_gen_params *params);

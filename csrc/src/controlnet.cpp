@@ -19,23 +19,6 @@ namespace {
 
 constexpr int kControlFormat = 1;  // export/aoti_controlnet.py CONTROL_FORMAT
 
-std::vector<std::string> list_dir(const std::string &dir) {
-  std::vector<std::string> out;
-  if (DIR *d = opendir(dir.c_str())) {
-    while (dirent *e = readdir(d)) {
-      std::string name = e->d_name;
-      if (name != "." && name != "..") out.push_back(name);
-    }
-    closedir(d);
-  }
-  std::sort(out.begin(), out.end());
-  return out;
-}
-
-bool ends_with(const std::string &s, const std::string &suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 std::string cache_root() {
   if (const char *dir = std::getenv("SDE_CACHE_DIR"); dir && *dir) return std::string(dir) + "/aoti";
   const char *home = std::getenv("HOME");
@@ -70,7 +53,7 @@ WeightMap folder_weights(const std::string &dir, Json *config) {
 }
 
 // Why the ControlNet engine at `dir` cannot run these weights with this model, or "".
-std::string engine_mismatch(const Json &meta, const WeightMap &weights, const Model &model) {
+std::string controlnet_engine_mismatch(const Json &meta, const WeightMap &weights, const Model &model) {
   if (meta.get_number("format", 0) != kControlFormat)
     return "it has format " + std::to_string(static_cast<int>(meta.get_number("format", 0))) + ", this library reads " +
            std::to_string(kControlFormat);
@@ -138,7 +121,7 @@ ControlNet::ControlNet(const std::string &path, const Model &model, const char *
     try {
       Json meta = Json::read_file(meta_path);
       WeightMap candidate = fit(meta);
-      std::string why = engine_mismatch(meta, candidate, model);
+      std::string why = controlnet_engine_mismatch(meta, candidate, model);
       if (!why.empty()) {
         reasons += "\n  " + dir + ": " + why;
         return false;
@@ -148,10 +131,10 @@ ControlNet::ControlNet(const std::string &path, const Model &model, const char *
       if (!folder) config = meta.at("controlnet_config");
       c10::InferenceMode guard;
       const Json &nets = meta.at("networks");
-      controlnet_ = std::make_unique<Network>(dir, "controlnet", nets.at("controlnet"), model.runners(),
-                                              model.device_index());
-      unet_control_ = std::make_unique<Network>(dir, "unet_control", nets.at("unet_control"), model.runners(),
-                                                model.device_index());
+      controlnet_ = std::make_unique<Network>(dir, "controlnet", nets.at("controlnet"), model.instances(),
+                                              model.device_index(), model.per_instance());
+      unet_control_ = std::make_unique<Network>(dir, "unet_control", nets.at("unet_control"), model.instances(),
+                                                model.device_index(), model.per_instance());
       controlnet_->load_weights(weights, {}, model.dtype(), model.device());
       unet_control_->load_weights(model.weights(), {}, model.dtype(), model.device());
       return true;
@@ -177,17 +160,19 @@ ControlNet::ControlNet(const std::string &path, const Model &model, const char *
 
 ControlNet::~ControlNet() = default;
 
-std::vector<at::Tensor> ControlNet::outputs(const std::vector<at::Tensor> &inputs) const {
-  return controlnet_->run_all(inputs);
+std::vector<at::Tensor> ControlNet::outputs(const std::vector<at::Tensor> &inputs, int instance) const {
+  return controlnet_->run_all(inputs, instance);
 }
 
-at::Tensor ControlNet::unet(const std::vector<at::Tensor> &inputs) const { return unet_control_->run(inputs); }
+at::Tensor ControlNet::unet(const std::vector<at::Tensor> &inputs, int instance) const {
+  return unet_control_->run(inputs, instance);
+}
 
-std::vector<at::Tensor> ControlNet::scaled(std::vector<at::Tensor> out, double scale, bool guess_mode) const {
+std::vector<at::Tensor> ControlNet::scaled(std::vector<at::Tensor> out, const at::Tensor &scale, bool guess_mode) const {
   size_t skips = out.size() - 1;  // the last one is the mid block's
   for (size_t k = 0; k < out.size(); ++k) {
-    double factor = scale;
-    if (guess_mode && !global_pool_) factor *= std::pow(10.0, -1.0 + static_cast<double>(k) / skips);
+    at::Tensor factor = scale;  // 0-d float32: the residual keeps its dtype
+    if (guess_mode && !global_pool_) factor = scale * std::pow(10.0, -1.0 + static_cast<double>(k) / skips);
     out[k] = out[k] * factor;
     if (global_pool_) out[k] = out[k].mean({2, 3}, /*keepdim=*/true);
   }

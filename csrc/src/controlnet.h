@@ -28,14 +28,16 @@ class ControlNet {
 
   // The zero convolutions' outputs at scale 1, one per UNet skip then the mid block's:
   // inputs x (B, C, h, w), t (B,), context, cond (B, C_cond, H, W) [, text_embeds, time_ids].
-  std::vector<at::Tensor> outputs(const std::vector<at::Tensor> &inputs) const;
+  // On the model's compiled-model instance `instance` (the request's).
+  std::vector<at::Tensor> outputs(const std::vector<at::Tensor> &inputs, int instance) const;
   // The model's UNet with residuals: inputs x, t, context [, text_embeds, time_ids], then the
   // down residuals and the mid residual.
-  at::Tensor unet(const std::vector<at::Tensor> &inputs) const;
+  at::Tensor unet(const std::vector<at::Tensor> &inputs, int instance) const;
 
-  // The residuals the UNet adds, from outputs(): times scale, and in guess mode times 10^(-1 + k / n)
-  // for skip k of n; averaged over H, W for global-pool ControlNets (sdengine.models.controlnet.scale_residuals).
-  std::vector<at::Tensor> scaled(std::vector<at::Tensor> outputs, double scale, bool guess_mode) const;
+  // The residuals the UNet adds, from outputs(): times scale (a 0-d float32 device tensor: a graph
+  // of the step serves every scale), and in guess mode times 10^(-1 + k / n) for skip k of n;
+  // averaged over H, W for global-pool ControlNets (sdengine.models.controlnet.scale_residuals).
+  std::vector<at::Tensor> scaled(std::vector<at::Tensor> outputs, const at::Tensor &scale, bool guess_mode) const;
   bool global_pool() const { return global_pool_; }
 
  private:

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "controlnet.h"
 #include "errors.h"
 #include "names.h"
 
@@ -140,6 +141,8 @@ Model::Model(ModelSource source, const sde_model_params &params) : dtype_(at::kF
   // A CUDA graph can capture a network only on an instance of its own (no lock, no event):
   // then every instance is its own single-threaded package.
   bool per_instance = use_graphs && instances_.front()->capturer->is_cuda();
+  per_instance_ = per_instance;
+  device_index_ = params.device_index;
   c10::InferenceMode guard;
   auto network = [&](const char *name) {
     return std::make_unique<Network>(engine_dir_, name, nets.at(name), instances, params.device_index, per_instance);
@@ -151,6 +154,7 @@ Model::Model(ModelSource source, const sde_model_params &params) : dtype_(at::kF
   vae_encoder_ = network("vae_encoder");
   for (Network *net : {text_encoder_.get(), text_encoder_2_.get(), unet_.get(), vae_decoder_.get(), vae_encoder_.get()})
     if (net) net->load_weights(weights, buffers, dtype_, device_);
+  weights_ = weights;  // for ControlNets' unet_control: the same tensors
 }
 
 Model::~Model() = default;
@@ -186,6 +190,13 @@ struct StepCall : Graphed {
   at::Tensor scalars;                   // (kStepColumns,) float32: the step's row of the table
   at::Tensor context, pooled, time_ids;  // (2N, 77, D), SDXL (2N, P), (2N, 6); the engine's dtype
   at::Tensor extra;                     // inpainting: (2N, 1 + C, h, w) mask and masked-image latents
+  // The ControlNets this graph runs (one step graph per set of active ControlNets): their control
+  // images (rows of the batch they condition, the engine's dtype) and scales (0-d float32), copied
+  // in per request, and whether each is in guess mode / runs on the conditional half only.
+  std::vector<const ControlNet *> controlnets;
+  std::vector<int> control_index;  // which of the request's controls (sde_gen_params.controls) each is
+  std::vector<at::Tensor> control_images, control_scales;
+  std::vector<char> guess_mode;
 };
 
 // The VAE decoder.
@@ -346,12 +357,47 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
     if (do_cfg) extra_channels = at::cat({extra_channels, extra_channels});
   }
 
-  // -- the loop: one cached step per (batch, guidance, latent size, sampler) ------------
+  // -- ControlNets: control images as the rows of the batch they condition ----------------
+  struct Control {
+    const ControlNet *controlnet;
+    at::Tensor image;  // (2N, or N in guess mode with guidance, C_cond, H, W), the engine's dtype
+    double scale, start, end;
+    bool guess_mode;
+  };
+  std::vector<Control> controls;
+  for (int k = 0; k < p.control_count; ++k) {
+    const sde_control &c = p.controls[k];
+    const ControlNet &cn = *c.controlnet->impl;
+    at::Tensor pixels = at::from_blob(const_cast<uint8_t *>(c.image), {1, height, width, 3}, at::kByte);
+    at::Tensor cond = pixels.permute({0, 3, 1, 2}).to(at::kFloat) / 255;  // (1, 3, H, W) in [0, 1]
+    if (cn.conditioning_channels() == 1)
+      cond = (cond * at::tensor({0.299f, 0.587f, 0.114f}).reshape({1, 3, 1, 1})).sum(1, true);
+    bool guess = c.guess_mode != 0 || cn.global_pool();  // as diffusers
+    cond = cond.expand({n, -1, -1, -1});
+    if (do_cfg && !guess) cond = at::cat({cond, cond});  // [uncond, cond] rows, as the UNet batch
+    controls.push_back({&cn, cond.to(device_, dtype_).contiguous(), c.scale, c.start, c.end, guess});
+  }
+  const int evaluations = static_cast<int>(step_plan.steps());  // steps, or steps + 1 for PNDM
+  // diffusers' controlnet_keep: step i of n runs a ControlNet unless i / n < start or (i + 1) / n > end
+  auto active_at = [&](int i) {
+    std::vector<bool> on;
+    for (const auto &c : controls)
+      on.push_back(!(static_cast<double>(i) / evaluations < c.start || static_cast<double>(i + 1) / evaluations > c.end));
+    return on;
+  };
+
+  // -- the loop: one cached step per (batch, guidance, latent size, sampler, active ControlNets) --
   const StepKind &kind = step_plan.kind();
-  std::string key = std::to_string(n) + (do_cfg ? "x2:" : ":") + std::to_string(h) + "x" + std::to_string(w) + ":" +
-                    sde_sampler_name(kind.sampler);
-  auto *step = find_call<StepCall>(*inst.step, key);
-  if (!step) {
+  std::string base_key = std::to_string(n) + (do_cfg ? "x2:" : ":") + std::to_string(h) + "x" + std::to_string(w) +
+                         ":" + sde_sampler_name(kind.sampler);
+  auto make_step = [&](const std::vector<bool> &active) {
+    std::string key = base_key;
+    for (size_t k = 0; k < controls.size(); ++k)
+      if (active[k])
+        key += ":cn" + std::to_string(k) + "@" + std::to_string(reinterpret_cast<uintptr_t>(controls[k].controlnet)) +
+               (controls[k].guess_mode ? "g" : "") + "x" + std::to_string(controls[k].image.size(0));
+    auto *step = find_call<StepCall>(*inst.step, key);
+    if (step) return step;
     auto made = std::make_unique<StepCall>();
     auto f32 = at::TensorOptions().dtype(at::kFloat).device(device_);
     auto latent = [&] { return at::zeros({n, info.latent_channels, h, w}, f32); };
@@ -365,39 +411,96 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
       made->time_ids = at::empty({context.size(0), 6}, made->context.options());
     }
     if (inpaint) made->extra = at::empty(extra_channels.sizes(), extra_channels.options().dtype(dtype_));
+    for (size_t k = 0; k < controls.size(); ++k) {
+      if (!active[k]) continue;
+      made->controlnets.push_back(controls[k].controlnet);
+      made->control_index.push_back(static_cast<int>(k));
+      made->control_images.push_back(at::empty_like(controls[k].image));
+      made->control_scales.push_back(at::zeros({}, f32));
+      made->guess_mode.push_back(controls[k].guess_mode);
+    }
     made->fn = [this, c = made.get(), kind, do_cfg, inpaint, index = inst.index] {
       const StepBuffers &b = c->buffers;
       at::Tensor x_in = step_model_input(b.x, c->scalars);
       at::Tensor x_batch = do_cfg ? at::cat({x_in, x_in}) : x_in;  // (2N, C, h, w)
+      at::Tensor latents_in = x_batch.to(dtype_).contiguous();      // what a ControlNet reads
       if (inpaint) x_batch = at::cat({x_batch.to(dtype_), c->extra}, 1);  // (2N, 2C + 1, h, w)
       at::Tensor t_batch = c->scalars[kColT].expand({x_batch.size(0)}).contiguous();  // (2N,) float32
       std::vector<at::Tensor> inputs = {x_batch.to(dtype_).contiguous(), t_batch, c->context};
       if (info_.sdxl) inputs.insert(inputs.end(), {c->pooled, c->time_ids});
-      at::Tensor out = unet_->run(inputs, index).to(at::kFloat);
+      at::Tensor out;
+      if (c->controlnets.empty()) {
+        out = unet_->run(inputs, index).to(at::kFloat);
+      } else {  // the ControlNets, then the UNet that adds their summed residuals
+        std::vector<at::Tensor> residuals;
+        int64_t total = latents_in.size(0);
+        for (size_t k = 0; k < c->controlnets.size(); ++k) {
+          int64_t rows = c->control_images[k].size(0);
+          std::vector<at::Tensor> cn_inputs = {latents_in.narrow(0, total - rows, rows),
+                                               t_batch.narrow(0, total - rows, rows).contiguous(),
+                                               c->context.narrow(0, total - rows, rows), c->control_images[k]};
+          if (info_.sdxl)
+            cn_inputs.insert(cn_inputs.end(), {c->pooled.narrow(0, total - rows, rows), c->time_ids.narrow(0, total - rows, rows)});
+          std::vector<at::Tensor> res = c->controlnets[k]->scaled(c->controlnets[k]->outputs(cn_inputs, index),
+                                                                  c->control_scales[k], c->guess_mode[k] != 0);
+          if (rows < total)  // guess mode with guidance: zero residuals for the unconditional half
+            for (auto &r : res) r = at::cat({at::zeros_like(r), r});
+          if (residuals.empty()) {
+            residuals = std::move(res);
+          } else {
+            for (size_t j = 0; j < residuals.size(); ++j) residuals[j] = residuals[j] + res[j];
+          }
+        }
+        for (auto &r : residuals) inputs.push_back(r.contiguous());
+        out = c->controlnets.front()->unet(inputs, index).to(at::kFloat);
+      }
       if (do_cfg) {
         auto halves = out.chunk(2);
         out = halves[0] + (halves[1] - halves[0]) * c->scalars[kColGuidance];  // uncond + scale * (cond - uncond)
       }
       step_update(kind, b, out, c->scalars);
     };
-    step = static_cast<StepCall *>(inst.step->insert(key, std::move(made)));
-  }
-  StepBuffers &b = step->buffers;
-  step->context.copy_(context);
-  if (info.sdxl) {
-    step->pooled.copy_(pooled);
-    // SDXL micro-conditioning: (original size, crop top-left, target size)
-    at::Tensor ids = at::tensor(std::vector<float>{static_cast<float>(height), static_cast<float>(width), 0.0f, 0.0f,
-                                                   static_cast<float>(height), static_cast<float>(width)});
-    step->time_ids.copy_(ids.reshape({1, 6}).expand({context.size(0), 6}));
-  }
-  if (inpaint) step->extra.copy_(extra_channels);
-  b.x.copy_(start);
-  for (at::Tensor *history : {&b.h1, &b.h2, &b.h3}) history->zero_();
+    return static_cast<StepCall *>(inst.step->insert(key, std::move(made)));
+  };
+  // A step graph takes the request's conditioning; a later one of the run (other active
+  // ControlNets) also takes the sampler state from the one before.
+  auto enter = [&](StepCall *step, StepCall *from) {
+    step->context.copy_(context);
+    if (info.sdxl) {
+      step->pooled.copy_(pooled);
+      // SDXL micro-conditioning: (original size, crop top-left, target size)
+      at::Tensor ids = at::tensor(std::vector<float>{static_cast<float>(height), static_cast<float>(width), 0.0f, 0.0f,
+                                                     static_cast<float>(height), static_cast<float>(width)});
+      step->time_ids.copy_(ids.reshape({1, 6}).expand({context.size(0), 6}));
+    }
+    if (inpaint) step->extra.copy_(extra_channels);
+    for (size_t j = 0; j < step->controlnets.size(); ++j) {
+      const Control &c = controls[static_cast<size_t>(step->control_index[j])];
+      step->control_images[j].copy_(c.image);
+      step->control_scales[j].fill_(c.scale);
+    }
+    StepBuffers &b = step->buffers;
+    if (from) {
+      const StepBuffers &f = from->buffers;
+      for (auto [to, source] : {std::pair<at::Tensor *, const at::Tensor *>{&b.x, &f.x}, {&b.noise, &f.noise},
+                                {&b.x_next, &f.x_next}, {&b.remembered, &f.remembered}, {&b.h1, &f.h1},
+                                {&b.h2, &f.h2}, {&b.h3, &f.h3}, {&b.start, &f.start}})
+        to->copy_(*source);
+    } else {
+      b.x.copy_(start);
+      for (at::Tensor *history : {&b.h1, &b.h2, &b.h3}) history->zero_();
+    }
+  };
   at::Tensor table = step_plan.table(p.guidance_scale).to(device_);  // (steps, kStepColumns)
 
-  const int evaluations = static_cast<int>(step_plan.steps());  // steps, or steps + 1 for PNDM
+  StepCall *step = nullptr;
   for (int i = 0; i < evaluations; ++i) {
+    StepCall *want = make_step(active_at(i));
+    if (want != step) {
+      enter(want, step);
+      step = want;
+    }
+    StepBuffers &b = step->buffers;
     if (step_plan.draws_noise(static_cast<size_t>(i))) b.noise.copy_(draw_noise());
     step->scalars.copy_(table[i]);
     step_plan.before(static_cast<size_t>(i), b);
@@ -412,7 +515,7 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
         throw Cancelled("cancelled by the latents callback at step " + std::to_string(i + 1));
     }
   }
-  at::Tensor latents = step_plan.latents(b.x, static_cast<size_t>(evaluations - 1));
+  at::Tensor latents = step_plan.latents(step->buffers.x, static_cast<size_t>(evaluations - 1));
 
   // -- decode -------------------------------------------------------------------------
   at::Tensor z = latents / info.scaling_factor;

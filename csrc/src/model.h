@@ -90,7 +90,20 @@ class Model {
   at::Tensor generate(const sde_gen_params &p, sde_sampler sampler, std::vector<uint64_t> &seeds) const;
   void stats(sde_model_stats *out) const;
 
+  // What a ControlNet loaded for this model needs (controlnet.h): the weights the networks read
+  // (the UNet's feed the ControlNet engine's unet_control, no copy), dtype, device, and how the
+  // model's networks are instantiated (one compiled-model instance per concurrent request).
+  const WeightMap &weights() const { return weights_; }
+  at::ScalarType dtype() const { return dtype_; }
+  at::Device device() const { return device_; }
+  int instances() const { return static_cast<int>(instances_.size()); }
+  int device_index() const { return device_index_; }
+  bool per_instance() const { return per_instance_; }
+
  private:
+  WeightMap weights_;  // "<component>/<key>": the tensors handed to the networks (shared, not copied)
+  int device_index_ = -1;
+  bool per_instance_ = false;
   ModelInfo info_;
   Tokenizer tokenizer_;
   Json engine_;

@@ -10,6 +10,7 @@
 #include <sstream>
 #include <string>
 
+#include "controlnet.h"
 #include "errors.h"
 #include "json.h"
 #include "model.h"
@@ -229,6 +230,8 @@ void sde_gen_params_init(sde_gen_params *params) {
   params->strength = SDE_STRENGTH_DEFAULT;
   params->latents = nullptr;
   params->latents_user = nullptr;
+  params->controls = nullptr;
+  params->control_count = 0;
 }
 
 sde_status sde_model_generate(sde_model *model, const sde_gen_params *params, sde_image **images, int *count) {
@@ -263,6 +266,22 @@ sde_status sde_model_generate(sde_model *model, const sde_gen_params *params, sd
                 "schedule out of range: " + std::to_string(static_cast<int>(p.schedule)));
     SDE_REQUIRE(std::isfinite(p.eta) && p.eta >= 0, "eta must be a finite number >= 0, got " + number(p.eta));
     SDE_REQUIRE(!p.mask_image || p.init_image, "mask_image needs init_image: the image to inpaint");
+    // ControlNets: the same rules and words as sdengine/controlnet.py's Control.check
+    SDE_REQUIRE(p.control_count >= 0 && p.control_count <= 8,
+                "control_count must be an integer in [0, 8], got " + std::to_string(p.control_count));
+    SDE_REQUIRE(p.controls || p.control_count == 0, "controls is NULL with a nonzero control_count");
+    for (int i = 0; i < p.control_count; ++i) {
+      const sde_control &c = p.controls[i];
+      std::string where = "controls[" + std::to_string(i) + "]";
+      SDE_REQUIRE(c.controlnet, where + ".controlnet is NULL");
+      SDE_REQUIRE(c.image, where + ".image is NULL (the control map: width x height RGB at the request's size)");
+      SDE_REQUIRE(std::isfinite(c.scale), where + ".scale must be a finite number, got " + number(c.scale));
+      for (auto [name, value] : {std::pair<const char *, double>{"start", c.start}, {"end", c.end}})
+        SDE_REQUIRE(std::isfinite(value) && value >= 0 && value <= 1,
+                    where + "." + name + " must be in [0, 1], got " + number(value));
+      SDE_REQUIRE(c.start <= c.end, where + ".start (" + number(c.start) + ") must not be after end (" + number(c.end) + ")");
+      SDE_REQUIRE(&c.controlnet->impl->model() == model->impl.get(), where + ".controlnet was loaded for another model");
+    }
     // strength as in Python (sdengine/request.py): a number in [0, 1] (the plan refuses one that
     // leaves no step), with init_image only; SDE_STRENGTH_DEFAULT: the mode's default.
     bool default_strength = p.strength == SDE_STRENGTH_DEFAULT;
@@ -324,6 +343,39 @@ sde_status sde_model_generate(sde_model *model, const sde_gen_params *params, sd
 
 sde_status sde_generate(sde_model *model, const sde_gen_params *params, sde_image **images, int *count) {
   return sde_model_generate(model, params, images, count);
+}
+
+void sde_controlnet_params_init(sde_controlnet_params *params) {
+  if (!params) return;
+  std::memset(params, 0, sizeof(*params));
+  params->model = nullptr;
+  params->engine_dir = nullptr;
+}
+
+sde_status sde_controlnet_load(const char *path, const sde_controlnet_params *params, sde_controlnet **controlnet) {
+  if (controlnet) *controlnet = nullptr;
+  return guarded("sde_controlnet_load", [&] {
+    SDE_REQUIRE(path, "path is NULL");
+    SDE_REQUIRE(params, "params is NULL (set params->model: the model the ControlNet runs with)");
+    SDE_REQUIRE(params->model, "params->model is NULL (the model the ControlNet runs with)");
+    SDE_REQUIRE(controlnet, "controlnet is NULL");
+    auto handle = std::make_unique<sde_controlnet>();
+    handle->impl = std::make_unique<sde::ControlNet>(path, *params->model->impl, params->engine_dir);
+    *controlnet = handle.release();
+  });
+}
+
+void sde_controlnet_free(sde_controlnet *controlnet) { delete controlnet; }
+
+void sde_control_init(sde_control *control) {
+  if (!control) return;
+  std::memset(control, 0, sizeof(*control));
+  control->controlnet = nullptr;
+  control->image = nullptr;
+  control->scale = 1.0;
+  control->start = 0.0;
+  control->end = 1.0;
+  control->guess_mode = 0;
 }
 
 void sde_images_free(sde_image *images, int count) {

@@ -46,6 +46,31 @@ export OMP_NUM_THREADS=1
 "$BUILD/sde_capi_test" rss "$WORK/model" "$ENGINE" 20 100  # leaks: LeakSanitizer at exit, not RSS
 # 16 threads x 60 requests, a quarter cancelled at a random step: cancelled requests free everything.
 "$BUILD/sde_capi_test" soak "$WORK/model" "$ENGINE" 16 60 25
+# ControlNets (the tiny ones of tests/test_controlnet.py: a folder, a single file, an SDXL misfit)
+CN_ENGINE=$(python - "$WORK" <<'PY'
+import sys
+sys.path.insert(0, "tests")
+import numpy as np
+import torch
+from safetensors.torch import save_file
+import sdengine
+from ldm_keys import controlnet_to_ldm
+from test_controlnet import CONTROL_IMAGES
+from tiny import sdengine_controlnet, tiny_controlnet
+from sdengine.export.aoti_controlnet import controlnet_engine_for
+work = sys.argv[1]
+tiny_controlnet("sd15", 0).save_pretrained(f"{work}/cn0", safe_serialization=True)
+save_file(controlnet_to_ldm(tiny_controlnet("sd15", 1)), f"{work}/cn1.safetensors")
+tiny_controlnet("sdxl", 0).save_pretrained(f"{work}/misfit", safe_serialization=True)
+for i, image in enumerate(CONTROL_IMAGES[:2]):
+    open(f"{work}/image{i}.rgb", "wb").write(np.asarray(image).tobytes())
+config = sdengine.load(f"{work}/model", backend="native").config
+print(controlnet_engine_for(config, sdengine_controlnet("sd15", 0).config, dtype=torch.float32, device="cpu",
+                            progress=False))
+PY
+)
+"$BUILD/sde_capi_test" controlnet "$WORK/model" "$ENGINE" "$WORK/cn0" "$WORK/cn1.safetensors" "$CN_ENGINE" \
+  "$WORK/image0.rgb" "$WORK/image1.rgb" 24 16 "$WORK/out.rgb" "$WORK/misfit"
 # The file readers (safetensors, engine.json, the single-file key map) on 300 mutants of each,
 # answers compared with the references (tests/fuzz_files.py; tests/test_fuzz.py runs 4,000 more
 # without ASan).

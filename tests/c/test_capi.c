@@ -8,6 +8,8 @@
  *       their progress callback: each uncancelled image equals its serial twin, each cancelled
  *       request returns SDE_ERR_CANCELLED with no images, the model still serves afterwards
  *       (run under LeakSanitizer: cancelled requests free everything)
+ *   sde_capi_test controlnet MODEL_DIR ENGINE_DIR CN0 CN1 CN_ENGINE IMAGE0 IMAGE1 W H OUT MISFIT
+ *       two ControlNets in one request (the image to OUT, compared with Python), and bad controls
  *   sde_capi_test oom     MODEL_DIR ENGINE_DIR                 a request too big for the address space
  *       limit (setrlimit) fails with SDE_ERR_OUT_OF_MEMORY naming its size and batch, and the next
  *       request succeeds with the same image as before (not under ASan, which reserves the space)
@@ -15,6 +17,7 @@
  * Each check prints "ok <name>" or "FAIL <name>: <why>"; the exit status is the number of failures.
  */
 #define _POSIX_C_SOURCE 200809L /* rand_r, setrlimit */
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -547,7 +550,125 @@ static int test_oom(const char *model_dir, const char *engine_dir) {
   return failures;
 }
 
+/* ---- ControlNets ---- */
+
+static unsigned char *read_bytes(const char *path, size_t size) {
+  FILE *f = fopen(path, "rb");
+  unsigned char *data = malloc(size);
+  if (!f || !data || fread(data, 1, size, f) != size) {
+    printf("FAIL read %s\n", path);
+    exit(100);
+  }
+  fclose(f);
+  return data;
+}
+
+static sde_controlnet *load_controlnet(const char *path, const sde_model *model, const char *engine_dir,
+                                       sde_status *status) {
+  sde_controlnet_params cp;
+  sde_controlnet_params_init(&cp);
+  cp.model = model;
+  cp.engine_dir = engine_dir;
+  sde_controlnet *cn = NULL;
+  *status = sde_controlnet_load(path, &cp, &cn);
+  return cn;
+}
+
+/* Two ControlNets (CN0: scale 0.7 over [0.25, 0.75]; CN1: scale 1.1 in guess mode), 4 euler steps,
+ * guidance 5, seed 3, W x H: the image goes to OUT for the Python test to compare with the eager
+ * pipeline. Then bad input, each refused with its parameter named: a ControlNet that does not fit
+ * the model (MISFIT, another family), NULL image, NaN scale, start > end, too many controls, and a
+ * ControlNet loaded for another model. */
+static int test_controlnet(char **argv) {
+  const char *model_dir = argv[2], *engine_dir = argv[3], *cn_paths[2] = {argv[4], argv[5]}, *cn_engine = argv[6];
+  const char *image_paths[2] = {argv[7], argv[8]}, *misfit = argv[12];
+  int width = atoi(argv[9]), height = atoi(argv[10]);
+  sde_model *model = load(model_dir, engine_dir, 2);
+  sde_status status;
+  sde_controlnet *cns[2];
+  unsigned char *images[2];
+  for (int i = 0; i < 2; ++i) {
+    cns[i] = load_controlnet(cn_paths[i], model, cn_engine, &status);
+    expect_status(status, SDE_OK, NULL, "controlnet load");
+    images[i] = read_bytes(image_paths[i], (size_t)width * height * 3);
+  }
+  sde_control controls[2];
+  for (int i = 0; i < 2; ++i) {
+    sde_control_init(&controls[i]);
+    controls[i].controlnet = cns[i];
+    controls[i].image = images[i];
+  }
+  controls[0].scale = 0.7;
+  controls[0].start = 0.25;
+  controls[0].end = 0.75;
+  controls[1].scale = 1.1;
+  controls[1].guess_mode = 1;
+  sde_gen_params gp;
+  sde_gen_params_init(&gp);
+  gp.prompt = "a red bicycle";
+  gp.width = width;
+  gp.height = height;
+  gp.steps = 4;
+  gp.guidance_scale = 5.0;
+  gp.seed = 3;
+  gp.sampler = SDE_SAMPLER_EULER;
+  gp.controls = controls;
+  gp.control_count = 2;
+  sde_image *out = NULL;
+  int count = 0;
+  status = sde_model_generate(model, &gp, &out, &count);
+  expect_status(status, SDE_OK, NULL, "controlnet generate");
+  if (status == SDE_OK && count == 1) {
+    FILE *f = fopen(argv[11], "wb");
+    fwrite(out[0].data, 1, (size_t)width * height * 3, f);
+    fclose(f);
+  }
+  sde_images_free(out, count);
+
+  sde_controlnet *bad = load_controlnet(misfit, model, NULL, &status);
+  expect_status(status, SDE_ERR_FORMAT, "does not fit", "controlnet of another family");
+  expect(bad == NULL, "controlnet of another family: no handle", "a handle was returned");
+  struct {
+    const char *name, *needle;
+    int field;
+  } cases[] = {{"control image NULL", "controls[1].image is NULL", 0},
+               {"control scale NaN", "controls[1].scale must be a finite number", 1},
+               {"control start after end", "controls[1].start (0.8) must not be after end (0.2)", 2},
+               {"control end above 1", "controls[1].end must be in [0, 1]", 3}};
+  for (size_t k = 0; k < sizeof cases / sizeof cases[0]; ++k) {
+    sde_control broken[2] = {controls[0], controls[1]};
+    if (cases[k].field == 0) broken[1].image = NULL;
+    if (cases[k].field == 1) broken[1].scale = NAN;
+    if (cases[k].field == 2) broken[1].start = 0.8, broken[1].end = 0.2;
+    if (cases[k].field == 3) broken[1].end = 1.5;
+    gp.controls = broken;
+    expect_status(sde_model_generate(model, &gp, &out, &count), SDE_ERR_INVALID_ARGUMENT, cases[k].needle, cases[k].name);
+  }
+  gp.controls = controls;
+  gp.control_count = 9;
+  expect_status(sde_model_generate(model, &gp, &out, &count), SDE_ERR_INVALID_ARGUMENT, "control_count must be",
+                "too many controls");
+  sde_model *other = load(model_dir, engine_dir, 1);
+  sde_controlnet *foreign = load_controlnet(cn_paths[0], other, cn_engine, &status);
+  expect_status(status, SDE_OK, NULL, "controlnet for a second model");
+  sde_control wrong = controls[0];
+  wrong.controlnet = foreign;
+  gp.controls = &wrong;
+  gp.control_count = 1;
+  expect_status(sde_model_generate(model, &gp, &out, &count), SDE_ERR_INVALID_ARGUMENT, "loaded for another model",
+                "controlnet of another model");
+  sde_controlnet_free(foreign);
+  sde_model_free(other);
+  for (int i = 0; i < 2; ++i) {
+    sde_controlnet_free(cns[i]);
+    free(images[i]);
+  }
+  sde_model_free(model);
+  return failures;
+}
+
 int main(int argc, char **argv) {
+  if (argc >= 13 && !strcmp(argv[1], "controlnet")) return test_controlnet(argv);
   if (argc >= 5 && !strcmp(argv[1], "args")) return test_args(argv[2], argv[3], argv[4]);
   if (argc >= 6 && !strcmp(argv[1], "threads")) return test_threads(argv[2], argv[3], atoi(argv[4]), atoi(argv[5]));
   if (argc >= 5 && !strcmp(argv[1], "rss"))
@@ -555,6 +676,6 @@ int main(int argc, char **argv) {
   if (argc >= 7 && !strcmp(argv[1], "soak"))
     return test_soak(argv[2], argv[3], atoi(argv[4]), atoi(argv[5]), atoi(argv[6]));
   if (argc >= 4 && !strcmp(argv[1], "oom")) return test_oom(argv[2], argv[3]);
-  fprintf(stderr, "usage: %s args|threads|rss|soak|oom MODEL_DIR ENGINE_DIR ...\n", argv[0]);
+  fprintf(stderr, "usage: %s args|threads|rss|soak|oom|controlnet MODEL_DIR ENGINE_DIR ...\n", argv[0]);
   return 2;
 }
