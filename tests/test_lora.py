@@ -362,3 +362,28 @@ def test_onnx_backend_refuses_clearly():
         OnnxBackend.weight_views(None)
     with pytest.raises(ValueError, match="textual-inversion"):
         OnnxBackend.add_token_embeddings(None, {})
+
+
+@pytest.mark.gpu
+def test_hot_swap_under_real_cuda_graphs_fp16(files):
+    """CUDA: the Triton backend's graphed fused step and graphed UNet, fp16 + channels_last. A
+    swap adds no capture; the replayed graphs compute with the swapped weights (they match the
+    eager backend with the same LoRA), and [] gives the first images back exactly."""
+    pytest.importorskip("triton")
+    fast = sdengine.from_diffusers(copy.deepcopy(tiny_pipeline("sd15")).to("cuda", torch.float16), backend="triton")
+    eager = sdengine.from_diffusers(copy.deepcopy(tiny_pipeline("sd15")).to("cuda", torch.float16))
+    before = _state(fast)
+    outputs = []
+    for loras in ([], [(files["kohya"], 0.8)], [(files["peft"], 1.0), (files["other"], 0.5)], []):
+        fast.set_loras(loras)
+        eager.set_loras(loras)
+        for sampler in ("euler", "heun"):  # the fused step's graph, and the graphed UNet alone
+            got = _images(fast, "sd15", sampler=sampler, guidance_scale=5.0)
+            assert _max_diff(got, _images(eager, "sd15", sampler=sampler, guidance_scale=5.0)) <= 2 * TOL
+            outputs.append(got)
+        if len(outputs) == 2:
+            entries = list(fast.backend.graphs.entries)
+    assert list(fast.backend.graphs.entries) == entries  # captured on the first run only
+    assert _max_diff(outputs[0], outputs[2]) > 10 * TOL
+    assert _max_diff(outputs[0], outputs[6]) == 0.0 and _max_diff(outputs[1], outputs[7]) == 0.0
+    _assert_bit_exact(fast, before)
