@@ -1,5 +1,7 @@
 #include "tokenizer.h"
 
+#include <cctype>
+
 #include <algorithm>
 #include <climits>
 #include <fstream>
@@ -381,7 +383,60 @@ void Tokenizer::encode_text(const std::u32string &raw, std::vector<int32_t> &out
   }
 }
 
+void Tokenizer::add_token(const std::string &token, const std::vector<int32_t> &ids) {
+  std::string lower = token;
+  for (char &c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  added_[lower] = ids;
+}
+
+bool Tokenizer::has_token(const std::string &token) const {
+  std::string lower = token;
+  for (char &c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return added_.count(lower) || vocab_.count(lower) || vocab_.count(lower + "</w>");
+}
+
 std::vector<int32_t> Tokenizer::tokens(const std::string &prompt) const {
+  if (added_.empty()) return tokens_without_added(prompt);
+  // Added tokens (textual inversion) first, in the raw prompt: leftmost, longest first, ASCII
+  // letters in any case (sdengine/tokenizer.py matches them case-insensitively too).
+  std::vector<const std::pair<const std::string, std::vector<int32_t>> *> added;
+  for (const auto &entry : added_) added.push_back(&entry);
+  std::sort(added.begin(), added.end(), [](const auto *a, const auto *b) { return a->first.size() > b->first.size(); });
+  auto matches = [&](size_t at, const std::string &token) {
+    if (prompt.size() - at < token.size()) return false;
+    for (size_t k = 0; k < token.size(); ++k)
+      if (std::tolower(static_cast<unsigned char>(prompt[at + k])) != static_cast<unsigned char>(token[k])) return false;
+    return true;
+  };
+  std::vector<int32_t> out;
+  size_t start = 0, i = 0;
+  while (i < prompt.size()) {
+    const std::pair<const std::string, std::vector<int32_t>> *hit = nullptr;
+    for (const auto *entry : added)
+      if (!entry->first.empty() && matches(i, entry->first)) {
+        hit = entry;
+        break;
+      }
+    if (!hit) {
+      ++i;
+      continue;
+    }
+    if (i > start) {
+      std::vector<int32_t> piece = tokens_without_added(prompt.substr(start, i - start));
+      out.insert(out.end(), piece.begin(), piece.end());
+    }
+    out.insert(out.end(), hit->second.begin(), hit->second.end());
+    i += hit->first.size();
+    start = i;
+  }
+  if (start < prompt.size()) {
+    std::vector<int32_t> piece = tokens_without_added(prompt.substr(start));
+    out.insert(out.end(), piece.begin(), piece.end());
+  }
+  return out;
+}
+
+std::vector<int32_t> Tokenizer::tokens_without_added(const std::string &prompt) const {
   // 0. special tokens are matched in the raw prompt (leftmost, longest first)
   std::u32string text = utf8_to_utf32(prompt);
   std::vector<std::pair<std::u32string, int32_t>> specials = {

@@ -21,8 +21,12 @@ class Tokenizer {
   // token and model_max_length from special_tokens_map.json / tokenizer_config.json.
   static Tokenizer from_folder(const std::string &folder);
 
-  // The BPE ids of one prompt: no BOS / EOS, no truncation.
+  // The ids of one prompt (BPE, and added tokens): no BOS / EOS, no truncation.
   std::vector<int32_t> tokens(const std::string &prompt) const;
+  // Reads `token` in a prompt (ASCII letters in any case) as `ids` (textual inversion).
+  void add_token(const std::string &token, const std::vector<int32_t> &ids);
+  // Whether `token` already means something: a vocabulary entry (word or piece) or an added token.
+  bool has_token(const std::string &token) const;
   // (max_length) ids: BOS, tokens (truncated to max_length - 2), EOS, pad.
   std::vector<int64_t> encode_padded(const std::string &prompt) const;
 
@@ -36,6 +40,7 @@ class Tokenizer {
  private:
   std::unordered_map<std::string, int32_t> vocab_;
   std::unordered_map<std::string, int32_t> merge_ranks_;  // "left right" -> rank
+  std::unordered_map<std::string, std::vector<int32_t>> added_;  // lowercased token -> ids
   std::string pad_token_ = "<|endoftext|>";
   int max_length_ = 77;
   int32_t bos_id_ = 0, eos_id_ = 0, pad_id_ = 0, max_id_ = 0;
@@ -43,6 +48,7 @@ class Tokenizer {
   void finish(const std::string &where);
   void bpe_word(const std::vector<std::string> &symbols, std::vector<int32_t> &out) const;
   void encode_text(const std::u32string &text, std::vector<int32_t> &out) const;
+  std::vector<int32_t> tokens_without_added(const std::string &prompt) const;
 };
 
 // UTF-8 <-> UTF-32 (invalid UTF-8 bytes become U+FFFD, as Python's "replace").
