@@ -24,7 +24,11 @@ An engine is a folder:
                        SDXL also text_embeds (B, P) and time_ids (B, 6)
     vae_decoder.pt2    unscaled latents z (B, C, h, w)    -> images (B, 3, 8h, 8w) in [-1, 1]
     vae_encoder.pt2    images (B, 3, 8h, 8w) in [-1, 1]  -> posterior [mean, logvar] (B, 2C, h, w)
-    buffers.safetensors   constants that are not checkpoint weights (non-persistent buffers)
+    buffers.safetensors   constants that are not checkpoint weights (non-persistent buffers): the
+                       text encoders' added-token tables (ADDED_TOKENS rows of zeros, for
+                       textual-inversion vectors written at run time, ids from vocab_size on)
+    "lora" in engine.json: every module name a LoRA file may use -> "<component>/<key>"
+                       (sdengine.lora.lora_names), which libsdengine maps LoRA files through
     tokenizer/         the family's CLIP tokenizer, for single files (which carry none)
 
 Engines are cached under `$SDE_CACHE_DIR/aoti/<key>/` (default `~/.cache/sdengine/aoti`),
@@ -54,7 +58,9 @@ from typing import Optional
 
 import torch
 
-FORMAT_VERSION = 3  # 2: single-file sources ("ldm") and defaults ("single_file"); 3: vae_encoder, SDXL
+FORMAT_VERSION = 4  # 2: single-file sources ("ldm") and defaults ("single_file"); 3: vae_encoder, SDXL;
+# 4: the LoRA name table ("lora") and the text encoders' added-token tables
+ADDED_TOKENS = 64  # textual-inversion vectors an engine's text encoder can take (sdengine.embeddings)
 NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")  # text_encoder_2: SDXL
 PREFIX = "m."  # the wrappers below hold the network as `self.m`
 MAX_BATCH = 64
@@ -313,6 +319,8 @@ def _network_module(config, name: str, dtype: torch.dtype, device: torch.device)
             module = TextEncoderExport(CLIPTextModel(config.text_encoder))
         elif name == "text_encoder_2":
             module = PooledTextEncoderExport(CLIPTextModel(config.text_encoder_2))
+        if name in ("text_encoder", "text_encoder_2"):  # room for textual-inversion tokens (ids from vocab_size)
+            module.m.text_model.embeddings.reserve_added_tokens(ADDED_TOKENS)
         elif name == "unet":
             wrapper = SDXLUNetExport if config.text_encoder_2 is not None else UNetExport
             module = wrapper(UNet2DConditionModel(config.unet))
@@ -469,6 +477,7 @@ def build_engine(config, out_dir, *, dtype: torch.dtype, device, progress=True, 
     from tqdm.auto import tqdm
 
     from sdengine import cachedir
+    from sdengine.lora import lora_names
 
     check_supported(config)
     device = torch.device(device)
@@ -501,6 +510,7 @@ def build_engine(config, out_dir, *, dtype: torch.dtype, device, progress=True, 
             "latent_multiple": multiple, "max_batch": MAX_BATCH, "max_latent": MAX_LATENT,
             "config": _config_dict(config), "networks": networks, "single_file": _single_file_info(config, tmp),
             "build_s": round(time.perf_counter() - started, 1),
+            "lora": {name: f"{component}/{key}" for name, (component, key) in lora_names(config).items()},
         }
         (tmp / "engine.json").write_text(json.dumps(meta, indent=1))  # written last: it marks the folder whole
         cachedir.publish(tmp, out_dir, replace=replace or not (out_dir / "engine.json").is_file())

@@ -324,6 +324,36 @@ SDE_API sde_status sde_generate(sde_model *model, const sde_gen_params *params, 
 /* NULL is a no-op. */
 SDE_API void sde_images_free(sde_image *images, int count);
 
+/* ---- LoRA and textual inversion ---- */
+
+/* One LoRA of a set: a kohya / A1111 (lora_unet_*, lora_te_*, lora_te1_* / lora_te2_*) or
+ * diffusers / PEFT (unet.*.lora_A.weight ...) .safetensors file, and its scale. */
+typedef struct sde_lora {
+  const char *path;
+  float scale;
+} sde_lora;
+
+/* Merge a set of LoRAs into the model's weights, replacing the set merged now; count 0
+ * restores the checkpoint's weights bit for bit. The LoRA is merged into the tensors the
+ * compiled networks already read: nothing is recompiled. The first change of a weight keeps
+ * a copy of its value (the touched weights only; kept for the next swap). Every file is read
+ * and checked (keys against the engine's LoRA name table, ranks, shapes) before any weight
+ * changes: on an error (SDE_ERR_FORMAT / SDE_ERR_IO naming the file and key) the weights keep
+ * their values.
+ * Threads: the call waits for the requests running on the model to finish, and requests that
+ * start meanwhile wait for it (a readers-writer lock): every request runs with one whole set,
+ * the one merged when it started. The weights of sde_model_load_tensors are the caller's:
+ * they are changed in place. */
+SDE_API sde_status sde_model_set_loras(sde_model *model, const sde_lora *loras, int count);
+
+/* Add a textual-inversion embedding (.safetensors: A1111's emb_params, diffusers' {token:
+ * vector}, SDXL's clip_l + clip_g) as a new token of the tokenizer(s): `token`, or NULL for the
+ * file's (a diffusers file's key, else the file name without .safetensors). Its vectors go into
+ * the engine's added-token tables (64 vectors in all per text encoder). A token that already
+ * exists, a width that does not fit or a full table is an error and changes nothing. Waits
+ * like sde_model_set_loras. */
+SDE_API sde_status sde_model_load_embedding(sde_model *model, const char *path, const char *token);
+
 /* ---- Tokenizer (CLIP BPE; the same ids as sdengine.tokenizer.CLIPTokenizer) ---- */
 
 typedef struct sde_tokenizer sde_tokenizer;

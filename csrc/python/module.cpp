@@ -287,6 +287,21 @@ class PyModel {
     return out;
   }
 
+  void set_loras(const std::vector<std::pair<std::string, float>> &loras) {
+    std::vector<sde_lora> set;
+    for (const auto &[path, scale] : loras) set.push_back({path.c_str(), scale});
+    sde_status status;
+    {
+      py::gil_scoped_release release;
+      status = sde_model_set_loras(model_, set.data(), static_cast<int>(set.size()));
+    }
+    check(status);
+  }
+
+  void load_embedding(const std::string &path, std::optional<std::string> token) {
+    check(sde_model_load_embedding(model_, path.c_str(), token ? token->c_str() : nullptr));
+  }
+
  private:
   sde_model *model_ = nullptr;
 };
@@ -394,5 +409,9 @@ PYBIND11_MODULE(_C, m) {
            py::arg("seed") = 0, py::arg("batch_size") = 1, py::arg("sampler") = py::none(),
            py::arg("schedule") = py::none(), py::arg("eta") = 0.0, py::arg("progress") = py::none(),
            py::arg("init_image") = py::none(), py::arg("strength") = py::none(), py::arg("mask_image") = py::none(),
-           py::arg("latents") = py::none());
+           py::arg("latents") = py::none())
+      .def("set_loras", &PyModel::set_loras, py::arg("loras"),
+           "sde_model_set_loras: [(path, scale), ...] merged in place of the set merged now; [] restores")
+      .def("load_embedding", &PyModel::load_embedding, py::arg("path"), py::arg("token") = py::none(),
+           "sde_model_load_embedding");
 }

@@ -15,7 +15,7 @@
 namespace sde {
 namespace {
 
-constexpr int kFormatVersion = 3;  // export/aoti.py FORMAT_VERSION
+constexpr int kFormatVersion = 4;  // export/aoti.py FORMAT_VERSION
 
 std::string torch_version() {
   return std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
@@ -198,6 +198,7 @@ void Network::load_weights(const WeightMap &weights, const WeightMap &buffers, a
     at::Tensor t = w->to(device, want).contiguous();  // no copy when it already fits
     constants[fqn] = t;
     keep_alive_.push_back(t);
+    (find_weight(weights, component_, key) ? by_weight_[component_ + "/" + key] : by_buffer_[fqn]) = t;
   }
   auto load = [&](torch::inductor::AOTIModelPackageLoader &loader) {
     try {
@@ -212,6 +213,16 @@ void Network::load_weights(const WeightMap &weights, const WeightMap &buffers, a
 
 at::Tensor Network::run(const std::vector<at::Tensor> &inputs, int instance) const {
   return run_all(inputs, instance)[0];
+}
+
+at::Tensor *Network::weight(const std::string &component_key) {
+  auto it = by_weight_.find(component_key);
+  return it == by_weight_.end() ? nullptr : &it->second;
+}
+
+at::Tensor *Network::buffer(const std::string &fqn) {
+  auto it = by_buffer_.find(fqn);
+  return it == by_buffer_.end() ? nullptr : &it->second;
 }
 
 namespace {

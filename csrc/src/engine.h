@@ -61,6 +61,11 @@ class Network {
   at::Tensor run(const std::vector<at::Tensor> &inputs, int instance) const;  // the first output
   std::vector<at::Tensor> run_all(const std::vector<at::Tensor> &inputs, int instance) const;
   bool is_static() const { return !static_shape_.empty(); }
+  // The tensor every instance computes with for the checkpoint weight "<component>/<key>", or
+  // for the network's own constant (buffer) `fqn`; nullptr when it has none. Changed in place
+  // by LoRAs and embeddings (lora.h): the constants are user-managed, read where they are.
+  at::Tensor *weight(const std::string &component_key);
+  at::Tensor *buffer(const std::string &fqn);
 
  private:
   std::string name_, component_, prefix_;
@@ -72,6 +77,7 @@ class Network {
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> shared_;       // thread-safe, all instances
   std::vector<std::unique_ptr<torch::inductor::AOTIModelPackageLoader>> single_;  // per_instance
   std::vector<at::Tensor> keep_alive_;  // constants are user-managed: they must outlive the loaders' use
+  std::unordered_map<std::string, at::Tensor> by_weight_, by_buffer_;  // "<component>/<key>" / fqn -> constant
 };
 
 }  // namespace sde

@@ -1,6 +1,7 @@
 #include "lora.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -8,10 +9,13 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <mutex>
 #include <regex>
+#include <shared_mutex>
 
 #include "errors.h"
 #include "json.h"
+#include "model.h"
 #include "safetensors.h"
 
 namespace sde {
@@ -312,6 +316,80 @@ std::map<std::string, at::Tensor> read_embedding(const std::string &path, const 
   }
   if (count < 1 || count > 75) throw FormatError(path + ": an embedding has 1 to 75 vectors, found " + std::to_string(count));
   return vectors;
+}
+
+// ---------------------------------------------------------------------------
+// The model's entry points (declared in model.h)
+// ---------------------------------------------------------------------------
+
+at::Tensor *Model::weight(const std::string &component_key) {
+  for (Network *net : {text_encoder_.get(), text_encoder_2_.get(), unet_.get()})
+    if (net)
+      if (at::Tensor *t = net->weight(component_key)) return t;
+  return nullptr;
+}
+
+void Model::set_loras(const std::vector<LoraSpec> &set) {
+  std::unique_lock<ReadWriteLock> writing(lock_);
+  c10::InferenceMode guard;
+  if (!loras_) {
+    const Json *table = engine_.find("lora");
+    if (!table || !table->is_object())
+      throw FormatError("engine " + engine_dir_ + " has no LoRA name table; rebuild it with `sdengine export aoti`");
+    LoraNames names;
+    for (const auto &[name, target] : table->members()) names[name] = target.str();
+    loras_ = std::make_unique<LoraWeights>(std::move(names), [this](const std::string &t) { return weight(t); });
+  }
+  loras_->apply(set);
+}
+
+std::string Model::load_embedding(const std::string &path, const std::string &token_in) {
+  std::unique_lock<ReadWriteLock> writing(lock_);
+  c10::InferenceMode guard;
+  struct Encoder {
+    Network *net;
+    Tokenizer *tokenizer;
+    std::string component;
+  };
+  std::vector<Encoder> encoders = {{text_encoder_.get(), &tokenizer_, "text_encoder"}};
+  if (text_encoder_2_) encoders.push_back({text_encoder_2_.get(), tokenizer_2_.get(), "text_encoder_2"});
+  std::map<std::string, int64_t> widths;
+  for (const auto &e : encoders) {
+    at::Tensor *table = e.net->weight(e.component + "/text_model.embeddings.token_embedding.weight");
+    if (!table) throw FormatError("the engine's " + e.component + " has no token table");
+    widths[e.component] = table->size(1);
+  }
+  std::string token = token_in;
+  std::map<std::string, at::Tensor> vectors = read_embedding(path, widths, token);
+  if (token.empty() || token.find_first_of(" \t\n") == 0 || token.find_last_of(" \t\n") == token.size() - 1)
+    throw InvalidArgument("embedding token must be a non-empty string without surrounding spaces");
+  // Check everything before changing anything.
+  std::vector<std::pair<at::Tensor *, int64_t>> rows;  // (added-token table, first free row) per encoder
+  for (const auto &e : encoders) {
+    if (e.tokenizer->has_token(token))
+      throw InvalidArgument(path + ": token '" + token + "' already exists in the tokenizer; give another token");
+    at::Tensor *added = e.net->buffer("m.text_model.embeddings.added_tokens");
+    if (!added) throw FormatError("engine " + engine_dir_ + " has no added-token table; rebuild it with `sdengine export aoti`");
+    int64_t used = added_tokens_[e.net == text_encoder_.get() ? "text_encoder" : "text_encoder_2"];
+    int64_t count = vectors.at(e.component).size(0);
+    if (used + count > added->size(0))
+      throw InvalidArgument(path + ": the engine has room for " + std::to_string(added->size(0) - used) +
+                            " more embedding vectors, this embedding has " + std::to_string(count));
+    rows.emplace_back(added, used);
+  }
+  for (size_t i = 0; i < encoders.size(); ++i) {
+    const Encoder &e = encoders[i];
+    auto [added, first] = rows[i];
+    const at::Tensor &v = vectors.at(e.component);
+    make_writable(*added);
+    added->narrow(0, first, v.size(0)).copy_(v);
+    int64_t vocab = e.net->weight(e.component + "/text_model.embeddings.token_embedding.weight")->size(0);
+    std::vector<int32_t> ids;
+    for (int64_t r = 0; r < v.size(0); ++r) ids.push_back(static_cast<int32_t>(vocab + first + r));
+    e.tokenizer->add_token(token, ids);
+    added_tokens_[e.component] = first + v.size(0);
+  }
+  return token;
 }
 
 }  // namespace sde

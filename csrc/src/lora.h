@@ -10,8 +10,10 @@
 
 #include <ATen/Tensor.h>
 
+#include <condition_variable>
 #include <functional>
 #include <map>
+#include <mutex>
 #include <set>
 #include <string>
 #include <unordered_map>
@@ -66,6 +68,39 @@ class LoraWeights {
 // widths: component -> hidden size (one entry, or two for SDXL). FormatError names the file.
 std::map<std::string, at::Tensor> read_embedding(const std::string &path, const std::map<std::string, int64_t> &widths,
                                                  std::string &token);
+
+// Many readers (requests) or one writer (a LoRA swap, an embedding); a waiting writer goes
+// before new readers, so that a stream of requests cannot starve a swap.
+class ReadWriteLock {
+ public:
+  void lock_shared() {
+    std::unique_lock<std::mutex> guard(mutex_);
+    cond_.wait(guard, [&] { return !writer_ && writers_waiting_ == 0; });
+    ++readers_;
+  }
+  void unlock_shared() {
+    std::lock_guard<std::mutex> guard(mutex_);
+    if (--readers_ == 0) cond_.notify_all();
+  }
+  void lock() {
+    std::unique_lock<std::mutex> guard(mutex_);
+    ++writers_waiting_;
+    cond_.wait(guard, [&] { return !writer_ && readers_ == 0; });
+    --writers_waiting_;
+    writer_ = true;
+  }
+  void unlock() {
+    std::lock_guard<std::mutex> guard(mutex_);
+    writer_ = false;
+    cond_.notify_all();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cond_;
+  int readers_ = 0, writers_waiting_ = 0;
+  bool writer_ = false;
+};
 
 // Makes the CPU memory of `t` writable (a private file mapping becomes copy-on-write); a no-op
 // for other memory and devices.

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <shared_mutex>
 
 #include "controlnet.h"
 #include "errors.h"
@@ -279,6 +280,7 @@ at::Tensor Model::decode(const at::Tensor &z, Instance &inst) const {
 // ---------------------------------------------------------------------------
 
 at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::vector<uint64_t> &seeds) const {
+  std::shared_lock<ReadWriteLock> reading(lock_);  // no LoRA swap while the request runs
   c10::InferenceMode guard;
   const ModelInfo &info = info_;
   int n = p.batch_size;

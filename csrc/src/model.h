@@ -10,6 +10,7 @@
 #include <array>
 #include <condition_variable>
 #include <memory>
+#include <map>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -18,6 +19,7 @@
 #include "engine.h"
 #include "graphs.h"
 #include "json.h"
+#include "lora.h"
 #include "sampling.h"
 #include "sdengine.h"
 #include "tokenizer.h"
@@ -86,7 +88,7 @@ class Model {
   const ModelInfo &info() const { return info_; }
   const Tokenizer &tokenizer() const { return tokenizer_; }
 
-  // One request; returns the images (N, H, W, 3) uint8 on the CPU.
+  // One request; returns the images (N, H, W, 3) uint8 on the CPU. Holds the model's read lock.
   at::Tensor generate(const sde_gen_params &p, sde_sampler sampler, std::vector<uint64_t> &seeds) const;
   void stats(sde_model_stats *out) const;
 
@@ -99,6 +101,14 @@ class Model {
   int instances() const { return static_cast<int>(instances_.size()); }
   int device_index() const { return device_index_; }
   bool per_instance() const { return per_instance_; }
+
+  // LoRAs and textual inversion (lora.cpp). Each holds the write lock: it waits for running
+  // requests, and requests that arrive meanwhile wait for it.
+  // Merge `set` in place of the merged set ({} restores the weights bit for bit).
+  void set_loras(const std::vector<LoraSpec> &set);
+  // Add a textual-inversion token to the tokenizer(s) and the engine's added-token tables;
+  // returns the token (`token`, or the file's when empty).
+  std::string load_embedding(const std::string &path, const std::string &token);
 
  private:
   WeightMap weights_;  // "<component>/<key>": the tensors handed to the networks (shared, not copied)
@@ -115,6 +125,10 @@ class Model {
   mutable std::array<GraphCounters, kGraphKinds> counters_;
   std::vector<std::unique_ptr<Instance>> instances_;  // one per concurrent request
   mutable std::unique_ptr<InstancePool> pool_;        // which instances are free
+  mutable ReadWriteLock lock_;
+  std::unique_ptr<LoraWeights> loras_;  // made on the first set_loras
+  std::map<std::string, int64_t> added_tokens_;  // text encoder network -> rows of its added-token table in use
+  at::Tensor *weight(const std::string &component_key);
 
   // -> (context (B, 77, D), pooled (B, P); undefined unless SDXL), float32 on the device.
   std::pair<at::Tensor, at::Tensor> encode_text(const std::vector<std::string> &prompts, Instance &inst) const;

@@ -378,6 +378,28 @@ void sde_control_init(sde_control *control) {
   control->guess_mode = 0;
 }
 
+sde_status sde_model_set_loras(sde_model *model, const sde_lora *loras, int count) {
+  return guarded("sde_model_set_loras", [&] {
+    SDE_REQUIRE(model, "model is NULL");
+    SDE_REQUIRE(count >= 0 && (loras || count == 0), "loras is NULL with a nonzero count");
+    std::vector<sde::LoraSpec> set;
+    for (int i = 0; i < count; ++i) {
+      SDE_REQUIRE(loras[i].path, "loras[" + std::to_string(i) + "].path is NULL");
+      SDE_REQUIRE(std::isfinite(loras[i].scale), "loras[" + std::to_string(i) + "].scale is not a finite number");
+      set.push_back({loras[i].path, loras[i].scale});
+    }
+    model->impl->set_loras(set);
+  });
+}
+
+sde_status sde_model_load_embedding(sde_model *model, const char *path, const char *token) {
+  return guarded("sde_model_load_embedding", [&] {
+    SDE_REQUIRE(model, "model is NULL");
+    SDE_REQUIRE(path, "path is NULL");
+    model->impl->load_embedding(path, token ? token : "");
+  });
+}
+
 void sde_images_free(sde_image *images, int count) {
   if (!images) return;
   for (int i = 0; i < count; ++i) std::free(images[i].data);

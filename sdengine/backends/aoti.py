@@ -88,6 +88,18 @@ def engine_weights(modules: dict, device, dtype) -> dict:
     return weights
 
 
+def engine_buffers(engine_dir: Path, device, dtype) -> dict:
+    """The engine's own constants (buffers.safetensors: the text encoders' added-token tables),
+    by "<network>/<fqn>", on the device, floating ones in the engine's dtype."""
+    path = Path(engine_dir) / "buffers.safetensors"
+    if not path.is_file():
+        return {}
+    from safetensors.torch import load_file
+
+    return {k: v.to(device, dtype if v.is_floating_point() else v.dtype).contiguous()
+            for k, v in load_file(str(path)).items()}
+
+
 class EngineWeights:
     """What the aoti and native backends share: the engine reads the modules' own tensors
     (`self._weights`, made by engine_weights without a copy where dtype and device fit), so
@@ -157,6 +169,7 @@ class AOTIBackend(EngineWeights):
         self.engine = json.loads((self.engine_dir / "engine.json").read_text())
         self._weights = engine_weights({"text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
                                         "unet": unet, "vae": vae}, self.device, self.dtype)
+        self._buffers = engine_buffers(self.engine_dir, self.device, self.dtype)
         self._networks = {}
 
     def _network(self, name: str) -> CompiledNetwork:
@@ -165,7 +178,7 @@ class AOTIBackend(EngineWeights):
             prefix, component = info["prefix"], info["component"]
             constants = {}
             for fqn in info["constants"]:
-                tensor = self._weights.get(f"{component}/{fqn[len(prefix):]}")
+                tensor = self._weights.get(f"{component}/{fqn[len(prefix):]}", self._buffers.get(f"{name}/{fqn}"))
                 if tensor is not None:
                     constants[fqn] = tensor
             package = _load_package(self.engine_dir / info["package"], constants)

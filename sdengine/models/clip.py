@@ -71,16 +71,35 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPTextEmbeddings(nn.Module):
-    """Token embedding plus a learned absolute position embedding."""
+    """Token embedding plus a learned absolute position embedding.
+
+    `reserve_added_tokens(n)` (compiled engines only) adds a table of n more token vectors,
+    zeros until textual-inversion embeddings are written into it, for ids vocab_size ... +n-1:
+    an engine's vocabulary can grow without recompiling. (Python pipelines grow the token
+    table itself instead, as diffusers does.)
+    """
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
 
+    def reserve_added_tokens(self, count: int) -> None:
+        table = self.token_embedding.weight
+        self.register_buffer("added_tokens", torch.zeros(count, table.shape[1], dtype=table.dtype,
+                                                         device=table.device), persistent=False)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) -> (B, L, D)."""
-        return self.token_embedding(input_ids) + self.position_embedding.weight[:input_ids.shape[1]]
+        added_tokens = self._buffers.get("added_tokens")  # (n, D), see reserve_added_tokens
+        if added_tokens is None:
+            tokens = self.token_embedding(input_ids)
+        else:
+            vocab = self.token_embedding.weight.shape[0]
+            base = self.token_embedding(input_ids.clamp(max=vocab - 1))  # (B, L, D)
+            added = added_tokens[(input_ids - vocab).clamp(min=0, max=added_tokens.shape[0] - 1)]
+            tokens = torch.where((input_ids >= vocab)[..., None], added, base)
+        return tokens + self.position_embedding.weight[:input_ids.shape[1]]
 
 
 class CLIPEncoder(nn.Module):

@@ -13,7 +13,7 @@ trap 'rm -rf "$WORK"' EXIT
 TORCH_PREFIX=$(python -c "import torch.utils; print(torch.utils.cmake_prefix_path)")
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSDE_SANITIZE=address \
   -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DPython_EXECUTABLE="$(command -v python)" > "$WORK/cmake.log" || { cat "$WORK/cmake.log"; exit 1; }
-cmake --build "$BUILD" --target sde_capi_test sde_fuzz_reader -j "${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
+cmake --build "$BUILD" --target sde_capi_test sde_fuzz_reader sde_lora_test -j "${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
 
 # The tiny model and its engine (the same as tests/test_native.py's).
 ENGINE=$(python - "$WORK/model" <<'PY'
@@ -75,4 +75,21 @@ PY
 # answers compared with the references (tests/fuzz_files.py; tests/test_fuzz.py runs 4,000 more
 # without ASan).
 python tests/fuzz_files.py all --driver "$BUILD/sde_fuzz_reader" --count 300 --seed 1919
+# LoRA swaps and textual inversion (issue 17): 4 threads generating while a fifth swaps 20 times.
+python - "$WORK" <<'PY'
+import sys
+sys.path.insert(0, "tests")
+from pathlib import Path
+from safetensors.torch import save_file
+from lora_files import embedding_vectors, kohya_lora, peft_lora
+from tiny import tiny_pipeline
+work = Path(sys.argv[1])
+kohya_lora(tiny_pipeline("sd15"), work / "a.safetensors", rank=4, alpha=2.0, locon=True)
+peft_lora(tiny_pipeline("sd15"), work / "b", rank=4, alpha=8.0).rename(work / "b.safetensors")
+save_file({"emb_params": embedding_vectors(32, 2)}, str(work / "emb.safetensors"))
+PY
+mkdir -p "$WORK/out"
+"$BUILD/sde_lora_test" images "$WORK/model" "$ENGINE" "$WORK/a.safetensors" "$WORK/b.safetensors" \
+  "$WORK/emb.safetensors" "$WORK/out"
+"$BUILD/sde_lora_test" threads "$WORK/model" "$ENGINE" "$WORK/a.safetensors" "$WORK/b.safetensors" 4 20
 echo "AddressSanitizer: C API tests passed"
