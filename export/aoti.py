@@ -496,8 +496,9 @@ def build_engine(config, out_dir, *, dtype: torch.dtype, device, progress=True, 
             result = _compile_with_retries(config, name, dtype, device, tmp, log=bar.write if progress else None)
             constants = result["constants"]
             buffers.update({f"{name}/{fqn}": tensor for fqn, tensor in result["buffers"].items()})
+            checkpoint = {fqn: shape for fqn, shape in constants.items() if fqn not in result["buffers"]}
             networks[name] = {"package": f"{name}.pt2", "component": components[name], "prefix": PREFIX,
-                              "constants": constants, "ldm": _ldm_sources(config, components[name], constants),
+                              "constants": constants, "ldm": _ldm_sources(config, components[name], checkpoint),
                               "compile_s": result["compile_s"], "static_shape": result.get("static_shape"),
                               "settings": result["settings"], "attempts": result["attempts"]}
         if buffers:
