@@ -25,7 +25,7 @@ An engine is a folder:
     vae_decoder.pt2    unscaled latents z (B, C, h, w)    -> images (B, 3, 8h, 8w) in [-1, 1]
     vae_encoder.pt2    images (B, 3, 8h, 8w) in [-1, 1]  -> posterior [mean, logvar] (B, 2C, h, w)
     buffers.safetensors   constants that are not checkpoint weights (non-persistent buffers): the
-                       text encoders' added-token tables (ADDED_TOKENS rows of zeros, for
+                       text encoders' added-token tables (embeddings.ADDED_TOKENS rows of zeros, for
                        textual-inversion vectors written at run time, ids from vocab_size on)
     "lora" in engine.json: every module name a LoRA file may use -> "<component>/<key>"
                        (sdengine.lora.lora_names), which libsdengine maps LoRA files through
@@ -60,7 +60,6 @@ import torch
 
 FORMAT_VERSION = 4  # 2: single-file sources ("ldm") and defaults ("single_file"); 3: vae_encoder, SDXL;
 # 4: the LoRA name table ("lora") and the text encoders' added-token tables
-ADDED_TOKENS = 64  # textual-inversion vectors an engine's text encoder can take (sdengine.embeddings)
 NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")  # text_encoder_2: SDXL
 PREFIX = "m."  # the wrappers below hold the network as `self.m`
 MAX_BATCH = 64
@@ -310,6 +309,7 @@ def _network_module(config, name: str, dtype: torch.dtype, device: torch.device)
     random weights (their values are not packaged; non-persistent buffers come out exact)."""
     if hasattr(config, "network_module"):  # a ControlNet engine's (export/aoti_controlnet.py)
         return config.network_module(name, dtype, device)
+    from sdengine.embeddings import ADDED_TOKENS
     from sdengine.models.clip import CLIPTextModel
     from sdengine.models.unet import UNet2DConditionModel
     from sdengine.models.vae import AutoencoderKL
@@ -320,7 +320,7 @@ def _network_module(config, name: str, dtype: torch.dtype, device: torch.device)
         elif name == "text_encoder_2":
             module = PooledTextEncoderExport(CLIPTextModel(config.text_encoder_2))
         if name in ("text_encoder", "text_encoder_2"):  # room for textual-inversion tokens (ids from vocab_size)
-            module.m.text_model.embeddings.reserve_added_tokens(ADDED_TOKENS)
+            module.m.text_model.embeddings.reserve_added_tokens(ADDED_TOKENS)  # as every backend's
         elif name == "unet":
             wrapper = SDXLUNetExport if config.text_encoder_2 is not None else UNetExport
             module = wrapper(UNet2DConditionModel(config.unet))

@@ -5,9 +5,10 @@ Generation using Textual Inversion"): new words whose token embeddings were lear
     pipe("a castle in my-style", ...)
 
 A new word gets one id per learned vector, after the vocabulary (49408, 49409, ...): the
-tokenizer maps the word to those ids, and the text encoder's token-embedding table grows by
-those rows (as diffusers' `load_textual_inversion` does, so the two give the same images).
-Only the text encoders change; the UNet, its compiled engines and captured graphs do not.
+tokenizer maps the word to those ids, and the text encoder looks them up in its added-token
+table (`CLIPTextEmbeddings.reserve_added_tokens`: ADDED_TOKENS rows made when the backend is
+built, written in place, so text-encoder graphs captured before stay valid). The result is
+that of diffusers' `load_textual_inversion`, which grows the token table by those rows.
 
 File formats (detected from the keys):
 - A1111 `.pt` / `.bin`: {"string_to_param": {"*": (n, D)}, "name": ..., ...}, read only through
@@ -32,6 +33,7 @@ from .errors import ModelLoadError
 
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
 MAX_VECTORS = 75  # one prompt chunk
+ADDED_TOKENS = 256  # textual-inversion vectors a text encoder can take in all (A1111 users load many)
 
 
 @dataclass
@@ -148,23 +150,36 @@ def token_names(token: str, count: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, count)]
 
 
-@torch.no_grad()
-def grow_token_embeddings(text_encoders: dict, vectors: dict) -> dict:
-    """Append `vectors[component]` (n, D) to the token-embedding table of each text encoder.
+def reserve_added_tokens(text_encoders: dict) -> None:
+    """Give each text encoder (component -> CLIPTextModel or None) its added-token table of
+    ADDED_TOKENS rows (zeros), once: a fixed tensor that embeddings are written into in place,
+    so graphs captured and functions compiled before a load_embedding stay valid."""
+    for module in text_encoders.values():
+        embeddings = module.text_model.embeddings if module is not None else None
+        if embeddings is not None and "added_tokens" not in embeddings._buffers:
+            embeddings.reserve_added_tokens(ADDED_TOKENS)
 
-    text_encoders: component -> CLIPTextModel. Returns component -> the new ids. The new tables
-    are built before any is installed, so a failure changes nothing. The table becomes a new
-    Parameter (its shape changes); nothing else in the text encoder does.
-    """
-    grown = {}
+
+@torch.no_grad()
+def write_added_tokens(text_encoders: dict, vectors: dict) -> dict:
+    """Write `vectors[component]` (n, D) into the next free rows of each text encoder's
+    added-token table; returns component -> their ids (vocab_size + row). Checked for room in
+    every table before any row is written; ValueError when a table is full."""
+    plans = {}
     for component, rows in vectors.items():
-        table = text_encoders[component].text_model.embeddings.token_embedding
-        new = torch.cat([table.weight.detach(), rows.to(table.weight.device, table.weight.dtype)])
-        grown[component] = (table, new)
+        embeddings = text_encoders[component].text_model.embeddings
+        table = embeddings._buffers.get("added_tokens")
+        used = getattr(embeddings, "added_tokens_used", 0)
+        if table is None or used + rows.shape[0] > table.shape[0]:
+            room = 0 if table is None else table.shape[0] - used
+            raise ValueError(f"the {component} has room for {room} more textual-inversion vectors, this embedding "
+                             f"has {rows.shape[0]}")
+        plans[component] = (embeddings, table, used)
     ids = {}
-    for component, (table, new) in grown.items():
-        first = table.weight.shape[0]
-        table.weight = torch.nn.Parameter(new, requires_grad=False)
-        table.num_embeddings = new.shape[0]
-        ids[component] = list(range(first, new.shape[0]))
+    for component, (embeddings, table, used) in plans.items():
+        rows = vectors[component]
+        table[used:used + rows.shape[0]].copy_(rows.to(table.device, table.dtype))
+        embeddings.added_tokens_used = used + rows.shape[0]
+        vocab = embeddings.token_embedding.weight.shape[0]
+        ids[component] = list(range(vocab + used, vocab + used + rows.shape[0]))
     return ids

@@ -349,7 +349,7 @@ SDE_API sde_status sde_model_set_loras(sde_model *model, const sde_lora *loras, 
 /* Add a textual-inversion embedding (.safetensors: A1111's emb_params, diffusers' {token:
  * vector}, SDXL's clip_l + clip_g) as a new token of the tokenizer(s): `token`, or NULL for the
  * file's (a diffusers file's key, else the file name without .safetensors). Its vectors go into
- * the engine's added-token tables (64 vectors in all per text encoder). A token that already
+ * the engine's added-token tables (256 vectors in all per text encoder). A token that already
  * exists, a width that does not fit or a full table is an error and changes nothing. Waits
  * like sde_model_set_loras. */
 SDE_API sde_status sde_model_load_embedding(sde_model *model, const char *path, const char *token);

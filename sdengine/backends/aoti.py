@@ -124,11 +124,13 @@ class EngineWeights:
         return views
 
     def add_token_embeddings(self, vectors: dict) -> dict:
-        """As EagerBackend.add_token_embeddings (the modules' token tables grow; the engine's do not)."""
-        from ..embeddings import grow_token_embeddings
+        """As EagerBackend.add_token_embeddings, into the modules' added-token tables (the aoti
+        backend's prompts with those ids run the eager text encoders)."""
+        from ..embeddings import reserve_added_tokens, write_added_tokens
 
-        return grow_token_embeddings({"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2},
-                                     vectors)
+        encoders = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        reserve_added_tokens(encoders)
+        return write_added_tokens(encoders, vectors)
 
     def prepare(self, height: int, width: int, batch_size: int = 1, sampler=None, schedule=None) -> dict:
         """Pipeline.prepare's backend part: the engine is built (or found) when the backend is

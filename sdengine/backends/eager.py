@@ -38,6 +38,9 @@ class EagerBackend:
         self.vae = vae.eval()
         first = next(unet.parameters())
         self.device, self.dtype = first.device, first.dtype
+        from ..embeddings import reserve_added_tokens
+
+        reserve_added_tokens({"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2})
 
     def weight_views(self) -> dict:
         """component -> diffusers-style parameter name -> the tensor the networks compute with
@@ -49,12 +52,11 @@ class EagerBackend:
                                 "text_encoder_2": self.text_encoder_2})
 
     def add_token_embeddings(self, vectors: dict) -> dict:
-        """Append textual-inversion vectors {component: (n, D)} to the text encoders' token tables;
-        returns {component: new ids} (sdengine/embeddings.py)."""
-        from ..embeddings import grow_token_embeddings
+        """Write textual-inversion vectors {component: (n, D)} into the text encoders' added-token
+        tables (in place); returns {component: their ids} (sdengine/embeddings.py)."""
+        from ..embeddings import write_added_tokens
 
-        return grow_token_embeddings({"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2},
-                                     vectors)
+        return write_added_tokens({"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}, vectors)
 
     def prepare(self, height: int, width: int, batch_size: int = 1, sampler=None, schedule=None) -> dict:
         """Make what a workload needs before its first call (compiled kernels, ...): nothing for

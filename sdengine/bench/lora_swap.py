@@ -9,8 +9,9 @@ encoders' attention and MLP), and times, through `Pipeline.set_loras`' machinery
 (sdengine.lora.LoraWeights on the backend's weight_views):
 - the first apply: read the file, check every key and shape, merge;
 - apply again (the file cached) and remove (restore the base weights bit for bit), --repeats times;
-On CUDA with the Triton backend it also times a graphed UNet step before and after a swap, and
-checks that the swap captured nothing (the graph cache holds the same entries).
+On CUDA it also times a UNet step replayed from a CUDA graph (sdengine.backends.cuda_graphs;
+with triton installed, on the fast path's layout: fused QKV, channels_last) before and after
+the swaps, and checks that they captured nothing.
 
 Writes a JSON record to --json, or benchmarks/results/<date>_<device>_<arch>_lora-swap.json.
 """
@@ -89,43 +90,50 @@ def measure(arch: str = "sd15", device=None, dtype=None, rank: int = 32, repeats
     started = time.perf_counter()
     networks = _networks(config, device, dtype, seed)
     log(f"built the {arch_name} UNet and text encoder(s) on {device} in {time.perf_counter() - started:.1f} s")
-    triton_graphs = None
-    if device.type == "cuda":
+    graphs, fused_qkv = None, False
+    if device.type == "cuda":  # the fast path's layout (fused QKV, NHWC) and a graphed UNet step
         from sdengine import kernels
+        from sdengine.backends.cuda_graphs import GraphCache
 
         if kernels.HAS_TRITON:
-            from sdengine.backends.triton import GraphCache, GraphedUNet, prepare_for_triton
+            from sdengine.backends.triton import prepare_for_triton
 
             for module in networks.values():
                 prepare_for_triton(module, channels_last=True)
-            triton_graphs = GraphCache()
+            fused_qkv = True
+        graphs = GraphCache()
     views = lambda: parameter_views(networks)  # noqa: E731
     weights = LoraWeights(config, views)
     record = {"kind": "lora-swap", "arch": arch_name, "device": torch.cuda.get_device_name(device)
               if device.type == "cuda" else "cpu", "device_type": device.type, "dtype": str(dtype).replace("torch.", ""),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "rank": rank,
-              "fused_qkv": triton_graphs is not None, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+              "fused_qkv": fused_qkv, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     with tempfile.TemporaryDirectory(prefix="sdengine-lora-swap-") as folder:
         path = Path(folder) / f"rank{rank}.safetensors"
         record["lora"] = kohya_default_lora(config, path, rank)
         log(f"wrote a rank-{rank} kohya LoRA: {record['lora']['layers']} layers, {record['lora']['file_mb']} MB")
         step = None
-        if triton_graphs is not None:
-            unet = GraphedUNet(networks["unet"], triton_graphs)
+        if graphs is not None:
+            from sdengine.backends.cuda_graphs import GraphedFunction
+
+            def forward(x, t, context, text_embeds, time_ids):
+                cond = {"text_embeds": text_embeds, "time_ids": time_ids} if text_embeds is not None else None
+                return networks["unet"](x, t, context, added_cond=cond)
+
+            unet = GraphedFunction("unet", forward, graphs)
             side = config.unet.sample_size
             x = torch.randn(2, config.unet.in_channels, side, side, device=device, dtype=dtype)
             x = x.contiguous(memory_format=torch.channels_last)
             t = torch.full((2,), 500.0, device=device)
             context = torch.randn(2, 77, config.unet.cross_attention_dim, device=device, dtype=dtype)
-            added = None
+            text_embeds = time_ids = None
             if config.unet.addition_embed_type == "text_time":
-                added = {"text_embeds": torch.randn(2, config.text_encoder_2.projection_dim, device=device,
-                                                    dtype=dtype),
-                         "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * 2, device=device, dtype=dtype)}
-            step = lambda: unet(x, t, context, added)  # noqa: E731
+                text_embeds = torch.randn(2, config.text_encoder_2.projection_dim, device=device, dtype=dtype)
+                time_ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * 2, device=device, dtype=dtype)
+            step = torch.inference_mode()(lambda: unet(x, t, context, text_embeds, time_ids))
             step()  # capture
             record["step_ms_before"] = statistics.median(_timed(step, device) for _ in range(20))
-            entries = list(triton_graphs.entries)
+            captures = graphs.captures
         record["first_apply_ms"] = _timed(lambda: weights.apply([(path, 0.8)]), device)
         applies, removes = [], []
         for _ in range(repeats):
@@ -133,7 +141,7 @@ def measure(arch: str = "sd15", device=None, dtype=None, rank: int = 32, repeats
             applies.append(_timed(lambda: weights.apply([(path, 0.8)]), device))
         if step is not None:
             record["step_ms_after"] = statistics.median(_timed(step, device) for _ in range(20))
-            record["captures_unchanged"] = list(triton_graphs.entries) == entries
+            record["captures_unchanged"] = graphs.captures == captures
         removes.append(_timed(lambda: weights.apply([]), device))
     record.update(apply_ms=statistics.median(applies), remove_ms=statistics.median(removes),
                   apply_ms_all=applies, remove_ms_all=removes,
