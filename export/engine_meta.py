@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-FORMAT_VERSION = 3  # aoti.FORMAT_VERSION
+FORMAT_VERSION = 4  # aoti.FORMAT_VERSION
 MAX_DEPTH = 16
 NETWORK_NAMES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 REQUIRED_NETWORKS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
@@ -231,6 +231,18 @@ def check_engine_meta(meta) -> None:
     for name in REQUIRED_NETWORKS:
         if name not in networks:
             _fail(f"networks.{name}", "is missing")
+
+    if "lora" in meta:  # LoRA module name -> "<component>/<key>" (sdengine.lora.lora_names)
+        if not isinstance(meta["lora"], dict):
+            _fail("lora", "must be an object")
+        for name, target in meta["lora"].items():
+            where = f"lora.{name}"
+            if not isinstance(target, str):
+                _fail(where, 'must be a string "<component>/<key>"')
+            component, slash, key = target.partition("/")
+            if not slash or not key:
+                _fail(where, 'must be "<component>/<key>"')
+            _one_of(component, ("unet", "text_encoder", "text_encoder_2"), f"{where} component")
 
     if "single_file" in meta:
         single = meta["single_file"]

@@ -616,6 +616,7 @@ def engine_meta_for(config, folder) -> dict:
     the networks' constants taken from their state dicts instead of a compile: a realistic
     seed, made in a second. Its single-file tokenizer folder is written into `folder`."""
     from sdengine.export import aoti
+    from sdengine.lora import lora_names
     from sdengine.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 
     folder = Path(folder)
@@ -633,7 +634,8 @@ def engine_meta_for(config, folder) -> dict:
     return {"format": aoti.FORMAT_VERSION, "torch_version": torch.__version__, "device": "cpu", "dtype": "fp32",
             "cpu_capability": aoti.cpu_capability(), "latent_multiple": 2, "max_batch": aoti.MAX_BATCH,
             "max_latent": aoti.MAX_LATENT, "config": aoti._config_dict(config), "networks": networks,
-            "single_file": aoti._single_file_info(config, folder)}
+            "single_file": aoti._single_file_info(config, folder),
+            "lora": {name: f"{c}/{k}" for name, (c, k) in lora_names(config).items()}}
 
 
 def json_equal(a, b) -> bool:

@@ -9,7 +9,7 @@
 namespace sde {
 namespace {
 
-constexpr int kFormatVersion = 3;  // export/aoti.py FORMAT_VERSION
+constexpr int kFormatVersion = 4;  // export/aoti.py FORMAT_VERSION
 constexpr int kMaxDepth = 16;
 
 class Checker {
@@ -185,6 +185,17 @@ void check_engine_json(const Json &engine, const std::string &where) {
   for (const char *name : {"text_encoder", "unet", "vae_decoder", "vae_encoder"})
     if (!networks.find(name)) c.fail(std::string("networks.") + name, "is missing");
 
+  if (const Json *lora = engine.find("lora")) {  // LoRA module name -> "<component>/<key>" (lora.h)
+    if (!lora->is_object()) c.fail("lora", "must be an object");
+    for (const auto &[name, target] : lora->members()) {
+      std::string where = "lora." + name;
+      if (!target.is_string()) c.fail(where, "must be a string \"<component>/<key>\"");
+      const std::string &t = target.str();
+      size_t slash = t.find('/');
+      if (slash == std::string::npos || slash + 1 == t.size()) c.fail(where, "must be \"<component>/<key>\"");
+      c.one_of(t.substr(0, slash), {"unet", "text_encoder", "text_encoder_2"}, where + " component");
+    }
+  }
   if (const Json *single = engine.find("single_file")) {
     if (!single->is_object()) c.fail("single_file", "must be an object");
     c.string(*single, "family", "single_file.family");
