@@ -62,7 +62,7 @@ static sde_status generate(sde_model *model, const char *prompt, uint8_t *out) {
   gp.sampler = SDE_SAMPLER_EULER;
   sde_image *images = NULL;
   int count = 0;
-  sde_status status = sde_generate(model, &gp, &images, &count);
+  sde_status status = sde_model_generate(model, &gp, &images, &count);
   if (status == SDE_OK) {
     memcpy(out, images[0].data, BYTES);
     sde_images_free(images, count);
