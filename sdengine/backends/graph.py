@@ -66,16 +66,6 @@ class GraphBackend(EagerBackend):
                 self.graphs._pool = None
         self._graphed.clear()
 
-    def add_token_embeddings(self, vectors: dict) -> dict:
-        """EagerBackend's, then the text encoders' graphs are dropped: the token table is a new
-        tensor (its shape grew), which a captured graph would not see."""
-        ids = super().add_token_embeddings(vectors)
-        if self.graphs is not None:
-            with self.graphs.lock:
-                for key in [k for k in self.graphs.entries if str(k[0]).startswith("text_encoder")]:
-                    del self.graphs.entries[key]
-        return ids
-
     # The network calls of EagerBackend, each through a graph -------------------------------
 
     def _graphed_call(self, name: str, fn):
