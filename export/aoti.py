@@ -319,8 +319,6 @@ def _network_module(config, name: str, dtype: torch.dtype, device: torch.device)
             module = TextEncoderExport(CLIPTextModel(config.text_encoder))
         elif name == "text_encoder_2":
             module = PooledTextEncoderExport(CLIPTextModel(config.text_encoder_2))
-        if name in ("text_encoder", "text_encoder_2"):  # room for textual-inversion tokens (ids from vocab_size)
-            module.m.text_model.embeddings.reserve_added_tokens(ADDED_TOKENS)  # as every backend's
         elif name == "unet":
             wrapper = SDXLUNetExport if config.text_encoder_2 is not None else UNetExport
             module = wrapper(UNet2DConditionModel(config.unet))
@@ -330,6 +328,8 @@ def _network_module(config, name: str, dtype: torch.dtype, device: torch.device)
             module = VAEEncoderExport(AutoencoderKL(config.vae))
         else:
             raise ValueError(f"unknown network {name!r}; expected one of {NETWORKS}")
+        if name in ("text_encoder", "text_encoder_2"):  # room for textual-inversion tokens (ids from vocab_size)
+            module.m.text_model.embeddings.reserve_added_tokens(ADDED_TOKENS)  # as every backend's
     return module.to(dtype=dtype).eval()
 
 
