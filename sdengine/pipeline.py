@@ -73,17 +73,23 @@ class GenerationResult:
     params: dict = field(default_factory=dict)
 
     def infotext(self, index: int = 0) -> str:
-        """A1111's `parameters` text for image `index`."""
+        """A1111's `parameters` text for image `index`, with A1111's names and counts (its sampler
+        and schedule labels, its clip skip), so that A1111 and the tools that read it take it back."""
         p = self.params
         lines = [p["prompts"][index]]
         if p.get("negative_prompts") and p["negative_prompts"][index]:
             lines.append(f"Negative prompt: {p['negative_prompts'][index]}")
+        from .samplers.names import A1111_LABELS
+
+        labels = A1111_LABELS
         fields_ = [
-            ("Steps", p["steps"]), ("Sampler", p["sampler"]), ("Schedule type", p["schedule"]),
+            ("Steps", p["steps"]), ("Sampler", labels["samplers"].get(p["sampler"], p["sampler"])),
+            ("Schedule type", labels["schedules"].get(p["schedule"], p["schedule"])),
             ("CFG scale", p["guidance_scale"]), ("Seed", self.seeds[index]),
             ("Size", f"{p['width']}x{p['height']}"), ("Model", p.get("model")),
             ("Denoising strength", p.get("strength") if p.get("mode") != "txt2img" else None),
-            ("Clip skip", p.get("clip_skip")),
+            # A1111 counts the last layer too: its "Clip skip: 2" is diffusers' clip_skip=1
+            ("Clip skip", p["clip_skip"] + 1 if p.get("clip_skip") else None),
             ("Lora hashes", _quote(", ".join(f"{_bare(lora['name'])}: {lora['hash']}" for lora in p.get("loras") or [])
                                    or None)),
         ]

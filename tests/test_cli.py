@@ -25,7 +25,7 @@ def test_generate_writes_pngs_with_parameters(tiny_folder, tmp_path, capsys):
     params = image.text["parameters"]
     assert params.splitlines()[0] == "a cat on a sofa"
     assert "Negative prompt: dogs" in params
-    assert "Seed: 5" in params and "Sampler: euler_a" in params and "Size: 24x16" in params
+    assert "Seed: 5" in params and "Sampler: Euler a" in params and "Size: 24x16" in params
     assert "Seed: 6" in Image.open(second).text["parameters"]
     assert "seed 5" in capsys.readouterr().out
 

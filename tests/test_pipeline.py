@@ -144,6 +144,10 @@ def test_output_types_and_infotext(sd15):
     text = result.infotext(0)
     assert text.startswith(PROMPT) and f"Negative prompt: {NEGATIVE}" in text
     assert "Seed: 42" in text and f"Size: {W}x{H}" in text and "Steps: 3" in text
+    # A1111's labels and counts: its sampler and schedule names, and its clip skip (diffusers' + 1)
+    text = ours(PROMPT, steps=2, height=H, width=W, seed=1, sampler="DPM++ 2M Karras", clip_skip=1,
+                progress=False).infotext(0)
+    assert "Sampler: DPM++ 2M, Schedule type: Karras" in text and "Clip skip: 2" in text
     latent = ours(PROMPT, steps=3, height=H, width=W, seed=42, output_type="latent", progress=False).images
     assert latent.shape == (1, 4, H // 2, W // 2)
 

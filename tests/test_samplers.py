@@ -419,6 +419,18 @@ def test_resolve_names():
         assert resolve("euler", name, SD)[1] == name
 
 
+def test_a1111_labels_cover_every_name_and_read_back():
+    """The PNG `parameters` text writes A1111's labels ("Euler a", "Karras"): one for every
+    sampler and schedule, each resolving back to its own name (A1111 reads ours, we read theirs)."""
+    from sdengine.samplers.names import A1111_LABELS
+
+    assert set(A1111_LABELS["samplers"]) == set(SAMPLERS) and set(A1111_LABELS["schedules"]) == set(SCHEDULES)
+    for name, label in A1111_LABELS["samplers"].items():
+        assert resolve(label, None, SD)[0] == name, label
+    for name, label in A1111_LABELS["schedules"].items():
+        assert resolve("euler", label, SD)[1] == name, label
+
+
 def test_name_table_is_plain_data():
     import json
     table = json.loads(json.dumps(NAMES))

@@ -167,7 +167,7 @@ def test_sampler_and_scheduler_lists(server, demo):
     r = httpx.post(server.url + "/sdapi/v1/txt2img",
                    json={"prompt": PROMPT, "steps": 4, "width": 32, "height": 32, "sampler_name": "DPM++ 2M",
                          "scheduler": "Karras"}, timeout=30)
-    assert r.status_code == 200 and "Schedule type: karras" in json.loads(r.json()["info"])["infotexts"][0]
+    assert r.status_code == 200 and "Schedule type: Karras" in json.loads(r.json()["info"])["infotexts"][0]
 
 
 def test_interrupt_and_progress(server):

@@ -91,3 +91,17 @@ NAMES = {
     },
 }
 
+
+# How A1111 writes each canonical name in the PNG `parameters` text ("Sampler: Euler a",
+# "Schedule type: Karras"); every label resolves back to its name through NAMES.
+A1111_LABELS = {
+    "samplers": {
+        "ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a",
+        "heun": "Heun", "dpm_2": "DPM2", "dpm_2_a": "DPM2 a", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE",
+        "dpmpp_sde": "DPM++ SDE", "dpmpp_3m_sde": "DPM++ 3M SDE", "unipc": "UniPC", "lcm": "LCM",
+    },
+    "schedules": {
+        "default": "Automatic", "normal": "Normal", "karras": "Karras", "exponential": "Exponential",
+        "sgm_uniform": "SGM Uniform", "simple": "Simple", "ddim_uniform": "Uniform",
+    },
+}
