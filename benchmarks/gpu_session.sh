@@ -21,7 +21,8 @@
 #   5. python -m sdengine.kernels.bench: our attention against SDPA's flash, cuDNN and efficient
 #      kernels at SD1.5's four attention shapes, GroupNorm+SiLU against F.group_norm + silu, the
 #      sampler step against the device's copy bandwidth;
-#   6. sdengine cache export: the Triton and Inductor caches of this run, for the next session;
+#   6. sdengine cache export: the Triton and Inductor caches of this run, for the next session; then
+#      the LoRA hot-swap benchmark (sdengine bench --lora-swap) at full SD1.5 size;
 #   7. with the time left: the GPU tests (pytest -m gpu), then SD1.5 at batch 4, SD2.1-v 768² and
 #      SDXL 1024² with the best layers;
 #   8. with the time still left: the native backend's SD1.5 engine, then its benchmark and its
@@ -119,6 +120,10 @@ run_step kernels_bench 30 "$PY" -m sdengine.kernels.bench --only attn,gn_silu,eu
 
 # 6. What this run compiled, for the next session's cold start.
 run_step cache_export 20 "${SDE[@]}" cache export "$WORK/sdengine-cache.tgz"
+
+# 6b. LoRA hot swap at full SD1.5 size (target ≤ 50 ms, the graphed step unchanged after it).
+run_step bench_lora_swap 40 "${SDE[@]}" bench --lora-swap --arch sd15 --device cuda --dtype fp16 \
+    --json "$WORK/results/lora_swap_sd15.json"
 
 # 7. With the time left: the GPU tests, one line per test with a per-test limit, then more workloads.
 PYTEST=("$PY" -X faulthandler -m pytest -v --tb=short -rfEs -p no:cacheprovider --continue-on-collection-errors)

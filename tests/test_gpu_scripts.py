@@ -62,7 +62,7 @@ def test_gpu_session_script_runs_every_step_in_order_and_packs_its_results(tmp_p
             "gpu_tests.log", "bench_sd21.log", "bench_sdxl.log", "session.log"} <= names
     order = [next(i for i, c in enumerate(calls) if needle in c)
              for needle in ("install --no-build-isolation", "profile_unet.py", "bench --arch sd15",
-                            "sdengine.kernels.bench", "cache export", "-m gpu", "--batch 4", "--arch sd21-v",
+                            "sdengine.kernels.bench", "cache export", "--lora-swap", "-m gpu", "--batch 4", "--arch sd21-v",
                             "--arch sdxl", "prebuild_native.py")]
     assert order == sorted(order), calls
     bench = next(c for c in calls if "bench --arch sd15" in c)
