@@ -99,6 +99,35 @@ def test_webuiapi_txt2img_equals_generate(server):
     assert result.parameters["prompt"] == PROMPT and result.parameters["seed"] == 11
 
 
+def test_loras_list_and_prompt_tags(tmp_path):
+    """GET /sdapi/v1/loras lists --lora-dir as A1111's Lora extension does; a <lora:name:weight>
+    tag in the prompt merges it for that request (equal to generate() with the same syntax), an
+    unknown name is a 422 naming the prompt, and a request without the tag is the base model."""
+    from diffusers import StableDiffusionPipeline
+
+    from lora_files import kohya_lora
+    from sdengine.api import DEMO_MODEL
+
+    kohya_lora(StableDiffusionPipeline.from_pretrained(str(DEMO_MODEL)), tmp_path / "ink.safetensors", rank=4,
+               alpha=4.0, locon=False)
+    with serve(lora_dir=str(tmp_path)) as srv:
+        listed = httpx.get(srv.url + "/sdapi/v1/loras", timeout=30).json()
+        assert [(e["name"], e["alias"], e["path"]) for e in listed] == [
+            ("ink", "ink", str(tmp_path / "ink.safetensors"))]
+        api = srv.api(sampler="Euler", steps=8)
+        tagged = api.txt2img(prompt=PROMPT + " <lora:ink:0.8>", seed=3, width=32, height=32).image
+        plain = api.txt2img(prompt=PROMPT, seed=3, width=32, height=32).image
+        r = httpx.post(srv.url + "/sdapi/v1/txt2img", json={"prompt": PROMPT + " <lora:nosuch:1>", "steps": 2},
+                       timeout=60)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "prompt"
+        assert "unknown LoRA 'nosuch'" in r.json()["detail"][0]["msg"] and "ink" in r.json()["detail"][0]["msg"]
+    reference = sdengine.generate(PROMPT + " <lora:ink:0.8>", seed=3, steps=8, sampler="Euler", guidance_scale=7.0,
+                                  width=32, height=32, prompt_syntax="a1111", lora_dir=tmp_path, progress=False)
+    assert np.array_equal(_pixels(tagged), _pixels(reference.images[0]))
+    assert "Lora hashes" in tagged.info["parameters"]
+    assert np.abs(_pixels(tagged).astype(int) - _pixels(plain).astype(int)).max() > 10  # the LoRA shows
+
+
 def test_defaults_and_random_seed(server, demo):
     # No sampler, steps or size: A1111's sampler (Euler) and steps (50), the model's native size.
     r = httpx.post(server.url + "/sdapi/v1/txt2img", json={"prompt": PROMPT, "seed": -1, "unknown_field": 1},

@@ -46,6 +46,8 @@ class ServeSettings:
     max_images: int = 16
     max_body_bytes: int = 32 * 1024 * 1024
     api_key: Optional[str] = None
+    lora_dir: Optional[str] = None  # where <lora:name:weight> finds name.safetensors; /sdapi/v1/loras lists it
+    prompt_syntax: Optional[str] = "a1111"  # A1111's: emphasis, 75-token windows, <lora:...> tags
 
     @property
     def limits(self) -> Limits:
@@ -120,7 +122,8 @@ def create_app(engine=None, settings: ServeSettings = ServeSettings(), metrics=N
         path = request.url.path
         started = time.monotonic()
         info = await eng.info()
-        spec = await asyncio.to_thread(make_spec, req, info, settings.limits, img2img=img2img)
+        spec = await asyncio.to_thread(make_spec, req, info, settings.limits, img2img=img2img,
+                                       prompt_syntax=settings.prompt_syntax, lora_dir=settings.lora_dir)
         out = await eng.run(spec, timeout_s=settings.request_timeout_s, disconnected=request.is_disconnected)
         if out.error is not None:
             if isinstance(out.error, ValueError):
@@ -167,6 +170,11 @@ def create_app(engine=None, settings: ServeSettings = ServeSettings(), metrics=N
         info = await engine_of(request).info()
         return [{"title": info.title, "model_name": info.title, "hash": None, "sha256": None,
                  "filename": info.filename, "config": None}]
+
+    @app.get("/sdapi/v1/loras")
+    async def loras():
+        """A1111's Lora extension: the LoRAs <lora:name:weight> can name (name, alias, path, metadata)."""
+        return await asyncio.to_thread(lora_list, settings.lora_dir)
 
     @app.get("/sdapi/v1/options")
     async def options(request: Request):
@@ -221,6 +229,7 @@ def create_app(engine=None, settings: ServeSettings = ServeSettings(), metrics=N
 # Paths counted by name in sdengine_requests_total; anything else counts as "other".
 _KNOWN_PATHS = {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/progress", "/sdapi/v1/interrupt",
                 "/sdapi/v1/samplers", "/sdapi/v1/schedulers", "/sdapi/v1/sd-models", "/sdapi/v1/options",
+                "/sdapi/v1/loras",
                 "/sdapi/v1/scripts", "/health", "/metrics"}
 
 
@@ -281,3 +290,26 @@ async def _json(send, status: int, body: dict, headers: Optional[dict] = None):
     hdrs += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": hdrs})
     await send({"type": "http.response.body", "body": raw})
+
+
+def lora_list(lora_dir) -> list:
+    """The LoRA files of lora_dir as A1111's /sdapi/v1/loras lists them; a safetensors file's
+    metadata is its header's __metadata__ (read without loading a tensor)."""
+    if lora_dir is None:
+        return []
+    from ..lora import available_loras
+
+    out = []
+    for name, path in sorted(available_loras(lora_dir).items()):
+        metadata = {}
+        if path.suffix == ".safetensors":
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as f:
+                    metadata = f.metadata() or {}
+            except Exception:  # a broken file still lists; loading it is what refuses it
+                metadata = {}
+        out.append({"name": name, "alias": metadata.get("ss_output_name", name), "path": str(path),
+                    "metadata": metadata})
+    return out

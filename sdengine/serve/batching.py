@@ -40,6 +40,7 @@ class Spec:
     init_images: Optional[list] = None   # PIL images at (width, height), one per image
     masks: Optional[list] = None         # PIL "L" images at (width, height), one per image
     request_id: str = ""
+    loras: tuple = ()                    # the <lora:...> set its prompt names: (path, scale, text scale)
 
     @property
     def n_images(self) -> int:
@@ -48,7 +49,7 @@ class Spec:
     @property
     def key(self) -> tuple:
         """Requests with equal keys can share a UNet batch."""
-        return (self.mode,) + tuple(sorted(self.shared.items()))
+        return (self.mode, self.loras) + tuple(sorted(self.shared.items()))
 
 
 @dataclass

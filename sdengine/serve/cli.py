@@ -27,6 +27,10 @@ def register(sub):
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's, but 1 for the small demo model)")
+    p.add_argument("--lora-dir", default=None,
+                   help="folder of LoRA files that prompts name with <lora:name:weight> (listed at /sdapi/v1/loras)")
+    p.add_argument("--prompt-syntax", default="a1111", choices=["a1111", "plain"],
+                   help="a1111 (default, as A1111's API): emphasis, 75-token windows, <lora:...> tags; plain: text")
     p.add_argument("--api-key", default=os.environ.get("SDENGINE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every endpoint (default: $SDENGINE_API_KEY)")
     g = p.add_argument_group("scheduling")
@@ -71,7 +75,8 @@ def settings_from_args(args):
                          batch_window_ms=args.batch_window_ms, max_queue=args.max_queue,
                          request_timeout_s=args.request_timeout, max_pixels=args.max_pixels,
                          max_images=args.max_images, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                         api_key=args.api_key)
+                         api_key=args.api_key, lora_dir=args.lora_dir,
+                         prompt_syntax=None if args.prompt_syntax == "plain" else args.prompt_syntax)
 
 
 def _serve(args) -> int:

@@ -87,8 +87,12 @@ _UNSUPPORTED = {
 }
 
 
-def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool) -> Spec:
-    """Validate an A1111 request and turn it into a Spec. Raises FieldError."""
+def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syntax: Optional[str] = "a1111",
+              lora_dir=None) -> Spec:
+    """Validate an A1111 request and turn it into a Spec. Raises FieldError.
+
+    prompt_syntax "a1111" (A1111's API): emphasis, 75-token windows and <lora:name:weight> tags,
+    resolved in lora_dir now, so an unknown LoRA is a 422 naming the prompt before any work."""
     for name, is_off in _UNSUPPORTED.items():
         if name in type(req).model_fields and not is_off(getattr(req, name)):
             raise FieldError(name, f"not supported by sdengine serve (got {getattr(req, name)!r})")
@@ -163,8 +167,18 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool) -> Spec:
                            strength=shared.get("strength", 1.0) if mode == "img2img" else 1.0, eta=shared["eta"])
     except ValueError as e:
         raise FieldError(field_of(e, default="steps"), str(e)) from None
+    loras = ()
+    if prompt_syntax is not None:
+        from .. import prompt_syntax as a1111
+
+        try:
+            _, _, tagged = a1111.lora_tags([prompt], [negative], lora_dir)
+        except (ValueError, FileNotFoundError) as e:
+            raise FieldError("prompt", str(e)) from None
+        loras = tuple((str(t.path), t.scale, t.text_scale) for t in tagged)  # requests of one set batch together
+        shared.update(prompt_syntax=prompt_syntax, lora_dir=str(lora_dir) if lora_dir is not None else None)
     return Spec(mode=mode, prompts=[prompt] * n_images, negatives=[negative] * n_images, seeds=seeds,
-                shared=shared, init_images=init_images, masks=masks, request_id=uuid.uuid4().hex)
+                shared=shared, init_images=init_images, masks=masks, request_id=uuid.uuid4().hex, loras=loras)
 
 
 def _fixed_seed(seed) -> int:
