@@ -58,88 +58,17 @@ from typing import Optional
 
 import torch
 
+from sdengine.device import dtype_name
+
+from .graphs import PREFIX, TextEncoderGraph, UNetGraph, VAEDecoderGraph, VAEEncoderGraph
+
 FORMAT_VERSION = 4  # 2: single-file sources ("ldm") and defaults ("single_file"); 3: vae_encoder, SDXL;
 # 4: the LoRA name table ("lora") and the text encoders' added-token tables
 NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")  # text_encoder_2: SDXL
-PREFIX = "m."  # the wrappers below hold the network as `self.m`
 MAX_BATCH = 64
 MAX_LATENT = 512  # latent cells per side: 4096 px with an 8x VAE
 
 log = logging.getLogger("sdengine")
-
-
-# ---------------------------------------------------------------------------
-# What is exported: one forward per network, tensors in and out
-# ---------------------------------------------------------------------------
-
-class TextEncoderExport(torch.nn.Module):
-    """input_ids (B, L) int64 -> hidden states (B, L, D) that condition the UNet."""
-
-    def __init__(self, text_encoder):
-        super().__init__()
-        self.m = text_encoder
-
-    def forward(self, input_ids):
-        return self.m(input_ids)[0]
-
-
-class PooledTextEncoderExport(torch.nn.Module):
-    """SDXL's second encoder: input_ids (B, L) -> (hidden states (B, L, D2), pooled (B, P))."""
-
-    def __init__(self, text_encoder):
-        super().__init__()
-        self.m = text_encoder
-
-    def forward(self, input_ids):
-        hidden, pooled = self.m(input_ids)
-        return hidden, pooled
-
-
-class UNetExport(torch.nn.Module):
-    """x (B, C, h, w), t (B,) float32, context (B, L, D) -> model output (B, C_out, h, w).
-
-    Every sampler step feeds one timestep to the whole batch, so only t[0] is used: the
-    UNet's `timestep.numel() == 1` branch would otherwise make batch 1 a special case
-    that torch.export refuses for a dynamic batch.
-    """
-
-    def __init__(self, unet):
-        super().__init__()
-        self.m = unet
-
-    def forward(self, x, t, context):
-        return self.m(x, t[0], context)
-
-
-class SDXLUNetExport(UNetExport):
-    """SDXL: also the added conditioning, text_embeds (B, P) and time_ids (B, 6)."""
-
-    def forward(self, x, t, context, text_embeds, time_ids):
-        return self.m(x, t[0], context, added_cond={"text_embeds": text_embeds, "time_ids": time_ids})
-
-
-class VAEDecoderExport(torch.nn.Module):
-    """Unscaled latents (B, C, h, w) -> images (B, 3, 8h, 8w) in about [-1, 1]."""
-
-    def __init__(self, vae):
-        super().__init__()
-        self.m = vae
-
-    def forward(self, z):
-        return self.m.decode(z)
-
-
-class VAEEncoderExport(torch.nn.Module):
-    """Images (B, 3, 8h, 8w) in [-1, 1] -> the posterior's [mean, logvar] (B, 2C, h, w) in one
-    tensor (img2img samples mean + exp(logvar / 2) * eps with each image's generator)."""
-
-    def __init__(self, vae):
-        super().__init__()
-        self.m = vae
-
-    def forward(self, x):
-        mean, logvar = self.m.encode(x)
-        return torch.cat([mean, logvar], dim=1)
 
 
 # ---------------------------------------------------------------------------
@@ -150,13 +79,6 @@ def cache_root() -> Path:
     """`$SDE_CACHE_DIR/aoti`, default `~/.cache/sdengine/aoti`."""
     base = os.environ.get("SDE_CACHE_DIR")
     return (Path(base) if base else Path.home() / ".cache" / "sdengine") / "aoti"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-    if dtype not in names:
-        raise ValueError(f"AOTInductor engines support float32, float16 and bfloat16, not {dtype}")
-    return names[dtype]
 
 
 def cpu_capability() -> str:
@@ -316,16 +238,15 @@ def _network_module(config, name: str, dtype: torch.dtype, device: torch.device)
 
     with torch.device(device):
         if name == "text_encoder":
-            module = TextEncoderExport(CLIPTextModel(config.text_encoder))
+            module = TextEncoderGraph(CLIPTextModel(config.text_encoder), outputs="hidden")
         elif name == "text_encoder_2":
-            module = PooledTextEncoderExport(CLIPTextModel(config.text_encoder_2))
+            module = TextEncoderGraph(CLIPTextModel(config.text_encoder_2), outputs="pooled")
         elif name == "unet":
-            wrapper = SDXLUNetExport if config.text_encoder_2 is not None else UNetExport
-            module = wrapper(UNet2DConditionModel(config.unet))
+            module = UNetGraph(UNet2DConditionModel(config.unet), one_timestep=True)
         elif name == "vae_decoder":
-            module = VAEDecoderExport(AutoencoderKL(config.vae))
+            module = VAEDecoderGraph(AutoencoderKL(config.vae))
         elif name == "vae_encoder":
-            module = VAEEncoderExport(AutoencoderKL(config.vae))
+            module = VAEEncoderGraph(AutoencoderKL(config.vae), stacked=True)
         else:
             raise ValueError(f"unknown network {name!r}; expected one of {NETWORKS}")
         if name in ("text_encoder", "text_encoder_2"):  # room for textual-inversion tokens (ids from vocab_size)
@@ -509,7 +430,7 @@ def build_engine(config, out_dir, *, dtype: torch.dtype, device, progress=True, 
             "format": FORMAT_VERSION, "torch_version": torch.__version__, "device": device.type,
             "dtype": dtype_name(dtype), "cpu_capability": cpu_capability() if device.type == "cpu" else "",
             "latent_multiple": multiple, "max_batch": MAX_BATCH, "max_latent": MAX_LATENT,
-            "config": _config_dict(config), "networks": networks, "single_file": _single_file_info(config, tmp),
+            "config": config.to_dict(), "networks": networks, "single_file": _single_file_info(config, tmp),
             "build_s": round(time.perf_counter() - started, 1),
             "lora": {name: f"{component}/{key}" for name, (component, key) in lora_names(config).items()},
         }
@@ -519,20 +440,6 @@ def build_engine(config, out_dir, *, dtype: torch.dtype, device, progress=True, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _config_dict(config) -> dict:
-    """The model config as JSON: the scheduler flattened with its extra keys, for the runtime."""
-    out = dataclasses.asdict(config)
-    out["scheduler"] = _scheduler_dict(config.scheduler)
-    return json.loads(json.dumps(out, default=str))
-
-
-def _scheduler_dict(scheduler) -> dict:
-    """A SchedulerConfig as the runtime reads it: its fields and extra keys in one object."""
-    fields = dataclasses.asdict(scheduler)
-    extra = dict(fields.pop("extra", ()) or ())
-    return json.loads(json.dumps({**extra, **fields}, default=str))
 
 
 # ---------------------------------------------------------------------------
@@ -565,7 +472,7 @@ def _single_file_info(config, engine_dir: Path) -> dict:
     schedulers = {}
     for prediction_type in ("epsilon", "v_prediction"):
         scheduler = family_preset(family, config.is_inpaint, prediction_type).scheduler
-        schedulers[prediction_type] = _scheduler_dict(dataclasses.replace(scheduler, prediction_type=prediction_type))
+        schedulers[prediction_type] = dataclasses.replace(scheduler, prediction_type=prediction_type).to_dict()
     info = {"family": family, "default_prediction_type": default_prediction_type(family, config.is_inpaint),
             "schedulers": schedulers}
     encoders = {"tokenizer": (config.text_encoder, "!" if family == "sd2" else EOS_TOKEN),
@@ -621,7 +528,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     """Build the engine of `args.model`'s architecture and print its folder."""
-    from sdengine.api import resolve_device_dtype
+    from sdengine.device import resolve_device_dtype
     from sdengine.config import ModelConfig
 
     device, dtype = resolve_device_dtype(args.device, args.dtype)

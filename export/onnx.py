@@ -62,93 +62,25 @@ import torch
 from torch import nn
 
 from sdengine import cachedir
+from sdengine.device import DTYPES
+
+from .graphs import TextEncoderGraph, UNetGraph, VAEDecoderGraph, VAEEncoderGraph
 
 log = logging.getLogger("sdengine")
 
 FORMAT = "sdengine-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the config as ModelConfig.to_dict writes it (the scheduler's extra keys inline)
 MANIFEST_NAME = "sdengine_onnx.json"
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset; GroupNormalization-free, widely supported
 # Relative tolerance of the export-time check, max|ort - torch| / max|torch|, against the
 # float32 torch network. fp16 graphs carry fp16 rounding through ~100 layers.
 TOLERANCES = {"fp32": 1e-4, "fp16": 3e-2}
 EXTERNAL_DATA_BYTES = 2 * 1000**3 - 64 * 1024**2  # protobuf's 2 GiB cap, with room for the graph
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-_ONNX_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
+EXPORT_DTYPES = ("fp32", "fp16")  # sdengine.device.DTYPES names
 
 
 class OnnxValidationError(ValueError):
     """An exported graph is invalid (onnx.checker) or disagrees with torch beyond tolerance."""
-
-
-# ---------------------------------------------------------------------------
-# What is exported: one forward per network, tensors in and out
-# ---------------------------------------------------------------------------
-
-class TextEncoderGraph(nn.Module):
-    """input_ids (B, L) int64 -> hidden_states (B, L, D), pooled (B, P), hidden_states_by_skip (S, B, L, D).
-
-    hidden_states_by_skip[k] is what CLIPTextModel.forward(clip_skip=k) returns as hidden:
-    for output_layer "last", the final LayerNorm of the output of layer N - k (S = N + 1);
-    for "penultimate", the output of layer N - 1 - k with no LayerNorm (S = N).
-    """
-
-    def __init__(self, text_encoder: nn.Module):
-        super().__init__()
-        self.m = text_encoder
-
-    def forward(self, input_ids):
-        cfg, model = self.m.cfg, self.m.text_model
-        x = model.embeddings(input_ids)  # (B, L, D)
-        layer_outputs = [x]  # layer_outputs[k]: output of layer k (0 = embeddings)
-        for layer in model.encoder.layers:
-            x = layer(x)
-            layer_outputs.append(x)
-        final = model.final_layer_norm(x)  # (B, L, D)
-        earlier = list(reversed(layer_outputs[:-1]))  # layers N-1, N-2, ..., 0
-        if cfg.output_layer == "last":
-            by_skip = [final] + [model.final_layer_norm(h) for h in earlier]
-        else:
-            by_skip = earlier
-        batch_index = torch.arange(final.shape[0], device=final.device)
-        pooled = final[batch_index, self.m._eos_positions(input_ids)]  # (B, D)
-        if cfg.projection_dim is not None:
-            pooled = self.m.text_projection(pooled)  # (B, projection_dim)
-        return by_skip[0], pooled, torch.stack(by_skip)  # (S, B, L, D)
-
-
-class UNetGraph(nn.Module):
-    """sample, timestep (B,), encoder_hidden_states [, text_embeds, time_ids] -> out_sample."""
-
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.m = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-        added_cond = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.m(sample, timestep, encoder_hidden_states, added_cond=added_cond)
-
-
-class VAEDecoderGraph(nn.Module):
-    """Unscaled latents (B, C, h, w) -> images (B, 3, 8h, 8w) in about [-1, 1]."""
-
-    def __init__(self, vae: nn.Module):
-        super().__init__()
-        self.m = vae
-
-    def forward(self, latent_sample):
-        return self.m.decode(latent_sample)
-
-
-class VAEEncoderGraph(nn.Module):
-    """Images (B, 3, 8h, 8w) in [-1, 1] -> (mean, logvar), each (B, C, h, w)."""
-
-    def __init__(self, vae: nn.Module):
-        super().__init__()
-        self.m = vae
-
-    def forward(self, sample):
-        return self.m.encode(sample)
 
 
 @dataclass
@@ -156,7 +88,7 @@ class _Network:
     """One graph to export: its module, example inputs, dynamic axes and validation inputs."""
 
     name: str
-    module: nn.Module  # a *Graph wrapper around the float32 network
+    module: nn.Module  # an export/graphs.py wrapper around the float32 network
     input_names: list
     output_names: list
     example: tuple  # traced inputs (batch 2)
@@ -204,7 +136,8 @@ def _networks(loaded, generator: torch.Generator) -> list[_Network]:
         if encoder is None:
             continue
         nets.append(_Network(
-            name, TextEncoderGraph(encoder), ["input_ids"], ["hidden_states", "pooled", "hidden_states_by_skip"],
+            name, TextEncoderGraph(encoder, outputs="by_skip"), ["input_ids"],
+            ["hidden_states", "pooled", "hidden_states_by_skip"],
             example=(ids(2),), dynamic_shapes=({0: batch},), dynamic_axes={"input_ids": {0: "batch"}},
             check=(ids(1),),
         ))
@@ -243,7 +176,7 @@ def _networks(loaded, generator: torch.Generator) -> list[_Network]:
         output_axes={"sample": {0: "batch", 2: f"{scale}*height", 3: f"{scale}*width"}},
     ))
     nets.append(_Network(
-        "vae_encoder", VAEEncoderGraph(loaded.vae), ["sample"], ["mean", "logvar"],
+        "vae_encoder", VAEEncoderGraph(loaded.vae, stacked=False), ["sample"], ["mean", "logvar"],
         example=(randn(2, 3, 2 * scale, 3 * scale).clamp(-1, 1),),
         dynamic_shapes=({0: batch, 2: scale * vae_height, 3: scale * vae_width},),
         dynamic_axes={"sample": {0: "batch", 2: "image_height", 3: "image_width"}},
@@ -461,32 +394,6 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
     tokenizer.save(folder)
 
 
-def config_from_dict(data: dict):
-    """The inverse of sdengine.config.config_to_dict for a ModelConfig (lists back to tuples)."""
-    from sdengine.config import ModelConfig, SchedulerConfig, TextEncoderConfig, UNetConfig, VAEConfig
-
-    def build(cls, values):
-        if values is None:
-            return None
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()})
-
-    try:
-        scheduler = dict(data["scheduler"])
-        scheduler["extra"] = tuple(tuple(pair) if isinstance(pair, list) else pair
-                                   for pair in scheduler.get("extra", ()))
-        return ModelConfig(
-            name=data["name"],
-            text_encoder=build(TextEncoderConfig, data["text_encoder"]),
-            unet=build(UNetConfig, data["unet"]),
-            vae=build(VAEConfig, data["vae"]),
-            scheduler=SchedulerConfig(**{k: (tuple(v) if isinstance(v, list) and k != "extra" else v)
-                                         for k, v in scheduler.items()}),
-            text_encoder_2=build(TextEncoderConfig, data.get("text_encoder_2")),
-        )
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"model config in the ONNX manifest is incomplete or malformed: {e}") from None
-
-
 def _versions() -> dict:
     import onnx
 
@@ -572,13 +479,13 @@ def export_onnx(model, out_dir, *, dtype: str = "fp32", opset: Optional[int] = N
     """
     from tqdm.auto import tqdm
 
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     opset = DEFAULT_OPSET if opset is None else int(opset)
     if not 14 <= opset <= 23:
         raise ValueError(f"opset must be between 14 and 23, got {opset}")
     tolerance = TOLERANCES[dtype] if tolerance is None else float(tolerance)
-    torch_dtype = _DTYPES[dtype]
+    torch_dtype = DTYPES[dtype]
     out_dir = Path(out_dir)
     # Check the target before the (slow) load, and create the temporary folder.
     tmp = _prepare_out_dir(out_dir, overwrite)
@@ -595,7 +502,6 @@ def export_onnx(model, out_dir, *, dtype: str = "fp32", opset: Optional[int] = N
         for name, tokenizer in tokenizers.items():
             if tokenizer is not None:
                 save_tokenizer(tokenizer, tmp / name)
-        from sdengine.config import config_to_dict
 
         manifest = {
             "format": FORMAT,
@@ -606,7 +512,7 @@ def export_onnx(model, out_dir, *, dtype: str = "fp32", opset: Optional[int] = N
             "dtype": dtype,
             "opset": opset,
             "optimized": bool(optimize),
-            "config": json.loads(json.dumps(config_to_dict(loaded.config))),
+            "config": loaded.config.to_dict(),
             "tokenizers": {name: name for name, t in tokenizers.items() if t is not None},
             "networks": records,
             "versions": _versions(),

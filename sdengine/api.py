@@ -10,37 +10,16 @@ from typing import Optional
 
 import torch
 
+from .backends import base as backends
 from .config import ModelConfig
+from .device import resolve_device_dtype
 from .errors import InvalidArgumentError
 from .pipeline import Pipeline
 
 log = logging.getLogger("sdengine")
 
 DEMO_MODEL = Path(__file__).parent / "data" / "demo-digits"
-BACKENDS = ("eager", "graph", "triton", "compile", "native", "aoti", "onnx")
-
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
-    """Defaults: CUDA when available; fp16 on CUDA, fp32 on the CPU."""
-    try:
-        device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
-                                                                              else "cpu")
-    except (RuntimeError, TypeError):
-        raise InvalidArgumentError("device", f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgumentError("device", "device='cuda' was requested but torch sees no CUDA device")
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    elif isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(set(_DTYPES))}, got {dtype!r}")
-        dtype = _DTYPES[dtype]
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    return device, dtype
+BACKENDS = backends.names()  # the registered backends at import (sdengine.backends.base.REGISTRY)
 
 
 def _default_backend(device: torch.device) -> str:
@@ -84,22 +63,10 @@ def load(path=None, device=None, dtype=None, backend: Optional[str] = None, *,
     device, dtype = resolve_device_dtype(device, dtype)
     if backend is None:
         backend = "onnx" if (path / "sdengine_onnx.json").exists() else _default_backend(device)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-
-    if backend == "onnx":
-        from .backends.onnx import load_pipeline
-
-        pipe = load_pipeline(path, device=device, dtype=dtype)
-    else:
-        from .loading import load_model
-
-        loaded = load_model(path, device=device, dtype=dtype, config=config, prediction_type=prediction_type)
-        pipe = _pipeline_from_modules(
-            loaded.config, loaded.text_encoder, loaded.unet, loaded.vae, loaded.text_encoder_2,
-            loaded.tokenizer, loaded.tokenizer_2, backend=backend, name=path.stem if path.is_file() else path.name,
-            options=backend_options,
-        )
+    loaded = backends.get(backend).load_model(path, device=device, dtype=dtype, config=config,
+                                              prediction_type=prediction_type)
+    pipe = Pipeline(backends.build(backend, loaded, backend_options), loaded.tokenizer, loaded.tokenizer_2,
+                    name=loaded.name)
     if loras:
         pipe.set_loras(loras)
     return pipe
@@ -114,6 +81,7 @@ def from_diffusers(pipe, backend: str = "eager", backend_options: Optional[dict]
     """
     import tempfile
 
+    from .loading import LoadedModel
     from .models.clip import CLIPTextModel, add_text_model_prefix
     from .models.unet import UNet2DConditionModel
     from .models.vae import AutoencoderKL
@@ -146,64 +114,18 @@ def from_diffusers(pipe, backend: str = "eager", backend_options: Optional[dict]
         with tempfile.TemporaryDirectory() as tmp:
             tok.save_pretrained(tmp)
             tokenizers.append(CLIPTokenizer.from_folder(tmp))
-    return _pipeline_from_modules(
-        config,
-        adopt(CLIPTextModel, config.text_encoder, pipe.text_encoder),
-        adopt(UNet2DConditionModel, config.unet, pipe.unet),
-        adopt(AutoencoderKL, config.vae, pipe.vae),
-        adopt(CLIPTextModel, config.text_encoder_2, text_encoder_2) if text_encoder_2 is not None else None,
-        tokenizers[0], tokenizers[1], backend=backend, name=config.name, options=backend_options,
-    )
+    loaded = LoadedModel(
+        config=config, text_encoder=adopt(CLIPTextModel, config.text_encoder, pipe.text_encoder),
+        text_encoder_2=None if text_encoder_2 is None else adopt(CLIPTextModel, config.text_encoder_2, text_encoder_2),
+        unet=adopt(UNet2DConditionModel, config.unet, pipe.unet), vae=adopt(AutoencoderKL, config.vae, pipe.vae),
+        tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], source="diffusers-pipeline", name=config.name)
+    return Pipeline(backends.build(backend, loaded, backend_options), loaded.tokenizer, loaded.tokenizer_2,
+                    name=loaded.name)
 
 
 def _text_config(model) -> dict:
     """A transformers text model's config dict, naming its class (with or without projection)."""
     return dict(model.config.to_dict(), architectures=[type(model).__name__])
-
-
-def _pipeline_from_modules(config, text_encoder, unet, vae, text_encoder_2, tokenizer, tokenizer_2, *,
-                           backend: str, name: str, options: Optional[dict] = None) -> Pipeline:
-    options = dict(options or {})
-    if backend == "eager":
-        from .backends.eager import EagerBackend
-
-        impl = _build(EagerBackend, backend, options, config, text_encoder, unet, vae, text_encoder_2)
-    elif backend == "graph":
-        from .backends.graph import GraphBackend
-
-        impl = _build(GraphBackend, backend, options, config, text_encoder, unet, vae, text_encoder_2)
-    elif backend == "triton":
-        from .backends.triton import TritonBackend
-
-        impl = _build(TritonBackend, backend, options, config, text_encoder, unet, vae, text_encoder_2)
-    elif backend == "compile":
-        from .backends.compiled import CompileBackend
-
-        impl = _build(CompileBackend, backend, options, config, text_encoder, unet, vae, text_encoder_2)
-    elif backend == "native":
-        from .backends.native import NativeBackend
-
-        impl = _build(NativeBackend, backend, options, config, text_encoder, unet, vae, text_encoder_2)
-    elif backend == "aoti":
-        from .backends.aoti import AOTIBackend
-
-        impl = _build(AOTIBackend, backend, options, config, text_encoder, unet, vae, text_encoder_2)
-    else:
-        raise ValueError(f"backend {backend!r} cannot be built from torch modules")
-    return Pipeline(impl, tokenizer, tokenizer_2, name=name)
-
-
-def _build(cls, backend: str, options: dict, *modules):
-    """cls(*modules, **options), with an unknown option named as such."""
-    import inspect
-
-    accepted = {name for name, p in inspect.signature(cls.__init__).parameters.items()
-                if p.kind == inspect.Parameter.KEYWORD_ONLY}
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise ValueError(f"backend_options: {', '.join(unknown)} not accepted by backend {backend!r} "
-                         f"(it takes: {', '.join(sorted(accepted)) or 'no options'})")
-    return cls(*modules, **options)
 
 
 # generate() keeps the last pipeline it loaded, so repeated calls don't reload.

@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from .api import BACKENDS
+from .backends import base as backends
 
 SUBCOMMAND_MODULES = ("sdengine.info", "sdengine.bench.cli", "sdengine.export.cli", "sdengine.train",
                       "sdengine.serve.cli", "sdengine.compile_cache")
@@ -57,7 +57,7 @@ def _register_generate(sub):
     p.add_argument("--clip-skip", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--backend", default=None, choices=BACKENDS,
+    p.add_argument("--backend", default=None, choices=backends.names(),
                    help="speed layer (default: graph on CUDA, eager on the CPU; onnx for an ONNX export)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: torch's, but 1 for the small demo model, where more threads "

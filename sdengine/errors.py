@@ -26,3 +26,7 @@ class OutOfMemoryError(torch.OutOfMemoryError, MemoryError):
     what the request allocated has been freed, so a smaller request can run next. A
     torch.OutOfMemoryError (so torch.cuda.OutOfMemoryError) and a MemoryError, so existing
     handlers of either catch it; the C API returns SDE_ERR_OUT_OF_MEMORY."""
+
+
+class GenerationCancelled(RuntimeError):
+    """Raised when the callback asked to stop (returned False)."""

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from .config import ModelConfig, config_to_dict
+from .config import ModelConfig
 from .convert import family_name, prediction_type_from_metadata
 
 _FAMILY = {"sd15": "SD1.x", "sd15-inpaint": "SD1.x inpainting", "sd21": "SD2.x (512, epsilon)",
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         from .loading import detect
 
-        print(json.dumps(config_to_dict(detect(args.path, prediction_type=args.prediction_type)), indent=2))
+        print(json.dumps(detect(args.path, prediction_type=args.prediction_type).to_dict(), indent=2))
     else:
         print(describe(args.path, prediction_type=args.prediction_type))
     return 0

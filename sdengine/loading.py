@@ -29,6 +29,7 @@ from torch import nn
 from .config import ModelConfig
 from .convert import (Layout, Source, UnmappedKey, apply_transform, detect_config, family_name,
                       same_up_to_unit_dims, to_ldm_state_dict, transformed_shape)
+from .device import resolve_device_dtype
 from .errors import ModelLoadError
 from .tokenizer import EOS_TOKEN, CLIPTokenizer
 
@@ -61,6 +62,7 @@ class LoadedModel:
     tokenizer: CLIPTokenizer
     tokenizer_2: Optional[CLIPTokenizer]
     source: str
+    name: Optional[str] = None  # the checkpoint's: its file's stem or its folder's name
 
 
 # ---------------------------------------------------------------------------
@@ -439,8 +441,6 @@ def load_model(path, device=None, dtype=None, *, config: Optional[ModelConfig] =
     missing or unexpected weights, or a shape mismatch. Everything is checked before any
     tensor is read, so an error never leaves a half-loaded model.
     """
-    from .api import resolve_device_dtype
-
     path = _check_path(path)
     device, dtype = resolve_device_dtype(device, dtype)
     if path.is_dir():
@@ -469,7 +469,7 @@ def load_model(path, device=None, dtype=None, *, config: Optional[ModelConfig] =
     loaded = _execute(plans, device, dtype, progress)
     return LoadedModel(config=config, text_encoder=loaded["text_encoder"], text_encoder_2=loaded.get("text_encoder_2"),
                        unet=loaded["unet"], vae=loaded["vae"], tokenizer=tokenizer, tokenizer_2=tokenizer_2,
-                       source=source)
+                       source=source, name=path.stem if path.is_file() else path.name)
 
 
 # ---------------------------------------------------------------------------
@@ -565,7 +565,6 @@ def load_controlnet_model(path, device=None, dtype=None, *, base: Optional[Model
     key for anything else: not a ControlNet, an unsupported architecture, a corrupt file, missing
     or unexpected weights, a shape mismatch. Nothing is read before everything is checked.
     """
-    from .api import resolve_device_dtype
     from .models.controlnet import ControlNetModel
 
     path = _check_path(path)

@@ -1,19 +1,18 @@
 """The text-to-image pipeline: txt2img, img2img and inpainting over any backend.
 
-Data flows one way:
+Data flows one way, and `Pipeline._run` reads in that order:
 
-    prompt -> tokenize -> encode text -> initial latents
-           -> sampler loop (model_fn: UNet at batch 2 + classifier-free guidance)
-           -> decode -> image
+    request -> validate (Run: prompts, images, ControlNets, the sampler's Plan)
+            -> encode text (context [uncond, cond]) -> initial latents
+            -> the sampler loop, driving the backend's fused step (UNet + guidance + sampler
+               update in one function) or model_fn (UNet at batch 2 + classifier-free guidance)
+            -> decode -> images
 
-A backend may also run the whole step (UNet + guidance + sampler update) as one function,
-`backend.fused_step(...)`; the loop then drives that step instead of model_fn. A backend that
-runs whole requests itself (native: the C++ loop) offers `backend.run_request(...)`: it gets
-the checked request and gives back the images.
-
-The pipeline never asks which backend it holds: a backend encodes text, runs one
-UNet forward and encodes / decodes images (docs/CONTRACTS.md). Every image has its
-own seed and generator, so an image depends only on its seed, not on the batch.
+The pipeline never asks which backend it holds: every backend implements the interface of
+sdengine/backends/base.py (docs/CONTRACTS.md), whose optional parts answer "not covered" (no
+fused step: None; no whole requests: None). A backend that runs whole requests itself
+(native: the C++ loop) returns the images from `run_request`. Every image has its own seed
+and generator, so an image depends only on its seed, not on the batch.
 """
 
 from __future__ import annotations
@@ -32,23 +31,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import images as imaging
 from . import prompt_syntax as a1111
 from . import samplers
+from .backends.base import Backend
 from .config import ModelConfig
 from .controlnet import (ControlInput, ControlNet, check_fits, control_params, controlnet_infotext, keep_table,
                          load_controlnet, prepare_image)
-from .errors import OutOfMemoryError
+from .errors import GenerationCancelled, OutOfMemoryError
+from .images import numpy_to_pil  # noqa: F401 (re-exported: sdengine.pipeline.numpy_to_pil)
 from .lora import LoraWeights, ReadWriteLock
 from .request import DEFAULT_GUIDANCE, Request
-from .samplers.fused import sample_fused
+from .samplers import Plan
 from .vae_tiling import AUTO_TILE_CELLS, tiled_decode
 
 log = logging.getLogger("sdengine")
-
-
-
-class GenerationCancelled(RuntimeError):
-    """Raised when the callback asked to stop (returned False)."""
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -100,10 +97,55 @@ class GenerationResult:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Run:
+    """A checked request made concrete for the pipeline's model (Pipeline._validate): what the
+    steps of the flow, and a backend that runs whole requests (`run_request`), read."""
+
+    request: Request            # checked, for this model (Request.for_model): sizes and strength resolved
+    texts: list                 # the prompts, one per image, without their <lora:> tags
+    negatives: list             # the negative prompts, one per image, without their tags
+    tag_loras: list             # the LoRAs the tags add for this call (LoraSpec)
+    controlnets: list           # request.controls' ControlNets, loaded and checked against the model
+    image: Optional[torch.Tensor]  # init image (N, 3, H, W) in [-1, 1] at the request's size
+    mask: Optional[torch.Tensor]   # inpainting mask (N, 1, H, W) in {0, 1}, 1 = repaint
+    plan: Plan                  # the sampler's schedule (plan.sampler, plan.schedule: canonical names)
+    init_for_sampler: bool      # the sampler starts from the image's latents (img2img, inpainting below 1.0)
+    generators: list            # one CPU generator per image, seeded: every draw of the run comes from them
+
+    @property
+    def do_cfg(self) -> bool:
+        """Classifier-free guidance: the UNet runs on [uncond, cond]."""
+        return self.request.guidance_scale > 1.0
+
+
+class _Progress:
+    """The run's progress bar and callback: called with (step_index, latents or None) after
+    every step (`samplers.sample`'s callback, a backend's on_step); `step` is the index of the
+    step running now. A callback returning False cancels (GenerationCancelled)."""
+
+    def __init__(self, run: Run):
+        self.total, self.callback, self.step = run.plan.num_steps, run.request.callback, 0
+        self.bar = tqdm(total=self.total, desc=run.plan.sampler, unit="step", disable=not run.request.progress,
+                        leave=False)
+
+    def __call__(self, index: int, latents) -> None:
+        self.step = index + 1
+        self.bar.update(1)
+        if self.callback is not None and self.callback(index, self.total, latents) is False:
+            raise GenerationCancelled(f"cancelled by the callback at step {index + 1}")
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
 class Pipeline:
     """A loaded model and its backend. Call it to generate images."""
 
-    def __init__(self, backend, tokenizer, tokenizer_2=None, name: Optional[str] = None):
+    def __init__(self, backend: Backend, tokenizer, tokenizer_2=None, name: Optional[str] = None):
         self.backend = backend
         self.config: ModelConfig = backend.config
         self.tokenizer = tokenizer
@@ -117,7 +159,7 @@ class Pipeline:
         self._controlnets_lock = threading.Lock()
 
     def __repr__(self):
-        return (f"Pipeline({self.name!r}, backend={getattr(self.backend, 'name', type(self.backend).__name__)}, "
+        return (f"Pipeline({self.name!r}, backend={self.backend.name}, "
                 f"device={self.backend.device}, dtype={self.backend.dtype})")
 
     # ------------------------------------------------------------------
@@ -216,178 +258,143 @@ class Pipeline:
         traceback.clear_frames(failure.__traceback__)
         detail = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
         failure.__traceback__ = failure.__context__ = failure.__cause__ = None
-        release = getattr(self.backend, "release_memory", None)
-        if release is not None:
-            release()
+        self.backend.release_memory()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        device = getattr(self.backend, "device", "?")
+        device = self.backend.device
         return OutOfMemoryError(
             f"out of memory on {device} generating {request.n_images} image(s) of {request.width}x{request.height} "
             f"(batch_size {request.batch_size}, {request.steps} steps): {detail}; what the request allocated is "
             f"freed: try a smaller size or batch")
 
     def _run(self, request: Request) -> GenerationResult:
-        cfg = self.config
-        prompts, negatives, seeds = list(request.prompts), list(request.negative_prompts), list(request.seeds)
-        n_images, mode, strength = request.n_images, request.mode, request.strength
-        height, width, latents = request.height, request.width, request.latents
-        num_inference_steps, guidance_scale, eta = request.steps, request.guidance_scale, request.eta
-        sampler, schedule, clip_skip, callback = request.sampler, request.schedule, request.clip_skip, request.callback
-        output_type, progress, vae_tiling = request.output_type, request.progress, request.vae_tiling
-        syntax = request.prompt_syntax
-        texts, negatives, tag_loras = prompts, negatives, []
-        if syntax:
-            texts, negatives, tag_loras = a1111.lora_tags(texts, negatives, request.lora_dir)
-        controls = list(request.controls)
-        controlnets = [self._controlnet(c.model) for c in controls]  # loaded (or given) and checked against the model
-
-        image = mask = None
-        if request.init_image is not None:
-            image = _image_to_tensor(request.init_image)  # (N, 3, H, W) in [-1, 1]
-            if tuple(image.shape[-2:]) != (height, width):
-                image = torch.nn.functional.interpolate(image, size=(height, width), mode="bicubic",
-                                                        align_corners=False).clamp(-1, 1)
-        if request.mask_image is not None:
-            mask = _mask_to_tensor(request.mask_image)  # (N, 1, H, W) in {0, 1}
-            if tuple(mask.shape[-2:]) != (height, width):
-                mask = torch.nn.functional.interpolate(mask, size=(height, width), mode="nearest")
-
-        sampler_name, schedule_name = samplers.resolve(sampler, schedule, cfg.scheduler)
-        init_for_sampler = mode == "img2img" or (mode == "inpaint" and strength < 1.0)
-        plan = samplers.make_plan(sampler_name, schedule_name, num_inference_steps, cfg.scheduler,
-                                  strength=strength if init_for_sampler else 1.0, eta=eta)  # validates before any work
-        total = plan.num_steps  # progress ticks and callbacks (PLMS evaluates steps + 1 times)
+        """validate -> encode -> initial latents -> the sampler loop -> decode."""
+        run = self._validate(request)  # what needs the model, checked before any work
         # what the backend compiles for this workload, once (the triton layer's kernels, in parallel)
-        self.backend.prepare(height, width, n_images, sampler_name, schedule_name)
-        latent_shape = (n_images, cfg.vae.latent_channels, height // cfg.vae.downscale, width // cfg.vae.downscale)
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        do_cfg = guidance_scale > 1.0
-        control_inputs = self._control_inputs(controls, controlnets, width, height, n_images, do_cfg, total)
+        self.backend.prepare(request.height, request.width, request.n_images, run.plan.sampler, run.plan.schedule)
+        controls = self._control_inputs(run)  # a backend that runs no ControlNets refuses here
+        with self._holding_weights(run.tag_loras) as loras, _Progress(run) as progress:
+            params = self._params(run, loras)
+            pixels = self.backend.run_request(run, self.tokenizer, self.tokenizer_2, progress)
+            if pixels is not None:  # a backend that runs whole requests itself (native: the C++ loop)
+                return self._result(run, params, pixels=pixels)
+            context, added_cond = self._encode(run)
+            noise, init_latents, extra_channels = self._initial_latents(run)
+            step = self.backend.fused_step(run.plan, context, request.guidance_scale, added_cond, extra_channels,
+                                           **({"controls": controls} if controls else {}))
+            model_fn = None if step is not None else self._model_fn(run, context, added_cond, extra_channels,
+                                                                      controls, progress)
+            x = samplers.sample(model_fn, noise, run.plan, step=step, init_latents=init_latents,
+                                generators=run.generators, callback=progress)
+            if request.output_type == "latent":
+                return GenerationResult(x, list(request.seeds), params)
+            return self._result(run, params, decoded=self.decode_latents(x, tiling=request.vae_tiling))
 
-        def new_bar():
-            return tqdm(total=total, desc=f"{sampler_name}", unit="step", disable=not progress, leave=False)
+    # ------------------------------------------------------------------
+    # Steps of the flow
+    # ------------------------------------------------------------------
 
-        step_index = [0]  # the sampler step that model_fn's next evaluations belong to (ControlNets' ranges)
+    def _validate(self, request: Request) -> "Run":
+        """The request made concrete for this model: prompts without their <lora:> tags (and the
+        LoRAs those add), its ControlNets loaded and checked, its images as tensors at its size,
+        and the sampler's plan (validated: names, steps, strength)."""
+        texts, negatives, tag_loras = list(request.prompts), list(request.negative_prompts), []
+        if request.prompt_syntax:
+            texts, negatives, tag_loras = a1111.lora_tags(texts, negatives, request.lora_dir)
+        controlnets = [self._controlnet(c.model) for c in request.controls]
+        height, width = request.height, request.width
+        image = None if request.init_image is None else imaging.image_tensor(request.init_image, height, width)
+        mask = None if request.mask_image is None else imaging.mask_tensor(request.mask_image, height, width)
+        init_for_sampler = request.mode == "img2img" or (request.mode == "inpaint" and request.strength < 1.0)
+        plan = samplers.plan_for(request.sampler, request.schedule, request.steps, self.config.scheduler,
+                                 strength=request.strength if init_for_sampler else 1.0, eta=request.eta)
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in request.seeds]  # one per image
+        return Run(request, texts, negatives, tag_loras, controlnets, image, mask, plan, init_for_sampler, generators)
 
-        def on_step(index, x):
-            step_index[0] = index + 1
-            bar.update(1)
-            if callback is not None and callback(index, total, x) is False:
-                raise GenerationCancelled(f"cancelled by the callback at step {index + 1}")
+    def _params(self, run: "Run", loras: list) -> dict:
+        """The generation parameters of the result (and of the PNG's infotext)."""
+        r = run.request
+        return dict(
+            mode=r.mode, prompts=list(r.prompts), negative_prompts=run.negatives, steps=r.steps,
+            sampler=run.plan.sampler, schedule=run.plan.schedule, guidance_scale=r.guidance_scale, height=r.height,
+            width=r.width, strength=r.strength, model=self.name, clip_skip=r.clip_skip, eta=r.eta, loras=loras,
+            controls=[control_params(c, cn, r.width, r.height) for c, cn in zip(r.controls, run.controlnets)],
+        )
 
-        with self._holding_weights(tag_loras) as loras:
-            params = dict(
-                mode=mode, prompts=prompts, negative_prompts=negatives, steps=num_inference_steps,
-                sampler=sampler_name, schedule=schedule_name, guidance_scale=guidance_scale, height=height,
-                width=width, strength=strength, model=self.name, clip_skip=clip_skip, eta=eta,
-                loras=loras, controls=[control_params(c, cn, width, height) for c, cn in zip(controls, controlnets)],
-            )
-            # A backend that runs whole requests itself (native: the C++ loop) takes the checked
-            # request here and gives back uint8 images (docs/CONTRACTS.md).
-            run_request = getattr(self.backend, "run_request", None)
-            if run_request is not None:
-                bar = new_bar()
-                try:
-                    pixels = run_request(
-                        tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, prompts=texts, negatives=negatives,
-                        negative_given=request.negative_prompt_given, prompt_syntax=syntax, seeds=seeds,
-                        steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
-                        sampler=sampler_name, schedule=schedule_name, eta=eta, strength=strength, mode=mode,
-                        image=image, mask=mask, clip_skip=clip_skip, latents=latents, output_type=output_type,
-                        vae_tiling=vae_tiling, on_step=on_step, wants_latents=callback is not None)
-                finally:
-                    bar.close()
-                images = pixels.astype(np.float32) / 255  # (N, H, W, 3)
-                return GenerationResult(images if output_type == "np" else numpy_to_pil(images), seeds, params)
-
-            # -- text ------------------------------------------------------------
-            # A1111's syntax: prompt and negative prompt take the same number of 77-token windows.
-            windows = a1111.count_windows(self.tokenizer, texts + (negatives if do_cfg else [])) if syntax else None
-            context, pooled = self._encode_prompts(texts, clip_skip, syntax, windows)
-            if do_cfg:
-                if cfg.is_sdxl and not request.negative_prompt_given:  # SDXL: force_zeros_for_empty_prompt
-                    neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
-                else:
-                    neg_context, neg_pooled = self._encode_prompts(negatives, clip_skip, syntax, windows)
-                context = torch.cat([neg_context, context])  # (2N, 77·windows, D): [uncond, cond]
-                pooled = torch.cat([neg_pooled, pooled]) if pooled is not None else None
-            added_cond = None
-            if cfg.unet.addition_embed_type == "text_time":
-                # SDXL micro-conditioning: (original size, crop top-left, target size).
-                time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
-                added_cond = {"text_embeds": pooled, "time_ids": time_ids.repeat(context.shape[0], 1)}
-
-            # -- initial latents (generator draws in diffusers' order) ---------------
-            device = self.backend.device
-            image_latents = masked_image_latents = None
-            if init_for_sampler:
-                image_latents = self._encode_images(image, generators)
-            noise = latents if latents is not None else samplers.randn(latent_shape, generators, torch.device("cpu"),
-                                                                       torch.float32)
-            noise = noise.to(device, torch.float32)
-            if mode == "inpaint":
-                masked_image = image * (mask < 0.5)
-                masked_image_latents = self._encode_images(masked_image, generators)
-                mask_latent = torch.nn.functional.interpolate(mask, size=latent_shape[-2:])  # nearest
-                extra_channels = torch.cat([mask_latent, masked_image_latents], dim=1).to(device)  # (N, 1 + C, h, w)
-                if do_cfg:
-                    extra_channels = torch.cat([extra_channels, extra_channels])
-
-            def model_fn(x_in, t):
-                """Raw model output (the config's prediction type) with guidance applied."""
-                x_batch = torch.cat([x_in, x_in]) if do_cfg else x_in  # (2N, C, h, w)
-                if mode == "inpaint":
-                    x_batch = torch.cat([x_batch, extra_channels.to(x_batch.dtype)], dim=1)
-                t_batch = t.expand(x_batch.shape[0]) if t.dim() <= 1 and t.numel() == 1 else \
-                    (torch.cat([t, t]) if do_cfg else t)
-                if control_inputs:
-                    i = min(step_index[0], total - 1)
-                    active = [c for c in control_inputs if c.active[i]]
-                    out = self.backend.denoise(x_batch, t_batch, context, added_cond, controls=active)
-                else:
-                    out = self.backend.denoise(x_batch, t_batch, context, added_cond)
-                if not do_cfg:
-                    return out
-                uncond, cond = out.chunk(2)
-                return uncond + guidance_scale * (cond - uncond)
-
-            # -- denoising loop ----------------------------------------------------------
-            # A backend that runs UNet + guidance + sampler update as one function offers fused_step
-            # (docs/CONTRACTS.md); it returns None for a run its kernels do not cover.
-            fused_step = getattr(self.backend, "fused_step", None)
-            fused_args = (plan, context, guidance_scale, added_cond, extra_channels if mode == "inpaint" else None)
-            if fused_step is None:
-                step = None
-            elif control_inputs:
-                step = fused_step(*fused_args, controls=control_inputs)
+    def _encode(self, run: "Run") -> tuple:
+        """(context (2N or N, 77·windows, D), added_cond or None): [uncond, cond] rows with guidance."""
+        r, cfg = run.request, self.config
+        syntax = r.prompt_syntax
+        # A1111's syntax: prompt and negative prompt take the same number of 77-token windows.
+        windows = a1111.count_windows(self.tokenizer, run.texts + (run.negatives if run.do_cfg else [])) \
+            if syntax else None
+        context, pooled = self._encode_prompts(run.texts, r.clip_skip, syntax, windows)
+        if run.do_cfg:
+            if cfg.is_sdxl and not r.negative_prompt_given:  # SDXL: force_zeros_for_empty_prompt
+                neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
             else:
-                step = fused_step(*fused_args)
-            bar = new_bar()
-            try:
-                if step is not None:
-                    x = sample_fused(step, noise, plan, init_latents=image_latents if init_for_sampler else None,
-                                     generators=generators, callback=on_step)
-                else:
-                    x = samplers.sample(
-                        model_fn, noise, sampler=sampler_name, schedule=schedule_name, steps=num_inference_steps,
-                        scheduler_config=cfg.scheduler,
-                        init_latents=image_latents if init_for_sampler else None,
-                        strength=strength, generators=generators, callback=on_step, eta=eta,
-                    )
-            finally:
-                bar.close()
+                neg_context, neg_pooled = self._encode_prompts(run.negatives, r.clip_skip, syntax, windows)
+            context = torch.cat([neg_context, context])  # (2N, 77·windows, D): [uncond, cond]
+            pooled = torch.cat([neg_pooled, pooled]) if pooled is not None else None
+        if cfg.unet.addition_embed_type != "text_time":
+            return context, None
+        # SDXL micro-conditioning: (original size, crop top-left, target size).
+        time_ids = torch.tensor([[r.height, r.width, 0, 0, r.height, r.width]], dtype=torch.float32)
+        return context, {"text_embeds": pooled, "time_ids": time_ids.repeat(context.shape[0], 1)}
 
-            if output_type == "latent":
-                return GenerationResult(x, seeds, params)
+    def _initial_latents(self, run: "Run") -> tuple:
+        """(noise (N, C, h, w) float32 on the device, the image latents the sampler starts from or
+        None, inpainting's extra UNet input channels (2N or N, 1 + C, h, w) or None). The image
+        latents, the noise and the masked image's latents are drawn from the generators in this
+        order, as diffusers draws them."""
+        r, device, vae = run.request, self.backend.device, self.config.vae
+        generators = run.generators
+        latent_shape = (r.n_images, vae.latent_channels, r.height // vae.downscale, r.width // vae.downscale)
+        init_latents = self._encode_images(run.image, generators) if run.init_for_sampler else None
+        noise = r.latents if r.latents is not None else samplers.randn(latent_shape, generators,
+                                                                       torch.device("cpu"), torch.float32)
+        noise = noise.to(device, torch.float32)
+        if r.mode != "inpaint":
+            return noise, init_latents, None
+        masked_image_latents = self._encode_images(run.image * (run.mask < 0.5), generators)
+        mask_latent = torch.nn.functional.interpolate(run.mask, size=latent_shape[-2:])  # nearest
+        extra_channels = torch.cat([mask_latent, masked_image_latents], dim=1).to(device)  # (N, 1 + C, h, w)
+        return noise, init_latents, torch.cat([extra_channels, extra_channels]) if run.do_cfg else extra_channels
 
-            # -- decode --------------------------------------------------------------------
-            decoded = self.decode_latents(x, tiling=vae_tiling)  # (N, 3, H, W) in [-1, 1]
-            images = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
-            if output_type == "np":
-                return GenerationResult(images, seeds, params)
-            return GenerationResult(numpy_to_pil(images), seeds, params)
+    def _model_fn(self, run: "Run", context, added_cond, extra_channels, controls: list, progress: "_Progress"):
+        """model_fn(x_in, t) -> the raw model output (the config's prediction type) with guidance
+        applied: one UNet forward on [uncond, cond], with the ControlNets active at this step."""
+        do_cfg, guidance_scale, total = run.do_cfg, run.request.guidance_scale, run.plan.num_steps
+
+        def model_fn(x_in, t):
+            x_batch = torch.cat([x_in, x_in]) if do_cfg else x_in  # (2N, C, h, w)
+            if extra_channels is not None:
+                x_batch = torch.cat([x_batch, extra_channels.to(x_batch.dtype)], dim=1)
+            t_batch = t.expand(x_batch.shape[0]) if t.dim() <= 1 and t.numel() == 1 else \
+                (torch.cat([t, t]) if do_cfg else t)
+            if controls:
+                i = min(progress.step, total - 1)  # the step whose ControlNets run
+                out = self.backend.denoise(x_batch, t_batch, context, added_cond,
+                                           controls=[c for c in controls if c.active[i]])
+            else:
+                out = self.backend.denoise(x_batch, t_batch, context, added_cond)
+            if not do_cfg:
+                return out
+            uncond, cond = out.chunk(2)
+            return uncond + guidance_scale * (cond - uncond)
+
+        return model_fn
+
+    def _result(self, run: "Run", params: dict, *, decoded=None, pixels=None) -> GenerationResult:
+        """The caller's images from decoded images (N, 3, H, W) in [-1, 1], or from uint8 pixels
+        (N, H, W, 3) of a backend that ran the whole request."""
+        seeds = list(run.request.seeds)
+        if run.request.output_type == "np":
+            images = pixels.astype(np.float32) / 255 if pixels is not None else imaging.to_numpy(decoded)
+            return GenerationResult(images, seeds, params)
+        return GenerationResult(imaging.to_pil(pixels if pixels is not None else imaging.to_uint8(decoded)), seeds,
+                                params)
 
     # ------------------------------------------------------------------
     # LoRAs and textual inversion
@@ -500,19 +507,21 @@ class Pipeline:
         check_fits(controlnet, self.config, self.name)
         return controlnet
 
-    def _control_inputs(self, controls, controlnets, width, height, n_images, do_cfg, total) -> list:
+    def _control_inputs(self, run: Run) -> list:
         """The ControlInputs of a run: control images prepared at the output size on the backend's
         device and dtype (both halves of the batch with guidance, the conditional half in guess
         mode), each ControlNet's steps, and the backend's function for it (made here, before any
         work, so that a backend that cannot run ControlNets says so at once)."""
-        keep = keep_table(controls, total)
+        r = run.request
+        keep = keep_table(r.controls, run.plan.num_steps)
         inputs = []
-        for i, (control, controlnet) in enumerate(zip(controls, controlnets)):
-            image = prepare_image(control.image, width, height, n_images, controlnet.config.conditioning_channels,
-                                  control.preprocess, f"control[{i}].image")  # (N, C, H, W) in [0, 1]
+        for i, (control, controlnet) in enumerate(zip(r.controls, run.controlnets)):
+            image = prepare_image(control.image, r.width, r.height, r.n_images,
+                                  controlnet.config.conditioning_channels, control.preprocess,
+                                  f"control[{i}].image")  # (N, C, H, W) in [0, 1]
             guess_mode = control.guess_mode or controlnet.config.global_pool_conditions  # as diffusers
-            cond_only = guess_mode and do_cfg
-            if do_cfg and not cond_only:
+            cond_only = guess_mode and run.do_cfg
+            if run.do_cfg and not cond_only:
                 image = torch.cat([image, image])  # [uncond, cond], as the UNet batch
             entry = ControlInput(controlnet, image.to(self.backend.device, self.backend.dtype), float(control.scale),
                                  guess_mode, cond_only, [row[i] for row in keep])
@@ -520,17 +529,13 @@ class Pipeline:
             inputs.append(entry)
         return inputs
 
-    # ------------------------------------------------------------------
-    # Steps of the flow
-    # ------------------------------------------------------------------
-
     def _encode_prompts(self, prompts: list, clip_skip, syntax: Optional[str] = None, windows: Optional[int] = None):
         if syntax == "a1111":
             widths = (self.config.text_encoder.hidden_size,
                       *((self.config.text_encoder_2.hidden_size,) if self.tokenizer_2 is not None else ()))
             return a1111.encode(self.backend, self.tokenizer, self.tokenizer_2, prompts, clip_skip,
                                         widths=widths, windows=windows,
-                                        max_windows=getattr(self.backend, "max_prompt_windows", None))
+                                        max_windows=self.backend.max_prompt_windows)
         ids = self.tokenizer(prompts)
         ids_2 = self.tokenizer_2(prompts) if self.tokenizer_2 is not None else None
         context, pooled = self.backend.encode_text(ids, ids_2, clip_skip=clip_skip)
@@ -586,29 +591,3 @@ def _quote(value: Optional[str]) -> Optional[str]:
     if value is None or not any(c in value for c in ",:\n"):
         return value
     return json.dumps(value, ensure_ascii=False)
-
-
-# ----------------------------------------------------------------------
-# Images (checked by sdengine.request) -> tensors
-# ----------------------------------------------------------------------
-
-def _image_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """Float images (N, H, W, 3) in [0, 1] -> (N, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous() * 2.0 - 1.0
-
-
-def _mask_to_tensor(masks: np.ndarray) -> torch.Tensor:
-    """Float masks (N, H, W, 1 or 3) in [0, 1] -> (N, 1, H, W) binarised at 0.5, white (1) =
-    repaint (diffusers' mask processor)."""
-    if masks.shape[-1] == 3:  # grayscale as PIL's "L" does (ITU-R 601-2 luma)
-        masks = masks[..., :1] * 0.299 + masks[..., 1:2] * 0.587 + masks[..., 2:3] * 0.114
-    mask = torch.from_numpy(np.ascontiguousarray(masks[..., :1])).permute(0, 3, 1, 2)
-    return (mask >= 0.5).float()
-
-
-def numpy_to_pil(images: np.ndarray) -> list:
-    """(N, H, W, 3) floats in [0, 1] -> PIL images, rounding as diffusers does."""
-    from PIL import Image
-
-    uint8 = (images * 255).round().astype("uint8")
-    return [Image.fromarray(im) for im in uint8]

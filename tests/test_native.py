@@ -291,7 +291,7 @@ def test_aoti_step_path_img2img_uses_compiled_encoder(aoti, eager):
 
 def test_aoti_step_path_matches_eager(aoti, eager):
     """The pipeline driving the compiled packages step by step (the backend interface)."""
-    assert aoti.backend.name == "aoti" and not hasattr(aoti.backend, "run_request")
+    assert aoti.backend.name == "aoti" and not aoti.backend.runs_whole_requests
     ours = aoti(PROMPT, num_inference_steps=3, height=SIZE, width=SIZE, seed=3, sampler="dpmpp_2m",
                   output_type="np", progress=False).images[0]
     ref = _eager_uint8(eager, "dpmpp_2m", None, seed=3)[0]
@@ -963,7 +963,9 @@ def test_native_pipeline_runs_cpp_loop(family_pipelines, kind, sampler, schedule
     """sdengine.load(..., backend="native") runs the Pipeline's requests in the C++ loop (its step
     counters move by the number of model evaluations) and gives the eager pipeline's images."""
     native, eager = family_pipelines(kind)
-    assert native.backend.name == "native" and not hasattr(native.backend, "denoise")
+    assert native.backend.name == "native" and native.backend.runs_whole_requests
+    with pytest.raises(ValueError, match="runs whole requests in the C\\+\\+ loop"):
+        native.backend.denoise(None, None, None)
     extra = dict(init_image=_init_image(5), mask_image=_mask()) if kind == "sd15-inpaint" else \
         dict(height=SIZE, width=SIZE)
     args = dict(negative_prompt="blurry", num_inference_steps=3, seed=7, sampler=sampler, schedule=schedule,

@@ -18,10 +18,20 @@ import torch
 
 from sdengine.bench.reference import DIFFUSERS_SCHEDULERS
 from sdengine.config import SchedulerConfig
-from sdengine.samplers import (SAMPLERS, SCHEDULES, SEEDS_DDPM, NAMES, make_plan, normalize_name, randn, resolve,
-                               sample, sigmas_karras)
+from sdengine.samplers import (SAMPLERS, SCHEDULES, SEEDS_DDPM, NAMES, make_plan, normalize_name, plan_for, randn,
+                               resolve, sample, sigmas_karras)
 
 RTOL = 1e-6
+
+
+def sample_by_names(model, noise, *, sampler, schedule, steps, scheduler_config, init_latents=None, strength=1.0,
+                    eta=0.0, **kwargs):
+    """samplers.sample on the plan of these names (samplers.plan_for), as the pipeline makes it:
+    strength applies to a run that starts from init_latents."""
+    plan = plan_for(sampler, schedule, steps, scheduler_config,
+                    strength=strength if init_latents is not None else 1.0, eta=eta)
+    return sample(model, noise, plan, init_latents=init_latents, **kwargs)
+
 SD = SchedulerConfig()  # SD1.5: scaled_linear 0.00085..0.012, leading, steps_offset 1
 SD_V = dataclasses.replace(SD, prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=0)
 
@@ -105,7 +115,7 @@ def check_parity(sampler, cfg, steps, *, schedule=None, stochastic=False, init=F
     seed = 100 if stochastic else None
     model_a, calls_a = make_model(channels=shape[1])
     model_b, calls_b = make_model(channels=shape[1])
-    ours = sample(model_a, noise, sampler=sampler, schedule=schedule, steps=steps, scheduler_config=cfg,
+    ours = sample_by_names(model_a, noise, sampler=sampler, schedule=schedule, steps=steps, scheduler_config=cfg,
                   init_latents=init_latents, strength=strength, generators=generators(seed) if stochastic else None,
                   **({"eta": eta} if eta is not None else {}))
     theirs = run_diffusers(diffusers_scheduler(sampler, cfg, **(diffusers_overrides or {})), model_b, noise, steps,
@@ -219,7 +229,7 @@ def test_zero_terminal_snr_v_prediction():
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     model_a, calls_a = make_model()
     model_b, calls_b = make_model()
-    ours = sample(model_a, noise, sampler="euler", schedule=None, steps=10, scheduler_config=cfg)
+    ours = sample_by_names(model_a, noise, sampler="euler", schedule=None, steps=10, scheduler_config=cfg)
     theirs = run_diffusers(diffusers_scheduler("euler", cfg), model_b, noise, 10)
     assert len(calls_a) == len(calls_b)
     assert max(rel(a[0], b[0]) for a, b in zip(calls_a, calls_b)) <= 1e-5
@@ -232,7 +242,7 @@ def test_callback_latents_match_diffusers_every_step():
     model_a, _ = make_model()
     model_b, _ = make_model()
     seen = []
-    sample(model_a, noise, sampler="dpmpp_2m", schedule="karras", steps=8, scheduler_config=SD,
+    sample_by_names(model_a, noise, sampler="dpmpp_2m", schedule="karras", steps=8, scheduler_config=SD,
            callback=lambda i, x: seen.append((i, x.clone())))
     sched = diffusers_scheduler("dpmpp_2m", SD, use_karras_sigmas=True)
     sched.set_timesteps(8)
@@ -248,11 +258,11 @@ def test_inpainting_full_strength_starts_from_pure_noise():
     init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     model_a, calls_a = make_model()
     model_b, calls_b = make_model()
-    inpaint = sample(model_a, noise, sampler="ddim", schedule=None, steps=5, scheduler_config=SD,
+    inpaint = sample_by_names(model_a, noise, sampler="ddim", schedule=None, steps=5, scheduler_config=SD,
                      init_latents=init, strength=1.0, inpainting=True)
-    txt2img = sample(model_b, noise, sampler="ddim", schedule=None, steps=5, scheduler_config=SD)
+    txt2img = sample_by_names(model_b, noise, sampler="ddim", schedule=None, steps=5, scheduler_config=SD)
     assert torch.equal(inpaint, txt2img)
-    img2img = sample(make_model()[0], noise, sampler="ddim", schedule=None, steps=5, scheduler_config=SD,
+    img2img = sample_by_names(make_model()[0], noise, sampler="ddim", schedule=None, steps=5, scheduler_config=SD,
                      init_latents=init, strength=1.0)
     assert not torch.equal(img2img, txt2img)
 
@@ -357,7 +367,7 @@ def test_sde_samplers_vs_float64_reference(sampler, reference, cfg, schedule):
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     model_a, _ = make_model(1)
     model_b, _ = make_model(1)
-    ours = sample(model_a, noise, sampler=sampler, schedule=schedule, steps=steps, scheduler_config=cfg,
+    ours = sample_by_names(model_a, noise, sampler=sampler, schedule=schedule, steps=steps, scheduler_config=cfg,
                   generators=generators(30))
     name, schedule = resolve(sampler, schedule, cfg)
     plan = make_plan(name, schedule, steps, cfg)
@@ -451,9 +461,9 @@ def test_randn_is_batch_independent():
 
 def test_stochastic_sampler_is_batch_independent():
     noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    outs = sample(make_model()[0], noise, sampler="euler_a", schedule=None, steps=6, scheduler_config=SD,
+    outs = sample_by_names(make_model()[0], noise, sampler="euler_a", schedule=None, steps=6, scheduler_config=SD,
                   generators=generators(40, 3))
-    one = sample(make_model()[0], noise[2:], sampler="euler_a", schedule=None, steps=6, scheduler_config=SD,
+    one = sample_by_names(make_model()[0], noise[2:], sampler="euler_a", schedule=None, steps=6, scheduler_config=SD,
                  generators=[torch.Generator().manual_seed(42)])
     assert rel(outs[2:], one) < 1e-12
 
@@ -463,7 +473,7 @@ def test_callback_count_is_plan_num_steps(sampler):
     steps, strength = 10, 0.55
     plan = make_plan(sampler, "default", steps, SD, strength=strength)
     seen = []
-    sample(make_model()[0], torch.randn(1, 4, 8, 8, dtype=torch.float64), sampler=sampler, schedule=None,
+    sample_by_names(make_model()[0], torch.randn(1, 4, 8, 8, dtype=torch.float64), sampler=sampler, schedule=None,
            steps=steps, scheduler_config=SD, init_latents=torch.zeros(1, 4, 8, 8, dtype=torch.float64),
            strength=strength, callback=lambda i, x: seen.append(i))
     assert seen == list(range(plan.num_steps))
@@ -481,7 +491,7 @@ def test_callback_exception_propagates():
     noise = torch.randn(1, 4, 8, 8, dtype=torch.float64)
     model, calls = make_model()
     with pytest.raises(Cancelled):
-        sample(model, noise, sampler="euler", schedule=None, steps=10, scheduler_config=SD, callback=cancel)
+        sample_by_names(model, noise, sampler="euler", schedule=None, steps=10, scheduler_config=SD, callback=cancel)
     assert len(calls) == 3
 
 
@@ -503,7 +513,7 @@ def test_step_scalars_reproduce_euler_and_ddim():
 def _sample(**kw):
     args = dict(sampler="euler", schedule=None, steps=10, scheduler_config=SD)
     args.update(kw)
-    return sample(make_model()[0], torch.randn(1, 4, 8, 8, dtype=torch.float64), **args)
+    return sample_by_names(make_model()[0], torch.randn(1, 4, 8, 8, dtype=torch.float64), **args)
 
 
 def test_unknown_sampler_lists_valid_ones():

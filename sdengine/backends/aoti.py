@@ -26,11 +26,13 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from .base import BaseBackend
+from .eager import run_text_encoders
 
 log = logging.getLogger("sdengine")
 
 
-def _load_package(path: Path, constants: dict):
+def load_package(path: Path, constants: dict):
     """A compiled package with its weights handed over (user-managed: no copy)."""
     package = torch._inductor.aoti_load_package(str(path))
     wanted = set(package.get_constant_fqns())
@@ -100,13 +102,33 @@ def engine_buffers(engine_dir: Path, device, dtype) -> dict:
             for k, v in load_file(str(path)).items()}
 
 
-class EngineWeights:
-    """What the aoti and native backends share: the engine reads the modules' own tensors
+class EngineWeights(BaseBackend):
+    """What the aoti and native backends share: the model's AOTInductor engine (found in the
+    cache or built on first use, export/aoti.py), reading the modules' own tensors
     (`self._weights`, made by engine_weights without a copy where dtype and device fit), so
     LoRAs merged into them in place (sdengine/lora.py) reach the compiled networks with no
-    reload. Needs self.text_encoder, self.text_encoder_2, self.unet and self._weights."""
+    reload."""
 
     max_prompt_windows = 1  # the engine's UNet is compiled for 77-token contexts
+
+    def __init__(self, config: ModelConfig, text_encoder, unet, vae, text_encoder_2=None, *, engine_dir=None,
+                 progress: bool = True):
+        from sdengine.export import aoti
+
+        aoti.check_supported(config)
+        self.config = config
+        self.text_encoder, self.unet, self.vae = text_encoder.eval(), unet.eval(), vae.eval()
+        self.text_encoder_2 = text_encoder_2.eval() if text_encoder_2 is not None else None
+        first = next(unet.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        if engine_dir is None:
+            engine_dir = aoti.engine_for(config, dtype=self.dtype, device=self.device, progress=progress)
+        self._progress = progress
+        self.engine_dir = Path(engine_dir)
+        self.engine = json.loads((self.engine_dir / "engine.json").read_text())
+        # The engine reads these tensors in place: they must live as long as it does.
+        self._weights = engine_weights({"text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
+                                        "unet": unet, "vae": vae}, self.device, self.dtype)
 
     def weight_views(self) -> dict:
         """As EagerBackend.weight_views: the modules' tensors, which the engine reads (no copy)."""
@@ -156,21 +178,7 @@ class AOTIBackend(EngineWeights):
 
     def __init__(self, config: ModelConfig, text_encoder, unet, vae, text_encoder_2=None, *, engine_dir=None,
                  progress: bool = True):
-        from sdengine.export import aoti
-
-        aoti.check_supported(config)
-        self.config = config
-        self.text_encoder, self.unet, self.vae = text_encoder.eval(), unet.eval(), vae.eval()
-        self.text_encoder_2 = text_encoder_2.eval() if text_encoder_2 is not None else None
-        first = next(unet.parameters())
-        self.device, self.dtype = first.device, first.dtype
-        if engine_dir is None:
-            engine_dir = aoti.engine_for(config, dtype=self.dtype, device=self.device, progress=progress)
-        self._progress = progress
-        self.engine_dir = Path(engine_dir)
-        self.engine = json.loads((self.engine_dir / "engine.json").read_text())
-        self._weights = engine_weights({"text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
-                                        "unet": unet, "vae": vae}, self.device, self.dtype)
+        super().__init__(config, text_encoder, unet, vae, text_encoder_2, engine_dir=engine_dir, progress=progress)
         self._buffers = engine_buffers(self.engine_dir, self.device, self.dtype)
         self._networks = {}
 
@@ -183,7 +191,7 @@ class AOTIBackend(EngineWeights):
                 tensor = self._weights.get(f"{component}/{fqn[len(prefix):]}", self._buffers.get(f"{name}/{fqn}"))
                 if tensor is not None:
                     constants[fqn] = tensor
-            package = _load_package(self.engine_dir / info["package"], constants)
+            package = load_package(self.engine_dir / info["package"], constants)
             self._networks[name] = CompiledNetwork(name, package, info.get("static_shape"))
         return self._networks[name]
 
@@ -194,10 +202,9 @@ class AOTIBackend(EngineWeights):
         clip_skip, and ids past the engine's vocabulary (textual inversion), run through the eager
         text encoders (the engine has one output layer and the checkpoint's token table)."""
         if clip_skip is not None or int(input_ids.max()) >= self.engine_vocab_size():
-            from .eager import EagerBackend
-
             ids_2 = input_ids_2.to(self.device) if input_ids_2 is not None else None
-            context, pooled = EagerBackend._text(self, input_ids.to(self.device), ids_2, clip_skip)
+            context, pooled = run_text_encoders(self.text_encoder, self.text_encoder_2, input_ids.to(self.device),
+                                                ids_2, clip_skip)
             return context, pooled if self.text_encoder_2 is not None else None  # as the compiled path
         context = self._network("text_encoder")(input_ids.to(self.device))[0]
         if self.text_encoder_2 is None:
@@ -252,12 +259,12 @@ class AOTIBackend(EngineWeights):
         info = meta["networks"]["controlnet"]
         weights = {info["prefix"] + k: v.detach().to(self.device, self.dtype if v.is_floating_point() else v.dtype)
                    .contiguous() for k, v in controlnet.model.state_dict().items()}
-        package = CompiledNetwork("controlnet", _load_package(engine / info["package"], weights))
+        package = CompiledNetwork("controlnet", load_package(engine / info["package"], weights))
         if "unet_control" not in self._networks:
             info = meta["networks"]["unet_control"]
             constants = {fqn: self._weights[f"unet/{fqn[len(info['prefix']):]}"] for fqn in info["constants"]}
             self._networks["unet_control"] = CompiledNetwork("unet_control",
-                                                             _load_package(engine / info["package"], constants))
+                                                             load_package(engine / info["package"], constants))
         global_pool = controlnet.config.global_pool_conditions
 
         def run(x, t, context, image, scale, guess_mode, added_cond, _keep=weights):

@@ -12,6 +12,7 @@ import logging
 import torch
 
 from ..config import ModelConfig
+from .base import BaseBackend
 
 log = logging.getLogger("sdengine")
 
@@ -23,9 +24,19 @@ def residual_kwargs(res) -> dict:
     return {"down_block_additional_residuals": res[0], "mid_block_additional_residual": res[1]}
 
 
-class EagerBackend:
+def run_text_encoders(text_encoder, text_encoder_2, input_ids, input_ids_2, clip_skip):
+    """The text encoder(s) on device ids -> (context (B, 77, D), pooled (B, P) or None). SDXL
+    concatenates both encoders' hidden states on the feature axis and pools with the second."""
+    context, pooled = text_encoder(input_ids, clip_skip=clip_skip)
+    if input_ids_2 is not None:
+        context_2, pooled = text_encoder_2(input_ids_2, clip_skip=clip_skip)
+        context = torch.cat([context, context_2], dim=-1)  # (B, 77, D1 + D2)
+    return context, pooled
+
+
+class EagerBackend(BaseBackend):
     """Holds the networks on one device and dtype; implements the backend interface
-    of docs/CONTRACTS.md (encode_text, denoise, encode_image, decode)."""
+    (sdengine/backends/base.py): encode_text, denoise, encode_image, decode. No fused step."""
 
     name = "eager"
     max_prompt_windows = None  # the UNet takes contexts of any number of 77-token windows
@@ -58,11 +69,6 @@ class EagerBackend:
 
         return write_added_tokens({"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}, vectors)
 
-    def prepare(self, height: int, width: int, batch_size: int = 1, sampler=None, schedule=None) -> dict:
-        """Make what a workload needs before its first call (compiled kernels, ...): nothing for
-        eager networks. Returns what was done, for the benchmark record."""
-        return {}
-
     @torch.inference_mode()
     def encode_text(self, input_ids, input_ids_2=None, clip_skip=None):
         """Token ids (B, 77) -> (context (B, 77, D), pooled (B, P) or None).
@@ -79,11 +85,7 @@ class EagerBackend:
 
     def _text(self, input_ids, input_ids_2, clip_skip):
         """The text encoder(s) on device ids: what a faster backend replaces (e.g. by a graph)."""
-        context, pooled = self.text_encoder(input_ids, clip_skip=clip_skip)
-        if input_ids_2 is not None:
-            context_2, pooled = self.text_encoder_2(input_ids_2, clip_skip=clip_skip)
-            context = torch.cat([context, context_2], dim=-1)  # (B, 77, D1 + D2)
-        return context, pooled
+        return run_text_encoders(self.text_encoder, self.text_encoder_2, input_ids, input_ids_2, clip_skip)
 
     @torch.inference_mode()
     def denoise(self, x_in, t, context, added_cond=None, controls=()):

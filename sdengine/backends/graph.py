@@ -27,7 +27,7 @@ import torch
 
 from ..samplers import fused
 from .cuda_graphs import UPDATES, GraphCache, GraphedFunction, control_inputs, device_step
-from .eager import EagerBackend
+from .eager import EagerBackend, run_text_encoders
 
 log = logging.getLogger("sdengine")
 
@@ -52,7 +52,8 @@ class GraphBackend(EagerBackend):
         self.graphs = GraphCache(graph_cache) if self.device.type == "cuda" and cuda_graphs else None
         self._graphed = {}  # name -> GraphedFunction
         # What the graphs call: the networks themselves here, compiled ones in the compile layer.
-        self.text_fn = lambda ids, ids_2, clip_skip: EagerBackend._text(self, ids, ids_2, clip_skip)
+        self.text_fn = lambda ids, ids_2, clip_skip: run_text_encoders(self.text_encoder, self.text_encoder_2, ids,
+                                                                       ids_2, clip_skip)
         self.unet_fn = self.unet
         self.decode_fn = self.vae.decode
 

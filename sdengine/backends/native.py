@@ -26,12 +26,14 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
-from .aoti import EngineWeights, engine_weights
+from .aoti import EngineWeights
 
 log = logging.getLogger("sdengine")
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int64: 3}  # sde_dtype
 SAMPLERS = ("euler", "euler_a", "ddim", "dpmpp_2m", "pndm")  # those the C++ loop runs (csrc/src/sampling.cpp)
+_WHOLE_REQUESTS = ("the native backend runs whole requests in the C++ loop (run_request), not network calls one by "
+                   "one; backend='aoti' runs the same compiled networks one call at a time")
 
 
 class NativeBackend(EngineWeights):
@@ -42,25 +44,12 @@ class NativeBackend(EngineWeights):
     sde_model_params."""
 
     name = "native"
+    runs_whole_requests = True  # run_request runs every request; no encode_text / denoise / encode_image
 
     def __init__(self, config: ModelConfig, text_encoder, unet, vae, text_encoder_2=None, *, engine_dir=None,
                  progress: bool = True, max_concurrency: int = 0, max_graphs: int = 0):
-        from sdengine.export import aoti
-
-        aoti.check_supported(config)
-        self.config = config
-        self.text_encoder, self.unet, self.vae = text_encoder.eval(), unet.eval(), vae.eval()
-        self.text_encoder_2 = text_encoder_2.eval() if text_encoder_2 is not None else None
-        first = next(unet.parameters())
-        self.device, self.dtype = first.device, first.dtype
-        if engine_dir is None:
-            engine_dir = aoti.engine_for(config, dtype=self.dtype, device=self.device, progress=progress)
-        self.engine_dir = Path(engine_dir)
-        self.engine = json.loads((self.engine_dir / "engine.json").read_text())
+        super().__init__(config, text_encoder, unet, vae, text_encoder_2, engine_dir=engine_dir, progress=progress)
         self.has_text_encoder_2 = text_encoder_2 is not None
-        # The C++ model reads these tensors in place: they must live as long as it does.
-        self._weights = engine_weights({"text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
-                                        "unet": unet, "vae": vae}, self.device, self.dtype)
         self.max_concurrency, self.max_graphs = max_concurrency, max_graphs
         self._native = None
         self._tokenizer_dirs = None
@@ -73,7 +62,6 @@ class NativeBackend(EngineWeights):
         written to folders the C++ tokenizer reads (vocabulary, merges, pad token, length)."""
         if self._native is None:
             from sdengine import _C
-            from sdengine.export.aoti import _config_dict
 
             if (tokenizer_2 is None) == self.has_text_encoder_2:
                 raise ValueError("give tokenizer_2 exactly for SDXL (a second text encoder)")
@@ -86,7 +74,7 @@ class NativeBackend(EngineWeights):
                     continue
                 tensors.append((name, tensor.data_ptr(), _DTYPE_CODES[tensor.dtype], list(tensor.shape),
                                 1 if tensor.device.type == "cuda" else 0, tensor.device.index or 0))
-            self._native = _C.Model(tensors, None, json.dumps(_config_dict(self.config)), str(self.engine_dir),
+            self._native = _C.Model(tensors, None, json.dumps(self.config.to_dict()), str(self.engine_dir),
                                     str(folder), self.max_concurrency, str(folder_2) if folder_2 else None,
                                     self.max_graphs)
         return self._native
@@ -99,37 +87,39 @@ class NativeBackend(EngineWeights):
 
     # -- the Pipeline's hook (docs/CONTRACTS.md): a whole request ------------------------
 
-    def run_request(self, *, tokenizer, tokenizer_2, prompts, negatives, negative_given: bool, prompt_syntax, seeds,
-                    steps: int, guidance_scale: float, height: int, width: int, sampler: str, schedule: str,
-                    eta: float, strength: float, mode: str, image, mask, clip_skip, latents, output_type: str,
-                    vae_tiling, on_step: Callable, wants_latents: bool) -> np.ndarray:
-        """Run a request the pipeline has checked; returns uint8 images (N, H, W, 3).
+    def run_request(self, run, tokenizer, tokenizer_2, on_step: Callable) -> np.ndarray:
+        """Run a request the pipeline has checked (pipeline.Run); returns uint8 images (N, H, W, 3).
 
         on_step(step_index, latents or None) after every step (raises to cancel); latents are
-        diffusers' latents after the step when wants_latents (they come to the host every step).
-        One C++ request runs one prompt and negative prompt (plain text, up to 75 tokens of the
-        checkpoint's vocabulary) for images of consecutive seeds from one init image: images that
-        differ (a batching server's) run as one C++ request per run of consecutive images, and
-        on_step then counts each run's steps. Samplers: SAMPLERS. Anything else is a ValueError
-        that says so and names backend="aoti", which runs the same engine from the Python loop."""
+        diffusers' latents after the step when the request has a callback (they come to the host
+        every step). One C++ request runs one prompt and negative prompt (plain text, up to 75
+        tokens of the checkpoint's vocabulary) for images of consecutive seeds from one init image:
+        images that differ (a batching server's) run as one C++ request per run of consecutive
+        images, and on_step then counts each run's steps. Samplers: SAMPLERS. Anything else is a
+        ValueError that says so and names backend="aoti", which runs the same engine from the
+        Python loop."""
+        r = run.request
+        prompts, negatives, seeds, sampler = run.texts, run.negatives, r.seeds, run.plan.sampler
+        image, mask, wants_latents = run.image, run.mask, r.callback is not None
+
         def refuse(what):
             raise ValueError(f"the native backend runs requests in the C++ loop, which has no {what}; "
                              f"backend='aoti' runs the same compiled networks from the Python loop")
 
         if sampler not in SAMPLERS:
             refuse(f"sampler {sampler!r} (it has {', '.join(SAMPLERS)})")
-        if clip_skip is not None:
+        if r.clip_skip is not None:
             refuse("clip_skip")
-        if latents is not None:
+        if r.latents is not None:
             refuse("explicit initial latents")
-        if output_type == "latent":
+        if r.output_type == "latent":
             refuse("output_type='latent'")
-        if vae_tiling:
+        if r.vae_tiling:
             refuse("tiled VAE decode")
-        if eta and sampler != "ddim":
+        if r.eta and sampler != "ddim":
             refuse(f"eta for {sampler}")
         texts = sorted(set(prompts) | set(negatives))
-        if prompt_syntax == "a1111" and not all(_plain_a1111(tokenizer, text) for text in texts):
+        if r.prompt_syntax == "a1111" and not all(_plain_a1111(tokenizer, text) for text in texts):
             refuse("A1111 prompt syntax (emphasis, BREAK, prompts over 75 tokens)")
         for tok in (tokenizer, tokenizer_2):
             if tok is not None and int(tok(texts).max()) >= self.engine_vocab_size():
@@ -170,16 +160,25 @@ class NativeBackend(EngineWeights):
         for first, count in runs:
             try:
                 results = model.generate(
-                    prompts[first], negatives[first] if negative_given else None, width, height, steps,
-                    float(guidance_scale), int(seeds[first]), count, sampler, schedule, float(eta),
-                    None if wants_latents else progress, init_bytes[first], strength if mode != "txt2img" else None,
+                    prompts[first], negatives[first] if r.negative_prompt_given else None, r.width, r.height, r.steps,
+                    float(r.guidance_scale), int(seeds[first]), count, sampler, run.plan.schedule, float(r.eta),
+                    None if wants_latents else progress, init_bytes[first], r.strength if r.mode != "txt2img" else None,
                     mask_bytes[first], latents=with_latents if wants_latents else None)
             except _C.Cancelled as e:  # a callback returned False (an exception it raised propagates as itself)
-                from ..pipeline import GenerationCancelled
+                from ..errors import GenerationCancelled
 
                 raise GenerationCancelled(f"cancelled by the callback at step {steps_seen[0]}") from e
             images += [np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3) for data, w, h, _ in results]
         return np.stack(images)
+
+    def encode_text(self, input_ids, input_ids_2=None, clip_skip=None):
+        raise ValueError(_WHOLE_REQUESTS)
+
+    def denoise(self, x_in, t, context, added_cond=None, controls=()):
+        raise ValueError(_WHOLE_REQUESTS)
+
+    def encode_image(self, images):
+        raise ValueError(_WHOLE_REQUESTS)
 
     @torch.inference_mode()
     def decode(self, latents):
@@ -187,12 +186,12 @@ class NativeBackend(EngineWeights):
         decoder run from Python: for latents a callback kept (an interrupted request's partial
         result, as a server returns it); requests decode in C++."""
         if self._decoder is None:
-            from .aoti import CompiledNetwork, _load_package
+            from .aoti import CompiledNetwork, load_package
 
             info = self.engine["networks"]["vae_decoder"]
             constants = {fqn: self._weights[f"vae/{fqn[len(info['prefix']):]}"] for fqn in info["constants"]
                          if f"vae/{fqn[len(info['prefix']):]}" in self._weights}
-            self._decoder = CompiledNetwork("vae_decoder", _load_package(self.engine_dir / info["package"], constants),
+            self._decoder = CompiledNetwork("vae_decoder", load_package(self.engine_dir / info["package"], constants),
                                             info.get("static_shape"))
         return self._decoder(latents.to(self.device, self.dtype).contiguous())[0].float()
 

@@ -3,6 +3,8 @@
     pipe = sdengine.load("sd15-onnx")                 # a folder with sdengine_onnx.json
     pipe = sdengine.load("sd15.safetensors", backend="onnx")   # exported once, then cached
 
+`OnnxBackend.load_model` reads (or makes) the export, `from_loaded` opens its sessions.
+
 The pipeline and samplers are the same as with every other backend; only the four
 network calls go through onnxruntime. Providers:
   - CUDAExecutionProvider when onnxruntime has it and torch sees a CUDA device: inputs
@@ -20,18 +22,23 @@ import json
 import logging
 import operator
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+from ..config import ModelConfig
+from ..device import DTYPES, dtype_name
+from ..tokenizer import CLIPTokenizer
+from .base import BaseBackend
+
 log = logging.getLogger("sdengine")
 
 NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+# The manifest names its tensors' element types as numpy does (export/onnx.py `_io_specs`).
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
-_EXPORT_DTYPES = {torch.float32: "fp32", torch.float16: "fp16"}
 
 
 # ---------------------------------------------------------------------------
@@ -111,7 +118,7 @@ class OnnxGraph:
         for name, tensor in feeds.items():
             spec = self.inputs[name]
             bind_dims(spec["shape"], tensor.shape, symbols)
-            binding.bind_input(name, "cuda", device_id, _NUMPY_DTYPES[spec["dtype"]], list(tensor.shape),
+            binding.bind_input(name, "cuda", device_id, np.dtype(spec["dtype"]).type, list(tensor.shape),
                                tensor.data_ptr())
         results = []
         for name in outputs:
@@ -122,7 +129,7 @@ class OnnxGraph:
                 results.append(None)
                 continue
             out = torch.empty(shape, dtype=_TORCH_DTYPES[spec["dtype"]], device=self.device)
-            binding.bind_output(name, "cuda", device_id, _NUMPY_DTYPES[spec["dtype"]], shape, out.data_ptr())
+            binding.bind_output(name, "cuda", device_id, np.dtype(spec["dtype"]).type, shape, out.data_ptr())
             results.append(out)
         torch.cuda.current_stream(self.device).synchronize()  # the inputs are written
         self.session.run_with_iobinding(binding)
@@ -158,33 +165,102 @@ def _providers(device: Optional[torch.device]) -> tuple[list, torch.device]:
     return ["CPUExecutionProvider"], device
 
 
-class OnnxBackend:
-    """Holds the ORT sessions of one export; implements the backend interface of
-    docs/CONTRACTS.md (encode_text, denoise, encode_image, decode).
+@dataclass
+class OnnxExport:
+    """An export folder, read (OnnxBackend.load_model): what the onnx backend is built from."""
+
+    folder: Path
+    manifest: dict
+    config: ModelConfig
+    tokenizer: CLIPTokenizer
+    tokenizer_2: Optional[CLIPTokenizer]
+    device: Optional[torch.device]  # where the graphs should run (None: CUDA when both ORT and torch have it)
+
+    @property
+    def name(self) -> Optional[str]:
+        return self.manifest.get("name")
+
+    @classmethod
+    def read(cls, onnx_dir, device=None) -> "OnnxExport":
+        """Raises FileNotFoundError naming a missing folder or file and ValueError for a bad or
+        newer-format manifest (see sdengine.export.onnx.read_manifest)."""
+        from sdengine.export.onnx import read_manifest
+
+        onnx_dir = Path(onnx_dir)
+        manifest = read_manifest(onnx_dir)
+        if manifest["dtype"] not in ("fp32", "fp16"):
+            raise ValueError(f"{onnx_dir}: unsupported export dtype {manifest['dtype']!r}")
+        tokenizers = manifest.get("tokenizers", {})
+        tokenizer = (CLIPTokenizer.from_folder(onnx_dir / tokenizers["tokenizer"])
+                     if "tokenizer" in tokenizers else CLIPTokenizer.default())
+        tokenizer_2 = (CLIPTokenizer.from_folder(onnx_dir / tokenizers["tokenizer_2"])
+                       if "tokenizer_2" in tokenizers else None)
+        return cls(onnx_dir, manifest, ModelConfig.from_dict(manifest["config"]), tokenizer, tokenizer_2, device)
+
+
+class OnnxBackend(BaseBackend):
+    """Holds the ORT sessions of one export; implements the backend interface
+    (sdengine/backends/base.py): encode_text, denoise, encode_image, decode.
 
     Attributes: config (ModelConfig from the manifest), device, dtype (the export's),
-    tokenizer, tokenizer_2, provider (the ORT provider running the graphs), manifest.
+    provider (the ORT provider running the graphs), manifest.
     """
 
     name = "onnx"
     max_prompt_windows = 1  # the exported UNet takes 77-token contexts
 
     def __init__(self, onnx_dir, manifest: dict, graphs: dict, device: torch.device):
-        from sdengine.export.onnx import config_from_dict
-        from sdengine.tokenizer import CLIPTokenizer
-
         self.onnx_dir = Path(onnx_dir)
         self.manifest = manifest
-        self.config = config_from_dict(manifest["config"])
+        self.config = ModelConfig.from_dict(manifest["config"])
         self.graphs = graphs
         self.device = device
-        self.dtype = {"fp32": torch.float32, "fp16": torch.float16}[manifest["dtype"]]
+        self.dtype = DTYPES[manifest["dtype"]]
         self.provider = graphs["unet"].provider
-        tokenizers = manifest.get("tokenizers", {})
-        self.tokenizer = (CLIPTokenizer.from_folder(self.onnx_dir / tokenizers["tokenizer"])
-                          if "tokenizer" in tokenizers else CLIPTokenizer.default())
-        self.tokenizer_2 = (CLIPTokenizer.from_folder(self.onnx_dir / tokenizers["tokenizer_2"])
-                            if "tokenizer_2" in tokenizers else None)
+
+    @classmethod
+    def load_model(cls, path, *, device, dtype, config=None, prediction_type=None) -> OnnxExport:
+        """`path` is an export folder, or a checkpoint that is exported on first use into the cache
+        (cache_dir) with `dtype` (float32 or float16; the export folder's own dtype otherwise)."""
+        from sdengine.export.onnx import MANIFEST_NAME, export_onnx
+
+        path = Path(path)
+        if (path / MANIFEST_NAME).is_file():
+            onnx_dir = path
+        else:
+            dtype = torch.float32 if dtype is None else dtype
+            if dtype not in (torch.float32, torch.float16):
+                raise ValueError(f"the onnx backend runs float32 or float16 exports, not {dtype}")
+            onnx_dir = cache_dir(path, dtype_name(dtype))
+            if not (onnx_dir / MANIFEST_NAME).is_file():
+                log.info("onnx backend: exporting %s to %s (once; later loads reuse it)", path, onnx_dir)
+                export_onnx(path, onnx_dir, dtype=dtype_name(dtype), overwrite=True)
+        export = OnnxExport.read(onnx_dir, device)
+        if dtype is not None and dtype != DTYPES[export.manifest["dtype"]]:
+            log.info("onnx backend: %s holds a %s export: it runs in %s, not the requested %s", onnx_dir,
+                     export.manifest["dtype"], DTYPES[export.manifest["dtype"]], dtype)
+        return export
+
+    @classmethod
+    def from_loaded(cls, loaded, *, threads: Optional[int] = None) -> "OnnxBackend":
+        """ORT sessions over an export (OnnxExport). threads: ORT intra-op threads (default: ORT's
+        choice)."""
+        import onnxruntime as ort
+
+        if not isinstance(loaded, OnnxExport):
+            raise ValueError(f"backend {cls.name!r} cannot be built from torch modules: it runs an ONNX export "
+                             "(sdengine.load(export folder or checkpoint, backend='onnx'))")
+        providers, device = _providers(loaded.device)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        graphs = {name: OnnxGraph(loaded.folder / record["file"], record, providers, options, device)
+                  for name, record in loaded.manifest["networks"].items() if name in NETWORKS}
+        backend = cls(loaded.folder, loaded.manifest, graphs, device)
+        log.info("onnx backend: %s from %s on %s (%s, onnxruntime %s)", loaded.name, loaded.folder,
+                 backend.provider, loaded.manifest["dtype"], ort.__version__)
+        return backend
 
     @classmethod
     def from_dir(cls, onnx_dir, device=None, threads: Optional[int] = None) -> "OnnxBackend":
@@ -194,25 +270,7 @@ class OnnxBackend:
         Raises FileNotFoundError naming a missing folder or file and ValueError for a bad
         or newer-format manifest (see sdengine.export.onnx.read_manifest).
         """
-        import onnxruntime as ort
-
-        from sdengine.export.onnx import read_manifest
-
-        onnx_dir = Path(onnx_dir)
-        manifest = read_manifest(onnx_dir)
-        if manifest["dtype"] not in ("fp32", "fp16"):
-            raise ValueError(f"{onnx_dir}: unsupported export dtype {manifest['dtype']!r}")
-        providers, device = _providers(device)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        graphs = {name: OnnxGraph(onnx_dir / record["file"], record, providers, options, device)
-                  for name, record in manifest["networks"].items() if name in NETWORKS}
-        backend = cls(onnx_dir, manifest, graphs, device)
-        log.info("onnx backend: %s from %s on %s (%s, onnxruntime %s)", manifest.get("name"), onnx_dir,
-                 backend.provider, manifest["dtype"], ort.__version__)
-        return backend
+        return cls.from_loaded(OnnxExport.read(onnx_dir, device), threads=threads)
 
     # Weights: the graphs hold them as initializers that onnxruntime has already optimised
     # (folded, fused, laid out for its kernels), so sdengine does not change them in place.
@@ -227,10 +285,6 @@ class OnnxBackend:
                          "holds the vocabulary's token table; use the eager, triton or native backend")
 
     # The backend interface ------------------------------------------------------
-
-    def prepare(self, height: int, width: int, batch_size: int = 1, sampler=None, schedule=None) -> dict:
-        """Nothing to make before a workload's first call (docs/CONTRACTS.md, Backends)."""
-        return {}
 
     def encode_text(self, input_ids, input_ids_2=None, clip_skip=None):
         """Token ids (B, 77) -> (context (B, 77, D), pooled (B, P)); SDXL concatenates both encoders."""
@@ -286,7 +340,7 @@ class OnnxBackend:
 
 
 # ---------------------------------------------------------------------------
-# sdengine.load(..., backend="onnx")
+# sdengine.load(checkpoint, backend="onnx"): the export cache
 # ---------------------------------------------------------------------------
 
 def cache_dir(path: Path, dtype: str) -> Path:
@@ -303,27 +357,3 @@ def cache_dir(path: Path, dtype: str) -> Path:
     key = hashlib.sha256(ident.encode()).hexdigest()[:16]
     base = os.environ.get("SDE_CACHE_DIR")
     return (Path(base) if base else Path.home() / ".cache" / "sdengine") / "onnx" / f"{path.stem}-{dtype}-{key}"
-
-
-def load_pipeline(path, device=None, dtype=None):
-    """A Pipeline on the onnx backend: `path` is an export folder, or a checkpoint that is
-    exported on first use into the cache (cache_dir) with `dtype` (fp32 or fp16)."""
-    from sdengine.export.onnx import MANIFEST_NAME, export_onnx
-    from sdengine.pipeline import Pipeline
-
-    path = Path(path)
-    if (path / MANIFEST_NAME).is_file():
-        onnx_dir = path
-    else:
-        dtype = torch.float32 if dtype is None else dtype
-        if dtype not in _EXPORT_DTYPES:
-            raise ValueError(f"the onnx backend runs float32 or float16 exports, not {dtype}")
-        onnx_dir = cache_dir(path, _EXPORT_DTYPES[dtype])
-        if not (onnx_dir / MANIFEST_NAME).is_file():
-            log.info("onnx backend: exporting %s to %s (once; later loads reuse it)", path, onnx_dir)
-            export_onnx(path, onnx_dir, dtype=_EXPORT_DTYPES[dtype], overwrite=True)
-    backend = OnnxBackend.from_dir(onnx_dir, device=device)
-    if dtype is not None and dtype != backend.dtype:
-        log.info("onnx backend: %s holds a %s export: it runs in %s, not the requested %s", onnx_dir,
-                 backend.manifest["dtype"], backend.dtype, dtype)
-    return Pipeline(backend, backend.tokenizer, backend.tokenizer_2, name=backend.manifest.get("name"))

@@ -81,7 +81,7 @@ def _timed(fn, device) -> float:
 def measure(arch: str = "sd15", device=None, dtype=None, rank: int = 32, repeats: int = 3, seed: int = 0,
             log=print) -> dict:
     """The lora-swap record (see the module docstring)."""
-    from sdengine.api import resolve_device_dtype
+    from sdengine.device import resolve_device_dtype
     from sdengine.bench.harness import resolve_config
     from sdengine.lora import LoraWeights, parameter_views
 

@@ -23,6 +23,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from sdengine.device import DTYPES, dtype_name  # noqa: F401 (DTYPES: the benchmark's --dtype names)
+
 # Dense fp16/bf16 matmul rate measured on the lent machines, TFLOP/s (ANCHORS.md: 790-798 on
 # an H100 SXM; 769-798 on an H200). The floor in ANCHORS.md (2.03 ms per SD1.5 UNet step
 # with CFG) divides by 790; so do we, so that records and anchors agree.
@@ -184,13 +186,6 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, override: Optional[flo
 # ---------------------------------------------------------------------------
 # Environment
 # ---------------------------------------------------------------------------
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}[dtype]
-
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":

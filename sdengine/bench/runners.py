@@ -30,11 +30,12 @@ from typing import Optional
 
 import torch
 
+from sdengine.backends import base as backends
 from sdengine.config import ModelConfig
 
 COMPONENTS = ("text_encoder", "unet_step", "vae_decode", "end_to_end")
 DIFFUSERS_BACKENDS = ("diffusers", "diffusers-compile")
-ENGINE_BACKENDS = ("eager", "graph", "triton", "compile", "native", "aoti", "onnx")  # the speed layers first
+ENGINE_BACKENDS = backends.names()  # sdengine's registry (sdengine/backends/base.py): the speed layers first
 BACKENDS = ENGINE_BACKENDS + DIFFUSERS_BACKENDS
 # Prompts for end-to-end runs: content does not change the cost (every prompt is padded to 77
 # tokens), but each run gets a different one, with a different seed.
@@ -326,13 +327,13 @@ class EngineRunner:
             self.pipe("", height=w.height, width=w.width, batch_size=w.batch, sampler=w.sampler, schedule=w.schedule,
                       guidance_scale=w.guidance_scale, steps=2, seed=0, output_type="np", progress=False,
                       control=self.controls)
-        fallback = getattr(self.backend, "fallback", None)
+        fallback = getattr(self.backend, "fallback", None)  # the triton layer's, when its kernels failed
         return dict(info, fallback=fallback) if fallback else info
 
     def _component(self, method: str):
         # native runs whole requests in the C++ loop (one graphed call per step): only end to end
         # is timed there; the aoti row times the same compiled networks one by one.
-        if hasattr(self.backend, "run_request") or not hasattr(self.backend, method):
+        if self.backend.runs_whole_requests:
             raise BackendUnavailable(f"{self.backend.name} runs whole requests (C++ loop): end to end only; "
                                      f"the aoti row times its compiled networks one by one")
         return getattr(self.backend, method)
@@ -378,9 +379,9 @@ class EngineRunner:
                 return counted(step)
             return fused_step
 
-        patches = {"denoise": counted} if hasattr(self.backend, "denoise") else {}
-        if getattr(self.backend, "fused_step", None) is not None:  # the pipeline asks for it the same way
-            patches["fused_step"] = counted_fused_step
+        patches = {"fused_step": counted_fused_step}
+        if not self.backend.runs_whole_requests:
+            patches["denoise"] = counted
         prompt = inputs["prompts"][0] if len(inputs["prompts"]) == 1 else inputs["prompts"]
         steps_before = _native_steps(self.backend)
         with _wrapped(self.backend, patches):
@@ -477,6 +478,6 @@ def make_runner(name: str, source_pipe, config: ModelConfig, workload: Workload,
     if name in DIFFUSERS_BACKENDS:
         return DiffusersRunner(source_pipe, config, workload, device,
                                compile_mode=compile_mode if name == "diffusers-compile" else None)
-    if name in ENGINE_BACKENDS:
+    if name in backends.names():
         return EngineRunner(name, source_pipe, config, workload, device)
-    raise ValueError(f"unknown backend {name!r}; choose from: {', '.join(BACKENDS)}")
+    raise ValueError(f"unknown backend {name!r}; choose from: {', '.join(backends.names() + DIFFUSERS_BACKENDS)}")

@@ -2,9 +2,8 @@
 
 The pipeline calls two functions (docs/CONTRACTS.md):
 
-    sampler, schedule = resolve(sampler, schedule, scheduler_config)
-    latents = sample(model_fn, noise, sampler=..., schedule=..., steps=..., scheduler_config=...,
-                     init_latents=None, strength=1.0, generators=None, callback=None, eta=0.0)
+    plan = plan_for(sampler, schedule, steps, scheduler_config, strength=1.0, eta=0.0)
+    latents = sample(model_fn, noise, plan, step=None, init_latents=None, generators=None, callback=None)
 
 How it is built (k-diffusion's structure):
 - schedules.py: training schedule and sampling schedules (sigmas_karras, sigmas_exponential, spacing);
@@ -79,7 +78,7 @@ SEEDS_DDPM = SchedulerConfig(
 
 __all__ = [
     "SAMPLERS", "SCHEDULES", "SEEDS_DDPM", "NAMES", "Plan", "Denoiser", "resolve", "sample", "randn",
-    "make_plan", "timesteps_and_sigmas", "normalize_name", "sigmas_karras", "sigmas_exponential",
+    "make_plan", "plan_for", "timesteps_and_sigmas", "normalize_name", "sigmas_karras", "sigmas_exponential",
     "sigma_to_t", "to_x0_eps", "SAMPLE_FUNCTIONS", "MIN_STEPS", "SCHEDULES_FOR",
 ]
 
@@ -163,57 +162,68 @@ def randn(shape, generators: Union[None, torch.Generator, Sequence[torch.Generat
 # Sampling
 # ---------------------------------------------------------------------------
 
+def plan_for(sampler: Optional[str], schedule: Optional[str], steps: int, scheduler_config: SchedulerConfig, *,
+             strength: float = 1.0, eta: float = 0.0) -> Plan:
+    """The Plan of a run from the names users give (`resolve`, then `make_plan`): None is the
+    checkpoint's sampler and schedule. Raises ValueError before any work for a bad name, step
+    count or strength."""
+    name, schedule = resolve(sampler, schedule, scheduler_config)
+    return make_plan(name, schedule, steps, scheduler_config, strength=strength, eta=eta)
+
+
 def timesteps_and_sigmas(sampler: str, schedule: Optional[str], steps: int, scheduler_config: SchedulerConfig,
                          strength: float = 1.0):
     """(timesteps, sigmas) float64 tensors of a run: see `make_plan` for everything else."""
-    name, schedule = resolve(sampler, schedule, scheduler_config)
-    plan = make_plan(name, schedule, steps, scheduler_config, strength=strength)
+    plan = plan_for(sampler, schedule, steps, scheduler_config, strength=strength)
     return plan.timesteps, plan.sigmas
 
 
-def sample(model_fn: Callable, noise: torch.Tensor, *, sampler: Optional[str], schedule: Optional[str], steps: int,
-           scheduler_config: SchedulerConfig, init_latents: Optional[torch.Tensor] = None, strength: float = 1.0,
-           generators=None, callback: Optional[Callable] = None, eta: float = 0.0, inpainting: bool = False,
-           **options) -> torch.Tensor:
-    """Run one sampler and return the final latents (what diffusers' pipeline decodes).
+def sample(model_fn: Optional[Callable], noise: torch.Tensor, plan: Plan, *, step: Optional[Callable] = None,
+           init_latents: Optional[torch.Tensor] = None, generators=None, callback: Optional[Callable] = None,
+           inpainting: bool = False, **options) -> torch.Tensor:
+    """Run `plan` and return the final latents (what diffusers' pipeline decodes).
 
-    model_fn(x_in, t) -> raw model output in the config's prediction_type, guidance applied:
-      x_in is exactly what diffusers' pipeline feeds its UNet at that step (after
-      scale_model_input), t a float32 tensor of shape (B,) holding the scheduler's timestep.
+    The loop drives one of two things, the same latents and callbacks either way:
+    - `step(x, i, noise) -> x_next`, the whole denoising step of a backend that fuses it
+      (UNet + guidance + sampler update: samplers/fused.py's `sample_fused`);
+    - otherwise `model_fn(x_in, t) -> raw model output` in the plan's prediction_type, guidance
+      applied, through the plan's sampler function: x_in is exactly what diffusers' pipeline
+      feeds its UNet at that step (after scale_model_input), t a float32 tensor of shape (B,)
+      holding the scheduler's timestep.
+    plan: `make_plan` / `plan_for` (strength < 1 keeps the tail of the schedule for img2img).
     noise: unit-variance noise (B, C, h, w). txt2img: the start is noise * init_noise_sigma.
-    init_latents: img2img / inpainting. `strength` keeps the tail of the schedule as diffusers'
-      get_timesteps does, and init_latents are noised to its first step with `noise`. With
+    init_latents: img2img / inpainting, noised to the plan's first step with `noise`. With
       `inpainting=True` and strength 1.0 the start is pure noise, as diffusers' inpainting
       pipeline does (is_strength_max).
     generators: one CPU torch.Generator per image, for the noise of stochastic samplers.
     callback(step_index, latents) after every step (step_index counts this run's steps from 0,
       PLMS makes steps + 1 calls); latents are diffusers' latents after that step. An exception
       raised in it propagates (cancel).
-    eta: DDIM's eta (0 = deterministic). Other keyword options go to the sampler function
-      (e.g. order=3 for unipc) and override what the config says.
+    Other keyword options go to the sampler function (e.g. order=3 for unipc) and override what
+    the config says.
     """
-    name, schedule = resolve(sampler, schedule, scheduler_config)
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
-    plan = make_plan(name, schedule, steps, scheduler_config,
-                     strength=strength if init_latents is not None else 1.0, eta=eta)
-    fn = SAMPLE_FUNCTIONS[name]
+    if init_latents is not None and init_latents.shape != noise.shape:
+        raise ValueError(f"init_latents shape {tuple(init_latents.shape)} differs from "
+                         f"noise shape {tuple(noise.shape)}")
+    pure_noise = init_latents is None or (inpainting and plan.strength == 1.0)
+    start = None if pure_noise else init_latents
+    if step is not None:
+        from .fused import sample_fused
+
+        return sample_fused(step, noise, plan, init_latents=start, generators=generators, callback=callback)
+    fn = SAMPLE_FUNCTIONS[plan.sampler]
     allowed = set(inspect.signature(fn).parameters) - {"model", "x", "sigmas", "timesteps", "extra_args",
                                                        "callback", "noise"}
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ValueError(f"sampler {name!r} has no option {', '.join(map(repr, unknown))}; "
+        raise ValueError(f"sampler {plan.sampler!r} has no option {', '.join(map(repr, unknown))}; "
                          f"its options are: {', '.join(sorted(allowed)) or 'none'}")
-    if init_latents is not None and init_latents.shape != noise.shape:
-        raise ValueError(f"init_latents shape {tuple(init_latents.shape)} differs from "
-                         f"noise shape {tuple(noise.shape)}")
 
-    denoiser = Denoiser(model_fn, plan.alphas_cumprod, scheduler_config.prediction_type,
+    denoiser = Denoiser(model_fn, plan.alphas_cumprod, plan.prediction_type,
                         log_sigmas=plan.log_sigmas, timesteps_of_sigmas=plan.timesteps_of_sigmas(),
                         clip_range=plan.clip_range)
-    pure_noise = init_latents is None or (inpainting and strength == 1.0)
-    x = plan.initial_state(noise, None if pure_noise else init_latents)
-    noise_dtype = torch.float32 if name in _FLOAT32_NOISE else x.dtype
+    x = plan.initial_state(noise, start)
+    noise_dtype = torch.float32 if plan.sampler in _FLOAT32_NOISE else x.dtype
 
     def draw_noise():
         return randn(x.shape, generators, x.device, noise_dtype).to(x.dtype)
@@ -223,14 +233,13 @@ def sample(model_fn: Callable, noise: torch.Tensor, *, sampler: Optional[str], s
             latents = plan.latents(info["x"], info.get("sigma_next")) if plan.is_sigma_sampler else info["x"]
             callback(info["i"], latents)
 
+    kwargs = dict(plan.options, **options)
     if plan.is_sigma_sampler:
-        kwargs = dict(plan.options, **options)
         x = fn(denoiser, x, plan.sigmas, callback=report, noise=draw_noise, **kwargs)
         return plan.latents(x)
-    kwargs = dict(plan.options, **options)
-    if name in ("ddim", "ddpm"):
+    if plan.sampler in ("ddim", "ddpm"):
         kwargs["prev_timesteps"] = plan.prev_timesteps
-    if name in ("ddim", "pndm"):
+    if plan.sampler in ("ddim", "pndm"):
         kwargs["final_alpha_cumprod"] = plan.final_alpha_cumprod
     return fn(denoiser.at_timestep, x, plan.timesteps, callback=report, noise=draw_noise,
               alphas_cumprod=plan.alphas_cumprod, **kwargs)

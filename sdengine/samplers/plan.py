@@ -8,7 +8,7 @@ the fused GPU sampler kernels need (see `Plan.step_scalars`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
@@ -76,6 +76,8 @@ class Plan:
     prev_timesteps: Optional[torch.Tensor] = None  # ddim / ddpm: where each step lands (-1: the end)
     clip_range: Optional[float] = None
     options: dict = field(default_factory=dict)    # keyword options of the sampler function
+    prediction_type: str = "epsilon"              # the model's (scheduler config's)
+    strength: float = 1.0                         # img2img / inpainting: the part of the schedule kept
 
     @property
     def is_sigma_sampler(self) -> bool:
@@ -219,8 +221,10 @@ def make_plan(sampler: str, schedule: str, steps: int, cfg, *, strength: float =
         shape = "karras" if cfg.use_karras_sigmas else "exponential" if cfg.use_exponential_sigmas else "interp"
     clip_range = cfg.clip_sample_range if cfg.clip_sample and sampler in CLIPS_X0 else None
     if sampler in SIGMA_SAMPLERS:
-        return _sigma_plan(sampler, schedule, steps, start, cfg, spacing, offset, shape, clip_range)
-    return _timestep_plan(sampler, schedule, steps, start, cfg, spacing, offset, clip_range, eta)
+        plan = _sigma_plan(sampler, schedule, steps, start, cfg, spacing, offset, shape, clip_range)
+    else:
+        plan = _timestep_plan(sampler, schedule, steps, start, cfg, spacing, offset, clip_range, eta)
+    return replace(plan, prediction_type=cfg.prediction_type, strength=strength)
 
 
 def _final_sigma(cfg, alphas_cumprod: torch.Tensor) -> float:

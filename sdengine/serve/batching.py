@@ -25,7 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from ..pipeline import GenerationCancelled, GenerationResult, numpy_to_pil
+from .. import images as imaging
+from ..pipeline import GenerationCancelled, GenerationResult
 
 
 @dataclass
@@ -178,7 +179,7 @@ def _partial_result(pipe, spec: Spec, prompts, negatives, seeds, latents) -> Gen
 
     shared = spec.shared
     decoded = pipe.decode_latents(latents)  # (N, 3, H, W) in [-1, 1]
-    images = numpy_to_pil((decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy())
+    images = imaging.to_pil(imaging.to_uint8(decoded))
     sampler, schedule = samplers.resolve(shared.get("sampler"), shared.get("schedule"), pipe.config.scheduler)
     params = dict(mode=spec.mode, prompts=prompts, negative_prompts=negatives, steps=shared["num_inference_steps"],
                   sampler=sampler, schedule=schedule, guidance_scale=shared["guidance_scale"],

@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from ..backends import base as backends
+
 log = logging.getLogger("sdengine.serve")
 
 
@@ -22,7 +24,7 @@ def register(sub):
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes the server)")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--backend", default=None, choices=["eager", "triton", "native", "aoti", "onnx"])
+    p.add_argument("--backend", default=None, choices=backends.names())
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
     p.add_argument("--threads", type=int, default=None,
