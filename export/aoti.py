@@ -448,10 +448,10 @@ def build_engine(config, out_dir, *, dtype: torch.dtype, device, progress=True, 
 
 def _ldm_sources(config, component: str, constants: dict) -> dict:
     """Per constant, the single-file tensors it may be read from, in the order to try them:
-    [[key, transform], ...] with convert.Source's transforms ("", "q", "k", "v", "transpose").
+    [[key, transform], ...] with ldm_layout.Source's transforms ("", "q", "k", "v", "transpose").
     The runtime reshapes a source whose shape differs only by unit dimensions (LDM's 1x1
     convolutions where diffusers has Linear layers)."""
-    from sdengine.convert import ldm_sources
+    from sdengine.ldm_layout import ldm_sources
 
     out = {}
     for fqn in constants:
@@ -463,9 +463,9 @@ def _ldm_sources(config, component: str, constants: dict) -> dict:
 
 def _single_file_info(config, engine_dir: Path) -> dict:
     """The family's defaults for single files, which carry no configs: the scheduler for each
-    prediction type and the default prediction type (see convert.detect_config), and the
+    prediction type and the default prediction type (see ldm_layout.detect_config), and the
     CLIP tokenizer of the family in `tokenizer/` when the text encoder has CLIP's vocabulary."""
-    from sdengine.convert import default_prediction_type, family_preset, layout_for
+    from sdengine.ldm_layout import default_prediction_type, family_preset, layout_for
     from sdengine.tokenizer import EOS_TOKEN, CLIPTokenizer
 
     family = layout_for(config).family

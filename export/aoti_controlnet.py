@@ -157,8 +157,8 @@ def engine_key(model_config, controlnet_config, dtype: torch.dtype, device) -> s
 
 def _ldm_sources(config: ControlEngineConfig, constants: dict) -> dict:
     """Per ControlNet constant, the single-file tensors it may be read from: the control_model.*
-    layout, then the same without the prefix (convert.controlnet_key_to_ldm)."""
-    from sdengine.convert import CONTROLNET_PREFIX, UnmappedKey, controlnet_key_to_ldm
+    layout, then the same without the prefix (ldm_layout.controlnet_key_to_ldm)."""
+    from sdengine.ldm_layout import CONTROLNET_PREFIX, UnmappedKey, controlnet_key_to_ldm
 
     out = {}
     for fqn in constants:

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 import sdengine
-from sdengine.train import DIGIT_WORDS
+from sdengine.training.train import DIGIT_WORDS
 
 ROOT = Path(__file__).resolve().parent.parent
 

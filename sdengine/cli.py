@@ -2,7 +2,7 @@
 
 `generate` and `info` live here; other subcommands are registered by the modules
 that own them (each exposes `register(subparsers)`), so that this file stays small:
-`bench` (sdengine.bench), `export` (sdengine.export.cli), `train` (sdengine.train),
+`bench` (sdengine.bench), `export` (sdengine.export.cli), `train` (sdengine.training.train),
 `serve` (sdengine.serve.cli), `cache` (sdengine.compile_cache).
 """
 
@@ -14,7 +14,7 @@ import sys
 
 from .backends import base as backends
 
-SUBCOMMAND_MODULES = ("sdengine.info", "sdengine.bench.cli", "sdengine.export.cli", "sdengine.train",
+SUBCOMMAND_MODULES = ("sdengine.info", "sdengine.bench.cli", "sdengine.export.cli", "sdengine.training.train",
                       "sdengine.serve.cli", "sdengine.compile_cache")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ModelConfig
-from .convert import family_name, prediction_type_from_metadata
+from .ldm_layout import family_name, prediction_type_from_metadata
 
 _FAMILY = {"sd15": "SD1.x", "sd15-inpaint": "SD1.x inpainting", "sd21": "SD2.x (512, epsilon)",
            "sd21-v": "SD2.x (768, v-prediction)", "sd21-inpaint": "SD2.x inpainting", "sdxl": "SDXL base"}

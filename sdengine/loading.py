@@ -7,7 +7,7 @@ Method (gpt-fast's generate.py): every network is built on the meta device, so n
 memory is spent on random initialisation; the loader then checks the whole checkpoint
 against the networks (missing keys, unexpected keys, shapes) before it reads a single
 tensor, so a bad file fails with nothing half-loaded. Tensors are read one at a time
-through safetensors' memory map, renamed (convert.py), cast once to the target dtype and
+through safetensors' memory map, renamed (ldm_layout.py), cast once to the target dtype and
 device, and handed to `load_state_dict(assign=True)`: the only full copy of the weights
 is the one the networks end up holding.
 """
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .convert import (Layout, Source, UnmappedKey, apply_transform, detect_config, family_name,
+from .ldm_layout import (Layout, Source, UnmappedKey, apply_transform, detect_config, family_name,
                       same_up_to_unit_dims, to_ldm_state_dict, transformed_shape)
 from .device import resolve_device_dtype
 from .errors import ModelLoadError
@@ -373,7 +373,7 @@ def _diffusers_config(path: Path) -> ModelConfig:
 def detect(path, prediction_type: Optional[str] = None) -> ModelConfig:
     """The ModelConfig of a checkpoint, read from its configs or its keys and shapes only.
 
-    See `convert.detect_config` for the single-file rules, and `load_model` for the arguments.
+    See `ldm_layout.detect_config` for the single-file rules, and `load_model` for the arguments.
     """
     path = _check_path(path)
     if path.is_dir():
@@ -433,7 +433,7 @@ def load_model(path, device=None, dtype=None, *, config: Optional[ModelConfig] =
     config: a ModelConfig to use instead of the detected one (single files whose head
             counts or group norms follow no preset rule, e.g. tiny test models).
     prediction_type: "epsilon" or "v_prediction", overriding what was detected (SD2
-            single files are taken as v-prediction; see convert.detect_config).
+            single files are taken as v-prediction; see ldm_layout.detect_config).
     progress: show a tqdm bar while reading tensors.
 
     Raises FileNotFoundError for a missing path or file, and ModelLoadError (a ValueError)
@@ -482,7 +482,7 @@ _MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1", "sd21": "stable-diffus
 
 def save_single_file(model: LoadedModel, path, dtype: Optional[torch.dtype] = None) -> Path:
     """Write a loaded model as one LDM / A1111 `.safetensors` file, the layout that A1111,
-    ComfyUI and `load_model` read (see convert.to_ldm_state_dict).
+    ComfyUI and `load_model` read (see ldm_layout.to_ldm_state_dict).
 
     dtype: cast the floating-point tensors (default: keep the model's dtype). The header
     records the prediction type (`modelspec.prediction_type`, plus a `v_pred` key for
@@ -558,7 +558,7 @@ def load_controlnet_model(path, device=None, dtype=None, *, base: Optional[Model
     SD1, SD2 and SDXL ControlNets are told apart from their keys and shapes.
 
     base: the config of the model it will run with. A single file does not record head counts;
-    they are taken from base's UNet when its levels agree (see convert.detect_controlnet_config).
+    they are taken from base's UNet when its levels agree (see ldm_layout.detect_controlnet_config).
     The ControlNet is not checked against base here (see sdengine.controlnet.check_fits).
 
     Raises FileNotFoundError for a missing path, ModelLoadError (a ValueError) naming the file and
@@ -591,7 +591,7 @@ def detect_controlnet(path, base: Optional[ModelConfig] = None):
 def _controlnet_source(path: Path, base: Optional[ModelConfig]):
     """(config, reader, source_of, source kind, ignorable) of a ControlNet folder or single file."""
     from .config import ControlNetConfig
-    from .convert import controlnet_key_to_ldm, detect_controlnet_config
+    from .ldm_layout import controlnet_key_to_ldm, detect_controlnet_config
 
     if path.is_dir():
         folder = _controlnet_folder(path)
@@ -626,7 +626,7 @@ def _controlnet_source(path: Path, base: Optional[ModelConfig]):
 
 def controlnet_family_name(config) -> str:
     """"SD1", "SD2" or "SDXL" for a ControlNetConfig or a ModelConfig."""
-    from .convert import controlnet_family, family_name
+    from .ldm_layout import controlnet_family, family_name
 
     if isinstance(config, ModelConfig):  # told apart by its text encoders
         family = family_name(config)

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .convert import UnmappedKey, same_up_to_unit_dims, unet_key_to_ldm
+from .ldm_layout import UnmappedKey, same_up_to_unit_dims, unet_key_to_ldm
 from .errors import ModelLoadError
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")

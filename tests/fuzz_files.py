@@ -12,7 +12,7 @@ safe_open(path, framework="pt") and get_tensor for every name. The runtime's rea
 accept exactly the files it accepts and return byte-equal tensors (same names, dtypes,
 shapes, bytes, metadata).
 
-The single-file key map's reference is the safetensors library plus sdengine.convert's
+The single-file key map's reference is the safetensors library plus sdengine.ldm_layout's
 transforms and shape rules; engine.json's is Python's json module plus export/engine_meta.py.
 
     python tests/fuzz_files.py all --driver build/asan/sde_fuzz_reader --count 300
@@ -845,9 +845,9 @@ def ldm_seed(folder) -> tuple[Path, Path]:
 
 def reference_single_file(path, meta: dict) -> Read:
     """The safetensors library, then the engine's single-file sources applied with
-    sdengine.convert's transforms and shape rules, as the Python loader applies them (the
+    sdengine.ldm_layout's transforms and shape rules, as the Python loader applies them (the
     first source present wins)."""
-    from sdengine.convert import apply_transform, same_up_to_unit_dims, transformed_shape
+    from sdengine.ldm_layout import apply_transform, same_up_to_unit_dims, transformed_shape
 
     read = reference_read(path)
     if not read.ok:

@@ -1,9 +1,9 @@
 """Test helper: write a diffusers pipeline out as an original LDM / A1111 single file.
 
-This is the test-side key map, written independently of sdengine/convert.py: it walks
+This is the test-side key map, written independently of sdengine/ldm_layout.py: it walks
 the diffusers module tree (blocks, resnets, attentions, samplers) and numbers the LDM
 modules the way ldm's openaimodel.py / model.py build them, instead of rewriting key
-strings. So a test that loads its output with sdengine checks convert.py against an
+strings. So a test that loads its output with sdengine checks ldm_layout.py against an
 independent account of the layout, not against itself.
 
     state = ldm_state_dict(tiny_pipeline("sd15"))       # {"model.diffusion_model...": tensor}

@@ -258,7 +258,7 @@ def test_full_size_single_files_are_detected_from_their_shapes(preset):
     from ldm_keys import controlnet_to_ldm
     from sdengine.bench.reference import diffusers_unet_kwargs
     from sdengine.config import PRESETS
-    from sdengine.convert import detect_controlnet_config
+    from sdengine.ldm_layout import detect_controlnet_config
 
     with torch.device("meta"):
         theirs = ControlNetModel.from_unet(UNet2DConditionModel(**diffusers_unet_kwargs(PRESETS[preset].unet)),

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import sdengine
-from sdengine.train import DEMO_MODEL_DIR, DIGIT_WORDS, digits_dataset
+from sdengine.training.train import DEMO_MODEL_DIR, DIGIT_WORDS, digits_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -190,7 +190,7 @@ def test_matches_diffusers_on_the_shipped_model(pipe):
 
 def test_trainer_writes_a_loadable_folder(tmp_path):
     """A two-step training run: the folder loads in sdengine and in diffusers, and replaces atomically."""
-    from sdengine.train import build_networks, train_demo_digits
+    from sdengine.training.train import build_networks, train_demo_digits
 
     # sdengine's modules are made to be loaded: the trainer must give them a trainable start.
     text_encoder, unet, vae = build_networks(sdengine.PRESETS["demo-digits"])

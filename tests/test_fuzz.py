@@ -4,7 +4,7 @@
   the mutants that the safetensors library accepts, and returns byte-equal tensors and the
   same metadata. 2,000 mutants of the tiny models' files.
 - single files: the C++ single-file key map (csrc/src/single_file.cpp) of mutants of the tiny
-  SD1 model's A1111 file accepts exactly what the safetensors library plus sdengine.convert's
+  SD1 model's A1111 file accepts exactly what the safetensors library plus sdengine.ldm_layout's
   transforms and shape rules accept, with byte-equal weights. 1,000 mutants.
 - engine.json: the C++ rules (csrc/src/engine_meta.cpp) and the Python ones
   (export/engine_meta.py, over Python's json module) accept exactly the same mutants and

@@ -1,7 +1,7 @@
 """Checkpoint loading: diffusers folders, LDM single files (.safetensors, .ckpt), detection, errors.
 
 References: the diffusers / transformers tiny pipelines of tests/tiny.py. Single files are
-written by tests/ldm_keys.py, a key map independent of sdengine/convert.py. Every loaded
+written by tests/ldm_keys.py, a key map independent of sdengine/ldm_layout.py. Every loaded
 network's state_dict must equal the reference's exactly (same keys, same values).
 Budget: about 40 s on 2 CPU cores.
 """
@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from ldm_keys import TEXT_LAYOUT, ldm_state_dict, save_ldm_single_file
 from sdengine.config import PRESETS, ModelConfig, tiny_config
-from sdengine.convert import detect_config, to_ldm_state_dict
+from sdengine.ldm_layout import detect_config, to_ldm_state_dict
 from sdengine.errors import ModelLoadError
 from sdengine.loading import detect, load_model, save_single_file
 from tiny import TINY_KINDS, diffusers_unet_kwargs, diffusers_vae_kwargs, save_tiny_pipeline, tiny_pipeline, \
@@ -204,7 +204,7 @@ def test_fp16_variant_bin_and_shards(folders, tmp_path):
 @pytest.mark.parametrize("kind", TINY_KINDS)
 def test_save_single_file_round_trip(kind, folders, tmp_path):
     loaded = load_model(folders(kind), device="cpu", progress=False)
-    # The write direction of convert.py agrees with the independent writer of ldm_keys.py
+    # The write direction of ldm_layout.py agrees with the independent writer of ldm_keys.py
     # on every tensor both hold (ldm_keys adds random stand-ins for SD2's unused OpenCLIP
     # layer and projection, CLIP's logit_scale, position_ids and the schedule buffers).
     written = to_ldm_state_dict(loaded.config, {name: getattr(loaded, name).state_dict() for name in NETWORKS

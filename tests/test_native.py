@@ -706,7 +706,7 @@ def _native_image(model, sampler="euler", seed=5, steps=3):
 @pytest.fixture(scope="module")
 def sd15_file(tmp_path_factory):
     """The tiny sd15 pipeline (the weights of model_dir) as an LDM single file, written by
-    tests/ldm_keys.py (independent of sdengine.convert), in fp16 as most published files are."""
+    tests/ldm_keys.py (independent of sdengine.ldm_layout), in fp16 as most published files are."""
     from ldm_keys import save_ldm_single_file
 
     return save_ldm_single_file("sd15", tmp_path_factory.mktemp("single") / "tiny-sd15.safetensors",

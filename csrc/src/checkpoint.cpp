@@ -56,7 +56,7 @@ std::string checked_prediction_type(const char *name) {
 
 namespace {
 
-// What a single file predicts, as sdengine.convert.detect_config decides: the caller's
+// What a single file predicts, as sdengine.ldm_layout.detect_config decides: the caller's
 // prediction_type, else the header's SAI Model Spec (modelspec.prediction_type, or a
 // modelspec.architecture naming the SD2 512 or 768-v model), else a "v_pred" key, else
 // the family's default (SD2 text-to-image: v_prediction).

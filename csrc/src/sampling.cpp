@@ -418,7 +418,7 @@ void step_update(const StepKind &kind, const StepBuffers &b, const at::Tensor &o
       return;
     }
     case SDE_SAMPLER_DDIM: {
-      // DDIM (Song et al. 2021, eq. 12), t_samplers.sample_ddim.
+      // DDIM (Song et al. 2021, eq. 12), timestep_samplers.sample_ddim.
       auto [x0, eps] = x0_eps(out, x, col(kColA), col(kColB), kind.prediction_type);
       if (kind.clip_range > 0) x0 = x0.clamp(-kind.clip_range, kind.clip_range);
       b.x_next.copy_(x0 * col(kColC) + eps * col(kColD) + b.noise * col(kColE));

@@ -1,5 +1,5 @@
 // Sampling schedules and samplers, ported from sdengine/samplers/ (plan.py, schedules.py,
-// denoiser.py, k_samplers.py, t_samplers.py) with the same arithmetic and the same float32
+// denoiser.py, sigma_samplers.py, timestep_samplers.py) with the same arithmetic and the same float32
 // roundings, so that both give the same latents for the same model output:
 //   euler, euler_a, dpmpp_2m (sigma samplers, k-diffusion form), ddim and pndm (timestep form),
 //   following the default, normal, karras, exponential, sgm_uniform, simple or ddim_uniform

@@ -1,5 +1,5 @@
 // The weights of a single-file (LDM / A1111 layout) checkpoint as an engine names them,
-// from engine.json's per-constant sources (export/aoti.py writes them from sdengine.convert).
+// from engine.json's per-constant sources (export/aoti.py writes them from sdengine.ldm_layout).
 #pragma once
 
 #include "json.h"

@@ -9,8 +9,8 @@ How it is built (k-diffusion's structure):
 - schedules.py: training schedule and sampling schedules (sigmas_karras, sigmas_exponential, spacing);
 - plan.py: `make_plan` -> `Plan`, one run's timesteps / sigmas, as diffusers' set_timesteps + get_timesteps;
 - denoiser.py: the one `Denoiser` wrapper that turns eps / v / x0 predictions into x0;
-- k_samplers.py: `sample_<name>(model, x, sigmas, ...)` over sigmas (euler ... dpmpp, unipc);
-- t_samplers.py: `sample_<name>(model, x, timesteps, ...)` over timesteps (ddim, ddpm, pndm, lcm);
+- sigma_samplers.py: `sample_<name>(model, x, sigmas, ...)` over sigmas (euler ... dpmpp, unipc);
+- timestep_samplers.py: `sample_<name>(model, x, timesteps, ...)` over timesteps (ddim, ddpm, pndm, lcm);
 - names.py: the name table shared with the CLI and the C runtime.
 
 GPU fast path: `make_plan(...)` (or `timesteps_and_sigmas`) gives the per-step scalars up front;
@@ -37,7 +37,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from ..config import SchedulerConfig
-from . import k_samplers, t_samplers
+from . import sigma_samplers, timestep_samplers
 from .denoiser import Denoiser, to_x0_eps
 from .names import NAMES
 from .plan import MIN_STEPS, SCHEDULES_FOR, Plan, make_plan
@@ -48,21 +48,21 @@ SAMPLERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", 
 SCHEDULES = ("default", "normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform")
 
 SAMPLE_FUNCTIONS = {
-    "ddim": t_samplers.sample_ddim,
-    "ddpm": t_samplers.sample_ddpm,
-    "pndm": t_samplers.sample_pndm,
-    "lcm": t_samplers.sample_lcm,
-    "lms": k_samplers.sample_lms,
-    "euler": k_samplers.sample_euler,
-    "euler_a": k_samplers.sample_euler_ancestral,
-    "heun": k_samplers.sample_heun,
-    "dpm_2": k_samplers.sample_dpm_2,
-    "dpm_2_a": k_samplers.sample_dpm_2_ancestral,
-    "dpmpp_2m": k_samplers.sample_dpmpp_2m,
-    "dpmpp_2m_sde": k_samplers.sample_dpmpp_2m_sde,
-    "dpmpp_sde": k_samplers.sample_dpmpp_sde,
-    "dpmpp_3m_sde": k_samplers.sample_dpmpp_3m_sde,
-    "unipc": k_samplers.sample_unipc,
+    "ddim": timestep_samplers.sample_ddim,
+    "ddpm": timestep_samplers.sample_ddpm,
+    "pndm": timestep_samplers.sample_pndm,
+    "lcm": timestep_samplers.sample_lcm,
+    "lms": sigma_samplers.sample_lms,
+    "euler": sigma_samplers.sample_euler,
+    "euler_a": sigma_samplers.sample_euler_ancestral,
+    "heun": sigma_samplers.sample_heun,
+    "dpm_2": sigma_samplers.sample_dpm_2,
+    "dpm_2_a": sigma_samplers.sample_dpm_2_ancestral,
+    "dpmpp_2m": sigma_samplers.sample_dpmpp_2m,
+    "dpmpp_2m_sde": sigma_samplers.sample_dpmpp_2m_sde,
+    "dpmpp_sde": sigma_samplers.sample_dpmpp_sde,
+    "dpmpp_3m_sde": sigma_samplers.sample_dpmpp_3m_sde,
+    "unipc": sigma_samplers.sample_unipc,
 }
 
 # diffusers' DPMSolverMultistepScheduler draws its SDE noise in float32 whatever the latents' dtype.

@@ -7,7 +7,7 @@ fused CFG + update kernels of kernels/sampler_step.py) offers
     x_next = step(x, i, noise)
 
 (docs/CONTRACTS.md, Backends). This module holds what such a step needs from the sampler
-side, so that it matches the unfused samplers of k_samplers.py / t_samplers.py:
+side, so that it matches the unfused samplers of sigma_samplers.py / timestep_samplers.py:
 - `unsupported(plan, prediction_type)`: why the fused kernels cannot run a plan (None if
   they can): samplers without a kernel, x0 clipping, "sample" prediction, DPM++ 2M's heun
   variant;

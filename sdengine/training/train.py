@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from sdengine.config import DIFFUSERS_VERSION, ModelConfig
 
-DEMO_MODEL_DIR = Path(__file__).parent / "data" / "demo-digits"
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "data" / "demo-digits"
 IMAGE_SIZE = 32
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Prompt templates for one digit: {digit} is "7", {word} "seven", {a_word} "a seven" / "an eight".
