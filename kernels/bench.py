@@ -68,10 +68,14 @@ def _sdpa(q, k, v, backend="default"):
 
 def cases(device, tiny):
     """The benchmark cases for `device`; `tiny` gives the CPU smoke shapes."""
-    # The modules (Triton wrappers), not the package's dispatching functions of the same names.
-    attn_mod, decode_mod, geglu_mod, gn_mod, ln_mod, ss = (
-        importlib.import_module(f"sdengine.kernels.{m}")
-        for m in ("attention", "decode", "geglu", "group_norm", "layer_norm", "sampler_step"))
+    # The Triton wrappers, not the package's dispatching functions of the same names.
+    from .attention import attention
+    from .decode import decode_to_uint8
+    from .geglu import geglu
+    from .group_norm import group_norm
+    from .layer_norm import layer_norm
+    from .sampler_step import dpmpp_2m_triton, euler_triton
+
     dt = torch.float32 if tiny else torch.float16
     cl = torch.channels_last
     out = []
@@ -92,7 +96,7 @@ def cases(device, tiny):
         v = randn(b, nk, h, d).transpose(1, 2)
         for backend in _sdpa_backends(device):
             out.append(Case(f"{label}_vs_{backend}", f"B={b} H={h} Nq={nq} Nk={nk} D={d} {str(dt)[6:]}",
-                            lambda q=q, k=k, v=v: attn_mod.attention(q, k, v),
+                            lambda q=q, k=k, v=v: attention(q, k, v),
                             lambda q=q, k=k, v=v, backend=backend: _sdpa(q, k, v, backend),
                             f"SDPA ({backend})", flops=4.0 * b * h * nq * nk * d))
 
@@ -103,13 +107,13 @@ def cases(device, tiny):
         x = randn(*shape, fmt=cl)
         w, bias = randn(shape[1]), randn(shape[1])
         out.append(Case(label, f"{'x'.join(map(str, shape))} channels_last {str(dt)[6:]}",
-                        lambda x=x, w=w, bias=bias: gn_mod.group_norm(x, 32, w, bias, silu=True),
+                        lambda x=x, w=w, bias=bias: group_norm(x, 32, w, bias, silu=True),
                         lambda x=x, w=w, bias=bias: F.silu(F.group_norm(x, 32, w, bias)), "F.group_norm + F.silu",
                         bytes=2.0 * x.numel() * x.element_size()))
 
     rows, d = (64, 64) if tiny else (2 * 4096, 320)
     x, w, bias = randn(rows, d), randn(d), randn(d)
-    out.append(Case("layer_norm", f"{rows}x{d} {str(dt)[6:]}", lambda: ln_mod.layer_norm(x, w, bias),
+    out.append(Case("layer_norm", f"{rows}x{d} {str(dt)[6:]}", lambda: layer_norm(x, w, bias),
                     lambda: F.layer_norm(x, (d,), w, bias), "F.layer_norm", bytes=2.0 * x.numel() * x.element_size()))
 
     rows, f = (64, 64) if tiny else (2 * 4096, 1280)
@@ -119,7 +123,7 @@ def cases(device, tiny):
         a, gate = hidden.chunk(2, dim=-1)
         return a * F.gelu(gate)
 
-    out.append(Case("geglu", f"{rows}x{2 * f} {str(dt)[6:]}", lambda: geglu_mod.geglu(hidden), geglu_torch,
+    out.append(Case("geglu", f"{rows}x{2 * f} {str(dt)[6:]}", lambda: geglu(hidden), geglu_torch,
                     "chunk + F.gelu + mul", bytes=1.5 * hidden.numel() * hidden.element_size()))
 
     # Guided sampler steps: fp16 UNet output at batch 2B, fp32 latents (as the loop keeps them).
@@ -150,10 +154,10 @@ def cases(device, tiny):
 
         what = f"{'x'.join(map(str, shape))} (model out {str(dt)[6:]} at 2B, x fp32)"
         out.append(Case(f"euler_{label}", what,
-                        lambda: ss.euler(model_out, lat, scale, sigma, sigma_next), euler_torch,
+                        lambda: euler_triton(model_out, lat, scale, sigma, sigma_next), euler_torch,
                         "unfused CFG + Euler (torch)", bytes=base))
         out.append(Case(f"dpmpp_2m_{label}", what,
-                        lambda: ss.dpmpp_2m(model_out, lat, old, scale, sigma, sigma_next, sigma_prev), dpmpp_torch,
+                        lambda: dpmpp_2m_triton(model_out, lat, old, scale, sigma, sigma_next, sigma_prev), dpmpp_torch,
                         "unfused CFG + DPM++(2M) (torch)", bytes=base + 2 * n * 4))  # + old read, denoised written
 
     img = randn(1, 3, 64 if tiny else 512, 64 if tiny else 512, dtype=torch.float32)
@@ -162,7 +166,7 @@ def cases(device, tiny):
         return ((img * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
     out.append(Case("decode_to_uint8", f"{'x'.join(map(str, img.shape))} fp32 → uint8 NHWC",
-                    lambda: decode_mod.decode_to_uint8(img), decode_torch, "denormalize + round + permute (torch)",
+                    lambda: decode_to_uint8(img), decode_torch, "denormalize + round + permute (torch)",
                     bytes=img.numel() * 5.0))
     return out
 

@@ -36,6 +36,11 @@ Scalars, for the sampler loop (step i of a schedule):
 - `cfg_scale` is the guidance scale. If the model output has x's batch (not twice it),
   guidance is off and cfg_scale is ignored (LCM with guidance embedding, or scale 1).
 
+Names: `<name>(...)` dispatches (the fused kernel through `torch.ops.sdengine.sampler_step_<name>`
+on CUDA, else the reference: kernels/ops.py's rule), `<name>_triton(...)` is the Triton wrapper
+(check shapes, allocate, launch; it also takes `out=`), `<name>_ref(...)` the plain-torch reference
+with the dispatcher's signature, `_<name>_kernel` the @triton.jit kernel.
+
 Every scalar may be a Python number or a 1-element tensor. For a CUDA graph, pass 1-element
 float32 tensors on x's device and update them in place between replays: the kernels read
 them on the device, so no step needs a host sync. Arithmetic is fp32 throughout; outputs
@@ -241,7 +246,7 @@ def _new_out(out, x):
     return out
 
 
-def euler(model_out, x, cfg_scale, sigma, sigma_next, prediction_type="epsilon", *, out=None):
+def euler_triton(model_out, x, cfg_scale, sigma, sigma_next, prediction_type="epsilon", *, out=None):
     """CFG + one Euler step (k-diffusion `sample_euler`, s_churn = 0) of σ-space x; returns x_next."""
     check_launch("sampler_step.euler", x)
     do_cfg, model_out, x = _check("euler", model_out, x, prediction_type)
@@ -253,7 +258,7 @@ def euler(model_out, x, cfg_scale, sigma, sigma_next, prediction_type="epsilon",
     return out
 
 
-def euler_a(model_out, x, noise, cfg_scale, sigma, sigma_next, eta=1.0, prediction_type="epsilon", *, out=None):
+def euler_a_triton(model_out, x, noise, cfg_scale, sigma, sigma_next, eta=1.0, prediction_type="epsilon", *, out=None):
     """CFG + one Euler-ancestral step (k-diffusion `sample_euler_ancestral`, s_noise = 1); returns x_next.
 
     noise: standard normal, x's shape (k-diffusion's `noise_sampler(sigma, sigma_next)`)."""
@@ -270,7 +275,8 @@ def euler_a(model_out, x, noise, cfg_scale, sigma, sigma_next, eta=1.0, predicti
     return out
 
 
-def ddim(model_out, x, cfg_scale, alpha_t, alpha_prev, eta=0.0, noise=None, prediction_type="epsilon", *, out=None):
+def ddim_triton(model_out, x, cfg_scale, alpha_t, alpha_prev, eta=0.0, noise=None, prediction_type="epsilon", *,
+                out=None):
     """CFG + one DDIM step (diffusers `DDIMScheduler.step`, no clipping) of VP-space x; returns x_prev."""
     check_launch("sampler_step.ddim", x)
     if noise is None and not isinstance(eta, torch.Tensor) and eta > 0:
@@ -285,7 +291,7 @@ def ddim(model_out, x, cfg_scale, alpha_t, alpha_prev, eta=0.0, noise=None, pred
     return out
 
 
-def dpmpp_2m(model_out, x, old_denoised, cfg_scale, sigma, sigma_next, sigma_prev, prediction_type="epsilon",
+def dpmpp_2m_triton(model_out, x, old_denoised, cfg_scale, sigma, sigma_next, sigma_prev, prediction_type="epsilon",
              *, out=None, denoised_out=None):
     """CFG + one DPM-Solver++(2M) step (k-diffusion `sample_dpmpp_2m`); returns (x_next, denoised).
 
@@ -305,7 +311,8 @@ def dpmpp_2m(model_out, x, old_denoised, cfg_scale, sigma, sigma_next, sigma_pre
     return out, denoised_out
 
 
-def lcm(model_out, x, noise, cfg_scale, alpha_t, alpha_prev, c_skip, c_out, prediction_type="epsilon", *, out=None):
+def lcm_triton(model_out, x, noise, cfg_scale, alpha_t, alpha_prev, c_skip, c_out, prediction_type="epsilon", *,
+               out=None):
     """CFG + one LCM step (diffusers `LCMScheduler.step`, no clipping) of VP-space x; returns x_next.
 
     With noise (every step but the last) x_next = sqrt(alpha_prev)·denoised + sqrt(1 − alpha_prev)·noise;
@@ -408,3 +415,62 @@ def lcm_ref(model_out, x, noise, cfg_scale, alpha_t, alpha_prev, c_skip, c_out, 
     if noise is None:
         return denoised.to(x.dtype)
     return (alpha_prev**0.5 * denoised + (1 - alpha_prev) ** 0.5 * noise.float()).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Dispatchers (the public sdengine.kernels.sampler_step.<name>): the Triton kernel through its
+# registered operator where kernels/ops.py's rule says so, else the reference.
+
+
+def _dispatch(x) -> bool:
+    from .ops import uses_triton  # kernels/ops.py registers this module's wrappers: imported here, not above
+
+    return uses_triton(x)
+
+
+def _tensor(value, x):
+    return _scalar("scalar", value, x.device)
+
+
+def euler(model_out, x, cfg_scale, sigma, sigma_next, prediction_type="epsilon"):
+    """CFG + one Euler step of σ-space x (euler_triton / euler_ref)."""
+    if _dispatch(x):
+        return torch.ops.sdengine.sampler_step_euler(model_out, x, _tensor(cfg_scale, x), _tensor(sigma, x),
+                                                     _tensor(sigma_next, x), prediction_type)
+    return euler_ref(model_out, x, cfg_scale, sigma, sigma_next, prediction_type)
+
+
+def euler_a(model_out, x, noise, cfg_scale, sigma, sigma_next, eta=1.0, prediction_type="epsilon"):
+    """CFG + one Euler-ancestral step (euler_a_triton / euler_a_ref)."""
+    if _dispatch(x):
+        return torch.ops.sdengine.sampler_step_euler_a(model_out, x, noise, _tensor(cfg_scale, x), _tensor(sigma, x),
+                                                       _tensor(sigma_next, x), _tensor(eta, x), prediction_type)
+    return euler_a_ref(model_out, x, noise, cfg_scale, sigma, sigma_next, eta, prediction_type)
+
+
+def ddim(model_out, x, cfg_scale, alpha_t, alpha_prev, eta=0.0, noise=None, prediction_type="epsilon"):
+    """CFG + one DDIM step of VP-space x (ddim_triton / ddim_ref)."""
+    if noise is None and not isinstance(eta, torch.Tensor) and eta > 0:
+        raise ValueError(f"sampler_step.ddim: eta={eta} > 0 needs noise (diffusers' variance_noise)")
+    if _dispatch(x):
+        return torch.ops.sdengine.sampler_step_ddim(model_out, x, _tensor(cfg_scale, x), _tensor(alpha_t, x),
+                                                    _tensor(alpha_prev, x), _tensor(eta, x), noise, prediction_type)
+    return ddim_ref(model_out, x, cfg_scale, alpha_t, alpha_prev, eta, noise, prediction_type)
+
+
+def dpmpp_2m(model_out, x, old_denoised, cfg_scale, sigma, sigma_next, sigma_prev, prediction_type="epsilon"):
+    """CFG + one DPM-Solver++(2M) step; (x_next, denoised) (dpmpp_2m_triton / dpmpp_2m_ref)."""
+    if _dispatch(x):
+        return torch.ops.sdengine.sampler_step_dpmpp_2m(model_out, x, old_denoised, _tensor(cfg_scale, x),
+                                                        _tensor(sigma, x), _tensor(sigma_next, x),
+                                                        _tensor(sigma_prev, x), prediction_type)
+    return dpmpp_2m_ref(model_out, x, old_denoised, cfg_scale, sigma, sigma_next, sigma_prev, prediction_type)
+
+
+def lcm(model_out, x, noise, cfg_scale, alpha_t, alpha_prev, c_skip, c_out, prediction_type="epsilon"):
+    """CFG + one LCM step of VP-space x (lcm_triton / lcm_ref)."""
+    if _dispatch(x):
+        return torch.ops.sdengine.sampler_step_lcm(model_out, x, noise, _tensor(cfg_scale, x), _tensor(alpha_t, x),
+                                                   _tensor(alpha_prev, x), _tensor(c_skip, x), _tensor(c_out, x),
+                                                   prediction_type)
+    return lcm_ref(model_out, x, noise, cfg_scale, alpha_t, alpha_prev, c_skip, c_out, prediction_type)

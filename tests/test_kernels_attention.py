@@ -102,20 +102,19 @@ def test_gpu_config_sets_fit_shared_memory_and_registers():
     """The GPU configs of each padded head dim stay within what a Hopper SM gives one program
     (see the comment over _CONFIG_SETS): q tile + num_stages k and v tiles in shared memory,
     the fp32 accumulator in registers; at most two configs a set, one of which fits fp32 inputs."""
-    import importlib
+    from sdengine.kernels.attention import _CONFIG_SETS, HAS_TRITON, _config_set
 
-    A = importlib.import_module("sdengine.kernels.attention")  # the package attribute is the function
-    if not A.HAS_TRITON:
+    if not HAS_TRITON:
         pytest.skip("triton is not installed")
 
     def smem_bytes(config, block_d, elem_bytes):
         m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
         return (m * block_d + config.num_stages * 2 * n * block_d) * elem_bytes
 
-    for block_d, configs in A._CONFIG_SETS.items():
+    for block_d, configs in _CONFIG_SETS.items():
         assert 1 <= len(configs) <= 2  # a bounded cold start: at most 2 compiles per shape
         for c in configs:
             assert smem_bytes(c, block_d, 2) <= 160 * 1024, (block_d, c)
             assert c.kwargs["BLOCK_M"] * block_d // (32 * c.num_warps) <= 128, (block_d, c)
         assert min(smem_bytes(c, block_d, 4) for c in configs) <= 227 * 1024, block_d
-    assert [A._config_set(d) for d in (16, 32, 64, 128, 256)] == [64, 64, 64, 128, 256]
+    assert [_config_set(d) for d in (16, 32, 64, 128, 256)] == [64, 64, 64, 128, 256]

@@ -9,14 +9,12 @@
    noise) and a literal copy of k-diffusion's `sample_dpmpp_2m` loop.
 """
 
-import importlib
 
 import pytest
 import torch
 
-# The module (Triton wrappers + references); `sdengine.kernels.sampler_step` the attribute is
-# the dispatching namespace, which `import ... as` would return.
-S = importlib.import_module("sdengine.kernels.sampler_step")
+# The module: `<name>_triton` the Triton wrappers, `<name>_ref` the references (`<name>` dispatches).
+from sdengine.kernels import sampler_step as S  # noqa: E402
 from sdengine.kernels.testing import DEVICE, assert_three_way, fresh_seed, max_err, poisoned
 
 SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -58,7 +56,7 @@ def _run(name, dtype, pred, cfg=True, shape=(2, 4, 9, 7), channels_last=False):
     kwargs = {"out": out}
     if name == "dpmpp_2m":
         kwargs["denoised_out"] = poisoned(shape, dtype, memory_format=fmt)
-    got = getattr(S, name)(model_out, *args, prediction_type=pred, **kwargs)
+    got = getattr(S, name + "_triton")(model_out, *args, prediction_type=pred, **kwargs)
     f32 = [a.float() if isinstance(a, torch.Tensor) and a.shape == shape else a for a in args]
     want = getattr(S, name + "_ref")(model_out.float(), *f32, prediction_type=pred)
     got, want = (got, want) if name == "dpmpp_2m" else ((got,), (want,))
@@ -99,7 +97,7 @@ def test_dpmpp_2m_first_and_last_step_and_inplace_history():
     for i in range(3):
         model_out = torch.randn(2, 4, 5, 3, device=DEVICE)
         prev = sigmas[i - 1] if i else 0.0
-        x, _ = S.dpmpp_2m(model_out, x, history if i else None, 5.0, sigmas[i], sigmas[i + 1], prev,
+        x, _ = S.dpmpp_2m_triton(model_out, x, history if i else None, 5.0, sigmas[i], sigmas[i + 1], prev,
                           denoised_out=history)
         x_ref, old_ref = S.dpmpp_2m_ref(model_out, x_ref, old_ref, 5.0, sigmas[i], sigmas[i + 1], prev)
         torch.testing.assert_close(x, x_ref, rtol=1e-5, atol=1e-5)
@@ -238,13 +236,13 @@ def test_dpmpp_2m_ref_equals_k_diffusion_loop(pred):
 def test_bad_arguments_are_named():
     x = torch.randn(1, 4, 3, 3, device=DEVICE)
     with pytest.raises(ValueError, match="prediction_type"):
-        S.euler(torch.randn(2, 4, 3, 3, device=DEVICE), x, 7.5, 1.0, 0.5, "sample")
+        S.euler_triton(torch.randn(2, 4, 3, 3, device=DEVICE), x, 7.5, 1.0, 0.5, "sample")
     with pytest.raises(ValueError, match="model_out"):
-        S.euler(torch.randn(3, 4, 3, 3, device=DEVICE), x, 7.5, 1.0, 0.5)
+        S.euler_triton(torch.randn(3, 4, 3, 3, device=DEVICE), x, 7.5, 1.0, 0.5)
     with pytest.raises(ValueError, match="noise"):
-        S.ddim(torch.randn(2, 4, 3, 3, device=DEVICE), x, 7.5, 0.3, 0.5, eta=0.5)
+        S.ddim_triton(torch.randn(2, 4, 3, 3, device=DEVICE), x, 7.5, 0.3, 0.5, eta=0.5)
     with pytest.raises(ValueError, match="sigma"):
-        S.euler(torch.randn(2, 4, 3, 3, device=DEVICE), x, 7.5, torch.ones(2), 0.5)
+        S.euler_triton(torch.randn(2, 4, 3, 3, device=DEVICE), x, 7.5, torch.ones(2), 0.5)
 
 
 @pytest.mark.gpu
@@ -255,10 +253,10 @@ def test_euler_replays_in_a_cuda_graph_with_device_scalars():
     model_out = torch.randn(4, 4, 64, 64, device="cuda", dtype=torch.float16)
     scale, sigma, sigma_next = (torch.tensor([v], device="cuda") for v in (7.5, 3.0, 2.0))
     out = torch.empty_like(x)
-    S.euler(model_out, x, scale, sigma, sigma_next, out=out)  # compile / autotune outside the capture
+    S.euler_triton(model_out, x, scale, sigma, sigma_next, out=out)  # compile / autotune outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        S.euler(model_out, x, scale, sigma, sigma_next, out=out)
+        S.euler_triton(model_out, x, scale, sigma, sigma_next, out=out)
     for s, sn in [(5.0, 4.0), (1.0, 0.0)]:
         sigma.fill_(s)
         sigma_next.fill_(sn)

@@ -32,21 +32,13 @@ from typing import Optional
 import torch
 
 from .. import compile_cache, kernels
-from ..models.layers import EAGER_OPS, Attention, set_ops
+from ..models.layers import EAGER_OPS, prepare_network, triton_ops
 from .graph import GraphBackend
 
 log = logging.getLogger("sdengine")
 
 CUSTOM_OPS = ("attention", "group_norm", "layer_norm", "geglu")  # what custom_ops may name
 DEFAULT_CUSTOM_OPS: tuple = ()
-
-
-def _custom_op(name: str):
-    """The Ops-table function that calls our kernel `name` through its registered op."""
-    from . import triton as triton_backend
-
-    return {"attention": triton_backend.triton_attention, "group_norm": triton_backend.triton_group_norm,
-            "layer_norm": triton_backend.triton_layer_norm, "geglu": triton_backend.triton_geglu}[name]
 
 
 class CompiledOrEager:
@@ -113,17 +105,12 @@ class CompileBackend(GraphBackend):
         self.channels_last = on_cuda
         self.step_update = "triton" if on_cuda and kernels.HAS_TRITON else "torch"
         self.custom_ops = tuple(custom_ops)
-        ops = replace(EAGER_OPS, **{op: _custom_op(op) for op in custom_ops}) if on_cuda else EAGER_OPS
-        self.ops = ops
+        # our kernels (through their registered ops) for the ops in custom_ops
+        kernel_ops = triton_ops() if on_cuda and custom_ops else EAGER_OPS
+        self.ops = replace(EAGER_OPS, **{op: getattr(kernel_ops, op) for op in custom_ops}) if on_cuda else EAGER_OPS
         for module in (self.text_encoder, self.text_encoder_2, self.unet, self.vae):
-            if module is None:
-                continue
-            for sub in module.modules():
-                if isinstance(sub, Attention) and not sub.is_cross and sub.to_qkv is None:
-                    sub.fuse_qkv()
-            set_ops(module, ops)
-            if on_cuda:
-                module.to(memory_format=torch.channels_last)
+            if module is not None:
+                prepare_network(module, self.ops, channels_last=on_cuda)
         compile_cache.use_cache_dirs()
         options = {"backend": compiler, "dynamic": False}
         if mode is not None:
@@ -136,13 +123,7 @@ class CompileBackend(GraphBackend):
     def prepare_controlnet(self, controlnet):
         """The ControlNet as the UNet runs here: fused QKV, the backend's ops, channels_last on CUDA,
         torch.compile'd (uncompiled after one warning if compiling fails), on a view of its weights."""
-        view = self.controlnet_view(controlnet)
-        for sub in view.modules():
-            if isinstance(sub, Attention) and not sub.is_cross and sub.to_qkv is None:
-                sub.fuse_qkv()
-        set_ops(view, self.ops)
-        if self.channels_last:
-            view.to(memory_format=torch.channels_last)
+        view = prepare_network(self.controlnet_view(controlnet), self.ops, channels_last=self.channels_last)
         return CompiledOrEager(f"the ControlNet {controlnet.name}",
                                lambda x, t, context, image, scale, guess_mode, added_cond:
                                view(x, t, context, image, scale, guess_mode, added_cond=added_cond),

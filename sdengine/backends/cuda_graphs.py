@@ -12,7 +12,7 @@ host call. Three things get graphed, each once per input shape:
   guidance -> the sampler update, with every per-step scalar read on the device from a row
   of `samplers.fused.step_table`, so that one graph serves every step of every run at that
   shape. The update is either plain torch ops (`sampler_step.<name>_ref`) or the fused
-  Triton kernels (`sampler_step.<name>`);
+  Triton kernels (`sampler_step.<name>_triton`);
 - both live in one `GraphCache`: a bounded LRU keyed by what a graph bakes in (shapes,
   dtypes, sampler), whose graphs share one memory pool.
 
@@ -177,20 +177,21 @@ def torch_update(sampler: str, prediction_type: str, model_out, x, scalars, cfg_
     """Guidance + the sampler update in plain torch ops (kernels/sampler_step.py's references),
     written into x (and DPM++ 2M's old_denoised) in place. Scalars are 1-element device
     tensors: nothing here syncs with the host, so it can be captured."""
-    from ..kernels import sampler_step as ops  # the namespace: <name>_ref are the references
+    from ..kernels import sampler_step
 
     if sampler == "euler":
-        x.copy_(ops.euler_ref(model_out, x, cfg_scale, *scalars, prediction_type))
+        x.copy_(sampler_step.euler_ref(model_out, x, cfg_scale, *scalars, prediction_type))
     elif sampler == "euler_a":
-        x.copy_(ops.euler_a_ref(model_out, x, noise, cfg_scale, *scalars, prediction_type))
+        x.copy_(sampler_step.euler_a_ref(model_out, x, noise, cfg_scale, *scalars, prediction_type))
     elif sampler == "ddim":
-        x.copy_(ops.ddim_ref(model_out, x, cfg_scale, *scalars, noise, prediction_type))
+        x.copy_(sampler_step.ddim_ref(model_out, x, cfg_scale, *scalars, noise, prediction_type))
     elif sampler == "dpmpp_2m":
-        x_next, denoised = ops.dpmpp_2m_ref(model_out, x, old_denoised, cfg_scale, *scalars, prediction_type)
+        x_next, denoised = sampler_step.dpmpp_2m_ref(model_out, x, old_denoised, cfg_scale, *scalars,
+                                                     prediction_type)
         x.copy_(x_next)
         old_denoised.copy_(denoised)
     elif sampler == "lcm":
-        x.copy_(ops.lcm_ref(model_out, x, noise, cfg_scale, *scalars, prediction_type))
+        x.copy_(sampler_step.lcm_ref(model_out, x, noise, cfg_scale, *scalars, prediction_type))
     else:
         raise ValueError(f"no device update for sampler {sampler!r} (have: {', '.join(fused.FUSED_SAMPLERS)})")
 
@@ -198,20 +199,19 @@ def torch_update(sampler: str, prediction_type: str, model_out, x, scalars, cfg_
 def triton_update(sampler: str, prediction_type: str, model_out, x, scalars, cfg_scale, noise, old_denoised):
     """Guidance + the sampler update as one fused Triton kernel (kernels/sampler_step.py),
     written into x in place."""
-    import importlib
+    from ..kernels import sampler_step
 
-    kernels = importlib.import_module("sdengine.kernels.sampler_step")  # the module, with the wrappers
     if sampler == "euler":
-        kernels.euler(model_out, x, cfg_scale, *scalars, prediction_type, out=x)
+        sampler_step.euler_triton(model_out, x, cfg_scale, *scalars, prediction_type, out=x)
     elif sampler == "euler_a":
-        kernels.euler_a(model_out, x, noise, cfg_scale, *scalars, prediction_type, out=x)
+        sampler_step.euler_a_triton(model_out, x, noise, cfg_scale, *scalars, prediction_type, out=x)
     elif sampler == "ddim":
-        kernels.ddim(model_out, x, cfg_scale, *scalars, noise, prediction_type, out=x)
+        sampler_step.ddim_triton(model_out, x, cfg_scale, *scalars, noise, prediction_type, out=x)
     elif sampler == "dpmpp_2m":
-        kernels.dpmpp_2m(model_out, x, old_denoised, cfg_scale, *scalars, prediction_type, out=x,
-                         denoised_out=old_denoised)
+        sampler_step.dpmpp_2m_triton(model_out, x, old_denoised, cfg_scale, *scalars, prediction_type, out=x,
+                                     denoised_out=old_denoised)
     elif sampler == "lcm":
-        kernels.lcm(model_out, x, noise, cfg_scale, *scalars, prediction_type, out=x)
+        sampler_step.lcm_triton(model_out, x, noise, cfg_scale, *scalars, prediction_type, out=x)
     else:
         raise ValueError(f"no fused kernel for sampler {sampler!r} (have: {', '.join(fused.FUSED_SAMPLERS)})")
 

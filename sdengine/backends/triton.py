@@ -3,8 +3,8 @@ Triton kernels, fp16 + channels_last.
 
 What changes against the graph backend, all of it at load time (never in forward):
 - the four swappable ops of every network (`sdengine.models.layers.Ops`) become the
-  Triton kernels of `sdengine.kernels`: FlashAttention-2 attention, GroupNorm(+SiLU),
-  LayerNorm, GEGLU;
+  Triton kernels of `sdengine.kernels` (`layers.triton_ops()`): FlashAttention-2 attention,
+  GroupNorm(+SiLU), LayerNorm, GEGLU;
 - self-attention Q, K, V projections are fused into one matmul (`Attention.fuse_qkv`);
 - on CUDA, convolution weights go channels_last, so cuDNN runs NHWC convolutions with
   no transposes, and the GroupNorm kernel reads and writes NHWC directly;
@@ -20,87 +20,21 @@ too slow for real use, but it is how CI proves that these code paths match eager
 
 from __future__ import annotations
 
-import importlib
 import logging
-from dataclasses import replace
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from .. import kernels
-from ..models.layers import EAGER_OPS, Attention, set_ops
+from ..models.layers import EAGER_OPS, prepare_network, set_ops, triton_ops
 from .graph import GraphBackend
 
 log = logging.getLogger("sdengine")
 
 
-# ---------------------------------------------------------------------------
-# The ops, in the signatures of sdengine.models.layers.Ops
-# ---------------------------------------------------------------------------
-
-_OPS = ("attention", "group_norm", "layer_norm", "geglu")
-# The Triton wrappers themselves (kernels/<op>.py), and the public ops of sdengine.kernels,
-# which go through the registered `torch.ops.sdengine.<op>` so that torch.compile / export
-# see the Triton kernel.
-_WRAPPERS = {name: getattr(importlib.import_module(f"sdengine.kernels.{name}"), name) for name in _OPS}
-_PUBLIC = {name: getattr(kernels, name) for name in _OPS}
-
-
-def _kernel(name: str):
-    """The function to call for kernel `name`: on CUDA the public op; the wrapper itself under
-    TRITON_INTERPRET=1 (CPU tests: the public op sends CPU tensors to the plain-torch reference
-    and would prove nothing) and while launches are recorded on meta tensors (a dry run)."""
-    if kernels.INTERPRET or kernels.precompile.recording():
-        return _WRAPPERS[name]
-    return _PUBLIC[name]
-
-
-_MAX_HEAD_DIM = 256  # kernels/attention.py's limit (BLOCK_D ≤ 256)
-
-
-def triton_attention(q, k, v, heads: int, *, causal: bool = False, upcast: bool = False):
-    """(B, L, heads·d) projections -> (B, Lq, heads·d) through the flash-attention kernel.
-
-    The kernel accumulates in fp32 whatever the input dtype, which is what SD2's
-    `upcast_attention` asks for. CLIP's causal attention (77 tokens, 0.1 ms) and the VAE's
-    single 512-wide head (beyond the kernel's head dims) stay eager.
-    """
-    batch, q_len, inner = q.shape
-    head_dim = inner // heads
-    if causal or head_dim > _MAX_HEAD_DIM:  # the VAE's one 512-wide head: SDPA's memory-efficient kernel
-        return EAGER_OPS.attention(q, k, v, heads, causal=causal, upcast=upcast)
-    # (B, L, heads, d) -> (B, heads, L, d) as strided views: no copy
-    q4, k4, v4 = (t.view(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))
-    out = _kernel("attention")(q4, k4, v4)  # (B, heads, Lq, d), stored as (B, Lq, heads, d)
-    return out.transpose(1, 2).reshape(batch, q_len, inner)  # (B, Lq, heads·d), free
-
-
-def triton_group_norm(x, weight, bias, groups: int, eps: float, silu: bool = False):
-    return _kernel("group_norm")(x, groups, weight, bias, eps=eps, silu=silu)
-
-
-def triton_layer_norm(x, weight, bias, eps: float):
-    return _kernel("layer_norm")(x, weight, bias, eps=eps)
-
-
-def triton_geglu(x, weight, bias):
-    return _kernel("geglu")(F.linear(x, weight, bias))  # (..., 2·inner) -> (..., inner)
-
-
-TRITON_OPS = replace(EAGER_OPS, attention=triton_attention, group_norm=triton_group_norm,
-                     layer_norm=triton_layer_norm, geglu=triton_geglu)
-
-
 def prepare_for_triton(module: torch.nn.Module, channels_last: bool) -> torch.nn.Module:
-    """Load-time rewrite of one network: fused QKV, kernel ops, NHWC conv weights."""
-    for sub in module.modules():
-        if isinstance(sub, Attention) and not sub.is_cross and sub.to_qkv is None:
-            sub.fuse_qkv()
-    set_ops(module, TRITON_OPS)
-    if channels_last:
-        module.to(memory_format=torch.channels_last)
-    return module
+    """Load-time rewrite of one network: fused QKV, the kernel ops (layers.triton_ops), NHWC conv weights."""
+    return prepare_network(module, triton_ops(), channels_last)
 
 
 # ---------------------------------------------------------------------------

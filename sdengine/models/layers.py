@@ -1,11 +1,19 @@
 """Building blocks shared by the UNet, the VAE and the text encoder.
 
 The few ops that a fast backend replaces with fused kernels -- attention, GroupNorm
-(optionally followed by SiLU), LayerNorm and GEGLU -- are plain functions collected in
+(optionally followed by SiLU), LayerNorm and GEGLU's gate -- are plain functions collected in
 an `Ops` table. Every module that uses one of them calls it through `self.ops`, which is
 `EAGER_OPS` unless a backend installs its own table on that model with `set_ops(model,
 ops)`. The swap is per model instance, so an eager model and a Triton model can live
 side by side in one process (e.g. in a parity test).
+
+`triton_ops()` is the table of sdengine.kernels: GroupNorm, LayerNorm and GEGLU call the
+kernels with the eager functions' signatures (kernels/ops.py `layer_op` picks the kernel's
+path), attention reshapes to the kernel's (B, heads, L, d) first. From a layer to its
+@triton.jit kernel: this file -> kernels/ops.py -> kernels/<op>.py. The eager functions are
+not the kernels' `<op>_ref`: they are the fast reference that the eager backend runs (SDPA,
+GroupNorm and LayerNorm in the input's dtype), while `<op>_ref` computes in fp32 as the oracle
+of the kernel tests.
 
 Module and parameter names follow diffusers (`to_q`, `norm1`, `time_emb_proj`, ...), so
 `state_dict()` keys equal those of the diffusers classes.
@@ -46,10 +54,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *,
     return out.to(dtype).transpose(1, 2).reshape(batch, q_len, inner)  # (B, Lq, heads * d)
 
 
-def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
+def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                silu: bool = False) -> torch.Tensor:
     """GroupNorm over (B, C, ...) with a per-channel affine, optionally followed by SiLU."""
-    x = F.group_norm(x, groups, weight, bias, eps)
+    x = F.group_norm(x, num_groups, weight, bias, eps)
     return F.silu(x) if silu else x
 
 
@@ -58,12 +66,11 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return F.layer_norm(x, weight.shape, weight, bias, eps)  # static shape: exportable by every ONNX exporter
 
 
-def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """GEGLU (Shazeer 2020, "GLU Variants Improve Transformer"): a * gelu(b), [a, b] = x W^T + bias.
-
-    x: (..., dim); weight: (2 * inner, dim). Returns (..., inner). gelu is the exact (erf) one.
-    """
-    hidden, gate = F.linear(x, weight, bias).chunk(2, dim=-1)  # 2 x (..., inner)
+def geglu(h: torch.Tensor) -> torch.Tensor:
+    """GEGLU's gate (Shazeer 2020, "GLU Variants Improve Transformer"): a * gelu(b) for h = [a, b]
+    on the last dim, h = x W^T + bias the projection. (..., 2 * inner) -> (..., inner); gelu is the
+    exact (erf) one."""
+    hidden, gate = h.chunk(2, dim=-1)  # 2 x (..., inner)
     return hidden * F.gelu(gate)
 
 
@@ -79,6 +86,43 @@ class Ops:
 
 EAGER_OPS = Ops()
 
+# ---------------------------------------------------------------------------
+# The same ops on sdengine's Triton kernels (the triton layer; the compile layer's custom_ops)
+# ---------------------------------------------------------------------------
+
+_MAX_HEAD_DIM = 256  # kernels/attention.py's limit (BLOCK_D ≤ 256)
+
+
+def triton_attention(q, k, v, heads: int, *, causal: bool = False, upcast: bool = False):
+    """(B, L, heads·d) projections -> (B, Lq, heads·d) through the flash-attention kernel.
+
+    The kernel accumulates in fp32 whatever the input dtype, which is what SD2's
+    `upcast_attention` asks for. CLIP's causal attention (77 tokens, 0.1 ms) and the VAE's
+    single 512-wide head (beyond the kernel's head dims) stay eager.
+    """
+    batch, q_len, inner = q.shape
+    head_dim = inner // heads
+    if causal or head_dim > _MAX_HEAD_DIM:  # the VAE's one 512-wide head: SDPA's memory-efficient kernel
+        return attention(q, k, v, heads, causal=causal, upcast=upcast)
+    # (B, L, heads, d) -> (B, heads, L, d) as strided views: no copy
+    q4, k4, v4 = (t.view(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+    out = _kernel("attention")(q4, k4, v4)  # (B, heads, Lq, d), stored as (B, Lq, heads, d)
+    return out.transpose(1, 2).reshape(batch, q_len, inner)  # (B, Lq, heads·d), free
+
+
+def triton_ops() -> Ops:
+    """The Ops table of sdengine.kernels: GroupNorm, LayerNorm and GEGLU's gate call the kernels
+    with the eager functions' signatures as they are; attention reshapes first (triton_attention)."""
+    return Ops(attention=triton_attention, group_norm=_kernel("group_norm"), layer_norm=_kernel("layer_norm"),
+               geglu=_kernel("geglu"))
+
+
+def _kernel(name: str) -> Callable:
+    """kernels/ops.py `layer_op(name)`; sdengine.kernels (and triton) is imported on first use only."""
+    from ..kernels.ops import layer_op
+
+    return layer_op(name)
+
 
 class UsesOps(nn.Module):
     """Base of the modules that call a swappable op through `self.ops`."""
@@ -91,6 +135,18 @@ def set_ops(model: nn.Module, ops: Ops) -> nn.Module:
     for module in model.modules():
         if isinstance(module, UsesOps):
             module.ops = ops
+    return model
+
+
+def prepare_network(model: nn.Module, ops: Ops, channels_last: bool) -> nn.Module:
+    """A fast backend's load-time rewrite of one network (never in forward): self-attention Q, K, V
+    fused into one matmul (`Attention.fuse_qkv`), `ops` installed, convolution weights channels_last."""
+    for module in model.modules():
+        if isinstance(module, Attention) and not module.is_cross and module.to_qkv is None:
+            module.fuse_qkv()
+    set_ops(model, ops)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     return model
 
 
@@ -109,7 +165,7 @@ class GroupNorm(UsesOps):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu=self.silu)
+        return self.ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu)
 
     def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.weight.shape[0]}, eps={self.eps}, silu={self.silu}"
@@ -139,7 +195,7 @@ class GEGLU(UsesOps):
         self.proj = nn.Linear(dim, 2 * inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.geglu(x, self.proj.weight, self.proj.bias)
+        return self.ops.geglu(F.linear(x, self.proj.weight, self.proj.bias))  # (..., 2 * inner) -> (..., inner)
 
 
 class FeedForward(nn.Module):
@@ -267,6 +323,6 @@ class Upsample2D(nn.Module):
 
 
 __all__ = [
-    "Ops", "EAGER_OPS", "set_ops", "attention", "group_norm", "layer_norm", "geglu",
+    "Ops", "EAGER_OPS", "triton_ops", "set_ops", "prepare_network", "attention", "group_norm", "layer_norm", "geglu",
     "GroupNorm", "LayerNorm", "GEGLU", "FeedForward", "Attention", "ResnetBlock2D", "Downsample2D", "Upsample2D",
 ]
