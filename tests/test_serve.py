@@ -412,3 +412,25 @@ class _FakeApp:
             @staticmethod
             def close():
                 pass
+
+
+@pytest.mark.parametrize("fields,field,kwargs", [
+    ({"width": 8200, "height": 8}, "width", {"width": 8200, "height": 8}),   # under the pixel cap, over the side cap
+    ({"override_settings": {"CLIP_stop_at_last_layers": 5000}}, "override_settings", {"clip_skip": 4999}),
+])
+def test_requests_are_checked_by_the_shared_request_before_queueing(fields, field, kwargs):
+    """make_spec refuses what sdengine.request refuses for generate() (the same words, under the
+    A1111 field's name) before the request is queued: a bad request never reaches a batch of good ones."""
+    from sdengine.config import SchedulerConfig
+    from sdengine.request import Request
+    from sdengine.serve.requests import FieldError, Limits, ModelInfo, make_spec
+    from sdengine.serve.schemas import Txt2ImgRequest
+
+    info = ModelInfo(title="m", filename="m", default_size=64, is_inpaint=False, scheduler_config=SchedulerConfig())
+    with pytest.raises(FieldError) as caught:
+        make_spec(Txt2ImgRequest(**{"prompt": PROMPT, "steps": 4, **fields}), info, Limits(), img2img=False,
+                  prompt_syntax=None)
+    assert caught.value.field.split(".")[0] == field
+    with pytest.raises(ValueError) as direct:  # what generate() says of the same value
+        Request.from_args(PROMPT, **kwargs)
+    assert str(direct.value) in str(caught.value)

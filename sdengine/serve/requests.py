@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .. import samplers
+from ..request import Request
 from .batching import Output, Spec
 from .schemas import Img2ImgRequest, Txt2ImgRequest
 
@@ -162,6 +163,11 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
         shared["strength"] = float(strength)
     elif info.is_inpaint:
         raise FieldError("init_images", f"{info.title} is an inpainting model: use img2img with init_images and mask")
+    try:  # the checks every front end shares (sdengine.request: generate, the CLI, the C API's bindings)
+        Request.from_args(prompt, negative, seed=seed, init_image=init_images[0] if init_images else None,
+                          mask_image=masks[0] if masks else None, progress=False, **shared)
+    except ValueError as e:
+        raise FieldError(field_of(e), str(e)) from None
     try:  # the sampler's own checks (steps, strength, eta), before the request is queued
         samplers.make_plan(sampler, schedule_name, steps, info.scheduler_config,
                            strength=shared.get("strength", 1.0) if mode == "img2img" else 1.0, eta=shared["eta"])
