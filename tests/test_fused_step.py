@@ -270,7 +270,7 @@ def test_cuda_graph_of_the_whole_step_matches_eager_steps_fp16(sampler):
             assert step is not None
             seen = latents[name] = []
             generators = [torch.Generator().manual_seed(s) for s in (run, run + 1)]
-            fused.sample_fused(step, noise, plan, generators=generators, callback=lambda i, x: seen.append(x))
+            samplers.sample(None, noise, plan, step=step, generators=generators, callback=lambda i, x: seen.append(x))
         assert len(latents["graphed"]) == plan.num_steps
         for a, e in zip(latents["graphed"], latents["eager"]):
             assert torch.isfinite(a).all()

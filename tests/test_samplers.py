@@ -18,6 +18,7 @@ import torch
 
 from sdengine.bench.reference import DIFFUSERS_SCHEDULERS
 from sdengine.config import SchedulerConfig
+from sdengine import samplers
 from sdengine.samplers import (SAMPLERS, SCHEDULES, SEEDS_DDPM, NAMES, make_plan, normalize_name, plan_for, randn,
                                resolve, sample, sigmas_karras)
 
@@ -582,3 +583,25 @@ def test_unsupported_scheduler_config_key_is_named(key, value):
     cfg = dataclasses.replace(SD, extra=((key, value),))
     with pytest.raises(ValueError, match=f"unsupported {key}="):
         _sample(scheduler_config=cfg)
+
+
+def test_a_fused_step_runs_in_the_same_loop_and_takes_no_sampler_options():
+    """samplers.sample's one loop runs a fused step(x, i, noise) exactly as many times as the plan
+    has steps, hands the callback copies, and refuses sampler options it cannot pass on."""
+    plan = samplers.make_plan("euler_a", "default", 4, SD)
+    calls = []
+
+    def step(x, i, noise):
+        calls.append((i, noise is not None))
+        x.mul_(0.5)  # a fused step may overwrite its buffer in place
+        return x
+
+    seen = []
+    out = samplers.sample(None, torch.ones(1, 4, 2, 2, dtype=torch.float64), plan, step=step,
+                          generators=[torch.Generator().manual_seed(0)], callback=lambda i, x: seen.append(x))
+    assert [i for i, _ in calls] == list(range(plan.num_steps))
+    assert [drew for _, drew in calls] == [float(plan.sigmas[i + 1]) > 0 for i in range(plan.num_steps)]
+    assert len({id(x) for x in seen}) == len(seen) and float(seen[0].flatten()[0]) != float(seen[1].flatten()[0])
+    assert out.shape == (1, 4, 2, 2)
+    with pytest.raises(ValueError, match="order"):
+        samplers.sample(None, torch.ones(1, 4, 2, 2), plan, step=step, order=3)

@@ -9,8 +9,10 @@ How it is built (k-diffusion's structure):
 - schedules.py: training schedule and sampling schedules (sigmas_karras, sigmas_exponential, spacing);
 - plan.py: `make_plan` -> `Plan`, one run's timesteps / sigmas, as diffusers' set_timesteps + get_timesteps;
 - denoiser.py: the one `Denoiser` wrapper that turns eps / v / x0 predictions into x0;
-- sigma_samplers.py: `sample_<name>(model, x, sigmas, ...)` over sigmas (euler ... dpmpp, unipc);
-- timestep_samplers.py: `sample_<name>(model, x, timesteps, ...)` over timesteps (ddim, ddpm, pndm, lcm);
+- sigma_samplers.py: `<name>(model, sigmas, noise, ...) -> step(x, i)` over sigmas (euler ... dpmpp, unipc);
+- timestep_samplers.py: `<name>(model, timesteps, noise, ...) -> step(x, i)` over timesteps (ddim, ddpm, pndm, lcm);
+- fused.py: what a backend's fused step (UNet + guidance + update in one) needs from the plan;
+- `sample`: the one loop over steps, fused or not.
 - names.py: the name table shared with the CLI and the C runtime.
 
 GPU fast path: `make_plan(...)` (or `timesteps_and_sigmas`) gives the per-step scalars up front;
@@ -47,22 +49,23 @@ SAMPLERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", 
             "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde", "unipc", "lcm")
 SCHEDULES = ("default", "normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform")
 
-SAMPLE_FUNCTIONS = {
-    "ddim": timestep_samplers.sample_ddim,
-    "ddpm": timestep_samplers.sample_ddpm,
-    "pndm": timestep_samplers.sample_pndm,
-    "lcm": timestep_samplers.sample_lcm,
-    "lms": sigma_samplers.sample_lms,
-    "euler": sigma_samplers.sample_euler,
-    "euler_a": sigma_samplers.sample_euler_ancestral,
-    "heun": sigma_samplers.sample_heun,
-    "dpm_2": sigma_samplers.sample_dpm_2,
-    "dpm_2_a": sigma_samplers.sample_dpm_2_ancestral,
-    "dpmpp_2m": sigma_samplers.sample_dpmpp_2m,
-    "dpmpp_2m_sde": sigma_samplers.sample_dpmpp_2m_sde,
-    "dpmpp_sde": sigma_samplers.sample_dpmpp_sde,
-    "dpmpp_3m_sde": sigma_samplers.sample_dpmpp_3m_sde,
-    "unipc": sigma_samplers.sample_unipc,
+# Each sampler's step factory: <factory>(model, sigmas or timesteps, noise, **options) -> step(x, i) -> x
+STEP_FACTORIES = {
+    "ddim": timestep_samplers.ddim,
+    "ddpm": timestep_samplers.ddpm,
+    "pndm": timestep_samplers.pndm,
+    "lcm": timestep_samplers.lcm,
+    "lms": sigma_samplers.lms,
+    "euler": sigma_samplers.euler,
+    "euler_a": sigma_samplers.euler_ancestral,
+    "heun": sigma_samplers.heun,
+    "dpm_2": sigma_samplers.dpm_2,
+    "dpm_2_a": sigma_samplers.dpm_2_ancestral,
+    "dpmpp_2m": sigma_samplers.dpmpp_2m,
+    "dpmpp_2m_sde": sigma_samplers.dpmpp_2m_sde,
+    "dpmpp_sde": sigma_samplers.dpmpp_sde,
+    "dpmpp_3m_sde": sigma_samplers.dpmpp_3m_sde,
+    "unipc": sigma_samplers.unipc,
 }
 
 # diffusers' DPMSolverMultistepScheduler draws its SDE noise in float32 whatever the latents' dtype.
@@ -79,7 +82,7 @@ SEEDS_DDPM = SchedulerConfig(
 __all__ = [
     "SAMPLERS", "SCHEDULES", "SEEDS_DDPM", "NAMES", "Plan", "Denoiser", "resolve", "sample", "randn",
     "make_plan", "plan_for", "timesteps_and_sigmas", "normalize_name", "sigmas_karras", "sigmas_exponential",
-    "sigma_to_t", "to_x0_eps", "SAMPLE_FUNCTIONS", "MIN_STEPS", "SCHEDULES_FOR",
+    "sigma_to_t", "to_x0_eps", "STEP_FACTORIES", "MIN_STEPS", "SCHEDULES_FOR",
 ]
 
 
@@ -183,11 +186,11 @@ def sample(model_fn: Optional[Callable], noise: torch.Tensor, plan: Plan, *, ste
            inpainting: bool = False, **options) -> torch.Tensor:
     """Run `plan` and return the final latents (what diffusers' pipeline decodes).
 
-    The loop drives one of two things, the same latents and callbacks either way:
-    - `step(x, i, noise) -> x_next`, the whole denoising step of a backend that fuses it
-      (UNet + guidance + sampler update: samplers/fused.py's `sample_fused`);
-    - otherwise `model_fn(x_in, t) -> raw model output` in the plan's prediction_type, guidance
-      applied, through the plan's sampler function: x_in is exactly what diffusers' pipeline
+    The one loop: `x = step(x, i)` for every step of the plan, where step is
+    - a backend's fused step `step(x, i, noise)` when given (UNet + guidance + sampler update in
+      one: samplers/fused.py), its noise drawn as the unfused sampler draws it;
+    - otherwise the plan's sampler (STEP_FACTORIES) around `model_fn(x_in, t) -> raw model output`
+      in the plan's prediction_type, guidance applied: x_in is exactly what diffusers' pipeline
       feeds its UNet at that step (after scale_model_input), t a float32 tensor of shape (B,)
       holding the scheduler's timestep.
     plan: `make_plan` / `plan_for` (strength < 1 keeps the tail of the schedule for img2img).
@@ -197,49 +200,52 @@ def sample(model_fn: Optional[Callable], noise: torch.Tensor, plan: Plan, *, ste
       pipeline does (is_strength_max).
     generators: one CPU torch.Generator per image, for the noise of stochastic samplers.
     callback(step_index, latents) after every step (step_index counts this run's steps from 0,
-      PLMS makes steps + 1 calls); latents are diffusers' latents after that step. An exception
-      raised in it propagates (cancel).
-    Other keyword options go to the sampler function (e.g. order=3 for unipc) and override what
-    the config says.
+      PLMS makes steps + 1 calls); latents are diffusers' latents after that step (a copy). An
+      exception raised in it propagates (cancel).
+    Other keyword options go to the sampler (e.g. order=3 for unipc) and override what the config
+    says; a fused step takes none.
     """
     if init_latents is not None and init_latents.shape != noise.shape:
         raise ValueError(f"init_latents shape {tuple(init_latents.shape)} differs from "
                          f"noise shape {tuple(noise.shape)}")
     pure_noise = init_latents is None or (inpainting and plan.strength == 1.0)
-    start = None if pure_noise else init_latents
+    x = plan.initial_state(noise, None if pure_noise else init_latents)
     if step is not None:
-        from .fused import sample_fused
+        if options:
+            raise ValueError(f"a fused step takes no sampler options, got {', '.join(map(repr, sorted(options)))}")
+        from .fused import with_noise
 
-        return sample_fused(step, noise, plan, init_latents=start, generators=generators, callback=callback)
-    fn = SAMPLE_FUNCTIONS[plan.sampler]
-    allowed = set(inspect.signature(fn).parameters) - {"model", "x", "sigmas", "timesteps", "extra_args",
-                                                       "callback", "noise"}
+        step = with_noise(step, plan, generators, x.shape)
+    else:
+        step = _sampler_step(model_fn, plan, x, generators, options)
+    for i in range(plan.num_steps):
+        x = step(x, i)  # a fused step may hand back a buffer it overwrites at the next step: copies go out
+        if callback is not None:
+            callback(i, plan.latents(x, float(plan.sigmas[i + 1]) if plan.is_sigma_sampler else None).clone())
+    return plan.latents(x).clone()
+
+
+def _sampler_step(model_fn: Callable, plan: Plan, x: torch.Tensor, generators, options: dict) -> Callable:
+    """step(x, i) of the plan's sampler around model_fn, with its options checked."""
+    factory = STEP_FACTORIES[plan.sampler]
+    allowed = set(inspect.signature(factory).parameters) - {"model", "sigmas", "timesteps", "noise"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(f"sampler {plan.sampler!r} has no option {', '.join(map(repr, unknown))}; "
                          f"its options are: {', '.join(sorted(allowed)) or 'none'}")
-
     denoiser = Denoiser(model_fn, plan.alphas_cumprod, plan.prediction_type,
                         log_sigmas=plan.log_sigmas, timesteps_of_sigmas=plan.timesteps_of_sigmas(),
                         clip_range=plan.clip_range)
-    x = plan.initial_state(noise, start)
     noise_dtype = torch.float32 if plan.sampler in _FLOAT32_NOISE else x.dtype
 
     def draw_noise():
         return randn(x.shape, generators, x.device, noise_dtype).to(x.dtype)
 
-    def report(info):
-        if callback is not None:
-            latents = plan.latents(info["x"], info.get("sigma_next")) if plan.is_sigma_sampler else info["x"]
-            callback(info["i"], latents)
-
     kwargs = dict(plan.options, **options)
     if plan.is_sigma_sampler:
-        x = fn(denoiser, x, plan.sigmas, callback=report, noise=draw_noise, **kwargs)
-        return plan.latents(x)
+        return factory(denoiser, plan.sigmas, draw_noise, **kwargs)
     if plan.sampler in ("ddim", "ddpm"):
         kwargs["prev_timesteps"] = plan.prev_timesteps
     if plan.sampler in ("ddim", "pndm"):
         kwargs["final_alpha_cumprod"] = plan.final_alpha_cumprod
-    return fn(denoiser.at_timestep, x, plan.timesteps, callback=report, noise=draw_noise,
-              alphas_cumprod=plan.alphas_cumprod, **kwargs)
+    return factory(denoiser.at_timestep, plan.timesteps, draw_noise, alphas_cumprod=plan.alphas_cumprod, **kwargs)

@@ -14,9 +14,9 @@ side, so that it matches the unfused samplers of sigma_samplers.py / timestep_sa
 - `step_table(plan, guidance_scale)`: every per-step scalar of the run as one float32 table,
   one row per step (`COLUMNS`), so that a step reads its scalars from a device tensor indexed
   by the step and a CUDA graph of the step can be replayed for every step;
-- `sample_fused(step, noise, plan, ...)`: the host loop. It draws each step's noise from the
-  per-image CPU generators in the order the unfused samplers draw it (`randn`), so the
-  images do not change, and calls the callback with diffusers' latents after every step.
+- `with_noise(step, plan, generators, shape)`: the fused step as the step(x, i) of the one
+  loop (`samplers.sample`), each step's noise drawn from the per-image CPU generators in the
+  order the unfused samplers draw it (`randn`), so the images do not change.
 
 The sampler state is the one of the unfused samplers: σ-space x = x0 + σ·ε for euler,
 euler_a and dpmpp_2m (the UNet gets x·c_in, c_in = 1/sqrt(σ² + 1)), diffusers' VP latents
@@ -107,23 +107,18 @@ def draws_noise(plan: Plan, i: int) -> bool:
     return False
 
 
-def sample_fused(step: Callable, noise: torch.Tensor, plan: Plan, *, init_latents: Optional[torch.Tensor] = None,
-                 generators=None, callback: Optional[Callable] = None) -> torch.Tensor:
-    """Run `plan` with a fused step function and return the final latents, as `samplers.sample`.
+def with_noise(step: Callable, plan: Plan, generators, shape) -> Callable:
+    """A fused step(x, i, noise) as the step(x, i) that `samplers.sample`'s loop runs.
 
     step(x, i, noise) -> the sampler state after step i (noise: standard normal of x's shape on
       the CPU, or None where the step draws none; the step moves it to its device). It may
-      return one buffer that it overwrites in place at the next call; what this function
-      hands out is copied.
-    noise, init_latents, generators: as `samplers.sample` (txt2img when init_latents is None).
-    callback(step_index, latents) after every step, with diffusers' latents after that step.
+      return one buffer that it overwrites in place at the next call (the loop hands out copies).
+    Each step's noise is drawn from the per-image CPU generators where and as the unfused sampler
+    draws it (`randn`, float32), so the images do not change.
     """
-    x = plan.initial_state(noise, init_latents)
-    for i in range(plan.num_steps):
-        # drawn where the generators live (CPU); the step moves it to its device
-        step_noise = randn(x.shape, generators, torch.device("cpu"), torch.float32) if draws_noise(plan, i) else None
-        x = step(x, i, step_noise)
-        if callback is not None:
-            sigma_next = float(plan.sigmas[i + 1]) if plan.is_sigma_sampler else None
-            callback(i, plan.latents(x, sigma_next).clone())
-    return plan.latents(x).clone()
+    cpu = torch.device("cpu")
+
+    def stepped(x, i):
+        return step(x, i, randn(shape, generators, cpu, torch.float32) if draws_noise(plan, i) else None)
+
+    return stepped

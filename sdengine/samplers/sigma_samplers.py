@@ -1,16 +1,18 @@
-"""Samplers over a sigma schedule (k-diffusion's sampling.py structure).
+"""Samplers over a sigma schedule (k-diffusion's sampling.py, one step at a time).
 
-Each sampler is a pure function
+Each sampler is a step factory
 
-    sample_<name>(model, x, sigmas, *, extra_args=None, callback=None, noise=None, **options) -> x
+    step = <name>(model, sigmas, noise, **options);  x = step(x, i)   # for i in range(len(sigmas) - 1)
 
-- model(x, sigma, **extra_args) -> x0, in VE units (x = x0 + sigma * eps): a `Denoiser`.
-  Evaluations between schedule points (the midpoints of DPM-2 and DPM++ SDE) pass
-  intermediate=True: the UNet then gets the interpolated timestep of that sigma, as in
-  diffusers, even where it coincides with a (rounded) schedule timestep;
-- x: the starting latents, x = x0 + sigmas[0] * eps;
+and `samplers.sample` runs the one loop over steps, for these, the timestep samplers and a
+backend's fused step alike. A step returns the state after step i and keeps what a multistep
+method needs (previous denoised predictions) in its closure, so steps run in order, once each.
+- model(x, sigma) -> x0, in VE units (x = x0 + sigma * eps): a `Denoiser`. Evaluations between
+  schedule points (the midpoints of DPM-2 and DPM++ SDE) pass intermediate=True: the UNet then
+  gets the interpolated timestep of that sigma, as in diffusers, even where it coincides with
+  a (rounded) schedule timestep;
+- x at step 0: the starting latents, x = x0 + sigmas[0] * eps;
 - sigmas: descending 1-D float64 tensor, the last entry the final sigma (usually 0);
-- callback({"i", "x", "sigma", "sigma_next", "denoised"}) after every step;
 - noise() -> a fresh standard-normal tensor shaped like x (stochastic samplers only).
 
 They are written so that they equal diffusers' schedulers step for step: where diffusers
@@ -25,10 +27,6 @@ import math
 import numpy as np
 import torch
 from numpy.polynomial import polynomial as P
-
-
-def _default_noise(x):
-    return lambda: torch.randn_like(x)
 
 
 def _to_d(x, sigma, denoised):
@@ -52,76 +50,69 @@ def _log_midpoint(sigma_a: float, sigma_b: float) -> float:
     return float(a.lerp(b, 0.5).exp())
 
 
-def _report(callback, i, x, sigma, sigma_next, denoised):
-    if callback is not None:
-        callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
+def _pair(sigmas, i: int):
+    return float(sigmas[i]), float(sigmas[i + 1])
 
 
-@torch.no_grad()
-def sample_euler(model, x, sigmas, *, extra_args=None, callback=None, noise=None):
+def euler(model, sigmas, noise):
     """Euler's method on the probability-flow ODE (Karras et al., "Elucidating the Design Space
     of Diffusion-Based Generative Models", 2022, Algorithm 2 without churn)."""
-    extra_args = extra_args or {}
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigma, **extra_args)
-        x = x + _to_d(x, sigma, denoised) * (sigma_next - sigma)
-        _report(callback, i, x, sigma, sigma_next, denoised)
-    return x
+
+    @torch.no_grad()
+    def step(x, i):
+        sigma, sigma_next = _pair(sigmas, i)
+        return x + _to_d(x, sigma, model(x, sigma)) * (sigma_next - sigma)
+
+    return step
 
 
-@torch.no_grad()
-def sample_euler_ancestral(model, x, sigmas, *, extra_args=None, callback=None, noise=None, eta=1.0):
+def euler_ancestral(model, sigmas, noise, *, eta=1.0):
     """Ancestral Euler: an Euler step down to sigma_down, then fresh noise of std sigma_up
     (k-diffusion sample_euler_ancestral; Song et al., "Score-Based Generative Modeling through
     SDEs", 2021, ancestral sampling)."""
-    extra_args = extra_args or {}
-    noise = noise or _default_noise(x)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigma, **extra_args)
+
+    @torch.no_grad()
+    def step(x, i):
+        sigma, sigma_next = _pair(sigmas, i)
+        denoised = model(x, sigma)
         sigma_down, sigma_up = _ancestral_step(sigma, sigma_next, eta)
         x = x + _to_d(x, sigma, denoised) * (sigma_down - sigma)
-        if sigma_next > 0:
-            x = x + noise() * sigma_up
-        _report(callback, i, x, sigma, sigma_next, denoised)
-    return x
+        return x + noise() * sigma_up if sigma_next > 0 else x
+
+    return step
 
 
-@torch.no_grad()
-def sample_heun(model, x, sigmas, *, extra_args=None, callback=None, noise=None):
+def heun(model, sigmas, noise):
     """Heun's second-order method (Karras et al. 2022, Algorithm 1); Euler on the last step to sigma 0."""
-    extra_args = extra_args or {}
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigma, **extra_args)
-        d = _to_d(x, sigma, denoised)
+
+    @torch.no_grad()
+    def step(x, i):
+        sigma, sigma_next = _pair(sigmas, i)
+        d = _to_d(x, sigma, model(x, sigma))
         dt = sigma_next - sigma
         if sigma_next == 0:
-            x = x + d * dt
-        else:
-            x_2 = x + d * dt
-            d_2 = _to_d(x_2, sigma_next, model(x_2, sigma_next, **extra_args))
-            x = x + (d + d_2) / 2 * dt
-        _report(callback, i, x, sigma, sigma_next, denoised)
-    return x
+            return x + d * dt
+        x_2 = x + d * dt
+        d_2 = _to_d(x_2, sigma_next, model(x_2, sigma_next))
+        return x + (d + d_2) / 2 * dt
+
+    return step
 
 
-@torch.no_grad()
-def sample_dpm_2(model, x, sigmas, *, extra_args=None, callback=None, noise=None):
+def dpm_2(model, sigmas, noise):
     """DPM-Solver-2 in the midpoint form of k-diffusion (Lu et al., "DPM-Solver", 2022,
     Algorithm 4; Karras et al. 2022): a half step to the log-midpoint sigma, then the full
     step with the derivative there."""
-    extra_args = extra_args or {}
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigma, **extra_args)
-        x = _dpm_2_step(model, x, sigma, sigma_next, denoised, extra_args)
-        _report(callback, i, x, sigma, sigma_next, denoised)
-    return x
+
+    @torch.no_grad()
+    def step(x, i):
+        sigma, sigma_next = _pair(sigmas, i)
+        return _dpm_2_step(model, x, sigma, sigma_next, model(x, sigma))
+
+    return step
 
 
-def _dpm_2_step(model, x, sigma, sigma_to, denoised, extra_args):
+def _dpm_2_step(model, x, sigma, sigma_to, denoised):
     """One DPM-Solver-2 step from sigma to sigma_to: Euler to the log-midpoint sigma, then the
     full step with the derivative there (a plain Euler step when sigma_to is 0)."""
     d = _to_d(x, sigma, denoised)
@@ -129,25 +120,23 @@ def _dpm_2_step(model, x, sigma, sigma_to, denoised, extra_args):
         return x + d * (sigma_to - sigma)
     sigma_mid = _log_midpoint(sigma, sigma_to)
     x_2 = x + d * (sigma_mid - sigma)
-    d_2 = _to_d(x_2, sigma_mid, model(x_2, sigma_mid, intermediate=True, **extra_args))
+    d_2 = _to_d(x_2, sigma_mid, model(x_2, sigma_mid, intermediate=True))
     return x + d_2 * (sigma_to - sigma)
 
 
-@torch.no_grad()
-def sample_dpm_2_ancestral(model, x, sigmas, *, extra_args=None, callback=None, noise=None, eta=1.0):
+def dpm_2_ancestral(model, sigmas, noise, *, eta=1.0):
     """Ancestral DPM-Solver-2 (k-diffusion sample_dpm_2_ancestral): a DPM-2 step down to sigma_down,
     then fresh noise of std sigma_up."""
-    extra_args = extra_args or {}
-    noise = noise or _default_noise(x)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigma, **extra_args)
+
+    @torch.no_grad()
+    def step(x, i):
+        sigma, sigma_next = _pair(sigmas, i)
+        denoised = model(x, sigma)
         sigma_down, sigma_up = _ancestral_step(sigma, sigma_next, eta)
-        x = _dpm_2_step(model, x, sigma, sigma_down, denoised, extra_args)
-        if sigma_down != 0:
-            x = x + noise() * sigma_up
-        _report(callback, i, x, sigma, sigma_next, denoised)
-    return x
+        x = _dpm_2_step(model, x, sigma, sigma_down, denoised)
+        return x + noise() * sigma_up if sigma_down != 0 else x
+
+    return step
 
 
 def _lms_coefficient(order: int, sigmas: np.ndarray, i: int, j: int) -> float:
@@ -159,72 +148,69 @@ def _lms_coefficient(order: int, sigmas: np.ndarray, i: int, j: int) -> float:
     return float(P.polyval(sigmas[i + 1], antiderivative) - P.polyval(sigmas[i], antiderivative))
 
 
-@torch.no_grad()
-def sample_lms(model, x, sigmas, *, extra_args=None, callback=None, noise=None, order=4):
+def lms(model, sigmas, noise, *, order=4):
     """Linear multistep method of order 4 on the probability-flow ODE, with the step-size-aware
     Lagrange coefficients of k-diffusion (Karras et al. 2022 / Liu et al., "Pseudo Numerical
     Methods for Diffusion Models", 2022). On an img2img tail the order restarts at 1 (as
     k-diffusion); diffusers' LMSDiscreteScheduler instead takes the order from the absolute
     step index there and mixes in coefficients of sigmas before the tail."""
-    extra_args = extra_args or {}
     sigmas_np = np.asarray([float(s) for s in sigmas], dtype=np.float64)
-    ds = []
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigma, **extra_args)
-        ds.append(_to_d(x, sigma, denoised))
+    ds = []  # the derivatives of the last `order` steps, newest last
+
+    @torch.no_grad()
+    def step(x, i):
+        sigma = float(sigmas[i])
+        ds.append(_to_d(x, sigma, model(x, sigma)))
         if len(ds) > order:
             ds.pop(0)
         cur_order = min(i + 1, order)
         coeffs = [_lms_coefficient(cur_order, sigmas_np, i, j) for j in range(cur_order)]
-        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
-        _report(callback, i, x, sigma, sigma_next, denoised)
-    return x
+        return x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
+
+    return step
 
 
-@torch.no_grad()
-def sample_dpmpp_2m(model, x, sigmas, *, extra_args=None, callback=None, noise=None,
-                    lower_order_final=False, solver_type="midpoint"):
+def dpmpp_2m(model, sigmas, noise, *, lower_order_final=False, solver_type="midpoint"):
     """DPM-Solver++(2M): Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
     Probabilistic Models" (2022), Algorithm 2, in k-diffusion's sigma form. First order on the
     first step and on a step to sigma 0; also on the last step when `lower_order_final`.
     solver_type "midpoint" (paper) or "heun" (diffusers' alternative second-order term)."""
-    extra_args = extra_args or {}
     n = len(sigmas) - 1
-    old_denoised, h_last = None, None
-    for i in range(n):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigma, **extra_args)
+    last = {"denoised": None, "h": None}  # the previous step's
+
+    @torch.no_grad()
+    def step(x, i):
+        sigma, sigma_next = _pair(sigmas, i)
+        denoised = model(x, sigma)
         if sigma_next == 0:
             x = denoised
         else:
             h = math.log(sigma) - math.log(sigma_next)  # step in lambda = -log(sigma)
             x = (sigma_next / sigma) * x - math.expm1(-h) * denoised
-            if old_denoised is not None and not (lower_order_final and i == n - 1):
-                d1 = (denoised - old_denoised) / (h_last / h)
+            if last["denoised"] is not None and not (lower_order_final and i == n - 1):
+                d1 = (denoised - last["denoised"]) / (last["h"] / h)
                 if solver_type == "heun":
                     x = x + (math.expm1(-h) / h + 1) * d1
                 else:
                     x = x - 0.5 * math.expm1(-h) * d1
-            h_last = h
-        old_denoised = denoised
-        _report(callback, i, x, sigma, sigma_next, denoised)
-    return x
+            last["h"] = h
+        last["denoised"] = denoised
+        return x
+
+    return step
 
 
-@torch.no_grad()
-def sample_dpmpp_2m_sde(model, x, sigmas, *, extra_args=None, callback=None, noise=None, eta=1.0,
-                        lower_order_final=False, solver_type="midpoint"):
+def dpmpp_2m_sde(model, sigmas, noise, *, eta=1.0, lower_order_final=False, solver_type="midpoint"):
     """DPM-Solver++(2M) SDE: the second-order multistep solver of the diffusion SDE in data
     prediction (Lu et al., "DPM-Solver++", 2022, sec. 5 / appendix), k-diffusion's
     sample_dpmpp_2m_sde; eta=1 is the SDE, eta=0 the ODE."""
-    extra_args = extra_args or {}
-    noise = noise or _default_noise(x)
     n = len(sigmas) - 1
-    old_denoised, h_last = None, None
-    for i in range(n):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigma, **extra_args)
+    last = {"denoised": None, "h": None}  # the previous step's
+
+    @torch.no_grad()
+    def step(x, i):
+        sigma, sigma_next = _pair(sigmas, i)
+        denoised = model(x, sigma)
         if sigma_next == 0:
             x = denoised
         else:
@@ -232,31 +218,31 @@ def sample_dpmpp_2m_sde(model, x, sigmas, *, extra_args=None, callback=None, noi
             eta_h = eta * h
             coeff = -math.expm1(-h - eta_h)  # 1 - exp(-2h) for eta=1
             x = (sigma_next / sigma) * math.exp(-eta_h) * x + coeff * denoised
-            if old_denoised is not None and not (lower_order_final and i == n - 1):
-                d1 = (denoised - old_denoised) / (h_last / h)
+            if last["denoised"] is not None and not (lower_order_final and i == n - 1):
+                d1 = (denoised - last["denoised"]) / (last["h"] / h)
                 if solver_type == "heun":
                     x = x + (coeff / (-h - eta_h) + 1) * d1
                 else:
                     x = x + 0.5 * coeff * d1
             if eta:
                 x = x + noise() * sigma_next * math.sqrt(-math.expm1(-2 * eta_h))
-            h_last = h
-        old_denoised = denoised
-        _report(callback, i, x, sigma, sigma_next, denoised)
-    return x
+            last["h"] = h
+        last["denoised"] = denoised
+        return x
+
+    return step
 
 
-@torch.no_grad()
-def sample_dpmpp_3m_sde(model, x, sigmas, *, extra_args=None, callback=None, noise=None, eta=1.0):
+def dpmpp_3m_sde(model, sigmas, noise, *, eta=1.0):
     """DPM-Solver++(3M) SDE: the third-order multistep variant of DPM-Solver++ for the diffusion
     SDE (Lu et al., "DPM-Solver++", 2022), as k-diffusion's sample_dpmpp_3m_sde."""
-    extra_args = extra_args or {}
-    noise = noise or _default_noise(x)
-    denoised_1 = denoised_2 = None
-    h_1 = h_2 = None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigma, **extra_args)
+    last = {"denoised_1": None, "denoised_2": None, "h_1": None, "h_2": None}  # one and two steps back
+
+    @torch.no_grad()
+    def step(x, i):
+        sigma, sigma_next = _pair(sigmas, i)
+        denoised = model(x, sigma)
+        denoised_1, denoised_2, h_1, h_2 = last["denoised_1"], last["denoised_2"], last["h_1"], last["h_2"]
         h = None
         if sigma_next == 0:
             x = denoised
@@ -277,42 +263,40 @@ def sample_dpmpp_3m_sde(model, x, sigmas, *, extra_args=None, callback=None, noi
                 x = x + phi_2 * (denoised - denoised_1) / (h_1 / h)
             if eta:
                 x = x + noise() * sigma_next * math.sqrt(-math.expm1(-2 * h * eta))
-        denoised_1, denoised_2 = denoised, denoised_1
-        h_1, h_2 = h, h_1
-        _report(callback, i, x, sigma, sigma_next, denoised)
-    return x
+        last.update(denoised_1=denoised, denoised_2=denoised_1, h_1=h, h_2=h_1)
+        return x
+
+    return step
 
 
-@torch.no_grad()
-def sample_dpmpp_sde(model, x, sigmas, *, extra_args=None, callback=None, noise=None, eta=1.0, r=0.5):
+def dpmpp_sde(model, sigmas, noise, *, eta=1.0, r=0.5):
     """DPM-Solver++ SDE: the second-order singlestep (2S) solver of the diffusion SDE with an
     intermediate point at fraction r of the step in lambda (Lu et al., "DPM-Solver++", 2022),
     as k-diffusion's sample_dpmpp_sde. Its noise is two independent draws per step from
     `noise()` (k-diffusion uses a Brownian tree; this keeps results batch-independent)."""
-    extra_args = extra_args or {}
-    noise = noise or _default_noise(x)
     fac = 1 / (2 * r)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigma, **extra_args)
+
+    @torch.no_grad()
+    def step(x, i):
+        sigma, sigma_next = _pair(sigmas, i)
+        denoised = model(x, sigma)
         if sigma_next == 0:
-            x = x + _to_d(x, sigma, denoised) * (sigma_next - sigma)
-        else:
-            t, t_next = -math.log(sigma), -math.log(sigma_next)
-            s = t + (t_next - t) * r
-            sigma_s = math.exp(-s)
-            # Step 1: to the intermediate point s.
-            sd, su = _ancestral_step(sigma, sigma_s, eta)
-            x_2 = (sd / sigma) * x - math.expm1(t + math.log(sd)) * denoised
-            x_2 = x_2 + noise() * su
-            denoised_2 = model(x_2, sigma_s, intermediate=True, **extra_args)
-            # Step 2: the full step with the combined data prediction.
-            sd, su = _ancestral_step(sigma, sigma_next, eta)
-            denoised_d = (1 - fac) * denoised + fac * denoised_2
-            x = (sd / sigma) * x - math.expm1(t + math.log(sd)) * denoised_d
-            x = x + noise() * su
-        _report(callback, i, x, sigma, sigma_next, denoised)
-    return x
+            return x + _to_d(x, sigma, denoised) * (sigma_next - sigma)
+        t, t_next = -math.log(sigma), -math.log(sigma_next)
+        s = t + (t_next - t) * r
+        sigma_s = math.exp(-s)
+        # Step 1: to the intermediate point s.
+        sd, su = _ancestral_step(sigma, sigma_s, eta)
+        x_2 = (sd / sigma) * x - math.expm1(t + math.log(sd)) * denoised
+        x_2 = x_2 + noise() * su
+        denoised_2 = model(x_2, sigma_s, intermediate=True)
+        # Step 2: the full step with the combined data prediction.
+        sd, su = _ancestral_step(sigma, sigma_next, eta)
+        denoised_d = (1 - fac) * denoised + fac * denoised_2
+        x = (sd / sigma) * x - math.expm1(t + math.log(sd)) * denoised_d
+        return x + noise() * su
+
+    return step
 
 
 def _unipc_update(x, denoised_list, lambda_list, lambda_t, sigma_ratio, order, solver_type, model_t=None):
@@ -350,33 +334,30 @@ def _unipc_update(x, denoised_list, lambda_list, lambda_t, sigma_ratio, order, s
     return x_t - b_h * correction
 
 
-@torch.no_grad()
-def sample_unipc(model, x, sigmas, *, extra_args=None, callback=None, noise=None, order=2,
-                 lower_order_final=True, solver_type="bh2", disable_corrector=()):
+def unipc(model, sigmas, noise, *, order=2, lower_order_final=True, solver_type="bh2", disable_corrector=()):
     """UniPC: Zhao et al., "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
     Diffusion Models" (2023), Algorithms 1-3, data-prediction form with B(h) = bh2 (or bh1),
     as diffusers' UniPCMultistepScheduler. Every model evaluation serves both the corrector
     (UniC) of the previous step and the predictor (UniP) of this one."""
-    extra_args = extra_args or {}
     n = len(sigmas) - 1
-    denoised_list, lambda_list = [], []
-    last_x, last_order = None, None
-    for i in range(n):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigma, **extra_args)
+    last = {"denoised": [], "lambda": [], "x": None, "order": None}  # the last `order` points; the last step's start
+
+    @torch.no_grad()
+    def step(x, i):
+        sigma, sigma_next = _pair(sigmas, i)
+        denoised = model(x, sigma)
         lam = -math.log(sigma)
-        if last_x is not None and (i - 1) not in disable_corrector:
-            x = _unipc_update(last_x, denoised_list, lambda_list, lam, sigma / float(sigmas[i - 1]),
-                              last_order, solver_type, model_t=denoised)
-        denoised_list = (denoised_list + [denoised])[-order:]
-        lambda_list = (lambda_list + [lam])[-order:]
+        if last["x"] is not None and (i - 1) not in disable_corrector:
+            x = _unipc_update(last["x"], last["denoised"], last["lambda"], lam, sigma / float(sigmas[i - 1]),
+                              last["order"], solver_type, model_t=denoised)
+        last["denoised"] = (last["denoised"] + [denoised])[-order:]
+        last["lambda"] = (last["lambda"] + [lam])[-order:]
         this_order = min(order, n - i) if lower_order_final else order
         this_order = min(this_order, i + 1)  # warm-up: as many previous points as exist
-        last_x, last_order = x, this_order
+        last["x"], last["order"] = x, this_order
         if sigma_next == 0:
-            x = denoised
-        else:
-            x = _unipc_update(x, denoised_list, lambda_list, -math.log(sigma_next), sigma_next / sigma,
-                              this_order, solver_type)
-        _report(callback, i, x, sigma, sigma_next, denoised)
-    return x
+            return denoised
+        return _unipc_update(x, last["denoised"], last["lambda"], -math.log(sigma_next), sigma_next / sigma,
+                             this_order, solver_type)
+
+    return step

@@ -1,14 +1,14 @@
-"""Samplers over a list of training timesteps, in their natural (VP) form.
+"""Samplers over a list of training timesteps, in their natural (VP) form, one step at a time.
 
-Each is a pure function
+Each sampler is a step factory, as in sigma_samplers.py
 
-    sample_<name>(model, x, timesteps, *, extra_args=None, callback=None, noise=None, **schedule) -> x
+    step = <name>(model, timesteps, noise, **schedule);  x = step(x, i)   # for i in range(len(timesteps))
 
-- model(x, t, **extra_args) -> (x0, eps) at x = sqrt(a_t) * x0 + sqrt(1 - a_t) * eps
-  (`Denoiser.at_timestep`), a_t = alphas_cumprod[t];
-- timesteps: descending integer timesteps, one per model evaluation;
+- model(x, t) -> (x0, eps) at x = sqrt(a_t) * x0 + sqrt(1 - a_t) * eps (`Denoiser.at_timestep`),
+  a_t = alphas_cumprod[t];
+- timesteps: descending integer timesteps, one per model evaluation (one step each);
 - the schedule keywords give alphas_cumprod and where each step lands;
-- callback({"i", "x", "t", "denoised"}) after every step; noise() -> standard normal like x.
+- noise() -> standard normal like x (stochastic samplers only).
 """
 
 from __future__ import annotations
@@ -21,47 +21,37 @@ def _alpha(alphas_cumprod, t: int, final_alpha_cumprod: float) -> float:
     return float(alphas_cumprod[t]) if t >= 0 else float(final_alpha_cumprod)
 
 
-def _report(callback, i, x, t, denoised):
-    if callback is not None:
-        callback({"i": i, "x": x, "t": t, "denoised": denoised})
-
-
-@torch.no_grad()
-def sample_ddim(model, x, timesteps, *, extra_args=None, callback=None, noise=None,
-                prev_timesteps, alphas_cumprod, final_alpha_cumprod, eta=0.0):
+def ddim(model, timesteps, noise, *, prev_timesteps, alphas_cumprod, final_alpha_cumprod, eta=0.0):
     """DDIM: Song et al., "Denoising Diffusion Implicit Models" (2021), eq. 12. eta=0 is the
     deterministic sampler, eta=1 has DDPM's posterior variance. Step i goes from timesteps[i]
     to prev_timesteps[i] (< 0: to final_alpha_cumprod)."""
-    extra_args = extra_args or {}
-    noise = noise or (lambda: torch.randn_like(x))
-    for i, t in enumerate(timesteps):
-        t, t_prev = int(t), int(prev_timesteps[i])
-        x0, eps = model(x, t, **extra_args)
+
+    @torch.no_grad()
+    def step(x, i):
+        t, t_prev = int(timesteps[i]), int(prev_timesteps[i])
+        x0, eps = model(x, t)
         a_t = _alpha(alphas_cumprod, t, final_alpha_cumprod)
         a_prev = _alpha(alphas_cumprod, t_prev, final_alpha_cumprod)
         variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
         std = eta * variance ** 0.5
         x = a_prev ** 0.5 * x0 + (1 - a_prev - std ** 2) ** 0.5 * eps
-        if eta > 0:
-            x = x + std * noise()
-        _report(callback, i, x, t, x0)
-    return x
+        return x + std * noise() if eta > 0 else x
+
+    return step
 
 
-@torch.no_grad()
-def sample_ddpm(model, x, timesteps, *, extra_args=None, callback=None, noise=None,
-                prev_timesteps, alphas_cumprod, variance_type="fixed_small"):
+def ddpm(model, timesteps, noise, *, prev_timesteps, alphas_cumprod, variance_type="fixed_small"):
     """Ancestral sampling of DDPM: Ho et al., "Denoising Diffusion Probabilistic Models" (2020),
     eq. 6-7 (posterior mean from x0 and x_t) with variance beta-tilde ("fixed_small") or beta
     ("fixed_large"); strided steps use the betas between the two timesteps (Nichol & Dhariwal 2021)."""
-    extra_args = extra_args or {}
-    noise = noise or (lambda: torch.randn_like(x))
     # The step coefficients are computed in float32, as diffusers' DDPMScheduler does: for fine
     # steps 1 - a_t / a_prev cancels, and diffusers' rounding there is part of its result.
     alphas32 = torch.as_tensor(alphas_cumprod).to(torch.float32)
-    for i, t in enumerate(timesteps):
-        t, t_prev = int(t), int(prev_timesteps[i])
-        x0, _ = model(x, t, **extra_args)
+
+    @torch.no_grad()
+    def step(x, i):
+        t, t_prev = int(timesteps[i]), int(prev_timesteps[i])
+        x0, _ = model(x, t)
         a_t = alphas32[t]
         a_prev = alphas32[t_prev] if t_prev >= 0 else torch.tensor(1.0)
         beta_t = 1 - a_t / a_prev
@@ -72,8 +62,9 @@ def sample_ddpm(model, x, timesteps, *, extra_args=None, callback=None, noise=No
             variance = beta_t if variance_type == "fixed_large" else \
                 ((1 - a_prev) / (1 - a_t) * beta_t).clamp(min=1e-20)
             x = x + float(variance ** 0.5) * noise()
-        _report(callback, i, x, t, x0)
-    return x
+        return x
+
+    return step
 
 
 def _pndm_update(x, t: int, t_prev: int, eps, alphas_cumprod, final_alpha_cumprod):
@@ -84,9 +75,7 @@ def _pndm_update(x, t: int, t_prev: int, eps, alphas_cumprod, final_alpha_cumpro
     return (a_prev / a_t) ** 0.5 * x - (a_prev - a_t) * eps / denom
 
 
-@torch.no_grad()
-def sample_pndm(model, x, timesteps, *, extra_args=None, callback=None, noise=None,
-                stride, alphas_cumprod, final_alpha_cumprod):
+def pndm(model, timesteps, noise, *, stride, alphas_cumprod, final_alpha_cumprod):
     """PLMS, the pseudo linear multistep method: Liu et al., "Pseudo Numerical Methods for
     Diffusion Models on Manifolds" (2022), eq. 12, with diffusers' start (skip_prk_steps): the
     first step is taken twice, Euler then a 2-point average, then Adams-Bashforth of order 2-4 on eps.
@@ -94,51 +83,50 @@ def sample_pndm(model, x, timesteps, *, extra_args=None, callback=None, noise=No
     The multistep combination is taken over eps, as the paper defines it, for every prediction
     type; diffusers' PNDMScheduler combines raw v outputs of a v-prediction model instead (so for
     v-prediction the two differ, by ~1e-3 relative per step)."""
-    extra_args = extra_args or {}
-    ets, cur_x = [], None
-    for counter, t in enumerate(timesteps):
-        t = int(t)
-        x0, eps = model(x, t, **extra_args)
+    last = {"ets": [], "x": None}  # the last four eps; the first step's start, which step 1 redoes
+
+    @torch.no_grad()
+    def step(x, counter):
+        t = int(timesteps[counter])
+        _, eps = model(x, t)
         t_prev = t - stride
+        ets = last["ets"]
         if counter != 1:
-            ets = ets[-3:] + [eps]
+            ets = last["ets"] = ets[-3:] + [eps]
         else:  # the repeated step redoes the first one, from its start
             t_prev, t = t, t + stride
         if len(ets) == 1 and counter == 0:
-            e, cur_x = eps, x
+            e, last["x"] = eps, x
         elif len(ets) == 1 and counter == 1:
-            e, x, cur_x = (eps + ets[-1]) / 2, cur_x, None
+            e, x, last["x"] = (eps + ets[-1]) / 2, last["x"], None
         elif len(ets) == 2:
             e = (3 * ets[-1] - ets[-2]) / 2
         elif len(ets) == 3:
             e = (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
         else:
             e = (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4]) / 24
-        x = _pndm_update(x, t, t_prev, e, alphas_cumprod, final_alpha_cumprod)
-        _report(callback, counter, x, t, x0)
-    return x
+        return _pndm_update(x, t, t_prev, e, alphas_cumprod, final_alpha_cumprod)
+
+    return step
 
 
-@torch.no_grad()
-def sample_lcm(model, x, timesteps, *, extra_args=None, callback=None, noise=None,
-               alphas_cumprod, timestep_scaling=10.0, sigma_data=0.5):
+def lcm(model, timesteps, noise, *, alphas_cumprod, timestep_scaling=10.0, sigma_data=0.5):
     """Multistep consistency sampling: Luo et al., "Latent Consistency Models" (2023),
     Algorithm 1 (Song et al., "Consistency Models", 2023, Algorithm 1): at each step the
     consistency function c_skip * x + c_out * x0, re-noised to the next timestep."""
-    extra_args = extra_args or {}
-    noise = noise or (lambda: torch.randn_like(x))
     n = len(timesteps)
-    for i, t in enumerate(timesteps):
-        t = int(t)
-        x0, _ = model(x, t, **extra_args)
+
+    @torch.no_grad()
+    def step(x, i):
+        t = int(timesteps[i])
+        x0, _ = model(x, t)
         scaled_t = t * timestep_scaling
         c_skip = sigma_data ** 2 / (scaled_t ** 2 + sigma_data ** 2)
         c_out = scaled_t / (scaled_t ** 2 + sigma_data ** 2) ** 0.5
         denoised = c_out * x0 + c_skip * x
-        if i < n - 1:
-            a_prev = float(alphas_cumprod[int(timesteps[i + 1])])
-            x = a_prev ** 0.5 * denoised + (1 - a_prev) ** 0.5 * noise()
-        else:
-            x = denoised
-        _report(callback, i, x, t, denoised)
-    return x
+        if i == n - 1:
+            return denoised
+        a_prev = float(alphas_cumprod[int(timesteps[i + 1])])
+        return a_prev ** 0.5 * denoised + (1 - a_prev) ** 0.5 * noise()
+
+    return step
