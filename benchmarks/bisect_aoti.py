@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+from sdengine.device import DTYPES
+
+
 VARIATIONS = {  # name -> the CompileSettings fields it changes from the default
     "default": {},
     "constants-in-so": {"constants_in_so": True},
@@ -40,7 +43,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="sd15", help="a preset of sdengine.config.PRESETS")
     parser.add_argument("--network", default="text_encoder")
-    parser.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", default=None, help="comma-separated variations (default: all)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per compile")
@@ -51,7 +54,7 @@ def main(argv=None) -> int:
     from sdengine.export import aoti
 
     config = ModelConfig.from_name(args.arch)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
     device = torch.device(args.device)
     names = args.only.split(",") if args.only else list(VARIATIONS)
     rows = []

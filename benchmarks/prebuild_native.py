@@ -19,11 +19,13 @@ import time
 
 import torch
 
+from sdengine.device import DTYPES
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="sd15")
-    parser.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -32,7 +34,7 @@ def main(argv=None) -> int:
     from sdengine.bench.harness import resolve_config
     from sdengine.bench.reference import reference_pipeline
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
     config, _ = resolve_config(args.arch, None)
     started = time.perf_counter()
     pipe = reference_pipeline(config, device=args.device, dtype=dtype, seed=args.seed)

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from sdengine.device import DTYPES
+
 
 def _profile(fn, top: int, device: str) -> dict:
     """The kernels one call launches (on the CPU: its ops) by total time."""
@@ -115,7 +117,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="sd15")
     parser.add_argument("--size", type=int, default=512, help="image size in pixels (latents are size / 8)")
-    parser.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--variants", default="diffusers,eager,graph,triton-ops")
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
     from sdengine.bench.harness import resolve_config
     from sdengine.bench.reference import reference_pipeline
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
     config, _ = resolve_config(args.arch, None)
     pipe = reference_pipeline(config, device=device, dtype=dtype, seed=0)
     gen = torch.Generator(device=device).manual_seed(0)
