@@ -1,4 +1,5 @@
-"""Import triton if it is installed, and say how kernels run here.
+"""Import triton if it is installed, and say how kernels run here (and whether the public ops
+run the kernels: `uses_triton`, reference mode).
 
 sdengine installs without triton (`pip install sdengine` without the `triton` extra):
 then every op falls back to its plain-torch reference. The kernel modules still
@@ -6,7 +7,10 @@ import, because `triton.jit`, `triton.autotune`, `triton.Config` and `tl.constex
 are replaced by inert stand-ins that only let the module-level definitions run.
 """
 
+import contextlib
 import os
+
+import torch
 
 try:
     import triton
@@ -46,6 +50,45 @@ except ImportError:  # sdengine without the triton extra
 
 # Set by tests/conftest.py when there is no CUDA device; read when triton is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Whether kernels/ops.py registers the kernels as torch.ops.sdengine.* (torch 2.6+ with triton).
+CAN_REGISTER = HAS_TRITON and hasattr(torch.library, "triton_op")
+
+# Reference mode: the public ops run their plain-torch references (SDENGINE_KERNELS=reference).
+_reference_mode = os.environ.get("SDENGINE_KERNELS", "").lower() in ("ref", "reference")
+
+
+class _ReferenceMode(contextlib.AbstractContextManager):
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __exit__(self, *exc):
+        global _reference_mode
+        _reference_mode = self.previous
+        return False
+
+
+def use_reference(enabled=True):
+    """Make the public ops run their plain-torch references (enabled=True) or not.
+
+    Takes effect at once; used as `with use_reference(): ...` the previous mode comes back
+    at the end of the block."""
+    global _reference_mode
+    previous, _reference_mode = _reference_mode, bool(enabled)
+    return _ReferenceMode(previous)
+
+
+def reference_mode():
+    """Whether reference mode is on (see use_reference)."""
+    return _reference_mode
+
+
+def uses_triton(t):
+    """Whether a public op called on tensor `t` runs its Triton kernel (through its registered
+    `torch.ops.sdengine` operator, kernels/ops.py): CUDA, triton installed, reference mode off."""
+    return CAN_REGISTER and not _reference_mode and t.is_cuda
+
+
 
 # While `record_launches()` is active: the launches the wrappers made (kernels/precompile.py).
 _recording = None

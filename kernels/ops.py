@@ -3,8 +3,9 @@
 
 Which path runs (kernels/__init__.py's docstring says it for users):
 - the public ops (`attention`, `group_norm`, `layer_norm`, `geglu`, `decode_to_uint8`, and
-  `sampler_step.<name>`): on a CUDA tensor with triton installed and reference mode off
-  (`uses_triton`), the registered operator, whose body calls the Triton wrapper of
+  `sampler_step.<name>`, whose dispatchers live beside their wrappers in kernels/sampler_step.py):
+  on a CUDA tensor with triton installed and reference mode off (`uses_triton`, kept with the
+  reference mode in kernels/_triton.py and re-exported here), the registered operator, whose body calls the Triton wrapper of
   kernels/<op>.py; otherwise the plain-torch reference `<op>_ref`;
 - the ops that model layers call on the triton layer (`layer_op(name)`, installed by
   sdengine.models.layers.triton_ops()): the public op, except under Triton's interpreter (CPU
@@ -23,9 +24,7 @@ implementation. Registered only when triton is installed and torch has
 `torch.library.triton_op` (2.6+): `REGISTERED` says whether it happened.
 """
 
-import contextlib
 import functools
-import os
 from typing import Optional
 
 import torch
@@ -33,7 +32,7 @@ from torch import Tensor
 
 from . import _triton
 from . import sampler_step as _sampler_step
-from ._triton import HAS_TRITON, INTERPRET
+from ._triton import CAN_REGISTER, INTERPRET, reference_mode, use_reference, uses_triton  # noqa: F401 (re-exported)
 from .attention import attention as attention_triton
 from .attention import attention_ref
 from .decode import decode_to_uint8 as decode_to_uint8_triton
@@ -46,56 +45,19 @@ from .layer_norm import layer_norm as layer_norm_triton
 from .layer_norm import layer_norm_ref
 
 # ---------------------------------------------------------------------------
-# Reference mode
-# ---------------------------------------------------------------------------
-
-_reference_mode = os.environ.get("SDENGINE_KERNELS", "").lower() in ("ref", "reference")
-
-
-class _ReferenceMode(contextlib.AbstractContextManager):
-    def __init__(self, previous):
-        self.previous = previous
-
-    def __exit__(self, *exc):
-        global _reference_mode
-        _reference_mode = self.previous
-        return False
-
-
-def use_reference(enabled=True):
-    """Make the public ops run their plain-torch references (enabled=True) or not.
-
-    Takes effect at once; used as `with use_reference(): ...` the previous mode comes back
-    at the end of the block."""
-    global _reference_mode
-    previous, _reference_mode = _reference_mode, bool(enabled)
-    return _ReferenceMode(previous)
-
-
-def reference_mode():
-    """Whether reference mode is on (see use_reference)."""
-    return _reference_mode
-
-
-def uses_triton(t):
-    """Whether a public op called on tensor `t` runs its Triton kernel."""
-    return REGISTERED and not _reference_mode and t.is_cuda
-
-
-# ---------------------------------------------------------------------------
 # The registered operators
 # ---------------------------------------------------------------------------
 
 REGISTERED = False
 
-if HAS_TRITON and hasattr(torch.library, "triton_op"):
+if CAN_REGISTER:
     try:
         torch.ops.sdengine.attention  # noqa: B018  (already registered by an earlier import)
         REGISTERED = True
     except (AttributeError, RuntimeError):
         pass
 
-if HAS_TRITON and hasattr(torch.library, "triton_op") and not REGISTERED:
+if CAN_REGISTER and not REGISTERED:
     triton_op = torch.library.triton_op
 
     @triton_op("sdengine::attention", mutates_args=())

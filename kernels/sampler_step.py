@@ -49,7 +49,7 @@ take x's dtype. `prediction_type` is "epsilon" or "v_prediction" (a compile-time
 
 import torch
 
-from ._triton import cast_out, check_launch, gpu_path, launcher, tl, triton
+from ._triton import cast_out, check_launch, gpu_path, launcher, tl, triton, uses_triton
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 _GPU_BLOCK = 1024
@@ -422,19 +422,13 @@ def lcm_ref(model_out, x, noise, cfg_scale, alpha_t, alpha_prev, c_skip, c_out, 
 # registered operator where kernels/ops.py's rule says so, else the reference.
 
 
-def _dispatch(x) -> bool:
-    from .ops import uses_triton  # kernels/ops.py registers this module's wrappers: imported here, not above
-
-    return uses_triton(x)
-
-
 def _tensor(value, x):
     return _scalar("scalar", value, x.device)
 
 
 def euler(model_out, x, cfg_scale, sigma, sigma_next, prediction_type="epsilon"):
     """CFG + one Euler step of σ-space x (euler_triton / euler_ref)."""
-    if _dispatch(x):
+    if uses_triton(x):
         return torch.ops.sdengine.sampler_step_euler(model_out, x, _tensor(cfg_scale, x), _tensor(sigma, x),
                                                      _tensor(sigma_next, x), prediction_type)
     return euler_ref(model_out, x, cfg_scale, sigma, sigma_next, prediction_type)
@@ -442,7 +436,7 @@ def euler(model_out, x, cfg_scale, sigma, sigma_next, prediction_type="epsilon")
 
 def euler_a(model_out, x, noise, cfg_scale, sigma, sigma_next, eta=1.0, prediction_type="epsilon"):
     """CFG + one Euler-ancestral step (euler_a_triton / euler_a_ref)."""
-    if _dispatch(x):
+    if uses_triton(x):
         return torch.ops.sdengine.sampler_step_euler_a(model_out, x, noise, _tensor(cfg_scale, x), _tensor(sigma, x),
                                                        _tensor(sigma_next, x), _tensor(eta, x), prediction_type)
     return euler_a_ref(model_out, x, noise, cfg_scale, sigma, sigma_next, eta, prediction_type)
@@ -452,7 +446,7 @@ def ddim(model_out, x, cfg_scale, alpha_t, alpha_prev, eta=0.0, noise=None, pred
     """CFG + one DDIM step of VP-space x (ddim_triton / ddim_ref)."""
     if noise is None and not isinstance(eta, torch.Tensor) and eta > 0:
         raise ValueError(f"sampler_step.ddim: eta={eta} > 0 needs noise (diffusers' variance_noise)")
-    if _dispatch(x):
+    if uses_triton(x):
         return torch.ops.sdengine.sampler_step_ddim(model_out, x, _tensor(cfg_scale, x), _tensor(alpha_t, x),
                                                     _tensor(alpha_prev, x), _tensor(eta, x), noise, prediction_type)
     return ddim_ref(model_out, x, cfg_scale, alpha_t, alpha_prev, eta, noise, prediction_type)
@@ -460,7 +454,7 @@ def ddim(model_out, x, cfg_scale, alpha_t, alpha_prev, eta=0.0, noise=None, pred
 
 def dpmpp_2m(model_out, x, old_denoised, cfg_scale, sigma, sigma_next, sigma_prev, prediction_type="epsilon"):
     """CFG + one DPM-Solver++(2M) step; (x_next, denoised) (dpmpp_2m_triton / dpmpp_2m_ref)."""
-    if _dispatch(x):
+    if uses_triton(x):
         return torch.ops.sdengine.sampler_step_dpmpp_2m(model_out, x, old_denoised, _tensor(cfg_scale, x),
                                                         _tensor(sigma, x), _tensor(sigma_next, x),
                                                         _tensor(sigma_prev, x), prediction_type)
@@ -469,7 +463,7 @@ def dpmpp_2m(model_out, x, old_denoised, cfg_scale, sigma, sigma_next, sigma_pre
 
 def lcm(model_out, x, noise, cfg_scale, alpha_t, alpha_prev, c_skip, c_out, prediction_type="epsilon"):
     """CFG + one LCM step of VP-space x (lcm_triton / lcm_ref)."""
-    if _dispatch(x):
+    if uses_triton(x):
         return torch.ops.sdengine.sampler_step_lcm(model_out, x, noise, _tensor(cfg_scale, x), _tensor(alpha_t, x),
                                                    _tensor(alpha_prev, x), _tensor(c_skip, x), _tensor(c_out, x),
                                                    prediction_type)
