@@ -37,6 +37,10 @@ from sdengine.config import PRESETS, ModelConfig, SchedulerConfig, tiny_config
 
 TINY_ARCHS = {"tiny": "sd15", "tiny-sd15": "sd15", "tiny-sd21-v": "sd21-v", "tiny-sdxl": "sdxl"}
 ARCHS = tuple(PRESETS) + tuple(TINY_ARCHS)
+# The fidelity image (sdengine/bench/worker.py makes it): the same prompt and seed for every
+# backend and the fp32 reference.
+FIDELITY_PROMPT = "a photograph of an astronaut riding a horse on the moon"
+FIDELITY_SEED = 1234
 
 
 @dataclass
@@ -285,8 +289,6 @@ class Benchmark:
         """The fp32 reference image (eager sdengine, fp32 weights read from the same files), and
         each backend's mean absolute error to it."""
         import numpy as np
-
-        from sdengine.bench.worker import FIDELITY_PROMPT, FIDELITY_SEED
 
         self._run_backend("eager", source, reference=True)
         info = self.record["fidelity"] = {

@@ -31,12 +31,10 @@ from typing import Optional
 import torch
 
 from sdengine.bench import flops, measure
+from sdengine.bench.harness import FIDELITY_PROMPT, FIDELITY_SEED, resolve_config
 from sdengine.bench.runners import COMPONENTS, BackendUnavailable, Workload, first_line, make_inputs, make_runner
 
 INPUT_SEED_OFFSET = {c: 1000 * (i + 1) for i, c in enumerate(COMPONENTS)}
-# The fidelity image: the same prompt and seed for every backend and the fp32 reference.
-FIDELITY_PROMPT = "a photograph of an astronaut riding a horse on the moon"
-FIDELITY_SEED = 1234
 
 
 class Events:
@@ -70,8 +68,6 @@ def run(spec: dict) -> int:
     backend, device = spec["backend"], torch.device(spec["device"])
     dtype = measure.DTYPES[spec["workload"]["dtype"]]
     workload = Workload(**spec["workload"])
-    from sdengine.bench.harness import resolve_config
-
     config, _ = resolve_config(spec["arch"], spec["model"])
     torch.manual_seed(0)
 
