@@ -174,30 +174,9 @@ def dpmpp_2m(model, sigmas, noise, *, lower_order_final=False, solver_type="midp
     """DPM-Solver++(2M): Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
     Probabilistic Models" (2022), Algorithm 2, in k-diffusion's sigma form. First order on the
     first step and on a step to sigma 0; also on the last step when `lower_order_final`.
-    solver_type "midpoint" (paper) or "heun" (diffusers' alternative second-order term)."""
-    n = len(sigmas) - 1
-    last = {"denoised": None, "h": None}  # the previous step's
-
-    @torch.no_grad()
-    def step(x, i):
-        sigma, sigma_next = _pair(sigmas, i)
-        denoised = model(x, sigma)
-        if sigma_next == 0:
-            x = denoised
-        else:
-            h = math.log(sigma) - math.log(sigma_next)  # step in lambda = -log(sigma)
-            x = (sigma_next / sigma) * x - math.expm1(-h) * denoised
-            if last["denoised"] is not None and not (lower_order_final and i == n - 1):
-                d1 = (denoised - last["denoised"]) / (last["h"] / h)
-                if solver_type == "heun":
-                    x = x + (math.expm1(-h) / h + 1) * d1
-                else:
-                    x = x - 0.5 * math.expm1(-h) * d1
-            last["h"] = h
-        last["denoised"] = denoised
-        return x
-
-    return step
+    solver_type "midpoint" (paper) or "heun" (diffusers' alternative second-order term).
+    It is the ODE of dpmpp_2m_sde (eta = 0), whose terms then reduce to it exactly."""
+    return dpmpp_2m_sde(model, sigmas, noise, eta=0.0, lower_order_final=lower_order_final, solver_type=solver_type)
 
 
 def dpmpp_2m_sde(model, sigmas, noise, *, eta=1.0, lower_order_final=False, solver_type="midpoint"):
