@@ -5,8 +5,8 @@ Which path runs (kernels/__init__.py's docstring says it for users):
 - the public ops (`attention`, `group_norm`, `layer_norm`, `geglu`, `decode_to_uint8`, and
   `sampler_step.<name>`, whose dispatchers live beside their wrappers in kernels/sampler_step.py):
   on a CUDA tensor with triton installed and reference mode off (`uses_triton`, kept with the
-  reference mode in kernels/_triton.py and re-exported here), the registered operator, whose body calls the Triton wrapper of
-  kernels/<op>.py; otherwise the plain-torch reference `<op>_ref`;
+  reference mode in kernels/_triton.py and re-exported here), the registered operator, whose
+  body calls the Triton wrapper of kernels/<op>.py; otherwise the plain-torch reference `<op>_ref`;
 - the ops that model layers call on the triton layer (`layer_op(name)`, installed by
   sdengine.models.layers.triton_ops()): the public op, except under Triton's interpreter (CPU
   tests) and while launches are recorded on meta tensors (a shape-only dry run,
