@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from .config import ModelConfig
-from .errors import ModelLoadError
+from .errors import ModelLoadError, weights_file
 
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
 MAX_VECTORS = 75  # one prompt chunk
@@ -107,12 +107,7 @@ def read_embedding(path, config: ModelConfig, token: Optional[str] = None) -> Em
     vector width that does not fit a text encoder (e.g. an SD1 embedding on SD2 or SDXL), or a
     truncated or corrupt file; ValueError for an empty token.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"embedding file not found: {path}")
-    if path.suffix not in EMBEDDING_SUFFIXES:
-        raise ModelLoadError(f"{path}: unsupported embedding file type {path.suffix!r}; expected "
-                             f"{', '.join(EMBEDDING_SUFFIXES)}")
+    path = weights_file(path, "embedding", EMBEDDING_SUFFIXES)
     found, named = _vectors_of(path, _read_tensors(path))
     token = token if token is not None else named if named is not None else path.stem
     if not isinstance(token, str) or not token.strip() or token != token.strip():

@@ -4,6 +4,8 @@ Each message names the parameter, path, file or key at fault. The types derive f
 the built-in ones a caller would already catch (a bad checkpoint is a ValueError).
 """
 
+from pathlib import Path
+
 import torch
 
 
@@ -30,3 +32,14 @@ class OutOfMemoryError(torch.OutOfMemoryError, MemoryError):
 
 class GenerationCancelled(RuntimeError):
     """Raised when the callback asked to stop (returned False)."""
+
+
+def weights_file(path, what: str, suffixes: tuple) -> Path:
+    """`path` as a Path to an existing file of one of `suffixes`: FileNotFoundError naming `what`
+    (e.g. "LoRA") when it is missing, ModelLoadError for another file type."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    if path.suffix not in suffixes:
+        raise ModelLoadError(f"{path}: unsupported {what} file type {path.suffix!r}; expected {', '.join(suffixes)}")
+    return path

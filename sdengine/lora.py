@@ -55,7 +55,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .ldm_layout import UnmappedKey, same_up_to_unit_dims, unet_key_to_ldm
-from .errors import ModelLoadError
+from .errors import ModelLoadError, weights_file
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -260,12 +260,7 @@ def read_lora(path, config: ModelConfig) -> Lora:
     """
     from .loading import SafetensorsReader, TorchReader
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRA file not found: {path}")
-    if path.suffix not in LORA_SUFFIXES:
-        raise ModelLoadError(f"{path}: unsupported LoRA file type {path.suffix!r}; expected "
-                             f"{', '.join(LORA_SUFFIXES)}")
+    path = weights_file(path, "LoRA", LORA_SUFFIXES)
     reader = SafetensorsReader([path]) if path.suffix == ".safetensors" else TorchReader([path])
     layout = detect_layout(reader.shapes, path)
     names = lora_names(config)
