@@ -50,6 +50,41 @@ def _replica_pids(timeout_s=30) -> set:
     return pids
 
 
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (/proc/PID/stat, fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wait_idle(pids, window_s: float = 0.5, idle_cpu_s: float = 0.05, deadline_s: float = 60.0) -> None:
+    """Until every process in pids spends under idle_cpu_s of CPU in a window_s window (an earlier
+    test's cancelled generation may still be running on a replica)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        before = {pid: _cpu_seconds(pid) for pid in pids}
+        time.sleep(window_s)
+        if all(_cpu_seconds(pid) - before[pid] < idle_cpu_s for pid in pids):
+            return
+        assert time.monotonic() < deadline, "the replicas never went idle"
+
+
+def _kill_when_busy(pid: int, busy_cpu_s: float = 1.0, deadline_s: float = 30.0) -> threading.Thread:
+    """SIGKILL `pid` once it has spent busy_cpu_s of CPU since now (it is generating, so it holds
+    requests in flight), or at the deadline. A fixed delay instead races the requests' arrival."""
+    start = _cpu_seconds(pid)
+
+    def kill():
+        deadline = time.monotonic() + deadline_s
+        while _cpu_seconds(pid) - start < busy_cpu_s and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread
+
+
 def test_webuiapi_against_two_replicas(cluster):
     url, port = cluster
     api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler a", steps=10)
@@ -84,10 +119,11 @@ def test_replica_killed_mid_run(cluster):
     """Kill one model replica while 12 requests are in flight: only requests in flight fail,
     with a 5xx and never a hang; Serve starts a new replica, which then serves."""
     url, _ = cluster
-    victim = sorted(_replica_pids())[0]
+    pids = _replica_pids()
+    victim = sorted(pids)[0]
+    _wait_idle(pids)  # so that the victim's CPU below is this test's requests
     requests = [LoadRequest(txt2img(f"a handwritten digit {i % 10}", seed=i, steps=150, size=32)) for i in range(12)]
-    killer = threading.Timer(1.5, lambda: os.kill(victim, signal.SIGKILL))
-    killer.start()
+    killer = _kill_when_busy(victim)
     stats = run_load(url, requests, concurrency=12, timeout_s=90)
     killer.join()
     statuses = [r.status for r in stats.results]
