@@ -8,8 +8,30 @@ from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
+
+# The top-level folders that hold a subpackage's modules, without an __init__.py of their own
+# (run from the repo root, a package `kernels` there would hide PyPI's `kernels`, which
+# transformers imports). Each package's __init__.py lives in sdengine/<name>/ and, in a
+# checkout, reaches the folder through its __path__; a wheel carries the modules beside it.
+SOURCE_FOLDERS = {"sdengine.kernels": "kernels", "sdengine.export": "export"}
+
+
+class BuildPy(build_py):
+    """The usual build, plus each SOURCE_FOLDERS folder's modules copied into its package
+    (not for an editable install, whose packages reach the folders themselves)."""
+
+    def run(self):
+        super().run()
+        if self.editable_mode:
+            return
+        for package, folder in SOURCE_FOLDERS.items():
+            target = Path(self.build_lib, *package.split("."))
+            self.mkpath(str(target))
+            for source in sorted((ROOT / folder).glob("*.py")):
+                self.copy_file(str(source), str(target / source.name))
 
 
 class CMakeExtension(Extension):
@@ -65,13 +87,12 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=find_packages(include=["sdengine", "sdengine.*"]) + ["sdengine.kernels", "sdengine.export"],
-    package_dir={"sdengine": "sdengine", "sdengine.kernels": "kernels", "sdengine.export": "export"},
+    packages=find_packages(include=["sdengine", "sdengine.*"]),
     package_data={"sdengine": ["data/*", "data/**/*"]},
     include_package_data=True,
     # SDE_NO_NATIVE=1: the Python packages alone (no libsdengine, no sdengine._C; the native
     # backend is then unavailable), e.g. where the C++ build cannot run.
     ext_modules=[] if os.environ.get("SDE_NO_NATIVE") == "1" else [CMakeExtension("sdengine._C")],
-    cmdclass={"build_ext": CMakeBuild},
+    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
     zip_safe=False,
 )

@@ -20,9 +20,10 @@ status=0
 
 if ! "$PY" -c "import sdengine.kernels" 2>/dev/null; then
     shim="$(mktemp -d)/shim"
-    mkdir -p "$shim/sdengine"
+    mkdir -p "$shim/sdengine/kernels"
     : > "$shim/sdengine/__init__.py"
-    ln -s "$PWD/kernels" "$shim/sdengine/kernels"
+    # the package's face; its __path__ reaches the top-level kernels/ folder beside it
+    ln -s "$PWD/sdengine/kernels/__init__.py" "$shim/sdengine/kernels/__init__.py"
     export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
     echo "sdengine not installed: importing sdengine.kernels from $PWD/kernels"
 fi

@@ -1,7 +1,7 @@
 """The one dispatcher of sdengine's kernels: which implementation of an op runs, and the ops as
 `torch.ops.sdengine.*` operators for torch.compile, torch.export and AOTInductor.
 
-Which path runs (kernels/__init__.py's docstring says it for users):
+Which path runs (sdengine/kernels/__init__.py's docstring says it for users):
 - the public ops (`attention`, `group_norm`, `layer_norm`, `geglu`, `decode_to_uint8`, and
   `sampler_step.<name>`, whose dispatchers live beside their wrappers in kernels/sampler_step.py):
   on a CUDA tensor with triton installed and reference mode off (`uses_triton`, kept with the

@@ -18,6 +18,30 @@ if not HAS_CUDA:
 torch.set_num_threads(1)
 
 
+# What pip resolved, printed first in every run (also under -q): a fresh clone takes that
+# day's versions, and a failing run should show at once what moved.
+REPORTED_DISTRIBUTIONS = ("torch", "triton", "transformers", "diffusers", "kernels", "huggingface_hub", "peft",
+                          "accelerate", "onnx", "onnxruntime", "safetensors", "tokenizers", "numpy")
+
+
+def resolved_versions() -> str:
+    from importlib import metadata
+
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return ", ".join(f"{name} {version(name)}" for name in REPORTED_DISTRIBUTIONS)
+
+
+def pytest_sessionstart(session):
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"resolved versions: {resolved_versions()}")
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

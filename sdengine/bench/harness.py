@@ -18,6 +18,7 @@ import json
 import math
 import os
 import signal
+import site
 import subprocess
 import sys
 import tempfile
@@ -123,6 +124,27 @@ def resolve_config(arch: str, model: Optional[str]) -> tuple[ModelConfig, str]:
     if arch in TINY_ARCHS:
         return tiny_config(TINY_ARCHS[arch]), arch
     return ModelConfig.from_name(arch), arch
+
+
+def worker_command(spec_path: Path) -> list[str]:
+    """`python -P -m sdengine.bench.worker SPEC`. -P keeps the caller's working directory off
+    the worker's sys.path: a folder there named like an installed package would hide it (the
+    repo root's kernels/ once hid PyPI's `kernels`, which transformers imports, and every
+    diffusers row was lost). Python 3.10 has no -P; there the directory stays on the path."""
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+    return [sys.executable, *safe_path, "-m", "sdengine.bench.worker", str(spec_path)]
+
+
+def worker_env() -> dict:
+    """The caller's environment, with the folder that this sdengine was imported from first on
+    PYTHONPATH (unless it is a site-packages folder, already on the path), so that the worker
+    runs this very sdengine: a checkout or a worktree, not whichever one is installed."""
+    env = dict(os.environ)
+    root = Path(__file__).resolve().parents[2]  # <root>/sdengine/bench/harness.py
+    site_dirs = {Path(d).resolve() for d in [*site.getsitepackages(), site.getusersitepackages()]}
+    if root not in site_dirs:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+    return env
 
 
 class Benchmark:
@@ -382,8 +404,8 @@ class Benchmark:
         events.touch()
         self.bar.set_description(f"{label}: prepare")
         with open(log_path, "wb") as log:
-            self.child = subprocess.Popen([sys.executable, "-m", "sdengine.bench.worker", str(spec_path)],
-                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.child = subprocess.Popen(worker_command(spec_path), env=worker_env(), stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True)
         status = {"backend": label, "phase": "load", "started": time.perf_counter(), "done": False,
                   "components": 0, "info": {}}
         deadline = status["started"] + o.prepare_cap_s

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -61,11 +62,21 @@ def write_json(record: dict, json_path: Path) -> Path:
 
 
 def write_outputs(record: dict, json_path: Path) -> dict[str, Path]:
-    """Validate the record, then write it as JSON, plus .md and .png beside it (same stem)."""
+    """Validate the record, then write it as JSON, plus .md and .png beside it (same stem).
+    Without matplotlib (the `bench` extra) the chart alone is skipped, with one line saying so."""
     json_path = write_json(record, json_path)
-    paths = {"json": json_path, "md": json_path.with_suffix(".md"), "png": json_path.with_suffix(".png")}
+    paths = {"json": json_path, "md": json_path.with_suffix(".md")}
     _write_atomic(paths["md"], markdown(record).encode())
-    _write_atomic(paths["png"], chart_png(record))
+    try:
+        png = chart_png(record)
+    except ModuleNotFoundError as e:
+        if e.name != "matplotlib":
+            raise
+        print("chart skipped: matplotlib is not installed (pip install 'sdengine[bench]' or pip install matplotlib)",
+              file=sys.stderr)
+        return paths
+    paths["png"] = json_path.with_suffix(".png")
+    _write_atomic(paths["png"], png)
     return paths
 
 

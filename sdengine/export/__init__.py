@@ -8,6 +8,17 @@ nor onnxruntime. `sdengine.export.onnx` is the module export/onnx.py, and callin
 calls its `export_onnx`.
 """
 
+from pathlib import Path as _Path
+
+# This package's modules live in the repo's top-level export/ folder, which has no
+# __init__.py: run from the repo root, a `export` package there would hide an installed
+# distribution of that name (PyPI's `kernels`, which transformers imports). In a checkout
+# (an editable install, or the repo root on sys.path) __path__ reaches that folder; a wheel
+# carries the modules here, beside this file (setup.py's BuildPy).
+_FOLDER = _Path(__file__).resolve().parents[2] / "export"
+if (_FOLDER / "onnx.py").is_file():
+    __path__.append(str(_FOLDER))
+
 import importlib
 
 _SUBMODULES = ("onnx", "aoti", "cli")

@@ -35,6 +35,17 @@ Which path runs:
   `cache_results`), so later processes on the machine compile only the winning config.
 """
 
+from pathlib import Path as _Path
+
+# This package's modules live in the repo's top-level kernels/ folder, which has no
+# __init__.py: run from the repo root, a `kernels` package there would hide an installed
+# distribution of that name (PyPI's `kernels`, which transformers imports). In a checkout
+# (an editable install, or the repo root on sys.path) __path__ reaches that folder; a wheel
+# carries the modules here, beside this file (setup.py's BuildPy).
+_FOLDER = _Path(__file__).resolve().parents[2] / "kernels"
+if (_FOLDER / "ops.py").is_file():
+    __path__.append(str(_FOLDER))
+
 from . import ops, precompile, sampler_step  # noqa: F401 (sampler_step: the module, with its dispatchers)
 from ._triton import HAS_TRITON, INTERPRET
 from .attention import attention_ref
