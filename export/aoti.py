@@ -155,7 +155,7 @@ ATTEMPTS = (
 )
 STATIC_BATCH = {"text_encoder": 1, "text_encoder_2": 1, "unet": 2, "vae_decoder": 1, "vae_encoder": 1}
 # Test hook: "network:settings[,network:settings...]" makes those compile children abort
-# (os.abort) before they start, as a compiler crash would kill them (tests/test_native.py).
+# (os.abort) before they start, as a compiler crash would kill them (tests/test_native_engine_build.py).
 INJECT_CRASH_ENV = "SDE_AOTI_INJECT_CRASH"
 
 

@@ -11,7 +11,7 @@ import sdengine
 from sdengine.backends import base
 from sdengine.backends.eager import EagerBackend
 from sdengine.cli import main
-from tiny import save_tiny_pipeline, tiny_pipeline
+from support.tiny import save_tiny_pipeline, tiny_pipeline
 
 KWARGS = dict(steps=3, height=16, width=24, seed=5, batch_size=2, sampler="euler", output_type="np", progress=False,
               guidance_scale=5.0)

@@ -471,8 +471,9 @@ def test_a_backend_that_crashes_hangs_or_raises_costs_only_itself(tmp_path):
     options = BenchOptions(arch="tiny", backends=("crashing", "hanging", "raising", "diffusers"),
                            components=("text_encoder", "unet_step"), repeats=3, warmup=1, device="cpu",
                            prepare_cap_s=30, run_cap_s=120, sys_path=(str(Path(__file__).parent),),
-                           runner_factories={"crashing": "bench_fakes:crashing", "hanging": "bench_fakes:hanging",
-                                             "raising": "bench_fakes:raising"})
+                           runner_factories={"crashing": "support.bench_fakes:crashing",
+                                             "hanging": "support.bench_fakes:hanging",
+                                             "raising": "support.bench_fakes:raising"})
     started = time.perf_counter()
     record = Benchmark(options, progress=False).run()
     assert time.perf_counter() - started < 400

@@ -32,7 +32,7 @@ import sdengine
 from sdengine.config import tiny_config
 from sdengine.export import aoti
 from sdengine.export.engine_meta import engine_problem
-from tiny import save_tiny_pipeline
+from support.tiny import save_tiny_pipeline
 
 _C = pytest.importorskip("sdengine._C")
 TRIALS = 20
@@ -46,7 +46,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def real_engine(model_dir):
-    """The tiny SD1 engine, really compiled (cached in $SDE_CACHE_DIR, shared with test_native)."""
+    """The tiny SD1 engine, really compiled (cached in $SDE_CACHE_DIR, shared with tests/support/native.py)."""
     return Path(sdengine.load(model_dir, backend="native").backend.engine_dir)
 
 

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from sdengine.cli import main
-from tiny import save_tiny_pipeline
+from support.tiny import save_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +68,8 @@ def test_generate_with_loras_embeddings_and_prompt_syntax(tiny_folder, tmp_path,
     import torch
     from safetensors.torch import save_file
 
-    from lora_files import kohya_lora
-    from tiny import tiny_pipeline
+    from support.lora_files import kohya_lora
+    from support.tiny import tiny_pipeline
 
     loras = tmp_path / "loras"
     loras.mkdir()

@@ -19,7 +19,7 @@ from sdengine import kernels
 from sdengine.backends.triton import kernel_launches
 from sdengine.config import tiny_config
 from sdengine.kernels import precompile
-from tiny import tiny_pipeline
+from support.tiny import tiny_pipeline
 
 pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
 
@@ -139,7 +139,7 @@ def test_the_pipeline_asks_the_backend_to_prepare_each_request(monkeypatch):
 
 def test_pipeline_prepare_runs_the_workload_once():
     pipe = sdengine.from_diffusers(tiny_pipeline("sd15-inpaint"), backend="graph")
-    from graph_stand_in import use_stand_in
+    from support.graph_stand_in import use_stand_in
 
     graphs = use_stand_in(pipe.backend)
     info = pipe.prepare(H, W, batch_size=1, sampler="euler")

@@ -1,7 +1,7 @@
 """ControlNet: images against diffusers' ControlNet pipelines, the fast path, loading, bad input.
 
 The ControlNets are diffusers' own `ControlNetModel.from_unet` of the tiny UNets, every weight
-then perturbed so that the zero convolutions are not zero (tests/tiny.py); each test checks that
+then perturbed so that the zero convolutions are not zero (tests/support/tiny.py); each test checks that
 the ControlNet really changes the image, so a ControlNet silently dropped cannot pass.
 """
 
@@ -17,8 +17,9 @@ from PIL import Image
 import sdengine
 from sdengine import Control
 from sdengine.errors import ModelLoadError
-from graph_stand_in import use_stand_in
-from tiny import sdengine_controlnet, tiny_controlnet, tiny_controlnet_pipeline, tiny_pipeline
+from support.compare import max_diff
+from support.graph_stand_in import use_stand_in
+from support.tiny import sdengine_controlnet, tiny_controlnet, tiny_controlnet_pipeline, tiny_pipeline
 
 H, W = 16, 24
 STEPS = 4
@@ -32,10 +33,6 @@ def _control_images(n=2, size=(W, H), seed=7):
 
 
 CONTROL_IMAGES = _control_images()
-
-
-def _max_diff(a, b):
-    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
 
 
 # Per case: ControlNet seeds, scales, starts, ends, guess mode (diffusers' is one flag per call).
@@ -94,13 +91,13 @@ def test_txt2img_matches_diffusers_and_the_graph_layer(kind, case):
     fast = sdengine.from_diffusers(tiny_pipeline(kind), backend="graph")
     graphs = use_stand_in(fast.backend)
     got = _ours(eager, case, kind)
-    assert _max_diff(got, want) <= 1 / 255
-    assert _max_diff(_ours(fast, case, kind), want) <= 1 / 255
+    assert max_diff(got, want) <= 1 / 255
+    assert max_diff(_ours(fast, case, kind), want) <= 1 / 255
     steps = [e for k, e in graphs.entries.items() if k[0] == "step"]
     assert len(steps) == 1  # the ControlNets ran inside the whole step
     without = eager(PROMPTS, height=H, width=W, steps=STEPS, guidance_scale=5.0, seed=[3, 4], output_type="np",
                     progress=False, sampler="euler").images
-    assert _max_diff(got, without) > 0.05  # the ControlNets changed the image
+    assert max_diff(got, without) > 0.05  # the ControlNets changed the image
 
 
 @pytest.mark.parametrize("case", ["one", "two-ranges"])
@@ -114,7 +111,7 @@ def test_img2img_matches_diffusers(case):
         pipe = sdengine.from_diffusers(tiny_pipeline("sd15"), backend=backend)
         use_stand_in(pipe.backend) if backend == "graph" else None
         got = _ours(pipe, case, "sd15", init_image=Image.fromarray(init), strength=0.7, steps=STEPS + 2)
-        assert _max_diff(got, want) <= 1 / 255, backend
+        assert max_diff(got, want) <= 1 / 255, backend
 
 
 @pytest.mark.parametrize("case", ["one", "two-guess"])
@@ -133,7 +130,7 @@ def test_inpainting_matches_diffusers(case):
         use_stand_in(pipe.backend) if backend == "graph" else None
         got = _ours(pipe, case, "sd15-inpaint", init_image=init, mask_image=Image.fromarray(mask), sampler="ddim",
                     prompts=PROMPTS[:1], seed=[3])
-        assert _max_diff(got, want) <= 1 / 255, backend
+        assert max_diff(got, want) <= 1 / 255, backend
 
 
 # ---------------------------------------------------------------------------
@@ -141,7 +138,7 @@ def test_inpainting_matches_diffusers(case):
 # ---------------------------------------------------------------------------
 
 def test_steps_outside_a_range_replay_a_graph_without_it_and_lora_swaps_keep_the_graphs(tmp_path):
-    from lora_files import kohya_lora
+    from support.lora_files import kohya_lora
 
     fast = sdengine.from_diffusers(tiny_pipeline("sd15"), backend="graph")
     eager = sdengine.from_diffusers(tiny_pipeline("sd15"))
@@ -161,10 +158,10 @@ def test_steps_outside_a_range_replay_a_graph_without_it_and_lora_swaps_keep_the
         pipe.set_loras([(lora, 0.8)])
     swapped = fast(PROMPTS, **kwargs).images
     assert graphs.captures == captures  # the LoRA was merged into the weights the graphs read
-    assert _max_diff(swapped, eager(PROMPTS, **kwargs).images) <= 1 / 255
-    assert _max_diff(swapped, first) > 0.01
+    assert max_diff(swapped, eager(PROMPTS, **kwargs).images) <= 1 / 255
+    assert max_diff(swapped, first) > 0.01
     different_scale = dict(kwargs, control=[Control(controlnet, CONTROL_IMAGES[0], scale=0.3, start=0.25, end=0.75)])
-    assert _max_diff(fast(PROMPTS, **different_scale).images, eager(PROMPTS, **different_scale).images) <= 1 / 255
+    assert max_diff(fast(PROMPTS, **different_scale).images, eager(PROMPTS, **different_scale).images) <= 1 / 255
     assert graphs.captures == captures  # the scale is a device scalar, not baked into the graph
 
 
@@ -182,7 +179,7 @@ def test_triton_layer_matches_eager():
                   sampler="euler")
     controls = [Control(sdengine_controlnet("sd15", 0), CONTROL_IMAGES[0], scale=0.9, guess_mode=True)]
     got = fast(PROMPTS[:1], control=controls, **kwargs).images
-    assert _max_diff(got, eager(PROMPTS[:1], control=controls, **kwargs).images) <= 1 / 255
+    assert max_diff(got, eager(PROMPTS[:1], control=controls, **kwargs).images) <= 1 / 255
     view = next(iter(fast.backend._controlnet_views))
     assert all(a.to_qkv is not None for a in view.modules() if getattr(a, "is_cross", True) is False)
     assert controls[0].model.model.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_qkv is None  # caller's untouched
@@ -204,7 +201,7 @@ def test_compile_layer_compiles_the_controlnet():
     for scale in (0.9, 0.4):
         controls = [Control(controlnet, CONTROL_IMAGES[0], scale=scale)]
         got = fast(PROMPTS[:1], control=controls, **kwargs).images
-        assert _max_diff(got, eager(PROMPTS[:1], control=controls, **kwargs).images) <= 1 / 255
+        assert max_diff(got, eager(PROMPTS[:1], control=controls, **kwargs).images) <= 1 / 255
     compiled = fast.backend._controlnet_fns[id(controlnet.model)][1]
     assert not compiled.failed and not fast.backend.unet_fn.failed
 
@@ -217,12 +214,12 @@ def test_compile_layer_compiles_the_controlnet():
                                                            ("sd21-v", ".pth", "", False),
                                                            ("sdxl", ".safetensors", "control_model.", False)])
 def test_single_file_loads_to_identical_tensors(tmp_path, kind, suffix, prefix, with_model):
-    """An A1111 single file written by the test's own LDM walk (tests/ldm_keys.py), in the layouts
+    """An A1111 single file written by the test's own LDM walk (tests/support/ldm_keys.py), in the layouts
     found in the wild: lllyasviel's control_model.* (v1.0 files also hold the whole SD model),
     thibaud's SD2.1 files without the prefix, .pth through torch.load(weights_only=True)."""
     from safetensors.torch import save_file
 
-    from ldm_keys import controlnet_to_ldm, ldm_state_dict
+    from support.ldm_keys import controlnet_to_ldm, ldm_state_dict
 
     theirs = tiny_controlnet(kind)
     state = controlnet_to_ldm(theirs, prefix)
@@ -255,10 +252,10 @@ def test_full_size_single_files_are_detected_from_their_shapes(preset):
     counts included (SD1: 8 heads; SD2 / SDXL: 64-channel heads), with no base model to ask."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    from ldm_keys import controlnet_to_ldm
     from sdengine.bench.reference import diffusers_unet_kwargs
     from sdengine.config import PRESETS
     from sdengine.ldm_layout import detect_controlnet_config
+    from support.ldm_keys import controlnet_to_ldm
 
     with torch.device("meta"):
         theirs = ControlNetModel.from_unet(UNet2DConditionModel(**diffusers_unet_kwargs(PRESETS[preset].unet)),
@@ -338,14 +335,14 @@ def test_a_controlnet_of_another_family_is_refused(sd15, tmp_path):
 def test_files_that_are_not_controlnets_are_named(tmp_path):
     from safetensors.torch import save_file
 
-    from ldm_keys import ldm_state_dict
+    from support.ldm_keys import ldm_state_dict
 
     path = tmp_path / "model.safetensors"
     save_file(ldm_state_dict(tiny_pipeline("sd15"), "sd1"), str(path))
     with pytest.raises(ModelLoadError, match=r"model\.safetensors: no ControlNet weights .* a Stable Diffusion checkpoint"):
         sdengine.load_controlnet(path, "cpu")
     truncated = tmp_path / "cut.safetensors"
-    from ldm_keys import controlnet_to_ldm
+    from support.ldm_keys import controlnet_to_ldm
 
     save_file(controlnet_to_ldm(tiny_controlnet("sd15")), str(truncated))
     truncated.write_bytes(truncated.read_bytes()[:-100])
@@ -400,7 +397,7 @@ def test_infotext_records_each_controlnet_as_a1111(sd15):
 
 def test_cli_control(tmp_path, capsys):
     from sdengine.cli import main
-    from tiny import save_tiny_pipeline
+    from support.tiny import save_tiny_pipeline
 
     model = save_tiny_pipeline("sd15", tmp_path / "model")
     tiny_controlnet("sd15", 0).save_pretrained(tmp_path / "cn0", safe_serialization=True)
@@ -454,7 +451,7 @@ def test_bench_runners_time_the_same_controlnet_step(kind, count):
                 assert float((b - plain.unet_step(args)).abs().max()) > 1e-3  # the ControlNets ran
             args = {"prompts": ["a red cube"], "seed": 5}
             images_theirs, images_ours = theirs.end_to_end(args), ours.end_to_end(args).images
-            assert _max_diff(np.asarray(images_theirs[0]), np.asarray(images_ours[0])) <= 2, name
+            assert max_diff(np.asarray(images_theirs[0]), np.asarray(images_ours[0])) <= 2, name
             assert ours.ran()["fused_step"] == (name == "graph") and ours.unet_calls == 2
     assert type(theirs.pipe).__name__ == ("StableDiffusionXLControlNetPipeline" if kind == "sdxl"
                                           else "StableDiffusionControlNetPipeline")
@@ -505,8 +502,8 @@ def test_aoti_backend_runs_controlnets_through_compiled_engines():
     kwargs = dict(height=H, width=W, steps=STEPS, guidance_scale=5.0, seed=[3, 4], output_type="np", progress=False,
                   sampler="euler")
     got = native(PROMPTS, control=controls, **kwargs).images
-    assert _max_diff(got, eager(PROMPTS, control=controls, **kwargs).images) <= 1 / 255
-    assert _max_diff(got, native(PROMPTS, **kwargs).images) > 0.05
+    assert max_diff(got, eager(PROMPTS, control=controls, **kwargs).images) <= 1 / 255
+    assert max_diff(got, native(PROMPTS, **kwargs).images) > 0.05
     engines = native.backend._controlnet_engines
     assert len(engines) == 1  # both ControlNets share the architecture, so one engine
     meta = __import__("json").loads((next(iter(engines.values())) / "controlnet_engine.json").read_text())
@@ -521,10 +518,10 @@ def test_c_api_runs_controlnets(tmp_path, capsys):
     against the eager pipeline; bad controls refused naming the parameter (tests/c/test_capi.c)."""
     from safetensors.torch import save_file
 
-    from ldm_keys import controlnet_to_ldm
     from sdengine.export.aoti_controlnet import controlnet_engine_for
-    from test_native import _compile_c, _run
-    from tiny import save_tiny_pipeline
+    from support.ldm_keys import controlnet_to_ldm
+    from support.native import compile_c, run_program
+    from support.tiny import save_tiny_pipeline
 
     model_dir = save_tiny_pipeline("sd15", tmp_path / "model")
     native = sdengine.load(model_dir, backend="native")  # the model's engine, from the cache or built
@@ -535,10 +532,10 @@ def test_c_api_runs_controlnets(tmp_path, capsys):
                                    device="cpu", progress=False)
     for i, image in enumerate(CONTROL_IMAGES[:2]):
         (tmp_path / f"image{i}.rgb").write_bytes(np.asarray(image).tobytes())
-    program = _compile_c(Path(__file__).parent / "c" / "test_capi.c", tmp_path / "sde_capi_test", ["-lpthread"])
-    rc, log = _run([program, "controlnet", model_dir, native.backend.engine_dir, tmp_path / "cn0",
-                    tmp_path / "cn1.safetensors", engine, tmp_path / "image0.rgb", tmp_path / "image1.rgb", W, H,
-                    tmp_path / "out.rgb", tmp_path / "misfit"])
+    program = compile_c(Path(__file__).parent / "c" / "test_capi.c", tmp_path / "sde_capi_test", ["-lpthread"])
+    rc, log = run_program([program, "controlnet", model_dir, native.backend.engine_dir, tmp_path / "cn0",
+                           tmp_path / "cn1.safetensors", engine, tmp_path / "image0.rgb", tmp_path / "image1.rgb", W, H,
+                           tmp_path / "out.rgb", tmp_path / "misfit"])
     assert rc == 0, log
     got = np.frombuffer((tmp_path / "out.rgb").read_bytes(), dtype=np.uint8).reshape(H, W, 3)
     eager = sdengine.from_diffusers(tiny_pipeline("sd15"))

@@ -4,15 +4,15 @@ input that changes nothing."""
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import sdengine
-from lora_files import embedding_vectors
 from sdengine.errors import ModelLoadError
-from tiny import tiny_pipeline
+from support.compare import max_diff
+from support.lora_files import embedding_vectors
+from support.tiny import tiny_pipeline
 
 TOL = 1 / 255
 H = W = 32
@@ -24,10 +24,6 @@ def _run(pipe, prompt, ours=True):
     if ours:
         return pipe(prompt, steps=4, progress=False, **args).images
     return pipe(prompt, num_inference_steps=4, **args).images
-
-
-def _max_diff(a, b):
-    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 
 
 def _write_sd1(kind: str, folder, vectors: torch.Tensor):
@@ -57,8 +53,8 @@ def test_sd1_embeddings_match_diffusers_load_textual_inversion(kind, tmp_path):
     ref.load_textual_inversion(str(path), token=token)
     prompt = f"a photo of {token} on a sofa"
     got = _run(ours, prompt)
-    assert _max_diff(got, _run(ref, prompt, ours=False)) <= TOL
-    assert _max_diff(got, _run(ours, "a photo of a cat on a sofa")) > 10 * TOL  # the vectors show
+    assert max_diff(got, _run(ref, prompt, ours=False)) <= TOL
+    assert max_diff(got, _run(ours, "a photo of a cat on a sofa")) > 10 * TOL  # the vectors show
     count = vectors.shape[0]
     assert ours.tokenizer.tokens(f"x {token.upper()} y")[1:1 + count] == list(range(49408, 49408 + count))
 
@@ -79,7 +75,7 @@ def test_sdxl_clip_l_clip_g_embedding_matches_diffusers(tmp_path):
     ref.load_textual_inversion(state["clip_g"], token="<tinystyle>", text_encoder=ref.text_encoder_2,
                                tokenizer=ref.tokenizer_2)
     prompt = "a castle in <tinystyle>"
-    assert _max_diff(_run(ours, prompt), _run(ref, prompt, ours=False)) <= TOL
+    assert max_diff(_run(ours, prompt), _run(ref, prompt, ours=False)) <= TOL
 
 
 def test_bad_embeddings_are_errors_and_change_nothing(tmp_path):

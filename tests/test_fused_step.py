@@ -25,11 +25,12 @@ import torch
 import sdengine
 from sdengine import kernels, samplers
 from sdengine.backends.triton import TritonBackend
-from graph_stand_in import StandInGraphs
 from sdengine.config import tiny_config
 from sdengine.models.layers import EAGER_OPS, set_ops
 from sdengine.samplers import fused
-from tiny import tiny_pipeline
+from support.compare import max_diff
+from support.graph_stand_in import StandInGraphs
+from support.tiny import tiny_pipeline
 
 pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
 
@@ -97,10 +98,6 @@ def _unfused(pipe, **kwargs):
         pipe.backend.fused_steps = True
 
 
-def _max_diff(a, b):
-    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
-
-
 @pytest.mark.parametrize("guidance_scale", [5.0, 1.0], ids=["cfg", "no_cfg"])
 @pytest.mark.parametrize("sampler", FUSED)
 def test_fused_step_matches_unfused_triton_and_eager(pipelines, monkeypatch, sampler, guidance_scale):
@@ -111,9 +108,9 @@ def test_fused_step_matches_unfused_triton_and_eager(pipelines, monkeypatch, sam
     unfused = _unfused(fast, sampler=sampler, guidance_scale=guidance_scale)
     assert (counter.runs, counter.denoise_calls) == (1, STEPS)  # and this run did not fuse
     ref = _images(eager, sampler=sampler, guidance_scale=guidance_scale)
-    assert _max_diff(got, unfused) <= TOL and _max_diff(got, ref) <= TOL, sampler
-    assert _max_diff(ref[0], _images(eager, sampler=sampler, guidance_scale=guidance_scale,
-                                     seed=[SEEDS[0] + 1, SEEDS[1]])[0]) > 20 * TOL  # the seed shows
+    assert max_diff(got, unfused) <= TOL and max_diff(got, ref) <= TOL, sampler
+    assert max_diff(ref[0], _images(eager, sampler=sampler, guidance_scale=guidance_scale,
+                                    seed=[SEEDS[0] + 1, SEEDS[1]])[0]) > 20 * TOL  # the seed shows
 
 
 def test_fused_path_is_taken_and_a_broken_step_is_caught(pipelines, monkeypatch):
@@ -123,7 +120,7 @@ def test_fused_path_is_taken_and_a_broken_step_is_caught(pipelines, monkeypatch)
     table = fused.step_table
     monkeypatch.setattr(fused, "step_table",
                         lambda plan, scale: table(plan, scale) * torch.tensor([1.0, 1.0, 1.2, 1.0, 1.0, 1.0]))
-    assert _max_diff(_images(fast, sampler="dpmpp_2m", guidance_scale=5.0), ref) > 5 * TOL
+    assert max_diff(_images(fast, sampler="dpmpp_2m", guidance_scale=5.0), ref) > 5 * TOL
 
 
 def test_cpu_fused_path_never_touches_cuda(pipelines, monkeypatch):
@@ -147,7 +144,7 @@ def test_one_captured_step_serves_every_step_of_every_run(pipelines, monkeypatch
     for sampler in ("dpmpp_2m", "euler_a"):
         for scale, seeds in ((5.0, SEEDS), (7.0, [5, 6])):  # the second run replays the first one's capture
             got = _images(fast, sampler=sampler, guidance_scale=scale, seed=seeds)
-            assert _max_diff(got, _images(eager, sampler=sampler, guidance_scale=scale, seed=seeds)) <= TOL
+            assert max_diff(got, _images(eager, sampler=sampler, guidance_scale=scale, seed=seeds)) <= TOL
     steps = [k for k in graphs.entries if k[0] == "step"]
     assert [k[1] for k in steps] == ["dpmpp_2m", "euler_a"]  # one capture per sampler, for both runs
     # the text encoder (prompts and negatives: one shape) and the VAE decoder are graphed too
@@ -159,8 +156,8 @@ def test_uncovered_samplers_and_models_fall_back_to_the_unfused_step(pipelines, 
     eager, fast = pipelines
     counter = StepCounter(fast.backend, monkeypatch)
     for sampler in ("heun", "dpmpp_2m_sde", "pndm"):
-        assert _max_diff(_images(fast, sampler=sampler, guidance_scale=5.0),
-                         _images(eager, sampler=sampler, guidance_scale=5.0)) <= TOL
+        assert max_diff(_images(fast, sampler=sampler, guidance_scale=5.0),
+                        _images(eager, sampler=sampler, guidance_scale=5.0)) <= TOL
     assert counter.runs == 0 and counter.denoise_calls > 0
     cfg = tiny_config("sd15").scheduler
     plan = samplers.make_plan("ddim", "default", 4, cfg)
@@ -183,7 +180,7 @@ def test_inpainting_runs_the_fused_step(monkeypatch, strength):
     mask = np.zeros((H, W), dtype=np.float32)
     mask[4:12, 4:12] = 1.0
     kwargs = dict(init_image=image, mask_image=mask, sampler="euler", guidance_scale=5.0, strength=strength)
-    assert _max_diff(_images(fast, **kwargs), _images(eager, **kwargs)) <= TOL
+    assert max_diff(_images(fast, **kwargs), _images(eager, **kwargs)) <= TOL
     assert (counter.runs, counter.steps, counter.denoise_calls) == (1, int(STEPS * strength), 0)
     plan = samplers.make_plan("euler", "default", STEPS, fast.config.scheduler)
     context = torch.zeros(2, 77, fast.config.unet.cross_attention_dim)
@@ -198,7 +195,7 @@ def test_fused_img2img_keeps_the_tail_of_the_schedule(pipelines, monkeypatch, sa
     kwargs = dict(init_image=image, strength=strength, sampler=sampler, guidance_scale=5.0, steps=6)
     got = _images(fast, **kwargs)
     assert (counter.runs, counter.steps, counter.denoise_calls) == (1, int(6 * strength), 0)
-    assert _max_diff(got, _images(eager, **kwargs)) <= TOL
+    assert max_diff(got, _images(eager, **kwargs)) <= TOL
 
 
 def test_fused_ddim_with_eta_draws_the_same_noise(pipelines, monkeypatch):
@@ -207,8 +204,8 @@ def test_fused_ddim_with_eta_draws_the_same_noise(pipelines, monkeypatch):
     got = _images(fast, sampler="ddim", eta=0.7, guidance_scale=5.0)
     assert (counter.runs, counter.denoise_calls) == (1, 0)
     ref = _images(eager, sampler="ddim", eta=0.7, guidance_scale=5.0)
-    assert _max_diff(got, ref) <= TOL
-    assert _max_diff(ref, _images(eager, sampler="ddim", eta=0.0, guidance_scale=5.0)) > 5 * TOL
+    assert max_diff(got, ref) <= TOL
+    assert max_diff(ref, _images(eager, sampler="ddim", eta=0.0, guidance_scale=5.0)) > 5 * TOL
 
 
 def test_fused_callback_gets_diffusers_latents_and_can_cancel(pipelines):
@@ -232,7 +229,7 @@ def test_fused_step_on_v_prediction_and_sdxl_models(monkeypatch, kind, sampler):
     counter = StepCounter(fast.backend, monkeypatch)
     got = _images(fast, sampler=sampler, guidance_scale=5.0)
     assert (counter.runs, counter.denoise_calls) == (1, 0)
-    assert _max_diff(got, _images(eager, sampler=sampler, guidance_scale=5.0)) <= TOL
+    assert max_diff(got, _images(eager, sampler=sampler, guidance_scale=5.0)) <= TOL
 
 
 def test_fused_step_runs_the_triton_unet(pipelines, monkeypatch):
@@ -289,8 +286,8 @@ def test_graphed_fused_pipeline_matches_unfused_on_cuda_fp16(monkeypatch):
         got = _images(fast, sampler=sampler, guidance_scale=5.0)
         unfused = _unfused(fast, sampler=sampler, guidance_scale=5.0)  # graphed UNet + eager update
         ref = _images(eager, sampler=sampler, guidance_scale=5.0)
-        assert _max_diff(got, unfused) <= TOL, sampler  # the same fp16 kernels: only the update differs
-        assert _max_diff(got, ref) <= 2 * TOL, sampler  # fp16 with other attention / norm kernels
+        assert max_diff(got, unfused) <= TOL, sampler  # the same fp16 kernels: only the update differs
+        assert max_diff(got, ref) <= 2 * TOL, sampler  # fp16 with other attention / norm kernels
     assert counter.runs == len(FUSED)
     kinds = [k[0] for k in fast.backend.graphs.entries]
     assert kinds.count("step") == len(FUSED) and kinds.count("unet") == 1

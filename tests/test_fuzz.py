@@ -1,4 +1,4 @@
-"""The runtime's file readers against their references, on mutated files (tests/fuzz_files.py).
+"""The runtime's file readers against their references, on mutated files (tests/support/fuzz_files.py).
 
 - safetensors: the C++ reader (csrc/src/safetensors.cpp, through sdengine._C) accepts exactly
   the mutants that the safetensors library accepts, and returns byte-equal tensors and the
@@ -25,7 +25,7 @@ import pytest
 
 import json
 
-from fuzz_files import (EngineMutator, Mutator, assemble, cpp_engine, cpp_read, cpp_single_file, engine_meta_for,
+from support.fuzz_files import (EngineMutator, Mutator, assemble, cpp_engine, cpp_read, cpp_single_file, engine_meta_for,
                         ldm_seed, reference_engine, reference_read, reference_single_file, run_differential,
                         same_engine, seed_files, split)
 

@@ -1,7 +1,7 @@
 """Checkpoint loading: diffusers folders, LDM single files (.safetensors, .ckpt), detection, errors.
 
-References: the diffusers / transformers tiny pipelines of tests/tiny.py. Single files are
-written by tests/ldm_keys.py, a key map independent of sdengine/ldm_layout.py. Every loaded
+References: the diffusers / transformers tiny pipelines of tests/support/tiny.py. Single files are
+written by tests/support/ldm_keys.py, a key map independent of sdengine/ldm_layout.py. Every loaded
 network's state_dict must equal the reference's exactly (same keys, same values).
 Budget: about 40 s on 2 CPU cores.
 """
@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ldm_keys import TEXT_LAYOUT, ldm_state_dict, save_ldm_single_file
 from sdengine.config import PRESETS, ModelConfig, tiny_config
 from sdengine.ldm_layout import detect_config, to_ldm_state_dict
 from sdengine.errors import ModelLoadError
 from sdengine.loading import detect, load_model, save_single_file
-from tiny import TINY_KINDS, diffusers_unet_kwargs, diffusers_vae_kwargs, save_tiny_pipeline, tiny_pipeline, \
+from support.ldm_keys import TEXT_LAYOUT, ldm_state_dict, save_ldm_single_file
+from support.tiny import TINY_KINDS, diffusers_unet_kwargs, diffusers_vae_kwargs, save_tiny_pipeline, tiny_pipeline, \
     transformers_text_config
 
 NETWORKS = ("unet", "vae", "text_encoder", "text_encoder_2")

@@ -2,23 +2,23 @@
 load_lora_weights + fuse_lora on the same tiny random weights; bit-exact restore; hot swap under
 the fused step's (stand-in) graph capture; bad input that changes nothing.
 
-The LoRA files are made by tests/lora_files.py in the real key layouts (kohya names from the
+The LoRA files are made by tests/support/lora_files.py in the real key layouts (kohya names from the
 reference networks' module tree, PEFT files by peft and diffusers themselves).
 """
 
 import copy
 import threading
 
-import numpy as np
 import pytest
 import torch
 
 import sdengine
-from lora_files import kohya_lora, kohya_state_dict, peft_lora
 from sdengine import lora as lora_module
 from sdengine.config import tiny_config
 from sdengine.errors import ModelLoadError
-from tiny import tiny_pipeline
+from support.compare import max_diff
+from support.lora_files import kohya_lora, kohya_state_dict, peft_lora
+from support.tiny import tiny_pipeline
 
 PROMPT = "a photo of an astronaut riding a horse"
 TOL = 1 / 255
@@ -29,10 +29,6 @@ def _latents(kind, n=1, seed=7):
     cfg = tiny_config(kind)
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, cfg.vae.latent_channels, H // cfg.vae.downscale, W // cfg.vae.downscale, generator=g)
-
-
-def _max_diff(a, b):
-    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 
 
 def _ours(kind, backend="eager"):
@@ -102,8 +98,8 @@ def test_kohya_sd1_with_alpha_and_locon_matches_diffusers_fuse_lora(files, scale
     ours.set_loras([(files["kohya"], scale)])
     got = _images(ours, "sd15")
     ref = _images(_diffusers_fused("sd15", [(files["kohya"], scale)]), "sd15", ours=False)
-    assert _max_diff(got, ref) <= TOL
-    assert _max_diff(got, base) > 20 * TOL  # the LoRA shows
+    assert max_diff(got, ref) <= TOL
+    assert max_diff(got, base) > 20 * TOL  # the LoRA shows
 
 
 def test_two_loras_at_once_match_diffusers(files):
@@ -112,9 +108,9 @@ def test_two_loras_at_once_match_diffusers(files):
     ours.set_loras(loras)
     got = _images(ours, "sd15")
     ref = _images(_diffusers_fused("sd15", loras), "sd15", ours=False)
-    assert _max_diff(got, ref) <= TOL
+    assert max_diff(got, ref) <= TOL
     one = _images(_diffusers_fused("sd15", loras[:1]), "sd15", ours=False)
-    assert _max_diff(got, one) > 10 * TOL  # the second LoRA shows
+    assert max_diff(got, one) > 10 * TOL  # the second LoRA shows
 
 
 @pytest.mark.parametrize("layout", ["peft", "diffusers"])
@@ -123,8 +119,8 @@ def test_peft_and_diffusers_formats_match_diffusers(files, layout):
     ours.set_loras([(files[layout], 0.8)])
     got = _images(ours, "sd15")
     ref = _images(_diffusers_fused("sd15", [(files[layout], 0.8)]), "sd15", ours=False)
-    assert _max_diff(got, ref) <= TOL
-    assert _max_diff(got, _images(_ours("sd15"), "sd15")) > 10 * TOL
+    assert max_diff(got, ref) <= TOL
+    assert max_diff(got, _images(_ours("sd15"), "sd15")) > 10 * TOL
 
 
 @pytest.mark.slow
@@ -134,8 +130,8 @@ def test_kohya_sdxl_te1_te2_ldm_unet_matches_diffusers(files):
     assert {layer.component for layer in ours._loras.loras[0][1].layers} == {"unet", "text_encoder", "text_encoder_2"}
     got = _images(ours, "sdxl", guidance_scale=5.0)
     ref = _images(_diffusers_fused("sdxl", [(files["sdxl"], 0.9)]), "sdxl", ours=False, guidance_scale=5.0)
-    assert _max_diff(got, ref) <= TOL
-    assert _max_diff(got, _images(_ours("sdxl"), "sdxl", guidance_scale=5.0)) > 10 * TOL
+    assert max_diff(got, ref) <= TOL
+    assert max_diff(got, _images(_ours("sdxl"), "sdxl", guidance_scale=5.0)) > 10 * TOL
 
 
 def test_ldm_names_torch_files_and_fp16_give_the_same_weights(files, tmp_path):
@@ -237,15 +233,15 @@ def test_hot_swap_keeps_the_captured_step_and_engine_keys(files, monkeypatch):
         fast.set_loras(loras)
         eager.set_loras(loras)
         got = _images(fast, "sd15", **run)
-        assert _max_diff(got, _images(eager, "sd15", **run)) <= TOL
+        assert max_diff(got, _images(eager, "sd15", **run)) <= TOL
         outputs.append(got)
         captures.append(graphs.captures)
     # the whole step, the text encoder and the VAE decoder: captured once, replayed across every swap
     assert captures == [3, 3, 3, 3] and len(graphs.entries) == 3
     assert {k[0] for k in graphs.entries} == {"step", "text_encoder(clip_skip=None)", "vae_decode"}
     assert aoti.engine_key(fast.config, dtype=torch.float32, device=torch.device("cpu")) == key
-    assert _max_diff(outputs[0], outputs[1]) > 10 * TOL and _max_diff(outputs[1], outputs[2]) > 10 * TOL
-    assert _max_diff(outputs[0], outputs[3]) == 0.0
+    assert max_diff(outputs[0], outputs[1]) > 10 * TOL and max_diff(outputs[1], outputs[2]) > 10 * TOL
+    assert max_diff(outputs[0], outputs[3]) == 0.0
 
 
 def test_requests_during_swaps_see_whole_sets(files):
@@ -267,7 +263,7 @@ def test_requests_during_swaps_see_whole_sets(files):
                               progress=False, guidance_scale=1.0)
                 name = tuple(by_path[lora["path"]] for lora in result.params["loras"])
                 done.append(name)
-                assert _max_diff(result.images, serial[name]) == 0.0, name
+                assert max_diff(result.images, serial[name]) == 0.0, name
         except BaseException as e:  # noqa: BLE001 (reported below)
             errors.append(e)
 
@@ -285,7 +281,7 @@ def test_requests_during_swaps_see_whole_sets(files):
 
 
 def test_load_merges_loras(files, tmp_path):
-    from tiny import save_tiny_pipeline
+    from support.tiny import save_tiny_pipeline
 
     folder = save_tiny_pipeline("sd15", tmp_path / "model")
     loaded = sdengine.load(folder, device="cpu", loras=[(files["kohya"], 0.8)])
@@ -379,11 +375,11 @@ def test_hot_swap_under_real_cuda_graphs_fp16(files):
         eager.set_loras(loras)
         for sampler in ("euler", "heun"):  # the fused step's graph, and the graphed UNet alone
             got = _images(fast, "sd15", sampler=sampler, guidance_scale=5.0)
-            assert _max_diff(got, _images(eager, "sd15", sampler=sampler, guidance_scale=5.0)) <= 2 * TOL
+            assert max_diff(got, _images(eager, "sd15", sampler=sampler, guidance_scale=5.0)) <= 2 * TOL
             outputs.append(got)
         if len(outputs) == 2:
             entries = list(fast.backend.graphs.entries)
     assert list(fast.backend.graphs.entries) == entries  # captured on the first run only
-    assert _max_diff(outputs[0], outputs[2]) > 10 * TOL
-    assert _max_diff(outputs[0], outputs[6]) == 0.0 and _max_diff(outputs[1], outputs[7]) == 0.0
+    assert max_diff(outputs[0], outputs[2]) > 10 * TOL
+    assert max_diff(outputs[0], outputs[6]) == 0.0 and max_diff(outputs[1], outputs[7]) == 0.0
     _assert_bit_exact(fast, before)

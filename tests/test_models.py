@@ -18,7 +18,7 @@ from sdengine.models import AutoencoderKL, CLIPTextModel, EAGER_OPS, UNet2DCondi
 from sdengine.models.clip import add_text_model_prefix
 from sdengine.models.layers import GEGLU, Attention, GroupNorm, LayerNorm
 
-import tiny
+from support import tiny
 
 RTOL = 1e-5
 BOS, EOS = 49406, 49407
@@ -52,7 +52,7 @@ def ours_from(model_cls, cfg, state_dict: dict):
 
 
 # ---------------------------------------------------------------------------
-# tests/tiny.py: its diffusers folders describe the tiny configs
+# tests/support/tiny.py: its diffusers folders describe the tiny configs
 # ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", [

@@ -14,7 +14,8 @@ from PIL import Image
 
 import sdengine
 from sdengine.config import tiny_config
-from tiny import tiny_pipeline
+from support.compare import max_diff
+from support.tiny import tiny_pipeline
 
 PROMPT = "a photo of an astronaut riding a horse, 4k"
 NEGATIVE = "blurry, low quality"
@@ -37,10 +38,6 @@ def _latents(kind, n, h=H, w=W, seed=1234):
     return torch.randn(n, cfg.vae.latent_channels, h // cfg.vae.downscale, w // cfg.vae.downscale, generator=g)
 
 
-def _max_diff(a, b):
-    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
-
-
 @pytest.mark.parametrize("kind", ["sd15", "sd21-v"])
 def test_txt2img_matches_diffusers(kind):
     ref_pipe = tiny_pipeline(kind)
@@ -51,7 +48,7 @@ def test_txt2img_matches_diffusers(kind):
     got = ours([PROMPT, "a cat"], negative_prompt=[NEGATIVE, ""], steps=6, guidance_scale=6.0, height=H, width=W,
                latents=latents.clone(), output_type="np", progress=False).images
     assert got.shape == ref.shape == (2, H, W, 3)
-    assert _max_diff(got, ref) <= TOL
+    assert max_diff(got, ref) <= TOL
     assert got.std() > 0.01  # a real image, not a constant
 
 
@@ -62,7 +59,7 @@ def test_txt2img_without_guidance_matches_diffusers(sd15):
                    output_type="np").images
     got = ours(PROMPT, steps=4, guidance_scale=1.0, height=H, width=W, latents=latents.clone(), output_type="np",
                progress=False).images
-    assert _max_diff(got, ref) <= TOL
+    assert max_diff(got, ref) <= TOL
 
 
 def test_seeded_noise_matches_diffusers_generators(sd15):
@@ -78,7 +75,7 @@ def test_seeded_noise_matches_diffusers_generators(sd15):
                    output_type="np").images
     got = ours(PROMPT, batch_size=2, steps=5, height=H, width=W, seed=[3, 11], sampler="euler_a",
                output_type="np", progress=False).images
-    assert _max_diff(got, ref) <= TOL
+    assert max_diff(got, ref) <= TOL
 
 
 def test_image_depends_only_on_its_seed(sd15):
@@ -87,7 +84,7 @@ def test_image_depends_only_on_its_seed(sd15):
     batch = ours(PROMPT, batch_size=3, seed=[7, 8, 9], **kwargs).images
     alone = ours(PROMPT, seed=8, **kwargs).images
     np.testing.assert_allclose(batch[1], alone[0], atol=1e-5)
-    assert _max_diff(batch[0], batch[1]) > 0.01  # different seeds, different images
+    assert max_diff(batch[0], batch[1]) > 0.01  # different seeds, different images
 
 
 def _rgb(seed, h=H, w=W):
@@ -108,7 +105,7 @@ def test_img2img_matches_diffusers(sd15, strength):
     got = ours(PROMPT, init_image=image, strength=strength, steps=8, guidance_scale=5.0, seed=21, output_type="np",
                progress=False).images
     assert got.shape == (1, H, W, 3)
-    assert _max_diff(got, ref) <= TOL
+    assert max_diff(got, ref) <= TOL
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.7])
@@ -123,7 +120,7 @@ def test_inpaint_matches_diffusers(strength):
                    generator=_generators([5]), output_type="np").images
     got = ours(PROMPT, init_image=image, mask_image=mask, strength=strength, steps=6, seed=5, output_type="np",
                progress=False).images
-    assert _max_diff(got, ref) <= TOL
+    assert max_diff(got, ref) <= TOL
 
 
 def test_sdxl_txt2img_matches_diffusers():
@@ -134,7 +131,7 @@ def test_sdxl_txt2img_matches_diffusers():
                    output_type="np").images
     got = ours(PROMPT, steps=5, guidance_scale=5.0, height=H, width=W, latents=latents.clone(), output_type="np",
                progress=False).images
-    assert _max_diff(got, ref) <= TOL
+    assert max_diff(got, ref) <= TOL
 
 
 def test_output_types_and_infotext(sd15):

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import sdengine
-from lora_files import kohya_lora
 from sdengine import prompt_syntax
 from sdengine.prompt_syntax import LoraTag, extract_lora_tags, parse_prompt_attention
-from tiny import tiny_pipeline
+from support.lora_files import kohya_lora
+from support.tiny import tiny_pipeline
 
 R, S = 1.1, 1 / 1.1  # (round) and [square] multipliers
 

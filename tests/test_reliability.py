@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import sdengine
-from tiny import save_tiny_pipeline, tiny_pipeline
+from support.tiny import save_tiny_pipeline, tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a handwritten digit seven"

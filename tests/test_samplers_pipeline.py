@@ -16,7 +16,7 @@ import torch
 import diffusers
 import sdengine
 from sdengine.bench.reference import scheduler_for_sampler
-from tiny import tiny_pipeline
+from support.tiny import tiny_pipeline
 
 PROMPT = "a lighthouse on a cliff at dusk"
 H, W = 8, 8

@@ -105,8 +105,8 @@ def test_loras_list_and_prompt_tags(tmp_path):
     unknown name is a 422 naming the prompt, and a request without the tag is the base model."""
     from diffusers import StableDiffusionPipeline
 
-    from lora_files import kohya_lora
     from sdengine.api import DEMO_MODEL
+    from support.lora_files import kohya_lora
 
     kohya_lora(StableDiffusionPipeline.from_pretrained(str(DEMO_MODEL)), tmp_path / "ink.safetensors", rank=4,
                alpha=4.0, locon=False)
@@ -154,7 +154,7 @@ def test_webuiapi_img2img_equals_pipeline(server, demo):
 
 
 def test_inpainting_with_an_inpainting_model(tmp_path):
-    from tiny import save_tiny_pipeline
+    from support.tiny import save_tiny_pipeline
 
     folder = save_tiny_pipeline("sd15-inpaint", tmp_path / "inpaint")
     pipe = sdengine.load(folder)
@@ -219,7 +219,7 @@ def test_interrupt_and_progress(server):
         time.sleep(0.05)
     assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 1000
     assert progress["eta_relative"] > 0
-    assert api.interrupt() is not None
+    assert api.interrupt() == {}  # A1111's answer
     thread.join(60)
     assert not thread.is_alive()
     result = outcome["result"]

@@ -156,6 +156,13 @@ def test_app_from_env_builds_the_application(monkeypatch):
     monkeypatch.setenv("SDENGINE_SERVE_ARGS", "--max-batch-images 4 --replicas 3 --num-gpus-per-replica 0")
     application = app_from_env()
     assert isinstance(application, Application)
+    # Ray keeps the bound deployment behind a private attribute; no public accessor exists.
+    ingress = application._bound_deployment
+    model_app, settings = ingress.init_args
+    model = model_app._bound_deployment
+    assert (ingress.name, model.name) == ("Ingress", "SDModel")
+    assert model.num_replicas == 3 and model.ray_actor_options["num_gpus"] == 0
+    assert settings.max_batch_images == 4 and model.init_args[-3] == 4  # the replica's batch limit
     monkeypatch.setenv("SDENGINE_SERVE_ARGS", "--max-queue 0")
     with pytest.raises(ValueError, match="--max-queue"):
         app_from_env()

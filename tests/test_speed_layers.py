@@ -4,7 +4,7 @@ Layers (docs/CONTRACTS.md, Backends): `graph` (eager networks, every call replay
 graphs, the whole step with a torch update), `compile` (the same with torch.compile'd
 networks), `triton` (Triton kernels; its networks are tested in test_triton_backend.py and
 its fused step in test_fused_step.py). On the CPU the graphs are a stand-in
-(tests/graph_stand_in.py) that runs the function where a graph would be replayed, so these
+(tests/support/graph_stand_in.py) that runs the function where a graph would be replayed, so these
 tests check what capture and replay rely on; the CUDA path itself is gpu-marked.
 
 The compile layer is checked with torch.compile's "aot_eager" backend for every config
@@ -26,8 +26,9 @@ from sdengine.backends.compiled import CompileBackend
 from sdengine.backends.cuda_graphs import DeviceStep
 from sdengine.backends.graph import GraphBackend
 from sdengine.config import tiny_config
-from graph_stand_in import use_stand_in
-from tiny import tiny_pipeline
+from support.compare import max_diff
+from support.graph_stand_in import use_stand_in
+from support.tiny import tiny_pipeline
 
 H, W = 16, 24
 PROMPT = "a watercolor painting of a lighthouse"
@@ -36,10 +37,6 @@ KINDS = ["sd15", "sd15-inpaint", "sd21-v", "sdxl"]
 
 def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
-
-
-def _max_diff(a, b):
-    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
 
 
 def _layer(kind: str, layer: str, compiler: str = "aot_eager"):
@@ -97,7 +94,7 @@ def _check_layer(kind: str, eager, fast, graphs):
         kwargs = _image_kwargs(kind, sampler)
         got = fast(["a red bicycle", "a blue boat"], **kwargs).images
         want = eager(["a red bicycle", "a blue boat"], **kwargs).images
-        assert _max_diff(got, want) <= 1 / 255, (kind, sampler)
+        assert max_diff(got, want) <= 1 / 255, (kind, sampler)
     kinds = {k[0] for k in graphs.entries}
     assert {"step", "unet", "vae_decode"} <= kinds and any(k.startswith("text_encoder") for k in kinds)
 
@@ -120,7 +117,7 @@ def test_compile_layer_with_inductor_matches_eager():
     eager, fast, graphs = _layer("sd15", "compile", compiler="inductor")
     kwargs = _image_kwargs("sd15", "euler")
     got = fast(["a red bicycle", "a blue boat"], **kwargs).images
-    assert _max_diff(got, eager(["a red bicycle", "a blue boat"], **kwargs).images) <= 1 / 255
+    assert max_diff(got, eager(["a red bicycle", "a blue boat"], **kwargs).images) <= 1 / 255
     x, t, context, _ = _inputs("sd15", batch=4)  # the pipeline's UNet batch: 2 images with guidance
     assert _rel(fast.backend.denoise(x, t, context), eager.backend.denoise(x, t, context)) < 1e-4
     assert not any(f.failed for f in (fast.backend.unet_fn, fast.backend.text_fn, fast.backend.decode_fn))
@@ -175,7 +172,7 @@ def test_one_step_capture_serves_every_step_of_every_run(sd15, sampler):
     fast, graphs = _graph_pipe()
     for scale, seeds in ((5.0, [1, 2]), (7.0, [8, 9])):  # the second run replays the first one's capture
         got = _run(fast, sampler=sampler, guidance_scale=scale, seed=seeds)
-        assert _max_diff(got, _run(sd15, sampler=sampler, guidance_scale=scale, seed=seeds)) <= 1 / 255
+        assert max_diff(got, _run(sd15, sampler=sampler, guidance_scale=scale, seed=seeds)) <= 1 / 255
     steps = [k for k in graphs.entries if k[0] == "step"]
     assert len(steps) == 1 and not graphs.entries[steps[0]].busy  # released at the end of each run
     assert not any(k[0] == "unet" for k in graphs.entries)  # the step ran the UNet, never denoise
@@ -186,7 +183,7 @@ def test_warm_ups_are_undone_and_outputs_are_copies(sd15):
     the run. A graphed call's output must survive the next replay."""
     fast, graphs = _graph_pipe()
     got = _run(fast, sampler="dpmpp_2m")
-    assert _max_diff(got, _run(sd15, sampler="dpmpp_2m")) <= 1 / 255
+    assert max_diff(got, _run(sd15, sampler="dpmpp_2m")) <= 1 / 255
     x, t, context, _ = _inputs("sd15")
     first = fast.backend.denoise(x, t, context)
     second = fast.backend.denoise(x * 2, t, context)
@@ -272,7 +269,7 @@ def test_uncapturable_calls_and_a_full_cache_run_uncaptured(sd15, caplog):
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="sdengine"):
         got = _run(fast, sampler="heun", steps=2)
-    assert _max_diff(got, _run(sd15, sampler="heun", steps=2)) <= 1 / 255
+    assert max_diff(got, _run(sd15, sampler="heun", steps=2)) <= 1 / 255
     assert any("cache full" in r.getMessage() for r in caplog.records)
     assert len(graphs.entries) == 1 and isinstance(next(iter(graphs.entries.values())), DeviceStep)
 
@@ -335,7 +332,7 @@ def test_running_out_of_memory_drops_the_captured_graphs(monkeypatch):
     assert not graphs.entries and not fast.backend._graphed
     monkeypatch.setattr(fast.backend, "decode", real)
     captures = graphs.captures
-    assert _max_diff(_run(fast, sampler="euler"), _run(eager, sampler="euler")) <= 1 / 255
+    assert max_diff(_run(fast, sampler="euler"), _run(eager, sampler="euler")) <= 1 / 255
     assert graphs.captures > captures
 
 
@@ -347,7 +344,7 @@ def test_a_new_embedding_is_seen_by_the_graphed_text_encoder(tmp_path):
 
     from safetensors.torch import save_file
 
-    from lora_files import embedding_vectors
+    from support.lora_files import embedding_vectors
 
     path = tmp_path / "tinycat.safetensors"
     save_file({"emb_params": embedding_vectors(32, 2, seed=4)}, str(path))
@@ -369,5 +366,5 @@ def test_a_new_embedding_is_seen_by_the_graphed_text_encoder(tmp_path):
                output_type="np", progress=False).images
     want = eager(["a tinycat on a sofa", "a dog"], sampler="euler", steps=4, guidance_scale=5.0, height=16, width=16, seed=[1, 2],
                  output_type="np", progress=False).images
-    assert _max_diff(got, want) <= 1 / 255
+    assert max_diff(got, want) <= 1 / 255
     assert graphs.captures == captures  # the text encoder and the step replayed: nothing captured again

@@ -19,7 +19,7 @@ from sdengine import kernels, samplers
 from sdengine.backends.eager import EagerBackend
 from sdengine.config import tiny_config
 from sdengine.vae_tiling import tiled_decode
-from tiny import tiny_pipeline
+from support.tiny import tiny_pipeline
 
 pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
 

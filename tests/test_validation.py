@@ -6,7 +6,7 @@ parameter (an InvalidArgumentError's message starts with it). A row runs through
 - "py":  Pipeline.__call__ (what sdengine.generate calls),
 - "cli": `sdengine generate` (exit status 2, the phrase on stderr),
 - "c":   the C API through its Python bindings (sdengine._C.Model.generate, no Python-side
-         checks in between), on the tiny SD1 engine that tests/test_native.py builds.
+         checks in between), on the tiny SD1 engine that tests/support/native.py builds.
 load()'s arguments have their own table.
 """
 
@@ -20,7 +20,7 @@ import torch
 
 import sdengine
 from sdengine.errors import InvalidArgumentError
-from tiny import save_tiny_pipeline, tiny_pipeline
+from support.tiny import save_tiny_pipeline, tiny_pipeline
 
 PROMPT = "a red square"
 SIZE = 16

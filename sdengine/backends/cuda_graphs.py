@@ -18,7 +18,7 @@ host call. Three things get graphed, each once per input shape:
 
 `GraphCache.capture(run)` is the only place that touches the torch.cuda graph API, so the CPU
 tests substitute a stand-in that runs the function where a graph would be replayed
-(tests/graph_stand_in.py) and check what capture and replay rely on: warm-ups undone, one
+(tests/support/graph_stand_in.py) and check what capture and replay rely on: warm-ups undone, one
 capture per shape serving every step of every run, a bounded cache, and no instance shared
 by two runs at once.
 

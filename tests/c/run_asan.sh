@@ -15,11 +15,11 @@ cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSDE_SANITIZE
   -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DPython_EXECUTABLE="$(command -v python)" > "$WORK/cmake.log" || { cat "$WORK/cmake.log"; exit 1; }
 cmake --build "$BUILD" --target sde_capi_test sde_fuzz_reader sde_lora_test -j "${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
 
-# The tiny model and its engine (the same as tests/test_native.py's).
+# The tiny model and its engine (the same as tests/support/native.py's).
 ENGINE=$(python - "$WORK/model" <<'PY'
 import sys
 sys.path.insert(0, "tests")
-from tiny import save_tiny_pipeline
+from support.tiny import save_tiny_pipeline
 import sdengine
 folder = save_tiny_pipeline("sd15", sys.argv[1])
 print(sdengine.load(folder, backend="native").backend.engine_dir)
@@ -54,9 +54,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 import sdengine
-from ldm_keys import controlnet_to_ldm
+from support.ldm_keys import controlnet_to_ldm
 from test_controlnet import CONTROL_IMAGES
-from tiny import sdengine_controlnet, tiny_controlnet
+from support.tiny import sdengine_controlnet, tiny_controlnet
 from sdengine.export.aoti_controlnet import controlnet_engine_for
 work = sys.argv[1]
 tiny_controlnet("sd15", 0).save_pretrained(f"{work}/cn0", safe_serialization=True)
@@ -72,17 +72,17 @@ PY
 "$BUILD/sde_capi_test" controlnet "$WORK/model" "$ENGINE" "$WORK/cn0" "$WORK/cn1.safetensors" "$CN_ENGINE" \
   "$WORK/image0.rgb" "$WORK/image1.rgb" 24 16 "$WORK/out.rgb" "$WORK/misfit"
 # The file readers (safetensors, engine.json, the single-file key map) on 300 mutants of each,
-# answers compared with the references (tests/fuzz_files.py; tests/test_fuzz.py runs 4,000 more
+# answers compared with the references (tests/support/fuzz_files.py; tests/test_fuzz.py runs 4,000 more
 # without ASan).
-python tests/fuzz_files.py all --driver "$BUILD/sde_fuzz_reader" --count 300 --seed 1919
+PYTHONPATH="tests${PYTHONPATH:+:$PYTHONPATH}" python -m support.fuzz_files all --driver "$BUILD/sde_fuzz_reader" --count 300 --seed 1919
 # LoRA swaps and textual inversion (issue 17): 4 threads generating while a fifth swaps 20 times.
 python - "$WORK" <<'PY'
 import sys
 sys.path.insert(0, "tests")
 from pathlib import Path
 from safetensors.torch import save_file
-from lora_files import embedding_vectors, kohya_lora, peft_lora
-from tiny import tiny_pipeline
+from support.lora_files import embedding_vectors, kohya_lora, peft_lora
+from support.tiny import tiny_pipeline
 work = Path(sys.argv[1])
 kohya_lora(tiny_pipeline("sd15"), work / "a.safetensors", rank=4, alpha=2.0, locon=True)
 peft_lora(tiny_pipeline("sd15"), work / "b", rank=4, alpha=8.0).rename(work / "b.safetensors")

@@ -235,12 +235,12 @@ TEXT_LAYOUT = {"sd15": "sd1", "sd15-inpaint": "sd1", "sd21-v": "sd2", "sdxl": "s
 
 
 def save_ldm_single_file(kind: str, path, seed: int = 0, dtype: torch.dtype | None = None) -> Path:
-    """Write the tiny pipeline `kind` (tests/tiny.py) as an LDM single file.
+    """Write the tiny pipeline `kind` (tests/support/tiny.py) as an LDM single file.
 
     path ending in .safetensors: safetensors; .ckpt / .pt: torch.save({"state_dict": ...,
     "global_step": ...}) as Lightning does. dtype casts the floating tensors (e.g. fp16).
     """
-    from tiny import tiny_pipeline
+    from .tiny import tiny_pipeline
 
     path = Path(path)
     state = ldm_state_dict(tiny_pipeline(kind, seed), TEXT_LAYOUT[kind])

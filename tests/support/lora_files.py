@@ -7,7 +7,7 @@ Conv2d inside a module of a target class gets `prefix + "." + path + "." + child
 Upsample2D (3x3 down, 1x1 up); CLIPAttention and CLIPMLP in the text encoders, named as on
 transformers 4 (`text_model.` level), which is how the files in the wild name them. kohya's
 SDXL trainer runs the LDM ("sgm") UNet, so SDXL files name the UNet in the LDM layout, taken
-from tests/ldm_keys.py's independent walk.
+from tests/support/ldm_keys.py's independent walk.
 
 PEFT files are made by peft and diffusers themselves (add_adapter, get_peft_model_state_dict,
 save_lora_weights with adapter metadata).
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ldm_keys import unet_ldm_names
+from .ldm_keys import unet_ldm_names
 
 UNET_TARGETS = ("Transformer2DModel",)
 UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")

@@ -15,7 +15,7 @@ shapes, bytes, metadata).
 The single-file key map's reference is the safetensors library plus sdengine.ldm_layout's
 transforms and shape rules; engine.json's is Python's json module plus export/engine_meta.py.
 
-    python tests/fuzz_files.py all --driver build/asan/sde_fuzz_reader --count 300
+    PYTHONPATH=tests python -m support.fuzz_files all --driver build/asan/sde_fuzz_reader --count 300
 
 runs `count` mutants of each kind (safetensors, engine, single-file) through the compiled
 driver (tests/c/fuzz_reader.cpp, one process, e.g. under AddressSanitizer) and compares
@@ -143,8 +143,7 @@ def seed_files(folder) -> list:
     """Real files written by the safetensors library: the tiny SD1 UNet (fp16), part of its
     VAE and text encoder, and a small file with every torch dtype the format has, metadata,
     scalars and empty tensors."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from tiny import tiny_pipeline
+    from .tiny import tiny_pipeline
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -826,10 +825,9 @@ class EngineMutator(Mutator):
 # ---------------------------------------------------------------------------
 
 def ldm_seed(folder) -> tuple[Path, Path]:
-    """The tiny SD1 pipeline as an A1111 single file (fp16, tests/ldm_keys.py, with a modelspec
+    """The tiny SD1 pipeline as an A1111 single file (fp16, tests/support/ldm_keys.py, with a modelspec
     header) and the engine.json of its architecture."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from ldm_keys import save_ldm_single_file
+    from .ldm_keys import save_ldm_single_file
     from safetensors.torch import load_file, save_file
 
     from sdengine.config import tiny_config
