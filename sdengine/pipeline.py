@@ -25,7 +25,7 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from .controlnet import (ControlInput, ControlNet, check_fits, control_params, c
 from .errors import GenerationCancelled, OutOfMemoryError
 from .images import numpy_to_pil  # noqa: F401 (re-exported: sdengine.pipeline.numpy_to_pil)
 from .lora import LoraWeights, ReadWriteLock
-from .request import DEFAULT_GUIDANCE, Request
+from .request import DEFAULT_GUIDANCE, Request, takes_request_arguments
 from .samplers import Plan
 from .vae_tiling import AUTO_TILE_CELLS, tiled_decode
 
@@ -166,75 +166,12 @@ class Pipeline:
     # The one public entry point
     # ------------------------------------------------------------------
 
-    def __call__(
-        self,
-        prompt: str | Sequence[str],
-        negative_prompt: str | Sequence[str] | None = None,
-        num_inference_steps: Optional[int] = None,
-        guidance_scale: float = DEFAULT_GUIDANCE,
-        height: Optional[int] = None,
-        width: Optional[int] = None,
-        seed: int | Sequence[int] | None = None,
-        batch_size: int = 1,
-        sampler: Optional[str] = None,
-        schedule: Optional[str] = None,
-        init_image=None,
-        strength: Optional[float] = None,
-        mask_image=None,
-        latents: Optional[torch.Tensor] = None,
-        output_type: str = "pil",
-        callback: Optional[Callable[[int, int, torch.Tensor], Optional[bool]]] = None,
-        progress: bool = True,
-        eta: float = 0.0,
-        clip_skip: Optional[int] = None,
-        steps: Optional[int] = None,
-        vae_tiling: Optional[bool] = None,
-        prompt_syntax: Optional[str] = None,
-        lora_dir=None,
-        control=None,
-    ) -> GenerationResult:
-        """Generate images.
-
-        prompt:              a prompt, or a list of prompts (each gets `batch_size` images).
-        negative_prompt:     what to steer away from; None is the empty prompt (SDXL: zeros).
-        num_inference_steps: denoising steps (alias `steps`); default 30.
-        guidance_scale:      classifier-free guidance scale; <= 1 disables guidance.
-        height, width:       image size in pixels, positive multiples of 8; default: the
-                             model's native size, or the init image's size.
-        seed:                an int (image i gets seed + i) or one seed per image; None picks one.
-        sampler, schedule:   A1111/ComfyUI names ("euler_a", "DPM++ 2M Karras", ...); None
-                             is the checkpoint's scheduler.
-        init_image:          img2img source (PIL image, or float array (H, W, 3) in [0, 1]).
-        strength:            how much of the schedule img2img / inpainting re-runs, in [0, 1];
-                             default 0.8 for img2img, 1.0 for inpainting.
-        mask_image:          inpainting mask, white = repaint; needs init_image and a
-                             9-channel inpainting model.
-        latents:             explicit initial noise (N, C, h, w), unit variance.
-        output_type:         "pil", "np" (float in [0, 1]) or "latent".
-        callback:            callback(step, total, latents) after each sampler step (total is
-                             steps + 1 for PLMS, fewer for img2img); return False to cancel.
-        progress:            show a tqdm progress bar.
-        eta:                 DDIM's eta (0 is deterministic DDIM).
-        clip_skip:           skip this many final text-encoder layers (diffusers' meaning:
-                             1 here is A1111's "Clip skip: 2").
-        vae_tiling:          decode in blended tiles: True, False, or None = automatically for
-                             large images (over 128x128 latent cells) or when memory runs out.
-        prompt_syntax:       None (the prompt is plain text; over 75 tokens it is truncated, as
-                             diffusers does) or "a1111": (emphasis:1.2), [less], BREAK, prompts of
-                             any length in 75-token windows, and <lora:name:scale> tags, which add
-                             LoRAs from `lora_dir` to the pipeline's set for this call
-                             (sdengine/prompt_syntax.py).
-        lora_dir:            the folder where <lora:name> finds name.safetensors (searched recursively).
-        control:             ControlNets: a sdengine.Control or a list of them (model, image, scale,
-                             start, end, guess_mode, preprocess; see sdengine/controlnet.py). Without
-                             height, width and init_image, the size is the first control image's.
-        """
-        request = Request.from_args(
-            prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed, batch_size, sampler,
-            schedule, init_image, strength, mask_image, latents, output_type, callback, progress, eta, clip_skip,
-            steps, vae_tiling, prompt_syntax, lora_dir, control=control,
-        ).for_model(self.config)
-        return self.run(request)
+    @takes_request_arguments
+    def __call__(self, prompt: str | Sequence[str], **options) -> GenerationResult:
+        """Generate images from `prompt`: txt2img, img2img (init_image) or inpainting
+        (init_image and mask_image). The options, their defaults and meanings are those of
+        Request.from_args (sdengine/request.py), shown here by help() and inspect."""
+        return self.run(Request.from_args(prompt, **options).for_model(self.config))
 
     def run(self, request: Request) -> GenerationResult:
         """Generate from a checked request: `Request.from_args(...).for_model(pipe.config)`

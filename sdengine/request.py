@@ -3,6 +3,10 @@
     request = Request.from_args(prompt, steps=20, seed=7, ...)   # what needs no model
     request = request.for_model(pipe.config)                     # what does; defaults resolved
 
+The argument list is written once, in `Request.from_args` (its signature, defaults and
+meanings); `Pipeline.__call__(prompt, **options)` hands its arguments over by keyword and
+shows that signature and those docs (`takes_request_arguments`).
+
 `Pipeline.__call__` (so `sdengine.generate` and the CLI too), the native backend's
 `generate` (the C API's Python bindings) and the server build their requests here, so a
 bad argument is refused with the same words everywhere: an `InvalidArgumentError` (a
@@ -18,6 +22,7 @@ latent with an 8x VAE).
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import os
@@ -199,6 +204,7 @@ class Request:
     def from_args(
         cls,
         prompt: str | Sequence[str],
+        *,
         negative_prompt: str | Sequence[str] | None = None,
         num_inference_steps: Optional[int] = None,
         guidance_scale: float = DEFAULT_GUIDANCE,
@@ -213,7 +219,7 @@ class Request:
         mask_image: Any = None,
         latents: Optional[torch.Tensor] = None,
         output_type: str = "pil",
-        callback: Optional[Callable] = None,
+        callback: Optional[Callable[[int, int, torch.Tensor], Optional[bool]]] = None,
         progress: bool = True,
         eta: float = 0.0,
         clip_skip: Optional[int] = None,
@@ -223,8 +229,44 @@ class Request:
         lora_dir: Any = None,
         control: Any = None,
     ) -> "Request":
-        """Check every argument that does not depend on the model (Pipeline.__call__'s
-        arguments and meanings). Raises InvalidArgumentError naming the parameter."""
+        """Check every argument that does not depend on the model. Raises InvalidArgumentError
+        naming the parameter.
+
+        prompt:              a prompt, or a list of prompts (each gets `batch_size` images).
+        negative_prompt:     what to steer away from; None is the empty prompt (SDXL: zeros).
+        num_inference_steps: denoising steps (alias `steps`); default 30.
+        guidance_scale:      classifier-free guidance scale; <= 1 disables guidance.
+        height, width:       image size in pixels, positive multiples of 8; default: the
+                             model's native size, or the init image's size.
+        seed:                an int (image i gets seed + i) or one seed per image; None picks one.
+        batch_size:          images per prompt.
+        sampler, schedule:   A1111/ComfyUI names ("euler_a", "DPM++ 2M Karras", ...); None
+                             is the checkpoint's scheduler.
+        init_image:          img2img source (PIL image, or float array (H, W, 3) in [0, 1]).
+        strength:            how much of the schedule img2img / inpainting re-runs, in [0, 1];
+                             default 0.8 for img2img, 1.0 for inpainting.
+        mask_image:          inpainting mask, white = repaint; needs init_image and a
+                             9-channel inpainting model.
+        latents:             explicit initial noise (N, C, h, w), unit variance.
+        output_type:         "pil", "np" (float in [0, 1]) or "latent".
+        callback:            callback(step, total, latents) after each sampler step (total is
+                             steps + 1 for PLMS, fewer for img2img); return False to cancel.
+        progress:            show a tqdm progress bar.
+        eta:                 DDIM's eta (0 is deterministic DDIM).
+        clip_skip:           skip this many final text-encoder layers (diffusers' meaning:
+                             1 here is A1111's "Clip skip: 2").
+        vae_tiling:          decode in blended tiles: True, False, or None = automatically for
+                             large images (over 128x128 latent cells) or when memory runs out.
+        prompt_syntax:       None (the prompt is plain text; over 75 tokens it is truncated, as
+                             diffusers does) or "a1111": (emphasis:1.2), [less], BREAK, prompts of
+                             any length in 75-token windows, and <lora:name:scale> tags, which add
+                             LoRAs from `lora_dir` to the pipeline's set for this call
+                             (sdengine/prompt_syntax.py).
+        lora_dir:            the folder where <lora:name> finds name.safetensors (searched recursively).
+        control:             ControlNets: a sdengine.Control or a list of them (model, image, scale,
+                             start, end, guess_mode, preprocess; see sdengine/controlnet.py). Without
+                             height, width and init_image, the size is the first control image's.
+        """
         if steps is not None:
             if num_inference_steps is not None and num_inference_steps != steps:
                 _fail("num_inference_steps", f"and steps disagree ({num_inference_steps!r} and {steps!r}): give one")
@@ -361,3 +403,16 @@ class Request:
         if strength is None:
             strength = {"txt2img": 1.0, "img2img": 0.8, "inpaint": 1.0}[self.mode]
         return replace(self, height=height, width=width, strength=strength)
+
+
+def takes_request_arguments(method):
+    """Decorator for `method(self, prompt, **options)` that hands its arguments to
+    Request.from_args: the method shows from_args's signature and argument docs (help(),
+    inspect.signature, IDEs), so that the argument list is written once, in from_args."""
+    from_args = inspect.signature(Request.from_args)  # bound to the class: no `cls`
+    self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    method.__signature__ = from_args.replace(parameters=[self_parameter, *from_args.parameters.values()],
+                                             return_annotation=inspect.signature(method).return_annotation)
+    arguments = inspect.getdoc(Request.from_args).split("\n\n", 1)[1]
+    method.__doc__ = f"{inspect.getdoc(method)}\n\n{arguments}"
+    return method

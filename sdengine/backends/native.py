@@ -213,9 +213,11 @@ class NativeBackend(EngineWeights):
         from ..request import Request
 
         # The Python API's rules and words (sdengine.request) before anything reaches C++.
-        Request.from_args(prompt, negative_prompt, steps, guidance_scale, height or None, width or None, seed,
-                          batch_size, sampler, schedule, init_image, strength, mask_image, callback=callback,
-                          progress=False, eta=eta).for_model(self.config)
+        Request.from_args(prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
+                          guidance_scale=guidance_scale, height=height or None, width=width or None, seed=seed,
+                          batch_size=batch_size, sampler=sampler, schedule=schedule, init_image=init_image,
+                          strength=strength, mask_image=mask_image, callback=callback, progress=False,
+                          eta=eta).for_model(self.config)
         model = self.native_model(tokenizer, tokenizer_2)
         progress = None
         if callback is not None:

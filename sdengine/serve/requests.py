@@ -164,7 +164,7 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
     elif info.is_inpaint:
         raise FieldError("init_images", f"{info.title} is an inpainting model: use img2img with init_images and mask")
     try:  # the checks every front end shares (sdengine.request: generate, the CLI, the C API's bindings)
-        Request.from_args(prompt, negative, seed=seed, init_image=init_images[0] if init_images else None,
+        Request.from_args(prompt, negative_prompt=negative, seed=seed, init_image=init_images[0] if init_images else None,
                           mask_image=masks[0] if masks else None, progress=False, **shared)
     except ValueError as e:
         raise FieldError(field_of(e), str(e)) from None
