@@ -13,7 +13,8 @@ How it is built (k-diffusion's structure):
 - timestep_samplers.py: `<name>(model, timesteps, noise, ...) -> step(x, i)` over timesteps (ddim, ddpm, pndm, lcm);
 - fused.py: what a backend's fused step (UNet + guidance + update in one) needs from the plan;
 - `sample`: the one loop over steps, fused or not.
-- names.py: the name table shared with the CLI and the C runtime.
+- names.py: the one table of samplers and schedules (their spellings, shared with the CLI and the
+  C runtime, and their A1111 labels and API lists).
 
 GPU fast path: `make_plan(...)` (or `timesteps_and_sigmas`) gives the per-step scalars up front;
 `Plan.step_scalars()` returns timestep, sigma, sigma_next, c_in, sigma_up/down (sigma samplers) or
@@ -41,13 +42,9 @@ import torch
 from ..config import SchedulerConfig
 from . import sigma_samplers, timestep_samplers
 from .denoiser import Denoiser, to_x0_eps
-from .names import NAMES
+from .names import NAMES, SAMPLERS, SCHEDULES
 from .plan import MIN_STEPS, SCHEDULES_FOR, Plan, make_plan
 from .schedules import sigma_to_t, sigmas_exponential, sigmas_karras
-
-SAMPLERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a",
-            "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "dpmpp_3m_sde", "unipc", "lcm")
-SCHEDULES = ("default", "normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform")
 
 # Each sampler's step factory: <factory>(model, sigmas or timesteps, noise, **options) -> step(x, i) -> x
 STEP_FACTORIES = {
@@ -67,6 +64,8 @@ STEP_FACTORIES = {
     "dpmpp_3m_sde": sigma_samplers.dpmpp_3m_sde,
     "unipc": sigma_samplers.unipc,
 }
+if STEP_FACTORIES.keys() != set(SAMPLERS):
+    raise ImportError("sdengine.samplers: STEP_FACTORIES and names.py's sampler table disagree")
 
 # diffusers' DPMSolverMultistepScheduler draws its SDE noise in float32 whatever the latents' dtype.
 _FLOAT32_NOISE = ("dpmpp_2m_sde", "dpmpp_3m_sde")

@@ -13,7 +13,8 @@ A name is resolved in this order (sdengine.samplers.resolve does it):
      part before that is a key of NAMES["samplers"]            -> (sampler, schedule)
      ("DPM++ 2M SDE Karras", "dpmpp_2m_karras", "Euler a exponential")
 Schedule names given on their own are looked up in NAMES["schedules"].
-Values are the canonical sdengine names (sdengine.samplers.SAMPLERS / SCHEDULES).
+Values are the canonical sdengine names (SAMPLERS / SCHEDULES below, re-exported by
+sdengine.samplers).
 """
 
 NAMES = {
@@ -92,16 +93,50 @@ NAMES = {
 }
 
 
-# How A1111 writes each canonical name in the PNG `parameters` text ("Sampler: Euler a",
-# "Schedule type: Karras"); every label resolves back to its name through NAMES.
+# The samplers and schedules themselves, one row each, in the order of A1111's lists
+# (/sdapi/v1/samplers, /sdapi/v1/schedulers): the canonical name (a value of NAMES), how A1111
+# labels it (the PNG `parameters` text: "Sampler: Euler a", "Schedule type: Karras"; each label
+# resolves back to its name through NAMES) and what A1111's API lists with it. A new sampler
+# or schedule is a row here, its spellings in NAMES, and (samplers) its step in
+# sdengine.samplers.STEP_FACTORIES.
+SAMPLER_TABLE = (
+    # name          A1111 label      A1111 API aliases
+    ("dpmpp_2m",     "DPM++ 2M",      ("k_dpmpp_2m",)),
+    ("dpmpp_sde",    "DPM++ SDE",     ("k_dpmpp_sde",)),
+    ("dpmpp_2m_sde", "DPM++ 2M SDE",  ("k_dpmpp_2m_sde",)),
+    ("dpmpp_3m_sde", "DPM++ 3M SDE",  ("k_dpmpp_3m_sde",)),
+    ("euler_a",      "Euler a",       ("k_euler_a",)),
+    ("euler",        "Euler",         ("k_euler",)),
+    ("lms",          "LMS",           ("k_lms",)),
+    ("heun",         "Heun",          ("k_heun",)),
+    ("dpm_2",        "DPM2",          ("k_dpm_2",)),
+    ("dpm_2_a",      "DPM2 a",        ("k_dpm_2_a",)),
+    ("ddim",         "DDIM",          ("ddim",)),
+    ("ddpm",         "DDPM",          ("ddpm",)),
+    ("pndm",         "PLMS",          ("plms",)),
+    ("unipc",        "UniPC",         ("unipc",)),
+    ("lcm",          "LCM",           ("k_lcm",)),
+)
+SCHEDULE_TABLE = (
+    # name          A1111 label      A1111 API name   default rho
+    ("default",      "Automatic",     "automatic",     None),
+    ("ddim_uniform", "Uniform",       "uniform",       None),
+    ("karras",       "Karras",        "karras",        7.0),
+    ("exponential",  "Exponential",   "exponential",   None),
+    ("sgm_uniform",  "SGM Uniform",   "sgm_uniform",   None),
+    ("simple",       "Simple",        "simple",        None),
+    ("normal",       "Normal",        "normal",        None),
+)
+
+# The canonical names, in the order NAMES first gives them (the engine's order).
+SAMPLERS = tuple(dict.fromkeys(NAMES["samplers"].values()))
+SCHEDULES = tuple(dict.fromkeys(NAMES["schedules"].values()))
+for _table, _rows, _names in (("SAMPLER_TABLE", SAMPLER_TABLE, SAMPLERS), ("SCHEDULE_TABLE", SCHEDULE_TABLE, SCHEDULES)):
+    if sorted(row[0] for row in _rows) != sorted(_names):
+        raise ValueError(f"names.py: {_table} and NAMES name different samplers or schedules")
+
+# How A1111 writes each canonical name (sdengine.pipeline's infotext).
 A1111_LABELS = {
-    "samplers": {
-        "ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a",
-        "heun": "Heun", "dpm_2": "DPM2", "dpm_2_a": "DPM2 a", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE",
-        "dpmpp_sde": "DPM++ SDE", "dpmpp_3m_sde": "DPM++ 3M SDE", "unipc": "UniPC", "lcm": "LCM",
-    },
-    "schedules": {
-        "default": "Automatic", "normal": "Normal", "karras": "Karras", "exponential": "Exponential",
-        "sgm_uniform": "SGM Uniform", "simple": "Simple", "ddim_uniform": "Uniform",
-    },
+    "samplers": {name: label for name, label, _ in SAMPLER_TABLE},
+    "schedules": {name: label for name, label, _, _ in SCHEDULE_TABLE},
 }

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import schedules as S
+from .names import SCHEDULES
 
 # Which diffusers scheduler family each sampler reproduces.
 K_STYLE = ("euler", "euler_a", "lms", "heun", "dpm_2", "dpm_2_a", "dpmpp_sde")  # Euler/Heun/LMS/KDPM2 spacing
@@ -25,12 +26,10 @@ SIGMA_SAMPLERS = K_STYLE + DPM_STYLE
 # The schedules each kind of sampler can follow. Timestep-space samplers need integer
 # timesteps, so sigma-shaped schedules (karras, exponential) are impossible for them; LCM
 # follows the skipping-step schedule it was distilled on.
+_SIGMA_SHAPED = ("karras", "exponential")
 SCHEDULES_FOR = {
-    **{s: ("default", "normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform")
-       for s in SIGMA_SAMPLERS},
-    "ddim": ("default", "normal", "sgm_uniform", "simple", "ddim_uniform"),
-    "ddpm": ("default", "normal", "sgm_uniform", "simple", "ddim_uniform"),
-    "pndm": ("default", "normal", "sgm_uniform", "simple", "ddim_uniform"),
+    **{s: SCHEDULES for s in SIGMA_SAMPLERS},
+    **{s: tuple(name for name in SCHEDULES if name not in _SIGMA_SHAPED) for s in ("ddim", "ddpm", "pndm")},
     "lcm": ("default",),
 }
 

@@ -25,6 +25,7 @@ from typing import Optional
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
+from ..samplers.names import SAMPLER_TABLE, SCHEDULE_TABLE
 from .requests import FieldError, Limits, ModelInfo, field_of, make_spec, response_body
 from .scheduler import ClientGone, ModelUnavailable, QueueFull, RequestTimeout, Scheduler, progress_body
 from .schemas import (Img2ImgRequest, ImageResponse, ProgressResponse, SamplerItem, SchedulerItem, SDModelItem,
@@ -54,19 +55,10 @@ class ServeSettings:
         return Limits(max_pixels=self.max_pixels, max_images=self.max_images)
 
 
-# A1111's display names for sdengine's samplers (each resolves through samplers/names.py).
-SAMPLER_LABELS = (
-    ("DPM++ 2M", ["k_dpmpp_2m"]), ("DPM++ SDE", ["k_dpmpp_sde"]), ("DPM++ 2M SDE", ["k_dpmpp_2m_sde"]),
-    ("DPM++ 3M SDE", ["k_dpmpp_3m_sde"]), ("Euler a", ["k_euler_a"]), ("Euler", ["k_euler"]), ("LMS", ["k_lms"]),
-    ("Heun", ["k_heun"]), ("DPM2", ["k_dpm_2"]), ("DPM2 a", ["k_dpm_2_a"]), ("DDIM", ["ddim"]),
-    ("DDPM", ["ddpm"]), ("PLMS", ["plms"]), ("UniPC", ["unipc"]), ("LCM", ["k_lcm"]),
-)
-# A1111's scheduler (schedule) names that sdengine has: (name, label, default rho).
-SCHEDULER_LABELS = (
-    ("automatic", "Automatic", None), ("uniform", "Uniform", None), ("karras", "Karras", 7.0),
-    ("exponential", "Exponential", None), ("sgm_uniform", "SGM Uniform", None), ("simple", "Simple", None),
-    ("normal", "Normal", None),
-)
+# A1111's sampler and scheduler lists, from the one table (sdengine/samplers/names.py):
+# (label, aliases) and (name, label, default rho).
+SAMPLER_LABELS = tuple((label, list(aliases)) for _, label, aliases in SAMPLER_TABLE)
+SCHEDULER_LABELS = tuple((api_name, label, rho) for _, label, api_name, rho in SCHEDULE_TABLE)
 
 
 class LocalEngine:
