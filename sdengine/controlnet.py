@@ -83,9 +83,10 @@ class ControlNet:
             path = Path(self.path)
             try:
                 if path.is_dir():
-                    from .loading import _controlnet_folder, component_weight_files
+                    from .loading import controlnet_folder
+                    from .weights import component_weight_files
 
-                    path = component_weight_files(_controlnet_folder(path))[0]
+                    path = component_weight_files(controlnet_folder(path))[0]
                 with open(path, "rb") as f:
                     f.seek(0x100000)
                     self._hash = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]

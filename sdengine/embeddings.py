@@ -51,7 +51,7 @@ class Embedding:
 
 def _read_tensors(path: Path) -> dict:
     """The file's top-level entries: tensors, or (A1111 .pt) nested dicts of them."""
-    from .loading import SafetensorsReader
+    from .weights import SafetensorsReader
 
     if path.suffix == ".safetensors":
         reader = SafetensorsReader([path])

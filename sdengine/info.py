@@ -24,16 +24,16 @@ def _millions(count: int) -> str:
 
 
 def _parameter_counts(config: ModelConfig) -> dict[str, int]:
-    from .loading import _build_networks  # meta-device networks: sizes without memory
+    from .loading import build_networks  # meta-device networks: sizes without memory
 
-    return {name: sum(p.numel() for p in net.parameters()) for name, net in _build_networks(config).items()}
+    return {name: sum(p.numel() for p in net.parameters()) for name, net in build_networks(config).items()}
 
 
 def _file_summary(path: Path) -> tuple[str, list[str]]:
     """The format line, and notes about what the file does not record."""
-    from .loading import _is_diffusers_folder, _single_file_reader, component_weight_files, open_weights
+    from .weights import component_weight_files, is_diffusers_folder, open_weights, single_file_reader
 
-    if path.is_dir() and _is_diffusers_folder(path):
+    if path.is_dir() and is_diffusers_folder(path):
         dtypes, files = Counter(), []
         for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
             if (path / component).is_dir():
@@ -43,7 +43,7 @@ def _file_summary(path: Path) -> tuple[str, list[str]]:
         size = sum(f.stat().st_size for f in files)
         kinds = ", ".join(f"{d} x{n}" for d, n in dtypes.most_common())
         return f"diffusers folder, {len(files)} weight files, {size / 1e9:.2f} GB ({kinds})", []
-    reader, source = _single_file_reader(path)
+    reader, source = single_file_reader(path)
     dtypes = Counter(reader.dtypes.values())
     kinds = ", ".join(f"{d} x{n}" for d, n in dtypes.most_common())
     what = "single-file .safetensors" if source == "single-file" else "pickled checkpoint (torch.load weights_only)"

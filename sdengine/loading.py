@@ -9,35 +9,31 @@ against the networks (missing keys, unexpected keys, shapes) before it reads a s
 tensor, so a bad file fails with nothing half-loaded. Tensors are read one at a time
 through safetensors' memory map, renamed (ldm_layout.py), cast once to the target dtype and
 device, and handed to `load_state_dict(assign=True)`: the only full copy of the weights
-is the one the networks end up holding.
+is the one the networks end up holding. The readers and the load plan are sdengine.weights;
+this module drives them for whole models (load_model, detect), writes single files
+(save_single_file) and loads ControlNets (load_controlnet_model, detect_controlnet).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import tempfile
-import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .config import ModelConfig
-from .ldm_layout import (Layout, Source, UnmappedKey, apply_transform, detect_config, family_name,
-                      same_up_to_unit_dims, to_ldm_state_dict, transformed_shape)
 from .device import resolve_device_dtype
 from .errors import ModelLoadError
+from .ldm_layout import Layout, Source, UnmappedKey, detect_config, family_name, to_ldm_state_dict
 from .tokenizer import EOS_TOKEN, CLIPTokenizer
+from .weights import (LoadPlan, WeightReader, check_unused, component_weight_files, fill_networks,
+                      is_diffusers_folder, make_load_plan, open_weights, single_file_reader)
 
-SINGLE_FILE_SUFFIXES = (".safetensors",)
-TORCH_FILE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-# Weight file names in a diffusers component folder, in order of preference: plain files
-# before the fp16 variant, safetensors before pickled .bin, one file before shards.
-_WEIGHT_BASENAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
 _NETWORK_CLASSES = {
     "unet": ("UNet2DConditionModel",),
     "vae": ("AutoencoderKL",),
@@ -65,175 +61,9 @@ class LoadedModel:
     name: Optional[str] = None  # the checkpoint's: its file's stem or its folder's name
 
 
-# ---------------------------------------------------------------------------
-# Weight files
-# ---------------------------------------------------------------------------
-
-class WeightReader:
-    """Tensors of one checkpoint (one file or a set of shards), by key.
-
-    `shapes` comes from the file headers alone; `get` reads one tensor (on the CPU).
-    """
-
-    shapes: dict[str, tuple]
-    dtypes: dict[str, str]
-    metadata: dict[str, str] = {}  # the safetensors header's __metadata__ (first file)
-
-    def get(self, key: str) -> torch.Tensor:
-        raise NotImplementedError
-
-    def file_of(self, key: str) -> Path:
-        raise NotImplementedError
-
-    def release(self, key: str) -> None:
-        """The caller is done with key (lets an in-memory checkpoint free it)."""
-
-    @property
-    def name(self) -> str:
-        raise NotImplementedError
-
-
-class SafetensorsReader(WeightReader):
-    """One or more .safetensors files, memory-mapped (safe_open): headers only until `get`."""
-
-    def __init__(self, paths: list[Path]):
-        from safetensors import SafetensorError, safe_open
-
-        self.paths = [Path(p) for p in paths]
-        self._handles, self._file_of, self.shapes, self.dtypes = {}, {}, {}, {}
-        for path in self.paths:
-            try:
-                handle = safe_open(str(path), framework="pt", device="cpu")
-                keys = list(handle.keys())
-                for key in keys:
-                    view = handle.get_slice(key)
-                    if key in self._file_of:
-                        raise ModelLoadError(f"{path}: key {key!r} is also in {self._file_of[key]}")
-                    self._file_of[key] = path
-                    self.shapes[key], self.dtypes[key] = tuple(view.get_shape()), view.get_dtype()
-            except SafetensorError as e:
-                raise ModelLoadError(f"{path}: not a valid safetensors file (truncated or corrupt?): {e}") from None
-            self._handles[path] = handle
-        self.metadata = dict(self._handles[self.paths[0]].metadata() or {}) if self.paths else {}
-
-    def get(self, key: str) -> torch.Tensor:
-        from safetensors import SafetensorError
-
-        path = self._file_of[key]
-        try:
-            return self._handles[path].get_tensor(key)
-        except SafetensorError as e:
-            raise ModelLoadError(f"{path}: cannot read tensor {key!r}: {e}") from None
-
-    def file_of(self, key: str) -> Path:
-        return self._file_of[key]
-
-    @property
-    def name(self) -> str:
-        return str(self.paths[0]) if len(self.paths) == 1 else f"{self.paths[0].parent} ({len(self.paths)} shards)"
-
-
-class TorchReader(WeightReader):
-    """A pickled checkpoint (.ckpt, .pt, .bin), read only through torch.load(weights_only=True).
-
-    Zip-format files are memory-mapped; a "state_dict" entry (Lightning checkpoints) is
-    unwrapped, and non-tensor entries (global_step, ...) are ignored.
-    """
-
-    def __init__(self, paths: list[Path]):
-        self.paths = [Path(p) for p in paths]
-        self._tensors, self._file_of = {}, {}
-        for path in self.paths:
-            for key, tensor in self._load(path).items():
-                if key in self._file_of:
-                    raise ModelLoadError(f"{path}: key {key!r} is also in {self._file_of[key]}")
-                self._tensors[key], self._file_of[key] = tensor, path
-        self.shapes = {k: tuple(t.shape) for k, t in self._tensors.items()}
-        self.dtypes = {k: str(t.dtype).replace("torch.", "") for k, t in self._tensors.items()}
-
-    @staticmethod
-    def _load(path: Path) -> dict:
-        load = lambda mmap: torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)  # noqa: E731
-        try:
-            try:
-                data = load(True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):  # legacy (non-zip) files cannot be memory-mapped
-                    raise
-                data = load(False)
-        except pickle.UnpicklingError as e:
-            raise ModelLoadError(f"{path}: refused by torch.load(weights_only=True); it holds objects other than "
-                                 f"tensors, and sdengine does not run pickled code: {str(e).splitlines()[0]}") from None
-        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-            raise ModelLoadError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {e}") from None
-        if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-            data = data["state_dict"]
-        if not isinstance(data, dict):
-            raise ModelLoadError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
-        return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
-
-    def release(self, key: str) -> None:
-        self._tensors.pop(key, None)
-
-    def file_of(self, key: str) -> Path:
-        return self._file_of[key]
-
-    @property
-    def name(self) -> str:
-        return str(self.paths[0]) if len(self.paths) == 1 else f"{self.paths[0].parent} ({len(self.paths)} shards)"
-
-
-def open_weights(paths: list[Path]) -> WeightReader:
-    """A reader for checkpoint files of one kind (all .safetensors, or all pickled)."""
-    if all(p.suffix == ".safetensors" for p in paths):
-        return SafetensorsReader(paths)
-    return TorchReader(paths)
-
-
-def component_weight_files(folder: Path) -> list[Path]:
-    """The weight file(s) of a diffusers component folder (unet/, vae/, text_encoder/ ...).
-
-    Tries `{diffusion_pytorch_model,model,pytorch_model}{,.fp16}.{safetensors,bin}` and their
-    `.index.json` shard maps, preferring the plain variant, then safetensors.
-    """
-    for variant in ("", ".fp16"):
-        for ext in (".safetensors", ".bin"):
-            for base in _WEIGHT_BASENAMES:
-                single = folder / f"{base}{variant}{ext}"
-                if single.is_file():
-                    return [single]
-                index = folder / f"{base}{variant}{ext}.index.json"
-                if index.is_file():
-                    try:
-                        weight_map = json.loads(index.read_text())["weight_map"]
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise ModelLoadError(f"{index}: not a valid shard index: {e!r}") from None
-                    shards = [folder / name for name in sorted(set(weight_map.values()))]
-                    for shard in shards:
-                        if not shard.is_file():
-                            raise FileNotFoundError(f"{index} names a missing shard: {shard}")
-                    return shards
-    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    raise FileNotFoundError(f"no weights in {folder}: expected diffusion_pytorch_model.safetensors, model.safetensors "
-                            f"or a .bin / .fp16 variant; found {present or 'nothing'}")
-
-
-# ---------------------------------------------------------------------------
-# Plans: which checkpoint tensor fills which parameter, checked before reading
-# ---------------------------------------------------------------------------
-
-@dataclass
-class _Plan:
-    component: str
-    model: nn.Module  # on the meta device
-    reader: WeightReader
-    sources: dict  # sdengine key -> Source
-
-
-def _build_networks(config: ModelConfig) -> dict[str, nn.Module]:
+def build_networks(config: ModelConfig) -> dict[str, nn.Module]:
+    """The networks of a config on the meta device (no memory, no initialisation): what a
+    load fills, and what sizes and LoRA key tables are read from."""
     from .models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 
     with torch.device("meta"):
@@ -247,77 +77,6 @@ def _build_networks(config: ModelConfig) -> dict[str, nn.Module]:
     return networks
 
 
-def _few(items, n: int = 5) -> str:
-    items = sorted(items)
-    return ", ".join(items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")
-
-
-def _make_plan(component: str, model: nn.Module, reader: WeightReader, source_of: Callable[[str], Source],
-               config_name: str) -> _Plan:
-    """Map every parameter of model to a checkpoint tensor; fail on missing keys and shapes."""
-    sources, missing = {}, []
-    for key, param in model.state_dict().items():
-        try:
-            source = source_of(key)
-        except UnmappedKey:
-            raise ModelLoadError(f"{reader.name}: the {component} parameter {key!r} has no counterpart in this "
-                                 "checkpoint layout (unsupported architecture)") from None
-        if source.key not in reader.shapes:
-            missing.append(source.key)
-            continue
-        found = transformed_shape(reader.shapes[source.key], source.transform)
-        if found != tuple(param.shape) and not same_up_to_unit_dims(found, tuple(param.shape)):
-            raise ModelLoadError(
-                f"{reader.file_of(source.key)}: shape mismatch for {source.key!r}: "
-                f"found {list(reader.shapes[source.key])}, the {component} of a {config_name} model expects {list(param.shape)} (for {key})")
-        sources[key] = source
-    if missing:
-        raise ModelLoadError(f"{reader.name}: {len(missing)} {component} weights missing for a {config_name} model: "
-                             f"{_few(missing)}")
-    return _Plan(component, model, reader, sources)
-
-
-def _check_unused(reader: WeightReader, used: set, ignorable: Callable[[str], bool], what: str) -> None:
-    extra = [k for k in reader.shapes if k not in used and not ignorable(k)]
-    if extra:
-        raise ModelLoadError(f"{reader.name}: {len(extra)} unexpected weights that no network of {what} uses: "
-                             f"{_few(extra)}")
-
-
-def _execute(plans: list[_Plan], device: torch.device, dtype: torch.dtype, progress: bool) -> dict[str, nn.Module]:
-    """Read, rename, cast and assign every tensor; each source is read once per use."""
-    from tqdm.auto import tqdm
-
-    remaining_uses: dict = {}
-    for plan in plans:
-        for source in plan.sources.values():
-            remaining_uses[(id(plan.reader), source.key)] = remaining_uses.get((id(plan.reader), source.key), 0) + 1
-    total = sum(len(p.sources) for p in plans)
-    networks = {}
-    with tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress, leave=False) as bar:
-        for plan in plans:
-            state = {}
-            for key, param in plan.model.state_dict().items():
-                source = plan.sources[key]
-                tensor = apply_transform(plan.reader.get(source.key), source.transform)
-                if tuple(tensor.shape) != tuple(param.shape):  # 1x1 conv kernel <-> linear weight
-                    tensor = tensor.reshape(param.shape)
-                cast = dtype if tensor.is_floating_point() else None
-                state[key] = tensor.to(device=device, dtype=cast).contiguous()
-                use = (id(plan.reader), source.key)
-                remaining_uses[use] -= 1
-                if not remaining_uses[use]:
-                    plan.reader.release(source.key)
-                bar.update()
-            plan.model.load_state_dict(state, strict=True, assign=True)
-            del state
-            left_on_meta = [n for n, t in (*plan.model.named_parameters(), *plan.model.named_buffers()) if t.is_meta]
-            if left_on_meta:
-                raise ModelLoadError(f"{plan.component}: tensors not filled by the checkpoint: {_few(left_on_meta)}")
-            networks[plan.component] = plan.model.eval().requires_grad_(False)
-    return networks
-
-
 # ---------------------------------------------------------------------------
 # Formats
 # ---------------------------------------------------------------------------
@@ -327,19 +86,6 @@ def _check_path(path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"model path does not exist: {path}")
     return path
-
-
-def _is_diffusers_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "model_index.json").is_file()
-
-
-def _single_file_reader(path: Path) -> tuple[WeightReader, str]:
-    if path.suffix in SINGLE_FILE_SUFFIXES:
-        return SafetensorsReader([path]), "single-file"
-    if path.suffix in TORCH_FILE_SUFFIXES:
-        return TorchReader([path]), "ckpt"
-    raise ModelLoadError(f"{path}: unsupported file type {path.suffix!r}; expected a diffusers folder, "
-                         f"a .safetensors file or a .ckpt / .pt file")
 
 
 def _override_prediction(config: ModelConfig, prediction_type: Optional[str]) -> ModelConfig:
@@ -377,10 +123,10 @@ def detect(path, prediction_type: Optional[str] = None) -> ModelConfig:
     """
     path = _check_path(path)
     if path.is_dir():
-        if not _is_diffusers_folder(path):
+        if not is_diffusers_folder(path):
             raise ModelLoadError(f"{path}: a folder but not a diffusers pipeline (no model_index.json)")
         return _override_prediction(_diffusers_config(path), prediction_type)
-    reader, _ = _single_file_reader(path)
+    reader, _ = single_file_reader(path)
     return _detect_single_file(reader, prediction_type)[0]
 
 
@@ -391,7 +137,7 @@ def _detect_single_file(reader: WeightReader, prediction_type: Optional[str]) ->
         raise ModelLoadError(f"{reader.name}: {e}") from None
 
 
-def _diffusers_plans(path: Path, config: ModelConfig, networks: dict) -> list[_Plan]:
+def _diffusers_plans(path: Path, config: ModelConfig, networks: dict) -> list[LoadPlan]:
     plans = []
     for component, model in networks.items():
         folder = path / component
@@ -401,18 +147,20 @@ def _diffusers_plans(path: Path, config: ModelConfig, networks: dict) -> list[_P
             source_of = lambda key: Source(key.removeprefix("text_model."))  # noqa: E731
         else:
             source_of = Source
-        plan = _make_plan(component, model, reader, source_of, config.name)
-        _check_unused(reader, {s.key for s in plan.sources.values()}, lambda k: k.endswith("position_ids"),
+        plan = make_load_plan(component, model, reader, source_of, config.name)
+        check_unused(reader, {s.key for s in plan.sources.values()}, lambda k: k.endswith("position_ids"),
                       f"the {component}")
         plans.append(plan)
     return plans
 
 
-def _single_file_plans(reader: WeightReader, layout: Layout, config: ModelConfig, networks: dict) -> list[_Plan]:
-    plans = [_make_plan(component, model, reader, lambda key, c=component: layout.source(c, key, config), config.name)
+def _single_file_plans(reader: WeightReader, layout: Layout, config: ModelConfig,
+                       networks: dict) -> list[LoadPlan]:
+    plans = [make_load_plan(component, model, reader, lambda key, c=component: layout.source(c, key, config),
+                            config.name)
              for component, model in networks.items()]
     used = {s.key for plan in plans for s in plan.sources.values()}
-    _check_unused(reader, used, lambda key: layout.ignorable(key, config), f"a {config.name} model")
+    check_unused(reader, used, lambda key: layout.ignorable(key, config), f"a {config.name} model")
     return plans
 
 
@@ -444,20 +192,20 @@ def load_model(path, device=None, dtype=None, *, config: Optional[ModelConfig] =
     path = _check_path(path)
     device, dtype = resolve_device_dtype(device, dtype)
     if path.is_dir():
-        if not _is_diffusers_folder(path):
+        if not is_diffusers_folder(path):
             raise ModelLoadError(f"{path}: a folder but not a diffusers pipeline (no model_index.json)")
         config = _override_prediction(config or _diffusers_config(path), prediction_type)
-        networks = _build_networks(config)
+        networks = build_networks(config)
         plans = _diffusers_plans(path, config, networks)
         source = "diffusers"
         openclip = config.text_encoder.hidden_act == "gelu"  # SD2's OpenCLIP tokenizer pads with "!"
         tokenizer = _tokenizer(path / "tokenizer", "!" if openclip else EOS_TOKEN)
         tokenizer_2 = _tokenizer(path / "tokenizer_2", "!") if config.text_encoder_2 is not None else None
     else:
-        reader, source = _single_file_reader(path)
+        reader, source = single_file_reader(path)
         detected, layout = _detect_single_file(reader, prediction_type)
         config = _override_prediction(config or detected, prediction_type)
-        networks = _build_networks(config)
+        networks = build_networks(config)
         try:
             plans = _single_file_plans(reader, layout, config, networks)
         except UnmappedKey as e:
@@ -466,7 +214,7 @@ def load_model(path, device=None, dtype=None, *, config: Optional[ModelConfig] =
         tokenizer = CLIPTokenizer.default(pad_token="!" if layout.text_openclip else EOS_TOKEN)
         tokenizer_2 = CLIPTokenizer.default(pad_token="!") if config.text_encoder_2 is not None else None
 
-    loaded = _execute(plans, device, dtype, progress)
+    loaded = fill_networks(plans, device, dtype, progress)
     return LoadedModel(config=config, text_encoder=loaded["text_encoder"], text_encoder_2=loaded.get("text_encoder_2"),
                        unet=loaded["unet"], vae=loaded["vae"], tokenizer=tokenizer, tokenizer_2=tokenizer_2,
                        source=source, name=path.stem if path.is_file() else path.name)
@@ -540,7 +288,7 @@ class LoadedControlNet:
     path: Path
 
 
-def _controlnet_folder(path: Path) -> Path:
+def controlnet_folder(path: Path) -> Path:
     """The folder holding the ControlNet's config.json: path, or a pipeline folder's controlnet/."""
     if (path / "config.json").is_file():
         return path
@@ -574,11 +322,11 @@ def load_controlnet_model(path, device=None, dtype=None, *, base: Optional[Model
         model = ControlNetModel(config)
     name = path.name
     try:
-        plan = _make_plan("controlnet", model, reader, source_of, f"{controlnet_family_name(config)} ControlNet")
+        plan = make_load_plan("controlnet", model, reader, source_of, f"{controlnet_family_name(config)} ControlNet")
     except UnmappedKey as e:
         raise ModelLoadError(f"{path}: no LDM name for {e}") from None
-    _check_unused(reader, {s.key for s in plan.sources.values()}, ignorable, "a ControlNet")
-    loaded = _execute([plan], device, dtype, progress)["controlnet"]
+    check_unused(reader, {s.key for s in plan.sources.values()}, ignorable, "a ControlNet")
+    loaded = fill_networks([plan], device, dtype, progress)["controlnet"]
     return LoadedControlNet(config=config, model=loaded, source=source, name=name, path=path)
 
 
@@ -594,7 +342,7 @@ def _controlnet_source(path: Path, base: Optional[ModelConfig]):
     from .ldm_layout import controlnet_key_to_ldm, detect_controlnet_config
 
     if path.is_dir():
-        folder = _controlnet_folder(path)
+        folder = controlnet_folder(path)
         try:
             data = json.loads((folder / "config.json").read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -610,7 +358,7 @@ def _controlnet_source(path: Path, base: Optional[ModelConfig]):
         reader = open_weights(component_weight_files(folder))
         source_of, source, ignorable = Source, "diffusers", (lambda key: False)
     else:
-        reader, source = _single_file_reader(path)
+        reader, source = single_file_reader(path)
         try:
             config, prefix = detect_controlnet_config(reader.shapes, base.unet if base is not None else None)
         except ModelLoadError as e:

@@ -80,10 +80,10 @@ _UNSUPPORTED_PARTS = {"lora_mid.weight": "LoCon with a Tucker-decomposed middle 
 def lora_targets(config: ModelConfig) -> dict[tuple[str, str], tuple]:
     """(component, weight key) -> weight shape, for every weight a LoRA may change: the Linear
     and Conv2d weights of the UNet and the text encoder(s)."""
-    from .loading import _build_networks
+    from .loading import build_networks
 
     targets = {}
-    for component, network in _build_networks(config).items():  # on the meta device: names and shapes only
+    for component, network in build_networks(config).items():  # on the meta device: names and shapes only
         if component not in COMPONENTS:
             continue
         for module_name, module in network.named_modules():
@@ -258,7 +258,7 @@ def read_lora(path, config: ModelConfig) -> Lora:
     missing down or up weight, ranks that differ between them, a shape that does not fit the
     weight, or a truncated or corrupt file.
     """
-    from .loading import SafetensorsReader, TorchReader
+    from .weights import SafetensorsReader, TorchReader
 
     path = weights_file(path, "LoRA", LORA_SUFFIXES)
     reader = SafetensorsReader([path]) if path.suffix == ".safetensors" else TorchReader([path])

@@ -55,9 +55,9 @@ def kohya_default_lora(config, path: Path, rank: int, dtype=torch.float16, seed:
 
 def _networks(config, device, dtype, seed: int) -> dict:
     """Our UNet and text encoder(s) at full size with random weights (filled in place, fast)."""
-    from sdengine.loading import _build_networks
+    from sdengine.loading import build_networks
 
-    networks = {k: v for k, v in _build_networks(config).items() if k != "vae"}
+    networks = {k: v for k, v in build_networks(config).items() if k != "vae"}
     generator = torch.Generator(device=device).manual_seed(seed)
     for module in networks.values():
         module.to_empty(device=device)

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from sdengine.config import ModelConfig, SchedulerConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from sdengine.diffusers_format import model_kwargs, unet_json, vae_json
 
 # sdengine sampler -> (diffusers scheduler class, the config values that make that class run the
 # same algorithm). The one such table: the benchmark, the reference pipelines and the sampler tests
@@ -54,55 +55,13 @@ WEIGHT_NOISE = 0.02  # std of the noise added to every parameter, so that no nor
 
 
 def diffusers_unet_kwargs(cfg: UNetConfig) -> dict:
-    """UNet2DConditionModel keyword arguments for a UNetConfig.
-
-    diffusers refuses `num_attention_heads` (its naming quirk: `attention_head_dim` is the
-    number of heads in SD configs), so the per-level head counts travel as attention_head_dim.
-    """
-    kwargs = dict(
-        sample_size=cfg.sample_size,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        block_out_channels=list(cfg.block_out_channels),
-        down_block_types=list(cfg.down_block_types),
-        up_block_types=list(cfg.up_block_types),
-        layers_per_block=cfg.layers_per_block,
-        attention_head_dim=list(cfg.num_attention_heads),
-        cross_attention_dim=cfg.cross_attention_dim,
-        transformer_layers_per_block=list(cfg.transformer_layers_per_block),
-        use_linear_projection=cfg.use_linear_projection,
-        upcast_attention=cfg.upcast_attention,
-        norm_num_groups=cfg.norm_num_groups,
-        norm_eps=cfg.norm_eps,
-        flip_sin_to_cos=cfg.flip_sin_to_cos,
-        freq_shift=cfg.freq_shift,
-    )
-    if cfg.addition_embed_type is not None:
-        kwargs.update(
-            addition_embed_type=cfg.addition_embed_type,
-            addition_time_embed_dim=cfg.addition_time_embed_dim,
-            projection_class_embeddings_input_dim=cfg.projection_class_embeddings_input_dim,
-        )
-    return kwargs
+    """UNet2DConditionModel keyword arguments for a UNetConfig (sdengine/diffusers_format.py)."""
+    return model_kwargs(unet_json(cfg))
 
 
 def diffusers_vae_kwargs(cfg: VAEConfig) -> dict:
-    """AutoencoderKL keyword arguments for a VAEConfig."""
-    levels = len(cfg.block_out_channels)
-    return dict(
-        sample_size=cfg.sample_size,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        latent_channels=cfg.latent_channels,
-        down_block_types=["DownEncoderBlock2D"] * levels,
-        up_block_types=["UpDecoderBlock2D"] * levels,
-        block_out_channels=list(cfg.block_out_channels),
-        layers_per_block=cfg.layers_per_block,
-        norm_num_groups=cfg.norm_num_groups,
-        scaling_factor=cfg.scaling_factor,
-        shift_factor=cfg.shift_factor,
-        force_upcast=cfg.force_upcast,
-    )
+    """AutoencoderKL keyword arguments for a VAEConfig (sdengine/diffusers_format.py)."""
+    return model_kwargs(vae_json(cfg))
 
 
 def transformers_text_config(cfg: TextEncoderConfig):

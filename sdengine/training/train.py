@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sdengine.config import DIFFUSERS_VERSION, ModelConfig
+from sdengine.config import ModelConfig
+from sdengine.diffusers_format import DIFFUSERS_VERSION, config_files
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "data" / "demo-digits"
 IMAGE_SIZE = 32
@@ -353,7 +354,7 @@ def save_diffusers_folder(out_dir, config: ModelConfig, text_encoder, unet, vae,
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        files = config.to_diffusers()  # config.json dicts, as diffusers writes them
+        files = config_files(config)  # config.json dicts, as diffusers writes them
         index = dict(MODEL_INDEX_TEMPLATE, scheduler=["diffusers", files["scheduler"]["_class_name"]])
         _write_json(tmp / "model_index.json", index)
         _write_json(tmp / "text_encoder" / "config.json", files["text_encoder"])
