@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="sdengine-bisect-") as folder:
             try:
-                aoti._compile_in_child(config, args.network, dtype, device, Path(folder), settings,
+                aoti.compile_in_child(config, args.network, dtype, device, Path(folder), settings,
                                        timeout=args.timeout)
                 outcome, output = "ok", ""
             except aoti.CompileCrash as crash:

@@ -159,7 +159,7 @@ STATIC_BATCH = {"text_encoder": 1, "text_encoder_2": 1, "unet": 2, "vae_decoder"
 INJECT_CRASH_ENV = "SDE_AOTI_INJECT_CRASH"
 
 
-def _example_inputs(config, dtype, device, static: bool = False):
+def example_inputs(config, dtype, device, static: bool = False):
     """Example inputs of every network and their dynamic dimensions (None when static).
 
     Dynamic: batch 2 and latents of 2 x the UNet's downsampling, with batch, height and width
@@ -266,10 +266,10 @@ def _compile_network(config, name: str, dtype: torch.dtype, device: torch.device
     """Export and compile one network into `folder` with `settings`: `<name>.pt2`, `<name>.json`
     (its constants' shapes, its static input shape if any, compile time) and
     `<name>.buffers.safetensors` (its non-persistent buffers, if any). Runs in a child process
-    (see _compile_in_child)."""
+    (see compile_in_child)."""
     start = time.perf_counter()
     module = _network_module(config, name, dtype, device)
-    examples, _ = _example_inputs(config, dtype, device, static=settings.static)
+    examples, _ = example_inputs(config, dtype, device, static=settings.static)
     args, dynamic = examples[name]
     exported = _export(module, args, dynamic, size_oblivious=settings.size_oblivious)
     _compile(exported, folder / f"{name}.pt2", settings)
@@ -313,7 +313,7 @@ class CompileCrash(RuntimeError):
         self.outcome, self.output = outcome, output
 
 
-def _compile_in_child(config, name: str, dtype: torch.dtype, device: torch.device, folder: Path,
+def compile_in_child(config, name: str, dtype: torch.dtype, device: torch.device, folder: Path,
                       settings: CompileSettings = ATTEMPTS[0], timeout: Optional[float] = None) -> dict:
     """_compile_network in a child process, so that a compiler crash (a segfault inside torch,
     seen with torch 2.11 on CUDA) is an error (CompileCrash) that names the network, not a dead
@@ -357,14 +357,14 @@ def _compile_in_child(config, name: str, dtype: torch.dtype, device: torch.devic
 def _compile_with_retries(config, name: str, dtype: torch.dtype, device: torch.device, folder: Path,
                           attempts=ATTEMPTS, log=None) -> dict:
     """Compile network `name` with each of `attempts` in turn until one succeeds. Returns its
-    result (as _compile_in_child) with "settings" (the settings that built it) and "attempts"
+    result (as compile_in_child) with "settings" (the settings that built it) and "attempts"
     (each attempt: settings, outcome, seconds, and a failed one's last output). RuntimeError
     naming the network and every attempt's outcome when none succeeds."""
     tried = []
     for settings in attempts:
         started = time.perf_counter()
         try:
-            result = _compile_in_child(config, name, dtype, device, folder, settings)
+            result = compile_in_child(config, name, dtype, device, folder, settings)
         except CompileCrash as crash:
             tried.append({"settings": settings.name, "outcome": crash.outcome,
                           "seconds": round(time.perf_counter() - started, 1), "output": crash.output[-2000:]})
@@ -406,7 +406,7 @@ def build_engine(config, out_dir, *, dtype: torch.dtype, device, progress=True, 
     tmp = cachedir.staging(out_dir)
     started = time.perf_counter()
     try:
-        multiple = 2 ** (len(config.unet.block_out_channels) - 1)  # as _example_inputs
+        multiple = 2 ** (len(config.unet.block_out_channels) - 1)  # as example_inputs
         components = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
                       "vae_decoder": "vae", "vae_encoder": "vae"}
         networks, buffers = {}, {}
@@ -511,68 +511,12 @@ def engine_for(config, *, dtype: torch.dtype, device, progress=True) -> Path:
         return build_engine(config, path, dtype=dtype, device=device, progress=progress, replace=True)
 
 
-# ---------------------------------------------------------------------------
-# `sdengine export aoti`
-# ---------------------------------------------------------------------------
-
-def add_arguments(parser) -> None:
-    """Arguments of `sdengine export aoti`."""
-    parser.add_argument("model", help="a diffusers folder or a single-file checkpoint")
-    parser.add_argument("--out", default=None, help="engine folder (default: the cache, $SDE_CACHE_DIR/aoti/<key>)")
-    parser.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on the CPU)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--controlnet", action="append", default=[], metavar="PATH",
-                        help="also build the engine of this ControlNet (a diffusers folder or an A1111 single file) "
-                             "with the model, into the cache (export/aoti_controlnet.py); repeatable")
-
-
-def run(args) -> int:
-    """Build the engine of `args.model`'s architecture and print its folder."""
-    from sdengine.device import resolve_device_dtype
-    from sdengine.config import ModelConfig
-
-    device, dtype = resolve_device_dtype(args.device, args.dtype)
-    path = Path(args.model)
-    if not path.exists():
-        raise FileNotFoundError(f"model path does not exist: {path}")
-    if path.is_dir():
-        config = ModelConfig.from_diffusers(path)
-    else:
-        from sdengine.loading import detect
-
-        config = detect(path)
-    if args.out:
-        out = build_engine(config, Path(args.out), dtype=dtype, device=device)
-    else:
-        out = engine_for(config, dtype=dtype, device=device)
-    print(out)
-    for controlnet in getattr(args, "controlnet", None) or []:
-        from sdengine.loading import detect_controlnet
-
-        from .aoti_controlnet import controlnet_engine_for
-
-        print(controlnet_engine_for(config, detect_controlnet(controlnet, base=config), dtype=dtype, device=device))
-    return 0
-
-
-def register_aoti(subparsers) -> None:
-    """Register `aoti` on the `sdengine export` subcommand's subparsers."""
-    parser = subparsers.add_parser("aoti", help="compile the networks ahead of time for the native runtime",
-                                   description=run.__doc__)
-    add_arguments(parser)
-    parser.set_defaults(func=run)
-
-
-def main(args) -> int:
-    return run(args)
-
-
-if __name__ == "__main__":  # the child process of _compile_in_child
+if __name__ == "__main__":  # the child process of compile_in_child
     import pickle
     import sys
 
     if len(sys.argv) != 3 or sys.argv[1] != "--compile-network":
-        sys.exit("usage: python -m sdengine.export.aoti --compile-network SPEC (internal: see _compile_in_child)")
+        sys.exit("usage: python -m sdengine.export.aoti --compile-network SPEC (internal: see compile_in_child)")
     _spec = pickle.loads(Path(sys.argv[2]).read_bytes())
     _settings = _spec.get("settings", ATTEMPTS[0])
     if f"{_spec['name']}:{_settings.name}" in os.environ.get(INJECT_CRASH_ENV, "").split(","):

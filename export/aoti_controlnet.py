@@ -112,9 +112,9 @@ class ControlEngineConfig:
         return module.to(dtype=dtype).eval()
 
     def example_inputs(self, dtype: torch.dtype, device: torch.device):
-        """The model's example inputs (aoti._example_inputs) extended to the ControlNet's and the
+        """The model's example inputs (aoti.example_inputs) extended to the ControlNet's and the
         residuals': per network (args, dynamic shapes), and the latent multiple."""
-        examples, multiple = aoti._example_inputs(self.model, dtype, device)
+        examples, multiple = aoti.example_inputs(self.model, dtype, device)
         return self._examples(examples, multiple, dtype, device)
 
     def _examples(self, examples, multiple, dtype, device):
@@ -187,7 +187,7 @@ def build_controlnet_engine(model_config, controlnet_config, out_dir, *, dtype: 
         bar = tqdm(CONTROL_NETWORKS, desc="AOTInductor compile", unit="network", disable=not progress)
         for name in bar:
             bar.set_postfix_str(name)
-            result = aoti._compile_in_child(config, name, dtype, device, tmp)
+            result = aoti.compile_in_child(config, name, dtype, device, tmp)
             if result["buffers"]:
                 raise RuntimeError(f"{config.name}: the {name} network has non-persistent buffers, which a "
                                    "ControlNet engine does not carry")

@@ -6,9 +6,9 @@
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import sys
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -36,11 +36,19 @@ def register(subparsers) -> None:
     onnx_parser.set_defaults(func=_run_onnx)
 
     if importlib.util.find_spec("sdengine.export.aoti") is not None:
-        aoti = importlib.import_module("sdengine.export.aoti")
         aoti_parser = formats.add_parser("aoti", help="compile the networks ahead of time for the native runtime",
-                                         description=(aoti.run.__doc__ or "").strip() or None)
-        aoti.add_arguments(aoti_parser)
-        aoti_parser.set_defaults(func=aoti.run)
+                                         description=_run_aoti.__doc__.strip())
+        aoti_parser.add_argument("model", help="a diffusers folder or a single-file checkpoint")
+        aoti_parser.add_argument("--out", default=None,
+                                 help="engine folder (default: the cache, $SDE_CACHE_DIR/aoti/<key>)")
+        aoti_parser.add_argument("--dtype", default=None,
+                                 help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on the CPU)")
+        aoti_parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+        aoti_parser.add_argument("--controlnet", action="append", default=[], metavar="PATH",
+                                 help="also build the engine of this ControlNet (a diffusers folder or an A1111 "
+                                      "single file) with the model, into the cache (export/aoti_controlnet.py); "
+                                      "repeatable")
+        aoti_parser.set_defaults(func=_run_aoti)
 
 
 def _run_onnx(args) -> int:
@@ -57,4 +65,27 @@ def _run_onnx(args) -> int:
         print(f"sdengine export onnx: error: {e}", file=sys.stderr)
         return 2
     print(out)
+    return 0
+
+
+def _run_aoti(args) -> int:
+    """Build the engine of `args.model`'s architecture and print its folder."""
+    from sdengine.config import ModelConfig
+    from sdengine.device import resolve_device_dtype
+    from sdengine.export.aoti import build_engine, engine_for
+    from sdengine.export.aoti_controlnet import controlnet_engine_for
+    from sdengine.loading import detect, detect_controlnet
+
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    path = Path(args.model)
+    if not path.exists():
+        raise FileNotFoundError(f"model path does not exist: {path}")
+    config = ModelConfig.from_diffusers(path) if path.is_dir() else detect(path)
+    if args.out:
+        out = build_engine(config, Path(args.out), dtype=dtype, device=device)
+    else:
+        out = engine_for(config, dtype=dtype, device=device)
+    print(out)
+    for controlnet in args.controlnet:
+        print(controlnet_engine_for(config, detect_controlnet(controlnet, base=config), dtype=dtype, device=device))
     return 0

@@ -25,7 +25,7 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,6 @@ from tqdm.auto import tqdm
 from . import images as imaging
 from . import prompt_syntax as a1111
 from . import samplers
-from .backends.base import Backend
 from .config import ModelConfig
 from .controlnet import (ControlInput, ControlNet, check_fits, control_params, controlnet_infotext, keep_table,
                          load_controlnet, prepare_image)
@@ -44,6 +43,9 @@ from .lora import LoraWeights, ReadWriteLock
 from .request import DEFAULT_GUIDANCE, Request, takes_request_arguments
 from .samplers import Plan
 from .vae_tiling import AUTO_TILE_CELLS, tiled_decode
+
+if TYPE_CHECKING:  # the backend is handed in (sdengine.api builds it): the pipeline imports no backend
+    from .backends.base import Backend
 
 log = logging.getLogger("sdengine")
 

@@ -61,7 +61,7 @@ def _image(model):
 
 
 def _slow_compiler(real_engine: Path, calls_file: Path | None = None, delay: float = 0.004):
-    """A stand-in for aoti._compile_in_child: copies the real package in 128 KiB pieces (a
+    """A stand-in for aoti.compile_in_child: copies the real package in 128 KiB pieces (a
     pause after each) and returns the real constants, so a build takes about a second."""
     meta = json.loads((real_engine / "engine.json").read_text())
 
@@ -107,7 +107,7 @@ def _builder(cache: Path, real_engine: Path, calls_file=None, kill_at_rename=Non
     at the n-th os.rename of cachedir, before or after it happens."""
     def run():
         os.environ["SDE_CACHE_DIR"] = str(cache)
-        aoti._compile_in_child = _slow_compiler(real_engine, calls_file)
+        aoti.compile_in_child = _slow_compiler(real_engine, calls_file)
         if kill_at_rename is not None:
             n, before = kill_at_rename
             real_rename, count = os.rename, [0]
@@ -186,7 +186,7 @@ def test_engine_build_killed_at_random_points(tmp_path, model_dir, real_engine, 
         killed = _kill_after(_builder(cache, real_engine), rng.uniform(0.0, duration * (1.0 if trial % 5 else 1.6)))
         outcomes.append((killed, _check_cache(cache, model_dir, reference_image, monkeypatch)))
         # The next engine_for sweeps what the killed builder left and ends with a good engine.
-        monkeypatch.setattr(aoti, "_compile_in_child", _slow_compiler(real_engine, delay=0))
+        monkeypatch.setattr(aoti, "compile_in_child", _slow_compiler(real_engine, delay=0))
         path = aoti.engine_for(CONFIG, dtype=torch.float32, device="cpu", progress=False)
         assert engine_problem(path) is None
         assert [p.name for p in path.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name] == []
@@ -213,7 +213,7 @@ def test_engine_build_killed_at_each_rename(tmp_path, model_dir, real_engine, re
     os.waitpid(pid, 0)
     outcome = _check_cache(cache, model_dir, reference_image, monkeypatch)
     assert outcome != "old" or replace
-    monkeypatch.setattr(aoti, "_compile_in_child", _slow_compiler(real_engine, delay=0))
+    monkeypatch.setattr(aoti, "compile_in_child", _slow_compiler(real_engine, delay=0))
     assert engine_problem(aoti.engine_for(CONFIG, dtype=torch.float32, device="cpu", progress=False)) is None
 
 
@@ -229,7 +229,7 @@ def test_corrupt_engine_json_is_skipped_with_a_warning_and_rebuilt(tmp_path, rea
     with pytest.raises(ValueError, match="(?s)no compiled engine .*networks.unet.package must name a file"):
         _C.Model(str(model_dir))  # the C++ cache search skips it, saying why
     calls = tmp_path / "calls"
-    monkeypatch.setattr(aoti, "_compile_in_child", _slow_compiler(real_engine, calls, delay=0))
+    monkeypatch.setattr(aoti, "compile_in_child", _slow_compiler(real_engine, calls, delay=0))
     with caplog.at_level(logging.WARNING, logger="sdengine"):
         path = aoti.engine_for(CONFIG, dtype=torch.float32, device="cpu", progress=False)
     assert path == entry and engine_problem(path) is None

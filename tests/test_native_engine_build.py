@@ -34,9 +34,9 @@ def test_compiler_crash_is_an_error_naming_the_network(tmp_path):
     from sdengine.export import aoti
 
     with pytest.raises(RuntimeError, match="crashy: compiling the unet network for cpu fp32 was killed by SIGABRT"):
-        aoti._compile_in_child(_AbortsWhenUnpickled(), "unet", torch.float32, torch.device("cpu"), tmp_path)
+        aoti.compile_in_child(_AbortsWhenUnpickled(), "unet", torch.float32, torch.device("cpu"), tmp_path)
     with pytest.raises(RuntimeError, match="(?s)failed \\(exit status 1\\).*unknown network 'nonesuch'"):
-        aoti._compile_in_child(tiny_config("sd15"), "nonesuch", torch.float32, torch.device("cpu"), tmp_path)
+        aoti.compile_in_child(tiny_config("sd15"), "nonesuch", torch.float32, torch.device("cpu"), tmp_path)
     assert not list(tmp_path.iterdir()), "the spec files are removed"
 
 
@@ -47,7 +47,7 @@ def test_failed_engine_build_leaves_nothing_behind(tmp_path, monkeypatch):
         (folder / f"{name}.pt2").write_bytes(b"half")
         raise RuntimeError(f"compiling the {name} network was killed by SIGSEGV")
 
-    monkeypatch.setattr(aoti, "_compile_in_child", fail)
+    monkeypatch.setattr(aoti, "compile_in_child", fail)
     with pytest.raises(RuntimeError, match="SIGSEGV"):
         aoti.build_engine(tiny_config("sd15"), tmp_path / "engine", dtype=torch.float32, device="cpu",
                           progress=False)
@@ -55,7 +55,7 @@ def test_failed_engine_build_leaves_nothing_behind(tmp_path, monkeypatch):
 
 
 def _reuse_cached(engine_dir, names, real):
-    """A _compile_in_child that copies the networks `names` from the cached engine instead of
+    """A compile_in_child that copies the networks `names` from the cached engine instead of
     compiling them (the retry tests compile only the networks they crash)."""
     meta = json.loads((Path(engine_dir) / "engine.json").read_text())
     from safetensors.torch import load_file
@@ -82,8 +82,8 @@ def test_engine_builds_through_retries_when_compiles_crash(native, eager, model_
     from sdengine.backends.aoti import AOTIBackend
     from sdengine.export import aoti as export
 
-    monkeypatch.setattr(export, "_compile_in_child", _reuse_cached(engine_dir, ("unet", "vae_encoder"),
-                                                                   export._compile_in_child))
+    monkeypatch.setattr(export, "compile_in_child", _reuse_cached(engine_dir, ("unet", "vae_encoder"),
+                                                                  export.compile_in_child))
     monkeypatch.setenv(export.INJECT_CRASH_ENV,
                        "text_encoder:dynamic,text_encoder:constants-in-so,vae_decoder:dynamic")
     built = export.build_engine(native.config, tmp_path / "engine", dtype=torch.float32, device="cpu",
@@ -133,5 +133,5 @@ def test_export_cli_registers_aoti(tmp_path):
     from sdengine.cli import build_parser, main
 
     args = build_parser().parse_args(["export", "aoti", str(tmp_path / "missing"), "--out", str(tmp_path / "e")])
-    assert args.func.__module__ == "sdengine.export.aoti" and args.out == str(tmp_path / "e")
+    assert args.func.__module__ == "sdengine.export.cli" and args.out == str(tmp_path / "e")
     assert main(["export", "aoti", str(tmp_path / "missing")]) == 2  # a clear error, no traceback

@@ -11,6 +11,7 @@ How it is built (k-diffusion's structure):
 - denoiser.py: the one `Denoiser` wrapper that turns eps / v / x0 predictions into x0;
 - sigma_samplers.py: `<name>(model, sigmas, noise, ...) -> step(x, i)` over sigmas (euler ... dpmpp, unipc);
 - timestep_samplers.py: `<name>(model, timesteps, noise, ...) -> step(x, i)` over timesteps (ddim, ddpm, pndm, lcm);
+- noise.py: `randn`, the noise every sampler draws (per-image generators);
 - fused.py: what a backend's fused step (UNet + guidance + update in one) needs from the plan;
 - `sample`: the one loop over steps, fused or not.
 - names.py: the one table of samplers and schedules (their spellings, shared with the CLI and the
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional
 
 import torch
 
@@ -43,6 +44,7 @@ from ..config import SchedulerConfig
 from . import sigma_samplers, timestep_samplers
 from .denoiser import Denoiser, to_x0_eps
 from .names import NAMES, SAMPLERS, SCHEDULES
+from .noise import randn
 from .plan import MIN_STEPS, SCHEDULES_FOR, Plan, make_plan
 from .schedules import sigma_to_t, sigmas_exponential, sigmas_karras
 
@@ -132,32 +134,6 @@ def resolve(sampler: Optional[str], schedule: Optional[str], scheduler_config: S
         raise ValueError(f"sampler {name!r} cannot follow the {chosen!r} schedule; "
                          f"it supports: {', '.join(SCHEDULES_FOR[name])}")
     return name, chosen
-
-
-# ---------------------------------------------------------------------------
-# Noise
-# ---------------------------------------------------------------------------
-
-def randn(shape, generators: Union[None, torch.Generator, Sequence[torch.Generator]], device=None,
-          dtype=torch.float32) -> torch.Tensor:
-    """Standard normal noise of `shape`, drawn as diffusers' randn_tensor draws it.
-
-    With a list of generators (one per image) image i is drawn from generators[i] with shape
-    (1, *shape[1:]), so results do not depend on the batch size. CPU generators draw on the CPU
-    and the result moves to `device`.
-    """
-    shape = tuple(shape)
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if generators is None:
-        return torch.randn(shape, device=device, dtype=dtype)
-    if isinstance(generators, (list, tuple)) and len(generators) == 1:
-        generators = generators[0]
-    if isinstance(generators, torch.Generator):
-        return torch.randn(shape, generator=generators, device=generators.device, dtype=dtype).to(device)
-    if len(generators) != shape[0]:
-        raise ValueError(f"got {len(generators)} generators for a batch of {shape[0]}; pass one per image")
-    return torch.cat([torch.randn((1,) + shape[1:], generator=g, device=g.device, dtype=dtype)
-                      for g in generators]).to(device)
 
 
 # ---------------------------------------------------------------------------

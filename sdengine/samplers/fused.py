@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import randn
+from .noise import randn
 from .plan import Plan
 
 # The kernel scalars of each fused sampler, in the argument order of kernels/sampler_step.py.

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from ..backends import base as backends
+from .options import add_arguments, settings_from_args
 
 log = logging.getLogger("sdengine.serve")
 
@@ -19,66 +19,8 @@ def register(sub):
                     "progress, interrupt, ...) plus /health and /metrics. Requests of the same size, steps, "
                     "sampler and guidance that arrive within --batch-window-ms run as one UNet batch. "
                     "Needs: pip install \"sdengine[serve]\".")
-    p.add_argument("model", nargs="?", default=None,
-                   help="diffusers folder, .safetensors/.ckpt file or ONNX export; default: the bundled demo model")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes the server)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--backend", default=None, choices=backends.names())
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's, but 1 for the small demo model)")
-    p.add_argument("--lora-dir", default=None,
-                   help="folder of LoRA files that prompts name with <lora:name:weight> (listed at /sdapi/v1/loras)")
-    p.add_argument("--prompt-syntax", default="a1111", choices=["a1111", "plain"],
-                   help="a1111 (default, as A1111's API): emphasis, 75-token windows, <lora:...> tags; plain: text")
-    p.add_argument("--api-key", default=os.environ.get("SDENGINE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on every endpoint (default: $SDENGINE_API_KEY)")
-    g = p.add_argument_group("scheduling")
-    g.add_argument("--no-batching", action="store_true", help="run every request alone")
-    g.add_argument("--max-batch-images", type=int, default=8, help="most images in one pipeline call (default 8)")
-    g.add_argument("--batch-window-ms", type=float, default=5.0,
-                   help="how long the first request of a batch waits for others of its shape (default 5 ms)")
-    g.add_argument("--max-queue", type=int, default=64,
-                   help="requests that may wait; more get 503 with Retry-After (default 64)")
-    g.add_argument("--request-timeout", type=float, default=600.0,
-                   help="seconds a request may take in all, queue included; then 504 (default 600)")
-    g.add_argument("--max-pixels", type=int, default=2048 * 2048, help="largest width x height (default 2048x2048)")
-    g.add_argument("--max-images", type=int, default=16, help="largest n_iter x batch_size of a request (default 16)")
-    g.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MiB (default 32)")
-    r = p.add_argument_group("Ray Serve (scale out)")
-    r.add_argument("--ray", action="store_true", help="deploy as a Ray Serve application")
-    r.add_argument("--address", default=None,
-                   help="Ray cluster to join (e.g. 'auto' or ray://head:10001); default: start a local one")
-    r.add_argument("--replicas", type=int, default=None, help="model replicas (default 1)")
-    r.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="autoscale the model replicas in [MIN, MAX]")
-    r.add_argument("--num-gpus-per-replica", type=float, default=None,
-                   help="GPUs per model replica (default 1 when CUDA is available, else 0)")
-    r.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="CPUs per model replica (default 1)")
+    add_arguments(p)
     p.set_defaults(func=_serve)
-
-
-def settings_from_args(args):
-    from .app import ServeSettings
-
-    checks = (("--max-batch-images", args.max_batch_images, 1), ("--max-queue", args.max_queue, 1),
-              ("--max-pixels", args.max_pixels, 64), ("--max-images", args.max_images, 1))
-    for flag, value, minimum in checks:
-        if value < minimum:
-            raise ValueError(f"{flag} must be >= {minimum}, got {value}")
-    for flag, value in (("--batch-window-ms", args.batch_window_ms), ("--request-timeout", args.request_timeout),
-                        ("--max-body-mb", args.max_body_mb)):
-        if not value >= 0:
-            raise ValueError(f"{flag} must be >= 0, got {value}")
-    if args.api_key is not None and not args.api_key.strip():
-        raise ValueError("--api-key must not be empty")
-    return ServeSettings(batching=not args.no_batching, max_batch_images=args.max_batch_images,
-                         batch_window_ms=args.batch_window_ms, max_queue=args.max_queue,
-                         request_timeout_s=args.request_timeout, max_pixels=args.max_pixels,
-                         max_images=args.max_images, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                         api_key=args.api_key, lora_dir=args.lora_dir,
-                         prompt_syntax=None if args.prompt_syntax == "plain" else args.prompt_syntax)
 
 
 def _serve(args) -> int:

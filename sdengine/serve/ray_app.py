@@ -31,7 +31,7 @@ from typing import Optional
 
 from .batching import Output, run_group
 from .requests import ModelInfo
-from .scheduler import ClientGone, ModelUnavailable, QueueFull, RequestTimeout, _idle_state
+from .scheduler import ClientGone, ModelUnavailable, QueueFull, RequestTimeout, idle_state
 
 log = logging.getLogger("sdengine.serve")
 
@@ -91,7 +91,7 @@ class SDModel:
         return os.getpid()
 
     def progress(self) -> dict:
-        return dict(_idle_state(), **self._progress)
+        return dict(idle_state(), **self._progress)
 
     async def generate(self, spec) -> Output:
         try:
@@ -264,11 +264,11 @@ def app_from_env(args: Optional[dict] = None):
     import argparse
     import shlex
 
-    from .cli import register, settings_from_args
+    from .options import add_arguments, settings_from_args
 
-    parser = argparse.ArgumentParser(prog="sdengine")
-    register(parser.add_subparsers(dest="command"))
-    argv = ["serve", *([os.environ["SDENGINE_MODEL"]] if os.environ.get("SDENGINE_MODEL") else []),
+    parser = argparse.ArgumentParser(prog="sdengine serve")
+    add_arguments(parser)
+    argv = [*([os.environ["SDENGINE_MODEL"]] if os.environ.get("SDENGINE_MODEL") else []),
             *shlex.split(os.environ.get("SDENGINE_SERVE_ARGS", "")), "--ray"]
     ns = parser.parse_args(argv)
     return build_application(ns.model, settings_from_args(ns), RayOptions.from_args(ns), backend=ns.backend,

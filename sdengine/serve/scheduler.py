@@ -74,7 +74,7 @@ class Scheduler:
         self._closed = False
         self._interrupt_epoch = 0
         self._progress_lock = threading.Lock()
-        self._progress = _idle_state()
+        self._progress = idle_state()
         self._recent_s: deque = deque(maxlen=32)  # seconds per finished group: Retry-After estimate
         self._thread = threading.Thread(target=self._loop, name="sdengine-serve-worker", daemon=True)
         self._thread.start()
@@ -189,7 +189,7 @@ class Scheduler:
     def _run(self, group: list):
         with self._progress_lock:
             epoch = self._interrupt_epoch
-            self._progress = dict(_idle_state(), job=f"batch of {len(group)}", job_count=len(group),
+            self._progress = dict(idle_state(), job=f"batch of {len(group)}", job_count=len(group),
                                   job_timestamp=time.strftime("%Y%m%d%H%M%S"), time_start=time.time())
         started = time.monotonic()
 
@@ -211,7 +211,7 @@ class Scheduler:
             outputs = [Output(error=e) for _ in group]
         self._recent_s.append(time.monotonic() - started)
         with self._progress_lock:
-            self._progress = _idle_state()
+            self._progress = idle_state()
         for ticket, out in zip(group, outputs):
             _resolve(ticket.future, out)
 
@@ -224,7 +224,7 @@ def _resolve(future: concurrent.futures.Future, out: Output):
         pass
 
 
-def _idle_state() -> dict:
+def idle_state() -> dict:
     """A1111's shared.state.dict() fields."""
     return dict(skipped=False, interrupted=False, stopping_generation=False, job="", job_count=0,
                 job_timestamp="0", job_no=0, sampling_step=0, sampling_steps=0, time_start=None)
