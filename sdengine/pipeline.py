@@ -247,7 +247,7 @@ class Pipeline:
         mask = None if request.mask_image is None else imaging.mask_tensor(request.mask_image, height, width)
         init_for_sampler = request.mode == "img2img" or (request.mode == "inpaint" and request.strength < 1.0)
         plan = samplers.plan_for(request.sampler, request.schedule, request.steps, self.config.scheduler,
-                                 strength=request.strength if init_for_sampler else 1.0, eta=request.eta)
+                                 strength=request.strength if init_for_sampler else 1.0, eta=request.eta or 0.0)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in request.seeds]  # one per image
         return Run(request, texts, negatives, tag_loras, controlnets, image, mask, plan, init_for_sampler, generators)
 

@@ -43,6 +43,12 @@ MAX_SIDE = 8192
 MAX_PIXELS = 4096 * 4096
 MAX_SEED = 2**64 - 1
 OUTPUT_TYPES = ("pil", "np", "latent")
+# Whose rules a sampler name follows (README "Same seed, same image"): None picks by the name's
+# vocabulary (A1111's labels: A1111; sdengine's snake_case names: diffusers).
+CONVENTIONS = ("a1111", "diffusers")
+# A1111's sources of random numbers (modules/rng.py): torch's CPU generator, A1111's Philox port
+# of CUDA's torch.randn ("NV"), or CUDA's own generator.
+RNG_SOURCES = ("cpu", "nv", "gpu")
 
 
 def _fail(parameter: str, message: str):
@@ -101,6 +107,21 @@ def _seeds(seed, n_images: int) -> list:
         return [int(s) for s in seed]
     _fail("seed", f"must be an integer in [0, 2**64 - 1] (image i gets seed + i) or a list of {n_images} such "
                   f"integers (one per image), got {seed!r}")
+
+
+def _subseeds(subseed, n_images: int, strength: float) -> tuple:
+    """A1111's variation seeds: image i gets subseed + i (or its own entry of a list); () when unused."""
+    if strength == 0:
+        return ()
+    if subseed is None:
+        subseed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    if _is_int(subseed) and 0 <= subseed <= MAX_SEED - (n_images - 1):
+        return tuple(int(subseed) + i for i in range(n_images))
+    if isinstance(subseed, (list, tuple)) and len(subseed) == n_images and \
+            all(_is_int(s) and 0 <= s <= MAX_SEED for s in subseed):
+        return tuple(int(s) for s in subseed)
+    _fail("subseed", f"must be an integer in [0, 2**64 - 1] (image i gets subseed + i) or a list of {n_images} such "
+                     f"integers, got {subseed!r}")
 
 
 def check_size(width: int, height: int) -> None:
@@ -183,7 +204,7 @@ class Request:
     schedule: Optional[str]
     mode: str                  # "txt2img", "img2img" or "inpaint"
     strength: Optional[float]  # None: the mode's default (for_model resolves it)
-    eta: float
+    eta: Optional[float]       # None: the sampler's default (0 for DDIM; 1 for A1111's ancestral samplers)
     clip_skip: Optional[int]
     init_image: Optional[np.ndarray]
     mask_image: Optional[np.ndarray]
@@ -195,6 +216,12 @@ class Request:
     prompt_syntax: Optional[str] = None  # None (plain text) or "a1111" (sdengine/prompt_syntax.py)
     lora_dir: Any = None                 # where <lora:name> tags find their files
     controls: tuple = ()                 # sdengine.controlnet.Control, checked
+    conventions: Optional[str] = None    # CONVENTIONS, or None: by the sampler name's vocabulary
+    subseeds: tuple = ()                 # A1111 variation seeds, one per image (() when subseed_strength is 0)
+    subseed_strength: float = 0.0
+    seed_resize_from: Optional[tuple] = None  # (width, height) whose noise the seed draws, centred; None: off
+    eta_noise_seed_delta: int = 0        # A1111's ENSD: the sampler's noise comes from seed + this
+    rng: str = "cpu"                     # RNG_SOURCES
 
     @property
     def n_images(self) -> int:
@@ -221,13 +248,20 @@ class Request:
         output_type: str = "pil",
         callback: Optional[Callable[[int, int, torch.Tensor], Optional[bool]]] = None,
         progress: bool = True,
-        eta: float = 0.0,
+        eta: Optional[float] = None,
         clip_skip: Optional[int] = None,
         steps: Optional[int] = None,
         vae_tiling: Optional[bool] = None,
         prompt_syntax: Optional[str] = None,
         lora_dir: Any = None,
         control: Any = None,
+        conventions: Optional[str] = None,
+        subseed: int | Sequence[int] | None = None,
+        subseed_strength: float = 0.0,
+        seed_resize_from_w: Optional[int] = None,
+        seed_resize_from_h: Optional[int] = None,
+        eta_noise_seed_delta: int = 0,
+        rng: Optional[str] = None,
     ) -> "Request":
         """Check every argument that does not depend on the model. Raises InvalidArgumentError
         naming the parameter.
@@ -252,7 +286,8 @@ class Request:
         callback:            callback(step, total, latents) after each sampler step (total is
                              steps + 1 for PLMS, fewer for img2img); return False to cancel.
         progress:            show a tqdm progress bar.
-        eta:                 DDIM's eta (0 is deterministic DDIM).
+        eta:                 the sampler's eta: DDIM's (default 0, deterministic), or under A1111's
+                             rules its ancestral and SDE samplers' (default 1).
         clip_skip:           skip this many final text-encoder layers (diffusers' meaning:
                              1 here is A1111's "Clip skip: 2").
         vae_tiling:          decode in blended tiles: True, False, or None = automatically for
@@ -266,6 +301,20 @@ class Request:
         control:             ControlNets: a sdengine.Control or a list of them (model, image, scale,
                              start, end, guess_mode, preprocess; see sdengine/controlnet.py). Without
                              height, width and init_image, the size is the first control image's.
+        conventions:         whose rules the sampler follows: "a1111" (A1111's sigmas, start and
+                             noise: its image for the same seed), "diffusers" (diffusers' scheduler
+                             of that name), or None: A1111's labels ("Euler a", "DPM++ 2M") follow
+                             A1111, sdengine's names ("euler_a", "dpmpp_2m") diffusers (README,
+                             "Same seed, same image").
+        subseed, subseed_strength: A1111's variation seed: the noise is the slerp of the seed's and
+                             the subseed's by subseed_strength (every image keeps the seed; image
+                             i gets subseed + i).
+        seed_resize_from_w, seed_resize_from_h: A1111's "resize seed from": the seed's noise drawn at
+                             that size and centred in this one.
+        eta_noise_seed_delta: A1111's ENSD: the sampler's own noise comes from seed + this.
+        rng:                 where the noise comes from: "cpu" (torch's CPU generator; default),
+                             "nv" (A1111's Philox port of CUDA's torch.randn, on any device) or
+                             "gpu" (CUDA's generator; needs a CUDA device): A1111's RNG setting.
         """
         if steps is not None:
             if num_inference_steps is not None and num_inference_steps != steps:
@@ -280,8 +329,8 @@ class Request:
         num_inference_steps = _check_int(num_inference_steps, "num_inference_steps", 1, MAX_STEPS)
         if not _is_real(guidance_scale) or not math.isfinite(guidance_scale):
             _fail("guidance_scale", f"must be a finite number, got {guidance_scale!r}")
-        if not _is_real(eta) or not math.isfinite(eta) or eta < 0:
-            _fail("eta", f"must be a finite number >= 0, got {eta!r}")
+        if eta is not None and (not _is_real(eta) or not math.isfinite(eta) or eta < 0):
+            _fail("eta", f"must be a finite number >= 0 or None (the sampler's default), got {eta!r}")
         if output_type not in OUTPUT_TYPES:
             _fail("output_type", f"must be 'pil', 'np' or 'latent', got {output_type!r}")
         if clip_skip is not None:
@@ -314,7 +363,27 @@ class Request:
             if len(listed) != len(prompts):
                 _fail("negative_prompt", f"must have one entry per prompt ({len(prompts)}), got {len(listed)}")
             negatives = [n for n in listed for _ in range(batch_size)]
+        if conventions not in (None, *CONVENTIONS):
+            _fail("conventions", f"must be None, 'a1111' or 'diffusers', got {conventions!r}")
+        rng = "cpu" if rng is None else str(rng).lower() if isinstance(rng, str) else rng
+        if rng not in RNG_SOURCES:
+            _fail("rng", f"must be 'cpu', 'nv' or 'gpu' (A1111's RNG sources), got {rng!r}")
+        if not _is_real(subseed_strength) or not 0.0 <= subseed_strength <= 1.0:
+            _fail("subseed_strength", f"must be a number in [0, 1], got {subseed_strength!r}")
+        subseeds = _subseeds(subseed, n_images, float(subseed_strength))
+        resize = None
+        if seed_resize_from_w or seed_resize_from_h:  # A1111: 0 or -1 is off
+            for name, value in (("seed_resize_from_w", seed_resize_from_w), ("seed_resize_from_h", seed_resize_from_h)):
+                if not _is_int(value) or not 8 <= value <= MAX_SIDE:
+                    _fail(name, f"must be an integer in [8, {MAX_SIDE}] when seed resizing is on, got {value!r}")
+            resize = (int(seed_resize_from_w), int(seed_resize_from_h))
+        if not _is_int(eta_noise_seed_delta) or not 0 <= eta_noise_seed_delta <= MAX_SEED:
+            _fail("eta_noise_seed_delta", f"must be an integer in [0, 2**64 - 1], got {eta_noise_seed_delta!r}")
         seeds = _seeds(seed, n_images)
+        if subseeds and not isinstance(seed, (list, tuple)):
+            seeds = [seeds[0]] * n_images  # A1111: with variation seeds every image keeps the seed; the subseed varies
+        if eta_noise_seed_delta and max(seeds) + eta_noise_seed_delta > MAX_SEED:
+            _fail("eta_noise_seed_delta", f"plus the seed must be at most 2**64 - 1, got {eta_noise_seed_delta!r}")
 
         mode = "inpaint" if mask_image is not None else "img2img" if init_image is not None else "txt2img"
         if mode == "inpaint" and init_image is None:
@@ -355,11 +424,33 @@ class Request:
             steps=num_inference_steps, guidance_scale=float(guidance_scale),
             width=None if width is None else int(width), height=None if height is None else int(height),
             sampler=sampler, schedule=schedule, mode=mode,
-            strength=None if strength is None else float(strength), eta=float(eta), clip_skip=clip_skip,
+            strength=None if strength is None else float(strength), eta=None if eta is None else float(eta),
+            clip_skip=clip_skip,
             init_image=image, mask_image=mask, latents=latents, output_type=output_type, callback=callback,
             progress=bool(progress), vae_tiling=None if vae_tiling is None else bool(vae_tiling),
-            prompt_syntax=prompt_syntax, lora_dir=lora_dir, controls=controls,
+            prompt_syntax=prompt_syntax, lora_dir=lora_dir, controls=controls, conventions=conventions,
+            subseeds=subseeds, subseed_strength=float(subseed_strength), seed_resize_from=resize,
+            eta_noise_seed_delta=int(eta_noise_seed_delta), rng=rng,
         )
+
+    @classmethod
+    def from_infotext(cls, text: str, **overrides) -> "Request":
+        """The request that draws the image an A1111 `parameters` text describes (a PNG's text chunk,
+        the `info` of A1111's API): its prompts (A1111 prompt syntax, <lora:> tags), Steps, Sampler,
+        Schedule type, CFG scale, Seed, Size, Clip skip, ENSD, Variation seed and strength, Seed
+        resize from, RNG, Eta and Denoising strength, under A1111's rules (sdengine.infotext).
+
+        overrides: Request.from_args keywords that win over the text, e.g. init_image (needed with
+        "Denoising strength"), lora_dir, or rng="nv" to draw an A1111 GPU image's noise on a CPU.
+        Raises InvalidArgumentError naming each field sdengine cannot honour (sdengine.infotext)."""
+        from .infotext import parse_infotext, request_arguments
+
+        args = request_arguments(parse_infotext(text))
+        if "strength" in args and overrides.get("init_image") is None:
+            _fail("init_image", "is needed: the infotext has 'Denoising strength' (an img2img or inpainting "
+                                "run); pass init_image= (and mask_image= for inpainting)")
+        args.update(overrides)
+        return cls.from_args(**args)
 
     def for_model(self, config) -> "Request":
         """Check what depends on the model (a sdengine.config.ModelConfig): inpainting or not,

@@ -161,7 +161,7 @@ class NativeBackend(EngineWeights):
             try:
                 results = model.generate(
                     prompts[first], negatives[first] if r.negative_prompt_given else None, r.width, r.height, r.steps,
-                    float(r.guidance_scale), int(seeds[first]), count, sampler, run.plan.schedule, float(r.eta),
+                    float(r.guidance_scale), int(seeds[first]), count, sampler, run.plan.schedule, float(r.eta or 0.0),
                     None if wants_latents else progress, init_bytes[first], r.strength if r.mode != "txt2img" else None,
                     mask_bytes[first], latents=with_latents if wants_latents else None)
             except _C.Cancelled as e:  # a callback returned False (an exception it raised propagates as itself)

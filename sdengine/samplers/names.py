@@ -88,7 +88,10 @@ NAMES = {
         "sgm uniform": "sgm_uniform",
         "simple": "simple",
         "ddim uniform": "ddim_uniform",
-        "uniform": "ddim_uniform",
+        # A1111's "Uniform" is the model's own sigmas at evenly spaced timesteps (diffusers' linspace);
+        # its "DDIM" schedule is the DDIM timesteps 1, 1 + T // n, ... (leading, offset 1)
+        "uniform": "normal",
+        "ddim": "ddim_uniform",
     },
 }
 
@@ -120,7 +123,7 @@ SAMPLER_TABLE = (
 SCHEDULE_TABLE = (
     # name          A1111 label      A1111 API name   default rho
     ("default",      "Automatic",     "automatic",     None),
-    ("ddim_uniform", "Uniform",       "uniform",       None),
+    ("ddim_uniform", "DDIM",          "ddim",          None),   # A1111's "Uniform" is diffusers' linspace ("normal")
     ("karras",       "Karras",        "karras",        7.0),
     ("exponential",  "Exponential",   "exponential",   None),
     ("sgm_uniform",  "SGM Uniform",   "sgm_uniform",   None),
@@ -140,3 +143,84 @@ A1111_LABELS = {
     "samplers": {name: label for name, label, _ in SAMPLER_TABLE},
     "schedules": {name: label for name, label, _, _ in SCHEDULE_TABLE},
 }
+
+
+# ---------------------------------------------------------------------------
+# A1111's rules (sdengine/samplers/a1111.py): its sampler and schedule labels, and what each
+# label runs. From AUTOMATIC1111/stable-diffusion-webui modules/sd_samplers_kdiffusion.py
+# (samplers_k_diffusion), sd_samplers_timesteps.py, sd_samplers_lcm.py and sd_schedulers.py.
+# ---------------------------------------------------------------------------
+
+# label -> (sdengine sampler, A1111's options: "scheduler" = its Automatic schedule,
+# "discard" = discard_next_to_last_sigma, "brownian" = SDE noise from a Brownian tree,
+# "ensd" = A1111 writes ENSD into the infotext for it, "eta" = its eta option's default)
+A1111_SAMPLERS = {
+    "DPM++ 2M": ("dpmpp_2m", {"scheduler": "karras"}),
+    "DPM++ SDE": ("dpmpp_sde", {"scheduler": "karras", "brownian": True, "eta": 1.0}),
+    "DPM++ 2M SDE": ("dpmpp_2m_sde", {"scheduler": "exponential", "brownian": True, "eta": 1.0}),
+    "DPM++ 2M SDE Heun": ("dpmpp_2m_sde_heun", {"scheduler": "exponential", "brownian": True, "eta": 1.0}),
+    "DPM++ 2S a": ("dpmpp_2s_a", {"scheduler": "karras", "ensd": True, "eta": 1.0}),
+    "DPM++ 3M SDE": ("dpmpp_3m_sde", {"scheduler": "exponential", "discard": True, "brownian": True, "eta": 1.0}),
+    "Euler a": ("euler_a", {"ensd": True, "eta": 1.0}),
+    "Euler": ("euler", {}),
+    "LMS": ("lms", {}),
+    "Heun": ("heun", {}),
+    "DPM2": ("dpm_2", {"scheduler": "karras", "discard": True}),
+    "DPM2 a": ("dpm_2_a", {"scheduler": "karras", "discard": True, "ensd": True, "eta": 1.0}),
+    "DPM fast": ("dpm_fast", {"ensd": True, "eta": 1.0}),
+    "DPM adaptive": ("dpm_adaptive", {"ensd": True, "eta": 1.0}),
+    "Restart": ("restart", {"scheduler": "karras"}),
+    "DDIM": ("ddim", {"timesteps": True, "eta": 0.0}),
+    "DDIM CFG++": ("ddim_cfgpp", {"timesteps": True, "eta": 0.0}),
+    "PLMS": ("pndm", {"timesteps": True}),
+    "UniPC": ("unipc", {"timesteps": True}),
+    "LCM": ("lcm", {}),
+}
+# A1111's other names for its samplers (its aliases, and the labels of A1111 before 1.9 that
+# carried a schedule are split by split_a1111_label).
+A1111_SAMPLER_ALIASES = {
+    "k_dpmpp_2m": "DPM++ 2M", "k_dpmpp_sde": "DPM++ SDE", "k_dpmpp_2m_sde": "DPM++ 2M SDE",
+    "k_dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun", "k_dpmpp_2s_a": "DPM++ 2S a", "k_dpmpp_3m_sde": "DPM++ 3M SDE",
+    "k_euler_a": "Euler a", "k_euler_ancestral": "Euler a", "k_euler": "Euler", "k_lms": "LMS", "k_heun": "Heun",
+    "k_dpm_2": "DPM2", "k_dpm_2_a": "DPM2 a", "k_dpm_fast": "DPM fast", "k_dpm_ad": "DPM adaptive",
+    "restart": "Restart", "ddim": "DDIM", "ddim_cfgpp": "DDIM CFG++", "plms": "PLMS", "unipc": "UniPC",
+    "lcm": "LCM",
+}
+# label -> sdengine name of A1111's schedules (sd_schedulers.py); "Automatic" is the sampler's own.
+A1111_SCHEDULES = {
+    "Automatic": "automatic", "Uniform": "uniform", "Karras": "karras", "Exponential": "exponential",
+    "Polyexponential": "polyexponential", "SGM Uniform": "sgm_uniform", "KL Optimal": "kl_optimal",
+    "Align Your Steps": "align_your_steps", "Simple": "simple", "Normal": "normal", "DDIM": "ddim", "Beta": "beta",
+}
+A1111_SCHEDULE_ALIASES = {"SGMUniform": "SGM Uniform", **{name: label for label, name in A1111_SCHEDULES.items()},
+                          **{label: label for label in A1111_SCHEDULES}}
+# Each sampler label's Automatic schedule (None: the model's sigmas, i.e. Uniform).
+A1111_SAMPLER_DEFAULT_SCHEDULE = {label: options.get("scheduler") for label, (_, options) in A1111_SAMPLERS.items()}
+
+
+def a1111_sampler_label(name: str):
+    """A1111's label of a sampler name as A1111 spells it (a label or an alias: "Euler a",
+    "k_euler_a"), else None. Case matters: "Euler" is A1111's, "euler" sdengine's."""
+    name = str(name).strip()
+    if name in A1111_SAMPLERS:
+        return name
+    return A1111_SAMPLER_ALIASES.get(name)
+
+
+def a1111_schedule_label(name: str):
+    """A1111's label of a schedule name ("Karras", "karras", "SGMUniform"), else None."""
+    name = str(name).strip()
+    return A1111_SCHEDULE_ALIASES.get(name)
+
+
+def split_a1111_label(name: str):
+    """(sampler label, schedule label or None) of an A1111 sampler name that may carry a schedule,
+    as A1111 before 1.9 wrote them ("DPM++ 2M Karras" -> ("DPM++ 2M", "Karras")); a name that is
+    no A1111 sampler comes back whole, with None (sd_samplers.get_sampler_and_scheduler)."""
+    name = str(name).strip()
+    if a1111_sampler_label(name):
+        return a1111_sampler_label(name), None
+    for schedule in sorted(A1111_SCHEDULE_ALIASES, key=len, reverse=True):
+        if name.endswith(" " + schedule) and a1111_sampler_label(name[: -len(schedule) - 1]):
+            return a1111_sampler_label(name[: -len(schedule) - 1]), A1111_SCHEDULE_ALIASES[schedule]
+    return name, None
