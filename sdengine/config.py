@@ -167,6 +167,11 @@ class SchedulerConfig:
     # Everything else the scheduler_config.json held, kept so that a sampler can
     # honour keys this dataclass does not name (e.g. solver_order, lower_order_final).
     extra: tuple = ()
+    # The keys the source config held (scheduler_config_from_dict, the presets of published
+    # configs); None: every value counts (a config built in code). for_sampler() gives each
+    # sampling key the source lacked the default of the scheduler class that runs, as diffusers'
+    # <Class>.from_config does.
+    given: Optional[tuple] = None
 
     def __post_init__(self):
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
@@ -182,11 +187,36 @@ class SchedulerConfig:
             return getattr(self, key)
         return dict(self.extra).get(key, default)
 
+    def for_sampler(self, sampler: str) -> "SchedulerConfig":
+        """The config as the diffusers scheduler class of `sampler` reads it (<Class>.from_config):
+        each sampling key the source config lacked takes that class's default
+        (SCHEDULER_CLASS_DEFAULTS: timestep_spacing, steps_offset, final_sigmas_type, ...), and a
+        key the class does not take has no effect (NEUTRAL_SAMPLING_VALUES). The model's training
+        schedule (num_train_timesteps, betas, prediction_type) is the model's, whatever the class.
+        A config built in code (given None) is returned as it is."""
+        if self.given is None:
+            return self
+        defaults = SCHEDULER_CLASS_DEFAULTS[SAMPLER_TO_SCHEDULER_CLASS.get(sampler, "DPMSolverMultistepScheduler")]
+        named = {f.name for f in fields(self)}
+        values, extra = {}, dict(self.extra)
+        for key, neutral in NEUTRAL_SAMPLING_VALUES.items():
+            value = neutral if key not in defaults else self.get(key) if key in self.given else defaults[key]
+            if key in named:
+                values[key] = value
+            elif value is None:
+                extra.pop(key, None)
+            else:
+                extra[key] = value
+        return replace(self, extra=tuple(sorted(extra.items())), given=None, **values)
+
     def to_dict(self) -> dict:
         """Its fields and extra keys in one object, as diffusers' scheduler_config.json holds them
-        (plus `sampler`): what engine.json, the ONNX manifest and the C++ runtime read."""
+        (plus `sampler`, and `given`, the keys of the source when it is known): what engine.json,
+        the ONNX manifest and the C++ runtime read."""
         fields_ = dataclasses.asdict(self)
         extra = dict(fields_.pop("extra", ()) or ())
+        if fields_["given"] is None:
+            fields_.pop("given")
         return _json_ready({**extra, **fields_})
 
     @classmethod
@@ -198,6 +228,52 @@ class SchedulerConfig:
         extra.update((k, _tuples(v)) for k, v in data.get("extra", ()))
         return cls(extra=tuple(sorted(extra.items())),
                    **{k: _tuples(v) for k, v in data.items() if k in names})
+
+
+# diffusers' defaults (0.42, each class's __init__) of the sampling keys sdengine reads, per
+# scheduler class: what a config that lacks the key gets (SchedulerConfig.for_sampler).
+# tests/test_samplers.py checks them against diffusers' signatures.
+SCHEDULER_CLASS_DEFAULTS = {
+    "DDIMScheduler": {"timestep_spacing": "leading", "steps_offset": 0, "clip_sample": True, "clip_sample_range": 1.0,
+                      "set_alpha_to_one": True},
+    "DDPMScheduler": {"timestep_spacing": "leading", "steps_offset": 0, "clip_sample": True, "clip_sample_range": 1.0,
+                      "variance_type": "fixed_small"},
+    "PNDMScheduler": {"timestep_spacing": "leading", "steps_offset": 0, "set_alpha_to_one": False,
+                      "skip_prk_steps": False},
+    "LMSDiscreteScheduler": {"timestep_spacing": "linspace", "steps_offset": 0, "use_karras_sigmas": False,
+                             "use_exponential_sigmas": False},
+    "EulerDiscreteScheduler": {"timestep_spacing": "linspace", "steps_offset": 0, "use_karras_sigmas": False,
+                               "use_exponential_sigmas": False, "final_sigmas_type": "zero", "sigma_min": None,
+                               "sigma_max": None},
+    "EulerAncestralDiscreteScheduler": {"timestep_spacing": "linspace", "steps_offset": 0},
+    "HeunDiscreteScheduler": {"timestep_spacing": "linspace", "steps_offset": 0, "clip_sample": False,
+                              "clip_sample_range": 1.0, "use_karras_sigmas": False, "use_exponential_sigmas": False},
+    "KDPM2DiscreteScheduler": {"timestep_spacing": "linspace", "steps_offset": 0, "use_karras_sigmas": False,
+                               "use_exponential_sigmas": False},
+    "KDPM2AncestralDiscreteScheduler": {"timestep_spacing": "linspace", "steps_offset": 0, "use_karras_sigmas": False,
+                                        "use_exponential_sigmas": False},
+    "DPMSolverMultistepScheduler": {"timestep_spacing": "linspace", "steps_offset": 0, "use_karras_sigmas": False,
+                                    "use_exponential_sigmas": False, "final_sigmas_type": "zero", "solver_order": 2,
+                                    "lower_order_final": True, "euler_at_final": False, "solver_type": "midpoint",
+                                    "variance_type": None},
+    "DPMSolverSDEScheduler": {"timestep_spacing": "linspace", "steps_offset": 0, "use_karras_sigmas": False,
+                              "use_exponential_sigmas": False},
+    "UniPCMultistepScheduler": {"timestep_spacing": "linspace", "steps_offset": 0, "use_karras_sigmas": False,
+                                "use_exponential_sigmas": False, "final_sigmas_type": "zero", "solver_order": 2,
+                                "lower_order_final": True, "solver_type": "bh2", "sigma_min": None, "sigma_max": None,
+                                "disable_corrector": ()},
+    "LCMScheduler": {"timestep_spacing": "leading", "steps_offset": 0, "clip_sample": False, "clip_sample_range": 1.0,
+                     "set_alpha_to_one": True, "original_inference_steps": 50, "timestep_scaling": 10.0},
+}
+# Every sampling key of the table, with the value that has no effect: what a key gets under a
+# class that does not take it (diffusers' from_config leaves such keys unused).
+NEUTRAL_SAMPLING_VALUES = {
+    "timestep_spacing": "leading", "steps_offset": 0, "clip_sample": False, "clip_sample_range": 1.0,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+    "final_sigmas_type": "zero", "sigma_min": None, "sigma_max": None, "variance_type": None, "solver_order": None,
+    "lower_order_final": None, "euler_at_final": None, "solver_type": None, "disable_corrector": None,
+    "original_inference_steps": None, "timestep_scaling": None,
+}
 
 
 @dataclass(frozen=True)
@@ -428,14 +504,18 @@ def text_encoder_config_from_dict(data: dict) -> TextEncoderConfig:
 
 def scheduler_config_from_dict(data: dict) -> SchedulerConfig:
     cls_name = data.get("_class_name", "PNDMScheduler")
-    names = {f.name for f in fields(SchedulerConfig)} - {"sampler", "extra"}
+    names = {f.name for f in fields(SchedulerConfig)} - {"sampler", "extra", "given"}
     kwargs = {k: v for k, v in data.items() if k in names and (v is not None or k == "final_sigmas_type")}
     extra = tuple(sorted((k, v) for k, v in data.items()
-                         if k not in names and not k.startswith("_") and _hashable(v)))
+                         if k not in names and k != "given" and not k.startswith("_") and _hashable(v)))
     sampler = SCHEDULER_CLASS_TO_SAMPLER.get(cls_name, "euler")
     if cls_name == "DPMSolverMultistepScheduler" and data.get("algorithm_type", "dpmsolver++").startswith("sde"):
         sampler = "dpmpp_2m_sde"
-    return SchedulerConfig(sampler=sampler, extra=extra, **kwargs)
+    # diffusers' loaded configs list the keys their file lacked in _use_default_values (its
+    # <Class>.from_config gives those the new class's defaults too)
+    defaulted = set(data.get("_use_default_values") or ())
+    given = tuple(sorted({*kwargs, *(k for k, _ in extra)} - defaulted))
+    return SchedulerConfig(sampler=sampler, extra=extra, given=given, **kwargs)
 
 
 def _hashable(v) -> bool:
@@ -472,7 +552,12 @@ OPENCLIP_BIGG = TextEncoderConfig(  # OpenCLIP ViT-bigG/14 text tower with proje
 
 SD1_UNET = UNetConfig()
 SD1_VAE = VAEConfig()
-SD1_SCHEDULER = SchedulerConfig(sampler="pndm", skip_prk_steps=True)
+# The keys of the published scheduler_config.json files (CompVis / runwayml SD1.x, stabilityai
+# SD2.x, SDXL base), which single-file checkpoints stand for: a key they lack takes the default
+# of the sampler class that runs, as in diffusers (SchedulerConfig.for_sampler).
+SD1_SCHEDULER_KEYS = ("beta_end", "beta_schedule", "beta_start", "clip_sample", "num_train_timesteps",
+                      "set_alpha_to_one", "skip_prk_steps", "steps_offset")
+SD1_SCHEDULER = SchedulerConfig(sampler="pndm", skip_prk_steps=True, given=SD1_SCHEDULER_KEYS)
 
 SD2_UNET = UNetConfig(
     attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
@@ -496,15 +581,17 @@ PRESETS: dict[str, ModelConfig] = {
     "sd15": ModelConfig("sd15", CLIP_L, SD1_UNET, SD1_VAE, SD1_SCHEDULER),
     "sd15-inpaint": ModelConfig("sd15-inpaint", CLIP_L, replace(SD1_UNET, in_channels=9), SD1_VAE,
                                 replace(SD1_SCHEDULER, sampler="ddim")),
-    "sd21": ModelConfig("sd21", OPENCLIP_H, SD2_UNET, SD1_VAE, SD1_SCHEDULER),
+    "sd21": ModelConfig("sd21", OPENCLIP_H, SD2_UNET, SD1_VAE,
+                        replace(SD1_SCHEDULER, given=SD1_SCHEDULER_KEYS + ("prediction_type",))),
     "sd21-v": ModelConfig(
         "sd21-v", OPENCLIP_H, replace(SD2_UNET, sample_size=96, upcast_attention=True), replace(SD1_VAE, sample_size=768),
-        SchedulerConfig(sampler="ddim", prediction_type="v_prediction"),
+        SchedulerConfig(sampler="ddim", prediction_type="v_prediction", given=SD1_SCHEDULER_KEYS + ("prediction_type",)),
     ),
     "sdxl": ModelConfig(
         "sdxl", replace(CLIP_L, output_layer="penultimate"), SDXL_UNET,
         VAEConfig(sample_size=1024, scaling_factor=0.13025, force_upcast=True),
-        SchedulerConfig(sampler="euler"),
+        SchedulerConfig(sampler="euler", given=SD1_SCHEDULER_KEYS + ("prediction_type", "timestep_spacing",
+                                                                      "use_karras_sigmas")),
         text_encoder_2=OPENCLIP_BIGG,
     ),
     # The bundled demo model (sdengine/data/demo-digits, made by `sdengine train demo-digits`

@@ -178,6 +178,11 @@ def request_arguments(info: Infotext) -> dict:
         if not m:
             _refuse(f"field 'Seed resize from' must be WIDTHxHEIGHT, got {fields['Seed resize from']!r}")
         args["seed_resize_from_w"], args["seed_resize_from_h"] = int(m.group(1)), int(m.group(2))
+    handled.add("Prompt syntax")
+    if "Prompt syntax" in fields:  # sdengine writes "plain" for a prompt it read as plain text
+        if fields["Prompt syntax"] not in ("plain", "a1111"):
+            _refuse(f"field 'Prompt syntax' must be plain or a1111, got {fields['Prompt syntax']!r}")
+        args["prompt_syntax"] = None if fields["Prompt syntax"] == "plain" else "a1111"
     eta = take("Eta", float)
     eta_ddim = take("Eta DDIM", float)
     if eta is not None or eta_ddim is not None:

@@ -18,7 +18,6 @@ and generator, so an image depends only on its seed, not on the batch.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import threading
 import traceback
@@ -37,7 +36,7 @@ from . import samplers
 from .config import ModelConfig
 from .controlnet import (ControlInput, ControlNet, check_fits, control_params, controlnet_infotext, keep_table,
                          load_controlnet, prepare_image)
-from .errors import GenerationCancelled, OutOfMemoryError
+from .errors import GenerationCancelled, InvalidArgumentError, OutOfMemoryError
 from .images import numpy_to_pil  # noqa: F401 (re-exported: sdengine.pipeline.numpy_to_pil)
 from .lora import LoraWeights, ReadWriteLock
 from .request import DEFAULT_GUIDANCE, Request, takes_request_arguments
@@ -73,30 +72,50 @@ class GenerationResult:
 
     def infotext(self, index: int = 0) -> str:
         """A1111's `parameters` text for image `index`, with A1111's names and counts (its sampler
-        and schedule labels, its clip skip), so that A1111 and the tools that read it take it back."""
-        p = self.params
-        lines = [p["prompts"][index]]
-        if p.get("negative_prompts") and p["negative_prompts"][index]:
-            lines.append(f"Negative prompt: {p['negative_prompts'][index]}")
-        from .samplers.names import A1111_LABELS
+        and schedule labels, its clip skip), so that A1111 and the tools that read it take it back.
+        It describes what ran: a run under diffusers' rules says so ("Sampler conventions:
+        diffusers", which A1111 would draw differently), and Request.from_infotext draws the same
+        image from it (sdengine.infotext)."""
+        from .infotext import CONVENTIONS_FIELD, bare, format_infotext, quote
+        from .samplers import a1111
+        from .samplers.names import A1111_LABELS, A1111_SCHEDULES
 
-        labels = A1111_LABELS
+        p = self.params
+        if p.get("conventions") == "a1111":
+            sampler = a1111.label_of(p["sampler"])
+            schedule = next(label for label, name in A1111_SCHEDULES.items() if name == p["schedule"])
+            default_eta = a1111.options_of(p["sampler"]).get("eta")  # None: the sampler has no eta
+            eta_field = ("Eta", p["eta"] if default_eta is not None and p.get("eta") != default_eta else None)
+        else:
+            sampler = A1111_LABELS["samplers"].get(p["sampler"], p["sampler"])
+            schedule = A1111_LABELS["schedules"].get(p["schedule"], p["schedule"])
+            eta_field = ("Eta DDIM", p.get("eta") or None)
+        subseeds = p.get("subseeds") or []
+        resize = p.get("seed_resize_from")
         fields_ = [
-            ("Steps", p["steps"]), ("Sampler", labels["samplers"].get(p["sampler"], p["sampler"])),
-            ("Schedule type", labels["schedules"].get(p["schedule"], p["schedule"])),
+            ("Steps", p["steps"]), ("Sampler", sampler), ("Schedule type", schedule),
             ("CFG scale", p["guidance_scale"]), ("Seed", self.seeds[index]),
             ("Size", f"{p['width']}x{p['height']}"), ("Model", p.get("model")),
+            ("Variation seed", subseeds[index] if subseeds else None),
+            ("Variation seed strength", p.get("subseed_strength") or None),
+            ("Seed resize from", f"{resize[0]}x{resize[1]}" if resize else None),
             ("Denoising strength", p.get("strength") if p.get("mode") != "txt2img" else None),
             # A1111 counts the last layer too: its "Clip skip: 2" is diffusers' clip_skip=1
             ("Clip skip", p["clip_skip"] + 1 if p.get("clip_skip") else None),
-            ("Lora hashes", _quote(", ".join(f"{_bare(lora['name'])}: {lora['hash']}" for lora in p.get("loras") or [])
-                                   or None)),
+            ("ENSD", p.get("eta_noise_seed_delta") or None),
+            # A1111 leaves its default, GPU, out
+            ("RNG", {"cpu": "CPU", "nv": "NV"}.get(p.get("rng", "cpu"))),
+            eta_field,
+            ("Prompt syntax", "plain" if "prompt_syntax" in p and p["prompt_syntax"] is None else None),
+            (CONVENTIONS_FIELD, "diffusers" if p.get("conventions") == "diffusers" else None),
+            ("Lora hashes", quote(", ".join(f"{bare(lora['name'])}: {lora['hash']}" for lora in p.get("loras") or [])
+                                  or None)),
         ]
         # A1111's ControlNet extension: one "ControlNet i" field per unit, its settings in one quoted value
-        fields_ += [(f"ControlNet {i}", _quote(", ".join(f"{k}: {v}" for k, v in unit.items())))
+        fields_ += [(f"ControlNet {i}", quote(", ".join(f"{k}: {v}" for k, v in unit.items())))
                     for i, unit in enumerate(controlnet_infotext(c) for c in p.get("controls") or [])]
-        lines.append(", ".join(f"{k}: {v}" for k, v in fields_ if v is not None))
-        return "\n".join(lines)
+        negatives = p.get("negative_prompts") or []
+        return format_infotext(p["prompts"][index], negatives[index] if negatives else "", fields_)
 
 
 @dataclass(frozen=True)
@@ -114,10 +133,14 @@ class Run:
     plan: Plan                  # the sampler's schedule (plan.sampler, plan.schedule: canonical names)
     init_for_sampler: bool      # the sampler starts from the image's latents (img2img, inpainting below 1.0)
     generators: list            # one CPU generator per image, seeded: every draw of the run comes from them
+    image_noise: Any = None     # A1111's rules: its per-image generators (samplers.rng.ImageNoise), else None
 
     @property
     def do_cfg(self) -> bool:
-        """Classifier-free guidance: the UNet runs on [uncond, cond]."""
+        """Classifier-free guidance: the UNet runs on [uncond, cond]. diffusers skips it at a scale
+        of 1 or below; A1111 only at exactly 1 (a scale below 1 mixes in the negative prompt)."""
+        if self.plan.conventions == "a1111":
+            return self.request.guidance_scale != 1.0
         return self.request.guidance_scale > 1.0
 
 
@@ -220,12 +243,13 @@ class Pipeline:
                 return self._result(run, params, pixels=pixels)
             context, added_cond = self._encode(run)
             noise, init_latents, extra_channels = self._initial_latents(run)
-            step = self.backend.fused_step(run.plan, context, request.guidance_scale, added_cond, extra_channels,
-                                           **({"controls": controls} if controls else {}))
+            step = None if run.plan.conventions == "a1111" else self.backend.fused_step(  # A1111: the Python loop
+                run.plan, context, request.guidance_scale, added_cond, extra_channels,
+                **({"controls": controls} if controls else {}))
             model_fn = None if step is not None else self._model_fn(run, context, added_cond, extra_channels,
                                                                       controls, progress)
             x = samplers.sample(model_fn, noise, run.plan, step=step, init_latents=init_latents,
-                                generators=run.generators, callback=progress)
+                                generators=run.image_noise or run.generators, callback=progress)
             if request.output_type == "latent":
                 return GenerationResult(x, list(request.seeds), params)
             return self._result(run, params, decoded=self.decode_latents(x, tiling=request.vae_tiling))
@@ -246,10 +270,42 @@ class Pipeline:
         image = None if request.init_image is None else imaging.image_tensor(request.init_image, height, width)
         mask = None if request.mask_image is None else imaging.mask_tensor(request.mask_image, height, width)
         init_for_sampler = request.mode == "img2img" or (request.mode == "inpaint" and request.strength < 1.0)
-        plan = samplers.plan_for(request.sampler, request.schedule, request.steps, self.config.scheduler,
-                                 strength=request.strength if init_for_sampler else 1.0, eta=request.eta or 0.0)
+        try:
+            plan = samplers.plan_for(request.sampler, request.schedule, request.steps, self.config.scheduler,
+                                     strength=request.strength if init_for_sampler else 1.0, eta=request.eta,
+                                     conventions=request.conventions, is_sdxl=self.config.is_sdxl)
+        except ValueError as e:
+            if not str(e).startswith("eta"):
+                raise
+            raise InvalidArgumentError("eta", str(e)) from None
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in request.seeds]  # one per image
-        return Run(request, texts, negatives, tag_loras, controlnets, image, mask, plan, init_for_sampler, generators)
+        return Run(request, texts, negatives, tag_loras, controlnets, image, mask, plan, init_for_sampler, generators,
+                   self._image_noise(request, plan))
+
+    def _image_noise(self, request: Request, plan: Plan):
+        """A1111's per-image generators for a run under its rules (variation seeds, seed resizing,
+        ENSD, its RNG sources); None under diffusers' rules, which take none of those options."""
+        if plan.conventions != "a1111":
+            a1111_only = [("subseed_strength", request.subseed_strength),
+                          ("seed_resize_from_w", request.seed_resize_from),
+                          ("eta_noise_seed_delta", request.eta_noise_seed_delta), ("rng", request.rng != "cpu")]
+            for name, value in a1111_only:
+                if value:
+                    raise InvalidArgumentError(name, f"{name} is one of A1111's seed options: it applies under A1111's "
+                                                     f"rules (an A1111 sampler label, or conventions='a1111'), not to "
+                                                     f"diffusers' {plan.sampler}")
+            return None
+        from .samplers.rng import ImageNoise
+
+        vae = self.config.vae
+        shape = (vae.latent_channels, request.height // vae.downscale, request.width // vae.downscale)
+        try:
+            return ImageNoise(shape, request.seeds, subseeds=request.subseeds, subseed_strength=request.subseed_strength,
+                              seed_resize_from=request.seed_resize_from,
+                              eta_noise_seed_delta=request.eta_noise_seed_delta, source=request.rng,
+                              device=self.backend.device, downscale=vae.downscale)
+        except ValueError as e:
+            raise InvalidArgumentError("rng", str(e)) from None
 
     def _params(self, run: "Run", loras: list) -> dict:
         """The generation parameters of the result (and of the PNG's infotext)."""
@@ -257,7 +313,10 @@ class Pipeline:
         return dict(
             mode=r.mode, prompts=list(r.prompts), negative_prompts=run.negatives, steps=r.steps,
             sampler=run.plan.sampler, schedule=run.plan.schedule, guidance_scale=r.guidance_scale, height=r.height,
-            width=r.width, strength=r.strength, model=self.name, clip_skip=r.clip_skip, eta=r.eta, loras=loras,
+            width=r.width, strength=r.strength, model=self.name, clip_skip=r.clip_skip, loras=loras,
+            eta=run.plan.options.get("eta", r.eta or 0.0), conventions=run.plan.conventions,
+            prompt_syntax=r.prompt_syntax, rng=r.rng, eta_noise_seed_delta=r.eta_noise_seed_delta,
+            subseeds=list(r.subseeds), subseed_strength=r.subseed_strength, seed_resize_from=r.seed_resize_from,
             controls=[control_params(c, cn, r.width, r.height) for c, cn in zip(r.controls, run.controlnets)],
         )
 
@@ -291,8 +350,12 @@ class Pipeline:
         generators = run.generators
         latent_shape = (r.n_images, vae.latent_channels, r.height // vae.downscale, r.width // vae.downscale)
         init_latents = self._encode_images(run.image, generators) if run.init_for_sampler else None
-        noise = r.latents if r.latents is not None else samplers.randn(latent_shape, generators,
-                                                                       torch.device("cpu"), torch.float32)
+        if r.latents is not None:
+            noise = r.latents
+        elif run.image_noise is not None:  # A1111's rules: its generators' first draws
+            noise = run.image_noise.first()
+        else:
+            noise = samplers.randn(latent_shape, generators, torch.device("cpu"), torch.float32)
         noise = noise.to(device, torch.float32)
         if r.mode != "inpaint":
             return noise, init_latents, None
@@ -514,19 +577,3 @@ class Pipeline:
             log.warning("VAE decode ran out of memory; decoding again in tiles")
             torch.cuda.empty_cache()
             return tiled_decode(self.backend.decode, z, scale=vae.downscale)
-
-
-# ----------------------------------------------------------------------
-# Infotext helpers
-# ----------------------------------------------------------------------
-
-def _bare(name: str) -> str:
-    """A name inside an infotext list value: A1111 drops ':' and ','."""
-    return name.replace(":", "").replace(",", "")
-
-
-def _quote(value: Optional[str]) -> Optional[str]:
-    """An infotext value as A1111 writes it: quoted (JSON) when it holds ',', ':' or a newline."""
-    if value is None or not any(c in value for c in ",:\n"):
-        return value
-    return json.dumps(value, ensure_ascii=False)

@@ -108,6 +108,14 @@ class NativeBackend(EngineWeights):
 
         if sampler not in SAMPLERS:
             refuse(f"sampler {sampler!r} (it has {', '.join(SAMPLERS)})")
+        if run.plan.conventions == "a1111":
+            refuse("A1111's sampler conventions (its sigmas, noise and seeds)")
+        scheduler = self.config.scheduler
+        effective = scheduler.for_sampler(sampler)
+        defaulted = [k for k in _CPP_SCHEDULER_KEYS if getattr(effective, k) != getattr(scheduler, k)]
+        if defaulted:
+            refuse(f"diffusers' {sampler} defaults for the scheduler-config keys the checkpoint lacks "
+                   f"({', '.join(f'{k}={getattr(effective, k)!r}' for k in defaulted)})")
         if r.clip_skip is not None:
             refuse("clip_skip")
         if r.latents is not None:
@@ -246,6 +254,11 @@ class NativeBackend(EngineWeights):
                                  batch_size, sampler, schedule, float(eta), progress, init_bytes,
                                  None if strength is None else float(strength), mask_bytes)
         return [np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3) for data, w, h, _ in results]
+
+
+# The scheduler-config fields the C++ loop reads (csrc/src/sampling.cpp SchedulerConfig::from_json).
+_CPP_SCHEDULER_KEYS = ("timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range", "set_alpha_to_one",
+                       "use_karras_sigmas", "use_exponential_sigmas", "final_sigmas_type", "skip_prk_steps")
 
 
 def _plain_a1111(tokenizer, text: str) -> bool:

@@ -41,9 +41,11 @@ from typing import Callable, Optional
 import torch
 
 from ..config import SchedulerConfig
+from . import a1111 as _a1111
 from . import sigma_samplers, timestep_samplers
 from .denoiser import Denoiser, to_x0_eps
-from .names import NAMES, SAMPLERS, SCHEDULES
+from .names import (A1111_SAMPLERS, A1111_SCHEDULES, NAMES, SAMPLERS, SCHEDULES, a1111_sampler_label,
+                    a1111_schedule_label, split_a1111_label)
 from .noise import randn
 from .plan import MIN_STEPS, SCHEDULES_FOR, Plan, make_plan
 from .schedules import sigma_to_t, sigmas_exponential, sigmas_karras
@@ -140,13 +142,79 @@ def resolve(sampler: Optional[str], schedule: Optional[str], scheduler_config: S
 # Sampling
 # ---------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------
+# Vocabularies: whose rules a name follows (README, "Same seed, same image")
+# ---------------------------------------------------------------------------
+
+# diffusers-side schedule names -> A1111's (for snake_case names run under conventions="a1111")
+_A1111_SCHEDULE_OF = {"default": "automatic", "normal": "normal", "karras": "karras", "exponential": "exponential",
+                      "sgm_uniform": "sgm_uniform", "simple": "simple", "ddim_uniform": "ddim"}
+
+
+def conventions_for(sampler: Optional[str], conventions: Optional[str] = None) -> str:
+    """"a1111" or "diffusers": `conventions` when given; else A1111's rules for a sampler spelled
+    as A1111 spells it ("Euler a", "DPM++ 2M Karras", "k_euler") when sdengine reproduces that
+    sampler under them (a1111.SAMPLERS), diffusers' for everything else (sdengine's snake_case
+    names, ComfyUI's, diffusers' class names, the checkpoint's own scheduler)."""
+    if conventions is not None:
+        if conventions not in ("a1111", "diffusers"):
+            raise ValueError(f"conventions must be 'a1111' or 'diffusers', got {conventions!r}")
+        return conventions
+    if sampler is None:
+        return "diffusers"
+    label = a1111_sampler_label(split_a1111_label(sampler)[0])
+    if label is not None and A1111_SAMPLERS[label][0] in _a1111.SAMPLERS:
+        return "a1111"
+    return "diffusers"
+
+
+def resolve_a1111(sampler: Optional[str], schedule: Optional[str], scheduler_config: SchedulerConfig):
+    """(sdengine sampler, A1111 schedule name or None for Automatic) of names run under A1111's
+    rules: A1111's labels ("DPM++ 2M", "Karras"), or sdengine's names of the same samplers.
+    ValueError for a sampler sdengine does not reproduce under A1111's rules."""
+    name = scheduler_config.sampler if sampler is None else sampler
+    label, implied = split_a1111_label(name)
+    if a1111_sampler_label(label):
+        canonical = A1111_SAMPLERS[a1111_sampler_label(label)][0]
+        implied = None if implied is None else A1111_SCHEDULES[implied]
+    else:
+        canonical, implied = _lookup_sampler(name)
+        implied = None if implied is None else _A1111_SCHEDULE_OF.get(implied)
+    if canonical not in _a1111.SAMPLERS:
+        raise ValueError(f"sampler {name!r}: sdengine does not reproduce A1111's {_a1111_label(canonical)} yet "
+                         f"(under A1111's rules it runs: {', '.join(_a1111.label_of(s) for s in _a1111.SAMPLERS)}); "
+                         f"conventions='diffusers' runs diffusers' scheduler of that name")
+    chosen = None
+    if schedule is not None:
+        label = a1111_schedule_label(schedule)
+        if label is not None:
+            chosen = A1111_SCHEDULES[label]
+        elif normalize_name(schedule) in NAMES["schedules"]:
+            chosen = _A1111_SCHEDULE_OF[NAMES["schedules"][normalize_name(schedule)]]
+        else:
+            raise ValueError(f"unknown schedule {schedule!r}; A1111's schedules: {', '.join(A1111_SCHEDULES)}")
+    if implied is not None and chosen not in (None, "automatic") and implied != chosen:
+        raise ValueError(f"sampler {sampler!r} implies the {implied!r} schedule but schedule={schedule!r} was given")
+    chosen = chosen if chosen not in (None, "automatic") else implied
+    return canonical, chosen
+
+
+def _a1111_label(canonical: str) -> str:
+    return next((label for label, (name, _) in A1111_SAMPLERS.items() if name == canonical), canonical)
+
+
 def plan_for(sampler: Optional[str], schedule: Optional[str], steps: int, scheduler_config: SchedulerConfig, *,
-             strength: float = 1.0, eta: float = 0.0) -> Plan:
-    """The Plan of a run from the names users give (`resolve`, then `make_plan`): None is the
-    checkpoint's sampler and schedule. Raises ValueError before any work for a bad name, step
-    count or strength."""
+             strength: float = 1.0, eta: Optional[float] = None, conventions: Optional[str] = None,
+             is_sdxl: bool = False) -> Plan:
+    """The Plan of a run from the names users give: None is the checkpoint's sampler and schedule.
+    Under diffusers' rules `resolve` then `make_plan` (eta None: 0); under A1111's (see
+    `conventions_for`) `resolve_a1111` then a1111.make_plan (eta None: A1111's default).
+    Raises ValueError before any work for a bad name, step count or strength."""
+    if conventions_for(sampler, conventions) == "a1111":
+        name, schedule = resolve_a1111(sampler, schedule, scheduler_config)
+        return _a1111.make_plan(name, schedule, steps, scheduler_config, strength=strength, eta=eta, is_sdxl=is_sdxl)
     name, schedule = resolve(sampler, schedule, scheduler_config)
-    return make_plan(name, schedule, steps, scheduler_config, strength=strength, eta=eta)
+    return make_plan(name, schedule, steps, scheduler_config, strength=strength, eta=eta or 0.0)
 
 
 def timesteps_and_sigmas(sampler: str, schedule: Optional[str], steps: int, scheduler_config: SchedulerConfig,
@@ -173,7 +241,9 @@ def sample(model_fn: Optional[Callable], noise: torch.Tensor, plan: Plan, *, ste
     init_latents: img2img / inpainting, noised to the plan's first step with `noise`. With
       `inpainting=True` and strength 1.0 the start is pure noise, as diffusers' inpainting
       pipeline does (is_strength_max).
-    generators: one CPU torch.Generator per image, for the noise of stochastic samplers.
+    generators: one CPU torch.Generator per image, for the noise of stochastic samplers; for an
+      A1111 plan (plan.conventions "a1111") A1111's rng.ImageNoise of the images, whose first()
+      drew `noise`.
     callback(step_index, latents) after every step (step_index counts this run's steps from 0,
       PLMS makes steps + 1 calls); latents are diffusers' latents after that step (a copy). An
       exception raised in it propagates (cancel).
@@ -200,8 +270,30 @@ def sample(model_fn: Optional[Callable], noise: torch.Tensor, plan: Plan, *, ste
     return plan.latents(x).clone()
 
 
+def _a1111_step(model_fn: Callable, plan: Plan, x: torch.Tensor, image_noise, options: dict) -> Callable:
+    """step(x, i) of an A1111 plan: k-diffusion's sampler over CompVisDenoiser, its noise from
+    A1111's per-image generators (rng.ImageNoise.next) or, for the SDE samplers, Brownian trees."""
+    from .rng import BrownianNoise
+
+    factory = _a1111.STEP_FACTORIES[plan.sampler]
+    unknown = sorted(set(options) - {"eta"})
+    if unknown:
+        raise ValueError(f"sampler {plan.sampler!r} has no option {', '.join(map(repr, unknown))} under A1111's rules")
+    denoiser = _a1111.CompVisDenoiser(model_fn, _a1111.DiscreteSchedule(plan.alphas_cumprod.float()),
+                                      plan.prediction_type)
+    if _a1111.options_of(plan.sampler).get("brownian"):
+        sigmas = plan.sigmas.float()
+        noise = BrownianNoise(x, float(sigmas[sigmas > 0].min()), float(sigmas.max()), image_noise.seeds)
+    else:
+        def noise(*interval):
+            return image_noise.next().to(x.device, x.dtype)
+    return factory(denoiser, plan.sigmas, noise, **dict(plan.options, **options))
+
+
 def _sampler_step(model_fn: Callable, plan: Plan, x: torch.Tensor, generators, options: dict) -> Callable:
     """step(x, i) of the plan's sampler around model_fn, with its options checked."""
+    if plan.conventions == "a1111":
+        return _a1111_step(model_fn, plan, x, generators, options)
     factory = STEP_FACTORIES[plan.sampler]
     allowed = set(inspect.signature(factory).parameters) - {"model", "sigmas", "timesteps", "noise"}
     unknown = sorted(set(options) - allowed)
@@ -213,7 +305,7 @@ def _sampler_step(model_fn: Callable, plan: Plan, x: torch.Tensor, generators, o
                         clip_range=plan.clip_range)
     noise_dtype = torch.float32 if plan.sampler in _FLOAT32_NOISE else x.dtype
 
-    def draw_noise():
+    def draw_noise(*interval):  # a sigma sampler names the step's (sigma, sigma_next); unused here
         return randn(x.shape, generators, x.device, noise_dtype).to(x.dtype)
 
     kwargs = dict(plan.options, **options)

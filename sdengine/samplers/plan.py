@@ -77,10 +77,11 @@ class Plan:
     options: dict = field(default_factory=dict)    # keyword options of the sampler function
     prediction_type: str = "epsilon"              # the model's (scheduler config's)
     strength: float = 1.0                         # img2img / inpainting: the part of the schedule kept
+    conventions: str = "diffusers"                # whose rules: "diffusers" (this module) or "a1111" (a1111.py)
 
     @property
     def is_sigma_sampler(self) -> bool:
-        return self.sampler in SIGMA_SAMPLERS
+        return self.conventions == "a1111" or self.sampler in SIGMA_SAMPLERS
 
     @property
     def num_steps(self) -> int:
@@ -206,7 +207,10 @@ def kept_steps(steps: int, strength: float) -> int:
 
 def make_plan(sampler: str, schedule: str, steps: int, cfg, *, strength: float = 1.0, eta: float = 0.0) -> Plan:
     """The plan of `sampler` (canonical name) following `schedule` for `steps` steps of the
-    model whose scheduler config is `cfg`, keeping the tail selected by `strength`."""
+    model whose scheduler config is `cfg`, keeping the tail selected by `strength`. The config is
+    read as the sampler's diffusers class reads it: keys it lacks take that class's defaults
+    (SchedulerConfig.for_sampler)."""
+    cfg = cfg.for_sampler(sampler)
     if schedule not in SCHEDULES_FOR[sampler]:
         raise ValueError(f"sampler {sampler!r} cannot follow the {schedule!r} schedule; "
                          f"it supports: {', '.join(SCHEDULES_FOR[sampler])}")

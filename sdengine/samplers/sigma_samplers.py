@@ -13,7 +13,9 @@ method needs (previous denoised predictions) in its closure, so steps run in ord
   a (rounded) schedule timestep;
 - x at step 0: the starting latents, x = x0 + sigmas[0] * eps;
 - sigmas: descending 1-D float64 tensor, the last entry the final sigma (usually 0);
-- noise() -> a fresh standard-normal tensor shaped like x (stochastic samplers only).
+- noise(sigma, sigma_next) -> a fresh standard-normal tensor shaped like x for the step (or
+  substep) from sigma to sigma_next (stochastic samplers only; A1111's SDE samplers draw it
+  from a Brownian tree over that interval, k-diffusion's noise_sampler).
 
 They are written so that they equal diffusers' schedulers step for step: where diffusers
 differs from k-diffusion (the lower-order final step of DPM-Solver++, UniPC's corrector),
@@ -77,7 +79,7 @@ def euler_ancestral(model, sigmas, noise, *, eta=1.0):
         denoised = model(x, sigma)
         sigma_down, sigma_up = _ancestral_step(sigma, sigma_next, eta)
         x = x + _to_d(x, sigma, denoised) * (sigma_down - sigma)
-        return x + noise() * sigma_up if sigma_next > 0 else x
+        return x + noise(sigma, sigma_next) * sigma_up if sigma_next > 0 else x
 
     return step
 
@@ -134,7 +136,7 @@ def dpm_2_ancestral(model, sigmas, noise, *, eta=1.0):
         denoised = model(x, sigma)
         sigma_down, sigma_up = _ancestral_step(sigma, sigma_next, eta)
         x = _dpm_2_step(model, x, sigma, sigma_down, denoised)
-        return x + noise() * sigma_up if sigma_down != 0 else x
+        return x + noise(sigma, sigma_next) * sigma_up if sigma_down != 0 else x
 
     return step
 
@@ -204,7 +206,7 @@ def dpmpp_2m_sde(model, sigmas, noise, *, eta=1.0, lower_order_final=False, solv
                 else:
                     x = x + 0.5 * coeff * d1
             if eta:
-                x = x + noise() * sigma_next * math.sqrt(-math.expm1(-2 * eta_h))
+                x = x + noise(sigma, sigma_next) * sigma_next * math.sqrt(-math.expm1(-2 * eta_h))
             last["h"] = h
         last["denoised"] = denoised
         return x
@@ -241,7 +243,7 @@ def dpmpp_3m_sde(model, sigmas, noise, *, eta=1.0):
             elif h_1 is not None:
                 x = x + phi_2 * (denoised - denoised_1) / (h_1 / h)
             if eta:
-                x = x + noise() * sigma_next * math.sqrt(-math.expm1(-2 * h * eta))
+                x = x + noise(sigma, sigma_next) * sigma_next * math.sqrt(-math.expm1(-2 * h * eta))
         last.update(denoised_1=denoised, denoised_2=denoised_1, h_1=h, h_2=h_1)
         return x
 
@@ -252,7 +254,8 @@ def dpmpp_sde(model, sigmas, noise, *, eta=1.0, r=0.5):
     """DPM-Solver++ SDE: the second-order singlestep (2S) solver of the diffusion SDE with an
     intermediate point at fraction r of the step in lambda (Lu et al., "DPM-Solver++", 2022),
     as k-diffusion's sample_dpmpp_sde. Its noise is two independent draws per step from
-    `noise()` (k-diffusion uses a Brownian tree; this keeps results batch-independent)."""
+    `noise(sigma, sigma_to)` for each substep (diffusers and sdengine draw them independently per
+    image; A1111 from a Brownian tree per image seed)."""
     fac = 1 / (2 * r)
 
     @torch.no_grad()
@@ -267,13 +270,13 @@ def dpmpp_sde(model, sigmas, noise, *, eta=1.0, r=0.5):
         # Step 1: to the intermediate point s.
         sd, su = _ancestral_step(sigma, sigma_s, eta)
         x_2 = (sd / sigma) * x - math.expm1(t + math.log(sd)) * denoised
-        x_2 = x_2 + noise() * su
+        x_2 = x_2 + noise(sigma, sigma_s) * su
         denoised_2 = model(x_2, sigma_s, intermediate=True)
         # Step 2: the full step with the combined data prediction.
         sd, su = _ancestral_step(sigma, sigma_next, eta)
         denoised_d = (1 - fac) * denoised + fac * denoised_2
         x = (sd / sigma) * x - math.expm1(t + math.log(sd)) * denoised_d
-        return x + noise() * su
+        return x + noise(sigma, sigma_next) * su
 
     return step
 

@@ -1,0 +1,168 @@
+"""A1111's rules against k-diffusion driven as A1111 drives it (tests/kdiffusion_reference.py).
+
+Sampler level: a fixed random function of (x_in, t) stands in for the guided UNet, so that a
+wrong timestep, sigma, start or noise shows in every later step; every A1111 sampler sdengine
+runs, on every A1111 schedule, against k-diffusion's own sampler over CompVisDenoiser with the
+LDM alphas_cumprod, A1111's get_sigmas, the start at noise * sigma_0 and A1111's CPU noise
+(ancestral draws from the image generators, Brownian trees for the SDE samplers).
+
+Budget: about 40 s on 2 busy cores.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import kdiffusion_reference as ref
+from sdengine import samplers
+from sdengine.config import SchedulerConfig
+from sdengine.samplers import a1111, rng
+
+SD = SchedulerConfig()
+SD_V = SchedulerConfig(prediction_type="v_prediction")
+SHAPE = (4, 6, 5)   # (C, h, w) of one image's latents
+SEEDS = (11, 12)
+STEPS = 8
+RTOL = 2e-4         # float32 on both sides; k-diffusion keeps sigmas as float32 tensors, sdengine as floats
+
+DETERMINISTIC = ("Euler", "Heun", "LMS", "DPM2", "DPM++ 2M")
+STOCHASTIC = ("Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE")
+
+
+def make_model(seed=0, channels=4):
+    """A fixed random function of x_in and t shaped like an epsilon / v model (float32)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = 0.6 * torch.eye(channels) + 0.1 * torch.randn(channels, channels, generator=g)
+    bias = 0.3 * torch.randn(1, channels, 1, 1, generator=g)
+    calls = []
+
+    def model_fn(x_in, t):
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x_in.shape[0])
+        calls.append(t.clone())
+        return torch.einsum("ij,bjhw->bihw", mix, x_in) + bias * torch.sin(t / 150.0 + 0.3)[:, None, None, None]
+
+    return model_fn, calls
+
+
+def ours(label, schedule, cfg=SD, steps=STEPS, eta=None, seeds=SEEDS, **noise_options):
+    model_fn, calls = make_model()
+    plan = samplers.plan_for(label, schedule, steps, cfg, eta=eta)
+    assert plan.conventions == "a1111"
+    noise = rng.ImageNoise(SHAPE, seeds, **noise_options)
+    x = samplers.sample(model_fn, noise.first(), plan, generators=noise)
+    return x, calls
+
+
+def theirs(label, schedule, cfg=SD, steps=STEPS, eta=None, seeds=SEEDS):
+    model_fn, calls = make_model()
+    x = ref.sample(model_fn, ref.ldm_alphas_cumprod(cfg.beta_start, cfg.beta_end), label, schedule, steps, seeds,
+                   SHAPE, v_prediction=cfg.prediction_type == "v_prediction", eta=eta)
+    return x, calls
+
+
+def assert_close(got, want, what):
+    scale = float(want.abs().max())
+    diff = float((got - want).abs().max())
+    assert diff <= RTOL * scale, f"{what}: max |difference| {diff:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.parametrize("schedule", ref.SCHEDULE_LABELS)
+@pytest.mark.parametrize("label", DETERMINISTIC)
+def test_deterministic_sampler_on_every_schedule(label, schedule):
+    got, got_calls = ours(label, schedule)
+    want, want_calls = theirs(label, schedule)
+    assert len(got_calls) == len(want_calls)
+    assert_close(torch.stack(got_calls), torch.stack(want_calls), f"{label} / {schedule} timesteps")
+    assert_close(got, want, f"{label} / {schedule}")
+
+
+@pytest.mark.parametrize("cfg", [SD, SD_V], ids=["eps", "v"])
+@pytest.mark.parametrize("label", STOCHASTIC)
+def test_stochastic_sampler_with_a1111_noise(label, cfg):
+    got, _ = ours(label, "Automatic", cfg)
+    want, _ = theirs(label, "Automatic", cfg)
+    assert_close(got, want, label)
+
+
+@pytest.mark.parametrize("label,eta", [("Euler a", 0.5), ("DPM++ 2M SDE", 0.3), ("DPM2 a", 0.0)])
+def test_eta(label, eta):
+    got, _ = ours(label, "Karras", eta=eta)
+    want, _ = theirs(label, "Karras", eta=eta)
+    assert_close(got, want, f"{label} eta={eta}")
+    assert not torch.allclose(got, ours(label, "Karras")[0]), "eta must change the image"
+
+
+@pytest.mark.parametrize("label", DETERMINISTIC + ("Euler a",))
+def test_v_prediction(label):
+    got, _ = ours(label, "Automatic", SD_V)
+    want, _ = theirs(label, "Automatic", SD_V)
+    assert_close(got, want, label)
+
+
+@pytest.mark.parametrize("label,schedule", [("DPM2", "Normal"), ("DPM++ 3M SDE", "Karras"), ("DPM2 a", "Exponential")])
+def test_discard_next_to_last_sigma(label, schedule):
+    plan = samplers.plan_for(label, schedule, STEPS, SD)
+    wrap = ref.denoiser(lambda x, t: x, ref.ldm_alphas_cumprod())
+    want = ref.get_sigmas(wrap, label, schedule, STEPS)
+    assert len(plan.sigmas) == STEPS + 1 == len(want)
+    np.testing.assert_allclose(plan.sigmas.numpy(), want.double().numpy(), rtol=1e-6)
+
+
+def test_model_sigmas_and_timesteps_are_compvis_denoisers():
+    wrap = ref.denoiser(lambda x, t: x, ref.ldm_alphas_cumprod())
+    model = a1111.DiscreteSchedule(a1111.ldm_alphas_cumprod(SD))
+    assert torch.equal(model.sigmas, wrap.sigmas)
+    sigma = torch.tensor([14.6, 3.3, 1.0, 0.2, 0.03])
+    assert torch.equal(model.sigma_to_t(sigma), wrap.sigma_to_t(sigma))
+    t = torch.tensor([999.0, 500.5, 10.25, 0.0])
+    assert torch.equal(model.t_to_sigma(t), wrap.t_to_sigma(t))
+    assert (model.sigma_min, model.sigma_max) == (pytest.approx(0.0292, abs=1e-4), pytest.approx(14.6146, abs=1e-4))
+
+
+def test_txt2img_starts_at_noise_times_sigma_max():
+    plan = samplers.plan_for("DPM++ 2M", "Karras", 10, SD)
+    noise = torch.randn(1, *SHAPE)
+    assert torch.allclose(plan.initial_state(noise), noise * float(plan.sigmas[0]))
+    assert float(plan.sigmas[0]) == pytest.approx(14.6146, abs=1e-3)  # the model's whole range, not 0.041..11.03
+
+
+def test_img2img_keeps_a1111s_tail():
+    """t_enc = int(min(strength, 0.999) * steps); sigma_sched = sigmas[steps - t_enc - 1:]."""
+    full = samplers.plan_for("Euler", None, 20, SD)
+    tail = samplers.plan_for("Euler", None, 20, SD, strength=0.75)
+    assert torch.equal(tail.sigmas, full.sigmas[20 - 15 - 1:])
+    assert tail.num_steps == 16
+
+
+def test_automatic_is_each_samplers_own_schedule():
+    expected = {"DPM++ 2M": "karras", "DPM++ SDE": "karras", "DPM++ 2M SDE": "exponential",
+                "DPM++ 3M SDE": "exponential", "DPM2": "karras", "DPM2 a": "karras", "DPM++ 2S a": "karras",
+                "Euler": "uniform", "Euler a": "uniform", "LMS": "uniform", "Heun": "uniform"}
+    for label, schedule in expected.items():
+        assert samplers.plan_for(label, None, 10, SD).schedule == schedule, label
+        assert samplers.plan_for(label, "Automatic", 10, SD).schedule == schedule, label
+
+
+def test_vocabulary_picks_the_rules():
+    assert samplers.conventions_for("Euler a") == "a1111"
+    assert samplers.conventions_for("DPM++ 2M Karras") == "a1111"
+    assert samplers.conventions_for("k_dpmpp_2m") == "a1111"
+    assert samplers.conventions_for("euler_a") == "diffusers"
+    assert samplers.conventions_for("dpmpp_2m_karras") == "diffusers"
+    assert samplers.conventions_for(None) == "diffusers"
+    assert samplers.conventions_for("DDIM") == "diffusers"  # A1111's own DDIM is not reproduced: diffusers'
+    assert samplers.conventions_for("euler_a", "a1111") == "a1111"
+    assert samplers.plan_for("euler_a", None, 10, SD, conventions="a1111").sampler == "euler_a"
+    with pytest.raises(ValueError, match="does not reproduce A1111's DDIM"):
+        samplers.plan_for("DDIM", None, 10, SD, conventions="a1111")
+
+
+@pytest.mark.parametrize("a1111_name,diffusers_name", [("DPM++ 2M Karras", "dpmpp_2m_karras"), ("Euler", "euler")])
+def test_diffusers_rules_draw_another_image(a1111_name, diffusers_name):
+    """The comparison can fail: diffusers' scheduler of the same name is far from A1111's."""
+    model_fn, _ = make_model()
+    plan = samplers.plan_for(diffusers_name, None, STEPS, SD)
+    noise = rng.ImageNoise(SHAPE, SEEDS)
+    got = samplers.sample(model_fn, noise.first(), plan)
+    want, _ = theirs(a1111_name, "Automatic")
+    assert float((got - want).abs().max()) > 100 * RTOL * float(want.abs().max())
