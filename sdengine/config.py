@@ -190,7 +190,8 @@ class SchedulerConfig:
     def for_sampler(self, sampler: str) -> "SchedulerConfig":
         """The config as the diffusers scheduler class of `sampler` reads it (<Class>.from_config):
         each sampling key the source config lacked takes that class's default
-        (SCHEDULER_CLASS_DEFAULTS: timestep_spacing, steps_offset, final_sigmas_type, ...), and a
+        (SCHEDULER_CLASS_DEFAULTS: timestep_spacing, final_sigmas_type, ...; clip_sample and
+        steps_offset take the values diffusers' SD pipelines force, SD_PIPELINE_VALUES), and a
         key the class does not take has no effect (NEUTRAL_SAMPLING_VALUES). The model's training
         schedule (num_train_timesteps, betas, prediction_type) is the model's, whatever the class.
         A config built in code (given None) is returned as it is."""
@@ -200,7 +201,8 @@ class SchedulerConfig:
         named = {f.name for f in fields(self)}
         values, extra = {}, dict(self.extra)
         for key, neutral in NEUTRAL_SAMPLING_VALUES.items():
-            value = neutral if key not in defaults else self.get(key) if key in self.given else defaults[key]
+            default = SD_PIPELINE_VALUES.get(key, defaults.get(key))
+            value = neutral if key not in defaults else self.get(key) if key in self.given else default
             if key in named:
                 values[key] = value
             elif value is None:
@@ -265,6 +267,10 @@ SCHEDULER_CLASS_DEFAULTS = {
     "LCMScheduler": {"timestep_spacing": "leading", "steps_offset": 0, "clip_sample": False, "clip_sample_range": 1.0,
                      "set_alpha_to_one": True, "original_inference_steps": 50, "timestep_scaling": 10.0},
 }
+# Where diffusers' Stable Diffusion pipelines override the class default whatever the config
+# says (StableDiffusionPipeline.__init__ sets clip_sample False and steps_offset 1, with a
+# deprecation warning): what a config that lacks the key gets in sdengine too.
+SD_PIPELINE_VALUES = {"clip_sample": False, "steps_offset": 1}
 # Every sampling key of the table, with the value that has no effect: what a key gets under a
 # class that does not take it (diffusers' from_config leaves such keys unused).
 NEUTRAL_SAMPLING_VALUES = {

@@ -37,7 +37,7 @@ CASES = [
     ("dpm_2", None, "KDPM2DiscreteScheduler"),
     ("dpm_2_a", None, "KDPM2AncestralDiscreteScheduler"),
     ("dpmpp_2m", None, "DPMSolverMultistepScheduler"),
-    ("DPM++ 2M Karras", None, "DPMSolverMultistepScheduler"),
+    ("dpmpp_2m_karras", None, "DPMSolverMultistepScheduler"),
     ("dpmpp_2m_sde", "karras", "DPMSolverMultistepScheduler"),
     ("unipc", None, "UniPCMultistepScheduler"),
     ("lcm", None, "LCMScheduler"),

@@ -42,6 +42,7 @@ class Spec:
     masks: Optional[list] = None         # PIL "L" images at (width, height), one per image
     request_id: str = ""
     loras: tuple = ()                    # the <lora:...> set its prompt names: (path, scale, text scale)
+    subseeds: Optional[list] = None      # A1111's variation seeds, one per image (with shared subseed_strength)
 
     @property
     def n_images(self) -> int:
@@ -161,6 +162,7 @@ def _call(pipe, specs, chunk, live, cancelled, interrupted, on_step, on_chunk):
     try:
         result = pipe(
             pick("prompts"), negative_prompt=pick("negatives"), seed=pick("seeds"), batch_size=1,
+            subseed=pick("subseeds") if first.subseeds is not None else None,
             init_image=pick("init_images") if first.init_images is not None else None,
             mask_image=pick("masks") if first.masks is not None else None,
             callback=callback, progress=False, **kwargs,
@@ -180,9 +182,13 @@ def _partial_result(pipe, spec: Spec, prompts, negatives, seeds, latents) -> Gen
     shared = spec.shared
     decoded = pipe.decode_latents(latents)  # (N, 3, H, W) in [-1, 1]
     images = imaging.to_pil(imaging.to_uint8(decoded))
-    sampler, schedule = samplers.resolve(shared.get("sampler"), shared.get("schedule"), pipe.config.scheduler)
+    plan = samplers.plan_for(shared.get("sampler"), shared.get("schedule"), shared["num_inference_steps"],
+                             pipe.config.scheduler, eta=shared.get("eta"), conventions=shared.get("conventions"))
     params = dict(mode=spec.mode, prompts=prompts, negative_prompts=negatives, steps=shared["num_inference_steps"],
-                  sampler=sampler, schedule=schedule, guidance_scale=shared["guidance_scale"],
+                  sampler=plan.sampler, schedule=plan.schedule, guidance_scale=shared["guidance_scale"],
                   height=shared["height"], width=shared["width"], strength=shared.get("strength"),
-                  model=pipe.name, clip_skip=shared.get("clip_skip"), eta=shared.get("eta", 0.0))
+                  model=pipe.name, clip_skip=shared.get("clip_skip"), conventions=plan.conventions,
+                  eta=plan.options.get("eta", shared.get("eta") or 0.0), prompt_syntax=shared.get("prompt_syntax"),
+                  rng=shared.get("rng", "cpu"), eta_noise_seed_delta=shared.get("eta_noise_seed_delta", 0),
+                  subseeds=list(spec.subseeds or []), subseed_strength=shared.get("subseed_strength", 0.0))
     return GenerationResult(images, seeds, params)

@@ -82,7 +82,7 @@ class Limits:
 # A1111 features that sdengine does not have: refused unless at their "off" value.
 _UNSUPPORTED = {
     "enable_hr": lambda v: not v, "restore_faces": lambda v: not v, "tiling": lambda v: not v,
-    "subseed_strength": lambda v: not v, "script_name": lambda v: not v, "styles": lambda v: not v,
+    "script_name": lambda v: not v, "styles": lambda v: not v,
     "alwayson_scripts": lambda v: not v, "refiner_checkpoint": lambda v: not v,
     "resize_mode": lambda v: v in (None, 0), "latent_mask": lambda v: not v,
 }
@@ -120,8 +120,14 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
     sampler_name = req.sampler_name or req.sampler_index or "Euler"
     scheduler = req.scheduler
     schedule = None if scheduler in (None, "", "automatic", "Automatic") else scheduler
+    # A1111's clients send A1111's labels: those run under A1111's rules where sdengine reproduces
+    # them (samplers.conventions_for), and the infotext says when a run followed diffusers' instead
+    conventions = samplers.conventions_for(sampler_name)
     try:
-        sampler, schedule_name = samplers.resolve(sampler_name, schedule, info.scheduler_config)
+        if conventions == "a1111":
+            sampler, schedule_name = samplers.resolve_a1111(sampler_name, schedule, info.scheduler_config)
+        else:
+            sampler, schedule_name = samplers.resolve(sampler_name, schedule, info.scheduler_config)
     except ValueError as e:
         raise FieldError("sampler_name" if str(e).startswith("unknown sampler") else "scheduler", str(e)) from None
     steps = req.steps or 50
@@ -133,10 +139,28 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
     seeds = [seed + i for i in range(n_images)]
     prompt = req.prompt or ""
     negative = req.negative_prompt or ""
+    if conventions == "a1111":  # eta: the ancestral / SDE samplers' (None: A1111's default)
+        eta = None if req.eta is None else float(req.eta)
+    else:
+        eta = float(req.eta or 0.0) if sampler == "ddim" else 0.0  # diffusers: eta is DDIM's; others have none
     shared = dict(num_inference_steps=steps, guidance_scale=float(req.cfg_scale if req.cfg_scale is not None else 7.0),
-                  height=height, width=width, sampler=sampler, schedule=schedule_name,
-                  eta=float(req.eta or 0.0) if sampler == "ddim" else 0.0,  # eta is DDIM's; other samplers have none
-                  clip_skip=clip_stop - 1 if clip_stop > 1 else None)
+                  height=height, width=width, sampler=sampler, schedule=schedule_name, eta=eta,
+                  clip_skip=clip_stop - 1 if clip_stop > 1 else None, conventions=conventions)
+    subseeds = None
+    if conventions == "a1111":  # A1111's seed options (rng.py): variation seeds, resize, ENSD, RNG source
+        if req.subseed_strength:
+            subseed = _fixed_seed(req.subseed)
+            seeds, subseeds = [seed] * n_images, [subseed + i for i in range(n_images)]
+            shared["subseed_strength"] = float(req.subseed_strength)
+        if (req.seed_resize_from_w or 0) > 0 and (req.seed_resize_from_h or 0) > 0:
+            shared.update(seed_resize_from_w=req.seed_resize_from_w, seed_resize_from_h=req.seed_resize_from_h)
+        if settings.get("eta_noise_seed_delta"):
+            shared["eta_noise_seed_delta"] = settings["eta_noise_seed_delta"]
+        if settings.get("randn_source"):
+            shared["rng"] = str(settings["randn_source"]).lower()
+    elif req.subseed_strength:
+        raise FieldError("subseed_strength", f"variation seeds follow A1111's rules, which sdengine does not reproduce "
+                                             f"for sampler {sampler_name!r}")
     mode = "txt2img"
     init_images = masks = None
     if img2img:
@@ -164,13 +188,14 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
     elif info.is_inpaint:
         raise FieldError("init_images", f"{info.title} is an inpainting model: use img2img with init_images and mask")
     try:  # the checks every front end shares (sdengine.request: generate, the CLI, the C API's bindings)
-        Request.from_args(prompt, negative_prompt=negative, seed=seed, init_image=init_images[0] if init_images else None,
-                          mask_image=masks[0] if masks else None, progress=False, **shared)
+        Request.from_args(prompt, negative_prompt=negative, seed=seeds, batch_size=n_images,
+                          init_image=init_images[0] if init_images else None, mask_image=masks[0] if masks else None,
+                          progress=False, subseed=subseeds, **shared)
     except ValueError as e:
         raise FieldError(field_of(e), str(e)) from None
     try:  # the sampler's own checks (steps, strength, eta), before the request is queued
-        samplers.make_plan(sampler, schedule_name, steps, info.scheduler_config,
-                           strength=shared.get("strength", 1.0) if mode == "img2img" else 1.0, eta=shared["eta"])
+        samplers.plan_for(sampler, schedule_name, steps, info.scheduler_config, conventions=conventions,
+                          strength=shared.get("strength", 1.0) if mode == "img2img" else 1.0, eta=shared["eta"])
     except ValueError as e:
         raise FieldError(field_of(e, default="steps"), str(e)) from None
     loras = ()
@@ -184,7 +209,8 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
         loras = tuple((str(t.path), t.scale, t.text_scale) for t in tagged)  # requests of one set batch together
         shared.update(prompt_syntax=prompt_syntax, lora_dir=str(lora_dir) if lora_dir is not None else None)
     return Spec(mode=mode, prompts=[prompt] * n_images, negatives=[negative] * n_images, seeds=seeds,
-                shared=shared, init_images=init_images, masks=masks, request_id=uuid.uuid4().hex, loras=loras)
+                shared=shared, init_images=init_images, masks=masks, request_id=uuid.uuid4().hex, loras=loras,
+                subseeds=subseeds)
 
 
 def _fixed_seed(seed) -> int:
@@ -267,7 +293,9 @@ def response_body(req, spec: Spec, out: Output, info: ModelInfo) -> dict:
         "prompt": spec.prompts[0], "all_prompts": spec.prompts[:len(out.images)] or spec.prompts,
         "negative_prompt": first_neg, "all_negative_prompts": spec.negatives[:len(out.images)] or spec.negatives,
         "seed": spec.seeds[0], "all_seeds": out.seeds or spec.seeds,
-        "subseed": -1, "all_subseeds": [-1] * len(out.seeds or spec.seeds), "subseed_strength": 0,
+        "subseed": spec.subseeds[0] if spec.subseeds else -1,
+        "all_subseeds": spec.subseeds or [-1] * len(out.seeds or spec.seeds),
+        "subseed_strength": spec.shared.get("subseed_strength", 0),
         "width": spec.shared["width"], "height": spec.shared["height"], "sampler_name": sampler_label,
         "scheduler": req.scheduler or "automatic",
         "cfg_scale": spec.shared["guidance_scale"], "steps": spec.shared["num_inference_steps"],
