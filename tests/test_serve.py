@@ -86,7 +86,8 @@ def test_webuiapi_txt2img_equals_generate(server):
     result = api.txt2img(prompt=PROMPT, negative_prompt="blurry", seed=11, width=32, height=32, cfg_scale=6.5,
                          batch_size=2)
     reference = sdengine.generate(PROMPT, negative_prompt="blurry", seed=11, steps=12, sampler="Euler a",
-                                  guidance_scale=6.5, width=32, height=32, batch_size=2, progress=False)
+                                  guidance_scale=6.5, width=32, height=32, batch_size=2, progress=False,
+                                  prompt_syntax="a1111")  # the A1111 API's prompts
     assert len(result.images) == 2
     for i, image in enumerate(result.images):
         assert image.format == "PNG" and image.size == (32, 32)

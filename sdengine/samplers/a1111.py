@@ -311,7 +311,8 @@ def make_plan(sampler: str, schedule: Optional[str], steps: int, cfg, *, strengt
               eta: Optional[float] = None, is_sdxl: bool = False):
     """The Plan of an A1111 sampler (sdengine name, SAMPLERS) following an A1111 schedule name
     (None: Automatic) for `steps` steps of the model whose scheduler config is `cfg`, keeping the
-    img2img tail of `strength`. eta: the ancestral / SDE noise scale (None: A1111's 1.0)."""
+    img2img tail of `strength`. eta: the ancestral / SDE noise scale (None: A1111's 1.0); the
+    deterministic samplers ignore it, as in A1111."""
     from .plan import Plan, check_config
 
     check_config(cfg)
@@ -327,11 +328,9 @@ def make_plan(sampler: str, schedule: Optional[str], steps: int, cfg, *, strengt
     sigmas = sigmas[start:]
     if len(sigmas) < 2:
         raise ValueError(f"strength={strength} with steps={steps} leaves no denoising step")
-    options = {}
+    options = {}  # A1111 passes eta only to the samplers that take one, and ignores it for the others
     if "eta" in options_of(sampler):
         options["eta"] = options_of(sampler)["eta"] if eta is None else float(eta)
-    elif eta:
-        raise ValueError(f"eta: A1111's {label_of(sampler)} has no eta (its ancestral and SDE samplers do)")
     timesteps = model.sigma_to_t(sigmas[:-1].clamp(min=model.sigma_min))
     return Plan(
         sampler=sampler, schedule=run_schedule, steps=steps, start=start,
