@@ -37,7 +37,12 @@ def _register_generate(sub):
     p = sub.add_parser("generate", help="generate images from a prompt",
                        description="Generate images; PNGs carry the parameters in a 'parameters' text chunk "
                                    "(A1111's convention).")
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (or --from-png)")
+    p.add_argument("--from-png", default=None, metavar="PNG",
+                   help="regenerate the image a PNG's A1111 'parameters' text describes (A1111's or sdengine's): "
+                        "its prompts, sampler, schedule, seeds, size and settings, under A1111's rules unless it "
+                        "says otherwise; fields sdengine cannot honour are refused by name. --rng, --lora-dir, "
+                        "--init-image and --mask-image apply on top")
     p.add_argument("--model", "-m", default=None,
                    help="diffusers folder, .safetensors/.ckpt file or ONNX export; default: the bundled demo model")
     p.add_argument("--output", "-o", default="out.png",
@@ -75,6 +80,15 @@ def _register_generate(sub):
     p.add_argument("--embedding", action="append", default=[], metavar="PATH[:TOKEN]",
                    help="load a textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds); its "
                         "token is the file name unless given; repeatable")
+    p.add_argument("--conventions", default=None, choices=["a1111", "diffusers"],
+                   help="whose image a sampler name draws: a1111 (A1111's sigmas, start and noise) or diffusers "
+                        "(diffusers' scheduler); default: A1111's labels ('Euler a') follow A1111, sdengine's names "
+                        "('euler_a') diffusers")
+    p.add_argument("--rng", default=None, choices=["cpu", "nv", "gpu"],
+                   help="A1111's RNG source: cpu (default), nv (CUDA's randn numbers on any device), gpu (CUDA)")
+    p.add_argument("--subseed", type=int, default=None, help="A1111's variation seed")
+    p.add_argument("--subseed-strength", type=float, default=0.0, help="A1111's variation strength, in [0, 1]")
+    p.add_argument("--ensd", type=int, default=0, help="A1111's eta noise seed delta")
     p.add_argument("--prompt-syntax", default="a1111", choices=["a1111", "none"],
                    help="a1111 (default): (emphasis:1.2), [less], BREAK, prompts over 75 tokens in windows, <lora:> "
                         "tags; none: plain text, truncated at 75 tokens")
@@ -113,14 +127,20 @@ def _generate(args) -> int:
     for path, token in embeddings:
         pipe.load_embedding(path, token)
     controls = [parse_control(value, open_image, args.control_preprocess) for value in args.control]
-    result = pipe(
-        args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
-        height=args.height, width=args.width, seed=args.seed, batch_size=args.batch_size, sampler=args.sampler,
-        schedule=args.schedule, init_image=open_image(args.init_image, "--init-image"),
-        mask_image=open_image(args.mask_image, "--mask-image"), strength=args.strength, clip_skip=args.clip_skip,
-        progress=not args.no_progress, prompt_syntax=None if args.prompt_syntax == "none" else args.prompt_syntax,
-        lora_dir=args.lora_dir, control=controls or None,
-    )
+    if args.from_png is not None:
+        result = pipe.run(_request_from_png(args, open_image).for_model(pipe.config))
+    else:
+        if args.prompt is None:
+            raise ValueError("generate needs a prompt, or --from-png PNG")
+        result = pipe(
+            args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
+            height=args.height, width=args.width, seed=args.seed, batch_size=args.batch_size, sampler=args.sampler,
+            schedule=args.schedule, init_image=open_image(args.init_image, "--init-image"),
+            mask_image=open_image(args.mask_image, "--mask-image"), strength=args.strength, clip_skip=args.clip_skip,
+            progress=not args.no_progress, prompt_syntax=None if args.prompt_syntax == "none" else args.prompt_syntax,
+            lora_dir=args.lora_dir, control=controls or None, conventions=args.conventions, rng=args.rng,
+            subseed=args.subseed, subseed_strength=args.subseed_strength, eta_noise_seed_delta=args.ensd,
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(result.images):
         path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
@@ -131,6 +151,36 @@ def _generate(args) -> int:
         tmp.replace(path)  # never leave a half-written PNG under the real name
         print(f"wrote {path} (seed {result.seeds[i]})")
     return 0
+
+
+# generate's options that a PNG's parameters already set: given with --from-png they would be ignored
+_SET_BY_THE_PNG = ("negative_prompt", "steps", "height", "width", "seed", "sampler", "schedule", "strength",
+                   "clip_skip", "conventions", "subseed", "control")
+
+
+def _request_from_png(args, open_image):
+    """sdengine.Request of the PNG's `parameters` text (Request.from_infotext), with the options
+    that do not change what it describes (--rng, --lora-dir, images, --no-progress) on top."""
+    from PIL import Image
+
+    from .request import Request
+
+    given = [name for name in _SET_BY_THE_PNG if getattr(args, name, None) not in (None, [], 0.0)]
+    if args.prompt is not None or given or args.subseed_strength or args.ensd:
+        what = ", ".join(["the prompt"] * (args.prompt is not None) + [f"--{n.replace('_', '-')}" for n in given])
+        raise ValueError(f"--from-png takes its prompt and settings from the PNG; drop {what or 'the seed options'}")
+    image = open_image(args.from_png, "--from-png")
+    text = getattr(image, "text", {}).get("parameters") or image.info.get("parameters")
+    if not text:
+        raise ValueError(f"--from-png: {args.from_png} has no 'parameters' text chunk (A1111's infotext)")
+    overrides = dict(progress=not args.no_progress, lora_dir=args.lora_dir,
+                     init_image=open_image(args.init_image, "--init-image"),
+                     mask_image=open_image(args.mask_image, "--mask-image"))
+    if args.rng is not None:
+        overrides["rng"] = args.rng
+    if args.batch_size != 1:
+        overrides["batch_size"] = args.batch_size
+    return Request.from_infotext(text, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def parse_control(value: str, open_image, preprocess=None):
