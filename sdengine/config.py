@@ -197,7 +197,9 @@ class SchedulerConfig:
         A config built in code (given None) is returned as it is."""
         if self.given is None:
             return self
-        defaults = SCHEDULER_CLASS_DEFAULTS[SAMPLER_TO_SCHEDULER_CLASS.get(sampler, "DPMSolverMultistepScheduler")]
+        class_name = next((name for name, s in SCHEDULER_CLASS_TO_SAMPLER.items() if s == sampler),
+                          "DPMSolverMultistepScheduler")  # dpmpp_2m_sde, dpmpp_3m_sde: DPM-Solver's variants
+        defaults = SCHEDULER_CLASS_DEFAULTS[class_name]
         named = {f.name for f in fields(self)}
         values, extra = {}, dict(self.extra)
         for key, neutral in NEUTRAL_SAMPLING_VALUES.items():

@@ -1,4 +1,4 @@
-"""A1111's rules against k-diffusion driven as A1111 drives it (tests/kdiffusion_reference.py).
+"""A1111's rules against k-diffusion driven as A1111 drives it (tests/support/kdiffusion_reference.py).
 
 Sampler level: a fixed random function of (x_in, t) stands in for the guided UNet, so that a
 wrong timestep, sigma, start or noise shows in every later step; every A1111 sampler sdengine
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import kdiffusion_reference as ref
+from support import kdiffusion_reference as ref
 from sdengine import samplers
 from sdengine.config import SchedulerConfig
 from sdengine.samplers import a1111, rng

@@ -21,7 +21,7 @@ from sdengine.bench.reference import DIFFUSERS_SCHEDULERS
 from sdengine.config import (NEUTRAL_SAMPLING_VALUES, PRESETS, SCHEDULER_CLASS_DEFAULTS, SD_PIPELINE_VALUES,
                              scheduler_config_from_dict)
 from sdengine.samplers import make_plan
-from tiny import save_tiny_pipeline
+from support.tiny import save_tiny_pipeline
 
 # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json, as published
 SD15_PUBLISHED = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,

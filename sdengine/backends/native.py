@@ -112,7 +112,7 @@ class NativeBackend(EngineWeights):
             refuse("A1111's sampler conventions (its sigmas, noise and seeds)")
         scheduler = self.config.scheduler
         effective = scheduler.for_sampler(sampler)
-        defaulted = [k for k in _CPP_SCHEDULER_KEYS if getattr(effective, k) != getattr(scheduler, k)]
+        defaulted = [k for k in _CPP_SCHEDULER_KEYS if _cpp_value(effective, k) != _cpp_value(scheduler, k)]
         if defaulted:
             refuse(f"diffusers' {sampler} defaults for the scheduler-config keys the checkpoint lacks "
                    f"({', '.join(f'{k}={getattr(effective, k)!r}' for k in defaulted)})")
@@ -259,6 +259,12 @@ class NativeBackend(EngineWeights):
 # The scheduler-config fields the C++ loop reads (csrc/src/sampling.cpp SchedulerConfig::from_json).
 _CPP_SCHEDULER_KEYS = ("timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range", "set_alpha_to_one",
                        "use_karras_sigmas", "use_exponential_sigmas", "final_sigmas_type", "skip_prk_steps")
+
+
+def _cpp_value(config, key: str):
+    """A scheduler-config value as the C++ loop reads it (a missing final_sigmas_type is "zero")."""
+    value = getattr(config, key)
+    return (value or "zero") if key == "final_sigmas_type" else value
 
 
 def _plain_a1111(tokenizer, text: str) -> bool:

@@ -262,11 +262,11 @@ def dpmpp_2s_ancestral(model, sigmas, noise, *, eta=1.0):
 
     @torch.no_grad()
     def step(x, i):
-        sigma, sigma_next = K._pair(sigmas, i)
+        sigma, sigma_next = K.sigma_pair(sigmas, i)
         denoised = model(x, sigma)
-        sigma_down, sigma_up = K._ancestral_step(sigma, sigma_next, eta)
+        sigma_down, sigma_up = K.ancestral_step(sigma, sigma_next, eta)
         if sigma_down == 0:
-            x = x + K._to_d(x, sigma, denoised) * (sigma_down - sigma)
+            x = x + K.to_d(x, sigma, denoised) * (sigma_down - sigma)
         else:
             t, t_next = -math.log(sigma), -math.log(sigma_down)
             h = t_next - t

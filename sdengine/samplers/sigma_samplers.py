@@ -31,12 +31,12 @@ import torch
 from numpy.polynomial import polynomial as P
 
 
-def _to_d(x, sigma, denoised):
+def to_d(x, sigma, denoised):
     """The probability-flow ODE derivative dx/dsigma = (x - x0) / sigma (Karras et al. 2022, eq. 4)."""
     return (x - denoised) / sigma
 
 
-def _ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0):
+def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0):
     """Split a step to sigma_to into a deterministic step down to sigma_down and fresh noise
     of std sigma_up, so that sigma_down^2 + sigma_up^2 = sigma_to^2 (k-diffusion get_ancestral_step)."""
     if not eta:
@@ -52,7 +52,7 @@ def _log_midpoint(sigma_a: float, sigma_b: float) -> float:
     return float(a.lerp(b, 0.5).exp())
 
 
-def _pair(sigmas, i: int):
+def sigma_pair(sigmas, i: int):
     return float(sigmas[i]), float(sigmas[i + 1])
 
 
@@ -62,8 +62,8 @@ def euler(model, sigmas, noise):
 
     @torch.no_grad()
     def step(x, i):
-        sigma, sigma_next = _pair(sigmas, i)
-        return x + _to_d(x, sigma, model(x, sigma)) * (sigma_next - sigma)
+        sigma, sigma_next = sigma_pair(sigmas, i)
+        return x + to_d(x, sigma, model(x, sigma)) * (sigma_next - sigma)
 
     return step
 
@@ -75,10 +75,10 @@ def euler_ancestral(model, sigmas, noise, *, eta=1.0):
 
     @torch.no_grad()
     def step(x, i):
-        sigma, sigma_next = _pair(sigmas, i)
+        sigma, sigma_next = sigma_pair(sigmas, i)
         denoised = model(x, sigma)
-        sigma_down, sigma_up = _ancestral_step(sigma, sigma_next, eta)
-        x = x + _to_d(x, sigma, denoised) * (sigma_down - sigma)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
         return x + noise(sigma, sigma_next) * sigma_up if sigma_next > 0 else x
 
     return step
@@ -89,13 +89,13 @@ def heun(model, sigmas, noise):
 
     @torch.no_grad()
     def step(x, i):
-        sigma, sigma_next = _pair(sigmas, i)
-        d = _to_d(x, sigma, model(x, sigma))
+        sigma, sigma_next = sigma_pair(sigmas, i)
+        d = to_d(x, sigma, model(x, sigma))
         dt = sigma_next - sigma
         if sigma_next == 0:
             return x + d * dt
         x_2 = x + d * dt
-        d_2 = _to_d(x_2, sigma_next, model(x_2, sigma_next))
+        d_2 = to_d(x_2, sigma_next, model(x_2, sigma_next))
         return x + (d + d_2) / 2 * dt
 
     return step
@@ -108,7 +108,7 @@ def dpm_2(model, sigmas, noise):
 
     @torch.no_grad()
     def step(x, i):
-        sigma, sigma_next = _pair(sigmas, i)
+        sigma, sigma_next = sigma_pair(sigmas, i)
         return _dpm_2_step(model, x, sigma, sigma_next, model(x, sigma))
 
     return step
@@ -117,12 +117,12 @@ def dpm_2(model, sigmas, noise):
 def _dpm_2_step(model, x, sigma, sigma_to, denoised):
     """One DPM-Solver-2 step from sigma to sigma_to: Euler to the log-midpoint sigma, then the
     full step with the derivative there (a plain Euler step when sigma_to is 0)."""
-    d = _to_d(x, sigma, denoised)
+    d = to_d(x, sigma, denoised)
     if sigma_to == 0:
         return x + d * (sigma_to - sigma)
     sigma_mid = _log_midpoint(sigma, sigma_to)
     x_2 = x + d * (sigma_mid - sigma)
-    d_2 = _to_d(x_2, sigma_mid, model(x_2, sigma_mid, intermediate=True))
+    d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid, intermediate=True))
     return x + d_2 * (sigma_to - sigma)
 
 
@@ -132,9 +132,9 @@ def dpm_2_ancestral(model, sigmas, noise, *, eta=1.0):
 
     @torch.no_grad()
     def step(x, i):
-        sigma, sigma_next = _pair(sigmas, i)
+        sigma, sigma_next = sigma_pair(sigmas, i)
         denoised = model(x, sigma)
-        sigma_down, sigma_up = _ancestral_step(sigma, sigma_next, eta)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         x = _dpm_2_step(model, x, sigma, sigma_down, denoised)
         return x + noise(sigma, sigma_next) * sigma_up if sigma_down != 0 else x
 
@@ -162,7 +162,7 @@ def lms(model, sigmas, noise, *, order=4):
     @torch.no_grad()
     def step(x, i):
         sigma = float(sigmas[i])
-        ds.append(_to_d(x, sigma, model(x, sigma)))
+        ds.append(to_d(x, sigma, model(x, sigma)))
         if len(ds) > order:
             ds.pop(0)
         cur_order = min(i + 1, order)
@@ -190,7 +190,7 @@ def dpmpp_2m_sde(model, sigmas, noise, *, eta=1.0, lower_order_final=False, solv
 
     @torch.no_grad()
     def step(x, i):
-        sigma, sigma_next = _pair(sigmas, i)
+        sigma, sigma_next = sigma_pair(sigmas, i)
         denoised = model(x, sigma)
         if sigma_next == 0:
             x = denoised
@@ -221,7 +221,7 @@ def dpmpp_3m_sde(model, sigmas, noise, *, eta=1.0):
 
     @torch.no_grad()
     def step(x, i):
-        sigma, sigma_next = _pair(sigmas, i)
+        sigma, sigma_next = sigma_pair(sigmas, i)
         denoised = model(x, sigma)
         denoised_1, denoised_2, h_1, h_2 = last["denoised_1"], last["denoised_2"], last["h_1"], last["h_2"]
         h = None
@@ -260,20 +260,20 @@ def dpmpp_sde(model, sigmas, noise, *, eta=1.0, r=0.5):
 
     @torch.no_grad()
     def step(x, i):
-        sigma, sigma_next = _pair(sigmas, i)
+        sigma, sigma_next = sigma_pair(sigmas, i)
         denoised = model(x, sigma)
         if sigma_next == 0:
-            return x + _to_d(x, sigma, denoised) * (sigma_next - sigma)
+            return x + to_d(x, sigma, denoised) * (sigma_next - sigma)
         t, t_next = -math.log(sigma), -math.log(sigma_next)
         s = t + (t_next - t) * r
         sigma_s = math.exp(-s)
         # Step 1: to the intermediate point s.
-        sd, su = _ancestral_step(sigma, sigma_s, eta)
+        sd, su = ancestral_step(sigma, sigma_s, eta)
         x_2 = (sd / sigma) * x - math.expm1(t + math.log(sd)) * denoised
         x_2 = x_2 + noise(sigma, sigma_s) * su
         denoised_2 = model(x_2, sigma_s, intermediate=True)
         # Step 2: the full step with the combined data prediction.
-        sd, su = _ancestral_step(sigma, sigma_next, eta)
+        sd, su = ancestral_step(sigma, sigma_next, eta)
         denoised_d = (1 - fac) * denoised + fac * denoised_2
         x = (sd / sigma) * x - math.expm1(t + math.log(sd)) * denoised_d
         return x + noise(sigma, sigma_next) * su
@@ -326,7 +326,7 @@ def unipc(model, sigmas, noise, *, order=2, lower_order_final=True, solver_type=
 
     @torch.no_grad()
     def step(x, i):
-        sigma, sigma_next = _pair(sigmas, i)
+        sigma, sigma_next = sigma_pair(sigmas, i)
         denoised = model(x, sigma)
         lam = -math.log(sigma)
         if last["x"] is not None and (i - 1) not in disable_corrector:
