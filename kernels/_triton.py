@@ -1,5 +1,6 @@
-"""Import triton if it is installed, and say how kernels run here (and whether the public ops
-run the kernels: `uses_triton`, reference mode).
+"""Import triton if it is installed, and say how kernels can run here: the interpreter, whether the
+ops can be registered, reference mode (which kernels/ops.py's rule, `uses_triton`, reads), and
+what the wrappers need to launch (`check_launch`, `gpu_path`, `launcher`).
 
 sdengine installs without triton (`pip install sdengine` without the `triton` extra):
 then every op falls back to its plain-torch reference. The kernel modules still
@@ -83,13 +84,6 @@ def reference_mode():
     return _reference_mode
 
 
-def uses_triton(t):
-    """Whether a public op called on tensor `t` runs its Triton kernel (through its registered
-    `torch.ops.sdengine` operator, kernels/ops.py): CUDA, triton installed, reference mode off."""
-    return CAN_REGISTER and not _reference_mode and t.is_cuda
-
-
-
 # While `record_launches()` is active: the launches the wrappers made (kernels/precompile.py).
 _recording = None
 
@@ -124,7 +118,7 @@ def check_launch(name: str, t) -> None:
     """Raise a clear error when the Triton kernel `name` cannot run on `t`'s device."""
     if not HAS_TRITON:
         raise RuntimeError(f"sdengine.kernels.{name}: triton is not installed; use {name}_ref "
-                           "or sdengine.kernels.{name} (which falls back to the reference)")
+                           f"or sdengine.kernels.{name.replace('.', '_')} (which falls back to the reference)")
     if not can_launch(t):
         raise RuntimeError(f"sdengine.kernels.{name}: Triton kernels need a CUDA tensor (got device "
                            f"{t.device}); on CPU set TRITON_INTERPRET=1 before importing triton, "

@@ -36,10 +36,12 @@ Scalars, for the sampler loop (step i of a schedule):
 - `cfg_scale` is the guidance scale. If the model output has x's batch (not twice it),
   guidance is off and cfg_scale is ignored (LCM with guidance embedding, or scale 1).
 
-Names: `<name>(...)` dispatches (the fused kernel through `torch.ops.sdengine.sampler_step_<name>`
-on CUDA, else the reference: kernels/ops.py's rule), `<name>_triton(...)` is the Triton wrapper
-(check shapes, allocate, launch; it also takes `out=`), `<name>_ref(...)` the plain-torch reference
-with the dispatcher's signature, `_<name>_kernel` the @triton.jit kernel.
+Names: `<name>_triton(...)` is the Triton wrapper (check shapes, allocate, launch; it also takes
+`out=`), `<name>_ref(...)` the plain-torch reference with the wrapper's signature, `_<name>_kernel`
+the @triton.jit kernel. The dispatching op is kernels/ops.py's `sampler_step_<name>` (public as
+`sdengine.kernels.sampler_step_<name>`, registered as `torch.ops.sdengine.sampler_step_<name>`), and
+a whole step's in-place update is ops.py's `sampler_update`: the one rule of kernels/ops.py picks
+the kernel or the reference.
 
 Every scalar may be a Python number or a 1-element tensor. For a CUDA graph, pass 1-element
 float32 tensors on x's device and update them in place between replays: the kernels read
@@ -49,7 +51,7 @@ take x's dtype. `prediction_type` is "epsilon" or "v_prediction" (a compile-time
 
 import torch
 
-from ._triton import cast_out, check_launch, gpu_path, launcher, tl, triton, uses_triton
+from ._triton import cast_out, check_launch, gpu_path, launcher, tl, triton
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 _GPU_BLOCK = 1024
@@ -415,56 +417,3 @@ def lcm_ref(model_out, x, noise, cfg_scale, alpha_t, alpha_prev, c_skip, c_out, 
     if noise is None:
         return denoised.to(x.dtype)
     return (alpha_prev**0.5 * denoised + (1 - alpha_prev) ** 0.5 * noise.float()).to(x.dtype)
-
-
-# ---------------------------------------------------------------------------------------
-# Dispatchers (the public sdengine.kernels.sampler_step.<name>): the Triton kernel through its
-# registered operator where kernels/ops.py's rule says so, else the reference.
-
-
-def _tensor(value, x):
-    return _scalar("scalar", value, x.device)
-
-
-def euler(model_out, x, cfg_scale, sigma, sigma_next, prediction_type="epsilon"):
-    """CFG + one Euler step of σ-space x (euler_triton / euler_ref)."""
-    if uses_triton(x):
-        return torch.ops.sdengine.sampler_step_euler(model_out, x, _tensor(cfg_scale, x), _tensor(sigma, x),
-                                                     _tensor(sigma_next, x), prediction_type)
-    return euler_ref(model_out, x, cfg_scale, sigma, sigma_next, prediction_type)
-
-
-def euler_a(model_out, x, noise, cfg_scale, sigma, sigma_next, eta=1.0, prediction_type="epsilon"):
-    """CFG + one Euler-ancestral step (euler_a_triton / euler_a_ref)."""
-    if uses_triton(x):
-        return torch.ops.sdengine.sampler_step_euler_a(model_out, x, noise, _tensor(cfg_scale, x), _tensor(sigma, x),
-                                                       _tensor(sigma_next, x), _tensor(eta, x), prediction_type)
-    return euler_a_ref(model_out, x, noise, cfg_scale, sigma, sigma_next, eta, prediction_type)
-
-
-def ddim(model_out, x, cfg_scale, alpha_t, alpha_prev, eta=0.0, noise=None, prediction_type="epsilon"):
-    """CFG + one DDIM step of VP-space x (ddim_triton / ddim_ref)."""
-    if noise is None and not isinstance(eta, torch.Tensor) and eta > 0:
-        raise ValueError(f"sampler_step.ddim: eta={eta} > 0 needs noise (diffusers' variance_noise)")
-    if uses_triton(x):
-        return torch.ops.sdengine.sampler_step_ddim(model_out, x, _tensor(cfg_scale, x), _tensor(alpha_t, x),
-                                                    _tensor(alpha_prev, x), _tensor(eta, x), noise, prediction_type)
-    return ddim_ref(model_out, x, cfg_scale, alpha_t, alpha_prev, eta, noise, prediction_type)
-
-
-def dpmpp_2m(model_out, x, old_denoised, cfg_scale, sigma, sigma_next, sigma_prev, prediction_type="epsilon"):
-    """CFG + one DPM-Solver++(2M) step; (x_next, denoised) (dpmpp_2m_triton / dpmpp_2m_ref)."""
-    if uses_triton(x):
-        return torch.ops.sdengine.sampler_step_dpmpp_2m(model_out, x, old_denoised, _tensor(cfg_scale, x),
-                                                        _tensor(sigma, x), _tensor(sigma_next, x),
-                                                        _tensor(sigma_prev, x), prediction_type)
-    return dpmpp_2m_ref(model_out, x, old_denoised, cfg_scale, sigma, sigma_next, sigma_prev, prediction_type)
-
-
-def lcm(model_out, x, noise, cfg_scale, alpha_t, alpha_prev, c_skip, c_out, prediction_type="epsilon"):
-    """CFG + one LCM step of VP-space x (lcm_triton / lcm_ref)."""
-    if uses_triton(x):
-        return torch.ops.sdengine.sampler_step_lcm(model_out, x, noise, _tensor(cfg_scale, x), _tensor(alpha_t, x),
-                                                   _tensor(alpha_prev, x), _tensor(c_skip, x), _tensor(c_out, x),
-                                                   prediction_type)
-    return lcm_ref(model_out, x, noise, cfg_scale, alpha_t, alpha_prev, c_skip, c_out, prediction_type)

@@ -55,11 +55,12 @@ def test_public_ops_match_references_on_this_device():
         1, 4, 8, 8, device=DEVICE)
     ss = K.sampler_step
     pairs = [
-        (ss.euler(m, x, 7.5, 2.0, 1.0), ss.euler_ref(m, x, 7.5, 2.0, 1.0)),
-        (ss.euler_a(m, x, noise, 7.5, 2.0, 1.0), ss.euler_a_ref(m, x, noise, 7.5, 2.0, 1.0)),
-        (ss.ddim(m, x, 7.5, 0.3, 0.5, 0.5, noise), ss.ddim_ref(m, x, 7.5, 0.3, 0.5, 0.5, noise)),
-        (ss.dpmpp_2m(m, x, noise, 7.5, 2.0, 1.0, 3.0)[0], ss.dpmpp_2m_ref(m, x, noise, 7.5, 2.0, 1.0, 3.0)[0]),
-        (ss.lcm(m, x, noise, 7.5, 0.3, 0.5, 0.1, 0.9), ss.lcm_ref(m, x, noise, 7.5, 0.3, 0.5, 0.1, 0.9)),
+        (K.sampler_step_euler(m, x, 7.5, 2.0, 1.0), ss.euler_ref(m, x, 7.5, 2.0, 1.0)),
+        (K.sampler_step_euler_a(m, x, noise, 7.5, 2.0, 1.0), ss.euler_a_ref(m, x, noise, 7.5, 2.0, 1.0)),
+        (K.sampler_step_ddim(m, x, 7.5, 0.3, 0.5, 0.5, noise), ss.ddim_ref(m, x, 7.5, 0.3, 0.5, 0.5, noise)),
+        (K.sampler_step_dpmpp_2m(m, x, noise, 7.5, 2.0, 1.0, 3.0)[0],
+         ss.dpmpp_2m_ref(m, x, noise, 7.5, 2.0, 1.0, 3.0)[0]),
+        (K.sampler_step_lcm(m, x, noise, 7.5, 0.3, 0.5, 0.1, 0.9), ss.lcm_ref(m, x, noise, 7.5, 0.3, 0.5, 0.1, 0.9)),
     ]
     for got, want in pairs:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -71,7 +72,7 @@ class _Block(torch.nn.Module):
     def forward(self, x, weight, bias, q, model_out, sigma, sigma_next):
         h = K.group_norm(x, 32, weight, bias, silu=True)
         a = torch.ops.sdengine.attention(q, q, q, None)
-        step = K.sampler_step.euler(model_out, h, 7.5, sigma, sigma_next)
+        step = K.sampler_step_euler(model_out, h, 7.5, sigma, sigma_next)
         return step, a
 
 

@@ -10,9 +10,10 @@ host call. Three things get graphed, each once per input shape:
   input buffers; the output is copied out of the graph's buffer on return;
 - `DeviceStep`: the whole denoising step, UNet on the doubled batch -> classifier-free
   guidance -> the sampler update, with every per-step scalar read on the device from a row
-  of `samplers.fused.step_table`, so that one graph serves every step of every run at that
-  shape. The update is either plain torch ops (`sampler_step.<name>_ref`) or the fused
-  Triton kernels (`sampler_step.<name>_triton`);
+  of the run's step table (`samplers.fused.FusedRun`, the step's one input from the sampler
+  side), so that one graph serves every step of every run at that shape. The update is
+  kernels/ops.py's `sampler_update`: the fused Triton kernel on the triton layer, plain torch
+  ops (the kernels' references) on the graph layer;
 - both live in one `GraphCache`: a bounded LRU keyed by what a graph bakes in (shapes,
   dtypes, sampler), whose graphs share one memory pool.
 
@@ -40,11 +41,12 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from ..samplers import fused
+if TYPE_CHECKING:
+    from ..samplers.fused import FusedRun
 
 log = logging.getLogger("sdengine")
 
@@ -173,52 +175,6 @@ class GraphedFunction:
 # The whole denoising step
 # ---------------------------------------------------------------------------
 
-def torch_update(sampler: str, prediction_type: str, model_out, x, scalars, cfg_scale, noise, old_denoised):
-    """Guidance + the sampler update in plain torch ops (kernels/sampler_step.py's references),
-    written into x (and DPM++ 2M's old_denoised) in place. Scalars are 1-element device
-    tensors: nothing here syncs with the host, so it can be captured."""
-    from ..kernels import sampler_step
-
-    if sampler == "euler":
-        x.copy_(sampler_step.euler_ref(model_out, x, cfg_scale, *scalars, prediction_type))
-    elif sampler == "euler_a":
-        x.copy_(sampler_step.euler_a_ref(model_out, x, noise, cfg_scale, *scalars, prediction_type))
-    elif sampler == "ddim":
-        x.copy_(sampler_step.ddim_ref(model_out, x, cfg_scale, *scalars, noise, prediction_type))
-    elif sampler == "dpmpp_2m":
-        x_next, denoised = sampler_step.dpmpp_2m_ref(model_out, x, old_denoised, cfg_scale, *scalars,
-                                                     prediction_type)
-        x.copy_(x_next)
-        old_denoised.copy_(denoised)
-    elif sampler == "lcm":
-        x.copy_(sampler_step.lcm_ref(model_out, x, noise, cfg_scale, *scalars, prediction_type))
-    else:
-        raise ValueError(f"no device update for sampler {sampler!r} (have: {', '.join(fused.FUSED_SAMPLERS)})")
-
-
-def triton_update(sampler: str, prediction_type: str, model_out, x, scalars, cfg_scale, noise, old_denoised):
-    """Guidance + the sampler update as one fused Triton kernel (kernels/sampler_step.py),
-    written into x in place."""
-    from ..kernels import sampler_step
-
-    if sampler == "euler":
-        sampler_step.euler_triton(model_out, x, cfg_scale, *scalars, prediction_type, out=x)
-    elif sampler == "euler_a":
-        sampler_step.euler_a_triton(model_out, x, noise, cfg_scale, *scalars, prediction_type, out=x)
-    elif sampler == "ddim":
-        sampler_step.ddim_triton(model_out, x, cfg_scale, *scalars, noise, prediction_type, out=x)
-    elif sampler == "dpmpp_2m":
-        sampler_step.dpmpp_2m_triton(model_out, x, old_denoised, cfg_scale, *scalars, prediction_type, out=x,
-                                     denoised_out=old_denoised)
-    elif sampler == "lcm":
-        sampler_step.lcm_triton(model_out, x, noise, cfg_scale, *scalars, prediction_type, out=x)
-    else:
-        raise ValueError(f"no fused kernel for sampler {sampler!r} (have: {', '.join(fused.FUSED_SAMPLERS)})")
-
-
-UPDATES = {"torch": torch_update, "triton": triton_update}
-
-
 class DeviceStep:
     """One whole denoising step on static buffers, run directly or replayed from a CUDA graph:
 
@@ -230,7 +186,10 @@ class DeviceStep:
     own buffer. Every per-step scalar is read on the device from the row buffer, so a graph
     captured once serves every step of every run at these shapes.
 
-    unet: the network to call (possibly compiled); update: a function of UPDATES' signature.
+    unet: the network to call (possibly compiled); fused: the FusedRun of the run that makes the
+    instance (its sampler, prediction type, noise input and table width: the same for every run
+    whose key matches); kernel: the update runs the fused Triton kernel (kernels/ops.py
+    sampler_update's `kernel`).
 
     ControlNets (`controls`, sdengine.controlnet.ControlInput; `controlnet_fn(control)` gives the
     function that runs one, as the backend prepared it) run inside the same step, before the UNet,
@@ -240,11 +199,12 @@ class DeviceStep:
     outside a ControlNet's range replays a graph captured without it.
     """
 
-    def __init__(self, unet, dtype, device, sampler: str, prediction_type: str, x_shape: tuple, context,
-                 added_cond=None, extra_channels=None, *, takes_noise: bool, channels_last: bool,
-                 update: Callable, graphs: Optional[GraphCache] = None, controls=(), controlnet_fn=None):
+    def __init__(self, unet, dtype, device, fused: FusedRun, x_shape: tuple, context, added_cond=None,
+                 extra_channels=None, *, channels_last: bool, kernel: bool, graphs: Optional[GraphCache] = None,
+                 controls=(), controlnet_fn=None):
         self.unet, self.dtype = unet, dtype
-        self.sampler, self.prediction_type, self.update = sampler, prediction_type, update
+        self.sampler, self.prediction_type, self.kernel = fused.sampler, fused.prediction_type, kernel
+        self.columns = fused.columns  # how a row of the table reads (a function of the row)
         self.do_cfg = context.shape[0] == 2 * x_shape[0]
         self.channels_last = channels_last
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -253,10 +213,9 @@ class DeviceStep:
             return torch.zeros(x_shape, dtype=torch.float32, device=device).contiguous(memory_format=fmt)
 
         self.x = latent_buffer()
-        self.row = torch.zeros(fused.FIRST_KERNEL_SCALAR + len(fused.KERNEL_SCALARS[sampler]),
-                               dtype=torch.float32, device=device)
-        self.noise = latent_buffer() if takes_noise else None
-        self.old_denoised = latent_buffer() if sampler == "dpmpp_2m" else None
+        self.row = torch.zeros(fused.table.shape[1], dtype=torch.float32, device=device)
+        self.noise = latent_buffer() if fused.takes_noise else None
+        self.old_denoised = latent_buffer() if fused.sampler == "dpmpp_2m" else None
         self.context = torch.zeros_like(context)
         self.added_cond = {k: torch.zeros_like(v) for k, v in added_cond.items()} if added_cond else None
         # inpainting: mask and masked-image latents, appended to the UNet input's channels
@@ -324,13 +283,14 @@ class DeviceStep:
 
     def run(self):
         """The step on the buffers: what a CUDA graph of it captures."""
-        row, x = self.row, self.x
-        c_in, cfg_scale = row[1], row[2:3]  # fused.COLUMNS, as device tensors
-        scalars = [row[j:j + 1] for j in range(fused.FIRST_KERNEL_SCALAR, row.shape[0])]  # KERNEL_SCALARS
+        from ..kernels.ops import sampler_update
+
+        x = self.x
+        timestep, c_in, cfg_scale, scalars = self.columns(self.row)  # device tensors
         x_in = (x * c_in).to(self.dtype)
         x_batch = torch.cat([x_in, x_in]) if self.do_cfg else x_in  # (2N, C, h, w): [uncond, cond]
         # (2N,) dense, as `denoise` passes it: one compiled UNet serves both (the compile layer)
-        timestep = row[0:1].expand(x_batch.shape[0]).contiguous()
+        timestep = timestep.expand(x_batch.shape[0]).contiguous()
         if self.extra_channels is not None:  # inpainting: (2N, C + 1 + C, h, w)
             x_batch = torch.cat([x_batch, self.extra_channels], dim=1)
         if self.channels_last:
@@ -344,8 +304,8 @@ class DeviceStep:
                                           timestep, self.context, self.added_cond, x.shape[1])
             residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
         model_out = self.unet(x_batch, timestep, self.context, added_cond=self.added_cond, **residuals)
-        self.update(self.sampler, self.prediction_type, model_out, x, scalars, cfg_scale, self.noise,
-                    self.old_denoised)
+        sampler_update(self.sampler, self.prediction_type, model_out, x, scalars, cfg_scale, self.noise,
+                       self.old_denoised, kernel=self.kernel)
         return x
 
     def _capture(self):
@@ -361,25 +321,24 @@ class DeviceStep:
         return UNCAPTURABLE if captured is None else captured[0]
 
 
-def device_step(plan, prediction_type: str, context, guidance_scale: float, added_cond, extra_channels, *,
-                unet, dtype, device, update: Callable, channels_last: bool, graphs: Optional[GraphCache],
-                controls=(), controlnet_fn=None):
-    """The function `step(x, i, noise) -> x_next` of a whole run (docs/CONTRACTS.md, Backends).
+def device_step(fused: FusedRun, context, added_cond, extra_channels, *, unet, dtype, device, kernel: bool,
+                channels_last: bool, graphs: Optional[GraphCache], controls=(), controlnet_fn=None):
+    """The function `step(x, i, noise) -> x_next` of a whole run (docs/CONTRACTS.md, Backends):
+    the run's FusedRun (samplers/fused.py) on the device.
 
     On the first step it takes a free DeviceStep instance of the run's shape from the cache
     (capturing one on a miss) and holds it until the last step, or until the step function
     is dropped (a cancelled run). controls: the run's ControlNets (ControlInput, with `active`
     per step), run by controlnet_fn inside the step.
     """
-    table = fused.step_table(plan, guidance_scale).to(device)  # (steps, columns) float32
-    takes_noise = fused.takes_noise(plan)
+    table = fused.table.to(device)  # (steps, columns) float32
     last = table.shape[0] - 1
     state = {"entry": None}
 
     def make(x_shape):
-        entry = DeviceStep(unet, dtype, device, plan.sampler, prediction_type, x_shape, context, added_cond,
-                           extra_channels, takes_noise=takes_noise, channels_last=channels_last, update=update,
-                           graphs=graphs, controls=controls, controlnet_fn=controlnet_fn)
+        entry = DeviceStep(unet, dtype, device, fused, x_shape, context, added_cond, extra_channels,
+                           channels_last=channels_last, kernel=kernel, graphs=graphs, controls=controls,
+                           controlnet_fn=controlnet_fn)
         return entry
 
     def acquire(x_shape):
@@ -387,8 +346,8 @@ def device_step(plan, prediction_type: str, context, guidance_scale: float, adde
             return make(x_shape)
         with graphs.lock:
             for instance in range(graphs.capacity + 1):
-                key = DeviceStep.key(plan.sampler, prediction_type, x_shape, context, added_cond, extra_channels,
-                                     takes_noise, instance, controls)
+                key = DeviceStep.key(fused.sampler, fused.prediction_type, x_shape, context, added_cond, extra_channels,
+                                     fused.takes_noise, instance, controls)
                 entry = graphs.lookup(key, lambda: make(x_shape))
                 if entry is None:  # cache full of busy entries: this run goes uncaptured
                     entry = make(x_shape)

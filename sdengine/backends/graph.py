@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from ..samplers import fused
-from .cuda_graphs import UPDATES, GraphCache, GraphedFunction, control_inputs, device_step
+from .cuda_graphs import GraphCache, GraphedFunction, control_inputs, device_step
 from .eager import EagerBackend, run_text_encoders
 
 log = logging.getLogger("sdengine")
@@ -42,7 +42,7 @@ class GraphBackend(EagerBackend):
     """
 
     name = "graph"
-    step_update = "torch"  # how the guidance + sampler update runs: a key of cuda_graphs.UPDATES
+    step_update = "torch"  # the whole step's guidance + update: "triton" (the fused kernel) or "torch" (its reference)
     channels_last = False  # NHWC activations on CUDA (the Triton and compile layers)
 
     def __init__(self, config, text_encoder, unet, vae, text_encoder_2=None, *, cuda_graphs: bool = True,
@@ -146,9 +146,9 @@ class GraphBackend(EagerBackend):
             added_cond = {k: v.to(self.device, self.dtype) for k, v in added_cond.items()}
         if extra_channels is not None:
             extra_channels = extra_channels.to(self.device, self.dtype)
-        return device_step(plan, self.config.scheduler.prediction_type, context, guidance_scale, added_cond,
-                           extra_channels, unet=self.unet_fn, dtype=self.dtype, device=self.device,
-                           update=UPDATES[self.step_update], channels_last=self.channels_last,
+        run = fused.fused_run(plan, self.config.scheduler.prediction_type, guidance_scale)  # the sampler side
+        return device_step(run, context, added_cond, extra_channels, unet=self.unet_fn, dtype=self.dtype,
+                           device=self.device, kernel=self.step_update == "triton", channels_last=self.channels_last,
                            graphs=self.graphs, controls=list(controls), controlnet_fn=self.controlnet_fn)
 
     def fused_unsupported(self, plan) -> Optional[str]:

@@ -1,22 +1,25 @@
 """The fused denoising step: one function per step, UNet -> guidance -> sampler update.
 
-A backend that can run a whole step as one function (the Triton backend, through the
-fused CFG + update kernels of kernels/sampler_step.py) offers
+A backend that can run a whole step as one function (the graph layers, the Triton backend
+through the fused CFG + update kernels of kernels/sampler_step.py) offers
 
     step = backend.fused_step(plan, context, guidance_scale, added_cond=None)  # or None
     x_next = step(x, i, noise)
 
-(docs/CONTRACTS.md, Backends). This module holds what such a step needs from the sampler
-side, so that it matches the unfused samplers of sigma_samplers.py / timestep_samplers.py:
-- `unsupported(plan, prediction_type)`: why the fused kernels cannot run a plan (None if
-  they can): samplers without a kernel, x0 clipping, "sample" prediction, DPM++ 2M's heun
-  variant;
-- `step_table(plan, guidance_scale)`: every per-step scalar of the run as one float32 table,
-  one row per step (`COLUMNS`), so that a step reads its scalars from a device tensor indexed
-  by the step and a CUDA graph of the step can be replayed for every step;
-- `with_noise(step, plan, generators, shape)`: the fused step as the step(x, i) of the one
-  loop (`samplers.sample`), each step's noise drawn from the per-image CPU generators in the
-  order the unfused samplers draw it (`randn`), so the images do not change.
+(docs/CONTRACTS.md, Backends). This module is the sampler side of that step, so that it matches
+the unfused samplers of sigma_samplers.py / timestep_samplers.py. The step has one seam to it
+on each side:
+- the backend builds the step from one `FusedRun` (`fused_run(plan, prediction_type,
+  guidance_scale)`), after asking `unsupported(plan, prediction_type)` whether the kernels can
+  run the plan at all (None if they can; the reasons: samplers without a kernel, x0 clipping,
+  "sample" prediction, DPM++ 2M's heun variant). A FusedRun holds everything the step reads from
+  the plan: the sampler and prediction type (which update, kernels/ops.py `sampler_update`), and
+  `step_table(plan, guidance_scale)`, every per-step scalar of the run as one float32 table, one
+  row per step (`COLUMNS`, then `KERNEL_SCALARS`), so that a step reads its scalars from a device
+  tensor indexed by the step and a CUDA graph of the step can be replayed for every step;
+- the loop (`samplers.sample`) runs the step through `with_noise(step, plan, generators, shape)`,
+  its step(x, i), which draws each step's noise from the per-image CPU generators in the order
+  the unfused samplers draw it (`randn`), so the images do not change.
 
 The sampler state is the one of the unfused samplers: σ-space x = x0 + σ·ε for euler,
 euler_a and dpmpp_2m (the UNet gets x·c_in, c_in = 1/sqrt(σ² + 1)), diffusers' VP latents
@@ -25,6 +28,7 @@ for ddim and lcm (c_in = 1).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -88,6 +92,38 @@ def step_table(plan: Plan, guidance_scale: float) -> torch.Tensor:
     values.update(timestep=s["timestep"], cfg_scale=ones * float(guidance_scale))
     columns = COLUMNS + KERNEL_SCALARS[plan.sampler]
     return torch.stack([values[name] for name in columns], dim=1).to(torch.float32)
+
+
+@dataclass(frozen=True)
+class FusedRun:
+    """One run of a plan as the fused step takes it: all that the backend's step reads from the
+    sampler side, made once per run by `fused_run`.
+
+    sampler, prediction_type: which guidance + update the step runs (kernels/ops.py sampler_update);
+    table: (steps, len(COLUMNS) + len(KERNEL_SCALARS[sampler])) float32 CPU (`step_table`);
+    takes_noise: whether the update takes a noise input (the step keeps a buffer for it).
+    """
+
+    sampler: str
+    prediction_type: str
+    table: torch.Tensor
+    takes_noise: bool
+
+    @staticmethod
+    def columns(row: torch.Tensor) -> tuple:
+        """A row of the table (on the device) as (timestep, c_in, cfg_scale, [kernel scalars]): views,
+        the scalars 1-element each, so that reading them never syncs with the host."""
+        scalars = [row[j:j + 1] for j in range(FIRST_KERNEL_SCALAR, row.shape[0])]  # KERNEL_SCALARS order
+        return row[0:1], row[1], row[2:3], scalars
+
+
+def fused_run(plan: Plan, prediction_type: str, guidance_scale: float) -> FusedRun:
+    """The FusedRun of `plan` for a model predicting `prediction_type`; a ValueError naming the
+    reason where the fused kernels cannot run it (`unsupported`)."""
+    reason = unsupported(plan, prediction_type)
+    if reason is not None:
+        raise ValueError(f"fused step: {reason}")
+    return FusedRun(plan.sampler, prediction_type, step_table(plan, guidance_scale), takes_noise(plan))
 
 
 def takes_noise(plan: Plan) -> bool:
