@@ -264,8 +264,8 @@ def sampler_update(sampler: str, prediction_type: str, model_out, x, scalars, cf
     denoised into old_denoised, its history buffer).
 
     scalars: the sampler's per-step scalars in its kernel's argument order (samplers/fused.py
-    KERNEL_SCALARS), cfg_scale and they 1-element device tensors, so nothing here syncs with the host
-    and a CUDA graph can capture it. kernel: whether the backend asks for the fused Triton kernel (the
+    KERNEL_SCALARS); they and cfg_scale are 1-element device tensors, so nothing here syncs with the
+    host and a CUDA graph can capture it. kernel: whether the backend asks for the fused Triton kernel (the
     triton layer) or the plain-torch reference (the graph layer). The kernel runs where the rule says so
     (`uses_triton(x)`, or `launches_directly()`), as its wrapper called with out= (the step's buffers;
     the registered operator would allocate new ones); elsewhere the reference.
