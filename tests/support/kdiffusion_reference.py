@@ -185,13 +185,48 @@ class _TorchHijack:
         return self.draw()
 
 
+class CFGDenoiser:
+    """A1111's CFGDenoiser (modules/sd_samplers_cfg_denoiser.py) for one prompt per image: the
+    batch [cond rows, uncond rows] through the k-diffusion denoiser `inner`, then
+    denoised = uncond + (cond - uncond) * cond_scale on the denoised (x0) outputs."""
+
+    def __init__(self, inner, cond, uncond, cond_scale):
+        self.inner, self.cond, self.uncond, self.cond_scale = inner, cond, uncond, cond_scale
+        self.sigmas = inner.sigmas  # A1111's get_sigmas reads the model's sigmas from the wrap
+
+    def __call__(self, x, sigma, **kwargs):
+        x_out = self.inner(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=torch.cat([self.cond, self.uncond]))
+        denoised_cond, denoised_uncond = x_out.chunk(2)
+        return denoised_uncond + (denoised_cond - denoised_uncond) * self.cond_scale
+
+
+def diffusers_denoiser(unet, alphas_cumprod, v_prediction=False):
+    """k-diffusion's DiscreteEpsDDPMDenoiser / DiscreteVDDPMDenoiser over a diffusers UNet
+    (what CompVisDenoiser / CompVisVDenoiser are, over LDM's apply_model)."""
+    _, external = load()
+
+    def unet_fn(x, t, cond):
+        return unet(x, t, encoder_hidden_states=cond).sample
+
+    cls = external.DiscreteVDDPMDenoiser if v_prediction else external.DiscreteEpsDDPMDenoiser
+    return cls(unet_fn, alphas_cumprod, quantize=False)
+
+
 def sample(model_fn, alphas_cumprod, label, schedule, steps, seeds, shape, *, v_prediction=False, eta=None,
            is_sdxl=False):
-    """The latents A1111 (CPU RNG source, no ENSD) draws with k-diffusion for these seeds:
-    per-image CPU generators, the first draw the start (times sigmas[0]), later draws the
-    ancestral noise; the SDE samplers' noise from BrownianTreeNoiseSampler over the image seeds."""
-    sampling, _ = load()
+    """The latents A1111 (CPU RNG source, no ENSD) draws with k-diffusion for these seeds, over
+    a random stand-in model_fn(x_in, t) (see sample_with)."""
     model_wrap = denoiser(model_fn, alphas_cumprod, v_prediction)
+    return sample_with(model_wrap, model_wrap, label, schedule, steps, seeds, shape, eta=eta, is_sdxl=is_sdxl)
+
+
+def sample_with(model, model_wrap, label, schedule, steps, seeds, shape, *, eta=None, is_sdxl=False):
+    """The latents A1111 (CPU RNG source, no ENSD) draws with k-diffusion's sampler of `label`:
+    `model` is what the sampler calls (the CFG denoiser, or the bare wrap), `model_wrap` the
+    k-diffusion denoiser whose sigmas the schedule reads. Per-image CPU generators: the first
+    draw the start (times sigmas[0]), later draws the ancestral noise; the SDE samplers' noise
+    from BrownianTreeNoiseSampler over the image seeds."""
+    sampling, _ = load()
     sigmas = get_sigmas(model_wrap, label, schedule, steps, is_sdxl)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
 
@@ -213,9 +248,10 @@ def sample(model_fn, alphas_cumprod, label, schedule, steps, seeds, shape, *, v_
     sampling.torch = _TorchHijack(draw)
     try:
         with torch.no_grad():
-            return func(model_wrap, x, sigmas, extra_args={"cond": None}, disable=True, **kwargs)
+            return func(model, x, sigmas, extra_args={}, disable=True, **kwargs)
     finally:
         sampling.torch = saved
 
 
-__all__ = ["load", "ldm_alphas_cumprod", "denoiser", "get_sigmas", "sample", "A1111_K_SAMPLERS", "SCHEDULE_LABELS"]
+__all__ = ["load", "ldm_alphas_cumprod", "denoiser", "diffusers_denoiser", "CFGDenoiser", "get_sigmas", "sample",
+           "sample_with", "A1111_K_SAMPLERS", "SCHEDULE_LABELS"]

@@ -1,0 +1,129 @@
+"""A1111's sampler labels through the whole pipeline, against k-diffusion driven as A1111 drives it.
+
+The reference (tests/support/kdiffusion_reference.py): A1111's CFGDenoiser over k-diffusion's
+DiscreteEpsDDPMDenoiser / DiscreteVDDPMDenoiser with the LDM alphas_cumprod, around the tiny
+random diffusers UNet; A1111's get_sigmas; the start at noise * sigma_0 and A1111's CPU noise for
+the images' seeds (ancestral draws from the per-image generators, Brownian trees for the SDE
+samplers); the latents decoded by the diffusers VAE. The conditioning is diffusers' encode_prompt of
+the same prompt and the empty negative prompt. sdengine runs from_diffusers of the same pipeline,
+its scheduler the published SD1.5 (PNDMScheduler) or SD2.1 (DDIMScheduler, v_prediction) config.
+Images within 1/255 (asserted: 0.02/255, see TIGHT), two images per run (two seeds).
+
+The grid (2 busy cores): every deterministic sampler on every A1111 schedule on SD1; on SD2-v every
+deterministic sampler on its Automatic schedule plus one schedule each (a rotation through the
+list, so that all twelve appear); every ancestral / SDE sampler on its Automatic schedule on both
+models. test_a1111.py covers every sampler on every schedule at the sampler level.
+
+Budget: about 60 s on 2 busy cores.
+"""
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+import sdengine
+from support import kdiffusion_reference as ref
+from support.tiny import tiny_pipeline
+
+PROMPT = "a lighthouse on a cliff at dusk"
+H = W = 8
+STEPS = 6
+CFG_SCALE = 5.0
+SEEDS = [101, 102]
+TOL = 1 / 255      # the acceptance bound
+TIGHT = 0.02 / 255  # what float32 on both sides gives (measured: at most 0.0011/255 over the grid); a run
+                    # under diffusers' rules is 0.32/255 away for DPM++ 2M Karras, so 1/255 alone could not tell
+
+# The published scheduler_config.json of runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1
+PUBLISHED = {
+    "sd15": ("PNDMScheduler", {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                               "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+                               "steps_offset": 1, "trained_betas": None, "clip_sample": False}),
+    "sd21-v": ("DDIMScheduler", {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                                 "clip_sample": False, "num_train_timesteps": 1000, "prediction_type": "v_prediction",
+                                 "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+                                 "trained_betas": None}),
+}
+
+DETERMINISTIC = ("Euler", "LMS", "Heun", "DPM2", "DPM++ 2M")
+STOCHASTIC = ("Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE")
+_OTHER_SCHEDULES = [s for s in ref.SCHEDULE_LABELS if s != "Automatic"]
+CASES = (
+    [("sd15", label, schedule) for label in DETERMINISTIC for schedule in ref.SCHEDULE_LABELS]
+    + [("sd21-v", label, "Automatic") for label in DETERMINISTIC]
+    + [("sd21-v", label, _OTHER_SCHEDULES[(3 * i + 1) % len(_OTHER_SCHEDULES)]) for i, label in enumerate(DETERMINISTIC)]
+    + [("sd21-v", label, _OTHER_SCHEDULES[(3 * i + 2) % len(_OTHER_SCHEDULES)]) for i, label in enumerate(DETERMINISTIC)]
+    + [(kind, label, "Automatic") for kind in PUBLISHED for label in STOCHASTIC]
+)
+
+
+class Models:
+    """Per tiny kind: the diffusers pipeline with the published scheduler, sdengine's pipeline over
+    its weights, and the reference's conditioning and model wrap."""
+
+    def __init__(self, kind):
+        base = tiny_pipeline(kind)
+        cls_name, config = PUBLISHED[kind]
+        scheduler = getattr(diffusers, cls_name).from_config(config)
+        self.pipe = diffusers.StableDiffusionPipeline(**{**base.components, "scheduler": scheduler})
+        self.ours = sdengine.from_diffusers(self.pipe)
+        with torch.no_grad():
+            cond, uncond = self.pipe.encode_prompt(PROMPT, "cpu", len(SEEDS), True, "")
+        self.cond, self.uncond = cond, uncond
+        self.v_prediction = config.get("prediction_type") == "v_prediction"
+        self.inner = ref.diffusers_denoiser(self.pipe.unet, ref.ldm_alphas_cumprod(), self.v_prediction)
+        vae = self.ours.config.vae
+        self.latent_shape = (vae.latent_channels, H // vae.downscale, W // vae.downscale)
+
+    def reference(self, label, schedule):
+        model = ref.CFGDenoiser(self.inner, self.cond, self.uncond, CFG_SCALE)
+        latents = ref.sample_with(model, self.inner, label, schedule, STEPS, SEEDS, self.latent_shape)
+        return self.decode(latents)
+
+    def decode(self, latents):
+        with torch.no_grad():
+            image = self.pipe.vae.decode(latents / self.pipe.vae.config.scaling_factor).sample
+        return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+    def ours_image(self, sampler, schedule, **options):
+        return self.ours(PROMPT, batch_size=len(SEEDS), seed=SEEDS, sampler=sampler, schedule=schedule, steps=STEPS,
+                         guidance_scale=CFG_SCALE, height=H, width=W, output_type="np", progress=False,
+                         **options).images
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            cache[kind] = Models(kind)
+        return cache[kind]
+
+    return get
+
+
+def max_diff(got, want) -> float:
+    return float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max())
+
+
+@pytest.mark.parametrize("kind,label,schedule", CASES, ids=[f"{k}-{l}-{s}".replace(" ", "_").replace("+", "p") for k, l, s in CASES])
+def test_image_matches_kdiffusion_as_a1111_drives_it(models, kind, label, schedule):
+    m = models(kind)
+    want = m.reference(label, schedule)
+    got = m.ours_image(label, schedule)
+    assert want.std() > 0.01
+    diff = max_diff(got, want)
+    assert diff <= TIGHT, f"{kind} {label} / {schedule}: max |difference| {diff * 255:.4f}/255 (acceptance {TOL * 255:.0f}/255)"
+
+
+def test_the_comparison_can_fail(models):
+    """The same label run under diffusers' rules, or another seed, is far from the reference."""
+    m = models("sd15")
+    want = m.reference("DPM++ 2M", "Karras")
+    assert max_diff(m.ours_image("DPM++ 2M", "Karras", conventions="diffusers"), want) > 5 * TIGHT
+    other_seeds = m.ours(PROMPT, batch_size=2, seed=[SEEDS[1], SEEDS[0]], sampler="DPM++ 2M", schedule="Karras",
+                         steps=STEPS, guidance_scale=CFG_SCALE, height=H, width=W, output_type="np",
+                         progress=False).images
+    assert max_diff(other_seeds, want) > 10 * TOL
