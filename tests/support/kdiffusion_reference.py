@@ -248,7 +248,7 @@ def sample_with(model, model_wrap, label, schedule, steps, seeds, shape, *, eta=
     sampling.torch = _TorchHijack(draw)
     try:
         with torch.no_grad():
-            return func(model, x, sigmas, extra_args={}, disable=True, **kwargs)
+            return func(model, x, sigmas, extra_args={"cond": None}, disable=True, **kwargs)
     finally:
         sampling.torch = saved
 
