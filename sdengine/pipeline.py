@@ -85,7 +85,8 @@ class GenerationResult:
             sampler = a1111.label_of(p["sampler"])
             schedule = next(label for label, name in A1111_SCHEDULES.items() if name == p["schedule"])
             default_eta = a1111.options_of(p["sampler"]).get("eta")  # None: the sampler has no eta
-            eta_field = ("Eta", p["eta"] if default_eta is not None and p.get("eta") != default_eta else None)
+            eta_name = "Eta DDIM" if p["sampler"] in a1111.TIMESTEP_SAMPLERS else "Eta"  # A1111's eta_ddim option
+            eta_field = (eta_name, p["eta"] if default_eta is not None and p.get("eta") != default_eta else None)
         else:
             sampler = A1111_LABELS["samplers"].get(p["sampler"], p["sampler"])
             schedule = A1111_LABELS["schedules"].get(p["schedule"], p["schedule"])
@@ -366,10 +367,12 @@ class Pipeline:
 
     def _model_fn(self, run: "Run", context, added_cond, extra_channels, controls: list, progress: "_Progress"):
         """model_fn(x_in, t) -> the raw model output (the config's prediction type) with guidance
-        applied: one UNet forward on [uncond, cond], with the ControlNets active at this step."""
+        applied: one UNet forward on [uncond, cond], with the ControlNets active at this step.
+        with_uncond=True (A1111's DDIM CFG++): (guided output, unconditional output), the scale
+        multiplied by guidance_multiplier; without guidance both are the conditional output."""
         do_cfg, guidance_scale, total = run.do_cfg, run.request.guidance_scale, run.plan.num_steps
 
-        def model_fn(x_in, t):
+        def model_fn(x_in, t, with_uncond: bool = False, guidance_multiplier: float = 1.0):
             x_batch = torch.cat([x_in, x_in]) if do_cfg else x_in  # (2N, C, h, w)
             if extra_channels is not None:
                 x_batch = torch.cat([x_batch, extra_channels.to(x_batch.dtype)], dim=1)
@@ -382,9 +385,10 @@ class Pipeline:
             else:
                 out = self.backend.denoise(x_batch, t_batch, context, added_cond)
             if not do_cfg:
-                return out
+                return (out, out) if with_uncond else out
             uncond, cond = out.chunk(2)
-            return uncond + guidance_scale * (cond - uncond)
+            guided = uncond + guidance_scale * guidance_multiplier * (cond - uncond)
+            return (guided, uncond) if with_uncond else guided
 
         return model_fn
 

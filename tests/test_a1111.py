@@ -150,11 +150,14 @@ def test_vocabulary_picks_the_rules():
     assert samplers.conventions_for("euler_a") == "diffusers"
     assert samplers.conventions_for("dpmpp_2m_karras") == "diffusers"
     assert samplers.conventions_for(None) == "diffusers"
-    assert samplers.conventions_for("DDIM") == "diffusers"  # A1111's own DDIM is not reproduced: diffusers'
+    assert samplers.conventions_for("DDIM") == "a1111"
+    assert samplers.conventions_for("ddim") == "diffusers"  # sdengine's own names mean diffusers'
+    assert samplers.conventions_for("lcm") == "diffusers"
     assert samplers.conventions_for("euler_a", "a1111") == "a1111"
     assert samplers.plan_for("euler_a", None, 10, SD, conventions="a1111").sampler == "euler_a"
-    with pytest.raises(ValueError, match="does not reproduce A1111's DDIM"):
-        samplers.plan_for("DDIM", None, 10, SD, conventions="a1111")
+    assert samplers.plan_for("ddim", None, 10, SD, conventions="a1111").sampler == "ddim"
+    with pytest.raises(ValueError, match="does not reproduce A1111's UniPC"):
+        samplers.plan_for("UniPC", None, 10, SD, conventions="a1111")
 
 
 @pytest.mark.parametrize("a1111_name,schedule,diffusers_name", [("DPM++ 2M", "Karras", "dpmpp_2m_karras"),
@@ -167,3 +170,146 @@ def test_diffusers_rules_draw_another_image(a1111_name, schedule, diffusers_name
     got = samplers.sample(model_fn, noise.first(), plan)
     want, _ = theirs(a1111_name, schedule)
     assert float((got - want).abs().max()) > 10 * RTOL * float(want.abs().max())
+
+
+# ---------------------------------------------------------------------------
+# A1111's other samplers: DPM fast / adaptive (k-diffusion), Restart, LCM, DDIM, PLMS, DDIM CFG++
+# ---------------------------------------------------------------------------
+
+# DPM fast with nfe = steps 8, 9 and 10 ends in each lower order; DPM adaptive takes no step count
+KDIFFUSION_DRIVEN = [("DPM fast", 8), ("DPM fast", 9), ("DPM fast", 10), ("DPM adaptive", 8), ("Restart", 8),
+                     ("Restart", 9), ("LCM", 8), ("LCM", 9)]
+
+
+@pytest.mark.parametrize("label,steps", KDIFFUSION_DRIVEN)
+@pytest.mark.parametrize("cfg", [SD, SD_V], ids=["eps", "v"])
+def test_kdiffusion_driven_samplers(label, steps, cfg):
+    """DPM fast and DPM adaptive are k-diffusion's, called with the model's sigma range and
+    A1111's eta 1 (its noise from the images' generators); Restart and LCM are A1111's own loops
+    over k-diffusion's parts (kdiffusion_reference.restart_sample, lcm_denoiser)."""
+    got, got_calls = ours(label, "Automatic", cfg, steps=steps)
+    want, want_calls = theirs(label, "Automatic", cfg, steps=steps)
+    assert len(got_calls) == len(want_calls)
+    assert_close(torch.stack(got_calls), torch.stack(want_calls), f"{label} timesteps")
+    assert_close(got, want, label)
+
+
+@pytest.mark.parametrize("label,schedule", [("Restart", "Exponential"), ("LCM", "Karras"), ("LCM", "Normal"),
+                                            ("LCM", "DDIM"), ("DPM fast", "Karras"), ("Restart", "Align Your Steps")])
+def test_kdiffusion_driven_samplers_on_other_schedules(label, schedule):
+    got, _ = ours(label, schedule)
+    want, _ = theirs(label, schedule)
+    assert_close(got, want, f"{label} / {schedule}")
+
+
+@pytest.mark.parametrize("steps", [20, 37])
+def test_restart_restarts(steps):
+    """From 20 steps Restart jumps back up (once, from 36 twice), with fresh noise each time."""
+    got, got_calls = ours("Restart", "Automatic", steps=steps)
+    want, want_calls = theirs("Restart", "Automatic", steps=steps)
+    assert len(got_calls) == len(want_calls)
+    timesteps = [float(t[0]) for t in got_calls]
+    jumps = sum(later > earlier + 100 for earlier, later in zip(timesteps, timesteps[1:]))
+    assert jumps >= (2 if steps >= 36 else 1), timesteps
+    assert_close(got, want, f"Restart {steps} steps")
+
+
+def test_restart_below_20_steps_is_kdiffusions_heun():
+    """The cross-check of the Restart reference with k-diffusion's sample_heun: no restart, Heun."""
+    got, _ = ours("Restart", "Karras", steps=12)
+    want, _ = theirs("Heun", "Karras", steps=12)
+    assert_close(got, want, "Restart = Heun")
+
+
+def test_dpm_fast_and_adaptive_eta():
+    for label in ("DPM fast", "DPM adaptive"):
+        got, _ = ours(label, "Automatic", eta=0.0)
+        want, _ = theirs(label, "Automatic", eta=0.0)
+        assert_close(got, want, f"{label} eta 0")
+        assert not torch.allclose(got, ours(label, "Automatic")[0])
+
+
+def timestep_model(cfg_scale=None):
+    """The stand-in model as A1111's timestep samplers see it, and with a second, unconditional
+    branch for CFG++: model_fn(x, t, cond) for the reference, and sdengine's model_fn."""
+    model_fn, calls = make_model()
+    other, _ = make_model(seed=1)
+
+    def theirs_fn(x, t, cond):
+        if cond is None:
+            return model_fn(x, t)
+        half = x.shape[0] // 2
+        return torch.cat([model_fn(x[:half], t[:half]), other(x[half:], t[half:])])
+
+    def ours_fn(x, t, with_uncond=False, guidance_multiplier=1.0):
+        if cfg_scale is None:
+            return (model_fn(x, t),) * 2 if with_uncond else model_fn(x, t)
+        cond, uncond = model_fn(x, t), other(x, t)
+        guided = uncond + (cond - uncond) * cfg_scale * guidance_multiplier
+        return (guided, uncond) if with_uncond else guided
+
+    return theirs_fn, ours_fn, calls
+
+
+def run_timestep(label, steps, cfg=SD, cfg_scale=None, eta=None):
+    theirs_fn, ours_fn, _ = timestep_model(cfg_scale)
+    plan = samplers.plan_for(label, None, steps, cfg, eta=eta)
+    noise = rng.ImageNoise(SHAPE, SEEDS)
+    got = samplers.sample(ours_fn, noise.first(), plan, generators=noise)
+    alphas = ref.ldm_alphas_cumprod(cfg.beta_start, cfg.beta_end)
+    alphas64 = torch.from_numpy(np.cumprod(1 - np.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, 1000) ** 2))
+    cond = None if cfg_scale is None else torch.zeros(len(SEEDS))
+    model = ref.TimestepCFG(theirs_fn, alphas64, cond, cond, cfg_scale or 1.0, cfg.prediction_type == "v_prediction")
+    want = ref.timestep_sample(model, alphas, label, steps, SEEDS, SHAPE, eta=eta or 0.0)
+    return got, want
+
+
+@pytest.mark.parametrize("steps", [7, 10, 20])
+@pytest.mark.parametrize("label", ref.TIMESTEP_LABELS)
+@pytest.mark.parametrize("cfg", [SD, SD_V], ids=["eps", "v"])
+def test_timestep_samplers(label, steps, cfg):
+    """DDIM, PLMS and DDIM CFG++ against the transcription of A1111's loops (its timesteps
+    1, 1 + 1000 // steps, ...: 7 steps give 8 timesteps)."""
+    got, want = run_timestep(label, steps, cfg, cfg_scale=4.0)
+    assert_close(got, want, f"{label} {steps} steps")
+
+
+def test_ddim_eta_draws_a1111s_noise():
+    got, want = run_timestep("DDIM", 10, eta=0.7)
+    assert_close(got, want, "DDIM eta 0.7")
+    assert not torch.allclose(got, run_timestep("DDIM", 10)[0])
+
+
+def test_cfgpp_differs_from_ddim():
+    assert not torch.allclose(run_timestep("DDIM CFG++", 10, cfg_scale=4.0)[0],
+                              run_timestep("DDIM", 10, cfg_scale=4.0)[0], rtol=1e-3)
+
+
+def _diffusers_over(scheduler_cls, steps, **config):
+    """x after diffusers' scheduler over all its timesteps but the last (A1111 stops at t = 1),
+    from A1111's first draws, with the stand-in eps model."""
+    import diffusers
+
+    model_fn, _ = make_model()
+    scheduler = getattr(diffusers, scheduler_cls)(beta_start=SD.beta_start, beta_end=SD.beta_end,
+                                                  beta_schedule="scaled_linear", set_alpha_to_one=False,
+                                                  steps_offset=1, timestep_spacing="leading", **config)
+    scheduler.set_timesteps(steps)
+    x = rng.ImageNoise(SHAPE, SEEDS).first()
+    for t in scheduler.timesteps[:-1]:
+        x = scheduler.step(model_fn(x, t.float().expand(x.shape[0])), t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("label,scheduler_cls,config", [("DDIM", "DDIMScheduler", {"clip_sample": False}),
+                                                         ("DDIM CFG++", "DDIMScheduler", {"clip_sample": False}),
+                                                         ("PLMS", "PNDMScheduler", {"skip_prk_steps": True})])
+@pytest.mark.parametrize("steps", [8, 20])
+def test_timestep_reference_against_diffusers(label, scheduler_cls, config, steps):
+    """The cross-check of the transcription: where A1111's timesteps are diffusers' (1000 % steps
+    == 0: leading spacing, offset 1) and diffusers' last step (to t < 1) is left out, DDIM and PLMS
+    are diffusers' DDIMScheduler / PNDMScheduler (PLMS: skip_prk_steps); CFG++ without guidance
+    is DDIM."""
+    _, want = run_timestep(label, steps)
+    got = _diffusers_over(scheduler_cls, steps, **config)
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max()), label

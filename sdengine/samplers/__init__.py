@@ -153,14 +153,15 @@ _A1111_SCHEDULE_OF = {"default": "automatic", "normal": "normal", "karras": "kar
 
 def conventions_for(sampler: Optional[str], conventions: Optional[str] = None) -> str:
     """"a1111" or "diffusers": `conventions` when given; else A1111's rules for a sampler spelled
-    as A1111 spells it ("Euler a", "DPM++ 2M Karras", "k_euler") when sdengine reproduces that
-    sampler under them (a1111.SAMPLERS), diffusers' for everything else (sdengine's snake_case
-    names, ComfyUI's, diffusers' class names, the checkpoint's own scheduler)."""
+    as A1111 spells it ("Euler a", "DPM++ 2M Karras", "k_euler", "DDIM", "plms") when sdengine
+    reproduces that sampler under them (a1111.SAMPLERS), diffusers' for everything else
+    (sdengine's snake_case names, "ddim" and "lcm" included, ComfyUI's, diffusers' class names,
+    the checkpoint's own scheduler)."""
     if conventions is not None:
         if conventions not in ("a1111", "diffusers"):
             raise ValueError(f"conventions must be 'a1111' or 'diffusers', got {conventions!r}")
         return conventions
-    if sampler is None:
+    if sampler is None or str(sampler).strip() in SAMPLERS:  # sdengine's own names ("ddim", "lcm", "unipc")
         return "diffusers"
     label = a1111_sampler_label(split_a1111_label(sampler)[0])
     if label is not None and A1111_SAMPLERS[label][0] in _a1111.SAMPLERS:
@@ -266,27 +267,39 @@ def sample(model_fn: Optional[Callable], noise: torch.Tensor, plan: Plan, *, ste
     for i in range(plan.num_steps):
         x = step(x, i)  # a fused step may hand back a buffer it overwrites at the next step: copies go out
         if callback is not None:
-            callback(i, plan.latents(x, float(plan.sigmas[i + 1]) if plan.is_sigma_sampler else None).clone())
+            callback(i, plan.latents(x, float(plan.sigmas[i + 1]) if plan.vp_latents else None).clone())
     return plan.latents(x).clone()
 
 
 def _a1111_step(model_fn: Callable, plan: Plan, x: torch.Tensor, image_noise, options: dict) -> Callable:
-    """step(x, i) of an A1111 plan: k-diffusion's sampler over CompVisDenoiser, its noise from
-    A1111's per-image generators (rng.ImageNoise.next) or, for the SDE samplers, Brownian trees."""
+    """step(x, i) of an A1111 plan: k-diffusion's sampler over CompVisDenoiser (LCM: A1111's LCM
+    denoiser; DDIM, DDIM CFG++, PLMS: eps at integer timesteps), its noise from A1111's per-image
+    generators (rng.ImageNoise.next) or, for the SDE samplers, Brownian trees."""
     from .rng import BrownianNoise
 
     factory = _a1111.STEP_FACTORIES[plan.sampler]
     unknown = sorted(set(options) - {"eta"})
     if unknown:
         raise ValueError(f"sampler {plan.sampler!r} has no option {', '.join(map(repr, unknown))} under A1111's rules")
-    denoiser = _a1111.CompVisDenoiser(model_fn, _a1111.DiscreteSchedule(plan.alphas_cumprod.float()),
-                                      plan.prediction_type)
+    alphas_cumprod = plan.alphas_cumprod.float()
+    if plan.sampler in _a1111.TIMESTEP_SAMPLERS:
+        if plan.sampler == "ddim_cfgpp" and "with_uncond" not in inspect.signature(model_fn).parameters:
+            raise ValueError("DDIM CFG++ needs the unconditional prediction: the model function must take "
+                             "with_uncond and guidance_multiplier (as the pipeline's does)")
+        denoiser = _a1111.TimestepDenoiser(model_fn, plan.alphas_cumprod, plan.prediction_type)
+    elif plan.sampler == "lcm":
+        denoiser = _a1111.LCMDenoiser(model_fn, _a1111.LCMSchedule(alphas_cumprod))
+    else:
+        denoiser = _a1111.CompVisDenoiser(model_fn, _a1111.DiscreteSchedule(alphas_cumprod), plan.prediction_type)
     if _a1111.options_of(plan.sampler).get("brownian"):
         sigmas = plan.sigmas.float()
         noise = BrownianNoise(x, float(sigmas[sigmas > 0].min()), float(sigmas.max()), image_noise.seeds)
     else:
         def noise(*interval):
             return image_noise.next().to(x.device, x.dtype)
+    if plan.sampler in _a1111.TIMESTEP_SAMPLERS:
+        return factory(denoiser, plan.timesteps, plan.prev_timesteps, noise, alphas_cumprod=alphas_cumprod,
+                       **dict(plan.options, **options))
     return factory(denoiser, plan.sigmas, noise, **dict(plan.options, **options))
 
 

@@ -19,7 +19,10 @@ model's discrete schedule (stable-diffusion-webui modules/sd_samplers_kdiffusion
   Brownian tree per image seed for the SDE samplers.
 
 The sampler maths is k-diffusion's sampling.py, one step at a time (sigma_samplers.py holds the
-samplers both vocabularies share; this module adds A1111's others).
+samplers both vocabularies share; this module adds A1111's others): DPM fast and DPM adaptive are
+k-diffusion's DPMSolver; Restart is A1111's sd_samplers_extra.restart_sampler; LCM its
+sd_samplers_lcm (its own 50-sigma denoiser); DDIM, DDIM CFG++ and PLMS its
+sd_samplers_timesteps(_impl), which step over timesteps 1, 1 + 1000 // steps, ... in VP latents.
 """
 
 from __future__ import annotations
@@ -31,11 +34,18 @@ import numpy as np
 import torch
 
 from . import sigma_samplers as K
-from .names import A1111_SAMPLERS, A1111_SCHEDULES
+from .names import A1111_SAMPLERS, A1111_SCHEDULES, A1111_TIMESTEP_SAMPLERS
 
 # The samplers of A1111's list that sdengine runs under A1111's rules (names.A1111_SAMPLERS).
 SAMPLERS = ("dpmpp_2m", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_2s_a", "dpmpp_3m_sde", "euler_a",
-            "euler", "lms", "heun", "dpm_2", "dpm_2_a")
+            "euler", "lms", "heun", "dpm_2", "dpm_2_a", "dpm_fast", "dpm_adaptive", "restart", "lcm", "ddim",
+            "ddim_cfgpp", "pndm")
+# Those that step over timesteps in VP latents (sd_samplers_timesteps.py), not over sigmas.
+TIMESTEP_SAMPLERS = A1111_TIMESTEP_SAMPLERS
+# CFG++ (Chung et al., "CFG++: Manifold-constrained Classifier Free Guidance", 2024): A1111 maps
+# its CFG scale from [0, 12.5] to [0, 1] (cond_scale_miltiplier in sd_samplers_timesteps_impl.ddim_cfgpp).
+CFGPP_SCALE_MULTIPLIER = 1 / 12.5
+LCM_ORIGINAL_STEPS = 50  # LCMCompVisDenoiser: the 50 timesteps 19, 39, ..., 999 LCM was distilled on
 # Align Your Steps: the 10-step sigmas NVIDIA published for SD1.5 and SDXL (Sabour et al., "Align
 # Your Steps", 2024; research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html), as A1111 uses them.
 AYS_SIGMAS = {
@@ -103,6 +113,31 @@ class DiscreteSchedule:
         """n sigmas at evenly spaced timesteps T-1 .. 0, then 0 (A1111's "Uniform")."""
         t = torch.linspace(len(self.sigmas) - 1, 0, n)
         return _append_zero(self.t_to_sigma(t))
+
+
+class LCMSchedule(DiscreteSchedule):
+    """A1111's LCMCompVisDenoiser schedule (modules/sd_samplers_lcm.py): the model's sigmas at the
+    50 timesteps 19, 39, ..., 999 only. sigma -> t is the nearest of those timesteps (no
+    interpolation); t -> sigma interpolates in log sigma between them; get_sigmas(n) spaces n
+    timesteps evenly from 999 to 19."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        self.skip = len(alphas_cumprod) // LCM_ORIGINAL_STEPS
+        kept = torch.arange(LCM_ORIGINAL_STEPS) * self.skip + (self.skip - 1)  # 19, 39, ..., 999
+        super().__init__(alphas_cumprod[kept])
+
+    def sigma_to_t(self, sigma) -> torch.Tensor:
+        log_sigma = torch.as_tensor(sigma, dtype=torch.float32).log()
+        nearest = (log_sigma - self.log_sigmas[:, None]).abs().argmin(dim=0).view(log_sigma.shape)
+        return (nearest * self.skip + (self.skip - 1)).to(torch.float32)
+
+    def t_to_sigma(self, t) -> torch.Tensor:
+        index = ((torch.as_tensor(t, dtype=torch.float32) - (self.skip - 1)) / self.skip).clamp(0, len(self.sigmas) - 1)
+        return super().t_to_sigma(index)
+
+    def get_sigmas(self, n: int) -> torch.Tensor:
+        start, end = self.sigma_to_t(torch.tensor(self.sigma_max)), self.sigma_to_t(torch.tensor(self.sigma_min))
+        return _append_zero(self.t_to_sigma(torch.linspace(float(start), float(end), n)))
 
 
 def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
@@ -286,6 +321,323 @@ def dpmpp_2m_sde_heun(model, sigmas, noise, *, eta=1.0):
     return K.dpmpp_2m_sde(model, sigmas, noise, eta=eta, solver_type="heun")
 
 
+class _DPMSolver:
+    """DPM-Solver (Lu et al., "DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model
+    Sampling in Around 10 Steps", 2022, Algorithms 1-3 in the time t = -log sigma), as k-diffusion's
+    DPMSolver runs it: times are float32 tensors, eps = (x - x0) / sigma, and the single-step
+    solvers of order 1, 2 (r1 = 1/2, or 1/3 for the adaptive low-order estimate) and 3
+    (r1 = 1/3, r2 = 2/3) reuse the eps at the start of their step."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @staticmethod
+    def t(sigma):
+        return -torch.as_tensor(sigma, dtype=torch.float32).log()
+
+    @staticmethod
+    def sigma(t):
+        return t.neg().exp()
+
+    def eps(self, x, t):
+        sigma = self.sigma(t)
+        return (x - self.model(x, sigma)) / sigma
+
+    def order_1(self, x, t, t_next, eps):
+        return x - self.sigma(t_next) * (t_next - t).expm1() * eps
+
+    def _eps_r1(self, x, t, h, eps, r1, cache):
+        """eps at the first intermediate time t + r1 h; `cache` keeps it for the other solver of
+        the same step (DPM adaptive's second- and third-order estimates share it at r1 = 1/3)."""
+        if cache is not None and "eps_r1" in cache:
+            return cache["eps_r1"]
+        s1 = t + r1 * h
+        eps_r1 = self.eps(x - self.sigma(s1) * (r1 * h).expm1() * eps, s1)
+        if cache is not None:
+            cache["eps_r1"] = eps_r1
+        return eps_r1
+
+    def order_2(self, x, t, t_next, eps, r1=0.5, cache=None):
+        h = t_next - t
+        eps_r1 = self._eps_r1(x, t, h, eps, r1, cache)
+        return x - self.sigma(t_next) * h.expm1() * eps - self.sigma(t_next) / (2 * r1) * h.expm1() * (eps_r1 - eps)
+
+    def order_3(self, x, t, t_next, eps, r1=1 / 3, r2=2 / 3, cache=None):
+        h = t_next - t
+        s2 = t + r2 * h
+        eps_r1 = self._eps_r1(x, t, h, eps, r1, cache)
+        u2 = (x - self.sigma(s2) * (r2 * h).expm1() * eps
+              - self.sigma(s2) * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (eps_r1 - eps))
+        eps_r2 = self.eps(u2, s2)
+        return x - self.sigma(t_next) * h.expm1() * eps - self.sigma(t_next) / r2 * (h.expm1() / h - 1) * (eps_r2 - eps)
+
+    def ancestral_target(self, t, t_next, t_end, eta):
+        """(time the deterministic part steps to, std of the noise added after it): the
+        ancestral split of sigma(t) -> sigma(t_next), never past t_end."""
+        if not eta:
+            return t_next, 0.0
+        sigma_from, sigma_to = self.sigma(t), self.sigma(t_next)
+        sigma_up = torch.minimum(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+        t_down = torch.minimum(t_end, self.t((sigma_to ** 2 - sigma_up ** 2) ** 0.5))
+        return t_down, (sigma_to ** 2 - self.sigma(t_down) ** 2) ** 0.5
+
+
+def dpm_fast_orders(nfe: int) -> list:
+    """The orders of DPM-Solver-fast's steps for nfe model evaluations (Lu et al. 2022, sec. 3.4):
+    as many third-order steps as fit, the rest in one lower-order step (2 then 1 when nfe % 3 == 0)."""
+    m = nfe // 3 + 1
+    return [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+
+
+def dpm_fast_times(sigma_min: float, sigma_max: float, nfe: int) -> torch.Tensor:
+    """The float32 times t = -log sigma of DPM-Solver-fast's steps: evenly spaced, len(orders) + 1."""
+    return torch.linspace(float(_DPMSolver.t(sigma_max)), float(_DPMSolver.t(sigma_min)), len(dpm_fast_orders(nfe)) + 1)
+
+
+def dpm_fast(model, sigmas, noise, *, sigma_min, sigma_max, nfe, eta=1.0):
+    """DPM-Solver-fast with ancestral noise (k-diffusion sample_dpm_fast): fixed steps in t, third
+    order where nfe allows. Step i runs one solver step of orders[i] (several model evaluations).
+    The noise is drawn at every step, of std 0 when eta is 0, as k-diffusion draws it."""
+    solver, orders = _DPMSolver(model), dpm_fast_orders(nfe)
+    times = dpm_fast_times(sigma_min, sigma_max, nfe)
+    t_end = times[-1]
+
+    @torch.no_grad()
+    def step(x, i):
+        t, t_next = times[i], times[i + 1]
+        t_down, sigma_up = solver.ancestral_target(t, t_next, t_end, eta)
+        eps = solver.eps(x, t)
+        x = (solver.order_1, solver.order_2, solver.order_3)[orders[i] - 1](x, t, t_down, eps)
+        return x + sigma_up * noise(solver.sigma(t), solver.sigma(t_next))
+
+    return step
+
+
+def dpm_adaptive(model, sigmas, noise, *, sigma_min, sigma_max, eta=1.0, order=3, rtol=0.05, atol=0.0078, h_init=0.05,
+                 accept_safety=0.81):
+    """DPM-Solver-23 with adaptive step size (Lu et al. 2022, Algorithm 5; k-diffusion
+    sample_dpm_adaptive with A1111's defaults): each trial step compares a second-order (r1 = 1/3)
+    and a third-order estimate, an integral controller (k-diffusion's PIDStepSizeController with
+    pcoeff = dcoeff = 0) scales the step and accepts it or not. The whole run is one step of the
+    plan: the number of model evaluations is not known in advance."""
+    if order not in (2, 3):
+        raise ValueError(f"DPM adaptive: order must be 2 or 3, got {order}")
+    solver = _DPMSolver(model)
+
+    @torch.no_grad()
+    def step(x, i):
+        s, t_end = solver.t(sigma_max), solver.t(sigma_min)
+        h, exponent, inverse_errors = h_init, 1 / (1.5 if eta else order), None
+        tol_abs, tol_rel = torch.tensor(atol), torch.tensor(rtol)
+        x_prev = x
+        while s < t_end - 1e-5:
+            t = torch.minimum(t_end, s + h)
+            t_down, sigma_up = solver.ancestral_target(s, t, t_end, eta)
+            eps = solver.eps(x, s)
+            if order == 2:
+                x_low, x_high = solver.order_1(x, s, t_down, eps), solver.order_2(x, s, t_down, eps)
+            else:
+                cache = {}
+                x_low = solver.order_2(x, s, t_down, eps, r1=1 / 3, cache=cache)
+                x_high = solver.order_3(x, s, t_down, eps, cache=cache)
+            delta = torch.maximum(tol_abs, tol_rel * torch.maximum(x_low.abs(), x_prev.abs()))
+            error = torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5
+            # the controller: factor = limiter(1 / error) ** (1 / order), limiter(v) = 1 + atan(v - 1)
+            inverse_error = 1 / (float(error) + 1e-8)
+            if inverse_errors is None:
+                inverse_errors = [inverse_error] * 3
+            inverse_errors[0] = inverse_error
+            factor = 1 + math.atan(inverse_errors[0] ** exponent - 1)
+            h *= factor
+            if factor >= accept_safety:
+                inverse_errors[1:] = inverse_errors[:2]
+                x_prev = x_low
+                x = x_high + sigma_up * noise(solver.sigma(s), solver.sigma(t))
+                s = t
+        return x
+
+    return step
+
+
+def restart_pairs(sigmas: torch.Tensor) -> list:
+    """The (sigma, sigma_next) steps of A1111's Restart sampler (sd_samplers_extra.restart_sampler;
+    Xu et al., "Restart Sampling for Improving Generative Processes", 2023). Under 20 steps, the
+    schedule's own steps (no restart). From 20 steps, a Karras schedule of steps - K * R steps over
+    the same range, and after the step that lands nearest sigma 0.1, R times a jump back to the
+    sigma nearest 2 and K Karras steps down again (K = 9, R = 1; from 36 steps K = steps // 4, R = 2)."""
+    sigmas = sigmas.to(torch.float32)
+    steps = len(sigmas) - 1
+    restarts = {}
+    if steps >= 20:
+        restart_steps, restart_times = (steps // 4, 2) if steps >= 36 else (9, 1)
+        sigmas = _karras(steps - restart_steps * restart_times, float(sigmas[-2]), float(sigmas[0]), None)
+        restarts = {int((sigmas - 0.1).abs().argmin()): (restart_steps + 1, restart_times, 2.0)}
+    pairs = []
+    for i in range(len(sigmas) - 1):
+        pairs.append((float(sigmas[i]), float(sigmas[i + 1])))
+        if i + 1 in restarts:
+            restart_steps, restart_times, restart_max = restarts[i + 1]
+            low, high = i + 1, int((sigmas - restart_max).abs().argmin())
+            if high < low:
+                down = _karras(restart_steps, float(sigmas[low]), float(sigmas[high]), None)[:-1]
+                pairs += [(float(a), float(b)) for a, b in zip(down[:-1], down[1:])] * restart_times
+    return pairs
+
+
+def restart(model, sigmas, noise, *, pairs):
+    """Restart sampling as A1111 runs it: Heun steps (Euler into sigma 0) along `pairs`
+    (restart_pairs); where a step starts above where the last one ended, fresh noise first lifts
+    x from that sigma to the step's: x += noise * sqrt(sigma^2 - last^2)."""
+    last = [None]
+
+    @torch.no_grad()
+    def step(x, i):
+        sigma, sigma_next = pairs[i]
+        if last[0] is not None and last[0] < sigma:
+            x = x + noise(sigma, sigma_next) * (sigma ** 2 - last[0] ** 2) ** 0.5
+        last[0] = sigma_next
+        return K.heun(model, (sigma, sigma_next), noise)(x, 0)
+
+    return step
+
+
+class LCMDenoiser:
+    """A1111's LCMCompVisDenoiser: the UNet gets x / sqrt(sigma^2 + 1) and the nearest of LCM's
+    50 timesteps; its output is read as eps (whatever the model's prediction type, as A1111 does),
+    then LCM's boundary condition (Luo et al., "Latent Consistency Models", 2023, eq. 9 with
+    sigma_data 0.5 and the timestep scaled by 10) mixes that x0 with x itself."""
+
+    def __init__(self, model_fn, schedule: LCMSchedule):
+        self.model_fn, self.schedule = model_fn, schedule
+
+    def __call__(self, x: torch.Tensor, sigma, intermediate: bool = False) -> torch.Tensor:
+        sigma = float(sigma)
+        t = self.schedule.sigma_to_t(torch.tensor(sigma, dtype=torch.float32))
+        eps = self.model_fn(x * (sigma ** 2 + 1) ** -0.5, t.to(x.device).expand(x.shape[0]))
+        scaled_t = float(t) * 10.0
+        c_skip, c_out = 0.25 / (scaled_t ** 2 + 0.25), scaled_t / (scaled_t ** 2 + 0.25) ** 0.5
+        return (x - eps * sigma) * c_out + x * c_skip
+
+
+def lcm(model, sigmas, noise):
+    """A1111's sample_lcm: x becomes the consistency model's x0, then noise of std sigma_next."""
+
+    @torch.no_grad()
+    def step(x, i):
+        sigma, sigma_next = K.sigma_pair(sigmas, i)
+        x = model(x, sigma)
+        return x + noise(sigma, sigma_next) * sigma_next if sigma_next > 0 else x
+
+    return step
+
+
+# ---------------------------------------------------------------------------
+# The timestep samplers (modules/sd_samplers_timesteps.py, sd_samplers_timesteps_impl.py)
+# ---------------------------------------------------------------------------
+
+def a1111_timesteps(steps: int, T: int = 1000) -> np.ndarray:
+    """A1111's DDIM / PLMS timesteps, ascending: 1, 1 + T // steps, ... below T (clipped to T - 1).
+    There are ceil(T / (T // steps)) of them, not always `steps`, and the loop evaluates the model
+    at all but the first: a run of 20 steps makes 19 DDIM steps, ending at timestep 1."""
+    return np.clip(np.arange(0, T, T // steps) + 1, 0, T - 1)
+
+
+class TimestepDenoiser:
+    """eps(x, t) at an integer timestep, as A1111's CompVisTimestepsDenoiser / VDenoiser give it:
+    the model's eps, or from v: sqrt(a_t) v + sqrt(1 - a_t) x. With `uncond=True` (CFG++) it
+    returns (guided eps, the unconditional eps), the guidance scale multiplied by
+    guidance_multiplier."""
+
+    def __init__(self, model_fn, alphas_cumprod: torch.Tensor, prediction_type: str):
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"A1111's rules take epsilon or v_prediction models, not {prediction_type!r}; "
+                             "use conventions='diffusers'")
+        self.model_fn, self.prediction_type = model_fn, prediction_type
+        # ldm's sqrt_alphas_cumprod / sqrt_one_minus_alphas_cumprod buffers, stored as float32
+        alphas_cumprod = alphas_cumprod.double()
+        self.sqrt_a, self.sqrt_1m_a = alphas_cumprod.sqrt().float(), (1 - alphas_cumprod).sqrt().float()
+
+    def _eps(self, out, x, t):
+        if self.prediction_type == "epsilon":
+            return out
+        return float(self.sqrt_a[t]) * out + float(self.sqrt_1m_a[t]) * x
+
+    def __call__(self, x, t: int, *, uncond: bool = False, guidance_multiplier: float = 1.0):
+        t_in = torch.full((x.shape[0],), float(t), device=x.device)
+        if not uncond:
+            return self._eps(self.model_fn(x, t_in), x, t)
+        guided, unguided = self.model_fn(x, t_in, with_uncond=True, guidance_multiplier=guidance_multiplier)
+        return self._eps(guided, x, t), self._eps(unguided, x, t)
+
+
+def _ddim_update(x, e_t, direction_eps, a_t, a_prev, sigma_t, noise):
+    """x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma_t^2) eps_dir + sigma_t z, x0 = (x - sqrt(1 - a_t) e_t) / sqrt(a_t)
+    (Song et al., "Denoising Diffusion Implicit Models", 2021, eq. 12). A1111 draws z at every step,
+    eta 0 included."""
+    pred_x0 = (x - (1 - a_t) ** 0.5 * e_t) / a_t ** 0.5
+    z = noise()
+    return a_prev ** 0.5 * pred_x0 + (1 - a_prev - sigma_t ** 2) ** 0.5 * direction_eps + sigma_t * z
+
+
+def _ddim_sigma(a_t: float, a_prev: float, eta: float) -> float:
+    return eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+
+
+def ddim(model, timesteps, prev_timesteps, noise, *, alphas_cumprod, eta=0.0):
+    """A1111's DDIM over its timesteps (a1111_timesteps), in VP latents."""
+
+    @torch.no_grad()
+    def step(x, i):
+        a_t, a_prev = float(alphas_cumprod[int(timesteps[i])]), float(alphas_cumprod[int(prev_timesteps[i])])
+        e_t = model(x, int(timesteps[i]))
+        return _ddim_update(x, e_t, e_t, a_t, a_prev, _ddim_sigma(a_t, a_prev, eta), noise)
+
+    return step
+
+
+def ddim_cfgpp(model, timesteps, prev_timesteps, noise, *, alphas_cumprod, eta=0.0):
+    """DDIM with CFG++ (Chung et al. 2024) as A1111's ddim_cfgpp: the guidance scale divided by
+    12.5 for x0, and the unconditional eps for the direction back to x_prev."""
+
+    @torch.no_grad()
+    def step(x, i):
+        a_t, a_prev = float(alphas_cumprod[int(timesteps[i])]), float(alphas_cumprod[int(prev_timesteps[i])])
+        e_t, e_uncond = model(x, int(timesteps[i]), uncond=True, guidance_multiplier=CFGPP_SCALE_MULTIPLIER)
+        return _ddim_update(x, e_t, e_uncond, a_t, a_prev, _ddim_sigma(a_t, a_prev, eta), noise)
+
+    return step
+
+
+def plms(model, timesteps, prev_timesteps, noise, *, alphas_cumprod):
+    """Pseudo linear multistep (Liu et al., "Pseudo Numerical Methods for Diffusion Models on
+    Manifolds", 2022) as A1111's plms: the first step a pseudo improved Euler step (eps averaged
+    with the eps at the DDIM estimate of x_prev), then Adams-Bashforth of order 2, 3 and 4 on the
+    eps history, each through the deterministic DDIM update."""
+    history = []
+
+    @torch.no_grad()
+    def step(x, i):
+        a_t, a_prev = float(alphas_cumprod[int(timesteps[i])]), float(alphas_cumprod[int(prev_timesteps[i])])
+
+        def x_prev_of(eps):
+            return _ddim_update(x, eps, eps, a_t, a_prev, 0.0, lambda: 0.0)
+
+        e_t = model(x, int(timesteps[i]))
+        if not history:
+            e_prime = (e_t + model(x_prev_of(e_t), int(prev_timesteps[i]))) / 2
+        elif len(history) == 1:
+            e_prime = (3 * e_t - history[-1]) / 2
+        elif len(history) == 2:
+            e_prime = (23 * e_t - 16 * history[-1] + 5 * history[-2]) / 12
+        else:
+            e_prime = (55 * e_t - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
+        history.append(e_t)
+        del history[:-3]
+        return x_prev_of(e_prime)
+
+    return step
+
+
 STEP_FACTORIES = {
     "dpmpp_2m": lambda model, sigmas, noise, eta=None: K.dpmpp_2m(model, sigmas, noise),
     "dpmpp_sde": K.dpmpp_sde,
@@ -299,6 +651,13 @@ STEP_FACTORIES = {
     "heun": lambda model, sigmas, noise, eta=None: K.heun(model, sigmas, noise),
     "dpm_2": lambda model, sigmas, noise, eta=None: K.dpm_2(model, sigmas, noise),
     "dpm_2_a": K.dpm_2_ancestral,
+    "dpm_fast": dpm_fast,
+    "dpm_adaptive": dpm_adaptive,
+    "restart": restart,
+    "lcm": lambda model, sigmas, noise, eta=None: lcm(model, sigmas, noise),
+    "ddim": ddim,
+    "ddim_cfgpp": ddim_cfgpp,
+    "pndm": plms,
 }
 assert set(STEP_FACTORIES) == set(SAMPLERS)
 
@@ -311,9 +670,10 @@ def make_plan(sampler: str, schedule: Optional[str], steps: int, cfg, *, strengt
               eta: Optional[float] = None, is_sdxl: bool = False):
     """The Plan of an A1111 sampler (sdengine name, SAMPLERS) following an A1111 schedule name
     (None: Automatic) for `steps` steps of the model whose scheduler config is `cfg`, keeping the
-    img2img tail of `strength`. eta: the ancestral / SDE noise scale (None: A1111's 1.0); the
-    deterministic samplers ignore it, as in A1111."""
-    from .plan import Plan, check_config
+    img2img tail of `strength`. eta: the ancestral / SDE noise scale (None: A1111's default: 1.0,
+    0 for DDIM's eta); the deterministic samplers ignore it, as in A1111. The timestep samplers
+    (DDIM, DDIM CFG++, PLMS) ignore the schedule, as A1111 does: their plan says Automatic."""
+    from .plan import check_config
 
     check_config(cfg)
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
@@ -321,20 +681,65 @@ def make_plan(sampler: str, schedule: Optional[str], steps: int, cfg, *, strengt
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
     alphas_cumprod = ldm_alphas_cumprod(cfg)
-    model = DiscreteSchedule(alphas_cumprod)
-    run_schedule = schedule_of(sampler, schedule)
+    options = {}  # A1111 passes eta only to the samplers that take one, and ignores it for the others
+    if "eta" in options_of(sampler):
+        options["eta"] = options_of(sampler)["eta"] if eta is None else float(eta)
+    if sampler in TIMESTEP_SAMPLERS:
+        return _timestep_plan(sampler, steps, cfg, alphas_cumprod, strength, options)
+    model = LCMSchedule(alphas_cumprod) if sampler == "lcm" else DiscreteSchedule(alphas_cumprod)
     sigmas = sigmas_for(sampler, schedule, steps, model, is_sdxl=is_sdxl)
     start = img2img_start(steps, strength) if strength < 1.0 else 0
     sigmas = sigmas[start:]
     if len(sigmas) < 2:
         raise ValueError(f"strength={strength} with steps={steps} leaves no denoising step")
-    options = {}  # A1111 passes eta only to the samplers that take one, and ignores it for the others
-    if "eta" in options_of(sampler):
-        options["eta"] = options_of(sampler)["eta"] if eta is None else float(eta)
-    timesteps = model.sigma_to_t(sigmas[:-1].clamp(min=model.sigma_min))
-    return Plan(
-        sampler=sampler, schedule=run_schedule, steps=steps, start=start,
-        timesteps=timesteps.double(), sigmas=sigmas.double(), alphas_cumprod=alphas_cumprod.double(),
-        log_sigmas=model.log_sigmas.numpy(), init_noise_sigma=float(sigmas[0]), options=options,
-        prediction_type=cfg.prediction_type, strength=strength, conventions="a1111",
-    )
+    init_noise_sigma, loop_steps = float(sigmas[0]), None
+    if sampler in ("dpm_fast", "dpm_adaptive"):
+        # A1111 hands DPM fast / adaptive the model's sigma range (an img2img tail's: sigma_sched[0]
+        # and sigma_sched[-2]) and the step count, not the schedule: that only scales the start.
+        sigma_min, sigma_max = (model.sigma_min, model.sigma_max) if start == 0 else (float(sigmas[-2]), float(sigmas[0]))
+        options.update(sigma_min=sigma_min, sigma_max=sigma_max)
+        if sampler == "dpm_fast":
+            options["nfe"] = len(sigmas) - 1
+            sigmas = _DPMSolver.sigma(dpm_fast_times(sigma_min, sigma_max, options["nfe"]))
+        else:
+            sigmas, loop_steps = torch.tensor([sigma_max, sigma_min]), 1
+    elif sampler == "restart":
+        options["pairs"] = restart_pairs(sigmas)
+        loop_steps = len(options["pairs"])
+    at_sigma = sigmas[:-1].clamp(min=model.sigma_min) if float(sigmas[-1]) == 0 else sigmas[:-1]
+    return _plan(sampler=sampler, schedule=schedule_of(sampler, schedule), steps=steps, start=start,
+                 timesteps=model.sigma_to_t(at_sigma).double(), sigmas=sigmas.double(),
+                 alphas_cumprod=alphas_cumprod.double(), log_sigmas=model.log_sigmas.numpy(),
+                 init_noise_sigma=init_noise_sigma, options=options, loop_steps=loop_steps,
+                 prediction_type=cfg.prediction_type, strength=strength)
+
+
+def _timestep_plan(sampler, steps, cfg, alphas_cumprod, strength, options):
+    """DDIM / DDIM CFG++ / PLMS (CompVisSampler): the model runs at A1111's timesteps but the
+    first, each step landing on the timestep below. img2img (sample_img2img) keeps
+    timesteps[:t_enc] with t_enc = int(min(strength, 0.999) * steps) and noises the image to
+    timesteps[t_enc], one above the first it evaluates."""
+    if cfg.num_train_timesteps != 1000:
+        raise ValueError(f"A1111's {label_of(sampler)} takes a model of 1000 training timesteps, not "
+                         f"{cfg.num_train_timesteps}; use conventions='diffusers'")
+    timesteps = a1111_timesteps(steps)
+    noise_timestep = None
+    if strength < 1.0:
+        t_enc = int(min(strength, 0.999) * steps)
+        timesteps, noise_timestep = timesteps[:t_enc], float(timesteps[t_enc])
+    if len(timesteps) < 2:
+        raise ValueError(f"strength={strength} with steps={steps} leaves no denoising step")
+    evaluated, landing = timesteps[1:][::-1].copy(), timesteps[:-1][::-1].copy()
+    train_sigmas = ((1 - alphas_cumprod.double()) / alphas_cumprod.double()) ** 0.5
+    sigmas = torch.cat([train_sigmas[torch.from_numpy(evaluated)], train_sigmas[int(landing[-1])].view(1)])
+    return _plan(sampler=sampler, schedule="automatic", steps=steps, start=0,
+                 timesteps=torch.from_numpy(evaluated).double(), prev_timesteps=torch.from_numpy(landing).double(),
+                 sigmas=sigmas, alphas_cumprod=alphas_cumprod.double(), log_sigmas=train_sigmas.float().log().numpy(),
+                 init_noise_sigma=1.0, noise_timestep=noise_timestep, options=options,
+                 prediction_type=cfg.prediction_type, strength=strength)
+
+
+def _plan(**fields):
+    from .plan import Plan
+
+    return Plan(conventions="a1111", **fields)

@@ -194,6 +194,9 @@ A1111_SCHEDULES = {
 }
 A1111_SCHEDULE_ALIASES = {"SGMUniform": "SGM Uniform", **{name: label for label, name in A1111_SCHEDULES.items()},
                           **{label: label for label in A1111_SCHEDULES}}
+# The sdengine names of A1111's samplers that step over integer timesteps in VP latents
+# (sd_samplers_timesteps_impl.py; its UniPC runs in continuous time instead).
+A1111_TIMESTEP_SAMPLERS = ("ddim", "ddim_cfgpp", "pndm")
 # Each sampler label's Automatic schedule (None: the model's sigmas, i.e. Uniform).
 A1111_SAMPLER_DEFAULT_SCHEDULE = {label: options.get("scheduler") for label, (_, options) in A1111_SAMPLERS.items()}
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import schedules as S
-from .names import SCHEDULES
+from .names import A1111_TIMESTEP_SAMPLERS, SCHEDULES
 
 # Which diffusers scheduler family each sampler reproduces.
 K_STYLE = ("euler", "euler_a", "lms", "heun", "dpm_2", "dpm_2_a", "dpmpp_sde")  # Euler/Heun/LMS/KDPM2 spacing
@@ -78,14 +78,22 @@ class Plan:
     prediction_type: str = "epsilon"              # the model's (scheduler config's)
     strength: float = 1.0                         # img2img / inpainting: the part of the schedule kept
     conventions: str = "diffusers"                # whose rules: "diffusers" (this module) or "a1111" (a1111.py)
+    loop_steps: Optional[int] = None              # steps of a loop that is not one per sigma (A1111's Restart,
+                                                  # its restarts included; DPM adaptive: 1, the whole run)
+    noise_timestep: Optional[float] = None        # timestep img2img noises the image to, where it is not the
+                                                  # first evaluated (A1111's DDIM / PLMS: the one above)
 
     @property
     def is_sigma_sampler(self) -> bool:
-        return self.conventions == "a1111" or self.sampler in SIGMA_SAMPLERS
+        if self.conventions == "a1111":
+            return self.sampler not in A1111_TIMESTEP_SAMPLERS
+        return self.sampler in SIGMA_SAMPLERS
 
     @property
     def num_steps(self) -> int:
-        """Steps this run takes, i.e. callback calls (PLMS takes one more than requested)."""
+        """Steps this run takes, i.e. callback calls (diffusers' PLMS takes one more than requested)."""
+        if self.loop_steps is not None:
+            return self.loop_steps
         return len(self.sigmas) - 1 if self.is_sigma_sampler else len(self.timesteps)
 
     def timesteps_of_sigmas(self) -> dict:
@@ -103,8 +111,8 @@ class Plan:
                 return latents * (1 + float(self.sigmas[0]) ** 2) ** 0.5  # VP -> VE
             return latents
         if self.is_sigma_sampler:
-            return init_latents + noise * float(self.sigmas[0])
-        a = float(self.alphas_cumprod[int(self.timesteps[0])])
+            return init_latents + noise * (self.init_noise_sigma if self.conventions == "a1111" else float(self.sigmas[0]))
+        a = float(self.alphas_cumprod[int(self.timesteps[0] if self.noise_timestep is None else self.noise_timestep)])
         return a ** 0.5 * init_latents + (1 - a) ** 0.5 * noise
 
     def latents(self, state: torch.Tensor, sigma_next: Optional[float] = None) -> torch.Tensor:

@@ -42,7 +42,14 @@ A1111_K_SAMPLERS = {
     "Heun": ("sample_heun", {}),
     "DPM2": ("sample_dpm_2", {"scheduler": "karras", "discard_next_to_last_sigma": True}),
     "DPM2 a": ("sample_dpm_2_ancestral", {"scheduler": "karras", "discard_next_to_last_sigma": True}),
+    "DPM fast": ("sample_dpm_fast", {}),
+    "DPM adaptive": ("sample_dpm_adaptive", {}),
+    # A1111's own (sd_samplers_extra.py, sd_samplers_lcm.py): restart_sample / lcm_sample below
+    "Restart": ("restart", {"scheduler": "karras"}),
+    "LCM": ("lcm", {}),
 }
+# A1111's timestep samplers (sd_samplers_timesteps.py): timestep_sample below
+TIMESTEP_LABELS = ("DDIM", "PLMS", "DDIM CFG++")
 SCHEDULE_LABELS = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal",
                    "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")
 
@@ -216,7 +223,10 @@ def sample(model_fn, alphas_cumprod, label, schedule, steps, seeds, shape, *, v_
            is_sdxl=False):
     """The latents A1111 (CPU RNG source, no ENSD) draws with k-diffusion for these seeds, over
     a random stand-in model_fn(x_in, t) (see sample_with)."""
-    model_wrap = denoiser(model_fn, alphas_cumprod, v_prediction)
+    if label == "LCM":
+        model_wrap = lcm_denoiser(lambda x, t, cond=None: model_fn(x, t), alphas_cumprod)
+    else:
+        model_wrap = denoiser(model_fn, alphas_cumprod, v_prediction)
     return sample_with(model_wrap, model_wrap, label, schedule, steps, seeds, shape, eta=eta, is_sdxl=is_sdxl)
 
 
@@ -235,10 +245,17 @@ def sample_with(model, model_wrap, label, schedule, steps, seeds, shape, *, eta=
 
     x = draw() * sigmas[0]
     funcname, options = A1111_K_SAMPLERS[label]
-    func = getattr(sampling, funcname)
+    func = {"restart": restart_sample, "lcm": lcm_sample}.get(funcname) or getattr(sampling, funcname)
+    parameters = inspect.signature(func).parameters
     kwargs = {}
-    if "eta" in inspect.signature(func).parameters:
+    if "eta" in parameters:
         kwargs["eta"] = 1.0 if eta is None else eta
+    if "sigma_min" in parameters:  # DPM fast / adaptive: the model's range (and steps), not the sigmas
+        kwargs.update(sigma_min=model_wrap.sigmas[0].item(), sigma_max=model_wrap.sigmas[-1].item())
+        if "n" in parameters:
+            kwargs["n"] = steps
+    else:
+        kwargs["sigmas"] = sigmas
     if options.get("brownian_noise"):
         kwargs["noise_sampler"] = sampling.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(),
                                                                     seed=list(seeds))
@@ -248,10 +265,171 @@ def sample_with(model, model_wrap, label, schedule, steps, seeds, shape, *, eta=
     sampling.torch = _TorchHijack(draw)
     try:
         with torch.no_grad():
-            return func(model, x, sigmas, extra_args={"cond": None}, disable=True, **kwargs)
+            return func(model, x, extra_args={"cond": None}, disable=True, **kwargs)
     finally:
         sampling.torch = saved
 
 
+# ---------------------------------------------------------------------------
+# A1111's own samplers, written from its modules' description (not shared with sdengine's code)
+# ---------------------------------------------------------------------------
+
+def restart_sample(model, x, sigmas, extra_args=None, disable=None):
+    """A1111's Restart (sd_samplers_extra.restart_sampler; Xu et al. 2023) from k-diffusion's parts:
+    Heun steps with k-diffusion's to_d; from 20 steps the sigmas are a Karras
+    schedule of steps - K*R over the same range, and after the step nearest sigma 0.1 the run goes
+    back R times to the sigma nearest 2, adding noise of std sqrt(high^2 - low^2), and takes K
+    Karras steps down (K, R = 9, 1; from 36 steps steps // 4, 2)."""
+    sampling, _ = load()
+    steps = len(sigmas) - 1
+    segments = [sigmas]
+    if steps >= 20:
+        k, r = (steps // 4, 2) if steps >= 36 else (9, 1)
+        sigmas = sampling.get_sigmas_karras(steps - k * r, sigmas[-2].item(), sigmas[0].item())
+        low = int(torch.argmin((sigmas - 0.1).abs()))
+        high = int(torch.argmin((sigmas - 2).abs()))
+        segments = [sigmas[:low + 1]]
+        if high < low:
+            down = sampling.get_sigmas_karras(k + 1, sigmas[low].item(), sigmas[high].item())[:-1]
+            segments += [down] * r
+        segments.append(sigmas[low:])
+    ones = x.new_ones([x.shape[0]])
+    last = None
+    for segment in segments:
+        if last is not None and last < segment[0]:
+            x = x + sampling.torch.randn_like(x) * (segment[0] ** 2 - last ** 2) ** 0.5
+        for sigma, sigma_next in zip(segment[:-1], segment[1:]):
+            # Heun's step (Euler into 0); not sample_heun, which draws (unused) churn noise every step
+            d = sampling.to_d(x, sigma, model(x, sigma * ones, **(extra_args or {})))
+            x_next = x + d * (sigma_next - sigma)
+            if sigma_next > 0:
+                d_next = sampling.to_d(x_next, sigma_next, model(x_next, sigma_next * ones, **(extra_args or {})))
+                x_next = x + (d + d_next) / 2 * (sigma_next - sigma)
+            x = x_next
+        last = segment[-1]
+    return x
+
+
+def lcm_denoiser(model_fn, alphas_cumprod):
+    """A1111's LCMCompVisDenoiser: k-diffusion's DiscreteEpsDDPMDenoiser over the 50 timesteps
+    19, 39, ..., 999; sigma -> t snaps to the nearest of them, the output is read as eps and goes
+    through LCM's boundary condition (sigma_data 0.5, timestep scaled by 10)."""
+    _, external = load()
+
+    class LCMDenoiser(external.DiscreteEpsDDPMDenoiser):
+        skip = 20
+
+        def sigma_to_t(self, sigma, quantize=None):
+            index = (sigma.log() - self.log_sigmas[:, None]).abs().argmin(dim=0).view(sigma.shape)
+            return index * self.skip + (self.skip - 1)
+
+        def t_to_sigma(self, t):
+            index = ((t - (self.skip - 1)) / self.skip).float().clamp(0, len(self.sigmas) - 1)
+            return super().t_to_sigma(index)
+
+        def get_sigmas(self, n=None):
+            start, end = self.sigma_to_t(self.sigma_max), self.sigma_to_t(self.sigma_min)
+            return torch.cat([self.t_to_sigma(torch.linspace(start, end, n)), torch.zeros(1)])
+
+        def forward(self, input, sigma, **kwargs):
+            sigma = sigma.reshape(-1)
+            c_in = ((sigma ** 2 + 1) ** -0.5)[:, None, None, None]
+            t = self.sigma_to_t(sigma)
+            eps = self.inner_model(input * c_in, t, **kwargs)
+            scaled = (t * 10.0)[:, None, None, None]
+            c_skip, c_out = 0.25 / (scaled ** 2 + 0.25), scaled / (scaled ** 2 + 0.25) ** 0.5
+            return c_out * (input - sigma[:, None, None, None] * eps) + c_skip * input
+
+    kept = alphas_cumprod[19::20]
+    return LCMDenoiser(model_fn, kept, quantize=None)
+
+
+def lcm_sample(model, x, sigmas, extra_args=None, disable=None):
+    """A1111's sample_lcm: x <- the model's x0, plus sigma_next times fresh noise (k-diffusion's torch)."""
+    sampling, _ = load()
+    extra_args = extra_args or {}
+    for i in range(len(sigmas) - 1):
+        x = model(x, sigmas[i] * x.new_ones([x.shape[0]]), **extra_args)
+        if sigmas[i + 1] > 0:
+            x = x + sigmas[i + 1] * sampling.torch.randn_like(x)
+    return x
+
+
+class TimestepCFG:
+    """A1111's CFGDenoiserTimesteps over a model_fn(x, t, cond) -> raw output: eps per row (a v
+    output through ldm's sqrt_alphas_cumprod at int(t)), cond and uncond rows combined with
+    cond_scale * cond_scale_multiplier; the unconditional eps kept for CFG++. With cond None, no
+    guidance (the stand-in models)."""
+
+    def __init__(self, model_fn, alphas_cumprod64, cond=None, uncond=None, cond_scale=1.0, v_prediction=False):
+        self.model_fn, self.cond, self.uncond, self.cond_scale = model_fn, cond, uncond, cond_scale
+        self.sqrt_a = alphas_cumprod64.sqrt().float()
+        self.sqrt_1m_a = (1 - alphas_cumprod64).sqrt().float()
+        self.v_prediction = v_prediction
+        self.cond_scale_multiplier, self.last_noise_uncond = 1.0, None
+
+    def _eps(self, x, t):
+        cond = None if self.cond is None else torch.cat([self.cond, self.uncond])
+        rows = x if cond is None else torch.cat([x, x])
+        t_rows = t if cond is None else torch.cat([t, t])
+        out = self.model_fn(rows, t_rows, cond)
+        if self.v_prediction:
+            index = t_rows.to(torch.int)
+            out = self.sqrt_a[index][:, None, None, None] * out + self.sqrt_1m_a[index][:, None, None, None] * rows
+        return out
+
+    def __call__(self, x, t):
+        eps = self._eps(x, t)
+        if self.cond is None:
+            self.last_noise_uncond = eps
+            return eps
+        eps_cond, eps_uncond = eps.chunk(2)
+        self.last_noise_uncond = eps_uncond
+        return eps_uncond + (eps_cond - eps_uncond) * (self.cond_scale * self.cond_scale_multiplier)
+
+
+def timestep_sample(model, alphas_cumprod, label, steps, seeds, shape, eta=0.0):
+    """A1111's DDIM / PLMS / DDIM CFG++ (sd_samplers_timesteps_impl.py) for these seeds (CPU
+    source): timesteps 1, 1 + 1000 // steps, ... (clipped to 999), x the images' first draws, and
+    the loop from the last timestep down, index i stepping to timesteps[i - 1], i >= 1."""
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def draw():
+        return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+    x = draw()
+    ts = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+    a = alphas_cumprod[ts]
+    a_prev = alphas_cumprod[torch.nn.functional.pad(ts[:-1], (1, 0))].double()
+    sigma = eta * ((1 - a_prev) / (1 - a.double()) * (1 - a.double() / a_prev)) ** 0.5
+    ones = torch.ones(len(seeds))
+    if label == "DDIM CFG++":
+        model.cond_scale_multiplier = 1 / 12.5
+    history = []
+    with torch.no_grad():
+        for index in range(len(ts) - 1, 0, -1):
+            eps = model(x, ts[index] * ones)
+
+            def to_prev(e, direction):
+                x0 = (x - (1 - a[index]).sqrt() * e) / a[index].sqrt()
+                return a_prev[index].sqrt().float() * x0 + (1 - a_prev[index] - sigma[index] ** 2).sqrt().float() * direction
+
+            if label == "PLMS":
+                if not history:
+                    eps_next = model(to_prev(eps, eps), ts[index - 1] * ones)
+                    prime = (eps + eps_next) / 2
+                else:
+                    coefficients = {1: (3 / 2, -1 / 2), 2: (23 / 12, -16 / 12, 5 / 12),
+                                    3: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}[len(history)]
+                    prime = sum(c * e for c, e in zip(coefficients, [eps] + history[::-1]))
+                history = (history + [eps])[-3:]
+                x = to_prev(prime, prime)
+            else:
+                direction = model.last_noise_uncond if label == "DDIM CFG++" else eps
+                x = to_prev(eps, direction) + sigma[index].float() * draw()
+    return x
+
+
 __all__ = ["load", "ldm_alphas_cumprod", "denoiser", "diffusers_denoiser", "CFGDenoiser", "get_sigmas", "sample",
-           "sample_with", "A1111_K_SAMPLERS", "SCHEDULE_LABELS"]
+           "sample_with", "restart_sample", "lcm_denoiser", "lcm_sample", "TimestepCFG", "timestep_sample",
+           "TIMESTEP_LABELS", "A1111_K_SAMPLERS", "SCHEDULE_LABELS"]
