@@ -24,7 +24,8 @@ from PIL import Image  # noqa: E402
 
 import sdengine  # noqa: E402
 from sdengine import samplers  # noqa: E402
-from sdengine.serve.app import SAMPLER_LABELS, SCHEDULER_LABELS, ServeSettings  # noqa: E402
+from sdengine.samplers.names import A1111_SAMPLERS, A1111_SCHEDULE_TABLE  # noqa: E402
+from sdengine.serve.app import SAMPLER_LABELS, ServeSettings  # noqa: E402
 from sdengine.serve.cli import build_local_app  # noqa: E402
 from sdengine.serve.loadgen import free_port  # noqa: E402
 
@@ -184,20 +185,36 @@ def test_mask_needs_an_inpainting_model(server, demo):
 
 def test_sampler_and_scheduler_lists(server, demo):
     api = server.api()
-    names = [s["name"] for s in api.get_samplers()]
-    assert names == [name for name, _ in SAMPLER_LABELS] and "Euler a" in names and "DPM++ 2M" in names
-    for name in names:  # every listed sampler resolves, and serves
-        samplers.resolve(name, None, demo.config.scheduler)
-    for item in api.get_schedulers():
-        schedule = None if item["name"] == "automatic" else item["name"]
-        samplers.resolve("Euler", schedule, demo.config.scheduler)
-    assert [s["name"] for s in api.get_schedulers()] == [name for name, _, _ in SCHEDULER_LABELS]
+    listed = api.get_samplers()
+    names = [s["name"] for s in listed]
+    assert names == [name for name, _, _ in SAMPLER_LABELS] and "Euler a" in names and "DPM++ 2M" in names
+    assert names[:20] == list(A1111_SAMPLERS)  # A1111's list, in its order, then sdengine's DDPM
+    assert listed[names.index("DPM2")]["options"] == {"scheduler": "karras", "discard_next_to_last_sigma": True,
+                                                      "second_order": True}
+    assert listed[names.index("Euler a")]["aliases"] == ["k_euler_a", "k_euler_ancestral"]
+    for name in names:  # every listed sampler plans, under the rules its name picks
+        samplers.plan_for(name, None, 6, demo.config.scheduler)
+    schedulers = api.get_schedulers()
+    assert [(s["name"], s["label"]) for s in schedulers] == [(n, l) for n, l, *_ in A1111_SCHEDULE_TABLE]
+    assert len(schedulers) == 12
+    assert schedulers[2] == {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0,
+                             "need_inner_model": False}
+    assert schedulers[5]["aliases"] == ["SGMUniform"] and schedulers[5]["need_inner_model"] is True
+    for item in schedulers:  # every listed schedule plans, by name, label or alias
+        for spelling in [item["name"], item["label"], *(item["aliases"] or [])]:
+            samplers.plan_for("Euler", None if spelling in ("automatic", "Automatic") else spelling, 6,
+                              demo.config.scheduler)
     models = api.get_sd_models()
     assert models[0]["title"] == "demo-digits" and api.get_options()["sd_model_checkpoint"] == "demo-digits"
     r = httpx.post(server.url + "/sdapi/v1/txt2img",
                    json={"prompt": PROMPT, "steps": 4, "width": 32, "height": 32, "sampler_name": "DPM++ 2M",
                          "scheduler": "Karras"}, timeout=30)
     assert r.status_code == 200 and "Schedule type: Karras" in json.loads(r.json()["info"])["infotexts"][0]
+    r = httpx.post(server.url + "/sdapi/v1/txt2img",
+                   json={"prompt": PROMPT, "steps": 4, "width": 32, "height": 32, "sampler_name": "Restart",
+                         "scheduler": "SGMUniform"}, timeout=30)  # an alias A1111 accepts
+    infotext = json.loads(r.json()["info"])["infotexts"][0]
+    assert r.status_code == 200 and "Sampler: Restart" in infotext and "Schedule type: SGM Uniform" in infotext
 
 
 def test_interrupt_and_progress(server):

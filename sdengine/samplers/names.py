@@ -153,23 +153,24 @@ A1111_LABELS = {
 
 # label -> (sdengine sampler, A1111's options: "scheduler" = its Automatic schedule,
 # "discard" = discard_next_to_last_sigma, "brownian" = SDE noise from a Brownian tree,
-# "ensd" = A1111 writes ENSD into the infotext for it, "eta" = its eta option's default)
+# "ensd" = A1111 writes ENSD into the infotext for it (uses_ensd), "second_order" = two model
+# evaluations a step, "eta" = its eta option's default), in the order of A1111's list)
 A1111_SAMPLERS = {
     "DPM++ 2M": ("dpmpp_2m", {"scheduler": "karras"}),
-    "DPM++ SDE": ("dpmpp_sde", {"scheduler": "karras", "brownian": True, "eta": 1.0}),
+    "DPM++ SDE": ("dpmpp_sde", {"scheduler": "karras", "brownian": True, "second_order": True, "eta": 1.0}),
     "DPM++ 2M SDE": ("dpmpp_2m_sde", {"scheduler": "exponential", "brownian": True, "eta": 1.0}),
     "DPM++ 2M SDE Heun": ("dpmpp_2m_sde_heun", {"scheduler": "exponential", "brownian": True, "eta": 1.0}),
-    "DPM++ 2S a": ("dpmpp_2s_a", {"scheduler": "karras", "ensd": True, "eta": 1.0}),
+    "DPM++ 2S a": ("dpmpp_2s_a", {"scheduler": "karras", "ensd": True, "second_order": True, "eta": 1.0}),
     "DPM++ 3M SDE": ("dpmpp_3m_sde", {"scheduler": "exponential", "discard": True, "brownian": True, "eta": 1.0}),
     "Euler a": ("euler_a", {"ensd": True, "eta": 1.0}),
     "Euler": ("euler", {}),
     "LMS": ("lms", {}),
-    "Heun": ("heun", {}),
-    "DPM2": ("dpm_2", {"scheduler": "karras", "discard": True}),
-    "DPM2 a": ("dpm_2_a", {"scheduler": "karras", "discard": True, "ensd": True, "eta": 1.0}),
+    "Heun": ("heun", {"second_order": True}),
+    "DPM2": ("dpm_2", {"scheduler": "karras", "discard": True, "second_order": True}),
+    "DPM2 a": ("dpm_2_a", {"scheduler": "karras", "discard": True, "ensd": True, "second_order": True, "eta": 1.0}),
     "DPM fast": ("dpm_fast", {"ensd": True, "eta": 1.0}),
     "DPM adaptive": ("dpm_adaptive", {"ensd": True, "eta": 1.0}),
-    "Restart": ("restart", {"scheduler": "karras"}),
+    "Restart": ("restart", {"scheduler": "karras", "second_order": True}),
     "DDIM": ("ddim", {"timesteps": True, "eta": 0.0}),
     "DDIM CFG++": ("ddim_cfgpp", {"timesteps": True, "eta": 0.0}),
     "PLMS": ("pndm", {"timesteps": True}),
@@ -184,7 +185,7 @@ A1111_SAMPLER_ALIASES = {
     "k_euler_a": "Euler a", "k_euler_ancestral": "Euler a", "k_euler": "Euler", "k_lms": "LMS", "k_heun": "Heun",
     "k_dpm_2": "DPM2", "k_dpm_2_a": "DPM2 a", "k_dpm_fast": "DPM fast", "k_dpm_ad": "DPM adaptive",
     "restart": "Restart", "ddim": "DDIM", "ddim_cfgpp": "DDIM CFG++", "plms": "PLMS", "unipc": "UniPC",
-    "lcm": "LCM",
+    "k_lcm": "LCM",
 }
 # label -> sdengine name of A1111's schedules (sd_schedulers.py); "Automatic" is the sampler's own.
 A1111_SCHEDULES = {
@@ -192,11 +193,37 @@ A1111_SCHEDULES = {
     "Polyexponential": "polyexponential", "SGM Uniform": "sgm_uniform", "KL Optimal": "kl_optimal",
     "Align Your Steps": "align_your_steps", "Simple": "simple", "Normal": "normal", "DDIM": "ddim", "Beta": "beta",
 }
+# A1111's schedules as /sdapi/v1/schedulers lists them (modules/sd_schedulers.py):
+# (name, label, aliases, default_rho, need_inner_model)
+A1111_SCHEDULE_TABLE = (
+    ("automatic",        "Automatic",        None,            -1.0, False),
+    ("uniform",          "Uniform",          None,            -1.0, True),
+    ("karras",           "Karras",           None,            7.0,  False),
+    ("exponential",      "Exponential",      None,            -1.0, False),
+    ("polyexponential",  "Polyexponential",  None,            1.0,  False),
+    ("sgm_uniform",      "SGM Uniform",      ("SGMUniform",), -1.0, True),
+    ("kl_optimal",       "KL Optimal",       None,            -1.0, False),
+    ("align_your_steps", "Align Your Steps", None,            -1.0, False),
+    ("simple",           "Simple",           None,            -1.0, True),
+    ("normal",           "Normal",           None,            -1.0, True),
+    ("ddim",             "DDIM",             None,            -1.0, True),
+    ("beta",             "Beta",             None,            -1.0, True),
+)
+if [(name, label) for name, label, *_ in A1111_SCHEDULE_TABLE] != [(n, l) for l, n in A1111_SCHEDULES.items()]:
+    raise ValueError("names.py: A1111_SCHEDULE_TABLE and A1111_SCHEDULES disagree")
 A1111_SCHEDULE_ALIASES = {"SGMUniform": "SGM Uniform", **{name: label for label, name in A1111_SCHEDULES.items()},
                           **{label: label for label in A1111_SCHEDULES}}
 # The sdengine names of A1111's samplers that step over integer timesteps in VP latents
 # (sd_samplers_timesteps_impl.py; its UniPC runs in continuous time instead).
 A1111_TIMESTEP_SAMPLERS = ("ddim", "ddim_cfgpp", "pndm")
+# A1111's samplers as /sdapi/v1/samplers lists them: (label, aliases, options in A1111's words)
+_A1111_OPTION_NAMES = {"scheduler": "scheduler", "discard": "discard_next_to_last_sigma",
+                       "brownian": "brownian_noise", "ensd": "uses_ensd", "second_order": "second_order"}
+A1111_SAMPLER_LIST = tuple(
+    (label, tuple(alias for alias, of in A1111_SAMPLER_ALIASES.items() if of == label),
+     {**{_A1111_OPTION_NAMES[k]: v for k, v in options.items() if k in _A1111_OPTION_NAMES},
+      **({"solver_type": "heun"} if label == "DPM++ 2M SDE Heun" else {})})
+    for label, (_, options) in A1111_SAMPLERS.items())
 # Each sampler label's Automatic schedule (None: the model's sigmas, i.e. Uniform).
 A1111_SAMPLER_DEFAULT_SCHEDULE = {label: options.get("scheduler") for label, (_, options) in A1111_SAMPLERS.items()}
 

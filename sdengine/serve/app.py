@@ -25,7 +25,7 @@ from typing import Optional
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..samplers.names import SAMPLER_TABLE, SCHEDULE_TABLE
+from ..samplers.names import A1111_SAMPLER_LIST, A1111_SCHEDULE_TABLE, SAMPLER_TABLE
 from .requests import FieldError, Limits, ModelInfo, field_of, make_spec, response_body
 from .scheduler import ClientGone, ModelUnavailable, QueueFull, RequestTimeout, Scheduler, progress_body
 from .schemas import (Img2ImgRequest, ImageResponse, ProgressResponse, SamplerItem, SchedulerItem, SDModelItem,
@@ -57,8 +57,12 @@ class ServeSettings:
 
 # A1111's sampler and scheduler lists, from the one table (sdengine/samplers/names.py):
 # (label, aliases) and (name, label, default rho).
-SAMPLER_LABELS = tuple((label, list(aliases)) for _, label, aliases in SAMPLER_TABLE)
-SCHEDULER_LABELS = tuple((api_name, label, rho) for _, label, api_name, rho in SCHEDULE_TABLE)
+# A1111's lists (its labels, aliases and options), then the samplers sdengine adds (DDPM)
+SAMPLER_LABELS = tuple((label, list(aliases), dict(options)) for label, aliases, options in A1111_SAMPLER_LIST) + tuple(
+    (label, list(aliases), {}) for _, label, aliases in SAMPLER_TABLE
+    if label not in {label for label, _, _ in A1111_SAMPLER_LIST})
+SCHEDULER_LABELS = tuple((name, label, list(aliases) if aliases else None, rho, inner)
+                         for name, label, aliases, rho, inner in A1111_SCHEDULE_TABLE)
 
 
 class LocalEngine:
@@ -150,12 +154,12 @@ def create_app(engine=None, settings: ServeSettings = ServeSettings(), metrics=N
 
     @app.get("/sdapi/v1/samplers", response_model=list[SamplerItem])
     async def sampler_list():
-        return [{"name": name, "aliases": aliases, "options": {}} for name, aliases in SAMPLER_LABELS]
+        return [{"name": name, "aliases": aliases, "options": options} for name, aliases, options in SAMPLER_LABELS]
 
     @app.get("/sdapi/v1/schedulers", response_model=list[SchedulerItem])
     async def scheduler_list():
-        return [{"name": name, "label": label, "aliases": None, "default_rho": rho if rho is not None else -1.0,
-                 "need_inner_model": False} for name, label, rho in SCHEDULER_LABELS]
+        return [{"name": name, "label": label, "aliases": aliases, "default_rho": rho, "need_inner_model": inner}
+                for name, label, aliases, rho, inner in SCHEDULER_LABELS]
 
     @app.get("/sdapi/v1/sd-models", response_model=list[SDModelItem])
     async def sd_models(request: Request):
