@@ -156,8 +156,9 @@ def test_vocabulary_picks_the_rules():
     assert samplers.conventions_for("euler_a", "a1111") == "a1111"
     assert samplers.plan_for("euler_a", None, 10, SD, conventions="a1111").sampler == "euler_a"
     assert samplers.plan_for("ddim", None, 10, SD, conventions="a1111").sampler == "ddim"
-    with pytest.raises(ValueError, match="does not reproduce A1111's UniPC"):
-        samplers.plan_for("UniPC", None, 10, SD, conventions="a1111")
+    assert samplers.conventions_for("UniPC") == "a1111" and samplers.conventions_for("unipc") == "diffusers"
+    with pytest.raises(ValueError, match="does not reproduce A1111's ddpm"):  # no A1111 sampler
+        samplers.plan_for("ddpm", None, 10, SD, conventions="a1111")
 
 
 @pytest.mark.parametrize("a1111_name,schedule,diffusers_name", [("DPM++ 2M", "Karras", "dpmpp_2m_karras"),
@@ -313,3 +314,58 @@ def test_timestep_reference_against_diffusers(label, scheduler_cls, config, step
     _, want = run_timestep(label, steps)
     got = _diffusers_over(scheduler_cls, steps, **config)
     assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max()), label
+
+
+def _a1111_unipc_times(steps, start_timestep=None):
+    """A1111's UniPC times and sigmas, from its description: ceil(1000 / (1000 // steps)) steps
+    evenly spaced in t from 1 (img2img: last kept timestep / 1000 + 1/1000) to 1/1000; log alpha
+    piecewise linear in t through ((k + 1) / 1000, 0.5 log alphas_cumprod[k])."""
+    n = len(range(0, 1000, 1000 // steps))
+    t_start = 1.0 if start_timestep is None else float(torch.tensor(start_timestep) / 1000 + 1 / 1000)
+    times = torch.linspace(t_start, 1 / 1000, n + 1)
+    log_alpha = np.interp(times.double().numpy(), np.arange(1, 1001) / 1000,
+                          0.5 * np.log(ref.ldm_alphas_cumprod().double().numpy()))
+    alpha = np.exp(log_alpha)
+    return times, torch.from_numpy(np.sqrt(1 - alpha ** 2) / alpha)
+
+
+@pytest.mark.parametrize("steps", [7, 20, 26])
+@pytest.mark.parametrize("cfg", [SD, SD_V], ids=["eps", "v"])
+def test_unipc_against_diffusers_on_a1111s_times(steps, cfg):
+    """A1111's UniPC (bh1, order 3, lower order at the end, corrector but on the last step) is
+    diffusers' UniPCMultistepScheduler with those options run over A1111's continuous times: its
+    sigmas and (fractional) model timesteps set from them. A v output becomes eps at int(t), as
+    A1111's CompVisTimestepsVDenoiser does. 26 steps (27 times, 37 apart) are diffusers' own
+    linspace schedule with final_sigmas_type sigma_min."""
+    import diffusers
+
+    model_fn, calls = make_model()
+    plan = samplers.plan_for("UniPC", None, steps, cfg)
+    noise = rng.ImageNoise(SHAPE, SEEDS)
+    got = samplers.sample(model_fn, noise.first(), plan, generators=noise)
+
+    alphas = torch.from_numpy(np.cumprod(1 - np.linspace(SD.beta_start ** 0.5, SD.beta_end ** 0.5, 1000) ** 2))
+    reference_fn, reference_calls = make_model()
+
+    def eps_fn(x, t):
+        out = reference_fn(x, t)
+        if cfg.prediction_type == "epsilon":
+            return out
+        k = int(t.reshape(-1)[0])
+        return float(alphas[k].sqrt()) * out + float((1 - alphas[k]).sqrt()) * x
+
+    scheduler = diffusers.UniPCMultistepScheduler(
+        beta_start=SD.beta_start, beta_end=SD.beta_end, beta_schedule="scaled_linear", solver_order=3,
+        solver_type="bh1", lower_order_final=True, timestep_spacing="linspace", final_sigmas_type="sigma_min")
+    times, sigmas = _a1111_unipc_times(steps)
+    scheduler.set_timesteps(len(times) - 1)
+    if steps == 26:
+        assert torch.equal(scheduler.timesteps.float(), (times[:-1] - 1 / 1000) * 1000)
+    scheduler.timesteps = (times[:-1] - 1 / 1000) * 1000
+    scheduler.sigmas = sigmas.float()
+    want = rng.ImageNoise(SHAPE, SEEDS).first()
+    for t in scheduler.timesteps:
+        want = scheduler.step(eps_fn(want, t.expand(want.shape[0])), t, want).prev_sample
+    assert len(calls) == len(reference_calls) == len(times) - 1
+    assert_close(torch.stack(calls), torch.stack(reference_calls), "UniPC timesteps")
+    assert_close(got, want, f"UniPC {steps} steps")

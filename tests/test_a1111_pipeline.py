@@ -12,9 +12,12 @@ Images within 1/255 (asserted: 0.02/255, see TIGHT), two images per run (two see
 The grid (2 busy cores): every deterministic sampler on every A1111 schedule on SD1; on SD2-v every
 deterministic sampler on its Automatic schedule plus one schedule each (a rotation through the
 list, so that all twelve appear); every ancestral / SDE sampler on its Automatic schedule on both
-models. test_a1111.py covers every sampler on every schedule at the sampler level.
+models. A1111's others: DPM fast, Restart and LCM on both models (and one other schedule each on
+SD1), DPM adaptive on SD1 (see CASES), Restart's restart at 20 steps, DDIM / PLMS / DDIM CFG++
+against the transcription of A1111's loops, UniPC against diffusers' UniPC on A1111's times.
+test_a1111.py covers every sampler on every schedule at the sampler level.
 
-Budget: about 60 s on 2 busy cores.
+Budget: about 100 s on 2 busy cores (108 cases).
 """
 
 import diffusers
@@ -136,6 +139,32 @@ def test_image_matches_kdiffusion_as_a1111_drives_it(models, kind, label, schedu
     assert want.std() > 0.01
     diff = max_diff(got, want)
     assert diff <= TIGHT, f"{kind} {label} / {schedule}: max |difference| {diff * 255:.4f}/255 (acceptance {TOL * 255:.0f}/255)"
+
+
+@pytest.mark.parametrize("kind", list(PUBLISHED))
+def test_unipc_image_matches_diffusers_on_a1111s_times(models, kind):
+    """A1111's UniPC: diffusers' UniPCMultistepScheduler (bh1, order 3, lower order final) over
+    A1111's continuous times (test_a1111.test_unipc_against_diffusers_on_a1111s_times), the UNet's
+    eps from A1111's CFG over the timestep denoiser, A1111's first draws."""
+    from test_a1111 import _a1111_unipc_times
+
+    m = models(kind)
+    alphas64 = torch.from_numpy(np.cumprod(1 - np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2))
+    model = ref.TimestepCFG(m.unet_fn, alphas64, m.cond, m.uncond, CFG_SCALE, m.v_prediction)
+    scheduler = diffusers.UniPCMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                  solver_order=3, solver_type="bh1", lower_order_final=True,
+                                                  final_sigmas_type="sigma_min")
+    times, sigmas = _a1111_unipc_times(7)
+    scheduler.set_timesteps(len(times) - 1)
+    scheduler.timesteps, scheduler.sigmas = (times[:-1] - 1 / 1000) * 1000, sigmas.float()
+    generators = [torch.Generator().manual_seed(s) for s in SEEDS]
+    x = torch.stack([torch.randn(m.latent_shape, generator=g) for g in generators])
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(model(x, t.expand(x.shape[0])), t, x).prev_sample
+    want = m.decode(x)
+    diff = max_diff(m.ours_image("UniPC", None, steps=7), want)
+    assert diff <= TIGHT, f"{kind} UniPC: max |difference| {diff * 255:.4f}/255 (acceptance {TOL * 255:.0f}/255)"
 
 
 @pytest.mark.parametrize("kind,label", TIMESTEP_CASES, ids=[f"{k}-{l}".replace(" ", "_").replace("+", "p")

@@ -297,6 +297,8 @@ def _a1111_step(model_fn: Callable, plan: Plan, x: torch.Tensor, image_noise, op
     else:
         def noise(*interval):
             return image_noise.next().to(x.device, x.dtype)
+    if plan.sampler == "unipc":
+        return factory(denoiser, noise=noise, alphas_cumprod=alphas_cumprod, **dict(plan.options, **options))
     if plan.sampler in _a1111.TIMESTEP_SAMPLERS:
         return factory(denoiser, plan.timesteps, plan.prev_timesteps, noise, alphas_cumprod=alphas_cumprod,
                        **dict(plan.options, **options))

@@ -22,7 +22,8 @@ The sampler maths is k-diffusion's sampling.py, one step at a time (sigma_sample
 samplers both vocabularies share; this module adds A1111's others): DPM fast and DPM adaptive are
 k-diffusion's DPMSolver; Restart is A1111's sd_samplers_extra.restart_sampler; LCM its
 sd_samplers_lcm (its own 50-sigma denoiser); DDIM, DDIM CFG++ and PLMS its
-sd_samplers_timesteps(_impl), which step over timesteps 1, 1 + 1000 // steps, ... in VP latents.
+sd_samplers_timesteps(_impl), which step over timesteps 1, 1 + 1000 // steps, ... in VP latents,
+and UniPC its models/diffusion/uni_pc, in continuous time over as many steps.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from .names import A1111_SAMPLERS, A1111_SCHEDULES, A1111_TIMESTEP_SAMPLERS
 # The samplers of A1111's list that sdengine runs under A1111's rules (names.A1111_SAMPLERS).
 SAMPLERS = ("dpmpp_2m", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_2s_a", "dpmpp_3m_sde", "euler_a",
             "euler", "lms", "heun", "dpm_2", "dpm_2_a", "dpm_fast", "dpm_adaptive", "restart", "lcm", "ddim",
-            "ddim_cfgpp", "pndm")
+            "ddim_cfgpp", "pndm", "unipc")
 # Those that step over timesteps in VP latents (sd_samplers_timesteps.py), not over sigmas.
 TIMESTEP_SAMPLERS = A1111_TIMESTEP_SAMPLERS
 # CFG++ (Chung et al., "CFG++: Manifold-constrained Classifier Free Guidance", 2024): A1111 maps
@@ -562,8 +563,10 @@ class TimestepDenoiser:
             return out
         return float(self.sqrt_a[t]) * out + float(self.sqrt_1m_a[t]) * x
 
-    def __call__(self, x, t: int, *, uncond: bool = False, guidance_multiplier: float = 1.0):
+    def __call__(self, x, t: float, *, uncond: bool = False, guidance_multiplier: float = 1.0):
+        """eps at timestep t (UniPC's are fractional; a v output is converted at int(t), as A1111's)."""
         t_in = torch.full((x.shape[0],), float(t), device=x.device)
+        t = int(t)
         if not uncond:
             return self._eps(self.model_fn(x, t_in), x, t)
         guided, unguided = self.model_fn(x, t_in, with_uncond=True, guidance_multiplier=guidance_multiplier)
@@ -638,6 +641,117 @@ def plms(model, timesteps, prev_timesteps, noise, *, alphas_cumprod):
     return step
 
 
+# ---------------------------------------------------------------------------
+# UniPC (modules/models/diffusion/uni_pc, driven by sd_samplers_timesteps_impl.unipc)
+# ---------------------------------------------------------------------------
+
+# A1111's UniPC options and their defaults (modules/shared_options.py: uni_pc_variant,
+# uni_pc_skip_type, uni_pc_order, uni_pc_lower_order_final)
+UNIPC_VARIANT, UNIPC_ORDER, UNIPC_LOWER_ORDER_FINAL = "bh1", 3, True
+
+
+class ContinuousVP:
+    """The discrete model as a continuous-time VP process on t in [1/N, 1] (Lu et al., DPM-Solver,
+    2022, appendix; A1111's NoiseScheduleVP('discrete')): log alpha_t is piecewise linear in t
+    through (k + 1) / N -> 0.5 log alphas_cumprod[k], in float32; sigma_t = sqrt(1 - alpha_t^2)
+    and lambda_t = log alpha_t - log sigma_t."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        self.log_alphas = 0.5 * alphas_cumprod.float().log()
+        self.n = len(self.log_alphas)
+        self.keys = torch.linspace(0.0, 1.0, self.n + 1)[1:]
+
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        low = (torch.searchsorted(self.keys, t, right=True) - 1).clamp(0, self.n - 2)  # the ends extrapolate
+        x0, x1, y0, y1 = self.keys[low], self.keys[low + 1], self.log_alphas[low], self.log_alphas[low + 1]
+        return y0 + (t - x0) * (y1 - y0) / (x1 - x0)
+
+    def alpha(self, t):
+        return self.log_alpha(t).exp()
+
+    def std(self, t):
+        return (1.0 - (2.0 * self.log_alpha(t)).exp()).sqrt()
+
+    def lam(self, t):
+        log_alpha = self.log_alpha(t)
+        return log_alpha - 0.5 * (1.0 - (2.0 * log_alpha).exp()).log()
+
+    def model_time(self, t):
+        """The UNet's timestep of time t: (t - 1/N) * 1000, fractional between the training steps."""
+        return (t - 1.0 / self.n) * 1000.0
+
+
+def unipc(model, times, noise, *, alphas_cumprod, order=UNIPC_ORDER, variant=UNIPC_VARIANT,
+          lower_order_final=UNIPC_LOWER_ORDER_FINAL):
+    """UniPC (Zhao et al., "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
+    Diffusion Models", 2023), multistep, data prediction, B(h) = h (bh1) or e^h - 1 (bh2), as A1111
+    runs it: over `times` (float32, from t_start down to 1/N, evenly spaced in t), warming up at
+    orders 1 .. order-1, the last steps at lower order, the corrector (UniC) at every step but the
+    last, whose model value at the predicted x serves as the next step's history. model(x, t) is
+    eps at the fractional model timestep. Step i lands on times[i + 1]; step 0 first evaluates
+    the model at times[0]."""
+    vp = ContinuousVP(alphas_cumprod)
+    steps = len(times) - 1
+    history, history_t = [], []
+
+    def x0_of(x, t):
+        eps = model(x, float(vp.model_time(t)))
+        return (x - vp.std(t) * eps) / vp.alpha(t)
+
+    def update(x, t, step_order, use_corrector):
+        t_prev = history_t[-1]
+        lam_prev, lam_t = vp.lam(t_prev), vp.lam(t)
+        h = lam_t - lam_prev
+        hh = -h
+        rks, differences = [], []
+        for k in range(1, step_order):
+            rk = (vp.lam(history_t[-(k + 1)]) - lam_prev) / h
+            rks.append(rk)
+            differences.append((history[-(k + 1)] - history[-1]) / rk)
+        rks = torch.tensor([float(r) for r in rks] + [1.0])
+        h_phi_1 = hh.expm1()
+        b_h = hh if variant == "bh1" else hh.expm1()
+        rows, b, h_phi_k, factorial = [], [], h_phi_1 / hh - 1, 1
+        for k in range(1, step_order + 1):
+            rows.append(rks ** (k - 1))
+            b.append(float(h_phi_k * factorial / b_h))
+            factorial *= k + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial
+        R, b = torch.stack(rows), torch.tensor(b)
+        alpha_t, sigma_t, sigma_prev = vp.alpha(t), vp.std(t), vp.std(t_prev)
+        x_base = (sigma_t / sigma_prev) * x - (alpha_t * h_phi_1) * history[-1]
+        x_t = x_base
+        if differences:  # UniP: the predictor's correction from the history
+            rhos_p = torch.tensor([0.5]) if step_order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
+            x_t = x_base - (alpha_t * b_h) * sum(r * d for r, d in zip(rhos_p, differences))
+        if not use_corrector:
+            return x_t, None
+        model_t = x0_of(x_t, t)  # UniC: the corrector with the model at the predicted point
+        rhos_c = torch.tensor([0.5]) if step_order == 1 else torch.linalg.solve(R, b)
+        correction = sum(r * d for r, d in zip(rhos_c[:-1], differences)) + rhos_c[-1] * (model_t - history[-1])
+        return x_base - (alpha_t * b_h) * correction, model_t
+
+    @torch.no_grad()
+    def step(x, i):
+        if i == 0:
+            history.append(x0_of(x, times[0]))
+            history_t.append(times[0])
+        t, number = times[i + 1], i + 1
+        if number < order:  # warm-up at order 1, 2, ...
+            x, model_x = update(x, t, number, use_corrector=True)
+            history.append(model_x)
+            history_t.append(t)
+            return x
+        step_order = min(order, steps + 1 - number) if lower_order_final else order
+        x, model_x = update(x, t, step_order, use_corrector=number != steps)
+        del history[0], history_t[0]
+        history.append(model_x)
+        history_t.append(t)
+        return x
+
+    return step
+
+
 STEP_FACTORIES = {
     "dpmpp_2m": lambda model, sigmas, noise, eta=None: K.dpmpp_2m(model, sigmas, noise),
     "dpmpp_sde": K.dpmpp_sde,
@@ -658,6 +772,7 @@ STEP_FACTORIES = {
     "ddim": ddim,
     "ddim_cfgpp": ddim_cfgpp,
     "pndm": plms,
+    "unipc": unipc,
 }
 assert set(STEP_FACTORIES) == set(SAMPLERS)
 
@@ -715,7 +830,7 @@ def make_plan(sampler: str, schedule: Optional[str], steps: int, cfg, *, strengt
 
 
 def _timestep_plan(sampler, steps, cfg, alphas_cumprod, strength, options):
-    """DDIM / DDIM CFG++ / PLMS (CompVisSampler): the model runs at A1111's timesteps but the
+    """DDIM / DDIM CFG++ / PLMS / UniPC (CompVisSampler): the model runs at A1111's timesteps but the
     first, each step landing on the timestep below. img2img (sample_img2img) keeps
     timesteps[:t_enc] with t_enc = int(min(strength, 0.999) * steps) and noises the image to
     timesteps[t_enc], one above the first it evaluates."""
@@ -729,6 +844,8 @@ def _timestep_plan(sampler, steps, cfg, alphas_cumprod, strength, options):
         timesteps, noise_timestep = timesteps[:t_enc], float(timesteps[t_enc])
     if len(timesteps) < 2:
         raise ValueError(f"strength={strength} with steps={steps} leaves no denoising step")
+    if sampler == "unipc":
+        return _unipc_plan(timesteps, noise_timestep, steps, cfg, alphas_cumprod, strength)
     evaluated, landing = timesteps[1:][::-1].copy(), timesteps[:-1][::-1].copy()
     train_sigmas = ((1 - alphas_cumprod.double()) / alphas_cumprod.double()) ** 0.5
     sigmas = torch.cat([train_sigmas[torch.from_numpy(evaluated)], train_sigmas[int(landing[-1])].view(1)])
@@ -737,6 +854,24 @@ def _timestep_plan(sampler, steps, cfg, alphas_cumprod, strength, options):
                  sigmas=sigmas, alphas_cumprod=alphas_cumprod.double(), log_sigmas=train_sigmas.float().log().numpy(),
                  init_noise_sigma=1.0, noise_timestep=noise_timestep, options=options,
                  prediction_type=cfg.prediction_type, strength=strength)
+
+
+def _unipc_plan(timesteps, noise_timestep, steps, cfg, alphas_cumprod, strength):
+    """A1111's UniPC (sd_samplers_timesteps_impl.unipc): as many steps as A1111's DDIM timesteps,
+    evenly spaced in continuous time from 1 (img2img: the last kept timestep / 1000 + 1/1000)
+    down to 1/N, where it stops (its sigma, not 0)."""
+    if len(timesteps) < UNIPC_ORDER:
+        raise ValueError(f"A1111's UniPC (order {UNIPC_ORDER}) needs at least {UNIPC_ORDER} steps; "
+                         f"steps={steps} with strength={strength} gives {len(timesteps)}")
+    vp = ContinuousVP(alphas_cumprod)
+    t_start = torch.tensor(1.0) if noise_timestep is None else torch.tensor(int(timesteps[-1])) / 1000 + 1 / 1000
+    times = torch.linspace(float(t_start), 1.0 / vp.n, len(timesteps) + 1)
+    sigmas = (vp.std(times) / vp.alpha(times)).double()
+    return _plan(sampler="unipc", schedule="automatic", steps=steps, start=0,
+                 timesteps=vp.model_time(times[:-1]).double(), sigmas=sigmas, alphas_cumprod=alphas_cumprod.double(),
+                 log_sigmas=sigmas.float().log().numpy(), init_noise_sigma=1.0, noise_timestep=noise_timestep,
+                 loop_steps=len(timesteps), options={"times": times}, prediction_type=cfg.prediction_type,
+                 strength=strength)
 
 
 def _plan(**fields):

@@ -213,9 +213,9 @@ if [(name, label) for name, label, *_ in A1111_SCHEDULE_TABLE] != [(n, l) for l,
     raise ValueError("names.py: A1111_SCHEDULE_TABLE and A1111_SCHEDULES disagree")
 A1111_SCHEDULE_ALIASES = {"SGMUniform": "SGM Uniform", **{name: label for label, name in A1111_SCHEDULES.items()},
                           **{label: label for label in A1111_SCHEDULES}}
-# The sdengine names of A1111's samplers that step over integer timesteps in VP latents
-# (sd_samplers_timesteps_impl.py; its UniPC runs in continuous time instead).
-A1111_TIMESTEP_SAMPLERS = ("ddim", "ddim_cfgpp", "pndm")
+# The sdengine names of A1111's samplers that step in VP latents over its DDIM timesteps
+# (sd_samplers_timesteps.py; UniPC in continuous time between them).
+A1111_TIMESTEP_SAMPLERS = ("ddim", "ddim_cfgpp", "pndm", "unipc")
 # A1111's samplers as /sdapi/v1/samplers lists them: (label, aliases, options in A1111's words)
 _A1111_OPTION_NAMES = {"scheduler": "scheduler", "discard": "discard_next_to_last_sigma",
                        "brownian": "brownian_noise", "ensd": "uses_ensd", "second_order": "second_order"}
