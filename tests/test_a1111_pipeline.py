@@ -185,6 +185,47 @@ def test_restart_with_restarts(models):
     assert diff <= TIGHT, f"max |difference| {diff * 255:.4f}/255"
 
 
+@pytest.mark.parametrize("label,schedule,strength", [("Euler a", "Automatic", 0.6), ("DPM++ 2M", "Karras", 0.75),
+                                                      ("DPM++ 2M SDE", "Automatic", 0.5), ("DDIM", None, 0.75),
+                                                      ("PLMS", None, 0.6)])
+def test_img2img_matches_a1111s_sample_img2img(models, label, schedule, strength):
+    """img2img under A1111's rules: the noise is the images' first draws (rng.next(), as txt2img),
+    the sigmas the tail sigmas[steps - t_enc - 1:], the start image + noise * that first sigma, the
+    ancestral / SDE noise continuing from the same generators (DDIM, PLMS: noised to the timestep
+    above the first they evaluate). The image latents are the VAE
+    posterior's sample with each image's seeded generator on both sides: A1111 samples it from
+    torch's global generator, which its runs do not seed, so no fixed target exists for that draw
+    (it moves SD's latents by about 1e-3)."""
+    m = models("sd15")
+    image, init_latent = img2img_input(m)
+    if label in ref.TIMESTEP_LABELS:
+        alphas64 = torch.from_numpy(np.cumprod(1 - np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2))
+        model = ref.TimestepCFG(m.unet_fn, alphas64, m.cond, m.uncond, CFG_SCALE, m.v_prediction)
+        want = m.decode(ref.timestep_sample(model, ref.ldm_alphas_cumprod(), label, 10, SEEDS, m.latent_shape,
+                                            init_latent=init_latent, strength=strength))
+    else:
+        model = ref.CFGDenoiser(m.inner, m.cond, m.uncond, CFG_SCALE)
+        want = m.decode(ref.sample_with(model, m.inner, label, schedule, 10, SEEDS, m.latent_shape,
+                                        init_latent=init_latent, strength=strength))
+    got = m.ours(PROMPT, init_image=image, strength=strength, batch_size=len(SEEDS), seed=SEEDS, sampler=label,
+                 schedule=schedule, steps=10, guidance_scale=CFG_SCALE, output_type="np", progress=False).images
+    diff = max_diff(got, want)
+    assert diff <= TIGHT, f"img2img {label} / {schedule}: max |difference| {diff * 255:.4f}/255"
+
+
+def img2img_input(m):
+    """An init image and its latents for each seed (the posterior sampled with that seed's generator)."""
+    image = torch.rand(H, W, 3, generator=torch.Generator().manual_seed(3)).numpy()
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None] * 2 - 1
+    latents = []
+    with torch.no_grad():
+        posterior = m.pipe.vae.encode(pixels).latent_dist
+    for seed in SEEDS:
+        eps = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(seed))
+        latents.append(posterior.mean + posterior.std * eps)
+    return image, torch.cat(latents) * m.pipe.vae.config.scaling_factor
+
+
 def test_the_comparison_can_fail(models):
     """The same label run under diffusers' rules, or another seed, is far from the reference."""
     m = models("sd15")

@@ -230,12 +230,14 @@ def sample(model_fn, alphas_cumprod, label, schedule, steps, seeds, shape, *, v_
     return sample_with(model_wrap, model_wrap, label, schedule, steps, seeds, shape, eta=eta, is_sdxl=is_sdxl)
 
 
-def sample_with(model, model_wrap, label, schedule, steps, seeds, shape, *, eta=None, is_sdxl=False):
+def sample_with(model, model_wrap, label, schedule, steps, seeds, shape, *, eta=None, is_sdxl=False,
+                init_latent=None, strength=1.0):
     """The latents A1111 (CPU RNG source, no ENSD) draws with k-diffusion's sampler of `label`:
     `model` is what the sampler calls (the CFG denoiser, or the bare wrap), `model_wrap` the
     k-diffusion denoiser whose sigmas the schedule reads. Per-image CPU generators: the first
     draw the start (times sigmas[0]), later draws the ancestral noise; the SDE samplers' noise
-    from BrownianTreeNoiseSampler over the image seeds."""
+    from BrownianTreeNoiseSampler over the image seeds. init_latent: img2img (A1111's
+    sample_img2img), the image's latents noised to the first sigma of the kept tail."""
     sampling, _ = load()
     sigmas = get_sigmas(model_wrap, label, schedule, steps, is_sdxl)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -243,7 +245,12 @@ def sample_with(model, model_wrap, label, schedule, steps, seeds, shape, *, eta=
     def draw():
         return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
-    x = draw() * sigmas[0]
+    if init_latent is None:
+        x = draw() * sigmas[0]
+    else:  # KDiffusionSampler.sample_img2img: t_enc = int(min(strength, 0.999) * steps), the tail of the sigmas
+        t_enc = int(min(strength, 0.999) * steps)
+        sigmas = sigmas[steps - t_enc - 1:]
+        x = init_latent + draw() * sigmas[0]
     funcname, options = A1111_K_SAMPLERS[label]
     func = {"restart": restart_sample, "lcm": lcm_sample}.get(funcname) or getattr(sampling, funcname)
     parameters = inspect.signature(func).parameters
@@ -388,10 +395,11 @@ class TimestepCFG:
         return eps_uncond + (eps_cond - eps_uncond) * (self.cond_scale * self.cond_scale_multiplier)
 
 
-def timestep_sample(model, alphas_cumprod, label, steps, seeds, shape, eta=0.0):
+def timestep_sample(model, alphas_cumprod, label, steps, seeds, shape, eta=0.0, init_latent=None, strength=1.0):
     """A1111's DDIM / PLMS / DDIM CFG++ (sd_samplers_timesteps_impl.py) for these seeds (CPU
     source): timesteps 1, 1 + 1000 // steps, ... (clipped to 999), x the images' first draws, and
-    the loop from the last timestep down, index i stepping to timesteps[i - 1], i >= 1."""
+    the loop from the last timestep down, index i stepping to timesteps[i - 1], i >= 1; img2img
+    (init_latent) as sample_img2img."""
     generators = [torch.Generator().manual_seed(s) for s in seeds]
 
     def draw():
@@ -399,6 +407,11 @@ def timestep_sample(model, alphas_cumprod, label, steps, seeds, shape, eta=0.0):
 
     x = draw()
     ts = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+    if init_latent is not None:  # CompVisSampler.sample_img2img: noised to ts[t_enc], the loop over ts[:t_enc]
+        t_enc = int(min(strength, 0.999) * steps)
+        a_enc = alphas_cumprod[ts[t_enc]]
+        x = init_latent * a_enc.sqrt() + x * (1 - a_enc).sqrt()
+        ts = ts[:t_enc]
     a = alphas_cumprod[ts]
     a_prev = alphas_cumprod[torch.nn.functional.pad(ts[:-1], (1, 0))].double()
     sigma = eta * ((1 - a_prev) / (1 - a.double()) * (1 - a.double() / a_prev)) ** 0.5
