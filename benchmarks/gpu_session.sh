@@ -23,7 +23,8 @@
 #      sampler step against the device's copy bandwidth;
 #   6. sdengine cache export: the Triton and Inductor caches of this run, for the next session; then
 #      the LoRA hot-swap benchmark (sdengine bench --lora-swap) at full SD1.5 size;
-#   7. with the time left: the GPU tests (pytest -m gpu), then SD1.5 at batch 4, SD2.1-v 768² and
+#   7. with the time left: the GPU tests (pytest -m gpu), then SD1.5 at batch 4, SD1.5 with DeepCache,
+#      T-GATE and ToMe on the graph and triton layers (beside the rows without them), SD2.1-v 768² and
 #      SDXL 1024² with the best layers;
 #   8. with the time still left: the native backend's SD1.5 engine, then its benchmark and its
 #      full-size check (tests/test_native_cuda.py, SDE_FULL_SIZE=1); if the engine did not build,
@@ -136,6 +137,11 @@ if (($(left) > 120)); then
     run_step bench_sd15_batch4 100 "${SDE[@]}" bench --arch sd15 --height 512 --width 512 --steps 30 \
         --sampler euler --batch 4 --dtype fp16 --backends diffusers,graph,triton --prepare-cap 60 --run-cap 40 \
         --components unet_step,end_to_end "${BENCH[@]}"
+fi
+if (($(left) > 110)); then  # DeepCache, T-GATE and ToMe inside the captured step, beside the rows without them
+    run_step bench_sd15_accel 90 "${SDE[@]}" bench --arch sd15 --height 512 --width 512 --steps 30 \
+        --sampler euler --batch 1 --dtype fp16 --backends graph,triton --deepcache 3 --tgate 10 --tome 0.5 \
+        --components end_to_end --prepare-cap 60 --run-cap 40 "${BENCH[@]}"
 fi
 if (($(left) > 100)); then
     run_step bench_sd21 90 "${SDE[@]}" bench --arch sd21-v --height 768 --width 768 --steps 30 --sampler euler \

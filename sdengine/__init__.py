@@ -10,6 +10,7 @@
 
 __version__ = "0.1.0"
 
+from .acceleration import DeepCache, TGate, ToMe  # noqa: E402
 from .api import from_diffusers, generate, load  # noqa: E402
 from .config import PRESETS, ModelConfig  # noqa: E402
 from .controlnet import Control, ControlNet, load_controlnet  # noqa: E402
@@ -19,7 +20,7 @@ from .request import Request  # noqa: E402
 
 __all__ = ["load", "generate", "from_diffusers", "Pipeline", "GenerationResult", "GenerationCancelled",
            "ModelConfig", "PRESETS", "Request", "InvalidArgumentError", "OutOfMemoryError",
-           "Control", "ControlNet", "load_controlnet"]
+           "Control", "ControlNet", "load_controlnet", "DeepCache", "TGate", "ToMe"]
 
 
 def __getattr__(name):

@@ -76,6 +76,14 @@ def _register_generate(sub):
     p.add_argument("--control-preprocess", default=None, choices=["canny"],
                    help="make every control map from its image with this preprocessor (canny needs the "
                         "controlnet extra: pip install \"sdengine[controlnet]\")")
+    p.add_argument("--deepcache", type=int, default=None, metavar="INTERVAL",
+                   help="DeepCache: run the whole UNet every INTERVAL steps, its shallow branch between (e.g. 3)")
+    p.add_argument("--deepcache-branch", type=int, default=0, metavar="BRANCH",
+                   help="DeepCache's skip branch (DeepCacheSDHelper's cache_branch_id; default 0, the fastest)")
+    p.add_argument("--tgate", type=int, default=None, metavar="GATE_STEP",
+                   help="T-GATE: reuse cross-attention and stop guidance from this step on (e.g. 10)")
+    p.add_argument("--tome", type=float, default=None, metavar="RATIO",
+                   help="token merging (ToMe): merge this fraction of the tokens before self-attention (e.g. 0.5)")
     p.add_argument("--lora-dir", default=None, help="folder where <lora:name:scale> in the prompt finds name.safetensors")
     p.add_argument("--embedding", action="append", default=[], metavar="PATH[:TOKEN]",
                    help="load a textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds); its "
@@ -140,6 +148,8 @@ def _generate(args) -> int:
             progress=not args.no_progress, prompt_syntax=None if args.prompt_syntax == "none" else args.prompt_syntax,
             lora_dir=args.lora_dir, control=controls or None, conventions=args.conventions, rng=args.rng,
             subseed=args.subseed, subseed_strength=args.subseed_strength, eta_noise_seed_delta=args.ensd,
+            deepcache=sdengine.DeepCache(args.deepcache, args.deepcache_branch) if args.deepcache else None,
+            tgate=args.tgate, tome=args.tome,
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(result.images):

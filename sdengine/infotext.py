@@ -190,6 +190,18 @@ def request_arguments(info: Infotext) -> dict:
     strength = take("Denoising strength", float)
     if strength is not None:
         args["strength"] = strength
+    # training-free acceleration (sdengine/acceleration.py): A1111's own "Token merging ratio", sdengine's others
+    interval, branch = take("DeepCache interval", int, 0), take("DeepCache branch", int, 0)
+    if interval:
+        from .acceleration import DeepCache
+
+        args["deepcache"] = DeepCache(interval=interval, branch=branch)
+    gate_step = take("T-GATE gate step", int, 0)
+    if gate_step:
+        args["tgate"] = gate_step
+    ratio = take("Token merging ratio", float, 0.0)
+    if ratio:
+        args["tome"] = ratio
 
     refused = [key for key in fields if key not in handled]
     if refused:

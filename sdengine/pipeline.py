@@ -115,6 +115,7 @@ class GenerationResult:
         # A1111's ControlNet extension: one "ControlNet i" field per unit, its settings in one quoted value
         fields_ += [(f"ControlNet {i}", quote(", ".join(f"{k}: {v}" for k, v in unit.items())))
                     for i, unit in enumerate(controlnet_infotext(c) for c in p.get("controls") or [])]
+        fields_ += list(p.get("acceleration_infotext") or [])  # DeepCache, T-GATE, "Token merging ratio"
         negatives = p.get("negative_prompts") or []
         return format_infotext(p["prompts"][index], negatives[index] if negatives else "", fields_)
 
@@ -237,6 +238,8 @@ class Pipeline:
         # what the backend compiles for this workload, once (the triton layer's kernels, in parallel)
         self.backend.prepare(request.height, request.width, request.n_images, run.plan.sampler, run.plan.schedule)
         controls = self._control_inputs(run)  # a backend that runs no ControlNets refuses here
+        if request.acceleration:  # a backend that cannot run DeepCache, T-GATE or ToMe refuses here
+            self.backend.check_acceleration(request.acceleration)
         with self._holding_weights(run.tag_loras) as loras, _Progress(run) as progress:
             params = self._params(run, loras)
             pixels = self.backend.run_request(run, self.tokenizer, self.tokenizer_2, progress)
@@ -244,11 +247,12 @@ class Pipeline:
                 return self._result(run, params, pixels=pixels)
             context, added_cond = self._encode(run)
             noise, init_latents, extra_channels = self._initial_latents(run)
+            kinds = request.acceleration.schedule(run.plan.num_steps, run.do_cfg) if request.acceleration else None
             step = None if run.plan.conventions == "a1111" else self.backend.fused_step(  # A1111: the Python loop
                 run.plan, context, request.guidance_scale, added_cond, extra_channels,
-                **({"controls": controls} if controls else {}))
+                **({"controls": controls} if controls else {}), **({"schedule": kinds} if kinds else {}))
             model_fn = None if step is not None else self._model_fn(run, context, added_cond, extra_channels,
-                                                                      controls, progress)
+                                                                      controls, progress, kinds)
             x = samplers.sample(model_fn, noise, run.plan, step=step, init_latents=init_latents,
                                 generators=run.image_noise or run.generators, callback=progress)
             if request.output_type == "latent":
@@ -319,6 +323,8 @@ class Pipeline:
             prompt_syntax=r.prompt_syntax, rng=r.rng, eta_noise_seed_delta=r.eta_noise_seed_delta,
             subseeds=list(r.subseeds), subseed_strength=r.subseed_strength, seed_resize_from=r.seed_resize_from,
             controls=[control_params(c, cn, r.width, r.height) for c, cn in zip(r.controls, run.controlnets)],
+            acceleration=r.acceleration.params() if r.acceleration else {},
+            acceleration_infotext=r.acceleration.infotext() if r.acceleration else [],
         )
 
     def _encode(self, run: "Run") -> tuple:
@@ -365,32 +371,59 @@ class Pipeline:
         extra_channels = torch.cat([mask_latent, masked_image_latents], dim=1).to(device)  # (N, 1 + C, h, w)
         return noise, init_latents, torch.cat([extra_channels, extra_channels]) if run.do_cfg else extra_channels
 
-    def _model_fn(self, run: "Run", context, added_cond, extra_channels, controls: list, progress: "_Progress"):
+    def _model_fn(self, run: "Run", context, added_cond, extra_channels, controls: list, progress: "_Progress",
+                  kinds: Optional[tuple] = None):
         """model_fn(x_in, t) -> the raw model output (the config's prediction type) with guidance
         applied: one UNet forward on [uncond, cond], with the ControlNets active at this step.
         with_uncond=True (A1111's DDIM CFG++): (guided output, unconditional output), the scale
-        multiplied by guidance_multiplier; without guidance both are the conditional output."""
+        multiplied by guidance_multiplier; without guidance both are the conditional output.
+        kinds: the acceleration's StepKind per step (sdengine/acceleration.py), whose caches live
+        for this run; a step whose kind turns guidance off (T-GATE after its gate) runs the UNet on
+        the unconditional rows alone, as tgate does."""
         do_cfg, guidance_scale, total = run.do_cfg, run.request.guidance_scale, run.plan.num_steps
+        caches = self._unet_caches(run, kinds) if kinds else None
+
+        def denoise(x_batch, t_batch, context, added_cond, extra, i, step=None):
+            if extra is not None:
+                x_batch = torch.cat([x_batch, extra.to(x_batch.dtype)], dim=1)
+            options = {"step": step} if step is not None else {}
+            if controls:  # the ControlNets active at step i
+                options["controls"] = [c for c in controls if c.active[i]]
+            return self.backend.denoise(x_batch, t_batch, context, added_cond, **options)
 
         def model_fn(x_in, t, with_uncond: bool = False, guidance_multiplier: float = 1.0):
-            x_batch = torch.cat([x_in, x_in]) if do_cfg else x_in  # (2N, C, h, w)
-            if extra_channels is not None:
-                x_batch = torch.cat([x_batch, extra_channels.to(x_batch.dtype)], dim=1)
+            i = min(progress.step, total - 1)  # the step running now
+            cfg = do_cfg and (caches is None or kinds[i].cfg)
+            rows = x_in.shape[0]
+            x_batch = torch.cat([x_in, x_in]) if cfg else x_in  # (2N, C, h, w)
             t_batch = t.expand(x_batch.shape[0]) if t.dim() <= 1 and t.numel() == 1 else \
-                (torch.cat([t, t]) if do_cfg else t)
-            if controls:
-                i = min(progress.step, total - 1)  # the step whose ControlNets run
-                out = self.backend.denoise(x_batch, t_batch, context, added_cond,
-                                           controls=[c for c in controls if c.active[i]])
+                (torch.cat([t, t]) if cfg else t)
+            ctx, cond, extra = context, added_cond, extra_channels
+            if do_cfg and not cfg:  # the unconditional rows (tgate's negative embeddings)
+                ctx, extra = context[:rows], extra_channels[:rows] if extra_channels is not None else None
+                cond = {k: v[:rows] for k, v in added_cond.items()} if added_cond is not None else None
+            if caches is None:
+                out = denoise(x_batch, t_batch, ctx, cond, extra, i)
             else:
-                out = self.backend.denoise(x_batch, t_batch, context, added_cond)
-            if not do_cfg:
+                out = caches.call(i, lambda step: denoise(x_batch, t_batch, ctx, cond, extra, i, step))
+            if not cfg:
                 return (out, out) if with_uncond else out
-            uncond, cond = out.chunk(2)
-            guided = uncond + guidance_scale * guidance_multiplier * (cond - uncond)
+            uncond, cond_out = out.chunk(2)
+            guided = uncond + guidance_scale * guidance_multiplier * (cond_out - uncond)
             return (guided, uncond) if with_uncond else guided
 
         return model_fn
+
+    def _unet_caches(self, run: "Run", kinds: tuple):
+        """The run's UNetCaches (sdengine/acceleration.py), started on its step kinds."""
+        from .acceleration import UNetCaches
+        from .models.unet import transformer_grids
+
+        r, vae = run.request, self.config.vae
+        latent = (r.height // vae.downscale, r.width // vae.downscale)
+        caches = UNetCaches(transformer_grids(self.config.unet, *latent), kinds[0].tome, latent, self.backend.device)
+        caches.start(kinds)
+        return caches
 
     def _result(self, run: "Run", params: dict, *, decoded=None, pixels=None) -> GenerationResult:
         """The caller's images from decoded images (N, 3, H, W) in [-1, 1], or from uint8 pixels

@@ -222,6 +222,7 @@ class Request:
     seed_resize_from: Optional[tuple] = None  # (width, height) whose noise the seed draws, centred; None: off
     eta_noise_seed_delta: int = 0        # A1111's ENSD: the sampler's noise comes from seed + this
     rng: str = "cpu"                     # RNG_SOURCES
+    acceleration: Any = None             # sdengine.acceleration.Acceleration: DeepCache, T-GATE, ToMe (or none)
 
     @property
     def n_images(self) -> int:
@@ -262,6 +263,9 @@ class Request:
         seed_resize_from_h: Optional[int] = None,
         eta_noise_seed_delta: int = 0,
         rng: Optional[str] = None,
+        deepcache: Any = None,
+        tgate: Any = None,
+        tome: Any = None,
     ) -> "Request":
         """Check every argument that does not depend on the model. Raises InvalidArgumentError
         naming the parameter.
@@ -315,6 +319,12 @@ class Request:
         rng:                 where the noise comes from: "cpu" (torch's CPU generator; default),
                              "nv" (A1111's Philox port of CUDA's torch.randn, on any device) or
                              "gpu" (CUDA's generator; needs a CUDA device): A1111's RNG setting.
+        deepcache, tgate, tome: training-free acceleration (sdengine/acceleration.py), with the
+                             authors' meanings: sdengine.DeepCache(interval=3, branch=0),
+                             sdengine.TGate(gate_step=10), sdengine.ToMe(ratio=0.5), or a number
+                             for the main setting (deepcache=3, tgate=10, tome=0.5). Any combination;
+                             tgate does not combine with control. A backend that cannot run them
+                             (native, aoti, onnx) refuses them before any work.
         """
         if steps is not None:
             if num_inference_steps is not None and num_inference_steps != steps:
@@ -351,6 +361,11 @@ class Request:
         from .controlnet import as_controls
 
         controls = tuple(as_controls(control))
+        from .acceleration import Acceleration, as_option, check_request
+
+        acceleration = Acceleration(as_option(deepcache, "deepcache"), as_option(tgate, "tgate"),
+                                    as_option(tome, "tome"))
+        check_request(acceleration, controls)
 
         n_images = len(prompts) * batch_size
         images_prompts = tuple(p for p in prompts for _ in range(batch_size))
@@ -430,7 +445,7 @@ class Request:
             progress=bool(progress), vae_tiling=None if vae_tiling is None else bool(vae_tiling),
             prompt_syntax=prompt_syntax, lora_dir=lora_dir, controls=controls, conventions=conventions,
             subseeds=subseeds, subseed_strength=float(subseed_strength), seed_resize_from=resize,
-            eta_noise_seed_delta=int(eta_noise_seed_delta), rng=rng,
+            eta_noise_seed_delta=int(eta_noise_seed_delta), rng=rng, acceleration=acceleration,
         )
 
     @classmethod
@@ -457,6 +472,8 @@ class Request:
         clip_skip within the text encoders, the latents' shape; resolve the size (the init
         image's, rounded down to 8, else the model's) and strength (0.8 img2img, 1.0 inpainting)."""
         name = config.name
+        if self.acceleration:
+            self.acceleration.check_model(config.unet)
         if self.mode == "inpaint" and not config.is_inpaint:
             _fail("mask_image", f"needs an inpainting model (9-channel UNet); {name} has "
                                 f"{config.unet.in_channels} input channels")

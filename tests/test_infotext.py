@@ -99,7 +99,7 @@ def test_written_infotext_describes_the_run(demo):
     ("Hires upscale: 2, Hires steps: 10", "'Hires upscale', 'Hires steps'"),
     ("Face restoration: CodeFormer", "'Face restoration'"),
     ("Tiling: True", "'Tiling'"),
-    ("Token merging ratio: 0.5", "'Token merging ratio'"),
+    ("Token merging ratio hr: 0.5", "'Token merging ratio hr'"),  # "Token merging ratio" is honoured (ToMe)
     ("Beta schedule alpha: 0.7", "'Beta schedule alpha'"),
 ])
 def test_fields_sdengine_cannot_honour_are_refused_by_name(fields, named):

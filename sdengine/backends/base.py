@@ -57,14 +57,19 @@ class Backend(Protocol):
         when the pipeline runs it through the calls below (every backend but native)."""
 
     def encode_text(self, input_ids, input_ids_2=None, clip_skip=None) -> tuple: ...
-    def denoise(self, x_in, t, context, added_cond=None, controls=()) -> torch.Tensor: ...
+    def denoise(self, x_in, t, context, added_cond=None, controls=(), step=None) -> torch.Tensor: ...
     def encode_image(self, images) -> tuple: ...
     def decode(self, latents) -> torch.Tensor: ...
 
     def fused_step(self, plan, context, guidance_scale: float, added_cond=None, extra_channels=None,
-                   controls=()) -> Optional[Callable]:
+                   controls=(), schedule=None) -> Optional[Callable]:
         """The whole denoising step as one function step(x, i, noise) -> x_next, or None where the
-        backend does not cover the run (the pipeline then calls denoise)."""
+        backend does not cover the run (the pipeline then calls denoise). schedule: the
+        acceleration's StepKind per step (sdengine/acceleration.py), or None."""
+
+    def check_acceleration(self, acceleration) -> None:
+        """A ValueError, before any work, where the backend cannot run the request's DeepCache,
+        T-GATE or ToMe (sdengine/acceleration.py); then denoise takes step= and fused_step schedule=."""
 
     def controlnet_fn(self, control) -> Callable:
         """How this backend runs a ControlNet; a ValueError before any work where it runs none."""
@@ -99,8 +104,15 @@ class BaseBackend:
     def run_request(self, run, tokenizer, tokenizer_2, on_step):
         return None
 
-    def fused_step(self, plan, context, guidance_scale: float, added_cond=None, extra_channels=None, controls=()):
+    def fused_step(self, plan, context, guidance_scale: float, added_cond=None, extra_channels=None, controls=(),
+                   schedule=None):
         return None
+
+    def check_acceleration(self, acceleration) -> None:
+        """Refuses: the backend's UNet cannot cache, reuse or merge inside (a compiled engine, ONNX)."""
+        raise ValueError(f"{acceleration.names()[0]}: backend {self.name!r} cannot run "
+                         f"{', '.join(acceleration.names())} (its UNet is one compiled graph); use backend='eager', "
+                         "'graph', 'triton' or 'compile'")
 
     def release_memory(self) -> None:
         """Drop what the backend keeps per request shape (called after a request ran out of memory)."""

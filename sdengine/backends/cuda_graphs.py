@@ -197,11 +197,17 @@ class DeviceStep:
     run, like the context. A call says which of them are active at that step (`active`, one bool
     each: their [start, end]); each combination is its own graph over the same buffers, so a step
     outside a ControlNet's range replays a graph captured without it.
+
+    DeepCache, T-GATE and ToMe (`caches`, sdengine.acceleration.UNetCaches, started by the run on its
+    step kinds): each kind of step (a full step keeping DeepCache's branch input, a cached step
+    reusing it, T-GATE's phases) is its own graph, chosen per step from the run's schedule, over the
+    same static buffers; what a step keeps for the next is copied into the caches' buffers inside
+    the graph, and ToMe's random choices are copied in before each replay, like the noise.
     """
 
     def __init__(self, unet, dtype, device, fused: FusedRun, x_shape: tuple, context, added_cond=None,
                  extra_channels=None, *, channels_last: bool, kernel: bool, graphs: Optional[GraphCache] = None,
-                 controls=(), controlnet_fn=None):
+                 controls=(), controlnet_fn=None, caches=None):
         self.unet, self.dtype = unet, dtype
         self.sampler, self.prediction_type, self.kernel = fused.sampler, fused.prediction_type, kernel
         self.columns = fused.columns  # how a row of the table reads (a function of the row)
@@ -224,8 +230,11 @@ class DeviceStep:
         self.controls = [dataclasses.replace(c, image=torch.zeros_like(c.image)) for c in controls]
         self.control_scales = [torch.zeros((), dtype=torch.float32, device=device) for _ in controls]
         self.controlnet_fn = controlnet_fn
-        self.graphs, self.step_graphs = graphs, {}  # active ControlNets (tuple of bools) -> graph
-        self._active = ()
+        self.caches = caches
+        self.kept = {}  # graph key -> what that kind of step keeps for later steps (its caches' slots)
+        # active ControlNets (a tuple of bools), or with caches (active, the caches' step signature) -> graph
+        self.graphs, self.step_graphs = graphs, {}
+        self._active, self._signature = (), None
         self.busy = False  # held by a run (see GraphCache: busy entries are never dropped)
 
     @property
@@ -235,12 +244,12 @@ class DeviceStep:
 
     @staticmethod
     def key(sampler, prediction_type, x_shape, context, added_cond, extra_channels, takes_noise,
-            instance, controls=()) -> tuple:
+            instance, controls=(), tome=None, accelerated=False) -> tuple:
         extra = tuple(sorted((k, tuple(v.shape)) for k, v in (added_cond or {}).items()))
         channels = tuple(extra_channels.shape) if extra_channels is not None else None
         control = tuple(c.key for c in controls)  # which ControlNets, guess mode, image shapes
         return ("step", sampler, prediction_type, tuple(x_shape), tuple(context.shape), extra, channels,
-                context.dtype, takes_noise, control, instance)
+                context.dtype, takes_noise, control, accelerated, tome, instance)
 
     def start(self, context, added_cond=None, extra_channels=None, controls=()):
         """Begin a run: copy its conditioning in (once, not at every step)."""
@@ -254,13 +263,16 @@ class DeviceStep:
             scale.fill_(float(control.scale))
 
     @torch.inference_mode()
-    def __call__(self, x, row, noise=None, active=()):
+    def __call__(self, x, row, noise=None, active=(), index: int = 0):
         """The state after one step from state x; row: the step's row of the step table;
-        active: which ControlNets run at this step (one bool each)."""
+        active: which ControlNets run at this step (one bool each); index: the step's index in the
+        run (which kind of step it is, with caches)."""
         active = tuple(active)
         if len(active) != len(self.controls):
             raise ValueError(f"active names {len(active)} ControlNets, the step has {len(self.controls)}")
         self._active = active
+        self._signature = self.caches.before(index) if self.caches is not None else None
+        key = active if self._signature is None else (active, self._signature)
         if x is not self.x:
             self.x.copy_(x)
         self.row.copy_(row)
@@ -272,13 +284,15 @@ class DeviceStep:
         if self.graphs is None:
             self.run()
         else:
-            graph = self.step_graphs.get(active)
+            graph = self.step_graphs.get(key)
             if graph is None:
-                graph = self.step_graphs[active] = self._capture()
+                graph = self.step_graphs[key] = self._capture()
             if graph is UNCAPTURABLE:
                 self.run()
             else:
                 graph.replay()
+        if self.caches is not None:  # what this kind of step kept (recorded when it ran or was captured)
+            self.caches.after(self.kept[key])
         return self.x
 
     def run(self):
@@ -287,12 +301,17 @@ class DeviceStep:
 
         x = self.x
         timestep, c_in, cfg_scale, scalars = self.columns(self.row)  # device tensors
+        signature = self._signature
+        do_cfg = self.do_cfg and (signature is None or signature[0].cfg)
+        rows = slice(None) if do_cfg or not self.do_cfg else slice(0, x.shape[0])  # T-GATE: the uncond rows
+        context, extra_channels = self.context[rows], self.extra_channels
+        added_cond = {k: v[rows] for k, v in self.added_cond.items()} if self.added_cond is not None else None
         x_in = (x * c_in).to(self.dtype)
-        x_batch = torch.cat([x_in, x_in]) if self.do_cfg else x_in  # (2N, C, h, w): [uncond, cond]
+        x_batch = torch.cat([x_in, x_in]) if do_cfg else x_in  # (2N, C, h, w): [uncond, cond]
         # (2N,) dense, as `denoise` passes it: one compiled UNet serves both (the compile layer)
         timestep = timestep.expand(x_batch.shape[0]).contiguous()
-        if self.extra_channels is not None:  # inpainting: (2N, C + 1 + C, h, w)
-            x_batch = torch.cat([x_batch, self.extra_channels], dim=1)
+        if extra_channels is not None:  # inpainting: (2N, C + 1 + C, h, w)
+            x_batch = torch.cat([x_batch, extra_channels[rows]], dim=1)
         if self.channels_last:
             x_batch = x_batch.contiguous(memory_format=torch.channels_last)
         residuals = {}
@@ -301,9 +320,14 @@ class DeviceStep:
 
             live = [(c, s) for c, s, on in zip(self.controls, self.control_scales, self._active) if on]
             down, mid = control_residuals(self.controlnet_fn, [c for c, _ in live], [s for _, s in live], x_batch,
-                                          timestep, self.context, self.added_cond, x.shape[1])
+                                          timestep, context, added_cond, x.shape[1])
             residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-        model_out = self.unet(x_batch, timestep, self.context, added_cond=self.added_cond, **residuals)
+        if signature is None:
+            model_out = self.unet(x_batch, timestep, context, added_cond=added_cond, **residuals)
+        else:  # DeepCache, T-GATE, ToMe: the UNet returns what it keeps, copied into the caches' buffers
+            model_out, stored = self.unet(x_batch, timestep, context, added_cond=added_cond, **residuals,
+                                          **self.caches.unet_kwargs(signature))
+            self.kept[(self._active, signature)] = self.caches.keep(stored)  # the graph key, as __call__ makes it
         sampler_update(self.sampler, self.prediction_type, model_out, x, scalars, cfg_scale, self.noise,
                        self.old_denoised, kernel=self.kernel)
         return x
@@ -313,6 +337,10 @@ class DeviceStep:
         state = [b for b in (self.x, self.old_denoised) if b is not None]
         saved = [b.clone() for b in state]
         controls = f", ControlNets {''.join('1' if a else '0' for a in self._active)}" if self._active else ""
+        if self._signature is not None:
+            kind = self._signature[0]
+            controls += f", DeepCache {kind.deep}, attention {kind.self_attn}/{kind.cross_attn}" + \
+                (", ToMe" if kind.tome else "") + ("" if kind.cfg else ", no guidance")
         captured = self.graphs.try_capture(
             self.run, f"the whole {self.sampler} step at x {tuple(self.x.shape)}, "
                           f"context {tuple(self.context.shape)}{controls}")
@@ -322,23 +350,34 @@ class DeviceStep:
 
 
 def device_step(fused: FusedRun, context, added_cond, extra_channels, *, unet, dtype, device, kernel: bool,
-                channels_last: bool, graphs: Optional[GraphCache], controls=(), controlnet_fn=None):
+                channels_last: bool, graphs: Optional[GraphCache], controls=(), controlnet_fn=None, schedule=None,
+                unet_config=None):
     """The function `step(x, i, noise) -> x_next` of a whole run (docs/CONTRACTS.md, Backends):
     the run's FusedRun (samplers/fused.py) on the device.
 
     On the first step it takes a free DeviceStep instance of the run's shape from the cache
     (capturing one on a miss) and holds it until the last step, or until the step function
     is dropped (a cancelled run). controls: the run's ControlNets (ControlInput, with `active`
-    per step), run by controlnet_fn inside the step.
+    per step), run by controlnet_fn inside the step. schedule: the acceleration's StepKind per
+    step (sdengine/acceleration.py), with unet_config (where ToMe's draws go).
     """
     table = fused.table.to(device)  # (steps, columns) float32
     last = table.shape[0] - 1
     state = {"entry": None}
 
+    tome = schedule[0].tome if schedule else None
+
     def make(x_shape):
+        caches = None
+        if schedule:
+            from ..acceleration import UNetCaches
+            from ..models.unet import transformer_grids
+
+            latent = tuple(x_shape[-2:])
+            caches = UNetCaches(transformer_grids(unet_config, *latent), tome, latent, device)
         entry = DeviceStep(unet, dtype, device, fused, x_shape, context, added_cond, extra_channels,
                            channels_last=channels_last, kernel=kernel, graphs=graphs, controls=controls,
-                           controlnet_fn=controlnet_fn)
+                           controlnet_fn=controlnet_fn, caches=caches)
         return entry
 
     def acquire(x_shape):
@@ -347,7 +386,7 @@ def device_step(fused: FusedRun, context, added_cond, extra_channels, *, unet, d
         with graphs.lock:
             for instance in range(graphs.capacity + 1):
                 key = DeviceStep.key(fused.sampler, fused.prediction_type, x_shape, context, added_cond, extra_channels,
-                                     fused.takes_noise, instance, controls)
+                                     fused.takes_noise, instance, controls, tome, bool(schedule))
                 entry = graphs.lookup(key, lambda: make(x_shape))
                 if entry is None:  # cache full of busy entries: this run goes uncaptured
                     entry = make(x_shape)
@@ -369,7 +408,9 @@ def device_step(fused: FusedRun, context, added_cond, extra_channels, *, unet, d
         if entry is None:
             entry = state["entry"] = acquire(tuple(x.shape))
             entry.start(context, added_cond, extra_channels, controls)
-        out = entry(x.to(device), table[i], _to_device(noise, device), tuple(c.active[i] for c in controls))
+            if entry.caches is not None:
+                entry.caches.start(schedule)
+        out = entry(x.to(device), table[i], _to_device(noise, device), tuple(c.active[i] for c in controls), i)
         if i == last:
             out = out.clone()  # the run's result outlives its hold on the instance
             release()

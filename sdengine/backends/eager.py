@@ -87,25 +87,37 @@ class EagerBackend(BaseBackend):
         """The text encoder(s) on device ids: what a faster backend replaces (e.g. by a graph)."""
         return run_text_encoders(self.text_encoder, self.text_encoder_2, input_ids, input_ids_2, clip_skip)
 
+    def check_acceleration(self, acceleration) -> None:
+        """DeepCache, T-GATE and ToMe run inside our UNet (models/caching.py): every layer takes them."""
+
     @torch.inference_mode()
-    def denoise(self, x_in, t, context, added_cond=None, controls=()):
+    def denoise(self, x_in, t, context, added_cond=None, controls=(), step=None):
         """One UNet forward; returns float32 whatever the backend's dtype. controls: the
         ControlNets that run at this step (sdengine.controlnet.ControlInput); their residuals
-        are summed into the UNet's."""
+        are summed into the UNet's. step: an accelerated call (sdengine.acceleration.UNetStep)."""
         if added_cond is not None:
             added_cond = {k: v.to(self.device, self.dtype) for k, v in added_cond.items()}
         x = x_in.to(self.device, self.dtype)
-        return self._unet(x, t.to(self.device), context.to(self.device, self.dtype), added_cond,
-                          list(controls)).float()
+        args = (x, t.to(self.device), context.to(self.device, self.dtype), added_cond, list(controls))
+        if step is None:
+            return self._unet(*args).float()
+        out, stored = self._unet_step(*args, step.kwargs)
+        step.keep(stored)
+        return out.float()
 
     def _unet(self, x, t, context, added_cond, controls=()):
         """One UNet forward (with its ControlNets) on device tensors of the backend's dtype."""
+        return self._unet_step(x, t, context, added_cond, controls)
+
+    def _unet_step(self, x, t, context, added_cond, controls=(), step_kwargs=None):
+        """The UNet (with its ControlNets), with an accelerated call's keyword arguments (kind,
+        cached, rand: then it returns (output, stored)) or without."""
         from ..controlnet import residuals
 
         scales = [c.scale for c in controls]
         res = residuals(self.controlnet_fn, controls, scales, x, t, context, added_cond,
                         self.config.vae.latent_channels)
-        return self.unet(x, t, context, added_cond=added_cond, **residual_kwargs(res))
+        return self.unet(x, t, context, added_cond=added_cond, **residual_kwargs(res), **(step_kwargs or {}))
 
     # ControlNets ---------------------------------------------------------------------------
 

@@ -123,7 +123,8 @@ class GraphBackend(EagerBackend):
 
     # The whole step ---------------------------------------------------------------------------
 
-    def fused_step(self, plan, context, guidance_scale: float, added_cond=None, extra_channels=None, controls=()):
+    def fused_step(self, plan, context, guidance_scale: float, added_cond=None, extra_channels=None, controls=(),
+                   schedule=None):
         """The whole denoising step of `plan` as one function `step(x, i, noise) -> x_next`, or
         None where the device update does not cover the run (docs/CONTRACTS.md, Backends).
 
@@ -132,6 +133,8 @@ class GraphBackend(EagerBackend):
         have the same rows. On CUDA the step is captured once per shape and sampler as a CUDA
         graph and replayed for every step of every run. controls: the run's ControlNets
         (sdengine.controlnet.ControlInput, with `active` per step), run inside the same step.
+        schedule: DeepCache / T-GATE / ToMe's StepKind per step (sdengine/acceleration.py): each kind
+        of step is its own graph, chosen per step.
         """
         reason = self.fused_unsupported(plan)
         in_channels = self.config.vae.latent_channels + (extra_channels.shape[1] if extra_channels is not None else 0)
@@ -149,7 +152,8 @@ class GraphBackend(EagerBackend):
         run = fused.fused_run(plan, self.config.scheduler.prediction_type, guidance_scale)  # the sampler side
         return device_step(run, context, added_cond, extra_channels, unet=self.unet_fn, dtype=self.dtype,
                            device=self.device, kernel=self.step_update == "triton", channels_last=self.channels_last,
-                           graphs=self.graphs, controls=list(controls), controlnet_fn=self.controlnet_fn)
+                           graphs=self.graphs, controls=list(controls), controlnet_fn=self.controlnet_fn,
+                           schedule=schedule, unet_config=self.config.unet)
 
     def fused_unsupported(self, plan) -> Optional[str]:
         """Why fused_step declines `plan` (None when it covers it)."""

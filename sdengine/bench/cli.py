@@ -52,6 +52,11 @@ def register(subparsers):
     what.add_argument("--controlnet", type=int, default=0, choices=(0, 1, 2), metavar="N",
                       help="add N ControlNets (random, made from the UNet) to the UNet step and end to end, in "
                            "every backend and in diffusers' StableDiffusion(XL)ControlNetPipeline (default: 0)")
+    what.add_argument("--deepcache", type=int, metavar="INTERVAL",
+                      help="add an end-to-end row per sdengine backend with DeepCache at this interval (branch 0), "
+                           "in the same run as the rows without it; the record keeps the denoising loop apart")
+    what.add_argument("--tgate", type=int, metavar="GATE_STEP", help="likewise with T-GATE at this gate step")
+    what.add_argument("--tome", type=float, metavar="RATIO", help="likewise with token merging (ToMe) at this ratio")
 
     how = p.add_argument_group("measurement")
     how.add_argument("--backends", default="eager,diffusers",
@@ -130,6 +135,8 @@ def run(args) -> int:
         budget_s=args.budget, prepare_cap_s=args.prepare_cap, run_cap_s=args.run_cap, fidelity=args.fidelity,
         device=args.device, seed=args.seed, guidance_scale=args.guidance_scale, controlnets=args.controlnet,
         output_type=args.output_type, compile_mode=args.compile_mode, peak_tflops=args.peak_tflops,
+        acceleration=tuple((name, getattr(args, name)) for name in ("deepcache", "tgate", "tome")
+                           if getattr(args, name, None) is not None),
         argv=["sdengine", *sys.argv[1:]] if sys.argv[1:2] == ["bench"] else [],  # [] when called from Python
     )
     if args.model is not None and not Path(args.model).exists():

@@ -31,7 +31,7 @@ import torch
 
 from sdengine.bench import flops, measure
 from sdengine.bench.output import utc_now
-from sdengine.bench.runners import BACKENDS, COMPONENTS, Workload, first_line, precheck
+from sdengine.bench.runners import BACKENDS, COMPONENTS, ENGINE_BACKENDS, Workload, first_line, precheck
 from sdengine.bench.schema import SCHEMA_VERSION
 from sdengine import samplers
 from sdengine.config import PRESETS, ModelConfig, SchedulerConfig, tiny_config
@@ -42,6 +42,12 @@ ARCHS = tuple(PRESETS) + tuple(TINY_ARCHS)
 # backend and the fp32 reference.
 FIDELITY_PROMPT = "a photograph of an astronaut riding a horse on the moon"
 FIDELITY_SEED = 1234
+ACCELERATION_METHODS = ("deepcache", "tgate", "tome")  # sdengine bench --deepcache N / --tgate N / --tome R
+
+
+def accelerated_label(backend: str, name: str, value) -> str:
+    """The row of a backend with an acceleration method on: "eager+deepcache=3"."""
+    return f"{backend}+{name}={value:g}"
 
 
 @dataclass
@@ -71,6 +77,9 @@ class BenchOptions:
     # EulerDiscreteScheduler is its exact counterpart; the SD1.5 default, PNDM, has no fused step.
     sampler: Optional[str] = "euler"
     controlnets: int = 0  # ControlNets in the UNet step and end to end (random, from the UNet; sdengine bench --controlnet)
+    # (method, setting) pairs of sdengine/acceleration.py, e.g. (("deepcache", 3),): each adds, for every
+    # sdengine backend, an end-to-end row with the method on, in the same run (sdengine bench --deepcache 3)
+    acceleration: tuple = ()
     compile_mode: str = "max-autotune"
     peak_tflops: Optional[float] = None
     argv: list = field(default_factory=list)  # the command line, for the record
@@ -109,6 +118,15 @@ class BenchOptions:
             raise ValueError(f"--arch: unknown architecture {self.arch!r}; choose from: {', '.join(ARCHS)}")
         if self.dtype is not None and self.dtype not in measure.DTYPES:
             raise ValueError(f"--dtype: unknown dtype {self.dtype!r}; choose from: {', '.join(measure.DTYPES)}")
+        for name, value in self.acceleration:
+            from sdengine.acceleration import as_option
+
+            if name not in ACCELERATION_METHODS:
+                raise ValueError(f"acceleration: unknown method {name!r}; choose from {', '.join(ACCELERATION_METHODS)}")
+            try:
+                as_option(value, name)
+            except ValueError as e:
+                raise ValueError(f"--{name}: {e}") from None
         if self.sampler is not None:
             try:  # names only here; Benchmark resolves against the model's scheduler config
                 samplers.resolve(self.sampler, None, SchedulerConfig())
@@ -195,6 +213,7 @@ class Benchmark:
             },
             "settings": {
                 "backends": list(options.backends), "components": list(options.components),
+                "acceleration": [[name, value] for name, value in options.acceleration],
                 "repeats": options.repeats, "warmup": options.warmup, "e2e_repeats": options.e2e_repeats,
                 "e2e_warmup": options.e2e_warmup, "budget_s": options.budget_s, "seed": options.seed,
                 "compile_mode": options.compile_mode, "prepare_cap_s": options.prepare_cap_s,
@@ -221,6 +240,7 @@ class Benchmark:
         parts += ["--height", str(w.height), "--width", str(w.width), "--steps", str(w.steps),
                   "--sampler", w.sampler if w.schedule == "default" else f"{w.sampler}_{w.schedule}",
                   "--batch", str(w.batch), *(["--controlnet", str(w.controlnets)] if w.controlnets else []),
+                  *[arg for name, value in o.acceleration for arg in (f"--{name}", f"{value:g}")],
                   "--dtype", w.dtype, "--backends", ",".join(o.backends), "--components", ",".join(o.components),
                   "--repeats", str(o.repeats), "--warmup", str(o.warmup), "--e2e-repeats", str(o.e2e_repeats),
                   "--e2e-warmup", str(o.e2e_warmup), "--device", self.device.type, "--seed", str(o.seed)]
@@ -241,7 +261,8 @@ class Benchmark:
         from tqdm.auto import tqdm
 
         o = self.options
-        self.bar = tqdm(total=len(o.backends) * len(o.components), desc="bench", unit="component",
+        variants = len(o.acceleration) * sum(1 for b in o.backends if b in ENGINE_BACKENDS)
+        self.bar = tqdm(total=len(o.backends) * len(o.components) + variants, desc="bench", unit="component",
                         disable=not self.show_progress or None, file=sys.stderr, dynamic_ncols=True)
         self.write = (lambda message: tqdm.write(message, file=sys.stderr)) if self.show_progress else self.log
         try:
@@ -252,6 +273,9 @@ class Benchmark:
                 source = self._source_folder()
                 for backend in o.backends:
                     self._run_backend(backend, source)
+                    if backend in ENGINE_BACKENDS:  # then the same backend with each method on, end to end
+                        for name, value in o.acceleration:
+                            self._run_backend(backend, source, acceleration=(name, value))
                 if self.fidelity:
                     self._fidelity(source)
             self.record["complete"] = True
@@ -371,36 +395,42 @@ class Benchmark:
         if self.on_result is not None:
             self.on_result()
 
-    def _spec(self, backend: str, source: str, events: Path, reference: bool = False) -> dict:
+    def _spec(self, backend: str, source: str, events: Path, reference: bool = False,
+              acceleration: Optional[tuple] = None) -> dict:
         o = self.options
         workload = dataclasses.asdict(self.workload)
         if reference:
             workload["dtype"] = "fp32"
         image = self.work / ("reference.image.npy" if reference else f"{backend}.image.npy")
+        components = [] if reference else ["end_to_end"] if acceleration else list(o.components)
         return {
             "backend": backend, "source": source, "events": str(events), "parent_pid": os.getpid(),
+            "label": accelerated_label(backend, *acceleration) if acceleration else backend,
+            "acceleration": dict([acceleration]) if acceleration else {},
             "arch": o.arch, "model": o.model, "device": str(self.device), "compile_mode": o.compile_mode,
-            "workload": workload, "components": [] if reference else list(o.components),
-            "fidelity_image": str(image) if self.fidelity else None,
+            "workload": workload, "components": components,
+            "fidelity_image": str(image) if self.fidelity and not acceleration else None,
             "settings": self.record["settings"], "flop": dict(self.flop), "peak_tflops": self.peak_tflops,
             "runner_factory": o.runner_factories.get(backend), "sys_path": list(o.sys_path),
             "threads": torch.get_num_threads(),
         }
 
-    def _run_backend(self, backend: str, source: str, reference: bool = False):
+    def _run_backend(self, backend: str, source: str, reference: bool = False, acceleration: Optional[tuple] = None):
         """One backend in a child process, under its prepare cap and then its run cap.
-        reference: the fp32 fidelity reference (no timings; recorded as "eager-fp32")."""
+        reference: the fp32 fidelity reference (no timings; recorded as "eager-fp32").
+        acceleration: (method, setting): the backend with that method on, end to end only."""
         o = self.options
+        components = 1 if acceleration else len(o.components)
+        label = "eager-fp32" if reference else accelerated_label(backend, *acceleration) if acceleration else backend
         reason = precheck(backend, self.device) if backend not in o.runner_factories else None
         if reason is not None:
-            self._skip(backend, reason)
-            self.bar.update(len(o.components))
+            self._skip(label, reason)
+            self.bar.update(components)
             return
-        label = "eager-fp32" if reference else backend
         events = self.work / f"{label}.events.jsonl"
         log_path = self.work / f"{label}.log"
         spec_path = self.work / f"{label}.spec.json"
-        spec_path.write_text(json.dumps(self._spec(backend, source, events, reference)))
+        spec_path.write_text(json.dumps(self._spec(backend, source, events, reference, acceleration)))
         events.touch()
         self.bar.set_description(f"{label}: prepare")
         with open(log_path, "wb") as log:
@@ -440,7 +470,7 @@ class Benchmark:
                        log_tail=_tail(log_path))
         self.record["backends"][label] = dict(status["info"], exit=code)
         if not reference:
-            self.bar.update(len(o.components) - status["components"])
+            self.bar.update(components - status["components"])
 
     def _on_event(self, status: dict, event: dict) -> bool:
         """Take one event of the child; True when its run phase (and run cap) begins."""

@@ -133,14 +133,14 @@ def markdown(record: dict, heading_level: int = 2) -> str:
 
     rows = measured(record)
     if rows:
-        lines += ["", "| backend | component | p50 ms | p90 ms | min ms | n | warm-up ms | it/s | TFLOP/s | % peak "
-                      "| peak mem GiB | vs diffusers |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", "| backend | component | p50 ms | p90 ms | min ms | n | warm-up ms | denoising loop p50 ms "
+                      "| it/s | TFLOP/s | % peak | peak mem GiB | vs diffusers |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             warmup = _ms(r["warmup_ms"][0]) if r.get("warmup_ms") else "–"
             lines.append(
                 f"| {r['backend']} | {r['component']} | {_ms(r['p50_ms'])} | {_ms(r['p90_ms'])} | {_ms(r['min_ms'])} "
-                f"| {len(r['samples_ms'])} | {warmup} | {r.get('it_per_s', 0):.3g} "
+                f"| {len(r['samples_ms'])} | {warmup} | {_ms(r.get('loop_p50_ms'))} | {r.get('it_per_s', 0):.3g} "
                 f"| {_num(r.get('tflops'))} | {_num(r.get('pct_of_peak'))} | {_gib(r['peak_mem_bytes'])} "
                 f"| {_ratio(r.get('speedup_vs_diffusers'))} |")
     host = record.get("host_overhead") or {}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -31,6 +32,7 @@ from typing import Optional
 import torch
 
 from sdengine.backends import base as backends
+from sdengine.bench.measure import synchronize
 from sdengine.config import ModelConfig
 
 COMPONENTS = ("text_encoder", "unet_step", "vae_decode", "end_to_end")
@@ -313,6 +315,8 @@ class EngineRunner:
             models, images = controlnets_for(source_pipe, workload)
             self.controls = [Control(_adopt_controlnet(m, device, self.backend.dtype, i), image)
                              for i, (m, image) in enumerate(zip(models, images))]
+        self.acceleration: dict = {}  # deepcache / tgate / tome of the end-to-end runs (sdengine bench --deepcache N)
+        self.loop_ms: list = []  # each end-to-end run's denoising loop (samplers.sample), apart from text and VAE
         self.unet_calls: Optional[int] = None
         self.fused_step: Optional[bool] = None  # whether the last end-to-end run took the fused step
         self.sampler: Optional[str] = None  # the sampler the pipeline reports having run
@@ -384,11 +388,24 @@ class EngineRunner:
             patches["denoise"] = counted
         prompt = inputs["prompts"][0] if len(inputs["prompts"]) == 1 else inputs["prompts"]
         steps_before = _native_steps(self.backend)
-        with _wrapped(self.backend, patches):
+        from sdengine import samplers
+
+        def timed_loop(sample):
+            @functools.wraps(sample)
+            def timed(*args, **kwargs):
+                synchronize(self.device)
+                started = time.perf_counter()
+                out = sample(*args, **kwargs)
+                synchronize(self.device)
+                self.loop_ms.append((time.perf_counter() - started) * 1e3)
+                return out
+            return timed
+
+        with _wrapped(self.backend, patches), _wrapped(samplers, {"sample": timed_loop}):
             result = self.pipe(prompt, num_inference_steps=w.steps, guidance_scale=w.guidance_scale,
                                height=w.height, width=w.width, seed=inputs["seed"], output_type=w.output_type,
                                sampler=w.sampler, schedule=w.schedule, progress=False,
-                               **({"control": self.controls} if self.controls else {}))
+                               **({"control": self.controls} if self.controls else {}), **self.acceleration)
         if steps_before is not None:  # the C++ loop: one step call (UNet at the doubled batch) per evaluation
             calls[0] = _native_steps(self.backend) - steps_before
         self.unet_calls = calls[0] or None  # None: the pipeline reached the UNet some other way
@@ -401,7 +418,7 @@ class EngineRunner:
         w = self.workload
         return self.pipe(prompt, num_inference_steps=w.steps, guidance_scale=w.guidance_scale, height=w.height,
                          width=w.width, seed=seed, output_type="np", sampler=w.sampler, schedule=w.schedule,
-                         progress=False).images[0]
+                         progress=False, **self.acceleration).images[0]
 
     def ran(self) -> dict:
         """What the last end-to-end run ran, for the record."""

@@ -54,6 +54,11 @@ MEASURED = {
         "sampler": {"type": ["string", "null"]},
         "fused_step": {"type": ["boolean", "null"]},
         "scheduler": {"type": "string"},
+        # end_to_end, sdengine backends: each timed run's denoising loop (every step, without the
+        # text encoder and the VAE), and the acceleration method of the row (sdengine bench --deepcache N)
+        "loop_samples_ms": _MS_LIST,
+        "loop_p50_ms": _OPTIONAL_NUMBER,
+        "acceleration": {"type": "object"},
         "peak_mem_bytes": _OPTIONAL_COUNT,
         "mem_before_bytes": _OPTIONAL_COUNT,
         "process_peak_rss_bytes": _OPTIONAL_COUNT,

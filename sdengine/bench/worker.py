@@ -87,6 +87,7 @@ def run(spec: dict) -> int:
             runner = getattr(importlib.import_module(module), name)(source, config, workload, device)
         else:
             runner = make_runner(backend, source, config, workload, device, spec["compile_mode"])
+            runner.acceleration = dict(spec.get("acceleration") or {})  # DeepCache, T-GATE, ToMe: end to end
         del source
         measure.free_device_memory(device)
         info = runner.prepare()
@@ -100,9 +101,10 @@ def run(spec: dict) -> int:
     emit("prepared", prepare_s=round(time.perf_counter() - started, 3), prepare=info or {})
 
     measurer = Measurer(spec, config, workload, device, dtype)
+    label = spec.get("label", backend)  # "eager+deepcache=3": the backend with an acceleration method on
     for component in spec["components"]:
         try:
-            result = measurer.measure(runner, backend, component)
+            result = measurer.measure(runner, label, component)
         except BackendUnavailable as e:  # e.g. no diffusers scheduler for the sampler
             emit("skip", component=component, reason=str(e), error=False)
             continue
@@ -164,6 +166,12 @@ class Measurer:
                   "stopped_early": timing.stopped_early}
         flop = self.flop.get(component)
         if component == "end_to_end":
+            loop_ms = getattr(runner, "loop_ms", [])[-len(samples_ms):]  # the timed runs' denoising loops
+            if len(loop_ms) == len(samples_ms):
+                result.update(loop_samples_ms=[round(s, 4) for s in loop_ms],
+                              loop_p50_ms=measure.summarize(loop_ms)["p50_ms"])
+            if getattr(runner, "acceleration", None):
+                result["acceleration"] = dict(runner.acceleration)
             result["unet_calls"] = runner.unet_calls
             result.update(runner.ran())  # the sampler / scheduler that ran; whether the fused step ran it
             flop = flops.end_to_end_flop(self.flop, runner.unet_calls or self.workload.steps)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..config import UNetConfig
+from .caching import REUSE, STORE, StepCall, StepKind
 from .layers import Attention, Downsample2D, FeedForward, GroupNorm, LayerNorm, ResnetBlock2D, Upsample2D
 
 
@@ -63,12 +64,30 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = Attention(dim, heads, context_dim, upcast=upcast)
         self.norm3 = LayerNorm(dim, eps=1e-5)
         self.ff = FeedForward(dim)
+        self.index = -1  # its place in the UNet's order of calls (the key of its caches; set by the UNet)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x: (B, HW, dim); context: (B, L, context_dim)."""
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+    def forward(self, x: torch.Tensor, context: torch.Tensor, step: Optional[StepCall] = None,
+                size: Optional[tuple] = None) -> torch.Tensor:
+        """x: (B, HW, dim); context: (B, L, context_dim). step (with size, the (H, W) of the tokens):
+        an accelerated call (sdengine/models/caching.py: T-GATE's kept attention outputs, ToMe)."""
+        if step is None or not step.kind.in_blocks:
+            x = x + self.attn1(self.norm1(x))
+            x = x + self.attn2(self.norm2(x), context)
+            return x + self.ff(self.norm3(x))
+        tome = step.kind.tome
+        merging = step.merging(self.index, x, *size)  # tomesd: the metric is the block's input
+        merge, unmerge = merging if merging is not None else (None, None)
+
+        def merged(run, on: bool):
+            """run(h) on merged tokens where ToMe merges for this sub-layer."""
+            return (lambda h: unmerge(run(merge(h)))) if merge is not None and on else run
+
+        self_attention = merged(self.attn1, tome is not None and tome.merge_attn)
+        cross_attention = merged(lambda h: self.attn2(h, context), tome is not None and tome.merge_crossattn)
+        # T-GATE keeps the attention outputs unmerged, so that a reused one needs no partition
+        x = x + step.attention(f"attn1.{self.index}", lambda: self_attention(self.norm1(x)))
+        x = x + step.attention(f"attn2.{self.index}", lambda: cross_attention(self.norm2(x)))
+        return x + merged(self.ff, tome is not None and tome.merge_mlp)(self.norm3(x))
 
 
 class Transformer2DModel(nn.Module):
@@ -88,7 +107,7 @@ class Transformer2DModel(nn.Module):
             BasicTransformerBlock(channels, heads, context_dim, upcast) for _ in range(depth))
         self.proj_out = make_proj()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, step: Optional[StepCall] = None) -> torch.Tensor:
         """x: (B, C, H, W); context: (B, L, context_dim). Returns (B, C, H, W)."""
         batch, channels, height, width = x.shape
         h = self.norm(x)
@@ -98,7 +117,7 @@ class Transformer2DModel(nn.Module):
         if self.linear_projection:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context) if step is None else block(h, context, step, (height, width))
         if self.linear_projection:
             h = self.proj_out(h)
         h = h.reshape(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W)
@@ -122,15 +141,18 @@ class DownBlock(nn.Module):
             _transformer(out_channels, heads, depth, cfg) for _ in range(num_layers if heads else 0))
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels)] if add_downsample else [])
 
-    def forward(self, x: torch.Tensor, time_act: torch.Tensor, context: torch.Tensor) -> tuple:
-        """Returns the output and the skips, one per resnet plus one after the downsample."""
+    def forward(self, x: torch.Tensor, time_act: torch.Tensor, context: torch.Tensor,
+                step: Optional[StepCall] = None, layers: Optional[int] = None) -> tuple:
+        """Returns the output and the skips, one per resnet plus one after the downsample.
+        layers: run only the first `layers` resnets (and transformers), without the downsample
+        (DeepCache's shallow branch)."""
         skips = []
-        for i, resnet in enumerate(self.resnets):
+        for i, resnet in enumerate(self.resnets[:layers]):
             x = resnet(x, time_act)
             if self.attentions:
-                x = self.attentions[i](x, context)
+                x = self.attentions[i](x, context, step)
             skips.append(x)
-        for downsample in self.downsamplers:
+        for downsample in self.downsamplers if layers is None else ():
             x = downsample(x)
             skips.append(x)
         return x, skips
@@ -146,9 +168,10 @@ class MidBlock(nn.Module):
         self.attentions = nn.ModuleList(
             [_transformer(channels, cfg.num_attention_heads[-1], cfg.transformer_layers_per_block[-1], cfg)])
 
-    def forward(self, x: torch.Tensor, time_act: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, time_act: torch.Tensor, context: torch.Tensor,
+                step: Optional[StepCall] = None) -> torch.Tensor:
         x = self.resnets[0](x, time_act)
-        x = self.attentions[0](x, context)
+        x = self.attentions[0](x, context, step)
         return self.resnets[1](x, time_act)
 
 
@@ -170,16 +193,40 @@ class UpBlock(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)] if add_upsample else [])
 
     def forward(self, x: torch.Tensor, skips: list, time_act: torch.Tensor, context: torch.Tensor,
-                upsample_size: Optional[tuple] = None) -> torch.Tensor:
-        """skips: this level's skip tensors, consumed last-first."""
-        for i, resnet in enumerate(self.resnets):
+                upsample_size: Optional[tuple] = None, step: Optional[StepCall] = None, start: int = 0,
+                stop: Optional[int] = None) -> torch.Tensor:
+        """skips: this level's skip tensors, consumed last-first (popped, one per layer run).
+        start, stop: run layers [start, stop) only; the upsample runs with the last layer."""
+        stop = len(self.resnets) if stop is None else stop
+        for i in range(start, stop):
             x = torch.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
-            x = resnet(x, time_act)
+            x = self.resnets[i](x, time_act)
             if self.attentions:
-                x = self.attentions[i](x, context)
-        for upsample in self.upsamplers:
+                x = self.attentions[i](x, context, step)
+        for upsample in self.upsamplers if stop == len(self.resnets) else ():
             x = upsample(x, upsample_size)
         return x
+
+
+def block_levels(cfg: UNetConfig) -> list:
+    """The level (0: the latent's resolution) of every transformer block of the UNet, in the order
+    a forward calls them: the down levels', the mid block's, the up levels'."""
+    levels = len(cfg.block_out_channels)
+    down = [level for level, t in enumerate(cfg.down_block_types) if t.startswith("CrossAttn")
+            for _ in range(cfg.layers_per_block * cfg.transformer_layers_per_block[level])]
+    mid = [levels - 1] * cfg.transformer_layers_per_block[-1]
+    up = [levels - 1 - u for u, t in enumerate(cfg.up_block_types) if t.startswith("CrossAttn")
+          for _ in range((cfg.layers_per_block + 1) * cfg.transformer_layers_per_block[levels - 1 - u])]
+    return down + mid + up
+
+
+def transformer_grids(cfg: UNetConfig, height: int, width: int) -> list:
+    """(block index, grid height, grid width) of every transformer block, in call order, for a
+    latent of height x width (each level halves it, rounding up as the stride-2 downsample does)."""
+    sizes = [(height, width)]
+    for _ in range(len(cfg.block_out_channels) - 1):
+        sizes.append((-(-sizes[-1][0] // 2), -(-sizes[-1][1] // 2)))
+    return [(index, *sizes[level]) for index, level in enumerate(block_levels(cfg))]
 
 
 def _transformer(channels: int, heads: int, depth: int, cfg: UNetConfig) -> Transformer2DModel:
@@ -231,14 +278,15 @@ class UNetEncoder(nn.Module):
             emb = emb + self.add_embedding(self._text_time_embedding(added_cond, batch).to(emb.dtype))
         return nn.functional.silu(emb)
 
-    def encode(self, x: torch.Tensor, time_act: torch.Tensor, context: torch.Tensor) -> tuple:
+    def encode(self, x: torch.Tensor, time_act: torch.Tensor, context: torch.Tensor,
+               step: Optional[StepCall] = None) -> tuple:
         """conv_in's output x through the down levels and the mid block.
         Returns (mid block output, skips: one per entry of skip_channels)."""
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = block(x, time_act, context)
+            x, block_skips = block(x, time_act, context, step)
             skips += block_skips
-        return self.mid_block(x, time_act, context), skips
+        return self.mid_block(x, time_act, context, step), skips
 
     def _text_time_embedding(self, added_cond: Optional[dict], batch: int) -> torch.Tensor:
         """SDXL micro-conditioning: pooled text embedding, concatenated with the sinusoidal
@@ -276,18 +324,47 @@ class UNet2DConditionModel(UNetEncoder):
 
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, channels[0], cfg.norm_eps, silu=True)
         self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, 3, padding=1)
+        # The transformer blocks in the order a forward calls them: their index keys what an
+        # accelerated call keeps of them (T-GATE) and draws for them (ToMe).
+        down = [t for b in self.down_blocks for t in b.attentions]
+        up = [t for b in self.up_blocks for t in b.attentions]
+        blocks = [block for t in down + [self.mid_block.attentions[0]] + up for block in t.transformer_blocks]
+        assert len(blocks) == len(block_levels(cfg))
+        for index, block in enumerate(blocks):
+            block.index = index
+
+    def deepcache_branch(self, branch: tuple) -> tuple:
+        """DeepCache's skip branch (down level B, layer L) as (up block index, first up layer it runs):
+        the up layers of level B from that one on consume the skips of the layers before layer L of
+        down level B (and the last skip before it), which the shallow branch computes."""
+        level, layer = branch
+        levels = len(self.up_blocks)
+        if not 0 <= level < levels or layer < 0:
+            raise ValueError(f"deepcache.branch: level {level}, layer {layer} is not in this UNet ({levels} levels)")
+        block = levels - 1 - level
+        return block, max(0, len(self.up_blocks[block].resnets) - 1 - layer)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 added_cond: Optional[dict] = None, down_block_additional_residuals: Optional[list] = None,
-                mid_block_additional_residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mid_block_additional_residual: Optional[torch.Tensor] = None, *, kind: Optional[StepKind] = None,
+                cached: Optional[dict] = None, rand: Optional[dict] = None):
         """sample: (B, in_channels, H, W); timestep: (B,) or scalar; encoder_hidden_states: (B, L, D);
         added_cond (SDXL): {"text_embeds": (B, P), "time_ids": (B, 6)}. ControlNet residuals, added
         as diffusers adds them: down_block_additional_residuals, one per skip (B, C_skip, h, w), are
         added to the skips after the down levels; mid_block_additional_residual to the mid block's
-        output. Returns (B, out_channels, H, W)."""
+        output. Returns (B, out_channels, H, W).
+
+        kind: an accelerated call (sdengine/models/caching.py: DeepCache, T-GATE, ToMe), reading the
+        kept tensors in `cached` and ToMe's draws in `rand`; it returns (output, the tensors it keeps).
+        """
+        step = None if kind is None else StepCall(kind, cached or {}, rand or {}, tuple(sample.shape[-2:]))
         time_act = self.time_activation(sample, timestep, added_cond)
         context = encoder_hidden_states
-        x, skips = self.encode(self.conv_in(sample), time_act, context)
+        x = self.conv_in(sample)
+        if step is not None and kind.deep == REUSE and "deep" in step.cached:
+            out = self._shallow_branch(x, time_act, context, step, down_block_additional_residuals)
+            return out, step.stored
+        x, skips = self.encode(x, time_act, context, step)
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):
                 raise ValueError(f"down_block_additional_residuals has {len(down_block_additional_residuals)} "
@@ -295,10 +372,40 @@ class UNet2DConditionModel(UNetEncoder):
             skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
         if mid_block_additional_residual is not None:
             x = x + mid_block_additional_residual
-        for block in self.up_blocks:
+        branch = self.deepcache_branch(kind.branch) if step is not None and kind.deep == STORE else (None, None)
+        for i, block in enumerate(self.up_blocks):
             level_skips = skips[-len(block.resnets):]
             del skips[-len(block.resnets):]
             # Upsample to the next level's skip size, so odd sizes survive the stride-2 downsample.
             upsample_size = skips[-1].shape[-2:] if skips else None
-            x = block(x, level_skips, time_act, context, upsample_size)
+            if i == branch[0]:  # DeepCache's full step: keep what enters the branch's first up layer
+                x = block(x, level_skips, time_act, context, upsample_size, step, stop=branch[1])
+                step.stored["deep"] = x
+                x = block(x, level_skips, time_act, context, upsample_size, step, start=branch[1])
+            else:
+                x = block(x, level_skips, time_act, context, upsample_size, step)
+        out = self.conv_out(self.conv_norm_out(x))
+        return out if step is None else (out, step.stored)
+
+    def _shallow_branch(self, x: torch.Tensor, time_act: torch.Tensor, context: torch.Tensor, step: StepCall,
+                        down_residuals: Optional[list]) -> torch.Tensor:
+        """DeepCache's cached step from conv_in's output x: the down levels above the branch, the
+        branch level's first layers, then the up layers from the branch's on, starting from the kept
+        state. ControlNet residuals are added to the skips it computes (the first of the list)."""
+        level, layer = step.kind.branch
+        first, start = self.deepcache_branch((level, layer))
+        skips = [x]
+        for block in self.down_blocks[:level]:
+            x, block_skips = block(x, time_act, context, step)
+            skips += block_skips
+        skips += self.down_blocks[level](x, time_act, context, step, layers=layer)[1]
+        if down_residuals is not None:
+            skips = [s + r for s, r in zip(skips, down_residuals)]
+        x = step.cached["deep"]
+        for i, block in enumerate(self.up_blocks[first:], start=first):
+            count = len(block.resnets) - (start if i == first else 0)
+            level_skips = skips[-count:]
+            del skips[-count:]
+            upsample_size = skips[-1].shape[-2:] if skips else None
+            x = block(x, level_skips, time_act, context, upsample_size, step, start=start if i == first else 0)
         return self.conv_out(self.conv_norm_out(x))

@@ -29,7 +29,14 @@ PIPELINE_TO_A1111 = {
     "schedule": "scheduler", "strength": "denoising_strength", "init_image": "init_images",
     "mask_image": "mask", "clip_skip": "override_settings.CLIP_stop_at_last_layers", "eta": "eta",
     "negative_prompt": "negative_prompt", "prompt": "prompt",
+    "deepcache.branch": "override_settings.deepcache_branch", "deepcache": "override_settings.deepcache_interval",
+    "tgate": "override_settings.tgate_gate_step", "tome": "override_settings.token_merging_ratio",
 }
+
+# override_settings that switch on sdengine's acceleration (sdengine/acceleration.py): A1111's own
+# token_merging_ratio (and token_merging_ratio_img2img), and sdengine's deepcache_* and tgate_gate_step.
+ACCELERATION_SETTINGS = ("deepcache_interval", "deepcache_branch", "tgate_gate_step", "token_merging_ratio",
+                         "token_merging_ratio_img2img")
 
 
 class FieldError(ValueError):
@@ -135,6 +142,7 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
     if isinstance(clip_stop, bool) or not isinstance(clip_stop, int) or clip_stop < 1:
         raise FieldError("override_settings.CLIP_stop_at_last_layers", f"must be an integer >= 1, got {clip_stop!r}")
 
+    acceleration = _acceleration(settings, img2img)
     seed = _fixed_seed(req.seed)
     seeds = [seed + i for i in range(n_images)]
     prompt = req.prompt or ""
@@ -145,7 +153,7 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
         eta = float(req.eta or 0.0) if sampler == "ddim" else 0.0  # diffusers: eta is DDIM's; others have none
     shared = dict(num_inference_steps=steps, guidance_scale=float(req.cfg_scale if req.cfg_scale is not None else 7.0),
                   height=height, width=width, sampler=sampler, schedule=schedule_name, eta=eta,
-                  clip_skip=clip_stop - 1 if clip_stop > 1 else None, conventions=conventions)
+                  clip_skip=clip_stop - 1 if clip_stop > 1 else None, conventions=conventions, **acceleration)
     subseeds = None
     if conventions == "a1111":  # A1111's seed options (rng.py): variation seeds, resize, ENSD, RNG source
         if req.subseed_strength:
@@ -211,6 +219,38 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
     return Spec(mode=mode, prompts=[prompt] * n_images, negatives=[negative] * n_images, seeds=seeds,
                 shared=shared, init_images=init_images, masks=masks, request_id=uuid.uuid4().hex, loras=loras,
                 subseeds=subseeds)
+
+
+def _acceleration(settings: dict, img2img: bool) -> dict:
+    """deepcache / tgate / tome from override_settings (0 or absent: off), checked: FieldError."""
+    from ..acceleration import DeepCache, TGate, ToMe
+
+    def number(name, kind, default=0):
+        value = settings.get(name, default)
+        value = default if value is None else value
+        if isinstance(value, bool) or not isinstance(value, kind) or value < 0:
+            raise FieldError(f"override_settings.{name}", f"must be a {'number' if kind is not int else 'integer'} "
+                                                          f">= 0 (0: off), got {value!r}")
+        return value
+
+    out = {}
+    try:
+        interval, branch = number("deepcache_interval", int), number("deepcache_branch", int)
+        if interval:
+            out["deepcache"] = DeepCache(interval=interval, branch=branch)
+        gate = number("tgate_gate_step", int)
+        if gate:
+            out["tgate"] = TGate(gate_step=gate)
+        ratio = number("token_merging_ratio", (int, float))
+        if img2img and number("token_merging_ratio_img2img", (int, float)):  # A1111: its own ratio for img2img
+            ratio = settings["token_merging_ratio_img2img"]
+        if ratio:
+            out["tome"] = ToMe(ratio=float(ratio))
+    except ValueError as e:
+        if isinstance(e, FieldError):
+            raise
+        raise FieldError(field_of(e), str(e)) from None
+    return out
 
 
 def _fixed_seed(seed) -> int:
