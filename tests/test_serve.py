@@ -19,7 +19,6 @@ pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'sdeng
 webuiapi = pytest.importorskip("webuiapi")
 httpx = pytest.importorskip("httpx")
 
-import uvicorn  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import sdengine  # noqa: E402
@@ -27,38 +26,13 @@ from sdengine import samplers  # noqa: E402
 from sdengine.samplers.names import A1111_SAMPLERS, A1111_SCHEDULE_TABLE  # noqa: E402
 from sdengine.serve.app import SAMPLER_LABELS, ServeSettings  # noqa: E402
 from sdengine.serve.cli import build_local_app  # noqa: E402
-from sdengine.serve.loadgen import free_port  # noqa: E402
+from support.server import InProcessServer  # noqa: E402
 
 PROMPT = "a handwritten digit seven"
 
 
-class InProcessServer:
-    def __init__(self, app):
-        self.app = app
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.app.state.engine.close()
-
-    def api(self, **kw):
-        return webuiapi.WebUIApi(host="127.0.0.1", port=self.port, **kw)
-
-
 def serve(model=None, **settings):
-    return InProcessServer(build_local_app(model, ServeSettings(**settings)))
+    return InProcessServer(build_local_app(model, ServeSettings(**settings)), webuiapi)
 
 
 @pytest.fixture(scope="module")
@@ -303,7 +277,7 @@ def test_invalid_txt2img_is_422_naming_the_field(server, body, field):
     (["not base64 !!"], "init_images", "base64"),
     ([base64.b64encode(b"plain text, not an image").decode()], "init_images", "not an image"),
     (["data:image/png;base64,@@@"], "init_images", "base64"),
-    ([], "init_images", "at least one"),
+    ([], "init_images", "at least 1 item"),  # pydantic's words: the schema's minItems
 ])
 def test_bad_init_images_are_422(server, init_images, field, words):
     r = httpx.post(server.url + "/sdapi/v1/img2img", json={"prompt": PROMPT, "init_images": init_images}, timeout=30)
@@ -433,7 +407,7 @@ class _FakeApp:
 
 
 @pytest.mark.parametrize("fields,field,kwargs", [
-    ({"width": 8200, "height": 8}, "width", {"width": 8200, "height": 8}),   # under the pixel cap, over the side cap
+    ({"width": 8200, "height": 8}, "width", {"width": 8200, "height": 8}),   # under --max-size, over MAX_SIDE
     ({"override_settings": {"CLIP_stop_at_last_layers": 5000}}, "override_settings", {"clip_skip": 4999}),
 ])
 def test_requests_are_checked_by_the_shared_request_before_queueing(fields, field, kwargs):
@@ -446,8 +420,8 @@ def test_requests_are_checked_by_the_shared_request_before_queueing(fields, fiel
 
     info = ModelInfo(title="m", filename="m", default_size=64, is_inpaint=False, scheduler_config=SchedulerConfig())
     with pytest.raises(FieldError) as caught:
-        make_spec(Txt2ImgRequest(**{"prompt": PROMPT, "steps": 4, **fields}), info, Limits(), img2img=False,
-                  prompt_syntax=None)
+        make_spec(Txt2ImgRequest(**{"prompt": PROMPT, "steps": 4, **fields}), info, Limits(max_size=16384),
+                  img2img=False, prompt_syntax=None)
     assert caught.value.field.split(".")[0] == field
     with pytest.raises(ValueError) as direct:  # what generate() says of the same value
         Request.from_args(PROMPT, **kwargs)

@@ -20,16 +20,17 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
 from ..samplers.names import A1111_SAMPLER_LIST, A1111_SCHEDULE_TABLE, SAMPLER_TABLE
-from .requests import FieldError, Limits, ModelInfo, field_of, make_spec, response_body
+from .requests import FieldError, Limits, ModelInfo, decode_image, field_of, make_spec, response_body
 from .scheduler import ClientGone, ModelUnavailable, QueueFull, RequestTimeout, Scheduler, progress_body
-from .schemas import (Img2ImgRequest, ImageResponse, ProgressResponse, SamplerItem, SchedulerItem, SDModelItem,
-                      Txt2ImgRequest)
+from .schemas import (Img2ImgRequest, ImageResponse, PngInfoRequest, PngInfoResponse, ProgressResponse, SamplerItem,
+                      SchedulerItem, SDModelItem, TaskProgressRequest, TaskProgressResponse, Txt2ImgRequest)
 
 log = logging.getLogger("sdengine.serve")
 
@@ -43,16 +44,21 @@ class ServeSettings:
     batch_window_ms: float = 5.0
     max_queue: int = 64
     request_timeout_s: float = 600.0
-    max_pixels: int = 2048 * 2048
-    max_images: int = 16
+    max_size: int = 2048          # width and height, each
+    max_steps: int = 1000
+    max_batch_size: int = 8
+    max_batch_count: int = 4      # n_iter
     max_body_bytes: int = 32 * 1024 * 1024
     api_key: Optional[str] = None
     lora_dir: Optional[str] = None  # where <lora:name:weight> finds name.safetensors; /sdapi/v1/loras lists it
     prompt_syntax: Optional[str] = "a1111"  # A1111's: emphasis, 75-token windows, <lora:...> tags
+    preview_every: int = 1  # live preview (current_image of /progress) every N steps; 0: none
+    web_ui: bool = True     # the web UI at / (sdengine/serve/ui)
 
     @property
     def limits(self) -> Limits:
-        return Limits(max_pixels=self.max_pixels, max_images=self.max_images)
+        return Limits(max_size=self.max_size, max_steps=self.max_steps, max_batch_size=self.max_batch_size,
+                      max_batch_count=self.max_batch_count)
 
 
 # A1111's sampler and scheduler lists, from the one table (sdengine/samplers/names.py):
@@ -69,13 +75,16 @@ class LocalEngine:
     """One pipeline in this process, behind the batching scheduler."""
 
     def __init__(self, pipe, settings: ServeSettings, metrics=None, source: Optional[str] = None):
+        from .preview import LatentPreview, Previews
         from .scheduler import SchedulerSettings
 
         self._info = ModelInfo.of(pipe, source)
+        every = settings.preview_every
+        self.previews = Previews(LatentPreview.for_pipeline(pipe) if every > 0 else None, every)
         self.scheduler = Scheduler(
             pipe, SchedulerSettings(batching=settings.batching, max_batch_images=settings.max_batch_images,
                                     batch_window_s=settings.batch_window_ms / 1000, max_queue=settings.max_queue),
-            on_batch=metrics.batch_images.observe if metrics else None)
+            on_batch=metrics.batch_images.observe if metrics else None, previews=self.previews)
 
     async def info(self) -> ModelInfo:
         return self._info
@@ -89,6 +98,12 @@ class LocalEngine:
     async def progress(self) -> dict:
         return self.scheduler.progress()
 
+    async def current_image(self) -> Optional[str]:
+        return await asyncio.to_thread(self.previews.png_b64)
+
+    async def task_state(self, task_id: str) -> dict:
+        return self.scheduler.task_state(task_id)
+
     def queue_depth(self) -> int:
         return self.scheduler.queue_depth()
 
@@ -101,11 +116,12 @@ def create_app(engine=None, settings: ServeSettings = ServeSettings(), metrics=N
     from .metrics import Metrics
 
     app = FastAPI(title="sdengine serve", description="AUTOMATIC1111-compatible /sdapi/v1 API over sdengine",
-                  docs_url="/docs", redoc_url=None)
+                  docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.state.settings = settings
     app.state.metrics = metrics or Metrics(lambda: app.state.engine.queue_depth() if app.state.engine else 0)
     app.state.started = time.time()
+    app.state.openapi = None
 
     def engine_of(request: Request):
         eng = request.app.state.engine
@@ -145,7 +161,34 @@ def create_app(engine=None, settings: ServeSettings = ServeSettings(), metrics=N
 
     @app.get("/sdapi/v1/progress", response_model=ProgressResponse)
     async def progress(request: Request, skip_current_image: bool = False):
-        return progress_body(await engine_of(request).progress())
+        """The running job's progress; current_image is its live preview (base64 PNG, every
+        --preview-every steps), unless skip_current_image."""
+        eng = engine_of(request)
+        state = await eng.progress()
+        image = None if skip_current_image or not state.get("job_count") else await eng.current_image()
+        return progress_body(state, image)
+
+    @app.post("/internal/progress", response_model=TaskProgressResponse)
+    async def task_progress(request: Request, req: TaskProgressRequest):
+        """A1111's own web UI's progress call: where the request sent with force_task_id=id_task
+        is (queued with N requests ahead, active, completed), with the live preview while it runs."""
+        eng = engine_of(request)
+        where = await eng.task_state(req.id_task)
+        if not where.get("active"):
+            queued = where.get("queued")
+            text = (f"In queue: {queued} request{'s' if queued != 1 else ''} ahead" if queued is not None
+                    else None if where.get("completed") else "Waiting...")
+            return {"active": False, "queued": queued is not None, "completed": bool(where.get("completed")),
+                    "queue_position": queued, "progress": None, "eta": None, "live_preview": None,
+                    "id_live_preview": req.id_live_preview, "textinfo": text}
+        body = progress_body(await eng.progress())
+        image = await eng.current_image() if req.live_preview else None
+        step, total = body["state"].get("sampling_step", 0), body["state"].get("sampling_steps", 0)
+        return {"active": True, "queued": False, "completed": False, "queue_position": 0,
+                "progress": body["progress"], "eta": body["eta_relative"],
+                "live_preview": f"data:image/png;base64,{image}" if image else None,
+                "id_live_preview": req.id_live_preview + 1 if image else req.id_live_preview,
+                "textinfo": f"Step {step}/{total}" if total else "Starting..."}
 
     @app.post("/sdapi/v1/interrupt")
     async def interrupt(request: Request):
@@ -181,6 +224,32 @@ def create_app(engine=None, settings: ServeSettings = ServeSettings(), metrics=N
     @app.get("/sdapi/v1/scripts")
     async def scripts():
         return {"txt2img": [], "img2img": []}
+
+    @app.post("/sdapi/v1/png-info", response_model=PngInfoResponse)
+    async def png_info(req: PngInfoRequest):
+        """A1111's PNG Info: an image's text chunks; `info` is its `parameters` (the infotext) and
+        `parameters` that text parsed (sdengine.infotext.parse_infotext: A1111's keys, Size as
+        Size-1 and Size-2, values as text)."""
+        return await asyncio.to_thread(png_info_body, req.image, settings.limits)
+
+    if settings.web_ui:
+        _add_web_ui(app)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_json(request: Request):
+        """The schema, completed for this server's caps and model (openapi.py)."""
+        if app.state.openapi is None:
+            from .openapi import openapi_schema
+
+            info = await engine_of(request).info()
+            app.state.openapi = openapi_schema(app.openapi(), settings.limits, info, settings.api_key is not None)
+        return app.state.openapi
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="sdengine serve")
 
     @app.get("/health")
     async def health(request: Request):
@@ -222,11 +291,57 @@ def create_app(engine=None, settings: ServeSettings = ServeSettings(), metrics=N
     return app
 
 
+UI_DIR = Path(__file__).resolve().parent / "ui"
+UI_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+            ".css": "text/css; charset=utf-8"}
+# Everything the page loads comes from this server; images are data: URLs it built.
+UI_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
+                                         "script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
+              "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+
+
+def _add_web_ui(app: FastAPI):
+    """The web UI (sdengine/serve/ui): / is its page, /ui/NAME its scripts and styles. Static
+    files that hold no data, so they load without the API key (the page asks for it)."""
+    files = {path.name: path for path in UI_DIR.iterdir() if path.suffix in UI_TYPES}
+
+    def serve_file(name: str) -> Response:
+        path = files.get(name)
+        if path is None:
+            return JSONResponse({"detail": f"no such file: {name}"}, status_code=404)
+        return Response(path.read_bytes(), media_type=UI_TYPES[path.suffix], headers=UI_HEADERS)
+
+    @app.get("/", include_in_schema=False)
+    async def web_ui():
+        return serve_file("index.html")
+
+    @app.get("/ui/{name}", include_in_schema=False)
+    async def web_ui_file(name: str):
+        return serve_file(name)
+
+
+def png_info_body(image: str, limits: Limits) -> dict:
+    """POST /sdapi/v1/png-info's answer (A1111's PNGInfoResponse)."""
+    from ..infotext import parse_infotext
+
+    decoded = decode_image(image, "image", limits)
+    items = {k: v for k, v in decoded.info.items() if isinstance(v, str)}
+    text = items.pop("parameters", "")
+    parameters = {}
+    if text:
+        parsed = parse_infotext(text)
+        parameters = {"Prompt": parsed.prompt, "Negative prompt": parsed.negative_prompt, **parsed.fields}
+        width, _, height = str(parsed.fields.get("Size", "")).partition("x")
+        if width.isdigit() and height.isdigit():
+            parameters.update({"Size-1": width, "Size-2": height})
+    return {"info": text, "items": items, "parameters": parameters}
+
+
 # Paths counted by name in sdengine_requests_total; anything else counts as "other".
 _KNOWN_PATHS = {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/progress", "/sdapi/v1/interrupt",
                 "/sdapi/v1/samplers", "/sdapi/v1/schedulers", "/sdapi/v1/sd-models", "/sdapi/v1/options",
-                "/sdapi/v1/loras",
-                "/sdapi/v1/scripts", "/health", "/metrics"}
+                "/sdapi/v1/loras", "/sdapi/v1/scripts", "/sdapi/v1/png-info", "/internal/progress", "/health",
+                "/metrics", "/", "/openapi.json"}
 
 
 class Guard:
@@ -252,7 +367,8 @@ class Guard:
                 self.metrics.requests.labels(label, str(message["status"])).inc()
             await send(message)
 
-        if self.settings.api_key is not None and not self._authorized(scope):
+        public = self.settings.web_ui and (path == "/" or path.startswith("/ui/"))
+        if self.settings.api_key is not None and not public and not self._authorized(scope):
             return await _json(counted_send, 401, {"detail": "missing or wrong bearer token (--api-key)"},
                                {"www-authenticate": "Bearer"})
         limit = self.settings.max_body_bytes

@@ -41,6 +41,7 @@ class Spec:
     init_images: Optional[list] = None   # PIL images at (width, height), one per image
     masks: Optional[list] = None         # PIL "L" images at (width, height), one per image
     request_id: str = ""
+    task_id: str = ""                    # the client's force_task_id (A1111's /internal/progress), if any
     loras: tuple = ()                    # the <lora:...> set its prompt names: (path, scale, text scale)
     subseeds: Optional[list] = None      # A1111's variation seeds, one per image (with shared subseed_strength)
 
@@ -72,12 +73,13 @@ class Output:
 def run_group(pipe, specs: list, *, max_batch_images: int,
               cancelled: Callable[[int], bool] = lambda i: False,
               interrupted: Callable[[], bool] = lambda: False,
-              on_step: Optional[Callable[[int, int], None]] = None,
+              on_step: Optional[Callable[[int, int, object], None]] = None,
               on_chunk: Optional[Callable[[int], None]] = None) -> list:
     """Run specs that share one key; returns one Output per spec, in order.
 
     cancelled(i): whether spec i no longer wants its result; interrupted(): stop now and
-    return what the latents hold; on_step(step, total) after every sampler step;
+    return what the latents hold; on_step(step, total, latents) after every sampler step
+    (latents: the chunk's, a copy, or None where the backend gives none; for live previews);
     on_chunk(n_images) before every pipeline call.
     """
     assert len({s.key for s in specs}) == 1, "run_group takes specs of one key"
@@ -151,7 +153,7 @@ def _call(pipe, specs, chunk, live, cancelled, interrupted, on_step, on_chunk):
     def callback(step, total, latents):
         last["latents"] = latents
         if on_step is not None:
-            on_step(step, total)
+            on_step(step, total, latents)
         if interrupted() or all(cancelled(si) for si in live):
             return False
         return None

@@ -59,7 +59,8 @@ def _serve(args) -> int:
     app = build_local_app(args.model, settings, backend=args.backend, device=args.device, dtype=args.dtype,
                           threads=args.threads)
     print(f"sdengine serve: {app.state.engine._info.title} on http://{args.host}:{args.port} "
-          f"(batching {'on' if settings.batching else 'off'})", file=sys.stderr, flush=True)
+          f"(batching {'on' if settings.batching else 'off'}"
+          f"{'; web UI at /' if settings.web_ui else ''})", file=sys.stderr, flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     finally:

@@ -26,7 +26,12 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt-syntax", default="a1111", choices=["a1111", "plain"],
                    help="a1111 (default, as A1111's API): emphasis, 75-token windows, <lora:...> tags; plain: text")
     p.add_argument("--api-key", default=os.environ.get("SDENGINE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on every endpoint (default: $SDENGINE_API_KEY)")
+                   help="require 'Authorization: Bearer KEY' on every endpoint but the web UI's own files, "
+                        "which ask for the key (default: $SDENGINE_API_KEY)")
+    p.add_argument("--preview-every", type=int, default=1, metavar="N",
+                   help="live preview (current_image of /sdapi/v1/progress, A1111's 'Approx cheap') every N "
+                        "sampler steps; 0: none (default 1)")
+    p.add_argument("--no-web-ui", action="store_true", help="do not serve the web UI at /")
     g = p.add_argument_group("scheduling")
     g.add_argument("--no-batching", action="store_true", help="run every request alone")
     g.add_argument("--max-batch-images", type=int, default=8, help="most images in one pipeline call (default 8)")
@@ -36,8 +41,11 @@ def add_arguments(p) -> None:
                    help="requests that may wait; more get 503 with Retry-After (default 64)")
     g.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds a request may take in all, queue included; then 504 (default 600)")
-    g.add_argument("--max-pixels", type=int, default=2048 * 2048, help="largest width x height (default 2048x2048)")
-    g.add_argument("--max-images", type=int, default=16, help="largest n_iter x batch_size of a request (default 16)")
+    g.add_argument("--max-size", type=int, default=2048, help="largest width, and largest height (default 2048)")
+    g.add_argument("--max-steps", type=int, default=1000, help="most sampler steps a request may ask (default 1000)")
+    g.add_argument("--max-batch-size", type=int, default=8, help="largest batch_size of a request (default 8)")
+    g.add_argument("--max-batch-count", type=int, default=4,
+                   help="largest n_iter (A1111's batch count) of a request (default 4)")
     g.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MiB (default 32)")
     r = p.add_argument_group("Ray Serve (scale out)")
     r.add_argument("--ray", action="store_true", help="deploy as a Ray Serve application")
@@ -55,7 +63,8 @@ def settings_from_args(args):
     from .app import ServeSettings
 
     checks = (("--max-batch-images", args.max_batch_images, 1), ("--max-queue", args.max_queue, 1),
-              ("--max-pixels", args.max_pixels, 64), ("--max-images", args.max_images, 1))
+              ("--max-size", args.max_size, 8), ("--max-steps", args.max_steps, 1),
+              ("--max-batch-size", args.max_batch_size, 1), ("--max-batch-count", args.max_batch_count, 1))
     for flag, value, minimum in checks:
         if value < minimum:
             raise ValueError(f"{flag} must be >= {minimum}, got {value}")
@@ -63,11 +72,15 @@ def settings_from_args(args):
                         ("--max-body-mb", args.max_body_mb)):
         if not value >= 0:
             raise ValueError(f"{flag} must be >= 0, got {value}")
+    if args.preview_every < 0:
+        raise ValueError(f"--preview-every must be >= 0, got {args.preview_every}")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key must not be empty")
     return ServeSettings(batching=not args.no_batching, max_batch_images=args.max_batch_images,
                          batch_window_ms=args.batch_window_ms, max_queue=args.max_queue,
-                         request_timeout_s=args.request_timeout, max_pixels=args.max_pixels,
-                         max_images=args.max_images, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                         request_timeout_s=args.request_timeout, max_size=args.max_size, max_steps=args.max_steps,
+                         max_batch_size=args.max_batch_size, max_batch_count=args.max_batch_count,
+                         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                          api_key=args.api_key, lora_dir=args.lora_dir,
-                         prompt_syntax=None if args.prompt_syntax == "plain" else args.prompt_syntax)
+                         prompt_syntax=None if args.prompt_syntax == "plain" else args.prompt_syntax,
+                         preview_every=args.preview_every, web_ui=not args.no_web_ui)

@@ -67,7 +67,7 @@ class SDModel:
     (added by _deployment_class, so that this module imports without ray)."""
 
     def __init__(self, model, backend, device, dtype, threads, max_batch_images: int, batch_wait_s: float,
-                 batching: bool):
+                 batching: bool, preview_every: int = 0):
         import torch
 
         import sdengine
@@ -78,6 +78,9 @@ class SDModel:
             torch.set_num_threads(1)
         self.pipe = sdengine.load(model, device=device, dtype=dtype, backend=backend)
         self.model_info = ModelInfo.of(self.pipe, model)
+        from .preview import LatentPreview, Previews
+
+        self.previews = Previews(LatentPreview.for_pipeline(self.pipe) if preview_every > 0 else None, preview_every)
         self.max_batch_images = max_batch_images
         self._batched.set_max_batch_size(max_batch_images if batching else 1)
         self._batched.set_batch_wait_timeout_s(batch_wait_s if batching else 0.0)
@@ -92,6 +95,9 @@ class SDModel:
 
     def progress(self) -> dict:
         return dict(idle_state(), **self._progress)
+
+    def current_image(self):
+        return self.previews.png_b64() if self._progress else None
 
     async def generate(self, spec) -> Output:
         try:
@@ -109,9 +115,11 @@ class SDModel:
         for indices in groups.values():
             group = [specs[i] for i in indices]
             self._progress = dict(job=f"batch of {len(group)}", job_count=len(group), time_start=time.time())
+            self.previews.start_job()
 
-            def on_step(step, total):
+            def on_step(step, total, latents):
                 self._progress = dict(self._progress, sampling_step=step + 1, sampling_steps=total)
+                self.previews.keep(step + 1, total, latents)
 
             outputs = await asyncio.to_thread(
                 run_group, self.pipe, group, max_batch_images=self.max_batch_images,
@@ -143,6 +151,7 @@ class RayEngine:
         self.max_in_flight = max_in_flight
         self._info: Optional[ModelInfo] = None
         self._in_flight: dict = {}
+        self._task_ids: dict = {}   # request_id -> the client's force_task_id
         self._interrupted: set = set()
 
     async def info(self) -> ModelInfo:
@@ -155,6 +164,8 @@ class RayEngine:
             raise QueueFull(1)
         response = self.handle.generate.remote(spec)
         self._in_flight[spec.request_id] = response
+        if spec.task_id:
+            self._task_ids[spec.request_id] = spec.task_id
         waiter = asyncio.ensure_future(_await(response))
         deadline = time.monotonic() + timeout_s
         try:
@@ -177,6 +188,7 @@ class RayEngine:
                 raise ModelUnavailable(f"the model replica failed: {type(e).__name__}: {str(e)[:300]}") from None
         finally:
             self._in_flight.pop(spec.request_id, None)
+            self._task_ids.pop(spec.request_id, None)
             self._interrupted.discard(spec.request_id)
             if not waiter.done():
                 waiter.cancel()
@@ -188,6 +200,13 @@ class RayEngine:
 
     async def progress(self) -> dict:
         return await self.handle.progress.remote()
+
+    async def current_image(self):
+        return await self.handle.current_image.remote()
+
+    async def task_state(self, task_id: str) -> dict:
+        """Ray queues on its replicas, out of the ingress's sight: active while in flight."""
+        return {"active": True} if task_id in self._task_ids.values() else {}
 
     def queue_depth(self) -> int:
         return len(self._in_flight)
@@ -231,7 +250,8 @@ def build_application(model, settings, options: RayOptions, *, backend=None, dev
             return self.sdengine_app
 
     return Ingress.bind(model_deployment.bind(model, backend, device, dtype, threads, settings.max_batch_images,
-                                              settings.batch_window_ms / 1000, settings.batching), settings)
+                                              settings.batch_window_ms / 1000, settings.batching,
+                                              settings.preview_every), settings)
 
 
 def run(model, settings, options: RayOptions, *, host: str, port: int, backend=None, device=None, dtype=None,

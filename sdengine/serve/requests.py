@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import json
 import random
@@ -19,8 +20,9 @@ from typing import Optional
 
 from .. import samplers
 from ..request import Request
+from ..samplers.names import SAMPLER_TABLE, SCHEDULE_TABLE
 from .batching import Output, Spec
-from .schemas import Img2ImgRequest, Txt2ImgRequest
+from .schemas import MAX_STEPS, Img2ImgRequest, Txt2ImgRequest
 
 # sdengine's parameter names (as its ValueErrors name them) -> A1111's field names.
 PIPELINE_TO_A1111 = {
@@ -72,18 +74,23 @@ class ModelInfo:
     default_size: int
     is_inpaint: bool
     scheduler_config: object     # sdengine.config.SchedulerConfig: the checkpoint's sampler and schedule
+    config: object = None        # sdengine.config.ModelConfig: Request.for_model's checks, before the queue
 
     @classmethod
     def of(cls, pipe, source: Optional[str] = None) -> "ModelInfo":
         cfg = pipe.config
         return cls(title=pipe.name, filename=str(source or pipe.name), default_size=cfg.default_size,
-                   is_inpaint=cfg.is_inpaint, scheduler_config=cfg.scheduler)
+                   is_inpaint=cfg.is_inpaint, scheduler_config=cfg.scheduler, config=cfg)
 
 
 @dataclass
 class Limits:
-    max_pixels: int = 2048 * 2048
-    max_images: int = 16          # n_iter * batch_size
+    """The server's caps (ServeSettings), each on one field so that the OpenAPI schema states it."""
+
+    max_size: int = 2048          # width and height, each
+    max_steps: int = MAX_STEPS
+    max_batch_size: int = 8
+    max_batch_count: int = 4      # n_iter: a request makes at most max_batch_size x max_batch_count images
 
 
 # A1111 features that sdengine does not have: refused unless at their "off" value.
@@ -104,7 +111,7 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
     for name, is_off in _UNSUPPORTED.items():
         if name in type(req).model_fields and not is_off(getattr(req, name)):
             raise FieldError(name, f"not supported by sdengine serve (got {getattr(req, name)!r})")
-    settings = req.override_settings or {}
+    settings = req.override_settings.model_dump() if req.override_settings is not None else {}
     wanted_model = settings.get("sd_model_checkpoint")
     if wanted_model and wanted_model not in (info.title, info.filename):
         raise FieldError("override_settings.sd_model_checkpoint",
@@ -112,35 +119,21 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
 
     width = info.default_size if req.width is None else req.width
     height = info.default_size if req.height is None else req.height
-    if width * height > limits.max_pixels:
-        field = "width" if width >= height else "height"
-        raise FieldError(field, f"{width}x{height} is {width * height} pixels, over this server's cap of "
-                                f"{limits.max_pixels} (--max-pixels)")
+    steps = req.steps or default_steps(limits)
     batch_size = req.batch_size or 1
     n_iter = req.n_iter or 1
+    for field, value, cap, flag in (("width", width, limits.max_size, "--max-size"),
+                                    ("height", height, limits.max_size, "--max-size"),
+                                    ("steps", steps, limits.max_steps, "--max-steps"),
+                                    ("batch_size", batch_size, limits.max_batch_size, "--max-batch-size"),
+                                    ("n_iter", n_iter, limits.max_batch_count, "--max-batch-count")):
+        if value > cap:
+            raise FieldError(field, f"{value} is over this server's cap of {cap} ({flag})")
     n_images = batch_size * n_iter
-    if n_images > limits.max_images:
-        raise FieldError("n_iter" if n_iter > 1 else "batch_size",
-                         f"n_iter x batch_size = {n_images} images, over this server's cap of {limits.max_images} "
-                         f"(--max-images)")
 
+    sampler, schedule_name, conventions = sampler_and_schedule(req, info.scheduler_config)
     sampler_name = req.sampler_name or req.sampler_index or "Euler"
-    scheduler = req.scheduler
-    schedule = None if scheduler in (None, "", "automatic", "Automatic") else scheduler
-    # A1111's clients send A1111's labels: those run under A1111's rules where sdengine reproduces
-    # them (samplers.conventions_for), and the infotext says when a run followed diffusers' instead
-    conventions = samplers.conventions_for(sampler_name)
-    try:
-        if conventions == "a1111":
-            sampler, schedule_name = samplers.resolve_a1111(sampler_name, schedule, info.scheduler_config)
-        else:
-            sampler, schedule_name = samplers.resolve(sampler_name, schedule, info.scheduler_config)
-    except ValueError as e:
-        raise FieldError("sampler_name" if str(e).startswith("unknown sampler") else "scheduler", str(e)) from None
-    steps = req.steps or 50
-    clip_stop = settings.get("CLIP_stop_at_last_layers", 1)
-    if isinstance(clip_stop, bool) or not isinstance(clip_stop, int) or clip_stop < 1:
-        raise FieldError("override_settings.CLIP_stop_at_last_layers", f"must be an integer >= 1, got {clip_stop!r}")
+    clip_stop = settings.get("CLIP_stop_at_last_layers") or 1
 
     acceleration = _acceleration(settings, img2img)
     seed = _fixed_seed(req.seed)
@@ -160,7 +153,7 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
             subseed = _fixed_seed(req.subseed)
             seeds, subseeds = [seed] * n_images, [subseed + i for i in range(n_images)]
             shared["subseed_strength"] = float(req.subseed_strength)
-        if (req.seed_resize_from_w or 0) > 0 and (req.seed_resize_from_h or 0) > 0:
+        if (req.seed_resize_from_w or 0) > 0 and (req.seed_resize_from_h or 0) > 0:  # each in [8, MAX_SIDE]
             shared.update(seed_resize_from_w=req.seed_resize_from_w, seed_resize_from_h=req.seed_resize_from_h)
         if settings.get("eta_noise_seed_delta"):
             shared["eta_noise_seed_delta"] = settings["eta_noise_seed_delta"]
@@ -174,14 +167,16 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
     if img2img:
         if not req.init_images:
             raise FieldError("init_images", "img2img needs at least one init image")
+        most = limits.max_batch_size * limits.max_batch_count
+        if len(req.init_images) > most:
+            raise FieldError("init_images", f"{len(req.init_images)} images, over the {most} a request can use "
+                                            f"(--max-batch-size x --max-batch-count)")
         decoded = [decode_image(s, f"init_images.{i}", limits) for i, s in enumerate(req.init_images)]
-        # A1111: one init image serves the whole batch; several set the batch size
-        if len(decoded) > 1 and len(decoded) != batch_size:
-            raise FieldError("init_images", f"{len(decoded)} init images for batch_size {batch_size}: give one, "
-                                            f"or one per image of the batch")
         resized = [_resize(im.convert("RGB"), width, height) for im in decoded]
-        init_images = [resized[i % len(resized)] for i in range(n_images)]
+        init_images = [resized[i % len(resized)] for i in range(n_images)]  # one image serves the whole batch
         strength = req.denoising_strength if req.denoising_strength is not None else 0.75
+        # A1111 runs at least one step, however low the strength: the last one of the schedule
+        strength = max(strength, min(1.0, (1 + 1e-6) / steps))
         mode = "img2img"
         if req.mask:
             mode = "inpaint"
@@ -196,9 +191,12 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
     elif info.is_inpaint:
         raise FieldError("init_images", f"{info.title} is an inpainting model: use img2img with init_images and mask")
     try:  # the checks every front end shares (sdengine.request: generate, the CLI, the C API's bindings)
-        Request.from_args(prompt, negative_prompt=negative, seed=seeds, batch_size=n_images,
-                          init_image=init_images[0] if init_images else None, mask_image=masks[0] if masks else None,
-                          progress=False, subseed=subseeds, **shared)
+        request = Request.from_args(prompt, negative_prompt=negative, seed=seeds, batch_size=n_images,
+                                    init_image=init_images[0] if init_images else None,
+                                    mask_image=masks[0] if masks else None, progress=False, subseed=subseeds,
+                                    **shared)
+        if info.config is not None:
+            request.for_model(info.config)
     except ValueError as e:
         raise FieldError(field_of(e), str(e)) from None
     try:  # the sampler's own checks (steps, strength, eta), before the request is queued
@@ -218,7 +216,47 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
         shared.update(prompt_syntax=prompt_syntax, lora_dir=str(lora_dir) if lora_dir is not None else None)
     return Spec(mode=mode, prompts=[prompt] * n_images, negatives=[negative] * n_images, seeds=seeds,
                 shared=shared, init_images=init_images, masks=masks, request_id=uuid.uuid4().hex, loras=loras,
-                subseeds=subseeds)
+                subseeds=subseeds, task_id=req.force_task_id or "")
+
+
+@functools.cache
+def accepted_names() -> tuple:
+    """(sampler names, scheduler names) that the server takes, exactly as spelled: A1111's labels
+    and API aliases and sdengine's canonical names; "" means the default."""
+    sampler_names = {""}
+    for name, label, aliases in SAMPLER_TABLE:
+        sampler_names.update((name, label, *aliases))
+    schedule_names = {""}
+    for name, label, api_name, _ in SCHEDULE_TABLE:
+        schedule_names.update((name, label, api_name))
+    return frozenset(sampler_names), frozenset(schedule_names)
+
+
+def default_steps(limits: Limits) -> int:
+    """A1111's API default, 50, within --max-steps."""
+    return min(50, limits.max_steps)
+
+
+def sampler_and_schedule(req, scheduler_config) -> tuple:
+    """(sampler, schedule, conventions) of a request (samplers.conventions_for); FieldError for a name the server does not
+    take (the OpenAPI schema lists them: accepted_names) or a pair that does not go together."""
+    sampler_names, schedule_names = accepted_names()
+    for field in ("sampler_name", "sampler_index"):
+        value = getattr(req, field)
+        if value and value not in sampler_names:
+            raise FieldError(field, f"unknown sampler {value!r}; GET /sdapi/v1/samplers lists them")
+    if req.scheduler is not None and req.scheduler not in schedule_names:
+        raise FieldError("scheduler", f"unknown schedule {req.scheduler!r}; GET /sdapi/v1/schedulers lists them")
+    sampler_name = req.sampler_name or req.sampler_index or "Euler"
+    schedule = None if req.scheduler in (None, "", "automatic", "Automatic") else req.scheduler
+    # A1111's clients send A1111's labels: those run under A1111's rules where sdengine reproduces
+    # them (samplers.conventions_for), and the infotext says when a run followed diffusers' instead
+    conventions = samplers.conventions_for(sampler_name)
+    resolve = samplers.resolve_a1111 if conventions == "a1111" else samplers.resolve
+    try:
+        return (*resolve(sampler_name, schedule, scheduler_config), conventions)
+    except ValueError as e:
+        raise FieldError("sampler_name" if str(e).startswith("unknown sampler") else "scheduler", str(e)) from None
 
 
 def _acceleration(settings: dict, img2img: bool) -> dict:
@@ -286,7 +324,7 @@ def decode_image(data: str, field: str, limits: Limits):
         raise FieldError(field, "is not valid base64") from None
     try:
         image = Image.open(io.BytesIO(raw))
-        if image.width * image.height > 4 * limits.max_pixels:
+        if image.width * image.height > 4 * limits.max_size ** 2:
             raise FieldError(field, f"image of {image.width}x{image.height} is too large")
         image.load()
     except FieldError:

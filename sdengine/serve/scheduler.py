@@ -65,10 +65,11 @@ class SchedulerSettings:
 class Scheduler:
     """Runs Specs on one pipeline from one worker thread. `await run(spec, ...)` from asyncio."""
 
-    def __init__(self, pipe, settings: SchedulerSettings = SchedulerSettings(), on_batch=None):
+    def __init__(self, pipe, settings: SchedulerSettings = SchedulerSettings(), on_batch=None, previews=None):
         self.pipe = pipe
         self.settings = settings
         self._on_batch = on_batch      # on_batch(n_images) before each pipeline call (metrics)
+        self.previews = previews       # preview.Previews: the running job's live preview, or None
         self._cv = threading.Condition()
         self._pending: deque = deque()
         self._closed = False
@@ -76,6 +77,8 @@ class Scheduler:
         self._progress_lock = threading.Lock()
         self._progress = idle_state()
         self._recent_s: deque = deque(maxlen=32)  # seconds per finished group: Retry-After estimate
+        self._running_ids: frozenset = frozenset()   # request ids of the group running now
+        self._finished_ids: deque = deque(maxlen=256)  # the last requests finished, for task_state
         self._thread = threading.Thread(target=self._loop, name="sdengine-serve-worker", daemon=True)
         self._thread.start()
 
@@ -132,6 +135,20 @@ class Scheduler:
     def progress(self) -> dict:
         with self._progress_lock:
             return dict(self._progress)
+
+    def task_state(self, task_id: str) -> dict:
+        """Where request `task_id` (its force_task_id) is: {"queued": n requests ahead of it},
+        {"active": True}, {"completed": True}, or {} when this server does not know it."""
+        with self._cv:
+            for ahead, ticket in enumerate(self._pending):
+                if ticket.spec.task_id == task_id:
+                    return {"queued": ahead + (1 if self._running_ids else 0)}
+        with self._progress_lock:
+            if task_id in self._running_ids:
+                return {"active": True}
+            if task_id in self._finished_ids:
+                return {"completed": True}
+        return {}
 
     def close(self, timeout_s: float = 5.0):
         with self._cv:
@@ -191,11 +208,16 @@ class Scheduler:
             epoch = self._interrupt_epoch
             self._progress = dict(idle_state(), job=f"batch of {len(group)}", job_count=len(group),
                                   job_timestamp=time.strftime("%Y%m%d%H%M%S"), time_start=time.time())
+            self._running_ids = frozenset(t.spec.task_id for t in group if t.spec.task_id)
+        if self.previews is not None:
+            self.previews.start_job()
         started = time.monotonic()
 
-        def on_step(step: int, total: int):
+        def on_step(step: int, total: int, latents):
             with self._progress_lock:
                 self._progress = dict(self._progress, sampling_step=step + 1, sampling_steps=total)
+            if self.previews is not None:
+                self.previews.keep(step + 1, total, latents)
 
         def on_chunk(n: int):
             if self._on_batch is not None:
@@ -212,6 +234,10 @@ class Scheduler:
         self._recent_s.append(time.monotonic() - started)
         with self._progress_lock:
             self._progress = idle_state()
+            self._finished_ids.extend(self._running_ids)
+            self._running_ids = frozenset()
+        if self.previews is not None:
+            self.previews.start_job()  # no preview while idle
         for ticket, out in zip(group, outputs):
             _resolve(ticket.future, out)
 
@@ -230,8 +256,8 @@ def idle_state() -> dict:
                 job_timestamp="0", job_no=0, sampling_step=0, sampling_steps=0, time_start=None)
 
 
-def progress_body(state: dict) -> dict:
-    """A1111's /sdapi/v1/progress answer from a state snapshot."""
+def progress_body(state: dict, current_image: Optional[str] = None) -> dict:
+    """A1111's /sdapi/v1/progress answer from a state snapshot (current_image: base64 PNG)."""
     if not state.get("job_count"):
         return dict(progress=0.0, eta_relative=0.0, state=state, current_image=None, textinfo=None)
     progress = 0.01
@@ -240,4 +266,4 @@ def progress_body(state: dict) -> dict:
     progress = min(progress, 1.0)
     elapsed = time.time() - (state.get("time_start") or time.time())
     eta = elapsed / progress - elapsed
-    return dict(progress=progress, eta_relative=eta, state=state, current_image=None, textinfo=None)
+    return dict(progress=progress, eta_relative=eta, state=state, current_image=current_image, textinfo=None)

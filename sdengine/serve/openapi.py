@@ -1,0 +1,172 @@
+"""The OpenAPI schema at /openapi.json: a request the schema calls valid is one the server serves.
+
+FastAPI writes the schema from the pydantic models (schemas.py); `openapi_schema` completes it
+with what depends on this server and its model, each stated where a client reads it:
+- the caps (ServeSettings: --max-size, --max-steps, --max-batch-size, --max-batch-count) as
+  `maximum`, the model's native size as the `default` of width and height, its text encoder's
+  depth as the `maximum` of CLIP_stop_at_last_layers, its name as sd_model_checkpoint's `enum`;
+- the sampler and schedule names the server takes (`accepted_names`) as `enum`, and the pairs
+  that do not go together (a schedule a sampler cannot follow, a multistep sampler's fewest
+  steps) as `if`/`then` clauses derived from the same functions that refuse them
+  (requests.sampler_and_schedule, samplers.make_plan);
+- images (init_images, mask, png-info's image) as strings of the format "base64-image": a
+  base64 image (or a data: URL) that PIL can read;
+- every status code the server answers: 400 (a body that is not JSON), 401 (with --api-key),
+  413 (over --max-body-mb), 422, 500, 503 (busy, Retry-After), 504 (timeout); /metrics as
+  Prometheus text.
+
+tests/test_serve_openapi.py runs schemathesis (--checks all) against it.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+from ..samplers.names import SAMPLER_TABLE
+from .requests import accepted_names, default_steps, sampler_and_schedule
+
+IMAGE_FORMAT = "base64-image"
+AUTOMATIC = ("", "automatic", "Automatic")  # a scheduler value that means "the sampler's own"
+
+_ERROR = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorDetail"}}}}
+_GENERATION_ERRORS = {
+    "400": ("The body is not JSON", _ERROR),
+    "413": ("The body is over --max-body-mb", _ERROR),
+    "500": ("The model failed; the server goes on", _ERROR),
+    "503": ("Busy (the queue is full) or the model is unavailable; retry after Retry-After seconds",
+            dict(_ERROR, headers={"Retry-After": {"schema": {"type": "integer"}}})),
+    "504": ("The request outlived --request-timeout", _ERROR),
+}
+
+
+def openapi_schema(base: dict, limits, info, api_key: bool) -> dict:
+    """FastAPI's schema `base`, completed for these limits (requests.Limits) and this model
+    (requests.ModelInfo)."""
+    schema = copy.deepcopy(base)
+    components = schema["components"]["schemas"]
+    components["ErrorDetail"] = {"type": "object", "properties": {"detail": {}}, "required": ["detail"]}
+    sampler_names, schedule_names = accepted_names()
+    cfg = info.config
+    max_steps = min(limits.max_steps, cfg.scheduler.num_train_timesteps) if cfg is not None else limits.max_steps
+    for name in ("Txt2ImgRequest", "Img2ImgRequest"):
+        props = components[name]["properties"]
+        for field, cap in (("width", limits.max_size), ("height", limits.max_size), ("steps", max_steps),
+                           ("batch_size", limits.max_batch_size), ("n_iter", limits.max_batch_count)):
+            _value_branch(props[field])["maximum"] = cap
+        props["width"]["default"] = props["height"]["default"] = info.default_size
+        props["steps"]["default"] = default_steps(limits)
+        for field in ("sampler_name", "sampler_index"):
+            _value_branch(props[field])["enum"] = sorted(sampler_names)
+        _value_branch(props["scheduler"])["enum"] = sorted(schedule_names)
+        components[name]["allOf"] = _sampler_clauses(info, max_steps)
+    img2img = components["Img2ImgRequest"]["properties"]
+    img2img["init_images"]["items"]["format"] = IMAGE_FORMAT
+    img2img["init_images"]["maxItems"] = limits.max_batch_size * limits.max_batch_count
+    if info.is_inpaint:
+        img2img["mask"] = {"type": "string", "format": IMAGE_FORMAT, "description": "white = repaint"}
+        components["Img2ImgRequest"].setdefault("required", []).append("mask")
+    else:
+        img2img["mask"] = {"anyOf": [{"const": ""}, {"type": "null"}], "default": None,
+                           "description": f"{info.title} is not an inpainting model: no mask"}
+    components["PngInfoRequest"]["properties"]["image"]["format"] = IMAGE_FORMAT
+    override = components["OverrideSettings"]["properties"]
+    _value_branch(override["sd_model_checkpoint"])["enum"] = sorted({"", info.title, info.filename})
+    if cfg is not None:
+        encoders = [e for e in (cfg.text_encoder, cfg.text_encoder_2) if e is not None]
+        most = min(e.num_hidden_layers - 1 - (e.output_layer == "penultimate") for e in encoders)
+        _value_branch(override["CLIP_stop_at_last_layers"])["maximum"] = most + 1  # clip_skip + 1
+    _document_statuses(schema, api_key)
+    return schema
+
+
+def _value_branch(prop: dict) -> dict:
+    """The non-null branch of an Optional field's schema (pydantic writes anyOf [X, null])."""
+    for branch in prop.get("anyOf", [prop]):
+        if branch.get("type") != "null":
+            return branch
+    raise ValueError(f"no value branch in {prop}")
+
+
+def _sampler_clauses(info, max_steps: int) -> list:
+    """What each sampler name allows, found by asking the functions that refuse it
+    (requests.sampler_and_schedule, samplers.plan_for): the schedules it cannot follow, its
+    fewest steps, whether it takes A1111's variation seeds (names run under A1111's rules do).
+    Names that allow the same are one clause, written as anyOf [another sampler is chosen, the
+    constraints hold] (no if/not: schemathesis draws from anyOf branches faithfully)."""
+    from types import SimpleNamespace
+
+    from .. import samplers
+
+    sampler_names, schedule_names = accepted_names()
+    profiles: dict = {}
+    for spelling in sorted(sampler_names - {""}):
+        request = functools.partial(SimpleNamespace, sampler_name=spelling, sampler_index=None)
+        bad = frozenset(s for s in schedule_names
+                        if not _serves(sampler_and_schedule, request(scheduler=s), info.scheduler_config))
+        _, _, conventions = sampler_and_schedule(request(scheduler=None), info.scheduler_config)
+        fewest = next((steps for steps in range(1, max_steps + 1)
+                       if _serves(samplers.plan_for, spelling, None, steps, info.scheduler_config,
+                                  conventions=conventions)), max_steps + 1)
+        profiles.setdefault((bad, fewest, conventions == "a1111"), []).append(spelling)
+    unset = {"enum": [None, ""]}
+    default = "Euler"  # sampler_index's default: what a request that names no sampler runs
+    clauses = []
+    for (bad, fewest, variation_seeds), spellings in sorted(profiles.items(), key=lambda kv: kv[1]):
+        holds: dict = {"properties": {}}
+        if bad:
+            holds["properties"]["scheduler"] = {"anyOf": [{"enum": sorted(schedule_names - bad)}, {"type": "null"}]}
+        if fewest > 1:
+            holds["properties"]["steps"] = {"anyOf": [{"type": "integer", "minimum": fewest}, {"type": "null"}]}
+        if not variation_seeds:
+            holds["properties"]["subseed_strength"] = {"anyOf": [{"type": "number", "minimum": 0, "maximum": 0},
+                                                                 {"type": "null"}]}
+        if not holds["properties"]:
+            continue
+        others = sorted(sampler_names - set(spellings) - {""})
+        branches = [{"properties": {"sampler_name": {"enum": others}}, "required": ["sampler_name"]},
+                    {"properties": {"sampler_name": unset, "sampler_index": {"enum": others}},
+                     "required": ["sampler_index"]}]
+        if default not in spellings:
+            branches.append({"properties": {"sampler_name": unset, "sampler_index": unset}})
+        said = ([f"not with the schedules {sorted(bad)}"] if bad else []) + (
+            [f"at least {fewest} steps"] if fewest > 1 else []) + (
+            [] if variation_seeds else ["no variation seeds (subseed_strength 0: they follow A1111's rules)"])
+        clauses.append({"anyOf": [*branches, holds], "description": f"{', '.join(spellings)}: {'; '.join(said)}"})
+    return clauses
+
+
+def _serves(check, *args) -> bool:
+    """Whether check(*args) passes (FieldError is a ValueError too)."""
+    try:
+        check(*args)
+        return True
+    except ValueError:
+        return False
+
+
+def _document_statuses(schema: dict, api_key: bool):
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            if method == "post":
+                statuses = dict(_GENERATION_ERRORS) if path in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img") else {
+                    k: v for k, v in _GENERATION_ERRORS.items() if k in ("400", "413")}
+                statuses["422"] = responses.get("422") or ("Validation error", _ERROR)
+                for status, entry in statuses.items():
+                    if isinstance(entry, tuple):
+                        description, body = entry
+                        responses.setdefault(status, {"description": description, **copy.deepcopy(body)})
+            if path.startswith(("/sdapi", "/internal")):
+                responses.setdefault("503", {"description": "The model is not loaded yet, or busy",
+                                             **copy.deepcopy(_ERROR)})
+            if api_key:
+                responses.setdefault("401", {"description": "Missing or wrong bearer token (--api-key)",
+                                             **copy.deepcopy(_ERROR)})
+    metrics = schema["paths"].get("/metrics", {}).get("get")
+    if metrics is not None:
+        metrics["responses"]["200"] = {"description": "Prometheus text format",
+                                       "content": {"text/plain": {"schema": {"type": "string"}}}}
+    if api_key:
+        schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        schema["security"] = [{"bearer": []}]
