@@ -88,7 +88,7 @@ class CMakeBuild(build_ext):
 
 setup(
     packages=find_packages(include=["sdengine", "sdengine.*"]),
-    package_data={"sdengine": ["data/*", "data/**/*"]},
+    package_data={"sdengine": ["data/*", "data/**/*"], "sdengine.serve": ["ui/*"]},  # ui: the web UI's files
     include_package_data=True,
     # SDE_NO_NATIVE=1: the Python packages alone (no libsdengine, no sdengine._C; the native
     # backend is then unavailable), e.g. where the C++ build cannot run.

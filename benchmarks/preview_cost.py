@@ -49,7 +49,7 @@ def load(model: str):
         from sdengine.config import ModelConfig
 
         torch.set_num_threads(os.cpu_count() or 1)
-        return sdengine.from_diffusers(reference_pipeline(ModelConfig.from_name("sd15"))), 512, 4
+        return sdengine.from_diffusers(reference_pipeline(ModelConfig.from_name("sd15"))), 512, 3
     raise ValueError(f"unknown model {model!r}: demo or sd15")
 
 
@@ -81,7 +81,7 @@ def measure(model: str, runs: int) -> dict:
         base64.b64encode(preview.png(latents[0]))
 
     none, with_preview = [], []
-    step_times(pipe, size, 2, lambda latents: None)  # warm-up
+    step_times(pipe, size, 1, lambda latents: None)  # warm-up
     for _ in range(runs):
         none += step_times(pipe, size, steps, lambda latents: None)
         with_preview += step_times(pipe, size, steps, make_preview)

@@ -23,7 +23,7 @@ from sdengine.serve.cli import build_local_app  # noqa: E402
 from support.server import InProcessServer  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
-CAPS = dict(max_size=64, max_steps=20, max_batch_size=2, max_batch_count=2)
+CAPS = dict(max_size=64, max_steps=10, max_batch_size=2, max_batch_count=1)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,8 @@ def test_schema_states_the_servers_caps_and_model(server):
         return next(b for b in prop.get("anyOf", [prop]) if b.get("type") != "null")
 
     assert [value(txt2img[f])["maximum"] for f in ("width", "height", "steps", "batch_size", "n_iter")] == [
-        64, 64, 20, 2, 2]
-    assert txt2img["width"]["default"] == 32 and txt2img["steps"]["default"] == 20  # demo size; 50 within the cap
+        64, 64, 10, 2, 1]
+    assert txt2img["width"]["default"] == 32 and txt2img["steps"]["default"] == 10  # demo size; 50 within the cap
     assert parts["Img2ImgRequest"]["properties"]["init_images"]["minItems"] == 1
     assert value(txt2img["seed"])["maximum"] == 2 ** 63 - 1
     assert {"Euler a", "DPM++ 2M", "k_euler_a", "euler_a"} <= set(value(txt2img["sampler_name"])["enum"])
@@ -55,10 +55,11 @@ def test_schema_states_the_servers_caps_and_model(server):
     r = httpx.post(server.url + "/sdapi/v1/txt2img", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 400
     # a multistep sampler's fewest steps is a clause of the schema, and the server's refusal
-    clause = next(c for c in parts["Txt2ImgRequest"]["allOf"] if c["description"].startswith("DPM++ 2M:"))
+    # what a sampler needs is a clause of the schema, as the server refuses it
+    clause = next(c for c in parts["Txt2ImgRequest"]["allOf"] if "dpmpp_2m," in c["description"])
     assert "at least 2 steps" in clause["description"]
-    r = httpx.post(server.url + "/sdapi/v1/txt2img", json={"sampler_name": "DPM++ 2M", "steps": 1}, timeout=60)
-    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "steps"]
+    r = httpx.post(server.url + "/sdapi/v1/txt2img", json={"sampler_name": "dpmpp_2m", "steps": 1}, timeout=60)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "steps"], r.text
 
 
 def test_schemathesis_all_checks_find_nothing(server, tmp_path):
@@ -66,7 +67,7 @@ def test_schemathesis_all_checks_find_nothing(server, tmp_path):
                PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     run = subprocess.run(
         [sys.executable, "-m", "schemathesis", "run", server.url + "/openapi.json", "--checks", "all",
-         "--max-examples", "25", "--seed", "1", "--workers", "1", "--max-response-time", "5"],
+         "--max-examples", "25", "--seed", "1", "--workers", "1", "--max-response-time", "10"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     tail = run.stdout[-6000:] + run.stderr[-2000:]
     assert run.returncode == 0, tail

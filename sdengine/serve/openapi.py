@@ -46,9 +46,11 @@ def openapi_schema(base: dict, limits, info, api_key: bool) -> dict:
     schema = copy.deepcopy(base)
     components = schema["components"]["schemas"]
     components["ErrorDetail"] = {"type": "object", "properties": {"detail": {}}, "required": ["detail"]}
-    sampler_names, schedule_names = accepted_names()
+    _, schedule_names = accepted_names()
     cfg = info.config
     max_steps = min(limits.max_steps, cfg.scheduler.num_train_timesteps) if cfg is not None else limits.max_steps
+    profiles = sampler_profiles(info, max_steps)
+    clauses = _sampler_clauses(profiles)
     for name in ("Txt2ImgRequest", "Img2ImgRequest"):
         props = components[name]["properties"]
         for field, cap in (("width", limits.max_size), ("height", limits.max_size), ("steps", max_steps),
@@ -57,9 +59,9 @@ def openapi_schema(base: dict, limits, info, api_key: bool) -> dict:
         props["width"]["default"] = props["height"]["default"] = info.default_size
         props["steps"]["default"] = default_steps(limits)
         for field in ("sampler_name", "sampler_index"):
-            _value_branch(props[field])["enum"] = sorted(sampler_names)
+            _value_branch(props[field])["enum"] = ["", *sorted(profiles)]
         _value_branch(props["scheduler"])["enum"] = sorted(schedule_names)
-        components[name]["allOf"] = _sampler_clauses(info, max_steps)
+        components[name]["allOf"] = copy.deepcopy(clauses)
     img2img = components["Img2ImgRequest"]["properties"]
     img2img["init_images"]["items"]["format"] = IMAGE_FORMAT
     img2img["init_images"]["maxItems"] = limits.max_batch_size * limits.max_batch_count
@@ -88,31 +90,44 @@ def _value_branch(prop: dict) -> dict:
     raise ValueError(f"no value branch in {prop}")
 
 
-def _sampler_clauses(info, max_steps: int) -> list:
-    """What each sampler name allows, found by asking the functions that refuse it
-    (requests.sampler_and_schedule, samplers.plan_for): the schedules it cannot follow, its
-    fewest steps, whether it takes A1111's variation seeds (names run under A1111's rules do).
-    Names that allow the same are one clause, written as anyOf [another sampler is chosen, the
-    constraints hold] (no if/not: schemathesis draws from anyOf branches faithfully)."""
+def sampler_profiles(info, max_steps: int) -> dict:
+    """What each accepted sampler name allows on this model, found by asking the functions that
+    refuse it (requests.sampler_and_schedule, samplers.plan_for): {name: (schedules it cannot
+    follow, its fewest steps, whether it takes A1111's variation seeds)}. Names this model
+    cannot run at all (with any schedule, within max_steps) are left out."""
     from types import SimpleNamespace
 
     from .. import samplers
 
     sampler_names, schedule_names = accepted_names()
-    profiles: dict = {}
+    profiles = {}
     for spelling in sorted(sampler_names - {""}):
         request = functools.partial(SimpleNamespace, sampler_name=spelling, sampler_index=None)
         bad = frozenset(s for s in schedule_names
                         if not _serves(sampler_and_schedule, request(scheduler=s), info.scheduler_config))
+        if not _serves(sampler_and_schedule, request(scheduler=None), info.scheduler_config):
+            continue
         _, _, conventions = sampler_and_schedule(request(scheduler=None), info.scheduler_config)
-        fewest = next((steps for steps in range(1, max_steps + 1)
-                       if _serves(samplers.plan_for, spelling, None, steps, info.scheduler_config,
-                                  conventions=conventions)), max_steps + 1)
-        profiles.setdefault((bad, fewest, conventions == "a1111"), []).append(spelling)
+        plan = functools.partial(samplers.plan_for, spelling, None, scheduler_config=info.scheduler_config,
+                                 conventions=conventions)
+        fewest = next((steps for steps in range(1, max_steps + 1) if _serves(plan, steps)), None)
+        if fewest is not None:
+            profiles[spelling] = (bad, fewest, conventions == "a1111")
+    return profiles
+
+
+def _sampler_clauses(profiles: dict) -> list:
+    """The profiles as schema clauses: names that allow the same are one clause, written as
+    anyOf [another sampler is chosen, the constraints hold] (no if/not: schemathesis draws from
+    anyOf branches faithfully, not from if/then)."""
+    _, schedule_names = accepted_names()
+    groups: dict = {}
+    for spelling, profile in profiles.items():
+        groups.setdefault(profile, []).append(spelling)
     unset = {"enum": [None, ""]}
     default = "Euler"  # sampler_index's default: what a request that names no sampler runs
     clauses = []
-    for (bad, fewest, variation_seeds), spellings in sorted(profiles.items(), key=lambda kv: kv[1]):
+    for (bad, fewest, variation_seeds), spellings in sorted(groups.items(), key=lambda kv: kv[1]):
         holds: dict = {"properties": {}}
         if bad:
             holds["properties"]["scheduler"] = {"anyOf": [{"enum": sorted(schedule_names - bad)}, {"type": "null"}]}
@@ -123,7 +138,7 @@ def _sampler_clauses(info, max_steps: int) -> list:
                                                                  {"type": "null"}]}
         if not holds["properties"]:
             continue
-        others = sorted(sampler_names - set(spellings) - {""})
+        others = sorted(set(profiles) - set(spellings))
         branches = [{"properties": {"sampler_name": {"enum": others}}, "required": ["sampler_name"]},
                     {"properties": {"sampler_name": unset, "sampler_index": {"enum": others}},
                      "required": ["sampler_index"]}]
