@@ -133,7 +133,8 @@ def test_generate_shows_the_servers_png_equal_to_generate(page, screenshots):
     shown = [page.image_png(1), page.image_png(2)]
     assert shown == [base64.b64decode(b) for b in answer["images"]], "the page's <img> is not the server's PNG"
     reference = sdengine.generate(PROMPT, negative_prompt="blurry", seed=1234, steps=12, sampler="Euler a",
-                                  guidance_scale=6.5, width=32, height=32, batch_size=2, progress=False)
+                                  guidance_scale=6.5, width=32, height=32, batch_size=2, prompt_syntax="a1111",
+                                  progress=False)
     for i, png in enumerate(shown):
         image = Image.open(io.BytesIO(png))
         assert image.format == "PNG" and image.info["parameters"] == reference.infotext(i)

@@ -25,13 +25,14 @@ import functools
 
 from ..samplers.names import SAMPLER_TABLE
 from .requests import accepted_names, default_steps, sampler_and_schedule
+from .schemas import Img2ImgRequest, OverrideSettings, PngInfoRequest, TaskProgressRequest, Txt2ImgRequest
 
 IMAGE_FORMAT = "base64-image"
 AUTOMATIC = ("", "automatic", "Automatic")  # a scheduler value that means "the sampler's own"
 
 _ERROR = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorDetail"}}}}
 _GENERATION_ERRORS = {
-    "400": ("The body is not JSON", _ERROR),
+    "400": ("The body is not text (text that is not JSON is a 422)", _ERROR),
     "413": ("The body is over --max-body-mb", _ERROR),
     "500": ("The model failed; the server goes on", _ERROR),
     "503": ("Busy (the queue is full) or the model is unavailable; retry after Retry-After seconds",
@@ -45,6 +46,10 @@ def openapi_schema(base: dict, limits, info, api_key: bool) -> dict:
     (requests.ModelInfo)."""
     schema = copy.deepcopy(base)
     components = schema["components"]["schemas"]
+    for model in (Txt2ImgRequest, Img2ImgRequest, OverrideSettings, TaskProgressRequest, PngInfoRequest):
+        # pydantic's own schema: FastAPI's copy writes bounds as floats (2**63 - 1 becomes 2**63)
+        exact = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components[model.__name__]["properties"] = exact["properties"]
     components["ErrorDetail"] = {"type": "object", "properties": {"detail": {}}, "required": ["detail"]}
     _, schedule_names = accepted_names()
     cfg = info.config
@@ -72,6 +77,9 @@ def openapi_schema(base: dict, limits, info, api_key: bool) -> dict:
         img2img["mask"] = {"anyOf": [{"const": ""}, {"type": "null"}], "default": None,
                            "description": f"{info.title} is not an inpainting model: no mask"}
     components["PngInfoRequest"]["properties"]["image"]["format"] = IMAGE_FORMAT
+    if not str(info.device).startswith("cuda"):  # A1111's "GPU" source is CUDA's generator
+        sources = _value_branch(components["OverrideSettings"]["properties"]["randn_source"])
+        sources["enum"] = [s for s in sources["enum"] if s.lower() != "gpu"]
     override = components["OverrideSettings"]["properties"]
     _value_branch(override["sd_model_checkpoint"])["enum"] = sorted({"", info.title, info.filename})
     if cfg is not None:

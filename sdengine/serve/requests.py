@@ -75,12 +75,14 @@ class ModelInfo:
     is_inpaint: bool
     scheduler_config: object     # sdengine.config.SchedulerConfig: the checkpoint's sampler and schedule
     config: object = None        # sdengine.config.ModelConfig: Request.for_model's checks, before the queue
+    device: str = "cpu"          # where it runs ("cuda:0", "cpu"): A1111's GPU noise needs CUDA
 
     @classmethod
     def of(cls, pipe, source: Optional[str] = None) -> "ModelInfo":
         cfg = pipe.config
         return cls(title=pipe.name, filename=str(source or pipe.name), default_size=cfg.default_size,
-                   is_inpaint=cfg.is_inpaint, scheduler_config=cfg.scheduler, config=cfg)
+                   is_inpaint=cfg.is_inpaint, scheduler_config=cfg.scheduler, config=cfg,
+                   device=str(pipe.backend.device))
 
 
 @dataclass
@@ -159,6 +161,9 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
             shared["eta_noise_seed_delta"] = settings["eta_noise_seed_delta"]
         if settings.get("randn_source"):
             shared["rng"] = str(settings["randn_source"]).lower()
+            if shared["rng"] == "gpu" and not info.device.startswith("cuda"):
+                raise FieldError("override_settings.randn_source", f"GPU is CUDA's generator and this server runs on "
+                                                                   f"{info.device}; NV draws the same numbers anywhere")
     elif req.subseed_strength:
         raise FieldError("subseed_strength", f"variation seeds follow A1111's rules, which sdengine does not reproduce "
                                              f"for sampler {sampler_name!r}")

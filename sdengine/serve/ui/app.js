@@ -129,7 +129,7 @@ async function generate() {
   setProgress(0);
   setStatus("Sending…");
   const started = performance.now();
-  const poll = pollProgress(task);
+  const poll = pollProgress(task, body);
   try {
     const result = await api.post(`/sdapi/v1/${mode()}`, body, { retryBusy: true });
     const info = JSON.parse(result.info || "{}");
@@ -152,7 +152,7 @@ async function generate() {
 
 // Queue position from /internal/progress while the request waits; step, ETA and preview from
 // /sdapi/v1/progress once it runs. A failed poll says so and polling goes on.
-function pollProgress(task) {
+function pollProgress(task, body) {
   let stopped = false;
   let active = false;
   let previewId = -1;
@@ -173,7 +173,8 @@ function pollProgress(task) {
             setProgress(p.progress);
             setStatus(`Step ${s.sampling_step}/${s.sampling_steps} · ETA ${p.eta_relative.toFixed(1)} s`);
           }
-          if (p.current_image) {
+          if (p.current_image) {  // at latent resolution: shown at the image's aspect, scaled up by CSS
+            $("preview").style.setProperty("--aspect", `${body.width || 1} / ${body.height || 1}`);
             $("preview").src = `data:image/png;base64,${p.current_image}`;
             $("preview").hidden = false;
           }
