@@ -230,7 +230,7 @@ function addResults(images, info) {
     figure.append(img, caption, row);
     return figure;
   });
-  $("gallery").prepend(...figures.reverse());
+  $("gallery").prepend(...figures);  // the newest run first, its images in order
 }
 
 // A1111's PNG Info: the server reads the `parameters` chunk and parses it; the form takes it.
