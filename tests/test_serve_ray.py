@@ -93,7 +93,8 @@ def test_webuiapi_against_two_replicas(cluster):
     assert len(_replica_pids()) == 2
     result = api.txt2img(prompt="a handwritten digit four", seed=21, width=32, height=32, cfg_scale=7.0)
     reference = sdengine.generate("a handwritten digit four", negative_prompt="", seed=21, steps=10,
-                                  sampler="Euler a", guidance_scale=7.0, width=32, height=32, progress=False)
+                                  sampler="Euler a", guidance_scale=7.0, width=32, height=32,
+                                  prompt_syntax="a1111", progress=False)  # the A1111 API's prompts
     assert np.array_equal(np.asarray(result.image.convert("RGB")), np.asarray(reference.images[0]))
     assert result.image.info["parameters"] == reference.infotext(0)
     img = api.img2img(images=[reference.images[0]], prompt="a handwritten digit one", seed=2, width=32, height=32,
@@ -162,7 +163,9 @@ def test_app_from_env_builds_the_application(monkeypatch):
     model = model_app._bound_deployment
     assert (ingress.name, model.name) == ("Ingress", "SDModel")
     assert model.num_replicas == 3 and model.ray_actor_options["num_gpus"] == 0
-    assert settings.max_batch_images == 4 and model.init_args[-3] == 4  # the replica's batch limit
+    # SDModel(model, backend, device, dtype, threads, max_batch_images, batch_wait_s, batching, preview_every)
+    assert settings.max_batch_images == 4 and model.init_args[5] == 4  # the replica's batch limit
+    assert model.init_args[8] == settings.preview_every == 1
     monkeypatch.setenv("SDENGINE_SERVE_ARGS", "--max-queue 0")
     with pytest.raises(ValueError, match="--max-queue"):
         app_from_env()
