@@ -71,6 +71,8 @@ class Page:
         self.context = browser.new_context(viewport={"width": width, "height": height})
         self.page = self.context.new_page()
         self.console_errors = []
+        self.requested = []  # every URL the page asked for: this server's, or data: URLs it made
+        self.page.on("request", lambda r: self.requested.append(r.url))
         self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
         self.page.on("pageerror", lambda e: self.console_errors.append(f"uncaught: {e}"))
         self.page.goto(url)
@@ -126,7 +128,7 @@ def _pixels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
-def test_generate_shows_the_servers_png_equal_to_generate(page, screenshots):
+def test_generate_shows_the_servers_png_equal_to_generate(page, server, screenshots):
     page.fill(**{"Prompt": PROMPT, "Negative prompt": "blurry", "Sampler": "Euler a", "Steps": 12, "CFG scale": 6.5,
                  "Width": 32, "Height": 32, "Seed": 1234, "Batch size": 2})
     answer = page.generate(2)
@@ -145,6 +147,8 @@ def test_generate_shows_the_servers_png_equal_to_generate(page, screenshots):
     sync_api.expect(page.page.get_by_role("progressbar")).to_have_attribute("aria-valuenow", "100")
     page.page.screenshot(path=str(screenshots / "generated.png"))
     assert page.console_errors == []
+    elsewhere = [u for u in page.requested if not u.startswith((server.url + "/", "data:"))]
+    assert elsewhere == [], "the page asked another host"
 
 
 def test_ctrl_enter_generates(page):
@@ -178,6 +182,28 @@ def test_preview_appears_before_the_image_and_interrupt_stops_a_200_step_run(pag
     assert stopped_after < 3.0, f"Interrupt took {stopped_after:.1f} s"
     sync_api.expect(page.page.locator("#status")).to_contain_text("Interrupted")
     assert preview.is_hidden()
+    assert page.console_errors == []
+
+
+def test_queue_position_while_waiting(page, server):
+    """A request behind another says how many are ahead of it (POST /internal/progress), then runs."""
+    import threading
+
+    ahead = threading.Thread(target=lambda: httpx.post(server.url + "/sdapi/v1/txt2img", timeout=120, json={
+        "prompt": PROMPT, "steps": 200, "width": 256, "height": 256, "seed": 1}))
+    ahead.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not httpx.get(server.url + "/sdapi/v1/progress?skip_current_image=true").json()["state"]["job_count"]:
+            assert time.monotonic() < deadline, "the first request did not start"
+            time.sleep(0.05)
+        page.fill(**{"Prompt": PROMPT, "Steps": 4, "Width": 32, "Height": 32})  # another shape: its own batch
+        page.generate_button.click()
+        sync_api.expect(page.page.locator("#status")).to_have_text("In queue: 1 request ahead", timeout=30_000)
+    finally:
+        httpx.post(server.url + "/sdapi/v1/interrupt")
+        ahead.join(60)
+    page.image(1).wait_for(timeout=60_000)
     assert page.console_errors == []
 
 

@@ -77,7 +77,8 @@ class Scheduler:
         self._progress_lock = threading.Lock()
         self._progress = idle_state()
         self._recent_s: deque = deque(maxlen=32)  # seconds per finished group: Retry-After estimate
-        self._running_ids: frozenset = frozenset()   # request ids of the group running now
+        self._running_ids: frozenset = frozenset()   # task ids (force_task_id) of the group running now
+        self._running_count = 0                      # requests in the group running now
         self._finished_ids: deque = deque(maxlen=256)  # the last requests finished, for task_state
         self._thread = threading.Thread(target=self._loop, name="sdengine-serve-worker", daemon=True)
         self._thread.start()
@@ -142,7 +143,7 @@ class Scheduler:
         with self._cv:
             for ahead, ticket in enumerate(self._pending):
                 if ticket.spec.task_id == task_id:
-                    return {"queued": ahead + (1 if self._running_ids else 0)}
+                    return {"queued": ahead + self._running_count}
         with self._progress_lock:
             if task_id in self._running_ids:
                 return {"active": True}
@@ -209,6 +210,7 @@ class Scheduler:
             self._progress = dict(idle_state(), job=f"batch of {len(group)}", job_count=len(group),
                                   job_timestamp=time.strftime("%Y%m%d%H%M%S"), time_start=time.time())
             self._running_ids = frozenset(t.spec.task_id for t in group if t.spec.task_id)
+            self._running_count = len(group)
         if self.previews is not None:
             self.previews.start_job()
         started = time.monotonic()
@@ -236,6 +238,7 @@ class Scheduler:
             self._progress = idle_state()
             self._finished_ids.extend(self._running_ids)
             self._running_ids = frozenset()
+            self._running_count = 0
         if self.previews is not None:
             self.previews.start_job()  # no preview while idle
         for ticket, out in zip(group, outputs):
