@@ -61,8 +61,6 @@ class ServeSettings:
                       max_batch_count=self.max_batch_count)
 
 
-# A1111's sampler and scheduler lists, from the one table (sdengine/samplers/names.py):
-# (label, aliases) and (name, label, default rho).
 # A1111's lists (its labels, aliases and options), then the samplers sdengine adds (DDPM)
 SAMPLER_LABELS = tuple((label, list(aliases), dict(options)) for label, aliases, options in A1111_SAMPLER_LIST) + tuple(
     (label, list(aliases), {}) for _, label, aliases in SAMPLER_TABLE

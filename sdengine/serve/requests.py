@@ -20,7 +20,7 @@ from typing import Optional
 
 from .. import samplers
 from ..request import Request
-from ..samplers.names import SAMPLER_TABLE, SCHEDULE_TABLE
+from ..samplers.names import A1111_SAMPLER_LIST, A1111_SCHEDULE_TABLE, SAMPLER_TABLE, SCHEDULE_TABLE
 from .batching import Output, Spec
 from .schemas import MAX_STEPS, Img2ImgRequest, Txt2ImgRequest
 
@@ -226,12 +226,17 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
 
 @functools.cache
 def accepted_names() -> tuple:
-    """(sampler names, scheduler names) that the server takes, exactly as spelled: A1111's labels
-    and API aliases and sdengine's canonical names; "" means the default."""
+    """(sampler names, scheduler names) that the server takes, exactly as spelled: what
+    /sdapi/v1/samplers and /schedulers list (A1111's labels and aliases) and sdengine's own
+    names; "" means the default."""
     sampler_names = {""}
+    for label, aliases, _ in A1111_SAMPLER_LIST:
+        sampler_names.update((label, *aliases))
     for name, label, aliases in SAMPLER_TABLE:
         sampler_names.update((name, label, *aliases))
     schedule_names = {""}
+    for name, label, aliases, _, _ in A1111_SCHEDULE_TABLE:
+        schedule_names.update((name, label, *(aliases or ())))
     for name, label, api_name, _ in SCHEDULE_TABLE:
         schedule_names.update((name, label, api_name))
     return frozenset(sampler_names), frozenset(schedule_names)
