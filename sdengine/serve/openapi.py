@@ -7,11 +7,11 @@ with what depends on this server and its model, each stated where a client reads
   depth as the `maximum` of CLIP_stop_at_last_layers, its name as sd_model_checkpoint's `enum`;
 - the sampler and schedule names the server takes (`accepted_names`) as `enum`, and the pairs
   that do not go together (a schedule a sampler cannot follow, a multistep sampler's fewest
-  steps) as `if`/`then` clauses derived from the same functions that refuse them
-  (requests.sampler_and_schedule, samplers.make_plan);
+  steps, A1111's variation seeds) as the branches of an `anyOf`, derived from the functions
+  that refuse them (requests.sampler_and_schedule, samplers.plan_for);
 - images (init_images, mask, png-info's image) as strings of the format "base64-image": a
   base64 image (or a data: URL) that PIL can read;
-- every status code the server answers: 400 (a body that is not JSON), 401 (with --api-key),
+- every status code the server answers: 400 (a body that is not text), 401 (with --api-key),
   413 (over --max-body-mb), 422, 500, 503 (busy, Retry-After), 504 (timeout); /metrics as
   Prometheus text.
 
@@ -24,7 +24,7 @@ import copy
 import functools
 
 from ..samplers.names import SAMPLER_TABLE
-from .requests import accepted_names, default_steps, sampler_and_schedule
+from .requests import Limits, accepted_names, check_plan, default_steps, sampler_and_schedule
 from .schemas import Img2ImgRequest, OverrideSettings, PngInfoRequest, TaskProgressRequest, Txt2ImgRequest
 
 IMAGE_FORMAT = "base64-image"
@@ -55,7 +55,7 @@ def openapi_schema(base: dict, limits, info, api_key: bool) -> dict:
     cfg = info.config
     max_steps = min(limits.max_steps, cfg.scheduler.num_train_timesteps) if cfg is not None else limits.max_steps
     profiles = sampler_profiles(info, max_steps)
-    clauses = _sampler_clauses(profiles)
+    branches = _sampler_branches(profiles)
     for name in ("Txt2ImgRequest", "Img2ImgRequest"):
         props = components[name]["properties"]
         for field, cap in (("width", limits.max_size), ("height", limits.max_size), ("steps", max_steps),
@@ -66,7 +66,7 @@ def openapi_schema(base: dict, limits, info, api_key: bool) -> dict:
         for field in ("sampler_name", "sampler_index"):
             _value_branch(props[field])["enum"] = ["", *sorted(profiles)]
         _value_branch(props["scheduler"])["enum"] = sorted(schedule_names)
-        components[name]["allOf"] = copy.deepcopy(clauses)
+        components[name]["anyOf"] = copy.deepcopy(branches)
     img2img = components["Img2ImgRequest"]["properties"]
     img2img["init_images"]["items"]["format"] = IMAGE_FORMAT
     img2img["init_images"]["maxItems"] = limits.max_batch_size * limits.max_batch_count
@@ -86,6 +86,7 @@ def openapi_schema(base: dict, limits, info, api_key: bool) -> dict:
         encoders = [e for e in (cfg.text_encoder, cfg.text_encoder_2) if e is not None]
         most = min(e.num_hidden_layers - 1 - (e.output_layer == "penultimate") for e in encoders)
         _value_branch(override["CLIP_stop_at_last_layers"])["maximum"] = most + 1  # clip_skip + 1
+        _value_branch(override["deepcache_branch"])["maximum"] = 3 * len(cfg.unet.block_out_channels) - 1
     _document_statuses(schema, api_key)
     return schema
 
@@ -105,58 +106,66 @@ def sampler_profiles(info, max_steps: int) -> dict:
     cannot run at all (with any schedule, within max_steps) are left out."""
     from types import SimpleNamespace
 
-    from .. import samplers
-
     sampler_names, schedule_names = accepted_names()
     profiles = {}
     for spelling in sorted(sampler_names - {""}):
         request = functools.partial(SimpleNamespace, sampler_name=spelling, sampler_index=None)
-        bad = frozenset(s for s in schedule_names
-                        if not _serves(sampler_and_schedule, request(scheduler=s), info.scheduler_config))
-        if not _serves(sampler_and_schedule, request(scheduler=None), info.scheduler_config):
+
+        def runs(scheduler, steps: int) -> bool:  # what make_spec asks, in its order
+            try:
+                sampler, schedule, conventions = sampler_and_schedule(request(scheduler=scheduler),
+                                                                      info.scheduler_config)
+                check_plan(sampler, schedule, steps, info.scheduler_config, conventions)
+                return True
+            except ValueError:
+                return False
+
+        fewest = next((steps for steps in range(1, max_steps + 1) if runs(None, steps)), None)
+        if fewest is None:
             continue
+        bad = frozenset(s for s in schedule_names if not runs(s, max(fewest, default_steps_of(max_steps))))
         _, _, conventions = sampler_and_schedule(request(scheduler=None), info.scheduler_config)
-        plan = functools.partial(samplers.plan_for, spelling, None, scheduler_config=info.scheduler_config,
-                                 conventions=conventions)
-        fewest = next((steps for steps in range(1, max_steps + 1) if _serves(plan, steps)), None)
-        if fewest is not None:
-            profiles[spelling] = (bad, fewest, conventions == "a1111")
+        profiles[spelling] = (bad, fewest, conventions == "a1111")
     return profiles
 
 
-def _sampler_clauses(profiles: dict) -> list:
-    """The profiles as schema clauses: names that allow the same are one clause, written as
-    anyOf [another sampler is chosen, the constraints hold] (no if/not: schemathesis draws from
-    anyOf branches faithfully, not from if/then)."""
+def default_steps_of(max_steps: int) -> int:
+    return default_steps(Limits(max_steps=max_steps))
+
+
+def _sampler_branches(profiles: dict) -> list:
+    """The profiles as one anyOf: a branch per set of names that allow the same, for the name
+    given as sampler_name, or as sampler_index when sampler_name is unset, plus the branch of a
+    request that names none (sampler_index's default, "Euler"). Each branch is a plain
+    conjunction (no if/not, no anyOf inside allOf), the form schemathesis generates from."""
     _, schedule_names = accepted_names()
     groups: dict = {}
     for spelling, profile in profiles.items():
         groups.setdefault(profile, []).append(spelling)
     unset = {"enum": [None, ""]}
     default = "Euler"  # sampler_index's default: what a request that names no sampler runs
-    clauses = []
+    branches = []
     for (bad, fewest, variation_seeds), spellings in sorted(groups.items(), key=lambda kv: kv[1]):
-        holds: dict = {"properties": {}}
+        holds: dict = {}
         if bad:
-            holds["properties"]["scheduler"] = {"anyOf": [{"enum": sorted(schedule_names - bad)}, {"type": "null"}]}
+            holds["scheduler"] = {"anyOf": [{"enum": sorted(schedule_names - bad)}, {"type": "null"}]}
         if fewest > 1:
-            holds["properties"]["steps"] = {"anyOf": [{"type": "integer", "minimum": fewest}, {"type": "null"}]}
+            holds["steps"] = {"anyOf": [{"type": "integer", "minimum": fewest}, {"type": "null"}]}
         if not variation_seeds:
-            holds["properties"]["subseed_strength"] = {"anyOf": [{"type": "number", "minimum": 0, "maximum": 0},
-                                                                 {"type": "null"}]}
-        if not holds["properties"]:
-            continue
-        others = sorted(set(profiles) - set(spellings))
-        branches = [{"properties": {"sampler_name": {"enum": others}}, "required": ["sampler_name"]},
-                    {"properties": {"sampler_name": unset, "sampler_index": {"enum": others}},
-                     "required": ["sampler_index"]}]
-        if default not in spellings:
-            branches.append({"properties": {"sampler_name": unset, "sampler_index": unset}})
+            holds["subseed_strength"] = {"anyOf": [{"type": "number", "minimum": 0, "maximum": 0}, {"type": "null"}]}
         said = ([f"not with the schedules {sorted(bad)}"] if bad else []) + (
             [f"at least {fewest} steps"] if fewest > 1 else []) + (
             [] if variation_seeds else ["no variation seeds (subseed_strength 0: they follow A1111's rules)"])
-        clauses.append({"anyOf": [*branches, holds], "description": f"{', '.join(spellings)}: {'; '.join(said)}"})
-    return clauses
+        description = f"{', '.join(spellings)}: {'; '.join(said) or 'any schedule and step count'}"
+        names = {"enum": spellings}
+        branches.append({"properties": {"sampler_name": names, **holds}, "required": ["sampler_name"],
+                         "description": description})
+        branches.append({"properties": {"sampler_name": unset, "sampler_index": names, **holds},
+                         "required": ["sampler_index"], "description": description + " (as sampler_index)"})
+        if default in spellings:
+            branches.append({"properties": {"sampler_name": unset, "sampler_index": unset, **holds},
+                             "description": description + f" (no sampler named: {default})"})
+    return branches
 
 
 def _serves(check, *args) -> bool:

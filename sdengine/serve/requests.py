@@ -137,6 +137,10 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
     sampler_name = req.sampler_name or req.sampler_index or "Euler"
     clip_stop = settings.get("CLIP_stop_at_last_layers") or 1
 
+    branches = 3 * len(info.config.unet.block_out_channels) if info.config is not None else None
+    if branches is not None and (settings.get("deepcache_branch") or 0) >= branches:
+        raise FieldError("override_settings.deepcache_branch", f"must be below {branches} for this UNet, got "
+                                                                f"{settings['deepcache_branch']}")
     acceleration = _acceleration(settings, img2img)
     seed = _fixed_seed(req.seed)
     seeds = [seed + i for i in range(n_images)]
@@ -204,11 +208,8 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
             request.for_model(info.config)
     except ValueError as e:
         raise FieldError(field_of(e), str(e)) from None
-    try:  # the sampler's own checks (steps, strength, eta), before the request is queued
-        samplers.plan_for(sampler, schedule_name, steps, info.scheduler_config, conventions=conventions,
-                          strength=shared.get("strength", 1.0) if mode == "img2img" else 1.0, eta=shared["eta"])
-    except ValueError as e:
-        raise FieldError(field_of(e, default="steps"), str(e)) from None
+    check_plan(sampler, schedule_name, steps, info.scheduler_config, conventions,
+               strength=shared.get("strength", 1.0) if mode == "img2img" else 1.0, eta=shared["eta"])
     loras = ()
     if prompt_syntax is not None:
         from .. import prompt_syntax as a1111
@@ -299,6 +300,17 @@ def _acceleration(settings: dict, img2img: bool) -> dict:
             raise
         raise FieldError(field_of(e), str(e)) from None
     return out
+
+
+def check_plan(sampler: str, schedule, steps: int, scheduler_config, conventions: str, strength: float = 1.0,
+               eta=None) -> None:
+    """The sampler's own checks (steps, strength, eta) of sampler_and_schedule's answer, before
+    the request is queued; FieldError naming the field."""
+    try:
+        samplers.plan_for(sampler, schedule, steps, scheduler_config, conventions=conventions, strength=strength,
+                          eta=eta)
+    except ValueError as e:
+        raise FieldError(field_of(e, default="steps"), str(e)) from None
 
 
 def _fixed_seed(seed) -> int:

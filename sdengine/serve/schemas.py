@@ -79,6 +79,12 @@ class OverrideSettings(BaseModel):
     # A1111's seed options, under A1111's rules (samplers.conventions_for): its "ENSD" and RNG source
     eta_noise_seed_delta: Optional[Int(ge=0, le=2 ** 63)] = None  # plus any seed stays within 2**64 - 1
     randn_source: Optional[Literal["CPU", "GPU", "NV", "cpu", "gpu", "nv"]] = None
+    # sdengine's acceleration (sdengine/acceleration.py; 0 or null: off) and A1111's token merging
+    deepcache_interval: Optional[Int(ge=0)] = None
+    deepcache_branch: Optional[Int(ge=0)] = None   # below 3 x the UNet's levels (the schema says for the model)
+    tgate_gate_step: Optional[Int(ge=0)] = None
+    token_merging_ratio: Optional[float] = Field(None, ge=0.0, le=0.75)  # ToMe's 1 - 1/(2·2)
+    token_merging_ratio_img2img: Optional[float] = Field(None, ge=0.0, le=0.75)
 
 
 class _Request(BaseModel):
