@@ -11,6 +11,7 @@ import json
 import sys
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from sdengine import samplers  # noqa: E402
 from sdengine.samplers.names import A1111_SAMPLERS, A1111_SCHEDULE_TABLE  # noqa: E402
 from sdengine.serve.app import SAMPLER_LABELS, ServeSettings  # noqa: E402
 from sdengine.serve.cli import build_local_app  # noqa: E402
+from sdengine.serve.requests import check_plan, sampler_and_schedule  # noqa: E402
 from support.server import InProcessServer  # noqa: E402
 
 PROMPT = "a handwritten digit seven"
@@ -166,8 +168,11 @@ def test_sampler_and_scheduler_lists(server, demo):
     assert listed[names.index("DPM2")]["options"] == {"scheduler": "karras", "discard_next_to_last_sigma": True,
                                                       "second_order": True}
     assert listed[names.index("Euler a")]["aliases"] == ["k_euler_a", "k_euler_ancestral"]
-    for name in names:  # every listed sampler plans, under the rules its name picks
+    for name in names:  # every listed sampler plans, under the rules its name picks, and the server takes it
         samplers.plan_for(name, None, 6, demo.config.scheduler)
+        request = types.SimpleNamespace(sampler_name=name, sampler_index=None, scheduler=None)
+        sampler, schedule, conventions = sampler_and_schedule(request, demo.config.scheduler)
+        check_plan(sampler, schedule, 6, demo.config.scheduler, conventions)
     schedulers = api.get_schedulers()
     assert [(s["name"], s["label"]) for s in schedulers] == [(n, l) for n, l, *_ in A1111_SCHEDULE_TABLE]
     assert len(schedulers) == 12

@@ -178,6 +178,8 @@ def resolve_a1111(sampler: Optional[str], schedule: Optional[str], scheduler_con
     if a1111_sampler_label(label):
         canonical = A1111_SAMPLERS[a1111_sampler_label(label)][0]
         implied = None if implied is None else A1111_SCHEDULES[implied]
+    elif name in _a1111.SAMPLERS:  # the name of a sampler that only A1111's rules run (dpm_fast, restart, ...)
+        canonical, implied = name, None
     else:
         canonical, implied = _lookup_sampler(name)
         implied = None if implied is None else _A1111_SCHEDULE_OF.get(implied)
