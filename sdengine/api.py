@@ -22,6 +22,18 @@ DEMO_MODEL = Path(__file__).parent / "data" / "demo-digits"
 BACKENDS = backends.names()  # the registered backends at import (sdengine.backends.base.REGISTRY)
 
 
+def _device_dtype(device, dtype, backend: Optional[str], path: Optional[Path] = None) -> tuple:
+    """resolve_device_dtype, except that a backend that runs fp32 exports on the CPU (its class's
+    `cpu_bf16` is False: onnx, native, aoti) keeps fp32 there when no dtype is given."""
+    device, resolved = resolve_device_dtype(device, dtype)
+    if dtype is None and device.type == "cpu" and resolved == torch.bfloat16:
+        if backend is None and path is not None and (path / "sdengine_onnx.json").exists():
+            backend = "onnx"
+        if backend is not None and not getattr(backends.get(backend), "cpu_bf16", True):
+            resolved = torch.float32
+    return device, resolved
+
+
 def _default_backend(device: torch.device) -> str:
     """The graph layer on CUDA (eager networks replayed from CUDA graphs: no compiler, so it
     starts at once); eager elsewhere. The triton and compile layers are opt-in until a
@@ -37,7 +49,9 @@ def load(path=None, device=None, dtype=None, backend: Optional[str] = None, *,
     path:    a diffusers folder, a single-file .safetensors (A1111/Civitai layout), a
              .ckpt, or an ONNX export folder; None loads the bundled demo model.
     device:  "cpu", "cuda", ...; default CUDA when available.
-    dtype:   torch dtype or "fp32" / "fp16" / "bf16"; default fp16 on CUDA, fp32 on CPU.
+    dtype:   torch dtype or "fp32" / "fp16" / "bf16"; default fp16 on CUDA; on the CPU bf16 where
+             it has bf16 dot products (AMX-BF16, AVX512-BF16), fp32 elsewhere and for the
+             backends that run fp32 exports on the CPU (onnx, native, aoti).
     backend: a speed layer, "eager", "graph", "triton" or "compile" (README, Backends), or
              "native", "aoti" or "onnx"; default: "onnx" for an ONNX folder, "graph" on CUDA,
              "eager" on the CPU. "native" runs whole requests in the C++ runtime (libsdengine)
@@ -60,7 +74,7 @@ def load(path=None, device=None, dtype=None, backend: Optional[str] = None, *,
     path = Path(DEMO_MODEL if path is None else path)
     if not path.exists():
         raise FileNotFoundError(f"model path does not exist: {path}")
-    device, dtype = resolve_device_dtype(device, dtype)
+    device, dtype = _device_dtype(device, dtype, backend, path)
     if backend is None:
         backend = "onnx" if (path / "sdengine_onnx.json").exists() else _default_backend(device)
     loaded = backends.get(backend).load_model(path, device=device, dtype=dtype, config=config,
@@ -139,7 +153,7 @@ def generate(prompt, model=None, device=None, dtype=None, backend: Optional[str]
     model: a path (see load()); None is the bundled demo model. Other keyword
     arguments are those of Pipeline.__call__. Returns a GenerationResult.
     """
-    device, dtype = resolve_device_dtype(device, dtype)
+    device, dtype = _device_dtype(device, dtype, backend, Path(model) if model is not None else None)
     key = (str(Path(model).resolve()) if model is not None else None, str(device), dtype, backend)
     with _cache_lock:
         pipe = _cache.get(key)

@@ -65,8 +65,8 @@ def _register_generate(sub):
     p.add_argument("--backend", default=None, choices=backends.names(),
                    help="speed layer (default: graph on CUDA, eager on the CPU; onnx for an ONNX export)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: torch's, but 1 for the small demo model, where more threads "
-                        "only add synchronisation)")
+                   help="CPU threads (default: the physical cores, but 1 for the small demo model, where more "
+                        "threads only add synchronisation)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="merge a LoRA (kohya / A1111 or diffusers / PEFT .safetensors) at SCALE (default 1); repeatable")
@@ -111,6 +111,7 @@ def _generate(args) -> int:
     from PIL.PngImagePlugin import PngInfo
 
     import sdengine
+    from sdengine.device import set_cpu_threads
 
     def open_image(path, name):
         if path is None:
@@ -122,12 +123,8 @@ def _generate(args) -> int:
     out = Path(args.output)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--output must be a .png file, got {out}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    elif args.model is None:  # the demo model: 30 steps take ~5 s on one thread, ~10x longer on two busy ones
-        torch.set_num_threads(1)
+    # the demo model: 30 steps take ~5 s on one thread, ~10x longer on two busy ones
+    set_cpu_threads(args.threads, demo_model=args.model is None)
     loras = [_path_and_suffix(value, "--lora", float) for value in args.lora]
     embeddings = [_path_and_suffix(value, "--embedding", str) for value in args.embedding]
     pipe = sdengine.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend,

@@ -13,6 +13,11 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Most tests compare with fp32 references at fp32 tolerances: they run in fp32 unless they ask for
+# another dtype, whatever the CPU (sdengine picks bf16 by default on CPUs with bf16 dot products:
+# tests/test_cpu.py checks that choice with this variable removed).
+os.environ.setdefault("SDE_CPU_DTYPE", "fp32")
+
 # The test networks are tiny: one intra-op thread is fastest (with 2 threads, a tiny UNet
 # forward was ~50x slower on a loaded 2-core machine).
 torch.set_num_threads(1)

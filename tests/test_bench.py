@@ -359,7 +359,7 @@ def test_acceptance_command_tiny_cpu(tmp_path):
 
 
 def test_unavailable_backends_are_skipped_with_a_reason(tmp_path, capsys):
-    code = cli.main(["bench", "--arch", "tiny", "--backends", "diffusers-compile,onnx,diffusers", "--components",
+    code = cli.main(["bench", "--arch", "tiny", "--backends", "diffusers-compile,optimum-openvino,diffusers", "--components",
                      "unet_step", "--repeats", "3", "--warmup", "1", "--steps", "2", "--device", "cpu",
                      "--sampler", "DPM++ 2M Karras", "--out-dir", str(tmp_path), "--no-progress"])
     assert code == 0
@@ -367,10 +367,11 @@ def test_unavailable_backends_are_skipped_with_a_reason(tmp_path, capsys):
     record = json.loads(path.read_text())
     validate(record)
     skipped = {r["backend"]: r["skipped"] for r in record["results"] if "skipped" in r}
-    assert set(skipped) == {"diffusers-compile", "onnx"}
-    assert "CUDA" in skipped["diffusers-compile"] and skipped["onnx"]
+    assert set(skipped) == {"diffusers-compile", "optimum-openvino"}
+    # optimum-intel is not in the test environment (it pins transformers < 5.6): the row says how to get it
+    assert "CUDA" in skipped["diffusers-compile"] and "pip install 'optimum-intel[openvino]'" in skipped["optimum-openvino"]
     assert [r["backend"] for r in record["results"] if "skipped" not in r] == ["diffusers"]
-    assert "- onnx: " in path.with_suffix(".md").read_text()
+    assert "- optimum-openvino: " in path.with_suffix(".md").read_text()
     # an A1111 name resolves to sdengine's (sampler, schedule), and the command spells it back
     assert (record["workload"]["sampler"], record["workload"]["schedule"]) == ("dpmpp_2m", "karras")
     assert "--sampler dpmpp_2m_karras" in record["command"]
@@ -504,6 +505,78 @@ def test_fidelity_against_the_fp32_reference(tmp_path):
     assert set(mae) == {"graph", "diffusers"} and mae["graph"] <= 1 / 255 and mae["diffusers"] <= 2 / 255
     assert record["backends"]["eager-fp32"]["exit"] == 0
     assert "| MAE vs fp32 |" in markdown(record)
+
+
+def test_rows_carry_their_own_dtype_and_peak(tmp_path):
+    """`name@dtype` rows in one run: each row computes in its dtype and keeps its name, its % of
+    peak divides by this CPU's best matmul in that dtype, the baseline is the run's dtype's
+    diffusers row, and the bf16 rows' images stay close to fp32's."""
+    options = BenchOptions(arch="tiny", backends=("diffusers@fp32", "diffusers@bf16", "eager@bf16"),
+                           components=("unet_step",), repeats=2, warmup=1, device="cpu", threads=1,
+                           weights_dir=str(tmp_path / "weights"))
+    record = Benchmark(options, progress=False).run()
+    validate(record)
+    rows = {r["backend"]: r for r in record["results"] if "skipped" not in r}
+    assert set(rows) == {"diffusers@fp32", "diffusers@bf16", "eager@bf16"}
+    assert {b: r["dtype"] for b, r in rows.items()} == {"diffusers@fp32": "fp32", "diffusers@bf16": "bf16",
+                                                        "eager@bf16": "bf16"}
+    peaks = record["peak_tflops_by_dtype"]
+    assert set(peaks) == {"fp32", "bf16"} and record["threads"] == 1 and "on 1 threads" in peaks["bf16"]["source"]
+    for r in rows.values():
+        assert r["threads"] == 1
+        assert r["pct_of_peak"] == pytest.approx(100 * r["tflops"] / peaks[r["dtype"]]["tflops"])
+    assert record["baseline"] == "diffusers@fp32" and rows["diffusers@fp32"]["speedup_vs_diffusers"] == 1.0
+    mae = record["fidelity"]["mae"]  # on by default: a row is not fp32
+    assert mae["diffusers@fp32"] <= 2 / 255 and mae["diffusers@bf16"] <= 0.05 and mae["eager@bf16"] <= 0.05
+    # the weights are kept for the next run (and for the exports made from them), in fp32
+    assert json.loads((tmp_path / "weights" / "sdengine-bench.json").read_text())["dtype"] == "fp32"
+
+
+def test_comparison_names_the_fastest_row_and_peer():
+    from sdengine.bench.harness import compare
+
+    def e2e(backend, ms):
+        return {"backend": backend, "component": "end_to_end", "p50_ms": ms}
+
+    result = compare([e2e("diffusers@fp32", 400.0), e2e("diffusers@bf16", 200.0), e2e("eager", 160.0),
+                      e2e("compile@bf16", 100.0), e2e("optimum-openvino", 120.0), e2e("sdcpp@q8_0", 900.0),
+                      {"backend": "compile@bf16", "component": "unet_step", "p50_ms": 1.0}])
+    assert result["best"] == "compile@bf16" and result["fastest_peer"] == "optimum-openvino"
+    assert result["speedup_vs"] == {"diffusers@fp32": 4.0, "diffusers@bf16": 2.0, "optimum-openvino": 1.2,
+                                    "sdcpp@q8_0": 9.0}
+    assert result["speedup_vs_fastest_peer"] == pytest.approx(1.2)
+    assert compare([e2e("diffusers", 1.0)]) is None
+
+
+def test_peer_python_runs_the_row_under_that_interpreter(tmp_path):
+    """--peer-python NAME=PATH: the row's process is started by PATH (here a wrapper that leaves a
+    mark, then runs this interpreter), with this checkout importable."""
+    mark = tmp_path / "ran"
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f"#!/bin/sh\ntouch {mark}\nexec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    options = BenchOptions(arch="tiny", backends=("eager",), components=("text_encoder",), repeats=2, warmup=0,
+                           device="cpu", threads=1, peer_python={"eager": str(wrapper)})
+    record = Benchmark(options, progress=False).run()
+    assert mark.exists() and [r["backend"] for r in record["results"]] == ["eager"]
+    assert f"--peer-python eager={wrapper}" in record["command"]
+
+
+@pytest.mark.parametrize("backends,message", [
+    ("sdcpp@q9_9", "sdcpp takes @f32 / @f16 / @q8_0 / @q4_0"), ("diffusers@int4", "diffusers takes @fp32"),
+    ("eager,eager", "named twice"), ("tensorrt", "unknown backend 'tensorrt'")])
+def test_backend_variants_are_checked(backends, message, capsys):
+    assert cli.main(["bench", "--arch", "tiny", "--device", "cpu", "--backends", backends]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_peer_python_must_name_a_backend_of_the_run(tmp_path, capsys):
+    assert cli.main(["bench", "--arch", "tiny", "--device", "cpu", "--backends", "eager",
+                     "--peer-python", f"sdcpp={sys.executable}"]) == 2
+    assert "sdcpp is not in --backends" in capsys.readouterr().err
+    assert cli.main(["bench", "--arch", "tiny", "--device", "cpu", "--backends", "eager",
+                     "--peer-python", "sdcpp"]) == 2
+    assert "NAME=PATH" in capsys.readouterr().err
 
 
 def test_commit_from_environment_wins(monkeypatch):

@@ -124,6 +124,15 @@ def test_default_sampler_accuracy(classifier, default_run):
     assert accuracy(classifier, images, labels) >= 0.90
 
 
+def test_bf16_draws_as_well_as_fp32(classifier, default_run):
+    """bf16, sdengine's default on CPUs with bf16 dot products (sdengine/device.py): the same
+    digits as fp32 by the classifier's reading, within a small pixel error of fp32's images."""
+    images, labels = default_run
+    bf16_images, _ = generate_digits(sdengine.load(device="cpu", dtype="bf16"))
+    assert accuracy(classifier, bf16_images, labels) >= max(0.90, accuracy(classifier, images, labels) - 0.03)
+    assert float(np.abs(bf16_images - images).mean()) <= 0.02
+
+
 @pytest.mark.parametrize("sampler,schedule", SAMPLERS_AT_20_STEPS)
 def test_sampler_accuracy_at_20_steps(classifier, pipe, sampler, schedule):
     images, labels = generate_digits(pipe, sampler=sampler, schedule=schedule, steps=20)

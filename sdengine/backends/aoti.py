@@ -110,6 +110,7 @@ class EngineWeights(BaseBackend):
     reload."""
 
     max_prompt_windows = 1  # the engine's UNet is compiled for 77-token contexts
+    cpu_bf16 = False  # its CPU engines are built in fp32 unless asked: fp32 is its CPU default (sdengine.load)
 
     def __init__(self, config: ModelConfig, text_encoder, unet, vae, text_encoder_2=None, *, engine_dir=None,
                  progress: bool = True):

@@ -86,6 +86,7 @@ class BaseBackend:
     name = "base"
     max_prompt_windows: Optional[int] = None
     runs_whole_requests = False
+    cpu_bf16 = True  # sdengine.load's default dtype on a CPU with bf16 dot products is bf16 (device.py)
 
     @classmethod
     def load_model(cls, path, *, device, dtype, config=None, prediction_type=None):

@@ -207,6 +207,7 @@ class OnnxBackend(BaseBackend):
     """
 
     name = "onnx"
+    cpu_bf16 = False  # float32 or float16 exports: fp32 is its CPU default (sdengine.load)
     max_prompt_windows = 1  # the exported UNet takes 77-token contexts
 
     def __init__(self, onnx_dir, manifest: dict, graphs: dict, device: torch.device):

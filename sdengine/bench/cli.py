@@ -46,7 +46,9 @@ def register(subparsers):
                            "euler, which the Triton backend's fused step covers and whose exact diffusers "
                            "counterpart is EulerDiscreteScheduler (the SD1.5 default, PNDM, has no fused step)")
     what.add_argument("--batch", type=int, default=1, help="images per prompt batch (the UNet runs at 2x for CFG)")
-    what.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="default: fp16 on CUDA, fp32 on the CPU")
+    what.add_argument("--dtype", choices=("fp16", "bf16", "fp32"),
+                      help="of the rows without @DTYPE; default: fp16 on CUDA, fp32 on the CPU (the baseline, eager "
+                           "diffusers, as most users run it)")
     what.add_argument("--guidance-scale", type=float, default=7.5)
     what.add_argument("--output-type", default="pil", help="what an end-to-end run returns (default: pil)")
     what.add_argument("--controlnet", type=int, default=0, choices=(0, 1, 2), metavar="N",
@@ -60,7 +62,18 @@ def register(subparsers):
 
     how = p.add_argument_group("measurement")
     how.add_argument("--backends", default="eager,diffusers",
-                     help=f"comma-separated, in the order to run: {','.join(BACKENDS)} (default: eager,diffusers)")
+                     help=f"comma-separated, in the order to run: {','.join(BACKENDS)} (default: eager,diffusers). "
+                          "NAME@DTYPE runs that row in its own dtype and keeps the name (diffusers@fp32,diffusers@bf16); "
+                          "the peers take their own precisions (optimum-openvino@f32, sdcpp@q8_0: benchmarks/README.md)")
+    how.add_argument("--peer-python", action="append", default=[], metavar="NAME=PATH",
+                     help="run backend NAME's process under the interpreter PATH: a peer in the environment its users "
+                          "install (e.g. optimum-openvino=/work/venvs/peers/bin/python); repeatable")
+    how.add_argument("--threads", type=int,
+                     help="CPU threads of every backend (torch, OpenVINO, stable-diffusion.cpp, onnxruntime); default: "
+                          "the physical cores this process may use; recorded")
+    how.add_argument("--weights-dir", type=Path, metavar="DIR",
+                     help="where the random weights are kept between runs (default: $SDE_CACHE_DIR/bench-weights/"
+                          "<arch>-seed<N>); the onnx row's export and the peers' conversions are cached from them")
     how.add_argument("--components", default=",".join(COMPONENTS), help="comma-separated subset of the default")
     how.add_argument("--repeats", type=int, default=20, help="timed calls per component (default: 20)")
     how.add_argument("--warmup", type=int, default=3, help="untimed first calls per component (default: 3)")
@@ -75,7 +88,7 @@ def register(subparsers):
                      help="then the most its timed components may take (default: 600)")
     how.add_argument("--fidelity", action=argparse.BooleanOptionalAction, default=None,
                      help="compare each backend's image at a fixed prompt and seed with eager sdengine in fp32 on the "
-                          "same weights (mean absolute error; default: on unless the run is fp32)")
+                          "same weights (mean absolute error; default: on when a row is not fp32)")
     how.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     how.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     how.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode of diffusers-compile")
@@ -119,6 +132,17 @@ def _split(value: str) -> tuple:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def _peer_pythons(values: list) -> dict:
+    """["NAME=PATH", ...] -> {NAME: PATH}; ValueError naming --peer-python for a malformed one."""
+    pythons = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--peer-python {value!r}: expected NAME=PATH, e.g. optimum-openvino=/venv/bin/python")
+        pythons[name] = path
+    return pythons
+
+
 def run(args) -> int:
     if getattr(args, "lora_swap", False):
         from sdengine.bench import lora_swap
@@ -137,6 +161,8 @@ def run(args) -> int:
         output_type=args.output_type, compile_mode=args.compile_mode, peak_tflops=args.peak_tflops,
         acceleration=tuple((name, getattr(args, name)) for name in ("deepcache", "tgate", "tome")
                            if getattr(args, name, None) is not None),
+        peer_python=_peer_pythons(args.peer_python), threads=args.threads,
+        weights_dir=str(args.weights_dir) if args.weights_dir else None,
         argv=["sdengine", *sys.argv[1:]] if sys.argv[1:2] == ["bench"] else [],  # [] when called from Python
     )
     if args.model is not None and not Path(args.model).exists():

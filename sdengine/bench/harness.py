@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import site
 import subprocess
@@ -31,7 +32,8 @@ import torch
 
 from sdengine.bench import flops, measure
 from sdengine.bench.output import utc_now
-from sdengine.bench.runners import BACKENDS, COMPONENTS, ENGINE_BACKENDS, Workload, first_line, precheck
+from sdengine.bench.runners import (BACKENDS, COMPONENTS, ENGINE_BACKENDS, PEER_BACKENDS, Workload, check_backend,
+                                    first_line, precheck, row_dtype, split_backend)
 from sdengine.bench.schema import SCHEMA_VERSION
 from sdengine import samplers
 from sdengine.config import PRESETS, ModelConfig, SchedulerConfig, tiny_config
@@ -95,6 +97,15 @@ class BenchOptions:
     # Each backend's image at a fixed prompt and seed against eager sdengine in fp32 on the same
     # weights (mean absolute error, in [0, 1] pixel units). None: when the run is not fp32.
     fidelity: Optional[bool] = None
+    # Runner -> the interpreter its process runs under (sdengine bench --peer-python NAME=PATH): a peer
+    # measured in the environment its users install (benchmarks/README.md, "Peers").
+    peer_python: dict = field(default_factory=dict)
+    # CPU threads of every backend's process (torch, OpenVINO, stable-diffusion.cpp, onnxruntime);
+    # None: the physical cores this process may run on (sdengine.device.physical_cores).
+    threads: Optional[int] = None
+    # Where the random weights are kept between runs (None: $SDE_CACHE_DIR/bench-weights/<arch>-seed<N>),
+    # so that the exports of the rows that build from them (onnx, the peers) are cached too.
+    weights_dir: Optional[str] = None
 
     def __post_init__(self):
         for name in ("steps", "batch", "repeats", "e2e_repeats"):
@@ -106,10 +117,21 @@ class BenchOptions:
         for name in ("warmup", "e2e_warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
-        unknown = [b for b in self.backends if b not in BACKENDS and b not in self.runner_factories]
-        if unknown or not self.backends:
-            raise ValueError(f"--backends: unknown backend(s) {', '.join(unknown) or '(none given)'}; "
-                             f"choose from: {', '.join(BACKENDS)}")
+        if not self.backends:
+            raise ValueError(f"--backends: none given; choose from: {', '.join(BACKENDS)}")
+        for backend in self.backends:
+            problem = check_backend(backend, tuple(self.runner_factories))
+            if problem:
+                raise ValueError(f"--backends: {problem}")
+        if len(set(self.backends)) != len(self.backends):
+            raise ValueError(f"--backends: a backend is named twice in {','.join(self.backends)}")
+        for name, path in self.peer_python.items():
+            if name not in {split_backend(b)[0] for b in self.backends}:
+                raise ValueError(f"--peer-python {name}={path}: {name} is not in --backends")
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"--peer-python {name}={path}: no such interpreter")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {self.threads}")
         unknown = [c for c in self.components if c not in COMPONENTS]
         if unknown or not self.components:
             raise ValueError(f"--components: unknown component(s) {', '.join(unknown) or '(none given)'}; "
@@ -144,25 +166,57 @@ def resolve_config(arch: str, model: Optional[str]) -> tuple[ModelConfig, str]:
     return ModelConfig.from_name(arch), arch
 
 
-def worker_command(spec_path: Path) -> list[str]:
+def worker_command(spec_path: Path, python: Optional[str] = None) -> list[str]:
     """`python -P -m sdengine.bench.worker SPEC`. -P keeps the caller's working directory off
     the worker's sys.path: a folder there named like an installed package would hide it (the
     repo root's kernels/ once hid PyPI's `kernels`, which transformers imports, and every
     diffusers row was lost). Python 3.10 has no -P; there the directory stays on the path."""
+    if python is not None:  # --peer-python: its own version decides whether it has -P
+        return [python, "-c", "import sys; sys.path = [p for p in sys.path if p not in ('', '.')]; "
+                "from sdengine.bench.worker import main; sys.exit(main())", str(spec_path)]
     safe_path = ["-P"] if sys.version_info >= (3, 11) else []
     return [sys.executable, *safe_path, "-m", "sdengine.bench.worker", str(spec_path)]
 
 
-def worker_env() -> dict:
+def worker_env(threads: Optional[int] = None) -> dict:
     """The caller's environment, with the folder that this sdengine was imported from first on
     PYTHONPATH (unless it is a site-packages folder, already on the path), so that the worker
     runs this very sdengine: a checkout or a worktree, not whichever one is installed."""
     env = dict(os.environ)
+    if threads is not None:  # OpenMP (torch, onnxruntime, stable-diffusion.cpp's ggml) reads it at start
+        env["OMP_NUM_THREADS"] = str(threads)
     root = Path(__file__).resolve().parents[2]  # <root>/sdengine/bench/harness.py
     site_dirs = {Path(d).resolve() for d in [*site.getsitepackages(), site.getusersitepackages()]}
     if root not in site_dirs:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     return env
+
+
+def default_weights_dir(arch: str, seed: int) -> Path:
+    """$SDE_CACHE_DIR/bench-weights/<arch>-seed<seed>: the benchmark's random weights, kept."""
+    from sdengine.compile_cache import cache_root
+
+    return cache_root() / "bench-weights" / f"{arch}-seed{seed}"
+
+
+def compare(results: list) -> Optional[dict]:
+    """End to end, the fastest sdengine row (without DeepCache / T-GATE / ToMe) against each diffusers
+    row and each peer (p50 over p50: how many times faster), and which peer was fastest; None
+    before any sdengine row."""
+    from sdengine.bench.runners import DIFFUSERS_BACKENDS
+
+    e2e = {r["backend"]: r["p50_ms"] for r in results if r["component"] == "end_to_end" and r["p50_ms"] > 0}
+    # sdengine's rows, not those with a training-free method on ("eager+deepcache=3": a quality trade-off)
+    ours = {b: t for b, t in e2e.items() if split_backend(b)[0] in ENGINE_BACKENDS and "=" not in b}
+    if not ours:
+        return None
+    best = min(ours, key=ours.get)
+    others = {b: t for b, t in e2e.items() if split_backend(b)[0] in DIFFUSERS_BACKENDS + tuple(PEER_BACKENDS)}
+    peers = {b: t for b, t in others.items() if split_backend(b)[0] in PEER_BACKENDS}
+    fastest_peer = min(peers, key=peers.get) if peers else None
+    return {"best": best, "best_ms": ours[best], "speedup_vs": {b: t / ours[best] for b, t in others.items()},
+            "fastest_peer": fastest_peer,
+            "speedup_vs_fastest_peer": peers[fastest_peer] / ours[best] if fastest_peer else None}
 
 
 class Benchmark:
@@ -195,7 +249,17 @@ class Benchmark:
                                  output_type=options.output_type, model=options.model, sampler=sampler,
                                  schedule=schedule, controlnets=options.controlnets)
         self.flop = flops.workload_flop(self.config, height, width, options.batch)
-        self.peak_tflops, peak_source = measure.peak_tflops(self.device, self.dtype, options.peak_tflops)
+        from sdengine.device import physical_cores
+
+        self.threads = options.threads or (physical_cores() if self.device.type == "cpu" else torch.get_num_threads())
+        torch.set_num_threads(self.threads)  # the peak below, the weights' build: as the backends will run
+        # The peak each row's % of peak divides by: this device's best matmul in that row's dtype, at the
+        # backends' thread count (rows may carry their own dtype: diffusers@bf16).
+        self.row_dtypes = {b: row_dtype(b, dtype_name) for b in options.backends}
+        self.peaks = {}
+        for name in dict.fromkeys([dtype_name, *self.row_dtypes.values()]):
+            self.peaks[name] = measure.peak_tflops(self.device, measure.DTYPES[name], options.peak_tflops)
+        self.peak_tflops, peak_source = self.peaks[dtype_name]
         self.started = time.perf_counter()
         commit, dirty = measure.git_commit()
         self.record = {
@@ -218,12 +282,18 @@ class Benchmark:
                 "e2e_warmup": options.e2e_warmup, "budget_s": options.budget_s, "seed": options.seed,
                 "compile_mode": options.compile_mode, "prepare_cap_s": options.prepare_cap_s,
                 "run_cap_s": options.run_cap_s, "isolation": "one process per backend",
+                "threads": self.threads, "peer_python": dict(options.peer_python),
                 "timer": "cuda events" if self.device.type == "cuda" else "time.perf_counter",
             },
             "flop": dict(self.flop),
             "params": flops.model_params(self.config),
             "peak_tflops": self.peak_tflops,
             "peak_tflops_source": peak_source,
+            "peak_tflops_by_dtype": {name: {"tflops": tflops, "source": source}
+                                     for name, (tflops, source) in self.peaks.items()},
+            "threads": self.threads,
+            "baseline": None,
+            "comparison": None,
             "floor_ms": self._floor_ms(unet_calls=None),
             "results": [],
             "backends": {},  # per backend: load_s, prepare_s, what prepare did, the exit code of its process
@@ -251,6 +321,9 @@ class Benchmark:
             parts += ["--compile-mode", o.compile_mode]
         if o.peak_tflops is not None:
             parts += ["--peak-tflops", f"{o.peak_tflops:g}"]
+        parts += ["--threads", str(self.threads)]
+        for name, path in o.peer_python.items():
+            parts += ["--peer-python", f"{name}={path}"]
         return measure.shell_command(parts)
 
     # The run ------------------------------------------------------------------
@@ -261,7 +334,7 @@ class Benchmark:
         from tqdm.auto import tqdm
 
         o = self.options
-        variants = len(o.acceleration) * sum(1 for b in o.backends if b in ENGINE_BACKENDS)
+        variants = len(o.acceleration) * sum(1 for b in o.backends if split_backend(b)[0] in ENGINE_BACKENDS)
         self.bar = tqdm(total=len(o.backends) * len(o.components) + variants, desc="bench", unit="component",
                         disable=not self.show_progress or None, file=sys.stderr, dynamic_ncols=True)
         self.write = (lambda message: tqdm.write(message, file=sys.stderr)) if self.show_progress else self.log
@@ -273,7 +346,7 @@ class Benchmark:
                 source = self._source_folder()
                 for backend in o.backends:
                     self._run_backend(backend, source)
-                    if backend in ENGINE_BACKENDS:  # then the same backend with each method on, end to end
+                    if split_backend(backend)[0] in ENGINE_BACKENDS:  # then with each method on, end to end
                         for name, value in o.acceleration:
                             self._run_backend(backend, source, acceleration=(name, value))
                 if self.fidelity:
@@ -293,9 +366,13 @@ class Benchmark:
         self.finish()
 
     def finish(self):
-        """Ratios to eager diffusers, the end-to-end floor, the wall time."""
+        """Ratios to eager diffusers (the baseline row: `diffusers`, else `diffusers@<the run's dtype>`,
+        else the first diffusers row), the end-to-end comparison, the floor, the wall time."""
         results = [r for r in self.record["results"] if "skipped" not in r]
-        reference = {r["component"]: r["p50_ms"] for r in results if r["backend"] == "diffusers"}
+        baseline = self._baseline(results)
+        self.record["baseline"] = baseline
+        self.record["comparison"] = compare(results)
+        reference = {r["component"]: r["p50_ms"] for r in results if r["backend"] == baseline}
         for r in results:
             r["speedup_vs_diffusers"] = reference[r["component"]] / r["p50_ms"] \
                 if r["component"] in reference and r["p50_ms"] > 0 else None
@@ -303,6 +380,14 @@ class Benchmark:
         self.record["floor_ms"] = self._floor_ms(calls)
         self.record["workload"]["unet_calls"] = calls
         self.record["wall_s"] = round(time.perf_counter() - self.started, 3)
+
+    def _baseline(self, results: list) -> Optional[str]:
+        names = [r["backend"] for r in results]
+        diffusers_rows = [n for n in dict.fromkeys(names) if split_backend(n)[0] == "diffusers"]
+        for candidate in ("diffusers", f"diffusers@{self.workload.dtype}"):
+            if candidate in names:
+                return candidate
+        return diffusers_rows[0] if diffusers_rows else None
 
     def _floor_ms(self, unet_calls: Optional[int]) -> dict:
         """The physical floor of each component: its FLOP at the device's peak rate."""
@@ -329,7 +414,7 @@ class Benchmark:
     @property
     def fidelity(self) -> bool:
         o = self.options
-        return o.fidelity if o.fidelity is not None else self.workload.dtype != "fp32"
+        return o.fidelity if o.fidelity is not None else any(d != "fp32" for d in self.row_dtypes.values())
 
     def _fidelity(self, source: str):
         """The fp32 reference image (eager sdengine, fp32 weights read from the same files), and
@@ -358,22 +443,40 @@ class Benchmark:
         self._landed()
 
     def _source_folder(self) -> str:
-        """The diffusers folder every backend's weights come from: --model, or random weights
-        built once and saved, so that every backend's process reads the same weights."""
-        from sdengine.bench.reference import reference_pipeline
+        """The diffusers folder every backend's weights come from: --model, or random weights in
+        float32 (each row reads them in its own dtype), built once and kept under --weights-dir, so
+        that every backend's process reads the same weights, and the next run (and the exports made
+        from them: onnx, the peers' own) finds them."""
+        from sdengine.bench.reference import WEIGHT_NOISE, reference_pipeline
 
         if self.options.model is not None:
             return self.options.model
+        folder = Path(self.options.weights_dir) if self.options.weights_dir else default_weights_dir(
+            self.workload.arch, self.options.seed)
+        stamp = {"arch": self.workload.arch, "seed": self.options.seed, "weight_noise": WEIGHT_NOISE,
+                 "dtype": "fp32", "diffusers": measure.package_version("diffusers")}
+        marker = folder / "sdengine-bench.json"
+        if marker.is_file() and json.loads(marker.read_text()) == stamp:
+            self.write(f"random {self.workload.arch} weights (fp32, seed {self.options.seed}) read from {folder}")
+            return str(folder)
         t0 = time.perf_counter()
         # Random initialisation is much faster on the GPU; the copy then waits on the CPU.
-        pipe = reference_pipeline(self.config, device=self.device, dtype=self.dtype, seed=self.options.seed)
+        pipe = reference_pipeline(self.config, device=self.device, dtype=torch.float32, seed=self.options.seed)
         pipe.to("cpu")
-        folder = self.work / "weights"
-        pipe.save_pretrained(folder, safe_serialization=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            (tmp / marker.name).write_text(json.dumps(stamp))
+            if folder.exists():  # an older build (another stamp), or another run's: replaced whole
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         del pipe
         measure.free_device_memory(self.device)
-        self.write(f"built the shared diffusers pipeline (random {self.workload.arch} weights, {self.workload.dtype}) "
-                   f"in {time.perf_counter() - t0:.1f} s")
+        self.write(f"built the shared diffusers pipeline (random {self.workload.arch} weights, fp32) in "
+                   f"{time.perf_counter() - t0:.1f} s, kept in {folder}")
         return str(folder)
 
     def _skip(self, backend: str, reason: str, component: Optional[str] = None, error: bool = False,
@@ -399,8 +502,7 @@ class Benchmark:
               acceleration: Optional[tuple] = None) -> dict:
         o = self.options
         workload = dataclasses.asdict(self.workload)
-        if reference:
-            workload["dtype"] = "fp32"
+        workload["dtype"] = "fp32" if reference else self.row_dtypes.get(backend, self.workload.dtype)
         image = self.work / ("reference.image.npy" if reference else f"{backend}.image.npy")
         components = [] if reference else ["end_to_end"] if acceleration else list(o.components)
         return {
@@ -410,9 +512,10 @@ class Benchmark:
             "arch": o.arch, "model": o.model, "device": str(self.device), "compile_mode": o.compile_mode,
             "workload": workload, "components": components,
             "fidelity_image": str(image) if self.fidelity and not acceleration else None,
-            "settings": self.record["settings"], "flop": dict(self.flop), "peak_tflops": self.peak_tflops,
-            "runner_factory": o.runner_factories.get(backend), "sys_path": list(o.sys_path),
-            "threads": torch.get_num_threads(),
+            "settings": self.record["settings"], "flop": dict(self.flop),
+            "peak_tflops": self.peaks.get(workload["dtype"], (self.peak_tflops,))[0],
+            "runner_factory": o.runner_factories.get(split_backend(backend)[0]), "sys_path": list(o.sys_path),
+            "threads": self.threads,
         }
 
     def _run_backend(self, backend: str, source: str, reference: bool = False, acceleration: Optional[tuple] = None):
@@ -422,7 +525,7 @@ class Benchmark:
         o = self.options
         components = 1 if acceleration else len(o.components)
         label = "eager-fp32" if reference else accelerated_label(backend, *acceleration) if acceleration else backend
-        reason = precheck(backend, self.device) if backend not in o.runner_factories else None
+        reason = precheck(split_backend(backend)[0], self.device) if backend not in o.runner_factories else None
         if reason is not None:
             self._skip(label, reason)
             self.bar.update(components)
@@ -434,7 +537,8 @@ class Benchmark:
         events.touch()
         self.bar.set_description(f"{label}: prepare")
         with open(log_path, "wb") as log:
-            self.child = subprocess.Popen(worker_command(spec_path), env=worker_env(), stdout=log,
+            python = None if reference else o.peer_python.get(split_backend(backend)[0])
+            self.child = subprocess.Popen(worker_command(spec_path, python), env=worker_env(self.threads), stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True)
         status = {"backend": label, "phase": "load", "started": time.perf_counter(), "done": False,
                   "components": 0, "info": {}}

@@ -123,13 +123,20 @@ def markdown(record: dict, heading_level: int = 2) -> str:
         facts.append(f"CUDA {versions['cuda']}")
     if record.get("driver"):
         facts.append(f"driver {record['driver']}")
-    if record.get("peak_tflops"):
+    if record.get("threads"):
+        facts.append(f"{record['threads']} CPU thread{'s' if record['threads'] > 1 else ''} per backend")
+    peaks = record.get("peak_tflops_by_dtype") or {}
+    if len(peaks) > 1:
+        facts.append("peak " + ", ".join(f"{name} {p['tflops']:.4g} TFLOP/s" for name, p in peaks.items())
+                     + f" ({next(iter(peaks.values()))['source'].split(' in ')[0]})")
+    elif record.get("peak_tflops"):
         facts.append(f"peak {record['peak_tflops']:.4g} TFLOP/s ({record.get('peak_tflops_source', '')})")
     lines += ["; ".join(facts) + ".", ""]
     if not record.get("complete", True):
         lines += [f"**Incomplete run** (interrupted: {record.get('interrupted')}).", ""]
     lines += [f"Command: `{record['command']}`", ""]
     lines += summary_table(record)
+    lines += comparison_lines(record)
 
     rows = measured(record)
     if rows:
@@ -172,6 +179,18 @@ def _ratio(value) -> str:
     return "–" if value is None else f"{value:.2f}×"
 
 
+def comparison_lines(record: dict) -> list:
+    """End to end, the fastest sdengine row against each diffusers row and peer, as one sentence."""
+    c = record.get("comparison")
+    if not c or not c.get("speedup_vs"):
+        return []
+    versus = ", ".join(f"{ratio:.2f}× {name}" for name, ratio in c["speedup_vs"].items())
+    text = f"End to end, the fastest sdengine row, **{c['best']}** ({_ms(c['best_ms'])} ms), runs at {versus}"
+    if c.get("fastest_peer"):
+        text += f"; against the fastest peer ({c['fastest_peer']}): **{c['speedup_vs_fastest_peer']:.2f}×**"
+    return ["", text + " (p50 over p50, in this run)."]
+
+
 def summary_table(record: dict) -> list:
     """One row per measured backend: its prepare time, p50 of each component, the UNet step's host
     time, UNet it/s, peak memory, speedup, whether the end-to-end run took the backend's fused
@@ -182,7 +201,8 @@ def summary_table(record: dict) -> list:
         return ["No backend was measured."]
     by_key = {(r["backend"], r["component"]): r for r in rows}
     lines = ["| backend | prepare s | text encoder ms | UNet step ms | UNet host ms | UNet it/s | VAE decode ms "
-             "| end to end ms | UNet % of peak | peak mem GiB | end to end vs diffusers | fused step | MAE vs fp32 |",
+             f"| end to end ms | UNet % of peak | peak mem GiB | end to end vs {record.get('baseline') or 'diffusers'} "
+             "| fused step | MAE vs fp32 |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     processes = record.get("backends") or {}
     mae = (record.get("fidelity") or {}).get("mae") or {}

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from sdengine.bench.output import summary_table, title
+from sdengine.bench.output import comparison_lines, summary_table, title
 from sdengine.bench.schema import ValidationError, validate
 
 # ANCHORS.md, SD1.5 512x512 fp16 batch 1 with CFG, on an H100: ms per UNet step.
@@ -59,8 +59,13 @@ def render(paths, include_cpu: bool = False) -> str:
                  record["created"][:10], f"torch {versions.get('torch')}"]
         if versions.get("cuda"):
             facts.append(f"CUDA {versions['cuda']}")
+        facts += [f"diffusers {versions.get('diffusers')}"] if versions.get("diffusers") else []
+        facts += peer_versions(record)
+        if record.get("threads") and record.get("device_type") == "cpu":
+            facts.append(f"{record['threads']} threads per backend")
         lines += ["; ".join(facts) + ("" if record["complete"] else "; **incomplete run**") + ".", ""]
         lines += summary_table(record)
+        lines += comparison_lines(record)
         skipped = [r for r in record["results"] if "skipped" in r and "component" not in r]
         if skipped:
             lines += ["", "Not measured: " + "; ".join(f"{r['backend']} ({r['skipped']})" for r in skipped) + "."]
@@ -69,6 +74,23 @@ def render(paths, include_cpu: bool = False) -> str:
             lines += ["", f"For comparison, {SD15_H100_ANCHORS}."]
         lines.append("")
     return "\n".join(lines)
+
+
+def peer_versions(record: dict) -> list:
+    """"OpenVINO 2026.4.1 (optimum-intel 2.2.0, transformers 5.5.4)", "stable-diffusion-cpp-python 0.4.7":
+    what each peer's process reported it ran."""
+    facts = []
+    for name, info in (record.get("backends") or {}).items():
+        prepared = info.get("prepare") or {}
+        if prepared.get("openvino"):
+            fact = (f"{name}: OpenVINO {prepared['openvino']} (optimum-intel {prepared.get('optimum_intel')}, "
+                    f"transformers {prepared.get('transformers')}, precision {prepared.get('inference_precision')})")
+        elif prepared.get("stable_diffusion_cpp_python"):
+            fact = f"{name}: stable-diffusion-cpp-python {prepared['stable_diffusion_cpp_python']} ({prepared.get('wtype')})"
+        else:
+            continue
+        facts.append(fact)
+    return facts
 
 
 def main(argv=None) -> int:

@@ -38,7 +38,20 @@ from sdengine.config import ModelConfig
 COMPONENTS = ("text_encoder", "unet_step", "vae_decode", "end_to_end")
 DIFFUSERS_BACKENDS = ("diffusers", "diffusers-compile")
 ENGINE_BACKENDS = backends.names()  # sdengine's registry (sdengine/backends/base.py): the speed layers first
-BACKENDS = ENGINE_BACKENDS + DIFFUSERS_BACKENDS
+# The other engines users pick for the same job (sdengine/bench/peers.py): each is a runner kind built
+# from the benchmark's weights folder (not the in-memory pipeline), and may run under another
+# interpreter (sdengine bench --peer-python NAME=PATH), the environment its users install.
+PEER_BACKENDS = {
+    "optimum-openvino": "sdengine.bench.peers:OptimumOpenVINORunner",
+    "sdcpp": "sdengine.bench.peers:SDCppRunner",
+}
+# sdengine backends built from the weights folder by sdengine.load (an export of its own, cached)
+# rather than from the in-memory diffusers pipeline.
+FROM_FOLDER_BACKENDS = ("onnx",)
+BACKENDS = ENGINE_BACKENDS + DIFFUSERS_BACKENDS + tuple(PEER_BACKENDS)
+# What may follow a backend's name after "@" (`diffusers@bf16`): the precision of that row. sdengine's
+# backends and diffusers take a dtype; the peers their own precision names (peers.py).
+DTYPE_VARIANTS = ("fp32", "fp16", "bf16")
 # Prompts for end-to-end runs: content does not change the cost (every prompt is padded to 77
 # tokens), but each run gets a different one, with a different seed.
 PROMPTS = (
@@ -67,6 +80,43 @@ class Workload:
     sampler: str = "euler"  # canonical sdengine names (sdengine.samplers.resolve)
     schedule: str = "default"
     controlnets: int = 0  # ControlNets added to the UNet step and end to end (random, made from the UNet)
+
+
+def split_backend(spec: str) -> tuple:
+    """'diffusers@bf16' -> ('diffusers', 'bf16'); 'eager' -> ('eager', None)."""
+    name, _, variant = spec.partition("@")
+    return name, (variant or None)
+
+
+def check_backend(spec: str, extra: tuple = ()) -> Optional[str]:
+    """Why `spec` ("name" or "name@variant") is not a backend the benchmark knows; None when it is.
+    extra: names of runners given by factory (tests, plugins)."""
+    name, variant = split_backend(spec)
+    if name in extra:
+        return None
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}; choose from: {', '.join(BACKENDS)}"
+    if variant is None:
+        return None
+    if name in PEER_BACKENDS:
+        from sdengine.bench import peers
+
+        allowed = peers.VARIANTS[name]
+    else:
+        allowed = DTYPE_VARIANTS + (("int8",) if name in ("compile",) else ())
+    if variant not in allowed:
+        return f"{spec}: {name} takes @{' / @'.join(allowed)}, got @{variant}"
+    return None
+
+
+def row_dtype(spec: str, default: str) -> str:
+    """The dtype a row computes in: its @dtype, else the run's (peers: peers.compute_dtype)."""
+    name, variant = split_backend(spec)
+    if name in PEER_BACKENDS:
+        from sdengine.bench import peers
+
+        return peers.compute_dtype(name, variant, default)
+    return variant if variant in DTYPE_VARIANTS else default
 
 
 class BackendUnavailable(Exception):
@@ -136,8 +186,13 @@ def guidance(noise_pred: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def on_device(source_pipe, device: torch.device):
-    """A copy of the source diffusers pipeline on `device`: the source is never modified, and
-    what a backend keeps on the device is its own (so its peak memory is its own)."""
+    """The source diffusers pipeline on `device`. On the CPU it is the worker's own pipeline, read
+    for this backend alone (sdengine/bench/worker.py), and is used as it is: as a user's
+    `from_pretrained(..., torch_dtype=...)` gives it, with no copy. On a GPU, a copy: the CPU
+    source is never modified, and what a backend keeps on the device is its own (so its peak
+    memory is its own)."""
+    if device.type == "cpu":
+        return source_pipe
     return copy.deepcopy(source_pipe).to(device)
 
 
@@ -297,16 +352,15 @@ class EngineRunner:
     def __init__(self, name: str, source_pipe, config: ModelConfig, workload: Workload, device: torch.device):
         import sdengine
 
-        from_diffusers = getattr(sdengine, "from_diffusers", None)
-        if from_diffusers is None:
-            raise BackendUnavailable("sdengine.from_diffusers is not available in this build")
         self.config, self.workload, self.device = config, workload, device
-        device_pipe = on_device(source_pipe, device)
         try:
-            self.pipe = from_diffusers(device_pipe, backend=name)
+            if isinstance(source_pipe, (str, Path)):  # FROM_FOLDER_BACKENDS: the weights folder
+                # (onnx: exported on first use into $SDE_CACHE_DIR, then read from there)
+                self.pipe = sdengine.load(source_pipe, device=device, dtype=workload.dtype, backend=name)
+            else:
+                self.pipe = sdengine.from_diffusers(on_device(source_pipe, device), backend=name)
         except Exception as e:  # a backend that cannot be built is reported, never crashes the run
             raise BackendUnavailable(f"{type(e).__name__}: {first_line(e)}") from e
-        del device_pipe  # whatever the engine did not keep is freed
         self.backend = self.pipe.backend
         self.controls = []  # sdengine.Control, over the same random ControlNets as diffusers'
         if workload.controlnets:
@@ -483,18 +537,30 @@ def precheck(name: str, device: torch.device) -> Optional[str]:
     if name in ("diffusers-compile",) and device.type != "cuda":
         return ("needs a CUDA device (torch.compile max-autotune of the UNet on the CPU takes many minutes and is "
                 "not what the anchor measures)")
-    if name == "onnx":
-        return ("needs an ONNX export folder (sdengine export onnx, then --model): it cannot be built from the "
-                "benchmark's in-memory weights")
     return None
 
 
-def make_runner(name: str, source_pipe, config: ModelConfig, workload: Workload, device: torch.device,
-                compile_mode: str = "max-autotune"):
-    """The runner of backend `name`; raises BackendUnavailable with the reason it cannot run."""
+def needs_pipeline(name: str) -> bool:
+    """Whether runner `name` is built from the diffusers pipeline read from the weights folder
+    (else from the folder's path: the peers, and sdengine backends that export their own)."""
+    return name not in PEER_BACKENDS and name not in FROM_FOLDER_BACKENDS
+
+
+def make_runner(spec: str, source, config: ModelConfig, workload: Workload, device: torch.device,
+                compile_mode: str = "max-autotune", threads: Optional[int] = None):
+    """The runner of backend `spec` ("name" or "name@variant"); source: the diffusers pipeline, or
+    the weights folder where `needs_pipeline(name)` is false. Raises BackendUnavailable with the
+    reason it cannot run."""
+    name, variant = split_backend(spec)
     if name in DIFFUSERS_BACKENDS:
-        return DiffusersRunner(source_pipe, config, workload, device,
+        return DiffusersRunner(source, config, workload, device,
                                compile_mode=compile_mode if name == "diffusers-compile" else None)
+    if name in PEER_BACKENDS:
+        import importlib
+
+        module, _, attribute = PEER_BACKENDS[name].partition(":")
+        return getattr(importlib.import_module(module), attribute)(source, config, workload, device, variant=variant,
+                                                                   threads=threads)
     if name in backends.names():
-        return EngineRunner(name, source_pipe, config, workload, device)
-    raise ValueError(f"unknown backend {name!r}; choose from: {', '.join(backends.names() + DIFFUSERS_BACKENDS)}")
+        return EngineRunner(name, source, config, workload, device)
+    raise ValueError(f"unknown backend {name!r}; choose from: {', '.join(BACKENDS)}")

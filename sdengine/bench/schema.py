@@ -27,8 +27,10 @@ MEASURED = {
     "type": "object",
     "required": ["backend", "component", "p50_ms", "p90_ms", "min_ms", "samples_ms", "peak_mem_bytes"],
     "properties": {
-        "backend": {"type": "string"},
+        "backend": {"type": "string"},  # "name" or "name@variant" (diffusers@bf16, sdcpp@q8_0)
         "component": {"enum": COMPONENT_NAMES},
+        "dtype": {"enum": ["fp16", "bf16", "fp32"]},  # what the row multiplies in (its % of peak divides by that peak)
+        "threads": {"type": "integer", "minimum": 1},  # torch's intra-op threads in the row's process
         "p50_ms": {"type": "number", "minimum": 0},
         "p90_ms": {"type": "number", "minimum": 0},
         "min_ms": {"type": "number", "minimum": 0},
@@ -122,6 +124,12 @@ SCHEMA = {
         "params": {"type": "object"},
         "peak_tflops": _OPTIONAL_NUMBER,
         "peak_tflops_source": {"type": "string"},
+        # per dtype of the run's rows: {"tflops": ..., "source": ...}; the CPU's best matmul at `threads`
+        "peak_tflops_by_dtype": {"type": "object"},
+        "threads": {"type": "integer", "minimum": 1},  # CPU threads of every row's process (--threads)
+        "baseline": {"type": ["string", "null"]},  # the diffusers row that speedup_vs_diffusers divides
+        # end to end: the fastest sdengine row against each diffusers row and peer (times faster)
+        "comparison": {"type": ["object", "null"]},
         "floor_ms": {"type": "object"},
         "results": {"type": "array", "items": {"oneOf": [MEASURED, SKIPPED]}},
         "backends": {  # per backend's process

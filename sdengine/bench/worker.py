@@ -32,7 +32,8 @@ import torch
 
 from sdengine.bench import flops, measure
 from sdengine.bench.harness import FIDELITY_PROMPT, FIDELITY_SEED, resolve_config
-from sdengine.bench.runners import COMPONENTS, BackendUnavailable, Workload, first_line, make_inputs, make_runner
+from sdengine.bench.runners import (COMPONENTS, BackendUnavailable, Workload, first_line, make_inputs, make_runner,
+                                    needs_pipeline, split_backend)
 
 INPUT_SEED_OFFSET = {c: 1000 * (i + 1) for i, c in enumerate(COMPONENTS)}
 
@@ -72,21 +73,28 @@ def run(spec: dict) -> int:
     torch.manual_seed(0)
 
     started = time.perf_counter()
-    from sdengine.bench.reference import load_pipeline
+    factory = spec.get("runner_factory")
+    source = spec["source"]  # the weights folder: the peers and onnx build from it themselves
+    if factory or needs_pipeline(split_backend(backend)[0]):
+        from sdengine.bench.reference import load_pipeline
 
-    source = load_pipeline(spec["source"], dtype)
+        try:
+            source = load_pipeline(spec["source"], dtype)  # as a user's from_pretrained(torch_dtype=...)
+        except ImportError as e:  # diffusers is not installed in this interpreter (--peer-python)
+            emit("unavailable", reason=f"missing package: {e}")
+            return 0
     emit("loaded", load_s=round(time.perf_counter() - started, 3))
 
     started = time.perf_counter()
     try:
-        factory = spec.get("runner_factory")
         if factory:  # a test's or a plugin's runner: "module:function"
             import importlib
 
             module, _, name = factory.partition(":")
             runner = getattr(importlib.import_module(module), name)(source, config, workload, device)
         else:
-            runner = make_runner(backend, source, config, workload, device, spec["compile_mode"])
+            runner = make_runner(backend, source, config, workload, device, spec["compile_mode"],
+                                 threads=spec.get("threads"))
             runner.acceleration = dict(spec.get("acceleration") or {})  # DeepCache, T-GATE, ToMe: end to end
         del source
         measure.free_device_memory(device)
@@ -158,7 +166,8 @@ class Measurer:
             timing = measure.time_calls(call, inputs, warmup, self.device, self.spec["settings"]["budget_s"])
         samples_ms = [round(s, 4) for s in timing.samples_ms]  # 0.1 us: finer than any timer here
         host_ms = [round(s, 4) for s in timing.host_ms]
-        result = {"backend": backend, "component": component, **measure.summarize(samples_ms),
+        result = {"backend": backend, "component": component, "dtype": self.workload.dtype,
+                  "threads": torch.get_num_threads(), **measure.summarize(samples_ms),
                   "samples_ms": samples_ms, "host_samples_ms": host_ms,
                   "host_p50_ms": measure.summarize(host_ms)["p50_ms"] if host_ms else None,
                   "warmup_ms": [round(s, 3) for s in timing.warmup_ms],
@@ -179,9 +188,10 @@ class Measurer:
         else:
             result["it_per_s"] = 1e3 / result["p50_ms"]
         tflops = flop / (result["p50_ms"] * 1e-3) / 1e12
+        peak = self.peak_tflops
         result.update(
-            flop=int(flop), tflops=tflops, pct_of_peak=100 * tflops / self.peak_tflops,
-            floor_ms=flop / (self.peak_tflops * 1e12) * 1e3,
+            flop=int(flop), tflops=tflops, pct_of_peak=100 * tflops / peak if peak else None,
+            floor_ms=flop / (peak * 1e12) * 1e3 if peak else None,
             peak_mem_bytes=measure.peak_device_memory(self.device), mem_before_bytes=memory_before,
             process_peak_rss_bytes=measure.process_peak_rss(), process_rss_scope=rss_scope,
             nonfinite_output=_nonfinite(last_output[0] if last_output else None),

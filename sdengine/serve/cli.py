@@ -70,16 +70,12 @@ def _serve(args) -> int:
 
 def build_local_app(model, settings, *, backend=None, device=None, dtype=None, threads=None):
     """Load the model and build the app around a LocalEngine (used by the CLI and the tests)."""
-    import torch
-
     import sdengine
 
+    from ..device import set_cpu_threads
     from .app import LocalEngine, create_app
 
-    if threads is not None:
-        torch.set_num_threads(threads)
-    elif model is None:  # the demo model: one thread is fastest (see `sdengine generate --threads`)
-        torch.set_num_threads(1)
+    set_cpu_threads(threads, demo_model=model is None)  # see `sdengine generate --threads`
     pipe = sdengine.load(model, device=device, dtype=dtype, backend=backend)
     app = create_app(None, settings)
     app.state.engine = LocalEngine(pipe, settings, app.state.metrics, source=model)

@@ -20,7 +20,7 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's, but 1 for the small demo model)")
+                   help="CPU threads for torch (default: the physical cores, but 1 for the small demo model)")
     p.add_argument("--lora-dir", default=None,
                    help="folder of LoRA files that prompts name with <lora:name:weight> (listed at /sdapi/v1/loras)")
     p.add_argument("--prompt-syntax", default="a1111", choices=["a1111", "plain"],

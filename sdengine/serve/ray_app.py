@@ -68,14 +68,11 @@ class SDModel:
 
     def __init__(self, model, backend, device, dtype, threads, max_batch_images: int, batch_wait_s: float,
                  batching: bool, preview_every: int = 0):
-        import torch
-
         import sdengine
 
-        if threads is not None:
-            torch.set_num_threads(threads)
-        elif model is None:  # the demo model: one thread is fastest
-            torch.set_num_threads(1)
+        from ..device import set_cpu_threads
+
+        set_cpu_threads(threads, demo_model=model is None)
         self.pipe = sdengine.load(model, device=device, dtype=dtype, backend=backend)
         self.model_info = ModelInfo.of(self.pipe, model)
         from .preview import LatentPreview, Previews
