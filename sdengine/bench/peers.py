@@ -35,33 +35,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from sdengine.bench.runners import BackendUnavailable, Workload
+from sdengine.bench.runners import BackendUnavailable, PEER_INSTALL as INSTALL, Workload
 from sdengine.config import ModelConfig
-
-# What may follow each peer's name after "@": its precision, in its own names.
-VARIANTS = {
-    "optimum-openvino": ("f32", "bf16"),  # OpenVINO's INFERENCE_PRECISION_HINT (default: the CPU's best)
-    "sdcpp": ("f32", "f16", "q8_0", "q4_0"),  # ggml weight types
-}
-INSTALL = {
-    "optimum-openvino": "pip install 'optimum-intel[openvino]' (transformers < 5.6: a venv of its own, then "
-                        "--peer-python optimum-openvino=VENV/bin/python; benchmarks/README.md)",
-    "sdcpp": "CMAKE_ARGS='-DGGML_NATIVE=ON' pip install stable-diffusion-cpp-python (builds from source), then "
-             "--peer-python sdcpp=VENV/bin/python if it lives in another venv",
-}
-
-
-def compute_dtype(name: str, variant: Optional[str], default: str) -> str:
-    """The dtype a peer row multiplies in, for its % of peak: OpenVINO's default precision is bf16 on
-    a CPU with bf16 dot products; ggml computes in fp32 whatever its weight type."""
-    from sdengine.device import cpu_has_fast_bf16
-
-    if name == "optimum-openvino":
-        if variant is None:
-            return "bf16" if cpu_has_fast_bf16() else "fp32"
-        return {"f32": "fp32", "bf16": "bf16"}[variant]
-    return "fp32"
-
 
 def peer_cache(source: str, name: str) -> Path:
     """Where a peer's conversion of the weights folder is kept: beside the weights, so that it is

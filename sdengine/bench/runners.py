@@ -45,6 +45,31 @@ PEER_BACKENDS = {
     "optimum-openvino": "sdengine.bench.peers:OptimumOpenVINORunner",
     "sdcpp": "sdengine.bench.peers:SDCppRunner",
 }
+# What may follow each peer's name after "@": its precision, in its own names.
+PEER_VARIANTS = {
+    "optimum-openvino": ("f32", "bf16"),  # OpenVINO's INFERENCE_PRECISION_HINT (default: the CPU's best)
+    "sdcpp": ("f32", "f16", "q8_0", "q4_0"),  # ggml weight types
+}
+PEER_INSTALL = {
+    "optimum-openvino": "pip install 'optimum-intel[openvino]' (transformers < 5.6: a venv of its own, then "
+                        "--peer-python optimum-openvino=VENV/bin/python; benchmarks/README.md)",
+    "sdcpp": "CMAKE_ARGS='-DGGML_NATIVE=ON' pip install stable-diffusion-cpp-python (builds from source), then "
+             "--peer-python sdcpp=VENV/bin/python if it lives in another venv",
+}
+
+
+def peer_compute_dtype(name: str, variant: Optional[str]) -> str:
+    """The dtype a peer row multiplies in, for its % of peak: OpenVINO's default precision is bf16 on
+    a CPU with bf16 dot products; ggml computes in fp32 whatever its weight type."""
+    from sdengine.device import cpu_has_fast_bf16
+
+    if name == "optimum-openvino":
+        if variant is None:
+            return "bf16" if cpu_has_fast_bf16() else "fp32"
+        return {"f32": "fp32", "bf16": "bf16"}[variant]
+    return "fp32"
+
+
 # sdengine backends built from the weights folder by sdengine.load (an export of its own, cached)
 # rather than from the in-memory diffusers pipeline.
 FROM_FOLDER_BACKENDS = ("onnx",)
@@ -99,9 +124,7 @@ def check_backend(spec: str, extra: tuple = ()) -> Optional[str]:
     if variant is None:
         return None
     if name in PEER_BACKENDS:
-        from sdengine.bench import peers
-
-        allowed = peers.VARIANTS[name]
+        allowed = PEER_VARIANTS[name]
     else:
         allowed = DTYPE_VARIANTS + (("int8",) if name in ("compile",) else ())
     if variant not in allowed:
@@ -113,9 +136,7 @@ def row_dtype(spec: str, default: str) -> str:
     """The dtype a row computes in: its @dtype, else the run's (peers: peers.compute_dtype)."""
     name, variant = split_backend(spec)
     if name in PEER_BACKENDS:
-        from sdengine.bench import peers
-
-        return peers.compute_dtype(name, variant, default)
+        return peer_compute_dtype(name, variant)
     return variant if variant in DTYPE_VARIANTS else default
 
 
