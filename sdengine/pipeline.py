@@ -454,7 +454,8 @@ class Pipeline:
 
         specs = [LoraSpec.of(entry) for entry in loras]
         with self._weights_lock.writing():
-            self._lora_weights().apply(specs)
+            if self._lora_weights().apply(specs):
+                self.backend.weights_changed()
             self._lora_set = specs
 
     def load_embedding(self, path, token: Optional[str] = None) -> str:
@@ -491,7 +492,8 @@ class Pipeline:
             merged = lambda: [spec for spec, _ in self._loras.loras] if self._loras is not None else []  # noqa: E731
             if merged() != wanted:
                 with self._weights_lock.writing():
-                    self._lora_weights().apply(wanted)
+                    if self._lora_weights().apply(wanted):
+                        self.backend.weights_changed()
             with self._weights_lock.reading():
                 if merged() == wanted:  # no other call swapped the set since
                     yield [dict(name=lora.name, path=str(lora.path), scale=spec.scale, hash=lora.shorthash)

@@ -124,6 +124,32 @@ def test_compile_layer_with_inductor_matches_eager():
     assert {k[0] for k in graphs.entries} >= {"step", "vae_decode", "text_encoder(clip_skip=None)"}
 
 
+@pytest.mark.slow
+def test_frozen_compile_matches_eager_and_recompiles_after_a_lora(tmp_path):
+    """freeze=True on the CPU: Inductor's C++ code with the weights frozen (prepacked for oneDNN),
+    channels_last, matches eager; a LoRA merged through the pipeline reaches the frozen code, which
+    `weights_changed` compiles again (without it the old constants would still be used)."""
+    import copy
+
+    from support.lora_files import kohya_lora
+
+    torch._dynamo.reset()
+    eager = sdengine.from_diffusers(copy.deepcopy(tiny_pipeline("sd15")))
+    fast = sdengine.from_diffusers(copy.deepcopy(tiny_pipeline("sd15")), backend="compile",
+                                   backend_options={"freeze": True})
+    assert fast.backend.compile_options["options"] == {"freezing": True} and fast.backend.channels_last
+    x, t, context, _ = _inputs("sd15")
+    assert _rel(fast.backend.denoise(x, t, context), eager.backend.denoise(x, t, context)) < 1e-4
+    before = eager.backend.denoise(x, t, context)
+    lora = kohya_lora(tiny_pipeline("sd15"), tmp_path / "lora.safetensors")
+    for pipe in (eager, fast):
+        pipe.set_loras([(lora, 1.0)])
+    after = eager.backend.denoise(x, t, context)
+    assert _rel(after, before) > 1e-3  # the LoRA changes the UNet's output
+    assert _rel(fast.backend.denoise(x, t, context), after) < 1e-4
+    assert not fast.backend.unet_fn.failed
+
+
 def _broken_compiler(gm, example_inputs):
     raise RuntimeError("the code generator crashed")  # as a compiler bug would
 

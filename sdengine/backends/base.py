@@ -78,6 +78,7 @@ class Backend(Protocol):
     def weight_views(self) -> dict: ...
     def add_token_embeddings(self, vectors: dict) -> dict: ...
     def release_memory(self) -> None: ...
+    def weights_changed(self) -> None: ...
 
 
 class BaseBackend:
@@ -118,6 +119,10 @@ class BaseBackend:
     def release_memory(self) -> None:
         """Drop what the backend keeps per request shape (called after a request ran out of memory)."""
 
+    def weights_changed(self) -> None:
+        """Called after the weights changed in place (a LoRA merged or removed): a backend that
+        baked them into compiled code (compile with freeze=True, openvino) rebuilds it."""
+
 
 def options_of(cls) -> set:
     """The keyword options a backend class takes: its from_loaded's, or its constructor's where
@@ -140,6 +145,7 @@ REGISTRY: dict[str, Union[str, type]] = {
     "native": "sdengine.backends.native:NativeBackend",
     "aoti": "sdengine.backends.aoti:AOTIBackend",
     "onnx": "sdengine.backends.onnx:OnnxBackend",
+    "openvino": "sdengine.backends.openvino:OpenVINOBackend",
 }
 
 

@@ -86,14 +86,26 @@ class CompileBackend(GraphBackend):
                 convolutions at a much longer first call).
     compiler:   torch.compile backend ("inductor"; "aot_eager" traces without generating
                 code, for quick checks).
+    freeze:     Inductor's freezing: the weights become constants of the compiled code (on the CPU,
+                convolution and linear weights are prepacked into oneDNN's blocked layouts once,
+                instead of being reordered at every call). A LoRA change (set_loras, <lora:> tags)
+                then throws the compiled code away and compiles again (`weights_changed`), instead
+                of being seen at once: off by default, so that LoRAs hot-swap.
+    autotune:   Inductor's max_autotune for GEMMs and convolutions, with its C++ GEMM templates
+                (AMX / AVX-512 micro-kernels) among the candidates on the CPU: a longer first call.
     cuda_graphs, graph_cache, fused_steps: as GraphBackend.
+
+    On the CPU the networks run channels_last too (oneDNN's convolutions are NHWC-native; NCHW
+    activations are reordered around every convolution), and Inductor's C++ backend generates
+    their fused code.
     """
 
     name = "compile"
 
     def __init__(self, config, text_encoder, unet, vae, text_encoder_2=None, *,
                  custom_ops: tuple = DEFAULT_CUSTOM_OPS, mode: Optional[str] = None, compiler: str = "inductor",
-                 cuda_graphs: bool = True, graph_cache: int = 8, fused_steps: bool = True):
+                 cuda_graphs: bool = True, graph_cache: int = 8, fused_steps: bool = True, freeze: bool = False,
+                 autotune: bool = False):
         unknown = [op for op in custom_ops if op not in CUSTOM_OPS]
         if unknown:
             raise ValueError(f"custom_ops: unknown op(s) {', '.join(unknown)}; choose from {', '.join(CUSTOM_OPS)}")
@@ -102,7 +114,7 @@ class CompileBackend(GraphBackend):
         super().__init__(config, text_encoder, unet, vae, text_encoder_2, cuda_graphs=cuda_graphs,
                          graph_cache=graph_cache, fused_steps=fused_steps)
         on_cuda = self.device.type == "cuda"
-        self.channels_last = on_cuda
+        self.channels_last = True
         self.step_update = "triton" if on_cuda and kernels.HAS_TRITON else "torch"
         self.custom_ops = tuple(custom_ops)
         # our kernels (through their registered ops) for the ops in custom_ops
@@ -110,15 +122,41 @@ class CompileBackend(GraphBackend):
         self.ops = replace(EAGER_OPS, **{op: getattr(kernel_ops, op) for op in custom_ops}) if on_cuda else EAGER_OPS
         for module in (self.text_encoder, self.text_encoder_2, self.unet, self.vae):
             if module is not None:
-                prepare_network(module, self.ops, channels_last=on_cuda)
+                prepare_network(module, self.ops, channels_last=True)
         compile_cache.use_cache_dirs()
         options = {"backend": compiler, "dynamic": False}
+        inductor = {}
+        if freeze:
+            inductor["freezing"] = True
+        if autotune:
+            inductor.update(max_autotune=True, max_autotune_gemm_backends="ATEN,TRITON" if on_cuda else "ATEN,CPP")
+        if mode is not None and inductor:
+            raise ValueError("mode and freeze/autotune are exclusive (torch.compile takes mode or options): "
+                             "use freeze=True, autotune=True instead of a max-autotune mode")
         if mode is not None:
             options["mode"] = mode
+        if inductor and compiler == "inductor":
+            options["options"] = inductor
+        self.freeze, self.autotune = freeze, autotune
         self.compile_options = options
-        self.text_fn = CompiledOrEager("the text encoder", self.text_fn, **options)
+        self._text_eager = self.text_fn  # the graph layer's: the text encoder(s) themselves
+        self._compile()
+
+    def _compile(self):
+        """torch.compile wrappers of the networks (compiled at their first call)."""
+        options = self.compile_options
+        self.text_fn = CompiledOrEager("the text encoder", self._text_eager, **options)
         self.unet_fn = CompiledOrEager("the UNet", self.unet, **options)
         self.decode_fn = CompiledOrEager("the VAE decoder", self.vae.decode, **options)
+
+    def weights_changed(self) -> None:
+        """After a LoRA merge: frozen weights are constants of the compiled code, which is thrown away
+        (torch.compiler.reset: every compiled function of the process) and compiled again at the
+        next call. Without freeze the compiled code reads the weights, and nothing is done."""
+        if self.freeze:
+            torch.compiler.reset()
+            self._compile()
+            self.release_memory()  # captures of the old code
 
     def prepare_controlnet(self, controlnet):
         """The ControlNet as the UNet runs here: fused QKV, the backend's ops, channels_last on CUDA,

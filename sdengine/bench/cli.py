@@ -47,8 +47,8 @@ def register(subparsers):
                            "counterpart is EulerDiscreteScheduler (the SD1.5 default, PNDM, has no fused step)")
     what.add_argument("--batch", type=int, default=1, help="images per prompt batch (the UNet runs at 2x for CFG)")
     what.add_argument("--dtype", choices=("fp16", "bf16", "fp32"),
-                      help="of the rows without @DTYPE; default: fp16 on CUDA, fp32 on the CPU (the baseline, eager "
-                           "diffusers, as most users run it)")
+                      help="of the rows without @DTYPE; default: what sdengine.load picks on the device (fp16 on "
+                           "CUDA; bf16 on a CPU with bf16 dot products, else fp32)")
     what.add_argument("--guidance-scale", type=float, default=7.5)
     what.add_argument("--output-type", default="pil", help="what an end-to-end run returns (default: pil)")
     what.add_argument("--controlnet", type=int, default=0, choices=(0, 1, 2), metavar="N",

@@ -37,6 +37,7 @@ from sdengine.bench.runners import (BACKENDS, COMPONENTS, ENGINE_BACKENDS, PEER_
 from sdengine.bench.schema import SCHEMA_VERSION
 from sdengine import samplers
 from sdengine.config import PRESETS, ModelConfig, SchedulerConfig, tiny_config
+from sdengine.device import default_dtype
 
 TINY_ARCHS = {"tiny": "sd15", "tiny-sd15": "sd15", "tiny-sd21-v": "sd21-v", "tiny-sdxl": "sdxl"}
 ARCHS = tuple(PRESETS) + tuple(TINY_ARCHS)
@@ -62,7 +63,7 @@ class BenchOptions:
     width: Optional[int] = None
     steps: int = 30
     batch: int = 1
-    dtype: Optional[str] = None  # fp16 on CUDA, fp32 on the CPU
+    dtype: Optional[str] = None  # of the rows without @dtype; None: sdengine's default on the device
     backends: tuple = ("eager", "diffusers")
     components: tuple = COMPONENTS
     repeats: int = 20  # timed calls per component (end to end: e2e_repeats)
@@ -231,7 +232,8 @@ class Benchmark:
         self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {options.device}: CUDA is not available on this machine")
-        dtype_name = options.dtype or ("fp16" if self.device.type == "cuda" else "fp32")
+        # default: what sdengine.load picks here (fp16 on CUDA; bf16 on a CPU with bf16 dot products)
+        dtype_name = options.dtype or measure.dtype_name(default_dtype(self.device))
         self.dtype = measure.DTYPES[dtype_name]
         self.config, arch = resolve_config(options.arch, options.model)
         height = options.height or self.config.default_size

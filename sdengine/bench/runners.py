@@ -77,6 +77,9 @@ BACKENDS = ENGINE_BACKENDS + DIFFUSERS_BACKENDS + tuple(PEER_BACKENDS)
 # What may follow a backend's name after "@" (`diffusers@bf16`): the precision of that row. sdengine's
 # backends and diffusers take a dtype; the peers their own precision names (peers.py).
 DTYPE_VARIANTS = ("fp32", "fp16", "bf16")
+# Boolean backend options a row may switch on after its dtype, `compile@bf16+freeze+autotune`, so that
+# one run measures a layer's settings side by side (sdengine/backends/compiled.py).
+ROW_FLAGS = {"compile": ("freeze", "autotune")}
 # Prompts for end-to-end runs: content does not change the cost (every prompt is padded to 77
 # tokens), but each run gets a different one, with a different seed.
 PROMPTS = (
@@ -123,18 +126,27 @@ def check_backend(spec: str, extra: tuple = ()) -> Optional[str]:
         return f"unknown backend {name!r}; choose from: {', '.join(BACKENDS)}"
     if variant is None:
         return None
-    if name in PEER_BACKENDS:
-        allowed = PEER_VARIANTS[name]
-    else:
-        allowed = DTYPE_VARIANTS + (("int8",) if name in ("compile",) else ())
-    if variant not in allowed:
+    variant, *flags = variant.split("+")
+    unknown = [f for f in flags if f not in ROW_FLAGS.get(name, ())]
+    if unknown:
+        takes = " / ".join(f"+{f}" for f in ROW_FLAGS.get(name, ())) or "no +flags"
+        return f"{spec}: {name} takes {takes}, got +{'+'.join(unknown)}"
+    allowed = PEER_VARIANTS[name] if name in PEER_BACKENDS else DTYPE_VARIANTS
+    if variant and variant not in allowed:
         return f"{spec}: {name} takes @{' / @'.join(allowed)}, got @{variant}"
     return None
+
+
+def row_flags(spec: str) -> dict:
+    """'compile@bf16+freeze' -> {"freeze": True}: the backend options a row switches on."""
+    variant = split_backend(spec)[1] or ""
+    return {flag: True for flag in variant.split("+")[1:]}
 
 
 def row_dtype(spec: str, default: str) -> str:
     """The dtype a row computes in: its @dtype, else the run's (peers: peers.compute_dtype)."""
     name, variant = split_backend(spec)
+    variant = (variant or "").split("+")[0] or None
     if name in PEER_BACKENDS:
         return peer_compute_dtype(name, variant)
     return variant if variant in DTYPE_VARIANTS else default
@@ -370,16 +382,19 @@ class DiffusersRunner:
 class EngineRunner:
     """An sdengine Pipeline built with `sdengine.from_diffusers(pipe, backend=name)` on the same weights."""
 
-    def __init__(self, name: str, source_pipe, config: ModelConfig, workload: Workload, device: torch.device):
+    def __init__(self, name: str, source_pipe, config: ModelConfig, workload: Workload, device: torch.device,
+                 backend_options: Optional[dict] = None):
         import sdengine
 
         self.config, self.workload, self.device = config, workload, device
         try:
             if isinstance(source_pipe, (str, Path)):  # FROM_FOLDER_BACKENDS: the weights folder
                 # (onnx: exported on first use into $SDE_CACHE_DIR, then read from there)
-                self.pipe = sdengine.load(source_pipe, device=device, dtype=workload.dtype, backend=name)
+                self.pipe = sdengine.load(source_pipe, device=device, dtype=workload.dtype, backend=name,
+                                          backend_options=backend_options)
             else:
-                self.pipe = sdengine.from_diffusers(on_device(source_pipe, device), backend=name)
+                self.pipe = sdengine.from_diffusers(on_device(source_pipe, device), backend=name,
+                                                    backend_options=backend_options)
         except Exception as e:  # a backend that cannot be built is reported, never crashes the run
             raise BackendUnavailable(f"{type(e).__name__}: {first_line(e)}") from e
         self.backend = self.pipe.backend
@@ -583,5 +598,5 @@ def make_runner(spec: str, source, config: ModelConfig, workload: Workload, devi
         return getattr(importlib.import_module(module), attribute)(source, config, workload, device, variant=variant,
                                                                    threads=threads)
     if name in backends.names():
-        return EngineRunner(name, source, config, workload, device)
+        return EngineRunner(name, source, config, workload, device, backend_options=row_flags(spec))
     raise ValueError(f"unknown backend {name!r}; choose from: {', '.join(BACKENDS)}")
