@@ -223,7 +223,9 @@ def test_runners_time_the_same_function_on_the_same_weights(kind):
         images_theirs, images_ours = theirs.end_to_end(args), ours.end_to_end(args).images
     assert theirs.unet_calls == ours.unet_calls == 2
     assert theirs.ran() == {"scheduler": "EulerDiscreteScheduler"}
-    assert ours.ran() == {"sampler": "euler", "fused_step": False}  # the eager backend has no fused step
+    ran = ours.ran()
+    assert (ran["sampler"], ran["fused_step"]) == ("euler", False)  # the eager backend has no fused step
+    assert set(ran["phases_ms"]) == {"encode_text", "denoise", "decode"} and all(ran["phases_ms"].values())
     assert type(source.scheduler).__name__ == ("PNDMScheduler" if kind == "sd15" else "EulerDiscreteScheduler")
     diff = np.abs(np.asarray(images_theirs[0], dtype=np.int16) - np.asarray(images_ours[0], dtype=np.int16))
     assert diff.max() <= 2
@@ -249,12 +251,14 @@ def test_unet_calls_are_counted_through_the_fused_step():
     args = {"prompts": ["a red cube"], "seed": 5}
     with torch.inference_mode():
         images_fused, images_eager = fused.end_to_end(args).images, eager.end_to_end(args).images
-        assert fused.ran() == {"sampler": "euler", "fused_step": True} and fused.unet_calls == 3
-        assert not {"denoise", "fused_step"} & set(vars(fused.backend))  # the class's methods again
+        ran = fused.ran()
+        assert (ran["sampler"], ran["fused_step"]) == ("euler", True) and fused.unet_calls == 3
+        assert ran["phases_ms"]["denoise"] > 0  # the fused step's calls are timed as the UNet's
+        assert not {"denoise", "fused_step", "encode_text", "decode"} & set(vars(fused.backend))  # the class's again
         assert fused.backend.fused_step.__func__ is TritonBackend.fused_step
         fused.workload = dataclasses.replace(workload, sampler="pndm")
         fused.end_to_end(args)
-    assert fused.ran() == {"sampler": "pndm", "fused_step": False} and fused.unet_calls == 4
+    assert (fused.ran()["sampler"], fused.ran()["fused_step"]) == ("pndm", False) and fused.unet_calls == 4
     diff = np.abs(np.asarray(images_fused[0], dtype=np.int16) - np.asarray(images_eager[0], dtype=np.int16))
     assert diff.max() <= 2
 

@@ -155,6 +155,17 @@ def markdown(record: dict, heading_level: int = 2) -> str:
         lines += ["", f"Host work per UNet forward ({host.get('method', 'meta device')}): eager "
                       f"{host['eager']['aten_ops']} ops, {host['eager']['python_ms']:.1f} ms; diffusers "
                       f"{host['diffusers']['aten_ops']} ops, {host['diffusers']['python_ms']:.1f} ms."]
+    phased = [r for r in rows if r["component"] == "end_to_end" and r.get("phases_ms")]
+    if phased:
+        lines += ["", "End to end, where the last run's time went (network calls; the rest is the sampler, the "
+                      "pipeline and the conversion to images):", ""]
+        for r in phased:
+            p = r["phases_ms"]
+            total = r["samples_ms"][-1]
+            rest = total - sum(p.values())
+            lines.append(f"- {r['backend']}: text {_ms(p.get('encode_text'))} ms, UNet "
+                         f"{_ms(p.get('denoise'))} ms ({r.get('unet_calls')} calls), decode {_ms(p.get('decode'))} ms, "
+                         f"rest {_ms(max(rest, 0.0))} ms of {_ms(total)} ms")
     skipped = [r for r in record["results"] if "skipped" in r]
     if skipped:
         lines += ["", "Skipped:", ""]

@@ -219,13 +219,14 @@ def guidance(noise_pred: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def on_device(source_pipe, device: torch.device):
-    """The source diffusers pipeline on `device`. On the CPU it is the worker's own pipeline, read
-    for this backend alone (sdengine/bench/worker.py), and is used as it is: as a user's
-    `from_pretrained(..., torch_dtype=...)` gives it, with no copy. On a GPU, a copy: the CPU
+    """The source diffusers pipeline on `device`. On the CPU, the worker's own pipeline, read for this
+    backend alone (sdengine/bench/worker.py), over the same weight tensors as a user's
+    `from_pretrained(..., torch_dtype=...)` gives them, with no copy (a shallow copy of the pipeline
+    object, so that a runner's scheduler is its own). On a GPU, a copy: the CPU
     source is never modified, and what a backend keeps on the device is its own (so its peak
     memory is its own)."""
-    if device.type == "cpu":
-        return source_pipe
+    if device.type == "cpu":  # a shallow copy: the same weight tensors, its own scheduler attribute
+        return copy.copy(source_pipe)
     return copy.deepcopy(source_pipe).to(device)
 
 
@@ -453,13 +454,21 @@ class EngineRunner:
     def end_to_end(self, inputs):
         w = self.workload
         calls, fused_runs = [0], [0]
+        phases = self.phases_ms = {"encode_text": 0.0, "denoise": 0.0, "decode": 0.0}
 
-        def counted(fn):
+        def counted(fn, phase="denoise"):
             @functools.wraps(fn)
             def call(*args, **kwargs):
-                calls[0] += 1
-                return fn(*args, **kwargs)
+                calls[0] += phase == "denoise"
+                started = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    phases[phase] += (time.perf_counter() - started) * 1e3
             return call
+
+        def timed(phase):
+            return lambda fn: counted(fn, phase)
 
         def counted_fused_step(make):
             # The fused step runs the UNet itself, never through denoise: count the calls of the
@@ -474,8 +483,8 @@ class EngineRunner:
             return fused_step
 
         patches = {"fused_step": counted_fused_step}
-        if not self.backend.runs_whole_requests:
-            patches["denoise"] = counted
+        if not self.backend.runs_whole_requests:  # each phase's time too: what the run spends outside them
+            patches.update(denoise=counted, encode_text=timed("encode_text"), decode=timed("decode"))
         prompt = inputs["prompts"][0] if len(inputs["prompts"]) == 1 else inputs["prompts"]
         steps_before = _native_steps(self.backend)
         from sdengine import samplers
@@ -511,8 +520,10 @@ class EngineRunner:
                          progress=False, **self.acceleration).images[0]
 
     def ran(self) -> dict:
-        """What the last end-to-end run ran, for the record."""
-        return {"sampler": self.sampler, "fused_step": self.fused_step}
+        """What the last end-to-end run ran, for the record, with the time of its network calls
+        (the rest of the run is the sampler, the pipeline and the conversion to images)."""
+        return {"sampler": self.sampler, "fused_step": self.fused_step,
+                "phases_ms": {k: round(v, 3) for k, v in getattr(self, "phases_ms", {}).items()}}
 
     def close(self):
         self.pipe = self.backend = None

@@ -61,6 +61,9 @@ MEASURED = {
         "loop_samples_ms": _MS_LIST,
         "loop_p50_ms": _OPTIONAL_NUMBER,
         "acceleration": {"type": "object"},
+        # sdengine backends, end to end: the last run's time in the backend's network calls (the
+        # rest is the sampler, the pipeline and the conversion to images)
+        "phases_ms": {"type": "object"},
         "peak_mem_bytes": _OPTIONAL_COUNT,
         "mem_before_bytes": _OPTIONAL_COUNT,
         "process_peak_rss_bytes": _OPTIONAL_COUNT,
