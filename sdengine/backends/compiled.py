@@ -93,6 +93,9 @@ class CompileBackend(GraphBackend):
                 of being seen at once: off by default, so that LoRAs hot-swap.
     autotune:   Inductor's max_autotune for GEMMs and convolutions, with its C++ GEMM templates
                 (AMX / AVX-512 micro-kernels) among the candidates on the CPU: a longer first call.
+    quantize:   "int8": the UNet quantized to int8 per workload shape (PT2E with Inductor's x86
+                recipe, calibrated on inputs of the model's own: sdengine/quantize.py), on the CPU, in
+                fp32; opt-in (its fidelity is measured, not assumed); a LoRA change quantizes again.
     cuda_graphs, graph_cache, fused_steps: as GraphBackend.
 
     On the CPU the networks run channels_last too (oneDNN's convolutions are NHWC-native; NCHW
@@ -105,7 +108,7 @@ class CompileBackend(GraphBackend):
     def __init__(self, config, text_encoder, unet, vae, text_encoder_2=None, *,
                  custom_ops: tuple = DEFAULT_CUSTOM_OPS, mode: Optional[str] = None, compiler: str = "inductor",
                  cuda_graphs: bool = True, graph_cache: int = 8, fused_steps: bool = True, freeze: bool = False,
-                 autotune: bool = False):
+                 autotune: bool = False, quantize: Optional[str] = None):
         unknown = [op for op in custom_ops if op not in CUSTOM_OPS]
         if unknown:
             raise ValueError(f"custom_ops: unknown op(s) {', '.join(unknown)}; choose from {', '.join(CUSTOM_OPS)}")
@@ -113,6 +116,13 @@ class CompileBackend(GraphBackend):
             raise RuntimeError("custom_ops need the triton package (pip install triton)")
         super().__init__(config, text_encoder, unet, vae, text_encoder_2, cuda_graphs=cuda_graphs,
                          graph_cache=graph_cache, fused_steps=fused_steps)
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        if quantize and (self.device.type != "cpu" or self.dtype != torch.float32 or text_encoder_2 is not None):
+            raise ValueError("quantize='int8' quantizes an SD1/SD2 UNet on the CPU from fp32 weights: load with "
+                             f"device='cpu', dtype='fp32' (got {self.device}, {self.dtype}"
+                             f"{', an SDXL model' if text_encoder_2 is not None else ''})")
+        self.quantize = quantize
         on_cuda = self.device.type == "cuda"
         self.channels_last = True
         self.step_update = "triton" if on_cuda and kernels.HAS_TRITON else "torch"
@@ -146,19 +156,21 @@ class CompileBackend(GraphBackend):
         """torch.compile wrappers of the networks (compiled at their first call)."""
         options = self.compile_options
         self.text_fn = CompiledOrEager("the text encoder", self._text_eager, **options)
-        self.unet_fn = CompiledOrEager("the UNet", self.unet, **options)
+        self.unet_fn = Int8UNet(self) if self.quantize else CompiledOrEager("the UNet", self.unet, **options)
         self.decode_fn = CompiledOrEager("the VAE decoder", self.vae.decode, **options)
 
     def weights_changed(self) -> None:
         """After a LoRA merge: frozen weights are constants of the compiled code, which is thrown away
         (torch.compiler.reset: every compiled function of the process) and compiled again at the
         next call. Without freeze the compiled code reads the weights, and nothing is done."""
-        if self.freeze:
+        if self.freeze or self.quantize:
             torch.compiler.reset()
             self._compile()
             self.release_memory()  # captures of the old code
 
     def prepare_controlnet(self, controlnet):
+        if self.quantize:
+            raise ValueError("quantize='int8' runs no ControlNets (its UNet takes no residuals): load without it")
         """The ControlNet as the UNet runs here: fused QKV, the backend's ops, channels_last on CUDA,
         torch.compile'd (uncompiled after one warning if compiling fails), on a view of its weights."""
         view = prepare_network(self.controlnet_view(controlnet), self.ops, channels_last=self.channels_last)
@@ -166,3 +178,24 @@ class CompileBackend(GraphBackend):
                                lambda x, t, context, image, scale, guess_mode, added_cond:
                                view(x, t, context, image, scale, guess_mode, added_cond=added_cond),
                                **self.compile_options)
+
+
+class Int8UNet:
+    """The UNet of quantize="int8": quantized and compiled at the first call of each shape
+    (sdengine/quantize.py), then called as the float UNet is."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.by_shape: dict = {}
+        self.failed = False
+
+    def __call__(self, x, t, context, added_cond=None, **residuals):
+        from ..quantize import calibration_inputs, quantize_unet_int8
+
+        key = (tuple(x.shape), tuple(context.shape))
+        if key not in self.by_shape:
+            b = self.backend
+            calibration = calibration_inputs(b.text_encoder, b.config, tuple(x.shape), context.shape[1])
+            self.by_shape[key] = quantize_unet_int8(b.unet, calibration)
+        t = t.reshape(-1).expand(x.shape[0]).float()
+        return self.by_shape[key](x.contiguous(), t, context)

@@ -79,7 +79,8 @@ BACKENDS = ENGINE_BACKENDS + DIFFUSERS_BACKENDS + tuple(PEER_BACKENDS)
 DTYPE_VARIANTS = ("fp32", "fp16", "bf16")
 # Boolean backend options a row may switch on after its dtype, `compile@bf16+freeze+autotune`, so that
 # one run measures a layer's settings side by side (sdengine/backends/compiled.py).
-ROW_FLAGS = {"compile": ("freeze", "autotune")}
+ROW_FLAGS = {"compile": ("freeze", "autotune", "int8")}
+_FLAG_OPTIONS = {"int8": ("quantize", "int8")}  # a flag that is not a boolean option: (option, value)
 # Prompts for end-to-end runs: content does not change the cost (every prompt is padded to 77
 # tokens), but each run gets a different one, with a different seed.
 PROMPTS = (
@@ -140,7 +141,7 @@ def check_backend(spec: str, extra: tuple = ()) -> Optional[str]:
 def row_flags(spec: str) -> dict:
     """'compile@bf16+freeze' -> {"freeze": True}: the backend options a row switches on."""
     variant = split_backend(spec)[1] or ""
-    return {flag: True for flag in variant.split("+")[1:]}
+    return dict(_FLAG_OPTIONS.get(flag, (flag, True)) for flag in variant.split("+")[1:])
 
 
 def row_dtype(spec: str, default: str) -> str:
