@@ -13,7 +13,7 @@ tensor, int8 weights per output channel, convolutions and linears), per workload
 3. `convert_pt2e`, then torchao's x86 lowering (Inductor's constant folding and freezing
    patterns: oneDNN's int8 convolutions and linears, VNNI / AMX-INT8, with prepacked weights).
 
-PT2E lives in torchao since torch 2.10 (`pip install torchao`). It is an opt-in, never a
+PT2E lives in torchao since torch 2.10 (`pip install 'sdengine[int8]'`). It is an opt-in, never a
 default: its fidelity against fp32 is measured per run (sdengine bench's MAE of every row, and
 tests/test_quantize.py on the demo model's digits), and a LoRA change quantizes again.
 """
@@ -29,7 +29,7 @@ from torch import nn
 
 log = logging.getLogger("sdengine")
 
-INSTALL = "pip install torchao (PyTorch's PT2E quantization flow lives there since torch 2.10)"
+INSTALL = "pip install 'sdengine[int8]' (torchao: PyTorch's PT2E quantization flow lives there since torch 2.10)"
 CALIBRATION_TIMESTEPS = (999, 800, 600, 400, 200, 50)  # spread over the 1000-step training schedule
 CALIBRATION_SEQUENCES = 4  # random token sequences through the model's text encoder
 

@@ -79,7 +79,9 @@ def _import(name: str, module: str):
 # ---------------------------------------------------------------------------
 
 class OptimumOpenVINORunner:
-    """OVStableDiffusionPipeline (optimum-intel), static shapes, OpenVINO's default precision."""
+    """OVStableDiffusionPipeline (optimum-intel), static shapes, OpenVINO's default precision. Its
+    __call__ is diffusers' StableDiffusionPipeline's: a torch generator gives it the same initial
+    noise as the diffusers rows (and sdengine's) for a seed."""
 
     name = "optimum-openvino"
 
@@ -121,32 +123,32 @@ class OptimumOpenVINORunner:
                 "diffusers": _version("diffusers")}
 
     def text_encoder(self, inputs):
-        ids = inputs["input_ids"].numpy()
+        ids = inputs["input_ids"].numpy()  # OpenVINO takes numpy arrays (float32 for the float inputs)
         half = ids.shape[0] // 2  # compiled for the prompt batch: the pipeline encodes each half on its own
         return [self.pipe.text_encoder(ids[:half])[0], self.pipe.text_encoder(ids[half:])[0]]
 
     def unet_step(self, inputs):
         from sdengine.bench.runners import guidance
 
-        out = self.pipe.unet(sample=inputs["x"].numpy(), timestep=inputs["t"].reshape(1).numpy(),
-                             encoder_hidden_states=inputs["context"].numpy())[0]
+        out = self.pipe.unet(sample=_f32(inputs["x"]), timestep=_f32(inputs["t"].reshape(1)),
+                             encoder_hidden_states=_f32(inputs["context"]))[0]
         return guidance(torch.from_numpy(np.asarray(out)), self.workload.guidance_scale)
 
     def vae_decode(self, inputs):
-        return self.pipe.vae_decoder(latent_sample=inputs["latents"].numpy())[0]
+        return self.pipe.vae_decoder(latent_sample=_f32(inputs["latents"]))[0]
 
     def end_to_end(self, inputs):
         w = self.workload
         images = self.pipe(prompt=inputs["prompts"], num_inference_steps=w.steps, guidance_scale=w.guidance_scale,
                            height=w.height, width=w.width, output_type=w.output_type,
-                           generator=np.random.RandomState(inputs["seed"])).images
+                           generator=torch.Generator("cpu").manual_seed(inputs["seed"])).images
         self.unet_calls = len(self.pipe.scheduler.timesteps)
         return images
 
     def image(self, prompt: str, seed: int):
         w = self.workload
         return self.pipe(prompt=prompt, num_inference_steps=w.steps, guidance_scale=w.guidance_scale, height=w.height,
-                         width=w.width, output_type="np", generator=np.random.RandomState(seed)).images[0]
+                         width=w.width, output_type="np", generator=torch.Generator("cpu").manual_seed(seed)).images[0]
 
     def ran(self) -> dict:
         return {"scheduler": type(self.pipe.scheduler).__name__}
@@ -229,6 +231,10 @@ class SDCppRunner:
 
     def close(self):
         self.sd = None
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return t.float().numpy()
 
 
 def _version(package: str) -> Optional[str]:
