@@ -68,14 +68,15 @@ def tiny_folder(tmp_path_factory):
 
 
 def test_the_registered_backends_implement_the_seam():
-    for name in ("eager", "graph", "triton", "compile", "native", "aoti", "onnx"):
+    for name in ("eager", "graph", "triton", "compile", "native", "aoti", "onnx", "openvino"):
         assert name in base.names()
-    for name in ("eager", "graph", "triton", "compile", "aoti", "native"):
+    for name in ("eager", "graph", "triton", "compile", "aoti", "native", "openvino"):
         cls = base.get(name)
         missing = [member for member in ("load_model", "from_loaded", "prepare", "run_request", "encode_text",
                                          "denoise", "encode_image", "decode", "fused_step", "controlnet_fn",
                                          "weight_views", "add_token_embeddings", "release_memory",
-                                         "max_prompt_windows", "runs_whole_requests", "name")
+                                         "weights_changed", "max_prompt_windows", "runs_whole_requests", "name",
+                                         "cpu_bf16")
                    if not hasattr(cls, member)]
         assert not missing, f"{name}: {missing}"
     with pytest.raises(ValueError, match="backend must be one of eager, graph"):
