@@ -163,14 +163,14 @@ def free_device_memory(device: torch.device):
 def measure_matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
     """This device's best dense matmul rate in dtype, at the current thread count, on random data.
 
-    CUDA: one 8192-cube product, the median of 10. The CPU: the faster of 1024- and 2048-cube
-    products (a CPU's GEMM rate still grows past 1024), each the fastest of 5 calls: a peak is a
+    CUDA: one 8192-cube product, the median of 10. The CPU: the faster of 1024- and 1536-cube
+    products (a CPU's GEMM rate still grows past 1024), each the fastest of 4 calls: a peak is a
     best case, and other work on a shared CPU only slows calls down. (The median of 1024-cube
     products, in the run's dtype only, put CPU rows at 98-248% of "peak".)"""
     if device.type == "cuda":
         sizes, calls, pick = (8192,), 13, np.median
     else:
-        sizes, calls, pick = (1024, 2048), 7, np.min
+        sizes, calls, pick = (1024, 1536), 6, np.min
     best = 0.0
     for n in sizes:
         generator = torch.Generator(device=device).manual_seed(0)
@@ -192,7 +192,7 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, override: Optional[flo
                 return tflops, f"ANCHORS.md: {key} dense fp16/bf16 matmul measured on random data"
     if device.type == "cuda":
         return measure_matmul_tflops(device, dtype), f"measured now: 8192x8192x8192 matmul in {dtype_name(dtype)}"
-    return measure_matmul_tflops(device, dtype), (f"measured now: the best 1024/2048-cube matmul in "
+    return measure_matmul_tflops(device, dtype), (f"measured now: the best 1024/1536-cube matmul in "
                                                   f"{dtype_name(dtype)} on {torch.get_num_threads()} threads")
 
 
