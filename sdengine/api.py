@@ -12,7 +12,7 @@ import torch
 
 from .backends import base as backends
 from .config import ModelConfig
-from .device import resolve_device_dtype
+from .device import keep_freed_memory, resolve_device_dtype
 from .errors import InvalidArgumentError
 from .pipeline import Pipeline
 
@@ -77,6 +77,8 @@ def load(path=None, device=None, dtype=None, backend: Optional[str] = None, *,
     device, dtype = _device_dtype(device, dtype, backend, path)
     if backend is None:
         backend = "onnx" if (path / "sdengine_onnx.json").exists() else _default_backend(device)
+    if device.type == "cpu":
+        keep_freed_memory()
     loaded = backends.get(backend).load_model(path, device=device, dtype=dtype, config=config,
                                               prediction_type=prediction_type)
     pipe = Pipeline(backends.build(backend, loaded, backend_options), loaded.tokenizer, loaded.tokenizer_2,
@@ -102,6 +104,8 @@ def from_diffusers(pipe, backend: str = "eager", backend_options: Optional[dict]
     from .tokenizer import CLIPTokenizer
 
     text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+    if pipe.unet.device.type == "cpu":
+        keep_freed_memory()
     config = ModelConfig.from_component_dicts(
         name=type(pipe).__name__,
         text_encoder=_text_config(pipe.text_encoder),

@@ -112,6 +112,35 @@ def set_cpu_threads(threads: Optional[int] = None, demo_model: bool = False) -> 
     return count
 
 
+_MALLOC_KEPT: Optional[bool] = None
+
+
+def keep_freed_memory() -> bool:
+    """On glibc, keep freed memory in the process for reuse: no mmap of its own per large
+    allocation (M_MMAP_MAX 0) and no trimming of the heap (M_TRIM_THRESHOLD), so that a
+    UNet step or a VAE decode does not page-fault its working set in again at every call (with
+    glibc's defaults every activation or weight reorder over its mmap threshold, at most 32 MiB,
+    is mapped fresh and given back to the kernel at free). The process then keeps its peak memory. Called once by sdengine.load /
+    from_diffusers for a CPU pipeline; `SDE_KEEP_FREED_MEMORY=0` leaves glibc's defaults. Returns
+    whether the settings are in force."""
+    global _MALLOC_KEPT
+    if _MALLOC_KEPT is None:
+        _MALLOC_KEPT = False
+        if os.environ.get("SDE_KEEP_FREED_MEMORY", "1") != "0":
+            import ctypes
+            import ctypes.util
+
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                mallopt = libc.mallopt
+            except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to tune
+                return False
+            m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+            # no mmap'd chunks at all (the mmap threshold cannot exceed 32 MiB), and no trimming
+            _MALLOC_KEPT = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))  # a C int: 2 GiB
+    return _MALLOC_KEPT
+
+
 def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
     """Defaults: CUDA when available; fp16 on CUDA; on the CPU `default_dtype` (bf16 where the CPU
     has bf16 dot products, fp32 elsewhere)."""

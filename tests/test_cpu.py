@@ -76,3 +76,40 @@ def test_physical_cores():
     siblings = {Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text().strip()
                 for c in os.sched_getaffinity(0)}
     assert cores == len(siblings)  # one per set of SMT siblings
+
+
+FAULTS_SCRIPT = """
+import resource, torch
+from sdengine.device import keep_freed_memory
+kept = keep_freed_memory()
+x = torch.ones(64 * 2**20 // 4)  # 64 MiB: above glibc's largest default mmap threshold (32 MiB)
+del x
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):  # what a UNet step does with its large activations, every call
+    x = torch.ones(64 * 2**20 // 4)
+    del x
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(env_value):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SDE_KEEP_FREED_MEMORY=env_value)
+    out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    kept, faults = out.stdout.split()
+    return kept == "True", int(faults)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="glibc/Linux page-fault counts")
+def test_freed_memory_is_reused_instead_of_faulted_in_again():
+    """glibc maps each allocation over its mmap threshold fresh and returns it at free: every
+    call page-faults its buffers in again. keep_freed_memory() (sdengine.load on the CPU) keeps
+    them: the same ten 64 MiB allocations then fault in once, not ten times."""
+    kept, faults_kept = _faults("1")
+    default, faults_default = _faults("0")
+    assert kept and not default
+    assert faults_default >= 10 * 16384 * 0.9  # each 64 MiB (16384 pages of 4 KiB) faulted in again
+    assert faults_kept <= faults_default / 4
