@@ -610,5 +610,8 @@ def make_runner(spec: str, source, config: ModelConfig, workload: Workload, devi
         return getattr(importlib.import_module(module), attribute)(source, config, workload, device, variant=variant,
                                                                    threads=threads)
     if name in backends.names():
-        return EngineRunner(name, source, config, workload, device, backend_options=row_flags(spec))
+        options = row_flags(spec)
+        if name == "onnx" and threads:  # onnxruntime's intra-op threads (torch's backends follow torch's)
+            options["threads"] = threads
+        return EngineRunner(name, source, config, workload, device, backend_options=options)
     raise ValueError(f"unknown backend {name!r}; choose from: {', '.join(BACKENDS)}")
