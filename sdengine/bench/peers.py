@@ -38,7 +38,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from sdengine.bench.runners import BackendUnavailable, PEER_INSTALL as INSTALL, Workload
+from sdengine.bench.runners import BackendUnavailable, DiffusersRunner, PEER_INSTALL as INSTALL, Workload
 from sdengine.config import ModelConfig
 
 def peer_cache(source: str, name: str) -> Path:
@@ -63,9 +63,11 @@ def _build_once(target: Path, build) -> float:
     return time.perf_counter() - started
 
 
-def _cpu_only(name: str, device: torch.device):
+def _cpu_only(name: str, device: torch.device, workload: Workload):
     if device.type != "cpu":
         raise BackendUnavailable(f"{name} is a CPU peer (run with --device cpu)")
+    if workload.controlnets:
+        raise BackendUnavailable(f"the {name} row runs no ControlNets")
 
 
 def _import(name: str, module: str):
@@ -81,7 +83,7 @@ def _import(name: str, module: str):
 # optimum-intel / OpenVINO
 # ---------------------------------------------------------------------------
 
-class OptimumOpenVINORunner:
+class OptimumOpenVINORunner(DiffusersRunner):
     """OVStableDiffusionPipeline (optimum-intel), static shapes, OpenVINO's default precision. Its
     __call__ is diffusers' StableDiffusionPipeline's: a torch generator gives it the same initial
     noise as the diffusers rows (and sdengine's) for a seed."""
@@ -90,13 +92,14 @@ class OptimumOpenVINORunner:
 
     def __init__(self, source: str, config: ModelConfig, workload: Workload, device: torch.device, *,
                  variant: Optional[str] = None, threads: Optional[int] = None):
-        _cpu_only(self.name, device)
+        _cpu_only(self.name, device, workload)
         if config.text_encoder_2 is not None:
             raise BackendUnavailable("the optimum-openvino row runs SD1/SD2 pipelines (OVStableDiffusionPipeline)")
         self.optimum = _import(self.name, "optimum.intel")
-        self.source, self.config, self.workload = source, config, workload
+        self.source, self.config, self.workload, self.device = source, config, workload, device
         self.variant, self.threads = variant, threads
         self.unet_calls: Optional[int] = None
+        self.no_scheduler, self.controlnets, self.control_images = None, [], []
 
     def prepare(self) -> dict:
         w = self.workload
@@ -140,24 +143,7 @@ class OptimumOpenVINORunner:
     def vae_decode(self, inputs):
         return self.pipe.vae_decoder(latent_sample=_f32(inputs["latents"]))[0]
 
-    def end_to_end(self, inputs):
-        w = self.workload
-        images = self.pipe(prompt=inputs["prompts"], num_inference_steps=w.steps, guidance_scale=w.guidance_scale,
-                           height=w.height, width=w.width, output_type=w.output_type,
-                           generator=torch.Generator("cpu").manual_seed(inputs["seed"])).images
-        self.unet_calls = len(self.pipe.scheduler.timesteps)
-        return images
-
-    def image(self, prompt: str, seed: int):
-        w = self.workload
-        return self.pipe(prompt=prompt, num_inference_steps=w.steps, guidance_scale=w.guidance_scale, height=w.height,
-                         width=w.width, output_type="np", generator=torch.Generator("cpu").manual_seed(seed)).images[0]
-
-    def ran(self) -> dict:
-        return {"scheduler": type(self.pipe.scheduler).__name__}
-
-    def close(self):
-        self.pipe = None
+    # end_to_end, image, ran, close: DiffusersRunner's (its __call__ is diffusers' pipeline's)
 
 
 # ---------------------------------------------------------------------------
@@ -171,7 +157,7 @@ class SDCppRunner:
 
     def __init__(self, source: str, config: ModelConfig, workload: Workload, device: torch.device, *,
                  variant: Optional[str] = None, threads: Optional[int] = None):
-        _cpu_only(self.name, device)
+        _cpu_only(self.name, device, workload)
         self.sdcpp = _import(self.name, "stable_diffusion_cpp")
         if workload.sampler not in ("euler", "euler_a", "heun", "dpm_2", "dpmpp_2m", "lcm"):
             raise BackendUnavailable(f"stable-diffusion.cpp has no sampler {workload.sampler!r} here")
