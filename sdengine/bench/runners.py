@@ -468,7 +468,7 @@ class EngineRunner:
                     phases[phase] += (time.perf_counter() - started) * 1e3
             return call
 
-        def timed(phase):
+        def phase_timer(phase):
             return lambda fn: counted(fn, phase)
 
         def counted_fused_step(make):
@@ -485,7 +485,7 @@ class EngineRunner:
 
         patches = {"fused_step": counted_fused_step}
         if not self.backend.runs_whole_requests:  # each phase's time too: what the run spends outside them
-            patches.update(denoise=counted, encode_text=timed("encode_text"), decode=timed("decode"))
+            patches.update(denoise=counted, encode_text=phase_timer("encode_text"), decode=phase_timer("decode"))
         prompt = inputs["prompts"][0] if len(inputs["prompts"]) == 1 else inputs["prompts"]
         steps_before = _native_steps(self.backend)
         from sdengine import samplers
