@@ -64,8 +64,13 @@ def test_tiny_pipeline_config_round_trip(kind, tmp_path):
     # `extra` holds the scheduler keys SchedulerConfig does not name (thresholding, ...);
     # a key our config leaves None ("the scheduler's default") comes back as that default.
     defaults = {f: None for f in ("final_sigmas_type",) if getattr(expected.scheduler, f) is None}
+    # The folder holds every key of the config (as the published scheduler_config.json files hold
+    # skip_prk_steps, set_alpha_to_one, ... whatever the class), so no sampler falls back to its
+    # class's defaults: `given` names them all.
+    named = {f.name for f in dataclasses.fields(expected.scheduler)} - {"sampler", "extra", "given"}
+    assert named - set(defaults) <= set(loaded.scheduler.given)
     loaded = dataclasses.replace(loaded, name=expected.name,
-                                 scheduler=dataclasses.replace(loaded.scheduler, extra=(), **defaults))
+                                 scheduler=dataclasses.replace(loaded.scheduler, extra=(), given=None, **defaults))
     for part in ("text_encoder", "text_encoder_2", "unet", "vae", "scheduler"):
         assert getattr(loaded, part) == getattr(expected, part), part
 

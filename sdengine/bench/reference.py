@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -99,12 +98,14 @@ def _scheduler_class(sampler: str):
 def diffusers_scheduler(cfg: SchedulerConfig):
     """The diffusers scheduler that cfg.sampler names, with cfg's schedule parameters."""
     cls, algorithm = _scheduler_class(cfg.sampler)
-    accepted = inspect.signature(cls.__init__).parameters
-    values = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__ if f not in ("sampler", "extra")}
+    values = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__ if f not in ("sampler", "extra", "given")}
     values.update(dict(cfg.extra))
     values.update(algorithm)
     # None means "the class default" in our config (e.g. final_sigmas_type), not an explicit None.
-    return cls(**{k: v for k, v in values.items() if k in accepted and v is not None})
+    # from_config keeps the keys the class does not take (skip_prk_steps under Euler, ...) in its
+    # config, as the published scheduler_config.json files hold them: another class made
+    # from_config of it reads them.
+    return cls.from_config({k: v for k, v in values.items() if v is not None})
 
 
 def scheduler_for_sampler(sampler: str, schedule: str, base_config: dict):
