@@ -15,12 +15,13 @@ from .api import from_diffusers, generate, load  # noqa: E402
 from .config import PRESETS, ModelConfig  # noqa: E402
 from .controlnet import Control, ControlNet, load_controlnet  # noqa: E402
 from .errors import InvalidArgumentError, OutOfMemoryError  # noqa: E402
+from .hires import Hires  # noqa: E402
 from .pipeline import GenerationCancelled, GenerationResult, Pipeline  # noqa: E402
 from .request import Request  # noqa: E402
 
 __all__ = ["load", "generate", "from_diffusers", "Pipeline", "GenerationResult", "GenerationCancelled",
            "ModelConfig", "PRESETS", "Request", "InvalidArgumentError", "OutOfMemoryError",
-           "Control", "ControlNet", "load_controlnet", "DeepCache", "TGate", "ToMe"]
+           "Control", "ControlNet", "load_controlnet", "DeepCache", "TGate", "ToMe", "Hires"]
 
 
 def __getattr__(name):

@@ -92,8 +92,9 @@ def from_diffusers(pipe, backend: str = "eager", backend_options: Optional[dict]
     """A Pipeline from a loaded diffusers pipeline object, sharing its weights (no copy).
 
     Works for StableDiffusionPipeline, StableDiffusionImg2ImgPipeline,
-    StableDiffusionInpaintPipeline and StableDiffusionXLPipeline. The networks keep
-    the device and dtype the diffusers pipeline has.
+    StableDiffusionInpaintPipeline, StableDiffusionXLPipeline and StableDiffusionXLImg2ImgPipeline
+    (SDXL's refiner too: no text_encoder, `requires_aesthetics_score`). The networks keep the
+    device and dtype the diffusers pipeline has.
     """
     import tempfile
 
@@ -103,16 +104,17 @@ def from_diffusers(pipe, backend: str = "eager", backend_options: Optional[dict]
     from .models.vae import AutoencoderKL
     from .tokenizer import CLIPTokenizer
 
-    text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+    text_encoder, text_encoder_2 = pipe.text_encoder, getattr(pipe, "text_encoder_2", None)
     if pipe.unet.device.type == "cpu":
         keep_freed_memory()
     config = ModelConfig.from_component_dicts(
         name=type(pipe).__name__,
-        text_encoder=_text_config(pipe.text_encoder),
+        text_encoder=_text_config(text_encoder) if text_encoder is not None else None,
         text_encoder_2=_text_config(text_encoder_2) if text_encoder_2 is not None else None,
         unet=dict(pipe.unet.config),
         vae=dict(pipe.vae.config),
         scheduler=dict(pipe.scheduler.config, _class_name=type(pipe.scheduler).__name__),
+        pipeline=dict(pipe.config),
     )
 
     def adopt(ours_cls, cfg, theirs):
@@ -133,7 +135,8 @@ def from_diffusers(pipe, backend: str = "eager", backend_options: Optional[dict]
             tok.save_pretrained(tmp)
             tokenizers.append(CLIPTokenizer.from_folder(tmp))
     loaded = LoadedModel(
-        config=config, text_encoder=adopt(CLIPTextModel, config.text_encoder, pipe.text_encoder),
+        config=config,
+        text_encoder=None if text_encoder is None else adopt(CLIPTextModel, config.text_encoder, text_encoder),
         text_encoder_2=None if text_encoder_2 is None else adopt(CLIPTextModel, config.text_encoder_2, text_encoder_2),
         unet=adopt(UNet2DConditionModel, config.unet, pipe.unet), vae=adopt(AutoencoderKL, config.vae, pipe.vae),
         tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], source="diffusers-pipeline", name=config.name)

@@ -13,6 +13,7 @@ import importlib
 import sys
 
 from .backends import base as backends
+from .hires import UPSCALERS
 
 SUBCOMMAND_MODULES = ("sdengine.info", "sdengine.bench.cli", "sdengine.export.cli", "sdengine.training.train",
                       "sdengine.serve.cli", "sdengine.compile_cache")
@@ -100,7 +101,55 @@ def _register_generate(sub):
     p.add_argument("--prompt-syntax", default="a1111", choices=["a1111", "none"],
                    help="a1111 (default): (emphasis:1.2), [less], BREAK, prompts over 75 tokens in windows, <lora:> "
                         "tags; none: plain text, truncated at 75 tokens")
+    p.add_argument("--refiner", default=None, metavar="PATH",
+                   help="an SDXL refiner (diffusers folder or single file) that takes over the latents at "
+                        "--refiner-switch-at and decodes")
+    p.add_argument("--refiner-switch-at", type=float, default=None,
+                   help="fraction of the denoising the base does before the refiner takes over (default 0.8)")
+    p.add_argument("--aesthetic-score", type=float, default=6.0, help="SDXL refiner's aesthetic score (6.0)")
+    p.add_argument("--negative-aesthetic-score", type=float, default=2.5,
+                   help="SDXL refiner's aesthetic score for the negative prompt (2.5)")
+    ip = p.add_argument_group("IP-Adapter: an image as a prompt")
+    ip.add_argument("--ip-adapter", action="append", default=[], metavar="FILE:IMAGE[:SCALE]",
+                    help="an IP-Adapter file (ip-adapter_*.safetensors / .bin, basic or Plus), its image prompt and "
+                         "scale (default 1.0); repeatable (needs --image-encoder)")
+    ip.add_argument("--image-encoder", default=None, metavar="FOLDER",
+                    help="the IP-Adapters' CLIP image encoder (a transformers CLIPVisionModelWithProjection folder)")
+    hires = p.add_argument_group("hires fix (A1111's): draw at --width x --height, upscale, denoise again")
+    hires.add_argument("--hires", action="store_true", help="turn the hires fix on")
+    hires.add_argument("--hires-scale", type=float, default=2.0, help="upscale factor (2.0)")
+    hires.add_argument("--hires-upscaler", default="Latent", choices=UPSCALERS, help="(Latent)")
+    hires.add_argument("--hires-steps", type=int, default=0,
+                       help="second-pass steps actually run (0: the first pass's)")
+    hires.add_argument("--hires-denoising-strength", type=float, default=0.7, help="(0.7)")
+    hires.add_argument("--hires-resize", default=None, metavar="WxH",
+                       help="target size instead of --hires-scale; 0 for a side follows the aspect ratio")
+    hires.add_argument("--hires-sampler", default=None, help="second-pass sampler (default: --sampler)")
+    hires.add_argument("--hires-prompt", default=None, help="second-pass prompt (default: the prompt)")
+    hires.add_argument("--hires-negative-prompt", default=None)
     p.set_defaults(func=_generate)
+
+
+def hires_from_args(args):
+    """The sdengine.Hires of the --hires options, None without --hires (a --hires-* option alone is an error)."""
+    from .hires import Hires
+
+    given = [f"--{name.replace('_', '-')}" for name in ("hires_resize", "hires_sampler", "hires_prompt",
+                                                        "hires_negative_prompt") if getattr(args, name) is not None]
+    if not args.hires:
+        if given:
+            raise ValueError(f"{given[0]} needs --hires")
+        return None
+    resize = (0, 0)
+    if args.hires_resize is not None:
+        try:
+            resize = tuple(int(v) for v in args.hires_resize.lower().split("x"))
+            assert len(resize) == 2
+        except (ValueError, AssertionError):
+            raise ValueError(f"--hires-resize must be WxH (e.g. 1024x0), got {args.hires_resize!r}") from None
+    return Hires(scale=args.hires_scale, upscaler=args.hires_upscaler, steps=args.hires_steps,
+                 denoising_strength=args.hires_denoising_strength, resize_x=resize[0], resize_y=resize[1],
+                 sampler=args.hires_sampler, prompt=args.hires_prompt, negative_prompt=args.hires_negative_prompt)
 
 
 def _generate(args) -> int:
@@ -132,8 +181,25 @@ def _generate(args) -> int:
     for path, token in embeddings:
         pipe.load_embedding(path, token)
     controls = [parse_control(value, open_image, args.control_preprocess) for value in args.control]
-    if args.from_png is not None:
-        result = pipe.run(_request_from_png(args, open_image).for_model(pipe.config))
+    hires = hires_from_args(args)
+    ip_images, ip_scales = [], []
+    if args.ip_adapter:
+        adapters = [parse_ip_adapter(value, open_image) for value in args.ip_adapter]
+        pipe.load_ip_adapter([path for path, _, _ in adapters], image_encoder=args.image_encoder)
+        ip_images, ip_scales = [image for _, image, _ in adapters], [scale for _, _, scale in adapters]
+    elif args.image_encoder is not None:
+        raise ValueError("--image-encoder needs --ip-adapter")
+    refiner = None
+    if args.refiner is not None:
+        refiner = sdengine.load(args.refiner, device=args.device, dtype=args.dtype, backend=args.backend)
+    passes = dict(refiner=refiner, refiner_switch_at=args.refiner_switch_at, aesthetic_score=args.aesthetic_score,
+                  negative_aesthetic_score=args.negative_aesthetic_score,
+                  ip_adapter_image=ip_images or None, ip_adapter_scale=ip_scales or None)
+    if args.from_png is not None:  # its Hires fields, or --hires; the refiner and image prompts from the options
+        extra = {k: v for k, v in passes.items() if v is not None and k not in ("aesthetic_score",
+                                                                                 "negative_aesthetic_score")}
+        result = pipe.run(_request_from_png(args, open_image, dict(extra, **({"hires": hires} if hires else {})))
+                          .for_model(pipe.config))
     else:
         if args.prompt is None:
             raise ValueError("generate needs a prompt, or --from-png PNG")
@@ -147,6 +213,7 @@ def _generate(args) -> int:
             subseed=args.subseed, subseed_strength=args.subseed_strength, eta_noise_seed_delta=args.ensd,
             deepcache=sdengine.DeepCache(args.deepcache, args.deepcache_branch) if args.deepcache else None,
             tgate=args.tgate, tome=args.tome,
+            hires=hires, **passes,
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(result.images):
@@ -165,7 +232,7 @@ _SET_BY_THE_PNG = ("negative_prompt", "steps", "height", "width", "seed", "sampl
                    "clip_skip", "conventions", "subseed", "control")
 
 
-def _request_from_png(args, open_image):
+def _request_from_png(args, open_image, extra: dict):
     """sdengine.Request of the PNG's `parameters` text (Request.from_infotext), with the options
     that do not change what it describes (--rng, --lora-dir, images, --no-progress) on top."""
     from PIL import Image
@@ -187,7 +254,25 @@ def _request_from_png(args, open_image):
         overrides["rng"] = args.rng
     if args.batch_size != 1:
         overrides["batch_size"] = args.batch_size
-    return Request.from_infotext(text, **{k: v for k, v in overrides.items() if v is not None})
+    return Request.from_infotext(text, **{k: v for k, v in overrides.items() if v is not None}, **extra)
+def parse_ip_adapter(value: str, open_image) -> tuple:
+    """--ip-adapter FILE:IMAGE[:SCALE] -> (file, PIL image, scale). Both paths must exist."""
+    from pathlib import Path
+
+    parts = value.split(":")
+    scale = 1.0
+    if len(parts) >= 3:
+        try:
+            scale = float(parts[-1])
+            parts = parts[:-1]
+        except ValueError:
+            pass
+    if len(parts) != 2:
+        raise ValueError(f"--ip-adapter must be FILE:IMAGE[:SCALE], got {value!r}")
+    path, image = parts
+    if not Path(path).exists():
+        raise FileNotFoundError(f"--ip-adapter: no such file: {path}")
+    return path, open_image(image, "--ip-adapter image"), scale
 
 
 def parse_control(value: str, open_image, preprocess=None):

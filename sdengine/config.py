@@ -328,6 +328,38 @@ class ControlNetConfig:
         return cls(unet=unet, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names})
 
 
+@dataclass(frozen=True)
+class VisionEncoderConfig:
+    """CLIP's vision tower with its projection (transformers' CLIPVisionConfig keys): the image
+    encoder of IP-Adapter (OpenCLIP ViT-H/14 for most; ViT-bigG/14 for some SDXL adapters)."""
+
+    hidden_size: int = 1280
+    intermediate_size: int = 5120
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    num_channels: int = 3
+    projection_dim: int = 1024
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("vision encoder hidden_size must be divisible by num_attention_heads")
+        if self.image_size % self.patch_size:
+            raise ValueError("vision encoder image_size must be a multiple of patch_size")
+        if self.hidden_act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"unsupported vision encoder hidden_act {self.hidden_act!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "VisionEncoderConfig":
+        """From a transformers CLIPVisionConfig (or a CLIPConfig's vision_config) dict."""
+        data = data.get("vision_config", data)
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
 # diffusers scheduler class -> sdengine sampler name (the default sampler of a checkpoint).
 SCHEDULER_CLASS_TO_SAMPLER = {
     "DDIMScheduler": "ddim",
@@ -351,14 +383,22 @@ class ModelConfig:
     """A whole text-to-image model: text encoder(s), UNet, VAE and noise schedule."""
 
     name: str
-    text_encoder: TextEncoderConfig
+    text_encoder: Optional[TextEncoderConfig]  # None: SDXL's refiner, which has only text_encoder_2
     unet: UNetConfig
     vae: VAEConfig
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     text_encoder_2: Optional[TextEncoderConfig] = None  # SDXL's OpenCLIP bigG encoder
+    # SDXL pipeline options (diffusers' model_index.json): the refiner conditions on an aesthetic
+    # score where the base has the target size, and encodes an empty negative prompt where the
+    # base uses zeros.
+    requires_aesthetics_score: bool = False
+    force_zeros_for_empty_prompt: bool = True
 
     def __post_init__(self):
-        context = self.text_encoder.hidden_size + (self.text_encoder_2.hidden_size if self.text_encoder_2 else 0)
+        encoders = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+        if not encoders:
+            raise ValueError(f"{self.name}: a model needs a text encoder")
+        context = sum(e.hidden_size for e in encoders)
         if context != self.unet.cross_attention_dim:
             raise ValueError(f"{self.name}: text encoder width {context} does not match "
                              f"UNet cross_attention_dim {self.unet.cross_attention_dim}")
@@ -375,7 +415,13 @@ class ModelConfig:
 
     @property
     def is_sdxl(self) -> bool:
+        """SDXL's conditioning (the base, and the refiner)."""
         return self.text_encoder_2 is not None
+
+    @property
+    def is_refiner(self) -> bool:
+        """SDXL's refiner: text_encoder_2 only, an aesthetic score in its added conditioning."""
+        return self.text_encoder is None
 
     @property
     def default_size(self) -> int:
@@ -406,7 +452,9 @@ class ModelConfig:
             return cls(name=data["name"], text_encoder=component(TextEncoderConfig, data["text_encoder"]),
                        unet=component(UNetConfig, data["unet"]), vae=component(VAEConfig, data["vae"]),
                        scheduler=SchedulerConfig.from_dict(data["scheduler"]),
-                       text_encoder_2=component(TextEncoderConfig, data.get("text_encoder_2")))
+                       text_encoder_2=component(TextEncoderConfig, data.get("text_encoder_2")),
+                       requires_aesthetics_score=bool(data.get("requires_aesthetics_score", False)),
+                       force_zeros_for_empty_prompt=bool(data.get("force_zeros_for_empty_prompt", True)))
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"model config is incomplete or malformed: {e}") from None
 
@@ -430,25 +478,30 @@ class ModelConfig:
             return _read_json(folder / sub / "config.json")
 
         sched_path = folder / "scheduler" / "scheduler_config.json"
+        present = lambda entry: bool(entry) and not (isinstance(entry, list) and entry[-1] is None)  # noqa: E731
         return cls.from_component_dicts(
             name=folder.name,
-            text_encoder=component("text_encoder"),
-            text_encoder_2=component("text_encoder_2") if index.get("text_encoder_2") else None,
+            text_encoder=component("text_encoder") if present(index.get("text_encoder")) else None,
+            text_encoder_2=component("text_encoder_2") if present(index.get("text_encoder_2")) else None,
             unet=component("unet"),
             vae=component("vae"),
             scheduler=_read_json(sched_path) if sched_path.exists() else None,
+            pipeline=index,
         )
 
     @classmethod
-    def from_component_dicts(cls, name: str, text_encoder: dict, unet: dict, vae: dict,
-                             scheduler: Optional[dict] = None, text_encoder_2: Optional[dict] = None
-                             ) -> "ModelConfig":
-        """Build from the config dicts of diffusers / transformers components."""
-        text = text_encoder_config_from_dict(text_encoder)
+    def from_component_dicts(cls, name: str, text_encoder: Optional[dict], unet: dict, vae: dict,
+                             scheduler: Optional[dict] = None, text_encoder_2: Optional[dict] = None,
+                             pipeline: Optional[dict] = None) -> "ModelConfig":
+        """Build from the config dicts of diffusers / transformers components. pipeline: the
+        pipeline's own options (model_index.json: requires_aesthetics_score,
+        force_zeros_for_empty_prompt; absent: diffusers' defaults, False and True)."""
+        text = text_encoder_config_from_dict(text_encoder) if text_encoder is not None else None
         text_2 = None
         if text_encoder_2 is not None:  # SDXL conditions on the penultimate layers of both
-            text = replace(text, output_layer="penultimate")
+            text = replace(text, output_layer="penultimate") if text is not None else None
             text_2 = replace(text_encoder_config_from_dict(text_encoder_2), output_layer="penultimate")
+        pipeline = pipeline or {}
         return cls(
             name=name,
             text_encoder=text,
@@ -456,6 +509,8 @@ class ModelConfig:
             unet=component_config_from_dict(UNetConfig, unet, "unet/config.json"),
             vae=component_config_from_dict(VAEConfig, vae, "vae/config.json"),
             scheduler=scheduler_config_from_dict(scheduler) if scheduler else SchedulerConfig(),
+            requires_aesthetics_score=bool(pipeline.get("requires_aesthetics_score", False)),
+            force_zeros_for_empty_prompt=bool(pipeline.get("force_zeros_for_empty_prompt", True)),
         )
 
 
@@ -623,7 +678,8 @@ PRESETS: dict[str, ModelConfig] = {
 def tiny_config(kind: str = "sd15") -> ModelConfig:
     """Tiny random-weight configs of each architecture family, for tests and smoke runs.
 
-    kind: "sd15", "sd15-inpaint", "sd21-v" or "sdxl".
+    kind: "sd15", "sd15-inpaint", "sd21-v", "sdxl" or "sdxl-refiner" (text_encoder_2 only, an
+    aesthetic score in place of the target size: 5 added numbers, as SDXL's refiner).
     """
     text = TextEncoderConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
     vae = VAEConfig(sample_size=64, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
@@ -654,4 +710,14 @@ def tiny_config(kind: str = "sd15") -> ModelConfig:
             replace(vae, scaling_factor=0.13025), replace(scheduler, sampler="euler"),
             text_encoder_2=replace(text, projection_dim=32, hidden_act="gelu", output_layer="penultimate"),
         )
-    raise ValueError(f"unknown tiny config {kind!r}; choose sd15, sd15-inpaint, sd21-v or sdxl")
+    if kind == "sdxl-refiner":
+        text_2 = replace(text, projection_dim=32, hidden_act="gelu", output_layer="penultimate")
+        return ModelConfig(
+            "tiny-sdxl-refiner", None,
+            replace(unet, block_out_channels=(32, 48), cross_attention_dim=32, transformer_layers_per_block=(2, 1),
+                    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                    projection_class_embeddings_input_dim=32 + 5 * 8),
+            replace(vae, scaling_factor=0.13025), replace(scheduler, sampler="euler"), text_encoder_2=text_2,
+            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+        )
+    raise ValueError(f"unknown tiny config {kind!r}; choose sd15, sd15-inpaint, sd21-v, sdxl or sdxl-refiner")

@@ -51,11 +51,11 @@ class LoadedModel:
     """
 
     config: ModelConfig
-    text_encoder: nn.Module
+    text_encoder: Optional[nn.Module]  # None: SDXL's refiner
     text_encoder_2: Optional[nn.Module]
     unet: nn.Module
     vae: nn.Module
-    tokenizer: CLIPTokenizer
+    tokenizer: Optional[CLIPTokenizer]  # None: SDXL's refiner
     tokenizer_2: Optional[CLIPTokenizer]
     source: str
     name: Optional[str] = None  # the checkpoint's: its file's stem or its folder's name
@@ -67,11 +67,9 @@ def build_networks(config: ModelConfig) -> dict[str, nn.Module]:
     from .models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 
     with torch.device("meta"):
-        networks = {
-            "text_encoder": CLIPTextModel(config.text_encoder),
-            "unet": UNet2DConditionModel(config.unet),
-            "vae": AutoencoderKL(config.vae),
-        }
+        networks = {"unet": UNet2DConditionModel(config.unet), "vae": AutoencoderKL(config.vae)}
+        if config.text_encoder is not None:  # SDXL's refiner has none
+            networks["text_encoder"] = CLIPTextModel(config.text_encoder)
         if config.text_encoder_2 is not None:
             networks["text_encoder_2"] = CLIPTextModel(config.text_encoder_2)
     return networks
@@ -103,8 +101,8 @@ def _diffusers_config(path: Path) -> ModelConfig:
         raise ModelLoadError(f"{path / 'model_index.json'} is not valid JSON: {e}") from None
     for component, classes in _NETWORK_CLASSES.items():
         entry = index.get(component)
-        if component == "text_encoder_2" and (not entry or (isinstance(entry, list) and entry[-1] is None)):
-            continue
+        if component.startswith("text_encoder") and (not entry or (isinstance(entry, list) and entry[-1] is None)):
+            continue  # SD1/SD2 have no text_encoder_2, SDXL's refiner no text_encoder (the config says if none is)
         class_name = entry[-1] if isinstance(entry, list) else None
         if class_name not in classes:
             found = {k: v[-1] for k, v in index.items() if isinstance(v, list) and v[-1]}
@@ -198,8 +196,9 @@ def load_model(path, device=None, dtype=None, *, config: Optional[ModelConfig] =
         networks = build_networks(config)
         plans = _diffusers_plans(path, config, networks)
         source = "diffusers"
-        openclip = config.text_encoder.hidden_act == "gelu"  # SD2's OpenCLIP tokenizer pads with "!"
-        tokenizer = _tokenizer(path / "tokenizer", "!" if openclip else EOS_TOKEN)
+        openclip = config.text_encoder is not None and config.text_encoder.hidden_act == "gelu"
+        # SD2's OpenCLIP tokenizer pads with "!"; SDXL's refiner has no first tokenizer
+        tokenizer = _tokenizer(path / "tokenizer", "!" if openclip else EOS_TOKEN) if config.text_encoder else None
         tokenizer_2 = _tokenizer(path / "tokenizer_2", "!") if config.text_encoder_2 is not None else None
     else:
         reader, source = single_file_reader(path)
@@ -211,11 +210,12 @@ def load_model(path, device=None, dtype=None, *, config: Optional[ModelConfig] =
         except UnmappedKey as e:
             raise ModelLoadError(f"{path}: no LDM name for {e}") from None
         # Single files carry no tokenizer: the bundled CLIP BPE, with each encoder's pad token.
-        tokenizer = CLIPTokenizer.default(pad_token="!" if layout.text_openclip else EOS_TOKEN)
+        tokenizer = CLIPTokenizer.default(pad_token="!" if layout.text_openclip else EOS_TOKEN) \
+            if config.text_encoder is not None else None
         tokenizer_2 = CLIPTokenizer.default(pad_token="!") if config.text_encoder_2 is not None else None
 
     loaded = fill_networks(plans, device, dtype, progress)
-    return LoadedModel(config=config, text_encoder=loaded["text_encoder"], text_encoder_2=loaded.get("text_encoder_2"),
+    return LoadedModel(config=config, text_encoder=loaded.get("text_encoder"), text_encoder_2=loaded.get("text_encoder_2"),
                        unet=loaded["unet"], vae=loaded["vae"], tokenizer=tokenizer, tokenizer_2=tokenizer_2,
                        source=source, name=path.stem if path.is_file() else path.name)
 

@@ -22,7 +22,7 @@ import logging
 import threading
 import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
@@ -41,6 +41,7 @@ from .images import numpy_to_pil  # noqa: F401 (re-exported: sdengine.pipeline.n
 from .lora import LoraWeights, ReadWriteLock
 from .request import DEFAULT_GUIDANCE, Request, takes_request_arguments
 from .samplers import Plan
+from .samplers.plan import steps_before
 from .vae_tiling import AUTO_TILE_CELLS, tiled_decode
 
 if TYPE_CHECKING:  # the backend is handed in (sdengine.api builds it): the pipeline imports no backend
@@ -93,14 +94,19 @@ class GenerationResult:
             eta_field = ("Eta DDIM", p.get("eta") or None)
         subseeds = p.get("subseeds") or []
         resize = p.get("seed_resize_from")
+        hires = p.get("hires")
+        # A1111 writes the first pass's size, and the hires fix's denoising strength
+        width, height = p.get("first_pass_size") or (p["width"], p["height"])
+        strength = hires.denoising_strength if hires is not None else \
+            p.get("strength") if p.get("mode") != "txt2img" else None
         fields_ = [
             ("Steps", p["steps"]), ("Sampler", sampler), ("Schedule type", schedule),
             ("CFG scale", p["guidance_scale"]), ("Seed", self.seeds[index]),
-            ("Size", f"{p['width']}x{p['height']}"), ("Model", p.get("model")),
+            ("Size", f"{width}x{height}"), ("Model", p.get("model")),
             ("Variation seed", subseeds[index] if subseeds else None),
             ("Variation seed strength", p.get("subseed_strength") or None),
             ("Seed resize from", f"{resize[0]}x{resize[1]}" if resize else None),
-            ("Denoising strength", p.get("strength") if p.get("mode") != "txt2img" else None),
+            ("Denoising strength", strength),
             # A1111 counts the last layer too: its "Clip skip: 2" is diffusers' clip_skip=1
             ("Clip skip", p["clip_skip"] + 1 if p.get("clip_skip") else None),
             ("ENSD", p.get("eta_noise_seed_delta") or None),
@@ -112,9 +118,19 @@ class GenerationResult:
             ("Lora hashes", quote(", ".join(f"{bare(lora['name'])}: {lora['hash']}" for lora in p.get("loras") or [])
                                   or None)),
         ]
+        if hires is not None:
+            from .hires import infotext_fields
+
+            hires_sampler = a1111.label_of(p["hires_sampler"]) if p.get("conventions") == "a1111" else \
+                A1111_LABELS["samplers"].get(p["hires_sampler"], p["hires_sampler"])
+            fields_ += [(k, quote(v) if isinstance(v, str) else v)
+                        for k, v in infotext_fields(hires, dict(p, hires_sampler_label=hires_sampler))]
+        if p.get("refiner"):
+            fields_ += [("Refiner", quote(p["refiner"])), ("Refiner switch at", p["refiner_switch_at"])]
         # A1111's ControlNet extension: one "ControlNet i" field per unit, its settings in one quoted value
+        units = [controlnet_infotext(c) for c in p.get("controls") or []] + list(p.get("ip_adapters") or [])
         fields_ += [(f"ControlNet {i}", quote(", ".join(f"{k}: {v}" for k, v in unit.items())))
-                    for i, unit in enumerate(controlnet_infotext(c) for c in p.get("controls") or [])]
+                    for i, unit in enumerate(units)]
         fields_ += list(p.get("acceleration_infotext") or [])  # DeepCache, T-GATE, "Token merging ratio"
         negatives = p.get("negative_prompts") or []
         return format_infotext(p["prompts"][index], negatives[index] if negatives else "", fields_)
@@ -149,18 +165,29 @@ class Run:
 class _Progress:
     """The run's progress bar and callback: called with (step_index, latents or None) after
     every step (`samplers.sample`'s callback, a backend's on_step); `step` is the index of the
-    step running now. A callback returning False cancels (GenerationCancelled)."""
+    step running now. A callback returning False cancels (GenerationCancelled). A request of
+    several passes (hires fix, refiner) counts its steps on one bar: `next_pass()` makes the
+    following calls' indexes continue from the steps done; `pass_step` is the index in the pass."""
 
-    def __init__(self, run: Run):
-        self.total, self.callback, self.step = run.plan.num_steps, run.request.callback, 0
+    def __init__(self, run: Run, total: Optional[int] = None):
+        self.total, self.callback, self.step = total or run.plan.num_steps, run.request.callback, 0
+        self.offset = 0
         self.bar = tqdm(total=self.total, desc=run.plan.sampler, unit="step", disable=not run.request.progress,
                         leave=False)
 
     def __call__(self, index: int, latents) -> None:
+        index += self.offset
         self.step = index + 1
         self.bar.update(1)
         if self.callback is not None and self.callback(index, self.total, latents) is False:
             raise GenerationCancelled(f"cancelled by the callback at step {index + 1}")
+
+    @property
+    def pass_step(self) -> int:
+        return self.step - self.offset
+
+    def next_pass(self) -> None:
+        self.offset = self.step
 
     def __enter__(self) -> "_Progress":
         return self
@@ -184,6 +211,8 @@ class Pipeline:
         self._lora_set: list = []  # the set given to set_loras; a1111 prompts may add to it per call
         self._controlnets: dict = {}  # path -> ControlNet, loaded on first use by a Control naming a path
         self._controlnets_lock = threading.Lock()
+        self._ip_adapters: list = []  # sdengine.ip_adapter.IPAdapter, in load order (load_ip_adapter)
+        self._image_encoder = None    # their CLIP vision model
 
     def __repr__(self):
         return (f"Pipeline({self.name!r}, backend={self.backend.name}, "
@@ -233,31 +262,133 @@ class Pipeline:
             f"freed: try a smaller size or batch")
 
     def _run(self, request: Request) -> GenerationResult:
-        """validate -> encode -> initial latents -> the sampler loop -> decode."""
+        """validate -> encode -> initial latents -> the sampler loop -> decode; with a hires fix,
+        upscale and a second sampler loop before the decode; with a refiner, its loop on the
+        latents handed over, and its decode."""
         run = self._validate(request)  # what needs the model, checked before any work
         # what the backend compiles for this workload, once (the triton layer's kernels, in parallel)
         self.backend.prepare(request.height, request.width, request.n_images, run.plan.sampler, run.plan.schedule)
         controls = self._control_inputs(run)  # a backend that runs no ControlNets refuses here
         if request.acceleration:  # a backend that cannot run DeepCache, T-GATE or ToMe refuses here
             self.backend.check_acceleration(request.acceleration)
-        with self._holding_weights(run.tag_loras) as loras, _Progress(run) as progress:
-            params = self._params(run, loras)
+        hires = self._hires_run(run) if request.hires is not None else None
+        refiner = request.refiner
+        handoff = refiner._handoff_run(run) if refiner is not None else None
+        total = sum(r.plan.num_steps for r in (run, hires, handoff) if r is not None)
+        with self._holding_weights(run.tag_loras) as loras, _Progress(run, total) as progress:
+            params = self._params(run, loras, hires, handoff)
             pixels = self.backend.run_request(run, self.tokenizer, self.tokenizer_2, progress)
             if pixels is not None:  # a backend that runs whole requests itself (native: the C++ loop)
                 return self._result(run, params, pixels=pixels)
-            context, added_cond = self._encode(run)
-            noise, init_latents, extra_channels = self._initial_latents(run)
-            kinds = request.acceleration.schedule(run.plan.num_steps, run.do_cfg) if request.acceleration else None
-            step = None if run.plan.conventions == "a1111" else self.backend.fused_step(  # A1111: the Python loop
-                run.plan, context, request.guidance_scale, added_cond, extra_channels,
-                **({"controls": controls} if controls else {}), **({"schedule": kinds} if kinds else {}))
-            model_fn = None if step is not None else self._model_fn(run, context, added_cond, extra_channels,
-                                                                      controls, progress, kinds)
-            x = samplers.sample(model_fn, noise, run.plan, step=step, init_latents=init_latents,
-                                generators=run.image_noise or run.generators, callback=progress)
+            x = self._sample(run, controls, progress)
+            if hires is not None:
+                progress.next_pass()
+                x = self._sample(hires, self._control_inputs(hires), progress, init_latents=self._upscale(run, hires, x))
+            if handoff is not None:
+                progress.next_pass()
+                x = refiner._refine(handoff, x, progress)
             if request.output_type == "latent":
                 return GenerationResult(x, list(request.seeds), params)
-            return self._result(run, params, decoded=self.decode_latents(x, tiling=request.vae_tiling))
+            decoder = refiner if refiner is not None else self
+            return self._result(run, params, decoded=decoder.decode_latents(x, tiling=request.vae_tiling))
+
+    def _sample(self, run: "Run", controls: list, progress: "_Progress", init_latents=None,
+                add_noise: bool = True) -> torch.Tensor:
+        """One sampler loop over run.plan: encode, initial latents, the backend's fused step or
+        model_fn; returns diffusers' latents at the plan's end. init_latents: latents to start
+        from instead of the request's (a hires fix's upscaled latents: noised with fresh noise from
+        run.generators; a refiner's: as they are, add_noise=False)."""
+        context, added_cond = self._encode(run)
+        if init_latents is None:
+            noise, init_latents, extra_channels = self._initial_latents(run)
+        else:
+            noise = None
+            if add_noise:  # fresh noise at these latents' shape: A1111's generators' first draws, or diffusers'
+                noise = run.image_noise.first() if run.image_noise is not None else samplers.randn(
+                    tuple(init_latents.shape), run.generators, torch.device("cpu"), torch.float32)
+                noise = noise.to(self.backend.device, torch.float32)
+            init_latents, extra_channels = init_latents.to(self.backend.device, torch.float32), None
+        acceleration = run.request.acceleration  # DeepCache, T-GATE, ToMe: their kinds over this pass's steps
+        kinds = acceleration.schedule(run.plan.num_steps, run.do_cfg) if acceleration else None
+        step = None if run.plan.conventions == "a1111" else self.backend.fused_step(  # A1111: the Python loop
+            run.plan, context, run.request.guidance_scale, added_cond, extra_channels,
+            **({"controls": controls} if controls else {}), **({"schedule": kinds} if kinds else {}))
+        model_fn = None if step is not None else self._model_fn(run, context, added_cond, extra_channels,
+                                                                  controls, progress, kinds)
+        return samplers.sample(model_fn, noise, run.plan, step=step, init_latents=init_latents,
+                               generators=run.image_noise or run.generators, callback=progress, add_noise=add_noise)
+
+    # ------------------------------------------------------------------
+    # Second passes: A1111's hires fix, SDXL's refiner
+    # ------------------------------------------------------------------
+
+    def _hires_run(self, run: "Run") -> "Run":
+        """The hires fix's second pass (sdengine/hires.py), checked before any work: the request at
+        the target size with the hires prompts and sampler, the last steps of A1111's longer
+        schedule, and fresh generators from the same seeds (the second pass's noise is drawn again
+        at the larger shape, as A1111's sample_hr_pass does)."""
+        r, hires = run.request, run.request.hires
+        target = hires.target(r.width, r.height, self.config.vae.downscale)
+        texts, negatives = run.texts, run.negatives
+        if hires.prompt is not None:
+            texts = [a1111.extract_lora_tags(hires.prompt)[0] if r.prompt_syntax else hires.prompt] * r.n_images
+        if hires.negative_prompt is not None:
+            negatives = [a1111.extract_lora_tags(hires.negative_prompt)[0] if r.prompt_syntax
+                         else hires.negative_prompt] * r.n_images
+        request = replace(r, width=target.width, height=target.height, hires=None, prompts=tuple(texts),
+                          negative_prompts=tuple(negatives),
+                          negative_prompt_given=r.negative_prompt_given or hires.negative_prompt is not None)
+        total, steps = hires.schedule(r.steps)
+        try:  # the first pass's rules (A1111's or diffusers'), whatever vocabulary hires.sampler uses
+            plan = samplers.plan_for(hires.sampler or r.sampler, r.schedule, total, self.config.scheduler,
+                                     eta=r.eta, conventions=run.plan.conventions,
+                                     is_sdxl=self.config.is_sdxl).window(total - steps)
+        except ValueError as e:
+            raise InvalidArgumentError("hires", f"hires: {e}") from None
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in r.seeds]
+        return replace(run, request=request, texts=texts, negatives=negatives, plan=plan, generators=generators,
+                       init_for_sampler=True, image_noise=self._image_noise(request, plan))
+
+    def _upscale(self, run: "Run", hires_run: "Run", latents: torch.Tensor) -> torch.Tensor:
+        """The first pass's latents at the second pass's size: a latent upscaler's interpolation, or
+        decode -> A1111's pixel upscaler on 8-bit images -> encode (the posterior's mean)."""
+        from . import hires as hires_fix
+
+        r, cell = run.request, self.config.vae.downscale
+        target = r.hires.target(r.width, r.height, cell)
+        if r.hires.latent:
+            return hires_fix.upscale_latents(latents, target, r.hires.upscaler, cell)
+        images = hires_fix.upscale_pixels(self.decode_latents(latents, tiling=r.vae_tiling), target, r.hires.upscaler)
+        vae = self.config.vae
+        mean = torch.cat([self.backend.encode_image(images[i:i + 1])[0] for i in range(len(images))])
+        encoded = (mean - vae.shift_factor if vae.shift_factor is not None else mean) * vae.scaling_factor
+        return hires_fix.crop_latents(encoded, target)
+
+    def _handoff_run(self, base: "Run") -> "Run":
+        """The refiner's part of a base run (called on the refiner): the same prompts (without
+        their <lora:> tags), seeds and settings for this model, and the steps of its own schedule
+        after `refiner_switch_at` (diffusers' denoising_start), continuing the base's generators."""
+        r = base.request
+        request = replace(r, prompts=tuple(base.texts), negative_prompts=tuple(base.negatives), refiner=None,
+                          controls=(), init_image=None, mask_image=None, latents=None, mode="txt2img",
+                          strength=None, ip_adapter_image=(), ip_adapter_scale=()).for_model(self.config)
+        plan = samplers.plan_for(r.sampler, r.schedule, r.steps, self.config.scheduler, eta=r.eta,
+                                 conventions=base.plan.conventions, is_sdxl=True)
+        start = steps_before(plan, r.refiner_switch_at, self.config.scheduler.num_train_timesteps)
+        if start >= plan.num_steps:
+            raise InvalidArgumentError("refiner_switch_at", f"refiner_switch_at={r.refiner_switch_at} leaves the "
+                                                            f"refiner no step of {r.steps}: lower it or add steps")
+        if request.acceleration:  # the refiner's steps run the request's DeepCache, T-GATE or ToMe too
+            self.backend.check_acceleration(request.acceleration)
+        return Run(request, list(base.texts), list(base.negatives), [], [], None, None, plan.window(start), False,
+                   base.generators, base.image_noise)
+
+    def _refine(self, run: "Run", latents: torch.Tensor, progress: "_Progress") -> torch.Tensor:
+        """The refiner's loop (called on the refiner) from the base's latents, under its own weights."""
+        self.backend.prepare(run.request.height, run.request.width, run.request.n_images, run.plan.sampler,
+                             run.plan.schedule)
+        with self._holding_weights([]):
+            return self._sample(run, [], progress, init_latents=latents, add_noise=False)
 
     # ------------------------------------------------------------------
     # Steps of the flow
@@ -283,6 +414,12 @@ class Pipeline:
             if not str(e).startswith("eta"):
                 raise
             raise InvalidArgumentError("eta", str(e)) from None
+        if request.refiner is not None:  # diffusers' denoising_end: the steps before the cutoff
+            stop = steps_before(plan, request.refiner_switch_at, self.config.scheduler.num_train_timesteps)
+            if stop == 0:
+                raise InvalidArgumentError("refiner_switch_at", f"refiner_switch_at={request.refiner_switch_at} "
+                                                                "leaves the base no step: raise it")
+            plan = plan.window(0, stop) if stop < plan.num_steps else plan
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in request.seeds]  # one per image
         return Run(request, texts, negatives, tag_loras, controlnets, image, mask, plan, init_for_sampler, generators,
                    self._image_noise(request, plan))
@@ -312,10 +449,10 @@ class Pipeline:
         except ValueError as e:
             raise InvalidArgumentError("rng", str(e)) from None
 
-    def _params(self, run: "Run", loras: list) -> dict:
+    def _params(self, run: "Run", loras: list, hires: Optional["Run"] = None, handoff: Optional["Run"] = None) -> dict:
         """The generation parameters of the result (and of the PNG's infotext)."""
         r = run.request
-        return dict(
+        params = dict(
             mode=r.mode, prompts=list(r.prompts), negative_prompts=run.negatives, steps=r.steps,
             sampler=run.plan.sampler, schedule=run.plan.schedule, guidance_scale=r.guidance_scale, height=r.height,
             width=r.width, strength=r.strength, model=self.name, clip_skip=r.clip_skip, loras=loras,
@@ -326,27 +463,57 @@ class Pipeline:
             acceleration=r.acceleration.params() if r.acceleration else {},
             acceleration_infotext=r.acceleration.infotext() if r.acceleration else [],
         )
+        if hires is not None:  # the image is the second pass's size
+            params.update(hires=r.hires, hires_sampler=hires.plan.sampler, first_pass_size=(r.width, r.height),
+                          width=hires.request.width, height=hires.request.height)
+        if handoff is not None:
+            params.update(refiner=r.refiner.name, refiner_switch_at=r.refiner_switch_at)
+        if self.config.requires_aesthetics_score:
+            params.update(aesthetic_score=r.aesthetic_score, negative_aesthetic_score=r.negative_aesthetic_score)
+        if r.ip_adapter_image:
+            from .ip_adapter import infotext_unit
+
+            scales = r.ip_adapter_scale * len(self._ip_adapters) if len(r.ip_adapter_scale) == 1 else \
+                r.ip_adapter_scale or (1.0,) * len(self._ip_adapters)
+            params["ip_adapters"] = [infotext_unit(a, self._image_encoder, self.config, s)
+                                     for a, s in zip(self._ip_adapters, scales)]
+        return params
 
     def _encode(self, run: "Run") -> tuple:
         """(context (2N or N, 77·windows, D), added_cond or None): [uncond, cond] rows with guidance."""
         r, cfg = run.request, self.config
         syntax = r.prompt_syntax
         # A1111's syntax: prompt and negative prompt take the same number of 77-token windows.
-        windows = a1111.count_windows(self.tokenizer, run.texts + (run.negatives if run.do_cfg else [])) \
+        windows = a1111.count_windows(self.tokenizer or self.tokenizer_2, run.texts + (run.negatives if run.do_cfg else [])) \
             if syntax else None
         context, pooled = self._encode_prompts(run.texts, r.clip_skip, syntax, windows)
+        # SDXL micro-conditioning: (original size, crop top-left, target size), or the refiner's
+        # (original size, crop top-left, aesthetic score), the negative rows with the negative score
+        size = [r.height, r.width, 0, 0]
+        time_ids = [size + [r.aesthetic_score]] if cfg.requires_aesthetics_score else [size + [r.height, r.width]]
+        time_ids = time_ids * context.shape[0]
         if run.do_cfg:
-            if cfg.is_sdxl and not r.negative_prompt_given:  # SDXL: force_zeros_for_empty_prompt
+            # diffusers' force_zeros_for_empty_prompt (read per model: SDXL's base has it, its refiner not)
+            if cfg.is_sdxl and cfg.force_zeros_for_empty_prompt and not r.negative_prompt_given:
                 neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
             else:
                 neg_context, neg_pooled = self._encode_prompts(run.negatives, r.clip_skip, syntax, windows)
             context = torch.cat([neg_context, context])  # (2N, 77·windows, D): [uncond, cond]
             pooled = torch.cat([neg_pooled, pooled]) if pooled is not None else None
-        if cfg.unet.addition_embed_type != "text_time":
-            return context, None
-        # SDXL micro-conditioning: (original size, crop top-left, target size).
-        time_ids = torch.tensor([[r.height, r.width, 0, 0, r.height, r.width]], dtype=torch.float32)
-        return context, {"text_embeds": pooled, "time_ids": time_ids.repeat(context.shape[0], 1)}
+            negative = size + [r.negative_aesthetic_score] if cfg.requires_aesthetics_score else time_ids[0]
+            time_ids = [negative] * (context.shape[0] // 2) + time_ids
+        added_cond = None
+        if cfg.unet.addition_embed_type == "text_time":
+            added_cond = {"text_embeds": pooled, "time_ids": torch.tensor(time_ids, dtype=torch.float32)}
+        if r.ip_adapter_image:  # the image tokens and scales: step inputs (sdengine/ip_adapter.py)
+            from .ip_adapter import image_tokens
+
+            scales = r.ip_adapter_scale * len(self._ip_adapters) if len(r.ip_adapter_scale) == 1 else \
+                r.ip_adapter_scale or (1.0,) * len(self._ip_adapters)
+            added_cond = {**(added_cond or {}), **image_tokens(
+                self._ip_adapters, self._image_encoder, r.ip_adapter_image, scales, r.n_images, run.do_cfg,
+                self.backend.device, self.backend.dtype)}
+        return context, added_cond
 
     def _initial_latents(self, run: "Run") -> tuple:
         """(noise (N, C, h, w) float32 on the device, the image latents the sampler starts from or
@@ -392,7 +559,7 @@ class Pipeline:
             return self.backend.denoise(x_batch, t_batch, context, added_cond, **options)
 
         def model_fn(x_in, t, with_uncond: bool = False, guidance_multiplier: float = 1.0):
-            i = min(progress.step, total - 1)  # the step running now
+            i = min(progress.pass_step, total - 1)  # the step of this pass running now
             cfg = do_cfg and (caches is None or kinds[i].cfg)
             rows = x_in.shape[0]
             x_batch = torch.cat([x_in, x_in]) if cfg else x_in  # (2N, C, h, w)
@@ -477,6 +644,72 @@ class Pipeline:
             if "text_encoder_2" in ids:
                 self.tokenizer_2 = self.tokenizer_2.with_token(embedding.token, ids["text_encoder_2"])
         return embedding.token
+
+    # ------------------------------------------------------------------
+    # IP-Adapter
+    # ------------------------------------------------------------------
+
+    def load_ip_adapter(self, ip_adapter, image_encoder=None) -> list:
+        """Load IP-Adapters (an original `ip-adapter_*.safetensors` or `.bin` file, basic or Plus, or a
+        list of them: several run together) and their image encoder, replacing the adapters loaded
+        before; returns their names. `pipe(..., ip_adapter_image=image, ip_adapter_scale=0.6)` then
+        prompts with images (sdengine/ip_adapter.py); unload_ip_adapter() removes them.
+
+        image_encoder: a transformers CLIPVisionModelWithProjection folder (config.json and weights;
+        e.g. h94/IP-Adapter's models/image_encoder); may be left out to keep the one loaded before.
+        The adapters' key / value projections join the UNet's cross-attentions in the backend's
+        dtype; no base weight changes. Raises ValueError for a backend that runs none (native, aoti,
+        onnx), FileNotFoundError / ModelLoadError naming the file (nothing changed)."""
+        import os
+
+        from .errors import ModelLoadError
+        from .ip_adapter import cross_attentions, load_adapter, load_image_encoder
+
+        paths = [ip_adapter] if isinstance(ip_adapter, (str, os.PathLike)) else list(ip_adapter)
+        if not paths:
+            raise ValueError("ip_adapter: give a file or a list of files")
+        unet = self.backend.ip_adapter_unet()  # a backend that runs none refuses here
+        device, dtype = self.backend.device, self.backend.dtype
+        if image_encoder is None and self._image_encoder is None:
+            raise ValueError("image_encoder: the first load_ip_adapter needs the image encoder's folder")
+        encoder = self._image_encoder if image_encoder is None else load_image_encoder(image_encoder, device, dtype)
+        adapters = [load_adapter(path, unet, self.config.unet.cross_attention_dim, device, dtype) for path in paths]
+        for adapter in adapters:
+            first = next(adapter.projection.parameters()).shape  # proj (out, clip) or the Resampler's latents
+            width = adapter.projection.proj_in.in_features if adapter.reads_hidden_states else first[1]
+            want = encoder.cfg.hidden_size if adapter.reads_hidden_states else encoder.cfg.projection_dim
+            if width != want:
+                raise ModelLoadError(f"{adapter.path}: reads image features {width} wide; the image encoder gives "
+                                     f"{want} (another image encoder?)")
+        modules = dict(cross_attentions(unet))
+        with self._weights_lock.writing():
+            self._detach_ip_adapters(modules)
+            for adapter in adapters:
+                for name, layer in adapter.layers.items():
+                    modules[name].ip_layers.append(layer)
+            self._ip_adapters, self._image_encoder = adapters, encoder
+            self.backend.release_memory()  # graphs captured over the layers they replace
+        return [adapter.name for adapter in adapters]
+
+    @property
+    def ip_adapter_names(self) -> list:
+        """The loaded IP-Adapters' names (their files' stems), in the order ip_adapter_image follows."""
+        return [adapter.name for adapter in self._ip_adapters]
+
+    def unload_ip_adapter(self) -> None:
+        """Remove the IP-Adapters: the UNet is the one before load_ip_adapter, bit for bit."""
+        from .ip_adapter import cross_attentions
+
+        if not self._ip_adapters:
+            return
+        with self._weights_lock.writing():
+            self._detach_ip_adapters(dict(cross_attentions(self.backend.ip_adapter_unet())))
+            self._ip_adapters, self._image_encoder = [], None
+            self.backend.release_memory()
+
+    def _detach_ip_adapters(self, modules: dict) -> None:
+        for module in modules.values():
+            del module.ip_layers[:]
 
     def _lora_weights(self) -> "LoraWeights":
         if self._loras is None:
@@ -572,12 +805,12 @@ class Pipeline:
 
     def _encode_prompts(self, prompts: list, clip_skip, syntax: Optional[str] = None, windows: Optional[int] = None):
         if syntax == "a1111":
-            widths = (self.config.text_encoder.hidden_size,
-                      *((self.config.text_encoder_2.hidden_size,) if self.tokenizer_2 is not None else ()))
+            widths = tuple(e.hidden_size for e in (self.config.text_encoder, self.config.text_encoder_2)
+                           if e is not None)
             return a1111.encode(self.backend, self.tokenizer, self.tokenizer_2, prompts, clip_skip,
                                         widths=widths, windows=windows,
                                         max_windows=self.backend.max_prompt_windows)
-        ids = self.tokenizer(prompts)
+        ids = self.tokenizer(prompts) if self.tokenizer is not None else None  # None: SDXL's refiner
         ids_2 = self.tokenizer_2(prompts) if self.tokenizer_2 is not None else None
         context, pooled = self.backend.encode_text(ids, ids_2, clip_skip=clip_skip)
         return context.float(), (pooled.float() if pooled is not None else None)

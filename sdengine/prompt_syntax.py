@@ -229,15 +229,17 @@ def encode(backend, tokenizer, tokenizer_2, prompts: list, clip_skip, *, widths:
     max_windows: the most windows the backend's UNet takes (None: any number); a longer
     prompt is cut, with a warning.
     """
+    main = tokenizer if tokenizer is not None else tokenizer_2  # SDXL's refiner has only the second
     if windows is None:
-        windows = count_windows(tokenizer, prompts)
+        windows = count_windows(main, prompts)
     if max_windows is not None and windows > max_windows:
         warnings.warn(f"a prompt needs {windows} windows of {CHUNK_TOKENS} tokens but this backend's UNet takes "
                       f"{max_windows}; the rest of the prompt is dropped", UserWarning, stacklevel=3)
         windows = max_windows
-    ids, weights = chunk_ids(tokenizer, prompts, windows)
+    ids, weights = chunk_ids(main, prompts, windows)
     ids_2 = chunk_ids(tokenizer_2, prompts, windows)[0] if tokenizer_2 is not None else None
-    context, pooled = backend.encode_text(ids, ids_2, clip_skip=clip_skip)  # (B·windows, 77, D)
+    context, pooled = backend.encode_text(ids if tokenizer is not None else None, ids_2,
+                                          clip_skip=clip_skip)  # (B·windows, 77, D)
     parts = context.float().split(list(widths), dim=-1)
     context = torch.cat([apply_emphasis(part, weights) for part in parts], dim=-1)
     batch = len(prompts)

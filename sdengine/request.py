@@ -182,6 +182,38 @@ def image_batch(image, name: str, n_images: int) -> np.ndarray:
     return np.stack(arrs)
 
 
+def _ip_adapter_inputs(images, scales) -> tuple:
+    """(RGB PIL images, scales) of ip_adapter_image / ip_adapter_scale, checked."""
+    from PIL import Image
+
+    if images is None:
+        if scales is not None:
+            _fail("ip_adapter_scale", "needs ip_adapter_image: the image prompt it scales")
+        return (), ()
+    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not items:
+        _fail("ip_adapter_image", "must not be an empty list")
+    pil = []
+    for i, item in enumerate(items):
+        name = f"ip_adapter_image[{i}]" if isinstance(images, (list, tuple)) else "ip_adapter_image"
+        if isinstance(item, Image.Image):
+            pil.append(item.convert("RGB"))
+            continue
+        array = _to_float_hwc(item, name)
+        if array.shape[-1] == 1:
+            array = np.repeat(array, 3, axis=-1)
+        if array.shape[-1] != 3:
+            _fail(name, f"must have 1 or 3 channels, got {array.shape[-1]}")
+        pil.append(Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8)))
+    listed = [] if scales is None else list(scales) if isinstance(scales, (list, tuple)) else [scales]
+    for value in listed:
+        if not _is_real(value) or not math.isfinite(value):
+            _fail("ip_adapter_scale", f"must be a finite number or a list of them, got {scales!r}")
+    if len(listed) not in (0, 1, len(pil)):
+        _fail("ip_adapter_scale", f"must be one number or one per image prompt ({len(pil)}), got {len(listed)}")
+    return tuple(pil), tuple(float(v) for v in listed)
+
+
 # ---------------------------------------------------------------------------
 # The request
 # ---------------------------------------------------------------------------
@@ -223,6 +255,13 @@ class Request:
     eta_noise_seed_delta: int = 0        # A1111's ENSD: the sampler's noise comes from seed + this
     rng: str = "cpu"                     # RNG_SOURCES
     acceleration: Any = None             # sdengine.acceleration.Acceleration: DeepCache, T-GATE, ToMe (or none)
+    refiner: Any = None                  # SDXL refiner Pipeline the latents are handed to, or None
+    refiner_switch_at: float = 0.8       # the fraction of the denoising the refiner takes over at
+    aesthetic_score: float = 6.0         # SDXL refiner's added conditioning (diffusers' defaults)
+    negative_aesthetic_score: float = 2.5
+    hires: Any = None                    # sdengine.hires.Hires (A1111's hires fix), checked, or None
+    ip_adapter_image: tuple = ()         # one RGB PIL image per loaded IP-Adapter
+    ip_adapter_scale: tuple = ()         # () (1.0 each), one scale for all, or one per adapter
 
     @property
     def n_images(self) -> int:
@@ -266,6 +305,13 @@ class Request:
         deepcache: Any = None,
         tgate: Any = None,
         tome: Any = None,
+        refiner: Any = None,
+        refiner_switch_at: Optional[float] = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
+        hires: Any = None,
+        ip_adapter_image: Any = None,
+        ip_adapter_scale: Any = None,
     ) -> "Request":
         """Check every argument that does not depend on the model. Raises InvalidArgumentError
         naming the parameter.
@@ -325,6 +371,20 @@ class Request:
                              for the main setting (deepcache=3, tgate=10, tome=0.5). Any combination;
                              tgate does not combine with control. A backend that cannot run them
                              (native, aoti, onnx) refuses them before any work.
+        refiner:             an SDXL refiner Pipeline (sdengine.load(refiner_folder)): the pipeline
+                             denoises the first `refiner_switch_at` of the schedule and hands its
+                             latents, undecoded, to the refiner for the rest (diffusers' denoising_end
+                             on the base, denoising_start on the refiner: one schedule cut at the
+                             timestep cutoff). The refiner decodes.
+        refiner_switch_at:   in (0, 1); default 0.8.
+        aesthetic_score, negative_aesthetic_score: an SDXL refiner's added conditioning for the
+                             prompt and the negative prompt (diffusers' defaults 6.0 and 2.5).
+        hires:               A1111's hires fix, a sdengine.Hires (scale or resize_x / resize_y,
+                             upscaler, steps, denoising_strength, sampler, prompts; sdengine/hires.py).
+        ip_adapter_image:    the image prompt of each IP-Adapter the pipeline loaded
+                             (pipe.load_ip_adapter): an image, or a list of one per adapter.
+        ip_adapter_scale:    how strongly the image prompts count (diffusers' set_ip_adapter_scale):
+                             one number for every adapter or a list of one per adapter; default 1.0.
         """
         if steps is not None:
             if num_inference_steps is not None and num_inference_steps != steps:
@@ -366,6 +426,24 @@ class Request:
         acceleration = Acceleration(as_option(deepcache, "deepcache"), as_option(tgate, "tgate"),
                                     as_option(tome, "tome"))
         check_request(acceleration, controls)
+        for name, value in (("aesthetic_score", aesthetic_score), ("negative_aesthetic_score", negative_aesthetic_score)):
+            if not _is_real(value) or not math.isfinite(value):
+                _fail(name, f"must be a finite number, got {value!r}")
+        if refiner is not None and not (hasattr(refiner, "config") and hasattr(refiner, "decode_latents")):
+            _fail("refiner", f"must be a sdengine Pipeline (sdengine.load(path)) or None, got {type(refiner).__name__}")
+        if refiner_switch_at is not None:
+            if refiner is None:
+                _fail("refiner_switch_at", "needs refiner: the model to hand the latents to")
+            if not _is_real(refiner_switch_at) or not 0.0 < refiner_switch_at < 1.0:
+                _fail("refiner_switch_at", f"must be a number in (0, 1) (the fraction of the denoising the base "
+                                           f"does), got {refiner_switch_at!r}")
+        ip_images, ip_scales = _ip_adapter_inputs(ip_adapter_image, ip_adapter_scale)
+        if hires is not None:
+            from .hires import Hires
+
+            if not isinstance(hires, Hires):
+                _fail("hires", f"must be a sdengine.Hires or None, got {type(hires).__name__}")
+            hires.check()
 
         n_images = len(prompts) * batch_size
         images_prompts = tuple(p for p in prompts for _ in range(batch_size))
@@ -403,6 +481,12 @@ class Request:
         mode = "inpaint" if mask_image is not None else "img2img" if init_image is not None else "txt2img"
         if mode == "inpaint" and init_image is None:
             _fail("mask_image", "needs init_image: the image to inpaint")
+        if hires is not None and mode != "txt2img":
+            _fail("hires", "applies to txt2img (A1111's hires fix): give no init_image")
+        if hires is not None and refiner is not None:
+            _fail("hires", "and refiner cannot be combined yet: run the refiner on the hires result as img2img")
+        if refiner is not None and mode == "inpaint":
+            _fail("refiner", "applies to txt2img and img2img, not inpainting")
         if mode == "txt2img" and strength is not None:
             _fail("strength", "applies to img2img and inpainting: give init_image")
         if strength is not None and (not _is_real(strength) or not 0.0 <= strength <= 1.0):
@@ -445,7 +529,10 @@ class Request:
             progress=bool(progress), vae_tiling=None if vae_tiling is None else bool(vae_tiling),
             prompt_syntax=prompt_syntax, lora_dir=lora_dir, controls=controls, conventions=conventions,
             subseeds=subseeds, subseed_strength=float(subseed_strength), seed_resize_from=resize,
-            eta_noise_seed_delta=int(eta_noise_seed_delta), rng=rng, acceleration=acceleration,
+            eta_noise_seed_delta=int(eta_noise_seed_delta), rng=rng, acceleration=acceleration, refiner=refiner,
+            refiner_switch_at=0.8 if refiner_switch_at is None else float(refiner_switch_at),
+            aesthetic_score=float(aesthetic_score), negative_aesthetic_score=float(negative_aesthetic_score),
+            hires=hires, ip_adapter_image=ip_images, ip_adapter_scale=ip_scales,
         )
 
     @classmethod
@@ -510,6 +597,17 @@ class Request:
         strength = self.strength
         if strength is None:
             strength = {"txt2img": 1.0, "img2img": 0.8, "inpaint": 1.0}[self.mode]
+        if self.refiner is not None:
+            refiner = self.refiner.config
+            if not refiner.is_sdxl or refiner.is_inpaint or refiner.vae.latent_channels != config.vae.latent_channels:
+                _fail("refiner", f"must be an SDXL model with {config.vae.latent_channels}-channel latents, not an "
+                                 f"inpainting model; {refiner.name} is not")
+        if self.hires is not None:  # the second pass's size
+            target = self.hires.target(width, height, config.vae.downscale)
+            try:
+                check_size(target.width, target.height)
+            except InvalidArgumentError as e:
+                _fail("hires", f"gives a second pass of {target.width}x{target.height} from {width}x{height}: {e}")
         return replace(self, height=height, width=width, strength=strength)
 
 

@@ -1,5 +1,6 @@
 """The command line: generate writes PNGs with A1111 `parameters`; errors name their cause."""
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -98,3 +99,68 @@ def test_generate_with_loras_embeddings_and_prompt_syntax(tiny_folder, tmp_path,
     assert main(base[:1] + ["a cat"] + base[1:] + ["-o", str(tmp_path / "y.png"), "--lora",
                                                    str(tmp_path / "none.safetensors:0.5")]) == 2
     assert "--lora" in capsys.readouterr().err
+
+
+def test_generate_hires_fix_matches_the_python_api(tiny_folder, tmp_path):
+    import numpy as np
+
+    import sdengine
+
+    out = tmp_path / "hires.png"
+    assert main(["generate", "a cat", "--model", str(tiny_folder), "-o", str(out), "--steps", "3", "--height", "16",
+                 "--width", "32", "--seed", "4", "--sampler", "euler", "--hires", "--hires-scale", "1.5",
+                 "--hires-steps", "2", "--hires-denoising-strength", "0.6", "--hires-upscaler", "Latent (bicubic)",
+                 "--no-progress"]) == 0
+    image = Image.open(out)
+    want = sdengine.load(tiny_folder, device="cpu", dtype="fp32")(
+        "a cat", steps=3, height=16, width=32, seed=4, sampler="euler", progress=False, prompt_syntax="a1111",
+        hires=sdengine.Hires(scale=1.5, steps=2, denoising_strength=0.6, upscaler="Latent (bicubic)")).images[0]
+    assert image.size == (48, 24) and image.tobytes() == want.tobytes()
+    assert "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent (bicubic)" in image.text["parameters"]
+    assert np.asarray(image).std() > 0
+
+
+def test_generate_with_a_refiner(tmp_path):
+    base = save_tiny_pipeline("sdxl", tmp_path / "base")
+    refiner = save_tiny_pipeline("sdxl-refiner", tmp_path / "refiner")
+    out = tmp_path / "refined.png"
+    args = ["generate", "a cat", "--model", str(base), "--steps", "4", "--height", "16", "--width", "16", "--seed", "2",
+            "--sampler", "euler", "--no-progress"]
+    assert main(args + ["-o", str(out), "--refiner", str(refiner), "--refiner-switch-at", "0.5"]) == 0
+    assert main(args + ["-o", str(tmp_path / "plain.png")]) == 0
+    assert "Refiner: refiner, Refiner switch at: 0.5" in Image.open(out).text["parameters"]
+    assert Image.open(out).tobytes() != Image.open(tmp_path / "plain.png").tobytes()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--hires-prompt", "a dog"], "--hires-prompt needs --hires"),
+    (["--hires", "--hires-resize", "64"], "--hires-resize"),
+    (["--hires", "--hires-denoising-strength", "0"], "hires.denoising_strength"),
+    (["--refiner-switch-at", "0.5"], "refiner_switch_at"),
+])
+def test_generate_hires_and_refiner_errors_name_the_option(tiny_folder, tmp_path, capsys, extra, message):
+    args = ["generate", "a cat", "--model", str(tiny_folder), "--steps", "2", "--height", "16", "--width", "16",
+            "-o", str(tmp_path / "x.png"), "--no-progress"]
+    assert main(args + extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_with_an_ip_adapter(tiny_folder, tmp_path):
+    from support.ip_adapter_files import write_image_encoder, write_ip_adapter
+
+    import sdengine
+
+    encoder = write_image_encoder(tmp_path / "image_encoder")
+    adapter = write_ip_adapter(tmp_path / "ip.safetensors", "sd15")
+    prompt_image = tmp_path / "prompt.png"
+    Image.fromarray((np.random.default_rng(0).random((77, 61, 3)) * 255).astype("uint8")).save(prompt_image)
+    out = tmp_path / "ip.png"
+    assert main(["generate", "a cat", "--model", str(tiny_folder), "-o", str(out), "--steps", "2", "--height", "16",
+                 "--width", "16", "--seed", "3", "--no-progress", "--ip-adapter", f"{adapter}:{prompt_image}:0.7",
+                 "--image-encoder", str(encoder)]) == 0
+    pipe = sdengine.load(tiny_folder, device="cpu", dtype="fp32")
+    pipe.load_ip_adapter(adapter, image_encoder=encoder)
+    want = pipe("a cat", steps=2, height=16, width=16, seed=3, progress=False, prompt_syntax="a1111",
+                ip_adapter_image=Image.open(prompt_image), ip_adapter_scale=0.7).images[0]
+    assert Image.open(out).tobytes() == want.tobytes()
+    assert "Module: ip-adapter_clip_sd15, Model: ip" in Image.open(out).text["parameters"]

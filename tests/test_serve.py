@@ -431,3 +431,87 @@ def test_requests_are_checked_by_the_shared_request_before_queueing(fields, fiel
     with pytest.raises(ValueError) as direct:  # what generate() says of the same value
         Request.from_args(PROMPT, **kwargs)
     assert str(direct.value) in str(caught.value)
+
+
+def test_webuiapi_hires_fix_equals_generate(server):
+    """A1111's hires fields (enable_hr, hr_scale, hr_upscaler, hr_second_pass_steps, denoising_strength,
+    hr_sampler_name) run sdengine's hires fix: the same pixels and infotext as generate()."""
+    api = server.api(sampler="Euler", steps=6)
+    result = api.txt2img(prompt=PROMPT, seed=21, width=32, height=32, cfg_scale=6.0, enable_hr=True, hr_scale=2,
+                         hr_upscaler="Latent (bicubic)", hr_second_pass_steps=3, denoising_strength=0.55,
+                         hr_sampler_name="Euler a")
+    reference = sdengine.generate(PROMPT, seed=21, steps=6, sampler="Euler", guidance_scale=6.0, width=32, height=32,
+                                  prompt_syntax="a1111", progress=False,
+                                  hires=sdengine.Hires(scale=2, upscaler="Latent (bicubic)", steps=3,
+                                                       denoising_strength=0.55, sampler="Euler a"))
+    image = result.images[0]
+    assert image.size == (64, 64)
+    assert np.array_equal(_pixels(image), _pixels(reference.images[0]))
+    assert image.info["parameters"] == reference.infotext(0)
+    assert "Hires upscale: 2, Hires steps: 3, Hires upscaler: Latent (bicubic), Hires sampler: Euler a" \
+        in image.info["parameters"]
+
+
+def test_refiner_checkpoint_hands_over_to_the_loaded_refiner(tmp_path):
+    from support.tiny import save_tiny_pipeline
+
+    base = save_tiny_pipeline("sdxl", tmp_path / "base")
+    refiner_folder = save_tiny_pipeline("sdxl-refiner", tmp_path / "sd_xl_refiner")
+    body = {"prompt": "a red bicycle", "steps": 6, "seed": 3, "width": 16, "height": 16, "sampler_name": "Euler",
+            "cfg_scale": 5.0, "refiner_checkpoint": "sd_xl_refiner [7440042bbd]", "refiner_switch_at": 0.6}
+    with serve(str(base), refiner=str(refiner_folder)) as s:
+        r = httpx.post(s.url + "/sdapi/v1/txt2img", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        bad = httpx.post(s.url + "/sdapi/v1/txt2img", json=dict(body, refiner_checkpoint="other"), timeout=30)
+    got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    want = sdengine.load(base)(body["prompt"], negative_prompt="", steps=6, seed=3, width=16, height=16, sampler="Euler",
+                               guidance_scale=5.0, prompt_syntax="a1111", progress=False,
+                               refiner=sdengine.load(refiner_folder), refiner_switch_at=0.6).images[0]
+    assert np.array_equal(_pixels(got), _pixels(want))
+    assert "Refiner: sd_xl_refiner, Refiner switch at: 0.6" in got.info["parameters"]
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][:2] == ["body", "refiner_checkpoint"]
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"enable_hr": True, "hr_upscaler": "ESRGAN_4x"}, "hr_upscaler"),
+    ({"enable_hr": True, "hr_scale": 100}, "hr_scale"),
+    ({"enable_hr": True, "hr_scale": 4, "width": 1024, "height": 1024}, "hr_scale"),  # over the pixel cap
+    ({"enable_hr": True, "hr_sampler_name": "Nope"}, "hr_sampler_name"),
+    ({"enable_hr": True, "denoising_strength": 0}, "denoising_strength"),
+    ({"enable_hr": True, "hr_checkpoint_name": "other"}, "hr_checkpoint_name"),
+    ({"refiner_checkpoint": "sd_xl_refiner_1.0"}, "refiner_checkpoint"),       # this server has none
+])
+def test_invalid_hires_and_refiner_fields_are_422(server, body, field):
+    r = httpx.post(server.url + "/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 4, **body}, timeout=30)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"][:2] == ["body", field], r.json()
+
+
+def test_ip_adapter_unit_in_alwayson_scripts(tmp_path):
+    """A ControlNet unit with an IP-Adapter module, as webuiapi's ControlNetUnit sends it, runs the
+    adapter the server loaded (--ip-adapter, --image-encoder): the pixels of pipe(ip_adapter_image=...)."""
+    from support.ip_adapter_files import write_image_encoder, write_ip_adapter
+    from support.tiny import save_tiny_pipeline
+
+    model = save_tiny_pipeline("sd15", tmp_path / "model")
+    encoder = write_image_encoder(tmp_path / "image_encoder")
+    adapter = write_ip_adapter(tmp_path / "ip-adapter_sd15.safetensors", "sd15")
+    prompt_image = Image.fromarray((np.random.default_rng(1).random((90, 70, 3)) * 255).astype("uint8"))
+    unit = webuiapi.ControlNetUnit(image=prompt_image, module="ip-adapter_clip_sd15", model="ip-adapter_sd15 [abcd1234]",
+                                   weight=0.7)
+    with serve(str(model), ip_adapters=(str(adapter),), image_encoder=str(encoder)) as s:
+        api = s.api(sampler="Euler", steps=3)
+        result = api.txt2img(prompt="a cat", seed=5, width=16, height=16, controlnet_units=[unit])
+        bad = httpx.post(s.url + "/sdapi/v1/txt2img", timeout=30, json={
+            "prompt": "a cat", "steps": 2, "alwayson_scripts": {"ControlNet": {"args": [
+                dict(unit.to_dict(), model="ip-adapter_other")]}}})
+    pipe = sdengine.load(model)
+    pipe.load_ip_adapter(adapter, image_encoder=encoder)
+    want = pipe("a cat", negative_prompt="", seed=5, steps=3, width=16, height=16, sampler="Euler", guidance_scale=7.0,
+                prompt_syntax="a1111", progress=False, ip_adapter_image=prompt_image, ip_adapter_scale=0.7)
+    assert np.array_equal(_pixels(result.images[0]), _pixels(want.images[0]))
+    plain = pipe("a cat", negative_prompt="", seed=5, steps=3, width=16, height=16, sampler="Euler",
+                 guidance_scale=7.0, prompt_syntax="a1111", progress=False).images[0]
+    assert not np.array_equal(_pixels(result.images[0]), _pixels(plain))
+    assert bad.status_code == 422
+    assert bad.json()["detail"][0]["loc"][:6] == ["body", "alwayson_scripts", "ControlNet", "args", "0", "model"]

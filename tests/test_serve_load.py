@@ -26,7 +26,7 @@ INVALID = [
     ({"steps": "many"}, "steps"), ({"width": 33}, "width"), ({"height": -8}, "height"),
     ({"cfg_scale": "high"}, "cfg_scale"), ({"sampler_name": "No Such Sampler"}, "sampler_name"),
     ({"batch_size": 0}, "batch_size"), ({"seed": "abc"}, "seed"), ({"width": 8192, "height": 8192}, "width"),
-    ({"batch_size": 8, "n_iter": 8}, "n_iter"), ({"enable_hr": True}, "enable_hr"),
+    ({"batch_size": 8, "n_iter": 8}, "n_iter"), ({"enable_hr": True, "hr_upscaler": "ESRGAN_4x"}, "hr_upscaler"),
 ]
 
 

@@ -74,6 +74,10 @@ class Backend(Protocol):
     def controlnet_fn(self, control) -> Callable:
         """How this backend runs a ControlNet; a ValueError before any work where it runs none."""
 
+    def ip_adapter_unet(self) -> torch.nn.Module:
+        """The UNet module whose cross-attentions IP-Adapters join (models.layers.Attention.ip_layers);
+        a ValueError naming the backend where its UNet is no such module (compiled engines, onnx)."""
+
     # -- weights -----------------------------------------------------------------------
     def weight_views(self) -> dict: ...
     def add_token_embeddings(self, vectors: dict) -> dict: ...
@@ -122,6 +126,10 @@ class BaseBackend:
     def weights_changed(self) -> None:
         """Called after the weights changed in place (a LoRA merged or removed): a backend that
         baked them into compiled code (compile with freeze=True, openvino) rebuilds it."""
+
+    def ip_adapter_unet(self):
+        raise ValueError(f"the {self.name} backend cannot run IP-Adapter: its UNet is compiled ahead of time; use "
+                         "backend='eager', 'graph', 'triton' or 'compile'")
 
 
 def options_of(cls) -> set:

@@ -26,7 +26,10 @@ def residual_kwargs(res) -> dict:
 
 def run_text_encoders(text_encoder, text_encoder_2, input_ids, input_ids_2, clip_skip):
     """The text encoder(s) on device ids -> (context (B, 77, D), pooled (B, P) or None). SDXL
-    concatenates both encoders' hidden states on the feature axis and pools with the second."""
+    concatenates both encoders' hidden states on the feature axis and pools with the second;
+    SDXL's refiner (no text_encoder, input_ids None) has the second's alone."""
+    if text_encoder is None:
+        return text_encoder_2(input_ids_2, clip_skip=clip_skip)
     context, pooled = text_encoder(input_ids, clip_skip=clip_skip)
     if input_ids_2 is not None:
         context_2, pooled = text_encoder_2(input_ids_2, clip_skip=clip_skip)
@@ -43,7 +46,7 @@ class EagerBackend(BaseBackend):
 
     def __init__(self, config: ModelConfig, text_encoder, unet, vae, text_encoder_2=None):
         self.config = config
-        self.text_encoder = text_encoder.eval()
+        self.text_encoder = text_encoder.eval() if text_encoder is not None else None  # None: SDXL's refiner
         self.text_encoder_2 = text_encoder_2.eval() if text_encoder_2 is not None else None
         self.unet = unet.eval()
         self.vae = vae.eval()
@@ -62,6 +65,10 @@ class EagerBackend(BaseBackend):
         return parameter_views({"unet": self.unet, "text_encoder": self.text_encoder,
                                 "text_encoder_2": self.text_encoder_2})
 
+    def ip_adapter_unet(self):
+        """The UNet the IP-Adapters' key / value projections join (Pipeline.load_ip_adapter)."""
+        return self.unet
+
     def add_token_embeddings(self, vectors: dict) -> dict:
         """Write textual-inversion vectors {component: (n, D)} into the text encoders' added-token
         tables (in place); returns {component: their ids} (sdengine/embeddings.py)."""
@@ -74,14 +81,16 @@ class EagerBackend(BaseBackend):
         """Token ids (B, 77) -> (context (B, 77, D), pooled (B, P) or None).
 
         SDXL concatenates both encoders' hidden states on the feature axis and takes
-        the pooled output of the second.
+        the pooled output of the second. SDXL's refiner has only the second: input_ids is
+        ignored (None).
         """
         ids_2 = None
         if self.text_encoder_2 is not None:
             if input_ids_2 is None:
                 raise ValueError("input_ids_2 is required: this model has a second text encoder (SDXL)")
             ids_2 = input_ids_2.to(self.device)
-        return self._text(input_ids.to(self.device), ids_2, clip_skip)
+        ids = input_ids.to(self.device) if self.text_encoder is not None else None
+        return self._text(ids, ids_2, clip_skip)
 
     def _text(self, input_ids, input_ids_2, clip_skip):
         """The text encoder(s) on device ids: what a faster backend replaces (e.g. by a graph)."""

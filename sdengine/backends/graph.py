@@ -86,32 +86,34 @@ class GraphBackend(EagerBackend):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         t = t.reshape(-1).expand(x.shape[0]).contiguous() if t.numel() == 1 else t  # (B,): one graph for 0-d and (B,)
-        text_embeds, time_ids = (added_cond["text_embeds"], added_cond["time_ids"]) if added_cond else (None, None)
+        # added_cond's tensors are the graph's inputs, in a fixed order (SDXL's; IP-Adapter's tokens and scales)
+        names = tuple(sorted(added_cond)) if added_cond else ()
+        values = [added_cond[k] for k in names]
         if controls:  # the ControlNets inside the same graph: images and scales are inputs, the rest is baked in
-            return self._controlled_unet(controls)(x, t.float(), context, text_embeds, time_ids,
-                                                   *control_inputs(controls, self.device))
+            return self._controlled_unet(controls, names)(x, t.float(), context,
+                                                          *values, *control_inputs(controls, self.device))
 
-        def unet(x, t, context, text_embeds, time_ids):
-            cond = {"text_embeds": text_embeds, "time_ids": time_ids} if text_embeds is not None else None
-            return self.unet_fn(x, t, context, added_cond=cond)
+        def unet(x, t, context, *values):
+            return self.unet_fn(x, t, context, added_cond=dict(zip(names, values)) or None)
 
-        return self._graphed_call("unet", unet)(x, t.float(), context, text_embeds, time_ids)
+        return self._graphed_call("unet" + _extra_inputs(names), unet)(x, t.float(), context, *values)
 
-    def _controlled_unet(self, controls):
+    def _controlled_unet(self, controls, names: tuple = ()):
         """The UNet with these ControlNets, one graphed function per ControlNet configuration
-        (which networks, guess mode, image shapes: `ControlInput.key`)."""
+        (which networks, guess mode, image shapes: `ControlInput.key`) and added_cond keys."""
         from ..controlnet import residuals
         from .eager import residual_kwargs
 
-        count, latent_channels = len(controls), self.config.vae.latent_channels
+        count, latent_channels, conds = len(controls), self.config.vae.latent_channels, len(names)
 
-        def unet(x, t, context, text_embeds, time_ids, *images_and_scales):
-            cond = {"text_embeds": text_embeds, "time_ids": time_ids} if text_embeds is not None else None
+        def unet(x, t, context, *inputs):
+            cond = dict(zip(names, inputs[:conds])) or None
+            images_and_scales = inputs[conds:]
             live = [dataclasses.replace(c, image=image) for c, image in zip(controls, images_and_scales[:count])]
             res = residuals(self.controlnet_fn, live, images_and_scales[count:], x, t, context, cond, latent_channels)
             return self.unet_fn(x, t, context, added_cond=cond, **residual_kwargs(res))
 
-        name = "unet+controlnet" + repr(tuple(c.key for c in controls))
+        name = "unet+controlnet" + repr(tuple(c.key for c in controls)) + _extra_inputs(names)
         if self.graphs is None:
             return unet
         return self._graphed_call(name, unet)
@@ -160,3 +162,8 @@ class GraphBackend(EagerBackend):
         if not self.fused_steps:
             return "fused steps are switched off (fused_steps=False)"
         return fused.unsupported(plan, self.config.scheduler.prediction_type)
+
+
+def _extra_inputs(names: tuple) -> str:
+    """What a graphed UNet's name adds for added_cond keys beyond SDXL's (IP-Adapter's)."""
+    return "" if names in ((), ("text_embeds", "time_ids")) else repr(names)

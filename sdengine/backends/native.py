@@ -126,6 +126,12 @@ class NativeBackend(EngineWeights):
             refuse("tiled VAE decode")
         if r.eta and sampler != "ddim":
             refuse(f"eta for {sampler}")
+        if r.hires is not None:
+            refuse("hires fix (a second pass on upscaled latents)")
+        if r.refiner is not None:
+            refuse("refiner handoff (its latents stay inside the C++ loop)")
+        if r.ip_adapter_image:
+            refuse("IP-Adapter")
         texts = sorted(set(prompts) | set(negatives))
         if r.prompt_syntax == "a1111" and not all(_plain_a1111(tokenizer, text) for text in texts):
             refuse("A1111 prompt syntax (emphasis, BREAK, prompts over 75 tokens)")

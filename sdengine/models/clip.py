@@ -28,19 +28,20 @@ ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
 
 
 class CLIPAttention(UsesOps):
-    """Causal multi-head self-attention with transformers' names (q_proj, k_proj, v_proj, out_proj)."""
+    """Multi-head self-attention with transformers' names (q_proj, k_proj, v_proj, out_proj):
+    causal in the text tower, over every patch in the vision tower."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, causal: bool = True):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, L, dim) -> (B, L, dim); position i attends to positions <= i."""
-        out = self.ops.attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True)
+        """x: (B, L, dim) -> (B, L, dim); causal: position i attends to positions <= i."""
+        out = self.ops.attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=self.causal)
         return self.out_proj(out)
 
 
@@ -56,12 +57,12 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    """x + attn(LN(x)), then x + mlp(LN(x))."""
+    """x + attn(LN(x)), then x + mlp(LN(x)). cfg: a TextEncoderConfig or VisionEncoderConfig."""
 
-    def __init__(self, cfg: TextEncoderConfig):
+    def __init__(self, cfg: TextEncoderConfig, causal: bool = True):
         super().__init__()
         self.layer_norm1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
-        self.self_attn = CLIPAttention(cfg.hidden_size, cfg.num_attention_heads)
+        self.self_attn = CLIPAttention(cfg.hidden_size, cfg.num_attention_heads, causal)
         self.layer_norm2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
 

@@ -22,7 +22,7 @@ Module and parameter names follow diffusers (`to_q`, `norm1`, `time_emb_proj`, .
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -215,12 +215,28 @@ class FeedForward(nn.Module):
 # ---------------------------------------------------------------------------
 
 
+class IPContext(NamedTuple):
+    """A cross-attention's context with IP-Adapter's image tokens (the UNet makes it from
+    added_cond's ip_tokens_i and ip_scales): text (B, L, D); tokens, one (B, T, D) per adapter;
+    scales (B, adapters), a device tensor, so that a new scale recaptures nothing. Every tensor has
+    a row per batch row, as all of added_cond has, so that whatever takes some of the rows (T-GATE's
+    unconditional rows, a ControlNet's guess mode) takes them all alike."""
+
+    text: torch.Tensor
+    tokens: tuple
+    scales: torch.Tensor
+
+
 class Attention(UsesOps):
     """Multi-head attention with diffusers' names: to_q, to_k, to_v, to_out.0.
 
     Self-attention when `context_dim` is None, cross-attention over a context otherwise.
     `fuse_qkv()` (called by a backend at load time, never in forward) replaces the three
-    self-attention projections by one `to_qkv` with the same result.
+    self-attention projections by one `to_qkv` with the same result. `ip_layers` holds the
+    IP-Adapters' key / value projections (models/ip_adapter.py IPAttention, one per adapter,
+    added by Pipeline.load_ip_adapter): given an IPContext, each adapter's attention of the same
+    queries over its image tokens is added, times its scale, before to_out (diffusers'
+    IPAdapterAttnProcessor2_0, the paper's decoupled cross-attention).
     """
 
     def __init__(self, dim: int, heads: int, context_dim: Optional[int] = None, *,
@@ -233,15 +249,25 @@ class Attention(UsesOps):
         self.to_v = nn.Linear(context_dim, dim, bias=qkv_bias)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.to_qkv: Optional[nn.Linear] = None
+        self.ip_layers = nn.ModuleList()  # empty: no parameters, no state_dict keys
 
-    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: (B, L, dim); context: (B, Lc, context_dim) for cross-attention. Returns (B, L, dim)."""
+    def forward(self, x: torch.Tensor, context=None) -> torch.Tensor:
+        """x: (B, L, dim); context: (B, Lc, context_dim) for cross-attention, or an IPContext.
+        Returns (B, L, dim)."""
+        image = None
+        if isinstance(context, IPContext):
+            context, image = context.text, context
         if self.to_qkv is not None:
             q, k, v = self.to_qkv(x).chunk(3, dim=-1)  # 3 x (B, L, dim)
         else:
             context = x if context is None else context
             q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         out = self.ops.attention(q, k, v, self.heads, upcast=self.upcast)
+        if image is not None:
+            for j, (layer, tokens) in enumerate(zip(self.ip_layers, image.tokens)):
+                ip_out = self.ops.attention(q, layer.to_k_ip(tokens), layer.to_v_ip(tokens), self.heads,
+                                            upcast=self.upcast)
+                out = out + image.scales[:, j, None, None].to(out.dtype) * ip_out  # (B, 1, 1) per row
         return self.to_out[0](out)
 
     @torch.no_grad()

@@ -21,7 +21,8 @@ from torch import nn
 
 from ..config import UNetConfig
 from .caching import REUSE, STORE, StepCall, StepKind
-from .layers import Attention, Downsample2D, FeedForward, GroupNorm, LayerNorm, ResnetBlock2D, Upsample2D
+from .layers import (Attention, Downsample2D, FeedForward, GroupNorm, IPContext, LayerNorm, ResnetBlock2D,
+                     Upsample2D)
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool = True,
@@ -349,7 +350,8 @@ class UNet2DConditionModel(UNetEncoder):
                 mid_block_additional_residual: Optional[torch.Tensor] = None, *, kind: Optional[StepKind] = None,
                 cached: Optional[dict] = None, rand: Optional[dict] = None):
         """sample: (B, in_channels, H, W); timestep: (B,) or scalar; encoder_hidden_states: (B, L, D);
-        added_cond (SDXL): {"text_embeds": (B, P), "time_ids": (B, 6)}. ControlNet residuals, added
+        added_cond (SDXL): {"text_embeds": (B, P), "time_ids": (B, 6)}; with IP-Adapters also
+        "ip_tokens_i" (B, T, D) per adapter i and "ip_scales" (B, adapters). ControlNet residuals, added
         as diffusers adds them: down_block_additional_residuals, one per skip (B, C_skip, h, w), are
         added to the skips after the down levels; mid_block_additional_residual to the mid block's
         output. Returns (B, out_channels, H, W).
@@ -360,6 +362,9 @@ class UNet2DConditionModel(UNetEncoder):
         step = None if kind is None else StepCall(kind, cached or {}, rand or {}, tuple(sample.shape[-2:]))
         time_act = self.time_activation(sample, timestep, added_cond)
         context = encoder_hidden_states
+        if added_cond and "ip_scales" in added_cond:  # IP-Adapter: the cross-attentions' image tokens
+            tokens = tuple(added_cond[f"ip_tokens_{i}"] for i in range(added_cond["ip_scales"].shape[1]))
+            context = IPContext(context, tokens, added_cond["ip_scales"])
         x = self.conv_in(sample)
         if step is not None and kind.deep == REUSE and "deep" in step.cached:
             out = self._shallow_branch(x, time_act, context, step, down_block_additional_residuals)

@@ -229,7 +229,7 @@ def timesteps_and_sigmas(sampler: str, schedule: Optional[str], steps: int, sche
 
 def sample(model_fn: Optional[Callable], noise: torch.Tensor, plan: Plan, *, step: Optional[Callable] = None,
            init_latents: Optional[torch.Tensor] = None, generators=None, callback: Optional[Callable] = None,
-           inpainting: bool = False, **options) -> torch.Tensor:
+           inpainting: bool = False, add_noise: bool = True, **options) -> torch.Tensor:
     """Run `plan` and return the final latents (what diffusers' pipeline decodes).
 
     The one loop: `x = step(x, i)` for every step of the plan, where step is
@@ -244,6 +244,8 @@ def sample(model_fn: Optional[Callable], noise: torch.Tensor, plan: Plan, *, ste
     init_latents: img2img / inpainting, noised to the plan's first step with `noise`. With
       `inpainting=True` and strength 1.0 the start is pure noise, as diffusers' inpainting
       pipeline does (is_strength_max).
+    add_noise: False starts from init_latents as they are, diffusers' latents at the plan's first
+      step (a run handed over mid-schedule: SDXL's refiner after denoising_end); noise may be None.
     generators: one CPU torch.Generator per image, for the noise of stochastic samplers; for an
       A1111 plan (plan.conventions "a1111") A1111's rng.ImageNoise of the images, whose first()
       drew `noise`.
@@ -253,11 +255,16 @@ def sample(model_fn: Optional[Callable], noise: torch.Tensor, plan: Plan, *, ste
     Other keyword options go to the sampler (e.g. order=3 for unipc) and override what the config
     says; a fused step takes none.
     """
-    if init_latents is not None and init_latents.shape != noise.shape:
-        raise ValueError(f"init_latents shape {tuple(init_latents.shape)} differs from "
-                         f"noise shape {tuple(noise.shape)}")
-    pure_noise = init_latents is None or (inpainting and plan.strength == 1.0)
-    x = plan.initial_state(noise, None if pure_noise else init_latents)
+    if not add_noise:
+        if init_latents is None:
+            raise ValueError("add_noise=False needs init_latents: the latents to continue from")
+        x = plan.state_of(init_latents)
+    else:
+        if init_latents is not None and init_latents.shape != noise.shape:
+            raise ValueError(f"init_latents shape {tuple(init_latents.shape)} differs from "
+                             f"noise shape {tuple(noise.shape)}")
+        pure_noise = init_latents is None or (inpainting and plan.strength == 1.0)
+        x = plan.initial_state(noise, None if pure_noise else init_latents)
     if step is not None:
         if options:
             raise ValueError(f"a fused step takes no sampler options, got {', '.join(map(repr, sorted(options)))}")

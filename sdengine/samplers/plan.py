@@ -122,6 +122,33 @@ class Plan:
             return state * (1 + sigma_next ** 2) ** -0.5  # VE -> VP
         return state
 
+    def state_of(self, latents: torch.Tensor) -> torch.Tensor:
+        """The sampler state of diffusers' latents at the plan's first step (the inverse of
+        `latents`): where a run handed over mid-schedule (a refiner) continues."""
+        if self.is_sigma_sampler and self.vp_latents:
+            return latents * (1 + float(self.sigmas[0]) ** 2) ** 0.5  # VP -> VE
+        return latents
+
+    def window(self, start: int, stop: Optional[int] = None) -> "Plan":
+        """The plan's steps [start, stop): one schedule cut in parts that run one after the other
+        (diffusers' denoising_end / denoising_start; the last steps of a longer schedule, A1111's
+        img2img steps). A multistep sampler's history starts again at `start`, as a new diffusers
+        scheduler's does; a window that ends early does not treat its last step as the schedule's
+        (no lower-order final step)."""
+        stop = self.num_steps if stop is None else stop
+        if self.sampler == "pndm":
+            raise ValueError("sampler 'pndm' (PLMS) cannot run part of a schedule; choose another sampler")
+        if not 0 <= start < stop <= self.num_steps:
+            raise ValueError(f"a window [{start}, {stop}) of a plan of {self.num_steps} steps must hold a step")
+        options = dict(self.options)
+        if stop < self.num_steps and "lower_order_final" in options:
+            options["lower_order_final"] = False
+        return replace(
+            self, start=self.start + start, timesteps=self.timesteps[start:stop].clone(),
+            sigmas=self.sigmas[start:stop + 1].clone(),
+            prev_timesteps=None if self.prev_timesteps is None else self.prev_timesteps[start:stop].clone(),
+            options=options)
+
     def step_scalars(self) -> dict:
         """Per-step scalars for fused sampler kernels, as float64 CPU tensors of length n (kept steps).
 
@@ -211,6 +238,14 @@ def kept_steps(steps: int, strength: float) -> int:
         raise ValueError(f"strength={strength} with steps={steps} leaves no denoising step; "
                          f"raise strength to at least {1 / steps:.3g} or use more steps")
     return max(steps - init_timestep, 0)
+
+
+def steps_before(plan: Plan, fraction: float, num_train_timesteps: int) -> int:
+    """How many of the plan's steps come before `fraction` of the denoising: those whose timestep
+    is at or above the cutoff round(T - fraction * T) (diffusers' SDXL denoising_end on the base,
+    denoising_start on the refiner, whose steps are the rest)."""
+    cutoff = int(round(num_train_timesteps - fraction * num_train_timesteps))
+    return int((plan.timesteps >= cutoff).sum())
 
 
 def make_plan(sampler: str, schedule: str, steps: int, cfg, *, strength: float = 1.0, eta: float = 0.0) -> Plan:

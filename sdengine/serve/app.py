@@ -54,6 +54,9 @@ class ServeSettings:
     prompt_syntax: Optional[str] = "a1111"  # A1111's: emphasis, 75-token windows, <lora:...> tags
     preview_every: int = 1  # live preview (current_image of /progress) every N steps; 0: none
     web_ui: bool = True     # the web UI at / (sdengine/serve/ui)
+    refiner: Optional[str] = None  # an SDXL refiner that requests name in refiner_checkpoint (--refiner)
+    ip_adapters: tuple = ()        # IP-Adapter files that ControlNet units name (--ip-adapter)
+    image_encoder: Optional[str] = None  # their image encoder (--image-encoder)
 
     @property
     def limits(self) -> Limits:
@@ -72,13 +75,15 @@ SCHEDULER_LABELS = tuple((name, label, list(aliases) if aliases else None, rho, 
 class LocalEngine:
     """One pipeline in this process, behind the batching scheduler."""
 
-    def __init__(self, pipe, settings: ServeSettings, metrics=None, source: Optional[str] = None):
+    def __init__(self, pipe, settings: ServeSettings, metrics=None, source: Optional[str] = None, refiner=None):
+        from .batching import ServedPipeline
         from .preview import LatentPreview, Previews
         from .scheduler import SchedulerSettings
 
-        self._info = ModelInfo.of(pipe, source)
+        self._info = ModelInfo.of(pipe, source, refiner, settings.refiner)
         every = settings.preview_every
         self.previews = Previews(LatentPreview.for_pipeline(pipe) if every > 0 else None, every)
+        pipe = ServedPipeline(pipe, refiner, self._info.refiners[0] if refiner is not None else None)
         self.scheduler = Scheduler(
             pipe, SchedulerSettings(batching=settings.batching, max_batch_images=settings.max_batch_images,
                                     batch_window_s=settings.batch_window_ms / 1000, max_queue=settings.max_queue),

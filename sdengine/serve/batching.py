@@ -70,6 +70,29 @@ class Output:
     finished_at: float = 0.0
 
 
+class ServedPipeline:
+    """A pipeline as the server's workers call it. Specs stay plain data (they cross to Ray), so a
+    call names its SDXL refiner (an A1111 request's refiner_checkpoint, which make_spec resolves to
+    `refiner_name`) and carries its IP-Adapter image prompts as (width, height, RGB bytes); this
+    turns them into the refiner pipeline and PIL images. Everything else is the pipeline's."""
+
+    def __init__(self, pipe, refiner=None, refiner_name: Optional[str] = None):
+        self.pipe, self.refiner, self.refiner_name = pipe, refiner, refiner_name
+
+    def __call__(self, *args, refiner=None, ip_adapter_image=None, **kwargs):
+        from PIL import Image
+
+        if refiner is not None and (self.refiner is None or refiner != self.refiner_name):
+            raise ValueError(f"refiner {refiner!r} is not loaded")
+        if ip_adapter_image is not None:
+            ip_adapter_image = [Image.frombytes("RGB", (w, h), data) for w, h, data in ip_adapter_image]
+        return self.pipe(*args, refiner=self.refiner if refiner is not None else None,
+                         ip_adapter_image=ip_adapter_image, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+
 def run_group(pipe, specs: list, *, max_batch_images: int,
               cancelled: Callable[[int], bool] = lambda i: False,
               interrupted: Callable[[], bool] = lambda: False,

@@ -77,6 +77,9 @@ def build_local_app(model, settings, *, backend=None, device=None, dtype=None, t
 
     set_cpu_threads(threads, demo_model=model is None)  # see `sdengine generate --threads`
     pipe = sdengine.load(model, device=device, dtype=dtype, backend=backend)
+    if settings.ip_adapters:
+        pipe.load_ip_adapter(list(settings.ip_adapters), image_encoder=settings.image_encoder)
+    refiner = sdengine.load(settings.refiner, device=device, dtype=dtype, backend=backend) if settings.refiner else None
     app = create_app(None, settings)
-    app.state.engine = LocalEngine(pipe, settings, app.state.metrics, source=model)
+    app.state.engine = LocalEngine(pipe, settings, app.state.metrics, source=model, refiner=refiner)
     return app

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import functools
 
+from .. import samplers
 from ..samplers.names import SAMPLER_TABLE
 from .requests import Limits, accepted_names, check_plan, default_steps, sampler_and_schedule
 from .schemas import Img2ImgRequest, OverrideSettings, PngInfoRequest, TaskProgressRequest, Txt2ImgRequest
@@ -67,6 +68,18 @@ def openapi_schema(base: dict, limits, info, api_key: bool) -> dict:
             _value_branch(props[field])["enum"] = ["", *sorted(profiles)]
         _value_branch(props["scheduler"])["enum"] = sorted(schedule_names)
         components[name]["anyOf"] = copy.deepcopy(branches)
+        _value_branch(props["refiner_checkpoint"])["enum"] = ["", "None", *info.refiners]
+        props["alwayson_scripts"] = _alwayson_scripts(info)
+    txt2img = components["Txt2ImgRequest"]["properties"]  # the hires fix's caps and names
+    for field, cap in (("hr_second_pass_steps", max_steps), ("hr_resize_x", limits.max_size),
+                       ("hr_resize_y", limits.max_size)):
+        _value_branch(txt2img[field])["maximum"] = cap
+    _value_branch(txt2img["hr_sampler_name"])["enum"] = ["", *sorted(n for n in profiles if _serves(
+        samplers.resolve, n, None, info.scheduler_config))]
+    _value_branch(txt2img["hr_checkpoint_name"])["enum"] = sorted({"", info.title, info.filename})
+    txt2img["enable_hr"]["description"] = (
+        "A1111's hires fix: besides each field's range, the second pass's sides must be within "
+        f"--max-size ({limits.max_size}) and its schedule one the hires sampler runs (a 422 names the field)")
     img2img = components["Img2ImgRequest"]["properties"]
     img2img["init_images"]["items"]["format"] = IMAGE_FORMAT
     img2img["init_images"]["maxItems"] = limits.max_batch_size * limits.max_batch_count
@@ -89,6 +102,31 @@ def openapi_schema(base: dict, limits, info, api_key: bool) -> dict:
         _value_branch(override["deepcache_branch"])["maximum"] = 3 * len(cfg.unet.block_out_channels) - 1
     _document_statuses(schema, api_key)
     return schema
+
+
+def _alwayson_scripts(info) -> dict:
+    """alwayson_scripts: A1111's ControlNet extension only, whose enabled units with an image are
+    IP-Adapter units naming a loaded adapter (requests.ip_adapter_units); none without adapters."""
+    from .requests import CONTROLNET_SCRIPT
+
+    import re
+
+    no_image = {"enum": ["", None]}
+    units = [{"not": {"type": "object"}},  # ignored, as are disabled units and units without an image
+             {"type": "object", "properties": {"enabled": {"enum": [False, None]}}, "required": ["enabled"]},
+             {"type": "object", "properties": {"image": no_image, "input_image": no_image}}]
+    if info.ip_adapters:  # "name" or A1111's "name [hash]"
+        names = "|".join(re.escape(name) for name in info.ip_adapters)
+        image = {"type": "string", "format": IMAGE_FORMAT}
+        units.append({"type": "object", "required": ["module", "model", "image"], "properties": {
+            "enabled": {"const": True}, "module": {"type": "string", "pattern": "^ip-adapter"},
+            "model": {"type": "string", "pattern": f"^({names})( \\[.*\\])?$"}, "weight": {"type": "number"},
+            "image": image, "input_image": {"anyOf": [image, no_image]},
+            "guidance_start": {"enum": [0, None]}, "guidance_end": {"enum": [1, None]}}})
+    script = {"type": "object", "properties": {"args": {"type": ["array", "null"], "items": {"anyOf": units}}}}
+    return {"anyOf": [{"type": "object", "propertyNames": {"enum": list(CONTROLNET_SCRIPT)},
+                       "additionalProperties": script}, {"type": "null"}], "default": {},
+            "description": "A1111's ControlNet extension's IP-Adapter units (sdengine serve --ip-adapter)"}
 
 
 def _value_branch(prop: dict) -> dict:

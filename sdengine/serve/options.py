@@ -25,6 +25,12 @@ def add_arguments(p) -> None:
                    help="folder of LoRA files that prompts name with <lora:name:weight> (listed at /sdapi/v1/loras)")
     p.add_argument("--prompt-syntax", default="a1111", choices=["a1111", "plain"],
                    help="a1111 (default, as A1111's API): emphasis, 75-token windows, <lora:...> tags; plain: text")
+    p.add_argument("--refiner", default=None, metavar="PATH",
+                   help="an SDXL refiner that requests name in refiner_checkpoint (its name or this path)")
+    p.add_argument("--ip-adapter", action="append", default=[], metavar="FILE",
+                   help="an IP-Adapter that A1111 ControlNet units (module ip-adapter_*) name by its file name; "
+                        "repeatable (needs --image-encoder)")
+    p.add_argument("--image-encoder", default=None, metavar="FOLDER", help="the IP-Adapters' CLIP image encoder")
     p.add_argument("--api-key", default=os.environ.get("SDENGINE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every endpoint but the web UI's own files, "
                         "which ask for the key (default: $SDENGINE_API_KEY)")
@@ -81,6 +87,7 @@ def settings_from_args(args):
                          request_timeout_s=args.request_timeout, max_size=args.max_size, max_steps=args.max_steps,
                          max_batch_size=args.max_batch_size, max_batch_count=args.max_batch_count,
                          max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                         api_key=args.api_key, lora_dir=args.lora_dir,
+                         api_key=args.api_key, lora_dir=args.lora_dir, refiner=args.refiner,
+                         ip_adapters=tuple(args.ip_adapter), image_encoder=args.image_encoder,
                          prompt_syntax=None if args.prompt_syntax == "plain" else args.prompt_syntax,
                          preview_every=args.preview_every, web_ui=not args.no_web_ui)

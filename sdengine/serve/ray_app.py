@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from .batching import Output, run_group
+from .batching import Output, ServedPipeline, run_group
 from .requests import ModelInfo
 from .scheduler import ClientGone, ModelUnavailable, QueueFull, RequestTimeout, idle_state
 
@@ -67,17 +67,22 @@ class SDModel:
     (added by _deployment_class, so that this module imports without ray)."""
 
     def __init__(self, model, backend, device, dtype, threads, max_batch_images: int, batch_wait_s: float,
-                 batching: bool, preview_every: int = 0):
+                 batching: bool, preview_every: int = 0, refiner: Optional[str] = None, ip_adapters: tuple = (),
+                 image_encoder: Optional[str] = None):
         import sdengine
 
         from ..device import set_cpu_threads
 
         set_cpu_threads(threads, demo_model=model is None)
         self.pipe = sdengine.load(model, device=device, dtype=dtype, backend=backend)
-        self.model_info = ModelInfo.of(self.pipe, model)
+        if ip_adapters:
+            self.pipe.load_ip_adapter(list(ip_adapters), image_encoder=image_encoder)
+        refiner_pipe = sdengine.load(refiner, device=device, dtype=dtype, backend=backend) if refiner else None
+        self.model_info = ModelInfo.of(self.pipe, model, refiner_pipe, refiner)
         from .preview import LatentPreview, Previews
 
         self.previews = Previews(LatentPreview.for_pipeline(self.pipe) if preview_every > 0 else None, preview_every)
+        self.pipe = ServedPipeline(self.pipe, refiner_pipe, self.model_info.refiners[0] if refiner_pipe else None)
         self.max_batch_images = max_batch_images
         self._batched.set_max_batch_size(max_batch_images if batching else 1)
         self._batched.set_batch_wait_timeout_s(batch_wait_s if batching else 0.0)
@@ -248,7 +253,8 @@ def build_application(model, settings, options: RayOptions, *, backend=None, dev
 
     return Ingress.bind(model_deployment.bind(model, backend, device, dtype, threads, settings.max_batch_images,
                                               settings.batch_window_ms / 1000, settings.batching,
-                                              settings.preview_every), settings)
+                                              settings.preview_every, settings.refiner, settings.ip_adapters,
+                                              settings.image_encoder), settings)
 
 
 def run(model, settings, options: RayOptions, *, host: str, port: int, backend=None, device=None, dtype=None,

@@ -12,6 +12,7 @@ import binascii
 import functools
 import io
 import json
+import math
 import random
 import time
 import uuid
@@ -76,13 +77,17 @@ class ModelInfo:
     scheduler_config: object     # sdengine.config.SchedulerConfig: the checkpoint's sampler and schedule
     config: object = None        # sdengine.config.ModelConfig: Request.for_model's checks, before the queue
     device: str = "cpu"          # where it runs ("cuda:0", "cpu"): A1111's GPU noise needs CUDA
+    refiners: tuple = ()         # the names refiner_checkpoint may give: the loaded refiner's title and path
+    ip_adapters: tuple = ()      # the loaded IP-Adapters' names, in load order (a ControlNet unit's "model")
 
     @classmethod
-    def of(cls, pipe, source: Optional[str] = None) -> "ModelInfo":
+    def of(cls, pipe, source: Optional[str] = None, refiner=None, refiner_source: Optional[str] = None) -> "ModelInfo":
         cfg = pipe.config
+        refiners = () if refiner is None else tuple(dict.fromkeys((refiner.name, str(refiner_source or refiner.name))))
         return cls(title=pipe.name, filename=str(source or pipe.name), default_size=cfg.default_size,
                    is_inpaint=cfg.is_inpaint, scheduler_config=cfg.scheduler, config=cfg,
-                   device=str(pipe.backend.device))
+                   device=str(pipe.backend.device), refiners=refiners,
+                   ip_adapters=tuple(getattr(pipe, "ip_adapter_names", ())))
 
 
 @dataclass
@@ -97,11 +102,112 @@ class Limits:
 
 # A1111 features that sdengine does not have: refused unless at their "off" value.
 _UNSUPPORTED = {
-    "enable_hr": lambda v: not v, "restore_faces": lambda v: not v, "tiling": lambda v: not v,
+    "restore_faces": lambda v: not v, "tiling": lambda v: not v,
     "script_name": lambda v: not v, "styles": lambda v: not v,
-    "alwayson_scripts": lambda v: not v, "refiner_checkpoint": lambda v: not v,
+    "alwayson_scripts": lambda v: not set(v or {}) - set(CONTROLNET_SCRIPT),
     "resize_mode": lambda v: v in (None, 0), "latent_mask": lambda v: not v,
+    "firstphase_width": lambda v: not v, "firstphase_height": lambda v: not v, "firstpass_image": lambda v: not v,
+    "hr_scheduler": lambda v: v in (None, "", "Use same scheduler"),
 }
+# The keys of A1111's ControlNet extension in alwayson_scripts (its title, as webuiapi sends it, and lower case)
+CONTROLNET_SCRIPT = ("ControlNet", "controlnet")
+# sdengine.Hires's fields (as its errors name them) -> A1111's.
+HIRES_FIELDS = {"hires.scale": "hr_scale", "hires.upscaler": "hr_upscaler", "hires.steps": "hr_second_pass_steps",
+                "hires.denoising_strength": "denoising_strength", "hires.resize_x": "hr_resize_x",
+                "hires.resize_y": "hr_resize_y", "hires.sampler": "hr_sampler_name", "hires.prompt": "hr_prompt",
+                "hires.negative_prompt": "hr_negative_prompt", "hires": "hr_scale"}
+
+
+def hires_of(req, prompt: str, negative: str, info: ModelInfo, limits: Limits, width: int, height: int):
+    """The sdengine.Hires of an A1111 txt2img request with enable_hr (None without), checked:
+    A1111's defaults (upscaler "Latent", denoising 0.75; an empty hr_prompt is the prompt), the
+    second pass within the server's pixel cap, its sampler known. Raises FieldError."""
+    from ..errors import InvalidArgumentError
+    from ..hires import Hires
+
+    if not getattr(req, "enable_hr", False):
+        return None
+    if req.hr_checkpoint_name and req.hr_checkpoint_name not in (info.title, info.filename):
+        raise FieldError("hr_checkpoint_name", f"model {req.hr_checkpoint_name!r} is not loaded; the hires pass runs "
+                                               f"on {info.title!r}")
+    hires = Hires(scale=req.hr_scale if req.hr_scale is not None else 2.0, upscaler=req.hr_upscaler or "Latent",
+                  steps=req.hr_second_pass_steps or 0,
+                  denoising_strength=req.denoising_strength if req.denoising_strength is not None else 0.75,
+                  resize_x=req.hr_resize_x or 0, resize_y=req.hr_resize_y or 0, sampler=req.hr_sampler_name or None,
+                  prompt=req.hr_prompt if req.hr_prompt and req.hr_prompt != prompt else None,
+                  negative_prompt=req.hr_negative_prompt if req.hr_negative_prompt and req.hr_negative_prompt != negative
+                  else None)
+    try:
+        hires.check()
+    except InvalidArgumentError as e:
+        raise FieldError(HIRES_FIELDS.get(e.parameter, "enable_hr"), str(e)) from None
+    target = hires.target(width, height)
+    if max(target.width, target.height) > limits.max_size:
+        raise FieldError("hr_resize_x" if hires.resize_x or hires.resize_y else "hr_scale",
+                         f"the hires pass of {target.width}x{target.height} is over this server's cap of "
+                         f"{limits.max_size} a side (--max-size)")
+    if hires.sampler is not None:
+        try:
+            samplers.resolve(hires.sampler, None, info.scheduler_config)
+        except ValueError as e:
+            raise FieldError("hr_sampler_name", str(e)) from None
+    return hires
+
+
+def ip_adapter_units(req, info: ModelInfo, limits: Limits) -> tuple:
+    """(images, scales) of the IP-Adapter units an A1111 request sends as its ControlNet extension
+    sends them (alwayson_scripts.ControlNet.args: module "ip-adapter_*", model naming a loaded adapter
+    as "name" or "name [hash]", weight, image or input_image). One image per loaded adapter (an adapter
+    no unit names runs at scale 0), each as (width, height, RGB bytes) so that specs stay plain data;
+    ((), ()) when no unit is enabled. Other ControlNet units are refused. Raises FieldError."""
+    scripts = req.alwayson_scripts or {}
+    key = next((k for k in CONTROLNET_SCRIPT if k in scripts), None)
+    script = scripts[key] if key is not None else {}
+    if not isinstance(script, dict) or not isinstance(script.get("args") or [], list):
+        raise FieldError(f"alwayson_scripts.{key}", "must be {\"args\": [unit, ...]} (A1111's ControlNet extension)")
+    units = [u for u in (script.get("args") or []) if isinstance(u, dict)]
+    units = [u for u in units if u.get("enabled", True) and (u.get("image") or u.get("input_image"))]
+    if not units:
+        return (), ()
+    images, scales = [None] * len(info.ip_adapters), [0.0] * len(info.ip_adapters)
+    for i, unit in enumerate(units):
+        where = f"alwayson_scripts.ControlNet.args.{i}"
+        module, model = str(unit.get("module") or ""), str(unit.get("model") or "")
+        if not module.startswith("ip-adapter"):
+            raise FieldError(f"{where}.module", f"only IP-Adapter units (module ip-adapter_*) are served, got {module!r}")
+        name = model.split(" [")[0]
+        if name not in info.ip_adapters:
+            loaded = ", ".join(map(repr, info.ip_adapters)) or "none (sdengine serve MODEL --ip-adapter FILE)"
+            raise FieldError(f"{where}.model", f"IP-Adapter {model!r} is not loaded; loaded: {loaded}")
+        if (unit.get("guidance_start") or 0) != 0 or unit.get("guidance_end", 1) not in (None, 1):
+            raise FieldError(f"{where}.guidance_start", "an IP-Adapter runs at every step here (0 to 1)")
+        weight = unit.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise FieldError(f"{where}.weight", f"must be a finite number, got {weight!r}")
+        image = decode_image(unit.get("image") or unit.get("input_image"), f"{where}.image", limits).convert("RGB")
+        index = info.ip_adapters.index(name)
+        images[index], scales[index] = (image.width, image.height, image.tobytes()), float(weight)
+    first = next(im for im in images if im is not None)
+    return tuple(im if im is not None else first for im in images), tuple(scales)
+
+
+def refiner_of(req, info: ModelInfo) -> Optional[str]:
+    """The loaded refiner an A1111 request names (refiner_checkpoint: its title, path, or A1111's
+    "name [hash]" title), or None. Raises FieldError."""
+    name = req.refiner_checkpoint
+    if not name or name in ("None", "none"):
+        return None
+    for candidate in (name, name.split(" [")[0]):
+        if candidate in info.refiners:
+            break
+    else:
+        loaded = f"this server's refiner is {info.refiners[0]!r}" if info.refiners else \
+            "this server has no refiner (sdengine serve MODEL --refiner PATH)"
+        raise FieldError("refiner_checkpoint", f"refiner {name!r} is not loaded; {loaded}")
+    switch = req.refiner_switch_at if req.refiner_switch_at is not None else 0.8
+    if not 0.0 < switch < 1.0:
+        raise FieldError("refiner_switch_at", f"must be in (0, 1), got {switch!r}")
+    return info.refiners[0]
 
 
 def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syntax: Optional[str] = "a1111",
@@ -127,6 +233,10 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
     for field, value, cap, flag in (("width", width, limits.max_size, "--max-size"),
                                     ("height", height, limits.max_size, "--max-size"),
                                     ("steps", steps, limits.max_steps, "--max-steps"),
+                                    ("hr_second_pass_steps", getattr(req, "hr_second_pass_steps", 0) or 0,
+                                     limits.max_steps, "--max-steps"),
+                                    ("hr_resize_x", getattr(req, "hr_resize_x", 0) or 0, limits.max_size, "--max-size"),
+                                    ("hr_resize_y", getattr(req, "hr_resize_y", 0) or 0, limits.max_size, "--max-size"),
                                     ("batch_size", batch_size, limits.max_batch_size, "--max-batch-size"),
                                     ("n_iter", n_iter, limits.max_batch_count, "--max-batch-count")):
         if value > cap:
@@ -199,17 +309,28 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
         shared["strength"] = float(strength)
     elif info.is_inpaint:
         raise FieldError("init_images", f"{info.title} is an inpainting model: use img2img with init_images and mask")
+    hires = hires_of(req, prompt, negative, info, limits, width, height) if not img2img else None
+    refiner = refiner_of(req, info)
+    ip_images, ip_scales = ip_adapter_units(req, info, limits)
+    if hires is not None and refiner is not None:
+        raise FieldError("refiner_checkpoint", "the refiner and the hires fix cannot be combined yet")
     try:  # the checks every front end shares (sdengine.request: generate, the CLI, the C API's bindings)
         request = Request.from_args(prompt, negative_prompt=negative, seed=seeds, batch_size=n_images,
                                     init_image=init_images[0] if init_images else None,
                                     mask_image=masks[0] if masks else None, progress=False, subseed=subseeds,
-                                    **shared)
+                                    hires=hires, **shared)
         if info.config is not None:
             request.for_model(info.config)
     except ValueError as e:
         raise FieldError(field_of(e), str(e)) from None
     check_plan(sampler, schedule_name, steps, info.scheduler_config, conventions,
                strength=shared.get("strength", 1.0) if mode == "img2img" else 1.0, eta=shared["eta"])
+    if hires is not None:
+        shared["hires"] = hires
+    if ip_images:  # as plain data; batching.ServedPipeline makes them images again
+        shared.update(ip_adapter_image=ip_images, ip_adapter_scale=ip_scales)
+    if refiner is not None:
+        shared.update(refiner=refiner, refiner_switch_at=float(req.refiner_switch_at or 0.8))
     loras = ()
     if prompt_syntax is not None:
         from .. import prompt_syntax as a1111

@@ -13,9 +13,12 @@ caps, the loaded model's sizes, the sampler and schedule names it takes.
 Two deliberate differences:
 - `width` / `height` default to the loaded model's native size (512 for SD1.5, as in A1111;
   32 for the bundled demo model) instead of always 512.
-- Fields for features sdengine does not have (hires fix, face restoration, tiling, variation
-  seeds, scripts, styles) take only their "off" value, and are refused with a 422 naming the
-  field otherwise, rather than silently producing a different image than asked for.
+- Fields for features sdengine does not have (face restoration, tiling, variation seeds,
+  scripts, styles, a hires checkpoint or scheduler of its own) take only their "off" value, and
+  are refused with a 422 naming the field otherwise, rather than silently producing a different
+  image than asked for. The hires fix (enable_hr, hr_*) is sdengine.Hires, refiner_checkpoint
+  names the refiner the server loaded (`sdengine serve MODEL --refiner PATH`), and
+  alwayson_scripts takes IP-Adapter units of A1111's ControlNet extension.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from ..hires import UPSCALERS
 from ..request import MAX_SIDE
 
 # Limits that hold for every server; the configurable ones (size, steps, images per request)
@@ -121,15 +125,16 @@ class _Request(BaseModel):
     s_noise: Optional[float] = None
     override_settings: Optional[OverrideSettings] = None
     override_settings_restore_afterwards: Optional[bool] = True
-    refiner_checkpoint: Empty = None
-    refiner_switch_at: Optional[float] = None
+    refiner_checkpoint: Optional[str] = None  # the refiner the server loaded (openapi.py: its names' enum)
+    refiner_switch_at: Optional[float] = Field(None, gt=0.0, lt=1.0, allow_inf_nan=False)
     disable_extra_networks: Optional[bool] = False
     comments: Optional[dict] = None
     script_name: Empty = None
     script_args: Optional[list] = []
     send_images: Optional[bool] = True
     save_images: Optional[bool] = False
-    alwayson_scripts: Optional[dict] = Field({}, max_length=0)
+    # A1111's ControlNet extension's IP-Adapter units (openapi.py states them where adapters are loaded)
+    alwayson_scripts: Optional[dict] = {}
     force_task_id: Optional[str] = Field(None, max_length=200)  # names the request for /internal/progress
     infotext: Optional[str] = None
 
@@ -137,21 +142,22 @@ class _Request(BaseModel):
 class Txt2ImgRequest(_Request):
     """POST /sdapi/v1/txt2img (A1111's StableDiffusionProcessingTxt2Img)."""
 
-    enable_hr: Off = False
-    denoising_strength: Optional[float] = Field(0.75, ge=0.0, le=1.0, allow_inf_nan=False)  # hires fix only
-    firstphase_width: Optional[Int()] = 0
-    firstphase_height: Optional[Int()] = 0
-    hr_scale: Optional[float] = 2.0
-    hr_upscaler: Optional[str] = None
-    hr_second_pass_steps: Optional[Int()] = 0
-    hr_resize_x: Optional[Int()] = 0
-    hr_resize_y: Optional[Int()] = 0
-    hr_checkpoint_name: Optional[str] = None
-    hr_sampler_name: Optional[str] = None
-    hr_scheduler: Optional[str] = None
-    hr_prompt: Optional[str] = ""
-    hr_negative_prompt: Optional[str] = ""
-    firstpass_image: Optional[str] = None
+    # A1111's hires fix (sdengine.Hires; its ranges)
+    enable_hr: Annotated[Optional[bool], BeforeValidator(_bool)] = False
+    denoising_strength: Optional[float] = Field(0.75, gt=0.0, le=1.0, allow_inf_nan=False)  # the hires pass's
+    firstphase_width: Zero = 0
+    firstphase_height: Zero = 0
+    hr_scale: Optional[float] = Field(2.0, ge=1.0, le=8.0, allow_inf_nan=False)
+    hr_upscaler: Optional[Literal[UPSCALERS]] = None  # null: "Latent"
+    hr_second_pass_steps: Optional[Int(ge=0, le=MAX_STEPS)] = 0  # 0: the first pass's steps
+    hr_resize_x: Optional[Int(ge=0, le=MAX_SIDE)] = 0
+    hr_resize_y: Optional[Int(ge=0, le=MAX_SIDE)] = 0
+    hr_checkpoint_name: Optional[str] = None  # the loaded model (openapi.py: its names' enum)
+    hr_sampler_name: Optional[str] = None     # null: the first pass's (openapi.py: the samplers' enum)
+    hr_scheduler: Optional[Literal["", "Use same scheduler"]] = None
+    hr_prompt: Optional[str] = Field("", max_length=MAX_PROMPT_CHARS)
+    hr_negative_prompt: Optional[str] = Field("", max_length=MAX_PROMPT_CHARS)
+    firstpass_image: Empty = None
 
 
 class Img2ImgRequest(_Request):

@@ -79,11 +79,19 @@ def tiny_pipeline(kind: str, seed: int = 0):
     """A full diffusers pipeline of the tiny config `kind` (one of TINY_KINDS), fp32 on CPU.
 
     sd15 / sd21-v: StableDiffusionPipeline; sd15-inpaint: StableDiffusionInpaintPipeline;
-    sdxl: StableDiffusionXLPipeline. No safety checker, no feature extractor.
+    sdxl: StableDiffusionXLPipeline; sdxl-refiner: StableDiffusionXLImg2ImgPipeline (text_encoder_2
+    only, requires_aesthetics_score, force_zeros_for_empty_prompt false). No safety checker, no
+    feature extractor.
     """
     import diffusers
 
     cfg = tiny_config(kind)
+    if kind == "sdxl-refiner":  # StableDiffusionXLImg2ImgPipeline as the published refiner's folder has it
+        return diffusers.StableDiffusionXLImg2ImgPipeline(
+            vae=diffusers_vae(cfg.vae, seed), text_encoder=None, tokenizer=None,
+            text_encoder_2=transformers_text_encoder(cfg.text_encoder_2, seed + 20), tokenizer_2=transformers_tokenizer("!"),
+            unet=diffusers_unet(cfg.unet, seed + 20), scheduler=diffusers_scheduler(cfg.scheduler),
+            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
     sd2_style = kind == "sd21-v"
     parts = dict(
         unet=diffusers_unet(cfg.unet, seed),
