@@ -188,7 +188,10 @@ def request_arguments(info: Infotext) -> dict:
     if eta is not None or eta_ddim is not None:
         args["eta"] = eta_ddim if eta_ddim is not None else eta
     strength = take("Denoising strength", float)
-    if strength is not None:
+    hires = _hires(fields, handled, strength)
+    if hires is not None:  # txt2img with the hires fix: its denoising strength is the second pass's
+        args["hires"] = hires
+    elif strength is not None:
         args["strength"] = strength
     # training-free acceleration (sdengine/acceleration.py): A1111's own "Token merging ratio", sdengine's others
     interval, branch = take("DeepCache interval", int, 0), take("DeepCache branch", int, 0)
@@ -202,6 +205,10 @@ def request_arguments(info: Infotext) -> dict:
     ratio = take("Token merging ratio", float, 0.0)
     if ratio:
         args["tome"] = ratio
+    if "Refiner" in fields:  # the refiner is a model: Request.from_infotext needs refiner= for it
+        handled.update(("Refiner", "Refiner switch at"))
+        args["refiner_switch_at"] = _number(fields, "Refiner switch at", float) if "Refiner switch at" in fields \
+            else 0.8
 
     refused = [key for key in fields if key not in handled]
     if refused:
@@ -209,6 +216,31 @@ def request_arguments(info: Infotext) -> dict:
                 f"sdengine (it would draw another image); remove {'them' if len(refused) > 1 else 'it'} to draw "
                 f"without {'them' if len(refused) > 1 else 'it'}")
     return args
+
+
+def _hires(fields: dict, handled: set, strength: Optional[float]):
+    """The sdengine.Hires of A1111's hires fields ("Hires upscale" or "Hires resize", "Hires steps",
+    "Hires upscaler", "Hires sampler", "Hires prompt", "Hires negative prompt"), or None."""
+    keys = ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Hires sampler", "Hires prompt",
+            "Hires negative prompt")
+    if not any(key in fields for key in keys):
+        return None
+    from .hires import Hires
+
+    handled.update(keys)
+    resize = (0, 0)
+    if "Hires resize" in fields:
+        m = _SIZE.match(str(fields["Hires resize"]))
+        if not m:
+            _refuse(f"field 'Hires resize' must be WIDTHxHEIGHT, got {fields['Hires resize']!r}")
+        resize = (int(m.group(1)), int(m.group(2)))
+    text = lambda key: str(fields[key]) if key in fields else None  # noqa: E731
+    return Hires(scale=_number(fields, "Hires upscale", float) if "Hires upscale" in fields else 2.0,
+                 upscaler=text("Hires upscaler") or "Latent",
+                 steps=_number(fields, "Hires steps", int) if "Hires steps" in fields else 0,
+                 denoising_strength=0.7 if strength is None else strength, resize_x=resize[0], resize_y=resize[1],
+                 sampler=text("Hires sampler"), prompt=text("Hires prompt"),
+                 negative_prompt=text("Hires negative prompt"))
 
 
 # ---------------------------------------------------------------------------

@@ -551,6 +551,8 @@ class Request:
         if "strength" in args and overrides.get("init_image") is None:
             _fail("init_image", "is needed: the infotext has 'Denoising strength' (an img2img or inpainting "
                                 "run); pass init_image= (and mask_image= for inpainting)")
+        if "refiner_switch_at" in args and overrides.get("refiner") is None:
+            _fail("refiner", "is needed: the infotext names a refiner ('Refiner'); pass refiner= (a loaded Pipeline)")
         args.update(overrides)
         return cls.from_args(**args)
 

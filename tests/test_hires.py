@@ -11,6 +11,8 @@ scheduler and VAE on the tiny SD1 model (whose VAE halves the image once):
    img2img runs for strength = steps / that schedule (its get_timesteps keeps exactly those).
 """
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -174,3 +176,21 @@ def test_hires_is_txt2img_only():
     image = np.zeros((SIZE, SIZE, 3), dtype=np.float32)
     with pytest.raises(InvalidArgumentError, match="hires applies to txt2img"):
         _pipe()(PROMPT, init_image=image, hires=Hires(), progress=False)
+
+
+@pytest.mark.parametrize("sampler,hires", [
+    ("euler", Hires(scale=2.0, upscaler="Latent (bicubic)", steps=3, denoising_strength=0.45, sampler="Euler a",
+                    prompt="a red lighthouse")),
+    ("Euler a", Hires(resize_x=96, resize_y=80, upscaler="Lanczos", steps=2, denoising_strength=0.6,
+                      negative_prompt="fog")),
+])
+def test_infotext_round_trip(sampler, hires):
+    """The PNG's parameters read back (Request.from_infotext) draw the same image: diffusers' and
+    A1111's rules, scale and resize, a pixel upscaler, a hires sampler and prompts."""
+    pipe = _pipe()
+    result = _ours(pipe, hires, steps=4, sampler=sampler, output_type="pil", prompt_syntax="a1111")
+    request = sdengine.Request.from_infotext(result.infotext()).for_model(pipe.config)
+    assert request.hires == hires
+    again = pipe.run(replace(request, progress=False))
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(result.images[0]))
+    assert again.infotext() == result.infotext()
