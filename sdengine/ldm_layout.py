@@ -35,6 +35,7 @@ SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
 SDXL_TEXT_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_TEXT_2_PREFIX = "conditioner.embedders.1.model."
+SDXL_REFINER_TEXT_PREFIX = "conditioner.embedders.0.model."  # the refiner's only encoder: OpenCLIP bigG
 
 # Keys of training state that no network reads: the DDPM schedule buffers of LatentDiffusion,
 # EMA bookkeeping, and the A1111/ComfyUI marker keys (read by detection, not loaded).
@@ -273,9 +274,9 @@ def detect_layout(keys) -> Layout:
         text_prefix = SDXL_TEXT_PREFIX + ("text_model." if has(SDXL_TEXT_PREFIX + "text_model.") else "")
         linear = SDXL_TEXT_2_PREFIX + "text_projection.weight" in keys
         return Layout("sdxl", text_prefix, False, SDXL_TEXT_2_PREFIX, text_2_projection_linear=linear)
-    if has("conditioner.embedders.0.model."):
-        raise ModelLoadError("unsupported architecture: an SDXL refiner (conditioner.embedders.0.model.*, "
-                             "OpenCLIP bigG only); sdengine runs SD1, SD2 and SDXL base models")
+    if has(SDXL_REFINER_TEXT_PREFIX):  # SDXL's refiner: OpenCLIP bigG alone, as the second encoder
+        linear = SDXL_REFINER_TEXT_PREFIX + "text_projection.weight" in keys
+        return Layout("sdxl-refiner", "", False, SDXL_REFINER_TEXT_PREFIX, text_2_projection_linear=linear)
     if has(SD2_TEXT_PREFIX):
         return Layout("sd2", SD2_TEXT_PREFIX, True)
     if has(SD1_TEXT_PREFIX):
@@ -408,6 +409,8 @@ def layout_for(config: ModelConfig) -> Layout:
     family = family_name(config)
     if family == "sdxl":
         return Layout("sdxl", SDXL_TEXT_PREFIX + "text_model.", False, SDXL_TEXT_2_PREFIX)
+    if family == "sdxl-refiner":
+        return Layout("sdxl-refiner", "", False, SDXL_REFINER_TEXT_PREFIX)
     if family.startswith("sd21"):
         return Layout("sd2", SD2_TEXT_PREFIX, True)
     return Layout("sd1", SD1_TEXT_PREFIX + "text_model.", False)
@@ -459,6 +462,8 @@ def family_name(config: ModelConfig) -> str:
 
     SD2 is told from SD1 by its OpenCLIP text encoder (GELU; OpenAI's CLIP uses quick_gelu).
     """
+    if config.text_encoder is None:
+        return "sdxl-refiner"
     if config.text_encoder_2 is not None:
         return "sdxl"
     if config.text_encoder.hidden_act == "gelu":
@@ -496,7 +501,7 @@ def default_prediction_type(family: str, inpaint: bool) -> str:
 def family_preset(family: str, inpaint: bool, prediction_type: str) -> ModelConfig:
     """The preset that supplies what a single file's shapes do not record (norm groups,
     schedule, VAE scaling, sample size): family "sd1", "sd2" or "sdxl"."""
-    if family == "sdxl":
+    if family in ("sdxl", "sdxl-refiner"):
         name = "sdxl"
     elif family == "sd2":
         name = "sd21-inpaint" if inpaint else ("sd21-v" if prediction_type == "v_prediction" else "sd21")
@@ -515,7 +520,7 @@ def ldm_sources(config: ModelConfig, component: str, key: str) -> list[Source]:
     layouts = [layout_for(config)]
     if layouts[0].family == "sd1":
         layouts.append(Layout("sd1", SD1_TEXT_PREFIX, False))
-    if layouts[0].family == "sdxl":  # converted files that store bigG's projection as a Linear weight
+    if layouts[0].family in ("sdxl", "sdxl-refiner"):  # converted files that store bigG's projection as a Linear weight
         layouts.append(replace(layouts[0], text_2_projection_linear=True))
     sources = []
     for layout in layouts:
@@ -570,18 +575,22 @@ def detect_config(shapes: Mapping[str, tuple], *, prediction_type: Optional[str]
     preset = family_preset(family, inpaint, prediction_type)
     name = preset.name
 
-    text = (_detect_openclip(shapes, layout.text_prefix, preset.text_encoder, drop_last=True) if layout.text_openclip
-            else _detect_clip(shapes, layout.text_prefix, preset.text_encoder))
+    refiner = family == "sdxl-refiner"
+    text = None if refiner else \
+        _detect_openclip(shapes, layout.text_prefix, preset.text_encoder, drop_last=True) if layout.text_openclip \
+        else _detect_clip(shapes, layout.text_prefix, preset.text_encoder)
     text_2 = None
-    if family == "sdxl":
+    if family in ("sdxl", "sdxl-refiner"):
         text_2 = _detect_openclip(shapes, layout.text_2_prefix, preset.text_encoder_2, drop_last=False)
     unet = _detect_unet(shapes, preset.unet, heads_rule="8" if family == "sd1" else "64")
     if unet.addition_embed_type == "text_time":
         if text_2 is None or text_2.projection_dim is None:
             raise ModelLoadError("unsupported architecture: the UNet has SDXL's added embedding (label_emb) "
                                  "but the checkpoint has no SDXL text encoders")
-        # label_emb input = pooled text embedding + 6 Fourier-embedded size/crop numbers.
-        time_dim, rest = divmod(unet.projection_class_embeddings_input_dim - text_2.projection_dim, 6)
+        # label_emb input = pooled text embedding + 6 Fourier-embedded size/crop numbers (the
+        # refiner's: 5, the aesthetic score in place of the target size)
+        numbers = 5 if refiner else 6
+        time_dim, rest = divmod(unet.projection_class_embeddings_input_dim - text_2.projection_dim, numbers)
         if rest or time_dim < 1:
             raise ModelLoadError("unsupported SDXL added embedding of width "
                                  f"{unet.projection_class_embeddings_input_dim}")
@@ -592,8 +601,9 @@ def detect_config(shapes: Mapping[str, tuple], *, prediction_type: Optional[str]
     if "ztsnr" in shapes:
         scheduler = replace(scheduler, rescale_betas_zero_snr=True)
     try:
-        config = ModelConfig(name=name, text_encoder=text, unet=unet, vae=_detect_vae(shapes, preset.vae),
-                             scheduler=scheduler, text_encoder_2=text_2)
+        config = ModelConfig(name="sdxl-refiner" if refiner else name, text_encoder=text, unet=unet,
+                             vae=_detect_vae(shapes, preset.vae), scheduler=scheduler, text_encoder_2=text_2,
+                             requires_aesthetics_score=refiner, force_zeros_for_empty_prompt=not refiner)
     except ValueError as e:
         raise ModelLoadError(f"inconsistent {name} checkpoint: {e}") from None
     return config, layout

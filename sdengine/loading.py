@@ -225,7 +225,7 @@ def load_model(path, device=None, dtype=None, *, config: Optional[ModelConfig] =
 # ---------------------------------------------------------------------------
 
 _MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1", "sd21": "stable-diffusion-v2-512",
-                           "sd21-v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
+                           "sd21-v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base", "sdxl-refiner": "stable-diffusion-xl-v1-refiner"}
 
 
 def save_single_file(model: LoadedModel, path, dtype: Optional[torch.dtype] = None) -> Path:
@@ -378,5 +378,5 @@ def controlnet_family_name(config) -> str:
 
     if isinstance(config, ModelConfig):  # told apart by its text encoders
         family = family_name(config)
-        return "SDXL" if family == "sdxl" else "SD2" if family.startswith("sd21") else "SD1"
+        return "SDXL" if family.startswith("sdxl") else "SD2" if family.startswith("sd21") else "SD1"
     return {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}[controlnet_family(config.unet)]

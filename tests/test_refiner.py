@@ -145,3 +145,33 @@ def test_bad_arguments_name_the_parameter(kwargs, parameter):
     with pytest.raises(InvalidArgumentError) as info:
         _pipe("sdxl")("a cat", height=H, width=W, steps=STEPS, seed=1, progress=False, **kwargs)
     assert info.value.parameter == parameter
+
+
+def test_refiner_single_file_loads_as_the_folder(tmp_path):
+    """An A1111 / Civitai refiner file (conditioner.embedders.0.model.* OpenCLIP bigG only, label_emb of
+    pooled + 5 numbers): detected as a refiner, the same images as its diffusers folder."""
+    from sdengine.loading import load_model, save_single_file
+
+    folder = save_tiny_pipeline("sdxl-refiner", tmp_path / "refiner")
+    path = save_single_file(load_model(folder, device="cpu", dtype=torch.float32, progress=False),
+                            tmp_path / "sd_xl_refiner.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("conditioner.embedders.0.model.") for k in keys)
+    assert not any(k.startswith("conditioner.embedders.1.") for k in keys)
+    cfg = sdengine.loading.detect(path)
+    want = sdengine.load(folder, device="cpu", dtype="fp32").config
+    assert cfg.is_refiner and cfg.requires_aesthetics_score and not cfg.force_zeros_for_empty_prompt
+    # what the shapes hold (head counts and norm groups follow the real refiner's rules, not the tiny model's)
+    assert cfg.unet.block_out_channels == want.unet.block_out_channels
+    assert cfg.unet.projection_class_embeddings_input_dim == want.unet.projection_class_embeddings_input_dim
+    assert cfg.unet.addition_time_embed_dim == want.unet.addition_time_embed_dim
+    assert cfg.text_encoder_2.hidden_size == want.text_encoder_2.hidden_size
+    base = _pipe("sdxl")
+    kwargs = dict(height=H, width=W, steps=STEPS, guidance_scale=5.0, seed=3, sampler="euler", output_type="np",
+                  progress=False, refiner_switch_at=0.8)
+    got = base("a red bicycle", refiner=sdengine.load(path, device="cpu", dtype="fp32", config=want), **kwargs).images
+    assert max_diff(got, base("a red bicycle", refiner=sdengine.load(folder, device="cpu", dtype="fp32"),
+                              **kwargs).images) <= 1e-5
