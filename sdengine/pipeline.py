@@ -420,6 +420,13 @@ class Pipeline:
                 raise InvalidArgumentError("refiner_switch_at", f"refiner_switch_at={request.refiner_switch_at} "
                                                                 "leaves the base no step: raise it")
             plan = plan.window(0, stop) if stop < plan.num_steps else plan
+        if request.ip_adapter_image and len(request.ip_adapter_image) != len(self._ip_adapters):
+            raise InvalidArgumentError("ip_adapter_image", f"ip_adapter_image holds {len(request.ip_adapter_image)} "
+                                                           f"image(s) for {len(self._ip_adapters)} loaded IP-Adapter(s) "
+                                                           "(pipe.load_ip_adapter): give one per adapter")
+        if len(request.ip_adapter_scale) > 1 and len(request.ip_adapter_scale) != len(self._ip_adapters):
+            raise InvalidArgumentError("ip_adapter_scale", f"ip_adapter_scale holds {len(request.ip_adapter_scale)} "
+                                                           f"scales for {len(self._ip_adapters)} IP-Adapter(s)")
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in request.seeds]  # one per image
         return Run(request, texts, negatives, tag_loras, controlnets, image, mask, plan, init_for_sampler, generators,
                    self._image_noise(request, plan))
