@@ -96,7 +96,7 @@ def test_written_infotext_describes_the_run(demo):
 
 
 @pytest.mark.parametrize("fields,named", [
-    ("Hires upscale: 2, Hires steps: 10", "'Hires upscale', 'Hires steps'"),
+    ("Hires upscale: 2, Hires checkpoint: other.safetensors", "'Hires checkpoint'"),  # the hires fix itself is read
     ("Face restoration: CodeFormer", "'Face restoration'"),
     ("Tiling: True", "'Tiling'"),
     ("Token merging ratio hr: 0.5", "'Token merging ratio hr'"),  # "Token merging ratio" is honoured (ToMe)

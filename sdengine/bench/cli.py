@@ -60,6 +60,10 @@ def register(subparsers):
     what.add_argument("--tgate", type=int, metavar="GATE_STEP", help="likewise with T-GATE at this gate step")
     what.add_argument("--tome", type=float, metavar="RATIO", help="likewise with token merging (ToMe) at this ratio")
 
+    what.add_argument("--hires", type=float, default=0.0, metavar="SCALE",
+                      help="end to end with A1111's hires fix (Latent upscaler x SCALE, half the steps again at "
+                           "denoising 0.5) in every backend, and written out on diffusers' pipelines (default: off)")
+
     how = p.add_argument_group("measurement")
     how.add_argument("--backends", default="eager,diffusers",
                      help=f"comma-separated, in the order to run: {','.join(BACKENDS)} (default: eager,diffusers). "
@@ -158,6 +162,7 @@ def run(args) -> int:
         repeats=args.repeats, warmup=args.warmup, e2e_repeats=args.e2e_repeats, e2e_warmup=args.e2e_warmup,
         budget_s=args.budget, prepare_cap_s=args.prepare_cap, run_cap_s=args.run_cap, fidelity=args.fidelity,
         device=args.device, seed=args.seed, guidance_scale=args.guidance_scale, controlnets=args.controlnet,
+        hires_scale=args.hires,
         output_type=args.output_type, compile_mode=args.compile_mode, peak_tflops=args.peak_tflops,
         acceleration=tuple((name, getattr(args, name)) for name in ("deepcache", "tgate", "tome")
                            if getattr(args, name, None) is not None),

@@ -83,6 +83,7 @@ class BenchOptions:
     # (method, setting) pairs of sdengine/acceleration.py, e.g. (("deepcache", 3),): each adds, for every
     # sdengine backend, an end-to-end row with the method on, in the same run (sdengine bench --deepcache 3)
     acceleration: tuple = ()
+    hires_scale: float = 0.0  # end to end with A1111's hires fix at this scale (sdengine bench --hires; runners.hires_of)
     compile_mode: str = "max-autotune"
     peak_tflops: Optional[float] = None
     argv: list = field(default_factory=list)  # the command line, for the record
@@ -249,7 +250,9 @@ class Benchmark:
         self.workload = Workload(arch=arch, height=height, width=width, steps=options.steps, batch=options.batch,
                                  dtype=dtype_name, guidance_scale=options.guidance_scale,
                                  output_type=options.output_type, model=options.model, sampler=sampler,
-                                 schedule=schedule, controlnets=options.controlnets)
+                                 schedule=schedule, controlnets=options.controlnets, hires_scale=options.hires_scale)
+        if options.hires_scale and options.controlnets:
+            raise ValueError("--hires and --controlnet: benchmark one at a time")
         self.flop = flops.workload_flop(self.config, height, width, options.batch)
         from sdengine.device import physical_cores
 
@@ -276,6 +279,7 @@ class Benchmark:
                 "arch": arch, "height": height, "width": width, "steps": options.steps, "batch": options.batch,
                 "dtype": dtype_name, "guidance_scale": options.guidance_scale, "output_type": options.output_type,
                 "model": options.model, "sampler": sampler, "schedule": schedule, "controlnets": options.controlnets,
+                "hires_scale": options.hires_scale,
             },
             "settings": {
                 "backends": list(options.backends), "components": list(options.components),
@@ -313,6 +317,7 @@ class Benchmark:
                   "--sampler", w.sampler if w.schedule == "default" else f"{w.sampler}_{w.schedule}",
                   "--batch", str(w.batch), *(["--controlnet", str(w.controlnets)] if w.controlnets else []),
                   *[arg for name, value in o.acceleration for arg in (f"--{name}", f"{value:g}")],
+                  *(["--hires", f"{w.hires_scale:g}"] if w.hires_scale else []),
                   "--dtype", w.dtype, "--backends", ",".join(o.backends), "--components", ",".join(o.components),
                   "--repeats", str(o.repeats), "--warmup", str(o.warmup), "--e2e-repeats", str(o.e2e_repeats),
                   "--e2e-warmup", str(o.e2e_warmup), "--device", self.device.type, "--seed", str(o.seed)]

@@ -109,6 +109,18 @@ class Workload:
     sampler: str = "euler"  # canonical sdengine names (sdengine.samplers.resolve)
     schedule: str = "default"
     controlnets: int = 0  # ControlNets added to the UNet step and end to end (random, made from the UNet)
+    hires_scale: float = 0.0  # end to end with A1111's hires fix at this scale (0: off; hires_of)
+
+
+def hires_of(workload: Workload):
+    """The end-to-end runs' hires fix (sdengine bench --hires SCALE): the Latent upscaler, half the
+    steps again at denoising 0.5 (a schedule of `steps` steps, its last half); None when off."""
+    from sdengine.hires import Hires
+
+    if not workload.hires_scale:
+        return None
+    return Hires(scale=workload.hires_scale, upscaler="Latent", steps=max(1, workload.steps // 2),
+                 denoising_strength=0.5)
 
 
 def split_backend(spec: str) -> tuple:
@@ -301,6 +313,18 @@ class DiffusersRunner:
             self.no_scheduler = None
         except ValueError as e:
             self.no_scheduler = str(e)
+        self.second_pass = None
+        if hires_of(workload) is not None and self.no_scheduler is None:  # A1111's hires fix on diffusers' parts
+            import diffusers
+
+            xl = config.text_encoder_2 is not None
+            cls = diffusers.StableDiffusionXLImg2ImgPipeline if xl else diffusers.StableDiffusionImg2ImgPipeline
+            parts = {k: v for k, v in self.pipe.components.items() if k in cls._get_signature_keys(cls)[0]}
+            parts["scheduler"] = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+            if not xl:
+                parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            self.second_pass = cls(**parts)
+            self.second_pass.set_progress_bar_config(disable=True)
         if compile_mode is not None:
             # The anchor of ANCHORS.md: channels_last UNet, torch.compile(mode="max-autotune").
             self.pipe.unet.to(memory_format=torch.channels_last)
@@ -353,6 +377,8 @@ class DiffusersRunner:
         if self.no_scheduler is not None:
             raise BackendUnavailable(self.no_scheduler)
         w = self.workload
+        if self.second_pass is not None:
+            return self._hires(inputs["prompts"], inputs["seed"], w.output_type)
         images = self.pipe(
             prompt=inputs["prompts"], num_inference_steps=w.steps, guidance_scale=w.guidance_scale,
             height=w.height, width=w.width, output_type=w.output_type,
@@ -361,11 +387,30 @@ class DiffusersRunner:
         self.unet_calls = len(self.pipe.scheduler.timesteps)  # e.g. PNDM's PLMS runs steps + 1, Heun 2 steps - 1
         return images
 
+    def _hires(self, prompts, seed: int, output_type: str):
+        """A1111's hires fix written out on diffusers' parts: txt2img latents, bilinear upscale, then
+        img2img keeping the last `steps` of int(steps / strength) with noise from the same seed."""
+        w, hires = self.workload, hires_of(self.workload)
+        latents = self.pipe(prompt=prompts, num_inference_steps=w.steps, guidance_scale=w.guidance_scale,
+                            height=w.height, width=w.width, output_type="latent",
+                            generator=torch.Generator("cpu").manual_seed(seed)).images
+        target = hires.target(w.width, w.height)
+        latents = torch.nn.functional.interpolate(latents, size=(target.upscale_y // 8, target.upscale_x // 8),
+                                                  mode="bilinear")
+        total, steps = hires.schedule(w.steps)
+        images = self.second_pass(prompt=prompts, image=latents, strength=steps / total, num_inference_steps=total,
+                                  guidance_scale=w.guidance_scale, output_type=output_type,
+                                  generator=torch.Generator("cpu").manual_seed(seed)).images
+        self.unet_calls = w.steps + steps
+        return images
+
     def image(self, prompt: str, seed: int):
         """One image of the workload as a float array (H, W, 3) in [0, 1], for the fidelity check."""
         if self.no_scheduler is not None:
             raise BackendUnavailable(self.no_scheduler)
         w = self.workload
+        if self.second_pass is not None:
+            return self._hires(prompt, seed, "np")[0]
         return self.pipe(prompt=prompt, num_inference_steps=w.steps, guidance_scale=w.guidance_scale, height=w.height,
                          width=w.width, output_type="np", generator=torch.Generator("cpu").manual_seed(seed)).images[0]
 
@@ -490,6 +535,8 @@ class EngineRunner:
         steps_before = _native_steps(self.backend)
         from sdengine import samplers
 
+        loops = []  # this run's sampler loops (two with the hires fix: their sum is the run's loop)
+
         def timed_loop(sample):
             @functools.wraps(sample)
             def timed(*args, **kwargs):
@@ -497,15 +544,17 @@ class EngineRunner:
                 started = time.perf_counter()
                 out = sample(*args, **kwargs)
                 synchronize(self.device)
-                self.loop_ms.append((time.perf_counter() - started) * 1e3)
+                loops.append((time.perf_counter() - started) * 1e3)
                 return out
             return timed
 
         with _wrapped(self.backend, patches), _wrapped(samplers, {"sample": timed_loop}):
             result = self.pipe(prompt, num_inference_steps=w.steps, guidance_scale=w.guidance_scale,
                                height=w.height, width=w.width, seed=inputs["seed"], output_type=w.output_type,
-                               sampler=w.sampler, schedule=w.schedule, progress=False,
+                               sampler=w.sampler, schedule=w.schedule, progress=False, hires=hires_of(w),
                                **({"control": self.controls} if self.controls else {}), **self.acceleration)
+        if loops:
+            self.loop_ms.append(sum(loops))
         if steps_before is not None:  # the C++ loop: one step call (UNet at the doubled batch) per evaluation
             calls[0] = _native_steps(self.backend) - steps_before
         self.unet_calls = calls[0] or None  # None: the pipeline reached the UNet some other way
@@ -518,7 +567,7 @@ class EngineRunner:
         w = self.workload
         return self.pipe(prompt, num_inference_steps=w.steps, guidance_scale=w.guidance_scale, height=w.height,
                          width=w.width, seed=seed, output_type="np", sampler=w.sampler, schedule=w.schedule,
-                         progress=False, **self.acceleration).images[0]
+                         progress=False, hires=hires_of(w), **self.acceleration).images[0]
 
     def ran(self) -> dict:
         """What the last end-to-end run ran, for the record, with the time of its network calls

@@ -120,6 +120,7 @@ SCHEMA = {
                 "sampler": {"type": "string"},  # of the end-to-end runs, every backend (sdengine's name)
                 "schedule": {"type": "string"},
                 "controlnets": {"type": "integer", "minimum": 0},  # ControlNets in the UNet step and end to end
+                "hires_scale": {"type": "number", "minimum": 0},  # end to end with A1111's hires fix (0: off)
             },
         },
         "settings": {"type": "object"},
