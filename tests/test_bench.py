@@ -231,6 +231,23 @@ def test_runners_time_the_same_function_on_the_same_weights(kind):
     assert diff.max() <= 2
 
 
+def test_hires_rows_run_the_same_procedure_on_both_sides():
+    """sdengine bench --hires: the eager backend's hires fix and A1111's procedure on diffusers'
+    pipelines give the same images at the larger size, with both passes' UNet calls counted."""
+    cfg = tiny_config("sd15")
+    source = reference_pipeline(cfg, seed=3)
+    workload = Workload("tiny", 16, 16, steps=4, batch=1, dtype="fp32", sampler="euler", hires_scale=2.0)
+    cpu = torch.device("cpu")
+    theirs, ours = DiffusersRunner(source, cfg, workload, cpu), EngineRunner("eager", source, cfg, workload, cpu)
+    args = {"prompts": ["a red cube"], "seed": 5}
+    with torch.inference_mode():
+        images_theirs, images_ours = theirs.end_to_end(args), ours.end_to_end(args).images
+    assert images_ours[0].size == images_theirs[0].size == (32, 32)
+    assert theirs.unet_calls == ours.unet_calls == 4 + 2
+    diff = np.abs(np.asarray(images_theirs[0], dtype=np.int16) - np.asarray(images_ours[0], dtype=np.int16))
+    assert diff.max() <= 2
+
+
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
 def test_unet_calls_are_counted_through_the_fused_step():
     """The Triton backend runs euler through its fused step, whose UNet calls never pass through

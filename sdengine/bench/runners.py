@@ -394,8 +394,9 @@ class DiffusersRunner:
         latents = self.pipe(prompt=prompts, num_inference_steps=w.steps, guidance_scale=w.guidance_scale,
                             height=w.height, width=w.width, output_type="latent",
                             generator=torch.Generator("cpu").manual_seed(seed)).images
-        target = hires.target(w.width, w.height)
-        latents = torch.nn.functional.interpolate(latents, size=(target.upscale_y // 8, target.upscale_x // 8),
+        cell = self.config.vae.downscale
+        target = hires.target(w.width, w.height, cell)
+        latents = torch.nn.functional.interpolate(latents, size=(target.upscale_y // cell, target.upscale_x // cell),
                                                   mode="bilinear")
         total, steps = hires.schedule(w.steps)
         images = self.second_pass(prompt=prompts, image=latents, strength=steps / total, num_inference_steps=total,
