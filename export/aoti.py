@@ -104,6 +104,9 @@ def engine_key(config, dtype: torch.dtype, device: torch.device) -> str:
 def check_supported(config) -> None:
     """The native runtime runs SD1, SD2 and SDXL models: text-to-image and img2img with
     4-channel UNets, inpainting with 9-channel ones."""
+    if config.text_encoder is None:
+        raise ValueError(f"{config.name}: SDXL's refiner (no first text encoder, an aesthetic score) has no compiled "
+                         "engine; run it with backend='eager', 'graph', 'triton' or 'compile'")
     if config.unet.addition_embed_type not in (None, "text_time"):
         raise ValueError(f"{config.name}: the native backend does not support the UNet's "
                          f"{config.unet.addition_embed_type!r} added embedding")

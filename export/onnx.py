@@ -491,6 +491,9 @@ def export_onnx(model, out_dir, *, dtype: str = "fp32", opset: Optional[int] = N
     tmp = _prepare_out_dir(out_dir, overwrite)
     try:
         loaded, source = _load(model)
+        if loaded.config.text_encoder is None:
+            raise ValueError(f"{model}: SDXL's refiner (no first text encoder, an aesthetic score) is not exported to "
+                             "ONNX; run it with backend='eager', 'graph', 'triton' or 'compile'")
         generator = torch.Generator().manual_seed(0)
         nets = _networks(loaded, generator)
         records = {}

@@ -175,3 +175,11 @@ def test_refiner_single_file_loads_as_the_folder(tmp_path):
     got = base("a red bicycle", refiner=sdengine.load(path, device="cpu", dtype="fp32", config=want), **kwargs).images
     assert max_diff(got, base("a red bicycle", refiner=sdengine.load(folder, device="cpu", dtype="fp32"),
                               **kwargs).images) <= 1e-5
+
+
+def test_compiled_engines_refuse_the_refiner_by_name():
+    from sdengine.config import tiny_config
+    from sdengine.export.aoti import check_supported
+
+    with pytest.raises(ValueError, match="refiner.*backend='eager'"):
+        check_supported(tiny_config("sdxl-refiner"))
