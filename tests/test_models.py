@@ -8,6 +8,7 @@ published figures (ANCHORS.md). Budget: under 60 s on 2 cores, most of it import
 """
 
 import dataclasses
+import json
 from collections import Counter
 
 import pytest
@@ -61,8 +62,11 @@ def test_tiny_pipeline_config_round_trip(kind, tmp_path):
     folder = tiny.save_tiny_pipeline(kind, tmp_path / kind)
     loaded = ModelConfig.from_diffusers(folder)
     expected = tiny_config(kind)
-    # `extra` holds the scheduler keys SchedulerConfig does not name (thresholding, ...);
-    # a key our config leaves None ("the scheduler's default") comes back as that default.
+    # `extra` holds the scheduler keys SchedulerConfig does not name (thresholding, ...), and `given`
+    # the keys the file held (a config built in code has None: every value counts); a key our
+    # config leaves None ("the scheduler's default") comes back as that default.
+    written = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert set(loaded.scheduler.given) == {k for k in written if not k.startswith("_")}
     defaults = {f: None for f in ("final_sigmas_type",) if getattr(expected.scheduler, f) is None}
     # The folder holds every key of the config (as the published scheduler_config.json files hold
     # skip_prk_steps, set_alpha_to_one, ... whatever the class), so no sampler falls back to its
