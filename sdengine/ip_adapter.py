@@ -186,6 +186,12 @@ class IPAdapter:
     _hash: Optional[str] = None
 
     @property
+    def num_tokens(self) -> int:
+        """How many image tokens its projection gives (4 for the basic adapters, 16 for Plus)."""
+        latents = getattr(self.projection, "latents", None)  # the Resampler's queries
+        return latents.shape[1] if latents is not None else self.projection.num_tokens
+
+    @property
     def shorthash(self) -> str:
         """A1111's legacy hash (sha256 of 64 KiB at 1 MiB, 8 hex digits), as its ControlNet extension shows."""
         if self._hash is None:

@@ -267,11 +267,17 @@ class Pipeline:
         latents handed over, and its decode."""
         run = self._validate(request)  # what needs the model, checked before any work
         # what the backend compiles for this workload, once (the triton layer's kernels, in parallel)
-        self.backend.prepare(request.height, request.width, request.n_images, run.plan.sampler, run.plan.schedule)
+        ip_tokens = tuple(a.num_tokens for a in self._ip_adapters) if request.ip_adapter_image else ()
+        self.backend.prepare(request.height, request.width, request.n_images, run.plan.sampler, run.plan.schedule,
+                             ip_tokens=ip_tokens)
         controls = self._control_inputs(run)  # a backend that runs no ControlNets refuses here
         if request.acceleration:  # a backend that cannot run DeepCache, T-GATE or ToMe refuses here
             self.backend.check_acceleration(request.acceleration)
         hires = self._hires_run(run) if request.hires is not None else None
+        if hires is not None:  # the second pass's size and sampler
+            h = hires.request
+            self.backend.prepare(h.height, h.width, h.n_images, hires.plan.sampler, hires.plan.schedule,
+                                 ip_tokens=ip_tokens)
         refiner = request.refiner
         handoff = refiner._handoff_run(run) if refiner is not None else None
         total = sum(r.plan.num_steps for r in (run, hires, handoff) if r is not None)

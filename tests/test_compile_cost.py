@@ -9,10 +9,12 @@ import json
 import logging
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import sdengine
 from sdengine import kernels
@@ -52,6 +54,35 @@ def test_dry_run_lists_exactly_what_a_real_run_launches():
     names = {name for name, _, _ in real}
     assert {"_attention_kernel", "_group_norm_stats_kernel", "_group_norm_apply_kernel", "_layer_norm_kernel",
             "_geglu_kernel", "_dpmpp_2m_kernel"} <= names
+
+
+def test_dry_run_with_ip_adapters_matches_a_real_run(tmp_path):
+    """With two IP-Adapters (a basic one, 4 image tokens, and a Plus one, 16) the dry run launches
+    what a real run with them launches, the attentions over the image tokens included; the kernels
+    are not specialized on lengths, so they add nothing to compile."""
+    from support.ip_adapter_files import write_image_encoder, write_ip_adapter
+
+    write_image_encoder(tmp_path / "image_encoder")
+    adapters = [write_ip_adapter(tmp_path / "basic.safetensors", "sd15"),
+                write_ip_adapter(tmp_path / "plus.safetensors", "sd15", plus=True, seed=1, tokens=16)]
+    pipe = sdengine.from_diffusers(tiny_pipeline("sd15"), backend="triton")
+    pipe.load_ip_adapter(adapters, image_encoder=tmp_path / "image_encoder")
+    image = Image.new("RGB", (40, 30), (120, 60, 200))
+    with precompile.record_launches() as launches:
+        latents = pipe("", height=H, width=W, steps=2, sampler="euler", output_type="latent", progress=False,
+                       ip_adapter_image=[image, image]).images
+        pipe.decode_latents(latents)
+    config = tiny_config("sd15")
+    dry = kernel_launches(config, H, W, sampler="euler", dtype=torch.float32, steps=2, ip_tokens=(4, 16))
+    plain = kernel_launches(config, H, W, sampler="euler", dtype=torch.float32, steps=2)
+
+    def attention_lengths(recorded):  # the key / value lengths of the attention launches, in order
+        return [args[2].shape[2] for kernel, args, _ in recorded if _signature(kernel, args, {})[0] == "_attention_kernel"]
+
+    assert Counter(_signature(*launch) for launch in dry) == Counter(_signature(*launch) for launch in launches)
+    assert attention_lengths(dry) == attention_lengths(launches)
+    assert {4, 16} <= set(attention_lengths(dry)) and not {4, 16} & set(attention_lengths(plain))
+    assert set(precompile.kernel_specs(dry)) == set(precompile.kernel_specs(plain))
 
 
 def test_kernel_specs_expand_autotuned_kernels_and_record_alignment():
@@ -132,9 +163,13 @@ def test_prepare_compiles_up_front_and_falls_back_on_a_compile_failure(tmp_path,
 def test_the_pipeline_asks_the_backend_to_prepare_each_request(monkeypatch):
     pipe = sdengine.from_diffusers(tiny_pipeline("sd15"), backend="graph")
     asked = []
-    monkeypatch.setattr(pipe.backend, "prepare", lambda *args: asked.append(args) or {})
+    monkeypatch.setattr(pipe.backend, "prepare", lambda *args, **kwargs: asked.append((args, kwargs)) or {})
     pipe(["a", "b"], height=H, width=W, steps=2, sampler="DPM++ 2M Karras", output_type="latent", progress=False)
-    assert asked == [(H, W, 2, "dpmpp_2m", "karras")]
+    assert asked == [((H, W, 2, "dpmpp_2m", "karras"), {"ip_tokens": ()})]
+    asked.clear()  # a hires fix: its second pass's size too, before any work
+    pipe("a", height=H, width=W, steps=2, sampler="euler", hires=sdengine.Hires(scale=2.0, steps=1),
+         output_type="latent", progress=False)
+    assert [args[:4] for args, _ in asked] == [(H, W, 1, "euler"), (2 * H, 2 * W, 1, "euler")]
 
 
 def test_pipeline_prepare_runs_the_workload_once():

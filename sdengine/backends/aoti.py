@@ -155,7 +155,8 @@ class EngineWeights(BaseBackend):
         reserve_added_tokens(encoders)
         return write_added_tokens(encoders, vectors)
 
-    def prepare(self, height: int, width: int, batch_size: int = 1, sampler=None, schedule=None) -> dict:
+    def prepare(self, height: int, width: int, batch_size: int = 1, sampler=None, schedule=None, *,
+                ip_tokens: tuple = ()) -> dict:
         """Pipeline.prepare's backend part: the engine is built (or found) when the backend is
         made, so nothing is compiled here; the warm-up generation then captures the graphs
         (native). Returns the engine's folder and build time, for the benchmark record."""

@@ -49,8 +49,10 @@ class Backend(Protocol):
 
     # -- one request -------------------------------------------------------------------
     def prepare(self, height: int, width: int, batch_size: int = 1, sampler: Optional[str] = None,
-                schedule: Optional[str] = None) -> dict:
-        """Make what a workload needs before its first call (e.g. compile kernels); what was done."""
+                schedule: Optional[str] = None, *, ip_tokens: tuple = ()) -> dict:
+        """Make what a workload needs before its first call (e.g. compile kernels); what was done.
+        ip_tokens: the image-token count of each IP-Adapter the workload runs (its cross-attentions
+        attend to those too)."""
 
     def run_request(self, run, tokenizer, tokenizer_2, on_step: Callable) -> Any:
         """Run a whole checked request (pipeline.Run) and return uint8 images (N, H, W, 3), or None
@@ -104,7 +106,8 @@ class BaseBackend:
         """cls(config, text_encoder, unet, vae, text_encoder_2, **options) over the loaded networks."""
         return cls(loaded.config, loaded.text_encoder, loaded.unet, loaded.vae, loaded.text_encoder_2, **options)
 
-    def prepare(self, height: int, width: int, batch_size: int = 1, sampler=None, schedule=None) -> dict:
+    def prepare(self, height: int, width: int, batch_size: int = 1, sampler=None, schedule=None, *,
+                ip_tokens: tuple = ()) -> dict:
         return {}
 
     def run_request(self, run, tokenizer, tokenizer_2, on_step):

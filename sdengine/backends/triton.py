@@ -65,13 +65,17 @@ class TritonBackend(GraphBackend):
                 prepare_for_triton(module, channels_last=self.channels_last)
 
     def prepare(self, height: int, width: int, batch_size: int = 1, sampler: Optional[str] = None,
-                schedule: Optional[str] = None, *, target: Optional[str] = None, jobs: Optional[int] = None) -> dict:
+                schedule: Optional[str] = None, *, ip_tokens: tuple = (), target: Optional[str] = None,
+                jobs: Optional[int] = None) -> dict:
         """Compile every kernel a generation of this workload launches, up front and in parallel
         (kernels/precompile.py), so that the first step only loads them from Triton's disk cache
         ($SDE_CACHE_DIR/triton). The pipeline calls it before every request: a workload already
         prepared costs nothing, and a new one compiles only the kernels not compiled before
         (sizes are mostly not specialized, so a new size seldom needs any).
 
+        ip_tokens: the image-token count of each IP-Adapter the workload runs: the dry run's
+        cross-attentions attend to image tokens of those lengths too (the attention kernel is not
+        specialized on lengths, so they seldom add a kernel; tests/test_compile_cost.py).
         target: the GPU to compile for ("sm_90"); default this machine's CUDA device, and on the
         CPU nothing (the interpreter compiles nothing). A kernel that fails to compile is named
         with the workload in a warning, and the backend falls back to the graph layer's ops (no
@@ -83,12 +87,12 @@ class TritonBackend(GraphBackend):
         if (target is None and self.device.type != "cuda") or self.fallback is not None:
             return {}
         sampler_name, schedule_name = samplers.resolve(sampler, schedule, self.config.scheduler)
-        key = (height, width, batch_size, sampler_name, schedule_name, target)
+        key = (height, width, batch_size, sampler_name, schedule_name, tuple(ip_tokens), target)
         if key in self._prepared:  # the pipeline asks before every request: once per workload
             return dict(self._prepared[key], prepared_before=True)
         compile_cache.use_cache_dirs()
         launches = kernel_launches(self.config, height, width, batch=batch_size, sampler=sampler_name,
-                                   schedule=schedule_name, dtype=self.dtype)
+                                   schedule=schedule_name, dtype=self.dtype, ip_tokens=ip_tokens)
         specs = precompile.kernel_specs(launches)
         new = [spec for spec in specs if spec not in self._compiled]  # sizes are mostly not specialized
         info = {"kernels": len(specs), "compiled": 0, "compile_serial_s": 0.0, "compile_wall_s": 0.0,
@@ -150,13 +154,16 @@ class TritonBackend(GraphBackend):
 
 def kernel_launches(config, height: int, width: int, batch: int = 1, sampler: str = "euler",
                     schedule: Optional[str] = None, dtype: torch.dtype = torch.float16, guidance_scale: float = 7.5,
-                    steps: int = 2) -> list:
+                    steps: int = 2, ip_tokens: tuple = ()) -> list:
     """Every Triton launch the triton backend makes on a GPU for one generation of this
     workload (txt2img, then the decode), as (kernel, args, kwargs), in launch order.
 
     It runs the backend's and the pipeline's own code on meta tensors (shapes only, no data,
     no GPU) with `kernels.precompile.record_launches()` active, so the list follows whatever
-    path the code really takes (fused step or not, attention shapes, GroupNorm flags)."""
+    path the code really takes (fused step or not, attention shapes, GroupNorm flags).
+    ip_tokens: one image-token count per IP-Adapter: the UNet's cross-attentions get their key /
+    value projections, and the step the image tokens the pipeline would give it (the image
+    encoder and the adapters' projections run outside the step, on torch's ops)."""
     from ..kernels.precompile import record_launches
     from ..models.clip import CLIPTextModel
     from ..models.unet import UNet2DConditionModel
@@ -165,16 +172,42 @@ def kernel_launches(config, height: int, width: int, batch: int = 1, sampler: st
     from ..tokenizer import CLIPTokenizer
 
     with torch.device("meta"):
-        text_encoder = CLIPTextModel(config.text_encoder).to(dtype)
+        text_encoder = CLIPTextModel(config.text_encoder).to(dtype) if config.text_encoder else None  # None: refiner
         text_encoder_2 = CLIPTextModel(config.text_encoder_2).to(dtype) if config.text_encoder_2 else None
         unet = UNet2DConditionModel(config.unet).to(dtype)
         vae = AutoencoderKL(config.vae).to(dtype)
+        if ip_tokens:
+            _add_ip_layers(unet, len(ip_tokens), config.unet.cross_attention_dim, dtype)
     backend = TritonBackend(config, text_encoder, unet, vae, text_encoder_2)
     tokenizer = CLIPTokenizer.default()
-    pipe = Pipeline(backend, tokenizer, tokenizer if text_encoder_2 is not None else None)
+    pipe = Pipeline(backend, tokenizer if text_encoder is not None else None,
+                    tokenizer if text_encoder_2 is not None else None)
+    if ip_tokens:
+        encode = pipe._encode
+
+        def encode_with_image_tokens(run):  # what ip_adapter.image_tokens adds, as shapes
+            context, added_cond = encode(run)
+            rows, width = context.shape[0], config.unet.cross_attention_dim
+            image = {f"ip_tokens_{i}": torch.empty(rows, count, width, device="meta")
+                     for i, count in enumerate(ip_tokens)}
+            image["ip_scales"] = torch.empty(rows, len(ip_tokens), device="meta")
+            return context, {**(added_cond or {}), **image}
+
+        pipe._encode = encode_with_image_tokens
     with record_launches() as launches:
         latents = pipe("a dry run", height=height, width=width, batch_size=batch, steps=steps, sampler=sampler,
                        schedule=schedule, guidance_scale=guidance_scale, seed=0, output_type="latent",
                        progress=False).images
         pipe.decode_latents(latents)
     return list(launches)
+
+
+def _add_ip_layers(unet: torch.nn.Module, adapters: int, context_dim: int, dtype: torch.dtype) -> None:
+    """IP-Adapter key / value projections (meta) in every cross-attention, as load_ip_adapter adds them."""
+    from ..models.ip_adapter import IPAttention
+    from ..models.layers import Attention
+
+    for module in unet.modules():
+        if isinstance(module, Attention) and module.is_cross:
+            module.ip_layers.extend(IPAttention(context_dim, module.to_out[0].in_features).to(dtype)
+                                    for _ in range(adapters))

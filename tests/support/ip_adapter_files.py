@@ -78,10 +78,11 @@ def adapter_state(kind: str, plus: bool = False, seed: int = 0, tokens: int = 4)
     return {"image_proj": proj, "ip_adapter": layers}
 
 
-def write_ip_adapter(path, kind: str, plus: bool = False, seed: int = 0) -> Path:
-    """A .safetensors with flat image_proj.* / ip_adapter.* keys, or a .bin holding the two dicts."""
+def write_ip_adapter(path, kind: str, plus: bool = False, seed: int = 0, tokens: int = 4) -> Path:
+    """A .safetensors with flat image_proj.* / ip_adapter.* keys, or a .bin holding the two dicts;
+    `tokens` image tokens (the published basic adapters have 4, the Plus ones 16)."""
     path = Path(path)
-    state = adapter_state(kind, plus, seed)
+    state = adapter_state(kind, plus, seed, tokens)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
