@@ -248,6 +248,26 @@ def test_hires_rows_run_the_same_procedure_on_both_sides():
     assert diff.max() <= 2
 
 
+def test_ip_adapter_rows_load_the_same_adapters_on_both_sides():
+    """sdengine bench --ip-adapter: the eager backend and diffusers' load_ip_adapter read the same
+    random files and draw the same images; the image prompt changes the image."""
+    cfg = tiny_config("sd15")
+    source = reference_pipeline(cfg, seed=3)
+    cpu = torch.device("cpu")
+    workload = Workload("tiny", 16, 16, steps=3, batch=1, dtype="fp32", sampler="euler", ip_adapters=2)
+    theirs, ours = DiffusersRunner(source, cfg, workload, cpu), EngineRunner("eager", source, cfg, workload, cpu)
+    plain = EngineRunner("eager", source, cfg, dataclasses.replace(workload, ip_adapters=0), cpu)
+    args = {"prompts": ["a red cube"], "seed": 5}
+    with torch.inference_mode():
+        images = [np.asarray(r.end_to_end(args) if r is theirs else r.end_to_end(args).images, dtype=np.int16)
+                  for r in (theirs, ours, plain)]
+    assert ours.pipe.ip_adapter_names == ["ip-adapter-0", "ip-adapter-1"]
+    assert np.abs(images[0] - images[1]).max() <= 2
+    assert np.abs(images[1] - images[2]).max() > 10
+    with pytest.raises(ValueError, match="--components end_to_end"):
+        BenchOptions(arch="tiny", ip_adapters=1)
+
+
 @pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
 def test_unet_calls_are_counted_through_the_fused_step():
     """The Triton backend runs euler through its fused step, whose UNet calls never pass through

@@ -63,6 +63,10 @@ def register(subparsers):
     what.add_argument("--hires", type=float, default=0.0, metavar="SCALE",
                       help="end to end with A1111's hires fix (Latent upscaler x SCALE, half the steps again at "
                            "denoising 0.5) in every backend, and written out on diffusers' pipelines (default: off)")
+    what.add_argument("--ip-adapter", type=int, default=0, choices=(0, 1, 2), metavar="N",
+                      help="end to end with N IP-Adapters (random, ip-adapter_sd15's layout and ViT-H/14 image "
+                           "encoder at their real sizes; one image prompt each, scale 0.6) in every backend and in "
+                           "diffusers' load_ip_adapter; times end_to_end only (default: 0)")
 
     how = p.add_argument_group("measurement")
     how.add_argument("--backends", default="eager,diffusers",
@@ -78,7 +82,9 @@ def register(subparsers):
     how.add_argument("--weights-dir", type=Path, metavar="DIR",
                      help="where the random weights are kept between runs (default: $SDE_CACHE_DIR/bench-weights/"
                           "<arch>-seed<N>); the onnx row's export and the peers' conversions are cached from them")
-    how.add_argument("--components", default=",".join(COMPONENTS), help="comma-separated subset of the default")
+    how.add_argument("--components", default=None,
+                     help=f"comma-separated subset of {','.join(COMPONENTS)} (the default; with --ip-adapter: "
+                          "end_to_end)")
     how.add_argument("--repeats", type=int, default=20, help="timed calls per component (default: 20)")
     how.add_argument("--warmup", type=int, default=3, help="untimed first calls per component (default: 3)")
     how.add_argument("--e2e-repeats", type=int, default=10, help="timed end-to-end runs (default: 10)")
@@ -158,11 +164,11 @@ def run(args) -> int:
     options = BenchOptions(
         arch=args.arch, model=args.model, height=args.height, width=args.width, steps=args.steps,
         sampler=args.sampler, batch=args.batch, dtype=args.dtype, backends=_split(args.backends),
-        components=_split(args.components),
+        components=_split(args.components or ("end_to_end" if args.ip_adapter else ",".join(COMPONENTS))),
         repeats=args.repeats, warmup=args.warmup, e2e_repeats=args.e2e_repeats, e2e_warmup=args.e2e_warmup,
         budget_s=args.budget, prepare_cap_s=args.prepare_cap, run_cap_s=args.run_cap, fidelity=args.fidelity,
         device=args.device, seed=args.seed, guidance_scale=args.guidance_scale, controlnets=args.controlnet,
-        hires_scale=args.hires,
+        hires_scale=args.hires, ip_adapters=args.ip_adapter,
         output_type=args.output_type, compile_mode=args.compile_mode, peak_tflops=args.peak_tflops,
         acceleration=tuple((name, getattr(args, name)) for name in ("deepcache", "tgate", "tome")
                            if getattr(args, name, None) is not None),

@@ -84,6 +84,7 @@ class BenchOptions:
     # sdengine backend, an end-to-end row with the method on, in the same run (sdengine bench --deepcache 3)
     acceleration: tuple = ()
     hires_scale: float = 0.0  # end to end with A1111's hires fix at this scale (sdengine bench --hires; runners.hires_of)
+    ip_adapters: int = 0  # end to end with IP-Adapters (random; sdengine bench --ip-adapter; runners.ip_adapters_for)
     compile_mode: str = "max-autotune"
     peak_tflops: Optional[float] = None
     argv: list = field(default_factory=list)  # the command line, for the record
@@ -138,6 +139,9 @@ class BenchOptions:
         if unknown or not self.components:
             raise ValueError(f"--components: unknown component(s) {', '.join(unknown) or '(none given)'}; "
                              f"choose from: {', '.join(COMPONENTS)}")
+        if self.ip_adapters and set(self.components) != {"end_to_end"}:
+            raise ValueError("--ip-adapter times end to end only (the image prompt reaches the UNet through the "
+                             "pipeline): give --components end_to_end")
         if self.model is None and self.arch not in ARCHS:
             raise ValueError(f"--arch: unknown architecture {self.arch!r}; choose from: {', '.join(ARCHS)}")
         if self.dtype is not None and self.dtype not in measure.DTYPES:
@@ -250,9 +254,10 @@ class Benchmark:
         self.workload = Workload(arch=arch, height=height, width=width, steps=options.steps, batch=options.batch,
                                  dtype=dtype_name, guidance_scale=options.guidance_scale,
                                  output_type=options.output_type, model=options.model, sampler=sampler,
-                                 schedule=schedule, controlnets=options.controlnets, hires_scale=options.hires_scale)
-        if options.hires_scale and options.controlnets:
-            raise ValueError("--hires and --controlnet: benchmark one at a time")
+                                 schedule=schedule, controlnets=options.controlnets, hires_scale=options.hires_scale,
+                                 ip_adapters=options.ip_adapters)
+        if sum(map(bool, (options.hires_scale, options.controlnets, options.ip_adapters))) > 1:
+            raise ValueError("--hires, --controlnet and --ip-adapter: benchmark one at a time")
         self.flop = flops.workload_flop(self.config, height, width, options.batch)
         from sdengine.device import physical_cores
 
@@ -279,7 +284,7 @@ class Benchmark:
                 "arch": arch, "height": height, "width": width, "steps": options.steps, "batch": options.batch,
                 "dtype": dtype_name, "guidance_scale": options.guidance_scale, "output_type": options.output_type,
                 "model": options.model, "sampler": sampler, "schedule": schedule, "controlnets": options.controlnets,
-                "hires_scale": options.hires_scale,
+                "hires_scale": options.hires_scale, "ip_adapters": options.ip_adapters,
             },
             "settings": {
                 "backends": list(options.backends), "components": list(options.components),
@@ -318,6 +323,7 @@ class Benchmark:
                   "--batch", str(w.batch), *(["--controlnet", str(w.controlnets)] if w.controlnets else []),
                   *[arg for name, value in o.acceleration for arg in (f"--{name}", f"{value:g}")],
                   *(["--hires", f"{w.hires_scale:g}"] if w.hires_scale else []),
+                  *(["--ip-adapter", str(w.ip_adapters)] if w.ip_adapters else []),
                   "--dtype", w.dtype, "--backends", ",".join(o.backends), "--components", ",".join(o.components),
                   "--repeats", str(o.repeats), "--warmup", str(o.warmup), "--e2e-repeats", str(o.e2e_repeats),
                   "--e2e-warmup", str(o.e2e_warmup), "--device", self.device.type, "--seed", str(o.seed)]

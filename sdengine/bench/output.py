@@ -110,8 +110,10 @@ def title(record: dict) -> str:
     count = w.get("controlnets") or 0
     controlnets = f", {count} ControlNet{'s' if count > 1 else ''}" if count else ""
     hires = f", hires fix ×{w['hires_scale']:g}" if w.get("hires_scale") else ""
+    adapters = w.get("ip_adapters") or 0
+    ip = f", {adapters} IP-Adapter{'s' if adapters > 1 else ''}" if adapters else ""
     return (f"{w['arch']} {w['width']}×{w['height']}, {w['steps']} steps{' of ' + sampler if sampler else ''}, "
-            f"batch {w['batch']}{controlnets}{hires}, {w['dtype']} on {record['device']}")
+            f"batch {w['batch']}{controlnets}{hires}{ip}, {w['dtype']} on {record['device']}")
 
 
 def markdown(record: dict, heading_level: int = 2) -> str:

@@ -45,7 +45,7 @@ def render(paths, include_cpu: bool = False) -> str:
         w = record["workload"]
         key = (record["device"], w["arch"], w["height"], w["width"], w["steps"], w.get("sampler") or "",
                w.get("schedule") or "default", w["batch"], w["dtype"], w.get("controlnets") or 0,
-               w.get("hires_scale") or 0)
+               w.get("hires_scale") or 0, w.get("ip_adapters") or 0)
         rank = (record["complete"], record["created"])
         if key not in newest or rank > newest[key][0]:
             newest[key] = (rank, path, record)

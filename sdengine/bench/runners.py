@@ -110,6 +110,7 @@ class Workload:
     schedule: str = "default"
     controlnets: int = 0  # ControlNets added to the UNet step and end to end (random, made from the UNet)
     hires_scale: float = 0.0  # end to end with A1111's hires fix at this scale (0: off; hires_of)
+    ip_adapters: int = 0  # end to end with this many IP-Adapters, each with an image prompt (random; ip_adapters_for)
 
 
 def hires_of(workload: Workload):
@@ -280,6 +281,72 @@ def controlnets_for(source_pipe, workload: Workload) -> tuple:
     return _CONTROLNETS[key]
 
 
+# ---------------------------------------------------------------------------
+# IP-Adapters (--ip-adapter N): the same random files in every backend's process
+# ---------------------------------------------------------------------------
+
+# The image encoder of h94/IP-Adapter's ip-adapter_sd15 and ip-adapter_sdxl_vit-h (models/image_encoder,
+# OpenCLIP ViT-H/14); tiny configs get a tiny one (tests/support/ip_adapter_files.py's sizes).
+IP_IMAGE_ENCODER = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                        image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu")
+TINY_IP_IMAGE_ENCODER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=224, patch_size=32, projection_dim=24, hidden_act="gelu")
+IP_TOKENS, IP_SCALE = 4, 0.6  # the basic adapters' image tokens; the scale of every adapter
+_IP_ADAPTERS: dict = {}
+
+
+def ip_adapters_for(config: ModelConfig, workload: Workload) -> tuple:
+    """(folder, adapter file names, image prompts): `workload.ip_adapters` basic IP-Adapters in the
+    original layout (image_proj.*, ip_adapter.{i}.to_k_ip / to_v_ip for every cross-attention i of
+    diffusers' order) with seeded random weights, and a random CLIP image encoder at the published
+    size (transformers' save_pretrained, fp16), written once per process into a temporary folder
+    that both sides load; one random 512x384 image prompt each (an odd shape: resize and crop count)."""
+    key = (id(config), workload.ip_adapters)
+    if key in _IP_ADAPTERS:
+        return _IP_ADAPTERS[key]
+    import atexit
+    import shutil
+    import tempfile
+
+    from PIL import Image
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from sdengine.ip_adapter import cross_attentions
+    from sdengine.models.unet import UNet2DConditionModel
+
+    folder = Path(tempfile.mkdtemp(prefix="sdengine-bench-ip-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    context = config.unet.cross_attention_dim
+    encoder = IP_IMAGE_ENCODER if context >= 768 else TINY_IP_IMAGE_ENCODER
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2000)
+        CLIPVisionModelWithProjection(CLIPVisionConfig(**encoder)).half().save_pretrained(folder / "image_encoder")
+    with torch.device("meta"):
+        attentions = cross_attentions(UNet2DConditionModel(config.unet))
+    names, images = [], []
+    for n in range(workload.ip_adapters):
+        generator = torch.Generator().manual_seed(2001 + n)
+
+        def rand(*shape, scale=0.02):
+            return torch.randn(shape, generator=generator) * scale
+
+        state = {"image_proj.proj.weight": rand(context * IP_TOKENS, encoder["projection_dim"]),
+                 "image_proj.proj.bias": rand(context * IP_TOKENS), "image_proj.norm.weight": 1 + rand(context),
+                 "image_proj.norm.bias": rand(context)}
+        for i, (_, module) in enumerate(attentions):
+            if module.is_cross:
+                width = module.to_out[0].in_features
+                state.update({f"ip_adapter.{i}.to_k_ip.weight": rand(width, context),
+                              f"ip_adapter.{i}.to_v_ip.weight": rand(width, context)})
+        names.append(f"ip-adapter-{n}.safetensors")
+        save_file(state, str(folder / names[-1]))
+        pixels = torch.randint(0, 256, (384, 512, 3), generator=generator, dtype=torch.uint8)
+        images.append(Image.fromarray(pixels.numpy()))
+    _IP_ADAPTERS[key] = (folder, names, images)
+    return _IP_ADAPTERS[key]
+
+
 class DiffusersRunner:
     """diffusers' own pipeline: StableDiffusion(XL)Pipeline, SDPA attention, with the diffusers
     scheduler of the workload's sampler (None where diffusers has none: end_to_end is then skipped)."""
@@ -307,6 +374,11 @@ class DiffusersRunner:
                 parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
             self.pipe = cls(**parts)
         self.pipe.set_progress_bar_config(disable=True)
+        self.ip_adapter_images = []
+        if workload.ip_adapters:  # diffusers' load_ip_adapter over the same files
+            folder, names, self.ip_adapter_images = ip_adapters_for(config, workload)
+            self.pipe.load_ip_adapter(str(folder), subfolder="", weight_name=names, image_encoder_folder="image_encoder")
+            self.pipe.set_ip_adapter_scale([IP_SCALE] * len(names))
         try:
             self.pipe.scheduler = scheduler_for_sampler(workload.sampler, workload.schedule,
                                                         self.pipe.scheduler.config)
@@ -341,9 +413,13 @@ class DiffusersRunner:
         return {"warmup_steps": 2}
 
     def _control_kwargs(self) -> dict:
-        if not self.controlnets:
-            return {}
-        return {"image": self.control_images[0] if len(self.control_images) == 1 else self.control_images}
+        """The pipeline's ControlNet images and IP-Adapter image prompts, where the workload has them."""
+        kwargs = {}
+        if self.controlnets:
+            kwargs["image"] = self.control_images[0] if len(self.control_images) == 1 else self.control_images
+        if self.ip_adapter_images:
+            kwargs["ip_adapter_image"] = self.ip_adapter_images
+        return kwargs
 
     def text_encoder(self, inputs):
         pipe = self.pipe
@@ -413,7 +489,8 @@ class DiffusersRunner:
         if self.second_pass is not None:
             return self._hires(prompt, seed, "np")[0]
         return self.pipe(prompt=prompt, num_inference_steps=w.steps, guidance_scale=w.guidance_scale, height=w.height,
-                         width=w.width, output_type="np", generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+                         width=w.width, output_type="np", generator=torch.Generator("cpu").manual_seed(seed),
+                         **({"ip_adapter_image": self.ip_adapter_images} if self.ip_adapter_images else {})).images[0]
 
     def ran(self) -> dict:
         """What the last end-to-end run ran, for the record."""
@@ -453,6 +530,14 @@ class EngineRunner:
             models, images = controlnets_for(source_pipe, workload)
             self.controls = [Control(_adopt_controlnet(m, device, self.backend.dtype, i), image)
                              for i, (m, image) in enumerate(zip(models, images))]
+        self.ip_adapter: dict = {}  # the end-to-end runs' image prompts (sdengine bench --ip-adapter N)
+        if workload.ip_adapters:  # load_ip_adapter over the same files as diffusers'
+            folder, names, images = ip_adapters_for(config, workload)
+            try:
+                self.pipe.load_ip_adapter([folder / name for name in names], image_encoder=folder / "image_encoder")
+            except ValueError as e:  # native, aoti, onnx: no IP-Adapter
+                raise BackendUnavailable(first_line(e)) from e
+            self.ip_adapter = {"ip_adapter_image": images, "ip_adapter_scale": IP_SCALE}
         self.acceleration: dict = {}  # deepcache / tgate / tome of the end-to-end runs (sdengine bench --deepcache N)
         self.loop_ms: list = []  # each end-to-end run's denoising loop (samplers.sample), apart from text and VAE
         self.unet_calls: Optional[int] = None
@@ -465,10 +550,10 @@ class EngineRunner:
         w = self.workload
         info = self.pipe.prepare(w.height, w.width, batch_size=w.batch, sampler=w.sampler, schedule=w.schedule,
                                  guidance_scale=w.guidance_scale)
-        if self.controls:  # the ControlNets' captures and compiles too
+        if self.controls or self.ip_adapter:  # the ControlNets' or IP-Adapters' captures and compiles too
             self.pipe("", height=w.height, width=w.width, batch_size=w.batch, sampler=w.sampler, schedule=w.schedule,
                       guidance_scale=w.guidance_scale, steps=2, seed=0, output_type="np", progress=False,
-                      control=self.controls)
+                      **({"control": self.controls} if self.controls else {}), **self.ip_adapter)
         fallback = getattr(self.backend, "fallback", None)  # the triton layer's, when its kernels failed
         return dict(info, fallback=fallback) if fallback else info
 
@@ -553,7 +638,8 @@ class EngineRunner:
             result = self.pipe(prompt, num_inference_steps=w.steps, guidance_scale=w.guidance_scale,
                                height=w.height, width=w.width, seed=inputs["seed"], output_type=w.output_type,
                                sampler=w.sampler, schedule=w.schedule, progress=False, hires=hires_of(w),
-                               **({"control": self.controls} if self.controls else {}), **self.acceleration)
+                               **({"control": self.controls} if self.controls else {}), **self.ip_adapter,
+                               **self.acceleration)
         if loops:
             self.loop_ms.append(sum(loops))
         if steps_before is not None:  # the C++ loop: one step call (UNet at the doubled batch) per evaluation
@@ -568,7 +654,7 @@ class EngineRunner:
         w = self.workload
         return self.pipe(prompt, num_inference_steps=w.steps, guidance_scale=w.guidance_scale, height=w.height,
                          width=w.width, seed=seed, output_type="np", sampler=w.sampler, schedule=w.schedule,
-                         progress=False, hires=hires_of(w), **self.acceleration).images[0]
+                         progress=False, hires=hires_of(w), **self.ip_adapter, **self.acceleration).images[0]
 
     def ran(self) -> dict:
         """What the last end-to-end run ran, for the record, with the time of its network calls

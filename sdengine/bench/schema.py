@@ -121,6 +121,7 @@ SCHEMA = {
                 "schedule": {"type": "string"},
                 "controlnets": {"type": "integer", "minimum": 0},  # ControlNets in the UNet step and end to end
                 "hires_scale": {"type": "number", "minimum": 0},  # end to end with A1111's hires fix (0: off)
+                "ip_adapters": {"type": "integer", "minimum": 0},  # end to end with IP-Adapters (0: off)
             },
         },
         "settings": {"type": "object"},
