@@ -152,6 +152,16 @@ def test_infotext_fields_and_prompts():
     assert max_diff(result.images, same_prompt) > 1e-3
 
 
+def test_acceleration_runs_in_both_passes():
+    """DeepCache and ToMe in both passes, each pass on its own schedule of its steps: the graph
+    layer's whole step equals the eager run, which differs from the hires fix without them."""
+    hires = Hires(scale=2.0, steps=3, denoising_strength=0.5)
+    options = dict(deepcache=2, tome=sdengine.ToMe(ratio=0.5, max_downsample=2))
+    want = _ours(_pipe(), hires, steps=4, **options).images
+    assert max_diff(_ours(_pipe("graph"), hires, steps=4, **options).images, want) <= 1 / 255
+    assert max_diff(_ours(_pipe(), hires, steps=4).images, want) > 0.01
+
+
 def test_callback_counts_both_passes():
     calls = []
     _ours(_pipe(), Hires(steps=3, denoising_strength=0.5), output_type="latent",

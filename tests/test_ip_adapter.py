@@ -122,6 +122,24 @@ def test_fast_layers_run_it_inside_the_captured_step(folder, layer):
     assert max_diff(second, _ours(eager, ip_adapter_image=OTHER, ip_adapter_scale=0.9)) <= 1 / 255
 
 
+def test_with_deepcache_tgate_and_tome_the_graph_layer_matches_eager(folder):
+    """DeepCache, T-GATE and ToMe (issue 28's caches) and the image attention in one UNet: two
+    adapters on the graph layer's whole step, whose steps after T-GATE's gate take the unconditional
+    rows of every added_cond tensor (image tokens and scales alike), equal the eager run; the image
+    prompts still count."""
+    eager, _ = _pipe("sd15")
+    fast, graphs = _pipe("sd15", "graph")
+    for pipe in (eager, fast):
+        pipe.load_ip_adapter([folder / "sd15.safetensors", folder / "sd15-plus.safetensors"],
+                             image_encoder=folder / "image_encoder")
+    options = dict(ip_adapter_image=[IMAGE, OTHER], ip_adapter_scale=[0.6, 0.8], deepcache=2, tome=0.5,
+                   tgate=sdengine.TGate(gate_step=3, sp_interval=2, warm_up=1))
+    want = _ours(eager, **options)
+    assert max_diff(_ours(fast, **options), want) <= 1 / 255
+    assert any(k[0] == "step" for k in graphs.entries)
+    assert max_diff(_ours(eager, **dict(options, ip_adapter_image=[OTHER, IMAGE])), want) > 0.01
+
+
 def test_unload_restores_the_model_bit_for_bit(folder):
     pipe, _ = _pipe("sd15")
     before_state = {k: v.clone() for k, v in pipe.backend.unet.state_dict().items()}

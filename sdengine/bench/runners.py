@@ -25,7 +25,7 @@ import contextlib
 import copy
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -33,7 +33,7 @@ import torch
 
 from sdengine.backends import base as backends
 from sdengine.bench.measure import synchronize
-from sdengine.config import ModelConfig
+from sdengine.config import ModelConfig, VisionEncoderConfig
 
 COMPONENTS = ("text_encoder", "unet_step", "vae_decode", "end_to_end")
 DIFFUSERS_BACKENDS = ("diffusers", "diffusers-compile")
@@ -286,9 +286,8 @@ def controlnets_for(source_pipe, workload: Workload) -> tuple:
 # ---------------------------------------------------------------------------
 
 # The image encoder of h94/IP-Adapter's ip-adapter_sd15 and ip-adapter_sdxl_vit-h (models/image_encoder,
-# OpenCLIP ViT-H/14); tiny configs get a tiny one (tests/support/ip_adapter_files.py's sizes).
-IP_IMAGE_ENCODER = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                        image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu")
+# OpenCLIP ViT-H/14: VisionEncoderConfig's defaults); tiny configs get a tiny one (tests/support/ip_adapter_files.py's).
+IP_IMAGE_ENCODER = asdict(VisionEncoderConfig())
 TINY_IP_IMAGE_ENCODER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                              image_size=224, patch_size=32, projection_dim=24, hidden_act="gelu")
 IP_TOKENS, IP_SCALE = 4, 0.6  # the basic adapters' image tokens; the scale of every adapter
