@@ -376,6 +376,8 @@ class DiffusersRunner:
         self.ip_adapter_images = []
         if workload.ip_adapters:  # diffusers' load_ip_adapter over the same files
             folder, names, self.ip_adapter_images = ip_adapters_for(config, workload)
+            # it rewrites the UNet's attention processors: on a copy, so that the source (shared on the CPU) stays plain
+            self.pipe.unet = copy.deepcopy(self.pipe.unet)
             self.pipe.load_ip_adapter(str(folder), subfolder="", weight_name=names, image_encoder_folder="image_encoder")
             self.pipe.set_ip_adapter_scale([IP_SCALE] * len(names))
         try:
