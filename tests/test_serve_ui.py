@@ -151,6 +151,27 @@ def test_generate_shows_the_servers_png_equal_to_generate(page, server, screensh
     assert elsewhere == [], "the page asked another host"
 
 
+def test_hires_fix_from_the_form_equals_generate(page):
+    """The hires fix's fields (txt2img only): the server's PNG is sdengine.generate's with the same
+    sdengine.Hires, at the second pass's size. The refiner's and IP-Adapters' sections stay hidden
+    on a server that loaded none."""
+    page.fill(**{"Prompt": PROMPT, "Steps": 6, "Width": 32, "Height": 32, "Seed": 7, "Sampler": "Euler"})
+    page.page.locator("#hires").evaluate("d => { d.open = true; }")
+    page.field("Hires fix").check()
+    page.fill(**{"Upscaler": "Latent (bicubic)", "Upscale by": 1.5, "Hires steps": 3, "Hires denoising": 0.55})
+    answer = page.generate(1)
+    png = base64.b64decode(answer["images"][0])
+    reference = sdengine.generate(PROMPT, seed=7, steps=6, sampler="Euler", guidance_scale=7.0, width=32, height=32,
+                                  prompt_syntax="a1111", progress=False,
+                                  hires=sdengine.Hires(scale=1.5, upscaler="Latent (bicubic)", steps=3,
+                                                       denoising_strength=0.55))
+    assert Image.open(io.BytesIO(png)).size == (48, 48)
+    assert Image.open(io.BytesIO(png)).info["parameters"] == reference.infotext(0)
+    assert np.array_equal(_pixels(png), np.asarray(reference.images[0].convert("RGB")))
+    assert page.page.locator("#refiner").is_hidden() and page.page.locator("#ip-adapters").is_hidden()  # none loaded
+    assert page.console_errors == []
+
+
 def test_ctrl_enter_generates(page):
     page.fill(**{"Prompt": PROMPT, "Steps": 4, "Seed": 5})
     page.field("Prompt").press("Control+Enter")

@@ -120,7 +120,8 @@ def _alwayson_scripts(info) -> dict:
         image = {"type": "string", "format": IMAGE_FORMAT}
         units.append({"type": "object", "required": ["module", "model", "image"], "properties": {
             "enabled": {"const": True}, "module": {"type": "string", "pattern": "^ip-adapter"},
-            "model": {"type": "string", "pattern": f"^({names})( \\[.*\\])?$"}, "weight": {"type": "number"},
+            "model": {"type": "string", "pattern": f"^({names})( \\[.*\\])?$", "examples": list(info.ip_adapters)},
+            "weight": {"type": "number"},
             "image": image, "input_image": {"anyOf": [image, no_image]},
             "guidance_start": {"enum": [0, None]}, "guidance_end": {"enum": [1, None]}}})
     script = {"type": "object", "properties": {"args": {"type": ["array", "null"], "items": {"anyOf": units}}}}

@@ -13,7 +13,9 @@ const $ = (id) => document.getElementById(id);
 const POLL_MS = 250;
 const NUMBER_FIELDS = ["steps", "cfg_scale", "width", "height", "seed", "batch_size", "n_iter", "denoising_strength"];
 
-const state = { ready: false, running: false, stopRequested: false, imageCount: 0, schedulers: [] };
+const HIRES_FIELDS = ["hr_scale", "hr_second_pass_steps"];
+
+const state = { ready: false, running: false, stopRequested: false, imageCount: 0, schedulers: [], ipAdapters: [] };
 
 const api = new Api({
   askKey,
@@ -68,6 +70,44 @@ function applySchema(schema) {
   }
   const sampler = props.sampler_index?.default;
   if (sampler && [...$("sampler_name").options].some((o) => o.value === sampler)) $("sampler_name").value = sampler;
+  applyExtrasSchema(props);
+}
+
+function valueBranch(prop) { return (prop?.anyOf || [prop]).find((b) => b && b.type !== "null") || {}; }
+
+// The hires fix's upscalers and caps, the server's refiner and IP-Adapters (sdengine serve --refiner,
+// --ip-adapter), as the schema states them.
+function applyExtrasSchema(props) {
+  const upscalers = valueBranch(props.hr_upscaler).enum || ["Latent"];
+  fillSelect($("hr_upscaler"), upscalers.map((u) => [u, u]));
+  for (const name of HIRES_FIELDS) {
+    const b = valueBranch(props[name]);
+    if (b.maximum !== undefined) $(name).max = b.maximum;
+  }
+  const refiners = (valueBranch(props.refiner_checkpoint).enum || []).filter((r) => r && r !== "None");
+  fillSelect($("refiner_checkpoint"), [["", "None"], ...refiners.map((r) => [r, r])]);
+  $("refiner").hidden = !refiners.length;
+  const script = props.alwayson_scripts?.anyOf?.find((b) => b.additionalProperties)?.additionalProperties;
+  const unit = script?.properties?.args?.items?.anyOf?.find((u) => u.properties?.model?.examples);
+  state.ipAdapters = unit ? unit.properties.model.examples : [];
+  state.ipImages = [];
+  $("ip-adapter-list").replaceChildren(...state.ipAdapters.map((name, i) => {
+    const row = document.createElement("div");
+    row.className = "ip-adapter";
+    row.innerHTML = `<span class="label"></span><input type="file" accept="image/*">` +
+      `<input type="number" min="0" max="2" step="0.05" value="0.6">`;
+    row.querySelector("input[type=file]").setAttribute("aria-label", `Image prompt for ${name}`);
+    row.querySelector("input[type=number]").setAttribute("aria-label", `Weight of ${name}`);
+    row.querySelector(".label").textContent = name;
+    const file = row.querySelector("input[type=file]");
+    file.id = `ip_image_${i}`;
+    file.addEventListener("change", async () => {
+      state.ipImages[i] = file.files[0] ? await readDataUrl(file.files[0]) : undefined;
+    });
+    row.querySelector("input[type=number]").id = `ip_weight_${i}`;
+    return row;
+  }));
+  $("ip-adapters").hidden = !state.ipAdapters.length;
 }
 
 async function loadLoras() {
@@ -112,7 +152,20 @@ function collect() {
   if (mode() === "img2img") {
     body.init_images = painter.dataUrl ? [painter.dataUrl] : [];
     body.mask = painter.maskPng();
+  } else if ($("enable_hr").checked) {  // A1111's hires fix: its denoising strength is the second pass's
+    body.enable_hr = true;
+    body.hr_upscaler = $("hr_upscaler").value || null;
+    for (const name of HIRES_FIELDS) body[name] = $(name).value.trim() === "" ? null : Number($(name).value);
+    body.denoising_strength = Number($("hr_denoising_strength").value);
   }
+  if ($("refiner_checkpoint").value) {
+    body.refiner_checkpoint = $("refiner_checkpoint").value;
+    body.refiner_switch_at = Number($("refiner_switch_at").value);
+  }
+  const units = state.ipAdapters.map((name, i) => ({ name, image: state.ipImages[i], weight: $(`ip_weight_${i}`).value }))
+    .filter((u) => u.image)
+    .map((u) => ({ enabled: true, module: "ip-adapter_clip_sd15", model: u.name, weight: Number(u.weight), image: u.image }));
+  if (units.length) body.alwayson_scripts = { ControlNet: { args: units } };
   return body;
 }
 
@@ -256,7 +309,20 @@ function fillForm(p) {
   set("seed", p["Seed"]);
   set("width", p["Size-1"]);
   set("height", p["Size-2"]);
-  set("denoising_strength", p["Denoising strength"]);
+  const hires = p["Hires upscale"] !== undefined || p["Hires resize-1"] !== undefined;
+  set(hires ? "hr_denoising_strength" : "denoising_strength", p["Denoising strength"]);
+  $("enable_hr").checked = hires;
+  if (hires) {
+    $("hires").open = true;
+    set("hr_scale", p["Hires upscale"]);
+    set("hr_second_pass_steps", p["Hires steps"] ?? 0);
+    if ([...$("hr_upscaler").options].some((o) => o.value === p["Hires upscaler"])) set("hr_upscaler", p["Hires upscaler"]);
+  }
+  if (p["Refiner"] !== undefined) {
+    const name = String(p["Refiner"]).split(" [")[0];
+    if ([...$("refiner_checkpoint").options].some((o) => o.value === name)) $("refiner_checkpoint").value = name;
+    set("refiner_switch_at", p["Refiner switch at"]);
+  }
   if (p["Sampler"] && [...$("sampler_name").options].some((o) => o.value === p["Sampler"])) {
     $("sampler_name").value = p["Sampler"];
   }
@@ -340,7 +406,11 @@ document.addEventListener("keydown", (e) => {
   if ((e.ctrlKey || e.metaKey) && e.key === "Enter") { e.preventDefault(); generate(); }
 });
 for (const radio of document.querySelectorAll("input[name=mode]")) {
-  radio.addEventListener("change", () => { $("img2img").hidden = mode() !== "img2img"; clearErrors(); });
+  radio.addEventListener("change", () => {
+    $("img2img").hidden = mode() !== "img2img";
+    $("hires").hidden = mode() === "img2img";  // the hires fix is txt2img's
+    clearErrors();
+  });
 }
 $("init_image").addEventListener("change", async (e) => {
   if (e.target.files[0]) await painter.load(e.target.files[0]).catch(showError);
