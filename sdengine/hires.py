@@ -121,21 +121,29 @@ class Hires:
 
     def target(self, width: int, height: int, cell: int = 8) -> Target:
         """The second pass's size for a first pass of width x height (A1111's
-        calculate_target_resolution). cell: pixels per latent cell."""
+        calculate_target_resolution). cell: pixels per latent cell. Each side of the upscale target
+        is floored to a multiple of 8 and of the cell, at least one (A1111's latents are target // 8
+        cells: a 12-pixel side gives one cell, 8 pixels)."""
         rx, ry = self.resize_x, self.resize_y
+        step = math.lcm(cell, 8)
+
+        def floored(side: int) -> int:
+            return max(step, side // step * step)
+
         truncate_x = truncate_y = 0
         if rx == 0 and ry == 0:
-            x, y = int(width * self.scale), int(height * self.scale)
+            x, y = floored(int(width * self.scale)), floored(int(height * self.scale))
         elif ry == 0:
-            x, y = rx, rx * height // width
+            x, y = floored(rx), floored(rx * height // width)
         elif rx == 0:
-            x, y = ry * width // height, ry
+            x, y = floored(ry * width // height), floored(ry)
         else:  # scaled to cover resize_x x resize_y, then cropped to it
+            rx, ry = floored(rx), floored(ry)
             if width / height < rx / ry:
-                x, y = rx, rx * height // width
+                x, y = rx, floored(rx * height // width)
             else:
-                x, y = ry * width // height, ry
-            truncate_x, truncate_y = (x - rx) // cell, (y - ry) // cell
+                x, y = floored(ry * width // height), ry
+            truncate_x, truncate_y = max(0, (x - rx) // cell), max(0, (y - ry) // cell)
         final_x, final_y = (x // cell - truncate_x) * cell, (y // cell - truncate_y) * cell
         return Target(x, y, truncate_x, truncate_y, final_x, final_y)
 

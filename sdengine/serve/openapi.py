@@ -71,9 +71,11 @@ def openapi_schema(base: dict, limits, info, api_key: bool) -> dict:
         _value_branch(props["refiner_checkpoint"])["enum"] = ["", "None", *info.refiners]
         props["alwayson_scripts"] = _alwayson_scripts(info)
     txt2img = components["Txt2ImgRequest"]["properties"]  # the hires fix's caps and names
-    for field, cap in (("hr_second_pass_steps", max_steps), ("hr_resize_x", limits.max_size),
-                       ("hr_resize_y", limits.max_size)):
-        _value_branch(txt2img[field])["maximum"] = cap
+    _value_branch(txt2img["hr_second_pass_steps"])["maximum"] = max_steps
+    for field in ("hr_resize_x", "hr_resize_y"):  # 0, or a side in [8, --max-size]
+        for branch in txt2img[field]["anyOf"]:
+            if "minimum" in branch:
+                branch["maximum"] = limits.max_size
     _value_branch(txt2img["hr_sampler_name"])["enum"] = ["", *sorted(n for n in profiles if _serves(
         samplers.resolve, n, None, info.scheduler_config))]
     _value_branch(txt2img["hr_checkpoint_name"])["enum"] = sorted({"", info.title, info.filename})

@@ -125,11 +125,17 @@ def hires_of(req, prompt: str, negative: str, info: ModelInfo, limits: Limits, w
     from ..errors import InvalidArgumentError
     from ..hires import Hires
 
-    if not getattr(req, "enable_hr", False):
-        return None
+    # the names are checked whether the hires fix is on or not (the schema states them as enums)
     if req.hr_checkpoint_name and req.hr_checkpoint_name not in (info.title, info.filename):
         raise FieldError("hr_checkpoint_name", f"model {req.hr_checkpoint_name!r} is not loaded; the hires pass runs "
                                                f"on {info.title!r}")
+    if req.hr_sampler_name:
+        try:
+            samplers.resolve(req.hr_sampler_name, None, info.scheduler_config)
+        except ValueError as e:
+            raise FieldError("hr_sampler_name", str(e)) from None
+    if not req.enable_hr:
+        return None
     hires = Hires(scale=req.hr_scale if req.hr_scale is not None else 2.0, upscaler=req.hr_upscaler or "Latent",
                   steps=req.hr_second_pass_steps or 0,
                   denoising_strength=req.denoising_strength if req.denoising_strength is not None else 0.75,
@@ -146,11 +152,6 @@ def hires_of(req, prompt: str, negative: str, info: ModelInfo, limits: Limits, w
         raise FieldError("hr_resize_x" if hires.resize_x or hires.resize_y else "hr_scale",
                          f"the hires pass of {target.width}x{target.height} is over this server's cap of "
                          f"{limits.max_size} a side (--max-size)")
-    if hires.sampler is not None:
-        try:
-            samplers.resolve(hires.sampler, None, info.scheduler_config)
-        except ValueError as e:
-            raise FieldError("hr_sampler_name", str(e)) from None
     return hires
 
 
@@ -163,10 +164,15 @@ def ip_adapter_units(req, info: ModelInfo, limits: Limits) -> tuple:
     scripts = req.alwayson_scripts or {}
     key = next((k for k in CONTROLNET_SCRIPT if k in scripts), None)
     script = scripts[key] if key is not None else {}
-    if not isinstance(script, dict) or not isinstance(script.get("args") or [], list):
+    if not isinstance(script, dict) or not isinstance(script.get("args", []), (list, type(None))):
         raise FieldError(f"alwayson_scripts.{key}", "must be {\"args\": [unit, ...]} (A1111's ControlNet extension)")
     units = [u for u in (script.get("args") or []) if isinstance(u, dict)]
-    units = [u for u in units if u.get("enabled", True) and (u.get("image") or u.get("input_image"))]
+    units = [u for u in units if u.get("enabled", True)]
+    for i, unit in enumerate(units):
+        for key in ("image", "input_image"):
+            if unit.get(key) not in (None, "") and not isinstance(unit.get(key), str):
+                raise FieldError(f"alwayson_scripts.ControlNet.args.{i}.{key}", "must be a base64 image or empty")
+    units = [u for u in units if u.get("image") or u.get("input_image")]
     if not units:
         return (), ()
     images, scales = [None] * len(info.ip_adapters), [0.0] * len(info.ip_adapters)

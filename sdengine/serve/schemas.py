@@ -67,6 +67,8 @@ def Int(**constraints):
 
 # A1111's seed resize: -1 or 0 is off, else a size in [8, MAX_SIDE] (sdengine.request's)
 SeedResize = Union[Annotated[Literal[-1, 0], BeforeValidator(_not_bool)], Int(ge=8, le=MAX_SIDE)]
+# A hires fix's target side: 0 (from hr_scale or the other side) or a size in [8, MAX_SIDE], a multiple of 8
+HiresSide = Union[Annotated[Literal[0], BeforeValidator(_not_bool)], Int(ge=8, le=MAX_SIDE, multiple_of=8)]
 Off = Annotated[Optional[Literal[False]], BeforeValidator(_bool)]   # a feature sdengine lacks: false or null
 Zero = Annotated[Optional[Literal[0]], BeforeValidator(_not_bool)]
 Empty = Optional[Literal[""]]
@@ -150,8 +152,8 @@ class Txt2ImgRequest(_Request):
     hr_scale: Optional[float] = Field(2.0, ge=1.0, le=8.0, allow_inf_nan=False)
     hr_upscaler: Optional[Literal[UPSCALERS]] = None  # null: "Latent"
     hr_second_pass_steps: Optional[Int(ge=0, le=MAX_STEPS)] = 0  # 0: the first pass's steps
-    hr_resize_x: Optional[Int(ge=0, le=MAX_SIDE)] = 0
-    hr_resize_y: Optional[Int(ge=0, le=MAX_SIDE)] = 0
+    hr_resize_x: Optional[HiresSide] = 0
+    hr_resize_y: Optional[HiresSide] = 0
     hr_checkpoint_name: Optional[str] = None  # the loaded model (openapi.py: its names' enum)
     hr_sampler_name: Optional[str] = None     # null: the first pass's (openapi.py: the samplers' enum)
     hr_scheduler: Optional[Literal["", "Use same scheduler"]] = None
