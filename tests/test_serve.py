@@ -501,7 +501,9 @@ def test_ip_adapter_unit_in_alwayson_scripts(tmp_path):
                                    weight=0.7)
     with serve(str(model), ip_adapters=(str(adapter),), image_encoder=str(encoder)) as s:
         api = s.api(sampler="Euler", steps=3)
-        result = api.txt2img(prompt="a cat", seed=5, width=16, height=16, controlnet_units=[unit])
+        # A fresh dict: webuiapi's txt2img writes the units into its mutable default alwayson_scripts={},
+        # which every later txt2img call of the process (other tests' included) would send again.
+        result = api.txt2img(prompt="a cat", seed=5, width=16, height=16, controlnet_units=[unit], alwayson_scripts={})
         bad = httpx.post(s.url + "/sdapi/v1/txt2img", timeout=30, json={
             "prompt": "a cat", "steps": 2, "alwayson_scripts": {"ControlNet": {"args": [
                 dict(unit.to_dict(), model="ip-adapter_other")]}}})
