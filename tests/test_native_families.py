@@ -179,7 +179,7 @@ def test_native_pipeline_callback_progress_and_cancel(native, eager, capsys):
     with pytest.raises(KeyError, match="from the callback"):
         native(PROMPT, progress=False, callback=lambda i, total, x: (_ for _ in ()).throw(KeyError("from the callback")),
                **args)
-    for bad, why in ((dict(clip_skip=1), "clip_skip"), (dict(sampler="heun"), "sampler 'heun'"),
+    for bad, why in ((dict(clip_skip=1), "clip_skip"), (dict(vae_tiling=True), "tiled VAE decode"),
                      (dict(output_type="latent"), "output_type='latent'"),
                      (dict(prompt="a (cat:1.3)", prompt_syntax="a1111"), "A1111 prompt syntax")):
         call = dict(args, progress=False, **bad)

@@ -74,26 +74,64 @@ SDE_API const char *sde_last_error(void);
 
 /* ---- Names: shared with the Python API and the CLI (sdengine/samplers/names.py) ---- */
 
+/* Whose rules a sampler and schedule follow (README, "Same seed, same image"):
+ * - diffusers': each sampler spaced and rounded as its diffusers scheduler class, the
+ *   model's scheduler config read as that class reads it;
+ * - A1111's: what AUTOMATIC1111's web UI draws (k-diffusion over the model's discrete sigmas,
+ *   its 12 schedules, its seeds: sde_gen_params' subseed, ensd, rng).
+ * SDE_CONVENTIONS_DEFAULT: diffusers' for the samplers of both vocabularies, A1111's for those
+ * only A1111 has (dpmpp_2m_sde_heun, dpmpp_2s_a, dpm_fast, dpm_adaptive, restart, ddim_cfgpp).
+ * sde_sampler_parse gives the conventions a name implies, as the Python API reads names. */
+typedef enum sde_conventions {
+  SDE_CONVENTIONS_DEFAULT = 0,
+  SDE_CONVENTIONS_DIFFUSERS,
+  SDE_CONVENTIONS_A1111,
+  SDE_CONVENTIONS_COUNT
+} sde_conventions;
+
+/* BEGIN GENERATED ENUMS (csrc/tools/gen_sampler_names.py) */
 typedef enum sde_sampler {
   SDE_SAMPLER_DEFAULT = -1, /* the model's scheduler_config.json */
-  SDE_SAMPLER_EULER = 0,
-  SDE_SAMPLER_EULER_A,
-  SDE_SAMPLER_DDIM,
-  SDE_SAMPLER_DPMPP_2M,
-  SDE_SAMPLER_PNDM, /* PLMS: Stable Diffusion 1.x's default scheduler */
+  SDE_SAMPLER_EULER = 0, /* Euler */
+  SDE_SAMPLER_EULER_A = 1, /* Euler a */
+  SDE_SAMPLER_DDIM = 2, /* DDIM */
+  SDE_SAMPLER_DPMPP_2M = 3, /* DPM++ 2M */
+  SDE_SAMPLER_PNDM = 4, /* PLMS */
+  SDE_SAMPLER_LMS = 5, /* LMS */
+  SDE_SAMPLER_HEUN = 6, /* Heun */
+  SDE_SAMPLER_DPM_2 = 7, /* DPM2 */
+  SDE_SAMPLER_DPM_2_A = 8, /* DPM2 a */
+  SDE_SAMPLER_DPMPP_2M_SDE = 9, /* DPM++ 2M SDE */
+  SDE_SAMPLER_DPMPP_SDE = 10, /* DPM++ SDE */
+  SDE_SAMPLER_DPMPP_3M_SDE = 11, /* DPM++ 3M SDE */
+  SDE_SAMPLER_UNIPC = 12, /* UniPC */
+  SDE_SAMPLER_LCM = 13, /* LCM */
+  SDE_SAMPLER_DDPM = 14, /* DDPM */
+  SDE_SAMPLER_DPMPP_2M_SDE_HEUN = 15, /* DPM++ 2M SDE Heun, A1111's rules only */
+  SDE_SAMPLER_DPMPP_2S_A = 16, /* DPM++ 2S a, A1111's rules only */
+  SDE_SAMPLER_DPM_FAST = 17, /* DPM fast, A1111's rules only */
+  SDE_SAMPLER_DPM_ADAPTIVE = 18, /* DPM adaptive, A1111's rules only */
+  SDE_SAMPLER_RESTART = 19, /* Restart, A1111's rules only */
+  SDE_SAMPLER_DDIM_CFGPP = 20, /* DDIM CFG++, A1111's rules only */
   SDE_SAMPLER_COUNT
 } sde_sampler;
 
 typedef enum sde_schedule {
-  SDE_SCHEDULE_DEFAULT = 0, /* what the model's scheduler config says */
-  SDE_SCHEDULE_NORMAL,
-  SDE_SCHEDULE_KARRAS,
-  SDE_SCHEDULE_EXPONENTIAL,
-  SDE_SCHEDULE_SGM_UNIFORM,
-  SDE_SCHEDULE_SIMPLE,
-  SDE_SCHEDULE_DDIM_UNIFORM,
+  SDE_SCHEDULE_DEFAULT = 0, /* what the model's scheduler config says (A1111: the sampler's own) */
+  SDE_SCHEDULE_NORMAL = 1, /* Normal */
+  SDE_SCHEDULE_KARRAS = 2, /* Karras */
+  SDE_SCHEDULE_EXPONENTIAL = 3, /* Exponential */
+  SDE_SCHEDULE_SGM_UNIFORM = 4, /* SGM Uniform */
+  SDE_SCHEDULE_SIMPLE = 5, /* Simple */
+  SDE_SCHEDULE_DDIM_UNIFORM = 6, /* DDIM */
+  SDE_SCHEDULE_UNIFORM = 7, /* Uniform, A1111's rules only */
+  SDE_SCHEDULE_POLYEXPONENTIAL = 8, /* Polyexponential, A1111's rules only */
+  SDE_SCHEDULE_KL_OPTIMAL = 9, /* KL Optimal, A1111's rules only */
+  SDE_SCHEDULE_ALIGN_YOUR_STEPS = 10, /* Align Your Steps, A1111's rules only */
+  SDE_SCHEDULE_BETA = 11, /* Beta, A1111's rules only */
   SDE_SCHEDULE_COUNT
 } sde_schedule;
+/* END GENERATED ENUMS */
 
 /* Canonical names ("euler_a", "karras"); NULL for a value out of range. */
 SDE_API const char *sde_sampler_name(sde_sampler sampler);
@@ -101,11 +139,20 @@ SDE_API const char *sde_schedule_name(sde_schedule schedule);
 
 /* Parse a sampler name: sdengine's, A1111's or ComfyUI's ("Euler a", "DPM++ 2M Karras",
  * "k_dpmpp_2m", "EulerDiscreteScheduler"). A name that carries a schedule sets *schedule
- * (schedule may be NULL; it is left alone when the name carries none). Names the table
- * knows but this runtime does not implement (e.g. "heun") give SDE_ERR_INVALID_ARGUMENT
- * with a message saying so. */
+ * (schedule may be NULL; it is left alone when the name carries none). Every sampler of the
+ * Python API runs here; the conventions a name implies come from sde_sampler_parse. */
 SDE_API sde_status sde_sampler_from_str(const char *name, sde_sampler *sampler, sde_schedule *schedule);
 SDE_API sde_status sde_schedule_from_str(const char *name, sde_schedule *schedule);
+
+/* Parse a sampler name as the Python API does (sdengine.samplers.conventions_for): A1111's
+ * spellings ("Euler a", "DPM++ 2M Karras", "k_dpmpp_2m", "DPM fast", "plms") give A1111's
+ * conventions, sdengine's own names and diffusers' class names diffusers'. A schedule the name
+ * carries sets *schedule (left alone otherwise); schedule and conventions may be NULL. */
+SDE_API sde_status sde_sampler_parse(const char *name, sde_sampler *sampler, sde_schedule *schedule,
+                                     sde_conventions *conventions);
+/* Parse a schedule name in the vocabulary of `conventions`: under A1111's its labels and names
+ * ("Uniform", "Align Your Steps", "SGMUniform"); under diffusers' the names of NAMES. */
+SDE_API sde_status sde_schedule_parse(const char *name, sde_conventions conventions, sde_schedule *schedule);
 
 /* ---- Models ---- */
 
@@ -261,6 +308,22 @@ typedef int (*sde_latents_fn)(void *user, int step, int steps, const float *late
 
 /* strength's "from the model" sentinel: 0.8 for img2img, 1.0 for inpainting. */
 #define SDE_STRENGTH_DEFAULT (-1.0)
+/* eta's sentinel: the rules' default (0 under diffusers', A1111's per sampler under its). */
+#define SDE_ETA_DEFAULT (-1.0)
+
+/* How a prompt is read: as plain text (the default), or in AUTOMATIC1111's syntax as the Python
+ * API's prompt_syntax="a1111": emphasis `(x)`, `(x:1.5)`, `[x]`, escapes `\(`, A1111's
+ * "Original" emphasis on the text encoder's output (sdengine/prompt_syntax.py). The engines'
+ * UNet takes one 77-token context: a prompt that needs more than one 75-token window (longer
+ * prompts, BREAK) is SDE_ERR_INVALID_ARGUMENT. <lora:...> tags are refused: merge LoRAs with
+ * sde_model_set_loras. */
+typedef enum sde_prompt_syntax { SDE_PROMPT_SYNTAX_PLAIN = 0, SDE_PROMPT_SYNTAX_A1111, SDE_PROMPT_SYNTAX_COUNT } sde_prompt_syntax;
+
+/* Where A1111's random numbers come from (its "RNG" setting): torch's CPU generator (the default
+ * here, as in the Python API), or "NV": CUDA's torch.randn (Philox 4x32-10 + Box-Muller) computed
+ * on the host, the same numbers on any device. A1111's own default, its GPU generator, is what
+ * NV reproduces. */
+typedef enum sde_rng { SDE_RNG_CPU = 0, SDE_RNG_NV, SDE_RNG_COUNT } sde_rng;
 
 typedef struct sde_gen_params {
   const char *prompt;          /* required, UTF-8 */
@@ -276,7 +339,10 @@ typedef struct sde_gen_params {
   int batch_size;              /* images to generate, in [1, 64]; default 1 */
   sde_sampler sampler;         /* SDE_SAMPLER_DEFAULT: the model's scheduler */
   sde_schedule schedule;       /* SDE_SCHEDULE_DEFAULT: the scheduler config's */
-  double eta;                  /* DDIM's eta, finite and >= 0; 0 (default) is deterministic DDIM */
+  double eta;                  /* the noise scale of DDIM (diffusers' rules) or of A1111's ancestral, SDE and
+                                  DDIM samplers, finite and >= 0. SDE_ETA_DEFAULT (the default): 0 under
+                                  diffusers' rules (deterministic DDIM), A1111's default under its rules
+                                  (1; 0 for DDIM) */
   sde_progress_fn progress;    /* NULL: none; returning nonzero cancels */
   void *progress_user;         /* passed to progress */
   /* img2img: NULL for text-to-image; else the image to start from, width x height RGB
@@ -299,6 +365,26 @@ typedef struct sde_gen_params {
    * NULL / 0: none. */
   const sde_control *controls;
   int control_count;
+  /* Whose rules the sampler and schedule follow (see sde_conventions). Default
+   * SDE_CONVENTIONS_DEFAULT. */
+  sde_conventions conventions;
+  /* Explicit initial noise: batch_size x C x (height / f) x (width / f) floats of unit variance
+   * (f: the VAE's downscale), row-major, as the Python API's `latents`; the sampler scales it as
+   * it would its drawn noise, and later draws still come from the seeds. NULL: drawn from the
+   * seeds. Read during the call only. */
+  const float *latents_in;
+  /* A1111's seeds (A1111's rules only; SDE_ERR_INVALID_ARGUMENT under diffusers'): a variation
+   * seed mixed into the start by spherical interpolation with weight subseed_strength (in
+   * [0, 1]; 0, the default, turns it off; with it every image keeps `seed` and image i gets
+   * subseed + i); the seed's noise drawn at seed_resize_from_w x seed_resize_from_h pixels and
+   * pasted centred (0: off); ENSD: the ancestral and SDE noise after the start drawn from
+   * seed + eta_noise_seed_delta (0: off); the source of the draws. */
+  uint64_t subseed;
+  double subseed_strength;
+  int seed_resize_from_w, seed_resize_from_h;
+  int64_t eta_noise_seed_delta;
+  sde_rng rng;
+  sde_prompt_syntax prompt_syntax; /* how prompt and negative_prompt are read; default plain */
 } sde_gen_params;
 
 SDE_API void sde_gen_params_init(sde_gen_params *params);
@@ -353,6 +439,36 @@ SDE_API sde_status sde_model_set_loras(sde_model *model, const sde_lora *loras, 
  * exists, a width that does not fit or a full table is an error and changes nothing. Waits
  * like sde_model_set_loras. */
 SDE_API sde_status sde_model_load_embedding(sde_model *model, const char *path, const char *token);
+
+/* Teach the tokenizer(s) a textual-inversion token whose vectors the caller already wrote into the
+ * added-token tables of its in-memory weights (sde_model_load_tensors: each text encoder's
+ * "text_model.embeddings.added_tokens", row r being id vocab_size + r). ids / count: its ids for
+ * the first text encoder; ids_2 / count_2: SDXL's second (NULL / 0 otherwise). A token that
+ * already exists is an error and changes nothing. Waits like sde_model_set_loras. */
+SDE_API sde_status sde_model_add_token(sde_model *model, const char *token, const int32_t *ids, int count,
+                                       const int32_t *ids_2, int count_2);
+
+/* ---- A1111's infotext ---- */
+
+typedef struct sde_infotext sde_infotext;
+
+/* Read AUTOMATIC1111's `parameters` text (a PNG's text chunk, A1111's API `info`) into *params,
+ * with the rules of the Python API (sdengine/infotext.py, Request.from_infotext): its prompts
+ * (A1111 prompt syntax), Steps, Sampler, Schedule type, CFG scale, Seed, Size, ENSD, Variation
+ * seed and strength, Seed resize from, RNG (no RNG field is A1111's GPU generator, whose numbers
+ * SDE_RNG_NV draws), Eta and Denoising strength, under A1111's rules unless its "Sampler
+ * conventions" says diffusers. Fields absent take A1111's defaults (20 steps, DPM++ 2M, CFG 7);
+ * fields that do not change the image (Model, hashes, Version) are kept in *info. Every other
+ * field, and "Clip skip" above 1 (the engines have one text-encoder output layer), is
+ * SDE_ERR_INVALID_ARGUMENT naming it. Initialize *params first (sde_gen_params_init): fields the
+ * text does not set keep their values; "Denoising strength" sets strength, and the caller gives
+ * init_image. params->prompt and negative_prompt point into *info: free it with
+ * sde_infotext_free after the request. */
+SDE_API sde_status sde_gen_params_from_infotext(const char *text, sde_gen_params *params, sde_infotext **info);
+/* A field's value as text ("Model", "Version", ...), NULL when absent; valid until sde_infotext_free. */
+SDE_API const char *sde_infotext_field(const sde_infotext *info, const char *key);
+/* NULL is a no-op. */
+SDE_API void sde_infotext_free(sde_infotext *info);
 
 /* ---- Tokenizer (CLIP BPE; the same ids as sdengine.tokenizer.CLIPTokenizer) ---- */
 

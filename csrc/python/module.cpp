@@ -148,6 +148,23 @@ py::dict graph_stats(const sde_graph_stats &g) {
   return d;
 }
 
+class PyControlNet {
+ public:
+  PyControlNet(const std::string &path, const sde_model *model, std::optional<std::string> engine_dir) {
+    sde_controlnet_params params;
+    sde_controlnet_params_init(&params);
+    params.model = model;
+    params.engine_dir = engine_dir ? engine_dir->c_str() : nullptr;
+    py::gil_scoped_release release;
+    check(sde_controlnet_load(path.c_str(), &params, &controlnet_));
+  }
+  ~PyControlNet() { sde_controlnet_free(controlnet_); }
+  const sde_controlnet *get() const { return controlnet_; }
+
+ private:
+  sde_controlnet *controlnet_ = nullptr;
+};
+
 class PyModel {
  public:
   // tensors: (name, data_ptr, dtype code, shape, device_type, device_index); the caller keeps them alive.
@@ -217,7 +234,11 @@ class PyModel {
                     std::optional<std::string> schedule, double eta, std::optional<std::function<bool(int, int)>> progress,
                     std::optional<py::bytes> init_image, std::optional<double> strength,
                     std::optional<py::bytes> mask_image,
-                    std::optional<std::function<bool(int, int, py::array_t<float>)>> latents) {
+                    std::optional<std::function<bool(int, int, py::array_t<float>)>> latents,
+                    std::optional<std::string> conventions, std::optional<py::array_t<float, py::array::c_style | py::array::forcecast>> latents_in,
+                    py::int_ subseed, double subseed_strength, int seed_resize_from_w, int seed_resize_from_h,
+                    int64_t eta_noise_seed_delta, const std::string &rng, const std::string &prompt_syntax,
+                    const std::vector<std::tuple<PyControlNet *, py::bytes, double, double, double, bool>> &controls) {
     sde_gen_params p;
     sde_gen_params_init(&p);
     std::string init_bytes, mask_bytes;
@@ -250,9 +271,55 @@ class PyModel {
                             std::string(py::str(seed)));
     p.seed = seed.cast<uint64_t>();
     p.batch_size = batch_size;
-    p.eta = eta;
-    if (sampler) check(sde_sampler_from_str(sampler->c_str(), &p.sampler, &p.schedule));
-    if (schedule) check(sde_schedule_from_str(schedule->c_str(), &p.schedule));
+    p.eta = eta < 0 ? SDE_ETA_DEFAULT : eta;
+    // With conventions given, sampler and schedule are canonical names (a Plan's); else names
+    // read as the Python API reads them (sde_sampler_parse: A1111's spellings, A1111's rules).
+    if (conventions) {
+      if (*conventions != "a1111" && *conventions != "diffusers")
+        throw py::value_error("conventions must be 'a1111' or 'diffusers', got '" + *conventions + "'");
+      p.conventions = *conventions == "a1111" ? SDE_CONVENTIONS_A1111 : SDE_CONVENTIONS_DIFFUSERS;
+      translated([&] {
+        if (sampler) p.sampler = sde::sampler_of_name(*sampler);
+        if (schedule) p.schedule = sde::schedule_of_name(*schedule);
+        return 0;
+      });
+    } else {
+      if (sampler) check(sde_sampler_parse(sampler->c_str(), &p.sampler, &p.schedule, &p.conventions));
+      if (schedule) check(sde_schedule_parse(schedule->c_str(), p.conventions, &p.schedule));
+    }
+    if (latents_in) {
+      if (latents_in->ndim() != 4 || latents_in->shape(0) != batch_size)
+        throw py::value_error("latents_in must be a (batch_size, C, h, w) float array");
+      p.latents_in = latents_in->data();
+    }
+    p.subseed = subseed.cast<uint64_t>();
+    p.subseed_strength = subseed_strength;
+    p.seed_resize_from_w = seed_resize_from_w, p.seed_resize_from_h = seed_resize_from_h;
+    p.eta_noise_seed_delta = eta_noise_seed_delta;
+    if (rng != "cpu" && rng != "nv")
+      throw py::value_error("rng must be 'cpu' or 'nv' in the C runtime (A1111's 'gpu' source is CUDA's generator, whose "
+                            "numbers 'nv' draws on any device), got '" + rng + "'");
+    p.rng = rng == "nv" ? SDE_RNG_NV : SDE_RNG_CPU;
+    if (prompt_syntax != "plain" && prompt_syntax != "a1111")
+      throw py::value_error("prompt_syntax must be 'plain' or 'a1111', got '" + prompt_syntax + "'");
+    p.prompt_syntax = prompt_syntax == "a1111" ? SDE_PROMPT_SYNTAX_A1111 : SDE_PROMPT_SYNTAX_PLAIN;
+    // ControlNets: (controlnet, RGB bytes at the request's size, scale, start, end, guess mode)
+    std::vector<std::string> control_bytes;
+    std::vector<sde_control> control_list;
+    control_bytes.reserve(controls.size());
+    for (const auto &[controlnet, image, scale, start, end, guess] : controls) {
+      control_bytes.push_back(image);
+      if (control_bytes.back().size() != pixels * 3)
+        throw py::value_error("a control image must hold width * height * 3 RGB bytes");
+      sde_control c;
+      sde_control_init(&c);
+      c.controlnet = controlnet->get();
+      c.image = reinterpret_cast<const uint8_t *>(control_bytes.back().data());
+      c.scale = scale, c.start = start, c.end = end, c.guess_mode = guess ? 1 : 0;
+      control_list.push_back(c);
+    }
+    p.controls = control_list.empty() ? nullptr : control_list.data();
+    p.control_count = static_cast<int>(control_list.size());
     ProgressState state;
     if (progress) {
       state.fn = *progress;
@@ -302,6 +369,13 @@ class PyModel {
     check(sde_model_load_embedding(model_, path.c_str(), token ? token->c_str() : nullptr));
   }
 
+  void add_token(const std::string &token, const std::vector<int32_t> &ids, const std::vector<int32_t> &ids_2) {
+    check(sde_model_add_token(model_, token.c_str(), ids.data(), static_cast<int>(ids.size()),
+                              ids_2.empty() ? nullptr : ids_2.data(), static_cast<int>(ids_2.size())));
+  }
+
+  sde_model *get() const { return model_; }
+
  private:
   sde_model *model_ = nullptr;
 };
@@ -324,18 +398,36 @@ PYBIND11_MODULE(_C, m) {
     if (sched != SDE_SCHEDULE_COUNT) schedule = py::str(sde_schedule_name(sched));
     return py::make_tuple(sde_sampler_name(s), schedule);
   });
+  m.def("parse_sampler_conventions", [](const std::string &name) {
+    sde_sampler s;
+    sde_schedule sched = SDE_SCHEDULE_COUNT;
+    sde_conventions conventions;
+    check(sde_sampler_parse(name.c_str(), &s, &sched, &conventions));
+    py::object schedule = py::none();
+    if (sched != SDE_SCHEDULE_COUNT) schedule = py::str(sde_schedule_name(sched));
+    return py::make_tuple(sde_sampler_name(s), schedule, conventions == SDE_CONVENTIONS_A1111 ? "a1111" : "diffusers");
+  }, "sde_sampler_parse: (sampler, schedule or None, conventions)");
+  m.def("sampler_name", [](int i) { return sde_sampler_name(static_cast<sde_sampler>(i)); });
+  m.def("schedule_name", [](int i) { return sde_schedule_name(static_cast<sde_schedule>(i)); });
   m.def("parse_schedule", [](const std::string &name) {
     sde_schedule s;
     check(sde_schedule_from_str(name.c_str(), &s));
     return std::string(sde_schedule_name(s));
   });
   m.def("plan", [](const std::string &sampler, const std::string &schedule, int steps, const std::string &config_json,
-                   double strength) {
+                   double strength, const std::string &conventions, double eta, bool is_sdxl) {
     try {
-      sde_sampler s;
-      sde::parse_sampler(sampler, &s, nullptr);
       sde::SchedulerConfig cfg = sde::SchedulerConfig::from_json(sde::Json::parse(config_json, "config"), "config");
-      sde::Plan plan = sde::make_plan(s, sde::parse_schedule(schedule), steps, cfg, strength);
+      sde::Plan plan;
+      if (conventions == "a1111") {
+        plan = sde::make_a1111_plan(sde::sampler_of_name(sampler), sde::schedule_of_name(schedule), steps, cfg, strength,
+                                    eta, is_sdxl);
+      } else {
+        sde_sampler s;
+        sde::parse_sampler(sampler, &s, nullptr);
+        plan = sde::make_plan(s, sde::parse_schedule(schedule), steps, cfg, strength);
+      }
+      sde::Program program = sde::make_program(plan, cfg.prediction_type, eta > 0 ? eta : 0.0);
       py::dict out;
       out["start"] = plan.start;
       out["timesteps"] = plan.timesteps;
@@ -343,12 +435,39 @@ PYBIND11_MODULE(_C, m) {
       out["prev_timesteps"] = plan.prev_timesteps;
       out["init_noise_sigma"] = plan.init_noise_sigma;
       out["lower_order_final"] = plan.lower_order_final;
+      out["num_steps"] = plan.num_steps();
+      out["schedule"] = sde_schedule_name(plan.schedule);
+      out["evaluations"] = program.evals.size();
+      out["program_steps"] = program.steps;
       return out;
     } catch (const sde::Error &e) {
       throw py::value_error(e.what());
     }
   }, py::arg("sampler"), py::arg("schedule"), py::arg("steps"), py::arg("config_json"), py::arg("strength") = 1.0,
-     "The C++ sampling plan (for comparison with sdengine.samplers.make_plan)");
+     py::arg("conventions") = "diffusers", py::arg("eta") = -1.0, py::arg("is_sdxl") = false,
+     "The C++ sampling plan and its program's size (for comparison with sdengine.samplers.plan_for)");
+  m.def("brownian_noise", [](std::vector<uint64_t> seeds, std::vector<int64_t> shape, double sigma_min,
+                              double sigma_max, std::vector<std::pair<double, double>> queries) {
+    sde::BrownianNoise noise(seeds, shape, sigma_min, sigma_max);
+    std::vector<py::bytes> out;
+    for (const auto &[a, b] : queries) {
+      at::Tensor t = noise(a, b).contiguous();
+      out.emplace_back(static_cast<const char *>(t.data_ptr()), t.nbytes());
+    }
+    return out;
+  }, "A1111's Brownian-tree noise (N, *shape) float32 bytes per (sigma, sigma_next) query");
+  m.def("philox_randn", [](uint64_t seed, std::vector<int64_t> shape, int draws) {
+    sde::SeedOptions o;
+    o.seeds = {seed};
+    o.philox = true;
+    sde::ImageNoise noise(o, shape);
+    std::vector<py::bytes> out;
+    for (int i = 0; i < draws; ++i) {
+      at::Tensor t = noise.next().contiguous();
+      out.emplace_back(static_cast<const char *>(t.data_ptr()), t.nbytes());
+    }
+    return out;
+  }, py::arg("seed"), py::arg("shape"), py::arg("draws") = 1, "A1111's NV (Philox) draws of one seed, as float32 bytes");
 
   m.def("read_safetensors", [](const std::string &path) {
     std::unique_ptr<sde::SafetensorsFile> file = translated([&] {
@@ -409,9 +528,42 @@ PYBIND11_MODULE(_C, m) {
            py::arg("seed") = 0, py::arg("batch_size") = 1, py::arg("sampler") = py::none(),
            py::arg("schedule") = py::none(), py::arg("eta") = 0.0, py::arg("progress") = py::none(),
            py::arg("init_image") = py::none(), py::arg("strength") = py::none(), py::arg("mask_image") = py::none(),
-           py::arg("latents") = py::none())
+           py::arg("latents") = py::none(), py::arg("conventions") = py::none(), py::arg("latents_in") = py::none(),
+           py::arg("subseed") = 0, py::arg("subseed_strength") = 0.0, py::arg("seed_resize_from_w") = 0,
+           py::arg("seed_resize_from_h") = 0, py::arg("eta_noise_seed_delta") = 0, py::arg("rng") = "cpu",
+           py::arg("prompt_syntax") = "plain",
+           py::arg("controls") = std::vector<std::tuple<PyControlNet *, py::bytes, double, double, double, bool>>())
       .def("set_loras", &PyModel::set_loras, py::arg("loras"),
            "sde_model_set_loras: [(path, scale), ...] merged in place of the set merged now; [] restores")
       .def("load_embedding", &PyModel::load_embedding, py::arg("path"), py::arg("token") = py::none(),
-           "sde_model_load_embedding");
+           "sde_model_load_embedding")
+      .def("add_token", &PyModel::add_token, py::arg("token"), py::arg("ids"), py::arg("ids_2") = std::vector<int32_t>(),
+           "sde_model_add_token: a token whose vectors are already in the added-token tables")
+      .def("controlnet", [](const PyModel &self, const std::string &path, std::optional<std::string> engine_dir) {
+             return std::make_unique<PyControlNet>(path, self.get(), engine_dir);
+           }, py::arg("path"), py::arg("engine_dir") = py::none(), py::keep_alive<0, 1>(),
+           "sde_controlnet_load for this model");
+  py::class_<PyControlNet>(m, "ControlNet");
+  m.def("infotext_params", [](const std::string &text) {
+    sde_gen_params p;
+    sde_gen_params_init(&p);
+    sde_infotext *info = nullptr;
+    check(sde_gen_params_from_infotext(text.c_str(), &p, &info));
+    py::dict out;
+    out["prompt"] = p.prompt;
+    out["negative_prompt"] = p.negative_prompt ? py::object(py::str(p.negative_prompt)) : py::none();
+    out["steps"] = p.steps, out["guidance_scale"] = p.guidance_scale, out["seed"] = p.seed;
+    out["width"] = p.width, out["height"] = p.height;
+    out["sampler"] = sde_sampler_name(p.sampler), out["schedule"] = sde_schedule_name(p.schedule);
+    out["conventions"] = p.conventions == SDE_CONVENTIONS_A1111 ? "a1111" : "diffusers";
+    out["eta"] = p.eta, out["strength"] = p.strength;
+    out["subseed"] = p.subseed, out["subseed_strength"] = p.subseed_strength;
+    out["seed_resize_from"] = py::make_tuple(p.seed_resize_from_w, p.seed_resize_from_h);
+    out["eta_noise_seed_delta"] = p.eta_noise_seed_delta, out["rng"] = p.rng == SDE_RNG_NV ? "nv" : "cpu";
+    out["prompt_syntax"] = p.prompt_syntax == SDE_PROMPT_SYNTAX_A1111 ? "a1111" : "plain";
+    const char *model = sde_infotext_field(info, "Model");
+    out["model"] = model ? py::object(py::str(model)) : py::none();
+    sde_infotext_free(info);
+    return out;
+  }, py::arg("text"), "sde_gen_params_from_infotext, as a dict (for comparison with sdengine.infotext)");
 }

@@ -79,6 +79,7 @@ ModelSource load_diffusers_folder(const std::string &model_dir, const sde_model_
   source.unet = Json::read_file(model_dir + "/unet/config.json");
   source.where = model_dir + "/scheduler/scheduler_config.json";
   source.scheduler = Json::read_file(source.where);
+  source.scheduler_file = true;
   source.engine_dir = params.engine_dir ? params.engine_dir
                                         : find_engine([&](const Json &) { return source.weights; }, model_dir);
   source.tokenizer_dir = params.tokenizer_dir ? params.tokenizer_dir : model_dir + "/tokenizer";
@@ -151,6 +152,7 @@ ModelSource load_tensors(WeightMap weights, const std::string &model_dir, const 
     source.unet = Json::read_file(model_dir + "/unet/config.json");
     source.where = model_dir + "/scheduler/scheduler_config.json";
     source.scheduler = Json::read_file(source.where);
+    source.scheduler_file = true;
   }
   std::string what = model_dir.empty() ? std::string("these weights") : model_dir;
   source.engine_dir = params.engine_dir ? params.engine_dir

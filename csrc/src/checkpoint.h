@@ -17,6 +17,7 @@ struct ModelSource {
   WeightMap weights;
   Json vae, unet, scheduler;  // diffusers' config objects (vae/config.json, ...)
   std::string where;          // where the scheduler config came from, for messages
+  bool scheduler_file = false;  // a diffusers scheduler_config.json (its keys are the given ones), not sdengine's to_dict()
   bool zero_snr = false;      // a single file's "ztsnr" marker: rescale the betas to zero terminal SNR
   std::string engine_dir;
   std::string tokenizer_dir;

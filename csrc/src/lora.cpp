@@ -369,6 +369,7 @@ std::string Model::load_embedding(const std::string &path, const std::string &to
     if (e.tokenizer->has_token(token))
       throw InvalidArgument(path + ": token '" + token + "' already exists in the tokenizer; give another token");
     at::Tensor *added = e.net->buffer("m.text_model.embeddings.added_tokens");
+    if (!added) added = e.net->weight(e.component + "/text_model.embeddings.added_tokens");  // in-memory weights
     if (!added) throw FormatError("engine " + engine_dir_ + " has no added-token table; rebuild it with `sdengine export aoti`");
     int64_t used = added_tokens_[e.net == text_encoder_.get() ? "text_encoder" : "text_encoder_2"];
     int64_t count = vectors.at(e.component).size(0);
@@ -390,6 +391,30 @@ std::string Model::load_embedding(const std::string &path, const std::string &to
     added_tokens_[e.component] = first + v.size(0);
   }
   return token;
+}
+
+void Model::add_token(const std::string &token, const std::vector<int32_t> &ids, const std::vector<int32_t> &ids_2) {
+  std::unique_lock<ReadWriteLock> writing(lock_);
+  if (token.empty() || token.find_first_of(" \t\n") == 0 || token.find_last_of(" \t\n") == token.size() - 1)
+    throw InvalidArgument("token must be a non-empty string without surrounding spaces");
+  if (tokenizer_2_ && ids_2.empty()) throw InvalidArgument("an SDXL model needs the token's ids for both text encoders");
+  if (!tokenizer_2_ && !ids_2.empty()) throw InvalidArgument("ids_2 is for SDXL's second text encoder; this model has one");
+  for (const Tokenizer *t : {&tokenizer_, tokenizer_2_.get()})
+    if (t && t->has_token(token)) throw InvalidArgument("token '" + token + "' already exists in the tokenizer");
+  auto check = [&](const std::vector<int32_t> &list, Network *net, const std::string &component) {
+    at::Tensor *table = net->weight(component + "/text_model.embeddings.token_embedding.weight");
+    at::Tensor *added = net->buffer("m.text_model.embeddings.added_tokens");
+    if (!added) added = net->weight(component + "/text_model.embeddings.added_tokens");
+    int64_t limit = (table ? table->size(0) : 0) + (added ? added->size(0) : 0);
+    for (int32_t id : list)
+      if (id < 0 || id >= limit)
+        throw InvalidArgument("token '" + token + "': id " + std::to_string(id) + " is outside the " + component +
+                              "'s tables (" + std::to_string(limit) + " rows)");
+  };
+  check(ids, text_encoder_.get(), "text_encoder");
+  if (tokenizer_2_) check(ids_2, text_encoder_2_.get(), "text_encoder_2");
+  tokenizer_.add_token(token, ids);
+  if (tokenizer_2_) tokenizer_2_->add_token(token, ids_2);
 }
 
 }  // namespace sde

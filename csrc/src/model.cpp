@@ -11,6 +11,7 @@
 #include "controlnet.h"
 #include "errors.h"
 #include "names.h"
+#include "prompt_syntax.h"
 
 namespace sde {
 namespace {
@@ -61,7 +62,7 @@ void InstancePool::release(int instance) {
 Model::Model(ModelSource source, const sde_model_params &params) : dtype_(at::kFloat) {
   // -- configs ----------------------------------------------------------------
   const Json &vae_cfg = source.vae, &unet_cfg = source.unet, &sched_cfg = source.scheduler;
-  info_.scheduler = SchedulerConfig::from_json(sched_cfg, source.where);
+  info_.scheduler = SchedulerConfig::from_json(sched_cfg, source.where, source.scheduler_file);
   if (source.zero_snr) info_.scheduler.rescale_betas_zero_snr = true;
   if (params.prediction_type) info_.scheduler.prediction_type = checked_prediction_type(params.prediction_type);
   std::string sampler = sched_cfg.get_string("sampler", sched_cfg.get_string("_class_name", "pndm"));
@@ -187,8 +188,9 @@ struct TextCall : Graphed {
 
 // One denoising step: UNet on the doubled batch, guidance, sampler update (sampling.h).
 struct StepCall : Graphed {
-  StepBuffers buffers;
-  at::Tensor scalars;                   // (kStepColumns,) float32: the step's row of the table
+  at::Tensor registers;                 // (kRegisters, N, C, h, w) float32: the sampler's state (sampling.h)
+  at::Tensor noise;                     // (N, C, h, w) float32: the evaluation's fresh noise
+  at::Tensor scalars;                   // (kEvalColumns,) float32: the evaluation's row of the table
   at::Tensor context, pooled, time_ids;  // (2N, 77, D), SDXL (2N, P), (2N, 6); the engine's dtype
   at::Tensor extra;                     // inpainting: (2N, 1 + C, h, w) mask and masked-image latents
   // The ControlNets this graph runs (one step graph per set of active ControlNets): their control
@@ -213,11 +215,25 @@ Call *find_call(GraphCache &cache, const std::string &key) {
 
 }  // namespace
 
-std::pair<at::Tensor, at::Tensor> Model::encode_text(const std::vector<std::string> &prompts, Instance &inst) const {
+std::pair<at::Tensor, at::Tensor> Model::encode_text(const std::vector<std::string> &prompts, bool a1111,
+                                                     Instance &inst) const {
+  std::vector<float> weights;  // A1111's syntax: each id's weight (the first tokenizer's windows)
   auto encode = [&](const Network &net, const Tokenizer &tokenizer, int64_t dim, int64_t pooled_dim) {
     std::vector<int64_t> ids;
+    bool first = weights.empty();
     for (const auto &p : prompts) {
-      auto row = tokenizer.encode_padded(p);
+      std::vector<int64_t> row;
+      if (a1111) {
+        std::vector<PromptWindow> windows = chunk_prompt(tokenizer, p);
+        if (windows.size() > 1)
+          throw InvalidArgument("prompt_syntax a1111: the prompt needs " + std::to_string(windows.size()) +
+                                " windows of 75 tokens (a longer prompt, or BREAK) but this engine's UNet takes one "
+                                "77-token context");
+        row = windows[0].ids;
+        if (first) weights.insert(weights.end(), windows[0].weights.begin(), windows[0].weights.end());
+      } else {
+        row = tokenizer.encode_padded(p);
+      }
       ids.insert(ids.end(), row.begin(), row.end());
     }
     int64_t batch = static_cast<int64_t>(prompts.size()), length = tokenizer.max_length();
@@ -241,10 +257,17 @@ std::pair<at::Tensor, at::Tensor> Model::encode_text(const std::vector<std::stri
     return std::make_pair(call->hidden.clone(), call->pooled.defined() ? call->pooled.clone() : at::Tensor());
   };
   at::Tensor context = encode(*text_encoder_, tokenizer_, info_.text_dim, 0).first;  // (B, 77, D)
+  // A1111's "Original" emphasis, on each encoder's output on its own
+  auto emphasis = [&](const at::Tensor &hidden) {
+    if (!a1111) return hidden;
+    at::Tensor w = at::tensor(weights, at::kFloat).reshape({hidden.size(0), hidden.size(1)});
+    return apply_emphasis(hidden, w);
+  };
+  context = emphasis(context);
   if (!info_.sdxl) return {context, at::Tensor()};
   // SDXL: both encoders' hidden states side by side; the second's pooled (projected) output.
   auto [context_2, pooled] = encode(*text_encoder_2_, *tokenizer_2_, info_.text_dim_2, info_.pooled_dim);
-  return {at::cat({context, context_2}, -1), pooled};  // (B, 77, D1 + D2), (B, P)
+  return {at::cat({context, emphasis(context_2)}, -1), pooled};  // (B, 77, D1 + D2), (B, P)
 }
 
 at::Tensor Model::encode_image(const at::Tensor &image, std::vector<at::Generator> &generators, Instance &inst) const {
@@ -293,7 +316,13 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
   if (std::max(h, w) > static_cast<int64_t>(engine_.get_number("max_latent", 512)))
     throw InvalidArgument("size " + std::to_string(width) + "x" + std::to_string(height) + " exceeds the engine's maximum");
   int steps = p.steps ? p.steps : 30;
-  bool do_cfg = p.guidance_scale > 1.0f;
+  // Whose rules: the caller's, else diffusers' for the samplers of both vocabularies and A1111's
+  // for those only A1111 has (sdengine.samplers.conventions_for reads the spelling; here the
+  // caller's sde_sampler_parse did).
+  bool a1111 = p.conventions == SDE_CONVENTIONS_A1111 ||
+               (p.conventions == SDE_CONVENTIONS_DEFAULT && sampler >= SDE_SAMPLER_DPMPP_2M_SDE_HEUN);
+  // Guidance: diffusers skips it at a scale of 1 or below, A1111 only at exactly 1 (pipeline.Run.do_cfg).
+  bool do_cfg = a1111 ? p.guidance_scale != 1.0 : p.guidance_scale > 1.0;
   if (n * (do_cfg ? 2 : 1) > static_cast<int>(engine_.get_number("max_batch", 64)))
     throw InvalidArgument("batch_size " + std::to_string(n) + " exceeds the engine's maximum batch");
 
@@ -305,17 +334,36 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
   double strength = p.strength != SDE_STRENGTH_DEFAULT ? p.strength : inpaint ? 1.0 : 0.8;
   // Inpainting at strength 1 starts from pure noise, as diffusers' (is_strength_max).
   bool init_for_sampler = p.init_image && (!inpaint || strength < 1.0);
-  Plan plan = make_plan(sampler, p.schedule, steps, info.scheduler, init_for_sampler ? strength : 1.0);
-  StepPlan step_plan(plan, info.scheduler, p.eta);
+  if (!a1111) {
+    for (auto [name, set] : {std::pair<const char *, bool>{"subseed_strength", p.subseed_strength != 0},
+                             {"seed_resize_from_w", p.seed_resize_from_w != 0},
+                             {"eta_noise_seed_delta", p.eta_noise_seed_delta != 0}, {"rng", p.rng != SDE_RNG_CPU}})
+      if (set)
+        throw InvalidArgument(std::string(name) + " is one of A1111's seed options: it applies under A1111's rules "
+                              "(conventions a1111), not to diffusers' " + sde_sampler_name(sampler));
+  }
+  double plan_strength = init_for_sampler ? strength : 1.0;
+  Plan plan = a1111 ? make_a1111_plan(sampler, p.schedule, steps, info.scheduler, plan_strength, p.eta, info.sdxl)
+                    : make_plan(sampler, p.schedule, steps, info.scheduler, plan_strength);
+  Program program = make_program(plan, info.scheduler.prediction_type, p.eta > 0 ? p.eta : 0.0);
 
   // This request's instance, for its whole run: its networks, graphs and (CUDA) stream.
   HeldInstance held(*pool_);
   Instance &inst = *instances_[static_cast<size_t>(held.index())];
   std::shared_ptr<void> on_stream = inst.capturer->use_stream();
 
-  // -- text: [uncond, cond] -----------------------------------------------------------
+  // -- text: [uncond, cond] (A1111's syntax: <lora:> tags are the caller's to merge) ------------
+  if (p.prompt_syntax == SDE_PROMPT_SYNTAX_A1111)
+    for (const char *text : {p.prompt, p.negative_prompt}) {
+      std::vector<LoraTag> tags;
+      if (text) extract_lora_tags(text, &tags);
+      if (!tags.empty())
+        throw InvalidArgument("prompt_syntax a1111: <lora:" + tags[0].name + "> tags are not read by the C runtime; "
+                              "merge the LoRA with sde_model_set_loras and remove the tag");
+    }
   std::vector<std::string> prompts(static_cast<size_t>(n), p.prompt);
-  auto [context, pooled] = encode_text(prompts, inst);
+  bool a1111_syntax = p.prompt_syntax == SDE_PROMPT_SYNTAX_A1111;
+  auto [context, pooled] = encode_text(prompts, a1111_syntax, inst);
   if (do_cfg) {
     at::Tensor neg_context, neg_pooled;
     if (info.sdxl && !p.negative_prompt) {  // SDXL's force_zeros_for_empty_prompt
@@ -323,18 +371,20 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
       neg_pooled = at::zeros_like(pooled);
     } else {
       std::vector<std::string> negatives(static_cast<size_t>(n), p.negative_prompt ? p.negative_prompt : "");
-      std::tie(neg_context, neg_pooled) = encode_text(negatives, inst);
+      std::tie(neg_context, neg_pooled) = encode_text(negatives, a1111_syntax, inst);
     }
     context = at::cat({neg_context, context});  // (2N, 77, D)
     if (info.sdxl) pooled = at::cat({neg_pooled, pooled});
   }
 
-  // -- initial state: one CPU generator per image, as torch.Generator().manual_seed(seed + i);
-  //    img2img draws each image's posterior sample before its noise (diffusers' order) --------
+  // -- initial state: one CPU generator per image, as torch.Generator().manual_seed(seed + i)
+  //    (A1111's variation seeds: every image keeps the seed); img2img draws each image's
+  //    posterior sample before its noise (diffusers' order) -----------------------------------
+  bool variation = a1111 && p.subseed_strength != 0;
   std::vector<at::Generator> generators;
   for (int i = 0; i < n; ++i) {
-    seeds.push_back(p.seed + static_cast<uint64_t>(i));
-    generators.push_back(at::make_generator<at::CPUGeneratorImpl>(p.seed + static_cast<uint64_t>(i)));
+    seeds.push_back(p.seed + (variation ? 0 : static_cast<uint64_t>(i)));
+    generators.push_back(at::make_generator<at::CPUGeneratorImpl>(seeds.back()));
   }
   at::Tensor image;  // (1, 3, H, W) in [-1, 1], as the Python pipeline: x / 255 * 2 - 1 in float32
   if (p.init_image) {
@@ -342,12 +392,43 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
     image = (pixels.permute({0, 3, 1, 2}).to(at::kFloat) / 255) * 2 - 1;
   }
   at::Tensor init_latents = init_for_sampler ? encode_image(image, generators, inst) : at::Tensor();
+  // The sampler's draws: diffusers' from the generators, A1111's from its per-image generators
+  // (rng.ImageNoise: variation seed, seed resizing, ENSD, its sources).
+  std::unique_ptr<ImageNoise> image_noise;
+  if (a1111) {
+    SeedOptions o;
+    o.seeds = seeds;
+    if (variation)
+      for (int i = 0; i < n; ++i) o.subseeds.push_back(p.subseed + static_cast<uint64_t>(i));
+    o.subseed_strength = p.subseed_strength;
+    o.resize_w = p.seed_resize_from_w, o.resize_h = p.seed_resize_from_h;
+    o.ensd = p.eta_noise_seed_delta;
+    o.philox = p.rng == SDE_RNG_NV;
+    o.downscale = info.downscale;
+    image_noise = std::make_unique<ImageNoise>(o, std::vector<int64_t>{info.latent_channels, h, w});
+  }
+  std::unique_ptr<BrownianNoise> brownian;
+  if (plan.brownian) {  // A1111's SDE samplers: over the plan's positive sigmas
+    double lo = 0, hi = 0;
+    for (double s : plan.sigmas)
+      if (s > 0) lo = lo == 0 ? s : std::min(lo, s), hi = std::max(hi, s);
+    brownian = std::make_unique<BrownianNoise>(seeds, std::vector<int64_t>{info.latent_channels, h, w}, lo, hi);
+  }
   auto draw_noise = [&]() {
+    if (image_noise) return image_noise->next().to(device_);
     std::vector<at::Tensor> parts;
     for (auto &g : generators) parts.push_back(at::randn({1, info.latent_channels, h, w}, g, at::kFloat));
-    return at::cat(parts);  // (N, C, h, w) on the CPU
+    return at::cat(parts).to(device_);  // (N, C, h, w)
   };
-  at::Tensor start = initial_state(plan, draw_noise().to(device_), init_latents);
+  at::Tensor start_noise;
+  if (p.latents_in) {
+    start_noise = at::from_blob(const_cast<float *>(p.latents_in), {n, info.latent_channels, h, w}, at::kFloat).clone();
+    if (!at::isfinite(start_noise).all().item<bool>()) throw InvalidArgument("latents_in must hold finite numbers");
+    start_noise = start_noise.to(device_);
+  } else {
+    start_noise = image_noise ? image_noise->first().to(device_) : draw_noise();
+  }
+  at::Tensor start = initial_state(plan, start_noise, init_latents);
   // Inpainting: the UNet also reads the mask and the masked image's latents (drawn after the noise).
   at::Tensor extra_channels;
   if (inpaint) {
@@ -379,19 +460,18 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
     if (do_cfg && !guess) cond = at::cat({cond, cond});  // [uncond, cond] rows, as the UNet batch
     controls.push_back({&cn, cond.to(device_, dtype_).contiguous(), c.scale, c.start, c.end, guess});
   }
-  const int evaluations = static_cast<int>(step_plan.steps());  // steps, or steps + 1 for PNDM
+  const int loop_steps = program.steps;  // progress calls (PLMS: steps + 1; Heun: one per pair of evaluations)
   // diffusers' controlnet_keep: step i of n runs a ControlNet unless i / n < start or (i + 1) / n > end
   auto active_at = [&](int i) {
     std::vector<bool> on;
     for (const auto &c : controls)
-      on.push_back(!(static_cast<double>(i) / evaluations < c.start || static_cast<double>(i + 1) / evaluations > c.end));
+      on.push_back(!(static_cast<double>(i) / loop_steps < c.start || static_cast<double>(i + 1) / loop_steps > c.end));
     return on;
   };
 
-  // -- the loop: one cached step per (batch, guidance, latent size, sampler, active ControlNets) --
-  const StepKind &kind = step_plan.kind();
-  std::string base_key = std::to_string(n) + (do_cfg ? "x2:" : ":") + std::to_string(h) + "x" + std::to_string(w) +
-                         ":" + sde_sampler_name(kind.sampler);
+  // -- the loop: one cached evaluation graph per (batch, guidance, latent size, active ControlNets),
+  //    whatever the sampler: its numbers are rows of the program's table ---------------------
+  std::string base_key = std::to_string(n) + (do_cfg ? "x2:" : ":") + std::to_string(h) + "x" + std::to_string(w);
   auto make_step = [&](const std::vector<bool> &active) {
     std::string key = base_key;
     for (size_t k = 0; k < controls.size(); ++k)
@@ -402,11 +482,9 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
     if (step) return step;
     auto made = std::make_unique<StepCall>();
     auto f32 = at::TensorOptions().dtype(at::kFloat).device(device_);
-    auto latent = [&] { return at::zeros({n, info.latent_channels, h, w}, f32); };
-    StepBuffers &b = made->buffers;
-    b.x = latent(), b.noise = latent(), b.x_next = latent(), b.remembered = latent();
-    b.h1 = latent(), b.h2 = latent(), b.h3 = latent(), b.start = latent();
-    made->scalars = at::zeros({kStepColumns}, f32);
+    made->registers = at::zeros({kRegisters, n, info.latent_channels, h, w}, f32);
+    made->noise = at::zeros({n, info.latent_channels, h, w}, f32);
+    made->scalars = at::zeros({kEvalColumns}, f32);
     made->context = at::empty(context.sizes(), context.options().dtype(dtype_));
     if (info.sdxl) {
       made->pooled = at::empty(pooled.sizes(), pooled.options().dtype(dtype_));
@@ -421,9 +499,8 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
       made->control_scales.push_back(at::zeros({}, f32));
       made->guess_mode.push_back(controls[k].guess_mode);
     }
-    made->fn = [this, c = made.get(), kind, do_cfg, inpaint, index = inst.index] {
-      const StepBuffers &b = c->buffers;
-      at::Tensor x_in = step_model_input(b.x, c->scalars);
+    made->fn = [this, c = made.get(), do_cfg, inpaint, index = inst.index] {
+      at::Tensor x_in = eval_model_input(c->registers, c->scalars);
       at::Tensor x_batch = do_cfg ? at::cat({x_in, x_in}) : x_in;  // (2N, C, h, w)
       at::Tensor latents_in = x_batch.to(dtype_).contiguous();      // what a ControlNet reads
       if (inpaint) x_batch = at::cat({x_batch.to(dtype_), c->extra}, 1);  // (2N, 2C + 1, h, w)
@@ -456,11 +533,13 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
         for (auto &r : residuals) inputs.push_back(r.contiguous());
         out = c->controlnets.front()->unet(inputs, index).to(at::kFloat);
       }
+      at::Tensor uncond = out;
       if (do_cfg) {
         auto halves = out.chunk(2);
+        uncond = halves[0];
         out = halves[0] + (halves[1] - halves[0]) * c->scalars[kColGuidance];  // uncond + scale * (cond - uncond)
       }
-      step_update(kind, b, out, c->scalars);
+      eval_update(c->registers, out, uncond, c->noise, c->scalars);
     };
     return static_cast<StepCall *>(inst.step->insert(key, std::move(made)));
   };
@@ -481,43 +560,58 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
       step->control_images[j].copy_(c.image);
       step->control_scales[j].fill_(c.scale);
     }
-    StepBuffers &b = step->buffers;
     if (from) {
-      const StepBuffers &f = from->buffers;
-      for (auto [to, source] : {std::pair<at::Tensor *, const at::Tensor *>{&b.x, &f.x}, {&b.noise, &f.noise},
-                                {&b.x_next, &f.x_next}, {&b.remembered, &f.remembered}, {&b.h1, &f.h1},
-                                {&b.h2, &f.h2}, {&b.h3, &f.h3}, {&b.start, &f.start}})
-        to->copy_(*source);
+      step->registers.copy_(from->registers);
     } else {
-      b.x.copy_(start);
-      for (at::Tensor *history : {&b.h1, &b.h2, &b.h3}) history->zero_();
+      step->registers.zero_();
+      step->registers[0].copy_(start);
     }
   };
-  at::Tensor table = step_plan.table(p.guidance_scale).to(device_);  // (steps, kStepColumns)
 
   StepCall *step = nullptr;
-  for (int i = 0; i < evaluations; ++i) {
-    StepCall *want = make_step(active_at(i));
+  int steps_done = 0;
+  auto run_eval = [&](const Eval &e, const at::Tensor &row) {
+    StepCall *want = make_step(active_at(std::min(steps_done, loop_steps - 1)));
     if (want != step) {
       enter(want, step);
       step = want;
     }
-    StepBuffers &b = step->buffers;
-    if (step_plan.draws_noise(static_cast<size_t>(i))) b.noise.copy_(draw_noise());
-    step->scalars.copy_(table[i]);
-    step_plan.before(static_cast<size_t>(i), b);
+    if (e.lift != 0) step->registers[0].add_(draw_noise(), e.lift);  // A1111's Restart: noise lifts x first
+    if (e.noise == NoiseKind::Draw) step->noise.copy_(draw_noise());
+    if (e.noise == NoiseKind::Brownian) step->noise.copy_((*brownian)(e.noise_from, e.noise_to));
+    step->scalars.copy_(row);
     inst.step->run(*step);
-    step_plan.after(static_cast<size_t>(i), b);
-    if (p.progress && p.progress(p.progress_user, i + 1, evaluations) != 0)
-      throw Cancelled("cancelled by the progress callback at step " + std::to_string(i + 1));
-    if (p.latents) {
-      at::Tensor now = step_plan.latents(b.x, static_cast<size_t>(i)).to(at::kCPU).contiguous();
-      int64_t shape[4] = {now.size(0), now.size(1), now.size(2), now.size(3)};
-      if (p.latents(p.latents_user, i + 1, evaluations, now.data_ptr<float>(), shape) != 0)
-        throw Cancelled("cancelled by the latents callback at step " + std::to_string(i + 1));
+  };
+  auto end_steps = [&](int count, int latents_register, double scale) {
+    for (int k = 0; k < count; ++k) {
+      ++steps_done;
+      if (p.progress && p.progress(p.progress_user, steps_done, loop_steps) != 0)
+        throw Cancelled("cancelled by the progress callback at step " + std::to_string(steps_done));
+      if (p.latents) {
+        at::Tensor state = step->registers[k == 0 ? latents_register : 0];
+        at::Tensor now = (scale != 1.0 ? state * scale : state).to(at::kCPU).contiguous();
+        int64_t shape[4] = {now.size(0), now.size(1), now.size(2), now.size(3)};
+        if (p.latents(p.latents_user, steps_done, loop_steps, now.data_ptr<float>(), shape) != 0)
+          throw Cancelled("cancelled by the latents callback at step " + std::to_string(steps_done));
+      }
+    }
+  };
+  if (program.adaptive) {  // DPM adaptive: evaluations decided by its step-size controller as it goes
+    step = make_step(active_at(0));
+    enter(step, nullptr);
+    run_adaptive(plan, info.scheduler.prediction_type, step->registers,
+                 [&](const Eval &e) { run_eval(e, eval_row(e, p.guidance_scale).to(device_)); }, draw_noise);
+    end_steps(1, 0, 1.0);
+  } else {
+    at::Tensor table = program_table(program.evals, p.guidance_scale).to(device_);  // (evaluations, kEvalColumns)
+    for (size_t k = 0; k < program.evals.size(); ++k) {
+      const Eval &e = program.evals[k];
+      run_eval(e, table[static_cast<int64_t>(k)]);
+      end_steps(e.steps_ended, e.latents_register, e.latents_scale);
     }
   }
-  at::Tensor latents = step_plan.latents(step->buffers.x, static_cast<size_t>(evaluations - 1));
+  double final_scale = plan.is_sigma_sampler() && plan.vp_latents ? std::pow(1 + std::pow(plan.sigmas.back(), 2), -0.5) : 1.0;
+  at::Tensor latents = step->registers[0] * final_scale;
 
   // -- decode -------------------------------------------------------------------------
   at::Tensor z = latents / info.scaling_factor;

@@ -109,6 +109,8 @@ class Model {
   // Add a textual-inversion token to the tokenizer(s) and the engine's added-token tables;
   // returns the token (`token`, or the file's when empty).
   std::string load_embedding(const std::string &path, const std::string &token);
+  // Teach the tokenizer(s) a token whose vectors the caller wrote into the added-token tables.
+  void add_token(const std::string &token, const std::vector<int32_t> &ids, const std::vector<int32_t> &ids_2);
 
  private:
   WeightMap weights_;  // "<component>/<key>": the tensors handed to the networks (shared, not copied)
@@ -131,7 +133,9 @@ class Model {
   at::Tensor *weight(const std::string &component_key);
 
   // -> (context (B, 77, D), pooled (B, P); undefined unless SDXL), float32 on the device.
-  std::pair<at::Tensor, at::Tensor> encode_text(const std::vector<std::string> &prompts, Instance &inst) const;
+  // a1111: the prompts in A1111's syntax (one 75-token window each, emphasis applied).
+  std::pair<at::Tensor, at::Tensor> encode_text(const std::vector<std::string> &prompts, bool a1111,
+                                                Instance &inst) const;
   // Scaled latents of an image (1, 3, H, W) in [-1, 1]: one posterior sample per generator
   // (diffusers' retrieve_latents(sample_mode="sample")). -> (N, C, h, w) on the device.
   at::Tensor encode_image(const at::Tensor &image, std::vector<at::Generator> &generators, Instance &inst) const;

@@ -12,6 +12,7 @@
 
 #include "controlnet.h"
 #include "errors.h"
+#include "infotext.h"
 #include "json.h"
 #include "model.h"
 #include "names.h"
@@ -129,6 +130,24 @@ sde_status sde_schedule_from_str(const char *name, sde_schedule *schedule) {
   });
 }
 
+sde_status sde_sampler_parse(const char *name, sde_sampler *sampler, sde_schedule *schedule, sde_conventions *conventions) {
+  return guarded("sde_sampler_parse", [&] {
+    SDE_REQUIRE(name, "name is NULL");
+    SDE_REQUIRE(sampler, "sampler is NULL");
+    sde::parse_sampler(name, sampler, schedule, conventions);
+  });
+}
+
+sde_status sde_schedule_parse(const char *name, sde_conventions conventions, sde_schedule *schedule) {
+  return guarded("sde_schedule_parse", [&] {
+    SDE_REQUIRE(name, "name is NULL");
+    SDE_REQUIRE(schedule, "schedule is NULL");
+    SDE_REQUIRE(conventions >= 0 && conventions < SDE_CONVENTIONS_COUNT,
+                "conventions out of range: " + std::to_string(static_cast<int>(conventions)));
+    *schedule = sde::parse_schedule(name, conventions);
+  });
+}
+
 void sde_model_params_init(sde_model_params *params) {
   if (!params) return;
   std::memset(params, 0, sizeof(*params));
@@ -222,7 +241,7 @@ void sde_gen_params_init(sde_gen_params *params) {
   params->batch_size = 1;
   params->sampler = SDE_SAMPLER_DEFAULT;
   params->schedule = SDE_SCHEDULE_DEFAULT;
-  params->eta = 0.0;
+  params->eta = SDE_ETA_DEFAULT;
   params->progress = nullptr;
   params->progress_user = nullptr;
   params->init_image = nullptr;
@@ -232,6 +251,14 @@ void sde_gen_params_init(sde_gen_params *params) {
   params->latents_user = nullptr;
   params->controls = nullptr;
   params->control_count = 0;
+  params->conventions = SDE_CONVENTIONS_DEFAULT;
+  params->latents_in = nullptr;
+  params->subseed = 0;
+  params->subseed_strength = 0.0;
+  params->seed_resize_from_w = params->seed_resize_from_h = 0;
+  params->eta_noise_seed_delta = 0;
+  params->rng = SDE_RNG_CPU;
+  params->prompt_syntax = SDE_PROMPT_SYNTAX_PLAIN;
 }
 
 sde_status sde_model_generate(sde_model *model, const sde_gen_params *params, sde_image **images, int *count) {
@@ -264,7 +291,24 @@ sde_status sde_model_generate(sde_model *model, const sde_gen_params *params, sd
                 "sampler out of range: " + std::to_string(static_cast<int>(p.sampler)));
     SDE_REQUIRE(p.schedule >= 0 && p.schedule < SDE_SCHEDULE_COUNT,
                 "schedule out of range: " + std::to_string(static_cast<int>(p.schedule)));
-    SDE_REQUIRE(std::isfinite(p.eta) && p.eta >= 0, "eta must be a finite number >= 0, got " + number(p.eta));
+    SDE_REQUIRE(p.eta == SDE_ETA_DEFAULT || (std::isfinite(p.eta) && p.eta >= 0),
+                "eta must be a finite number >= 0 (SDE_ETA_DEFAULT: the rules' default), got " + number(p.eta));
+    SDE_REQUIRE(p.conventions >= 0 && p.conventions < SDE_CONVENTIONS_COUNT,
+                "conventions out of range: " + std::to_string(static_cast<int>(p.conventions)));
+    SDE_REQUIRE(p.rng >= 0 && p.rng < SDE_RNG_COUNT, "rng out of range: " + std::to_string(static_cast<int>(p.rng)));
+    SDE_REQUIRE(p.prompt_syntax >= 0 && p.prompt_syntax < SDE_PROMPT_SYNTAX_COUNT,
+                "prompt_syntax out of range: " + std::to_string(static_cast<int>(p.prompt_syntax)));
+    SDE_REQUIRE(std::isfinite(p.subseed_strength) && p.subseed_strength >= 0 && p.subseed_strength <= 1,
+                "subseed_strength must be a number in [0, 1], got " + number(p.subseed_strength));
+    SDE_REQUIRE(p.subseed_strength == 0 || p.subseed <= UINT64_MAX - static_cast<uint64_t>(p.batch_size - 1),
+                "subseed must be an integer in [0, 2**64 - 1] (image i gets subseed + i), got " + std::to_string(p.subseed));
+    for (auto [name, value] : {std::pair<const char *, int>{"seed_resize_from_w", p.seed_resize_from_w},
+                               {"seed_resize_from_h", p.seed_resize_from_h}})
+      SDE_REQUIRE(value >= 0 && value <= kMaxSide && value % 8 == 0,
+                  std::string(name) + " must be a multiple of 8 in [0, " + std::to_string(kMaxSide) + "] (0: off), got " +
+                      std::to_string(value));
+    SDE_REQUIRE((p.seed_resize_from_w == 0) == (p.seed_resize_from_h == 0),
+                "seed_resize_from_w and seed_resize_from_h must both be set (or both 0)");
     SDE_REQUIRE(!p.mask_image || p.init_image, "mask_image needs init_image: the image to inpaint");
     // ControlNets: the same rules and words as sdengine/controlnet.py's Control.check
     SDE_REQUIRE(p.control_count >= 0 && p.control_count <= 8,
@@ -302,8 +346,7 @@ sde_status sde_model_generate(sde_model *model, const sde_gen_params *params, sd
     if (sampler == SDE_SAMPLER_DEFAULT) {
       sampler = info.default_sampler;
       SDE_REQUIRE(sampler != SDE_SAMPLER_DEFAULT,
-                  "the model's default sampler '" + info.default_sampler_name +
-                      "' is not implemented by the native runtime; set sampler to euler, euler_a, ddim, dpmpp_2m or pndm");
+                  "the model's default sampler '" + info.default_sampler_name + "' is not a sampler sdengine knows; set sampler");
     }
     std::vector<uint64_t> seeds;
     at::Tensor pixels;  // (N, H, W, 3) uint8
@@ -431,3 +474,45 @@ sde_status sde_tokenizer_encode(const sde_tokenizer *tokenizer, const char *text
 }
 
 }  // extern "C"
+
+sde_status sde_model_add_token(sde_model *model, const char *token, const int32_t *ids, int count, const int32_t *ids_2,
+                               int count_2) {
+  return guarded("sde_model_add_token", [&] {
+    SDE_REQUIRE(model, "model is NULL");
+    SDE_REQUIRE(token, "token is NULL");
+    SDE_REQUIRE(ids && count > 0, "ids must hold count > 0 ids");
+    SDE_REQUIRE((ids_2 == nullptr) == (count_2 == 0) && count_2 >= 0, "ids_2 and count_2 must be given together");
+    check_utf8(token, "token");
+    model->impl->add_token(token, std::vector<int32_t>(ids, ids + count),
+                           ids_2 ? std::vector<int32_t>(ids_2, ids_2 + count_2) : std::vector<int32_t>());
+  });
+}
+
+struct sde_infotext {
+  sde::Infotext info;
+};
+
+sde_status sde_gen_params_from_infotext(const char *text, sde_gen_params *params, sde_infotext **info) {
+  if (info) *info = nullptr;
+  return guarded("sde_gen_params_from_infotext", [&] {
+    SDE_REQUIRE(text, "text is NULL");
+    SDE_REQUIRE(params, "params is NULL");
+    SDE_REQUIRE(info, "info is NULL");
+    check_utf8(text, "text");
+    auto parsed = std::make_unique<sde_infotext>();
+    parsed->info = sde::parse_infotext(text);
+    sde_gen_params out = *params;
+    sde::infotext_params(parsed->info, &out);  // all or nothing: *params changes only on success
+    *params = out;
+    *info = parsed.release();
+  });
+}
+
+const char *sde_infotext_field(const sde_infotext *info, const char *key) {
+  if (!info || !key) return nullptr;
+  for (const auto &field : info->info.fields)
+    if (field.first == key) return field.second.c_str();
+  return nullptr;
+}
+
+void sde_infotext_free(sde_infotext *info) { delete info; }

@@ -397,6 +397,20 @@ bool Tokenizer::has_token(const std::string &token) const {
 
 std::vector<int32_t> Tokenizer::tokens(const std::string &prompt) const {
   if (added_.empty()) return tokens_without_added(prompt);
+  std::vector<int32_t> out;
+  for (const auto &unit : pieces(prompt)) out.insert(out.end(), unit.first.begin(), unit.first.end());
+  return out;
+}
+
+std::vector<std::pair<std::vector<int32_t>, bool>> Tokenizer::pieces(const std::string &prompt) const {
+  std::vector<std::pair<std::vector<int32_t>, bool>> out;
+  auto bpe = [&](const std::string &text) {
+    for (int32_t id : tokens_without_added(text)) out.push_back({{id}, false});
+  };
+  if (added_.empty()) {
+    bpe(prompt);
+    return out;
+  }
   // Added tokens (textual inversion) first, in the raw prompt: leftmost, longest first, ASCII
   // letters in any case (sdengine/tokenizer.py matches them case-insensitively too).
   std::vector<const std::pair<const std::string, std::vector<int32_t>> *> added;
@@ -408,7 +422,6 @@ std::vector<int32_t> Tokenizer::tokens(const std::string &prompt) const {
       if (std::tolower(static_cast<unsigned char>(prompt[at + k])) != static_cast<unsigned char>(token[k])) return false;
     return true;
   };
-  std::vector<int32_t> out;
   size_t start = 0, i = 0;
   while (i < prompt.size()) {
     const std::pair<const std::string, std::vector<int32_t>> *hit = nullptr;
@@ -421,18 +434,12 @@ std::vector<int32_t> Tokenizer::tokens(const std::string &prompt) const {
       ++i;
       continue;
     }
-    if (i > start) {
-      std::vector<int32_t> piece = tokens_without_added(prompt.substr(start, i - start));
-      out.insert(out.end(), piece.begin(), piece.end());
-    }
-    out.insert(out.end(), hit->second.begin(), hit->second.end());
+    if (i > start) bpe(prompt.substr(start, i - start));
+    out.push_back({hit->second, true});
     i += hit->first.size();
     start = i;
   }
-  if (start < prompt.size()) {
-    std::vector<int32_t> piece = tokens_without_added(prompt.substr(start));
-    out.insert(out.end(), piece.begin(), piece.end());
-  }
+  if (start < prompt.size()) bpe(prompt.substr(start));
   return out;
 }
 

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace sde {
@@ -23,6 +24,9 @@ class Tokenizer {
 
   // The ids of one prompt (BPE, and added tokens): no BOS / EOS, no truncation.
   std::vector<int32_t> tokens(const std::string &prompt) const;
+  // The same as units that stay together (sdengine.tokenizer.pieces): each BPE id alone, each
+  // added token with all its ids (the flag: an added token).
+  std::vector<std::pair<std::vector<int32_t>, bool>> pieces(const std::string &prompt) const;
   // Reads `token` in a prompt (ASCII letters in any case) as `ids` (textual inversion).
   void add_token(const std::string &token, const std::vector<int32_t> &ids);
   // Whether `token` already means something: a vocabulary entry (word or piece) or an added token.

@@ -31,7 +31,6 @@ from .aoti import EngineWeights
 log = logging.getLogger("sdengine")
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int64: 3}  # sde_dtype
-SAMPLERS = ("euler", "euler_a", "ddim", "dpmpp_2m", "pndm")  # those the C++ loop runs (csrc/src/sampling.cpp)
 _WHOLE_REQUESTS = ("the native backend runs whole requests in the C++ loop (run_request), not network calls one by "
                    "one; backend='aoti' runs the same compiled networks one call at a time")
 
@@ -48,7 +47,14 @@ class NativeBackend(EngineWeights):
 
     def __init__(self, config: ModelConfig, text_encoder, unet, vae, text_encoder_2=None, *, engine_dir=None,
                  progress: bool = True, max_concurrency: int = 0, max_graphs: int = 0):
+        from ..embeddings import reserve_added_tokens
+
+        # The text encoders' added-token tables exist before the engine takes the weights, so that the
+        # C++ loop reads the tables load_embedding writes (no copy).
+        reserve_added_tokens({"text_encoder": text_encoder, "text_encoder_2": text_encoder_2})
         super().__init__(config, text_encoder, unet, vae, text_encoder_2, engine_dir=engine_dir, progress=progress)
+        self._taught: set = set()  # textual-inversion tokens the C++ tokenizers know
+        self._controlnets: dict = {}  # ControlNet path -> sdengine._C.ControlNet
         self.has_text_encoder_2 = text_encoder_2 is not None
         self.max_concurrency, self.max_graphs = max_concurrency, max_graphs
         self._native = None
@@ -92,10 +98,12 @@ class NativeBackend(EngineWeights):
 
         on_step(step_index, latents or None) after every step (raises to cancel); latents are
         diffusers' latents after the step when the request has a callback (they come to the host
-        every step). One C++ request runs one prompt and negative prompt (plain text, up to 75
-        tokens of the checkpoint's vocabulary) for images of consecutive seeds from one init image:
+        every step). One C++ request runs one prompt and negative prompt (plain text, or A1111's syntax
+        within one 75-token window; textual-inversion tokens included) for images of consecutive seeds
+        from one init image and control image:
         images that differ (a batching server's) run as one C++ request per run of consecutive
-        images, and on_step then counts each run's steps. Samplers: SAMPLERS. Anything else is a
+        images, and on_step then counts each run's steps. Every sampler and schedule of both rules runs;
+        ControlNets loaded from files run in C++. Anything else is a
         ValueError that says so and names backend="aoti", which runs the same engine from the
         Python loop."""
         r = run.request
@@ -106,25 +114,15 @@ class NativeBackend(EngineWeights):
             raise ValueError(f"the native backend runs requests in the C++ loop, which has no {what}; "
                              f"backend='aoti' runs the same compiled networks from the Python loop")
 
-        if sampler not in SAMPLERS:
-            refuse(f"sampler {sampler!r} (it has {', '.join(SAMPLERS)})")
-        if run.plan.conventions == "a1111":
-            refuse("A1111's sampler conventions (its sigmas, noise and seeds)")
-        scheduler = self.config.scheduler
-        effective = scheduler.for_sampler(sampler)
-        defaulted = [k for k in _CPP_SCHEDULER_KEYS if _cpp_value(effective, k) != _cpp_value(scheduler, k)]
-        if defaulted:
-            refuse(f"diffusers' {sampler} defaults for the scheduler-config keys the checkpoint lacks "
-                   f"({', '.join(f'{k}={getattr(effective, k)!r}' for k in defaulted)})")
+        if run.plan.conventions == "a1111" and r.rng == "gpu":
+            refuse("rng='gpu' (CUDA's generator); rng='nv' draws the same numbers on any device")
         if r.clip_skip is not None:
             refuse("clip_skip")
-        if r.latents is not None:
-            refuse("explicit initial latents")
         if r.output_type == "latent":
             refuse("output_type='latent'")
         if r.vae_tiling:
             refuse("tiled VAE decode")
-        if r.eta and sampler != "ddim":
+        if r.eta and sampler != "ddim" and run.plan.conventions != "a1111":
             refuse(f"eta for {sampler}")
         if r.hires is not None:
             refuse("hires fix (a second pass on upscaled latents)")
@@ -133,11 +131,12 @@ class NativeBackend(EngineWeights):
         if r.ip_adapter_image:
             refuse("IP-Adapter")
         texts = sorted(set(prompts) | set(negatives))
-        if r.prompt_syntax == "a1111" and not all(_plain_a1111(tokenizer, text) for text in texts):
-            refuse("A1111 prompt syntax (emphasis, BREAK, prompts over 75 tokens)")
-        for tok in (tokenizer, tokenizer_2):
-            if tok is not None and int(tok(texts).max()) >= self.engine_vocab_size():
-                refuse("textual-inversion tokens (its tokenizer and engine have the checkpoint's vocabulary)")
+        if r.prompt_syntax == "a1111":
+            from .. import prompt_syntax
+
+            if prompt_syntax.count_windows(tokenizer, texts) > 1:
+                refuse("A1111 prompts over one 75-token window (longer prompts, BREAK): its engine's UNet takes "
+                       "77-token contexts")
         # init image (N, 3, H, W) in [-1, 1] and mask (N, 1, H, W) in {0, 1}, at the request's size,
         # as the bytes the C API reads
         init_bytes = [None] * len(seeds) if image is None else [
@@ -145,17 +144,33 @@ class NativeBackend(EngineWeights):
             for im in image]
         mask_bytes = [None] * len(seeds) if mask is None else [
             (m[0] * 255).to(torch.uint8).numpy().tobytes() for m in mask]
-        # runs of consecutive images that one C++ request makes: same texts and images, seeds + 1
+        control_images = [self._control_images(run, i) for i in range(len(run.request.controls))]
+        # runs of consecutive images that one C++ request makes: same texts and images, seeds + 1 (with A1111's
+        # variation seeds: the same seed, subseeds + 1)
+        subseeds = list(r.subseeds) if r.subseed_strength else []
+
+        def follows(i):
+            if subseeds:
+                return seeds[i] == seeds[i - 1] and subseeds[i] == subseeds[i - 1] + 1
+            return seeds[i] == seeds[i - 1] + 1
+
         runs = []
         for i in range(len(seeds)):
             same = runs and prompts[i] == prompts[runs[-1][0]] and negatives[i] == negatives[runs[-1][0]] and \
-                seeds[i] == seeds[i - 1] + 1 and init_bytes[i] == init_bytes[i - 1] and mask_bytes[i] == mask_bytes[i - 1]
+                follows(i) and init_bytes[i] == init_bytes[i - 1] and mask_bytes[i] == mask_bytes[i - 1] and \
+                all(images[i] == images[i - 1] for images in control_images)
             if same:
                 runs[-1][1] += 1
             else:
                 runs.append([i, 1])
 
         model = self.native_model(tokenizer, tokenizer_2)
+        for token, ids in tokenizer.added_tokens.items():  # textual inversion: teach the C++ tokenizers
+            if token not in self._taught:
+                model.add_token(token, list(ids), list(tokenizer_2.added_tokens[token]) if tokenizer_2 else [])
+                self._taught.add(token)
+        controls = [(self.controlnet_fn(controlnet), images, float(c.scale), float(c.start), float(c.end), bool(c.guess_mode))
+                    for c, controlnet, images in zip(r.controls, run.controlnets, control_images)]
         steps_seen = [0]
 
         def progress(step, total):
@@ -170,20 +185,63 @@ class NativeBackend(EngineWeights):
 
         from sdengine import _C
 
+        a1111_rules = run.plan.conventions == "a1111"
+        eta = float(run.plan.options.get("eta", 0.0)) if a1111_rules else float(r.eta or 0.0)
+        latents_in = None if r.latents is None else r.latents.detach().to("cpu", torch.float32).contiguous().numpy()
+        resize = r.seed_resize_from or (0, 0)
         images = []
         for first, count in runs:
             try:
                 results = model.generate(
                     prompts[first], negatives[first] if r.negative_prompt_given else None, r.width, r.height, r.steps,
-                    float(r.guidance_scale), int(seeds[first]), count, sampler, run.plan.schedule, float(r.eta or 0.0),
+                    float(r.guidance_scale), int(seeds[first]), count, sampler, run.plan.schedule, eta,
                     None if wants_latents else progress, init_bytes[first], r.strength if r.mode != "txt2img" else None,
-                    mask_bytes[first], latents=with_latents if wants_latents else None)
+                    mask_bytes[first], latents=with_latents if wants_latents else None,
+                    conventions=run.plan.conventions,
+                    latents_in=None if latents_in is None else latents_in[first:first + count],
+                    subseed=int(subseeds[first]) if subseeds else 0, subseed_strength=float(r.subseed_strength or 0.0),
+                    seed_resize_from_w=int(resize[0]), seed_resize_from_h=int(resize[1]),
+                    eta_noise_seed_delta=int(r.eta_noise_seed_delta or 0), rng=r.rng if a1111_rules else "cpu",
+                    prompt_syntax="a1111" if r.prompt_syntax == "a1111" else "plain",
+                    controls=[(cn, per_image[first], *rest) for cn, per_image, *rest in controls])
             except _C.Cancelled as e:  # a callback returned False (an exception it raised propagates as itself)
                 from ..errors import GenerationCancelled
 
                 raise GenerationCancelled(f"cancelled by the callback at step {steps_seen[0]}") from e
             images += [np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3) for data, w, h, _ in results]
         return np.stack(images)
+
+    def controlnet_fn(self, control):
+        """The C++ ControlNet (sdengine._C.ControlNet: sde_controlnet_load on the engine of
+        export/aoti_controlnet.py, found in the cache or built on first use) of a ControlNet loaded
+        from a file; run_request hands it to the C++ loop with its image, scale, steps and guess
+        mode. Before the first request (the pipeline's check) it only checks and builds the engine."""
+        controlnet = getattr(control, "controlnet", control)
+        path = getattr(controlnet, "path", None)
+        if path is None:
+            raise ValueError("the native backend runs ControlNets loaded from a file (a path, or "
+                             "sdengine.load_controlnet(path)); this one has none: backend='aoti' runs it")
+        key = str(path)
+        if key not in self._controlnets:
+            from sdengine.export import aoti_controlnet
+
+            engine = aoti_controlnet.controlnet_engine_for(self.config, controlnet.config, dtype=self.dtype,
+                                                           device=self.device, progress=self._progress)
+            if self._native is None:
+                return None  # loaded in C++ with the model, on the first request (run_request)
+            self._controlnets[key] = self._native.controlnet(key, str(engine))
+        return self._controlnets[key]
+
+    @staticmethod
+    def _control_images(run, index: int) -> list:
+        """The RGB bytes, at the request's size, of control `index` for each image (the bytes the C API reads)."""
+        from ..controlnet import prepare_image
+
+        r = run.request
+        control = r.controls[index]
+        image = prepare_image(control.image, r.width, r.height, r.n_images, 3, control.preprocess,
+                              f"control[{index}].image")  # (N, 3, H, W) in [0, 1]
+        return [(im.permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy().tobytes() for im in image]
 
     def encode_text(self, input_ids, input_ids_2=None, clip_skip=None):
         raise ValueError(_WHOLE_REQUESTS)
@@ -260,25 +318,3 @@ class NativeBackend(EngineWeights):
                                  batch_size, sampler, schedule, float(eta), progress, init_bytes,
                                  None if strength is None else float(strength), mask_bytes)
         return [np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3) for data, w, h, _ in results]
-
-
-# The scheduler-config fields the C++ loop reads (csrc/src/sampling.cpp SchedulerConfig::from_json).
-_CPP_SCHEDULER_KEYS = ("timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range", "set_alpha_to_one",
-                       "use_karras_sigmas", "use_exponential_sigmas", "final_sigmas_type", "skip_prk_steps")
-
-
-def _cpp_value(config, key: str):
-    """A scheduler-config value as the C++ loop reads it (a missing final_sigmas_type is "zero")."""
-    value = getattr(config, key)
-    return (value or "zero") if key == "final_sigmas_type" else value
-
-
-def _plain_a1111(tokenizer, text: str) -> bool:
-    """Whether an A1111-syntax prompt means what its plain text does: no emphasis, no BREAK, one
-    window of at most 75 tokens."""
-    from .. import prompt_syntax
-
-    pieces = prompt_syntax.parse_prompt_attention(text)
-    if any(weight != 1.0 for _, weight in pieces) or "".join(piece for piece, _ in pieces) != text:
-        return False
-    return len(tokenizer.tokens(text)) <= tokenizer.max_length - 2

@@ -254,3 +254,24 @@ def split_a1111_label(name: str):
         if name.endswith(" " + schedule) and a1111_sampler_label(name[: -len(schedule) - 1]):
             return a1111_sampler_label(name[: -len(schedule) - 1]), A1111_SCHEDULE_ALIASES[schedule]
     return name, None
+
+
+# ---------------------------------------------------------------------------
+# The C API's enums (csrc/include/sdengine.h: sde_sampler, sde_schedule), written from these by
+# csrc/tools/gen_sampler_names.py: every sampler of both vocabularies (NAMES' and A1111's) and
+# every schedule (under A1111's rules "default" is its Automatic and "ddim_uniform" its DDIM),
+# in the order of their enum values. Append only: a value's number is part of the C ABI.
+# ---------------------------------------------------------------------------
+
+C_SAMPLERS = ("euler", "euler_a", "ddim", "dpmpp_2m", "pndm", "lms", "heun", "dpm_2", "dpm_2_a", "dpmpp_2m_sde",
+              "dpmpp_sde", "dpmpp_3m_sde", "unipc", "lcm", "ddpm", "dpmpp_2m_sde_heun", "dpmpp_2s_a", "dpm_fast",
+              "dpm_adaptive", "restart", "ddim_cfgpp")
+C_SCHEDULES = ("default", "normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "uniform",
+               "polyexponential", "kl_optimal", "align_your_steps", "beta")
+# A1111's schedule names that the C enum spells otherwise
+C_A1111_SCHEDULE_NAMES = {"automatic": "default", "ddim": "ddim_uniform"}
+if set(C_SAMPLERS) != set(SAMPLERS) | {name for name, _ in A1111_SAMPLERS.values()} or len(set(C_SAMPLERS)) != len(C_SAMPLERS):
+    raise ValueError("names.py: C_SAMPLERS must list every sampler of NAMES and A1111_SAMPLERS once")
+if set(C_SCHEDULES) != set(SCHEDULES) | {C_A1111_SCHEDULE_NAMES.get(n, n) for n in A1111_SCHEDULES.values()} or \
+        len(set(C_SCHEDULES)) != len(C_SCHEDULES):
+    raise ValueError("names.py: C_SCHEDULES must list every schedule of NAMES and A1111_SCHEDULES once")

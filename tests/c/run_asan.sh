@@ -43,6 +43,8 @@ export LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$PWD/tests/c/lsan.supp:print_su
 export OMP_NUM_THREADS=1
 "$BUILD/sde_capi_test" args "$WORK/model" "$ENGINE" "$WORK/corrupt"
 "$BUILD/sde_capi_test" threads "$WORK/model" "$ENGINE" 4 2
+# Every sampler under both rules, one request each, then 8 threads mixing them on one model (equal to serial).
+"$BUILD/sde_capi_test" samplers "$WORK/model" "$ENGINE" 8
 "$BUILD/sde_capi_test" rss "$WORK/model" "$ENGINE" 20 100  # leaks: LeakSanitizer at exit, not RSS
 # 16 threads x 60 requests, a quarter cancelled at a random step: cancelled requests free everything.
 "$BUILD/sde_capi_test" soak "$WORK/model" "$ENGINE" 16 60 25

@@ -121,8 +121,17 @@ static int test_args(const char *model_dir, const char *engine_dir, const char *
   sde_schedule schedule = SDE_SCHEDULE_DEFAULT;
   expect_status(sde_sampler_from_str("no such sampler", &sampler, &schedule), SDE_ERR_INVALID_ARGUMENT,
                 "unknown sampler", "sampler_unknown");
-  expect_status(sde_sampler_from_str("heun", &sampler, &schedule), SDE_ERR_INVALID_ARGUMENT, "not implemented",
-                "sampler_not_native");
+  expect_status(sde_sampler_from_str("heun", &sampler, &schedule), SDE_OK, NULL, "sampler_heun");
+  expect(sampler == SDE_SAMPLER_HEUN, "sampler_heun_value", "heun did not give SDE_SAMPLER_HEUN");
+  sde_conventions conventions = SDE_CONVENTIONS_DEFAULT;
+  schedule = SDE_SCHEDULE_DEFAULT;
+  expect_status(sde_sampler_parse("DPM fast", &sampler, &schedule, &conventions), SDE_OK, NULL, "sampler_parse_a1111");
+  expect(sampler == SDE_SAMPLER_DPM_FAST && conventions == SDE_CONVENTIONS_A1111, "sampler_parse_a1111_value",
+         "DPM fast did not give dpm_fast under A1111's rules");
+  expect_status(sde_schedule_parse("Align Your Steps", SDE_CONVENTIONS_A1111, &schedule), SDE_OK, NULL, "schedule_parse");
+  expect(schedule == SDE_SCHEDULE_ALIGN_YOUR_STEPS, "schedule_parse_value", "Align Your Steps");
+  expect_status(sde_schedule_parse("Align Your Steps", SDE_CONVENTIONS_DIFFUSERS, &schedule), SDE_ERR_INVALID_ARGUMENT,
+                "unknown schedule", "schedule_parse_diffusers");
   expect_status(sde_sampler_from_str(NULL, &sampler, &schedule), SDE_ERR_INVALID_ARGUMENT, "name is NULL",
                 "sampler_null");
   expect_status(sde_sampler_from_str("DPM++ 2M Karras", &sampler, &schedule), SDE_OK, NULL, "sampler_a1111");
@@ -337,6 +346,114 @@ static int test_threads(const char *model_dir, const char *engine_dir, int threa
   snprintf(why, sizeof why, "%d of %d threaded results differ from the serial ones, %d threads failed", mismatches, jobs,
            errors);
   expect(mismatches == 0 && errors == 0, "threads_equal_serial", why);
+  for (int j = 0; j < jobs; ++j) free(serial[j]);
+  free(serial);
+  free(args);
+  free(ids);
+  sde_model_free(model);
+  return failures;
+}
+
+/* ---- every sampler: one request each, then 8 threads mixing them on one model ---- */
+
+typedef struct {
+  sde_sampler sampler;
+  sde_conventions conventions;
+  sde_schedule schedule;
+} sampler_case;
+
+static int sampler_cases(sampler_case *out) {
+  int n = 0;
+  for (int s = 0; s < SDE_SAMPLER_COUNT; ++s) {
+    /* diffusers' rules: the samplers of both vocabularies (A1111's own ones are A1111's only) */
+    if (s < SDE_SAMPLER_DPMPP_2M_SDE_HEUN) out[n++] = (sampler_case){(sde_sampler)s, SDE_CONVENTIONS_DIFFUSERS, SDE_SCHEDULE_DEFAULT};
+    /* A1111's rules: its 20 samplers (DDPM is not one of them) */
+    if (s != SDE_SAMPLER_DDPM)
+      out[n++] = (sampler_case){(sde_sampler)s, SDE_CONVENTIONS_A1111, s == SDE_SAMPLER_EULER ? SDE_SCHEDULE_BETA : SDE_SCHEDULE_DEFAULT};
+  }
+  return n;
+}
+
+static unsigned char *run_case(sde_model *model, const sampler_case *c, uint64_t seed, sde_status *status) {
+  sde_gen_params gp;
+  small_request(&gp, seed);
+  gp.steps = 4;
+  gp.sampler = c->sampler;
+  gp.schedule = c->schedule;
+  gp.conventions = c->conventions;
+  if (c->conventions == SDE_CONVENTIONS_A1111 && c->sampler == SDE_SAMPLER_EULER_A) {
+    gp.subseed = 3, gp.subseed_strength = 0.5, gp.eta_noise_seed_delta = 31337, gp.rng = SDE_RNG_NV;
+  }
+  sde_image *images = NULL;
+  int count = 0;
+  *status = sde_model_generate(model, &gp, &images, &count);
+  if (*status != SDE_OK) return NULL;
+  size_t bytes = (size_t)images[0].width * images[0].height * 3;
+  unsigned char *copy = malloc(bytes);
+  memcpy(copy, images[0].data, bytes);
+  sde_images_free(images, count);
+  return copy;
+}
+
+typedef struct {
+  sde_model *model;
+  sampler_case *cases;
+  int n_cases, first, count;
+  unsigned char *results[64];
+  sde_status status;
+} sampler_worker_arg;
+
+static void *sampler_worker(void *p) {
+  sampler_worker_arg *a = p;
+  a->status = SDE_OK;
+  for (int i = 0; i < a->count; ++i) {
+    int j = a->first + i;
+    sde_status s;
+    a->results[i] = run_case(a->model, &a->cases[j % a->n_cases], (uint64_t)j, &s);
+    if (s != SDE_OK) a->status = s;
+  }
+  return NULL;
+}
+
+static int test_samplers(const char *model_dir, const char *engine_dir, int threads) {
+  sde_model *model = load(model_dir, engine_dir, threads);
+  sampler_case cases[2 * SDE_SAMPLER_COUNT];
+  int n = sampler_cases(cases);
+  size_t bytes = 16 * 16 * 3;
+  int jobs = n > 8 * 8 ? 8 * 8 : n;
+  if (jobs < threads) jobs = threads;
+  unsigned char **serial = calloc((size_t)jobs, sizeof *serial);
+  for (int j = 0; j < jobs; ++j) {
+    sde_status s;
+    serial[j] = run_case(model, &cases[j % n], (uint64_t)j, &s);
+    char name[96], why[1024];
+    snprintf(name, sizeof name, "sampler_%s_%s", sde_sampler_name(cases[j % n].sampler),
+             cases[j % n].conventions == SDE_CONVENTIONS_A1111 ? "a1111" : "diffusers");
+    snprintf(why, sizeof why, "status %d: %s", s, sde_last_error());
+    if (j < n) expect(s == SDE_OK, name, why);
+  }
+  /* threads x (jobs / threads) requests, each thread walking through other samplers */
+  sampler_worker_arg *args = calloc((size_t)threads, sizeof *args);
+  pthread_t *ids = calloc((size_t)threads, sizeof *ids);
+  int per = jobs / threads;
+  for (int t = 0; t < threads; ++t) {
+    args[t] = (sampler_worker_arg){model, cases, n, t * per, per, {0}, SDE_OK};
+    pthread_create(&ids[t], NULL, sampler_worker, &args[t]);
+  }
+  for (int t = 0; t < threads; ++t) pthread_join(ids[t], NULL);
+  int mismatches = 0, errors = 0;
+  for (int t = 0; t < threads; ++t) {
+    if (args[t].status != SDE_OK) errors++;
+    for (int i = 0; i < per; ++i) {
+      unsigned char *r = args[t].results[i];
+      if (!r || !serial[t * per + i] || memcmp(r, serial[t * per + i], bytes) != 0) mismatches++;
+      free(r);
+    }
+  }
+  char why[256];
+  snprintf(why, sizeof why, "%d of %d threaded results differ from the serial ones, %d threads failed", mismatches,
+           threads * per, errors);
+  expect(mismatches == 0 && errors == 0, "sampler_threads_equal_serial", why);
   for (int j = 0; j < jobs; ++j) free(serial[j]);
   free(serial);
   free(args);
@@ -676,6 +793,7 @@ int main(int argc, char **argv) {
   if (argc >= 7 && !strcmp(argv[1], "soak"))
     return test_soak(argv[2], argv[3], atoi(argv[4]), atoi(argv[5]), atoi(argv[6]));
   if (argc >= 4 && !strcmp(argv[1], "oom")) return test_oom(argv[2], argv[3]);
+  if (argc >= 5 && !strcmp(argv[1], "samplers")) return test_samplers(argv[2], argv[3], atoi(argv[4]));
   fprintf(stderr, "usage: %s args|threads|rss|soak|oom|controlnet MODEL_DIR ENGINE_DIR ...\n", argv[0]);
   return 2;
 }
