@@ -76,14 +76,19 @@ class CMakeBuild(build_ext):
         subprocess.check_call(["cmake", str(ROOT), *args], cwd=build_dir)
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
         subprocess.check_call(["cmake", "--build", ".", "-j", jobs], cwd=build_dir)
+        self.library_dirs_built = [*getattr(self, "library_dirs_built", []), out_dir]
+
+    def run(self):
+        super().run()
+        # setuptools builds in place with self.inplace off and copies only _C itself into the
+        # source tree afterwards: bring the shared libraries it links (libsdengine.so) along.
         if self.inplace or getattr(self, "editable_mode", False):
-            # Editable installs copy only _C itself into the source tree: bring the
-            # shared libraries it links (libsdengine.so) along.
-            # Copy then rename: a running process that mapped the old file keeps it intact.
-            for lib in out_dir.glob("lib*.so*"):
-                tmp = ROOT / "sdengine" / f".{lib.name}.tmp"
-                shutil.copy2(lib, tmp)
-                os.replace(tmp, ROOT / "sdengine" / lib.name)
+            for out_dir in getattr(self, "library_dirs_built", []):
+                for lib in out_dir.glob("lib*.so*"):
+                    # Copy then rename: a running process that mapped the old file keeps it intact.
+                    tmp = ROOT / "sdengine" / f".{lib.name}.tmp"
+                    shutil.copy2(lib, tmp)
+                    os.replace(tmp, ROOT / "sdengine" / lib.name)
 
 
 setup(

@@ -112,6 +112,14 @@ def test_capi_threads_share_one_model(capi_test, model_dir, engine_dir):
     assert rc == 0 and "ok threads_equal_serial" in log, log
 
 
+def test_capi_every_sampler_and_threads_mixing_them(capi_test, model_dir, engine_dir):
+    """Every sampler under both rules (diffusers' 15, A1111's 20), one request each through the C
+    API, then 8 threads mixing them on ONE model: identical to the same requests run serially."""
+    rc, log = run_program([capi_test, "samplers", model_dir, engine_dir, 8])
+    assert rc == 0 and "FAIL" not in log and "ok sampler_threads_equal_serial" in log, log
+    assert log.count("ok sampler_") >= 35, log
+
+
 def test_capi_no_memory_growth(capi_test, model_dir, engine_dir):
     """200 sequential generations: RSS within 2% of its value after warm-up."""
     rc, log = run_program([capi_test, "rss", model_dir, engine_dir, 200])

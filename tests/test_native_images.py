@@ -165,7 +165,11 @@ def test_cpp_loop_without_guidance_and_cancel(native, eager):
     assert steps_seen == [1, 2]
     with pytest.raises(ValueError, match="multiple of 8"):
         native.backend.generate(native.tokenizer, PROMPT, width=12, height=SIZE, steps=2, sampler="euler")
-    calls = []  # PLMS evaluates the model steps + 1 times; progress counts evaluations
-    native.backend.generate(native.tokenizer, PROMPT, width=SIZE, height=SIZE, steps=3, sampler="PLMS",
+    calls = []  # diffusers' PNDM evaluates the model steps + 1 times; progress counts its loop steps
+    native.backend.generate(native.tokenizer, PROMPT, width=SIZE, height=SIZE, steps=3, sampler="pndm",
                             callback=lambda step, total: calls.append((step, total)))
     assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    calls = []  # "PLMS" is A1111's name, read as the Python API reads it: A1111's PLMS, one step per step
+    native.backend.generate(native.tokenizer, PROMPT, width=SIZE, height=SIZE, steps=3, sampler="PLMS",
+                            callback=lambda step, total: calls.append((step, total)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]

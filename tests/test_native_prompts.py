@@ -22,8 +22,8 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def _same(native, eager, prompt, **options):  # noqa: F811
-    args = dict(num_inference_steps=3, seed=5, height=SIZE, width=SIZE, output_type="np", progress=False,
-                negative_prompt="blurry, (ugly:1.2)", **options)
+    args = {**dict(num_inference_steps=3, seed=5, height=SIZE, width=SIZE, output_type="np", progress=False,
+                   negative_prompt="blurry, (ugly:1.2)"), **options}
     ours, ref = native(prompt, **args), eager(prompt, **args)
     diff = np.abs(ours.images * 255 - (ref.images * 255).round()).max()
     assert diff <= 2, f"{prompt!r}: max difference {diff}/255"

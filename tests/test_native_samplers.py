@@ -193,6 +193,11 @@ def _compare(pipelines, kind, steps=4, **options):
 
 DIFFUSERS_CASES = [(s, sched) for s in SAMPLERS for sched in ("default", "karras") if sched in SCHEDULES_FOR[s]]
 A1111_CASES = [(label, sched) for label in A1111_LABELS for sched in (None, "Karras")]
+# DPM adaptive's step sizes follow its error norm, which on the tiny SD2-v model sits where 1e-5
+# differences move the controller: the Python loop on the same compiled networks (backend="aoti")
+# already ends 16/255 from eager (25 trial steps against 23), the C++ loop 12/255. Measured, not a
+# bug of the C++ port (which matches eager within 2/255 on SD1 and SDXL).
+_CHAOTIC = {("DPM adaptive", "sd21-v")}
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sd21-v", "sdxl"])
@@ -203,7 +208,10 @@ def test_native_diffusers_samplers_match_eager(pipelines, kind, sampler, schedul
 
 @pytest.mark.parametrize("kind", ["sd15", "sd21-v", "sdxl"])
 @pytest.mark.parametrize("label,schedule", A1111_CASES)
-def test_native_a1111_samplers_match_eager(pipelines, kind, label, schedule):
+def test_native_a1111_samplers_match_eager(pipelines, kind, label, schedule, request):
+    if (label, kind) in _CHAOTIC:
+        request.applymarker(pytest.mark.xfail(reason="DPM adaptive's controller amplifies compiled-vs-eager "
+                                                     "differences on the tiny SD2-v model (aoti: 16/255)", strict=False))
     _compare(pipelines, kind, sampler=label, schedule=schedule)
 
 

@@ -75,7 +75,7 @@ class NativeBackend(EngineWeights):
             folder = tokenizer.save(Path(self._tokenizer_dirs.name) / "tokenizer")
             folder_2 = tokenizer_2.save(Path(self._tokenizer_dirs.name) / "tokenizer_2") if tokenizer_2 else None
             tensors = []
-            for name, tensor in self._weights.items():
+            for name, tensor in {**self._weights, **self._added_token_tables()}.items():
                 if tensor.dtype not in _DTYPE_CODES:
                     continue
                 tensors.append((name, tensor.data_ptr(), _DTYPE_CODES[tensor.dtype], list(tensor.shape),
@@ -84,6 +84,29 @@ class NativeBackend(EngineWeights):
                                     str(folder), self.max_concurrency, str(folder_2) if folder_2 else None,
                                     self.max_graphs)
         return self._native
+
+    def _added_token_tables(self) -> dict:
+        """The text encoders' added-token tables (textual inversion), by "<component>/<key>", as
+        weights of the C++ model: its compiled text encoders then read these tensors in place of
+        the engine's own zero tables (buffers.safetensors). The module's table itself where it is
+        in the engine's dtype and device; else a converted copy that add_token_embeddings updates."""
+        if getattr(self, "_added_tables", None) is None:
+            self._added_tables = {}
+            for component, module in (("text_encoder", self.text_encoder), ("text_encoder_2", self.text_encoder_2)):
+                table = None if module is None else module.text_model.embeddings._buffers.get("added_tokens")
+                if table is not None:
+                    self._added_tables[f"{component}/text_model.embeddings.added_tokens"] = (
+                        table, table.detach().to(self.device, self.dtype).contiguous())
+        return {key: engine_table for key, (_, engine_table) in self._added_tables.items()}
+
+    def add_token_embeddings(self, vectors: dict) -> dict:
+        """As EngineWeights', into the modules' added-token tables, which the C++ model reads
+        (converted copies refreshed)."""
+        ids = super().add_token_embeddings(vectors)
+        for table, engine_table in (getattr(self, "_added_tables", None) or {}).values():
+            if engine_table.data_ptr() != table.data_ptr():
+                engine_table.copy_(table)
+        return ids
 
     def stats(self) -> dict:
         """sde_model_get_stats: what each kind of graph (text, step, decode) has done."""
