@@ -45,6 +45,29 @@ def test_native_sdxl_emphasis_matches_eager(tmp_path):
           "a (red:1.3) [square]", prompt_syntax="a1111", sampler="Euler a")
 
 
+def test_native_sdxl_textual_inversion_matches_eager(tmp_path):
+    """An SDXL embedding (clip_l and clip_g vectors) loaded on backend="native": its vectors reach the
+    added-token tables both compiled text encoders read, and the C++ tokenizers learn the token."""
+    from safetensors.torch import save_file
+
+    from support.lora_files import embedding_vectors
+
+    native = sdengine.load(save_tiny_pipeline("sdxl", tmp_path / "sdxl"), backend="native")
+    eager = sdengine.from_diffusers(tiny_pipeline("sdxl"))
+    widths = [enc.text_model.embeddings.token_embedding.weight.shape[1]
+              for enc in (native.backend.text_encoder, native.backend.text_encoder_2)]
+    path = tmp_path / "tinycat.safetensors"
+    save_file({"clip_l": embedding_vectors(widths[0], 2), "clip_g": embedding_vectors(widths[1], 2)}, str(path))
+    run = dict(num_inference_steps=3, height=SIZE, width=SIZE, seed=3, sampler="euler", output_type="np",
+               progress=False)
+    before = native("a photo of tinycat", **run).images[0]
+    native.load_embedding(path)
+    eager.load_embedding(path)
+    ours = native("a photo of tinycat", **run).images[0]
+    assert np.abs((ours - eager("a photo of tinycat", **run).images[0]) * 255).max() <= 2
+    assert np.abs((ours - before) * 255).max() > 10, "the token changed nothing"
+
+
 def test_native_refuses_more_than_one_window(native):  # noqa: F811
     with pytest.raises(ValueError, match="(?s)75-token window.*backend='aoti'"):
         native("a BREAK b", prompt_syntax="a1111", num_inference_steps=2, height=SIZE, width=SIZE, progress=False)
