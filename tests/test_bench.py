@@ -665,3 +665,34 @@ def test_lora_swap_bench_records_apply_and_remove(tmp_path, capsys):
     assert len(record["apply_ms_all"]) == 2 and len(record["remove_ms_all"]) == 3
     assert 0 < record["apply_ms"] < 10_000 and 0 < record["remove_ms"] < 10_000
     assert "apply + remove" in capsys.readouterr().out
+
+
+def test_optimum_openvino_row_runs_diffusers_end_to_end(monkeypatch):
+    """The optimum-openvino row's end_to_end and image are DiffusersRunner's (OVStableDiffusionPipeline's
+    __call__ is diffusers'), on the attributes its own __init__ sets (a CPU session's row once failed with
+    AttributeError: 'second_pass'); hires and IP-Adapter workloads are refused by name."""
+    import types
+
+    from sdengine.bench import peers
+
+    monkeypatch.setattr(peers, "_import", lambda name, module: types.SimpleNamespace())
+    cfg = tiny_config("sd15")
+    workload = Workload("tiny", 16, 16, steps=3, batch=1, dtype="fp32", sampler="euler")
+    runner = peers.OptimumOpenVINORunner("unused", cfg, workload, torch.device("cpu"))
+    calls = []
+
+    class Pipe:  # the pipeline's __call__ as the runner uses it
+        scheduler = types.SimpleNamespace(timesteps=[3, 2, 1])
+
+        def __call__(self, **kwargs):
+            calls.append(kwargs)
+            return types.SimpleNamespace(images=np.zeros((1, 16, 16, 3), dtype=np.float32))
+
+    runner.pipe = Pipe()
+    runner.end_to_end({"prompts": ["a cat"], "seed": 5})
+    assert runner.unet_calls == 3 and calls[0]["num_inference_steps"] == 3 and calls[0]["height"] == 16
+    assert not {"image", "ip_adapter_image"} & set(calls[0])
+    assert runner.image("a cat", 5).shape == (16, 16, 3)
+    for changed, why in ((dict(hires_scale=2.0), "hires fix"), (dict(ip_adapters=1), "IP-Adapters")):
+        with pytest.raises(BackendUnavailable, match=why):
+            peers.OptimumOpenVINORunner("unused", cfg, dataclasses.replace(workload, **changed), torch.device("cpu"))

@@ -68,6 +68,8 @@ def _cpu_only(name: str, device: torch.device, workload: Workload):
         raise BackendUnavailable(f"{name} is a CPU peer (run with --device cpu)")
     if workload.controlnets:
         raise BackendUnavailable(f"the {name} row runs no ControlNets")
+    if workload.hires_scale or workload.ip_adapters:
+        raise BackendUnavailable(f"the {name} row runs no hires fix and no IP-Adapters")
 
 
 def _import(name: str, module: str):
@@ -99,7 +101,9 @@ class OptimumOpenVINORunner(DiffusersRunner):
         self.source, self.config, self.workload, self.device = source, config, workload, device
         self.variant, self.threads = variant, threads
         self.unet_calls: Optional[int] = None
-        self.no_scheduler, self.controlnets, self.control_images = None, [], []
+        # what DiffusersRunner's end_to_end and image read: no ControlNets, IP-Adapters or hires pass (_cpu_only)
+        self.no_scheduler, self.controlnets, self.control_images, self.ip_adapter_images = None, [], [], []
+        self.second_pass = None
 
     def prepare(self) -> dict:
         w = self.workload
