@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <memory>
 #include <optional>
 #include <stdexcept>
@@ -231,7 +232,8 @@ class PyModel {
   // Returns [(rgb bytes, width, height, seed)].
   py::list generate(const std::string &prompt, std::optional<std::string> negative_prompt, int width, int height,
                     int steps, double guidance_scale, py::int_ seed, int batch_size, std::optional<std::string> sampler,
-                    std::optional<std::string> schedule, double eta, std::optional<std::function<bool(int, int)>> progress,
+                    std::optional<std::string> schedule, std::optional<double> eta,
+                    std::optional<std::function<bool(int, int)>> progress,
                     std::optional<py::bytes> init_image, std::optional<double> strength,
                     std::optional<py::bytes> mask_image,
                     std::optional<std::function<bool(int, int, py::array_t<float>)>> latents,
@@ -271,7 +273,10 @@ class PyModel {
                             std::string(py::str(seed)));
     p.seed = seed.cast<uint64_t>();
     p.batch_size = batch_size;
-    p.eta = eta < 0 ? SDE_ETA_DEFAULT : eta;
+    // None: the rules' default (SDE_ETA_DEFAULT, whose value -1 is the C API's sentinel, not an eta a caller gives).
+    if (eta && !(std::isfinite(*eta) && *eta >= 0))
+      throw py::value_error("eta must be a finite number >= 0 (None: the rules' default), got " + std::to_string(*eta));
+    p.eta = eta ? *eta : SDE_ETA_DEFAULT;
     // With conventions given, sampler and schedule are canonical names (a Plan's); else names
     // read as the Python API reads them (sde_sampler_parse: A1111's spellings, A1111's rules).
     if (conventions) {
@@ -526,7 +531,7 @@ PYBIND11_MODULE(_C, m) {
       .def("generate", &PyModel::generate, py::arg("prompt"), py::arg("negative_prompt") = py::none(),
            py::arg("width") = 0, py::arg("height") = 0, py::arg("steps") = 0, py::arg("guidance_scale") = 7.5,
            py::arg("seed") = 0, py::arg("batch_size") = 1, py::arg("sampler") = py::none(),
-           py::arg("schedule") = py::none(), py::arg("eta") = 0.0, py::arg("progress") = py::none(),
+           py::arg("schedule") = py::none(), py::arg("eta") = py::none(), py::arg("progress") = py::none(),
            py::arg("init_image") = py::none(), py::arg("strength") = py::none(), py::arg("mask_image") = py::none(),
            py::arg("latents") = py::none(), py::arg("conventions") = py::none(), py::arg("latents_in") = py::none(),
            py::arg("subseed") = 0, py::arg("subseed_strength") = 0.0, py::arg("seed_resize_from_w") = 0,

@@ -279,6 +279,19 @@ typedef struct {
   sde_status status;
 } worker_arg;
 
+/* The first image of one request, copied (the caller frees it); NULL with *status set on error. */
+static unsigned char *first_image(sde_model *model, const sde_gen_params *gp, sde_status *status) {
+  sde_image *images = NULL;
+  int count = 0;
+  *status = sde_model_generate(model, gp, &images, &count);
+  if (*status != SDE_OK) return NULL;
+  size_t bytes = (size_t)images[0].width * images[0].height * 3;
+  unsigned char *copy = malloc(bytes);
+  memcpy(copy, images[0].data, bytes);
+  sde_images_free(images, count);
+  return copy;
+}
+
 static const char *job_sampler(int job) {
   static const char *names[] = {"euler_a", "euler", "dpmpp_2m_karras", "ddim"};
   return names[job % 4];
@@ -288,15 +301,7 @@ static unsigned char *run_job(sde_model *model, int job, sde_status *status) {
   sde_gen_params gp;
   small_request(&gp, 1000 + (uint64_t)job);
   sde_sampler_from_str(job_sampler(job), &gp.sampler, &gp.schedule);
-  sde_image *images = NULL;
-  int count = 0;
-  *status = sde_model_generate(model, &gp, &images, &count);
-  if (*status != SDE_OK) return NULL;
-  size_t bytes = (size_t)images[0].width * images[0].height * 3;
-  unsigned char *copy = malloc(bytes);
-  memcpy(copy, images[0].data, bytes);
-  sde_images_free(images, count);
-  return copy;
+  return first_image(model, &gp, status);
 }
 
 static void *worker(void *p) {
@@ -384,15 +389,7 @@ static unsigned char *run_case(sde_model *model, const sampler_case *c, uint64_t
   if (c->conventions == SDE_CONVENTIONS_A1111 && c->sampler == SDE_SAMPLER_EULER_A) {
     gp.subseed = 3, gp.subseed_strength = 0.5, gp.eta_noise_seed_delta = 31337, gp.rng = SDE_RNG_NV;
   }
-  sde_image *images = NULL;
-  int count = 0;
-  *status = sde_model_generate(model, &gp, &images, &count);
-  if (*status != SDE_OK) return NULL;
-  size_t bytes = (size_t)images[0].width * images[0].height * 3;
-  unsigned char *copy = malloc(bytes);
-  memcpy(copy, images[0].data, bytes);
-  sde_images_free(images, count);
-  return copy;
+  return first_image(model, &gp, status);
 }
 
 typedef struct {
