@@ -23,9 +23,10 @@ SAMPLER_TO_SCHEDULER_CLASS = {v: k for k, v in SCHEDULER_CLASS_TO_SAMPLER.items(
 
 
 def text_encoder_json(te: TextEncoderConfig) -> dict:
-    """transformers' CLIPTextModel config.json."""
+    """transformers' CLIPTextModel config.json, or CLIPTextModelWithProjection's when te has a
+    text projection (SDXL's second encoder)."""
     return {
-        "architectures": ["CLIPTextModel"],
+        "architectures": ["CLIPTextModelWithProjection" if te.projection_dim else "CLIPTextModel"],
         "attention_dropout": 0.0,
         "bos_token_id": 0,
         "dtype": "float32",
@@ -41,7 +42,7 @@ def text_encoder_json(te: TextEncoderConfig) -> dict:
         "num_attention_heads": te.num_attention_heads,
         "num_hidden_layers": te.num_hidden_layers,
         "pad_token_id": te.pad_token_id,
-        "projection_dim": te.hidden_size,  # unused: CLIPTextModel has no projection layer
+        "projection_dim": te.projection_dim or te.hidden_size,  # unused by CLIPTextModel
         "vocab_size": te.vocab_size,
     }
 

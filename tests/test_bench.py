@@ -550,7 +550,7 @@ def test_fidelity_against_the_fp32_reference(tmp_path):
 
 def test_rows_carry_their_own_dtype_and_peak(tmp_path):
     """`name@dtype` rows in one run: each row computes in its dtype and keeps its name, its % of
-    peak divides by this CPU's best matmul in that dtype, the baseline is the run's dtype's
+    peak divides by this CPU's best matmul or convolution in that dtype, the baseline is the run's dtype's
     diffusers row, and the bf16 rows' images stay close to fp32's."""
     options = BenchOptions(arch="tiny", backends=("diffusers@fp32", "diffusers@bf16", "eager@bf16"),
                            components=("unet_step",), repeats=2, warmup=1, device="cpu", threads=1,

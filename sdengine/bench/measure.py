@@ -160,24 +160,36 @@ def free_device_memory(device: torch.device):
 # Peak arithmetic rate
 # ---------------------------------------------------------------------------
 
-def measure_matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
-    """This device's best dense matmul rate in dtype, at the current thread count, on random data.
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """This device's best dense rate in dtype, at the current thread count, on random data.
 
-    CUDA: one 8192-cube product, the median of 10. The CPU: the faster of 1024- and 1536-cube
-    products (a CPU's GEMM rate still grows past 1024), each the fastest of 4 calls: a peak is a
-    best case, and other work on a shared CPU only slows calls down. (The median of 1024-cube
-    products, in the run's dtype only, put CPU rows at 98-248% of "peak".)"""
+    CUDA: one 8192-cube matmul, the median of 10. The CPU: the fastest of 1024- and 1536-cube
+    matmuls (a CPU's GEMM rate still grows past 1024) and a 3x3 convolution at the VAE decoder's
+    shape (512 channels, 64x64, channels_last), each the fastest of 4 calls: a peak is a best case,
+    and other work on a shared CPU only slows calls down. (The median of 1024-cube products, in
+    the run's dtype only, put CPU rows at 98-248% of "peak"; matmuls alone left the fp32 VAE
+    decode, whose oneDNN convolutions run faster than a 1536-cube GEMM, at 104%.)"""
+    generator = torch.Generator(device=device).manual_seed(0)
     if device.type == "cuda":
-        sizes, calls, pick = (8192,), 13, np.median
+        cases, calls, pick = [(8192,)], 13, np.median
     else:
-        sizes, calls, pick = (1024, 1536), 6, np.min
+        cases, calls, pick = [(1024,), (1536,), (512, 64, 3)], 6, np.min
     best = 0.0
-    for n in sizes:
-        generator = torch.Generator(device=device).manual_seed(0)
-        a = torch.randn(n, n, device=device, generator=generator).to(dtype)
-        b = torch.randn(n, n, device=device, generator=generator).to(dtype)
-        timing = time_calls(lambda _: torch.mm(a, b), [None] * calls, warmup=2, device=device)
-        best = max(best, 2 * n ** 3 / (float(pick(timing.samples_ms)) * 1e-3) / 1e12)
+    for case in cases:
+        if len(case) == 1:  # (n,): an n-cube matmul
+            n = case[0]
+            a = torch.randn(n, n, device=device, generator=generator).to(dtype)
+            b = torch.randn(n, n, device=device, generator=generator).to(dtype)
+            fn, flop = (lambda _: torch.mm(a, b)), 2 * n ** 3
+        else:  # (channels, size, kernel): a same-padded convolution, batch 1
+            channels, size, kernel = case
+            x = torch.randn(1, channels, size, size, device=device, generator=generator).to(dtype)
+            w = torch.randn(channels, channels, kernel, kernel, device=device, generator=generator).to(dtype)
+            x, w = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
+            fn = lambda _: torch.nn.functional.conv2d(x, w, padding=kernel // 2)  # noqa: E731
+            flop = 2 * channels * channels * kernel * kernel * size * size
+        timing = time_calls(fn, [None] * calls, warmup=2, device=device)
+        best = max(best, flop / (float(pick(timing.samples_ms)) * 1e-3) / 1e12)
     return best
 
 
@@ -191,9 +203,10 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, override: Optional[flo
             if key in name:
                 return tflops, f"ANCHORS.md: {key} dense fp16/bf16 matmul measured on random data"
     if device.type == "cuda":
-        return measure_matmul_tflops(device, dtype), f"measured now: 8192x8192x8192 matmul in {dtype_name(dtype)}"
-    return measure_matmul_tflops(device, dtype), (f"measured now: the best 1024/1536-cube matmul in "
-                                                  f"{dtype_name(dtype)} on {torch.get_num_threads()} threads")
+        return measure_peak_tflops(device, dtype), f"measured now: 8192x8192x8192 matmul in {dtype_name(dtype)}"
+    return measure_peak_tflops(device, dtype), (f"measured now: the best of 1024/1536-cube matmuls and a "
+                                                  f"512-channel 3x3 convolution at 64x64 in {dtype_name(dtype)} "
+                                                  f"on {torch.get_num_threads()} threads")
 
 
 # ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from sdengine.config import ModelConfig, SchedulerConfig, TextEncoderConfig, UNetConfig, VAEConfig
-from sdengine.diffusers_format import model_kwargs, unet_json, vae_json
+from sdengine.diffusers_format import model_kwargs, text_encoder_json, unet_json, vae_json
 
 # sdengine sampler -> (diffusers scheduler class, the config values that make that class run the
 # same algorithm). The one such table: the benchmark, the reference pipelines and the sampler tests
@@ -64,24 +64,11 @@ def diffusers_vae_kwargs(cfg: VAEConfig) -> dict:
 
 
 def transformers_text_config(cfg: TextEncoderConfig):
-    """transformers' CLIPTextConfig for a TextEncoderConfig."""
+    """transformers' CLIPTextConfig for a TextEncoderConfig (sdengine/diffusers_format.py)."""
     from transformers import CLIPTextConfig
 
-    kwargs = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        hidden_act=cfg.hidden_act,
-        layer_norm_eps=cfg.layer_norm_eps,
-        eos_token_id=cfg.eos_token_id,  # 2: transformers' legacy "pool at argmax(input_ids)" rule
-        pad_token_id=cfg.pad_token_id,
-        bos_token_id=0,
-    )
-    if cfg.projection_dim is not None:
-        kwargs["projection_dim"] = cfg.projection_dim
+    kwargs = model_kwargs(text_encoder_json(cfg))
+    del kwargs["architectures"], kwargs["model_type"], kwargs["dtype"]  # the file's, not the constructor's
     return CLIPTextConfig(**kwargs)
 
 

@@ -129,7 +129,7 @@ SCHEMA = {
         "params": {"type": "object"},
         "peak_tflops": _OPTIONAL_NUMBER,
         "peak_tflops_source": {"type": "string"},
-        # per dtype of the run's rows: {"tflops": ..., "source": ...}; the CPU's best matmul at `threads`
+        # per dtype of the run's rows: {"tflops": ..., "source": ...}; the CPU's best matmul or convolution at `threads`
         "peak_tflops_by_dtype": {"type": "object"},
         "threads": {"type": "integer", "minimum": 1},  # CPU threads of every row's process (--threads)
         "baseline": {"type": ["string", "null"]},  # the diffusers row that speedup_vs_diffusers divides
