@@ -263,8 +263,9 @@ class Benchmark:
 
         self.threads = options.threads or (physical_cores() if self.device.type == "cpu" else torch.get_num_threads())
         torch.set_num_threads(self.threads)  # the peak below, the weights' build: as the backends will run
-        # The peak each row's % of peak divides by: this device's best matmul (on a CPU: or convolution) in that row's dtype, at the
-        # backends' thread count (rows may carry their own dtype: diffusers@bf16).
+        # The peak each row's % of peak divides by: this device's best matmul (on a CPU, or
+        # convolution) in that row's dtype, at the backends' thread count (rows may carry their
+        # own dtype: diffusers@bf16).
         self.row_dtypes = {b: row_dtype(b, dtype_name) for b in options.backends}
         self.peaks = {}
         for name in dict.fromkeys([dtype_name, *self.row_dtypes.values()]):
