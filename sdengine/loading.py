@@ -10,15 +10,13 @@ tensor, so a bad file fails with nothing half-loaded. Tensors are read one at a 
 through safetensors' memory map, renamed (ldm_layout.py), cast once to the target dtype and
 device, and handed to `load_state_dict(assign=True)`: the only full copy of the weights
 is the one the networks end up holding. The readers and the load plan are sdengine.weights;
-this module drives them for whole models (load_model, detect), writes single files
-(save_single_file) and loads ControlNets (load_controlnet_model, detect_controlnet).
+this module drives them for whole models (load_model, detect) and loads ControlNets
+(load_controlnet_model, detect_controlnet). sdengine.single_file writes single files.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -29,7 +27,7 @@ from torch import nn
 from .config import ModelConfig
 from .device import resolve_device_dtype
 from .errors import ModelLoadError
-from .ldm_layout import Layout, Source, UnmappedKey, detect_config, family_name, to_ldm_state_dict
+from .ldm_layout import Layout, Source, UnmappedKey, detect_config
 from .tokenizer import EOS_TOKEN, CLIPTokenizer
 from .weights import (LoadPlan, WeightReader, check_unused, component_weight_files, fill_networks,
                       is_diffusers_folder, make_load_plan, open_weights, single_file_reader)
@@ -218,55 +216,6 @@ def load_model(path, device=None, dtype=None, *, config: Optional[ModelConfig] =
     return LoadedModel(config=config, text_encoder=loaded.get("text_encoder"), text_encoder_2=loaded.get("text_encoder_2"),
                        unet=loaded["unet"], vae=loaded["vae"], tokenizer=tokenizer, tokenizer_2=tokenizer_2,
                        source=source, name=path.stem if path.is_file() else path.name)
-
-
-# ---------------------------------------------------------------------------
-# Writing
-# ---------------------------------------------------------------------------
-
-_MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1", "sd21": "stable-diffusion-v2-512",
-                           "sd21-v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base", "sdxl-refiner": "stable-diffusion-xl-v1-refiner"}
-
-
-def save_single_file(model: LoadedModel, path, dtype: Optional[torch.dtype] = None) -> Path:
-    """Write a loaded model as one LDM / A1111 `.safetensors` file, the layout that A1111,
-    ComfyUI and `load_model` read (see ldm_layout.to_ldm_state_dict).
-
-    dtype: cast the floating-point tensors (default: keep the model's dtype). The header
-    records the prediction type (`modelspec.prediction_type`, plus a `v_pred` key for
-    v-prediction models, A1111's and ComfyUI's marker), so an SD2 512-base model is not
-    read back as v-prediction. The file is written next to `path` and renamed into place:
-    an error leaves no partial file.
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"save_single_file writes .safetensors files, got {path.name!r}")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output folder does not exist: {path.parent}")
-    networks = {name: getattr(model, name) for name in ("unet", "vae", "text_encoder", "text_encoder_2")
-                if getattr(model, name) is not None}
-    state = to_ldm_state_dict(model.config, {name: net.state_dict() for name, net in networks.items()})
-    v_prediction = model.config.prediction_type == "v_prediction"
-    if v_prediction:
-        state["v_pred"] = torch.zeros(0)
-    state = {key: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).detach().cpu().contiguous()
-             for key, t in state.items()}
-    metadata = {"format": "pt", "modelspec.prediction_type": "v" if v_prediction else "epsilon"}
-    architecture = _MODELSPEC_ARCHITECTURE.get(family_name(model.config))
-    if architecture:
-        metadata |= {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture,
-                     "modelspec.implementation": "sgm"}
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(state, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # ---------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 from sdengine.config import PRESETS, ModelConfig, tiny_config
 from sdengine.ldm_layout import detect_config, to_ldm_state_dict
 from sdengine.errors import ModelLoadError
-from sdengine.loading import detect, load_model, save_single_file
+from sdengine.loading import detect, load_model
+from sdengine.single_file import save_single_file
 from support.ldm_keys import TEXT_LAYOUT, ldm_state_dict, save_ldm_single_file
 from support.tiny import TINY_KINDS, diffusers_unet_kwargs, diffusers_vae_kwargs, save_tiny_pipeline, tiny_pipeline, \
     transformers_text_config

@@ -150,7 +150,8 @@ def test_bad_arguments_name_the_parameter(kwargs, parameter):
 def test_refiner_single_file_loads_as_the_folder(tmp_path):
     """An A1111 / Civitai refiner file (conditioner.embedders.0.model.* OpenCLIP bigG only, label_emb of
     pooled + 5 numbers): detected as a refiner, the same images as its diffusers folder."""
-    from sdengine.loading import load_model, save_single_file
+    from sdengine.loading import load_model
+    from sdengine.single_file import save_single_file
 
     folder = save_tiny_pipeline("sdxl-refiner", tmp_path / "refiner")
     path = save_single_file(load_model(folder, device="cpu", dtype=torch.float32, progress=False),

@@ -186,7 +186,7 @@ class SDCppRunner:
     def _write_single_file(self, folder: Path):
         """The weights folder as one LDM / A1111 .safetensors file (float32), what sd.cpp reads."""
         import sdengine
-        from sdengine.loading import save_single_file
+        from sdengine.single_file import save_single_file
 
         pipe = sdengine.load(self.source, device="cpu", dtype="fp32", backend="eager")
         backend = pipe.backend
