@@ -79,7 +79,20 @@ def build_local_app(model, settings, *, backend=None, device=None, dtype=None, t
     pipe = sdengine.load(model, device=device, dtype=dtype, backend=backend)
     if settings.ip_adapters:
         pipe.load_ip_adapter(list(settings.ip_adapters), image_encoder=settings.image_encoder)
+    controlnets = load_controlnets(pipe, settings.controlnets)
     refiner = sdengine.load(settings.refiner, device=device, dtype=dtype, backend=backend) if settings.refiner else None
     app = create_app(None, settings)
-    app.state.engine = LocalEngine(pipe, settings, app.state.metrics, source=model, refiner=refiner)
+    app.state.engine = LocalEngine(pipe, settings, app.state.metrics, source=model, refiner=refiner,
+                                   controlnets=controlnets)
     return app
+
+
+def load_controlnets(pipe, paths) -> list:
+    """--controlnet PATH...: each loaded for pipe (its device and dtype, checked to fit its UNet);
+    ValueError when two share a name, which is what a ControlNet unit's model names."""
+    controlnets = [pipe.load_controlnet(path) for path in paths]
+    names = [c.name for c in controlnets]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"--controlnet: two ControlNets are named {name!r}; units name them by name")
+    return controlnets
