@@ -546,10 +546,11 @@ def test_controlnet_unit_in_alwayson_scripts(tmp_path):
         "guidance_start": unit.to_dict() | {"guidance_start": 0.9, "guidance_end": 0.2},
         "control_mode": unit.to_dict() | {"control_mode": "My prompt is more important"},
     }
-    with serve(str(model), controlnets=(str(controlnet),)) as s:
+    with serve(str(model), controlnets=(str(controlnet),), max_steps=10) as s:
         api = s.api(sampler="Euler", steps=4)
         titles = api.controlnet_model_list()
         modules = api.controlnet_module_list()
+        schema = httpx.get(s.url + "/openapi.json", timeout=120).json()
         # a fresh alwayson_scripts: webuiapi's default {} is shared by every call of the process
         result = api.txt2img(prompt="a cat", seed=5, width=16, height=16, controlnet_units=[unit], alwayson_scripts={})
         refused = {field: httpx.post(s.url + "/sdapi/v1/txt2img", timeout=30, json={
@@ -558,6 +559,11 @@ def test_controlnet_unit_in_alwayson_scripts(tmp_path):
     pipe = sdengine.load(model)
     loaded = pipe.load_controlnet(controlnet)
     assert titles == [f"edges-controlnet [{loaded.shorthash}]"] and modules == ["none"]
+    scripts = schema["components"]["schemas"]["Txt2ImgRequest"]["properties"]["alwayson_scripts"]["anyOf"][0]
+    stated = [u for u in scripts["additionalProperties"]["properties"]["args"]["items"]["anyOf"]
+              if "model" in u.get("properties", {})]
+    assert [u["properties"]["model"]["examples"] for u in stated] == [["edges-controlnet"]]  # no IP-Adapter unit
+    assert stated[0]["properties"]["resize_mode"]["enum"] == [None, "", 0, "Just Resize"]
     kwargs = dict(negative_prompt="", seed=5, steps=4, width=16, height=16, sampler="Euler", guidance_scale=7.0,
                   prompt_syntax="a1111", progress=False)
     want = pipe("a cat", control=[sdengine.Control(str(controlnet), control_image, scale=0.8, end=0.75)], **kwargs)
@@ -598,3 +604,15 @@ def test_controlnet_and_ip_adapter_units_together(tmp_path):
                 control=[sdengine.Control(str(controlnet), control_image, scale=1.2, start=0.25)])
     assert np.array_equal(_pixels(result.images[0]), _pixels(want.images[0]))
     assert result.images[0].info["parameters"] == want.infotext(0)
+
+
+def test_serve_controlnet_flag_is_repeatable():
+    import argparse
+
+    from sdengine.serve.options import add_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings = settings_from_args(parser.parse_args(["model", "--controlnet", "canny/", "--controlnet", "depth.pth"]))
+    assert settings.controlnets == ("canny/", "depth.pth")
+    assert settings_from_args(parser.parse_args([])).controlnets == ()

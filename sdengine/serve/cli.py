@@ -16,7 +16,8 @@ def register(sub):
     p = sub.add_parser(
         "serve", help="serve an AUTOMATIC1111-compatible HTTP API (/sdapi/v1) with dynamic batching",
         description="Keep one model loaded and serve A1111's /sdapi/v1 API (txt2img, img2img, inpainting, "
-                    "progress, interrupt, ...) plus /health and /metrics. Requests of the same size, steps, "
+                    "progress, interrupt, ...), A1111's ControlNet extension's units and /controlnet/model_list "
+                    "(--controlnet, --ip-adapter), plus /health and /metrics. Requests of the same size, steps, "
                     "sampler and guidance that arrive within --batch-window-ms run as one UNet batch. "
                     "Needs: pip install \"sdengine[serve]\".")
     add_arguments(p)
