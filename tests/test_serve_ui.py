@@ -414,6 +414,14 @@ def test_controlnet_panel_sends_a_unit_equal_to_generate(browser, tmp_path):
             answer = page.generate(1)
             png = page.image_png(1)
             assert base64.b64decode(answer["images"][0]) == png
+            # Reuse settings reads the unit back from the infotext (the control image stays the uploaded one)
+            page.fill(**{"Control weight": 1.5, "Control end": 1, "Seed": 1})
+            page.page.locator("figure", has=page.image(1)).get_by_role("button", name="Reuse settings").click()
+            sync_api.expect(page.field("Seed")).to_have_value("6")
+            assert page.field("Control weight").input_value() == "0.8"
+            assert page.field("Control end").input_value() == "0.75"
+            page.generate(2)
+            assert page.image_png(2) == png
             assert page.console_errors == []
         finally:
             page.close()

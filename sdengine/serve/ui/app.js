@@ -342,6 +342,7 @@ function fillForm(p) {
     if ([...$("refiner_checkpoint").options].some((o) => o.value === name)) $("refiner_checkpoint").value = name;
     set("refiner_switch_at", p["Refiner switch at"]);
   }
+  fillControlNet(p);
   if (p["Sampler"] && [...$("sampler_name").options].some((o) => o.value === p["Sampler"])) {
     $("sampler_name").value = p["Sampler"];
   }
@@ -349,6 +350,26 @@ function fillForm(p) {
   if (schedule) {
     const found = state.schedulers.find((s) => s.label === schedule || s.name === schedule);
     if (found) $("scheduler").value = found.name;
+  }
+}
+
+// A1111's ControlNet extension writes each unit as one field, `ControlNet 0: "Module: none, Model:
+// name [hash], Weight: 0.8, ..., Guidance Start: 0.0, Guidance End: 1.0, ..."`. The first module-none
+// unit whose model this server has fills the panel (its control image is not in the PNG: upload it).
+function fillControlNet(p) {
+  if ($("controlnet").hidden) return;
+  const units = Object.keys(p).filter((k) => /^ControlNet \d+$/.test(k)).sort()
+    .map((k) => Object.fromEntries(String(p[k]).split(", ").map((kv) => [kv.split(": ")[0], kv.split(": ").slice(1).join(": ")])));
+  const bare = (m) => String(m || "").split(" [")[0];
+  for (const unit of units) {
+    const option = [...$("controlnet_model").options].find((o) => bare(o.value) === bare(unit.Model));
+    if (unit.Module !== "none" || !option) continue;
+    $("controlnet_model").value = option.value;
+    for (const [id, key] of [["control_weight", "Weight"], ["control_start", "Guidance Start"], ["control_end", "Guidance End"]]) {
+      if (unit[key] !== undefined && unit[key] !== "") $(id).value = Number(unit[key]);
+    }
+    $("controlnet").open = true;
+    return;
   }
 }
 
