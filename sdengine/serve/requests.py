@@ -187,11 +187,13 @@ def extension_units(req, info: ModelInfo, limits: Limits) -> tuple:
     controls = []
     for i, unit in enumerate(script.get("args") or []):
         where = f"alwayson_scripts.{key}.args.{i}"
-        if not isinstance(unit, dict) or not unit.get("enabled", True):
-            continue
+        if not isinstance(unit, dict) or unit.get("enabled", True) is False or unit.get("enabled", True) is None:
+            continue  # ignored, as the extension ignores them
         image = unit_image(unit, where)
         if image is None:
             continue
+        if unit.get("enabled", True) is not True:
+            raise FieldError(f"{where}.enabled", f"must be true or false, got {unit['enabled']!r}")
         if str(unit.get("module") or "").startswith("ip-adapter"):
             index, scale, decoded = ip_adapter_unit(unit, where, image, info, limits)
             ip_images[index], ip_scales[index] = decoded, scale
