@@ -107,6 +107,17 @@ class ServedPipeline:
         return getattr(self.pipe, name)
 
 
+def load_controlnets(pipe, paths) -> list:
+    """--controlnet PATH...: each loaded for pipe (its device and dtype, checked to fit its UNet);
+    ValueError when two share a name, which is what a ControlNet unit's model names."""
+    controlnets = [pipe.load_controlnet(path) for path in paths]
+    names = [c.name for c in controlnets]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"--controlnet: two ControlNets are named {name!r}; units name them by name")
+    return controlnets
+
+
 def run_group(pipe, specs: list, *, max_batch_images: int,
               cancelled: Callable[[int], bool] = lambda i: False,
               interrupted: Callable[[], bool] = lambda: False,

@@ -75,6 +75,7 @@ def build_local_app(model, settings, *, backend=None, device=None, dtype=None, t
 
     from ..device import set_cpu_threads
     from .app import LocalEngine, create_app
+    from .batching import load_controlnets
 
     set_cpu_threads(threads, demo_model=model is None)  # see `sdengine generate --threads`
     pipe = sdengine.load(model, device=device, dtype=dtype, backend=backend)
@@ -86,14 +87,3 @@ def build_local_app(model, settings, *, backend=None, device=None, dtype=None, t
     app.state.engine = LocalEngine(pipe, settings, app.state.metrics, source=model, refiner=refiner,
                                    controlnets=controlnets)
     return app
-
-
-def load_controlnets(pipe, paths) -> list:
-    """--controlnet PATH...: each loaded for pipe (its device and dtype, checked to fit its UNet);
-    ValueError when two share a name, which is what a ControlNet unit's model names."""
-    controlnets = [pipe.load_controlnet(path) for path in paths]
-    names = [c.name for c in controlnets]
-    for name in names:
-        if names.count(name) > 1:
-            raise ValueError(f"--controlnet: two ControlNets are named {name!r}; units name them by name")
-    return controlnets

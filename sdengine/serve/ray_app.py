@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from .batching import Output, ServedPipeline, run_group
+from .batching import Output, ServedPipeline, load_controlnets, run_group
 from .requests import ModelInfo
 from .scheduler import ClientGone, ModelUnavailable, QueueFull, RequestTimeout, idle_state
 
@@ -77,8 +77,6 @@ class SDModel:
         self.pipe = sdengine.load(model, device=device, dtype=dtype, backend=backend)
         if ip_adapters:
             self.pipe.load_ip_adapter(list(ip_adapters), image_encoder=image_encoder)
-        from .cli import load_controlnets
-
         loaded_controlnets = load_controlnets(self.pipe, controlnets)
         refiner_pipe = sdengine.load(refiner, device=device, dtype=dtype, backend=backend) if refiner else None
         self.model_info = ModelInfo.of(self.pipe, model, refiner_pipe, refiner, loaded_controlnets)
