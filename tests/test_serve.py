@@ -517,3 +517,102 @@ def test_ip_adapter_unit_in_alwayson_scripts(tmp_path):
     assert not np.array_equal(_pixels(result.images[0]), _pixels(plain))
     assert bad.status_code == 422
     assert bad.json()["detail"][0]["loc"][:6] == ["body", "alwayson_scripts", "ControlNet", "args", "0", "model"]
+
+
+def _tiny_controlnet_server_files(tmp_path):
+    """The tiny SD1 model and its tiny ControlNet (diffusers' from_unet, perturbed), saved as folders."""
+    from support.tiny import save_tiny_pipeline, tiny_controlnet
+
+    model = save_tiny_pipeline("sd15", tmp_path / "model")
+    controlnet = tmp_path / "edges-controlnet"
+    tiny_controlnet("sd15").save_pretrained(controlnet, safe_serialization=True)
+    return model, controlnet
+
+
+def test_controlnet_unit_in_alwayson_scripts(tmp_path):
+    """`sdengine serve --controlnet`: /controlnet/model_list names it, and a webuiapi ControlNetUnit
+    (module none: the image is the control map) runs it with its weight and guidance start / end:
+    the pixels and infotext of pipe(control=[sdengine.Control(...)]). A bad model or module, an
+    unserved resize mode, a mask and guidance_start after guidance_end are 422s naming the unit's field."""
+    model, controlnet = _tiny_controlnet_server_files(tmp_path)
+    control_image = Image.fromarray((np.random.default_rng(2).random((16, 16, 3)) * 255).astype("uint8"))
+    unit = webuiapi.ControlNetUnit(image=control_image, module="none", model="edges-controlnet [ffffffff]",
+                                   weight=0.8, guidance_start=0.0, guidance_end=0.75, resize_mode="Just Resize")
+    bad_units = {
+        "model": dict(unit.to_dict(), model="control_v11p_sd15_canny"),
+        "module": dict(unit.to_dict(), module="canny"),
+        "resize_mode": unit.to_dict() | {"resize_mode": "Resize and Fill"},
+        "mask": unit.to_dict() | {"mask": _b64_png(control_image)},
+        "guidance_start": unit.to_dict() | {"guidance_start": 0.9, "guidance_end": 0.2},
+        "control_mode": unit.to_dict() | {"control_mode": "My prompt is more important"},
+    }
+    with serve(str(model), controlnets=(str(controlnet),), max_steps=10) as s:
+        api = s.api(sampler="Euler", steps=4)
+        titles = api.controlnet_model_list()
+        modules = api.controlnet_module_list()
+        schema = httpx.get(s.url + "/openapi.json", timeout=120).json()
+        # a fresh alwayson_scripts: webuiapi's default {} is shared by every call of the process
+        result = api.txt2img(prompt="a cat", seed=5, width=16, height=16, controlnet_units=[unit], alwayson_scripts={})
+        refused = {field: httpx.post(s.url + "/sdapi/v1/txt2img", timeout=30, json={
+            "prompt": "a cat", "steps": 2, "width": 16, "height": 16,
+            "alwayson_scripts": {"ControlNet": {"args": [{"enabled": False}, body]}}}) for field, body in bad_units.items()}
+    pipe = sdengine.load(model)
+    loaded = pipe.load_controlnet(controlnet)
+    assert titles == [f"edges-controlnet [{loaded.shorthash}]"] and modules == ["none"]
+    scripts = schema["components"]["schemas"]["Txt2ImgRequest"]["properties"]["alwayson_scripts"]["anyOf"][0]
+    stated = [u for u in scripts["additionalProperties"]["properties"]["args"]["items"]["anyOf"]
+              if "model" in u.get("properties", {})]
+    assert [u["properties"]["model"]["examples"] for u in stated] == [["edges-controlnet"]]  # no IP-Adapter unit
+    assert stated[0]["properties"]["resize_mode"]["enum"] == [None, "", 0, "Just Resize"]
+    kwargs = dict(negative_prompt="", seed=5, steps=4, width=16, height=16, sampler="Euler", guidance_scale=7.0,
+                  prompt_syntax="a1111", progress=False)
+    want = pipe("a cat", control=[sdengine.Control(str(controlnet), control_image, scale=0.8, end=0.75)], **kwargs)
+    assert np.array_equal(_pixels(result.images[0]), _pixels(want.images[0]))
+    assert result.images[0].info["parameters"] == want.infotext(0)
+    assert 'ControlNet 0: "Module: none, Model: edges-controlnet' in want.infotext(0)
+    assert not np.array_equal(_pixels(result.images[0]), _pixels(pipe("a cat", **kwargs).images[0]))
+    for field, r in refused.items():
+        assert r.status_code == 422, (field, r.text)
+        assert r.json()["detail"][0]["loc"] == ["body", "alwayson_scripts", "ControlNet", "args", "1", field], r.json()
+
+
+def test_controlnet_and_ip_adapter_units_together(tmp_path):
+    """An IP-Adapter unit and a ControlNet unit in one request run both: pipe(ip_adapter_image=...,
+    control=...)'s pixels. model_list lists the ControlNet, then the IP-Adapter."""
+    from support.ip_adapter_files import write_image_encoder, write_ip_adapter
+
+    model, controlnet = _tiny_controlnet_server_files(tmp_path)
+    encoder = write_image_encoder(tmp_path / "image_encoder")
+    adapter = write_ip_adapter(tmp_path / "ip-adapter_sd15.safetensors", "sd15")
+    rng = np.random.default_rng(3)
+    prompt_image = Image.fromarray((rng.random((40, 30, 3)) * 255).astype("uint8"))
+    control_image = Image.fromarray((rng.random((24, 20, 3)) * 255).astype("uint8"))  # resized to 16x16
+    units = [webuiapi.ControlNetUnit(image=control_image, module="none", model="edges-controlnet", weight=1.2,
+                                     guidance_start=0.25, resize_mode="Just Resize"),
+             webuiapi.ControlNetUnit(image=prompt_image, module="ip-adapter_clip_sd15", model="ip-adapter_sd15",
+                                     weight=0.7)]
+    with serve(str(model), ip_adapters=(str(adapter),), image_encoder=str(encoder),
+               controlnets=(str(controlnet),)) as s:
+        api = s.api(sampler="Euler", steps=4)
+        titles = api.controlnet_model_list()
+        result = api.txt2img(prompt="a cat", seed=8, width=16, height=16, controlnet_units=units, alwayson_scripts={})
+    pipe = sdengine.load(model)
+    pipe.load_ip_adapter(adapter, image_encoder=encoder)
+    assert titles[1:] == ["ip-adapter_sd15"] and titles[0].startswith("edges-controlnet [")
+    want = pipe("a cat", negative_prompt="", seed=8, steps=4, width=16, height=16, sampler="Euler", guidance_scale=7.0,
+                prompt_syntax="a1111", progress=False, ip_adapter_image=prompt_image, ip_adapter_scale=0.7,
+                control=[sdengine.Control(str(controlnet), control_image, scale=1.2, start=0.25)])
+    assert np.array_equal(_pixels(result.images[0]), _pixels(want.images[0]))
+    assert result.images[0].info["parameters"] == want.infotext(0)
+
+
+def test_serve_controlnet_flag_is_repeatable():
+    import argparse
+
+    from sdengine.serve.options import add_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings = settings_from_args(parser.parse_args(["model", "--controlnet", "canny/", "--controlnet", "depth.pth"]))
+    assert settings.controlnets == ("canny/", "depth.pth")
+    assert settings_from_args(parser.parse_args([])).controlnets == ()

@@ -153,8 +153,8 @@ def test_generate_shows_the_servers_png_equal_to_generate(page, server, screensh
 
 def test_hires_fix_from_the_form_equals_generate(page):
     """The hires fix's fields (txt2img only): the server's PNG is sdengine.generate's with the same
-    sdengine.Hires, at the second pass's size. The refiner's and IP-Adapters' sections stay hidden
-    on a server that loaded none."""
+    sdengine.Hires, at the second pass's size. The refiner's, IP-Adapters' and ControlNet's sections
+    stay hidden on a server that loaded none."""
     page.fill(**{"Prompt": PROMPT, "Steps": 6, "Width": 32, "Height": 32, "Seed": 7, "Sampler": "Euler"})
     page.page.locator("#hires").evaluate("d => { d.open = true; }")
     page.field("Hires fix").check()
@@ -168,7 +168,8 @@ def test_hires_fix_from_the_form_equals_generate(page):
     assert Image.open(io.BytesIO(png)).size == (48, 48)
     assert Image.open(io.BytesIO(png)).info["parameters"] == reference.infotext(0)
     assert np.array_equal(_pixels(png), np.asarray(reference.images[0].convert("RGB")))
-    assert page.page.locator("#refiner").is_hidden() and page.page.locator("#ip-adapters").is_hidden()  # none loaded
+    for section in ("#refiner", "#ip-adapters", "#controlnet"):  # none loaded
+        assert page.page.locator(section).is_hidden(), section
     assert page.console_errors == []
 
 
@@ -387,3 +388,46 @@ def test_api_key_is_asked_once_and_kept(browser, tmp_path):
             assert all("status of 401" in e for e in keyed.console_errors), keyed.console_errors
         finally:
             keyed.close()
+
+
+def test_controlnet_panel_sends_a_unit_equal_to_generate(browser, tmp_path):
+    """With `--controlnet`, the ControlNet panel lists it (/controlnet/model_list); a control image
+    uploaded there, with its weight and end, gives the PNG of pipe(control=[sdengine.Control(...)])."""
+    from support.tiny import save_tiny_pipeline, tiny_controlnet
+
+    model = save_tiny_pipeline("sd15", tmp_path / "model")
+    controlnet = tmp_path / "edges-controlnet"
+    tiny_controlnet("sd15").save_pretrained(controlnet, safe_serialization=True)
+    control_image = Image.fromarray((np.random.default_rng(4).random((16, 16, 3)) * 255).astype("uint8"))
+    control_image.save(tmp_path / "control.png")
+    settings = ServeSettings(max_size=64, max_steps=10, controlnets=(str(controlnet),))  # a quick schema
+    with InProcessServer(build_local_app(str(model), settings)) as srv:
+        page = Page(browser, srv.url + "/")
+        try:
+            sync_api.expect(page.page.locator("#controlnet")).to_be_visible()
+            page.page.locator("#controlnet").evaluate("d => { d.open = true; }")
+            options = page.field("ControlNet model").locator("option").all_text_contents()
+            assert len(options) == 1 and options[0].startswith("edges-controlnet ["), options
+            page.field("Control image").set_input_files(str(tmp_path / "control.png"))
+            page.fill(**{"Prompt": "a cat", "Steps": 4, "Width": 16, "Height": 16, "Seed": 6, "Sampler": "Euler",
+                         "Control weight": 0.8, "Control end": 0.75})
+            answer = page.generate(1)
+            png = page.image_png(1)
+            assert base64.b64decode(answer["images"][0]) == png
+            # Reuse settings reads the unit back from the infotext (the control image stays the uploaded one)
+            page.fill(**{"Control weight": 1.5, "Control end": 1, "Seed": 1})
+            page.page.locator("figure", has=page.image(1)).get_by_role("button", name="Reuse settings").click()
+            sync_api.expect(page.field("Seed")).to_have_value("6")
+            assert page.field("Control weight").input_value() == "0.8"
+            assert page.field("Control end").input_value() == "0.75"
+            page.generate(2)
+            assert page.image_png(2) == png
+            assert page.console_errors == []
+        finally:
+            page.close()
+    pipe = sdengine.load(model)
+    want = pipe("a cat", negative_prompt="", seed=6, steps=4, width=16, height=16, sampler="Euler", guidance_scale=7.0,
+                prompt_syntax="a1111", progress=False,
+                control=[sdengine.Control(str(controlnet), control_image, scale=0.8, end=0.75)])
+    assert Image.open(io.BytesIO(png)).info["parameters"] == want.infotext(0)
+    assert np.array_equal(_pixels(png), np.asarray(want.images[0].convert("RGB")))

@@ -27,7 +27,8 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
 from ..samplers.names import A1111_SAMPLER_LIST, A1111_SCHEDULE_TABLE, SAMPLER_TABLE
-from .requests import FieldError, Limits, ModelInfo, decode_image, field_of, make_spec, response_body
+from .requests import (IP_ADAPTER_MODULES, FieldError, Limits, ModelInfo, decode_image, field_of, make_spec,
+                       response_body)
 from .scheduler import ClientGone, ModelUnavailable, QueueFull, RequestTimeout, Scheduler, progress_body
 from .schemas import (Img2ImgRequest, ImageResponse, PngInfoRequest, PngInfoResponse, ProgressResponse, SamplerItem,
                       SchedulerItem, SDModelItem, TaskProgressRequest, TaskProgressResponse, Txt2ImgRequest)
@@ -57,6 +58,7 @@ class ServeSettings:
     refiner: Optional[str] = None  # an SDXL refiner that requests name in refiner_checkpoint (--refiner)
     ip_adapters: tuple = ()        # IP-Adapter files that ControlNet units name (--ip-adapter)
     image_encoder: Optional[str] = None  # their image encoder (--image-encoder)
+    controlnets: tuple = ()        # ControlNets (folders or files) that ControlNet units name (--controlnet)
 
     @property
     def limits(self) -> Limits:
@@ -75,15 +77,17 @@ SCHEDULER_LABELS = tuple((name, label, list(aliases) if aliases else None, rho, 
 class LocalEngine:
     """One pipeline in this process, behind the batching scheduler."""
 
-    def __init__(self, pipe, settings: ServeSettings, metrics=None, source: Optional[str] = None, refiner=None):
+    def __init__(self, pipe, settings: ServeSettings, metrics=None, source: Optional[str] = None, refiner=None,
+                 controlnets=()):
         from .batching import ServedPipeline
         from .preview import LatentPreview, Previews
         from .scheduler import SchedulerSettings
 
-        self._info = ModelInfo.of(pipe, source, refiner, settings.refiner)
+        self._info = ModelInfo.of(pipe, source, refiner, settings.refiner, controlnets)
         every = settings.preview_every
         self.previews = Previews(LatentPreview.for_pipeline(pipe) if every > 0 else None, every)
-        pipe = ServedPipeline(pipe, refiner, self._info.refiners[0] if refiner is not None else None)
+        pipe = ServedPipeline(pipe, refiner, self._info.refiners[0] if refiner is not None else None,
+                              {c.name: c for c in controlnets})
         self.scheduler = Scheduler(
             pipe, SchedulerSettings(batching=settings.batching, max_batch_images=settings.max_batch_images,
                                     batch_window_s=settings.batch_window_ms / 1000, max_queue=settings.max_queue),
@@ -224,6 +228,21 @@ def create_app(engine=None, settings: ServeSettings = ServeSettings(), metrics=N
         return {"sd_model_checkpoint": info.title, "CLIP_stop_at_last_layers": 1, "samples_format": "png",
                 "eta_ddim": 0.0, "eta_ancestral": 1.0}
 
+    @app.get("/controlnet/model_list")
+    async def controlnet_model_list(request: Request, update: Optional[bool] = None):
+        """A1111's ControlNet extension: the models a unit can name, the loaded ControlNets as
+        "name [hash]" (sdengine serve --controlnet), then the IP-Adapters (--ip-adapter). `update`
+        (rescan the models folder) has nothing to do here."""
+        info = await engine_of(request).info()
+        return {"model_list": [*info.controlnet_titles, *info.ip_adapters]}
+
+    @app.get("/controlnet/module_list")
+    async def controlnet_module_list(request: Request, alias_names: Optional[bool] = None):
+        """A1111's ControlNet extension: the modules (preprocessors) a unit can name. "none" (the
+        control image is the control map as sent) and, with IP-Adapters loaded, their modules."""
+        info = await engine_of(request).info()
+        return {"module_list": ["none", *(IP_ADAPTER_MODULES if info.ip_adapters else ())]}
+
     @app.get("/sdapi/v1/scripts")
     async def scripts():
         return {"txt2img": [], "img2img": []}
@@ -344,7 +363,7 @@ def png_info_body(image: str, limits: Limits) -> dict:
 _KNOWN_PATHS = {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/progress", "/sdapi/v1/interrupt",
                 "/sdapi/v1/samplers", "/sdapi/v1/schedulers", "/sdapi/v1/sd-models", "/sdapi/v1/options",
                 "/sdapi/v1/loras", "/sdapi/v1/scripts", "/sdapi/v1/png-info", "/internal/progress", "/health",
-                "/metrics", "/", "/openapi.json"}
+                "/metrics", "/", "/openapi.json", "/controlnet/model_list", "/controlnet/module_list"}
 
 
 class Guard:

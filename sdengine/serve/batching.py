@@ -73,24 +73,49 @@ class Output:
 class ServedPipeline:
     """A pipeline as the server's workers call it. Specs stay plain data (they cross to Ray), so a
     call names its SDXL refiner (an A1111 request's refiner_checkpoint, which make_spec resolves to
-    `refiner_name`) and carries its IP-Adapter image prompts as (width, height, RGB bytes); this
-    turns them into the refiner pipeline and PIL images. Everything else is the pipeline's."""
+    `refiner_name`) and carries its IP-Adapter image prompts as (width, height, RGB bytes) and its
+    ControlNet units as (name, (width, height, RGB bytes), scale, start, end, guess_mode)
+    (requests.controlnet_unit); this turns them into the refiner pipeline, PIL images and
+    sdengine.Controls of the loaded ControlNets (`controlnets`, name -> ControlNet). Everything
+    else is the pipeline's."""
 
-    def __init__(self, pipe, refiner=None, refiner_name: Optional[str] = None):
+    def __init__(self, pipe, refiner=None, refiner_name: Optional[str] = None, controlnets: Optional[dict] = None):
         self.pipe, self.refiner, self.refiner_name = pipe, refiner, refiner_name
+        self.controlnets = dict(controlnets or {})
 
-    def __call__(self, *args, refiner=None, ip_adapter_image=None, **kwargs):
+    def __call__(self, *args, refiner=None, ip_adapter_image=None, control=None, **kwargs):
         from PIL import Image
+
+        from ..controlnet import Control
 
         if refiner is not None and (self.refiner is None or refiner != self.refiner_name):
             raise ValueError(f"refiner {refiner!r} is not loaded")
         if ip_adapter_image is not None:
             ip_adapter_image = [Image.frombytes("RGB", (w, h), data) for w, h, data in ip_adapter_image]
+        controls = None
+        if control:
+            controls = []
+            for name, (w, h, data), scale, start, end, guess_mode in control:
+                if name not in self.controlnets:
+                    raise ValueError(f"control: ControlNet {name!r} is not loaded")
+                controls.append(Control(self.controlnets[name], Image.frombytes("RGB", (w, h), data), scale=scale,
+                                        start=start, end=end, guess_mode=guess_mode))
         return self.pipe(*args, refiner=self.refiner if refiner is not None else None,
-                         ip_adapter_image=ip_adapter_image, **kwargs)
+                         ip_adapter_image=ip_adapter_image, control=controls, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.pipe, name)
+
+
+def load_controlnets(pipe, paths) -> list:
+    """--controlnet PATH...: each loaded for pipe (its device and dtype, checked to fit its UNet);
+    ValueError when two share a name, which is what a ControlNet unit's model names."""
+    controlnets = [pipe.load_controlnet(path) for path in paths]
+    names = [c.name for c in controlnets]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"--controlnet: two ControlNets are named {name!r}; units name them by name")
+    return controlnets
 
 
 def run_group(pipe, specs: list, *, max_batch_images: int,

@@ -16,7 +16,8 @@ def register(sub):
     p = sub.add_parser(
         "serve", help="serve an AUTOMATIC1111-compatible HTTP API (/sdapi/v1) with dynamic batching",
         description="Keep one model loaded and serve A1111's /sdapi/v1 API (txt2img, img2img, inpainting, "
-                    "progress, interrupt, ...) plus /health and /metrics. Requests of the same size, steps, "
+                    "progress, interrupt, ...), A1111's ControlNet extension's units and /controlnet/model_list "
+                    "(--controlnet, --ip-adapter), plus /health and /metrics. Requests of the same size, steps, "
                     "sampler and guidance that arrive within --batch-window-ms run as one UNet batch. "
                     "Needs: pip install \"sdengine[serve]\".")
     add_arguments(p)
@@ -74,12 +75,15 @@ def build_local_app(model, settings, *, backend=None, device=None, dtype=None, t
 
     from ..device import set_cpu_threads
     from .app import LocalEngine, create_app
+    from .batching import load_controlnets
 
     set_cpu_threads(threads, demo_model=model is None)  # see `sdengine generate --threads`
     pipe = sdengine.load(model, device=device, dtype=dtype, backend=backend)
     if settings.ip_adapters:
         pipe.load_ip_adapter(list(settings.ip_adapters), image_encoder=settings.image_encoder)
+    controlnets = load_controlnets(pipe, settings.controlnets)
     refiner = sdengine.load(settings.refiner, device=device, dtype=dtype, backend=backend) if settings.refiner else None
     app = create_app(None, settings)
-    app.state.engine = LocalEngine(pipe, settings, app.state.metrics, source=model, refiner=refiner)
+    app.state.engine = LocalEngine(pipe, settings, app.state.metrics, source=model, refiner=refiner,
+                                   controlnets=controlnets)
     return app

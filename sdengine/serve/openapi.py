@@ -108,28 +108,52 @@ def openapi_schema(base: dict, limits, info, api_key: bool) -> dict:
 
 def _alwayson_scripts(info) -> dict:
     """alwayson_scripts: A1111's ControlNet extension only, whose enabled units with an image are
-    IP-Adapter units naming a loaded adapter (requests.ip_adapter_units); none without adapters."""
-    from .requests import CONTROLNET_SCRIPT
-
+    IP-Adapter units naming a loaded adapter or ControlNet units naming a loaded ControlNet
+    (requests.extension_units); none without either."""
     import re
 
+    from .requests import CONTROLNET_MODULES, CONTROLNET_SCRIPT, JUST_RESIZE
+
     no_image = {"enum": ["", None]}
+    image = {"type": "string", "format": IMAGE_FORMAT}
+    # A1111's ControlNet API also sends {"image": base64, "mask": base64}; sdengine serve takes no mask
+    unit_image = {"anyOf": [image, {"type": "object", "required": ["image"],
+                                    "properties": {"image": image, "mask": no_image}}]}
     units = [{"not": {"type": "object"}},  # ignored, as are disabled units and units without an image
              {"type": "object", "properties": {"enabled": {"enum": [False, None]}}, "required": ["enabled"]},
-             {"type": "object", "properties": {"image": no_image, "input_image": no_image}}]
-    if info.ip_adapters:  # "name" or A1111's "name [hash]"
-        names = "|".join(re.escape(name) for name in info.ip_adapters)
-        image = {"type": "string", "format": IMAGE_FORMAT}
+             {"type": "object", "properties": {name: {"anyOf": [no_image, {"type": "object", "properties": {
+                 "image": no_image, "mask": no_image}}]} for name in ("image", "input_image")}}]
+
+    def model(names) -> dict:  # "name", or A1111's "name [hash]" (requests: the text before " [")
+        pattern = "|".join(re.escape(name) for name in names)
+        return {"type": "string", "pattern": f"^({pattern})( \\[.*)?$", "examples": list(names)}
+
+    weight = {"type": ["number", "null"]}
+    if info.ip_adapters:
         units.append({"type": "object", "required": ["module", "model", "image"], "properties": {
             "enabled": {"const": True}, "module": {"type": "string", "pattern": "^ip-adapter"},
-            "model": {"type": "string", "pattern": f"^({names})( \\[.*\\])?$", "examples": list(info.ip_adapters)},
-            "weight": {"type": "number"},
-            "image": image, "input_image": {"anyOf": [image, no_image]},
+            "model": model(info.ip_adapters), "weight": weight, "mask": no_image,
+            "image": unit_image, "input_image": {"anyOf": [unit_image, no_image]},
             "guidance_start": {"enum": [0, None]}, "guidance_end": {"enum": [1, None]}}})
+    if info.controlnets:
+        fraction = {"anyOf": [{"type": "number", "minimum": 0, "maximum": 1}, {"type": "null"}]}
+        units.append({"type": "object", "required": ["model", "image"], "properties": {
+            "enabled": {"const": True}, "module": {"enum": ["", None, *CONTROLNET_MODULES]},
+            "model": model([name for name, _ in info.controlnets]), "weight": weight, "mask": no_image,
+            "image": unit_image, "input_image": {"anyOf": [unit_image, no_image]},
+            "guidance_start": fraction, "guidance_end": fraction,
+            "control_mode": {"enum": [0, 2, "Balanced", "ControlNet is more important", None]},
+            "resize_mode": {"enum": list(JUST_RESIZE)}, "hr_option": {"enum": ["Both", "", None]}},
+            "description": "A ControlNet unit: the image is the control map as sent (module none), resized to "
+                           "the output size; weight scales its residuals; it runs from guidance_start to "
+                           "guidance_end (fractions of the run; guidance_start must not be after guidance_end: "
+                           "a 422 names it). processor_res, threshold_a/b, pixel_perfect and low_vram play no "
+                           "part without a preprocessor. GET /controlnet/model_list lists the models."})
     script = {"type": "object", "properties": {"args": {"type": ["array", "null"], "items": {"anyOf": units}}}}
     return {"anyOf": [{"type": "object", "propertyNames": {"enum": list(CONTROLNET_SCRIPT)},
                        "additionalProperties": script}, {"type": "null"}], "default": {},
-            "description": "A1111's ControlNet extension's IP-Adapter units (sdengine serve --ip-adapter)"}
+            "description": "A1111's ControlNet extension's units: IP-Adapter units (sdengine serve --ip-adapter) "
+                           "and ControlNet units (sdengine serve --controlnet)"}
 
 
 def _value_branch(prop: dict) -> dict:

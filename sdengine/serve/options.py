@@ -31,6 +31,10 @@ def add_arguments(p) -> None:
                    help="an IP-Adapter that A1111 ControlNet units (module ip-adapter_*) name by its file name; "
                         "repeatable (needs --image-encoder)")
     p.add_argument("--image-encoder", default=None, metavar="FOLDER", help="the IP-Adapters' CLIP image encoder")
+    p.add_argument("--controlnet", action="append", default=[], metavar="PATH",
+                   help="a ControlNet (diffusers folder or A1111 single file) that A1111 ControlNet units (module "
+                        "none: the control image as sent) name by its name; listed at /controlnet/model_list; "
+                        "repeatable")
     p.add_argument("--api-key", default=os.environ.get("SDENGINE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every endpoint but the web UI's own files, "
                         "which ask for the key (default: $SDENGINE_API_KEY)")
@@ -89,5 +93,6 @@ def settings_from_args(args):
                          max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                          api_key=args.api_key, lora_dir=args.lora_dir, refiner=args.refiner,
                          ip_adapters=tuple(args.ip_adapter), image_encoder=args.image_encoder,
+                         controlnets=tuple(args.controlnet),
                          prompt_syntax=None if args.prompt_syntax == "plain" else args.prompt_syntax,
                          preview_every=args.preview_every, web_ui=not args.no_web_ui)

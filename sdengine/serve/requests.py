@@ -79,15 +79,23 @@ class ModelInfo:
     device: str = "cpu"          # where it runs ("cuda:0", "cpu"): A1111's GPU noise needs CUDA
     refiners: tuple = ()         # the names refiner_checkpoint may give: the loaded refiner's title and path
     ip_adapters: tuple = ()      # the loaded IP-Adapters' names, in load order (a ControlNet unit's "model")
+    controlnets: tuple = ()      # the loaded ControlNets as (name, A1111 short hash or None), in load order
 
     @classmethod
-    def of(cls, pipe, source: Optional[str] = None, refiner=None, refiner_source: Optional[str] = None) -> "ModelInfo":
+    def of(cls, pipe, source: Optional[str] = None, refiner=None, refiner_source: Optional[str] = None,
+           controlnets=()) -> "ModelInfo":
         cfg = pipe.config
         refiners = () if refiner is None else tuple(dict.fromkeys((refiner.name, str(refiner_source or refiner.name))))
         return cls(title=pipe.name, filename=str(source or pipe.name), default_size=cfg.default_size,
                    is_inpaint=cfg.is_inpaint, scheduler_config=cfg.scheduler, config=cfg,
                    device=str(pipe.backend.device), refiners=refiners,
-                   ip_adapters=tuple(getattr(pipe, "ip_adapter_names", ())))
+                   ip_adapters=tuple(getattr(pipe, "ip_adapter_names", ())),
+                   controlnets=tuple((c.name, c.shorthash) for c in controlnets))
+
+    @property
+    def controlnet_titles(self) -> list:
+        """The ControlNets as A1111's extension lists them: "name [hash]" (the name alone without a hash)."""
+        return [f"{name} [{short}]" if short else name for name, short in self.controlnets]
 
 
 @dataclass
@@ -111,6 +119,12 @@ _UNSUPPORTED = {
 }
 # The keys of A1111's ControlNet extension in alwayson_scripts (its title, as webuiapi sends it, and lower case)
 CONTROLNET_SCRIPT = ("ControlNet", "controlnet")
+# The extension's modules (preprocessors) a ControlNet unit may name: "none", the image is the control map.
+CONTROLNET_MODULES = ("none", "None")
+# IP-Adapter units' modules that /controlnet/module_list lists (any "ip-adapter*" runs the adapter's own encoder)
+IP_ADAPTER_MODULES = ("ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", "ip-adapter_clip_sdxl_plus_vith")
+# The extension's "Just Resize" resize mode (its name, its index, unset): how sdengine resizes a control image
+JUST_RESIZE = (None, "", 0, "Just Resize")
 # sdengine.Hires's fields (as its errors name them) -> A1111's.
 HIRES_FIELDS = {"hires.scale": "hr_scale", "hires.upscaler": "hr_upscaler", "hires.steps": "hr_second_pass_steps",
                 "hires.denoising_strength": "denoising_strength", "hires.resize_x": "hr_resize_x",
@@ -155,46 +169,141 @@ def hires_of(req, prompt: str, negative: str, info: ModelInfo, limits: Limits, w
     return hires
 
 
-def ip_adapter_units(req, info: ModelInfo, limits: Limits) -> tuple:
-    """(images, scales) of the IP-Adapter units an A1111 request sends as its ControlNet extension
-    sends them (alwayson_scripts.ControlNet.args: module "ip-adapter_*", model naming a loaded adapter
-    as "name" or "name [hash]", weight, image or input_image). One image per loaded adapter (an adapter
-    no unit names runs at scale 0), each as (width, height, RGB bytes) so that specs stay plain data;
-    ((), ()) when no unit is enabled. Other ControlNet units are refused. Raises FieldError."""
+def extension_units(req, info: ModelInfo, limits: Limits) -> tuple:
+    """The enabled units with an image that an A1111 request sends as its ControlNet extension sends
+    them (alwayson_scripts.ControlNet.args), checked: ((IP-Adapter images, scales), ControlNet units).
+    Units that are disabled or have no image are ignored, as the extension ignores them in txt2img.
+
+    A unit whose module is "ip-adapter_*" is an IP-Adapter unit (ip_adapter_unit); any other is a
+    ControlNet unit (controlnet_unit). The IP-Adapters get one image per loaded adapter (an adapter no
+    unit names runs at scale 0), each as (width, height, RGB bytes) so that specs stay plain data;
+    ((), ()) when no IP-Adapter unit is enabled. Raises FieldError naming the unit by its index in args."""
     scripts = req.alwayson_scripts or {}
     key = next((k for k in CONTROLNET_SCRIPT if k in scripts), None)
     script = scripts[key] if key is not None else {}
     if not isinstance(script, dict) or not isinstance(script.get("args", []), (list, type(None))):
         raise FieldError(f"alwayson_scripts.{key}", "must be {\"args\": [unit, ...]} (A1111's ControlNet extension)")
-    units = [u for u in (script.get("args") or []) if isinstance(u, dict)]
-    units = [u for u in units if u.get("enabled", True)]
-    for i, unit in enumerate(units):
-        for key in ("image", "input_image"):
-            if unit.get(key) not in (None, "") and not isinstance(unit.get(key), str):
-                raise FieldError(f"alwayson_scripts.ControlNet.args.{i}.{key}", "must be a base64 image or empty")
-    units = [u for u in units if u.get("image") or u.get("input_image")]
-    if not units:
-        return (), ()
-    images, scales = [None] * len(info.ip_adapters), [0.0] * len(info.ip_adapters)
-    for i, unit in enumerate(units):
-        where = f"alwayson_scripts.ControlNet.args.{i}"
-        module, model = str(unit.get("module") or ""), str(unit.get("model") or "")
-        if not module.startswith("ip-adapter"):
-            raise FieldError(f"{where}.module", f"only IP-Adapter units (module ip-adapter_*) are served, got {module!r}")
-        name = model.split(" [")[0]
-        if name not in info.ip_adapters:
-            loaded = ", ".join(map(repr, info.ip_adapters)) or "none (sdengine serve MODEL --ip-adapter FILE)"
-            raise FieldError(f"{where}.model", f"IP-Adapter {model!r} is not loaded; loaded: {loaded}")
-        if (unit.get("guidance_start") or 0) != 0 or unit.get("guidance_end", 1) not in (None, 1):
-            raise FieldError(f"{where}.guidance_start", "an IP-Adapter runs at every step here (0 to 1)")
-        weight = unit.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise FieldError(f"{where}.weight", f"must be a finite number, got {weight!r}")
-        image = decode_image(unit.get("image") or unit.get("input_image"), f"{where}.image", limits).convert("RGB")
-        index = info.ip_adapters.index(name)
-        images[index], scales[index] = (image.width, image.height, image.tobytes()), float(weight)
-    first = next(im for im in images if im is not None)
-    return tuple(im if im is not None else first for im in images), tuple(scales)
+    ip_images, ip_scales = [None] * len(info.ip_adapters), [0.0] * len(info.ip_adapters)
+    controls = []
+    for i, unit in enumerate(script.get("args") or []):
+        where = f"alwayson_scripts.{key}.args.{i}"
+        if not isinstance(unit, dict) or unit.get("enabled", True) is False or unit.get("enabled", True) is None:
+            continue  # ignored, as the extension ignores them
+        image = unit_image(unit, where)
+        if image is None:
+            continue
+        if unit.get("enabled", True) is not True:
+            raise FieldError(f"{where}.enabled", f"must be true or false, got {unit['enabled']!r}")
+        if str(unit.get("module") or "").startswith("ip-adapter"):
+            index, scale, decoded = ip_adapter_unit(unit, where, image, info, limits)
+            ip_images[index], ip_scales[index] = decoded, scale
+        else:
+            controls.append((where, controlnet_unit(unit, where, image, info, limits)))
+    if all(im is None for im in ip_images):
+        return ((), ()), tuple(controls)
+    first = next(im for im in ip_images if im is not None)
+    return (tuple(im if im is not None else first for im in ip_images), tuple(ip_scales)), tuple(controls)
+
+
+def unit_image(unit: dict, where: str):
+    """A unit's base64 image (None without one): `image` (or the older `input_image`) as a string,
+    or as {"image": ..., "mask": ...} (A1111's ControlNet API). A mask is refused: sdengine serve
+    runs no ControlNet masks (inpainting ControlNets)."""
+    for name in ("image", "input_image"):
+        value = unit.get(name)
+        if isinstance(value, dict):
+            if value.get("mask") not in (None, ""):
+                raise FieldError(f"{where}.{name}.mask", "ControlNet masks are not supported by sdengine serve")
+            value = value.get("image")
+            if value not in (None, "") and not isinstance(value, str):
+                raise FieldError(f"{where}.{name}.image", "must be a base64 image or empty")
+        elif value not in (None, "") and not isinstance(value, str):
+            raise FieldError(f"{where}.{name}", "must be a base64 image, {\"image\": base64, \"mask\": null} "
+                                                "or empty")
+        if value:
+            if unit.get("mask") not in (None, ""):
+                raise FieldError(f"{where}.mask", "ControlNet masks are not supported by sdengine serve")
+            return value
+    return None
+
+
+def _weight(unit: dict, where: str) -> float:
+    weight = unit.get("weight", 1.0)
+    weight = 1.0 if weight is None else weight
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise FieldError(f"{where}.weight", f"must be a finite number, got {weight!r}")
+    return float(weight)
+
+
+def ip_adapter_unit(unit: dict, where: str, image: str, info: ModelInfo, limits: Limits) -> tuple:
+    """(the adapter's index in load order, its scale, its image as (width, height, RGB bytes)) of an
+    IP-Adapter unit: model naming a loaded adapter as "name" or "name [hash]", weight. Raises FieldError."""
+    model = str(unit.get("model") or "")
+    name = model.split(" [")[0]
+    if name not in info.ip_adapters:
+        loaded = ", ".join(map(repr, info.ip_adapters)) or "none (sdengine serve MODEL --ip-adapter FILE)"
+        raise FieldError(f"{where}.model", f"IP-Adapter {model!r} is not loaded; loaded: {loaded}")
+    if (unit.get("guidance_start") or 0) != 0 or unit.get("guidance_end", 1) not in (None, 1):
+        raise FieldError(f"{where}.guidance_start", "an IP-Adapter runs at every step here (0 to 1)")
+    weight = _weight(unit, where)
+    decoded = decode_image(image, f"{where}.image", limits).convert("RGB")
+    return info.ip_adapters.index(name), weight, (decoded.width, decoded.height, decoded.tobytes())
+
+
+def _one_of(value, options) -> bool:
+    """value in options, where JSON's true / false are not 1 / 0."""
+    return not isinstance(value, bool) and value in options
+
+
+def controlnet_unit(unit: dict, where: str, image: str, info: ModelInfo, limits: Limits) -> tuple:
+    """A ControlNet unit as plain data for batching.ServedPipeline, which makes it a sdengine.Control:
+    (model name, (width, height, RGB bytes), scale, start, end, guess_mode).
+
+    module: "none" (the image is the control map as sent; the server runs no preprocessor, so
+    processor_res and the thresholds play no part). model: a loaded ControlNet as "name" or A1111's
+    "name [hash]". weight: the residual scale; guidance_start / guidance_end: the part of the run it
+    is active in (sdengine.Control's start / end, checked by Request.from_args). control_mode:
+    "Balanced" (0), or "ControlNet is more important" (2: diffusers' guess mode, as sdengine's
+    infotext names it). resize_mode: "Just Resize" (0), how the control image is resized to the
+    output size (webuiapi's default "Resize and Fill" is refused, even for an image of the output
+    size, so that the OpenAPI schema can state the rule). hr_option: "Both" (the hires pass runs
+    the ControlNet too). Raises FieldError."""
+    module = unit.get("module")
+    if module not in (None, "", *CONTROLNET_MODULES):
+        raise FieldError(f"{where}.module", f"ControlNet units take module 'none' (the control image is used as "
+                                            f"sent; sdengine serve runs no preprocessors), got {module!r}")
+    model = str(unit.get("model") or "")
+    name = model.split(" [")[0]
+    names = [n for n, _ in info.controlnets]
+    if name not in names:
+        loaded = ", ".join(map(repr, names)) or "none (sdengine serve MODEL --controlnet PATH)"
+        raise FieldError(f"{where}.model", f"ControlNet {model!r} is not loaded; loaded: {loaded} "
+                                           f"(GET /controlnet/model_list)")
+    weight = _weight(unit, where)
+    bounds = {}
+    for field, default in (("guidance_start", 0.0), ("guidance_end", 1.0)):
+        value = unit.get(field, default)
+        value = default if value is None else value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise FieldError(f"{where}.{field}", f"must be a number in [0, 1], got {value!r}")
+        bounds[field] = float(value)
+    mode = unit.get("control_mode", 0)
+    if _one_of(mode, (None, 0, "Balanced")):
+        guess_mode = False
+    elif _one_of(mode, (2, "ControlNet is more important")):
+        guess_mode = True
+    else:
+        raise FieldError(f"{where}.control_mode", f"must be 'Balanced' (0) or 'ControlNet is more important' (2), "
+                                                  f"got {mode!r}")
+    if not _one_of(unit.get("hr_option"), (None, "", "Both")):
+        raise FieldError(f"{where}.hr_option", f"the hires pass runs every ControlNet here: 'Both', got "
+                                               f"{unit.get('hr_option')!r}")
+    if not _one_of(unit.get("resize_mode"), JUST_RESIZE):
+        raise FieldError(f"{where}.resize_mode", f"the control image is resized to the output size as 'Just Resize' "
+                                                 f"(0) does; give that, got {unit.get('resize_mode')!r}")
+    decoded = decode_image(image, f"{where}.image", limits).convert("RGB")
+    return (name, (decoded.width, decoded.height, decoded.tobytes()), weight, bounds["guidance_start"],
+            bounds["guidance_end"], guess_mode)
 
 
 def refiner_of(req, info: ModelInfo) -> Optional[str]:
@@ -317,24 +426,26 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
         raise FieldError("init_images", f"{info.title} is an inpainting model: use img2img with init_images and mask")
     hires = hires_of(req, prompt, negative, info, limits, width, height) if not img2img else None
     refiner = refiner_of(req, info)
-    ip_images, ip_scales = ip_adapter_units(req, info, limits)
+    (ip_images, ip_scales), controls = extension_units(req, info, limits)
     if hires is not None and refiner is not None:
         raise FieldError("refiner_checkpoint", "the refiner and the hires fix cannot be combined yet")
     try:  # the checks every front end shares (sdengine.request: generate, the CLI, the C API's bindings)
         request = Request.from_args(prompt, negative_prompt=negative, seed=seeds, batch_size=n_images,
                                     init_image=init_images[0] if init_images else None,
                                     mask_image=masks[0] if masks else None, progress=False, subseed=subseeds,
-                                    hires=hires, **shared)
+                                    hires=hires, control=[_control(unit) for _, unit in controls] or None, **shared)
         if info.config is not None:
             request.for_model(info.config)
     except ValueError as e:
-        raise FieldError(field_of(e), str(e)) from None
+        raise FieldError(_control_field(e, [where for where, _ in controls]) or field_of(e), str(e)) from None
     check_plan(sampler, schedule_name, steps, info.scheduler_config, conventions,
                strength=shared.get("strength", 1.0) if mode == "img2img" else 1.0, eta=shared["eta"])
     if hires is not None:
         shared["hires"] = hires
     if ip_images:  # as plain data; batching.ServedPipeline makes them images again
         shared.update(ip_adapter_image=ip_images, ip_adapter_scale=ip_scales)
+    if controls:  # as plain data too: ServedPipeline makes them sdengine.Controls of the loaded ControlNets
+        shared["control"] = tuple(unit for _, unit in controls)
     if refiner is not None:
         shared.update(refiner=refiner, refiner_switch_at=float(req.refiner_switch_at or 0.8))
     loras = ()
@@ -350,6 +461,34 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
     return Spec(mode=mode, prompts=[prompt] * n_images, negatives=[negative] * n_images, seeds=seeds,
                 shared=shared, init_images=init_images, masks=masks, request_id=uuid.uuid4().hex, loras=loras,
                 subseeds=subseeds, task_id=req.force_task_id or "")
+
+
+def _control(unit: tuple):
+    """A ControlNet unit (controlnet_unit's plain data) as a sdengine.Control, for Request.from_args's
+    checks; its model is the ControlNet's name (ServedPipeline gives the loaded one)."""
+    from PIL import Image
+
+    from ..controlnet import Control
+
+    name, (w, h, data), scale, start, end, guess_mode = unit
+    return Control(name, Image.frombytes("RGB", (w, h), data), scale=scale, start=start, end=end,
+                   guess_mode=guess_mode)
+
+
+# sdengine.Control's fields (as Request.from_args's errors name them: control[i].start) -> the unit's.
+CONTROL_FIELDS = {"scale": "weight", "start": "guidance_start", "end": "guidance_end", "image": "image",
+                  "model": "model", "guess_mode": "control_mode"}
+
+
+def _control_field(error: ValueError, wheres: list) -> Optional[str]:
+    """The unit field a Request.from_args error about control[i] names, or None."""
+    import re
+
+    match = re.match(r"control\[(\d+)\](?:\.(\w+))?", getattr(error, "parameter", "") or "")
+    if match is None or int(match.group(1)) >= len(wheres):
+        return None
+    field = CONTROL_FIELDS.get(match.group(2) or "", "model")
+    return f"{wheres[int(match.group(1))]}.{field}"
 
 
 @functools.cache

@@ -18,7 +18,7 @@ Two deliberate differences:
   are refused with a 422 naming the field otherwise, rather than silently producing a different
   image than asked for. The hires fix (enable_hr, hr_*) is sdengine.Hires, refiner_checkpoint
   names the refiner the server loaded (`sdengine serve MODEL --refiner PATH`), and
-  alwayson_scripts takes IP-Adapter units of A1111's ControlNet extension.
+  alwayson_scripts takes IP-Adapter and ControlNet units of A1111's ControlNet extension.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ class _Request(BaseModel):
     script_args: Optional[list] = []
     send_images: Optional[bool] = True
     save_images: Optional[bool] = False
-    # A1111's ControlNet extension's IP-Adapter units (openapi.py states them where adapters are loaded)
+    # A1111's ControlNet extension's IP-Adapter and ControlNet units (openapi.py states them where loaded)
     alwayson_scripts: Optional[dict] = {}
     force_task_id: Optional[str] = Field(None, max_length=200)  # names the request for /internal/progress
     infotext: Optional[str] = None

@@ -5,6 +5,7 @@
 //   POST /sdapi/v1/interrupt                     stop it
 //   POST /sdapi/v1/png-info                      the settings in an image's infotext
 //   GET  /sdapi/v1/samplers, schedulers, loras, sd-models; /openapi.json (defaults and limits)
+//   GET  /controlnet/model_list                  the ControlNets (sdengine serve --controlnet)
 
 import { Api, ApiError, ConnectionLost } from "./api.js";
 import { MaskPainter, readDataUrl } from "./canvas.js";
@@ -15,7 +16,8 @@ const NUMBER_FIELDS = ["steps", "cfg_scale", "width", "height", "seed", "batch_s
 
 const HIRES_FIELDS = ["hr_scale", "hr_second_pass_steps"];
 
-const state = { ready: false, running: false, stopRequested: false, imageCount: 0, schedulers: [], ipAdapters: [] };
+const state = { ready: false, running: false, stopRequested: false, imageCount: 0, schedulers: [], ipAdapters: [],
+  controlImage: undefined };
 
 const api = new Api({
   askKey,
@@ -32,15 +34,16 @@ const painter = new MaskPainter($("canvas-wrap"), $("init_canvas"), $("mask_canv
 
 async function init() {
   try {
-    const [samplers, schedulers, models, schema] = await Promise.all([
+    const [samplers, schedulers, models, schema, controlnets] = await Promise.all([
       api.get("/sdapi/v1/samplers"), api.get("/sdapi/v1/schedulers"), api.get("/sdapi/v1/sd-models"),
-      api.get("/openapi.json"),
+      api.get("/openapi.json"), api.get("/controlnet/model_list"),
     ]);
     fillSelect($("sampler_name"), samplers.map((s) => [s.name, s.name]));
     state.schedulers = schedulers;
     fillSelect($("scheduler"), schedulers.map((s) => [s.name, s.label]));
     $("model").textContent = models.length ? models[0].title : "";
     applySchema(schema);
+    applyControlNets(controlnets.model_list || []);
     state.ready = true;
     $("generate").disabled = false;
     await loadLoras();
@@ -88,7 +91,7 @@ function applyExtrasSchema(props) {
   fillSelect($("refiner_checkpoint"), [["", "None"], ...refiners.map((r) => [r, r])]);
   $("refiner").hidden = !refiners.length;
   const script = props.alwayson_scripts?.anyOf?.find((b) => b.additionalProperties)?.additionalProperties;
-  const unit = script?.properties?.args?.items?.anyOf?.find((u) => u.properties?.model?.examples);
+  const unit = script?.properties?.args?.items?.anyOf?.find((u) => u.properties?.module?.pattern === "^ip-adapter");
   state.ipAdapters = unit ? unit.properties.model.examples : [];
   state.ipImages = [];
   $("ip-adapter-list").replaceChildren(...state.ipAdapters.map((name, i) => {
@@ -108,6 +111,15 @@ function applyExtrasSchema(props) {
     return row;
   }));
   $("ip-adapters").hidden = !state.ipAdapters.length;
+}
+
+// The ControlNet panel: the models of /controlnet/model_list but the IP-Adapters (which it lists too,
+// as A1111's extension does), each "name [hash]"; hidden on a server without ControlNets.
+function applyControlNets(models) {
+  const ipAdapters = new Set(state.ipAdapters);
+  const controlnets = models.filter((m) => !ipAdapters.has(m.split(" [")[0]));
+  fillSelect($("controlnet_model"), controlnets.map((m) => [m, m]));
+  $("controlnet").hidden = !controlnets.length;
 }
 
 async function loadLoras() {
@@ -165,6 +177,13 @@ function collect() {
   const units = state.ipAdapters.map((name, i) => ({ name, image: state.ipImages[i], weight: $(`ip_weight_${i}`).value }))
     .filter((u) => u.image)
     .map((u) => ({ enabled: true, module: "ip-adapter_clip_sd15", model: u.name, weight: Number(u.weight), image: u.image }));
+  if (!$("controlnet").hidden && state.controlImage) {  // the control map as is: module none, "Just Resize"
+    units.push({
+      enabled: true, module: "none", model: $("controlnet_model").value, image: state.controlImage,
+      weight: Number($("control_weight").value), guidance_start: Number($("control_start").value),
+      guidance_end: Number($("control_end").value), resize_mode: "Just Resize", control_mode: "Balanced",
+    });
+  }
   if (units.length) body.alwayson_scripts = { ControlNet: { args: units } };
   return body;
 }
@@ -323,6 +342,7 @@ function fillForm(p) {
     if ([...$("refiner_checkpoint").options].some((o) => o.value === name)) $("refiner_checkpoint").value = name;
     set("refiner_switch_at", p["Refiner switch at"]);
   }
+  fillControlNet(p);
   if (p["Sampler"] && [...$("sampler_name").options].some((o) => o.value === p["Sampler"])) {
     $("sampler_name").value = p["Sampler"];
   }
@@ -330,6 +350,26 @@ function fillForm(p) {
   if (schedule) {
     const found = state.schedulers.find((s) => s.label === schedule || s.name === schedule);
     if (found) $("scheduler").value = found.name;
+  }
+}
+
+// A1111's ControlNet extension writes each unit as one field, `ControlNet 0: "Module: none, Model:
+// name [hash], Weight: 0.8, ..., Guidance Start: 0.0, Guidance End: 1.0, ..."`. The first module-none
+// unit whose model this server has fills the panel (its control image is not in the PNG: upload it).
+function fillControlNet(p) {
+  if ($("controlnet").hidden) return;
+  const units = Object.keys(p).filter((k) => /^ControlNet \d+$/.test(k)).sort()
+    .map((k) => Object.fromEntries(String(p[k]).split(", ").map((kv) => [kv.split(": ")[0], kv.split(": ").slice(1).join(": ")])));
+  const bare = (m) => String(m || "").split(" [")[0];
+  for (const unit of units) {
+    const option = [...$("controlnet_model").options].find((o) => bare(o.value) === bare(unit.Model));
+    if (unit.Module !== "none" || !option) continue;
+    $("controlnet_model").value = option.value;
+    for (const [id, key] of [["control_weight", "Weight"], ["control_start", "Guidance Start"], ["control_end", "Guidance End"]]) {
+      if (unit[key] !== undefined && unit[key] !== "") $(id).value = Number(unit[key]);
+    }
+    $("controlnet").open = true;
+    return;
   }
 }
 
@@ -419,6 +459,9 @@ $("mask_file").addEventListener("change", async (e) => {
   if (e.target.files[0]) await painter.upload(e.target.files[0]).catch(showError);
 });
 $("clear_mask").addEventListener("click", () => painter.clear());
+$("control_image").addEventListener("change", async (e) => {
+  state.controlImage = e.target.files[0] ? await readDataUrl(e.target.files[0]).catch(showError) : undefined;
+});
 
 // Drop a PNG anywhere: its settings fill the form (A1111's PNG Info).
 let dragDepth = 0;
