@@ -99,8 +99,11 @@ class DiscreteSchedule:
         """Fractional timestep: linear interpolation in log sigma between the neighbouring
         training timesteps, clamped to [0, T-1]."""
         log_sigma = torch.as_tensor(sigma, dtype=torch.float32).log()
-        dists = log_sigma - self.log_sigmas[:, None]
-        low = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=self.log_sigmas.shape[0] - 2)
+        # k-diffusion's dists.ge(0).cumsum(0).argmax(0): the last training timestep whose log
+        # sigma is <= log_sigma (0 if none), found by binary search in the ascending log sigmas
+        # instead of a (T, n) table
+        low = (torch.searchsorted(self.log_sigmas, log_sigma.reshape(-1), right=True) - 1).clamp(
+            0, self.log_sigmas.shape[0] - 2)
         low_log, high_log = self.log_sigmas[low], self.log_sigmas[low + 1]
         w = ((low_log - log_sigma) / (low_log - high_log)).clamp(0, 1)
         return ((1 - w) * low + w * (low + 1)).view(log_sigma.shape)
