@@ -533,15 +533,16 @@ def test_controlnet_unit_in_alwayson_scripts(tmp_path):
     """`sdengine serve --controlnet`: /controlnet/model_list names it, and a webuiapi ControlNetUnit
     (module none: the image is the control map) runs it with its weight and guidance start / end:
     the pixels and infotext of pipe(control=[sdengine.Control(...)]). A bad model or module, an
-    unserved resize mode, a mask and guidance_start after guidance_end are 422s naming the unit's field."""
+    unknown resize mode, a mask and guidance_start after guidance_end are 422s naming the unit's field."""
     model, controlnet = _tiny_controlnet_server_files(tmp_path)
     control_image = Image.fromarray((np.random.default_rng(2).random((16, 16, 3)) * 255).astype("uint8"))
+    # webuiapi's default resize mode, "Resize and Fill", on an image of the output size: as sent
     unit = webuiapi.ControlNetUnit(image=control_image, module="none", model="edges-controlnet [ffffffff]",
-                                   weight=0.8, guidance_start=0.0, guidance_end=0.75, resize_mode="Just Resize")
+                                   weight=0.8, guidance_start=0.0, guidance_end=0.75)
     bad_units = {
         "model": dict(unit.to_dict(), model="control_v11p_sd15_canny"),
         "module": dict(unit.to_dict(), module="canny"),
-        "resize_mode": unit.to_dict() | {"resize_mode": "Resize and Fill"},
+        "resize_mode": unit.to_dict() | {"resize_mode": "Outpaint"},
         "mask": unit.to_dict() | {"mask": _b64_png(control_image)},
         "guidance_start": unit.to_dict() | {"guidance_start": 0.9, "guidance_end": 0.2},
         "control_mode": unit.to_dict() | {"control_mode": "My prompt is more important"},
@@ -563,7 +564,8 @@ def test_controlnet_unit_in_alwayson_scripts(tmp_path):
     stated = [u for u in scripts["additionalProperties"]["properties"]["args"]["items"]["anyOf"]
               if "model" in u.get("properties", {})]
     assert [u["properties"]["model"]["examples"] for u in stated] == [["edges-controlnet"]]  # no IP-Adapter unit
-    assert stated[0]["properties"]["resize_mode"]["enum"] == [None, "", 0, "Just Resize"]
+    assert stated[0]["properties"]["resize_mode"]["enum"] == [None, "", 0, "Just Resize", 1, "Crop and Resize",
+                                                              2, "Resize and Fill"]
     kwargs = dict(negative_prompt="", seed=5, steps=4, width=16, height=16, sampler="Euler", guidance_scale=7.0,
                   prompt_syntax="a1111", progress=False)
     want = pipe("a cat", control=[sdengine.Control(str(controlnet), control_image, scale=0.8, end=0.75)], **kwargs)
@@ -616,3 +618,23 @@ def test_serve_controlnet_flag_is_repeatable():
     settings = settings_from_args(parser.parse_args(["model", "--controlnet", "canny/", "--controlnet", "depth.pth"]))
     assert settings.controlnets == ("canny/", "depth.pth")
     assert settings_from_args(parser.parse_args([])).controlnets == ()
+
+
+def test_controlnet_resize_modes_fit_the_image_as_the_extension_does():
+    """A 12x6 control image fitted to 8x8: Crop and Resize scales by the larger ratio (16x8) and
+    keeps the centre; Resize and Fill scales by the smaller (8x4) and centres it on the median colour
+    of the image's border; Just Resize leaves the stretch to the pipeline."""
+    from sdengine.serve.requests import fit_control_image
+
+    pixels = (np.random.default_rng(7).random((6, 12, 3)) * 255).astype("uint8")
+    image = Image.fromarray(pixels)
+    assert fit_control_image(image, 0, 8, 8) is image
+    cropped = fit_control_image(image, 1, 8, 8)
+    scaled = image.resize((16, 8), resample=Image.LANCZOS)
+    assert cropped.size == (8, 8) and np.array_equal(_pixels(cropped), _pixels(scaled)[:, 4:12])
+    filled = _pixels(fit_control_image(image, 2, 8, 8))
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    colour = np.median(border, axis=0).astype("uint8")
+    assert filled.shape == (8, 8, 3) and (filled[:2] == colour).all() and (filled[6:] == colour).all()
+    assert np.array_equal(filled[2:6], _pixels(image.resize((8, 4), resample=Image.LANCZOS)))
+    assert fit_control_image(image.resize((8, 8)), 2, 8, 8).size == (8, 8)

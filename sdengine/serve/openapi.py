@@ -112,7 +112,7 @@ def _alwayson_scripts(info) -> dict:
     (requests.extension_units); none without either."""
     import re
 
-    from .requests import CONTROLNET_MODULES, CONTROLNET_SCRIPT, JUST_RESIZE
+    from .requests import CONTROLNET_MODULES, CONTROLNET_SCRIPT, RESIZE_MODES
 
     no_image = {"enum": ["", None]}
     image = {"type": "string", "format": IMAGE_FORMAT}
@@ -143,9 +143,11 @@ def _alwayson_scripts(info) -> dict:
             "image": unit_image, "input_image": {"anyOf": [unit_image, no_image]},
             "guidance_start": fraction, "guidance_end": fraction,
             "control_mode": {"enum": [0, 2, "Balanced", "ControlNet is more important", None]},
-            "resize_mode": {"enum": list(JUST_RESIZE)}, "hr_option": {"enum": ["Both", "", None]}},
-            "description": "A ControlNet unit: the image is the control map as sent (module none), resized to "
-                           "the output size; weight scales its residuals; it runs from guidance_start to "
+            "resize_mode": {"enum": [v for spellings in RESIZE_MODES for v in spellings]},
+            "hr_option": {"enum": ["Both", "", None]}},
+            "description": "A ControlNet unit: the image is the control map as sent (module none), fitted to "
+                           "the output size by resize_mode as the extension does it (Just Resize stretches, "
+                           "Crop and Resize covers and crops, Resize and Fill fits and pads); weight scales its residuals; it runs from guidance_start to "
                            "guidance_end (fractions of the run; guidance_start must not be after guidance_end: "
                            "a 422 names it). processor_res, threshold_a/b, pixel_perfect and low_vram play no "
                            "part without a preprocessor. GET /controlnet/model_list lists the models."})

@@ -123,8 +123,8 @@ CONTROLNET_SCRIPT = ("ControlNet", "controlnet")
 CONTROLNET_MODULES = ("none", "None")
 # IP-Adapter units' modules that /controlnet/module_list lists (any "ip-adapter*" runs the adapter's own encoder)
 IP_ADAPTER_MODULES = ("ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", "ip-adapter_clip_sdxl_plus_vith")
-# The extension's "Just Resize" resize mode (its name, its index, unset): how sdengine resizes a control image
-JUST_RESIZE = (None, "", 0, "Just Resize")
+# The extension's resize modes, by index: "Just Resize" (also when unset), "Crop and Resize", "Resize and Fill"
+RESIZE_MODES = ((None, "", 0, "Just Resize"), (1, "Crop and Resize"), (2, "Resize and Fill"))
 # sdengine.Hires's fields (as its errors name them) -> A1111's.
 HIRES_FIELDS = {"hires.scale": "hr_scale", "hires.upscaler": "hr_upscaler", "hires.steps": "hr_second_pass_steps",
                 "hires.denoising_strength": "denoising_strength", "hires.resize_x": "hr_resize_x",
@@ -169,7 +169,7 @@ def hires_of(req, prompt: str, negative: str, info: ModelInfo, limits: Limits, w
     return hires
 
 
-def extension_units(req, info: ModelInfo, limits: Limits) -> tuple:
+def extension_units(req, info: ModelInfo, limits: Limits, size: tuple) -> tuple:
     """The enabled units with an image that an A1111 request sends as its ControlNet extension sends
     them (alwayson_scripts.ControlNet.args), checked: ((IP-Adapter images, scales), ControlNet units).
     Units that are disabled or have no image are ignored, as the extension ignores them in txt2img.
@@ -177,7 +177,8 @@ def extension_units(req, info: ModelInfo, limits: Limits) -> tuple:
     A unit whose module is "ip-adapter_*" is an IP-Adapter unit (ip_adapter_unit); any other is a
     ControlNet unit (controlnet_unit). The IP-Adapters get one image per loaded adapter (an adapter no
     unit names runs at scale 0), each as (width, height, RGB bytes) so that specs stay plain data;
-    ((), ()) when no IP-Adapter unit is enabled. Raises FieldError naming the unit by its index in args."""
+    ((), ()) when no IP-Adapter unit is enabled. size: the request's (width, height), which a
+    ControlNet unit's resize mode fits its image to. Raises FieldError naming the unit by its index in args."""
     scripts = req.alwayson_scripts or {}
     key = next((k for k in CONTROLNET_SCRIPT if k in scripts), None)
     script = scripts[key] if key is not None else {}
@@ -198,7 +199,7 @@ def extension_units(req, info: ModelInfo, limits: Limits) -> tuple:
             index, scale, decoded = ip_adapter_unit(unit, where, image, info, limits)
             ip_images[index], ip_scales[index] = decoded, scale
         else:
-            controls.append((where, controlnet_unit(unit, where, image, info, limits)))
+            controls.append((where, controlnet_unit(unit, where, image, info, limits, size)))
     if all(im is None for im in ip_images):
         return ((), ()), tuple(controls)
     first = next(im for im in ip_images if im is not None)
@@ -255,7 +256,7 @@ def _one_of(value, options) -> bool:
     return not isinstance(value, bool) and value in options
 
 
-def controlnet_unit(unit: dict, where: str, image: str, info: ModelInfo, limits: Limits) -> tuple:
+def controlnet_unit(unit: dict, where: str, image: str, info: ModelInfo, limits: Limits, size: tuple) -> tuple:
     """A ControlNet unit as plain data for batching.ServedPipeline, which makes it a sdengine.Control:
     (model name, (width, height, RGB bytes), scale, start, end, guess_mode).
 
@@ -264,10 +265,10 @@ def controlnet_unit(unit: dict, where: str, image: str, info: ModelInfo, limits:
     "name [hash]". weight: the residual scale; guidance_start / guidance_end: the part of the run it
     is active in (sdengine.Control's start / end, checked by Request.from_args). control_mode:
     "Balanced" (0), or "ControlNet is more important" (2: diffusers' guess mode, as sdengine's
-    infotext names it). resize_mode: "Just Resize" (0), how the control image is resized to the
-    output size (webuiapi's default "Resize and Fill" is refused, even for an image of the output
-    size, so that the OpenAPI schema can state the rule). hr_option: "Both" (the hires pass runs
-    the ControlNet too). Raises FieldError."""
+    infotext names it). resize_mode: how the control image meets size = (width, height), as the
+    extension does it: "Just Resize" (0: stretched), "Crop and Resize" (1: scaled to cover, then
+    centre-cropped) or "Resize and Fill" (2: scaled to fit, centred on its border's median colour;
+    webuiapi's default). hr_option: "Both" (the hires pass runs the ControlNet too). Raises FieldError."""
     module = unit.get("module")
     if module not in (None, "", *CONTROLNET_MODULES):
         raise FieldError(f"{where}.module", f"ControlNet units take module 'none' (the control image is used as "
@@ -298,10 +299,11 @@ def controlnet_unit(unit: dict, where: str, image: str, info: ModelInfo, limits:
     if not _one_of(unit.get("hr_option"), (None, "", "Both")):
         raise FieldError(f"{where}.hr_option", f"the hires pass runs every ControlNet here: 'Both', got "
                                                f"{unit.get('hr_option')!r}")
-    if not _one_of(unit.get("resize_mode"), JUST_RESIZE):
-        raise FieldError(f"{where}.resize_mode", f"the control image is resized to the output size as 'Just Resize' "
-                                                 f"(0) does; give that, got {unit.get('resize_mode')!r}")
-    decoded = decode_image(image, f"{where}.image", limits).convert("RGB")
+    mode = next((m for m, spellings in enumerate(RESIZE_MODES) if _one_of(unit.get("resize_mode"), spellings)), None)
+    if mode is None:
+        raise FieldError(f"{where}.resize_mode", f"must be 'Just Resize' (0), 'Crop and Resize' (1) or 'Resize and "
+                                                 f"Fill' (2), got {unit.get('resize_mode')!r}")
+    decoded = fit_control_image(decode_image(image, f"{where}.image", limits).convert("RGB"), mode, *size)
     return (name, (decoded.width, decoded.height, decoded.tobytes()), weight, bounds["guidance_start"],
             bounds["guidance_end"], guess_mode)
 
@@ -426,7 +428,7 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
         raise FieldError("init_images", f"{info.title} is an inpainting model: use img2img with init_images and mask")
     hires = hires_of(req, prompt, negative, info, limits, width, height) if not img2img else None
     refiner = refiner_of(req, info)
-    (ip_images, ip_scales), controls = extension_units(req, info, limits)
+    (ip_images, ip_scales), controls = extension_units(req, info, limits, (width, height))
     if hires is not None and refiner is not None:
         raise FieldError("refiner_checkpoint", "the refiner and the hires fix cannot be combined yet")
     try:  # the checks every front end shares (sdengine.request: generate, the CLI, the C API's bindings)
@@ -627,6 +629,29 @@ def _resize(image, width: int, height: int):
     from PIL import Image
 
     return image if image.size == (width, height) else image.resize((width, height), resample=Image.LANCZOS)
+
+
+def fit_control_image(image, mode: int, width: int, height: int):
+    """The ControlNet extension's resize modes 1 and 2 on an RGB image, to width x height (its
+    INNER_FIT / OUTER_FIT: scale by the larger / smaller of the two ratios, rounded sizes, then crop
+    the centre / centre it on a canvas of the median colour of its border pixels, offsets floored).
+    Mode 0 ("Just Resize") returns the image as it is: the pipeline stretches it (Lanczos)."""
+    import numpy as np
+    from PIL import Image
+
+    if mode == 0 or image.size == (width, height):
+        return image
+    scale = (max if mode == 1 else min)(width / image.width, height / image.height)
+    fitted = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                          resample=Image.LANCZOS)
+    if mode == 1:
+        left, top = max(0, (fitted.width - width) // 2), max(0, (fitted.height - height) // 2)
+        return fitted.crop((left, top, left + width, top + height))
+    pixels = np.asarray(image)  # (H, W, 3)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])  # (2W + 2H, 3)
+    canvas = Image.new("RGB", (width, height), tuple(int(v) for v in np.median(border, axis=0).astype(np.uint8)))
+    canvas.paste(fitted, (max(0, (width - fitted.width) // 2), max(0, (height - fitted.height) // 2)))
+    return canvas
 
 
 def _binary_mask(image, invert: bool):
