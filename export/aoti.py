@@ -18,8 +18,9 @@ An engine is a folder:
                        the single-file tensors each constant may be read from ("ldm"); under
                        "single_file", the family's defaults for single files (schedulers
                        per prediction type, default prediction type, tokenizer folder)
-    text_encoder.pt2   input_ids (B, 77) int64            -> hidden states (B, 77, D)
-    text_encoder_2.pt2 SDXL: input_ids (B, 77)            -> (hidden states (B, 77, D2), pooled (B, P))
+    text_encoder.pt2   input_ids (B, 77) int64, clip_skip (B,) int64 -> hidden states (B, 77, D) at
+                       that clip_skip (every clip_skip from one graph: export/graphs.py)
+    text_encoder_2.pt2 SDXL: input_ids, clip_skip         -> (hidden states (B, 77, D2), pooled (B, P))
     unet.pt2           x (B, C, h, w), t (B,) float32, context (B, 77, D) -> (B, C_out, h, w);
                        SDXL also text_embeds (B, P) and time_ids (B, 6)
     vae_decoder.pt2    unscaled latents z (B, C, h, w)    -> images (B, 3, 8h, 8w) in [-1, 1]
@@ -62,8 +63,8 @@ from sdengine.device import dtype_name
 
 from .graphs import PREFIX, TextEncoderGraph, UNetGraph, VAEDecoderGraph, VAEEncoderGraph
 
-FORMAT_VERSION = 4  # 2: single-file sources ("ldm") and defaults ("single_file"); 3: vae_encoder, SDXL;
-# 4: the LoRA name table ("lora") and the text encoders' added-token tables
+FORMAT_VERSION = 5  # 2: single-file sources ("ldm") and defaults ("single_file"); 3: vae_encoder, SDXL;
+# 4: the LoRA name table ("lora") and the text encoders' added-token tables; 5: the text encoders' clip_skip input
 NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")  # text_encoder_2: SDXL
 MAX_BATCH = 64
 MAX_LATENT = 512  # latent cells per side: 4096 px with an 8x VAE
@@ -184,6 +185,7 @@ def example_inputs(config, dtype, device, static: bool = False):
         return STATIC_BATCH[name] if static else 2
 
     ids = torch.zeros(rows("text_encoder"), tokens, dtype=torch.long, device=device)
+    clip_skip = torch.zeros(rows("text_encoder"), dtype=torch.long, device=device)
     b = rows("unet")
     x = torch.randn(b, config.unet.in_channels, lh, lw, device=device, dtype=dtype)
     t = torch.full((b,), 500.0, device=device)
@@ -198,8 +200,8 @@ def example_inputs(config, dtype, device, static: bool = False):
         unet_args += (text_embeds, time_ids)
         unet_dynamic.update({"text_embeds": {0: batch}, "time_ids": {0: batch}})
     examples = {
-        "text_encoder": ((ids,), {"input_ids": {0: batch}}),
-        "text_encoder_2": ((ids,), {"input_ids": {0: batch}}),
+        "text_encoder": ((ids, clip_skip), {"input_ids": {0: batch}, "clip_skip": {0: batch}}),
+        "text_encoder_2": ((ids, clip_skip), {"input_ids": {0: batch}, "clip_skip": {0: batch}}),
         "unet": (unet_args, unet_dynamic),
         "vae_decoder": ((z,), {"z": {0: batch, 2: multiple * h, 3: multiple * w}}),
         "vae_encoder": ((images,), {"x": {0: batch, 2: down * multiple * h, 3: down * multiple * w}}),

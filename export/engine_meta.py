@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-FORMAT_VERSION = 4  # aoti.FORMAT_VERSION
+FORMAT_VERSION = 5  # aoti.FORMAT_VERSION
 MAX_DEPTH = 16
 NETWORK_NAMES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 REQUIRED_NETWORKS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")

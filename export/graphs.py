@@ -6,8 +6,9 @@ csrc/); a flag says which:
 
 | network         | ONNX                                         | AOTInductor                                     |
 |-----------------|----------------------------------------------|-------------------------------------------------|
-| text encoder(s) | hidden, pooled, hidden states by clip_skip   | hidden (`hidden`); SDXL's second: + pooled      |
-|                 | (`by_skip`)                                  | (`pooled`)                                      |
+| text encoder(s) | hidden, pooled, hidden states by clip_skip   | (input_ids, clip_skip (B,)) -> hidden at that   |
+|                 | (`by_skip`)                                  | clip_skip (`hidden`); SDXL's second: + pooled   |
+|                 |                                              | (`pooled`)                                      |
 | UNet            | timestep (B,) as given                       | timestep[0] (`one_timestep`)                    |
 | VAE encoder     | mean, logvar                                 | [mean, logvar] in one tensor (`stacked`)        |
 | VAE decoder     | the same                                     | the same                                        |
@@ -25,13 +26,19 @@ TEXT_OUTPUTS = ("hidden", "pooled", "by_skip")
 
 
 class TextEncoderGraph(nn.Module):
-    """input_ids (B, L) int64 -> by `outputs`:
-    "hidden":  hidden states (B, L, D) that condition the UNet;
-    "pooled":  (hidden states, pooled (B, P)) (SDXL's second encoder);
-    "by_skip": (hidden states, pooled, hidden_states_by_skip (S, B, L, D)), where
+    """input_ids (B, L) int64 [, clip_skip (B,) int64] -> by `outputs`:
+    "hidden":  hidden states (B, L, D) that condition the UNet, row b at clip_skip[b]: what
+               CLIPTextModel.forward(clip_skip=clip_skip[b]) returns as hidden;
+    "pooled":  (hidden states as "hidden", pooled (B, P)) (SDXL's second encoder);
+    "by_skip": (hidden states, pooled, hidden_states_by_skip (S, B, L, D)), no clip_skip input, where
                hidden_states_by_skip[k] is what CLIPTextModel.forward(clip_skip=k) returns as hidden:
                for output_layer "last", the final LayerNorm of the output of layer N - k (S = N + 1);
                for "penultimate", the output of layer N - 1 - k with no LayerNorm (S = N).
+
+    "hidden" and "pooled" (AOTInductor) take clip_skip as a tensor so that one compiled graph
+    serves every clip_skip, and clip_skip 0 costs one gather more than a graph without it
+    (the final LayerNorm runs once on the chosen layer, and once on the pooled rows only).
+    Out-of-range values are clamped: the callers check the range (sdengine/request.py).
     """
 
     def __init__(self, text_encoder: nn.Module, outputs: str):
@@ -40,29 +47,39 @@ class TextEncoderGraph(nn.Module):
             raise ValueError(f"outputs must be one of {TEXT_OUTPUTS}, got {outputs!r}")
         self.m, self.outputs = text_encoder, outputs
 
-    def forward(self, input_ids):
-        if self.outputs == "hidden":
-            return self.m(input_ids)[0]
-        if self.outputs == "pooled":
-            hidden, pooled = self.m(input_ids)
-            return hidden, pooled
+    def forward(self, input_ids, clip_skip=None):
         cfg, model = self.m.cfg, self.m.text_model
         x = model.embeddings(input_ids)  # (B, L, D)
         layer_outputs = [x]  # layer_outputs[k]: output of layer k (0 = embeddings)
         for layer in model.encoder.layers:
             x = layer(x)
             layer_outputs.append(x)
-        final = model.final_layer_norm(x)  # (B, L, D)
-        earlier = list(reversed(layer_outputs[:-1]))  # layers N-1, N-2, ..., 0
+        batch_index = torch.arange(x.shape[0], device=x.device)
+        eos = self.m._eos_positions(input_ids)  # (B,)
+        if self.outputs == "by_skip":
+            final = model.final_layer_norm(x)  # (B, L, D)
+            earlier = list(reversed(layer_outputs[:-1]))  # layers N-1, N-2, ..., 0
+            if cfg.output_layer == "last":
+                by_skip = [final] + [model.final_layer_norm(h) for h in earlier]
+            else:
+                by_skip = earlier
+            pooled = final[batch_index, eos]  # (B, D)
+            if cfg.projection_dim is not None:
+                pooled = self.m.text_projection(pooled)  # (B, projection_dim)
+            return by_skip[0], pooled, torch.stack(by_skip)  # (S, B, L, D)
+        # Row b's layer: N - clip_skip[b] ("last"), N - 1 - clip_skip[b] ("penultimate").
+        top = cfg.num_hidden_layers - (1 if cfg.output_layer == "penultimate" else 0)
+        layer_index = (top - clip_skip).clamp(0, top)  # (B,)
+        hidden = torch.stack(layer_outputs[:top + 1])[layer_index, batch_index]  # (top + 1, B, L, D) -> (B, L, D)
         if cfg.output_layer == "last":
-            by_skip = [final] + [model.final_layer_norm(h) for h in earlier]
-        else:
-            by_skip = earlier
-        batch_index = torch.arange(final.shape[0], device=final.device)
-        pooled = final[batch_index, self.m._eos_positions(input_ids)]  # (B, D)
+            hidden = model.final_layer_norm(hidden)
+        if self.outputs == "hidden":
+            return hidden
+        # LayerNorm works token by token: the end-of-text rows alone give the pooled output.
+        pooled = model.final_layer_norm(x[batch_index, eos])  # (B, D)
         if cfg.projection_dim is not None:
             pooled = self.m.text_projection(pooled)  # (B, projection_dim)
-        return by_skip[0], pooled, torch.stack(by_skip)  # (S, B, L, D)
+        return hidden, pooled
 
 
 class UNetGraph(nn.Module):

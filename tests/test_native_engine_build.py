@@ -104,15 +104,17 @@ def test_engine_builds_through_retries_when_compiles_crash(native, eager, model_
     for (data, w, h, _), expected in zip(ours, ref):
         image = np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3)
         assert np.abs(image.astype(int) - expected.astype(int)).max() <= 2
-    # The Python loop on the same engine (aoti): the static text encoder row by row there too.
+    # The Python loop on the same engine (aoti): the static text encoder row by row there too,
+    # its clip_skip input (B,) with it.
     loaded = sdengine.load(model_dir, backend="eager")
     backend = AOTIBackend(loaded.config, loaded.backend.text_encoder, loaded.backend.unet, loaded.backend.vae,
                           engine_dir=built)
     ids = loaded.tokenizer([PROMPT, "blurry", ""])
-    context, _ = backend.encode_text(ids)
-    with torch.inference_mode():
-        expected, _ = loaded.backend.text_encoder(ids)
-    torch.testing.assert_close(context, expected, rtol=1e-4, atol=1e-4)
+    for clip_skip in (None, 1):
+        context, _ = backend.encode_text(ids, clip_skip=clip_skip)
+        with torch.inference_mode():
+            expected, _ = loaded.backend.text_encoder(ids, clip_skip=clip_skip)
+        torch.testing.assert_close(context, expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="the text_encoder network of this engine runs inputs of shape"):
         backend.encode_text(torch.zeros(1, 70, dtype=torch.long))
 

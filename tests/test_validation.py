@@ -54,8 +54,10 @@ ROWS = [
     row("seed must be an integer in [0, 2**64 - 1]", py=dict(seed=[1, 2])),
     row("seed must be an integer in [0, 2**64 - 1]", py=dict(seed=True)),
     # clip_skip beyond the encoder's depth (the tiny encoder has 2 layers)
-    row("clip_skip must be an integer in [0, 1]", py=dict(clip_skip=2), cli=["--clip-skip", "2"]),
-    row("clip_skip must be an integer in [0, 1000]", py=dict(clip_skip=-1), cli=["--clip-skip", "-1"]),
+    row("clip_skip must be an integer in [0, 1] (the text encoder has 2 layers), got 2", py=dict(clip_skip=2),
+        cli=["--clip-skip", "2"], c=dict(clip_skip=2)),
+    row("clip_skip must be an integer in [0, 1000]", py=dict(clip_skip=-1), cli=["--clip-skip", "-1"],
+        c=dict(clip_skip=-1)),
     row("clip_skip must be an integer", py=dict(clip_skip="1")),
     # latents of the wrong shape or dtype
     row("latents must have shape (1, 4, 8, 8)", py=dict(latents=torch.randn(1, 4, 5, 5))),

@@ -385,6 +385,13 @@ typedef struct sde_gen_params {
   int64_t eta_noise_seed_delta;
   sde_rng rng;
   sde_prompt_syntax prompt_syntax; /* how prompt and negative_prompt are read; default plain */
+  /* Text-encoder layers to skip, diffusers' clip_skip (A1111's "Clip skip" minus 1), for every
+   * text encoder: 0 (the default) conditions on the last layer's output (SDXL: the penultimate);
+   * k on the output of the layer k before it, through the final LayerNorm for SD1 / SD2 (none
+   * for SDXL). In [0, N - 1] with N the layers of the shallowest text encoder (SDXL, already on
+   * the penultimate layer: [0, N - 2]), as sdengine/request.py; any other value is
+   * SDE_ERR_INVALID_ARGUMENT naming clip_skip. */
+  int clip_skip;
 } sde_gen_params;
 
 SDE_API void sde_gen_params_init(sde_gen_params *params);
@@ -457,10 +464,10 @@ typedef struct sde_infotext sde_infotext;
  * (A1111 prompt syntax), Steps, Sampler, Schedule type, CFG scale, Seed, Size, ENSD, Variation
  * seed and strength, Seed resize from, RNG (no RNG field is A1111's GPU generator, whose numbers
  * SDE_RNG_NV draws), Eta and Denoising strength, under A1111's rules unless its "Sampler
- * conventions" says diffusers. Fields absent take A1111's defaults (20 steps, DPM++ 2M, CFG 7);
+ * conventions" says diffusers; "Clip skip: N" sets clip_skip to N - 1 (A1111 counts the last
+ * layer too). Fields absent take A1111's defaults (20 steps, DPM++ 2M, CFG 7);
  * fields that do not change the image (Model, hashes, Version) are kept in *info. Every other
- * field, and "Clip skip" above 1 (the engines have one text-encoder output layer), is
- * SDE_ERR_INVALID_ARGUMENT naming it. Initialize *params first (sde_gen_params_init): fields the
+ * field is SDE_ERR_INVALID_ARGUMENT naming it. Initialize *params first (sde_gen_params_init): fields the
  * text does not set keep their values; "Denoising strength" sets strength, and the caller gives
  * init_image. params->prompt and negative_prompt point into *info: free it with
  * sde_infotext_free after the request. */

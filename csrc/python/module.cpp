@@ -240,7 +240,8 @@ class PyModel {
                     std::optional<std::string> conventions, std::optional<py::array_t<float, py::array::c_style | py::array::forcecast>> latents_in,
                     py::int_ subseed, double subseed_strength, int seed_resize_from_w, int seed_resize_from_h,
                     int64_t eta_noise_seed_delta, const std::string &rng, const std::string &prompt_syntax,
-                    const std::vector<std::tuple<PyControlNet *, py::bytes, double, double, double, bool>> &controls) {
+                    const std::vector<std::tuple<PyControlNet *, py::bytes, double, double, double, bool>> &controls,
+                    int clip_skip) {
     sde_gen_params p;
     sde_gen_params_init(&p);
     std::string init_bytes, mask_bytes;
@@ -308,6 +309,7 @@ class PyModel {
     if (prompt_syntax != "plain" && prompt_syntax != "a1111")
       throw py::value_error("prompt_syntax must be 'plain' or 'a1111', got '" + prompt_syntax + "'");
     p.prompt_syntax = prompt_syntax == "a1111" ? SDE_PROMPT_SYNTAX_A1111 : SDE_PROMPT_SYNTAX_PLAIN;
+    p.clip_skip = clip_skip;  // checked by sde_model_generate
     // ControlNets: (controlnet, RGB bytes at the request's size, scale, start, end, guess mode)
     std::vector<std::string> control_bytes;
     std::vector<sde_control> control_list;
@@ -537,7 +539,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("subseed") = 0, py::arg("subseed_strength") = 0.0, py::arg("seed_resize_from_w") = 0,
            py::arg("seed_resize_from_h") = 0, py::arg("eta_noise_seed_delta") = 0, py::arg("rng") = "cpu",
            py::arg("prompt_syntax") = "plain",
-           py::arg("controls") = std::vector<std::tuple<PyControlNet *, py::bytes, double, double, double, bool>>())
+           py::arg("controls") = std::vector<std::tuple<PyControlNet *, py::bytes, double, double, double, bool>>(),
+           py::arg("clip_skip") = 0)
       .def("set_loras", &PyModel::set_loras, py::arg("loras"),
            "sde_model_set_loras: [(path, scale), ...] merged in place of the set merged now; [] restores")
       .def("load_embedding", &PyModel::load_embedding, py::arg("path"), py::arg("token") = py::none(),
@@ -566,6 +569,7 @@ PYBIND11_MODULE(_C, m) {
     out["seed_resize_from"] = py::make_tuple(p.seed_resize_from_w, p.seed_resize_from_h);
     out["eta_noise_seed_delta"] = p.eta_noise_seed_delta, out["rng"] = p.rng == SDE_RNG_NV ? "nv" : "cpu";
     out["prompt_syntax"] = p.prompt_syntax == SDE_PROMPT_SYNTAX_A1111 ? "a1111" : "plain";
+    out["clip_skip"] = p.clip_skip;
     const char *model = sde_infotext_field(info, "Model");
     out["model"] = model ? py::object(py::str(model)) : py::none();
     sde_infotext_free(info);

@@ -9,7 +9,7 @@
 namespace sde {
 namespace {
 
-constexpr int kFormatVersion = 4;  // export/aoti.py FORMAT_VERSION
+constexpr int kFormatVersion = 5;  // export/aoti.py FORMAT_VERSION
 constexpr int kMaxDepth = 16;
 
 class Checker {

@@ -4,7 +4,9 @@
 // every other one refused by name).
 #include "infotext.h"
 
+#include <algorithm>
 #include <cctype>
+#include <climits>
 #include <cmath>
 #include <array>
 #include <cstdlib>
@@ -257,10 +259,11 @@ void infotext_params(const Infotext &info, sde_gen_params *p) {
     if (present && v != 0.6)
       refuse(std::string("field '") + key + "' is " + *find(key) + "; sdengine's Beta schedule has A1111's default 0.6");
   }
+  // A1111 counts the last layer too: its "Clip skip: 2" is diffusers' clip_skip 1 (1 and below: none).
+  // sde_model_generate checks the range.
   long long clip_skip = integer("Clip skip", 1);
-  if (clip_skip > 1)
-    refuse("field 'Clip skip' is " + std::to_string(clip_skip) + ": the C runtime's engines have one text-encoder output "
-           "layer (clip skip runs from Python); remove it to draw without it");
+  if (find("Clip skip"))
+    p->clip_skip = static_cast<int>(std::clamp(clip_skip - 1, 0LL, static_cast<long long>(INT_MAX)));
   // No RNG field is A1111's default, its GPU generator, whose numbers NV draws on any device.
   std::string rng = find("RNG") ? *find("RNG") : "GPU";
   for (char &c : rng) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));

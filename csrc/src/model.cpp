@@ -125,6 +125,20 @@ Model::Model(ModelSource source, const sde_model_params &params) : dtype_(at::kF
     info_.text_dim_2 = dim("text_encoder_2", "text_model.embeddings.token_embedding.weight", 1);
     info_.pooled_dim = dim("text_encoder_2", "text_projection.weight", 0);
   }
+  // clip_skip's bound, as sdengine/request.py's: the smallest over the text encoders of their layers
+  // - 1, - 2 for one already on its penultimate layer (SDXL's). The compiled graphs' depths are
+  // engine.json's "config".
+  const Json &config = engine_.at("config");
+  std::vector<int> bounds;
+  for (const char *name : {"text_encoder", "text_encoder_2"}) {
+    const Json *encoder = config.find(name);
+    if (!encoder || !encoder->is_object()) continue;
+    int layers = static_cast<int>(encoder->get_number("num_hidden_layers", 0));
+    bool penultimate = encoder->get_string("output_layer", "last") == "penultimate";
+    if (bounds.empty()) info_.text_layers = layers;
+    bounds.push_back(layers - 1 - (penultimate ? 1 : 0));
+  }
+  info_.max_clip_skip = bounds.empty() ? 0 : std::max(*std::min_element(bounds.begin(), bounds.end()), 0);
 
   // -- instances and networks ------------------------------------------------------
   int instances = params.max_concurrency > 0 ? params.max_concurrency : 4;
@@ -182,6 +196,7 @@ namespace {
 // A text encoder on a batch of token ids.
 struct TextCall : Graphed {
   at::Tensor ids;     // (B, 77) int64
+  at::Tensor skip;    // (B,) int64: clip_skip, an input of the compiled graph (one graph for every value)
   at::Tensor hidden;  // (B, 77, D) float32
   at::Tensor pooled;  // (B, P) float32, SDXL's second encoder only
 };
@@ -216,7 +231,7 @@ Call *find_call(GraphCache &cache, const std::string &key) {
 }  // namespace
 
 std::pair<at::Tensor, at::Tensor> Model::encode_text(const std::vector<std::string> &prompts, bool a1111,
-                                                     Instance &inst) const {
+                                                     int clip_skip, Instance &inst) const {
   std::vector<float> weights;  // A1111's syntax: each id's weight (the first tokenizer's windows)
   auto encode = [&](const Network &net, const Tokenizer &tokenizer, int64_t dim, int64_t pooled_dim) {
     std::vector<int64_t> ids;
@@ -243,16 +258,18 @@ std::pair<at::Tensor, at::Tensor> Model::encode_text(const std::vector<std::stri
       auto made = std::make_unique<TextCall>();
       auto f32 = at::TensorOptions().dtype(at::kFloat).device(device_);
       made->ids = at::zeros({batch, length}, at::TensorOptions().dtype(at::kLong).device(device_));
+      made->skip = at::zeros({batch}, at::TensorOptions().dtype(at::kLong).device(device_));
       made->hidden = at::empty({batch, length, dim}, f32);
       if (pooled_dim) made->pooled = at::empty({batch, pooled_dim}, f32);
       made->fn = [this, c = made.get(), &net, index = inst.index] {
-        std::vector<at::Tensor> out = net.run_all({c->ids}, index);
+        std::vector<at::Tensor> out = net.run_all({c->ids, c->skip}, index);
         c->hidden.copy_(out.at(0));
         if (c->pooled.defined()) c->pooled.copy_(out.at(1));
       };
       call = static_cast<TextCall *>(inst.text->insert(key, std::move(made)));
     }
     call->ids.copy_(at::tensor(ids, at::kLong).reshape({batch, length}));
+    call->skip.fill_(clip_skip);
     inst.text->run(*call);
     return std::make_pair(call->hidden.clone(), call->pooled.defined() ? call->pooled.clone() : at::Tensor());
   };
@@ -331,6 +348,10 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
     throw InvalidArgument("mask_image needs an inpainting model (a " + std::to_string(2 * info.latent_channels + 1) +
                           "-channel UNet)");
   if (info.inpainting && !inpaint) throw InvalidArgument("this is an inpainting model: give init_image and mask_image");
+  if (p.clip_skip < 0 || p.clip_skip > info.max_clip_skip)  // sdengine/request.py's words
+    throw InvalidArgument("clip_skip must be an integer in [0, " + std::to_string(info.max_clip_skip) +
+                          "] (the text encoder has " + std::to_string(info.text_layers) + " layers), got " +
+                          std::to_string(p.clip_skip));
   double strength = p.strength != SDE_STRENGTH_DEFAULT ? p.strength : inpaint ? 1.0 : 0.8;
   // Inpainting at strength 1 starts from pure noise, as diffusers' (is_strength_max).
   bool init_for_sampler = p.init_image && (!inpaint || strength < 1.0);
@@ -363,7 +384,7 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
     }
   std::vector<std::string> prompts(static_cast<size_t>(n), p.prompt);
   bool a1111_syntax = p.prompt_syntax == SDE_PROMPT_SYNTAX_A1111;
-  auto [context, pooled] = encode_text(prompts, a1111_syntax, inst);
+  auto [context, pooled] = encode_text(prompts, a1111_syntax, p.clip_skip, inst);
   if (do_cfg) {
     at::Tensor neg_context, neg_pooled;
     if (info.sdxl && !p.negative_prompt) {  // SDXL's force_zeros_for_empty_prompt
@@ -371,7 +392,7 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
       neg_pooled = at::zeros_like(pooled);
     } else {
       std::vector<std::string> negatives(static_cast<size_t>(n), p.negative_prompt ? p.negative_prompt : "");
-      std::tie(neg_context, neg_pooled) = encode_text(negatives, a1111_syntax, inst);
+      std::tie(neg_context, neg_pooled) = encode_text(negatives, a1111_syntax, p.clip_skip, inst);
     }
     context = at::cat({neg_context, context});  // (2N, 77, D)
     if (info.sdxl) pooled = at::cat({neg_pooled, pooled});

@@ -40,6 +40,8 @@ struct ModelInfo {
   bool has_shift = false;
   double shift_factor = 0.0;
   int64_t text_dim = 0, text_dim_2 = 0, pooled_dim = 0;  // hidden sizes of the text encoders; SDXL's pooled size
+  // clip_skip's bound (sdengine/request.py's; Model::Model) and the first text encoder's layers.
+  int max_clip_skip = 0, text_layers = 0;
 };
 
 // What a request may run on: one compiled-model instance of every network (the networks'
@@ -134,7 +136,8 @@ class Model {
 
   // -> (context (B, 77, D), pooled (B, P); undefined unless SDXL), float32 on the device.
   // a1111: the prompts in A1111's syntax (one 75-token window each, emphasis applied).
-  std::pair<at::Tensor, at::Tensor> encode_text(const std::vector<std::string> &prompts, bool a1111,
+  // clip_skip: every text encoder's (sde_gen_params.clip_skip, checked).
+  std::pair<at::Tensor, at::Tensor> encode_text(const std::vector<std::string> &prompts, bool a1111, int clip_skip,
                                                 Instance &inst) const;
   // Scaled latents of an image (1, 3, H, W) in [-1, 1]: one posterior sample per generator
   // (diffusers' retrieve_latents(sample_mode="sample")). -> (N, C, h, w) on the device.

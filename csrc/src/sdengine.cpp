@@ -259,6 +259,7 @@ void sde_gen_params_init(sde_gen_params *params) {
   params->eta_noise_seed_delta = 0;
   params->rng = SDE_RNG_CPU;
   params->prompt_syntax = SDE_PROMPT_SYNTAX_PLAIN;
+  params->clip_skip = 0;
 }
 
 sde_status sde_model_generate(sde_model *model, const sde_gen_params *params, sde_image **images, int *count) {
@@ -298,6 +299,9 @@ sde_status sde_model_generate(sde_model *model, const sde_gen_params *params, sd
     SDE_REQUIRE(p.rng >= 0 && p.rng < SDE_RNG_COUNT, "rng out of range: " + std::to_string(static_cast<int>(p.rng)));
     SDE_REQUIRE(p.prompt_syntax >= 0 && p.prompt_syntax < SDE_PROMPT_SYNTAX_COUNT,
                 "prompt_syntax out of range: " + std::to_string(static_cast<int>(p.prompt_syntax)));
+    // clip_skip's bound for this model's text encoders: Model::generate.
+    SDE_REQUIRE(p.clip_skip >= 0 && p.clip_skip <= 1000,
+                "clip_skip must be an integer in [0, 1000], got " + std::to_string(p.clip_skip));
     SDE_REQUIRE(std::isfinite(p.subseed_strength) && p.subseed_strength >= 0 && p.subseed_strength <= 1,
                 "subseed_strength must be a number in [0, 1], got " + number(p.subseed_strength));
     SDE_REQUIRE(p.subseed_strength == 0 || p.subseed <= UINT64_MAX - static_cast<uint64_t>(p.batch_size - 1),

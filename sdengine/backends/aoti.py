@@ -7,11 +7,12 @@ calls the compiled packages through the backend interface of docs/CONTRACTS.md (
 denoise, encode_image, decode), one call at a time.
 
 This is the same engine as `backend="native"`, which runs whole requests in the C++ loop
-(libsdengine) instead; this backend serves what that loop does not (any sampler, clip_skip,
-explicit latents, per-image prompts) and times the compiled networks one by one.
+(libsdengine) instead; this backend serves what that loop does not (any sampler, explicit
+latents, per-image prompts) and times the compiled networks one by one.
 
-Not compiled (run eagerly, from the same weights): clip_skip other than None, and prompts with
-textual-inversion tokens (the engine's token table has the checkpoint's vocabulary only).
+Not compiled (run eagerly, from the same weights): prompts with textual-inversion tokens (the
+engine's token table has the checkpoint's vocabulary only). clip_skip is an input of the
+compiled text encoders.
 The engine reads the modules' own tensors, so LoRAs merged into them in place (`weight_views`)
 reach the engine with no reload. Its UNet takes 77-token contexts: A1111-syntax prompts get one
 75-token window.
@@ -200,18 +201,25 @@ class AOTIBackend(EngineWeights):
     @torch.inference_mode()
     def encode_text(self, input_ids, input_ids_2=None, clip_skip=None):
         """Token ids (B, 77) -> (context (B, 77, D), pooled (B, P) or None), as the eager backend:
-        SDXL concatenates both encoders' hidden states and takes the second's pooled output.
-        clip_skip, and ids past the engine's vocabulary (textual inversion), run through the eager
-        text encoders (the engine has one output layer and the checkpoint's token table)."""
-        if clip_skip is not None or int(input_ids.max()) >= self.engine_vocab_size():
+        SDXL concatenates both encoders' hidden states and takes the second's pooled output; both
+        encoders skip clip_skip layers. Ids past the engine's vocabulary (textual inversion) run
+        through the eager text encoders (the engine has the checkpoint's token table)."""
+        if int(input_ids.max()) >= self.engine_vocab_size():
             ids_2 = input_ids_2.to(self.device) if input_ids_2 is not None else None
             context, pooled = run_text_encoders(self.text_encoder, self.text_encoder_2, input_ids.to(self.device),
                                                 ids_2, clip_skip)
             return context, pooled if self.text_encoder_2 is not None else None  # as the compiled path
-        context = self._network("text_encoder")(input_ids.to(self.device))[0]
+        skip = 0 if clip_skip is None else int(clip_skip)
+        for encoder in (self.text_encoder, self.text_encoder_2):  # the compiled graphs clamp: check as eager does
+            if encoder is not None and not 0 <= skip <= encoder.cfg.num_hidden_layers - (
+                    encoder.cfg.output_layer == "penultimate"):
+                raise ValueError(f"clip_skip={clip_skip} is out of range for a {encoder.cfg.num_hidden_layers}-layer "
+                                 f"text encoder with output_layer={encoder.cfg.output_layer!r}")
+        skips = torch.full((input_ids.shape[0],), skip, dtype=torch.long, device=self.device)  # (B,)
+        context = self._network("text_encoder")(input_ids.to(self.device), skips)[0]
         if self.text_encoder_2 is None:
             return context, None
-        context_2, pooled = self._network("text_encoder_2")(input_ids_2.to(self.device))
+        context_2, pooled = self._network("text_encoder_2")(input_ids_2.to(self.device), skips)
         return torch.cat([context, context_2], dim=-1), pooled  # (B, 77, D1 + D2), (B, P)
 
     @torch.inference_mode()

@@ -139,8 +139,6 @@ class NativeBackend(EngineWeights):
 
         if run.plan.conventions == "a1111" and r.rng == "gpu":
             refuse("rng='gpu' (CUDA's generator); rng='nv' draws the same numbers on any device")
-        if r.clip_skip is not None:
-            refuse("clip_skip")
         if r.output_type == "latent":
             refuse("output_type='latent'")
         if r.vae_tiling:
@@ -226,7 +224,8 @@ class NativeBackend(EngineWeights):
                     seed_resize_from_w=int(resize[0]), seed_resize_from_h=int(resize[1]),
                     eta_noise_seed_delta=int(r.eta_noise_seed_delta or 0), rng=r.rng if a1111_rules else "cpu",
                     prompt_syntax="a1111" if r.prompt_syntax == "a1111" else "plain",
-                    controls=[(cn, per_image[first], *rest) for cn, per_image, *rest in controls])
+                    controls=[(cn, per_image[first], *rest) for cn, per_image, *rest in controls],
+                    clip_skip=r.clip_skip or 0)
             except _C.Cancelled as e:  # a callback returned False (an exception it raised propagates as itself)
                 from ..errors import GenerationCancelled
 

@@ -211,6 +211,32 @@ static int test_args(const char *model_dir, const char *engine_dir, const char *
   gp.mask_image = mask_image;
   expect_status(sde_model_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT, "needs an inpainting model",
                 "inpaint_with_text_to_image_model");
+  /* clip_skip: the tiny text encoder has 2 layers, so 0 (the default) and 1 run, and 1 conditions on another layer */
+  small_request(&gp, 1);
+  expect(gp.clip_skip == 0, "clip_skip_default", "sde_gen_params_init left clip_skip nonzero");
+  gp.clip_skip = 2;
+  expect_status(sde_model_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT,
+                "clip_skip must be an integer in [0, 1] (the text encoder has 2 layers), got 2", "clip_skip_past_encoder");
+  gp.clip_skip = -1;
+  expect_status(sde_model_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT,
+                "clip_skip must be an integer in [0, 1000], got -1", "clip_skip_negative");
+  unsigned char *by_skip[2] = {NULL, NULL};
+  for (int skip = 0; skip < 2; ++skip) {
+    gp.clip_skip = skip;
+    sde_status st = sde_model_generate(model, &gp, &images, &count);
+    expect_status(st, SDE_OK, NULL, skip ? "clip_skip_1_ok" : "clip_skip_0_ok");
+    if (st == SDE_OK) {
+      by_skip[skip] = malloc(16 * 16 * 3);
+      memcpy(by_skip[skip], images[0].data, 16 * 16 * 3);
+      sde_images_free(images, count);
+    }
+    images = NULL;
+    count = 0;
+  }
+  expect(by_skip[0] && by_skip[1] && memcmp(by_skip[0], by_skip[1], 16 * 16 * 3), "clip_skip_changes_image",
+         "clip_skip 1 gave clip_skip 0's image");
+  free(by_skip[0]);
+  free(by_skip[1]);
   small_request(&gp, 1);
   gp.init_image = init_image;
   gp.strength = 0.5;
@@ -456,18 +482,21 @@ static int test_samplers(const char *model_dir, const char *engine_dir, int thre
   free(args);
   free(ids);
 
-  /* An A1111 infotext read into a request and run (its prompt in A1111's syntax, NV, variation seed, ENSD). */
+  /* An A1111 infotext read into a request and run (its prompt in A1111's syntax, NV, variation seed, ENSD,
+   * clip skip: A1111's "Clip skip: 2" is clip_skip 1). */
   sde_gen_params gp;
   sde_infotext *info = NULL;
   sde_gen_params_init(&gp);
   expect_status(sde_gen_params_from_infotext("a (red:1.2) [square]\nNegative prompt: blurry\nSteps: 3, Sampler: Euler a, "
                                              "Schedule type: Karras, CFG scale: 6, Seed: 21, Size: 16x16, Variation seed: 5, "
-                                             "Variation seed strength: 0.3, ENSD: 31337, RNG: NV, Model: tiny",
+                                             "Variation seed strength: 0.3, ENSD: 31337, RNG: NV, Clip skip: 2, "
+                                             "Model: tiny",
                                              &gp, &info),
                 SDE_OK, NULL, "infotext_read");
   expect(gp.steps == 3 && gp.seed == 21 && gp.sampler == SDE_SAMPLER_EULER_A && gp.schedule == SDE_SCHEDULE_KARRAS &&
              gp.conventions == SDE_CONVENTIONS_A1111 && gp.rng == SDE_RNG_NV && gp.subseed == 5 &&
-             gp.eta_noise_seed_delta == 31337 && gp.prompt_syntax == SDE_PROMPT_SYNTAX_A1111 && gp.width == 16,
+             gp.eta_noise_seed_delta == 31337 && gp.prompt_syntax == SDE_PROMPT_SYNTAX_A1111 && gp.width == 16 &&
+             gp.clip_skip == 1,
          "infotext_fields", "the request differs from the text");
   const char *model_name = sde_infotext_field(info, "Model");
   expect(model_name && !strcmp(model_name, "tiny"), "infotext_descriptive_field", "Model: tiny not kept");

@@ -6,6 +6,7 @@ that passes on these weights exercises every norm scale and bias too.
 
     unet = diffusers_unet(tiny_config("sd21-v").unet)
     pipe = tiny_pipeline("sd15")              # StableDiffusionPipeline, safety checker off
+    deep = tiny_pipeline("sdxl", text_layers=4)  # text encoders of 4 layers (clip_skip up to 3, SDXL's 2)
     folder = save_tiny_pipeline("sdxl", tmp)  # save_pretrained(..., safe_serialization=True)
 
 Builders are cached: treat what they return as read-only (copy.deepcopy it to modify).
@@ -14,7 +15,9 @@ Builders are cached: treat what they return as read-only (copy.deepcopy it to mo
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -74,9 +77,21 @@ def transformers_text_encoder(cfg: TextEncoderConfig, seed: int = 0):
 # Tokenizer, scheduler, pipeline
 # ---------------------------------------------------------------------------
 
+def tiny_kind_config(kind: str, text_layers: Optional[int] = None):
+    """tiny_config(kind), with `text_layers` layers in every text encoder when given (the tiny
+    encoders have 2: too few for clip_skip 2)."""
+    cfg = tiny_config(kind)
+    if text_layers is None:
+        return cfg
+    deeper = {name: replace(encoder, num_hidden_layers=text_layers)
+              for name in ("text_encoder", "text_encoder_2") if (encoder := getattr(cfg, name)) is not None}
+    return replace(cfg, **deeper)
+
+
 @functools.lru_cache(maxsize=None)
-def tiny_pipeline(kind: str, seed: int = 0):
-    """A full diffusers pipeline of the tiny config `kind` (one of TINY_KINDS), fp32 on CPU.
+def tiny_pipeline(kind: str, seed: int = 0, text_layers: Optional[int] = None):
+    """A full diffusers pipeline of the tiny config `kind` (one of TINY_KINDS), fp32 on CPU;
+    text_layers: that many layers in every text encoder (tiny_kind_config).
 
     sd15 / sd21-v: StableDiffusionPipeline; sd15-inpaint: StableDiffusionInpaintPipeline;
     sdxl: StableDiffusionXLPipeline; sdxl-refiner: StableDiffusionXLImg2ImgPipeline (text_encoder_2
@@ -85,7 +100,7 @@ def tiny_pipeline(kind: str, seed: int = 0):
     """
     import diffusers
 
-    cfg = tiny_config(kind)
+    cfg = tiny_kind_config(kind, text_layers)
     if kind == "sdxl-refiner":  # StableDiffusionXLImg2ImgPipeline as the published refiner's folder has it
         return diffusers.StableDiffusionXLImg2ImgPipeline(
             vae=diffusers_vae(cfg.vae, seed), text_encoder=None, tokenizer=None,
@@ -111,10 +126,11 @@ def tiny_pipeline(kind: str, seed: int = 0):
     return pipeline_cls(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def save_tiny_pipeline(kind: str, folder, seed: int = 0) -> Path:
-    """save_pretrained the tiny pipeline `kind` into folder (safetensors); returns folder."""
+def save_tiny_pipeline(kind: str, folder, seed: int = 0, text_layers: Optional[int] = None) -> Path:
+    """save_pretrained the tiny pipeline `kind` (text_layers: tiny_pipeline's) into folder
+    (safetensors); returns folder."""
     folder = Path(folder)
-    tiny_pipeline(kind, seed).save_pretrained(folder, safe_serialization=True)
+    tiny_pipeline(kind, seed, text_layers).save_pretrained(folder, safe_serialization=True)
     return folder
 
 
