@@ -86,25 +86,32 @@ class ServedPipeline:
     def __call__(self, *args, refiner=None, ip_adapter_image=None, control=None, **kwargs):
         from PIL import Image
 
-        from ..controlnet import Control
-
         if refiner is not None and (self.refiner is None or refiner != self.refiner_name):
             raise ValueError(f"refiner {refiner!r} is not loaded")
         if ip_adapter_image is not None:
             ip_adapter_image = [Image.frombytes("RGB", (w, h), data) for w, h, data in ip_adapter_image]
-        controls = None
-        if control:
-            controls = []
-            for name, (w, h, data), scale, start, end, guess_mode in control:
-                if name not in self.controlnets:
-                    raise ValueError(f"control: ControlNet {name!r} is not loaded")
-                controls.append(Control(self.controlnets[name], Image.frombytes("RGB", (w, h), data), scale=scale,
-                                        start=start, end=end, guess_mode=guess_mode))
+        for name, *_ in control or ():
+            if name not in self.controlnets:
+                raise ValueError(f"control: ControlNet {name!r} is not loaded")
+        controls = [control_of(unit, self.controlnets[unit[0]]) for unit in control] if control else None
         return self.pipe(*args, refiner=self.refiner if refiner is not None else None,
                          ip_adapter_image=ip_adapter_image, control=controls, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.pipe, name)
+
+
+def control_of(unit: tuple, controlnet=None):
+    """A ControlNet unit's plain data (requests.controlnet_unit: name, (width, height, RGB bytes),
+    scale, start, end, guess_mode) as a sdengine.Control of `controlnet` (default: the name, which
+    Request.from_args's checks take)."""
+    from PIL import Image
+
+    from ..controlnet import Control
+
+    name, (width, height, data), scale, start, end, guess_mode = unit
+    return Control(name if controlnet is None else controlnet, Image.frombytes("RGB", (width, height), data),
+                   scale=scale, start=start, end=end, guess_mode=guess_mode)
 
 
 def load_controlnets(pipe, paths) -> list:

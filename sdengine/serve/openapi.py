@@ -147,9 +147,10 @@ def _alwayson_scripts(info) -> dict:
             "hr_option": {"enum": ["Both", "", None]}},
             "description": "A ControlNet unit: the image is the control map as sent (module none), fitted to "
                            "the output size by resize_mode as the extension does it (Just Resize stretches, "
-                           "Crop and Resize covers and crops, Resize and Fill fits and pads); weight scales its residuals; it runs from guidance_start to "
-                           "guidance_end (fractions of the run; guidance_start must not be after guidance_end: "
-                           "a 422 names it). processor_res, threshold_a/b, pixel_perfect and low_vram play no "
+                           "Crop and Resize covers and crops, Resize and Fill fits and pads); weight scales its "
+                           "residuals; it runs from guidance_start to guidance_end (fractions of the run; "
+                           "guidance_start must not be after guidance_end: a 422 names it). processor_res, "
+                           "threshold_a/b, pixel_perfect and low_vram play no "
                            "part without a preprocessor. GET /controlnet/model_list lists the models."})
     script = {"type": "object", "properties": {"args": {"type": ["array", "null"], "items": {"anyOf": units}}}}
     return {"anyOf": [{"type": "object", "propertyNames": {"enum": list(CONTROLNET_SCRIPT)},

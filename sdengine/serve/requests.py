@@ -22,7 +22,7 @@ from typing import Optional
 from .. import samplers
 from ..request import Request
 from ..samplers.names import A1111_SAMPLER_LIST, A1111_SCHEDULE_TABLE, SAMPLER_TABLE, SCHEDULE_TABLE
-from .batching import Output, Spec
+from .batching import Output, Spec, control_of
 from .schemas import MAX_STEPS, Img2ImgRequest, Txt2ImgRequest
 
 # sdengine's parameter names (as its ValueErrors name them) -> A1111's field names.
@@ -299,11 +299,11 @@ def controlnet_unit(unit: dict, where: str, image: str, info: ModelInfo, limits:
     if not _one_of(unit.get("hr_option"), (None, "", "Both")):
         raise FieldError(f"{where}.hr_option", f"the hires pass runs every ControlNet here: 'Both', got "
                                                f"{unit.get('hr_option')!r}")
-    mode = next((m for m, spellings in enumerate(RESIZE_MODES) if _one_of(unit.get("resize_mode"), spellings)), None)
-    if mode is None:
+    resize = next((m for m, spellings in enumerate(RESIZE_MODES) if _one_of(unit.get("resize_mode"), spellings)), None)
+    if resize is None:
         raise FieldError(f"{where}.resize_mode", f"must be 'Just Resize' (0), 'Crop and Resize' (1) or 'Resize and "
                                                  f"Fill' (2), got {unit.get('resize_mode')!r}")
-    decoded = fit_control_image(decode_image(image, f"{where}.image", limits).convert("RGB"), mode, *size)
+    decoded = fit_control_image(decode_image(image, f"{where}.image", limits).convert("RGB"), resize, *size)
     return (name, (decoded.width, decoded.height, decoded.tobytes()), weight, bounds["guidance_start"],
             bounds["guidance_end"], guess_mode)
 
@@ -435,7 +435,7 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
         request = Request.from_args(prompt, negative_prompt=negative, seed=seeds, batch_size=n_images,
                                     init_image=init_images[0] if init_images else None,
                                     mask_image=masks[0] if masks else None, progress=False, subseed=subseeds,
-                                    hires=hires, control=[_control(unit) for _, unit in controls] or None, **shared)
+                                    hires=hires, control=[control_of(unit) for _, unit in controls] or None, **shared)
         if info.config is not None:
             request.for_model(info.config)
     except ValueError as e:
@@ -463,18 +463,6 @@ def make_spec(req, info: ModelInfo, limits: Limits, *, img2img: bool, prompt_syn
     return Spec(mode=mode, prompts=[prompt] * n_images, negatives=[negative] * n_images, seeds=seeds,
                 shared=shared, init_images=init_images, masks=masks, request_id=uuid.uuid4().hex, loras=loras,
                 subseeds=subseeds, task_id=req.force_task_id or "")
-
-
-def _control(unit: tuple):
-    """A ControlNet unit (controlnet_unit's plain data) as a sdengine.Control, for Request.from_args's
-    checks; its model is the ControlNet's name (ServedPipeline gives the loaded one)."""
-    from PIL import Image
-
-    from ..controlnet import Control
-
-    name, (w, h, data), scale, start, end, guess_mode = unit
-    return Control(name, Image.frombytes("RGB", (w, h), data), scale=scale, start=start, end=end,
-                   guess_mode=guess_mode)
 
 
 # sdengine.Control's fields (as Request.from_args's errors name them: control[i].start) -> the unit's.
