@@ -21,8 +21,9 @@ An engine is a folder:
     text_encoder.pt2   input_ids (B, 77) int64, clip_skip (B,) int64 -> hidden states (B, 77, D) at
                        that clip_skip (every clip_skip from one graph: export/graphs.py)
     text_encoder_2.pt2 SDXL: input_ids, clip_skip         -> (hidden states (B, 77, D2), pooled (B, P))
-    unet.pt2           x (B, C, h, w), t (B,) float32, context (B, 77, D) -> (B, C_out, h, w);
-                       SDXL also text_embeds (B, P) and time_ids (B, 6)
+    unet.pt2           x (B, C, h, w), t (B,) float32, context (B, 77·k, D) -> (B, C_out, h, w);
+                       SDXL also text_embeds (B, P) and time_ids (B, 6). k: the prompt's 77-token
+                       windows (A1111's long prompts and BREAK), 1 to "max_prompt_windows"
     vae_decoder.pt2    unscaled latents z (B, C, h, w)    -> images (B, 3, 8h, 8w) in [-1, 1]
     vae_encoder.pt2    images (B, 3, 8h, 8w) in [-1, 1]  -> posterior [mean, logvar] (B, 2C, h, w)
     buffers.safetensors   constants that are not checkpoint weights (non-persistent buffers): the
@@ -35,14 +36,14 @@ An engine is a folder:
 Engines are cached under `$SDE_CACHE_DIR/aoti/<key>/` (default `~/.cache/sdengine/aoti`),
 keyed by the networks' architecture, dtype, device, CPU capability and torch version;
 `engine_for(...)` builds one on first use, `sdengine export aoti MODEL` ahead of time.
-Batch, height and width are dynamic: one engine serves every size. Each network compiles
+Batch, height, width and the context's window count are dynamic: one engine serves every size. Each network compiles
 in a child process (`python -m sdengine.export.aoti --compile-network SPEC`), so a crash
 inside the compiler is an error that names the network, with the child's output. A network
 whose compile crashes is compiled again with safer settings (ATTEMPTS: its weights compiled
 into the package too, then static shapes), so that an engine builds wherever one can; every
 attempt is recorded in engine.json. A network built with static shapes (`static_shape` in
 engine.json) runs at that shape only: the runtime runs batch-1 networks row by row and refuses
-other shapes with an error naming the network.
+other shapes with an error naming the network; a static UNet takes one window ("max_prompt_windows": 1).
 """
 
 from __future__ import annotations
@@ -61,13 +62,13 @@ import torch
 
 from sdengine.device import dtype_name
 
+from .engine_meta import FORMAT_VERSION
 from .graphs import PREFIX, TextEncoderGraph, UNetGraph, VAEDecoderGraph, VAEEncoderGraph
 
-FORMAT_VERSION = 5  # 2: single-file sources ("ldm") and defaults ("single_file"); 3: vae_encoder, SDXL;
-# 4: the LoRA name table ("lora") and the text encoders' added-token tables; 5: the text encoders' clip_skip input
 NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")  # text_encoder_2: SDXL
 MAX_BATCH = 64
 MAX_LATENT = 512  # latent cells per side: 4096 px with an 8x VAE
+MAX_WINDOWS = 32  # 77-token windows a UNet context may hold: A1111 prompts of up to 32 x 75 tokens
 
 log = logging.getLogger("sdengine")
 
@@ -166,8 +167,9 @@ INJECT_CRASH_ENV = "SDE_AOTI_INJECT_CRASH"
 def example_inputs(config, dtype, device, static: bool = False):
     """Example inputs of every network and their dynamic dimensions (None when static).
 
-    Dynamic: batch 2 and latents of 2 x the UNet's downsampling, with batch, height and width
-    dynamic. Static: batch STATIC_BATCH[name] at the config's default latent size."""
+    Dynamic: batch 2, latents of 2 x the UNet's downsampling and contexts of 2 windows, with
+    batch, height, width and windows dynamic. Static: batch STATIC_BATCH[name] at the config's
+    default latent size, one window."""
     if hasattr(config, "example_inputs"):  # a ControlNet engine's (export/aoti_controlnet.py): dynamic only
         if static:
             raise ValueError("ControlNet engines are built with dynamic shapes only")
@@ -189,11 +191,12 @@ def example_inputs(config, dtype, device, static: bool = False):
     b = rows("unet")
     x = torch.randn(b, config.unet.in_channels, lh, lw, device=device, dtype=dtype)
     t = torch.full((b,), 500.0, device=device)
-    context = torch.randn(b, tokens, config.unet.cross_attention_dim, device=device, dtype=dtype)
+    context = torch.randn(b, tokens * (1 if static else 2), config.unet.cross_attention_dim, device=device,
+                          dtype=dtype)
     z = torch.randn(rows("vae_decoder"), latent_c, lh, lw, device=device, dtype=dtype)
     images = torch.rand(rows("vae_encoder"), 3, lh * down, lw * down, device=device, dtype=dtype) * 2 - 1
     unet_args = (x, t, context)
-    unet_dynamic = {"x": {0: batch, 2: multiple * h, 3: multiple * w}, "t": {0: batch}, "context": {0: batch}}
+    unet_dynamic = {"x": {0: batch, 2: multiple * h, 3: multiple * w}, "t": {0: batch}, "context": context_dims(batch, tokens)}
     if config.text_encoder_2 is not None:  # SDXL's added conditioning
         text_embeds = torch.randn(b, config.text_encoder_2.projection_dim, device=device, dtype=dtype)
         time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * b, device=device, dtype=dtype)
@@ -209,6 +212,11 @@ def example_inputs(config, dtype, device, static: bool = False):
     if static:
         examples = {name: (args, None) for name, (args, _) in examples.items()}
     return examples, multiple
+
+
+def context_dims(batch, tokens: int) -> dict:
+    """A UNet or ControlNet context's dynamic dimensions: batch, and any number of 77-token windows."""
+    return {0: batch, 1: tokens * torch.export.Dim("windows", min=1, max=MAX_WINDOWS)}
 
 
 def _export(module, args, dynamic_shapes, size_oblivious: bool = True):
@@ -435,6 +443,7 @@ def build_engine(config, out_dir, *, dtype: torch.dtype, device, progress=True, 
             "format": FORMAT_VERSION, "torch_version": torch.__version__, "device": device.type,
             "dtype": dtype_name(dtype), "cpu_capability": cpu_capability() if device.type == "cpu" else "",
             "latent_multiple": multiple, "max_batch": MAX_BATCH, "max_latent": MAX_LATENT,
+            "max_prompt_windows": 1 if networks["unet"]["static_shape"] else MAX_WINDOWS,
             "config": config.to_dict(), "networks": networks, "single_file": _single_file_info(config, tmp),
             "build_s": round(time.perf_counter() - started, 1),
             "lora": {name: f"{component}/{key}" for name, (component, key) in lora_names(config).items()},

@@ -35,7 +35,7 @@ from . import aoti
 
 log = logging.getLogger("sdengine")
 
-CONTROL_FORMAT = 1
+CONTROL_FORMAT = 2  # 2: contexts of any number of 77-token windows
 CONTROL_NETWORKS = ("controlnet", "unet_control")
 
 
@@ -129,7 +129,8 @@ class ControlEngineConfig:
         cond = torch.rand(x.shape[0], self.controlnet.conditioning_channels, x.shape[2] * down, x.shape[3] * down,
                           device=device, dtype=dtype)
         spatial = lambda level: {2: (multiple // 2 ** level) * h, 3: (multiple // 2 ** level) * w}  # noqa: E731
-        base = {"x": {0: batch, **spatial(0)}, "t": {0: batch}, "context": {0: batch}}
+        base = {"x": {0: batch, **spatial(0)}, "t": {0: batch},
+                "context": aoti.context_dims(batch, self.model.text_encoder.max_position_embeddings)}
         added_dynamic = {"text_embeds": {0: batch}, "time_ids": {0: batch}} if added else {}
         cn_dynamic = dict(base, cond={0: batch, 2: down * multiple * h, 3: down * multiple * w}, **added_dynamic)
         residuals = [torch.randn(x.shape[0], c, x.shape[2] // 2 ** level, x.shape[3] // 2 ** level, device=device,

@@ -15,7 +15,11 @@ import math
 from pathlib import Path
 from typing import Optional
 
-FORMAT_VERSION = 5  # aoti.FORMAT_VERSION
+# engine.json's format (csrc/src/engine_meta.h kFormatVersion): 2: single-file sources ("ldm") and
+# defaults ("single_file"); 3: vae_encoder, SDXL; 4: the LoRA name table ("lora") and the text
+# encoders' added-token tables; 5: the text encoders' clip_skip input; 6: the UNet's context of any
+# number of 77-token windows ("max_prompt_windows")
+FORMAT_VERSION = 6
 MAX_DEPTH = 16
 NETWORK_NAMES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 REQUIRED_NETWORKS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
@@ -198,6 +202,7 @@ def check_engine_meta(meta) -> None:
     _member_integer(meta, "latent_multiple", 1, 64, "latent_multiple")
     _member_integer(meta, "max_batch", 1, 4096, "max_batch")
     _member_integer(meta, "max_latent", 1, 65536, "max_latent")
+    _member_integer(meta, "max_prompt_windows", 1, 4096, "max_prompt_windows")
 
     config = _object(meta, "config", "config")
     vae = _object(config, "vae", "config.vae")

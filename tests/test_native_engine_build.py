@@ -54,7 +54,7 @@ def test_failed_engine_build_leaves_nothing_behind(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir()), "no engine and no temporary folder is left"
 
 
-def _reuse_cached(engine_dir, names, real):
+def _reuse_cached(engine_dir, names, real, static_shapes=None):
     """A compile_in_child that copies the networks `names` from the cached engine instead of
     compiling them (the retry tests compile only the networks they crash)."""
     meta = json.loads((Path(engine_dir) / "engine.json").read_text())
@@ -67,7 +67,8 @@ def _reuse_cached(engine_dir, names, real):
         if name not in names:
             return real(config, name, dtype, device, folder, *args, **kwargs)
         shutil.copy(Path(engine_dir) / f"{name}.pt2", folder / f"{name}.pt2")
-        return {"constants": meta["networks"][name]["constants"], "compile_s": 0.0, "static_shape": None,
+        return {"constants": meta["networks"][name]["constants"], "compile_s": 0.0,
+                "static_shape": (static_shapes or {}).get(name),
                 "buffers": {k.split("/", 1)[1]: v for k, v in buffers.items() if k.startswith(f"{name}/")}}
     return compile_or_reuse
 
@@ -117,6 +118,28 @@ def test_engine_builds_through_retries_when_compiles_crash(native, eager, model_
         torch.testing.assert_close(context, expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="the text_encoder network of this engine runs inputs of shape"):
         backend.encode_text(torch.zeros(1, 70, dtype=torch.long))
+
+
+def test_static_unet_takes_one_prompt_window(native, model_dir, engine_dir, tmp_path, monkeypatch):  # noqa: F811
+    """A UNet built with static shapes (the last retry) takes 77-token contexts only: engine.json
+    says max_prompt_windows 1, the C++ loop refuses a prompt of two windows with the reason, and
+    the aoti backend takes one window (the pipeline cuts a longer prompt with a warning, as for onnx)."""
+    from sdengine.backends.aoti import AOTIBackend
+    from sdengine.export import aoti as export
+
+    unet_shape = [2, native.config.unet.in_channels, native.config.unet.sample_size, native.config.unet.sample_size]
+    monkeypatch.setattr(export, "compile_in_child", _reuse_cached(engine_dir, export.NETWORKS, export.compile_in_child,
+                                                                  {"unet": unet_shape}))
+    built = export.build_engine(native.config, tmp_path / "engine", dtype=torch.float32, device="cpu", progress=False)
+    assert json.loads((built / "engine.json").read_text())["max_prompt_windows"] == 1
+    model = _C.Model(str(model_dir), str(built))
+    with pytest.raises(ValueError, match=r"needs 2 windows of 75 tokens \(a longer prompt, or BREAK\) but this "
+                                         r"engine's UNet takes at most 1 \(it was compiled with static shapes\)"):
+        model.generate("a BREAK b", None, SIZE, SIZE, 2, prompt_syntax="a1111")
+    loaded = sdengine.load(model_dir, backend="eager")
+    backend = AOTIBackend(loaded.config, loaded.backend.text_encoder, loaded.backend.unet, loaded.backend.vae,
+                          engine_dir=built)
+    assert backend.max_prompt_windows == 1
 
 
 def test_engine_build_that_cannot_succeed_names_network_and_attempts(native, tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
 """The C runtime's prompt path and A1111's infotext against the Python pipeline: A1111 prompt syntax
-(emphasis within one 75-token window), textual-inversion tokens and ControlNets from
+(emphasis; prompts of several 75-token windows: test_native_families.py), textual-inversion tokens and ControlNets from
 `backend="native"`, `sde_gen_params_from_infotext` against sdengine.infotext, and the C example
 that redraws a PNG from its `parameters` chunk (examples/c/redraw.c)."""
 
@@ -68,12 +68,16 @@ def test_native_sdxl_textual_inversion_matches_eager(tmp_path):
     assert np.abs((ours - before) * 255).max() > 10, "the token changed nothing"
 
 
-def test_native_refuses_more_than_one_window(native):  # noqa: F811
-    with pytest.raises(ValueError, match="(?s)75-token window.*backend='aoti'"):
-        native("a BREAK b", prompt_syntax="a1111", num_inference_steps=2, height=SIZE, width=SIZE, progress=False)
-    with pytest.raises(ValueError, match="75-token window"):
-        native(" ".join(["word"] * 90), prompt_syntax="a1111", num_inference_steps=2, height=SIZE, width=SIZE,
-               progress=False)
+def test_native_refuses_more_windows_than_its_unet_takes(native):  # noqa: F811
+    """The engine's UNet takes contexts of 1 to export.aoti.MAX_WINDOWS windows (engine.json
+    max_prompt_windows); a longer prompt is refused with the count, not cut."""
+    from sdengine.export import aoti
+
+    words = " ".join(["word"] * (75 * aoti.MAX_WINDOWS + 1))
+    with pytest.raises(ValueError, match=f"needs {aoti.MAX_WINDOWS + 1} windows of 75 tokens .* takes at most "
+                                         f"{aoti.MAX_WINDOWS}"):
+        native(words, prompt_syntax="a1111", num_inference_steps=2, height=SIZE, width=SIZE, progress=False)
+    assert native.backend.max_prompt_windows == aoti.MAX_WINDOWS
 
 
 def test_native_controlnet_matches_eager(model_dir, tmp_path):  # noqa: F811
@@ -87,6 +91,9 @@ def test_native_controlnet_matches_eager(model_dir, tmp_path):  # noqa: F811
     for control in ([sdengine.Control(str(tmp_path / "cn"), CONTROL_IMAGES[0], scale=0.9, start=0.25, end=0.75)],
                     [sdengine.Control(str(tmp_path / "cn"), CONTROL_IMAGES[0], scale=1.1, guess_mode=True)]):
         _same(native_pipe, eager_pipe, PROMPT, control=control, sampler="dpmpp_2m", num_inference_steps=4)
+    # a prompt of two 75-token windows: the ControlNet's compiled graph takes the (154-token) context too
+    _same(native_pipe, eager_pipe, "a (red:1.2) square BREAK a blue field", control=control, sampler="euler",
+          prompt_syntax="a1111")
 
 
 # ---------------------------------------------------------------------------

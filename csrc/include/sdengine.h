@@ -392,6 +392,14 @@ typedef struct sde_gen_params {
    * the penultimate layer: [0, N - 2]), as sdengine/request.py; any other value is
    * SDE_ERR_INVALID_ARGUMENT naming clip_skip. */
   int clip_skip;
+  /* A1111 syntax: prompt and negative prompt are read as A1111 reads them, in windows of 75
+   * tokens (a longer prompt, BREAK), both as many windows as the longer needs, and the UNet
+   * conditions on 77 tokens per window. prompt_windows asks for at least this many (0, the
+   * default: as many as the prompts need), so that a batch of different prompts, sent as one
+   * request per prompt, takes the windows its longest prompt needs, as the Python pipeline pads
+   * a batch. In [0, 4096]; more windows than the engine's UNet takes (engine.json
+   * max_prompt_windows: 32, 1 for a static UNet) is SDE_ERR_INVALID_ARGUMENT. */
+  int prompt_windows;
 } sde_gen_params;
 
 SDE_API void sde_gen_params_init(sde_gen_params *params);

@@ -241,7 +241,7 @@ class PyModel {
                     py::int_ subseed, double subseed_strength, int seed_resize_from_w, int seed_resize_from_h,
                     int64_t eta_noise_seed_delta, const std::string &rng, const std::string &prompt_syntax,
                     const std::vector<std::tuple<PyControlNet *, py::bytes, double, double, double, bool>> &controls,
-                    int clip_skip) {
+                    int clip_skip, int prompt_windows) {
     sde_gen_params p;
     sde_gen_params_init(&p);
     std::string init_bytes, mask_bytes;
@@ -310,6 +310,7 @@ class PyModel {
       throw py::value_error("prompt_syntax must be 'plain' or 'a1111', got '" + prompt_syntax + "'");
     p.prompt_syntax = prompt_syntax == "a1111" ? SDE_PROMPT_SYNTAX_A1111 : SDE_PROMPT_SYNTAX_PLAIN;
     p.clip_skip = clip_skip;  // checked by sde_model_generate
+    p.prompt_windows = prompt_windows;
     // ControlNets: (controlnet, RGB bytes at the request's size, scale, start, end, guess mode)
     std::vector<std::string> control_bytes;
     std::vector<sde_control> control_list;
@@ -540,7 +541,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("seed_resize_from_h") = 0, py::arg("eta_noise_seed_delta") = 0, py::arg("rng") = "cpu",
            py::arg("prompt_syntax") = "plain",
            py::arg("controls") = std::vector<std::tuple<PyControlNet *, py::bytes, double, double, double, bool>>(),
-           py::arg("clip_skip") = 0)
+           py::arg("clip_skip") = 0, py::arg("prompt_windows") = 0)
       .def("set_loras", &PyModel::set_loras, py::arg("loras"),
            "sde_model_set_loras: [(path, scale), ...] merged in place of the set merged now; [] restores")
       .def("load_embedding", &PyModel::load_embedding, py::arg("path"), py::arg("token") = py::none(),

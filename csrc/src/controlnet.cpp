@@ -17,7 +17,7 @@
 namespace sde {
 namespace {
 
-constexpr int kControlFormat = 1;  // export/aoti_controlnet.py CONTROL_FORMAT
+constexpr int kControlFormat = 2;  // export/aoti_controlnet.py CONTROL_FORMAT
 
 std::string cache_root() {
   if (const char *dir = std::getenv("SDE_CACHE_DIR"); dir && *dir) return std::string(dir) + "/aoti";

@@ -15,7 +15,6 @@
 namespace sde {
 namespace {
 
-constexpr int kFormatVersion = 5;  // export/aoti.py FORMAT_VERSION
 
 std::string torch_version() {
   return std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +

@@ -9,7 +9,6 @@
 namespace sde {
 namespace {
 
-constexpr int kFormatVersion = 5;  // export/aoti.py FORMAT_VERSION
 constexpr int kMaxDepth = 16;
 
 class Checker {
@@ -157,6 +156,7 @@ void check_engine_json(const Json &engine, const std::string &where) {
   c.integer(engine, "latent_multiple", 1, 64, "latent_multiple");
   c.integer(engine, "max_batch", 1, 4096, "max_batch");
   c.integer(engine, "max_latent", 1, 65536, "max_latent");
+  c.integer(engine, "max_prompt_windows", 1, 4096, "max_prompt_windows");
 
   const Json &config = c.object(engine, "config", "config");
   const Json &vae = c.object(config, "vae", "config.vae");

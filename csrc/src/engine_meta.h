@@ -7,7 +7,7 @@
 // - JSON as Python's json module reads it, no key twice in any object, at most 16 levels;
 // - format 3; torch_version, cpu_capability strings; device "cpu" or "cuda"; dtype "fp32",
 //   "fp16" or "bf16"; latent_multiple in [1, 64], max_batch in [1, 4096], max_latent in
-//   [1, 65536] (integers);
+//   [1, 65536], max_prompt_windows in [1, 4096] (integers);
 // - config.vae (latent_channels in [1, 64], block_out_channels 1 to 8 integers in
 //   [1, 65536], scaling_factor > 0, shift_factor null or finite), config.unet (in_channels
 //   in [1, 1024], sample_size in [1, 4096]) and config.scheduler objects, each key optional;
@@ -31,6 +31,8 @@
 #include "json.h"
 
 namespace sde {
+
+constexpr int kFormatVersion = 6;  // engine.json's format: export/engine_meta.py FORMAT_VERSION
 
 // FormatError "<where>: <key> <rule>" when `engine` breaks a rule above.
 void check_engine_json(const Json &engine, const std::string &where);

@@ -93,6 +93,7 @@ Model::Model(ModelSource source, const sde_model_params &params) : dtype_(at::kF
   device_ = device == "cuda" ? at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(std::max(params.device_index, 0)))
                              : at::Device(at::kCPU);
   info_.latent_multiple = static_cast<int>(engine_.get_number("latent_multiple", 1));
+  info_.max_prompt_windows = static_cast<int>(engine_.get_number("max_prompt_windows", 1));
 
   const Json &nets = engine_.at("networks");
   info_.sdxl = nets.find("text_encoder_2") != nullptr;
@@ -206,7 +207,7 @@ struct StepCall : Graphed {
   at::Tensor registers;                 // (kRegisters, N, C, h, w) float32: the sampler's state (sampling.h)
   at::Tensor noise;                     // (N, C, h, w) float32: the evaluation's fresh noise
   at::Tensor scalars;                   // (kEvalColumns,) float32: the evaluation's row of the table
-  at::Tensor context, pooled, time_ids;  // (2N, 77, D), SDXL (2N, P), (2N, 6); the engine's dtype
+  at::Tensor context, pooled, time_ids;  // (2N, 77 * windows, D), SDXL (2N, P), (2N, 6); the engine's dtype
   at::Tensor extra;                     // inpainting: (2N, 1 + C, h, w) mask and masked-image latents
   // The ControlNets this graph runs (one step graph per set of active ControlNets): their control
   // images (rows of the batch they condition, the engine's dtype) and scales (0-d float32), copied
@@ -230,28 +231,33 @@ Call *find_call(GraphCache &cache, const std::string &key) {
 
 }  // namespace
 
-std::pair<at::Tensor, at::Tensor> Model::encode_text(const std::vector<std::string> &prompts, bool a1111,
+int Model::prompt_windows(const std::vector<std::string> &prompts) const {
+  size_t most = 1;
+  for (const auto &p : prompts) most = std::max(most, chunk_prompt(tokenizer_, p).size());
+  return static_cast<int>(most);
+}
+
+std::pair<at::Tensor, at::Tensor> Model::encode_text(const std::vector<std::string> &prompts, bool a1111, int windows,
                                                      int clip_skip, Instance &inst) const {
   std::vector<float> weights;  // A1111's syntax: each id's weight (the first tokenizer's windows)
   auto encode = [&](const Network &net, const Tokenizer &tokenizer, int64_t dim, int64_t pooled_dim) {
-    std::vector<int64_t> ids;
+    std::vector<int64_t> ids;  // (B * windows, 77): each prompt's windows in turn
     bool first = weights.empty();
+    PromptWindow empty = a1111 ? chunk_prompt(tokenizer, "")[0] : PromptWindow{};
     for (const auto &p : prompts) {
-      std::vector<int64_t> row;
       if (a1111) {
-        std::vector<PromptWindow> windows = chunk_prompt(tokenizer, p);
-        if (windows.size() > 1)
-          throw InvalidArgument("prompt_syntax a1111: the prompt needs " + std::to_string(windows.size()) +
-                                " windows of 75 tokens (a longer prompt, or BREAK) but this engine's UNet takes one "
-                                "77-token context");
-        row = windows[0].ids;
-        if (first) weights.insert(weights.end(), windows[0].weights.begin(), windows[0].weights.end());
+        std::vector<PromptWindow> rows = chunk_prompt(tokenizer, p);
+        rows.resize(static_cast<size_t>(windows), empty);  // cut, or pad with the empty prompt's windows
+        for (const auto &row : rows) {
+          ids.insert(ids.end(), row.ids.begin(), row.ids.end());
+          if (first) weights.insert(weights.end(), row.weights.begin(), row.weights.end());
+        }
       } else {
-        row = tokenizer.encode_padded(p);
+        std::vector<int64_t> row = tokenizer.encode_padded(p);
+        ids.insert(ids.end(), row.begin(), row.end());
       }
-      ids.insert(ids.end(), row.begin(), row.end());
     }
-    int64_t batch = static_cast<int64_t>(prompts.size()), length = tokenizer.max_length();
+    int64_t batch = static_cast<int64_t>(prompts.size()) * windows, length = tokenizer.max_length();
     std::string key = net.name() + ":" + std::to_string(batch);
     auto *call = find_call<TextCall>(*inst.text, key);
     if (!call) {
@@ -273,18 +279,22 @@ std::pair<at::Tensor, at::Tensor> Model::encode_text(const std::vector<std::stri
     inst.text->run(*call);
     return std::make_pair(call->hidden.clone(), call->pooled.defined() ? call->pooled.clone() : at::Tensor());
   };
-  at::Tensor context = encode(*text_encoder_, tokenizer_, info_.text_dim, 0).first;  // (B, 77, D)
-  // A1111's "Original" emphasis, on each encoder's output on its own
+  if (!a1111) windows = 1;
+  int64_t batch = static_cast<int64_t>(prompts.size());
+  // A1111's "Original" emphasis, on each encoder's output (B * windows, 77, D) on its own, then
+  // each prompt's windows side by side: (B, windows * 77, D)
   auto emphasis = [&](const at::Tensor &hidden) {
-    if (!a1111) return hidden;
-    at::Tensor w = at::tensor(weights, at::kFloat).reshape({hidden.size(0), hidden.size(1)});
-    return apply_emphasis(hidden, w);
+    at::Tensor out = hidden;
+    if (a1111) out = apply_emphasis(hidden, at::tensor(weights, at::kFloat).reshape({hidden.size(0), hidden.size(1)}));
+    return out.reshape({batch, windows * hidden.size(1), hidden.size(2)});
   };
-  context = emphasis(context);
+  at::Tensor context = emphasis(encode(*text_encoder_, tokenizer_, info_.text_dim, 0).first);
   if (!info_.sdxl) return {context, at::Tensor()};
-  // SDXL: both encoders' hidden states side by side; the second's pooled (projected) output.
+  // SDXL: both encoders' hidden states side by side; the second's pooled (projected) output of
+  // each prompt's first window.
   auto [context_2, pooled] = encode(*text_encoder_2_, *tokenizer_2_, info_.text_dim_2, info_.pooled_dim);
-  return {at::cat({context, emphasis(context_2)}, -1), pooled};  // (B, 77, D1 + D2), (B, P)
+  pooled = pooled.reshape({batch, windows, pooled.size(1)}).select(1, 0);
+  return {at::cat({context, emphasis(context_2)}, -1), pooled};  // (B, 77 * windows, D1 + D2), (B, P)
 }
 
 at::Tensor Model::encode_image(const at::Tensor &image, std::vector<at::Generator> &generators, Instance &inst) const {
@@ -384,7 +394,20 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
     }
   std::vector<std::string> prompts(static_cast<size_t>(n), p.prompt);
   bool a1111_syntax = p.prompt_syntax == SDE_PROMPT_SYNTAX_A1111;
-  auto [context, pooled] = encode_text(prompts, a1111_syntax, p.clip_skip, inst);
+  // A1111's syntax: prompt and negative prompt take the same number of 75-token windows
+  // (longer prompts, BREAK), the UNet's context 77 tokens per window.
+  int windows = 1;
+  if (a1111_syntax) {
+    std::vector<std::string> texts = {p.prompt};
+    if (do_cfg && (!info.sdxl || p.negative_prompt)) texts.emplace_back(p.negative_prompt ? p.negative_prompt : "");
+    windows = std::max(prompt_windows(texts), p.prompt_windows);
+    if (windows > info.max_prompt_windows)
+      throw InvalidArgument("prompt_syntax a1111: the prompt needs " + std::to_string(windows) +
+                            " windows of 75 tokens (a longer prompt, or BREAK) but this engine's UNet takes at most " +
+                            std::to_string(info.max_prompt_windows) +
+                            (info.max_prompt_windows == 1 ? " (it was compiled with static shapes)" : ""));
+  }
+  auto [context, pooled] = encode_text(prompts, a1111_syntax, windows, p.clip_skip, inst);
   if (do_cfg) {
     at::Tensor neg_context, neg_pooled;
     if (info.sdxl && !p.negative_prompt) {  // SDXL's force_zeros_for_empty_prompt
@@ -392,9 +415,9 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
       neg_pooled = at::zeros_like(pooled);
     } else {
       std::vector<std::string> negatives(static_cast<size_t>(n), p.negative_prompt ? p.negative_prompt : "");
-      std::tie(neg_context, neg_pooled) = encode_text(negatives, a1111_syntax, p.clip_skip, inst);
+      std::tie(neg_context, neg_pooled) = encode_text(negatives, a1111_syntax, windows, p.clip_skip, inst);
     }
-    context = at::cat({neg_context, context});  // (2N, 77, D)
+    context = at::cat({neg_context, context});  // (2N, 77 * windows, D)
     if (info.sdxl) pooled = at::cat({neg_pooled, pooled});
   }
 
@@ -492,7 +515,8 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
 
   // -- the loop: one cached evaluation graph per (batch, guidance, latent size, active ControlNets),
   //    whatever the sampler: its numbers are rows of the program's table ---------------------
-  std::string base_key = std::to_string(n) + (do_cfg ? "x2:" : ":") + std::to_string(h) + "x" + std::to_string(w);
+  std::string base_key = std::to_string(n) + (do_cfg ? "x2:" : ":") + std::to_string(h) + "x" + std::to_string(w) +
+                         ":w" + std::to_string(windows);
   auto make_step = [&](const std::vector<bool> &active) {
     std::string key = base_key;
     for (size_t k = 0; k < controls.size(); ++k)

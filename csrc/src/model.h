@@ -35,6 +35,7 @@ struct ModelInfo {
   bool sdxl = false;        // two text encoders, pooled text embedding and size conditioning
   int downscale = 8;        // pixels per latent cell
   int latent_multiple = 1;  // latent sizes must be multiples of this (engine.json)
+  int max_prompt_windows = 1;  // 77-token windows the UNet's context may hold (engine.json)
   int default_size = 512;
   double scaling_factor = 0.18215;
   bool has_shift = false;
@@ -134,11 +135,16 @@ class Model {
   std::map<std::string, int64_t> added_tokens_;  // text encoder network -> rows of its added-token table in use
   at::Tensor *weight(const std::string &component_key);
 
-  // -> (context (B, 77, D), pooled (B, P); undefined unless SDXL), float32 on the device.
-  // a1111: the prompts in A1111's syntax (one 75-token window each, emphasis applied).
+  // -> (context (B, 77 * windows, D), pooled (B, P); undefined unless SDXL), float32 on the device.
+  // a1111: the prompts in A1111's syntax as `windows` 75-token windows each (shorter prompts
+  // padded with the empty prompt's windows, longer ones cut: prompt_windows gives the count),
+  // emphasis applied (sdengine/prompt_syntax.py encode); else windows is 1.
   // clip_skip: every text encoder's (sde_gen_params.clip_skip, checked).
-  std::pair<at::Tensor, at::Tensor> encode_text(const std::vector<std::string> &prompts, bool a1111, int clip_skip,
-                                                Instance &inst) const;
+  std::pair<at::Tensor, at::Tensor> encode_text(const std::vector<std::string> &prompts, bool a1111, int windows,
+                                                int clip_skip, Instance &inst) const;
+  // How many 75-token windows the longest of these A1111-syntax prompts needs (the first
+  // tokenizer's: prompt_syntax.count_windows).
+  int prompt_windows(const std::vector<std::string> &prompts) const;
   // Scaled latents of an image (1, 3, H, W) in [-1, 1]: one posterior sample per generator
   // (diffusers' retrieve_latents(sample_mode="sample")). -> (N, C, h, w) on the device.
   at::Tensor encode_image(const at::Tensor &image, std::vector<at::Generator> &generators, Instance &inst) const;

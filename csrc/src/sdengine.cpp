@@ -260,6 +260,7 @@ void sde_gen_params_init(sde_gen_params *params) {
   params->rng = SDE_RNG_CPU;
   params->prompt_syntax = SDE_PROMPT_SYNTAX_PLAIN;
   params->clip_skip = 0;
+  params->prompt_windows = 0;
 }
 
 sde_status sde_model_generate(sde_model *model, const sde_gen_params *params, sde_image **images, int *count) {
@@ -302,6 +303,9 @@ sde_status sde_model_generate(sde_model *model, const sde_gen_params *params, sd
     // clip_skip's bound for this model's text encoders: Model::generate.
     SDE_REQUIRE(p.clip_skip >= 0 && p.clip_skip <= 1000,
                 "clip_skip must be an integer in [0, 1000], got " + std::to_string(p.clip_skip));
+    SDE_REQUIRE(p.prompt_windows >= 0 && p.prompt_windows <= 4096,
+                "prompt_windows must be an integer in [0, 4096] (0: as the prompts need), got " +
+                    std::to_string(p.prompt_windows));
     SDE_REQUIRE(std::isfinite(p.subseed_strength) && p.subseed_strength >= 0 && p.subseed_strength <= 1,
                 "subseed_strength must be a number in [0, 1], got " + number(p.subseed_strength));
     SDE_REQUIRE(p.subseed_strength == 0 || p.subseed <= UINT64_MAX - static_cast<uint64_t>(p.batch_size - 1),

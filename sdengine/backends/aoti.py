@@ -14,8 +14,8 @@ Not compiled (run eagerly, from the same weights): prompts with textual-inversio
 engine's token table has the checkpoint's vocabulary only). clip_skip is an input of the
 compiled text encoders.
 The engine reads the modules' own tensors, so LoRAs merged into them in place (`weight_views`)
-reach the engine with no reload. Its UNet takes 77-token contexts: A1111-syntax prompts get one
-75-token window.
+reach the engine with no reload. Its UNet takes contexts of 1 to engine.json's
+max_prompt_windows 77-token windows (A1111-syntax prompts of up to 32 x 75 tokens).
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class EngineWeights(BaseBackend):
     LoRAs merged into them in place (sdengine/lora.py) reach the compiled networks with no
     reload."""
 
-    max_prompt_windows = 1  # the engine's UNet is compiled for 77-token contexts
+    max_prompt_windows = 1  # 77-token windows the engine's UNet takes: engine.json's, read in __init__
     cpu_bf16 = False  # its CPU engines are built in fp32 unless asked: fp32 is its CPU default (sdengine.load)
 
     def __init__(self, config: ModelConfig, text_encoder, unet, vae, text_encoder_2=None, *, engine_dir=None,
@@ -128,6 +128,7 @@ class EngineWeights(BaseBackend):
         self._progress = progress
         self.engine_dir = Path(engine_dir)
         self.engine = json.loads((self.engine_dir / "engine.json").read_text())
+        self.max_prompt_windows = self.engine["max_prompt_windows"]
         # The engine reads these tensors in place: they must live as long as it does.
         self._weights = engine_weights({"text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
                                         "unet": unet, "vae": vae}, self.device, self.dtype)
@@ -211,10 +212,8 @@ class AOTIBackend(EngineWeights):
             return context, pooled if self.text_encoder_2 is not None else None  # as the compiled path
         skip = 0 if clip_skip is None else int(clip_skip)
         for encoder in (self.text_encoder, self.text_encoder_2):  # the compiled graphs clamp: check as eager does
-            if encoder is not None and not 0 <= skip <= encoder.cfg.num_hidden_layers - (
-                    encoder.cfg.output_layer == "penultimate"):
-                raise ValueError(f"clip_skip={clip_skip} is out of range for a {encoder.cfg.num_hidden_layers}-layer "
-                                 f"text encoder with output_layer={encoder.cfg.output_layer!r}")
+            if encoder is not None:
+                encoder.output_index(clip_skip)
         skips = torch.full((input_ids.shape[0],), skip, dtype=torch.long, device=self.device)  # (B,)
         context = self._network("text_encoder")(input_ids.to(self.device), skips)[0]
         if self.text_encoder_2 is None:

@@ -122,7 +122,7 @@ class NativeBackend(EngineWeights):
         on_step(step_index, latents or None) after every step (raises to cancel); latents are
         diffusers' latents after the step when the request has a callback (they come to the host
         every step). One C++ request runs one prompt and negative prompt (plain text, or A1111's syntax
-        within one 75-token window; textual-inversion tokens included) for images of consecutive seeds
+        in as many 75-token windows as the batch's longest prompt; textual-inversion tokens included) for images of consecutive seeds
         from one init image and control image:
         images that differ (a batching server's) run as one C++ request per run of consecutive
         images, and on_step then counts each run's steps. Every sampler and schedule of both rules runs;
@@ -151,13 +151,13 @@ class NativeBackend(EngineWeights):
             refuse("refiner handoff (its latents stay inside the C++ loop)")
         if r.ip_adapter_image:
             refuse("IP-Adapter")
-        texts = sorted(set(prompts) | set(negatives))
+        # A1111's syntax: every prompt of the batch takes as many 75-token windows as the longest
+        # (the pipeline's _encode), though each C++ request below has one prompt
+        windows = 0
         if r.prompt_syntax == "a1111":
             from .. import prompt_syntax
 
-            if prompt_syntax.count_windows(tokenizer, texts) > 1:
-                refuse("A1111 prompts over one 75-token window (longer prompts, BREAK): its engine's UNet takes "
-                       "77-token contexts")
+            windows = prompt_syntax.count_windows(tokenizer, list(prompts) + (list(negatives) if run.do_cfg else []))
         # init image (N, 3, H, W) in [-1, 1] and mask (N, 1, H, W) in {0, 1}, at the request's size,
         # as the bytes the C API reads
         init_bytes = [None] * len(seeds) if image is None else [
@@ -225,7 +225,7 @@ class NativeBackend(EngineWeights):
                     eta_noise_seed_delta=int(r.eta_noise_seed_delta or 0), rng=r.rng if a1111_rules else "cpu",
                     prompt_syntax="a1111" if r.prompt_syntax == "a1111" else "plain",
                     controls=[(cn, per_image[first], *rest) for cn, per_image, *rest in controls],
-                    clip_skip=r.clip_skip or 0)
+                    clip_skip=r.clip_skip or 0, prompt_windows=windows)
             except _C.Cancelled as e:  # a callback returned False (an exception it raised propagates as itself)
                 from ..errors import GenerationCancelled
 

@@ -151,12 +151,7 @@ class CLIPTextModel(nn.Module):
         """
         cfg, model = self.cfg, self.text_model
         num_layers = cfg.num_hidden_layers
-        skip = 0 if clip_skip is None else int(clip_skip)
-        # hidden_states[k] is the output of layer k (0 = embeddings), as transformers counts.
-        out_index = num_layers - skip - (1 if cfg.output_layer == "penultimate" else 0)
-        if skip < 0 or out_index < 0:
-            raise ValueError(f"clip_skip={clip_skip} is out of range for a {num_layers}-layer text encoder "
-                             f"with output_layer={cfg.output_layer!r}")
+        out_index = self.output_index(clip_skip)
         if input_ids.ndim != 2 or input_ids.shape[1] > cfg.max_position_embeddings:
             raise ValueError(f"input_ids must be (batch, tokens <= {cfg.max_position_embeddings}), "
                              f"got shape {tuple(input_ids.shape)}")
@@ -175,6 +170,17 @@ class CLIPTextModel(nn.Module):
         if cfg.projection_dim is not None:
             pooled = self.text_projection(pooled)  # (B, projection_dim)
         return hidden, pooled
+
+    def output_index(self, clip_skip: Optional[int]) -> int:
+        """Which hidden state `clip_skip` conditions on: k is the output of layer k (0 = the
+        embeddings), as transformers counts. ValueError when clip_skip is out of range."""
+        cfg = self.cfg
+        skip = 0 if clip_skip is None else int(clip_skip)
+        out_index = cfg.num_hidden_layers - skip - (1 if cfg.output_layer == "penultimate" else 0)
+        if skip < 0 or out_index < 0:
+            raise ValueError(f"clip_skip={clip_skip} is out of range for a {cfg.num_hidden_layers}-layer text encoder "
+                             f"with output_layer={cfg.output_layer!r}")
+        return out_index
 
     def _eos_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Index of the end-of-text token in each row. transformers' legacy rule: with

@@ -77,19 +77,16 @@ SCHEDULER_LABELS = tuple((name, label, list(aliases) if aliases else None, rho, 
 class LocalEngine:
     """One pipeline in this process, behind the batching scheduler."""
 
-    def __init__(self, pipe, settings: ServeSettings, metrics=None, source: Optional[str] = None, refiner=None,
-                 controlnets=()):
-        from .batching import ServedPipeline
+    def __init__(self, loaded, settings: ServeSettings, metrics=None):
+        """loaded: the model (model.load_served_model)."""
         from .preview import LatentPreview, Previews
         from .scheduler import SchedulerSettings
 
-        self._info = ModelInfo.of(pipe, source, refiner, settings.refiner, controlnets)
+        self._info = loaded.info
         every = settings.preview_every
-        self.previews = Previews(LatentPreview.for_pipeline(pipe) if every > 0 else None, every)
-        pipe = ServedPipeline(pipe, refiner, self._info.refiners[0] if refiner is not None else None,
-                              {c.name: c for c in controlnets})
+        self.previews = Previews(LatentPreview.for_pipeline(loaded.pipe) if every > 0 else None, every)
         self.scheduler = Scheduler(
-            pipe, SchedulerSettings(batching=settings.batching, max_batch_images=settings.max_batch_images,
+            loaded.served, SchedulerSettings(batching=settings.batching, max_batch_images=settings.max_batch_images,
                                     batch_window_s=settings.batch_window_ms / 1000, max_queue=settings.max_queue),
             on_batch=metrics.batch_images.observe if metrics else None, previews=self.previews)
 

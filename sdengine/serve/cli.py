@@ -71,19 +71,12 @@ def _serve(args) -> int:
 
 def build_local_app(model, settings, *, backend=None, device=None, dtype=None, threads=None):
     """Load the model and build the app around a LocalEngine (used by the CLI and the tests)."""
-    import sdengine
-
-    from ..device import set_cpu_threads
     from .app import LocalEngine, create_app
-    from .batching import load_controlnets
+    from .model import load_served_model
 
-    set_cpu_threads(threads, demo_model=model is None)  # see `sdengine generate --threads`
-    pipe = sdengine.load(model, device=device, dtype=dtype, backend=backend)
-    if settings.ip_adapters:
-        pipe.load_ip_adapter(list(settings.ip_adapters), image_encoder=settings.image_encoder)
-    controlnets = load_controlnets(pipe, settings.controlnets)
-    refiner = sdengine.load(settings.refiner, device=device, dtype=dtype, backend=backend) if settings.refiner else None
+    loaded = load_served_model(model, backend=backend, device=device, dtype=dtype, threads=threads,
+                               refiner=settings.refiner, ip_adapters=settings.ip_adapters,
+                               image_encoder=settings.image_encoder, controlnets=settings.controlnets)
     app = create_app(None, settings)
-    app.state.engine = LocalEngine(pipe, settings, app.state.metrics, source=model, refiner=refiner,
-                                   controlnets=controlnets)
+    app.state.engine = LocalEngine(loaded, settings, app.state.metrics)
     return app

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from .batching import Output, ServedPipeline, load_controlnets, run_group
+from .batching import Output, run_group
 from .requests import ModelInfo
 from .scheduler import ClientGone, ModelUnavailable, QueueFull, RequestTimeout, idle_state
 
@@ -69,22 +69,14 @@ class SDModel:
     def __init__(self, model, backend, device, dtype, threads, max_batch_images: int, batch_wait_s: float,
                  batching: bool, preview_every: int = 0, refiner: Optional[str] = None, ip_adapters: tuple = (),
                  image_encoder: Optional[str] = None, controlnets: tuple = ()):
-        import sdengine
-
-        from ..device import set_cpu_threads
-
-        set_cpu_threads(threads, demo_model=model is None)
-        self.pipe = sdengine.load(model, device=device, dtype=dtype, backend=backend)
-        if ip_adapters:
-            self.pipe.load_ip_adapter(list(ip_adapters), image_encoder=image_encoder)
-        loaded_controlnets = load_controlnets(self.pipe, controlnets)
-        refiner_pipe = sdengine.load(refiner, device=device, dtype=dtype, backend=backend) if refiner else None
-        self.model_info = ModelInfo.of(self.pipe, model, refiner_pipe, refiner, loaded_controlnets)
+        from .model import load_served_model
         from .preview import LatentPreview, Previews
 
-        self.previews = Previews(LatentPreview.for_pipeline(self.pipe) if preview_every > 0 else None, preview_every)
-        self.pipe = ServedPipeline(self.pipe, refiner_pipe, self.model_info.refiners[0] if refiner_pipe else None,
-                                   {c.name: c for c in loaded_controlnets})
+        loaded = load_served_model(model, backend=backend, device=device, dtype=dtype, threads=threads,
+                                   refiner=refiner, ip_adapters=ip_adapters, image_encoder=image_encoder,
+                                   controlnets=controlnets)
+        self.model_info, self.pipe = loaded.info, loaded.served
+        self.previews = Previews(LatentPreview.for_pipeline(loaded.pipe) if preview_every > 0 else None, preview_every)
         self.max_batch_images = max_batch_images
         self._batched.set_max_batch_size(max_batch_images if batching else 1)
         self._batched.set_batch_wait_timeout_s(batch_wait_s if batching else 0.0)

@@ -74,6 +74,19 @@ static void small_request(sde_gen_params *gp, uint64_t seed) {
   gp->sampler = SDE_SAMPLER_EULER_A;
 }
 
+/* The first image of a small request (16x16 RGB, malloc'd: the caller frees it), NULL when it failed. */
+static unsigned char *small_image(sde_model *model, const sde_gen_params *gp, const char *name) {
+  sde_image *images = NULL;
+  int count = 0;
+  sde_status st = sde_model_generate(model, gp, &images, &count);
+  expect_status(st, SDE_OK, NULL, name);
+  if (st != SDE_OK) return NULL;
+  unsigned char *copy = malloc(16 * 16 * 3);
+  memcpy(copy, images[0].data, 16 * 16 * 3);
+  sde_images_free(images, count);
+  return copy;
+}
+
 static int cancel_at_step_1(void *user, int step, int steps) {
   (void)steps;
   *(int *)user = step;
@@ -223,20 +236,36 @@ static int test_args(const char *model_dir, const char *engine_dir, const char *
   unsigned char *by_skip[2] = {NULL, NULL};
   for (int skip = 0; skip < 2; ++skip) {
     gp.clip_skip = skip;
-    sde_status st = sde_model_generate(model, &gp, &images, &count);
-    expect_status(st, SDE_OK, NULL, skip ? "clip_skip_1_ok" : "clip_skip_0_ok");
-    if (st == SDE_OK) {
-      by_skip[skip] = malloc(16 * 16 * 3);
-      memcpy(by_skip[skip], images[0].data, 16 * 16 * 3);
-      sde_images_free(images, count);
-    }
-    images = NULL;
-    count = 0;
+    by_skip[skip] = small_image(model, &gp, skip ? "clip_skip_1_ok" : "clip_skip_0_ok");
   }
   expect(by_skip[0] && by_skip[1] && memcmp(by_skip[0], by_skip[1], 16 * 16 * 3), "clip_skip_changes_image",
          "clip_skip 1 gave clip_skip 0's image");
   free(by_skip[0]);
   free(by_skip[1]);
+  /* A1111 prompts over one 75-token window: BREAK gives a second window (a 154-token context), which
+   * conditions differently from the same words in one window; prompt_windows pads to more windows */
+  small_request(&gp, 1);
+  expect(gp.prompt_windows == 0, "prompt_windows_default", "sde_gen_params_init left prompt_windows nonzero");
+  gp.prompt_syntax = SDE_PROMPT_SYNTAX_A1111;
+  gp.prompt_windows = -1;
+  expect_status(sde_model_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT,
+                "prompt_windows must be an integer in [0, 4096] (0: as the prompts need), got -1", "prompt_windows_negative");
+  gp.prompt_windows = 33;
+  expect_status(sde_model_generate(model, &gp, &images, &count), SDE_ERR_INVALID_ARGUMENT,
+                "the prompt needs 33 windows of 75 tokens (a longer prompt, or BREAK) but this engine's UNet takes at most 32",
+                "prompt_windows_past_engine");
+  const char *window_prompts[3] = {"a cat, a dog", "a cat BREAK a dog", "a cat, a dog"};
+  unsigned char *by_windows[3] = {NULL, NULL, NULL};
+  for (int k = 0; k < 3; ++k) {
+    gp.prompt = window_prompts[k];
+    gp.prompt_windows = k == 2 ? 3 : 0;
+    by_windows[k] = small_image(model, &gp, k == 0 ? "one_window_ok" : k == 1 ? "break_two_windows_ok" : "three_windows_ok");
+  }
+  expect(by_windows[0] && by_windows[1] && memcmp(by_windows[0], by_windows[1], 16 * 16 * 3), "break_changes_image",
+         "BREAK gave the one-window prompt's image");
+  expect(by_windows[0] && by_windows[2] && memcmp(by_windows[0], by_windows[2], 16 * 16 * 3), "padded_windows_change_image",
+         "prompt_windows 3 gave the one-window image");
+  for (int k = 0; k < 3; ++k) free(by_windows[k]);
   small_request(&gp, 1);
   gp.init_image = init_image;
   gp.strength = 0.5;

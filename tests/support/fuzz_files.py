@@ -632,7 +632,8 @@ def engine_meta_for(config, folder) -> dict:
                           "compile_s": 1.5}
     return {"format": aoti.FORMAT_VERSION, "torch_version": torch.__version__, "device": "cpu", "dtype": "fp32",
             "cpu_capability": aoti.cpu_capability(), "latent_multiple": 2, "max_batch": aoti.MAX_BATCH,
-            "max_latent": aoti.MAX_LATENT, "config": config.to_dict(), "networks": networks,
+            "max_latent": aoti.MAX_LATENT, "max_prompt_windows": aoti.MAX_WINDOWS, "config": config.to_dict(),
+            "networks": networks,
             "single_file": aoti._single_file_info(config, folder),
             "lora": {name: f"{c}/{k}" for name, (c, k) in lora_names(config).items()}}
 
