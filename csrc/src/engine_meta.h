@@ -5,7 +5,7 @@
 // The rules (export/aoti.py check_engine_meta holds the same ones; tests/test_fuzz.py
 // checks that both accept exactly the same files):
 // - JSON as Python's json module reads it, no key twice in any object, at most 16 levels;
-// - format 3; torch_version, cpu_capability strings; device "cpu" or "cuda"; dtype "fp32",
+// - format kFormatVersion (below); torch_version, cpu_capability strings; device "cpu" or "cuda"; dtype "fp32",
 //   "fp16" or "bf16"; latent_multiple in [1, 64], max_batch in [1, 4096], max_latent in
 //   [1, 65536], max_prompt_windows in [1, 4096] (integers);
 // - config.vae (latent_channels in [1, 64], block_out_channels 1 to 8 integers in
