@@ -24,16 +24,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
-import shutil
-import time
 from pathlib import Path
 
 import torch
 
 from . import aoti
-
-log = logging.getLogger("sdengine")
 
 CONTROL_FORMAT = 2  # 2: contexts of any number of 77-token windows
 CONTROL_NETWORKS = ("controlnet", "unet_control")
@@ -175,57 +170,27 @@ def build_controlnet_engine(model_config, controlnet_config, out_dir, *, dtype: 
                             progress: bool = True) -> Path:
     """Compile controlnet.pt2 and unet_control.pt2 for the pair into `out_dir` (see the module
     docstring), each in a child process; written aside and renamed into place."""
-    from tqdm.auto import tqdm
-
-    from sdengine import cachedir
+    from . import side_engine
 
     config = ControlEngineConfig(model_config, controlnet_config)
-    device = torch.device(device)
-    out_dir = Path(out_dir)
-    tmp = cachedir.staging(out_dir)
-    try:
-        networks = {}
-        bar = tqdm(CONTROL_NETWORKS, desc="AOTInductor compile", unit="network", disable=not progress)
-        for name in bar:
-            bar.set_postfix_str(name)
-            result = aoti.compile_in_child(config, name, dtype, device, tmp)
-            if result["buffers"]:
-                raise RuntimeError(f"{config.name}: the {name} network has non-persistent buffers, which a "
-                                   "ControlNet engine does not carry")
-            component = "controlnet" if name == "controlnet" else "unet"
-            networks[name] = {"package": f"{name}.pt2", "component": component, "prefix": aoti.PREFIX,
-                              "constants": result["constants"], "compile_s": result["compile_s"]}
-            if name == "controlnet":
-                networks[name]["ldm"] = _ldm_sources(config, result["constants"])
-        meta = {
-            "format": CONTROL_FORMAT, "torch_version": torch.__version__, "device": device.type,
-            "dtype": aoti.dtype_name(dtype), "cpu_capability": aoti.cpu_capability() if device.type == "cpu" else "",
-            "controlnet_config": json.loads(json.dumps(dataclasses.asdict(controlnet_config), default=str)),
-            "skips": skips(model_config.unet), "networks": networks,
-            "single_file": {},  # its "ldm" sources read A1111 single files (csrc single_file_weights)
-        }
-        (tmp / "controlnet_engine.json").write_text(json.dumps(meta, indent=1))  # last: marks the folder whole
-        cachedir.publish(tmp, out_dir, replace=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    meta = {"format": CONTROL_FORMAT, "controlnet_config": dataclasses.asdict(controlnet_config),
+            "skips": skips(model_config.unet),
+            "single_file": {}}  # its "ldm" sources read A1111 single files (csrc single_file_weights)
+
+    def ldm(name, result):
+        return {"ldm": _ldm_sources(config, result["constants"])} if name == "controlnet" else {}
+
+    return side_engine.build(config, CONTROL_NETWORKS, out_dir, meta_file="controlnet_engine.json", meta=meta,
+                             component=lambda name: "controlnet" if name == "controlnet" else "unet",
+                             dtype=dtype, device=device, progress=progress, extra=ldm)
 
 
 def controlnet_engine_for(model_config, controlnet_config, *, dtype: torch.dtype, device, progress: bool = True) -> Path:
     """The cached ControlNet engine of the pair for device and dtype ($SDE_CACHE_DIR/aoti/controlnet-<key>),
     built on first use (one builder per entry: sdengine.cachedir's lock)."""
-    from sdengine import cachedir
+    from . import side_engine
 
-    path = aoti.cache_root() / engine_key(model_config, controlnet_config, dtype, device)
-    if (path / "controlnet_engine.json").is_file():
-        return path
-    with cachedir.lock(path):
-        if (path / "controlnet_engine.json").is_file():
-            return path
-        cachedir.sweep(path)
-        started = time.perf_counter()
-        out = build_controlnet_engine(model_config, controlnet_config, path, dtype=dtype, device=device,
-                                      progress=progress)
-        log.info("built the ControlNet engine %s in %.1f s", out, time.perf_counter() - started)
-        return out
+    return side_engine.cached(
+        engine_key(model_config, controlnet_config, dtype, device), "controlnet_engine.json",
+        lambda path: build_controlnet_engine(model_config, controlnet_config, path, dtype=dtype, device=device,
+                                             progress=progress), "ControlNet")

@@ -48,6 +48,9 @@ def register(subparsers) -> None:
                                  help="also build the engine of this ControlNet (a diffusers folder or an A1111 "
                                       "single file) with the model, into the cache (export/aoti_controlnet.py); "
                                       "repeatable")
+        aoti_parser.add_argument("--deepcache-branch", action="append", default=[], type=int, metavar="B",
+                                 help="also build the DeepCache engine of branch B (sdengine.DeepCache's branch) "
+                                      "for the C++ loop, into the cache (export/aoti_deepcache.py); repeatable")
         aoti_parser.set_defaults(func=_run_aoti)
 
 
@@ -74,6 +77,7 @@ def _run_aoti(args) -> int:
     from sdengine.device import resolve_device_dtype
     from sdengine.export.aoti import build_engine, engine_for
     from sdengine.export.aoti_controlnet import controlnet_engine_for
+    from sdengine.export.aoti_deepcache import deepcache_engine_for
     from sdengine.loading import detect, detect_controlnet
 
     device, dtype = resolve_device_dtype(args.device, args.dtype)
@@ -88,4 +92,6 @@ def _run_aoti(args) -> int:
     print(out)
     for controlnet in args.controlnet:
         print(controlnet_engine_for(config, detect_controlnet(controlnet, base=config), dtype=dtype, device=device))
+    for branch in args.deepcache_branch:
+        print(deepcache_engine_for(config, branch, dtype=dtype, device=device))
     return 0

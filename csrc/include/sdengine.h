@@ -290,6 +290,36 @@ typedef struct sde_control {
 
 SDE_API void sde_control_init(sde_control *control);
 
+/* ---- DeepCache ---- */
+
+/* DeepCache (Ma et al. 2024; sdengine.DeepCache): every deepcache_interval-th step of a request
+ * runs the whole UNet and keeps the state entering one skip branch's first up layer; the steps
+ * between run that shallow branch only, from the kept state. A DeepCache engine holds the
+ * model's UNet compiled as those two kinds of step, for one branch. */
+typedef struct sde_deepcache sde_deepcache;
+
+typedef struct sde_deepcache_params {
+  /* The model it is loaded for (required); it reads that model's UNet tensors (LoRAs merged
+   * with sde_model_set_loras included). Free it before the model. */
+  const sde_model *model;
+  /* DeepCacheSDHelper's cache_branch_id: down level branch / 3, layer branch % 3 (0, the default:
+   * the shallowest and fastest). >= 0. */
+  int branch;
+  /* Folder of its compiled engine (deepcache_engine.json, unet_deep_store.pt2,
+   * unet_deep_reuse.pt2; `sdengine export aoti MODEL --deepcache-branch B` builds it). NULL:
+   * search the engine cache ($SDE_CACHE_DIR/aoti) for one of this branch that fits the model. */
+  const char *engine_dir;
+} sde_deepcache_params;
+
+SDE_API void sde_deepcache_params_init(sde_deepcache_params *params);
+
+/* Load a DeepCache engine; none that fits is SDE_ERR_FORMAT with each candidate's reason.
+ * Thread-safe to use from any number of requests at once. */
+SDE_API sde_status sde_deepcache_load(const sde_deepcache_params *params, sde_deepcache **deepcache);
+
+/* NULL is a no-op. */
+SDE_API void sde_deepcache_free(sde_deepcache *deepcache);
+
 /* ---- Generation ---- */
 
 /* Called after every model evaluation (steps of them; PNDM makes steps + 1, img2img fewer)
@@ -400,6 +430,15 @@ typedef struct sde_gen_params {
    * a batch. In [0, 4096]; more windows than the engine's UNet takes (engine.json
    * max_prompt_windows: 32, 1 for a static UNet) is SDE_ERR_INVALID_ARGUMENT. */
   int prompt_windows;
+  /* DeepCache: 0 (the default) off; k >= 1: steps 0, k, 2k, ... of the run are full steps and
+   * the others cached (sdengine.DeepCache(interval=k)), with `deepcache` (required then, loaded
+   * for this model). Does not combine with ControlNets in the C++ loop. In [0, 1000]. */
+  int deepcache_interval;
+  const sde_deepcache *deepcache;
+  /* The branch the request asks for (A1111 infotext's "DeepCache branch", which
+   * sde_gen_params_from_infotext sets): -1 (the default) takes deepcache's; else it must be
+   * deepcache's. */
+  int deepcache_branch;
 } sde_gen_params;
 
 SDE_API void sde_gen_params_init(sde_gen_params *params);
@@ -473,7 +512,8 @@ typedef struct sde_infotext sde_infotext;
  * seed and strength, Seed resize from, RNG (no RNG field is A1111's GPU generator, whose numbers
  * SDE_RNG_NV draws), Eta and Denoising strength, under A1111's rules unless its "Sampler
  * conventions" says diffusers; "Clip skip: N" sets clip_skip to N - 1 (A1111 counts the last
- * layer too). Fields absent take A1111's defaults (20 steps, DPM++ 2M, CFG 7);
+ * layer too); "DeepCache interval" and "DeepCache branch" set deepcache_interval and
+ * deepcache_branch (the caller loads the engine and sets deepcache). Fields absent take A1111's defaults (20 steps, DPM++ 2M, CFG 7);
  * fields that do not change the image (Model, hashes, Version) are kept in *info. Every other
  * field is SDE_ERR_INVALID_ARGUMENT naming it. Initialize *params first (sde_gen_params_init): fields the
  * text does not set keep their values; "Denoising strength" sets strength, and the caller gives

@@ -166,6 +166,24 @@ class PyControlNet {
   sde_controlnet *controlnet_ = nullptr;
 };
 
+class PyDeepCache {
+ public:
+  PyDeepCache(const sde_model *model, int branch, std::optional<std::string> engine_dir) {
+    sde_deepcache_params params;
+    sde_deepcache_params_init(&params);
+    params.model = model;
+    params.branch = branch;
+    params.engine_dir = engine_dir ? engine_dir->c_str() : nullptr;
+    py::gil_scoped_release release;
+    check(sde_deepcache_load(&params, &deepcache_));
+  }
+  ~PyDeepCache() { sde_deepcache_free(deepcache_); }
+  const sde_deepcache *get() const { return deepcache_; }
+
+ private:
+  sde_deepcache *deepcache_ = nullptr;
+};
+
 class PyModel {
  public:
   // tensors: (name, data_ptr, dtype code, shape, device_type, device_index); the caller keeps them alive.
@@ -241,7 +259,7 @@ class PyModel {
                     py::int_ subseed, double subseed_strength, int seed_resize_from_w, int seed_resize_from_h,
                     int64_t eta_noise_seed_delta, const std::string &rng, const std::string &prompt_syntax,
                     const std::vector<std::tuple<PyControlNet *, py::bytes, double, double, double, bool>> &controls,
-                    int clip_skip, int prompt_windows) {
+                    int clip_skip, int prompt_windows, int deepcache_interval, PyDeepCache *deepcache) {
     sde_gen_params p;
     sde_gen_params_init(&p);
     std::string init_bytes, mask_bytes;
@@ -311,6 +329,8 @@ class PyModel {
     p.prompt_syntax = prompt_syntax == "a1111" ? SDE_PROMPT_SYNTAX_A1111 : SDE_PROMPT_SYNTAX_PLAIN;
     p.clip_skip = clip_skip;  // checked by sde_model_generate
     p.prompt_windows = prompt_windows;
+    p.deepcache_interval = deepcache_interval;  // checked by sde_model_generate
+    p.deepcache = deepcache ? deepcache->get() : nullptr;
     // ControlNets: (controlnet, RGB bytes at the request's size, scale, start, end, guess mode)
     std::vector<std::string> control_bytes;
     std::vector<sde_control> control_list;
@@ -541,7 +561,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("seed_resize_from_h") = 0, py::arg("eta_noise_seed_delta") = 0, py::arg("rng") = "cpu",
            py::arg("prompt_syntax") = "plain",
            py::arg("controls") = std::vector<std::tuple<PyControlNet *, py::bytes, double, double, double, bool>>(),
-           py::arg("clip_skip") = 0, py::arg("prompt_windows") = 0)
+           py::arg("clip_skip") = 0, py::arg("prompt_windows") = 0, py::arg("deepcache_interval") = 0,
+           py::arg("deepcache") = py::none())
       .def("set_loras", &PyModel::set_loras, py::arg("loras"),
            "sde_model_set_loras: [(path, scale), ...] merged in place of the set merged now; [] restores")
       .def("load_embedding", &PyModel::load_embedding, py::arg("path"), py::arg("token") = py::none(),
@@ -551,8 +572,13 @@ PYBIND11_MODULE(_C, m) {
       .def("controlnet", [](const PyModel &self, const std::string &path, std::optional<std::string> engine_dir) {
              return std::make_unique<PyControlNet>(path, self.get(), engine_dir);
            }, py::arg("path"), py::arg("engine_dir") = py::none(), py::keep_alive<0, 1>(),
-           "sde_controlnet_load for this model");
+           "sde_controlnet_load for this model")
+      .def("deepcache", [](const PyModel &self, int branch, std::optional<std::string> engine_dir) {
+             return std::make_unique<PyDeepCache>(self.get(), branch, engine_dir);
+           }, py::arg("branch"), py::arg("engine_dir") = py::none(), py::keep_alive<0, 1>(),
+           "sde_deepcache_load for this model");
   py::class_<PyControlNet>(m, "ControlNet");
+  py::class_<PyDeepCache>(m, "DeepCache");
   m.def("infotext_params", [](const std::string &text) {
     sde_gen_params p;
     sde_gen_params_init(&p);
@@ -571,6 +597,7 @@ PYBIND11_MODULE(_C, m) {
     out["eta_noise_seed_delta"] = p.eta_noise_seed_delta, out["rng"] = p.rng == SDE_RNG_NV ? "nv" : "cpu";
     out["prompt_syntax"] = p.prompt_syntax == SDE_PROMPT_SYNTAX_A1111 ? "a1111" : "plain";
     out["clip_skip"] = p.clip_skip;
+    out["deepcache_interval"] = p.deepcache_interval, out["deepcache_branch"] = p.deepcache_branch;
     const char *model = sde_infotext_field(info, "Model");
     out["model"] = model ? py::object(py::str(model)) : py::none();
     sde_infotext_free(info);

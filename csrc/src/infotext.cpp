@@ -289,11 +289,21 @@ void infotext_params(const Infotext &info, sde_gen_params *p) {
   bool has_strength;
   double denoise = number("Denoising strength", 0.0, &has_strength);
   if (has_strength) p->strength = denoise;
-  // training-free acceleration (sdengine/acceleration.py): not in the C loop; off (0) is honoured
-  for (const char *key : {"DeepCache interval", "DeepCache branch", "T-GATE gate step", "Token merging ratio"}) {
-    if (number(key, 0.0) != 0 && std::string(key) != "DeepCache branch")
-      refuse(std::string("field '") + key + "' is " + *find(key) + ": step caching (DeepCache, T-GATE, ToMe) runs "
-             "from Python, not in the C runtime; remove it to draw without it");
+  // training-free acceleration (sdengine/acceleration.py): DeepCache runs in the C loop (the app
+  // loads its engine: sde_deepcache_load); T-GATE and ToMe do not, and off (0) is honoured
+  long long interval = integer("DeepCache interval", 0), branch = integer("DeepCache branch", 0);
+  if (interval < 0 || interval > 1000) refuse("field 'DeepCache interval' must be an integer in [0, 1000], got '" +
+                                              *find("DeepCache interval") + "'");
+  if (branch < 0 || branch > 1000) refuse("field 'DeepCache branch' must be an integer in [0, 1000], got '" +
+                                          *find("DeepCache branch") + "'");
+  if (interval > 0) {
+    p->deepcache_interval = static_cast<int>(interval);
+    p->deepcache_branch = static_cast<int>(branch);
+  }
+  for (const char *key : {"T-GATE gate step", "Token merging ratio"}) {
+    if (number(key, 0.0) != 0)
+      refuse(std::string("field '") + key + "' is " + *find(key) + ": T-GATE and ToMe run from Python, not in the C "
+             "runtime; remove it to draw without it");
   }
   std::string refused;
   int count = 0;

@@ -9,6 +9,7 @@
 #include <shared_mutex>
 
 #include "controlnet.h"
+#include "deepcache.h"
 #include "errors.h"
 #include "names.h"
 #include "prompt_syntax.h"
@@ -204,6 +205,7 @@ struct TextCall : Graphed {
 
 // One denoising step: UNet on the doubled batch, guidance, sampler update (sampling.h).
 struct StepCall : Graphed {
+  std::string key;                      // its key in the step cache
   at::Tensor registers;                 // (kRegisters, N, C, h, w) float32: the sampler's state (sampling.h)
   at::Tensor noise;                     // (N, C, h, w) float32: the evaluation's fresh noise
   at::Tensor scalars;                   // (kEvalColumns,) float32: the evaluation's row of the table
@@ -216,6 +218,11 @@ struct StepCall : Graphed {
   std::vector<int> control_index;  // which of the request's controls (sde_gen_params.controls) each is
   std::vector<at::Tensor> control_images, control_scales;
   std::vector<char> guess_mode;
+  // DeepCache (deepcache.h): the engine, whether this is its cached step (else its full step), and
+  // the kept state, one buffer that the full step writes and the cached step reads.
+  const DeepCacheEngine *deepcache = nullptr;
+  bool deep_reuse = false;
+  at::Tensor kept;
 };
 
 // The VAE decoder.
@@ -517,8 +524,14 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
   //    whatever the sampler: its numbers are rows of the program's table ---------------------
   std::string base_key = std::to_string(n) + (do_cfg ? "x2:" : ":") + std::to_string(h) + "x" + std::to_string(w) +
                          ":w" + std::to_string(windows);
-  auto make_step = [&](const std::vector<bool> &active) {
-    std::string key = base_key;
+  // DeepCache: the key of a step of each kind; the full and cached steps share the kept state
+  const DeepCacheEngine *deepcache = p.deepcache_interval > 0 ? p.deepcache->impl.get() : nullptr;
+  auto deep_key = [&](bool reuse) {
+    return base_key + ":dc" + std::to_string(reinterpret_cast<uintptr_t>(deepcache)) + (reuse ? "r" : "s");
+  };
+  auto make_step = [&](const std::vector<bool> &active, int kind) -> StepCall * {
+    // kind: -1 without DeepCache, else 1 for its cached step and 0 for its full step
+    std::string key = kind < 0 ? base_key : deep_key(kind == 1);
     for (size_t k = 0; k < controls.size(); ++k)
       if (active[k])
         key += ":cn" + std::to_string(k) + "@" + std::to_string(reinterpret_cast<uintptr_t>(controls[k].controlnet)) +
@@ -526,6 +539,7 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
     auto *step = find_call<StepCall>(*inst.step, key);
     if (step) return step;
     auto made = std::make_unique<StepCall>();
+    made->key = key;
     auto f32 = at::TensorOptions().dtype(at::kFloat).device(device_);
     made->registers = at::zeros({kRegisters, n, info.latent_channels, h, w}, f32);
     made->noise = at::zeros({n, info.latent_channels, h, w}, f32);
@@ -544,6 +558,13 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
       made->control_scales.push_back(at::zeros({}, f32));
       made->guess_mode.push_back(controls[k].guess_mode);
     }
+    if (kind >= 0) {  // the kept state: the other kind's buffer if that step exists, else a new one
+      made->deepcache = deepcache;
+      made->deep_reuse = kind == 1;
+      auto *other = find_call<StepCall>(*inst.step, deep_key(kind != 1));
+      made->kept = other ? other->kept
+                         : at::empty(deepcache->kept_shape(context.size(0), h, w), made->context.options());
+    }
     made->fn = [this, c = made.get(), do_cfg, inpaint, index = inst.index] {
       at::Tensor x_in = eval_model_input(c->registers, c->scalars);
       at::Tensor x_batch = do_cfg ? at::cat({x_in, x_in}) : x_in;  // (2N, C, h, w)
@@ -553,7 +574,14 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
       std::vector<at::Tensor> inputs = {x_batch.to(dtype_).contiguous(), t_batch, c->context};
       if (info_.sdxl) inputs.insert(inputs.end(), {c->pooled, c->time_ids});
       at::Tensor out;
-      if (c->controlnets.empty()) {
+      if (c->deepcache && c->deep_reuse) {
+        inputs.push_back(c->kept);
+        out = c->deepcache->reuse(inputs, index).to(at::kFloat);
+      } else if (c->deepcache) {
+        auto [full, kept] = c->deepcache->store(inputs, index);
+        c->kept.copy_(kept);
+        out = full.to(at::kFloat);
+      } else if (c->controlnets.empty()) {
         out = unet_->run(inputs, index).to(at::kFloat);
       } else {  // the ControlNets, then the UNet that adds their summed residuals
         std::vector<at::Tensor> residuals;
@@ -589,8 +617,8 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
     return static_cast<StepCall *>(inst.step->insert(key, std::move(made)));
   };
   // A step graph takes the request's conditioning; a later one of the run (other active
-  // ControlNets) also takes the sampler state from the one before.
-  auto enter = [&](StepCall *step, StepCall *from) {
+  // ControlNets, DeepCache's other kind of step) also takes the sampler state from the one before.
+  auto enter = [&](StepCall *step, const at::Tensor &from) {
     step->context.copy_(context);
     if (info.sdxl) {
       step->pooled.copy_(pooled);
@@ -605,8 +633,8 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
       step->control_images[j].copy_(c.image);
       step->control_scales[j].fill_(c.scale);
     }
-    if (from) {
-      step->registers.copy_(from->registers);
+    if (from.defined()) {
+      step->registers.copy_(from);
     } else {
       step->registers.zero_();
       step->registers[0].copy_(start);
@@ -615,10 +643,16 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
 
   StepCall *step = nullptr;
   int steps_done = 0;
+  // step i's kind (make_step's): DeepCache's full or cached step, or -1 without DeepCache
+  auto kind_at = [&](int i) { return deepcache ? (deepcache_full_step(i, p.deepcache_interval) ? 0 : 1) : -1; };
   auto run_eval = [&](const Eval &e, const at::Tensor &row) {
-    StepCall *want = make_step(active_at(std::min(steps_done, loop_steps - 1)));
-    if (want != step) {
-      enter(want, step);
+    int i = std::min(steps_done, loop_steps - 1);
+    // the sampler state and key outlive the step they are in (making the next one may drop it from the cache)
+    at::Tensor state = step ? step->registers : at::Tensor();
+    std::string key = step ? step->key : std::string();
+    StepCall *want = make_step(active_at(i), kind_at(i));
+    if (want->key != key) {
+      enter(want, state);
       step = want;
     }
     if (e.lift != 0) step->registers[0].add_(draw_noise(), e.lift);  // A1111's Restart: noise lifts x first
@@ -642,8 +676,8 @@ at::Tensor Model::generate(const sde_gen_params &p, sde_sampler sampler, std::ve
     }
   };
   if (program.adaptive) {  // DPM adaptive: evaluations decided by its step-size controller as it goes
-    step = make_step(active_at(0));
-    enter(step, nullptr);
+    step = make_step(active_at(0), kind_at(0));
+    enter(step, at::Tensor());
     run_adaptive(plan, info.scheduler.prediction_type, step->registers,
                  [&](const Eval &e) { run_eval(e, eval_row(e, p.guidance_scale).to(device_)); }, draw_noise);
     end_steps(1, 0, 1.0);

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "controlnet.h"
+#include "deepcache.h"
 #include "errors.h"
 #include "infotext.h"
 #include "json.h"
@@ -261,6 +262,9 @@ void sde_gen_params_init(sde_gen_params *params) {
   params->prompt_syntax = SDE_PROMPT_SYNTAX_PLAIN;
   params->clip_skip = 0;
   params->prompt_windows = 0;
+  params->deepcache_interval = 0;
+  params->deepcache = nullptr;
+  params->deepcache_branch = -1;
 }
 
 sde_status sde_model_generate(sde_model *model, const sde_gen_params *params, sde_image **images, int *count) {
@@ -306,6 +310,21 @@ sde_status sde_model_generate(sde_model *model, const sde_gen_params *params, sd
     SDE_REQUIRE(p.prompt_windows >= 0 && p.prompt_windows <= 4096,
                 "prompt_windows must be an integer in [0, 4096] (0: as the prompts need), got " +
                     std::to_string(p.prompt_windows));
+    SDE_REQUIRE(p.deepcache_interval >= 0 && p.deepcache_interval <= 1000,
+                "deepcache_interval must be an integer in [0, 1000] (0: off), got " + std::to_string(p.deepcache_interval));
+    if (p.deepcache_interval > 0) {
+      SDE_REQUIRE(p.deepcache, "deepcache_interval " + std::to_string(p.deepcache_interval) +
+                                   " needs deepcache: a DeepCache engine loaded with sde_deepcache_load");
+      SDE_REQUIRE(&p.deepcache->impl->model() == model->impl.get(), "deepcache was loaded for another model");
+      SDE_REQUIRE(p.deepcache_branch < 0 || p.deepcache_branch == p.deepcache->impl->branch(),
+                  "deepcache_branch is " + std::to_string(p.deepcache_branch) + " but deepcache was loaded for branch " +
+                      std::to_string(p.deepcache->impl->branch()));
+      SDE_REQUIRE(p.control_count == 0, "deepcache does not combine with controls (ControlNets) in the C++ loop: "
+                                        "the Python API's backend='eager' runs both");
+    } else {
+      SDE_REQUIRE(!p.deepcache, "deepcache is set but deepcache_interval is 0: set the interval (DeepCache's "
+                                "default is 3), or leave deepcache NULL");
+    }
     SDE_REQUIRE(std::isfinite(p.subseed_strength) && p.subseed_strength >= 0 && p.subseed_strength <= 1,
                 "subseed_strength must be a number in [0, 1], got " + number(p.subseed_strength));
     SDE_REQUIRE(p.subseed_strength == 0 || p.subseed <= UINT64_MAX - static_cast<uint64_t>(p.batch_size - 1),
@@ -417,6 +436,29 @@ sde_status sde_controlnet_load(const char *path, const sde_controlnet_params *pa
 }
 
 void sde_controlnet_free(sde_controlnet *controlnet) { delete controlnet; }
+
+void sde_deepcache_params_init(sde_deepcache_params *params) {
+  if (!params) return;
+  std::memset(params, 0, sizeof(*params));
+  params->model = nullptr;
+  params->branch = 0;
+  params->engine_dir = nullptr;
+}
+
+sde_status sde_deepcache_load(const sde_deepcache_params *params, sde_deepcache **deepcache) {
+  if (deepcache) *deepcache = nullptr;
+  return guarded("sde_deepcache_load", [&] {
+    SDE_REQUIRE(params, "params is NULL (set params->model: the model DeepCache runs with)");
+    SDE_REQUIRE(params->model, "params->model is NULL (the model DeepCache runs with)");
+    SDE_REQUIRE(params->branch >= 0, "branch must be an integer >= 0, got " + std::to_string(params->branch));
+    SDE_REQUIRE(deepcache, "deepcache is NULL");
+    auto handle = std::make_unique<sde_deepcache>();
+    handle->impl = std::make_unique<sde::DeepCacheEngine>(*params->model->impl, params->branch, params->engine_dir);
+    *deepcache = handle.release();
+  });
+}
+
+void sde_deepcache_free(sde_deepcache *deepcache) { delete deepcache; }
 
 void sde_control_init(sde_control *control) {
   if (!control) return;

@@ -55,6 +55,7 @@ class NativeBackend(EngineWeights):
         super().__init__(config, text_encoder, unet, vae, text_encoder_2, engine_dir=engine_dir, progress=progress)
         self._taught: set = set()  # textual-inversion tokens the C++ tokenizers know
         self._controlnets: dict = {}  # ControlNet path -> sdengine._C.ControlNet
+        self._deepcaches: dict = {}  # DeepCache branch -> sdengine._C.DeepCache
         self.has_text_encoder_2 = text_encoder_2 is not None
         self.max_concurrency, self.max_graphs = max_concurrency, max_graphs
         self._native = None
@@ -113,6 +114,25 @@ class NativeBackend(EngineWeights):
         if self._native is None:
             raise RuntimeError("the native model is made on the first request")
         return self._native.stats()
+
+    def check_acceleration(self, acceleration) -> None:
+        """DeepCache runs in the C++ loop (on a DeepCache engine: export/aoti_deepcache.py); T-GATE
+        and ToMe do not."""
+        others = [name for name in acceleration.names() if name != "deepcache"]
+        if others:
+            raise ValueError(f"{others[0]}: the native backend's C++ loop runs deepcache, not {', '.join(others)}; "
+                             "use backend='eager', 'graph', 'triton' or 'compile'")
+
+    def deepcache_fn(self, branch: int):
+        """The C++ DeepCache engine (sdengine._C.DeepCache: sde_deepcache_load on the engine of
+        export/aoti_deepcache.py, found in the cache or built on first use) of a branch."""
+        if branch not in self._deepcaches:
+            from sdengine.export import aoti_deepcache
+
+            engine = aoti_deepcache.deepcache_engine_for(self.config, branch, dtype=self.dtype, device=self.device,
+                                                         progress=self._progress)
+            self._deepcaches[branch] = self._native.deepcache(branch, str(engine))
+        return self._deepcaches[branch]
 
     # -- the Pipeline's hook (docs/CONTRACTS.md): a whole request ------------------------
 
@@ -190,6 +210,11 @@ class NativeBackend(EngineWeights):
             if token not in self._taught:
                 model.add_token(token, list(ids), list(tokenizer_2.added_tokens[token]) if tokenizer_2 else [])
                 self._taught.add(token)
+        deepcache = r.acceleration.deepcache if r.acceleration else None
+        if deepcache is not None and r.controls:
+            refuse("DeepCache with ControlNets (its DeepCache engine has no ControlNet residuals); "
+                   "backend='eager' runs both")
+        deepcache_engine = self.deepcache_fn(deepcache.branch) if deepcache is not None else None
         controls = [(self.controlnet_fn(controlnet), images, float(c.scale), float(c.start), float(c.end), bool(c.guess_mode))
                     for c, controlnet, images in zip(r.controls, run.controlnets, control_images)]
         steps_seen = [0]
@@ -225,7 +250,8 @@ class NativeBackend(EngineWeights):
                     eta_noise_seed_delta=int(r.eta_noise_seed_delta or 0), rng=r.rng if a1111_rules else "cpu",
                     prompt_syntax="a1111" if r.prompt_syntax == "a1111" else "plain",
                     controls=[(cn, per_image[first], *rest) for cn, per_image, *rest in controls],
-                    clip_skip=r.clip_skip or 0, prompt_windows=windows)
+                    clip_skip=r.clip_skip or 0, prompt_windows=windows,
+                    deepcache_interval=deepcache.interval if deepcache is not None else 0, deepcache=deepcache_engine)
             except _C.Cancelled as e:  # a callback returned False (an exception it raised propagates as itself)
                 from ..errors import GenerationCancelled
 

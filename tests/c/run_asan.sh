@@ -73,6 +73,17 @@ PY
 )
 "$BUILD/sde_capi_test" controlnet "$WORK/model" "$ENGINE" "$WORK/cn0" "$WORK/cn1.safetensors" "$CN_ENGINE" \
   "$WORK/image0.rgb" "$WORK/image1.rgb" 24 16 "$WORK/out.rgb" "$WORK/misfit"
+# DeepCache (branch 0's engine of the tiny model: export/aoti_deepcache.py)
+DC_ENGINE=$(python - "$WORK/model" <<'PY'
+import sys
+import torch
+import sdengine
+from sdengine.export.aoti_deepcache import deepcache_engine_for
+config = sdengine.load(sys.argv[1], backend="native").config
+print(deepcache_engine_for(config, 0, dtype=torch.float32, device="cpu", progress=False))
+PY
+)
+"$BUILD/sde_capi_test" deepcache "$WORK/model" "$ENGINE" "$DC_ENGINE" "$WORK/deepcache.rgb"
 # The file readers (safetensors, engine.json, the single-file key map) on 300 mutants of each,
 # answers compared with the references (tests/support/fuzz_files.py; tests/test_fuzz.py runs 4,000 more
 # without ASan).

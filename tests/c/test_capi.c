@@ -896,7 +896,117 @@ static int test_controlnet(char **argv) {
   return failures;
 }
 
+/* DeepCache: the engine found by folder and in the cache, one of another branch refused, the
+ * request's rules, a run equal to itself and to 4 threads at once, and the image written to
+ * OUT for the Python side to compare with the eager pipeline's.
+ * args: deepcache MODEL ENGINE DEEPCACHE_ENGINE OUT */
+typedef struct {
+  sde_model *model;
+  const sde_gen_params *gp;
+  unsigned char *image;
+} deep_job;
+
+static void *deep_worker(void *arg) {
+  deep_job *job = arg;
+  job->image = small_image(job->model, job->gp, "deepcache thread");
+  return NULL;
+}
+
+static int test_deepcache(char **argv) {
+  const char *model_dir = argv[2], *engine_dir = argv[3], *dc_engine = argv[4];
+  sde_model *model = load(model_dir, engine_dir, 4);
+  sde_deepcache_params dp;
+  sde_deepcache_params_init(&dp);
+  expect(dp.branch == 0 && dp.engine_dir == NULL, "deepcache params defaults", "branch 0, no folder");
+  sde_deepcache *dc = NULL, *found = NULL, *bad = NULL;
+  expect_status(sde_deepcache_load(&dp, &dc), SDE_ERR_INVALID_ARGUMENT, "params->model is NULL", "deepcache no model");
+  dp.model = model;
+  dp.engine_dir = dc_engine;
+  expect_status(sde_deepcache_load(&dp, &dc), SDE_OK, NULL, "deepcache load");
+  dp.engine_dir = NULL;
+  expect_status(sde_deepcache_load(&dp, &found), SDE_OK, NULL, "deepcache found in the cache");
+  dp.engine_dir = dc_engine;
+  dp.branch = 1;
+  expect_status(sde_deepcache_load(&dp, &bad), SDE_ERR_FORMAT, "it is for branch 0", "deepcache of another branch");
+  expect(bad == NULL, "deepcache of another branch: no handle", "a handle was returned");
+  dp.branch = -1;
+  expect_status(sde_deepcache_load(&dp, &bad), SDE_ERR_INVALID_ARGUMENT, "branch must be an integer >= 0",
+                "deepcache branch -1");
+
+  sde_gen_params gp;
+  small_request(&gp, 11);
+  gp.steps = 4;
+  gp.sampler = SDE_SAMPLER_EULER;
+  unsigned char *plain = small_image(model, &gp, "deepcache off");
+  gp.deepcache = dc;
+  gp.deepcache_interval = 2;
+  unsigned char *cached = small_image(model, &gp, "deepcache on");
+  gp.deepcache = found;
+  unsigned char *again = small_image(model, &gp, "deepcache on, the engine from the cache");
+  if (plain && cached && again) {
+    expect(memcmp(plain, cached, 16 * 16 * 3) != 0, "deepcache changes the image", "the same image as without it");
+    expect(memcmp(cached, again, 16 * 16 * 3) == 0, "deepcache repeats", "two runs differ");
+    FILE *f = fopen(argv[5], "wb");
+    fwrite(cached, 1, 16 * 16 * 3, f);
+    fclose(f);
+  }
+  /* 4 threads at once on one model, each the serial image */
+  pthread_t threads[4];
+  deep_job jobs[4];
+  for (int i = 0; i < 4; ++i) {
+    jobs[i].model = model, jobs[i].gp = &gp, jobs[i].image = NULL;
+    pthread_create(&threads[i], NULL, deep_worker, &jobs[i]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    pthread_join(threads[i], NULL);
+    expect(jobs[i].image && cached && memcmp(jobs[i].image, cached, 16 * 16 * 3) == 0, "deepcache threads",
+           "a thread's image differs from the serial one");
+    free(jobs[i].image);
+  }
+  sde_image *out = NULL;
+  int count = 0;
+  gp.deepcache_branch = 2;
+  expect_status(sde_model_generate(model, &gp, &out, &count), SDE_ERR_INVALID_ARGUMENT,
+                "deepcache_branch is 2 but deepcache was loaded for branch 0", "deepcache branch mismatch");
+  gp.deepcache_branch = -1;
+  gp.deepcache = NULL;
+  expect_status(sde_model_generate(model, &gp, &out, &count), SDE_ERR_INVALID_ARGUMENT,
+                "deepcache_interval 2 needs deepcache", "deepcache interval without engine");
+  gp.deepcache = dc;
+  gp.deepcache_interval = 0;
+  expect_status(sde_model_generate(model, &gp, &out, &count), SDE_ERR_INVALID_ARGUMENT,
+                "deepcache is set but deepcache_interval is 0", "deepcache engine without interval");
+  gp.deepcache_interval = 1001;
+  expect_status(sde_model_generate(model, &gp, &out, &count), SDE_ERR_INVALID_ARGUMENT,
+                "deepcache_interval must be an integer in [0, 1000]", "deepcache interval too large");
+  sde_model *other = load(model_dir, engine_dir, 1);
+  gp.deepcache_interval = 2;
+  expect_status(sde_model_generate(other, &gp, &out, &count), SDE_ERR_INVALID_ARGUMENT,
+                "deepcache was loaded for another model", "deepcache of another model");
+  /* an infotext's DeepCache fields */
+  sde_gen_params from;
+  sde_infotext *info = NULL;
+  sde_gen_params_init(&from);
+  expect_status(sde_gen_params_from_infotext("a cat\nSteps: 4, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 16x16, "
+                                             "DeepCache interval: 3, DeepCache branch: 1",
+                                             &from, &info),
+                SDE_OK, NULL, "deepcache infotext");
+  expect(from.deepcache_interval == 3 && from.deepcache_branch == 1 && from.deepcache == NULL, "deepcache infotext fields",
+         "interval 3, branch 1, no engine");
+  sde_infotext_free(info);
+  sde_model_free(other);
+  sde_deepcache_free(found);
+  sde_deepcache_free(dc);
+  sde_deepcache_free(NULL);
+  free(plain);
+  free(cached);
+  free(again);
+  sde_model_free(model);
+  return failures;
+}
+
 int main(int argc, char **argv) {
+  if (argc >= 6 && !strcmp(argv[1], "deepcache")) return test_deepcache(argv);
   if (argc >= 13 && !strcmp(argv[1], "controlnet")) return test_controlnet(argv);
   if (argc >= 5 && !strcmp(argv[1], "args")) return test_args(argv[2], argv[3], argv[4]);
   if (argc >= 6 && !strcmp(argv[1], "threads")) return test_threads(argv[2], argv[3], atoi(argv[4]), atoi(argv[5]));

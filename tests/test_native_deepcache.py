@@ -1,0 +1,107 @@
+"""DeepCache in the C++ loop (issue 33 item 5): backend="native" with deepcache= on the DeepCache
+engine (export/aoti_deepcache.py) against the eager pipeline, whose DeepCache is checked against
+the authors' DeepCacheSDHelper in tests/test_acceleration.py; and the C API's DeepCache from C
+(tests/c/test_capi.c)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import sdengine
+from support.native import ROOT, cache_dir, compile_c, run_program  # noqa: F401 (a fixture)
+from support.tiny import save_tiny_pipeline, tiny_pipeline
+
+_C = pytest.importorskip("sdengine._C")
+
+PROMPT = "a red cat on a blue sofa"
+ARGS = dict(negative_prompt="blurry", num_inference_steps=5, seed=7, height=64, width=64, batch_size=2,
+            output_type="np", progress=False)
+
+
+@pytest.fixture(scope="module")
+def pipelines(cache_dir, tmp_path_factory):  # noqa: F811
+    """(native, eager, model folder) of a tiny family on the same weights, made on first use."""
+    made = {}
+
+    def get(kind):
+        if kind not in made:
+            folder = save_tiny_pipeline(kind, tmp_path_factory.mktemp(f"deepcache-{kind}"))
+            made[kind] = sdengine.load(folder, backend="native"), sdengine.from_diffusers(tiny_pipeline(kind)), folder
+        return made[kind]
+    return get
+
+
+def _max_diff(ours, ref) -> float:
+    return float(np.abs(ours.images * 255 - (ref.images * 255).round()).max())
+
+
+@pytest.mark.parametrize("kind,samplers", [("sd15", ("euler", "dpmpp_2m", "heun", "pndm")), ("sdxl", ("euler", "dpmpp_2m"))])
+def test_deepcache_in_cpp_matches_eager(pipelines, kind, samplers):
+    """DeepCache (interval 2, the shallowest branch) in the C++ loop gives the eager pipeline's
+    images within 2/255, for one-step, multistep, two-evaluation and PLMS (steps + 1 evaluations) samplers; it changes the
+    image (the cached steps ran); one step graph per kind of step; the infotext reads back in C."""
+    native, eager, _ = pipelines(kind)
+    deepcache = sdengine.DeepCache(interval=2, branch=0)
+    for sampler in samplers:
+        ref = eager(PROMPT, sampler=sampler, deepcache=deepcache, **ARGS)
+        ours = native(PROMPT, sampler=sampler, deepcache=deepcache, **ARGS)
+        assert _max_diff(ours, ref) <= 2, f"{kind} {sampler}: max difference {_max_diff(ours, ref)}/255"
+        assert {k: v for k, v in ours.params.items() if k != "model"} == \
+            {k: v for k, v in ref.params.items() if k != "model"}
+        plain = native(PROMPT, sampler=sampler, **ARGS)
+        assert _max_diff(plain, ours) > 2, f"{kind} {sampler}: DeepCache made no difference"
+    read = _C.infotext_params(ours.infotext(0))
+    assert (read["deepcache_interval"], read["deepcache_branch"]) == (2, 0)
+    # one graph per (shape, kind): the plain step, DeepCache's full and cached steps
+    assert native.backend.stats()["step"]["captures"] == 3
+
+
+def test_deepcache_branches_and_intervals_match_eager(pipelines):
+    """A deeper branch (its own engine) and interval 3 over 7 steps, with img2img."""
+    from PIL import Image
+
+    native, eager, _ = pipelines("sd15")
+    init = Image.fromarray((np.indices((64, 64)).sum(0) * 2 % 256).astype(np.uint8)).convert("RGB")
+    for deepcache, extra in ((sdengine.DeepCache(interval=3, branch=1), {}),
+                             (sdengine.DeepCache(interval=2, branch=0), dict(init_image=init, strength=0.7))):
+        args = dict(ARGS, num_inference_steps=7, **extra)
+        ref = eager(PROMPT, sampler="euler_a", deepcache=deepcache, **args)
+        ours = native(PROMPT, sampler="euler_a", deepcache=deepcache, **args)
+        assert _max_diff(ours, ref) <= 2, f"{deepcache}: max difference {_max_diff(ours, ref)}/255"
+    meta = json.loads((_engine(native, 1) / "deepcache_engine.json").read_text())
+    assert meta["branch"] == 1 and set(meta["networks"]) == {"unet_deep_store", "unet_deep_reuse"}
+
+
+def _engine(native, branch):
+    from sdengine.export.aoti_deepcache import deepcache_engine_for
+
+    return deepcache_engine_for(native.config, branch, dtype=native.backend.dtype, device=native.backend.device)
+
+
+def test_native_refuses_tgate_and_tome_by_name(pipelines):
+    native, _, _ = pipelines("sd15")
+    for option in (dict(tgate=2), dict(tome=0.5), dict(deepcache=2, tome=0.5)):
+        with pytest.raises(ValueError, match=f"C\\+\\+ loop runs deepcache, not {next(k for k in option if k != 'deepcache')}"):
+            native(PROMPT, **dict(ARGS, **option))
+    with pytest.raises(sdengine.InvalidArgumentError, match="deepcache.branch must be below 6"):
+        native(PROMPT, deepcache=sdengine.DeepCache(branch=6), **ARGS)
+
+
+def test_capi_deepcache_from_c(pipelines, tmp_path):
+    """tests/c/test_capi.c's DeepCache case (engine by folder and from the cache, another branch
+    refused, the request's rules, 4 threads equal to serial, the infotext's fields); its image
+    equals the eager pipeline's within 2/255."""
+    native, eager, folder = pipelines("sd15")
+    program = compile_c(ROOT / "tests" / "c" / "test_capi.c", tmp_path / "sde_capi_test", extra=["-pthread"])
+    out = tmp_path / "deepcache.rgb"
+    engine = _engine(native, 0)
+    rc, log = run_program([program, "deepcache", folder, native.backend.engine_dir, engine, out])
+    assert rc == 0, log
+    ref = eager("a tiny red square", negative_prompt="blurry", num_inference_steps=4, seed=11, height=16, width=16,
+                sampler="euler", deepcache=sdengine.DeepCache(interval=2, branch=0), output_type="np", progress=False)
+    ours = np.frombuffer(out.read_bytes(), dtype=np.uint8).reshape(16, 16, 3).astype(np.float64)
+    diff = np.abs(ours - (ref.images[0] * 255).round()).max()
+    assert diff <= 2, f"max difference {diff}/255"
