@@ -276,7 +276,7 @@ def test_tgate_with_a_controlnet_is_refused_naming_both():
 
 
 def test_a_backend_that_cannot_is_refused_before_any_work():
-    """aoti and onnx run the UNet as one compiled graph, and native runs DeepCache only: a clear
+    """onnx runs the UNet as one compiled graph, and aoti and native run DeepCache only: a clear
     error, never an uncached run."""
     from sdengine.backends.base import BaseBackend
 
@@ -289,12 +289,15 @@ def test_a_backend_that_cannot_is_refused_before_any_work():
     from sdengine.backends.native import NativeBackend
     from sdengine.backends.onnx import OnnxBackend
 
-    for cls in (AOTIBackend, OnnxBackend):
-        assert cls.check_acceleration is BaseBackend.check_acceleration, cls
-    # the C++ loop runs DeepCache (tests/test_native_deepcache.py), not T-GATE or ToMe
-    NativeBackend.check_acceleration(None, sdengine.acceleration.Acceleration(sdengine.DeepCache()))
-    with pytest.raises(ValueError, match="the native backend's C\\+\\+ loop runs deepcache, not tgate"):
-        NativeBackend.check_acceleration(None, sdengine.acceleration.Acceleration(tgate=sdengine.TGate()))
+    assert OnnxBackend.check_acceleration is BaseBackend.check_acceleration
+    # aoti and native run DeepCache on a DeepCache engine (tests/test_native_deepcache.py), not T-GATE or ToMe
+    for cls in (AOTIBackend, NativeBackend):
+        backend = cls.__new__(cls)
+        backend.check_acceleration(sdengine.acceleration.Acceleration(sdengine.DeepCache()))
+        with pytest.raises(ValueError, match=f"tgate: backend '{cls.name}' runs deepcache \\(on its DeepCache engine\\), "
+                                             "not tgate, tome; use backend='eager'"):
+            backend.check_acceleration(sdengine.acceleration.Acceleration(sdengine.DeepCache(), sdengine.TGate(),
+                                                                          sdengine.ToMe()))
 
 
 def test_infotext_and_the_cli(tmp_path):

@@ -1,5 +1,6 @@
-"""DeepCache in the C++ loop (issue 33 item 5): backend="native" with deepcache= on the DeepCache
-engine (export/aoti_deepcache.py) against the eager pipeline, whose DeepCache is checked against
+"""DeepCache in the C++ loop (issue 33 item 5): backend="native" (and backend="aoti", the same
+engines from the Python loop) with deepcache= on the DeepCache engine (export/aoti_deepcache.py)
+against the eager pipeline, whose DeepCache is checked against
 the authors' DeepCacheSDHelper in tests/test_acceleration.py; and the C API's DeepCache from C
 (tests/c/test_capi.c)."""
 
@@ -23,13 +24,14 @@ ARGS = dict(negative_prompt="blurry", num_inference_steps=5, seed=7, height=64, 
 
 @pytest.fixture(scope="module")
 def pipelines(cache_dir, tmp_path_factory):  # noqa: F811
-    """(native, eager, model folder) of a tiny family on the same weights, made on first use."""
+    """(native, eager, model folder, aoti) of a tiny family on the same weights, made on first use."""
     made = {}
 
     def get(kind):
         if kind not in made:
             folder = save_tiny_pipeline(kind, tmp_path_factory.mktemp(f"deepcache-{kind}"))
-            made[kind] = sdengine.load(folder, backend="native"), sdengine.from_diffusers(tiny_pipeline(kind)), folder
+            made[kind] = (sdengine.load(folder, backend="native"), sdengine.from_diffusers(tiny_pipeline(kind)), folder,
+                          sdengine.load(folder, backend="aoti"))
         return made[kind]
     return get
 
@@ -43,12 +45,13 @@ def test_deepcache_in_cpp_matches_eager(pipelines, kind, samplers):
     """DeepCache (interval 2, the shallowest branch) in the C++ loop gives the eager pipeline's
     images within 2/255, for one-step, multistep, two-evaluation and PLMS (steps + 1 evaluations) samplers; it changes the
     image (the cached steps ran); one step graph per kind of step; the infotext reads back in C."""
-    native, eager, _ = pipelines(kind)
+    native, eager, _, aoti = pipelines(kind)
     deepcache = sdengine.DeepCache(interval=2, branch=0)
     for sampler in samplers:
         ref = eager(PROMPT, sampler=sampler, deepcache=deepcache, **ARGS)
-        ours = native(PROMPT, sampler=sampler, deepcache=deepcache, **ARGS)
-        assert _max_diff(ours, ref) <= 2, f"{kind} {sampler}: max difference {_max_diff(ours, ref)}/255"
+        for pipe in (aoti, native):
+            ours = pipe(PROMPT, sampler=sampler, deepcache=deepcache, **ARGS)
+            assert _max_diff(ours, ref) <= 2, f"{pipe.backend.name}, {kind} {sampler}: {_max_diff(ours, ref)}/255"
         assert {k: v for k, v in ours.params.items() if k != "model"} == \
             {k: v for k, v in ref.params.items() if k != "model"}
         plain = native(PROMPT, sampler=sampler, **ARGS)
@@ -63,14 +66,15 @@ def test_deepcache_branches_and_intervals_match_eager(pipelines):
     """A deeper branch (its own engine) and interval 3 over 7 steps, with img2img."""
     from PIL import Image
 
-    native, eager, _ = pipelines("sd15")
+    native, eager, _, aoti = pipelines("sd15")
     init = Image.fromarray((np.indices((64, 64)).sum(0) * 2 % 256).astype(np.uint8)).convert("RGB")
     for deepcache, extra in ((sdengine.DeepCache(interval=3, branch=1), {}),
                              (sdengine.DeepCache(interval=2, branch=0), dict(init_image=init, strength=0.7))):
         args = dict(ARGS, num_inference_steps=7, **extra)
         ref = eager(PROMPT, sampler="euler_a", deepcache=deepcache, **args)
-        ours = native(PROMPT, sampler="euler_a", deepcache=deepcache, **args)
-        assert _max_diff(ours, ref) <= 2, f"{deepcache}: max difference {_max_diff(ours, ref)}/255"
+        for pipe in (aoti, native):
+            ours = pipe(PROMPT, sampler="euler_a", deepcache=deepcache, **args)
+            assert _max_diff(ours, ref) <= 2, f"{pipe.backend.name}, {deepcache}: {_max_diff(ours, ref)}/255"
     meta = json.loads((_engine(native, 1) / "deepcache_engine.json").read_text())
     assert meta["branch"] == 1 and set(meta["networks"]) == {"unet_deep_store", "unet_deep_reuse"}
 
@@ -81,20 +85,33 @@ def _engine(native, branch):
     return deepcache_engine_for(native.config, branch, dtype=native.backend.dtype, device=native.backend.device)
 
 
-def test_native_refuses_tgate_and_tome_by_name(pipelines):
-    native, _, _ = pipelines("sd15")
-    for option in (dict(tgate=2), dict(tome=0.5), dict(deepcache=2, tome=0.5)):
-        with pytest.raises(ValueError, match=f"C\\+\\+ loop runs deepcache, not {next(k for k in option if k != 'deepcache')}"):
-            native(PROMPT, **dict(ARGS, **option))
-    with pytest.raises(sdengine.InvalidArgumentError, match="deepcache.branch must be below 6"):
-        native(PROMPT, deepcache=sdengine.DeepCache(branch=6), **ARGS)
+def test_tgate_tome_and_controlnets_are_refused_by_name(pipelines):
+    native, _, _, aoti = pipelines("sd15")
+    for pipe in (native, aoti):
+        for option in (dict(tgate=2), dict(tome=0.5), dict(deepcache=2, tome=0.5)):
+            other = next(k for k in option if k != "deepcache")
+            with pytest.raises(ValueError, match=f"backend '{pipe.backend.name}' runs deepcache \\(on its DeepCache "
+                                                 f"engine\\), not {other}"):
+                pipe(PROMPT, **dict(ARGS, **option))
+        with pytest.raises(sdengine.InvalidArgumentError, match="deepcache.branch must be below 6"):
+            pipe(PROMPT, deepcache=sdengine.DeepCache(branch=6), **ARGS)
+
+
+def test_max_graphs_1_keeps_the_sampler_state(pipelines):
+    """With one step graph kept per instance, DeepCache's two kinds of step evict each other every
+    step: the sampler state and the kept state still carry over (the same images)."""
+    native, eager, folder, _ = pipelines("sd15")
+    tight = sdengine.load(folder, backend="native", backend_options={"max_graphs": 1})
+    args = dict(ARGS, sampler="dpmpp_2m", deepcache=sdengine.DeepCache(interval=2))
+    assert np.array_equal(tight(PROMPT, **args).images, native(PROMPT, **args).images)
+    assert tight.backend.stats()["step"]["evicted"] > 0
 
 
 def test_capi_deepcache_from_c(pipelines, tmp_path):
     """tests/c/test_capi.c's DeepCache case (engine by folder and from the cache, another branch
     refused, the request's rules, 4 threads equal to serial, the infotext's fields); its image
     equals the eager pipeline's within 2/255."""
-    native, eager, folder = pipelines("sd15")
+    native, eager, folder, _ = pipelines("sd15")
     program = compile_c(ROOT / "tests" / "c" / "test_capi.c", tmp_path / "sde_capi_test", extra=["-pthread"])
     out = tmp_path / "deepcache.rgb"
     engine = _engine(native, 0)
@@ -105,3 +122,27 @@ def test_capi_deepcache_from_c(pipelines, tmp_path):
     ours = np.frombuffer(out.read_bytes(), dtype=np.uint8).reshape(16, 16, 3).astype(np.float64)
     diff = np.abs(ours - (ref.images[0] * 255).round()).max()
     assert diff <= 2, f"max difference {diff}/255"
+
+
+def test_redraw_example_redraws_a_deepcache_png(pipelines, tmp_path):
+    """examples/c/redraw.c on a PNG whose infotext has DeepCache's fields: it loads the engine of
+    the branch (-d) and draws the eager pipeline's image."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    native, eager, folder, _ = pipelines("sd15")
+    result = eager(PROMPT, sampler="Euler a", num_inference_steps=5, seed=3, height=64, width=64,
+                   deepcache=sdengine.DeepCache(interval=3, branch=0), progress=False)
+    text = result.infotext(0)
+    assert "DeepCache interval: 3, DeepCache branch: 0" in text
+    source, out = tmp_path / "in.png", tmp_path / "out.png"
+    info = PngInfo()
+    info.add_text("parameters", text)
+    result.images[0].save(source, pnginfo=info)
+    exe = compile_c(ROOT / "examples" / "c" / "redraw.c", tmp_path / "sde_redraw")
+    code, output = run_program([exe, folder, source, out, "-e", native.backend.engine_dir, "-d", _engine(native, 0)])
+    assert code == 0, output
+    diff = np.abs(np.asarray(Image.open(out), dtype=int) - np.asarray(result.images[0], dtype=int)).max()
+    assert diff <= 2, f"max difference {diff}/255"
+    code, output = run_program([exe, folder, source, out, "-e", native.backend.engine_dir, "-d", tmp_path])
+    assert code != 0 and "deepcache_engine.json" in output, output

@@ -3,11 +3,13 @@
  * write the result as a PNG carrying the same text. No Python; it links only libsdengine and
  * includes only sdengine.h (the PNG is read and written here: chunks, CRC-32, stored deflate).
  *
- *   sde_redraw MODEL IN.png OUT.png [-e ENGINE_DIR]
+ *   sde_redraw MODEL IN.png OUT.png [-e ENGINE_DIR] [-d DEEPCACHE_ENGINE_DIR]
  *
  * MODEL is a diffusers folder or a single-file (A1111 / Civitai) .safetensors checkpoint: the
  * checkpoint the image was drawn with ("Model" in the text says which). The text's fields that
- * would draw another image and that the runtime cannot honour are an error naming them.
+ * would draw another image and that the runtime cannot honour are an error naming them. A text
+ * with "DeepCache interval" (sdengine's DeepCache) needs the DeepCache engine of its branch: -d,
+ * or found in the engine cache.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -149,12 +151,36 @@ static int on_progress(void *user, int step, int steps) {
   return 0;
 }
 
+/* The infotext asks for DeepCache ("DeepCache interval"): load its branch's engine for the request. */
+static sde_status load_deepcache(sde_model *model, sde_gen_params *gp, const char *engine_dir, sde_deepcache **out) {
+  sde_deepcache_params dp;
+  sde_deepcache_params_init(&dp);
+  dp.model = model;
+  dp.branch = gp->deepcache_branch;
+  dp.engine_dir = engine_dir;
+  sde_status status = sde_deepcache_load(&dp, out);
+  gp->deepcache = *out;
+  return status;
+}
+
 int main(int argc, char **argv) {
-  if (argc < 4) {
-    fprintf(stderr, "usage: %s MODEL IN.png OUT.png [-e ENGINE_DIR]\n", argv[0]);
+  if (argc < 4 || argc % 2) {
+    fprintf(stderr, "usage: %s MODEL IN.png OUT.png [-e ENGINE_DIR] [-d DEEPCACHE_ENGINE_DIR]\n", argv[0]);
     return 2;
   }
-  const char *engine_dir = argc >= 6 && !strcmp(argv[4], "-e") ? argv[5] : NULL;
+  /* -e: the model's engine; -d: the DeepCache engine an infotext's "DeepCache interval" needs
+   * (default for both: found in the engine cache) */
+  const char *engine_dir = NULL, *deepcache_dir = NULL;
+  for (int i = 4; i + 1 < argc; i += 2) {
+    if (!strcmp(argv[i], "-e")) {
+      engine_dir = argv[i + 1];
+    } else if (!strcmp(argv[i], "-d")) {
+      deepcache_dir = argv[i + 1];
+    } else {
+      fprintf(stderr, "unknown option %s\n", argv[i]);
+      return 2;
+    }
+  }
   char why[512];
   char *parameters = read_parameters(argv[2], why, sizeof why);
   if (!parameters) {
@@ -183,13 +209,17 @@ int main(int argc, char **argv) {
     gp.progress = on_progress;
     sde_image *images = NULL;
     int count = 0;
-    if (sde_model_generate(model, &gp, &images, &count) != SDE_OK) {
+    sde_deepcache *deepcache = NULL;
+    if (gp.deepcache_interval > 0 && load_deepcache(model, &gp, deepcache_dir, &deepcache) != SDE_OK) {
+      fprintf(stderr, "%s\n", sde_last_error());
+    } else if (sde_model_generate(model, &gp, &images, &count) != SDE_OK) {
       fprintf(stderr, "%s\n", sde_last_error());
     } else {
       rc = write_png(argv[3], &images[0], parameters) == 0 ? 0 : 1;
       if (rc) fprintf(stderr, "cannot write %s\n", argv[3]);
       sde_images_free(images, count);
     }
+    sde_deepcache_free(deepcache);
     sde_model_free(model);
   }
   sde_infotext_free(info);

@@ -16,6 +16,8 @@ compiled text encoders.
 The engine reads the modules' own tensors, so LoRAs merged into them in place (`weight_views`)
 reach the engine with no reload. Its UNet takes contexts of 1 to engine.json's
 max_prompt_windows 77-token windows (A1111-syntax prompts of up to 32 x 75 tokens).
+ControlNets run through ControlNet engines (export/aoti_controlnet.py) and DeepCache through
+DeepCache engines (export/aoti_deepcache.py: the UNet as DeepCache's full and cached step).
 """
 
 from __future__ import annotations
@@ -164,6 +166,25 @@ class EngineWeights(BaseBackend):
         (native). Returns the engine's folder and build time, for the benchmark record."""
         return {"engine": str(self.engine_dir), "engine_build_s": self.engine.get("build_s")}
 
+    def check_acceleration(self, acceleration) -> None:
+        """DeepCache runs on a DeepCache engine of its branch (export/aoti_deepcache.py: the UNet as
+        its full and its cached step); T-GATE and ToMe do not (the compiled UNet has no phases)."""
+        others = [name for name in acceleration.names() if name != "deepcache"]
+        if others:
+            raise ValueError(f"{others[0]}: backend {self.name!r} runs deepcache (on its DeepCache engine), not "
+                             f"{', '.join(others)}; use backend='eager', 'graph', 'triton' or 'compile'")
+
+    def deepcache_engine(self, branch: int) -> Path:
+        """The DeepCache engine of a branch for this model's architecture (found in the cache or
+        built on first use)."""
+        engines = self.__dict__.setdefault("_deepcache_engines", {})
+        if branch not in engines:
+            from sdengine.export import aoti_deepcache
+
+            engines[branch] = aoti_deepcache.deepcache_engine_for(self.config, branch, dtype=self.dtype,
+                                                                  device=self.device, progress=self._progress)
+        return engines[branch]
+
     def controlnet_fn(self, control):
         """ControlNets run through a ControlNet engine from Python (AOTIBackend); the C++ loop of
         the native backend does not take them from Python: a ValueError before any work."""
@@ -222,10 +243,12 @@ class AOTIBackend(EngineWeights):
         return torch.cat([context, context_2], dim=-1), pooled  # (B, 77, D1 + D2), (B, P)
 
     @torch.inference_mode()
-    def denoise(self, x_in, t, context, added_cond=None, controls=()):
+    def denoise(self, x_in, t, context, added_cond=None, controls=(), step=None):
         """One compiled UNet forward; float32 out. All entries of t must be equal (one step).
         controls: ControlNets active at this step (controlnet_fn), their residuals summed into the
-        compiled UNet that takes them (the ControlNet engine's unet_control.pt2)."""
+        compiled UNet that takes them (the ControlNet engine's unet_control.pt2). step: a
+        DeepCache call (sdengine.acceleration.UNetStep), run by the DeepCache engine's full or
+        cached step."""
         if (added_cond is not None) != (self.text_encoder_2 is not None):
             raise ValueError("the aoti backend takes added conditioning (text_embeds, time_ids) exactly for SDXL")
         x = x_in.to(self.device, self.dtype).contiguous()
@@ -234,6 +257,11 @@ class AOTIBackend(EngineWeights):
         if added_cond is not None:
             added_cond = {k: added_cond[k].to(self.device, self.dtype).contiguous() for k in ("text_embeds", "time_ids")}
         inputs = [x, t, context, *(added_cond.values() if added_cond is not None else ())]
+        if step is not None:
+            if controls:
+                raise ValueError("the aoti backend runs DeepCache without ControlNets (its DeepCache engine takes no "
+                                 "residuals); backend='eager' runs both")
+            return self._deepcache_step(inputs, step)
         if controls:
             from ..controlnet import residuals
 
@@ -241,6 +269,32 @@ class AOTIBackend(EngineWeights):
                                   added_cond, self.config.vae.latent_channels)
             return self._networks["unet_control"](*inputs, [d.contiguous() for d in down], mid.contiguous())[0].float()
         return self._network("unet")(*inputs)[0].float()
+
+    def _deepcache_step(self, inputs: list, step) -> torch.Tensor:
+        """DeepCache's full step (keeps the branch's state) or cached step (from the kept state)."""
+        from ..models.caching import COMPUTE, REUSE
+
+        kind, cached = step.kwargs["kind"], step.kwargs["cached"]
+        if kind.in_blocks:
+            raise ValueError(f"the aoti backend runs DeepCache's steps only, not {kind}")
+        if kind.deep == COMPUTE or (kind.deep == REUSE and "deep" not in cached):  # as the UNet: a plain call
+            return self._network("unet")(*inputs)[0].float()
+        name = "unet_deep_reuse" if kind.deep == REUSE else "unet_deep_store"
+        network = self._deepcache_network(kind.branch[0] * 3 + kind.branch[1], name)
+        if kind.deep == REUSE:
+            return network(*inputs, cached["deep"].contiguous())[0].float()
+        out, deep = network(*inputs)
+        step.keep({"deep": deep})
+        return out.float()
+
+    def _deepcache_network(self, branch: int, name: str) -> CompiledNetwork:
+        key = f"{name}:{branch}"
+        if key not in self._networks:
+            engine = self.deepcache_engine(branch)
+            info = json.loads((engine / "deepcache_engine.json").read_text())["networks"][name]
+            constants = {fqn: self._weights[f"unet/{fqn[len(info['prefix']):]}"] for fqn in info["constants"]}
+            self._networks[key] = CompiledNetwork(name, load_package(engine / info["package"], constants))
+        return self._networks[key]
 
     # ControlNets -----------------------------------------------------------------------------
 

@@ -115,23 +115,11 @@ class NativeBackend(EngineWeights):
             raise RuntimeError("the native model is made on the first request")
         return self._native.stats()
 
-    def check_acceleration(self, acceleration) -> None:
-        """DeepCache runs in the C++ loop (on a DeepCache engine: export/aoti_deepcache.py); T-GATE
-        and ToMe do not."""
-        others = [name for name in acceleration.names() if name != "deepcache"]
-        if others:
-            raise ValueError(f"{others[0]}: the native backend's C++ loop runs deepcache, not {', '.join(others)}; "
-                             "use backend='eager', 'graph', 'triton' or 'compile'")
-
     def deepcache_fn(self, branch: int):
         """The C++ DeepCache engine (sdengine._C.DeepCache: sde_deepcache_load on the engine of
         export/aoti_deepcache.py, found in the cache or built on first use) of a branch."""
         if branch not in self._deepcaches:
-            from sdengine.export import aoti_deepcache
-
-            engine = aoti_deepcache.deepcache_engine_for(self.config, branch, dtype=self.dtype, device=self.device,
-                                                         progress=self._progress)
-            self._deepcaches[branch] = self._native.deepcache(branch, str(engine))
+            self._deepcaches[branch] = self._native.deepcache(branch, str(self.deepcache_engine(branch)))
         return self._deepcaches[branch]
 
     # -- the Pipeline's hook (docs/CONTRACTS.md): a whole request ------------------------
@@ -146,7 +134,7 @@ class NativeBackend(EngineWeights):
         from one init image and control image:
         images that differ (a batching server's) run as one C++ request per run of consecutive
         images, and on_step then counts each run's steps. Every sampler and schedule of both rules runs;
-        ControlNets loaded from files run in C++. Anything else is a
+        ControlNets loaded from files and DeepCache (on its DeepCache engine) run in C++. Anything else is a
         ValueError that says so and names backend="aoti", which runs the same engine from the
         Python loop."""
         r = run.request
