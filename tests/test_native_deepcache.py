@@ -146,3 +146,43 @@ def test_redraw_example_redraws_a_deepcache_png(pipelines, tmp_path):
     assert diff <= 2, f"max difference {diff}/255"
     code, output = run_program([exe, folder, source, out, "-e", native.backend.engine_dir, "-d", tmp_path])
     assert code != 0 and "deepcache_engine.json" in output, output
+
+
+def test_a_lora_reaches_the_deepcache_engines(pipelines, tmp_path):
+    """A LoRA merged in place reaches both DeepCache networks (they read the model's UNet tensors):
+    native and aoti with DeepCache equal eager with the LoRA and DeepCache, and differ from
+    without the LoRA."""
+    import copy
+
+    from support.lora_files import kohya_lora
+
+    native, _, _, aoti = pipelines("sd15")
+    path = kohya_lora(tiny_pipeline("sd15"), tmp_path / "k.safetensors", rank=4, alpha=2.0, locon=True)
+    reference = sdengine.from_diffusers(copy.deepcopy(tiny_pipeline("sd15")))
+    reference.set_loras([(path, 0.8)])
+    args = dict(ARGS, sampler="euler", deepcache=sdengine.DeepCache(interval=2))
+    ref = reference(PROMPT, **args)
+    for pipe in (native, aoti):
+        base = pipe(PROMPT, **args)
+        pipe.set_loras([(path, 0.8)])
+        try:
+            ours = pipe(PROMPT, **args)
+        finally:
+            pipe.set_loras([])
+        assert _max_diff(ours, ref) <= 2, f"{pipe.backend.name}: {_max_diff(ours, ref)}/255"
+        assert _max_diff(base, ours) > 2, f"{pipe.backend.name}: the LoRA made no difference"
+
+
+def test_export_cli_names_the_deepcache_engines(pipelines, capsys):
+    """`sdengine export aoti MODEL --deepcache-branch B` (repeatable) names (here: finds) the model's
+    engine and each branch's DeepCache engine; a branch the UNet lacks is refused by name."""
+    from sdengine.cli import main
+
+    native, _, folder, _ = pipelines("sd15")
+    capsys.readouterr()
+    assert main(["export", "aoti", str(folder), "--device", "cpu", "--dtype", "fp32",
+                 "--deepcache-branch", "0", "--deepcache-branch", "1"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed[-3:] == [str(native.backend.engine_dir), str(_engine(native, 0)), str(_engine(native, 1))]
+    assert main(["export", "aoti", str(folder), "--device", "cpu", "--dtype", "fp32", "--deepcache-branch", "6"]) == 2
+    assert "deepcache.branch must be below 6 for this UNet" in capsys.readouterr().err
