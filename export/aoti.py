@@ -170,9 +170,10 @@ def example_inputs(config, dtype, device, static: bool = False):
     Dynamic: batch 2, latents of 2 x the UNet's downsampling and contexts of 2 windows, with
     batch, height, width and windows dynamic. Static: batch STATIC_BATCH[name] at the config's
     default latent size, one window."""
-    if hasattr(config, "example_inputs"):  # a ControlNet engine's (export/aoti_controlnet.py): dynamic only
+    if hasattr(config, "example_inputs"):  # an engine beside the model's (export/side_engine.py): dynamic only
         if static:
-            raise ValueError("ControlNet engines are built with dynamic shapes only")
+            raise ValueError(f"{config.name}: engines beside the model's (ControlNet, DeepCache) are built with "
+                             "dynamic shapes only")
         return config.example_inputs(dtype, device)
     Dim = torch.export.Dim
     batch = Dim("batch", min=1, max=MAX_BATCH)
@@ -242,7 +243,7 @@ def _compile(exported, package_path: Path, settings: CompileSettings = ATTEMPTS[
 def _network_module(config, name: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """The export wrapper of network `name`, built from the config on `device` in `dtype` with
     random weights (their values are not packaged; non-persistent buffers come out exact)."""
-    if hasattr(config, "network_module"):  # a ControlNet engine's (export/aoti_controlnet.py)
+    if hasattr(config, "network_module"):  # an engine beside the model's (aoti_controlnet.py, aoti_deepcache.py)
         return config.network_module(name, dtype, device)
     from sdengine.embeddings import ADDED_TOKENS
     from sdengine.models.clip import CLIPTextModel
